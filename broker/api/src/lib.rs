@@ -1,0 +1,13 @@
+//! The broker's wire API: the records clusters publish (SPEC §3), their validation, the
+//! request/response types of the HTTP API, and a client for it.
+//!
+//! No I/O except in [`client`]. Every object on the wire carries `apiVersion`, `kind` and the
+//! broker-assigned `resourceVersion`, so the API can evolve and watchers can resume.
+
+pub mod client;
+pub mod records;
+pub mod validate;
+
+pub use client::{BrokerClient, ClientError};
+pub use records::*;
+pub use validate::{ValidationError, check_overlaps, validate_cluster, validate_endpoint};

@@ -1,0 +1,334 @@
+//! Record types and the wire envelope.
+
+use std::{collections::BTreeMap, fmt, net::IpAddr, str::FromStr};
+
+use base64::{Engine as _, engine::general_purpose::STANDARD as B64};
+use ipnetwork::IpNetwork;
+use serde::{Deserialize, Serialize};
+
+/// The API version every object on the wire carries.
+pub const API_VERSION: &str = "causeway.io/v1alpha1";
+
+/// Largest request body the broker accepts, and the largest record it stores.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// The only cable backend of this release; the gateway refuses any other.
+pub const CABLE_BACKENDS: &[&str] = &["wireguard"];
+
+/// A cluster of the cluster set (one per member cluster, written by that cluster).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClusterRecord {
+    /// DNS-1123 label, at most 63 characters, unique in the set.
+    pub cluster_id: String,
+    pub pod_cidrs: Vec<IpNetwork>,
+    pub service_cidrs: Vec<IpNetwork>,
+    /// Overlap mode only: the cluster's non-overlapping global CIDR.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub global_cidr: Option<IpNetwork>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Bumped by the writer on every change; the broker refuses to go backwards.
+    #[serde(default)]
+    pub generation: u64,
+}
+
+impl ClusterRecord {
+    /// Pod and service CIDRs together: everything routed to this cluster.
+    pub fn all_cidrs(&self) -> impl Iterator<Item = &IpNetwork> {
+        self.pod_cidrs.iter().chain(self.service_cidrs.iter())
+    }
+}
+
+/// Active or standby gateway.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum GatewayRole {
+    #[default]
+    Active,
+    Standby,
+}
+
+/// A gateway node of a cluster (one per gateway node).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EndpointRecord {
+    pub cluster_id: String,
+    /// Node name (DNS-1123 subdomain).
+    pub hostname: String,
+    #[serde(default)]
+    pub private_ips: Vec<IpAddr>,
+    #[serde(default)]
+    pub public_ips: Vec<IpAddr>,
+    /// UDP port of the cable.
+    pub port: u16,
+    pub public_key: WireGuardKey,
+    /// Cable backend, one of [`CABLE_BACKENDS`].
+    pub backend: String,
+    #[serde(default)]
+    pub role: GatewayRole,
+    /// Higher wins among standbys.
+    #[serde(default)]
+    pub priority: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check_ip: Option<IpAddr>,
+    #[serde(default)]
+    pub generation: u64,
+}
+
+impl EndpointRecord {
+    /// The address peers should send to: the first public IP, else the first private one.
+    #[must_use]
+    pub fn preferred_ip(&self) -> Option<IpAddr> {
+        self.public_ips.first().or(self.private_ips.first()).copied()
+    }
+}
+
+/// A WireGuard (Curve25519) public key: 32 bytes, base64 on the wire.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct WireGuardKey(pub [u8; 32]);
+
+impl fmt::Display for WireGuardKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&B64.encode(self.0))
+    }
+}
+
+impl fmt::Debug for WireGuardKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "WireGuardKey({self})")
+    }
+}
+
+/// Why a key string was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyParseError {
+    #[error("not valid base64")]
+    Base64,
+    #[error("decodes to {0} bytes, a WireGuard key has 32")]
+    Length(usize),
+}
+
+impl FromStr for WireGuardKey {
+    type Err = KeyParseError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bytes = B64.decode(s.trim()).map_err(|_| KeyParseError::Base64)?;
+        let arr: [u8; 32] = bytes.as_slice().try_into().map_err(|_| KeyParseError::Length(bytes.len()))?;
+        Ok(Self(arr))
+    }
+}
+
+impl Serialize for WireGuardKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for WireGuardKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(|e| serde::de::Error::custom(format!("publicKey: {e}")))
+    }
+}
+
+/// Any record the broker stores.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "spec")]
+pub enum Record {
+    Cluster(ClusterRecord),
+    Endpoint(EndpointRecord),
+}
+
+impl Record {
+    /// The storage key: `clusters/<id>` or `endpoints/<cluster>/<hostname>`.
+    #[must_use]
+    pub fn key(&self) -> String {
+        match self {
+            Record::Cluster(c) => cluster_key(&c.cluster_id),
+            Record::Endpoint(e) => endpoint_key(&e.cluster_id, &e.hostname),
+        }
+    }
+
+    /// The cluster that owns the record.
+    #[must_use]
+    pub fn cluster_id(&self) -> &str {
+        match self {
+            Record::Cluster(c) => &c.cluster_id,
+            Record::Endpoint(e) => &e.cluster_id,
+        }
+    }
+
+    #[must_use]
+    pub fn generation(&self) -> u64 {
+        match self {
+            Record::Cluster(c) => c.generation,
+            Record::Endpoint(e) => e.generation,
+        }
+    }
+}
+
+#[must_use]
+pub fn cluster_key(cluster_id: &str) -> String {
+    format!("clusters/{cluster_id}")
+}
+
+#[must_use]
+pub fn endpoint_key(cluster_id: &str, hostname: &str) -> String {
+    format!("endpoints/{cluster_id}/{hostname}")
+}
+
+/// A stored record as it travels: envelope plus the broker's resource version.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Object {
+    pub api_version: String,
+    /// Revision of the cluster set at which this object was last written.
+    pub resource_version: u64,
+    #[serde(flatten)]
+    pub record: Record,
+}
+
+impl Object {
+    #[must_use]
+    pub fn new(resource_version: u64, record: Record) -> Self {
+        Self { api_version: API_VERSION.to_owned(), resource_version, record }
+    }
+}
+
+/// `GET /v1/records`: a consistent snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ListResponse {
+    /// Watch from here to see every later change.
+    pub resource_version: u64,
+    pub items: Vec<Object>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EventType {
+    Put,
+    Delete,
+}
+
+/// One change; `object` is the new state (Put) or the last state (Delete).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WatchEvent {
+    #[serde(rename = "type")]
+    pub kind: EventType,
+    /// The revision this change created.
+    pub revision: u64,
+    pub object: Object,
+}
+
+/// `GET /v1/watch?since=N`: the changes after revision N, oldest first.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WatchResponse {
+    /// Pass this as `since` next time.
+    pub resource_version: u64,
+    pub events: Vec<WatchEvent>,
+}
+
+/// Error body of every non-2xx response.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiError {
+    /// Machine-readable: `Invalid`, `Conflict`, `NotFound`, `Gone`, `TooLarge`, `Internal`…
+    pub code: String,
+    /// What was wrong and what to do about it.
+    pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> WireGuardKey {
+        WireGuardKey([7; 32])
+    }
+
+    pub(crate) fn endpoint() -> EndpointRecord {
+        EndpointRecord {
+            cluster_id: "east".into(),
+            hostname: "gw-1".into(),
+            private_ips: vec!["172.16.1.10".parse().unwrap()],
+            public_ips: vec!["172.31.0.11".parse().unwrap()],
+            port: 51820,
+            public_key: key(),
+            backend: "wireguard".into(),
+            role: GatewayRole::Active,
+            priority: 0,
+            health_check_ip: None,
+            generation: 1,
+        }
+    }
+
+    #[test]
+    fn key_round_trips_through_base64() {
+        let k = key();
+        let s = k.to_string();
+        assert_eq!(s.len(), 44);
+        assert_eq!(s.parse::<WireGuardKey>().unwrap(), k);
+    }
+
+    #[test]
+    fn key_rejects_wrong_length_and_garbage() {
+        assert_eq!("AAAA".parse::<WireGuardKey>(), Err(KeyParseError::Length(3)));
+        assert_eq!("not base64!".parse::<WireGuardKey>(), Err(KeyParseError::Base64));
+    }
+
+    #[test]
+    fn object_wire_format_is_stable() {
+        let obj = Object::new(
+            5,
+            Record::Cluster(ClusterRecord {
+                cluster_id: "east".into(),
+                pod_cidrs: vec!["10.1.0.0/16".parse().unwrap()],
+                service_cidrs: vec!["10.101.0.0/16".parse().unwrap()],
+                global_cidr: None,
+                labels: BTreeMap::new(),
+                generation: 2,
+            }),
+        );
+        let json = serde_json::to_value(&obj).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "apiVersion": "causeway.io/v1alpha1",
+                "resourceVersion": 5,
+                "kind": "Cluster",
+                "spec": {
+                    "clusterId": "east",
+                    "podCidrs": ["10.1.0.0/16"],
+                    "serviceCidrs": ["10.101.0.0/16"],
+                    "generation": 2
+                }
+            })
+        );
+        let back: Object = serde_json::from_value(json).unwrap();
+        assert_eq!(back, obj);
+    }
+
+    #[test]
+    fn endpoint_round_trips_and_prefers_public_ip() {
+        let ep = endpoint();
+        let json = serde_json::to_string(&Record::Endpoint(ep.clone())).unwrap();
+        let back: Record = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, Record::Endpoint(ep.clone()));
+        assert_eq!(ep.preferred_ip(), Some("172.31.0.11".parse().unwrap()));
+        assert_eq!(back.key(), "endpoints/east/gw-1");
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_keys_are_refused() {
+        let bad =
+            r#"{"kind":"Cluster","spec":{"clusterId":"a","podCidrs":[],"serviceCidrs":[],"surprise":1}}"#;
+        let err = serde_json::from_str::<Record>(bad).unwrap_err().to_string();
+        assert!(err.contains("surprise"), "{err}");
+        let mut v = serde_json::to_value(Record::Endpoint(endpoint())).unwrap();
+        v["spec"]["publicKey"] = "AAAA".into();
+        let err = serde_json::from_value::<Record>(v).unwrap_err().to_string();
+        assert!(err.contains("32"), "{err}");
+    }
+}

@@ -1,0 +1,290 @@
+//! Field validation of records, and the cluster-set rule that CIDRs of different clusters
+//! do not overlap. Errors name the field and say what a valid value looks like.
+
+use std::collections::BTreeMap;
+
+use ipnetwork::IpNetwork;
+
+use crate::records::{CABLE_BACKENDS, ClusterRecord, EndpointRecord};
+
+/// Largest number of CIDRs of one kind a cluster may declare.
+pub const MAX_CIDRS: usize = 64;
+/// Largest number of addresses of one kind an endpoint may declare.
+pub const MAX_IPS: usize = 16;
+/// Largest number of labels on a cluster.
+pub const MAX_LABELS: usize = 64;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValidationError {
+    #[error(
+        "{field}: {value:?} is not a DNS-1123 label (lowercase letters, digits and '-', starting and ending with an alphanumeric, at most 63 characters)"
+    )]
+    NotDnsLabel { field: &'static str, value: String },
+    #[error(
+        "{field}: {value:?} is not a DNS-1123 subdomain (dot-separated DNS-1123 labels, at most 253 characters)"
+    )]
+    NotDnsSubdomain { field: &'static str, value: String },
+    #[error("{field}: at least one CIDR is required")]
+    NoCidrs { field: &'static str },
+    #[error("{field}: {count} entries, at most {max} are allowed")]
+    TooMany { field: &'static str, count: usize, max: usize },
+    #[error("{field}: {cidr} has host bits set; did you mean {network}?")]
+    HostBits { field: &'static str, cidr: IpNetwork, network: IpNetwork },
+    #[error("{field}: {a} overlaps {b} of the same cluster")]
+    SelfOverlap { field: &'static str, a: IpNetwork, b: IpNetwork },
+    #[error("{field}: {addr} is not a usable unicast address")]
+    BadAddress { field: &'static str, addr: std::net::IpAddr },
+    #[error("an endpoint needs at least one of privateIps and publicIps")]
+    NoAddresses,
+    #[error("port: 0 is not a valid UDP port")]
+    ZeroPort,
+    #[error("backend: {backend:?} is not a cable backend; valid backends: {}", CABLE_BACKENDS.join(", "))]
+    UnknownBackend { backend: String },
+    #[error("labels: {0}")]
+    BadLabel(String),
+}
+
+/// Checks a cluster record on its own (not against other clusters).
+pub fn validate_cluster(c: &ClusterRecord) -> Result<(), ValidationError> {
+    dns_label("clusterId", &c.cluster_id)?;
+    if c.pod_cidrs.is_empty() {
+        return Err(ValidationError::NoCidrs { field: "podCidrs" });
+    }
+    for (field, list) in [("podCidrs", &c.pod_cidrs), ("serviceCidrs", &c.service_cidrs)] {
+        if list.len() > MAX_CIDRS {
+            return Err(ValidationError::TooMany { field, count: list.len(), max: MAX_CIDRS });
+        }
+        for cidr in list {
+            canonical(field, cidr)?;
+        }
+    }
+    if let Some(g) = &c.global_cidr {
+        canonical("globalCidr", g)?;
+    }
+    let all: Vec<&IpNetwork> = c.all_cidrs().collect();
+    for (i, a) in all.iter().enumerate() {
+        for b in &all[i + 1..] {
+            if overlaps(a, b) {
+                return Err(ValidationError::SelfOverlap { field: "podCidrs/serviceCidrs", a: **a, b: **b });
+            }
+        }
+    }
+    if c.labels.len() > MAX_LABELS {
+        return Err(ValidationError::TooMany { field: "labels", count: c.labels.len(), max: MAX_LABELS });
+    }
+    for (k, v) in &c.labels {
+        if k.is_empty() || k.len() > 253 || v.len() > 63 {
+            return Err(ValidationError::BadLabel(format!(
+                "{k:?}={v:?}: keys are 1-253 characters, values at most 63"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Checks an endpoint record on its own.
+pub fn validate_endpoint(e: &EndpointRecord) -> Result<(), ValidationError> {
+    dns_label("clusterId", &e.cluster_id)?;
+    dns_subdomain("hostname", &e.hostname)?;
+    if e.private_ips.is_empty() && e.public_ips.is_empty() {
+        return Err(ValidationError::NoAddresses);
+    }
+    for (field, list) in [("privateIps", &e.private_ips), ("publicIps", &e.public_ips)] {
+        if list.len() > MAX_IPS {
+            return Err(ValidationError::TooMany { field, count: list.len(), max: MAX_IPS });
+        }
+        for addr in list {
+            if addr.is_unspecified() || addr.is_multicast() || addr.is_loopback() {
+                return Err(ValidationError::BadAddress { field, addr: *addr });
+            }
+        }
+    }
+    if e.port == 0 {
+        return Err(ValidationError::ZeroPort);
+    }
+    if !CABLE_BACKENDS.contains(&e.backend.as_str()) {
+        return Err(ValidationError::UnknownBackend { backend: e.backend.clone() });
+    }
+    Ok(())
+}
+
+/// A clash between a new cluster record and one already in the set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Overlap {
+    pub other_cluster: String,
+    pub ours: IpNetwork,
+    pub theirs: IpNetwork,
+}
+
+impl std::fmt::Display for Overlap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} overlaps {} of cluster {:?}; choose non-overlapping CIDRs (overlap mode is not enabled)",
+            self.ours, self.theirs, self.other_cluster
+        )
+    }
+}
+
+/// The first overlap between `candidate` and the other clusters of the set (its own earlier
+/// version, same id, is ignored).
+pub fn check_overlaps<'a>(
+    candidate: &ClusterRecord,
+    existing: impl IntoIterator<Item = &'a ClusterRecord>,
+) -> Result<(), Overlap> {
+    let others: BTreeMap<&str, &ClusterRecord> = existing
+        .into_iter()
+        .filter(|c| c.cluster_id != candidate.cluster_id)
+        .map(|c| (c.cluster_id.as_str(), c))
+        .collect();
+    for ours in candidate.all_cidrs() {
+        for (id, other) in &others {
+            if let Some(theirs) = other.all_cidrs().find(|t| overlaps(ours, t)) {
+                return Err(Overlap { other_cluster: (*id).to_owned(), ours: *ours, theirs: *theirs });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether two prefixes share any address.
+#[must_use]
+pub fn overlaps(a: &IpNetwork, b: &IpNetwork) -> bool {
+    match (a, b) {
+        (IpNetwork::V4(x), IpNetwork::V4(y)) => x.contains(y.network()) || y.contains(x.network()),
+        (IpNetwork::V6(x), IpNetwork::V6(y)) => x.contains(y.network()) || y.contains(x.network()),
+        _ => false,
+    }
+}
+
+fn canonical(field: &'static str, cidr: &IpNetwork) -> Result<(), ValidationError> {
+    let network = IpNetwork::new(cidr.network(), cidr.prefix()).expect("prefix already valid");
+    if network.ip() != cidr.ip() {
+        return Err(ValidationError::HostBits { field, cidr: *cidr, network });
+    }
+    Ok(())
+}
+
+fn is_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
+
+fn dns_label(field: &'static str, s: &str) -> Result<(), ValidationError> {
+    if is_label(s) { Ok(()) } else { Err(ValidationError::NotDnsLabel { field, value: s.to_owned() }) }
+}
+
+fn dns_subdomain(field: &'static str, s: &str) -> Result<(), ValidationError> {
+    if !s.is_empty() && s.len() <= 253 && s.split('.').all(is_label) {
+        Ok(())
+    } else {
+        Err(ValidationError::NotDnsSubdomain { field, value: s.to_owned() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::records::{GatewayRole, WireGuardKey};
+
+    fn cluster(id: &str, pod: &str, svc: &str) -> ClusterRecord {
+        ClusterRecord {
+            cluster_id: id.into(),
+            pod_cidrs: vec![pod.parse().unwrap()],
+            service_cidrs: vec![svc.parse().unwrap()],
+            global_cidr: None,
+            labels: Default::default(),
+            generation: 1,
+        }
+    }
+
+    fn endpoint() -> EndpointRecord {
+        EndpointRecord {
+            cluster_id: "east".into(),
+            hostname: "gw-1.example".into(),
+            private_ips: vec!["172.16.1.10".parse().unwrap()],
+            public_ips: vec![],
+            port: 51820,
+            public_key: WireGuardKey([1; 32]),
+            backend: "wireguard".into(),
+            role: GatewayRole::Active,
+            priority: 0,
+            health_check_ip: None,
+            generation: 1,
+        }
+    }
+
+    #[test]
+    fn good_records_pass() {
+        validate_cluster(&cluster("east", "10.1.0.0/16", "10.101.0.0/16")).unwrap();
+        validate_endpoint(&endpoint()).unwrap();
+    }
+
+    #[test]
+    fn cluster_ids_must_be_dns_labels() {
+        for bad in ["", "East", "-a", "a-", "a_b", "a.b", &"x".repeat(64)] {
+            let err = validate_cluster(&cluster(bad, "10.1.0.0/16", "10.2.0.0/16")).unwrap_err();
+            assert!(matches!(err, ValidationError::NotDnsLabel { field: "clusterId", .. }), "{bad}: {err}");
+        }
+        validate_cluster(&cluster(&"x".repeat(63), "10.1.0.0/16", "10.2.0.0/16")).unwrap();
+    }
+
+    #[test]
+    fn cidrs_need_zero_host_bits_and_no_self_overlap() {
+        let err = validate_cluster(&cluster("a", "10.1.2.3/16", "10.2.0.0/16")).unwrap_err();
+        assert_eq!(err.to_string(), "podCidrs: 10.1.2.3/16 has host bits set; did you mean 10.1.0.0/16?");
+        let err = validate_cluster(&cluster("a", "10.1.0.0/16", "10.1.128.0/17")).unwrap_err();
+        assert!(matches!(err, ValidationError::SelfOverlap { .. }), "{err}");
+        let mut c = cluster("a", "10.1.0.0/16", "10.2.0.0/16");
+        c.pod_cidrs.clear();
+        assert_eq!(validate_cluster(&c), Err(ValidationError::NoCidrs { field: "podCidrs" }));
+    }
+
+    #[test]
+    fn endpoint_fields_are_checked() {
+        let mut e = endpoint();
+        e.port = 0;
+        assert_eq!(validate_endpoint(&e), Err(ValidationError::ZeroPort));
+        let mut e = endpoint();
+        e.backend = "ipsec".into();
+        let msg = validate_endpoint(&e).unwrap_err().to_string();
+        assert!(msg.contains("valid backends: wireguard"), "{msg}");
+        let mut e = endpoint();
+        e.private_ips.clear();
+        assert_eq!(validate_endpoint(&e), Err(ValidationError::NoAddresses));
+        let mut e = endpoint();
+        e.private_ips = vec!["0.0.0.0".parse().unwrap()];
+        assert!(matches!(validate_endpoint(&e), Err(ValidationError::BadAddress { .. })));
+        let mut e = endpoint();
+        e.hostname = "Bad_Host".into();
+        assert!(matches!(validate_endpoint(&e), Err(ValidationError::NotDnsSubdomain { .. })));
+    }
+
+    #[test]
+    fn overlaps_between_clusters_name_the_other_cluster() {
+        let east = cluster("east", "10.1.0.0/16", "10.101.0.0/16");
+        let west = cluster("west", "10.2.0.0/16", "10.102.0.0/16");
+        check_overlaps(&west, [&east]).unwrap();
+        let clash = cluster("north", "10.3.0.0/16", "10.101.4.0/24");
+        let err = check_overlaps(&clash, [&east, &west]).unwrap_err();
+        assert_eq!(err.other_cluster, "east");
+        assert_eq!(err.theirs, "10.101.0.0/16".parse::<IpNetwork>().unwrap());
+        assert!(err.to_string().contains("10.101.4.0/24 overlaps 10.101.0.0/16 of cluster \"east\""));
+        // A cluster never clashes with its own earlier version.
+        check_overlaps(&east, [&east]).unwrap();
+    }
+
+    #[test]
+    fn overlap_is_symmetric_and_family_aware() {
+        let a: IpNetwork = "10.0.0.0/8".parse().unwrap();
+        let b: IpNetwork = "10.9.0.0/16".parse().unwrap();
+        let c: IpNetwork = "fd00::/8".parse().unwrap();
+        assert!(overlaps(&a, &b) && overlaps(&b, &a));
+        assert!(!overlaps(&a, &c));
+        assert!(!overlaps(&"10.1.0.0/16".parse().unwrap(), &"10.2.0.0/16".parse().unwrap()));
+    }
+}

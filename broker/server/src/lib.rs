@@ -1,0 +1,15 @@
+//! Causeway's broker: the one shared control plane of a cluster set.
+//!
+//! [`Broker`] holds the rules (validation, CIDR overlaps across clusters, generations that
+//! never go backwards, endpoints only for registered clusters) on top of a [`store::Store`]
+//! (embedded redb file by default, in-memory for tests). Every accepted change gets the next
+//! revision of the set and is appended to an event log, so a watcher that reconnects with its
+//! last revision receives exactly what it missed. [`server::run`] serves it over HTTP.
+
+pub mod broker;
+pub mod server;
+pub mod store;
+
+pub use broker::{Broker, BrokerError};
+pub use server::run;
+pub use store::{MemStore, RedbStore, Store, StoreError};

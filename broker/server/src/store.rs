@@ -1,0 +1,325 @@
+//! Storage behind the broker: current records plus an append-only event log, both keyed by
+//! the set-wide revision. Two implementations with the same behaviour: [`RedbStore`] (one
+//! crash-safe file, the default) and [`MemStore`] (tests).
+
+use std::{collections::BTreeMap, path::Path};
+
+use redb::{ReadableDatabase as _, ReadableTable as _};
+
+use causeway_broker_api::{EventType, Object, WatchEvent};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("opening the store at {path}: {source}")]
+    Open {
+        path: String,
+        #[source]
+        source: redb::Error,
+    },
+    #[error("store I/O: {0}")]
+    Io(#[from] redb::Error),
+    #[error("corrupt entry {key}: {source}")]
+    Corrupt {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// One change of a commit: put (create or replace) or delete a record by key.
+#[derive(Clone, Debug)]
+pub enum Change {
+    Put(causeway_broker_api::Record),
+    Delete(String),
+}
+
+/// The result of `events_since`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Since {
+    Events(Vec<WatchEvent>),
+    /// The requested revision is older than the retained history.
+    Compacted {
+        oldest: u64,
+    },
+}
+
+/// Storage contract. Callers serialise writes (the broker holds a lock around check+commit).
+pub trait Store: Send + 'static {
+    /// Current revision and every record.
+    fn list(&self) -> Result<(u64, Vec<Object>), StoreError>;
+    /// Applies the changes atomically as one new revision; returns the events it produced
+    /// (deletes of absent keys produce none). No changes → no new revision.
+    fn commit(&mut self, changes: Vec<Change>) -> Result<Vec<WatchEvent>, StoreError>;
+    /// Events with revision > `since`, oldest first.
+    fn events_since(&self, since: u64) -> Result<Since, StoreError>;
+}
+
+/// How many events the log retains; older watchers must re-list.
+pub const EVENT_HISTORY: u64 = 100_000;
+
+/// Applies `changes` to a record map, producing events at revision `rev`.
+fn apply(
+    records: &BTreeMap<String, Object>,
+    changes: Vec<Change>,
+    rev: u64,
+) -> Vec<(String, Option<Object>, WatchEvent)> {
+    let mut out = Vec::new();
+    for change in changes {
+        match change {
+            Change::Put(record) => {
+                let key = record.key();
+                let object = Object::new(rev, record);
+                out.push((
+                    key,
+                    Some(object.clone()),
+                    WatchEvent { kind: EventType::Put, revision: rev, object },
+                ));
+            }
+            Change::Delete(key) => {
+                if let Some(old) = records.get(&key) {
+                    let object = Object::new(rev, old.record.clone());
+                    out.push((key, None, WatchEvent { kind: EventType::Delete, revision: rev, object }));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// In-memory store (tests; a broker that may forget everything on restart).
+#[derive(Debug, Default)]
+pub struct MemStore {
+    revision: u64,
+    records: BTreeMap<String, Object>,
+    events: std::collections::VecDeque<WatchEvent>,
+    compacted: u64,
+}
+
+impl Store for MemStore {
+    fn list(&self) -> Result<(u64, Vec<Object>), StoreError> {
+        Ok((self.revision, self.records.values().cloned().collect()))
+    }
+
+    fn commit(&mut self, changes: Vec<Change>) -> Result<Vec<WatchEvent>, StoreError> {
+        let applied = apply(&self.records, changes, self.revision + 1);
+        if applied.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.revision += 1;
+        let mut events = Vec::new();
+        for (key, new, event) in applied {
+            match new {
+                Some(o) => self.records.insert(key, o),
+                None => self.records.remove(&key),
+            };
+            self.events.push_back(event.clone());
+            events.push(event);
+        }
+        while self.events.len() as u64 > EVENT_HISTORY {
+            if let Some(e) = self.events.pop_front() {
+                self.compacted = e.revision;
+            }
+        }
+        Ok(events)
+    }
+
+    fn events_since(&self, since: u64) -> Result<Since, StoreError> {
+        if since < self.compacted {
+            return Ok(Since::Compacted { oldest: self.compacted + 1 });
+        }
+        Ok(Since::Events(self.events.iter().filter(|e| e.revision > since).cloned().collect()))
+    }
+}
+
+const RECORDS: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("records");
+/// Key: (revision, index within the revision).
+const EVENTS: redb::TableDefinition<(u64, u32), &[u8]> = redb::TableDefinition::new("events");
+const META: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("meta");
+const META_REVISION: &str = "revision";
+const META_COMPACTED: &str = "compacted";
+
+/// The embedded store: one redb file. A commit returns only after redb's durable commit, so
+/// an acknowledged write survives a crash of the broker or the machine.
+pub struct RedbStore {
+    db: redb::Database,
+    revision: u64,
+    compacted: u64,
+}
+
+impl std::fmt::Debug for RedbStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedbStore").field("revision", &self.revision).finish_non_exhaustive()
+    }
+}
+
+impl RedbStore {
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let open_err = |source: redb::Error| StoreError::Open { path: path.display().to_string(), source };
+        let db = redb::Database::create(path).map_err(|e| open_err(e.into()))?;
+        let txn = db.begin_write().map_err(|e| open_err(e.into()))?;
+        let (revision, compacted) = {
+            txn.open_table(RECORDS).map_err(|e| open_err(e.into()))?;
+            txn.open_table(EVENTS).map_err(|e| open_err(e.into()))?;
+            let meta = txn.open_table(META).map_err(|e| open_err(e.into()))?;
+            let get = |k| -> Result<u64, StoreError> {
+                Ok(meta.get(k).map_err(|e| open_err(e.into()))?.map(|v| v.value()).unwrap_or(0))
+            };
+            (get(META_REVISION)?, get(META_COMPACTED)?)
+        };
+        txn.commit().map_err(|e| open_err(e.into()))?;
+        Ok(Self { db, revision, compacted })
+    }
+
+    fn decode<T: serde::de::DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
+        serde_json::from_slice(bytes).map_err(|source| StoreError::Corrupt { key: key.to_owned(), source })
+    }
+}
+
+fn io<E: Into<redb::Error>>(e: E) -> StoreError {
+    StoreError::Io(e.into())
+}
+
+impl Store for RedbStore {
+    fn list(&self) -> Result<(u64, Vec<Object>), StoreError> {
+        let txn = self.db.begin_read().map_err(io)?;
+        let table = txn.open_table(RECORDS).map_err(io)?;
+        let mut out = Vec::new();
+        for item in table.iter().map_err(io)? {
+            let (k, v) = item.map_err(io)?;
+            out.push(Self::decode(k.value(), v.value())?);
+        }
+        Ok((self.revision, out))
+    }
+
+    fn commit(&mut self, changes: Vec<Change>) -> Result<Vec<WatchEvent>, StoreError> {
+        let rev = self.revision + 1;
+        let txn = self.db.begin_write().map_err(io)?;
+        let mut events = Vec::new();
+        let mut compacted = self.compacted;
+        {
+            let mut records = txn.open_table(RECORDS).map_err(io)?;
+            // Load only the keys being deleted (the delete event carries the last state).
+            let mut current = BTreeMap::new();
+            for c in &changes {
+                if let Change::Delete(key) = c
+                    && let Some(v) = records.get(key.as_str()).map_err(io)?
+                {
+                    current.insert(key.clone(), Self::decode::<Object>(key, v.value())?);
+                }
+            }
+            let applied = apply(&current, changes, rev);
+            if applied.is_empty() {
+                return Ok(Vec::new());
+            }
+            let mut log = txn.open_table(EVENTS).map_err(io)?;
+            for (i, (key, new, event)) in applied.into_iter().enumerate() {
+                match new {
+                    Some(o) => {
+                        let bytes = serde_json::to_vec(&o).expect("records serialise");
+                        records.insert(key.as_str(), bytes.as_slice()).map_err(io)?;
+                    }
+                    None => {
+                        records.remove(key.as_str()).map_err(io)?;
+                    }
+                }
+                let bytes = serde_json::to_vec(&event).expect("events serialise");
+                let idx = u32::try_from(i).unwrap_or(u32::MAX);
+                log.insert((rev, idx), bytes.as_slice()).map_err(io)?;
+                events.push(event);
+            }
+            // Retention: drop whole revisions older than the history window.
+            if rev > EVENT_HISTORY && rev - EVENT_HISTORY > compacted {
+                let cut = rev - EVENT_HISTORY;
+                log.retain_in((0, 0)..=(cut, u32::MAX), |_, _| false).map_err(io)?;
+                compacted = cut;
+            }
+            let mut meta = txn.open_table(META).map_err(io)?;
+            meta.insert(META_REVISION, rev).map_err(io)?;
+            meta.insert(META_COMPACTED, compacted).map_err(io)?;
+        }
+        txn.commit().map_err(io)?;
+        self.revision = rev;
+        self.compacted = compacted;
+        Ok(events)
+    }
+
+    fn events_since(&self, since: u64) -> Result<Since, StoreError> {
+        if since < self.compacted {
+            return Ok(Since::Compacted { oldest: self.compacted + 1 });
+        }
+        let txn = self.db.begin_read().map_err(io)?;
+        let log = txn.open_table(EVENTS).map_err(io)?;
+        let mut out = Vec::new();
+        for item in log.range((since + 1, 0)..).map_err(io)? {
+            let (k, v) = item.map_err(io)?;
+            out.push(Self::decode(&format!("event {:?}", k.value()), v.value())?);
+        }
+        Ok(Since::Events(out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use causeway_broker_api::{ClusterRecord, Record};
+
+    use super::*;
+
+    fn cluster(id: &str, gen_: u64) -> Record {
+        Record::Cluster(ClusterRecord {
+            cluster_id: id.into(),
+            pod_cidrs: vec!["10.1.0.0/16".parse().unwrap()],
+            service_cidrs: vec![],
+            global_cidr: None,
+            labels: Default::default(),
+            generation: gen_,
+        })
+    }
+
+    /// The same behaviour from every store.
+    fn conformance(store: &mut dyn Store) {
+        assert_eq!(store.list().unwrap().0, 0);
+        let ev = store.commit(vec![Change::Put(cluster("a", 1))]).unwrap();
+        assert_eq!(ev.len(), 1);
+        assert_eq!(ev[0].revision, 1);
+        store.commit(vec![Change::Put(cluster("b", 1))]).unwrap();
+        store.commit(vec![Change::Put(cluster("a", 2))]).unwrap();
+        // Deleting an absent key is a no-op: no event, no revision.
+        assert!(store.commit(vec![Change::Delete("clusters/zzz".into())]).unwrap().is_empty());
+        let ev = store.commit(vec![Change::Delete("clusters/b".into())]).unwrap();
+        assert_eq!(ev[0].kind, EventType::Delete);
+        assert_eq!(ev[0].object.record, cluster("b", 1));
+        let (rev, items) = store.list().unwrap();
+        assert_eq!(rev, 4);
+        assert_eq!(items.len(), 1);
+        assert_eq!(items[0].record, cluster("a", 2));
+        assert_eq!(items[0].resource_version, 3);
+        let Since::Events(evs) = store.events_since(1).unwrap() else { panic!("compacted") };
+        assert_eq!(evs.iter().map(|e| e.revision).collect::<Vec<_>>(), vec![2, 3, 4]);
+        let Since::Events(evs) = store.events_since(4).unwrap() else { panic!("compacted") };
+        assert!(evs.is_empty());
+    }
+
+    #[test]
+    fn mem_store_conforms() {
+        conformance(&mut MemStore::default());
+    }
+
+    #[test]
+    fn redb_store_conforms_and_survives_reopen() {
+        let dir = std::env::temp_dir().join(format!("cw-store-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("broker.redb");
+        let _ = std::fs::remove_file(&path);
+        {
+            let mut s = RedbStore::open(&path).unwrap();
+            conformance(&mut s);
+        }
+        let s = RedbStore::open(&path).unwrap();
+        let (rev, items) = s.list().unwrap();
+        assert_eq!(rev, 4);
+        assert_eq!(items.len(), 1);
+        let Since::Events(evs) = s.events_since(0).unwrap() else { panic!("compacted") };
+        assert_eq!(evs.len(), 4);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

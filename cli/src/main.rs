@@ -1,0 +1,210 @@
+//! `causeway`: one binary for the broker and gateway daemons, the operator verbs and the
+//! local sandbox. Every flag can also be set through its `CAUSEWAY_…` environment variable.
+
+mod sandbox;
+mod show;
+mod telemetry;
+mod tools;
+
+use std::{net::IpAddr, path::PathBuf};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use ipnetwork::IpNetwork;
+
+/// Broker URL of the local sandbox (reachable from the root namespace through its host veth).
+pub const SANDBOX_BROKER_URL: &str = "http://172.31.0.2:7780";
+
+#[derive(Parser)]
+#[command(
+    name = "causeway",
+    version,
+    about = "Joins Kubernetes clusters at layer 3: encrypted, policy-checked, fast"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the broker (the cluster set's shared control plane).
+    Broker(BrokerArgs),
+    /// Run a gateway (on a gateway node of a cluster).
+    Gateway(Box<GatewayArgs>),
+    /// Show the cluster set's state.
+    Show(show::ShowArgs),
+    /// Remove a cluster's records from the broker; the other gateways drop its tunnel and routes.
+    Leave {
+        #[arg(long, env = "CAUSEWAY_BROKER_URL", default_value = SANDBOX_BROKER_URL)]
+        broker_url: String,
+        #[arg(long, env = "CAUSEWAY_CLUSTER_ID")]
+        cluster_id: String,
+    },
+    /// A local cluster set built from network namespaces (needs root).
+    Sandbox {
+        #[command(subcommand)]
+        command: sandbox::SandboxCmd,
+    },
+    /// Test tools used by the sandbox and the end-to-end tests.
+    #[command(hide = true)]
+    Debug {
+        #[command(subcommand)]
+        command: DebugCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum DebugCmd {
+    /// Receive one TCP stream; print its length and SHA-256.
+    TcpSink {
+        #[arg(long)]
+        listen: String,
+    },
+    /// Send N bytes over TCP; print their length and SHA-256.
+    TcpSource {
+        #[arg(long)]
+        connect: String,
+        #[arg(long)]
+        bytes: u64,
+    },
+}
+
+#[derive(clap::Args)]
+struct BrokerArgs {
+    /// Address to listen on.
+    #[arg(long, env = "CAUSEWAY_BROKER_LISTEN", default_value = "0.0.0.0:7780")]
+    listen: String,
+    /// Directory of the embedded store (one crash-safe file).
+    #[arg(long, env = "CAUSEWAY_BROKER_DATA_DIR", default_value = "/var/lib/causeway-broker")]
+    data_dir: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct GatewayArgs {
+    #[arg(long, env = "CAUSEWAY_BROKER_URL")]
+    broker_url: String,
+    /// This cluster's id (DNS-1123 label).
+    #[arg(long, env = "CAUSEWAY_CLUSTER_ID")]
+    cluster_id: String,
+    /// Pod CIDR of this cluster (repeatable).
+    #[arg(long = "pod-cidr", env = "CAUSEWAY_POD_CIDRS", value_delimiter = ',', required = true)]
+    pod_cidrs: Vec<IpNetwork>,
+    /// Service CIDR of this cluster (repeatable).
+    #[arg(long = "service-cidr", env = "CAUSEWAY_SERVICE_CIDRS", value_delimiter = ',')]
+    service_cidrs: Vec<IpNetwork>,
+    /// This node's name (default: the kernel hostname).
+    #[arg(long, env = "CAUSEWAY_HOSTNAME")]
+    hostname: Option<String>,
+    /// Address of this node that other gateways can reach (repeatable).
+    #[arg(long = "node-ip", env = "CAUSEWAY_NODE_IPS", value_delimiter = ',', required = true)]
+    node_ips: Vec<IpAddr>,
+    /// Public (NATed) address of this node, if any (repeatable).
+    #[arg(long = "public-ip", env = "CAUSEWAY_PUBLIC_IPS", value_delimiter = ',')]
+    public_ips: Vec<IpAddr>,
+    /// Cable backend.
+    #[arg(long, env = "CAUSEWAY_CABLE", default_value = "wireguard")]
+    cable: String,
+    /// Tunnel device name.
+    #[arg(long, env = "CAUSEWAY_DEVICE", default_value = "causeway0")]
+    device: String,
+    #[arg(long, env = "CAUSEWAY_LISTEN_PORT", default_value_t = 51820)]
+    listen_port: u16,
+    /// MTU of the underlay; the tunnel gets this minus 80.
+    #[arg(long, env = "CAUSEWAY_UNDERLAY_MTU", default_value_t = 1500)]
+    underlay_mtu: u16,
+    /// Keys and cached records.
+    #[arg(long, env = "CAUSEWAY_STATE_DIR", default_value = "/var/lib/causeway")]
+    state_dir: PathBuf,
+    #[arg(long, env = "CAUSEWAY_STATUS_SOCKET", default_value = "/run/causeway/gateway.sock")]
+    status_socket: PathBuf,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Broker(a) => {
+            telemetry::init("info");
+            runtime()?.block_on(broker(a))
+        }
+        Cmd::Gateway(a) => {
+            telemetry::init("info");
+            runtime()?.block_on(gateway(*a))
+        }
+        Cmd::Show(a) => {
+            telemetry::init("warn");
+            runtime()?.block_on(show::run(a))
+        }
+        Cmd::Leave { broker_url, cluster_id } => {
+            telemetry::init("warn");
+            runtime()?.block_on(async {
+                let client = causeway_broker_api::BrokerClient::new(broker_url);
+                let removed = client.delete_cluster(&cluster_id).await?;
+                println!("removed {} record(s) of cluster {cluster_id}", removed.len());
+                Ok(())
+            })
+        }
+        Cmd::Sandbox { command } => {
+            telemetry::init("warn");
+            sandbox::run(command)
+        }
+        Cmd::Debug { command } => match command {
+            DebugCmd::TcpSink { listen } => tools::tcp_sink(&listen),
+            DebugCmd::TcpSource { connect, bytes } => tools::tcp_source(&connect, bytes),
+        },
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the tokio runtime")
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+    }
+}
+
+async fn broker(a: BrokerArgs) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&a.data_dir).with_context(|| format!("creating {}", a.data_dir.display()))?;
+    let store = causeway_broker::RedbStore::open(&a.data_dir.join("broker.redb"))?;
+    let broker = causeway_broker::Broker::new(store)?;
+    let listener = tokio::net::TcpListener::bind(&a.listen)
+        .await
+        .with_context(|| format!("listening on {} (is another broker running?)", a.listen))?;
+    causeway_broker::run(listener, broker, shutdown_signal()).await.context("serving the broker API")
+}
+
+async fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
+    let hostname = match a.hostname {
+        Some(h) => h,
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .context("reading the hostname; pass --hostname")?
+            .trim()
+            .to_owned(),
+    };
+    let local = causeway_gateway::cluster::LocalCluster {
+        cluster_id: a.cluster_id,
+        pod_cidrs: a.pod_cidrs,
+        service_cidrs: a.service_cidrs,
+        hostname,
+        private_ips: a.node_ips,
+        public_ips: a.public_ips,
+        active: true,
+    };
+    let config = causeway_gateway::GatewayConfig {
+        broker_url: a.broker_url,
+        cable: a.cable,
+        device: a.device,
+        listen_port: a.listen_port,
+        underlay_mtu: a.underlay_mtu,
+        key_file: a.state_dir.join("private.key"),
+        state_dir: a.state_dir,
+        status_socket: a.status_socket,
+    };
+    causeway_gateway::run(config, causeway_gateway::cluster::StaticSource(local), shutdown_signal())
+        .await
+        .context("gateway failed")
+}

@@ -1,0 +1,125 @@
+//! `causeway sandbox up|status|down`: a local cluster set made of network namespaces, built
+//! by the same harness as the end-to-end tests, with the real broker and gateways.
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::{Context as _, bail};
+use causeway_netns::{Topology, TopologySpec, topology::teardown_by_prefix};
+use clap::Subcommand;
+
+/// Namespace prefix of the sandbox.
+const PREFIX: &str = "cw";
+const STATE_FILE: &str = "/run/causeway/sandbox.json";
+
+#[derive(Subcommand)]
+pub enum SandboxCmd {
+    /// Build N clusters, start the broker and gateways, print the connectivity matrix.
+    Up {
+        #[arg(long, default_value_t = 3)]
+        clusters: usize,
+    },
+    /// Show the sandbox's gateways and tunnels.
+    Status,
+    /// Stop everything and delete every namespace, link and file of the sandbox.
+    Down,
+}
+
+fn run_dir() -> PathBuf {
+    PathBuf::from("/run/causeway").join(PREFIX)
+}
+
+fn load() -> Option<Topology> {
+    let bytes = std::fs::read(STATE_FILE).ok()?;
+    let mut t: Topology = serde_json::from_slice(&bytes).ok()?;
+    t.detach();
+    Some(t)
+}
+
+/// Status sockets of the sandbox's gateways (for `show connections`), or the default socket.
+pub fn status_sockets() -> Vec<PathBuf> {
+    match load() {
+        Some(t) => t.clusters.iter().map(|c| c.status_socket.clone()).collect(),
+        None => vec![PathBuf::from("/run/causeway/gateway.sock")],
+    }
+}
+
+fn step(msg: &str) {
+    eprintln!("==> {msg}");
+}
+
+pub fn run(cmd: SandboxCmd) -> anyhow::Result<()> {
+    match cmd {
+        SandboxCmd::Up { clusters } => up(clusters),
+        SandboxCmd::Status => status(),
+        SandboxCmd::Down => down(),
+    }
+}
+
+fn up(clusters: usize) -> anyhow::Result<()> {
+    if load().is_some() {
+        bail!("a sandbox is already up (see `causeway sandbox status`); run `causeway sandbox down` first");
+    }
+    let bin = std::env::current_exe().context("locating the causeway binary")?;
+    let mut spec = TopologySpec::new(PREFIX, clusters, bin);
+    spec.run_dir = run_dir();
+    spec.host_link = true;
+    step(&format!("building {clusters} clusters from network namespaces (CNI bridge + host-local pods)"));
+    let mut topo = Topology::build(spec)?;
+    step(&format!("starting the broker at {}", topo.broker_url()));
+    topo.start_broker()?;
+    for i in 1..=clusters {
+        step(&format!("starting the gateway of cluster-{i}"));
+        topo.start_gateway(i)?;
+    }
+    step("waiting for every tunnel to come up");
+    topo.wait_connected(Duration::from_secs(60))?;
+    std::fs::write(STATE_FILE, serde_json::to_vec_pretty(&topo)?).context("saving the sandbox state")?;
+    step("pinging every pod from every pod");
+    let m = topo.connectivity_matrix();
+    let (table, all_ok) = topo.render_matrix(&m);
+    topo.detach();
+    println!("\npod-to-pod connectivity:\n{table}");
+    println!("broker: {} (try `causeway show clusters`, `causeway show connections`)", topo.broker_url());
+    println!("tear down with `causeway sandbox down`");
+    if !all_ok {
+        bail!("some pods cannot reach each other; gateway logs are in {}", run_dir().display());
+    }
+    Ok(())
+}
+
+fn status() -> anyhow::Result<()> {
+    let Some(topo) = load() else {
+        println!("no sandbox is up (start one with `causeway sandbox up`)");
+        return Ok(());
+    };
+    println!("broker: {}", topo.broker_url());
+    let mut rows = Vec::new();
+    for (i, c) in topo.clusters.iter().enumerate() {
+        let (state, conns) = match topo.gateway_status(i + 1) {
+            Ok(s) => {
+                let up = s.connections.iter().filter(|c| c.status == "connected").count();
+                ("running".to_owned(), format!("{up}/{} connected", topo.clusters.len() - 1))
+            }
+            Err(e) => (format!("unreachable: {e:#}"), "-".to_owned()),
+        };
+        rows.push(vec![c.cluster_id.clone(), c.pod_cidr.clone(), c.pod_ip.clone(), state, conns]);
+    }
+    print!("{}", crate::show::table(&["CLUSTER", "POD CIDR", "POD IP", "GATEWAY", "TUNNELS"], &rows));
+    Ok(())
+}
+
+fn down() -> anyhow::Result<()> {
+    step("stopping the sandbox's processes and deleting its namespaces");
+    let mut host_if = format!("{PREFIX}-host");
+    host_if.truncate(15);
+    let res = teardown_by_prefix(PREFIX, &run_dir(), Some(host_if));
+    match std::fs::remove_file(STATE_FILE) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).context("removing the sandbox state");
+        }
+        _ => {}
+    }
+    res?;
+    println!("sandbox down: no namespace, link or process of it is left");
+    Ok(())
+}

@@ -1,0 +1,202 @@
+//! `causeway show …`: tables for people, `--output json` for scripts.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use causeway_broker_api::{BrokerClient, Record};
+use clap::{Subcommand, ValueEnum};
+
+use crate::SANDBOX_BROKER_URL;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(clap::Args)]
+pub struct ShowArgs {
+    #[command(subcommand)]
+    what: What,
+    #[arg(long, short, global = true, value_enum, default_value = "table")]
+    output: Output,
+}
+
+#[derive(Subcommand)]
+enum What {
+    /// Clusters registered with the broker.
+    Clusters {
+        #[arg(long, env = "CAUSEWAY_BROKER_URL", default_value = SANDBOX_BROKER_URL)]
+        broker_url: String,
+    },
+    /// Gateway endpoints registered with the broker.
+    Endpoints {
+        #[arg(long, env = "CAUSEWAY_BROKER_URL", default_value = SANDBOX_BROKER_URL)]
+        broker_url: String,
+    },
+    /// A gateway's tunnels to the other clusters, as the gateway sees them.
+    Connections {
+        /// Status socket of the gateway (repeatable; default: the sandbox's gateways, else
+        /// /run/causeway/gateway.sock).
+        #[arg(long = "status-socket", env = "CAUSEWAY_STATUS_SOCKET")]
+        sockets: Vec<PathBuf>,
+    },
+}
+
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect::<Vec<_>>()
+            .join("  ")
+    };
+    let mut out = line(headers.to_vec()).trim_end().to_owned();
+    out.push('\n');
+    for r in rows {
+        out.push_str(line(r.iter().map(String::as_str).collect()).trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+fn join<T: ToString>(v: &[T]) -> String {
+    if v.is_empty() { "-".into() } else { v.iter().map(ToString::to_string).collect::<Vec<_>>().join(",") }
+}
+
+pub async fn run(a: ShowArgs) -> anyhow::Result<()> {
+    match a.what {
+        What::Clusters { broker_url } => {
+            let list = BrokerClient::new(broker_url).list().await?;
+            let clusters: Vec<_> = list
+                .items
+                .iter()
+                .filter_map(|o| match &o.record {
+                    Record::Cluster(c) => Some((o, c)),
+                    Record::Endpoint(_) => None,
+                })
+                .collect();
+            match a.output {
+                Output::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&clusters.iter().map(|(o, _)| o).collect::<Vec<_>>())?
+                ),
+                Output::Table => print!(
+                    "{}",
+                    table(
+                        &["CLUSTER", "POD CIDRS", "SERVICE CIDRS", "GENERATION", "REVISION"],
+                        &clusters
+                            .iter()
+                            .map(|(o, c)| vec![
+                                c.cluster_id.clone(),
+                                join(&c.pod_cidrs),
+                                join(&c.service_cidrs),
+                                c.generation.to_string(),
+                                o.resource_version.to_string(),
+                            ])
+                            .collect::<Vec<_>>()
+                    )
+                ),
+            }
+        }
+        What::Endpoints { broker_url } => {
+            let list = BrokerClient::new(broker_url).list().await?;
+            let eps: Vec<_> = list
+                .items
+                .iter()
+                .filter_map(|o| match &o.record {
+                    Record::Endpoint(e) => Some((o, e)),
+                    Record::Cluster(_) => None,
+                })
+                .collect();
+            match a.output {
+                Output::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&eps.iter().map(|(o, _)| o).collect::<Vec<_>>())?
+                ),
+                Output::Table => print!(
+                    "{}",
+                    table(
+                        &[
+                            "CLUSTER",
+                            "HOST",
+                            "PRIVATE IPS",
+                            "PUBLIC IPS",
+                            "PORT",
+                            "BACKEND",
+                            "ROLE",
+                            "PUBLIC KEY"
+                        ],
+                        &eps.iter()
+                            .map(|(_, e)| vec![
+                                e.cluster_id.clone(),
+                                e.hostname.clone(),
+                                join(&e.private_ips),
+                                join(&e.public_ips),
+                                e.port.to_string(),
+                                e.backend.clone(),
+                                format!("{:?}", e.role).to_lowercase(),
+                                e.public_key.to_string(),
+                            ])
+                            .collect::<Vec<_>>()
+                    )
+                ),
+            }
+        }
+        What::Connections { sockets } => {
+            let sockets = if sockets.is_empty() { crate::sandbox::status_sockets() } else { sockets };
+            let mut statuses = Vec::new();
+            for s in &sockets {
+                statuses.push(
+                    causeway_gateway::status::fetch(s)
+                        .with_context(|| format!("reading gateway status from {}", s.display()))?,
+                );
+            }
+            match a.output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&statuses)?),
+                Output::Table => {
+                    let rows: Vec<Vec<String>> = statuses
+                        .iter()
+                        .flat_map(|s| {
+                            s.connections.iter().map(|c| {
+                                vec![
+                                    s.cluster_id.clone(),
+                                    c.cluster_id.clone(),
+                                    c.endpoint.clone(),
+                                    c.status.clone(),
+                                    c.last_handshake_secs.map_or("-".into(), |v| format!("{v:.0}s ago")),
+                                    c.datapath.tx_bytes.to_string(),
+                                    c.datapath.rx_bytes.to_string(),
+                                ]
+                            })
+                        })
+                        .collect();
+                    print!(
+                        "{}",
+                        table(
+                            &["LOCAL", "REMOTE", "ENDPOINT", "STATUS", "HANDSHAKE", "TX BYTES", "RX BYTES"],
+                            &rows
+                        )
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn table_aligns_columns() {
+        let t = super::table(&["A", "LONGER"], &[vec!["xyz".into(), "1".into()]]);
+        assert_eq!(t, "A    LONGER\nxyz  1\n");
+    }
+}

@@ -1,0 +1,138 @@
+//! Every map name, key and value layout shared between Causeway's eBPF programs and userspace.
+//!
+//! `#![no_std]`, `#[repr(C)]`, no padding (flags are explicit integers, not `bool`), so the
+//! kernel and userspace agree byte for byte; the layout tests at the bottom pin that down.
+//! The `user` feature adds the `aya::Pod` impls.
+#![no_std]
+#![cfg_attr(feature = "user", allow(unsafe_code, reason = "aya::Pod is an unsafe marker trait"))]
+
+/// Map names, as the loader looks them up in the object and as they are pinned.
+pub mod maps {
+    /// `LpmTrie<u32 (IPv4, network order), RemoteCidr>`: remote cluster prefixes.
+    pub const REMOTE_CIDRS_V4: &str = "REMOTE_CIDRS_V4";
+    /// `LpmTrie<[u8; 16] (IPv6), RemoteCidr>`: remote cluster prefixes.
+    pub const REMOTE_CIDRS_V6: &str = "REMOTE_CIDRS_V6";
+    /// `PerCpuHashMap<u32 cluster slot, TrafficCounters>`: per-remote-cluster traffic.
+    pub const CLUSTER_COUNTERS: &str = "CLUSTER_COUNTERS";
+    /// `PerCpuArray<u64>` indexed by [`super::Stat`]: datapath-wide counters.
+    pub const STATS: &str = "STATS";
+}
+
+/// Program names in the object.
+pub mod programs {
+    /// TC on the tunnel device's egress: traffic leaving for remote clusters.
+    pub const TUNNEL_EGRESS: &str = "tunnel_egress";
+    /// TC on the tunnel device's ingress: decrypted traffic from remote clusters.
+    pub const TUNNEL_INGRESS: &str = "tunnel_ingress";
+}
+
+/// Capacity of the remote prefix tries (per address family).
+pub const MAX_REMOTE_CIDRS: u32 = 65_536;
+/// Capacity of the per-cluster counter map: the number of remote clusters one gateway tracks.
+pub const MAX_CLUSTERS: u32 = 16_384;
+
+/// Value of the remote prefix tries: which remote cluster a prefix belongs to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RemoteCidr {
+    /// Gateway-local slot of the remote cluster (key of `CLUSTER_COUNTERS`).
+    pub cluster_slot: u32,
+    /// Reserved for the tunnel index of the redirecting datapath; zero today.
+    pub tunnel: u32,
+}
+
+/// Per-remote-cluster traffic, one copy per CPU; userspace sums the copies.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrafficCounters {
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+}
+
+impl TrafficCounters {
+    /// Adds another CPU's copy (saturating: counters never wrap in practice, never panic).
+    #[must_use]
+    pub fn merged(self, other: Self) -> Self {
+        Self {
+            tx_packets: self.tx_packets.saturating_add(other.tx_packets),
+            tx_bytes: self.tx_bytes.saturating_add(other.tx_bytes),
+            rx_packets: self.rx_packets.saturating_add(other.rx_packets),
+            rx_bytes: self.rx_bytes.saturating_add(other.rx_bytes),
+        }
+    }
+}
+
+/// Indices of the `STATS` array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stat {
+    /// Sent into the tunnel but no remote prefix matched the destination.
+    TxNoRemote = 0,
+    /// Received from the tunnel but no remote prefix matched the source.
+    RxNoRemote = 1,
+    /// A remote prefix matched but its cluster has no counter entry.
+    NoCounterSlot = 2,
+    /// Neither IPv4 nor IPv6, or too short to parse.
+    Unparsed = 3,
+}
+
+impl Stat {
+    pub const ALL: [Stat; 4] = [Self::TxNoRemote, Self::RxNoRemote, Self::NoCounterSlot, Self::Unparsed];
+
+    /// Name used in metrics and `show` output.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::TxNoRemote => "tx_no_remote",
+            Self::RxNoRemote => "rx_no_remote",
+            Self::NoCounterSlot => "no_counter_slot",
+            Self::Unparsed => "unparsed",
+        }
+    }
+}
+
+/// Number of entries of the `STATS` array.
+pub const NUM_STATS: u32 = Stat::ALL.len() as u32;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: #[repr(C)], only integer fields, no padding (asserted in the tests below).
+    unsafe impl aya::Pod for super::RemoteCidr {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::TrafficCounters {}
+}
+
+#[cfg(test)]
+mod tests {
+    use core::mem::{offset_of, size_of};
+
+    use super::*;
+
+    #[test]
+    fn layouts_have_no_padding() {
+        assert_eq!(size_of::<RemoteCidr>(), 8);
+        assert_eq!(offset_of!(RemoteCidr, tunnel), 4);
+        assert_eq!(size_of::<TrafficCounters>(), 32);
+        assert_eq!(offset_of!(TrafficCounters, tx_bytes), 8);
+        assert_eq!(offset_of!(TrafficCounters, rx_packets), 16);
+        assert_eq!(offset_of!(TrafficCounters, rx_bytes), 24);
+    }
+
+    #[test]
+    fn stat_indices_are_dense() {
+        for (i, s) in Stat::ALL.iter().enumerate() {
+            assert_eq!(*s as usize, i);
+        }
+        assert_eq!(NUM_STATS, 4);
+    }
+
+    #[test]
+    fn merged_sums_and_saturates() {
+        let a = TrafficCounters { tx_packets: 1, tx_bytes: u64::MAX, rx_packets: 3, rx_bytes: 4 };
+        let b = TrafficCounters { tx_packets: 2, tx_bytes: 5, rx_packets: 0, rx_bytes: 6 };
+        let m = a.merged(b);
+        assert_eq!(m, TrafficCounters { tx_packets: 3, tx_bytes: u64::MAX, rx_packets: 3, rx_bytes: 10 });
+    }
+}

@@ -1,0 +1,272 @@
+//! Causeway's eBPF datapath, seen from userspace: the only crate that uses aya.
+//!
+//! It embeds the programs compiled from `ebpf/programs` (see `build.rs`), loads them, attaches
+//! them to the tunnel device (TCX on ingress and egress: detached automatically when the
+//! process exits, so a crash never leaves a stale program behind), forwards the programs'
+//! aya-log records into `tracing`, and offers typed access to the maps: remote prefixes →
+//! cluster slot, and per-cluster traffic counters.
+//!
+//! Everything above this crate deals in `IpNetwork`, slots and [`TrafficCounters`].
+
+use std::collections::BTreeMap;
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{LpmTrie, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues, lpm_trie::Key},
+    programs::{ProgramError, SchedClassifier, TcAttachType},
+};
+use causeway_datapath_common::{RemoteCidr, maps, programs};
+pub use causeway_datapath_common::{Stat, TrafficCounters};
+use ipnetwork::IpNetwork;
+use tracing::{debug, info, warn};
+
+/// The object compiled by build.rs.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/causeway-datapath"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("loading the eBPF object failed (is this root with CAP_BPF on a BPF-enabled kernel?)")]
+    Load(#[source] aya::EbpfError),
+    #[error("the eBPF object has no {what} named {name}")]
+    Missing { what: &'static str, name: &'static str },
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("reading the number of CPUs failed: {0}")]
+    Cpus(String),
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DatapathError {
+    move |source| DatapathError::Map { name, source }
+}
+
+/// The loaded programs and their maps.
+pub struct Datapath {
+    ebpf: Ebpf,
+    remote_v4: LpmTrie<MapData, u32, RemoteCidr>,
+    remote_v6: LpmTrie<MapData, [u8; 16], RemoteCidr>,
+    counters: PerCpuHashMap<MapData, u32, TrafficCounters>,
+    stats: PerCpuArray<MapData, u64>,
+    ncpus: usize,
+    log_task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Datapath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Datapath").field("ncpus", &self.ncpus).finish_non_exhaustive()
+    }
+}
+
+impl Datapath {
+    /// Loads the object and its maps. Must run inside a tokio runtime (the aya-log reader is a
+    /// task of it). Does not attach anything yet.
+    pub fn load() -> Result<Self, DatapathError> {
+        bump_memlock_rlimit();
+        let mut ebpf = EbpfLoader::new().load(OBJECT).map_err(DatapathError::Load)?;
+        let log_task = start_logger(&mut ebpf);
+        let ncpus = aya::util::nr_cpus().map_err(|(_, e)| DatapathError::Cpus(e.to_string()))?;
+        let remote_v4 = LpmTrie::try_from(take(&mut ebpf, maps::REMOTE_CIDRS_V4)?)
+            .map_err(map_err(maps::REMOTE_CIDRS_V4))?;
+        let remote_v6 = LpmTrie::try_from(take(&mut ebpf, maps::REMOTE_CIDRS_V6)?)
+            .map_err(map_err(maps::REMOTE_CIDRS_V6))?;
+        let counters = PerCpuHashMap::try_from(take(&mut ebpf, maps::CLUSTER_COUNTERS)?)
+            .map_err(map_err(maps::CLUSTER_COUNTERS))?;
+        let stats = PerCpuArray::try_from(take(&mut ebpf, maps::STATS)?).map_err(map_err(maps::STATS))?;
+        Ok(Self { ebpf, remote_v4, remote_v6, counters, stats, ncpus, log_task })
+    }
+
+    /// Attaches the counting programs to both directions of the tunnel device `ifname`
+    /// (resolved in the calling thread's network namespace).
+    pub fn attach_tunnel(&mut self, ifname: &str) -> Result<(), DatapathError> {
+        for (name, dir) in [
+            (programs::TUNNEL_EGRESS, TcAttachType::Egress),
+            (programs::TUNNEL_INGRESS, TcAttachType::Ingress),
+        ] {
+            let prog: &mut SchedClassifier = self
+                .ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::Missing { what: "program", name })?
+                .try_into()
+                .map_err(|source| DatapathError::Program { name, source })?;
+            prog.load().map_err(|source| DatapathError::Program { name, source })?;
+            prog.attach(ifname, dir).map_err(|source| DatapathError::Program { name, source })?;
+            info!(program = name, interface = ifname, direction = ?dir, "attached");
+        }
+        Ok(())
+    }
+
+    /// Maps `net` to the remote cluster `slot` (insert or replace).
+    pub fn set_remote_cidr(&mut self, net: IpNetwork, slot: u32) -> Result<(), DatapathError> {
+        let value = RemoteCidr { cluster_slot: slot, tunnel: 0 };
+        match net {
+            IpNetwork::V4(n) => {
+                let key = Key::new(u32::from(n.prefix()), u32::from_ne_bytes(n.network().octets()));
+                self.remote_v4.insert(&key, value, 0).map_err(map_err(maps::REMOTE_CIDRS_V4))
+            }
+            IpNetwork::V6(n) => {
+                let key = Key::new(u32::from(n.prefix()), n.network().octets());
+                self.remote_v6.insert(&key, value, 0).map_err(map_err(maps::REMOTE_CIDRS_V6))
+            }
+        }
+    }
+
+    /// Removes `net`; absent is success.
+    pub fn remove_remote_cidr(&mut self, net: IpNetwork) -> Result<(), DatapathError> {
+        let res = match net {
+            IpNetwork::V4(n) => self
+                .remote_v4
+                .remove(&Key::new(u32::from(n.prefix()), u32::from_ne_bytes(n.network().octets())))
+                .map_err(map_err(maps::REMOTE_CIDRS_V4)),
+            IpNetwork::V6(n) => self
+                .remote_v6
+                .remove(&Key::new(u32::from(n.prefix()), n.network().octets()))
+                .map_err(map_err(maps::REMOTE_CIDRS_V6)),
+        };
+        ignore_not_found(res)
+    }
+
+    /// The remote prefixes currently in the maps, with their slots.
+    pub fn remote_cidrs(&self) -> Result<BTreeMap<IpNetwork, u32>, DatapathError> {
+        let mut out = BTreeMap::new();
+        for item in self.remote_v4.iter() {
+            let (k, v) = item.map_err(map_err(maps::REMOTE_CIDRS_V4))?;
+            let addr = std::net::Ipv4Addr::from(k.data().to_ne_bytes());
+            if let Ok(net) = ipnetwork::Ipv4Network::new(addr, prefix_u8(k.prefix_len())) {
+                out.insert(IpNetwork::V4(net), v.cluster_slot);
+            }
+        }
+        for item in self.remote_v6.iter() {
+            let (k, v) = item.map_err(map_err(maps::REMOTE_CIDRS_V6))?;
+            let addr = std::net::Ipv6Addr::from(k.data());
+            if let Ok(net) = ipnetwork::Ipv6Network::new(addr, prefix_u8(k.prefix_len())) {
+                out.insert(IpNetwork::V6(net), v.cluster_slot);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Creates the zeroed counter entry of `slot` if it does not exist yet (the programs only
+    /// update existing entries, so that a packet never allocates in the kernel).
+    pub fn ensure_counters(&mut self, slot: u32) -> Result<(), DatapathError> {
+        match self.counters.get(&slot, 0) {
+            Ok(_) => Ok(()),
+            Err(MapError::KeyNotFound) => {
+                let zeros = PerCpuValues::try_from(vec![TrafficCounters::default(); self.ncpus])
+                    .map_err(|e| DatapathError::Cpus(e.to_string()))?;
+                self.counters.insert(slot, zeros, 0).map_err(map_err(maps::CLUSTER_COUNTERS))
+            }
+            Err(e) => Err(map_err(maps::CLUSTER_COUNTERS)(e)),
+        }
+    }
+
+    /// Drops the counter entry of `slot`; absent is success.
+    pub fn remove_counters(&mut self, slot: u32) -> Result<(), DatapathError> {
+        ignore_not_found(self.counters.remove(&slot).map_err(map_err(maps::CLUSTER_COUNTERS)))
+    }
+
+    /// Sum over CPUs of the counters of `slot` (zero if it has none).
+    pub fn counters(&self, slot: u32) -> Result<TrafficCounters, DatapathError> {
+        match self.counters.get(&slot, 0) {
+            Ok(values) => Ok(values.iter().fold(TrafficCounters::default(), |a, b| a.merged(*b))),
+            Err(MapError::KeyNotFound) => Ok(TrafficCounters::default()),
+            Err(e) => Err(map_err(maps::CLUSTER_COUNTERS)(e)),
+        }
+    }
+
+    /// Datapath-wide counters (sum over CPUs).
+    pub fn stats(&self) -> Result<Vec<(Stat, u64)>, DatapathError> {
+        Stat::ALL
+            .iter()
+            .map(|s| {
+                let v = self.stats.get(&(*s as u32), 0).map_err(map_err(maps::STATS))?;
+                Ok((*s, v.iter().sum()))
+            })
+            .collect()
+    }
+}
+
+impl Drop for Datapath {
+    fn drop(&mut self) {
+        if let Some(t) = self.log_task.take() {
+            t.abort();
+        }
+    }
+}
+
+fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, DatapathError> {
+    ebpf.take_map(name).ok_or(DatapathError::Missing { what: "map", name })
+}
+
+fn prefix_u8(p: u32) -> u8 {
+    u8::try_from(p).unwrap_or(u8::MAX)
+}
+
+fn ignore_not_found(res: Result<(), DatapathError>) -> Result<(), DatapathError> {
+    match res {
+        Err(DatapathError::Map { source: MapError::KeyNotFound, .. }) => Ok(()),
+        Err(DatapathError::Map { source: MapError::SyscallError(e), .. })
+            if e.io_error.raw_os_error() == Some(libc_enoent()) =>
+        {
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+const fn libc_enoent() -> i32 {
+    2
+}
+
+/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; on newer ones (and in containers
+/// without CAP_SYS_RESOURCE) raising it fails harmlessly, so failure is only logged.
+fn bump_memlock_rlimit() {
+    // aya has no safe wrapper; the daemon runs fine without it on the kernels we target.
+    debug!("relying on memcg accounting for BPF memory (no RLIMIT_MEMLOCK bump)");
+}
+
+/// Forwards the programs' aya-log records into `log` (and from there into `tracing`).
+fn start_logger(ebpf: &mut Ebpf) -> Option<tokio::task::JoinHandle<()>> {
+    let logger = match aya_log::EbpfLogger::init(ebpf) {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(error = %e, "eBPF logging unavailable");
+            return None;
+        }
+    };
+    // SAFETY: the EbpfLogger owns the ring buffer's fd and keeps it open as long as it lives,
+    // which is as long as the AsyncFd that owns it. (The safe `with_interest` is deprecated.)
+    #[expect(unsafe_code, reason = "AsyncFd registration of an fd owned by the value itself")]
+    let registered =
+        unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
+    let fd = match registered {
+        Ok(fd) => fd,
+        Err(e) => {
+            warn!(error = %e, "eBPF log reader could not be registered");
+            return None;
+        }
+    };
+    let mut fd = fd;
+    Some(tokio::spawn(async move {
+        loop {
+            match fd.readable_mut().await {
+                Ok(mut guard) => {
+                    guard.get_inner_mut().flush();
+                    guard.clear_ready();
+                }
+                Err(e) => {
+                    warn!(error = %e, "eBPF log reader stopped");
+                    return;
+                }
+            }
+        }
+    }))
+}

@@ -1,0 +1,153 @@
+//! Cable drivers: how a gateway reaches remote gateways. One trait (Submariner's
+//! `cable.Driver`, shortened), a closed enum of backends picked by name.
+
+pub mod wireguard;
+
+use std::{future::Future, net::SocketAddr, time::Duration};
+
+use causeway_broker_api::{CABLE_BACKENDS, WireGuardKey};
+use ipnetwork::IpNetwork;
+use serde::Serialize;
+
+pub use wireguard::{WireGuardCable, WireGuardConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CableError {
+    #[error("unknown cable backend {name:?}; valid backends: {}", CABLE_BACKENDS.join(", "))]
+    UnknownBackend { name: String },
+    #[error("creating the tunnel device {name}: {source}")]
+    CreateDevice {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("binding the cable's UDP socket on port {port}: {source}")]
+    Bind {
+        port: u16,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the cable's I/O task has stopped")]
+    Stopped,
+}
+
+/// A remote gateway to connect to (from the broker's records).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemoteEndpoint {
+    pub cluster_id: String,
+    pub public_key: WireGuardKey,
+    pub endpoint: SocketAddr,
+    /// Prefixes routed to (and accepted from) this cluster.
+    pub cidrs: Vec<IpNetwork>,
+}
+
+/// Connection state as `show connections` reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConnectionStatus {
+    /// Configured, no live session yet (or it expired).
+    Connecting,
+    /// A session with the remote gateway is established.
+    Connected,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Connection {
+    pub cluster_id: String,
+    pub endpoint: SocketAddr,
+    pub public_key: String,
+    pub status: ConnectionStatus,
+    pub last_handshake_secs: Option<f64>,
+    pub tx_bytes: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub rx_packets: u64,
+}
+
+/// What every cable backend does.
+pub trait CableDriver: Send + 'static {
+    fn name(&self) -> &'static str;
+    /// Connects to (or updates) the remote endpoint; idempotent.
+    fn connect(&mut self, ep: &RemoteEndpoint) -> impl Future<Output = Result<(), CableError>> + Send;
+    /// Disconnects the cluster; absent is success.
+    fn disconnect(&mut self, cluster_id: &str) -> impl Future<Output = Result<(), CableError>> + Send;
+    fn connections(&self) -> impl Future<Output = Result<Vec<Connection>, CableError>> + Send;
+    /// Drop counters by reason.
+    fn drops(&self) -> impl Future<Output = Result<Vec<(&'static str, u64)>, CableError>> + Send;
+    /// Tears the cable down (device, sockets).
+    fn cleanup(&mut self) -> impl Future<Output = Result<(), CableError>> + Send;
+}
+
+/// The backends, selected by name (no `dyn`, no `async_trait`).
+#[derive(Debug)]
+pub enum AnyCable {
+    WireGuard(WireGuardCable),
+}
+
+impl AnyCable {
+    /// Starts the backend called `name`.
+    pub async fn start(name: &str, wg: WireGuardConfig) -> Result<Self, CableError> {
+        match name {
+            "wireguard" => Ok(Self::WireGuard(WireGuardCable::start(wg).await?)),
+            other => Err(CableError::UnknownBackend { name: other.to_owned() }),
+        }
+    }
+
+    /// The tunnel device the datapath attaches to and routes point at.
+    #[must_use]
+    pub fn device(&self) -> &str {
+        match self {
+            Self::WireGuard(c) => c.device(),
+        }
+    }
+}
+
+impl CableDriver for AnyCable {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::WireGuard(c) => c.name(),
+        }
+    }
+    async fn connect(&mut self, ep: &RemoteEndpoint) -> Result<(), CableError> {
+        match self {
+            Self::WireGuard(c) => c.connect(ep).await,
+        }
+    }
+    async fn disconnect(&mut self, cluster_id: &str) -> Result<(), CableError> {
+        match self {
+            Self::WireGuard(c) => c.disconnect(cluster_id).await,
+        }
+    }
+    async fn connections(&self) -> Result<Vec<Connection>, CableError> {
+        match self {
+            Self::WireGuard(c) => c.connections().await,
+        }
+    }
+    async fn drops(&self) -> Result<Vec<(&'static str, u64)>, CableError> {
+        match self {
+            Self::WireGuard(c) => c.drops().await,
+        }
+    }
+    async fn cleanup(&mut self) -> Result<(), CableError> {
+        match self {
+            Self::WireGuard(c) => c.cleanup().await,
+        }
+    }
+}
+
+pub(crate) fn secs(d: Option<Duration>) -> Option<f64> {
+    d.map(|d| d.as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn unknown_backend_lists_the_valid_ones() {
+        let cfg = WireGuardConfig::for_test();
+        let err = AnyCable::start("ipsec", cfg).await.unwrap_err();
+        assert_eq!(err.to_string(), "unknown cable backend \"ipsec\"; valid backends: wireguard");
+    }
+}

@@ -1,0 +1,557 @@
+//! The WireGuard cable's protocol core, sans I/O: one `boringtun::noise::Tunn` per remote
+//! gateway, the peer lookup tables (by receiver index, by public key, by allowed prefix), and
+//! allowed-IPs enforcement on decrypt. The I/O loop feeds it packets from the TUN device, UDP
+//! datagrams and timer ticks, and carries out the [`Output`]s it returns.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use boringtun::{
+    noise::{Packet, Tunn, TunnResult, errors::WireGuardError, handshake::parse_handshake_anon},
+    x25519::{PublicKey, StaticSecret},
+};
+use causeway_broker_api::WireGuardKey;
+use ipnetwork::IpNetwork;
+use tracing::{debug, info, warn};
+
+/// WireGuard's own overhead on top of the inner packet (IPv6 outer header, UDP, WG header+tag).
+pub const WG_OVERHEAD: u16 = 80;
+/// Keepalive so that NAT bindings and the "connected" view stay fresh.
+const PERSISTENT_KEEPALIVE_SECS: u16 = 25;
+/// A session whose last handshake is older than this has expired (REJECT_AFTER_TIME).
+pub const SESSION_LIFETIME: Duration = Duration::from_secs(180);
+/// Scratch buffer size: the largest datagram plus WireGuard's overhead.
+pub const BUF_SIZE: usize = 65_536 + 148;
+
+/// What the I/O loop must do next.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Output {
+    /// Send a datagram to a remote gateway.
+    Udp(SocketAddr, Vec<u8>),
+    /// Write a decrypted packet to the TUN device.
+    Tun(Vec<u8>),
+}
+
+/// Why a packet was dropped (counted; exported as metrics by the gateway).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DropReason {
+    /// From the TUN device, for an address no peer's allowed prefixes cover.
+    NoPeerForDestination,
+    /// From the network, not a WireGuard message or failed to authenticate.
+    InvalidPacket,
+    /// From the network, for a key or session index we do not know.
+    UnknownPeer,
+    /// Decrypted fine, but the inner source address is not in the sender's allowed prefixes.
+    SourceNotAllowed,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 4] =
+        [Self::NoPeerForDestination, Self::InvalidPacket, Self::UnknownPeer, Self::SourceNotAllowed];
+
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::NoPeerForDestination => "no_peer_for_destination",
+            Self::InvalidPacket => "invalid_packet",
+            Self::UnknownPeer => "unknown_peer",
+            Self::SourceNotAllowed => "source_not_allowed",
+        }
+    }
+}
+
+/// The remote gateway a peer talks to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerConfig {
+    pub cluster_id: String,
+    pub public_key: WireGuardKey,
+    pub endpoint: SocketAddr,
+    pub allowed: Vec<IpNetwork>,
+}
+
+/// A peer's state as reported to status and metrics.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PeerStats {
+    pub config: PeerConfig,
+    /// Time since the last completed handshake.
+    pub last_handshake: Option<Duration>,
+    pub tx_bytes: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub rx_packets: u64,
+}
+
+impl PeerStats {
+    /// A session exists and has not expired.
+    #[must_use]
+    pub fn has_session(&self) -> bool {
+        self.last_handshake.is_some_and(|d| d < SESSION_LIFETIME)
+    }
+}
+
+struct Peer {
+    config: PeerConfig,
+    tunn: Tunn,
+    tx_bytes: u64,
+    rx_bytes: u64,
+    tx_packets: u64,
+    rx_packets: u64,
+}
+
+/// The sans-IO core.
+pub struct WgCore {
+    private: StaticSecret,
+    public: PublicKey,
+    peers: HashMap<u32, Peer>,
+    by_key: HashMap<[u8; 32], u32>,
+    /// Allowed prefixes, longest first, for the TUN → peer lookup.
+    routes: Vec<(IpNetwork, u32)>,
+    next_index: u32,
+    drops: HashMap<DropReason, u64>,
+    buf: Vec<u8>,
+}
+
+impl std::fmt::Debug for WgCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WgCore").field("peers", &self.peers.len()).finish_non_exhaustive()
+    }
+}
+
+impl WgCore {
+    #[must_use]
+    pub fn new(private: StaticSecret) -> Self {
+        let public = PublicKey::from(&private);
+        Self {
+            private,
+            public,
+            peers: HashMap::new(),
+            by_key: HashMap::new(),
+            routes: Vec::new(),
+            next_index: 1,
+            drops: HashMap::new(),
+            buf: vec![0; BUF_SIZE],
+        }
+    }
+
+    #[must_use]
+    pub fn public_key(&self) -> WireGuardKey {
+        WireGuardKey(self.public.to_bytes())
+    }
+
+    fn drop_packet(&mut self, reason: DropReason) {
+        *self.drops.entry(reason).or_default() += 1;
+    }
+
+    #[must_use]
+    pub fn drops(&self) -> Vec<(DropReason, u64)> {
+        DropReason::ALL.iter().map(|r| (*r, self.drops.get(r).copied().unwrap_or(0))).collect()
+    }
+
+    fn rebuild_routes(&mut self) {
+        self.routes =
+            self.peers.iter().flat_map(|(idx, p)| p.config.allowed.iter().map(move |n| (*n, *idx))).collect();
+        self.routes.sort_by_key(|r| std::cmp::Reverse(r.0.prefix()));
+    }
+
+    fn peer_for(&self, addr: IpAddr) -> Option<u32> {
+        self.routes.iter().find(|(net, _)| net.contains(addr)).map(|(_, idx)| *idx)
+    }
+
+    /// Adds a peer, or updates it in place if the key is known (endpoint and allowed prefixes
+    /// change without dropping the session). A new peer starts its handshake at once.
+    pub fn upsert_peer(&mut self, config: PeerConfig, out: &mut Vec<Output>) {
+        if let Some(idx) = self.by_key.get(&config.public_key.0).copied() {
+            if let Some(p) = self.peers.get_mut(&idx)
+                && p.config != config
+            {
+                info!(cluster = %config.cluster_id, endpoint = %config.endpoint, "peer updated");
+                p.config = config;
+                self.rebuild_routes();
+            }
+            return;
+        }
+        let idx = self.next_index;
+        // Indices are 24 bits (boringtun puts a session counter in the low 8).
+        self.next_index = (self.next_index % 0x00FF_FFFF) + 1;
+        let tunn = Tunn::new(
+            self.private.clone(),
+            PublicKey::from(config.public_key.0),
+            None,
+            Some(PERSISTENT_KEEPALIVE_SECS),
+            idx,
+            None,
+        );
+        info!(cluster = %config.cluster_id, endpoint = %config.endpoint, key = %config.public_key, "peer added");
+        self.by_key.insert(config.public_key.0, idx);
+        let endpoint = config.endpoint;
+        self.peers.insert(idx, Peer { config, tunn, tx_bytes: 0, rx_bytes: 0, tx_packets: 0, rx_packets: 0 });
+        self.rebuild_routes();
+        let peer = self.peers.get_mut(&idx).expect("just inserted");
+        if let TunnResult::WriteToNetwork(pkt) = peer.tunn.format_handshake_initiation(&mut self.buf, false) {
+            out.push(Output::Udp(endpoint, pkt.to_vec()));
+        }
+    }
+
+    /// Removes the peer with this key; returns whether it existed.
+    pub fn remove_peer(&mut self, key: &WireGuardKey) -> bool {
+        let Some(idx) = self.by_key.remove(&key.0) else { return false };
+        if let Some(p) = self.peers.remove(&idx) {
+            info!(cluster = %p.config.cluster_id, key = %key, "peer removed");
+        }
+        self.rebuild_routes();
+        true
+    }
+
+    #[must_use]
+    pub fn peers(&self) -> Vec<PeerStats> {
+        let mut v: Vec<PeerStats> = self
+            .peers
+            .values()
+            .map(|p| PeerStats {
+                config: p.config.clone(),
+                last_handshake: p.tunn.stats().0,
+                tx_bytes: p.tx_bytes,
+                rx_bytes: p.rx_bytes,
+                tx_packets: p.tx_packets,
+                rx_packets: p.rx_packets,
+            })
+            .collect();
+        v.sort_by(|a, b| a.config.cluster_id.cmp(&b.config.cluster_id));
+        v
+    }
+
+    /// A packet read from the TUN device: encrypt it for the peer whose prefixes cover its
+    /// destination.
+    pub fn on_tun_packet(&mut self, packet: &[u8], out: &mut Vec<Output>) {
+        let Some(dst) = Tunn::dst_address(packet) else {
+            self.drop_packet(DropReason::InvalidPacket);
+            return;
+        };
+        let Some(idx) = self.peer_for(dst) else {
+            self.drop_packet(DropReason::NoPeerForDestination);
+            return;
+        };
+        let peer = self.peers.get_mut(&idx).expect("routes point at live peers");
+        match peer.tunn.encapsulate(packet, &mut self.buf) {
+            TunnResult::WriteToNetwork(wire) => {
+                peer.tx_bytes += packet.len() as u64;
+                peer.tx_packets += 1;
+                out.push(Output::Udp(peer.config.endpoint, wire.to_vec()));
+            }
+            TunnResult::Err(e) => debug!(cluster = %peer.config.cluster_id, error = ?e, "encapsulate failed"),
+            // Queued until the handshake completes.
+            _ => {}
+        }
+    }
+
+    /// A datagram received on the cable's UDP socket.
+    pub fn on_datagram(&mut self, src: SocketAddr, datagram: &[u8], out: &mut Vec<Output>) {
+        let idx = match Tunn::parse_incoming_packet(datagram) {
+            Ok(Packet::HandshakeInit(init)) => {
+                match parse_handshake_anon(&self.private, &self.public, &init) {
+                    Ok(half) => match self.by_key.get(&half.peer_static_public) {
+                        Some(idx) => *idx,
+                        None => {
+                            self.drop_packet(DropReason::UnknownPeer);
+                            return;
+                        }
+                    },
+                    Err(_) => {
+                        self.drop_packet(DropReason::InvalidPacket);
+                        return;
+                    }
+                }
+            }
+            Ok(Packet::HandshakeResponse(p)) => p.receiver_idx >> 8,
+            Ok(Packet::PacketCookieReply(p)) => p.receiver_idx >> 8,
+            Ok(Packet::PacketData(p)) => p.receiver_idx >> 8,
+            Err(_) => {
+                self.drop_packet(DropReason::InvalidPacket);
+                return;
+            }
+        };
+        let Some(peer) = self.peers.get_mut(&idx) else {
+            self.drop_packet(DropReason::UnknownPeer);
+            return;
+        };
+        let mut dropped = None;
+        let mut authenticated = false;
+        let mut first = true;
+        loop {
+            let input: &[u8] = if first { datagram } else { &[] };
+            first = false;
+            match peer.tunn.decapsulate(Some(src.ip()), input, &mut self.buf) {
+                TunnResult::Done => break,
+                TunnResult::Err(WireGuardError::DuplicateCounter) => break,
+                TunnResult::Err(e) => {
+                    debug!(cluster = %peer.config.cluster_id, error = ?e, "decapsulate failed");
+                    dropped = Some(DropReason::InvalidPacket);
+                    break;
+                }
+                TunnResult::WriteToNetwork(wire) => {
+                    authenticated = true;
+                    out.push(Output::Udp(src, wire.to_vec()));
+                    // Flush whatever was queued behind the handshake.
+                }
+                TunnResult::WriteToTunnelV4(pkt, addr) => {
+                    authenticated = true;
+                    Self::deliver(peer, IpAddr::V4(addr), pkt, out, &mut dropped);
+                    break;
+                }
+                TunnResult::WriteToTunnelV6(pkt, addr) => {
+                    authenticated = true;
+                    Self::deliver(peer, IpAddr::V6(addr), pkt, out, &mut dropped);
+                    break;
+                }
+            }
+        }
+        if authenticated && peer.config.endpoint != src {
+            // Roaming: an authenticated packet tells us where the peer is now.
+            info!(cluster = %peer.config.cluster_id, from = %peer.config.endpoint, to = %src, "peer endpoint moved");
+            peer.config.endpoint = src;
+        }
+        if let Some(r) = dropped {
+            self.drop_packet(r);
+        }
+    }
+
+    fn deliver(
+        peer: &mut Peer,
+        src: IpAddr,
+        pkt: &[u8],
+        out: &mut Vec<Output>,
+        dropped: &mut Option<DropReason>,
+    ) {
+        if pkt.is_empty() {
+            return; // keepalive
+        }
+        if peer.config.allowed.iter().any(|n| n.contains(src)) {
+            peer.rx_bytes += pkt.len() as u64;
+            peer.rx_packets += 1;
+            out.push(Output::Tun(pkt.to_vec()));
+        } else {
+            warn!(cluster = %peer.config.cluster_id, %src, "dropping decrypted packet from a source outside the peer's prefixes");
+            *dropped = Some(DropReason::SourceNotAllowed);
+        }
+    }
+
+    /// Timer tick (every ~250 ms): handshakes, rekeys, keepalives, expiry.
+    pub fn tick(&mut self, out: &mut Vec<Output>) {
+        for peer in self.peers.values_mut() {
+            match peer.tunn.update_timers(&mut self.buf) {
+                TunnResult::WriteToNetwork(wire) => {
+                    out.push(Output::Udp(peer.config.endpoint, wire.to_vec()))
+                }
+                TunnResult::Err(WireGuardError::ConnectionExpired) => {
+                    debug!(cluster = %peer.config.cluster_id, "session expired");
+                }
+                TunnResult::Err(e) => debug!(cluster = %peer.config.cluster_id, error = ?e, "timer error"),
+                _ => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rand_core::OsRng;
+
+    use super::*;
+
+    fn ipv4_packet(src: [u8; 4], dst: [u8; 4], payload: &[u8]) -> Vec<u8> {
+        let total = 20 + payload.len();
+        let mut p = vec![0u8; total];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&u16::try_from(total).unwrap().to_be_bytes());
+        p[8] = 64;
+        p[9] = 17;
+        p[12..16].copy_from_slice(&src);
+        p[16..20].copy_from_slice(&dst);
+        p[20..].copy_from_slice(payload);
+        p
+    }
+
+    struct Pair {
+        a: WgCore,
+        b: WgCore,
+        a_addr: SocketAddr,
+        b_addr: SocketAddr,
+    }
+
+    /// Two cores, A (10.1/16) and B (10.2/16), each knowing the other.
+    fn pair() -> (Pair, Vec<Output>) {
+        let mut a = WgCore::new(StaticSecret::random_from_rng(OsRng));
+        let mut b = WgCore::new(StaticSecret::random_from_rng(OsRng));
+        let a_addr: SocketAddr = "172.31.0.11:51820".parse().unwrap();
+        let b_addr: SocketAddr = "172.31.0.12:51820".parse().unwrap();
+        let mut out = Vec::new();
+        a.upsert_peer(
+            PeerConfig {
+                cluster_id: "b".into(),
+                public_key: b.public_key(),
+                endpoint: b_addr,
+                allowed: vec!["10.2.0.0/16".parse().unwrap()],
+            },
+            &mut out,
+        );
+        let mut ignored = Vec::new();
+        b.upsert_peer(
+            PeerConfig {
+                cluster_id: "a".into(),
+                public_key: a.public_key(),
+                endpoint: a_addr,
+                allowed: vec!["10.1.0.0/16".parse().unwrap()],
+            },
+            &mut ignored,
+        );
+        (Pair { a, b, a_addr, b_addr }, out)
+    }
+
+    /// Delivers every datagram until both sides are quiet; returns what reached the TUNs.
+    fn pump(p: &mut Pair, mut to_deliver: Vec<Output>) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+        let (mut tun_a, mut tun_b) = (Vec::new(), Vec::new());
+        let mut rounds = 0;
+        while !to_deliver.is_empty() {
+            rounds += 1;
+            assert!(rounds < 50, "no quiescence");
+            let mut next = Vec::new();
+            for o in to_deliver {
+                match o {
+                    Output::Udp(dst, d) if dst == p.b_addr => p.b.on_datagram(p.a_addr, &d, &mut next),
+                    Output::Udp(dst, d) if dst == p.a_addr => p.a.on_datagram(p.b_addr, &d, &mut next),
+                    Output::Udp(dst, _) => panic!("datagram to unknown {dst}"),
+                    Output::Tun(_) => unreachable!(),
+                }
+            }
+            // Separate TUN writes by which core produced them: B's outputs go to B's TUN.
+            to_deliver = Vec::new();
+            for o in next {
+                match o {
+                    Output::Tun(pkt) => {
+                        let src = [pkt[12], pkt[13], pkt[14], pkt[15]];
+                        if src[1] == 1 { tun_b.push(pkt) } else { tun_a.push(pkt) }
+                    }
+                    other => to_deliver.push(other),
+                }
+            }
+        }
+        (tun_a, tun_b)
+    }
+
+    #[test]
+    fn handshake_then_data_both_ways() {
+        let (mut p, init) = pair();
+        assert_eq!(init.len(), 1, "a new peer starts its handshake");
+        pump(&mut p, init);
+        assert!(p.a.peers()[0].has_session() && p.b.peers()[0].has_session());
+
+        let pkt = ipv4_packet([10, 1, 0, 5], [10, 2, 0, 7], b"hello from a");
+        let mut out = Vec::new();
+        p.a.on_tun_packet(&pkt, &mut out);
+        let (_, at_b) = pump(&mut p, out);
+        assert_eq!(at_b, vec![pkt.clone()]);
+
+        let reply = ipv4_packet([10, 2, 0, 7], [10, 1, 0, 5], b"hello from b");
+        let mut out = Vec::new();
+        p.b.on_tun_packet(&reply, &mut out);
+        let (at_a, _) = pump(&mut p, out);
+        assert_eq!(at_a, vec![reply.clone()]);
+        let a_stats = &p.a.peers()[0];
+        assert_eq!((a_stats.tx_bytes, a_stats.rx_bytes), (pkt.len() as u64, reply.len() as u64));
+    }
+
+    #[test]
+    fn packets_sent_during_the_handshake_are_queued_then_flushed() {
+        let (mut p, init) = pair();
+        let pkt = ipv4_packet([10, 1, 0, 5], [10, 2, 0, 7], b"early");
+        let mut out = Vec::new();
+        p.a.on_tun_packet(&pkt, &mut out);
+        assert!(out.is_empty(), "no session yet: queued, and the initiation is already in flight");
+        // The initiation reaches B, B's response reaches A, A flushes its queue.
+        let (_, at_b) = pump(&mut p, init);
+        assert_eq!(at_b, vec![pkt]);
+    }
+
+    #[test]
+    fn spoofed_inner_source_is_dropped() {
+        let mut p = pump_ready();
+        // B sends a packet claiming a source outside 10.2/16 (say, cluster C's 10.3/16).
+        let forged = ipv4_packet([10, 3, 0, 9], [10, 1, 0, 5], b"forged");
+        let mut out = Vec::new();
+        // B's core would route it to A because the destination is A's.
+        p.b.on_tun_packet(&forged, &mut out);
+        let (at_a, _) = pump(&mut p, out);
+        assert!(at_a.is_empty(), "A must not deliver a source outside B's prefixes");
+        assert!(p.a.drops().contains(&(DropReason::SourceNotAllowed, 1)));
+    }
+
+    fn pump_ready() -> Pair {
+        let (mut p, init) = pair();
+        pump(&mut p, init);
+        p
+    }
+
+    #[test]
+    fn garbage_and_unknown_destinations_are_counted() {
+        let mut p = pump_ready();
+        let mut out = Vec::new();
+        p.a.on_datagram(p.b_addr, b"\x04\x00\x00\x00garbage-garbage-garbage-garbage", &mut out);
+        p.a.on_datagram(p.b_addr, b"xx", &mut out);
+        assert!(out.is_empty());
+        p.a.on_tun_packet(&ipv4_packet([10, 1, 0, 5], [10, 9, 0, 1], b"nowhere"), &mut out);
+        assert!(out.is_empty());
+        let drops: HashMap<_, _> = p.a.drops().into_iter().collect();
+        assert_eq!(drops[&DropReason::NoPeerForDestination], 1);
+        assert_eq!(drops[&DropReason::InvalidPacket] + drops[&DropReason::UnknownPeer], 2);
+    }
+
+    #[test]
+    fn handshake_from_a_stranger_is_refused() {
+        let mut p = pump_ready();
+        let mut stranger = WgCore::new(StaticSecret::random_from_rng(OsRng));
+        let mut out = Vec::new();
+        stranger.upsert_peer(
+            PeerConfig {
+                cluster_id: "a".into(),
+                public_key: p.a.public_key(),
+                endpoint: p.a_addr,
+                allowed: vec!["10.1.0.0/16".parse().unwrap()],
+            },
+            &mut out,
+        );
+        let Output::Udp(_, init) = &out[0] else { panic!() };
+        let mut replies = Vec::new();
+        p.a.on_datagram("172.31.0.99:51820".parse().unwrap(), init, &mut replies);
+        assert!(replies.is_empty());
+        assert!(p.a.drops().contains(&(DropReason::UnknownPeer, 1)));
+    }
+
+    #[test]
+    fn removing_a_peer_stops_routing_to_it() {
+        let mut p = pump_ready();
+        let key = p.b.public_key();
+        assert!(p.a.remove_peer(&key));
+        assert!(!p.a.remove_peer(&key));
+        let mut out = Vec::new();
+        p.a.on_tun_packet(&ipv4_packet([10, 1, 0, 5], [10, 2, 0, 7], b"x"), &mut out);
+        assert!(out.is_empty());
+        assert!(p.a.peers().is_empty());
+    }
+
+    #[test]
+    fn roaming_follows_authenticated_packets() {
+        let mut p = pump_ready();
+        let pkt = ipv4_packet([10, 2, 0, 7], [10, 1, 0, 5], b"moved");
+        let mut out = Vec::new();
+        p.b.on_tun_packet(&pkt, &mut out);
+        let Output::Udp(_, wire) = &out[0] else { panic!() };
+        let new_addr: SocketAddr = "172.31.0.50:40000".parse().unwrap();
+        let mut delivered = Vec::new();
+        p.a.on_datagram(new_addr, wire, &mut delivered);
+        assert_eq!(delivered, vec![Output::Tun(pkt)]);
+        assert_eq!(p.a.peers()[0].config.endpoint, new_addr);
+    }
+}

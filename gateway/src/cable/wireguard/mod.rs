@@ -1,0 +1,221 @@
+//! The userspace WireGuard cable: a TUN device and a UDP socket driven by one tokio task that
+//! owns the sans-IO [`core::WgCore`]. Control calls reach the task over a channel.
+//!
+//! The fast-path issue replaces this loop (batched syscalls, offloads, several workers)
+//! without touching `core`.
+
+pub mod core;
+
+use std::{collections::HashMap, net::SocketAddr, time::Duration};
+
+use boringtun::x25519::StaticSecret;
+use causeway_broker_api::WireGuardKey;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use self::core::{BUF_SIZE, Output, PeerConfig, PeerStats, WgCore};
+use super::{CableDriver, CableError, Connection, ConnectionStatus, RemoteEndpoint, secs};
+
+/// Settings of the WireGuard cable.
+#[derive(Clone)]
+pub struct WireGuardConfig {
+    /// TUN device name (per network namespace).
+    pub device: String,
+    pub mtu: u16,
+    pub listen_port: u16,
+    pub private_key: StaticSecret,
+}
+
+impl std::fmt::Debug for WireGuardConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WireGuardConfig")
+            .field("device", &self.device)
+            .field("mtu", &self.mtu)
+            .field("listen_port", &self.listen_port)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WireGuardConfig {
+    #[cfg(test)]
+    pub(crate) fn for_test() -> Self {
+        Self { device: "cwtest0".into(), mtu: 1420, listen_port: 0, private_key: StaticSecret::from([1; 32]) }
+    }
+}
+
+/// Peers and drop counters, as one consistent reading.
+type Snapshot = (Vec<PeerStats>, Vec<(&'static str, u64)>);
+
+enum Command {
+    Upsert(PeerConfig, oneshot::Sender<()>),
+    Remove(WireGuardKey, oneshot::Sender<bool>),
+    Stats(oneshot::Sender<Snapshot>),
+    Stop(oneshot::Sender<()>),
+}
+
+/// Handle on the running cable.
+#[derive(Debug)]
+pub struct WireGuardCable {
+    device: String,
+    public_key: WireGuardKey,
+    local_addr: SocketAddr,
+    tx: mpsc::Sender<Command>,
+    keys: HashMap<String, WireGuardKey>,
+}
+
+impl WireGuardCable {
+    /// Creates the TUN device and the UDP socket (in the calling thread's network namespace)
+    /// and starts the I/O task.
+    pub async fn start(cfg: WireGuardConfig) -> Result<Self, CableError> {
+        let tun = tun_rs::DeviceBuilder::new()
+            .name(&cfg.device)
+            .mtu(cfg.mtu)
+            .build_async()
+            .map_err(|source| CableError::CreateDevice { name: cfg.device.clone(), source })?;
+        let udp = tokio::net::UdpSocket::bind(("0.0.0.0", cfg.listen_port))
+            .await
+            .map_err(|source| CableError::Bind { port: cfg.listen_port, source })?;
+        let local_addr =
+            udp.local_addr().map_err(|source| CableError::Bind { port: cfg.listen_port, source })?;
+        let core = WgCore::new(cfg.private_key);
+        let public_key = core.public_key();
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(io_loop(core, tun, udp, rx));
+        info!(device = %cfg.device, mtu = cfg.mtu, listen = %local_addr, key = %public_key, "wireguard cable up");
+        Ok(Self { device: cfg.device, public_key, local_addr, tx, keys: HashMap::new() })
+    }
+
+    #[must_use]
+    pub fn device(&self) -> &str {
+        &self.device
+    }
+
+    #[must_use]
+    pub fn public_key(&self) -> WireGuardKey {
+        self.public_key
+    }
+
+    #[must_use]
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, CableError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(make(tx)).await.map_err(|_| CableError::Stopped)?;
+        rx.await.map_err(|_| CableError::Stopped)
+    }
+}
+
+impl CableDriver for WireGuardCable {
+    fn name(&self) -> &'static str {
+        "wireguard"
+    }
+
+    async fn connect(&mut self, ep: &RemoteEndpoint) -> Result<(), CableError> {
+        if let Some(old) = self.keys.get(&ep.cluster_id).copied()
+            && old != ep.public_key
+        {
+            // The cluster's gateway changed key (new node or rotation): new session.
+            self.call(|tx| Command::Remove(old, tx)).await?;
+        }
+        let cfg = PeerConfig {
+            cluster_id: ep.cluster_id.clone(),
+            public_key: ep.public_key,
+            endpoint: ep.endpoint,
+            allowed: ep.cidrs.clone(),
+        };
+        self.call(|tx| Command::Upsert(cfg, tx)).await?;
+        self.keys.insert(ep.cluster_id.clone(), ep.public_key);
+        Ok(())
+    }
+
+    async fn disconnect(&mut self, cluster_id: &str) -> Result<(), CableError> {
+        if let Some(key) = self.keys.remove(cluster_id) {
+            self.call(|tx| Command::Remove(key, tx)).await?;
+        }
+        Ok(())
+    }
+
+    async fn connections(&self) -> Result<Vec<Connection>, CableError> {
+        let (peers, _) = self.call(Command::Stats).await?;
+        Ok(peers
+            .into_iter()
+            .map(|p| Connection {
+                status: if p.has_session() {
+                    ConnectionStatus::Connected
+                } else {
+                    ConnectionStatus::Connecting
+                },
+                cluster_id: p.config.cluster_id,
+                endpoint: p.config.endpoint,
+                public_key: p.config.public_key.to_string(),
+                last_handshake_secs: secs(p.last_handshake),
+                tx_bytes: p.tx_bytes,
+                rx_bytes: p.rx_bytes,
+                tx_packets: p.tx_packets,
+                rx_packets: p.rx_packets,
+            })
+            .collect())
+    }
+
+    async fn drops(&self) -> Result<Vec<(&'static str, u64)>, CableError> {
+        Ok(self.call(Command::Stats).await?.1)
+    }
+
+    async fn cleanup(&mut self) -> Result<(), CableError> {
+        self.keys.clear();
+        // The TUN device is not persistent: it disappears with the task's fd.
+        self.call(Command::Stop).await
+    }
+}
+
+async fn io_loop(
+    mut core: WgCore,
+    tun: tun_rs::AsyncDevice,
+    udp: tokio::net::UdpSocket,
+    mut rx: mpsc::Receiver<Command>,
+) {
+    let mut tun_buf = vec![0u8; BUF_SIZE];
+    let mut udp_buf = vec![0u8; BUF_SIZE];
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut out = Vec::new();
+    loop {
+        tokio::select! {
+            r = tun.recv(&mut tun_buf) => match r {
+                Ok(n) => core.on_tun_packet(&tun_buf[..n], &mut out),
+                Err(e) => warn!(error = %e, "reading the tunnel device failed"),
+            },
+            r = udp.recv_from(&mut udp_buf) => match r {
+                Ok((n, src)) => core.on_datagram(src, &udp_buf[..n], &mut out),
+                Err(e) => debug!(error = %e, "udp receive failed"),
+            },
+            _ = tick.tick() => core.tick(&mut out),
+            cmd = rx.recv() => match cmd {
+                Some(Command::Upsert(cfg, done)) => { core.upsert_peer(cfg, &mut out); let _ = done.send(()); }
+                Some(Command::Remove(key, done)) => { let _ = done.send(core.remove_peer(&key)); }
+                Some(Command::Stats(reply)) => {
+                    let drops = core.drops().into_iter().map(|(r, n)| (r.name(), n)).collect();
+                    let _ = reply.send((core.peers(), drops));
+                }
+                Some(Command::Stop(done)) => { let _ = done.send(()); return; }
+                None => return,
+            },
+        }
+        for o in out.drain(..) {
+            match o {
+                Output::Udp(dst, data) => {
+                    if let Err(e) = udp.send_to(&data, dst).await {
+                        debug!(%dst, error = %e, "udp send failed");
+                    }
+                }
+                Output::Tun(pkt) => {
+                    if let Err(e) = tun.send(&pkt).await {
+                        debug!(error = %e, "writing the tunnel device failed");
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,414 @@
+//! The gateway daemon: starts the cable, loads and attaches the datapath, registers with the
+//! broker, then keeps the actual state (peers, routes, datapath maps) equal to the desired
+//! state computed from the broker's records (level-triggered: every pass compares everything,
+//! so a missed event or a restart converges the same way).
+//!
+//! The last records seen are cached on disk, so the data plane comes back even when the
+//! broker is down at start.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    future::Future,
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
+
+use causeway_broker_api::{
+    BrokerClient, ClientError, EndpointRecord, EventType, GatewayRole, ListResponse, Object,
+};
+use causeway_datapath::{Datapath, DatapathError};
+use ipnetwork::IpNetwork;
+use tokio::sync::Mutex;
+use tracing::{info, instrument, warn};
+
+use crate::{
+    cable::{AnyCable, CableDriver, CableError, WireGuardConfig},
+    cluster::{ClusterSource, LocalCluster, SourceError},
+    desired::{Desired, desired, plan},
+    keys::{KeyError, KeyPair},
+    route::{RouteError, RouteManager},
+    status::{ConnectionView, DatapathCounters, GatewayStatus},
+};
+
+/// Validated settings of one gateway.
+#[derive(Clone, Debug)]
+pub struct GatewayConfig {
+    pub broker_url: String,
+    /// Cable backend name.
+    pub cable: String,
+    /// Tunnel device name.
+    pub device: String,
+    pub listen_port: u16,
+    /// MTU of the underlay path; the tunnel MTU is this minus WireGuard's overhead.
+    pub underlay_mtu: u16,
+    pub key_file: PathBuf,
+    /// Where the last known records are cached.
+    pub state_dir: PathBuf,
+    pub status_socket: PathBuf,
+}
+
+impl GatewayConfig {
+    #[must_use]
+    pub fn tunnel_mtu(&self) -> u16 {
+        self.underlay_mtu.saturating_sub(crate::cable::wireguard::core::WG_OVERHEAD)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error("cable: {0}")]
+    Cable(#[from] CableError),
+    #[error("datapath: {0}")]
+    Datapath(#[from] DatapathError),
+    #[error("routes: {0}")]
+    Route(#[from] RouteError),
+    #[error("status socket {path}: {source}")]
+    Status {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("teardown failed: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Teardown(Vec<GatewayError>),
+}
+
+/// Everything the reconcile loop and the status server share.
+pub struct Shared {
+    local: LocalCluster,
+    config: GatewayConfig,
+    public_key: String,
+    cable: AnyCable,
+    datapath: Datapath,
+    routes: RouteManager,
+    /// Remote cluster id → slot in the datapath's counter map.
+    slots: BTreeMap<String, u32>,
+    next_slot: u32,
+    desired: Desired,
+    revision: u64,
+}
+
+impl Shared {
+    /// Makes peers, datapath entries and routes match `desired`.
+    #[instrument(skip_all, fields(cluster = %self.local.cluster_id, remotes = desired.remotes.len()))]
+    async fn reconcile(&mut self, desired: Desired) -> Result<(), GatewayError> {
+        // Peers: disconnect clusters that went away, connect/update the others.
+        let gone: Vec<String> =
+            self.desired.remotes.keys().filter(|id| !desired.remotes.contains_key(*id)).cloned().collect();
+        for id in &gone {
+            self.cable.disconnect(id).await?;
+        }
+        for ep in desired.remotes.values() {
+            if self.desired.remotes.get(&ep.cluster_id) != Some(ep) {
+                self.cable.connect(ep).await?;
+            }
+        }
+        // Slots: stable per cluster while it exists.
+        for id in desired.remotes.keys() {
+            if !self.slots.contains_key(id) {
+                self.slots.insert(id.clone(), self.next_slot);
+                self.next_slot += 1;
+            }
+        }
+        let stale: Vec<(String, u32)> = self
+            .slots
+            .iter()
+            .filter(|(id, _)| !desired.remotes.contains_key(*id))
+            .map(|(id, s)| (id.clone(), *s))
+            .collect();
+        // Datapath: prefix → slot entries, compared with what the map holds.
+        let want: BTreeMap<IpNetwork, u32> = desired
+            .remotes
+            .values()
+            .flat_map(|r| {
+                let slot = self.slots[&r.cluster_id];
+                r.cidrs.iter().map(move |c| (*c, slot))
+            })
+            .collect();
+        for slot in want.values() {
+            self.datapath.ensure_counters(*slot)?;
+        }
+        let have = self.datapath.remote_cidrs()?;
+        let want_set: BTreeSet<(IpNetwork, u32)> = want.iter().map(|(n, s)| (*n, *s)).collect();
+        let have_set: BTreeSet<(IpNetwork, u32)> = have.iter().map(|(n, s)| (*n, *s)).collect();
+        let p = plan(&want_set, &have_set);
+        for (net, _) in &p.remove {
+            if !want.contains_key(net) {
+                self.datapath.remove_remote_cidr(*net)?;
+            }
+        }
+        for (net, slot) in &p.add {
+            self.datapath.set_remote_cidr(*net, *slot)?;
+        }
+        for (id, slot) in stale {
+            self.datapath.remove_counters(slot)?;
+            self.slots.remove(&id);
+        }
+        // Routes last: traffic is only steered into the tunnel once a peer can carry it.
+        let (added, removed) = self.routes.sync(&desired.routes()).await?;
+        if added + removed + gone.len() > 0 {
+            info!(routes_added = added, routes_removed = removed, peers_removed = gone.len(), "reconciled");
+        }
+        self.desired = desired;
+        Ok(())
+    }
+
+    /// A snapshot for `show connections` and metrics.
+    pub async fn status(&self) -> Result<GatewayStatus, GatewayError> {
+        let conns = self.cable.connections().await?;
+        let mut connections = Vec::new();
+        for c in conns {
+            let counters = match self.slots.get(&c.cluster_id) {
+                Some(slot) => self.datapath.counters(*slot)?,
+                None => Default::default(),
+            };
+            let cidrs = self
+                .desired
+                .remotes
+                .get(&c.cluster_id)
+                .map(|r| r.cidrs.iter().map(ToString::to_string).collect())
+                .unwrap_or_default();
+            connections.push(ConnectionView {
+                status: serde_json::to_value(c.status)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default(),
+                cluster_id: c.cluster_id,
+                endpoint: c.endpoint.to_string(),
+                public_key: c.public_key,
+                last_handshake_secs: c.last_handshake_secs,
+                cidrs,
+                tx_bytes: c.tx_bytes,
+                rx_bytes: c.rx_bytes,
+                datapath: DatapathCounters {
+                    tx_packets: counters.tx_packets,
+                    tx_bytes: counters.tx_bytes,
+                    rx_packets: counters.rx_packets,
+                    rx_bytes: counters.rx_bytes,
+                },
+            });
+        }
+        Ok(GatewayStatus {
+            cluster_id: self.local.cluster_id.clone(),
+            hostname: self.local.hostname.clone(),
+            public_key: self.public_key.clone(),
+            cable: self.cable.name().to_owned(),
+            device: self.cable.device().to_owned(),
+            listen_port: self.config.listen_port,
+            broker_url: self.config.broker_url.clone(),
+            revision: self.revision,
+            connections,
+            cable_drops: self.cable.drops().await?.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+            datapath_events: self
+                .datapath
+                .stats()?
+                .into_iter()
+                .map(|(s, v)| (s.name().to_owned(), v))
+                .collect(),
+        })
+    }
+}
+
+/// The records this gateway has seen, keyed like the broker's store.
+#[derive(Debug, Default)]
+struct RecordCache {
+    revision: u64,
+    objects: BTreeMap<String, Object>,
+}
+
+impl RecordCache {
+    fn from_list(list: ListResponse) -> Self {
+        Self {
+            revision: list.resource_version,
+            objects: list.items.into_iter().map(|o| (o.record.key(), o)).collect(),
+        }
+    }
+
+    fn objects(&self) -> Vec<Object> {
+        self.objects.values().cloned().collect()
+    }
+
+    fn save(&self, dir: &std::path::Path) {
+        let list = ListResponse { resource_version: self.revision, items: self.objects() };
+        let path = dir.join("records.json");
+        let tmp = dir.join("records.json.tmp");
+        let res = std::fs::create_dir_all(dir)
+            .and_then(|()| std::fs::write(&tmp, serde_json::to_vec(&list).unwrap_or_default()))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = res {
+            warn!(path = %path.display(), error = %e, "caching records failed");
+        }
+    }
+
+    fn load(dir: &std::path::Path) -> Option<Self> {
+        let bytes = std::fs::read(dir.join("records.json")).ok()?;
+        serde_json::from_slice::<ListResponse>(&bytes).ok().map(Self::from_list)
+    }
+}
+
+fn endpoint_record(local: &LocalCluster, key: &KeyPair, port: u16) -> EndpointRecord {
+    EndpointRecord {
+        cluster_id: local.cluster_id.clone(),
+        hostname: local.hostname.clone(),
+        private_ips: local.private_ips.clone(),
+        public_ips: local.public_ips.clone(),
+        port,
+        public_key: key.public,
+        backend: "wireguard".into(),
+        role: if local.active { GatewayRole::Active } else { GatewayRole::Standby },
+        priority: 0,
+        health_check_ip: None,
+        generation: 1,
+    }
+}
+
+async fn register(
+    client: &BrokerClient,
+    local: &LocalCluster,
+    ep: &EndpointRecord,
+) -> Result<(), ClientError> {
+    client.put_cluster(&local.record(1)).await?;
+    client.put_endpoint(ep).await?;
+    Ok(())
+}
+
+/// Runs the gateway until `shutdown` completes, then removes its routes and tunnel.
+pub async fn run(
+    config: GatewayConfig,
+    mut source: impl ClusterSource,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), GatewayError> {
+    let local = source.local_cluster().await?;
+    let key = crate::keys::load_or_generate(&config.key_file)?;
+    let cable = AnyCable::start(
+        &config.cable,
+        WireGuardConfig {
+            device: config.device.clone(),
+            mtu: config.tunnel_mtu(),
+            listen_port: config.listen_port,
+            private_key: key.private.clone(),
+        },
+    )
+    .await?;
+    let mut datapath = Datapath::load()?;
+    datapath.attach_tunnel(cable.device())?;
+    let routes = RouteManager::new(cable.device()).await?;
+    let shared = Arc::new(Mutex::new(Shared {
+        local: local.clone(),
+        config: config.clone(),
+        public_key: key.public.to_string(),
+        cable,
+        datapath,
+        routes,
+        slots: BTreeMap::new(),
+        next_slot: 1,
+        desired: Desired::default(),
+        revision: 0,
+    }));
+    let status_task =
+        crate::status::serve(&config.status_socket, shared.clone()).await.map_err(|source| {
+            GatewayError::Status { path: config.status_socket.display().to_string(), source }
+        })?;
+    info!(cluster = %local.cluster_id, host = %local.hostname, public_key = %key.public, "gateway started");
+
+    let client = BrokerClient::new(config.broker_url.clone());
+    let ep = endpoint_record(&local, &key, config.listen_port);
+    tokio::select! {
+        () = sync_loop(&client, &local, &ep, &config, &shared) => {}
+        () = shutdown => info!("shutting down"),
+    }
+    status_task.abort();
+    let _ = std::fs::remove_file(&config.status_socket);
+    teardown(&shared).await
+}
+
+/// Removes routes, datapath entries and the tunnel; runs every step and reports all failures.
+async fn teardown(shared: &Arc<Mutex<Shared>>) -> Result<(), GatewayError> {
+    let mut s = shared.lock().await;
+    let mut errors = Vec::new();
+    if let Err(e) = s.routes.sync(&BTreeSet::new()).await {
+        errors.push(e.into());
+    }
+    if let Err(e) = s.cable.cleanup().await {
+        errors.push(e.into());
+    }
+    if errors.is_empty() { Ok(()) } else { Err(GatewayError::Teardown(errors)) }
+}
+
+async fn apply(shared: &Arc<Mutex<Shared>>, cache: &RecordCache, local: &LocalCluster) {
+    let d = desired(&cache.objects(), &local.cluster_id);
+    let mut s = shared.lock().await;
+    s.revision = cache.revision;
+    if let Err(e) = s.reconcile(d).await {
+        warn!(error = %e, "reconcile failed; will retry on the next change or resync");
+    }
+}
+
+/// Register, list, then watch; on any broker trouble, back off and start over. Never returns.
+async fn sync_loop(
+    client: &BrokerClient,
+    local: &LocalCluster,
+    ep: &EndpointRecord,
+    config: &GatewayConfig,
+    shared: &Arc<Mutex<Shared>>,
+) {
+    let mut backoff = Duration::from_millis(200);
+    let mut cache;
+    if let Some(cached) = RecordCache::load(&config.state_dir) {
+        info!(revision = cached.revision, "restoring the data plane from cached records");
+        apply(shared, &cached, local).await;
+    }
+    loop {
+        if let Err(e) = register(client, local, ep).await {
+            warn!(error = %e, retry_in = ?backoff, "registering with the broker failed");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+            continue;
+        }
+        match client.list().await {
+            Ok(list) => {
+                cache = RecordCache::from_list(list);
+                cache.save(&config.state_dir);
+                apply(shared, &cache, local).await;
+                backoff = Duration::from_millis(200);
+            }
+            Err(e) => {
+                warn!(error = %e, "listing records failed");
+                tokio::time::sleep(backoff).await;
+                continue;
+            }
+        }
+        // Watch until something goes wrong; a timeout with no events is a heartbeat chance.
+        loop {
+            match client.watch(cache.revision, Duration::from_secs(20)).await {
+                Ok(w) if w.events.is_empty() => {
+                    if let Err(e) = register(client, local, ep).await {
+                        warn!(error = %e, "re-registering failed");
+                        break;
+                    }
+                }
+                Ok(w) => {
+                    for ev in w.events {
+                        let key = ev.object.record.key();
+                        match ev.kind {
+                            EventType::Put => cache.objects.insert(key, ev.object),
+                            EventType::Delete => cache.objects.remove(&key),
+                        };
+                    }
+                    cache.revision = w.resource_version;
+                    cache.save(&config.state_dir);
+                    apply(shared, &cache, local).await;
+                }
+                Err(e) => {
+                    warn!(error = %e, "watch failed; re-listing");
+                    tokio::time::sleep(backoff).await;
+                    break;
+                }
+            }
+        }
+    }
+}

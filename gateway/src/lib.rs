@@ -1,0 +1,22 @@
+//! The Causeway gateway daemon, assembled from:
+//!
+//! - [`cluster`]: where the gateway learns its own cluster's facts (static now, Kubernetes later);
+//! - [`keys`]: the WireGuard identity, generated once and kept;
+//! - [`cable`]: cable drivers behind one trait (userspace WireGuard on `boringtun::noise`);
+//! - [`desired`]: the desired state computed from broker records (pure);
+//! - [`route`]: kernel routes via rtnetlink;
+//! - [`daemon`]: the reconcile loop that ties them to the broker and the eBPF datapath;
+//! - [`status`]: the local status/metrics endpoint.
+//!
+//! Each outside dependency has one owner: boringtun and tun-rs `cable::wireguard`, rtnetlink
+//! `route`, aya the `causeway-datapath` crate.
+
+pub mod cable;
+pub mod cluster;
+pub mod daemon;
+pub mod desired;
+pub mod keys;
+pub mod route;
+pub mod status;
+
+pub use daemon::{GatewayConfig, GatewayError, run};

@@ -1,0 +1,131 @@
+//! Kernel routes for remote prefixes, through the tunnel device (the only rtnetlink user).
+//!
+//! Our routes carry their own protocol number, so the gateway can list exactly the routes it
+//! owns and remove stale ones after a restart without touching anybody else's.
+
+use std::{collections::BTreeSet, net::IpAddr};
+
+use futures::TryStreamExt as _;
+use ipnetwork::IpNetwork;
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol};
+use rtnetlink::{Handle, RouteMessageBuilder};
+use tracing::info;
+
+use crate::desired::plan;
+
+/// Route protocol number marking Causeway's routes (`ip route show proto 202`).
+pub const ROUTE_PROTOCOL: u8 = 202;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    #[error("opening a netlink socket: {0}")]
+    Connect(#[source] std::io::Error),
+    #[error("interface {name} not found")]
+    NoInterface { name: String },
+    #[error("netlink {op} {what}: {source}")]
+    Netlink {
+        op: &'static str,
+        what: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+}
+
+/// Routes of remote prefixes via one device.
+#[derive(Debug, Clone)]
+pub struct RouteManager {
+    handle: Handle,
+    ifindex: u32,
+    device: String,
+}
+
+impl RouteManager {
+    /// Opens a netlink connection (in the calling thread's namespace) and resolves `device`.
+    pub async fn new(device: &str) -> Result<Self, RouteError> {
+        let (conn, handle, _) = rtnetlink::new_connection().map_err(RouteError::Connect)?;
+        tokio::spawn(conn);
+        let link = handle
+            .link()
+            .get()
+            .match_name(device.to_owned())
+            .execute()
+            .try_next()
+            .await
+            .map_err(|source| RouteError::Netlink { op: "get link", what: device.to_owned(), source })?
+            .ok_or_else(|| RouteError::NoInterface { name: device.to_owned() })?;
+        Ok(Self { handle, ifindex: link.header.index, device: device.to_owned() })
+    }
+
+    fn message(&self, net: IpNetwork) -> RouteMessage {
+        let mut msg = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(net.network(), net.prefix())
+            .expect("address family matches")
+            .output_interface(self.ifindex)
+            .protocol(RouteProtocol::Other(ROUTE_PROTOCOL))
+            .build();
+        msg.header.scope = netlink_packet_route::route::RouteScope::Link;
+        msg
+    }
+
+    /// Our routes on the device right now.
+    pub async fn current(&self) -> Result<BTreeSet<IpNetwork>, RouteError> {
+        let mut out = BTreeSet::new();
+        for family in [IpAddr::from([0, 0, 0, 0]), IpAddr::from([0u16; 8])] {
+            let mut query = RouteMessageBuilder::<IpAddr>::new().build();
+            query.header.address_family = match family {
+                IpAddr::V4(_) => netlink_packet_route::AddressFamily::Inet,
+                IpAddr::V6(_) => netlink_packet_route::AddressFamily::Inet6,
+            };
+            let mut stream = self.handle.route().get(query).execute();
+            while let Some(msg) = stream.try_next().await.map_err(|source| RouteError::Netlink {
+                op: "dump",
+                what: "routes".into(),
+                source,
+            })? {
+                if msg.header.protocol != RouteProtocol::Other(ROUTE_PROTOCOL) {
+                    continue;
+                }
+                let oif =
+                    msg.attributes.iter().any(|a| matches!(a, RouteAttribute::Oif(i) if *i == self.ifindex));
+                let dst = msg.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::Destination(RouteAddress::Inet(a)) => Some(IpAddr::V4(*a)),
+                    RouteAttribute::Destination(RouteAddress::Inet6(a)) => Some(IpAddr::V6(*a)),
+                    _ => None,
+                });
+                if let (true, Some(dst)) = (oif, dst)
+                    && let Ok(net) = IpNetwork::new(dst, msg.header.destination_prefix_length)
+                {
+                    out.insert(net);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Makes our routes equal `desired`; returns (added, removed).
+    pub async fn sync(&self, desired: &BTreeSet<IpNetwork>) -> Result<(usize, usize), RouteError> {
+        let current = self.current().await?;
+        let p = plan(desired, &current);
+        for net in &p.add {
+            self.handle
+                .route()
+                .add(self.message(*net))
+                .replace()
+                .execute()
+                .await
+                .map_err(|source| RouteError::Netlink { op: "add route", what: net.to_string(), source })?;
+            info!(route = %net, device = %self.device, "route added");
+        }
+        for net in &p.remove {
+            match self.handle.route().del(self.message(*net)).execute().await {
+                Ok(()) => info!(route = %net, device = %self.device, "route removed"),
+                // Already gone (e.g. the device went down): that is what we wanted.
+                Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ESRCH => {}
+                Err(source) => {
+                    return Err(RouteError::Netlink { op: "delete route", what: net.to_string(), source });
+                }
+            }
+        }
+        Ok((p.add.len(), p.remove.len()))
+    }
+}

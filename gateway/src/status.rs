@@ -1,0 +1,249 @@
+//! The gateway's local status endpoint, on a Unix socket (reachable from any namespace on the
+//! node, nothing exposed on the network): `GET /status` (JSON, what `causeway show
+//! connections` prints) and `GET /metrics` (Prometheus text).
+
+use std::{collections::BTreeMap, fmt::Write as _, path::Path, sync::Arc};
+
+use axum::{Json, Router, extract::State, http::header, response::IntoResponse, routing::get};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+use tracing::warn;
+
+use crate::daemon::Shared;
+
+/// Traffic counted by the eBPF programs on the tunnel device.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DatapathCounters {
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+}
+
+/// One remote cluster as the gateway sees it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionView {
+    pub cluster_id: String,
+    pub endpoint: String,
+    pub public_key: String,
+    /// `connected` or `connecting`.
+    pub status: String,
+    pub last_handshake_secs: Option<f64>,
+    pub cidrs: Vec<String>,
+    /// Counted by the cable (bytes of inner packets).
+    pub tx_bytes: u64,
+    pub rx_bytes: u64,
+    /// Counted in the kernel by the eBPF programs.
+    pub datapath: DatapathCounters,
+}
+
+/// `GET /status`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayStatus {
+    pub cluster_id: String,
+    pub hostname: String,
+    pub public_key: String,
+    pub cable: String,
+    pub device: String,
+    pub listen_port: u16,
+    pub broker_url: String,
+    /// Last broker revision applied.
+    pub revision: u64,
+    pub connections: Vec<ConnectionView>,
+    pub cable_drops: BTreeMap<String, u64>,
+    pub datapath_events: BTreeMap<String, u64>,
+}
+
+async fn status(State(shared): State<Arc<Mutex<Shared>>>) -> impl IntoResponse {
+    match shared.lock().await.status().await {
+        Ok(s) => Json(s).into_response(),
+        Err(e) => {
+            warn!(error = %e, "status failed");
+            (axum::http::StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response()
+        }
+    }
+}
+
+async fn metrics(State(shared): State<Arc<Mutex<Shared>>>) -> impl IntoResponse {
+    match shared.lock().await.status().await {
+        Ok(s) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], render_metrics(&s)).into_response(),
+        Err(e) => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+/// Prometheus text exposition of a status snapshot.
+#[must_use]
+pub fn render_metrics(s: &GatewayStatus) -> String {
+    let mut out = String::new();
+    let mut family = |name: &str, kind: &str, help: &str, samples: Vec<(String, f64)>| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, v) in samples {
+            let _ = writeln!(out, "{name}{{{labels}}} {v}");
+        }
+    };
+    let per = |f: &dyn Fn(&ConnectionView) -> f64| -> Vec<(String, f64)> {
+        s.connections.iter().map(|c| (format!("cluster=\"{}\"", c.cluster_id), f(c))).collect()
+    };
+    family(
+        "causeway_connection_up",
+        "gauge",
+        "1 when a session with the remote gateway is established",
+        per(&|c| {
+            if c.status == "connected" { 1.0 } else { 0.0 }
+        }),
+    );
+    #[expect(clippy::cast_precision_loss, reason = "metrics are floats by definition")]
+    {
+        family(
+            "causeway_tx_bytes_total",
+            "counter",
+            "Bytes sent to the remote cluster (eBPF)",
+            per(&|c| c.datapath.tx_bytes as f64),
+        );
+        family(
+            "causeway_rx_bytes_total",
+            "counter",
+            "Bytes received from the remote cluster (eBPF)",
+            per(&|c| c.datapath.rx_bytes as f64),
+        );
+        family(
+            "causeway_tx_packets_total",
+            "counter",
+            "Packets sent to the remote cluster (eBPF)",
+            per(&|c| c.datapath.tx_packets as f64),
+        );
+        family(
+            "causeway_rx_packets_total",
+            "counter",
+            "Packets received from the remote cluster (eBPF)",
+            per(&|c| c.datapath.rx_packets as f64),
+        );
+        family(
+            "causeway_cable_drops_total",
+            "counter",
+            "Packets the cable dropped, by reason",
+            s.cable_drops.iter().map(|(k, v)| (format!("reason=\"{k}\""), *v as f64)).collect(),
+        );
+        family(
+            "causeway_datapath_events_total",
+            "counter",
+            "Datapath events counted in the kernel, by kind",
+            s.datapath_events.iter().map(|(k, v)| (format!("event=\"{k}\""), *v as f64)).collect(),
+        );
+    }
+    family(
+        "causeway_last_handshake_seconds",
+        "gauge",
+        "Seconds since the last handshake with the remote gateway",
+        s.connections
+            .iter()
+            .filter_map(|c| c.last_handshake_secs.map(|v| (format!("cluster=\"{}\"", c.cluster_id), v)))
+            .collect(),
+    );
+    family(
+        "causeway_build_info",
+        "gauge",
+        "Build information",
+        vec![(format!("version=\"{}\"", env!("CARGO_PKG_VERSION")), 1.0)],
+    );
+    out
+}
+
+/// Serves the status API on a Unix socket at `path` (replacing a stale socket file).
+pub async fn serve(path: &Path, shared: Arc<Mutex<Shared>>) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let listener = tokio::net::UnixListener::bind(path)?;
+    let app = Router::new().route("/status", get(status)).route("/metrics", get(metrics)).with_state(shared);
+    Ok(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            warn!(error = %e, "status server stopped");
+        }
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_render_per_cluster_series() {
+        let s = GatewayStatus {
+            cluster_id: "a".into(),
+            hostname: "gw".into(),
+            public_key: "k".into(),
+            cable: "wireguard".into(),
+            device: "cw0".into(),
+            listen_port: 51820,
+            broker_url: "http://x".into(),
+            revision: 3,
+            connections: vec![ConnectionView {
+                cluster_id: "b".into(),
+                endpoint: "172.31.0.12:51820".into(),
+                public_key: "k2".into(),
+                status: "connected".into(),
+                last_handshake_secs: Some(1.5),
+                cidrs: vec!["10.2.0.0/16".into()],
+                tx_bytes: 10,
+                rx_bytes: 20,
+                datapath: DatapathCounters { tx_packets: 1, tx_bytes: 100, rx_packets: 2, rx_bytes: 200 },
+            }],
+            cable_drops: [("invalid_packet".to_owned(), 4)].into_iter().collect(),
+            datapath_events: BTreeMap::new(),
+        };
+        let text = render_metrics(&s);
+        assert!(text.contains("causeway_connection_up{cluster=\"b\"} 1\n"), "{text}");
+        assert!(text.contains("causeway_tx_bytes_total{cluster=\"b\"} 100\n"));
+        assert!(text.contains("causeway_rx_packets_total{cluster=\"b\"} 2\n"));
+        assert!(text.contains("causeway_cable_drops_total{reason=\"invalid_packet\"} 4\n"));
+        assert!(text.contains("causeway_last_handshake_seconds{cluster=\"b\"} 1.5\n"));
+        assert!(text.contains("# TYPE causeway_tx_bytes_total counter\n"));
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("cannot reach the gateway's status socket {path}: {source} (is the gateway running?)")]
+    Connect {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the gateway's status answer could not be read: {0}")]
+    Decode(String),
+}
+
+/// Reads `GET /status` from a gateway's socket (blocking; plain HTTP/1.0, std only, so the CLI
+/// needs no HTTP stack for it).
+pub fn fetch(path: &Path) -> Result<GatewayStatus, FetchError> {
+    let body = fetch_raw(path, "/status")?;
+    serde_json::from_str(&body).map_err(|e| FetchError::Decode(e.to_string()))
+}
+
+/// Reads `path_and_query` from a gateway's socket and returns the body.
+pub fn fetch_raw(path: &Path, path_and_query: &str) -> Result<String, FetchError> {
+    use std::io::{Read as _, Write as _};
+    let p = path.display().to_string();
+    let mut s = std::os::unix::net::UnixStream::connect(path)
+        .map_err(|source| FetchError::Connect { path: p.clone(), source })?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .map_err(|source| FetchError::Connect { path: p.clone(), source })?;
+    write!(s, "GET {path_and_query} HTTP/1.0\r\nHost: gateway\r\n\r\n")
+        .map_err(|source| FetchError::Connect { path: p.clone(), source })?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).map_err(|source| FetchError::Connect { path: p, source })?;
+    let (head, body) =
+        resp.split_once("\r\n\r\n").ok_or_else(|| FetchError::Decode("no HTTP header".into()))?;
+    if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
+        return Err(FetchError::Decode(format!("{}: {body}", head.lines().next().unwrap_or(""))));
+    }
+    Ok(body.to_owned())
+}

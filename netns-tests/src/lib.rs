@@ -1,0 +1,41 @@
+//! Builds a Causeway cluster set out of network namespaces, runs the real broker and gateway
+//! processes in it, and tears it all down. The same code serves `causeway sandbox` and the
+//! privileged end-to-end tests.
+//!
+//! Per cluster `i` (1-based): a gateway node and a worker node joined by a LAN
+//! (`172.20.i.0/24`), one pod on the worker created by the real CNI `bridge` + `host-local`
+//! plugins (pod CIDR `10.i.0.0/16`, the worker's pods in `10.i.2.0/24`, service CIDR
+//! `10.(100+i).0.0/16`). The gateways' uplinks and the broker meet on a bridge in an
+//! `underlay` namespace (`172.31.0.0/24`: broker `.2`, gateway `i` at `.(10+i)`). No namespace
+//! has a default route and nothing leaves the topology, except that the sandbox gives the
+//! root namespace a veth with one /32 route to the broker.
+
+pub mod exec;
+pub mod topology;
+
+pub use topology::{ClusterInfo, Topology, TopologySpec};
+
+/// Gate for privileged tests: returns `false` (test skipped, loudly) unless
+/// `CAUSEWAY_PRIVILEGED_TESTS=1` or `CI=true`; panics if asked to run without root, so CI can
+/// never skip them silently.
+#[must_use]
+pub fn privileged_tests_enabled() -> bool {
+    let wanted = std::env::var("CAUSEWAY_PRIVILEGED_TESTS").is_ok_and(|v| v == "1")
+        || std::env::var("CI").is_ok_and(|v| v == "true");
+    if !wanted {
+        eprintln!("skipped: needs root + CAUSEWAY_PRIVILEGED_TESTS=1 (or CI=true)");
+        return false;
+    }
+    assert!(exec::is_root(), "privileged tests were requested but this is not root");
+    true
+}
+
+/// `require_privileges!()` at the top of a privileged test.
+#[macro_export]
+macro_rules! require_privileges {
+    () => {
+        if !$crate::privileged_tests_enabled() {
+            return;
+        }
+    };
+}

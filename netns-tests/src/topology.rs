@@ -1,0 +1,517 @@
+//! The topology: namespaces, links, CNI pods, and the broker and gateway processes.
+
+use std::{
+    fs::File,
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::exec::{self, in_ns, in_ns_with_input, ip, sysctl};
+
+/// Port the sandbox broker listens on.
+pub const BROKER_PORT: u16 = 7780;
+/// WireGuard port of every sandbox gateway.
+pub const WG_PORT: u16 = 51820;
+const BROKER_IP: &str = "172.31.0.2";
+const HOST_IP: &str = "172.31.0.1";
+const CNI_DIR: &str = "/usr/lib/cni";
+
+/// What to build.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TopologySpec {
+    /// Prefix of every namespace name (and of the root-namespace veth, if any).
+    pub prefix: String,
+    pub clusters: usize,
+    /// The `causeway` binary to run for the broker and gateways.
+    pub causeway_bin: PathBuf,
+    /// Logs, keys, stores and sockets live here; removed on teardown.
+    pub run_dir: PathBuf,
+    /// Give the root namespace a veth with a /32 route to the broker.
+    pub host_link: bool,
+    /// MTU of the underlay links.
+    pub underlay_mtu: u16,
+}
+
+impl TopologySpec {
+    /// A spec with defaults: no host link, underlay MTU 1500.
+    #[must_use]
+    pub fn new(prefix: &str, clusters: usize, causeway_bin: PathBuf) -> Self {
+        Self {
+            prefix: prefix.to_owned(),
+            clusters,
+            causeway_bin,
+            run_dir: PathBuf::from("/run/causeway").join(prefix),
+            host_link: false,
+            underlay_mtu: 1500,
+        }
+    }
+}
+
+/// One cluster of the topology.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ClusterInfo {
+    pub index: usize,
+    pub cluster_id: String,
+    pub gw_ns: String,
+    pub node_ns: String,
+    pub pod_ns: String,
+    pub pod_ip: String,
+    pub pod_cidr: String,
+    pub service_cidr: String,
+    /// The gateway's address on the underlay.
+    pub gw_ip: String,
+    pub status_socket: PathBuf,
+    pub gw_log: PathBuf,
+}
+
+/// A built topology. Dropping it tears everything down unless [`Topology::detach`] was called.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Topology {
+    pub spec: TopologySpec,
+    pub clusters: Vec<ClusterInfo>,
+    pub broker_ns: String,
+    pub underlay_ns: String,
+    /// Every namespace created, in creation order.
+    pub namespaces: Vec<String>,
+    #[serde(skip)]
+    children: Vec<(String, Child)>,
+    #[serde(skip)]
+    detached: bool,
+}
+
+impl Topology {
+    /// Builds namespaces, links and pods (no processes yet). On error, what was built is torn
+    /// down before the error is returned.
+    pub fn build(spec: TopologySpec) -> anyhow::Result<Self> {
+        preflight(&spec)?;
+        if spec.clusters == 0 || spec.clusters > 50 {
+            bail!("--clusters must be between 1 and 50 (got {})", spec.clusters);
+        }
+        let p = &spec.prefix;
+        let mut topo = Topology {
+            broker_ns: format!("{p}-broker"),
+            underlay_ns: format!("{p}-underlay"),
+            clusters: (1..=spec.clusters)
+                .map(|i| ClusterInfo {
+                    index: i,
+                    cluster_id: format!("cluster-{i}"),
+                    gw_ns: format!("{p}-c{i}-gw"),
+                    node_ns: format!("{p}-c{i}-node"),
+                    pod_ns: format!("{p}-c{i}-pod"),
+                    pod_ip: String::new(),
+                    pod_cidr: format!("10.{i}.0.0/16"),
+                    service_cidr: format!("10.{}.0.0/16", 100 + i),
+                    gw_ip: format!("172.31.0.{}", 10 + i),
+                    status_socket: spec.run_dir.join(format!("c{i}-gw.sock")),
+                    gw_log: spec.run_dir.join(format!("c{i}-gw.log")),
+                })
+                .collect(),
+            namespaces: Vec::new(),
+            children: Vec::new(),
+            detached: false,
+            spec,
+        };
+        if let Err(e) = topo.build_inner() {
+            let _ = topo.teardown();
+            return Err(e);
+        }
+        Ok(topo)
+    }
+
+    fn add_ns(&mut self, name: &str) -> anyhow::Result<()> {
+        if exec::namespaces().iter().any(|n| n == name) {
+            bail!("namespace {name} already exists: run `causeway sandbox down` (or delete it) first");
+        }
+        exec::run(&["ip", "netns", "add", name])?;
+        self.namespaces.push(name.to_owned());
+        ip(name, &["link", "set", "lo", "up"])
+    }
+
+    fn build_inner(&mut self) -> anyhow::Result<()> {
+        std::fs::create_dir_all(&self.spec.run_dir)
+            .with_context(|| format!("creating {}", self.spec.run_dir.display()))?;
+        let (u, b) = (self.underlay_ns.clone(), self.broker_ns.clone());
+        let mtu = self.spec.underlay_mtu.to_string();
+        self.add_ns(&u)?;
+        ip(&u, &["link", "add", "br0", "type", "bridge"])?;
+        ip(&u, &["link", "set", "br0", "mtu", &mtu, "up"])?;
+        self.add_ns(&b)?;
+        veth(&b, "eth0", &u, "broker")?;
+        ip(&u, &["link", "set", "broker", "master", "br0", "mtu", &mtu, "up"])?;
+        ip(&b, &["link", "set", "eth0", "mtu", &mtu])?;
+        ip(&b, &["addr", "add", &format!("{BROKER_IP}/24"), "dev", "eth0"])?;
+        ip(&b, &["link", "set", "eth0", "up"])?;
+
+        let all: Vec<ClusterInfo> = self.clusters.clone();
+        for (k, c) in all.iter().enumerate() {
+            let i = c.index;
+            for ns in [&c.gw_ns, &c.node_ns, &c.pod_ns] {
+                self.add_ns(ns)?;
+            }
+            // Uplink of the gateway node to the underlay bridge.
+            let port = format!("gw{i}");
+            veth(&c.gw_ns, "uplink", &u, &port)?;
+            ip(&u, &["link", "set", &port, "master", "br0", "mtu", &mtu, "up"])?;
+            ip(&c.gw_ns, &["link", "set", "uplink", "mtu", &mtu])?;
+            ip(&c.gw_ns, &["addr", "add", &format!("{}/24", c.gw_ip), "dev", "uplink"])?;
+            ip(&c.gw_ns, &["link", "set", "uplink", "up"])?;
+            // The cluster's node LAN.
+            veth(&c.gw_ns, "lan0", &c.node_ns, "lan0")?;
+            ip(&c.gw_ns, &["addr", "add", &format!("172.20.{i}.1/24"), "dev", "lan0"])?;
+            ip(&c.node_ns, &["addr", "add", &format!("172.20.{i}.2/24"), "dev", "lan0"])?;
+            ip(&c.gw_ns, &["link", "set", "lan0", "up"])?;
+            ip(&c.node_ns, &["link", "set", "lan0", "up"])?;
+            for ns in [&c.gw_ns, &c.node_ns] {
+                sysctl(ns, "net.ipv4.ip_forward", "1")?;
+            }
+            // The gateway node reaches the worker's pods via the worker (what the CNI's
+            // host routes do in a real cluster).
+            ip(&c.gw_ns, &["route", "add", &format!("10.{i}.2.0/24"), "via", &format!("172.20.{i}.2")])?;
+            // Route-agent stand-in: the worker sends remote clusters' prefixes to its gateway.
+            for r in all.iter().filter(|r| r.index != i) {
+                for cidr in [&r.pod_cidr, &r.service_cidr] {
+                    ip(&c.node_ns, &["route", "add", cidr, "via", &format!("172.20.{i}.1")])?;
+                }
+            }
+            // A pod on the worker, wired by the real CNI bridge + host-local plugins.
+            let pod_ip = self.cni_add(c)?;
+            self.clusters[k].pod_ip = pod_ip;
+        }
+        if self.spec.host_link {
+            let host_if = self.host_if();
+            exec::run(&["ip", "link", "add", &host_if, "type", "veth", "peer", "name", "host", "netns", &u])?;
+            ip(&u, &["link", "set", "host", "master", "br0", "up"])?;
+            exec::run(&["ip", "addr", "add", &format!("{HOST_IP}/32"), "dev", &host_if])?;
+            exec::run(&["ip", "link", "set", &host_if, "up"])?;
+            exec::run(&["ip", "route", "add", &format!("{BROKER_IP}/32"), "dev", &host_if])?;
+        }
+        Ok(())
+    }
+
+    fn host_if(&self) -> String {
+        let mut s = format!("{}-host", self.spec.prefix);
+        s.truncate(15);
+        s
+    }
+
+    fn cni_config(&self, c: &ClusterInfo) -> serde_json::Value {
+        causeway_cni_config::bridge_config(
+            "causeway-sandbox",
+            "cni0",
+            format!("10.{}.2.0/24", c.index).parse().expect("valid subnet"),
+            &self.spec.run_dir.join("cni").join(&c.node_ns),
+            1500,
+        )
+    }
+
+    fn cni(&self, c: &ClusterInfo, command: &str) -> anyhow::Result<Vec<u8>> {
+        let netns = format!("/var/run/netns/{}", c.pod_ns);
+        let env = [
+            ("CNI_COMMAND", command),
+            ("CNI_CONTAINERID", c.pod_ns.as_str()),
+            ("CNI_NETNS", netns.as_str()),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_PATH", CNI_DIR),
+        ];
+        let conf = serde_json::to_vec(&self.cni_config(c))?;
+        let out = in_ns_with_input(&c.node_ns, &[&format!("{CNI_DIR}/bridge")], &env, &conf)
+            .with_context(|| format!("CNI {command} for pod {}", c.pod_ns))?;
+        Ok(out.stdout)
+    }
+
+    fn cni_add(&self, c: &ClusterInfo) -> anyhow::Result<String> {
+        let out = self.cni(c, "ADD")?;
+        let ips = causeway_cni_config::parse_add_result(&out)?;
+        Ok(ips[0].ip().to_string())
+    }
+
+    /// The broker's URL as seen from inside the topology (and, with a host link, from root).
+    #[must_use]
+    pub fn broker_url(&self) -> String {
+        format!("http://{BROKER_IP}:{BROKER_PORT}")
+    }
+
+    fn spawn(&mut self, ns: &str, log: &Path, args: &[String]) -> anyhow::Result<()> {
+        let out = File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let err = out.try_clone()?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .arg(&self.spec.causeway_bin)
+            .args(args)
+            .env("RUST_LOG", std::env::var("CAUSEWAY_SANDBOX_LOG").unwrap_or_else(|_| "info".into()))
+            .env_remove("CAUSEWAY_LOG_FORMAT")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            // Own process group: a Ctrl-C on the CLI does not take the sandbox down with it.
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("starting {} in {ns}", self.spec.causeway_bin.display()))?;
+        self.children.push((ns.to_owned(), child));
+        Ok(())
+    }
+
+    /// Starts the broker and waits until it answers.
+    pub fn start_broker(&mut self) -> anyhow::Result<()> {
+        let ns = self.broker_ns.clone();
+        let log = self.spec.run_dir.join("broker.log");
+        let args = vec![
+            "broker".into(),
+            "--listen".into(),
+            format!("{BROKER_IP}:{BROKER_PORT}"),
+            "--data-dir".into(),
+            self.spec.run_dir.join("broker").display().to_string(),
+        ];
+        self.spawn(&ns, &log, &args)?;
+        let url = self.broker_url();
+        wait_for(Duration::from_secs(15), "the broker to answer", || {
+            in_ns(
+                &ns,
+                &[&self.spec.causeway_bin.display().to_string(), "show", "clusters", "--broker-url", &url],
+            )
+            .is_ok()
+        })
+        .with_context(|| format!("see {}", log.display()))
+    }
+
+    /// The command line of gateway `index` (1-based).
+    #[must_use]
+    pub fn gateway_args(&self, index: usize) -> Vec<String> {
+        let c = &self.clusters[index - 1];
+        let state = self.spec.run_dir.join(format!("c{}-gw", c.index));
+        [
+            "gateway",
+            "--broker-url",
+            &self.broker_url(),
+            "--cluster-id",
+            &c.cluster_id,
+            "--pod-cidr",
+            &c.pod_cidr,
+            "--service-cidr",
+            &c.service_cidr,
+            "--hostname",
+            &format!("gw-{}", c.index),
+            "--node-ip",
+            &c.gw_ip,
+            "--listen-port",
+            &WG_PORT.to_string(),
+            "--underlay-mtu",
+            &self.spec.underlay_mtu.to_string(),
+            "--state-dir",
+            &state.display().to_string(),
+            "--status-socket",
+            &c.status_socket.display().to_string(),
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect()
+    }
+
+    /// Starts gateway `index` (1-based).
+    pub fn start_gateway(&mut self, index: usize) -> anyhow::Result<()> {
+        let c = self.clusters[index - 1].clone();
+        let args = self.gateway_args(index);
+        self.spawn(&c.gw_ns, &c.gw_log, &args)
+    }
+
+    /// Kills gateway `index` with SIGKILL (no cleanup), as a crash would.
+    pub fn kill_gateway(&mut self, index: usize) -> anyhow::Result<()> {
+        let ns = self.clusters[index - 1].gw_ns.clone();
+        kill_ns_processes(&ns, "KILL");
+        self.children.retain_mut(|(n, child)| {
+            if *n == ns {
+                let _ = child.wait();
+                false
+            } else {
+                true
+            }
+        });
+        Ok(())
+    }
+
+    /// Status of gateway `index` (1-based).
+    pub fn gateway_status(&self, index: usize) -> anyhow::Result<causeway_gateway::status::GatewayStatus> {
+        Ok(causeway_gateway::status::fetch(&self.clusters[index - 1].status_socket)?)
+    }
+
+    /// Waits until every running gateway reports every other cluster connected.
+    pub fn wait_connected(&self, timeout: Duration) -> anyhow::Result<()> {
+        let n = self.clusters.len();
+        wait_for(timeout, "all gateways to connect", || {
+            (1..=n).all(|i| {
+                self.gateway_status(i).is_ok_and(|s| {
+                    s.connections.len() == n - 1 && s.connections.iter().all(|c| c.status == "connected")
+                })
+            })
+        })
+        .with_context(|| {
+            let logs: Vec<String> = self.clusters.iter().map(|c| c.gw_log.display().to_string()).collect();
+            format!("gateway logs: {}", logs.join(", "))
+        })
+    }
+
+    /// Pod-to-pod reachability for every ordered pair: `result[i][j]` is i → j.
+    #[must_use]
+    pub fn connectivity_matrix(&self) -> Vec<Vec<bool>> {
+        self.clusters
+            .iter()
+            .map(|from| self.clusters.iter().map(|to| exec::ping(&from.pod_ns, &to.pod_ip, 2)).collect())
+            .collect()
+    }
+
+    /// Renders the matrix as a table; the bool says whether every cell is OK.
+    #[must_use]
+    pub fn render_matrix(&self, m: &[Vec<bool>]) -> (String, bool) {
+        let w = self.clusters.iter().map(|c| c.cluster_id.len()).max().unwrap_or(8) + 2;
+        let mut s = format!("{:w$}", "from \\ to");
+        for c in &self.clusters {
+            s.push_str(&format!("{:>w$}", c.cluster_id));
+        }
+        s.push('\n');
+        let mut all = true;
+        for (i, row) in m.iter().enumerate() {
+            s.push_str(&format!("{:w$}", self.clusters[i].cluster_id));
+            for ok in row {
+                all &= ok;
+                s.push_str(&format!("{:>w$}", if *ok { "OK" } else { "FAIL" }));
+            }
+            s.push('\n');
+        }
+        (s, all)
+    }
+
+    /// Leaves the processes and namespaces running when this value is dropped (the sandbox).
+    pub fn detach(&mut self) {
+        self.detached = true;
+        self.children.clear();
+    }
+
+    /// Stops every process, deletes every namespace, link and file this topology made. Runs
+    /// every step and reports every failure.
+    pub fn teardown(&mut self) -> anyhow::Result<()> {
+        teardown_by_prefix(
+            &self.spec.prefix,
+            &self.spec.run_dir,
+            self.spec.host_link.then(|| self.host_if()),
+        )?;
+        for (_, mut child) in self.children.drain(..) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.namespaces.clear();
+        Ok(())
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        if !self.detached
+            && !self.namespaces.is_empty()
+            && let Err(e) = self.teardown()
+        {
+            eprintln!("teardown of {}: {e:#}", self.spec.prefix);
+        }
+    }
+}
+
+/// A veth pair with each end created directly in its namespace (no name clash in root).
+fn veth(ns_a: &str, name_a: &str, ns_b: &str, name_b: &str) -> anyhow::Result<()> {
+    exec::run(&[
+        "ip", "link", "add", name_a, "netns", ns_a, "type", "veth", "peer", "name", name_b, "netns", ns_b,
+    ])
+    .map(|_| ())
+}
+
+fn kill_ns_processes(ns: &str, signal: &str) {
+    let pids = exec::ns_pids(ns);
+    if pids.is_empty() {
+        return;
+    }
+    let mut args = vec!["kill", "-s", signal];
+    args.extend(pids.iter().map(String::as_str));
+    let _ = exec::run(&args);
+}
+
+/// Removes everything under `prefix`: processes in its namespaces (SIGTERM, then SIGKILL),
+/// the namespaces, the root-namespace veth, and `run_dir`. Works from names alone, so it also
+/// cleans up after a crashed or killed test or CLI.
+pub fn teardown_by_prefix(prefix: &str, run_dir: &Path, host_if: Option<String>) -> anyhow::Result<()> {
+    let ours: Vec<String> =
+        exec::namespaces().into_iter().filter(|n| n.starts_with(&format!("{prefix}-"))).collect();
+    let mut errors = Vec::new();
+    for ns in &ours {
+        kill_ns_processes(ns, "TERM");
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ours.iter().any(|ns| !exec::ns_pids(ns).is_empty()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for ns in &ours {
+        kill_ns_processes(ns, "KILL");
+    }
+    for ns in ours.iter().rev() {
+        if let Err(e) = exec::run(&["ip", "netns", "del", ns]) {
+            errors.push(format!("{e:#}"));
+        }
+    }
+    if let Some(host_if) = host_if {
+        // Usually gone with the underlay namespace already (veth pairs die together).
+        if exec::run(&["ip", "link", "show", &host_if]).is_ok()
+            && let Err(e) = exec::run(&["ip", "link", "del", &host_if])
+        {
+            errors.push(format!("{e:#}"));
+        }
+    }
+    match std::fs::remove_dir_all(run_dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            errors.push(format!("removing {}: {e}", run_dir.display()))
+        }
+        _ => {}
+    }
+    if errors.is_empty() {
+        info!(prefix, "torn down");
+        Ok(())
+    } else {
+        warn!(prefix, errors = errors.len(), "teardown incomplete");
+        bail!("teardown incomplete: {}", errors.join("; "))
+    }
+}
+
+fn preflight(spec: &TopologySpec) -> anyhow::Result<()> {
+    if !exec::is_root() {
+        bail!("building network namespaces needs root; run as root (sudo -E)");
+    }
+    for (path, pkg) in [
+        (format!("{CNI_DIR}/bridge"), "containernetworking-plugins"),
+        (format!("{CNI_DIR}/host-local"), "containernetworking-plugins"),
+        ("/usr/bin/ping".to_owned(), "iputils-ping"),
+    ] {
+        if !Path::new(&path).exists() {
+            bail!("{path} is missing: install {pkg} (scripts/install-deps.sh installs everything)");
+        }
+    }
+    if !spec.causeway_bin.exists() {
+        bail!("{} does not exist: build it with `cargo build -p causeway`", spec.causeway_bin.display());
+    }
+    Ok(())
+}
+
+/// Polls `f` every 200 ms until it holds or `timeout` passes.
+pub fn wait_for(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

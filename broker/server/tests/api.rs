@@ -1,0 +1,199 @@
+//! The broker over real HTTP on loopback: refusals are clear and lose nothing; watchers
+//! resume exactly where they left off.
+
+use std::time::Duration;
+
+use causeway_broker::{Broker, MemStore, RedbStore};
+use causeway_broker_api::{
+    BrokerClient, ClusterRecord, EndpointRecord, EventType, GatewayRole, ListResponse, Record, WireGuardKey,
+};
+
+async fn start(store: impl causeway_broker::Store) -> (BrokerClient, tokio::sync::oneshot::Sender<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let broker = Broker::new(store).unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(causeway_broker::run(listener, broker, async {
+        let _ = rx.await;
+    }));
+    (BrokerClient::new(url), tx)
+}
+
+fn cluster(id: &str, pod: &str, svc: &str) -> ClusterRecord {
+    ClusterRecord {
+        cluster_id: id.into(),
+        pod_cidrs: vec![pod.parse().unwrap()],
+        service_cidrs: vec![svc.parse().unwrap()],
+        global_cidr: None,
+        labels: Default::default(),
+        generation: 1,
+    }
+}
+
+fn endpoint(id: &str, host: &str) -> EndpointRecord {
+    EndpointRecord {
+        cluster_id: id.into(),
+        hostname: host.into(),
+        private_ips: vec!["172.31.0.11".parse().unwrap()],
+        public_ips: vec![],
+        port: 51820,
+        public_key: WireGuardKey([9; 32]),
+        backend: "wireguard".into(),
+        role: GatewayRole::Active,
+        priority: 0,
+        health_check_ip: None,
+        generation: 1,
+    }
+}
+
+fn records(l: &ListResponse) -> Vec<Record> {
+    l.items.iter().map(|o| o.record.clone()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_are_clear_and_lose_nothing() {
+    let (client, _stop) = start(MemStore::default()).await;
+    client.put_cluster(&cluster("east", "10.1.0.0/16", "10.101.0.0/16")).await.unwrap();
+    client.put_endpoint(&endpoint("east", "gw-1")).await.unwrap();
+    let before = client.list().await.unwrap();
+
+    // Overlapping CIDRs: 409 naming the other cluster and both CIDRs.
+    let err = client.put_cluster(&cluster("west", "10.1.128.0/17", "10.102.0.0/16")).await.unwrap_err();
+    assert_eq!(err.status(), Some(409));
+    let msg = err.to_string();
+    assert!(
+        msg.contains("\"east\"") && msg.contains("10.1.128.0/17") && msg.contains("10.1.0.0/16"),
+        "{msg}"
+    );
+
+    // Invalid field: 400 naming the field.
+    let err = client.put_cluster(&cluster("Bad_Id", "10.9.0.0/16", "10.109.0.0/16")).await.unwrap_err();
+    assert_eq!(err.status(), Some(400));
+    assert!(err.to_string().contains("clusterId"), "{err}");
+
+    // Endpoint of a cluster that never registered: 409.
+    let err = client.put_endpoint(&endpoint("ghost", "gw-9")).await.unwrap_err();
+    assert_eq!(err.status(), Some(409));
+    assert!(err.to_string().contains("not registered"), "{err}");
+
+    // Older generation over a newer one: 409.
+    let mut newer = cluster("east", "10.1.0.0/16", "10.101.0.0/16");
+    newer.generation = 5;
+    client.put_cluster(&newer).await.unwrap();
+    let err = client.put_cluster(&cluster("east", "10.1.0.0/16", "10.101.0.0/16")).await.unwrap_err();
+    assert_eq!(err.status(), Some(409));
+    assert!(err.to_string().contains("generation 1 is older"), "{err}");
+
+    // Raw bodies: malformed JSON, unknown field, oversized, path/body mismatch.
+    let http = reqwest::Client::new();
+    let url = format!("{}/v1/clusters/west", client.base_url());
+    let resp =
+        http.put(&url).header("content-type", "application/json").body("{not json").send().await.unwrap();
+    assert_eq!(resp.status(), 400);
+    let resp = http
+        .put(&url)
+        .body(r#"{"clusterId":"west","podCidrs":["10.2.0.0/16"],"serviceCidrs":[],"x":1}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    assert!(resp.text().await.unwrap().contains("unknown field"));
+    let resp = http.put(&url).body(vec![b' '; 200 * 1024]).send().await.unwrap();
+    assert_eq!(resp.status(), 413);
+    let resp = http
+        .put(&url)
+        .body(r#"{"clusterId":"east","podCidrs":["10.2.0.0/16"],"serviceCidrs":[]}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+
+    let after = client.list().await.unwrap();
+    let mut expected = records(&before);
+    expected[0] = Record::Cluster(newer);
+    assert_eq!(records(&after), expected, "refused requests changed nothing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_overlapping_clusters_exactly_one_wins() {
+    let (client, _stop) = start(MemStore::default()).await;
+    let mut tasks = Vec::new();
+    for i in 0..8u8 {
+        let c = client.clone();
+        tasks.push(tokio::spawn(async move {
+            c.put_cluster(&cluster(&format!("c{i}"), "10.50.0.0/16", &format!("10.{}.0.0/16", 150 + i))).await
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(e) => assert_eq!(e.status(), Some(409), "{e}"),
+        }
+    }
+    assert_eq!(ok, 1);
+    assert_eq!(client.list().await.unwrap().items.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watcher_resumes_with_exactly_the_missed_events_in_order() {
+    let (client, _stop) = start(MemStore::default()).await;
+    client.put_cluster(&cluster("east", "10.1.0.0/16", "10.101.0.0/16")).await.unwrap();
+    let since = client.list().await.unwrap().resource_version;
+    // The watcher is "disconnected" while 100 changes happen.
+    for g in 2..=101u64 {
+        let mut c = cluster("east", "10.1.0.0/16", "10.101.0.0/16");
+        c.generation = g;
+        client.put_cluster(&c).await.unwrap();
+    }
+    let w = client.watch(since, Duration::from_secs(1)).await.unwrap();
+    assert_eq!(w.events.len(), 100);
+    let gens: Vec<u64> = w.events.iter().map(|e| e.object.record.generation()).collect();
+    assert_eq!(gens, (2..=101).collect::<Vec<_>>());
+    assert!(w.events.windows(2).all(|p| p[0].revision < p[1].revision));
+    assert_eq!(w.resource_version, since + 100);
+    // Nothing new: the long-poll times out empty.
+    let idle = client.watch(w.resource_version, Duration::from_secs(1)).await.unwrap();
+    assert!(idle.events.is_empty());
+    // A long-poll wakes on the next change, and deletes carry the last state.
+    let waiter = {
+        let c = client.clone();
+        let rv = w.resource_version;
+        tokio::spawn(async move { c.watch(rv, Duration::from_secs(10)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    client.delete_cluster("east").await.unwrap();
+    let woke = waiter.await.unwrap().unwrap();
+    assert_eq!(woke.events.len(), 1);
+    assert_eq!(woke.events[0].kind, EventType::Delete);
+    // A revision the broker never had: 410, re-list.
+    let err = client.watch(999_999, Duration::from_secs(1)).await.unwrap_err();
+    assert_eq!(err.status(), Some(410));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_store_keeps_everything_across_restarts() {
+    let dir = std::env::temp_dir().join(format!("cw-broker-restart-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("broker.redb");
+    let first = {
+        let (client, stop) = start(RedbStore::open(&path).unwrap()).await;
+        client.put_cluster(&cluster("east", "10.1.0.0/16", "10.101.0.0/16")).await.unwrap();
+        client.put_endpoint(&endpoint("east", "gw-1")).await.unwrap();
+        let l = client.list().await.unwrap();
+        stop.send(()).unwrap();
+        l
+    };
+    // The first server's task may still hold the file briefly.
+    let store = loop {
+        match RedbStore::open(&path) {
+            Ok(s) => break s,
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    let (client, _stop) = start(store).await;
+    let second = client.list().await.unwrap();
+    assert_eq!(second, first);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

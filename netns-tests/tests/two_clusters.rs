@@ -1,0 +1,220 @@
+//! End-to-end on real namespaces, real CNI plugins, the real broker and gateway processes.
+//! Privileged: runs in CI (`CI=true`) or with `CAUSEWAY_PRIVILEGED_TESTS=1`, as root.
+
+use std::{
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicUsize, Ordering},
+    time::Duration,
+};
+
+use causeway_netns::{Topology, TopologySpec, exec, require_privileges, topology::wait_for};
+
+static N: AtomicUsize = AtomicUsize::new(0);
+
+fn causeway_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("CAUSEWAY_BIN") {
+        return PathBuf::from(p);
+    }
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"), PathBuf::from);
+    target.join("debug/causeway")
+}
+
+/// A topology with a name unique to this test process.
+fn topology(clusters: usize, underlay_mtu: u16) -> Topology {
+    let prefix = format!("cwt{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
+    let mut spec = TopologySpec::new(&prefix, clusters, causeway_bin());
+    spec.underlay_mtu = underlay_mtu;
+    let mut t = Topology::build(spec).expect("building the topology");
+    t.start_broker().expect("starting the broker");
+    for i in 1..=clusters {
+        t.start_gateway(i).expect("starting a gateway");
+    }
+    t.wait_connected(Duration::from_secs(30)).expect("tunnels up");
+    t
+}
+
+/// A background process in a namespace, killed on drop.
+struct Bg(Option<Child>);
+
+impl Bg {
+    fn start(ns: &str, args: &[&str], stdout: Stdio) -> Self {
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawning");
+        Bg(Some(child))
+    }
+
+    /// Waits for the process to exit and returns its stdout.
+    fn output(mut self) -> String {
+        let out = self.0.take().expect("running").wait_with_output().expect("waiting");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// Stops a capture cleanly (SIGINT flushes the file) and waits for it.
+    fn interrupt(mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = exec::run(&["kill", "-INT", &child.id().to_string()]);
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Bg {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn capture(ns: &str, iface: &str, file: &str, filter: &[&str]) -> Bg {
+    let mut args = vec!["tcpdump", "-i", iface, "-U", "-n", "-s", "0", "-w", file];
+    args.extend_from_slice(filter);
+    let bg = Bg::start(ns, &args, Stdio::null());
+    // tcpdump needs a moment before it sees packets.
+    std::thread::sleep(Duration::from_millis(1500));
+    bg
+}
+
+fn pcap_count(file: &str, filter: &[&str]) -> usize {
+    let mut args = vec!["tcpdump", "-r", file, "-n"];
+    args.extend_from_slice(filter);
+    let out = exec::run(&args).expect("reading the capture");
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+const MARKER: &[u8] = b"CAUSEWAY-PLAINTEXT-MARKER:";
+
+#[test]
+fn pod_to_pod_across_the_tunnel_encrypted_and_counted() {
+    require_privileges!();
+    let mut t = topology(2, 1500);
+    let (a, b) = (t.clusters[0].clone(), t.clusters[1].clone());
+
+    assert!(exec::ping(&a.pod_ns, &b.pod_ip, 3), "pod A cannot ping pod B");
+    assert!(exec::ping(&b.pod_ns, &a.pod_ip, 3), "pod B cannot ping pod A");
+
+    let tx_before = t.gateway_status(1).unwrap().connections[0].datapath.tx_bytes;
+    let rx_before = t.gateway_status(2).unwrap().connections[0].datapath.rx_bytes;
+
+    let dir = t.spec.run_dir.clone();
+    let underlay_pcap = dir.join("underlay.pcap").display().to_string();
+    let pod_pcap = dir.join("pod.pcap").display().to_string();
+    // Gateway-to-gateway traffic on gateway A's underlay port; the pod's own view as control.
+    let cap_underlay =
+        capture(&t.underlay_ns, "gw1", &underlay_pcap, &["host", &a.gw_ip, "and", "host", &b.gw_ip]);
+    let cap_pod = capture(&b.pod_ns, "eth0", &pod_pcap, &["-c", "200", "tcp"]);
+
+    let bin = causeway_bin().display().to_string();
+    let listen = format!("{}:9000", b.pod_ip);
+    let sink = Bg::start(&b.pod_ns, &[&bin, "debug", "tcp-sink", "--listen", &listen], Stdio::piped());
+    std::thread::sleep(Duration::from_millis(300));
+    let bytes: u64 = 12 * 1024 * 1024;
+    let sent = exec::in_ns(
+        &a.pod_ns,
+        &[&bin, "debug", "tcp-source", "--connect", &listen, "--bytes", &bytes.to_string()],
+    )
+    .expect("sending 12 MiB");
+    let received = sink.output();
+    let sent = String::from_utf8_lossy(&sent.stdout).trim().to_owned();
+    assert_eq!(received, sent, "the receiver must get exactly the bytes sent (length and SHA-256)");
+    assert!(sent.contains(&format!("\"bytes\":{bytes}")), "{sent}");
+
+    cap_underlay.interrupt();
+    cap_pod.interrupt();
+
+    // On the underlay, the gateways exchanged only WireGuard UDP, lots of it, and never the
+    // plaintext; the same marker is visible inside the pod (so the check can see it at all).
+    assert_eq!(pcap_count(&underlay_pcap, &["not", "(udp", "and", "port", "51820)"]), 0);
+    let wg_packets = pcap_count(&underlay_pcap, &["udp", "port", "51820"]);
+    assert!(wg_packets > 8_000, "only {wg_packets} WireGuard packets for 12 MiB");
+    assert!(!contains(&std::fs::read(&underlay_pcap).unwrap(), MARKER), "plaintext leaked onto the underlay");
+    assert!(
+        contains(&std::fs::read(&pod_pcap).unwrap(), MARKER),
+        "control: the pod capture shows the plaintext"
+    );
+
+    // The eBPF counters of the remote cluster grew by at least the bytes sent, both ways.
+    let tx = t.gateway_status(1).unwrap().connections[0].datapath.tx_bytes - tx_before;
+    let rx = t.gateway_status(2).unwrap().connections[0].datapath.rx_bytes - rx_before;
+    assert!(tx >= bytes, "gateway A's eBPF tx counter grew by {tx} < {bytes}");
+    assert!(rx >= bytes, "gateway B's eBPF rx counter grew by {rx} < {bytes}");
+
+    // Teardown leaves nothing behind.
+    let prefix = t.spec.prefix.clone();
+    t.teardown().unwrap();
+    assert!(exec::namespaces().iter().all(|n| !n.starts_with(&prefix)), "namespaces left behind");
+    assert!(!dir.exists(), "run dir left behind");
+}
+
+fn causeway_routes(ns: &str) -> String {
+    String::from_utf8_lossy(&exec::run(&["ip", "-n", ns, "route", "show", "proto", "202"]).unwrap().stdout)
+        .into_owned()
+}
+
+#[test]
+fn removing_a_clusters_records_removes_its_peer_and_routes() {
+    require_privileges!();
+    let mut t = topology(3, 1500);
+    let gw1 = t.clusters[0].gw_ns.clone();
+    assert!(causeway_routes(&gw1).contains("10.3.0.0/16"));
+    // Cluster 3's gateway dies (so it cannot re-register), then its records are removed.
+    t.kill_gateway(3).unwrap();
+    let bin = causeway_bin().display().to_string();
+    let broker_ns = t.broker_ns.clone();
+    exec::in_ns(&broker_ns, &[&bin, "leave", "--broker-url", &t.broker_url(), "--cluster-id", "cluster-3"])
+        .expect("causeway leave");
+    wait_for(Duration::from_secs(10), "gateway 1 to drop cluster-3", || {
+        let s = t.gateway_status(1).unwrap();
+        s.connections.iter().all(|c| c.cluster_id != "cluster-3")
+            && !causeway_routes(&gw1).contains("10.3.0.0/16")
+    })
+    .unwrap();
+    let routes = causeway_routes(&gw1);
+    assert!(!routes.contains("10.103.0.0/16"), "{routes}");
+    assert!(routes.contains("10.2.0.0/16") && routes.contains("10.102.0.0/16"), "{routes}");
+    let s = t.gateway_status(1).unwrap();
+    assert_eq!(s.connections.iter().map(|c| c.cluster_id.as_str()).collect::<Vec<_>>(), vec!["cluster-2"]);
+    // The remaining clusters still talk.
+    assert!(exec::ping(&t.clusters[0].pod_ns, &t.clusters[1].pod_ip, 2));
+}
+
+#[test]
+fn sandbox_up_then_down_leaves_nothing_behind() {
+    require_privileges!();
+    let bin = causeway_bin();
+    assert!(
+        !exec::namespaces().iter().any(|n| n.starts_with("cw-")),
+        "a sandbox is already up on this machine; run `causeway sandbox down` first"
+    );
+    let up = Command::new(&bin).args(["sandbox", "up", "--clusters", "3"]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&up.stdout);
+    let down = Command::new(&bin).args(["sandbox", "down"]).output().unwrap();
+    assert!(up.status.success(), "sandbox up failed:\n{stdout}\n{}", String::from_utf8_lossy(&up.stderr));
+    // A 3×3 matrix, every cell OK.
+    assert_eq!(stdout.matches("OK").count(), 9, "{stdout}");
+    assert!(!stdout.contains("FAIL"), "{stdout}");
+    assert!(down.status.success(), "{}", String::from_utf8_lossy(&down.stderr));
+    assert!(!exec::namespaces().iter().any(|n| n.starts_with("cw-")), "namespaces left behind");
+    assert!(exec::run(&["ip", "link", "show", "cw-host"]).is_err(), "host veth left behind");
+    assert!(!std::path::Path::new("/run/causeway/cw").exists(), "run dir left behind");
+    assert!(!std::path::Path::new("/sys/fs/bpf/causeway").exists(), "bpffs pins left behind");
+    let procs = exec::run(&["ps", "-eo", "args"]).unwrap();
+    let procs = String::from_utf8_lossy(&procs.stdout);
+    assert!(
+        !procs.lines().any(|l| l.contains("--status-socket /run/causeway/cw/")),
+        "gateway processes left behind"
+    );
+}

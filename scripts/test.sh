@@ -32,7 +32,8 @@ else
     run_tests() { cargo test --locked --no-fail-fast "$@"; }
 fi
 echo "==> unit tier" >&2
-run_tests --workspace --exclude causeway-netns
+# `--workspace` would include ebpf/programs, which only builds for bpfel-unknown-none.
+run_tests --workspace --exclude causeway-netns --exclude causeway-datapath-ebpf
 echo "==> privileged tier (network namespaces)" >&2
 CAUSEWAY_PRIVILEGED_TESTS=1 run_tests -p causeway-netns
 echo "==> all tests passed in $((SECONDS - start)) s" >&2

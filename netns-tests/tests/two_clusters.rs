@@ -139,7 +139,8 @@ fn pod_to_pod_across_the_tunnel_encrypted_and_counted() {
     // plaintext; the same marker is visible inside the pod (so the check can see it at all).
     assert_eq!(pcap_count(&underlay_pcap, &["not", "(udp", "and", "port", "51820)"]), 0);
     let wg_packets = pcap_count(&underlay_pcap, &["udp", "port", "51820"]);
-    assert!(wg_packets > 8_000, "only {wg_packets} WireGuard packets for 12 MiB");
+    // ~9,000 data packets plus ACKs; tcpdump may drop some under load, hence the margin.
+    assert!(wg_packets > 5_000, "only {wg_packets} WireGuard packets for 12 MiB");
     assert!(!contains(&std::fs::read(&underlay_pcap).unwrap(), MARKER), "plaintext leaked onto the underlay");
     assert!(
         contains(&std::fs::read(&pod_pcap).unwrap(), MARKER),

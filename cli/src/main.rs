@@ -118,6 +118,9 @@ struct GatewayArgs {
     state_dir: PathBuf,
     #[arg(long, env = "CAUSEWAY_STATUS_SOCKET", default_value = "/run/causeway/gateway.sock")]
     status_socket: PathBuf,
+    /// Do not serve the WireGuard UAPI socket (/var/run/wireguard/<device>.sock, for `wg show`).
+    #[arg(long, env = "CAUSEWAY_NO_UAPI")]
+    no_uapi: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -203,6 +206,7 @@ async fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
         key_file: a.state_dir.join("private.key"),
         state_dir: a.state_dir,
         status_socket: a.status_socket,
+        uapi: !a.no_uapi,
     };
     causeway_gateway::run(config, causeway_gateway::cluster::StaticSource(local), shutdown_signal())
         .await

@@ -46,6 +46,8 @@ pub struct GatewayConfig {
     /// Where the last known records are cached.
     pub state_dir: PathBuf,
     pub status_socket: PathBuf,
+    /// Serve the WireGuard UAPI socket for `wg show`.
+    pub uapi: bool,
 }
 
 impl GatewayConfig {
@@ -291,6 +293,7 @@ pub async fn run(
             mtu: config.tunnel_mtu(),
             listen_port: config.listen_port,
             private_key: key.private.clone(),
+            uapi: config.uapi,
         },
     )
     .await?;

@@ -68,6 +68,8 @@ pub struct ClusterInfo {
     pub gw_ip: String,
     pub status_socket: PathBuf,
     pub gw_log: PathBuf,
+    /// Tunnel device name, unique on the host (the UAPI socket path is host-wide).
+    pub device: String,
 }
 
 /// A built topology. Dropping it tears everything down unless [`Topology::detach`] was called.
@@ -110,6 +112,11 @@ impl Topology {
                     gw_ip: format!("172.31.0.{}", 10 + i),
                     status_socket: spec.run_dir.join(format!("c{i}-gw.sock")),
                     gw_log: spec.run_dir.join(format!("c{i}-gw.log")),
+                    device: {
+                        let mut d = format!("{}c{i}", p.replace('-', ""));
+                        d.truncate(15);
+                        d
+                    },
                 })
                 .collect(),
             namespaces: Vec::new(),
@@ -307,6 +314,8 @@ impl Topology {
             &state.display().to_string(),
             "--status-socket",
             &c.status_socket.display().to_string(),
+            "--device",
+            &c.device,
         ]
         .iter()
         .map(|s| (*s).to_owned())
@@ -466,6 +475,19 @@ pub fn teardown_by_prefix(prefix: &str, run_dir: &Path, host_if: Option<String>)
             && let Err(e) = exec::run(&["ip", "link", "del", &host_if])
         {
             errors.push(format!("{e:#}"));
+        }
+    }
+    // UAPI sockets of gateways that died without cleaning up (host-wide path).
+    let device_prefix = format!("{}c", prefix.replace('-', ""));
+    if let Ok(entries) = std::fs::read_dir("/var/run/wireguard") {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&device_prefix)
+                && name.ends_with(".sock")
+                && let Err(err) = std::fs::remove_file(e.path())
+            {
+                errors.push(format!("removing {}: {err}", e.path().display()));
+            }
         }
     }
     match std::fs::remove_dir_all(run_dir) {

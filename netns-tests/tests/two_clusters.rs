@@ -84,11 +84,15 @@ fn capture(ns: &str, iface: &str, file: &str, filter: &[&str]) -> Bg {
     bg
 }
 
-fn pcap_count(file: &str, filter: &[&str]) -> usize {
+fn pcap_lines(file: &str, filter: &[&str]) -> Vec<String> {
     let mut args = vec!["tcpdump", "-r", file, "-n"];
     args.extend_from_slice(filter);
     let out = exec::run(&args).expect("reading the capture");
-    String::from_utf8_lossy(&out.stdout).lines().count()
+    String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect()
+}
+
+fn pcap_count(file: &str, filter: &[&str]) -> usize {
+    pcap_lines(file, filter).len()
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
@@ -137,7 +141,10 @@ fn pod_to_pod_across_the_tunnel_encrypted_and_counted() {
 
     // On the underlay, the gateways exchanged only WireGuard UDP, lots of it, and never the
     // plaintext; the same marker is visible inside the pod (so the check can see it at all).
-    assert_eq!(pcap_count(&underlay_pcap, &["not", "(udp", "and", "port", "51820)"]), 0);
+    // (ARP between the two is link-layer housekeeping, not traffic.)
+    let others =
+        pcap_lines(&underlay_pcap, &["(ip", "or", "ip6)", "and", "not", "(udp", "and", "port", "51820)"]);
+    assert!(others.is_empty(), "non-WireGuard packets between the gateways:\n{}", others.join("\n"));
     let wg_packets = pcap_count(&underlay_pcap, &["udp", "port", "51820"]);
     // ~9,000 data packets plus ACKs; tcpdump may drop some under load, hence the margin.
     assert!(wg_packets > 5_000, "only {wg_packets} WireGuard packets for 12 MiB");
@@ -212,10 +219,48 @@ fn sandbox_up_then_down_leaves_nothing_behind() {
     assert!(exec::run(&["ip", "link", "show", "cw-host"]).is_err(), "host veth left behind");
     assert!(!std::path::Path::new("/run/causeway/cw").exists(), "run dir left behind");
     assert!(!std::path::Path::new("/sys/fs/bpf/causeway").exists(), "bpffs pins left behind");
+    let uapi_left: Vec<_> = std::fs::read_dir("/var/run/wireguard")
+        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    assert!(
+        !uapi_left.iter().any(|n: &String| n.starts_with("cwc")),
+        "UAPI sockets left behind: {uapi_left:?}"
+    );
     let procs = exec::run(&["ps", "-eo", "args"]).unwrap();
     let procs = String::from_utf8_lossy(&procs.stdout);
     assert!(
         !procs.lines().any(|l| l.contains("--status-socket /run/causeway/cw/")),
         "gateway processes left behind"
     );
+}
+
+#[test]
+fn wg_show_reports_the_userspace_device_and_wg_set_is_refused() {
+    require_privileges!();
+    let t = topology(2, 1500);
+    let (a, b) = (&t.clusters[0], &t.clusters[1]);
+    assert!(exec::ping(&a.pod_ns, &b.pod_ip, 2));
+    let status_a = t.gateway_status(1).unwrap();
+    let status_b = t.gateway_status(2).unwrap();
+    // `wg` finds the socket by device name, from any namespace.
+    let out = exec::run(&["wg", "show", &a.device]).expect("wg show");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("interface: {}", a.device)), "{text}");
+    assert!(text.contains(&format!("public key: {}", status_a.public_key)), "{text}");
+    assert!(text.contains("listening port: 51820"), "{text}");
+    assert!(text.contains(&format!("peer: {}", status_b.public_key)), "{text}");
+    assert!(text.contains(&format!("endpoint: {}:51820", b.gw_ip)), "{text}");
+    assert!(text.contains("allowed ips: 10.2.0.0/16, 10.102.0.0/16"), "{text}");
+    // A real, recent handshake time (boringtun's own UAPI would say "56 years ago").
+    let hs = text.lines().find(|l| l.contains("latest handshake:")).expect("a handshake line").to_owned();
+    assert!(
+        (hs.contains("second") || hs.contains("Now")) && !hs.contains("year") && !hs.contains("minute"),
+        "{hs}"
+    );
+    assert!(text.contains("transfer:"), "{text}");
+    // Changes through the UAPI are refused: the reconcile loop owns the peers.
+    let set = exec::run(&["wg", "set", &a.device, "peer", &status_b.public_key, "remove"]);
+    assert!(set.is_err(), "wg set must be refused");
+    let again = exec::run(&["wg", "show", &a.device, "peers"]).unwrap();
+    assert_eq!(String::from_utf8_lossy(&again.stdout).trim(), status_b.public_key);
 }

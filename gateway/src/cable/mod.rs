@@ -27,6 +27,12 @@ pub enum CableError {
         #[source]
         source: std::io::Error,
     },
+    #[error("serving the WireGuard UAPI socket of {device}: {source}")]
+    Uapi {
+        device: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the cable's I/O task has stopped")]
     Stopped,
 }

@@ -20,7 +20,7 @@ use tracing::{debug, info, warn};
 /// WireGuard's own overhead on top of the inner packet (IPv6 outer header, UDP, WG header+tag).
 pub const WG_OVERHEAD: u16 = 80;
 /// Keepalive so that NAT bindings and the "connected" view stay fresh.
-const PERSISTENT_KEEPALIVE_SECS: u16 = 25;
+pub const PERSISTENT_KEEPALIVE_SECS: u16 = 25;
 /// A session whose last handshake is older than this has expired (REJECT_AFTER_TIME).
 pub const SESSION_LIFETIME: Duration = Duration::from_secs(180);
 /// Scratch buffer size: the largest datagram plus WireGuard's overhead.

@@ -5,6 +5,7 @@
 //! without touching `core`.
 
 pub mod core;
+pub mod uapi;
 
 use std::{collections::HashMap, net::SocketAddr, time::Duration};
 
@@ -13,7 +14,7 @@ use causeway_broker_api::WireGuardKey;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
-use self::core::{BUF_SIZE, Output, PeerConfig, PeerStats, WgCore};
+use self::core::{BUF_SIZE, Output, PERSISTENT_KEEPALIVE_SECS, PeerConfig, PeerStats, WgCore};
 use super::{CableDriver, CableError, Connection, ConnectionStatus, RemoteEndpoint, secs};
 
 /// Settings of the WireGuard cable.
@@ -24,6 +25,8 @@ pub struct WireGuardConfig {
     pub mtu: u16,
     pub listen_port: u16,
     pub private_key: StaticSecret,
+    /// Serve the standard UAPI socket (`/var/run/wireguard/<device>.sock`) for `wg show`.
+    pub uapi: bool,
 }
 
 impl std::fmt::Debug for WireGuardConfig {
@@ -39,7 +42,13 @@ impl std::fmt::Debug for WireGuardConfig {
 impl WireGuardConfig {
     #[cfg(test)]
     pub(crate) fn for_test() -> Self {
-        Self { device: "cwtest0".into(), mtu: 1420, listen_port: 0, private_key: StaticSecret::from([1; 32]) }
+        Self {
+            device: "cwtest0".into(),
+            mtu: 1420,
+            listen_port: 0,
+            private_key: StaticSecret::from([1; 32]),
+            uapi: false,
+        }
     }
 }
 
@@ -61,6 +70,7 @@ pub struct WireGuardCable {
     local_addr: SocketAddr,
     tx: mpsc::Sender<Command>,
     keys: HashMap<String, WireGuardKey>,
+    uapi: Option<(std::path::PathBuf, tokio::task::JoinHandle<()>)>,
 }
 
 impl WireGuardCable {
@@ -77,12 +87,35 @@ impl WireGuardCable {
             .map_err(|source| CableError::Bind { port: cfg.listen_port, source })?;
         let local_addr =
             udp.local_addr().map_err(|source| CableError::Bind { port: cfg.listen_port, source })?;
+        let private_bytes = cfg.private_key.to_bytes();
         let core = WgCore::new(cfg.private_key);
         let public_key = core.public_key();
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(io_loop(core, tun, udp, rx));
+        let uapi = if cfg.uapi {
+            let tx = tx.clone();
+            let snapshot = move || {
+                let tx = tx.clone();
+                async move {
+                    let (reply, rx) = oneshot::channel();
+                    tx.send(Command::Stats(reply)).await.ok()?;
+                    rx.await.ok().map(|(peers, _)| peers)
+                }
+            };
+            let served = uapi::serve(
+                &cfg.device,
+                private_bytes,
+                local_addr.port(),
+                PERSISTENT_KEEPALIVE_SECS,
+                snapshot,
+            )
+            .map_err(|source| CableError::Uapi { device: cfg.device.clone(), source })?;
+            Some(served)
+        } else {
+            None
+        };
         info!(device = %cfg.device, mtu = cfg.mtu, listen = %local_addr, key = %public_key, "wireguard cable up");
-        Ok(Self { device: cfg.device, public_key, local_addr, tx, keys: HashMap::new() })
+        Ok(Self { device: cfg.device, public_key, local_addr, tx, keys: HashMap::new(), uapi })
     }
 
     #[must_use]
@@ -165,6 +198,10 @@ impl CableDriver for WireGuardCable {
 
     async fn cleanup(&mut self) -> Result<(), CableError> {
         self.keys.clear();
+        if let Some((path, task)) = self.uapi.take() {
+            task.abort();
+            let _ = std::fs::remove_file(path);
+        }
         // The TUN device is not persistent: it disappears with the task's fd.
         self.call(Command::Stop).await
     }

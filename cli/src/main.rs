@@ -61,6 +61,12 @@ enum DebugCmd {
         #[arg(long)]
         listen: String,
     },
+    /// PUT one raw record (JSON `{"kind": …, "spec": …}` on stdin) to the broker, e.g. to
+    /// register a site that runs stock WireGuard.
+    Put {
+        #[arg(long, env = "CAUSEWAY_BROKER_URL", default_value = SANDBOX_BROKER_URL)]
+        broker_url: String,
+    },
     /// Send N bytes over TCP; print their length and SHA-256.
     TcpSource {
         #[arg(long)]
@@ -154,6 +160,20 @@ fn main() -> anyhow::Result<()> {
         Cmd::Debug { command } => match command {
             DebugCmd::TcpSink { listen } => tools::tcp_sink(&listen),
             DebugCmd::TcpSource { connect, bytes } => tools::tcp_source(&connect, bytes),
+            DebugCmd::Put { broker_url } => {
+                telemetry::init("warn");
+                let record: causeway_broker_api::Record =
+                    serde_json::from_reader(std::io::stdin()).context("reading a record from stdin")?;
+                runtime()?.block_on(async {
+                    let client = causeway_broker_api::BrokerClient::new(broker_url);
+                    let obj = match &record {
+                        causeway_broker_api::Record::Cluster(c) => client.put_cluster(c).await?,
+                        causeway_broker_api::Record::Endpoint(e) => client.put_endpoint(e).await?,
+                    };
+                    println!("{}", serde_json::to_string(&obj)?);
+                    Ok(())
+                })
+            }
         },
     }
 }

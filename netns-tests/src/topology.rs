@@ -201,6 +201,23 @@ impl Topology {
         Ok(())
     }
 
+    /// Adds a namespace `<prefix>-<name>` on the underlay with address `ip/24` on its
+    /// `uplink`, e.g. a stock WireGuard peer for interop tests. Torn down with the rest.
+    pub fn add_underlay_host(&mut self, name: &str, addr: &str) -> anyhow::Result<String> {
+        let ns = format!("{}-{name}", self.spec.prefix);
+        let mtu = self.spec.underlay_mtu.to_string();
+        let u = self.underlay_ns.clone();
+        self.add_ns(&ns)?;
+        let mut port = format!("h-{name}");
+        port.truncate(15);
+        veth(&ns, "uplink", &u, &port)?;
+        ip(&u, &["link", "set", &port, "master", "br0", "mtu", &mtu, "up"])?;
+        ip(&ns, &["link", "set", "uplink", "mtu", &mtu])?;
+        ip(&ns, &["addr", "add", &format!("{addr}/24"), "dev", "uplink"])?;
+        ip(&ns, &["link", "set", "uplink", "up"])?;
+        Ok(ns)
+    }
+
     fn host_if(&self) -> String {
         let mut s = format!("{}-host", self.spec.prefix);
         s.truncate(15);

@@ -264,3 +264,105 @@ fn wg_show_reports_the_userspace_device_and_wg_set_is_refused() {
     let again = exec::run(&["wg", "show", &a.device, "peers"]).unwrap();
     assert_eq!(String::from_utf8_lossy(&again.stdout).trim(), status_b.public_key);
 }
+
+/// Runs `wg` with a private key given on stdin, returns its stdout.
+fn wg_with_stdin(args: &[&str], stdin: &str) -> String {
+    use std::io::Write as _;
+    let mut child =
+        Command::new("wg").args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "wg {args:?} failed");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[test]
+fn interoperates_with_stock_wireguard_go() {
+    require_privileges!();
+    let mut t = topology(1, 1500);
+    let c1 = t.clusters[0].clone();
+    let gw1_key = t.gateway_status(1).unwrap().public_key;
+    let bin = causeway_bin().display().to_string();
+
+    // A site running Debian's wireguard-go, configured with `wg`, on the underlay.
+    let site_ip = "172.31.0.99";
+    let ns = t.add_underlay_host("wggo", site_ip).unwrap();
+    let dev = format!("{}g", t.spec.prefix.replace('-', ""));
+    let private = wg_with_stdin(&["genkey"], "");
+    let public = wg_with_stdin(&["pubkey"], &format!("{private}\n"));
+    let key_file = t.spec.run_dir.join("wggo.key");
+    std::fs::write(&key_file, format!("{private}\n")).unwrap();
+    let _wggo = Bg::start(&ns, &["env", "WG_PROCESS_FOREGROUND=1", "wireguard-go", &dev], Stdio::null());
+    wait_for(Duration::from_secs(10), "wireguard-go's UAPI socket", || {
+        std::path::Path::new(&format!("/var/run/wireguard/{dev}.sock")).exists()
+    })
+    .unwrap();
+    let gw1_endpoint = format!("{}:51820", c1.gw_ip);
+    exec::in_ns(
+        &ns,
+        &[
+            "wg",
+            "set",
+            &dev,
+            "private-key",
+            &key_file.display().to_string(),
+            "listen-port",
+            "51820",
+            "peer",
+            &gw1_key,
+            "endpoint",
+            &gw1_endpoint,
+            "allowed-ips",
+            "10.1.0.0/16,10.101.0.0/16",
+            "persistent-keepalive",
+            "5",
+        ],
+    )
+    .unwrap();
+    exec::ip(&ns, &["addr", "add", "10.99.0.1/16", "dev", &dev]).unwrap();
+    exec::ip(&ns, &["link", "set", &dev, "mtu", "1420", "up"]).unwrap();
+    exec::ip(&ns, &["route", "add", "10.1.0.0/16", "dev", &dev]).unwrap();
+
+    // The worker node sends the site's prefix to its gateway (the route agent's job).
+    exec::ip(&c1.node_ns, &["route", "add", "10.99.0.0/16", "via", "172.20.1.1"]).unwrap();
+
+    // Register the site with the broker like any cluster.
+    let cluster = format!(
+        r#"{{"kind":"Cluster","spec":{{"clusterId":"stock-site","podCidrs":["10.99.0.0/16"],"serviceCidrs":[]}}}}"#
+    );
+    let endpoint = format!(
+        r#"{{"kind":"Endpoint","spec":{{"clusterId":"stock-site","hostname":"wggo","privateIps":["{site_ip}"],"port":51820,"publicKey":"{public}","backend":"wireguard"}}}}"#
+    );
+    let url = t.broker_url();
+    for record in [cluster, endpoint] {
+        exec::in_ns_with_input(
+            &t.broker_ns,
+            &[&bin, "debug", "put", "--broker-url", &url],
+            &[],
+            record.as_bytes(),
+        )
+        .expect("registering the stock site");
+    }
+
+    // Causeway gateway ↔ wireguard-go: a handshake, pings both ways, a checksummed transfer.
+    wait_for(Duration::from_secs(20), "pod-1 to reach the wireguard-go site", || {
+        exec::ping(&c1.pod_ns, "10.99.0.1", 1)
+    })
+    .unwrap();
+    assert!(exec::ping(&ns, &c1.pod_ip, 3), "wireguard-go site cannot reach pod-1");
+    let listen = "10.99.0.1:9100";
+    let sink = Bg::start(&ns, &[&bin, "debug", "tcp-sink", "--listen", listen], Stdio::piped());
+    std::thread::sleep(Duration::from_millis(300));
+    let sent =
+        exec::in_ns(&c1.pod_ns, &[&bin, "debug", "tcp-source", "--connect", listen, "--bytes", "4000000"])
+            .expect("sending to the wireguard-go site");
+    assert_eq!(sink.output(), String::from_utf8_lossy(&sent.stdout).trim());
+
+    let conn = t.gateway_status(1).unwrap();
+    let site =
+        conn.connections.iter().find(|c| c.cluster_id == "stock-site").expect("a connection to the site");
+    assert_eq!(site.status, "connected");
+    let shown = exec::run(&["wg", "show", &dev]).unwrap();
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.contains(&format!("peer: {gw1_key}")) && shown.contains("latest handshake"), "{shown}");
+}

@@ -67,6 +67,20 @@ enum DebugCmd {
         #[arg(long, env = "CAUSEWAY_BROKER_URL", default_value = SANDBOX_BROKER_URL)]
         broker_url: String,
     },
+    /// Echo UDP datagrams back to their sender.
+    UdpEcho {
+        #[arg(long)]
+        listen: String,
+    },
+    /// Send datagrams to an echo server and check they come back intact.
+    UdpPing {
+        #[arg(long)]
+        connect: String,
+        #[arg(long, default_value_t = 8000)]
+        size: usize,
+        #[arg(long, default_value_t = 10)]
+        count: u32,
+    },
     /// Send N bytes over TCP; print their length and SHA-256.
     TcpSource {
         #[arg(long)]
@@ -160,6 +174,8 @@ fn main() -> anyhow::Result<()> {
         Cmd::Debug { command } => match command {
             DebugCmd::TcpSink { listen } => tools::tcp_sink(&listen),
             DebugCmd::TcpSource { connect, bytes } => tools::tcp_source(&connect, bytes),
+            DebugCmd::UdpEcho { listen } => tools::udp_echo(&listen),
+            DebugCmd::UdpPing { connect, size, count } => tools::udp_ping(&connect, size, count),
             DebugCmd::Put { broker_url } => {
                 telemetry::init("warn");
                 let record: causeway_broker_api::Record =

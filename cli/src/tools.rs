@@ -9,6 +9,9 @@ use std::{
 use anyhow::Context as _;
 use sha2::{Digest as _, Sha256};
 
+/// How long a transfer may make no progress before it fails.
+const IO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// A recognisable plaintext, so a capture of the underlay can prove it never shows up there.
 pub const MARKER: &[u8] = b"CAUSEWAY-PLAINTEXT-MARKER:";
 
@@ -23,6 +26,8 @@ pub fn tcp_sink(listen: &str) -> anyhow::Result<()> {
     // Tell the caller we are listening (stdout is line-buffered into the caller's pipe).
     eprintln!("listening on {listen}");
     let (mut s, _) = l.accept()?;
+    // A black-holed path must fail the transfer, not hang it.
+    s.set_read_timeout(Some(IO_TIMEOUT))?;
     let mut hash = Sha256::new();
     let mut total = 0u64;
     let mut buf = vec![0u8; 64 * 1024];
@@ -40,7 +45,11 @@ pub fn tcp_sink(listen: &str) -> anyhow::Result<()> {
 
 /// Connects, sends `bytes` bytes of marker-laden data, prints `{"bytes":…,"sha256":…}`.
 pub fn tcp_source(connect: &str, bytes: u64) -> anyhow::Result<()> {
-    let mut s = TcpStream::connect(connect).with_context(|| format!("connecting to {connect}"))?;
+    let addr: std::net::SocketAddr =
+        connect.parse().with_context(|| format!("{connect} is not ADDR:PORT"))?;
+    let mut s =
+        TcpStream::connect_timeout(&addr, IO_TIMEOUT).with_context(|| format!("connecting to {connect}"))?;
+    s.set_write_timeout(Some(IO_TIMEOUT))?;
     let mut hash = Sha256::new();
     let mut sent = 0u64;
     let mut block = Vec::with_capacity(64 * 1024);
@@ -59,5 +68,44 @@ pub fn tcp_source(connect: &str, bytes: u64) -> anyhow::Result<()> {
     }
     s.shutdown(std::net::Shutdown::Write)?;
     println!("{}", report(sent, hash));
+    Ok(())
+}
+
+/// Echoes UDP datagrams back to their sender until killed.
+pub fn udp_echo(listen: &str) -> anyhow::Result<()> {
+    let s = std::net::UdpSocket::bind(listen).with_context(|| format!("binding {listen}"))?;
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        let (n, from) = s.recv_from(&mut buf)?;
+        s.send_to(&buf[..n], from)?;
+    }
+}
+
+/// Sends `count` datagrams of `size` bytes and checks each echo is identical; prints
+/// `{"sent":…,"echoed":…}` and fails unless every one came back intact.
+pub fn udp_ping(connect: &str, size: usize, count: u32) -> anyhow::Result<()> {
+    let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    s.connect(connect).with_context(|| format!("connecting to {connect}"))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
+    let mut echoed = 0u32;
+    let mut buf = vec![0u8; 65_536];
+    for i in 0..count {
+        let payload: Vec<u8> = (0..size).map(|j| u8::try_from((j + i as usize) % 251).unwrap_or(0)).collect();
+        // A lost first datagram (PMTU being learned) is retried once.
+        for _attempt in 0..2 {
+            if s.send(&payload).is_err() {
+                continue;
+            }
+            match s.recv(&mut buf) {
+                Ok(n) if buf[..n] == payload[..] => {
+                    echoed += 1;
+                    break;
+                }
+                _ => {}
+            }
+        }
+    }
+    println!("{}", serde_json::json!({ "sent": count, "echoed": echoed }));
+    anyhow::ensure!(echoed == count, "only {echoed} of {count} datagrams of {size} bytes came back intact");
     Ok(())
 }

@@ -298,6 +298,7 @@ pub async fn run(
     )
     .await?;
     let mut datapath = Datapath::load()?;
+    datapath.set_tunnel_mtu(config.tunnel_mtu())?;
     datapath.attach_tunnel(cable.device())?;
     let routes = RouteManager::new(cable.device()).await?;
     let shared = Arc::new(Mutex::new(Shared {

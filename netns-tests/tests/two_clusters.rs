@@ -287,7 +287,8 @@ fn interoperates_with_stock_wireguard_go() {
     // A site running Debian's wireguard-go, configured with `wg`, on the underlay.
     let site_ip = "172.31.0.99";
     let ns = t.add_underlay_host("wggo", site_ip).unwrap();
-    let dev = format!("{}g", t.spec.prefix.replace('-', ""));
+    // Under the topology's device pattern, so teardown also removes a stale UAPI socket.
+    let dev = format!("{}c99", t.spec.prefix.replace('-', ""));
     let private = wg_with_stdin(&["genkey"], "");
     let public = wg_with_stdin(&["pubkey"], &format!("{private}\n"));
     let key_file = t.spec.run_dir.join("wggo.key");
@@ -365,4 +366,63 @@ fn interoperates_with_stock_wireguard_go() {
     let shown = exec::run(&["wg", "show", &dev]).unwrap();
     let shown = String::from_utf8_lossy(&shown.stdout);
     assert!(shown.contains(&format!("peer: {gw1_key}")) && shown.contains("latest handshake"), "{shown}");
+}
+
+/// Drops ICMP "fragmentation needed" that a gateway sends, as many real networks do.
+fn block_frag_needed(ns: &str) {
+    let rules = "table inet cwtest {\n  chain out {\n    type filter hook output priority 0;\n    \
+                 icmp type destination-unreachable icmp code frag-needed counter drop\n  }\n}\n";
+    exec::in_ns_with_input(ns, &["nft", "-f", "-"], &[], rules.as_bytes()).expect("nft");
+}
+
+fn datapath_event(t: &Topology, gw: usize, event: &str) -> u64 {
+    t.gateway_status(gw).unwrap().datapath_events.get(event).copied().unwrap_or(0)
+}
+
+#[test]
+fn mtu_safe_by_construction_with_a_smaller_underlay() {
+    require_privileges!();
+    // Pods keep MTU 1500; the underlay has 1400, so the tunnel gets 1320.
+    let t = topology(2, 1400);
+    let (a, b) = (t.clusters[0].clone(), t.clusters[1].clone());
+    let link = exec::run(&["ip", "-n", &a.gw_ns, "link", "show", &a.device]).unwrap();
+    assert!(String::from_utf8_lossy(&link.stdout).contains("mtu 1320"), "tunnel MTU = underlay − 80");
+    let bin = causeway_bin().display().to_string();
+
+    // 1. TCP without any ICMP help: only the MSS clamp (SYN and SYN-ACK) makes it fit.
+    block_frag_needed(&a.gw_ns);
+    block_frag_needed(&b.gw_ns);
+    let listen = format!("{}:9200", b.pod_ip);
+    let sink = Bg::start(&b.pod_ns, &[&bin, "debug", "tcp-sink", "--listen", &listen], Stdio::piped());
+    std::thread::sleep(Duration::from_millis(300));
+    let sent =
+        exec::in_ns(&a.pod_ns, &[&bin, "debug", "tcp-source", "--connect", &listen, "--bytes", "50000000"])
+            .expect("50 MB over a 1320-byte tunnel");
+    assert_eq!(sink.output(), String::from_utf8_lossy(&sent.stdout).trim());
+    // Each side's gateway clamps what leaves through its tunnel: A the SYN, B the SYN-ACK.
+    // (The ingress side clamps too, for peers that do not, e.g. stock WireGuard.)
+    assert!(datapath_event(&t, 1, "mss_clamped") >= 1, "gateway A clamped the SYN");
+    assert!(datapath_event(&t, 2, "mss_clamped") >= 1, "gateway B clamped the SYN-ACK");
+    exec::in_ns(&a.gw_ns, &["nft", "delete", "table", "inet", "cwtest"]).unwrap();
+    exec::in_ns(&b.gw_ns, &["nft", "delete", "table", "inet", "cwtest"]).unwrap();
+
+    // 2. Non-TCP: the gateway's ICMP "fragmentation needed" reaches the sender, whose kernel
+    // learns the path MTU for that destination.
+    let _ =
+        exec::in_ns(&a.pod_ns, &["ping", "-n", "-c", "2", "-W", "1", "-M", "do", "-s", "1400", &b.pod_ip]);
+    let route = exec::in_ns(&a.pod_ns, &["ip", "route", "get", &b.pod_ip]).unwrap();
+    let route = String::from_utf8_lossy(&route.stdout);
+    assert!(route.contains("mtu 1320"), "pod A never learned the path MTU: {route}");
+
+    // 3. Large UDP datagrams both ways (fragmented by the pods, carried through the tunnel).
+    let echo_addr = format!("{}:9300", b.pod_ip);
+    let _echo = Bg::start(&b.pod_ns, &[&bin, "debug", "udp-echo", "--listen", &echo_addr], Stdio::null());
+    std::thread::sleep(Duration::from_millis(300));
+    for size in ["1400", "8000", "30000"] {
+        exec::in_ns(
+            &a.pod_ns,
+            &[&bin, "debug", "udp-ping", "--connect", &echo_addr, "--size", size, "--count", "5"],
+        )
+        .unwrap_or_else(|e| panic!("UDP {size} bytes: {e:#}"));
+    }
 }

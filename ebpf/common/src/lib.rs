@@ -16,6 +16,8 @@ pub mod maps {
     pub const CLUSTER_COUNTERS: &str = "CLUSTER_COUNTERS";
     /// `PerCpuArray<u64>` indexed by [`super::Stat`]: datapath-wide counters.
     pub const STATS: &str = "STATS";
+    /// `Array<u32>` indexed by [`super::Config`]: settings written by userspace.
+    pub const CONFIG: &str = "CONFIG";
 }
 
 /// Program names in the object.
@@ -76,10 +78,13 @@ pub enum Stat {
     NoCounterSlot = 2,
     /// Neither IPv4 nor IPv6, or too short to parse.
     Unparsed = 3,
+    /// A SYN or SYN-ACK whose MSS option was lowered to fit the tunnel.
+    MssClamped = 4,
 }
 
 impl Stat {
-    pub const ALL: [Stat; 4] = [Self::TxNoRemote, Self::RxNoRemote, Self::NoCounterSlot, Self::Unparsed];
+    pub const ALL: [Stat; 5] =
+        [Self::TxNoRemote, Self::RxNoRemote, Self::NoCounterSlot, Self::Unparsed, Self::MssClamped];
 
     /// Name used in metrics and `show` output.
     #[must_use]
@@ -89,9 +94,23 @@ impl Stat {
             Self::RxNoRemote => "rx_no_remote",
             Self::NoCounterSlot => "no_counter_slot",
             Self::Unparsed => "unparsed",
+            Self::MssClamped => "mss_clamped",
         }
     }
 }
+
+/// Indices of the `CONFIG` array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Config {
+    /// Largest TCP MSS for IPv4 through the tunnel (tunnel MTU − 40); 0 disables clamping.
+    MssV4 = 0,
+    /// Largest TCP MSS for IPv6 through the tunnel (tunnel MTU − 60); 0 disables clamping.
+    MssV6 = 1,
+}
+
+/// Number of entries of the `CONFIG` array.
+pub const NUM_CONFIG: u32 = 2;
 
 /// Number of entries of the `STATS` array.
 pub const NUM_STATS: u32 = Stat::ALL.len() as u32;
@@ -125,7 +144,8 @@ mod tests {
         for (i, s) in Stat::ALL.iter().enumerate() {
             assert_eq!(*s as usize, i);
         }
-        assert_eq!(NUM_STATS, 4);
+        assert_eq!(NUM_STATS, 5);
+        assert_eq!(Config::MssV6 as u32 + 1, NUM_CONFIG);
     }
 
     #[test]

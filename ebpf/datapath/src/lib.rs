@@ -12,10 +12,10 @@ use std::collections::BTreeMap;
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{LpmTrie, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues, lpm_trie::Key},
+    maps::{Array, LpmTrie, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues, lpm_trie::Key},
     programs::{ProgramError, SchedClassifier, TcAttachType},
 };
-use causeway_datapath_common::{RemoteCidr, maps, programs};
+use causeway_datapath_common::{Config, RemoteCidr, maps, programs};
 pub use causeway_datapath_common::{Stat, TrafficCounters};
 use ipnetwork::IpNetwork;
 use tracing::{debug, info, warn};
@@ -56,6 +56,7 @@ pub struct Datapath {
     remote_v6: LpmTrie<MapData, [u8; 16], RemoteCidr>,
     counters: PerCpuHashMap<MapData, u32, TrafficCounters>,
     stats: PerCpuArray<MapData, u64>,
+    config: Array<MapData, u32>,
     ncpus: usize,
     log_task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -81,7 +82,8 @@ impl Datapath {
         let counters = PerCpuHashMap::try_from(take(&mut ebpf, maps::CLUSTER_COUNTERS)?)
             .map_err(map_err(maps::CLUSTER_COUNTERS))?;
         let stats = PerCpuArray::try_from(take(&mut ebpf, maps::STATS)?).map_err(map_err(maps::STATS))?;
-        Ok(Self { ebpf, remote_v4, remote_v6, counters, stats, ncpus, log_task })
+        let config = Array::try_from(take(&mut ebpf, maps::CONFIG)?).map_err(map_err(maps::CONFIG))?;
+        Ok(Self { ebpf, remote_v4, remote_v6, counters, stats, config, ncpus, log_task })
     }
 
     /// Attaches the counting programs to both directions of the tunnel device `ifname`
@@ -100,6 +102,16 @@ impl Datapath {
             prog.load().map_err(|source| DatapathError::Program { name, source })?;
             prog.attach(ifname, dir).map_err(|source| DatapathError::Program { name, source })?;
             info!(program = name, interface = ifname, direction = ?dir, "attached");
+        }
+        Ok(())
+    }
+
+    /// Sets the largest TCP MSS let through the tunnel from its MTU (IPv4: MTU − 40, IPv6:
+    /// MTU − 60); SYN and SYN-ACK segments with a larger MSS option are rewritten.
+    pub fn set_tunnel_mtu(&mut self, mtu: u16) -> Result<(), DatapathError> {
+        for (cfg, overhead) in [(Config::MssV4, 40), (Config::MssV6, 60)] {
+            let mss = u32::from(mtu.saturating_sub(overhead));
+            self.config.set(cfg as u32, mss, 0).map_err(map_err(maps::CONFIG))?;
         }
         Ok(())
     }

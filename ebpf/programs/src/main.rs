@@ -14,12 +14,12 @@
 use aya_ebpf::{
     bindings::TC_ACT_OK,
     macros::{classifier, map},
-    maps::{LpmTrie, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
+    maps::{Array, LpmTrie, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
     programs::TcContext,
 };
 use aya_log_ebpf::warn;
 use causeway_datapath_common::{
-    MAX_CLUSTERS, MAX_REMOTE_CIDRS, NUM_STATS, RemoteCidr, Stat, TrafficCounters,
+    Config, MAX_CLUSTERS, MAX_REMOTE_CIDRS, NUM_CONFIG, NUM_STATS, RemoteCidr, Stat, TrafficCounters,
 };
 
 #[map]
@@ -36,6 +36,9 @@ static CLUSTER_COUNTERS: PerCpuHashMap<u32, TrafficCounters> =
 
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NUM_STATS, 0);
+
+#[map]
+static CONFIG: Array<u32> = Array::with_max_entries(NUM_CONFIG, 0);
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Direction {
@@ -56,13 +59,83 @@ fn bump(stat: Stat) {
 #[classifier]
 pub fn tunnel_egress(ctx: TcContext) -> i32 {
     count(&ctx, Direction::Tx);
+    clamp_mss(&ctx);
     TC_ACT_OK
 }
 
 #[classifier]
 pub fn tunnel_ingress(ctx: TcContext) -> i32 {
     count(&ctx, Direction::Rx);
+    clamp_mss(&ctx);
     TC_ACT_OK
+}
+
+const IPPROTO_TCP: u8 = 6;
+/// `BPF_F_PSEUDO_HDR` is not needed: the MSS is not part of the pseudo-header. Low bits: size.
+const CSUM_SIZE_2: u64 = 2;
+
+/// Lowers the MSS option of SYN and SYN-ACK segments crossing the tunnel (both directions, so
+/// both ends learn it), so TCP fits the tunnel even where ICMP "fragmentation needed" is lost.
+#[inline(always)]
+fn clamp_mss(ctx: &TcContext) {
+    let _ = try_clamp_mss(ctx);
+}
+
+#[inline(always)]
+fn try_clamp_mss(ctx: &TcContext) -> Result<(), i64> {
+    let first = ctx.load::<u8>(0)?;
+    let (l4, cfg) = match first >> 4 {
+        4 => {
+            if ctx.load::<u8>(9)? != IPPROTO_TCP {
+                return Ok(());
+            }
+            // Only first fragments carry the TCP header.
+            if u16::from_be(ctx.load::<u16>(6)?) & 0x1fff != 0 {
+                return Ok(());
+            }
+            (usize::from(first & 0x0f) * 4, Config::MssV4)
+        }
+        // IPv6 without extension headers (a SYN with extension headers keeps its MSS).
+        6 if ctx.load::<u8>(6)? == IPPROTO_TCP => (40, Config::MssV6),
+        _ => return Ok(()),
+    };
+    let max = match CONFIG.get(cfg as u32) {
+        Some(m) if *m != 0 => *m,
+        _ => return Ok(()),
+    };
+    if ctx.load::<u8>(l4 + 13)? & 0x02 == 0 {
+        return Ok(()); // not SYN
+    }
+    let doff = usize::from(ctx.load::<u8>(l4 + 12)? >> 4) * 4;
+    let mut off = 20;
+    // At most 40 bytes of options: at most 40 steps.
+    for _ in 0..40 {
+        if off + 4 > doff {
+            break;
+        }
+        match ctx.load::<u8>(l4 + off)? {
+            0 => break,
+            1 => off += 1,
+            2 => {
+                let old = ctx.load::<u16>(l4 + off + 2)?;
+                if u32::from(u16::from_be(old)) > max {
+                    let new = (max as u16).to_be();
+                    ctx.store(l4 + off + 2, &new, 0)?;
+                    ctx.l4_csum_replace(l4 + 16, u64::from(old), u64::from(new), CSUM_SIZE_2)?;
+                    bump(Stat::MssClamped);
+                }
+                break;
+            }
+            _ => {
+                let len = usize::from(ctx.load::<u8>(l4 + off + 1)?);
+                if len < 2 {
+                    break;
+                }
+                off += len;
+            }
+        }
+    }
+    Ok(())
 }
 
 #[inline(always)]

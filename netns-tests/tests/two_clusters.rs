@@ -328,9 +328,9 @@ fn interoperates_with_stock_wireguard_go() {
     exec::ip(&c1.node_ns, &["route", "add", "10.99.0.0/16", "via", "172.20.1.1"]).unwrap();
 
     // Register the site with the broker like any cluster.
-    let cluster = format!(
-        r#"{{"kind":"Cluster","spec":{{"clusterId":"stock-site","podCidrs":["10.99.0.0/16"],"serviceCidrs":[]}}}}"#
-    );
+    let cluster =
+        r#"{"kind":"Cluster","spec":{"clusterId":"stock-site","podCidrs":["10.99.0.0/16"],"serviceCidrs":[]}}"#
+            .to_owned();
     let endpoint = format!(
         r#"{{"kind":"Endpoint","spec":{{"clusterId":"stock-site","hostname":"wggo","privateIps":["{site_ip}"],"port":51820,"publicKey":"{public}","backend":"wireguard"}}}}"#
     );

@@ -171,6 +171,8 @@ pub async fn run(a: ShowArgs) -> anyhow::Result<()> {
                                     c.cluster_id.clone(),
                                     c.endpoint.clone(),
                                     c.status.clone(),
+                                    c.rtt_secs.map_or("-".into(), |v| format!("{:.3} ms", v * 1000.0)),
+                                    format!("{:.0}%", c.loss * 100.0),
                                     c.last_handshake_secs.map_or("-".into(), |v| format!("{v:.0}s ago")),
                                     c.datapath.tx_bytes.to_string(),
                                     c.datapath.rx_bytes.to_string(),
@@ -181,7 +183,17 @@ pub async fn run(a: ShowArgs) -> anyhow::Result<()> {
                     print!(
                         "{}",
                         table(
-                            &["LOCAL", "REMOTE", "ENDPOINT", "STATUS", "HANDSHAKE", "TX BYTES", "RX BYTES"],
+                            &[
+                                "LOCAL",
+                                "REMOTE",
+                                "ENDPOINT",
+                                "STATUS",
+                                "RTT",
+                                "LOSS",
+                                "HANDSHAKE",
+                                "TX BYTES",
+                                "RX BYTES"
+                            ],
                             &rows
                         )
                     );

@@ -35,6 +35,17 @@ impl LocalCluster {
         }
     }
 
+    /// The gateway's health-check address for in-band probes: the network address of the first
+    /// IPv4 pod CIDR. Probes are answered inside the gateway, so the address never has to be
+    /// configured on an interface, and a network address is never a pod's.
+    #[must_use]
+    pub fn health_ip(&self) -> Option<std::net::Ipv4Addr> {
+        self.pod_cidrs.iter().find_map(|c| match c {
+            IpNetwork::V4(n) => Some(n.network()),
+            IpNetwork::V6(_) => None,
+        })
+    }
+
     /// Same checks the broker applies, so that a bad flag fails at startup.
     pub fn validate(&self) -> Result<(), ValidationError> {
         causeway_broker_api::validate_cluster(&self.record(0))

@@ -182,6 +182,8 @@ impl Shared {
                 cluster_id: c.cluster_id,
                 endpoint: c.endpoint.to_string(),
                 public_key: c.public_key,
+                rtt_secs: c.rtt_secs,
+                loss: c.loss,
                 last_handshake_secs: c.last_handshake_secs,
                 cidrs,
                 tx_bytes: c.tx_bytes,
@@ -263,7 +265,7 @@ fn endpoint_record(local: &LocalCluster, key: &KeyPair, port: u16) -> EndpointRe
         backend: "wireguard".into(),
         role: if local.active { GatewayRole::Active } else { GatewayRole::Standby },
         priority: 0,
-        health_check_ip: None,
+        health_check_ip: local.health_ip().map(std::net::IpAddr::V4),
         generation: 1,
     }
 }
@@ -294,6 +296,7 @@ pub async fn run(
             listen_port: config.listen_port,
             private_key: key.private.clone(),
             uapi: config.uapi,
+            health_ip: local.health_ip(),
         },
     )
     .await?;

@@ -55,6 +55,10 @@ pub fn desired(objects: &[Object], local_cluster: &str) -> Desired {
                 public_key: ep.public_key,
                 endpoint: SocketAddr::new(ip, ep.port),
                 cidrs: c.all_cidrs().copied().collect(),
+                health_ip: match ep.health_check_ip {
+                    Some(std::net::IpAddr::V4(v4)) => Some(v4),
+                    _ => None,
+                },
             },
         );
     }

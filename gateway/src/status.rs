@@ -28,8 +28,12 @@ pub struct ConnectionView {
     pub cluster_id: String,
     pub endpoint: String,
     pub public_key: String,
-    /// `connected` or `connecting`.
+    /// `connected` (forwarding works), `connecting` or `down`.
     pub status: String,
+    /// Round-trip time of the last in-band probe.
+    pub rtt_secs: Option<f64>,
+    /// Fraction of recent probes lost.
+    pub loss: f64,
     pub last_handshake_secs: Option<f64>,
     pub cidrs: Vec<String>,
     /// Counted by the cable (bytes of inner packets).
@@ -135,6 +139,21 @@ pub fn render_metrics(s: &GatewayStatus) -> String {
         );
     }
     family(
+        "causeway_rtt_seconds",
+        "gauge",
+        "Round-trip time of the last in-band probe through the tunnel",
+        s.connections
+            .iter()
+            .filter_map(|c| c.rtt_secs.map(|v| (format!("cluster=\"{}\"", c.cluster_id), v)))
+            .collect(),
+    );
+    family(
+        "causeway_probe_loss_ratio",
+        "gauge",
+        "Fraction of recent in-band probes that were lost",
+        s.connections.iter().map(|c| (format!("cluster=\"{}\"", c.cluster_id), c.loss)).collect(),
+    );
+    family(
         "causeway_last_handshake_seconds",
         "gauge",
         "Seconds since the last handshake with the remote gateway",
@@ -190,6 +209,8 @@ mod tests {
                 endpoint: "172.31.0.12:51820".into(),
                 public_key: "k2".into(),
                 status: "connected".into(),
+                rtt_secs: Some(0.0002),
+                loss: 0.25,
                 last_handshake_secs: Some(1.5),
                 cidrs: vec!["10.2.0.0/16".into()],
                 tx_bytes: 10,
@@ -205,6 +226,8 @@ mod tests {
         assert!(text.contains("causeway_rx_packets_total{cluster=\"b\"} 2\n"));
         assert!(text.contains("causeway_cable_drops_total{reason=\"invalid_packet\"} 4\n"));
         assert!(text.contains("causeway_last_handshake_seconds{cluster=\"b\"} 1.5\n"));
+        assert!(text.contains("causeway_rtt_seconds{cluster=\"b\"} 0.0002\n"));
+        assert!(text.contains("causeway_probe_loss_ratio{cluster=\"b\"} 0.25\n"));
         assert!(text.contains("# TYPE causeway_tx_bytes_total counter\n"));
     }
 }

@@ -332,7 +332,7 @@ fn interoperates_with_stock_wireguard_go() {
         r#"{"kind":"Cluster","spec":{"clusterId":"stock-site","podCidrs":["10.99.0.0/16"],"serviceCidrs":[]}}"#
             .to_owned();
     let endpoint = format!(
-        r#"{{"kind":"Endpoint","spec":{{"clusterId":"stock-site","hostname":"wggo","privateIps":["{site_ip}"],"port":51820,"publicKey":"{public}","backend":"wireguard"}}}}"#
+        r#"{{"kind":"Endpoint","spec":{{"clusterId":"stock-site","hostname":"wggo","privateIps":["{site_ip}"],"port":51820,"publicKey":"{public}","backend":"wireguard","healthCheckIp":"10.99.0.1"}}}}"#
     );
     let url = t.broker_url();
     for record in [cluster, endpoint] {
@@ -362,7 +362,10 @@ fn interoperates_with_stock_wireguard_go() {
     let conn = t.gateway_status(1).unwrap();
     let site =
         conn.connections.iter().find(|c| c.cluster_id == "stock-site").expect("a connection to the site");
+    // Probes to the site's health address are answered by wireguard-go's kernel: "connected"
+    // here means forwarding works, not just that a handshake happened.
     assert_eq!(site.status, "connected");
+    assert!(site.rtt_secs.is_some(), "in-band probes answered by the stock peer");
     let shown = exec::run(&["wg", "show", &dev]).unwrap();
     let shown = String::from_utf8_lossy(&shown.stdout);
     assert!(shown.contains(&format!("peer: {gw1_key}")) && shown.contains("latest handshake"), "{shown}");
@@ -425,4 +428,52 @@ fn mtu_safe_by_construction_with_a_smaller_underlay() {
         )
         .unwrap_or_else(|e| panic!("UDP {size} bytes: {e:#}"));
     }
+}
+
+fn connection_status(t: &Topology, gw: usize, remote: &str) -> String {
+    t.gateway_status(gw)
+        .ok()
+        .and_then(|s| s.connections.into_iter().find(|c| c.cluster_id == remote))
+        .map(|c| c.status)
+        .unwrap_or_default()
+}
+
+#[test]
+fn connected_means_forwarding_works() {
+    require_privileges!();
+    let t = topology(2, 1500);
+    let a = t.clusters[0].clone();
+    let s = t.gateway_status(1).unwrap();
+    let c = &s.connections[0];
+    assert_eq!(c.status, "connected");
+    assert!(c.rtt_secs.is_some_and(|r| r > 0.0 && r < 0.5), "an in-band RTT: {:?}", c.rtt_secs);
+
+    // Black-hole the path between the gateways (the handshake state stays: only probes notice).
+    let rules = "table inet cwcut {\n  chain in { type filter hook input priority 0; udp dport 51820 drop; }\n  \
+                 chain out { type filter hook output priority 0; udp dport 51820 drop; }\n}\n";
+    exec::in_ns_with_input(&a.gw_ns, &["nft", "-f", "-"], &[], rules.as_bytes()).unwrap();
+    let cut = std::time::Instant::now();
+    wait_for(Duration::from_secs(3), "status down within 3 s", || {
+        connection_status(&t, 1, "cluster-2") == "down"
+    })
+    .unwrap();
+    eprintln!("detected the broken path after {:?}", cut.elapsed());
+    let metrics = causeway_gateway::status::fetch_raw(&a.status_socket, "/metrics").unwrap();
+    assert!(metrics.contains("causeway_connection_up{cluster=\"cluster-2\"} 0"), "{metrics}");
+    let bin = causeway_bin().display().to_string();
+    let shown =
+        exec::run(&[&bin, "show", "connections", "--status-socket", &a.status_socket.display().to_string()])
+            .unwrap();
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.lines().any(|l| l.contains("cluster-2") && l.contains(" down ")), "{shown}");
+
+    // Restore: connected again, and traffic flows.
+    exec::in_ns(&a.gw_ns, &["nft", "delete", "table", "inet", "cwcut"]).unwrap();
+    wait_for(Duration::from_secs(5), "status connected again", || {
+        connection_status(&t, 1, "cluster-2") == "connected"
+    })
+    .unwrap();
+    let metrics = causeway_gateway::status::fetch_raw(&a.status_socket, "/metrics").unwrap();
+    assert!(metrics.contains("causeway_connection_up{cluster=\"cluster-2\"} 1"), "{metrics}");
+    assert!(exec::ping(&a.pod_ns, &t.clusters[1].pod_ip, 2));
 }

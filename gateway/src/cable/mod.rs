@@ -45,6 +45,8 @@ pub struct RemoteEndpoint {
     pub endpoint: SocketAddr,
     /// Prefixes routed to (and accepted from) this cluster.
     pub cidrs: Vec<IpNetwork>,
+    /// The remote gateway's health-check address (probes are off without one).
+    pub health_ip: Option<std::net::Ipv4Addr>,
 }
 
 /// Connection state as `show connections` reports it.
@@ -53,8 +55,11 @@ pub struct RemoteEndpoint {
 pub enum ConnectionStatus {
     /// Configured, no live session yet (or it expired).
     Connecting,
-    /// A session with the remote gateway is established.
+    /// Forwarding works: in-band probes are answered (or, for a peer without a health
+    /// address, a session is established).
     Connected,
+    /// Probes go unanswered, or the session expired.
+    Down,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -64,6 +69,12 @@ pub struct Connection {
     pub endpoint: SocketAddr,
     pub public_key: String,
     pub status: ConnectionStatus,
+    /// Round-trip time of the last answered probe.
+    pub rtt_secs: Option<f64>,
+    /// Fraction of recent probes lost.
+    pub loss: f64,
+    /// Whether in-band probes run on this connection.
+    pub probed: bool,
     pub last_handshake_secs: Option<f64>,
     pub tx_bytes: u64,
     pub rx_bytes: u64,

@@ -5,8 +5,8 @@
 
 use std::{
     collections::HashMap,
-    net::{IpAddr, SocketAddr},
-    time::Duration,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    time::{Duration, Instant},
 };
 
 use boringtun::{
@@ -16,6 +16,8 @@ use boringtun::{
 use causeway_broker_api::WireGuardKey;
 use ipnetwork::IpNetwork;
 use tracing::{debug, info, warn};
+
+use super::probe::{Echo, Health, PROBE_ID, ProbeState};
 
 /// WireGuard's own overhead on top of the inner packet (IPv6 outer header, UDP, WG header+tag).
 pub const WG_OVERHEAD: u16 = 80;
@@ -70,6 +72,8 @@ pub struct PeerConfig {
     pub public_key: WireGuardKey,
     pub endpoint: SocketAddr,
     pub allowed: Vec<IpNetwork>,
+    /// The remote gateway's health-check address; probes run only when it is known.
+    pub health_ip: Option<Ipv4Addr>,
 }
 
 /// A peer's state as reported to status and metrics.
@@ -82,6 +86,14 @@ pub struct PeerStats {
     pub rx_bytes: u64,
     pub tx_packets: u64,
     pub rx_packets: u64,
+    /// What the in-band probes say (`Unknown` when probes are off for this peer).
+    pub health: Health,
+    /// Round-trip time of the last answered probe.
+    pub rtt: Option<Duration>,
+    /// Fraction of recent probes lost.
+    pub loss: f64,
+    /// Whether in-band probes run for this peer.
+    pub probed: bool,
 }
 
 impl PeerStats {
@@ -95,6 +107,7 @@ impl PeerStats {
 struct Peer {
     config: PeerConfig,
     tunn: Tunn,
+    probe: ProbeState,
     tx_bytes: u64,
     rx_bytes: u64,
     tx_packets: u64,
@@ -112,6 +125,8 @@ pub struct WgCore {
     next_index: u32,
     drops: HashMap<DropReason, u64>,
     buf: Vec<u8>,
+    /// Our own health-check address (probes are sent from it and answered on it).
+    health_ip: Option<Ipv4Addr>,
 }
 
 impl std::fmt::Debug for WgCore {
@@ -133,7 +148,13 @@ impl WgCore {
             next_index: 1,
             drops: HashMap::new(),
             buf: vec![0; BUF_SIZE],
+            health_ip: None,
         }
+    }
+
+    /// Sets the local health-check address (inside the local cluster's prefixes).
+    pub fn set_health_ip(&mut self, ip: Option<Ipv4Addr>) {
+        self.health_ip = ip;
     }
 
     #[must_use]
@@ -187,7 +208,18 @@ impl WgCore {
         info!(cluster = %config.cluster_id, endpoint = %config.endpoint, key = %config.public_key, "peer added");
         self.by_key.insert(config.public_key.0, idx);
         let endpoint = config.endpoint;
-        self.peers.insert(idx, Peer { config, tunn, tx_bytes: 0, rx_bytes: 0, tx_packets: 0, rx_packets: 0 });
+        self.peers.insert(
+            idx,
+            Peer {
+                config,
+                tunn,
+                probe: ProbeState::default(),
+                tx_bytes: 0,
+                rx_bytes: 0,
+                tx_packets: 0,
+                rx_packets: 0,
+            },
+        );
         self.rebuild_routes();
         let peer = self.peers.get_mut(&idx).expect("just inserted");
         if let TunnResult::WriteToNetwork(pkt) = peer.tunn.format_handshake_initiation(&mut self.buf, false) {
@@ -205,8 +237,9 @@ impl WgCore {
         true
     }
 
+    /// Peers as of `now`.
     #[must_use]
-    pub fn peers(&self) -> Vec<PeerStats> {
+    pub fn peers(&self, now: Instant) -> Vec<PeerStats> {
         let mut v: Vec<PeerStats> = self
             .peers
             .values()
@@ -217,6 +250,10 @@ impl WgCore {
                 rx_bytes: p.rx_bytes,
                 tx_packets: p.tx_packets,
                 rx_packets: p.rx_packets,
+                health: p.probe.health(now),
+                rtt: p.probe.rtt(),
+                loss: p.probe.loss(now),
+                probed: self.probes_for(p),
             })
             .collect();
         v.sort_by(|a, b| a.config.cluster_id.cmp(&b.config.cluster_id));
@@ -247,8 +284,12 @@ impl WgCore {
         }
     }
 
-    /// A datagram received on the cable's UDP socket.
-    pub fn on_datagram(&mut self, src: SocketAddr, datagram: &[u8], out: &mut Vec<Output>) {
+    fn probes_for(&self, p: &Peer) -> bool {
+        self.health_ip.is_some() && p.config.health_ip.is_some()
+    }
+
+    /// A datagram received on the cable's UDP socket at `now`.
+    pub fn on_datagram(&mut self, src: SocketAddr, datagram: &[u8], now: Instant, out: &mut Vec<Output>) {
         let idx = match Tunn::parse_incoming_packet(datagram) {
             Ok(Packet::HandshakeInit(init)) => {
                 match parse_handshake_anon(&self.private, &self.public, &init) {
@@ -280,6 +321,8 @@ impl WgCore {
         let mut dropped = None;
         let mut authenticated = false;
         let mut first = true;
+        let mut answer = None;
+        let local_health = self.health_ip;
         loop {
             let input: &[u8] = if first { datagram } else { &[] };
             first = false;
@@ -298,12 +341,12 @@ impl WgCore {
                 }
                 TunnResult::WriteToTunnelV4(pkt, addr) => {
                     authenticated = true;
-                    Self::deliver(peer, IpAddr::V4(addr), pkt, out, &mut dropped);
+                    answer = Self::deliver(peer, local_health, now, IpAddr::V4(addr), pkt, out, &mut dropped);
                     break;
                 }
                 TunnResult::WriteToTunnelV6(pkt, addr) => {
                     authenticated = true;
-                    Self::deliver(peer, IpAddr::V6(addr), pkt, out, &mut dropped);
+                    answer = Self::deliver(peer, local_health, now, IpAddr::V6(addr), pkt, out, &mut dropped);
                     break;
                 }
             }
@@ -313,22 +356,44 @@ impl WgCore {
             info!(cluster = %peer.config.cluster_id, from = %peer.config.endpoint, to = %src, "peer endpoint moved");
             peer.config.endpoint = src;
         }
+        if let Some(reply) = answer
+            && let TunnResult::WriteToNetwork(wire) = peer.tunn.encapsulate(&reply, &mut self.buf)
+        {
+            out.push(Output::Udp(peer.config.endpoint, wire.to_vec()));
+        }
         if let Some(r) = dropped {
             self.drop_packet(r);
         }
     }
 
+    /// Hands a decrypted packet to the TUN device, unless it is a probe for us (answered or
+    /// recorded here; the returned packet is to be sent back through the tunnel).
     fn deliver(
         peer: &mut Peer,
+        local_health: Option<Ipv4Addr>,
+        now: Instant,
         src: IpAddr,
         pkt: &[u8],
         out: &mut Vec<Output>,
         dropped: &mut Option<DropReason>,
-    ) {
+    ) -> Option<Vec<u8>> {
         if pkt.is_empty() {
-            return; // keepalive
+            return None; // keepalive
         }
         if peer.config.allowed.iter().any(|n| n.contains(src)) {
+            if let Some(ours) = local_health
+                && pkt.len() >= 20
+                && pkt[16..20] == ours.octets()
+                && let Some(echo) = Echo::parse(pkt)
+            {
+                if !echo.reply {
+                    return Some(echo.answer().to_packet());
+                }
+                if echo.id == PROBE_ID {
+                    peer.probe.on_reply(echo.seq, now);
+                    return None;
+                }
+            }
             peer.rx_bytes += pkt.len() as u64;
             peer.rx_packets += 1;
             out.push(Output::Tun(pkt.to_vec()));
@@ -336,11 +401,22 @@ impl WgCore {
             warn!(cluster = %peer.config.cluster_id, %src, "dropping decrypted packet from a source outside the peer's prefixes");
             *dropped = Some(DropReason::SourceNotAllowed);
         }
+        None
     }
 
-    /// Timer tick (every ~250 ms): handshakes, rekeys, keepalives, expiry.
-    pub fn tick(&mut self, out: &mut Vec<Output>) {
+    /// Timer tick (every ~250 ms) at `now`: handshakes, rekeys, keepalives, expiry, probes.
+    pub fn tick(&mut self, now: Instant, out: &mut Vec<Output>) {
+        let local_health = self.health_ip;
         for peer in self.peers.values_mut() {
+            // Probes only ride a live session: without one they would just queue.
+            if let (Some(src), Some(dst)) = (local_health, peer.config.health_ip)
+                && peer.tunn.stats().0.is_some_and(|age| age < SESSION_LIFETIME)
+                && let Some(probe) = peer.probe.next(now, src, dst)
+                && let TunnResult::WriteToNetwork(wire) =
+                    peer.tunn.encapsulate(&probe.to_packet(), &mut self.buf)
+            {
+                out.push(Output::Udp(peer.config.endpoint, wire.to_vec()));
+            }
             match peer.tunn.update_timers(&mut self.buf) {
                 TunnResult::WriteToNetwork(wire) => {
                     out.push(Output::Udp(peer.config.endpoint, wire.to_vec()))
@@ -394,6 +470,7 @@ mod tests {
                 public_key: b.public_key(),
                 endpoint: b_addr,
                 allowed: vec!["10.2.0.0/16".parse().unwrap()],
+                health_ip: None,
             },
             &mut out,
         );
@@ -404,6 +481,7 @@ mod tests {
                 public_key: a.public_key(),
                 endpoint: a_addr,
                 allowed: vec!["10.1.0.0/16".parse().unwrap()],
+                health_ip: None,
             },
             &mut ignored,
         );
@@ -411,7 +489,12 @@ mod tests {
     }
 
     /// Delivers every datagram until both sides are quiet; returns what reached the TUNs.
-    fn pump(p: &mut Pair, mut to_deliver: Vec<Output>) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+    fn pump(p: &mut Pair, to_deliver: Vec<Output>) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+        pump_at(p, to_deliver, Instant::now())
+    }
+
+    /// Like [`pump`], with every datagram arriving at `now`.
+    fn pump_at(p: &mut Pair, mut to_deliver: Vec<Output>, now: Instant) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
         let (mut tun_a, mut tun_b) = (Vec::new(), Vec::new());
         let mut rounds = 0;
         while !to_deliver.is_empty() {
@@ -420,8 +503,8 @@ mod tests {
             let mut next = Vec::new();
             for o in to_deliver {
                 match o {
-                    Output::Udp(dst, d) if dst == p.b_addr => p.b.on_datagram(p.a_addr, &d, &mut next),
-                    Output::Udp(dst, d) if dst == p.a_addr => p.a.on_datagram(p.b_addr, &d, &mut next),
+                    Output::Udp(dst, d) if dst == p.b_addr => p.b.on_datagram(p.a_addr, &d, now, &mut next),
+                    Output::Udp(dst, d) if dst == p.a_addr => p.a.on_datagram(p.b_addr, &d, now, &mut next),
                     Output::Udp(dst, _) => panic!("datagram to unknown {dst}"),
                     Output::Tun(_) => unreachable!(),
                 }
@@ -442,11 +525,55 @@ mod tests {
     }
 
     #[test]
+    fn probes_prove_forwarding_and_notice_a_broken_path() {
+        let (mut p, init) = pair();
+        p.a.set_health_ip(Some("10.1.0.0".parse().unwrap()));
+        p.b.set_health_ip(Some("10.2.0.0".parse().unwrap()));
+        let key_a = p.a.public_key();
+        let key_b = p.b.public_key();
+        let cfg = |id: &str, key, ep, net: &str, health: &str| PeerConfig {
+            cluster_id: id.into(),
+            public_key: key,
+            endpoint: ep,
+            allowed: vec![net.parse().unwrap()],
+            health_ip: Some(health.parse().unwrap()),
+        };
+        let mut ignored = Vec::new();
+        p.a.upsert_peer(cfg("b", key_b, p.b_addr, "10.2.0.0/16", "10.2.0.0"), &mut ignored);
+        p.b.upsert_peer(cfg("a", key_a, p.a_addr, "10.1.0.0/16", "10.1.0.0"), &mut ignored);
+        pump(&mut p, init);
+        let t0 = Instant::now();
+        let mut out = Vec::new();
+        p.a.tick(t0, &mut out);
+        assert_eq!(out.len(), 1, "one probe on a live session");
+        // The probe is answered inside B's core and never reaches either TUN.
+        let (tun_a, tun_b) = pump_at(&mut p, out, t0 + Duration::from_millis(1));
+        assert!(tun_a.is_empty() && tun_b.is_empty());
+        let s = &p.a.peers(t0 + Duration::from_millis(10))[0];
+        assert!(s.probed && s.rtt.is_some());
+        assert_eq!(s.health, Health::Up);
+        // The path breaks: A's probes are lost from now on.
+        let mut t = t0;
+        for _ in 0..5 {
+            t += Duration::from_millis(500);
+            let mut lost = Vec::new();
+            p.a.tick(t, &mut lost);
+        }
+        assert_eq!(p.a.peers(t)[0].health, Health::Down);
+        // It heals: the next probe is answered.
+        t += Duration::from_millis(500);
+        let mut out = Vec::new();
+        p.a.tick(t, &mut out);
+        pump_at(&mut p, out, t + Duration::from_millis(1));
+        assert_eq!(p.a.peers(t + Duration::from_millis(5))[0].health, Health::Up);
+    }
+
+    #[test]
     fn handshake_then_data_both_ways() {
         let (mut p, init) = pair();
         assert_eq!(init.len(), 1, "a new peer starts its handshake");
         pump(&mut p, init);
-        assert!(p.a.peers()[0].has_session() && p.b.peers()[0].has_session());
+        assert!(p.a.peers(Instant::now())[0].has_session() && p.b.peers(Instant::now())[0].has_session());
 
         let pkt = ipv4_packet([10, 1, 0, 5], [10, 2, 0, 7], b"hello from a");
         let mut out = Vec::new();
@@ -459,7 +586,7 @@ mod tests {
         p.b.on_tun_packet(&reply, &mut out);
         let (at_a, _) = pump(&mut p, out);
         assert_eq!(at_a, vec![reply.clone()]);
-        let a_stats = &p.a.peers()[0];
+        let a_stats = &p.a.peers(Instant::now())[0];
         assert_eq!((a_stats.tx_bytes, a_stats.rx_bytes), (pkt.len() as u64, reply.len() as u64));
     }
 
@@ -498,8 +625,13 @@ mod tests {
     fn garbage_and_unknown_destinations_are_counted() {
         let mut p = pump_ready();
         let mut out = Vec::new();
-        p.a.on_datagram(p.b_addr, b"\x04\x00\x00\x00garbage-garbage-garbage-garbage", &mut out);
-        p.a.on_datagram(p.b_addr, b"xx", &mut out);
+        p.a.on_datagram(
+            p.b_addr,
+            b"\x04\x00\x00\x00garbage-garbage-garbage-garbage",
+            Instant::now(),
+            &mut out,
+        );
+        p.a.on_datagram(p.b_addr, b"xx", Instant::now(), &mut out);
         assert!(out.is_empty());
         p.a.on_tun_packet(&ipv4_packet([10, 1, 0, 5], [10, 9, 0, 1], b"nowhere"), &mut out);
         assert!(out.is_empty());
@@ -519,12 +651,13 @@ mod tests {
                 public_key: p.a.public_key(),
                 endpoint: p.a_addr,
                 allowed: vec!["10.1.0.0/16".parse().unwrap()],
+                health_ip: None,
             },
             &mut out,
         );
         let Output::Udp(_, init) = &out[0] else { panic!() };
         let mut replies = Vec::new();
-        p.a.on_datagram("172.31.0.99:51820".parse().unwrap(), init, &mut replies);
+        p.a.on_datagram("172.31.0.99:51820".parse().unwrap(), init, Instant::now(), &mut replies);
         assert!(replies.is_empty());
         assert!(p.a.drops().contains(&(DropReason::UnknownPeer, 1)));
     }
@@ -538,7 +671,7 @@ mod tests {
         let mut out = Vec::new();
         p.a.on_tun_packet(&ipv4_packet([10, 1, 0, 5], [10, 2, 0, 7], b"x"), &mut out);
         assert!(out.is_empty());
-        assert!(p.a.peers().is_empty());
+        assert!(p.a.peers(Instant::now()).is_empty());
     }
 
     #[test]
@@ -550,8 +683,8 @@ mod tests {
         let Output::Udp(_, wire) = &out[0] else { panic!() };
         let new_addr: SocketAddr = "172.31.0.50:40000".parse().unwrap();
         let mut delivered = Vec::new();
-        p.a.on_datagram(new_addr, wire, &mut delivered);
+        p.a.on_datagram(new_addr, wire, Instant::now(), &mut delivered);
         assert_eq!(delivered, vec![Output::Tun(pkt)]);
-        assert_eq!(p.a.peers()[0].config.endpoint, new_addr);
+        assert_eq!(p.a.peers(Instant::now())[0].config.endpoint, new_addr);
     }
 }

@@ -5,6 +5,7 @@
 //! without touching `core`.
 
 pub mod core;
+pub mod probe;
 pub mod uapi;
 
 use std::{collections::HashMap, net::SocketAddr, time::Duration};
@@ -27,6 +28,8 @@ pub struct WireGuardConfig {
     pub private_key: StaticSecret,
     /// Serve the standard UAPI socket (`/var/run/wireguard/<device>.sock`) for `wg show`.
     pub uapi: bool,
+    /// Our health-check address: in-band probes are sent from it and answered on it.
+    pub health_ip: Option<std::net::Ipv4Addr>,
 }
 
 impl std::fmt::Debug for WireGuardConfig {
@@ -48,6 +51,7 @@ impl WireGuardConfig {
             listen_port: 0,
             private_key: StaticSecret::from([1; 32]),
             uapi: false,
+            health_ip: None,
         }
     }
 }
@@ -88,7 +92,8 @@ impl WireGuardCable {
         let local_addr =
             udp.local_addr().map_err(|source| CableError::Bind { port: cfg.listen_port, source })?;
         let private_bytes = cfg.private_key.to_bytes();
-        let core = WgCore::new(cfg.private_key);
+        let mut core = WgCore::new(cfg.private_key);
+        core.set_health_ip(cfg.health_ip);
         let public_key = core.public_key();
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(io_loop(core, tun, udp, rx));
@@ -157,6 +162,7 @@ impl CableDriver for WireGuardCable {
             public_key: ep.public_key,
             endpoint: ep.endpoint,
             allowed: ep.cidrs.clone(),
+            health_ip: ep.health_ip,
         };
         self.call(|tx| Command::Upsert(cfg, tx)).await?;
         self.keys.insert(ep.cluster_id.clone(), ep.public_key);
@@ -175,11 +181,10 @@ impl CableDriver for WireGuardCable {
         Ok(peers
             .into_iter()
             .map(|p| Connection {
-                status: if p.has_session() {
-                    ConnectionStatus::Connected
-                } else {
-                    ConnectionStatus::Connecting
-                },
+                status: status_of(&p),
+                rtt_secs: p.rtt.map(|d| d.as_secs_f64()),
+                loss: p.loss,
+                probed: p.probed,
                 cluster_id: p.config.cluster_id,
                 endpoint: p.config.endpoint,
                 public_key: p.config.public_key.to_string(),
@@ -207,6 +212,21 @@ impl CableDriver for WireGuardCable {
     }
 }
 
+/// Connected means forwarding works: with probes, only while they are answered; without
+/// (a peer that publishes no health address), while a session is established.
+fn status_of(p: &PeerStats) -> ConnectionStatus {
+    use self::probe::Health;
+    match (p.probed, p.health) {
+        (true, Health::Up) => ConnectionStatus::Connected,
+        (true, Health::Down) => ConnectionStatus::Down,
+        // Had a session once, and it expired.
+        (_, _) if !p.has_session() && p.last_handshake.is_some() => ConnectionStatus::Down,
+        (true, Health::Unknown) => ConnectionStatus::Connecting,
+        (false, _) if p.has_session() => ConnectionStatus::Connected,
+        (false, _) => ConnectionStatus::Connecting,
+    }
+}
+
 async fn io_loop(
     mut core: WgCore,
     tun: tun_rs::AsyncDevice,
@@ -225,16 +245,16 @@ async fn io_loop(
                 Err(e) => warn!(error = %e, "reading the tunnel device failed"),
             },
             r = udp.recv_from(&mut udp_buf) => match r {
-                Ok((n, src)) => core.on_datagram(src, &udp_buf[..n], &mut out),
+                Ok((n, src)) => core.on_datagram(src, &udp_buf[..n], std::time::Instant::now(), &mut out),
                 Err(e) => debug!(error = %e, "udp receive failed"),
             },
-            _ = tick.tick() => core.tick(&mut out),
+            _ = tick.tick() => core.tick(std::time::Instant::now(), &mut out),
             cmd = rx.recv() => match cmd {
                 Some(Command::Upsert(cfg, done)) => { core.upsert_peer(cfg, &mut out); let _ = done.send(()); }
                 Some(Command::Remove(key, done)) => { let _ = done.send(core.remove_peer(&key)); }
                 Some(Command::Stats(reply)) => {
                     let drops = core.drops().into_iter().map(|(r, n)| (r.name(), n)).collect();
-                    let _ = reply.send((core.peers(), drops));
+                    let _ = reply.send((core.peers(std::time::Instant::now()), drops));
                 }
                 Some(Command::Stop(done)) => { let _ = done.send(()); return; }
                 None => return,

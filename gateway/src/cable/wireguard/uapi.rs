@@ -162,12 +162,17 @@ mod tests {
                 public_key: WireGuardKey([0xab; 32]),
                 endpoint: "172.31.0.12:51820".parse().unwrap(),
                 allowed: vec!["10.2.0.0/16".parse().unwrap(), "10.102.0.0/16".parse().unwrap()],
+                health_ip: None,
             },
             last_handshake: Some(Duration::from_secs(7)),
             tx_bytes: 10,
             rx_bytes: 20,
             tx_packets: 1,
             rx_packets: 2,
+            health: crate::cable::wireguard::probe::Health::Unknown,
+            rtt: None,
+            loss: 0.0,
+            probed: false,
         };
         let out = format_get(&[1; 32], 51820, 25, &[peer], now);
         let expected = format!(
@@ -190,12 +195,17 @@ mod tests {
                 public_key: WireGuardKey([2; 32]),
                 endpoint: "172.31.0.12:51820".parse().unwrap(),
                 allowed: vec![],
+                health_ip: None,
             },
             last_handshake: None,
             tx_bytes: 0,
             rx_bytes: 0,
             tx_packets: 0,
             rx_packets: 0,
+            health: crate::cable::wireguard::probe::Health::Unknown,
+            rtt: None,
+            loss: 0.0,
+            probed: false,
         };
         let out = format_get(&[1; 32], 1, 0, &[peer], SystemTime::now());
         assert!(out.contains("last_handshake_time_sec=0\nlast_handshake_time_nsec=0\n"));

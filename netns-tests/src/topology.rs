@@ -346,9 +346,20 @@ impl Topology {
         self.spawn(&c.gw_ns, &c.gw_log, &args)
     }
 
+    /// Kills the broker with SIGKILL.
+    pub fn kill_broker(&mut self) -> anyhow::Result<()> {
+        let ns = self.broker_ns.clone();
+        self.kill_in(&ns)
+    }
+
     /// Kills gateway `index` with SIGKILL (no cleanup), as a crash would.
     pub fn kill_gateway(&mut self, index: usize) -> anyhow::Result<()> {
         let ns = self.clusters[index - 1].gw_ns.clone();
+        self.kill_in(&ns)
+    }
+
+    fn kill_in(&mut self, ns: &str) -> anyhow::Result<()> {
+        let ns = ns.to_owned();
         kill_ns_processes(&ns, "KILL");
         self.children.retain_mut(|(n, child)| {
             if *n == ns {

@@ -477,3 +477,79 @@ fn connected_means_forwarding_works() {
     assert!(metrics.contains("causeway_connection_up{cluster=\"cluster-2\"} 1"), "{metrics}");
     assert!(exec::ping(&a.pod_ns, &t.clusters[1].pod_ip, 2));
 }
+
+/// Timestamps (seconds) of the echo replies in `ping -D` output.
+fn reply_times(ping_output: &str) -> Vec<f64> {
+    ping_output
+        .lines()
+        .filter(|l| l.contains("bytes from"))
+        .filter_map(|l| l.strip_prefix('[')?.split(']').next()?.parse().ok())
+        .collect()
+}
+
+#[test]
+fn gateway_restart_without_the_broker_keeps_the_data_plane() {
+    require_privileges!();
+    let mut t = topology(2, 1500);
+    let (a, b) = (t.clusters[0].clone(), t.clusters[1].clone());
+    let routes_before = causeway_routes(&a.gw_ns);
+    let ifindex = |ns: &str, dev: &str| -> String {
+        let out = exec::run(&["ip", "-n", ns, "-o", "link", "show", "dev", dev]).unwrap();
+        String::from_utf8_lossy(&out.stdout).split(':').next().unwrap_or_default().to_owned()
+    };
+    let old_ifindex = ifindex(&a.gw_ns, &a.device);
+
+    // A steady ping from pod A to pod B, 50 per second, for the whole exercise.
+    let ping = Bg::start(
+        &a.pod_ns,
+        &["ping", "-D", "-n", "-i", "0.02", "-W", "1", "-c", "600", &b.pod_ip],
+        Stdio::piped(),
+    );
+    std::thread::sleep(Duration::from_millis(1000));
+
+    // The broker goes away for good, then gateway A crashes and is started again.
+    t.kill_broker().unwrap();
+    t.kill_gateway(1).unwrap();
+    let killed = std::time::Instant::now();
+    t.start_gateway(1).unwrap();
+    wait_for(Duration::from_secs(10), "the restarted gateway to answer", || t.gateway_status(1).is_ok())
+        .unwrap();
+    let restart_time = killed.elapsed();
+    wait_for(Duration::from_secs(10), "cluster-2 connected again, from cached records", || {
+        connection_status(&t, 1, "cluster-2") == "connected"
+    })
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let out = {
+        let _ = exec::run(&["kill", "-INT", &ping.0.as_ref().unwrap().id().to_string()]);
+        ping.output()
+    };
+    let times = reply_times(&out);
+    assert!(times.len() > 50, "ping barely ran:\n{out}");
+    let gap = times.windows(2).map(|w| w[1] - w[0]).fold(0.0_f64, f64::max);
+    eprintln!(
+        "gateway restart: process back after {restart_time:?}; largest traffic gap {:.0} ms",
+        gap * 1000.0
+    );
+    assert!(
+        gap < 10.0,
+        "traffic did not resume within 10 s of the crash (gap {gap:.1} s, restart took {restart_time:?})"
+    );
+
+    // Nothing leaked and nothing doubled: one tunnel device (a new one: the old one, its routes
+    // and its TCX programs went with the killed process), the same routes, and each packet
+    // counted exactly once.
+    let links = exec::run(&["ip", "-n", &a.gw_ns, "-o", "link", "show"]).unwrap();
+    let links = String::from_utf8_lossy(&links.stdout);
+    assert_eq!(links.lines().filter(|l| l.contains(&format!(": {}:", a.device))).count(), 1, "{links}");
+    assert_ne!(ifindex(&a.gw_ns, &a.device), old_ifindex, "a new tunnel device");
+    assert_eq!(causeway_routes(&a.gw_ns), routes_before);
+    let before = t.gateway_status(1).unwrap().connections[0].datapath;
+    assert!(
+        exec::in_ns(&a.pod_ns, &["ping", "-n", "-q", "-c", "5", "-i", "0.1", "-s", "100", &b.pod_ip]).is_ok()
+    );
+    let after = t.gateway_status(1).unwrap().connections[0].datapath;
+    assert_eq!(after.tx_packets - before.tx_packets, 5, "each request counted once");
+    assert_eq!(after.tx_bytes - before.tx_bytes, 5 * 128, "20 IP + 8 ICMP + 100 bytes each");
+    assert_eq!(after.rx_packets - before.rx_packets, 5, "each reply counted once");
+}

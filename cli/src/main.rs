@@ -138,6 +138,10 @@ struct GatewayArgs {
     state_dir: PathBuf,
     #[arg(long, env = "CAUSEWAY_STATUS_SOCKET", default_value = "/run/causeway/gateway.sock")]
     status_socket: PathBuf,
+    /// Serve Prometheus metrics on this TCP address ("off" to serve them only on the status
+    /// socket).
+    #[arg(long, env = "CAUSEWAY_METRICS_LISTEN", default_value = "0.0.0.0:9464")]
+    metrics_listen: String,
     /// Do not serve the WireGuard UAPI socket (/var/run/wireguard/<device>.sock, for `wg show`).
     #[arg(long, env = "CAUSEWAY_NO_UAPI")]
     no_uapi: bool,
@@ -243,6 +247,12 @@ async fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
         state_dir: a.state_dir,
         status_socket: a.status_socket,
         uapi: !a.no_uapi,
+        metrics_listen: match a.metrics_listen.as_str() {
+            "off" | "" => None,
+            addr => Some(
+                addr.parse().with_context(|| format!("--metrics-listen {addr:?} is not ADDR:PORT or off"))?,
+            ),
+        },
     };
     causeway_gateway::run(config, causeway_gateway::cluster::StaticSource(local), shutdown_signal())
         .await

@@ -48,6 +48,8 @@ pub struct GatewayConfig {
     pub status_socket: PathBuf,
     /// Serve the WireGuard UAPI socket for `wg show`.
     pub uapi: bool,
+    /// Where to serve Prometheus metrics over TCP (none: only on the status socket).
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl GatewayConfig {
@@ -69,6 +71,12 @@ pub enum GatewayError {
     Datapath(#[from] DatapathError),
     #[error("routes: {0}")]
     Route(#[from] RouteError),
+    #[error("metrics listener {addr}: {source}")]
+    Metrics {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("status socket {path}: {source}")]
     Status {
         path: String,
@@ -320,6 +328,14 @@ pub async fn run(
         crate::status::serve(&config.status_socket, shared.clone()).await.map_err(|source| {
             GatewayError::Status { path: config.status_socket.display().to_string(), source }
         })?;
+    let metrics_task = match config.metrics_listen {
+        Some(addr) => Some(
+            crate::status::serve_tcp(addr, shared.clone())
+                .await
+                .map_err(|source| GatewayError::Metrics { addr, source })?,
+        ),
+        None => None,
+    };
     info!(cluster = %local.cluster_id, host = %local.hostname, public_key = %key.public, "gateway started");
 
     let client = BrokerClient::new(config.broker_url.clone());
@@ -329,6 +345,9 @@ pub async fn run(
         () = shutdown => info!("shutting down"),
     }
     status_task.abort();
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
     let _ = std::fs::remove_file(&config.status_socket);
     teardown(&shared).await
 }

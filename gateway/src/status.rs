@@ -168,7 +168,68 @@ pub fn render_metrics(s: &GatewayStatus) -> String {
         "Build information",
         vec![(format!("version=\"{}\"", env!("CARGO_PKG_VERSION")), 1.0)],
     );
+    let p = process_stats();
+    for (name, kind, help, value) in [
+        ("process_cpu_seconds_total", "counter", "User and system CPU time spent", p.cpu_seconds),
+        ("process_resident_memory_bytes", "gauge", "Resident memory size", p.resident_bytes),
+        ("process_start_time_seconds", "gauge", "Start time since the Unix epoch", p.start_time),
+    ] {
+        if let Some(v) = value {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+        }
+    }
     out
+}
+
+struct ProcessStats {
+    cpu_seconds: Option<f64>,
+    resident_bytes: Option<f64>,
+    start_time: Option<f64>,
+}
+
+/// Reads this process's CPU time, RSS and start time from /proc (Linux clock ticks are 100 Hz
+/// and pages 4 KiB on every platform we run on).
+fn process_stats() -> ProcessStats {
+    const TICKS: f64 = 100.0;
+    const PAGE: f64 = 4096.0;
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the parenthesised command name; utime is field 14, stime 15, starttime 22.
+    let rest: Vec<&str> =
+        stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
+    let field = |n: usize| rest.get(n - 3).and_then(|v| v.parse::<f64>().ok());
+    let cpu_seconds = field(14).zip(field(15)).map(|(u, s)| (u + s) / TICKS);
+    let resident_bytes = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()))
+        .map(|pages| pages * PAGE);
+    let boot = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
+        s.lines().find_map(|l| l.strip_prefix("btime ").and_then(|v| v.trim().parse::<f64>().ok()))
+    });
+    let start_time = boot.zip(field(22)).map(|(b, t)| b + t / TICKS);
+    ProcessStats { cpu_seconds, resident_bytes, start_time }
+}
+
+fn router(shared: Arc<Mutex<Shared>>) -> Router {
+    Router::new()
+        .route("/status", get(status))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .with_state(shared)
+}
+
+/// Serves `/metrics`, `/status` and `/healthz` over TCP (for Prometheus).
+pub async fn serve_tcp(
+    addr: std::net::SocketAddr,
+    shared: Arc<Mutex<Shared>>,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "metrics listening");
+    let app = router(shared);
+    Ok(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            warn!(error = %e, "metrics server stopped");
+        }
+    }))
 }
 
 /// Serves the status API on a Unix socket at `path` (replacing a stale socket file).
@@ -181,7 +242,7 @@ pub async fn serve(path: &Path, shared: Arc<Mutex<Shared>>) -> std::io::Result<t
         _ => {}
     }
     let listener = tokio::net::UnixListener::bind(path)?;
-    let app = Router::new().route("/status", get(status)).route("/metrics", get(metrics)).with_state(shared);
+    let app = router(shared);
     Ok(tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             warn!(error = %e, "status server stopped");
@@ -229,6 +290,8 @@ mod tests {
         assert!(text.contains("causeway_rtt_seconds{cluster=\"b\"} 0.0002\n"));
         assert!(text.contains("causeway_probe_loss_ratio{cluster=\"b\"} 0.25\n"));
         assert!(text.contains("# TYPE causeway_tx_bytes_total counter\n"));
+        assert!(text.contains("\nprocess_resident_memory_bytes "), "{text}");
+        assert!(text.contains("\nprocess_start_time_seconds "), "{text}");
     }
 }
 

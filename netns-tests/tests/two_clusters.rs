@@ -458,8 +458,13 @@ fn connected_means_forwarding_works() {
     })
     .unwrap();
     eprintln!("detected the broken path after {:?}", cut.elapsed());
-    let metrics = causeway_gateway::status::fetch_raw(&a.status_socket, "/metrics").unwrap();
+    // The same metrics, scraped over TCP as Prometheus would (default port 9464).
+    let scrape = "exec 3<>/dev/tcp/127.0.0.1/9464; printf 'GET /metrics HTTP/1.0\\r\\n\\r\\n' >&3; cat <&3";
+    let metrics = exec::in_ns(&a.gw_ns, &["bash", "-c", scrape]).unwrap();
+    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    assert!(metrics.starts_with("HTTP/1.1 200") || metrics.starts_with("HTTP/1.0 200"), "{metrics}");
     assert!(metrics.contains("causeway_connection_up{cluster=\"cluster-2\"} 0"), "{metrics}");
+    assert!(metrics.contains("causeway_rtt_seconds{cluster=\"cluster-2\"}"), "{metrics}");
     let bin = causeway_bin().display().to_string();
     let shown =
         exec::run(&[&bin, "show", "connections", "--status-socket", &a.status_socket.display().to_string()])

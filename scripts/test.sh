@@ -15,6 +15,7 @@ echo "==> cargo fmt --check" >&2
 cargo fmt --all -- --check
 echo "==> cargo clippy -D warnings" >&2
 cargo clippy --locked --all-targets -- -D warnings
+cargo clippy --locked -p causeway-gateway-timer-tests --all-targets -- -D warnings
 echo "==> building causeway" >&2
 cargo build --locked -p causeway
 export CAUSEWAY_BIN="$PWD/target/debug/causeway"
@@ -33,7 +34,10 @@ else
 fi
 echo "==> unit tier" >&2
 # `--workspace` would include ebpf/programs, which only builds for bpfel-unknown-none.
-run_tests --workspace --exclude causeway-netns --exclude causeway-datapath-ebpf
+run_tests --workspace --exclude causeway-netns --exclude causeway-datapath-ebpf \
+    --exclude causeway-gateway-timer-tests
+echo "==> WireGuard timer tier (mocked clock, its own build)" >&2
+run_tests -p causeway-gateway-timer-tests
 echo "==> privileged tier (network namespaces)" >&2
 CAUSEWAY_PRIVILEGED_TESTS=1 run_tests -p causeway-netns
 echo "==> all tests passed in $((SECONDS - start)) s" >&2

@@ -558,3 +558,45 @@ fn gateway_restart_without_the_broker_keeps_the_data_plane() {
     assert_eq!(after.tx_bytes - before.tx_bytes, 5 * 128, "20 IP + 8 ICMP + 100 bytes each");
     assert_eq!(after.rx_packets - before.rx_packets, 5, "each reply counted once");
 }
+
+#[test]
+fn a_cluster_cannot_inject_packets_with_another_clusters_source() {
+    require_privileges!();
+    let t = topology(3, 1500);
+    let (a, b) = (t.clusters[0].clone(), t.clusters[1].clone());
+    // On gateway B, one address of B's own range (the control) and one of cluster 3's.
+    exec::ip(&b.gw_ns, &["addr", "add", "10.2.250.1/32", "dev", "lo"]).unwrap();
+    exec::ip(&b.gw_ns, &["addr", "add", "10.3.250.1/32", "dev", "lo"]).unwrap();
+    let drops = |t: &Topology| {
+        t.gateway_status(1).unwrap().cable_drops.get("source_not_allowed").copied().unwrap_or(0)
+    };
+    let ping_from = |src: &str| {
+        exec::in_ns(&b.gw_ns, &["ping", "-n", "-q", "-c", "3", "-i", "0.2", "-W", "1", "-I", src, &a.pod_ip])
+            .is_ok()
+    };
+    let before = drops(&t);
+    assert!(ping_from("10.2.250.1"), "control: B's own source addresses pass");
+    assert_eq!(drops(&t), before);
+    // Claiming cluster 3's addresses through B's tunnel: gateway A drops every packet.
+    assert!(!ping_from("10.3.250.1"), "a forged source must not get through");
+    assert!(drops(&t) >= before + 3, "each forged packet is counted as source_not_allowed");
+}
+
+#[test]
+fn traffic_follows_a_gateway_whose_address_changes() {
+    require_privileges!();
+    let t = topology(2, 1500);
+    let (a, b) = (t.clusters[0].clone(), t.clusters[1].clone());
+    assert!(exec::ping(&a.pod_ns, &b.pod_ip, 2));
+    // Gateway B's underlay address changes (a new lease, a NAT rebinding…); the broker still
+    // has the old one. B's next authenticated packets tell A where it is now.
+    // (Delete first: removing a primary address also removes its secondaries.)
+    exec::ip(&b.gw_ns, &["addr", "del", &format!("{}/24", b.gw_ip), "dev", "uplink"]).unwrap();
+    exec::ip(&b.gw_ns, &["addr", "add", "172.31.0.42/24", "dev", "uplink"]).unwrap();
+    wait_for(Duration::from_secs(10), "gateway A to follow B to its new address", || {
+        t.gateway_status(1).is_ok_and(|s| s.connections[0].endpoint == "172.31.0.42:51820")
+            && connection_status(&t, 1, "cluster-2") == "connected"
+    })
+    .unwrap();
+    assert!(exec::ping(&a.pod_ns, &b.pod_ip, 3), "pods talk again over the new path");
+}

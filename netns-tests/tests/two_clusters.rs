@@ -471,6 +471,19 @@ fn connected_means_forwarding_works() {
             .unwrap();
     let shown = String::from_utf8_lossy(&shown.stdout);
     assert!(shown.lines().any(|l| l.contains("cluster-2") && l.contains(" down ")), "{shown}");
+    let json = exec::run(&[
+        &bin,
+        "show",
+        "connections",
+        "--output",
+        "json",
+        "--status-socket",
+        &a.status_socket.display().to_string(),
+    ])
+    .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&json.stdout).expect("valid JSON");
+    assert_eq!(json[0]["connections"][0]["clusterId"], "cluster-2");
+    assert_eq!(json[0]["connections"][0]["status"], "down");
 
     // Restore: connected again, and traffic flows.
     exec::in_ns(&a.gw_ns, &["nft", "delete", "table", "inet", "cwcut"]).unwrap();

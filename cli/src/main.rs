@@ -2,6 +2,7 @@
 //! local sandbox. Every flag can also be set through its `CAUSEWAY_…` environment variable.
 
 mod sandbox;
+mod setup;
 mod show;
 mod telemetry;
 mod tools;
@@ -11,9 +12,6 @@ use std::{net::IpAddr, path::PathBuf};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use ipnetwork::IpNetwork;
-
-/// Broker URL of the local sandbox (reachable from the root namespace through its host veth).
-pub const SANDBOX_BROKER_URL: &str = "http://172.31.0.2:7780";
 
 #[derive(Parser)]
 #[command(
@@ -32,12 +30,23 @@ enum Cmd {
     Broker(BrokerArgs),
     /// Run a gateway (on a gateway node of a cluster).
     Gateway(Box<GatewayArgs>),
+    /// Set up a broker: certificates, the admin credential and the broker-info file.
+    DeployBroker(setup::DeployBrokerArgs),
+    /// Register a cluster with the broker and obtain its own credential.
+    Join(setup::JoinArgs),
+    /// Rotate or revoke credentials.
+    Credentials {
+        #[command(subcommand)]
+        command: setup::CredentialsCmd,
+    },
     /// Show the cluster set's state.
     Show(show::ShowArgs),
-    /// Remove a cluster's records from the broker; the other gateways drop its tunnel and routes.
+    /// Remove a cluster's records from the broker and revoke its credentials; the other
+    /// gateways drop its tunnel and routes.
     Leave {
-        #[arg(long, env = "CAUSEWAY_BROKER_URL", default_value = SANDBOX_BROKER_URL)]
-        broker_url: String,
+        /// The cluster's own credentials, or the admin's (default: the local sandbox's admin).
+        #[arg(long, env = "CAUSEWAY_CREDENTIALS")]
+        credentials: Option<PathBuf>,
         #[arg(long, env = "CAUSEWAY_CLUSTER_ID")]
         cluster_id: String,
     },
@@ -64,8 +73,8 @@ enum DebugCmd {
     /// PUT one raw record (JSON `{"kind": …, "spec": …}` on stdin) to the broker, e.g. to
     /// register a site that runs stock WireGuard.
     Put {
-        #[arg(long, env = "CAUSEWAY_BROKER_URL", default_value = SANDBOX_BROKER_URL)]
-        broker_url: String,
+        #[arg(long, env = "CAUSEWAY_CREDENTIALS")]
+        credentials: Option<PathBuf>,
     },
     /// Echo UDP datagrams back to their sender.
     UdpEcho {
@@ -95,18 +104,22 @@ struct BrokerArgs {
     /// Address to listen on.
     #[arg(long, env = "CAUSEWAY_BROKER_LISTEN", default_value = "0.0.0.0:7780")]
     listen: String,
-    /// Directory of the embedded store (one crash-safe file).
+    /// Directory of the embedded store and the TLS certificate (see `deploy-broker`).
     #[arg(long, env = "CAUSEWAY_BROKER_DATA_DIR", default_value = "/var/lib/causeway-broker")]
     data_dir: PathBuf,
+    /// Serve plain HTTP (development only: tokens then cross the network in the clear).
+    #[arg(long)]
+    plain_http: bool,
 }
 
 #[derive(clap::Args)]
 struct GatewayArgs {
-    #[arg(long, env = "CAUSEWAY_BROKER_URL")]
-    broker_url: String,
-    /// This cluster's id (DNS-1123 label).
+    /// This cluster's credentials file, written by `causeway join`.
+    #[arg(long, env = "CAUSEWAY_BROKER_CREDENTIALS")]
+    broker_credentials: PathBuf,
+    /// This cluster's id (default: the one in the credentials file, which it must match).
     #[arg(long, env = "CAUSEWAY_CLUSTER_ID")]
-    cluster_id: String,
+    cluster_id: Option<String>,
     /// Pod CIDR of this cluster (repeatable).
     #[arg(long = "pod-cidr", env = "CAUSEWAY_POD_CIDRS", value_delimiter = ',', required = true)]
     pod_cidrs: Vec<IpNetwork>,
@@ -162,12 +175,28 @@ fn main() -> anyhow::Result<()> {
             telemetry::init("warn");
             runtime()?.block_on(show::run(a))
         }
-        Cmd::Leave { broker_url, cluster_id } => {
+        Cmd::DeployBroker(a) => {
             telemetry::init("warn");
+            setup::deploy_broker(a)
+        }
+        Cmd::Join(a) => {
+            telemetry::init("warn");
+            runtime()?.block_on(setup::join(a))
+        }
+        Cmd::Credentials { command } => {
+            telemetry::init("warn");
+            runtime()?.block_on(setup::credentials(command))
+        }
+        Cmd::Leave { credentials, cluster_id } => {
+            telemetry::init("warn");
+            let creds = setup::operator_credentials(credentials)?;
             runtime()?.block_on(async {
-                let client = causeway_broker_api::BrokerClient::new(broker_url);
+                let client = causeway_broker_api::BrokerClient::from_credentials(&creds)?;
                 let removed = client.delete_cluster(&cluster_id).await?;
-                println!("removed {} record(s) of cluster {cluster_id}", removed.len());
+                println!(
+                    "removed {} record(s) of cluster {cluster_id} and revoked its credentials",
+                    removed.len()
+                );
                 Ok(())
             })
         }
@@ -180,12 +209,13 @@ fn main() -> anyhow::Result<()> {
             DebugCmd::TcpSource { connect, bytes } => tools::tcp_source(&connect, bytes),
             DebugCmd::UdpEcho { listen } => tools::udp_echo(&listen),
             DebugCmd::UdpPing { connect, size, count } => tools::udp_ping(&connect, size, count),
-            DebugCmd::Put { broker_url } => {
+            DebugCmd::Put { credentials } => {
                 telemetry::init("warn");
+                let creds = setup::operator_credentials(credentials)?;
                 let record: causeway_broker_api::Record =
                     serde_json::from_reader(std::io::stdin()).context("reading a record from stdin")?;
                 runtime()?.block_on(async {
-                    let client = causeway_broker_api::BrokerClient::new(broker_url);
+                    let client = causeway_broker_api::BrokerClient::from_credentials(&creds)?;
                     let obj = match &record {
                         causeway_broker_api::Record::Cluster(c) => client.put_cluster(c).await?,
                         causeway_broker_api::Record::Endpoint(e) => client.put_endpoint(e).await?,
@@ -211,13 +241,31 @@ async fn shutdown_signal() {
 }
 
 async fn broker(a: BrokerArgs) -> anyhow::Result<()> {
+    let cert = a.data_dir.join(setup::CERT_FILE);
+    let key = a.data_dir.join(setup::KEY_FILE);
+    let tls = if a.plain_http {
+        None
+    } else if cert.exists() {
+        Some(causeway_broker::tls::server_config(&cert, &key)?)
+    } else {
+        anyhow::bail!(
+            "{} has no TLS certificate: run `causeway deploy-broker --local --data-dir {} --address <addr>` first \
+             (or pass --plain-http for a development broker)",
+            a.data_dir.display(),
+            a.data_dir.display()
+        );
+    };
     std::fs::create_dir_all(&a.data_dir).with_context(|| format!("creating {}", a.data_dir.display()))?;
-    let store = causeway_broker::RedbStore::open(&a.data_dir.join("broker.redb"))?;
+    let store = causeway_broker::RedbStore::open(&a.data_dir.join(setup::STORE_FILE))?;
     let broker = causeway_broker::Broker::new(store)?;
     let listener = tokio::net::TcpListener::bind(&a.listen)
         .await
         .with_context(|| format!("listening on {} (is another broker running?)", a.listen))?;
-    causeway_broker::run(listener, broker, shutdown_signal()).await.context("serving the broker API")
+    match tls {
+        Some(tls) => causeway_broker::run_tls(listener, tls, broker, shutdown_signal()).await,
+        None => causeway_broker::run(listener, broker, shutdown_signal()).await,
+    }
+    .context("serving the broker API")
 }
 
 async fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
@@ -228,8 +276,21 @@ async fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
             .trim()
             .to_owned(),
     };
+    let broker = causeway_broker_api::Credentials::load(&a.broker_credentials).map_err(anyhow::Error::msg)?;
+    let Some(own_id) = broker.cluster_id.clone() else {
+        anyhow::bail!(
+            "{} is not a cluster's credentials file; use the one `causeway join` wrote",
+            a.broker_credentials.display()
+        );
+    };
+    let cluster_id = a.cluster_id.unwrap_or_else(|| own_id.clone());
+    if cluster_id != own_id {
+        anyhow::bail!(
+            "--cluster-id {cluster_id} does not match the credentials, which are cluster {own_id}'s"
+        );
+    }
     let local = causeway_gateway::cluster::LocalCluster {
-        cluster_id: a.cluster_id,
+        cluster_id,
         pod_cidrs: a.pod_cidrs,
         service_cidrs: a.service_cidrs,
         hostname,
@@ -238,7 +299,7 @@ async fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
         active: true,
     };
     let config = causeway_gateway::GatewayConfig {
-        broker_url: a.broker_url,
+        broker,
         cable: a.cable,
         device: a.device,
         listen_port: a.listen_port,

@@ -35,6 +35,11 @@ fn load() -> Option<Topology> {
     Some(t)
 }
 
+/// The sandbox broker's admin credentials file.
+pub fn admin_credentials() -> PathBuf {
+    run_dir().join("broker").join(crate::setup::ADMIN_FILE)
+}
+
 /// Status sockets of the sandbox's gateways (for `show connections`), or the default socket.
 pub fn status_sockets() -> Vec<PathBuf> {
     match load() {

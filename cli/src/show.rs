@@ -6,8 +6,6 @@ use anyhow::Context as _;
 use causeway_broker_api::{BrokerClient, Record};
 use clap::{Subcommand, ValueEnum};
 
-use crate::SANDBOX_BROKER_URL;
-
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum Output {
     Table,
@@ -26,13 +24,14 @@ pub struct ShowArgs {
 enum What {
     /// Clusters registered with the broker.
     Clusters {
-        #[arg(long, env = "CAUSEWAY_BROKER_URL", default_value = SANDBOX_BROKER_URL)]
-        broker_url: String,
+        /// Admin or cluster credentials (default: the local sandbox's admin).
+        #[arg(long, env = "CAUSEWAY_CREDENTIALS")]
+        credentials: Option<PathBuf>,
     },
     /// Gateway endpoints registered with the broker.
     Endpoints {
-        #[arg(long, env = "CAUSEWAY_BROKER_URL", default_value = SANDBOX_BROKER_URL)]
-        broker_url: String,
+        #[arg(long, env = "CAUSEWAY_CREDENTIALS")]
+        credentials: Option<PathBuf>,
     },
     /// A gateway's tunnels to the other clusters, as the gateway sees them.
     Connections {
@@ -73,8 +72,9 @@ fn join<T: ToString>(v: &[T]) -> String {
 
 pub async fn run(a: ShowArgs) -> anyhow::Result<()> {
     match a.what {
-        What::Clusters { broker_url } => {
-            let list = BrokerClient::new(broker_url).list().await?;
+        What::Clusters { credentials } => {
+            let creds = crate::setup::operator_credentials(credentials)?;
+            let list = BrokerClient::from_credentials(&creds)?.list().await?;
             let clusters: Vec<_> = list
                 .items
                 .iter()
@@ -106,8 +106,9 @@ pub async fn run(a: ShowArgs) -> anyhow::Result<()> {
                 ),
             }
         }
-        What::Endpoints { broker_url } => {
-            let list = BrokerClient::new(broker_url).list().await?;
+        What::Endpoints { credentials } => {
+            let creds = crate::setup::operator_credentials(credentials)?;
+            let list = BrokerClient::from_credentials(&creds)?.list().await?;
             let eps: Vec<_> = list
                 .items
                 .iter()

@@ -34,7 +34,8 @@ use crate::{
 /// Validated settings of one gateway.
 #[derive(Clone, Debug)]
 pub struct GatewayConfig {
-    pub broker_url: String,
+    /// Where the broker is, how to trust it, and this cluster's credential.
+    pub broker: causeway_broker_api::Credentials,
     /// Cable backend name.
     pub cable: String,
     /// Tunnel device name.
@@ -83,6 +84,8 @@ pub enum GatewayError {
         #[source]
         source: std::io::Error,
     },
+    #[error("broker settings: {0}")]
+    Broker(String),
     #[error("teardown failed: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
     Teardown(Vec<GatewayError>),
 }
@@ -211,7 +214,7 @@ impl Shared {
             cable: self.cable.name().to_owned(),
             device: self.cable.device().to_owned(),
             listen_port: self.config.listen_port,
-            broker_url: self.config.broker_url.clone(),
+            broker_url: self.config.broker.broker_url.clone(),
             revision: self.revision,
             connections,
             cable_drops: self.cable.drops().await?.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
@@ -338,7 +341,8 @@ pub async fn run(
     };
     info!(cluster = %local.cluster_id, host = %local.hostname, public_key = %key.public, "gateway started");
 
-    let client = BrokerClient::new(config.broker_url.clone());
+    let client =
+        BrokerClient::from_credentials(&config.broker).map_err(|e| GatewayError::Broker(e.to_string()))?;
     let ep = endpoint_record(&local, &key, config.listen_port);
     tokio::select! {
         () = sync_loop(&client, &local, &ep, &config, &shared) => {}

@@ -258,7 +258,29 @@ impl Topology {
     /// The broker's URL as seen from inside the topology (and, with a host link, from root).
     #[must_use]
     pub fn broker_url(&self) -> String {
-        format!("http://{BROKER_IP}:{BROKER_PORT}")
+        format!("https://{BROKER_IP}:{BROKER_PORT}")
+    }
+
+    /// The broker's data directory (store, certificates, admin and broker-info files).
+    #[must_use]
+    pub fn broker_dir(&self) -> PathBuf {
+        self.spec.run_dir.join("broker")
+    }
+
+    /// The admin credentials file written by `deploy-broker`.
+    #[must_use]
+    pub fn admin_credentials(&self) -> PathBuf {
+        self.broker_dir().join("admin-credentials.json")
+    }
+
+    /// Cluster `index`'s own credentials file (written by `join`).
+    #[must_use]
+    pub fn cluster_credentials(&self, index: usize) -> PathBuf {
+        self.spec.run_dir.join(format!("c{index}-credentials.json"))
+    }
+
+    fn bin(&self) -> String {
+        self.spec.causeway_bin.display().to_string()
     }
 
     fn spawn(&mut self, ns: &str, log: &Path, args: &[String]) -> anyhow::Result<()> {
@@ -281,27 +303,65 @@ impl Topology {
         Ok(())
     }
 
-    /// Starts the broker and waits until it answers.
+    /// Sets the broker up (`deploy-broker`: CA, certificate, admin and join credentials) on
+    /// first use, starts it over HTTPS and waits until it answers.
     pub fn start_broker(&mut self) -> anyhow::Result<()> {
         let ns = self.broker_ns.clone();
+        let dir = self.broker_dir();
+        if !self.admin_credentials().exists() {
+            exec::run(&[
+                &self.bin(),
+                "deploy-broker",
+                "--local",
+                "--data-dir",
+                &dir.display().to_string(),
+                "--address",
+                BROKER_IP,
+                "--port",
+                &BROKER_PORT.to_string(),
+            ])?;
+        }
         let log = self.spec.run_dir.join("broker.log");
         let args = vec![
             "broker".into(),
             "--listen".into(),
             format!("{BROKER_IP}:{BROKER_PORT}"),
             "--data-dir".into(),
-            self.spec.run_dir.join("broker").display().to_string(),
+            dir.display().to_string(),
         ];
         self.spawn(&ns, &log, &args)?;
-        let url = self.broker_url();
+        let admin = self.admin_credentials().display().to_string();
         wait_for(Duration::from_secs(15), "the broker to answer", || {
-            in_ns(
-                &ns,
-                &[&self.spec.causeway_bin.display().to_string(), "show", "clusters", "--broker-url", &url],
-            )
-            .is_ok()
+            in_ns(&ns, &[&self.bin(), "show", "clusters", "--credentials", &admin]).is_ok()
         })
         .with_context(|| format!("see {}", log.display()))
+    }
+
+    /// Registers cluster `index` with `causeway join` (once), from inside the topology.
+    pub fn join(&self, index: usize) -> anyhow::Result<()> {
+        let out = self.cluster_credentials(index);
+        if out.exists() {
+            return Ok(());
+        }
+        let c = &self.clusters[index - 1];
+        let info = self.broker_dir().join("broker-info.json").display().to_string();
+        in_ns(
+            &self.broker_ns,
+            &[
+                &self.bin(),
+                "join",
+                &info,
+                "--cluster-id",
+                &c.cluster_id,
+                "--pod-cidr",
+                &c.pod_cidr,
+                "--service-cidr",
+                &c.service_cidr,
+                "--output",
+                &out.display().to_string(),
+            ],
+        )
+        .map(|_| ())
     }
 
     /// The command line of gateway `index` (1-based).
@@ -311,8 +371,8 @@ impl Topology {
         let state = self.spec.run_dir.join(format!("c{}-gw", c.index));
         [
             "gateway",
-            "--broker-url",
-            &self.broker_url(),
+            "--broker-credentials",
+            &self.cluster_credentials(index).display().to_string(),
             "--cluster-id",
             &c.cluster_id,
             "--pod-cidr",
@@ -339,8 +399,9 @@ impl Topology {
         .collect()
     }
 
-    /// Starts gateway `index` (1-based).
+    /// Starts gateway `index` (1-based), joining its cluster first if needed.
     pub fn start_gateway(&mut self, index: usize) -> anyhow::Result<()> {
+        self.join(index)?;
         let c = self.clusters[index - 1].clone();
         let args = self.gateway_args(index);
         self.spawn(&c.gw_ns, &c.gw_log, &args)

@@ -160,6 +160,28 @@ fn pod_to_pod_across_the_tunnel_encrypted_and_counted() {
     assert!(tx >= bytes, "gateway A's eBPF tx counter grew by {tx} < {bytes}");
     assert!(rx >= bytes, "gateway B's eBPF rx counter grew by {rx} < {bytes}");
 
+    // No secret ever reaches a log: not the tokens, not the WireGuard private keys.
+    let mut secrets = Vec::new();
+    for f in [t.admin_credentials(), t.cluster_credentials(1), t.cluster_credentials(2)] {
+        let c: serde_json::Value = serde_json::from_slice(&std::fs::read(&f).unwrap()).unwrap();
+        secrets.push(c["token"].as_str().unwrap().to_owned());
+    }
+    for i in 1..=2 {
+        let key = std::fs::read_to_string(dir.join(format!("c{i}-gw/private.key"))).unwrap();
+        secrets.push(key.trim().to_owned());
+    }
+    let mut logs = String::new();
+    for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+        if entry.path().extension().is_some_and(|e| e == "log") {
+            logs.push_str(&std::fs::read_to_string(entry.path()).unwrap());
+        }
+    }
+    assert!(logs.len() > 1000, "the logs are not empty");
+    for s in &secrets {
+        assert!(!logs.contains(s.as_str()), "a secret appears in the logs");
+    }
+    assert!(!logs.contains("cw1_"), "a token appears in the logs");
+
     // Teardown leaves nothing behind.
     let prefix = t.spec.prefix.clone();
     t.teardown().unwrap();
@@ -182,7 +204,8 @@ fn removing_a_clusters_records_removes_its_peer_and_routes() {
     t.kill_gateway(3).unwrap();
     let bin = causeway_bin().display().to_string();
     let broker_ns = t.broker_ns.clone();
-    exec::in_ns(&broker_ns, &[&bin, "leave", "--broker-url", &t.broker_url(), "--cluster-id", "cluster-3"])
+    let admin = t.admin_credentials().display().to_string();
+    exec::in_ns(&broker_ns, &[&bin, "leave", "--credentials", &admin, "--cluster-id", "cluster-3"])
         .expect("causeway leave");
     wait_for(Duration::from_secs(10), "gateway 1 to drop cluster-3", || {
         let s = t.gateway_status(1).unwrap();
@@ -334,11 +357,11 @@ fn interoperates_with_stock_wireguard_go() {
     let endpoint = format!(
         r#"{{"kind":"Endpoint","spec":{{"clusterId":"stock-site","hostname":"wggo","privateIps":["{site_ip}"],"port":51820,"publicKey":"{public}","backend":"wireguard","healthCheckIp":"10.99.0.1"}}}}"#
     );
-    let url = t.broker_url();
+    let admin = t.admin_credentials().display().to_string();
     for record in [cluster, endpoint] {
         exec::in_ns_with_input(
             &t.broker_ns,
-            &[&bin, "debug", "put", "--broker-url", &url],
+            &[&bin, "debug", "put", "--credentials", &admin],
             &[],
             record.as_bytes(),
         )

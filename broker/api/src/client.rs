@@ -2,7 +2,10 @@
 
 use std::time::Duration;
 
-use crate::records::{ApiError, ClusterRecord, EndpointRecord, ListResponse, Object, WatchResponse};
+use crate::records::{
+    ApiError, ClusterRecord, Credentials, EndpointRecord, JoinResponse, ListResponse, Object, RotateResponse,
+    Token, WatchResponse,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -16,6 +19,10 @@ pub enum ClientError {
     Api { status: u16, error: ApiError },
     #[error("the broker's answer could not be read: {0}")]
     Decode(#[source] reqwest::Error),
+    #[error("the broker's CA certificate is not valid PEM: {0}")]
+    BadCa(#[source] reqwest::Error),
+    #[error("building the HTTPS client failed: {0}")]
+    Build(#[source] reqwest::Error),
 }
 
 impl ClientError {
@@ -34,14 +41,41 @@ impl ClientError {
 pub struct BrokerClient {
     base: String,
     http: reqwest::Client,
+    token: Option<Token>,
 }
 
 impl BrokerClient {
-    /// `base` is e.g. `http://172.31.0.2:8443`.
+    /// A client for `base` (e.g. `https://172.31.0.2:7780`) that trusts only `ca_pem` (the
+    /// broker's own CA, from a credentials file) and sends `token`.
+    pub fn with(
+        base: impl Into<String>,
+        ca_pem: Option<&str>,
+        token: Option<Token>,
+    ) -> Result<Self, ClientError> {
+        let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(3));
+        if let Some(pem) = ca_pem {
+            let ca = reqwest::Certificate::from_pem(pem.as_bytes()).map_err(ClientError::BadCa)?;
+            builder = builder.tls_built_in_root_certs(false).add_root_certificate(ca);
+        }
+        let http = builder.build().map_err(ClientError::Build)?;
+        Ok(Self { base: base.into().trim_end_matches('/').to_owned(), http, token })
+    }
+
+    /// A client from a credentials file's contents.
+    pub fn from_credentials(c: &Credentials) -> Result<Self, ClientError> {
+        Self::with(c.broker_url.clone(), c.ca_pem.as_deref(), Some(c.token.clone()))
+    }
+
+    /// An unauthenticated client without TLS settings (health checks, tests of refusals).
+    #[must_use]
     pub fn new(base: impl Into<String>) -> Self {
-        let http =
-            reqwest::Client::builder().connect_timeout(Duration::from_secs(3)).build().unwrap_or_default();
-        Self { base: base.into().trim_end_matches('/').to_owned(), http }
+        Self::with(base, None, None).expect("a client without TLS settings always builds")
+    }
+
+    /// The same broker with another credential.
+    #[must_use]
+    pub fn with_token(&self, token: Token) -> Self {
+        Self { token: Some(token), ..self.clone() }
     }
 
     #[must_use]
@@ -54,6 +88,10 @@ impl BrokerClient {
         req: reqwest::RequestBuilder,
         timeout: Duration,
     ) -> Result<T, ClientError> {
+        let req = match &self.token {
+            Some(t) => req.bearer_auth(&t.0),
+            None => req,
+        };
         let resp = req
             .timeout(timeout)
             .send()
@@ -99,6 +137,23 @@ impl BrokerClient {
 
     pub async fn list(&self) -> Result<ListResponse, ClientError> {
         self.send(self.http.get(format!("{}/v1/records", self.base)), Self::TIMEOUT).await
+    }
+
+    /// Registers a new cluster (needs a join or admin credential); returns its own credential.
+    pub async fn join(&self, c: &ClusterRecord) -> Result<JoinResponse, ClientError> {
+        self.send(self.http.post(format!("{}/v1/join", self.base)).json(c), Self::TIMEOUT).await
+    }
+
+    /// Issues a new credential for the cluster and revokes its old ones.
+    pub async fn rotate(&self, cluster_id: &str) -> Result<RotateResponse, ClientError> {
+        let url = format!("{}/v1/clusters/{cluster_id}/credentials", self.base);
+        self.send(self.http.post(url), Self::TIMEOUT).await
+    }
+
+    /// Revokes every credential of the cluster (admin only).
+    pub async fn revoke(&self, cluster_id: &str) -> Result<serde_json::Value, ClientError> {
+        let url = format!("{}/v1/clusters/{cluster_id}/credentials", self.base);
+        self.send(self.http.delete(url), Self::TIMEOUT).await
     }
 
     /// Long-polls for the changes after `since`; returns an empty batch after `wait`.

@@ -332,3 +332,121 @@ mod tests {
         assert!(err.contains("32"), "{err}");
     }
 }
+
+/// A bearer credential. Never printed: `Debug` and `Display` redact it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Token(pub String);
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
+}
+
+/// What a credential allows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum CredentialKind {
+    /// Everything, including revoking other clusters' credentials.
+    Admin,
+    /// Only registering a new cluster (`causeway join`), which returns that cluster's own.
+    Join,
+    /// Reading the set and writing the records of one cluster.
+    Cluster,
+}
+
+/// A credentials file: where the broker is, how to trust it, and who we are. Written 0600 by
+/// `deploy-broker` (admin, and the join credential as the broker-info file) and by `join`
+/// (the cluster's own).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Credentials {
+    pub broker_url: String,
+    /// PEM of the CA that signed the broker's certificate (absent for a plain-HTTP broker).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_pem: Option<String>,
+    pub kind: CredentialKind,
+    /// Set for `Cluster` credentials.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_id: Option<String>,
+    pub token: Token,
+}
+
+/// `POST /v1/join` answer: the stored cluster record and the cluster's own credential.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct JoinResponse {
+    pub object: Object,
+    pub token: Token,
+}
+
+/// `POST /v1/clusters/{id}/credentials` answer: the new credential (the old one is revoked).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RotateResponse {
+    pub token: Token,
+}
+
+impl Credentials {
+    /// Reads a credentials file, explaining what is wrong with it.
+    pub fn load(path: &std::path::Path) -> Result<Self, String> {
+        let bytes = std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| format!("{} is not a Causeway credentials file: {e}", path.display()))
+    }
+
+    /// Writes the file readable by its owner only.
+    pub fn save(&self, path: &std::path::Path) -> std::io::Result<()> {
+        use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let tmp = path.with_extension("tmp");
+        let mut f =
+            std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        f.write_all(&serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?)?;
+        f.sync_all()?;
+        std::fs::rename(tmp, path)
+    }
+}
+
+#[cfg(test)]
+mod credential_tests {
+    use super::*;
+
+    #[test]
+    fn tokens_never_show_in_debug_output() {
+        let c = Credentials {
+            broker_url: "https://b".into(),
+            ca_pem: None,
+            kind: CredentialKind::Cluster,
+            cluster_id: Some("east".into()),
+            token: Token("cw1_supersecret".into()),
+        };
+        assert!(!format!("{c:?}").contains("supersecret"));
+        let json = serde_json::to_string(&c).unwrap();
+        assert!(json.contains("\"token\":\"cw1_supersecret\""), "{json}");
+        assert_eq!(serde_json::from_str::<Credentials>(&json).unwrap(), c);
+    }
+
+    #[test]
+    fn credentials_files_are_owner_only() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!("cw-creds-{}", std::process::id()));
+        let path = dir.join("c.json");
+        let c = Credentials {
+            broker_url: "https://b".into(),
+            ca_pem: Some("PEM".into()),
+            kind: CredentialKind::Admin,
+            cluster_id: None,
+            token: Token("t".into()),
+        };
+        c.save(&path).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(Credentials::load(&path).unwrap(), c);
+        std::fs::write(&path, "{}").unwrap();
+        assert!(Credentials::load(&path).unwrap_err().contains("not a Causeway credentials file"));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -7,13 +7,16 @@ use std::{
 };
 
 use causeway_broker_api::{
-    ClusterRecord, EndpointRecord, ListResponse, Object, Record, ValidationError, WatchResponse, cluster_key,
-    endpoint_key, validate::Overlap,
+    ClusterRecord, EndpointRecord, ListResponse, Object, Record, Token, ValidationError, WatchResponse,
+    cluster_key, endpoint_key, validate::Overlap,
 };
 use tokio::sync::watch;
 use tracing::info;
 
-use crate::store::{Change, Since, Store, StoreError};
+use crate::{
+    auth::{self, Identity},
+    store::{Change, Since, Store, StoreError},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -35,6 +38,43 @@ pub enum BrokerError {
     Gone { since: u64, oldest: u64 },
     #[error("storage failed: {0}")]
     Store(#[from] StoreError),
+    #[error(
+        "missing or unknown credential: send `Authorization: Bearer <token>` from your credentials file (causeway join writes one per cluster)"
+    )]
+    Unauthorized,
+    #[error("{who} may not {action}: a cluster may change only its own records")]
+    Forbidden { who: String, action: String },
+    #[error(
+        "cluster {0:?} is already registered; pick another --cluster-id, or use that cluster's own credentials"
+    )]
+    AlreadyRegistered(String),
+}
+
+fn describe(who: &Identity) -> String {
+    match who {
+        Identity::Admin => "the admin credential".into(),
+        Identity::Join => "a join credential".into(),
+        Identity::Cluster(id) => format!("cluster {id:?}"),
+    }
+}
+
+fn require_write(who: &Identity, cluster_id: &str, action: &str) -> Result<(), BrokerError> {
+    if who.may_write(cluster_id) {
+        Ok(())
+    } else {
+        Err(BrokerError::Forbidden {
+            who: describe(who),
+            action: format!("{action} of cluster {cluster_id:?}"),
+        })
+    }
+}
+
+fn require_read(who: &Identity) -> Result<(), BrokerError> {
+    if who.may_read() {
+        Ok(())
+    } else {
+        Err(BrokerError::Forbidden { who: describe(who), action: "read the cluster set".into() })
+    }
 }
 
 impl BrokerError {
@@ -49,6 +89,9 @@ impl BrokerError {
             Self::NotFound(_) => (404, "NotFound"),
             Self::Gone { .. } => (410, "Gone"),
             Self::Store(_) => (500, "Internal"),
+            Self::Unauthorized => (401, "Unauthorized"),
+            Self::Forbidden { .. } => (403, "Forbidden"),
+            Self::AlreadyRegistered(_) => (409, "AlreadyRegistered"),
         }
     }
 }
@@ -78,15 +121,78 @@ impl Broker {
         self.store.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn committed(&self, store: &dyn Store) -> Result<(), BrokerError> {
-        let (rev, _) = store.list()?;
-        self.revision.send_replace(rev);
-        Ok(())
+    /// Wakes the watchers after a commit.
+    fn publish(&self, events: &[causeway_broker_api::WatchEvent]) {
+        if let Some(e) = events.last() {
+            self.revision.send_replace(e.revision);
+        }
     }
 
-    pub fn list(&self) -> Result<ListResponse, BrokerError> {
+    /// The identity behind a bearer token.
+    pub fn authenticate(&self, token: Option<&str>) -> Result<Identity, BrokerError> {
+        let token = token.ok_or(BrokerError::Unauthorized)?;
+        self.lock().credential(&auth::hash(token))?.ok_or(BrokerError::Unauthorized)
+    }
+
+    /// Creates a credential for `identity` and returns its token (shown once, stored hashed).
+    pub fn issue(&self, identity: &Identity) -> Result<Token, BrokerError> {
+        let token = auth::new_token();
+        self.lock().put_credential(&auth::hash(&token.0), identity)?;
+        Ok(token)
+    }
+
+    pub fn list(&self, who: &Identity) -> Result<ListResponse, BrokerError> {
+        require_read(who)?;
         let (resource_version, items) = self.lock().list()?;
         Ok(ListResponse { resource_version, items })
+    }
+
+    /// Registers a new cluster and issues its own credential (join or admin credential).
+    pub fn join(&self, who: &Identity, c: ClusterRecord) -> Result<(Object, Token), BrokerError> {
+        if !matches!(who, Identity::Join | Identity::Admin) {
+            return Err(BrokerError::Forbidden {
+                who: describe(who),
+                action: "register a new cluster".into(),
+            });
+        }
+        causeway_broker_api::validate_cluster(&c)?;
+        let mut store = self.lock();
+        let (_, items) = store.list()?;
+        if Self::stored(&items, &cluster_key(&c.cluster_id)).is_some() {
+            return Err(BrokerError::AlreadyRegistered(c.cluster_id));
+        }
+        let obj = self.commit_cluster(&mut **store, &items, c)?;
+        let token = auth::new_token();
+        let id = obj.record.cluster_id().to_owned();
+        store.put_credential(&auth::hash(&token.0), &Identity::Cluster(id.clone()))?;
+        info!(cluster = %id, "cluster joined");
+        Ok((obj, token))
+    }
+
+    /// A new credential for the cluster; its old ones stop working.
+    pub fn rotate(&self, who: &Identity, cluster_id: &str) -> Result<Token, BrokerError> {
+        require_write(who, cluster_id, "rotate the credentials")?;
+        let mut store = self.lock();
+        let (_, items) = store.list()?;
+        if Self::stored(&items, &cluster_key(cluster_id)).is_none() {
+            return Err(BrokerError::NotFound(cluster_key(cluster_id)));
+        }
+        let identity = Identity::Cluster(cluster_id.to_owned());
+        store.revoke(&identity)?;
+        let token = auth::new_token();
+        store.put_credential(&auth::hash(&token.0), &identity)?;
+        info!(cluster = %cluster_id, "credentials rotated");
+        Ok(token)
+    }
+
+    /// Revokes every credential of the cluster (admin only).
+    pub fn revoke(&self, who: &Identity, cluster_id: &str) -> Result<usize, BrokerError> {
+        if *who != Identity::Admin {
+            return Err(BrokerError::Forbidden { who: describe(who), action: "revoke credentials".into() });
+        }
+        let n = self.lock().revoke(&Identity::Cluster(cluster_id.to_owned()))?;
+        info!(cluster = %cluster_id, revoked = n, "credentials revoked");
+        Ok(n)
     }
 
     fn stored<'a>(items: &'a [Object], key: &str) -> Option<&'a Object> {
@@ -94,12 +200,22 @@ impl Broker {
     }
 
     /// Creates or replaces a cluster record.
-    pub fn put_cluster(&self, c: ClusterRecord) -> Result<Object, BrokerError> {
+    pub fn put_cluster(&self, who: &Identity, c: ClusterRecord) -> Result<Object, BrokerError> {
+        require_write(who, &c.cluster_id, "write the cluster record")?;
         causeway_broker_api::validate_cluster(&c)?;
         let mut store = self.lock();
         let (_, items) = store.list()?;
+        self.commit_cluster(&mut **store, &items, c)
+    }
+
+    fn commit_cluster(
+        &self,
+        store: &mut dyn Store,
+        items: &[Object],
+        c: ClusterRecord,
+    ) -> Result<Object, BrokerError> {
         let key = cluster_key(&c.cluster_id);
-        if let Some(old) = Self::stored(&items, &key) {
+        if let Some(old) = Self::stored(items, &key) {
             check_generation(&key, old, c.generation)?;
             if old.record == Record::Cluster(c.clone()) {
                 return Ok(old.clone());
@@ -111,14 +227,16 @@ impl Broker {
         });
         causeway_broker_api::check_overlaps(&c, clusters).map_err(BrokerError::Overlap)?;
         let events = store.commit(vec![Change::Put(Record::Cluster(c))])?;
-        self.committed(store.as_ref())?;
+        self.publish(&events);
         let obj = events.into_iter().next().map(|e| e.object).expect("a put produces an event");
         info!(key, revision = obj.resource_version, "cluster stored");
         Ok(obj)
     }
 
-    /// Deletes a cluster and all its endpoints, as one revision.
-    pub fn delete_cluster(&self, cluster_id: &str) -> Result<Vec<Object>, BrokerError> {
+    /// Deletes a cluster and all its endpoints, as one revision, and revokes its credentials
+    /// (a cluster that left must not come back by re-registering).
+    pub fn delete_cluster(&self, who: &Identity, cluster_id: &str) -> Result<Vec<Object>, BrokerError> {
+        require_write(who, cluster_id, "delete the cluster")?;
         let mut store = self.lock();
         let (_, items) = store.list()?;
         let key = cluster_key(cluster_id);
@@ -132,13 +250,15 @@ impl Broker {
             .collect();
         changes.push(Change::Delete(key.clone()));
         let events = store.commit(changes)?;
-        self.committed(store.as_ref())?;
+        self.publish(&events);
+        store.revoke(&Identity::Cluster(cluster_id.to_owned()))?;
         info!(key, "cluster and its endpoints deleted");
         Ok(events.into_iter().map(|e| e.object).collect())
     }
 
     /// Creates or replaces an endpoint record of a registered cluster.
-    pub fn put_endpoint(&self, e: EndpointRecord) -> Result<Object, BrokerError> {
+    pub fn put_endpoint(&self, who: &Identity, e: EndpointRecord) -> Result<Object, BrokerError> {
+        require_write(who, &e.cluster_id, "write an endpoint")?;
         causeway_broker_api::validate_endpoint(&e)?;
         let mut store = self.lock();
         let (_, items) = store.list()?;
@@ -153,25 +273,37 @@ impl Broker {
             }
         }
         let events = store.commit(vec![Change::Put(Record::Endpoint(e))])?;
-        self.committed(store.as_ref())?;
+        self.publish(&events);
         let obj = events.into_iter().next().map(|e| e.object).expect("a put produces an event");
         info!(key, revision = obj.resource_version, "endpoint stored");
         Ok(obj)
     }
 
-    pub fn delete_endpoint(&self, cluster_id: &str, hostname: &str) -> Result<Vec<Object>, BrokerError> {
+    pub fn delete_endpoint(
+        &self,
+        who: &Identity,
+        cluster_id: &str,
+        hostname: &str,
+    ) -> Result<Vec<Object>, BrokerError> {
+        require_write(who, cluster_id, "delete an endpoint")?;
         let key = endpoint_key(cluster_id, hostname);
         let mut store = self.lock();
         let events = store.commit(vec![Change::Delete(key.clone())])?;
         if events.is_empty() {
             return Err(BrokerError::NotFound(key));
         }
-        self.committed(store.as_ref())?;
+        self.publish(&events);
         Ok(events.into_iter().map(|e| e.object).collect())
     }
 
     /// The changes after `since`; waits up to `wait` for the first one.
-    pub async fn watch(self: &Arc<Self>, since: u64, wait: Duration) -> Result<WatchResponse, BrokerError> {
+    pub async fn watch(
+        self: &Arc<Self>,
+        who: &Identity,
+        since: u64,
+        wait: Duration,
+    ) -> Result<WatchResponse, BrokerError> {
+        require_read(who)?;
         let mut rx = self.revision.subscribe();
         let deadline = tokio::time::Instant::now() + wait;
         loop {

@@ -6,10 +6,13 @@
 //! revision of the set and is appended to an event log, so a watcher that reconnects with its
 //! last revision receives exactly what it missed. [`server::run`] serves it over HTTP.
 
+pub mod auth;
 pub mod broker;
 pub mod server;
 pub mod store;
+pub mod tls;
 
+pub use auth::Identity;
 pub use broker::{Broker, BrokerError};
-pub use server::run;
+pub use server::{run, run_tls};
 pub use store::{MemStore, RedbStore, Store, StoreError};

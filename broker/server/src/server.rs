@@ -7,8 +7,12 @@
 //! | GET | `/v1/watch?since=N&timeoutSeconds=S` | long-poll for the changes after N |
 //! | PUT/DELETE | `/v1/clusters/{id}` | a cluster record (DELETE also drops its endpoints) |
 //! | PUT/DELETE | `/v1/clusters/{id}/endpoints/{host}` | an endpoint record |
+//! | POST | `/v1/join` | register a new cluster (join or admin credential); returns its credential |
+//! | POST/DELETE | `/v1/clusters/{id}/credentials` | rotate (the cluster or admin) / revoke (admin) |
 //!
-//! Bodies over [`MAX_BODY_BYTES`] get 413; every error has an [`ApiError`] body.
+//! Every route but `/healthz` needs `Authorization: Bearer <token>`: 401 without a known
+//! credential, 403 when the credential may not touch that cluster. Bodies over
+//! [`MAX_BODY_BYTES`] get 413; every error has an [`ApiError`] body.
 
 use std::{future::Future, sync::Arc, time::Duration};
 
@@ -16,15 +20,20 @@ use axum::{
     Json, Router,
     body::Bytes,
     extract::{DefaultBodyLimit, Path, Query, State, rejection::BytesRejection},
-    http::StatusCode,
+    http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
-    routing::{get, put},
+    routing::{get, post, put},
 };
-use causeway_broker_api::{ApiError, ClusterRecord, EndpointRecord, MAX_BODY_BYTES};
+use causeway_broker_api::{
+    ApiError, ClusterRecord, EndpointRecord, JoinResponse, MAX_BODY_BYTES, RotateResponse,
+};
 use serde::Deserialize;
 use tracing::{info, warn};
 
-use crate::broker::{Broker, BrokerError};
+use crate::{
+    auth::Identity,
+    broker::{Broker, BrokerError},
+};
 
 /// Longest long-poll a watcher may ask for.
 const MAX_WATCH: Duration = Duration::from_secs(300);
@@ -83,8 +92,19 @@ async fn blocking<T: Send + 'static>(
         .map_err(Failure::from)
 }
 
-async fn list(State(b): State<Arc<Broker>>) -> Result<Response, Failure> {
-    Ok(Json(blocking(move || b.list()).await?).into_response())
+/// The caller's identity, from `Authorization: Bearer <token>`.
+fn who(b: &Broker, headers: &HeaderMap) -> Result<Identity, Failure> {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    b.authenticate(token).map_err(Failure::from)
+}
+
+async fn list(State(b): State<Arc<Broker>>, headers: HeaderMap) -> Result<Response, Failure> {
+    let id = who(&b, &headers)?;
+    Ok(Json(blocking(move || b.list(&id)).await?).into_response())
 }
 
 #[derive(Deserialize)]
@@ -99,50 +119,97 @@ fn default_timeout() -> u64 {
     30
 }
 
-async fn watch(State(b): State<Arc<Broker>>, Query(q): Query<WatchQuery>) -> Result<Response, Failure> {
+async fn watch(
+    State(b): State<Arc<Broker>>,
+    headers: HeaderMap,
+    Query(q): Query<WatchQuery>,
+) -> Result<Response, Failure> {
+    let id = who(&b, &headers)?;
     let wait = Duration::from_secs(q.timeout_seconds).min(MAX_WATCH);
-    Ok(Json(b.watch(q.since, wait).await?).into_response())
+    Ok(Json(b.watch(&id, q.since, wait).await?).into_response())
 }
 
 async fn put_cluster(
     State(b): State<Arc<Broker>>,
-    Path(id): Path<String>,
+    headers: HeaderMap,
+    Path(cluster): Path<String>,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Failure> {
+    let id = who(&b, &headers)?;
     let c: ClusterRecord = body(raw)?;
-    if c.cluster_id != id {
+    if c.cluster_id != cluster {
         return Err(invalid(format!(
-            "clusterId {:?} in the body does not match {id:?} in the path",
+            "clusterId {:?} in the body does not match {cluster:?} in the path",
             c.cluster_id
         )));
     }
-    Ok(Json(blocking(move || b.put_cluster(c)).await?).into_response())
+    Ok(Json(blocking(move || b.put_cluster(&id, c)).await?).into_response())
 }
 
-async fn delete_cluster(State(b): State<Arc<Broker>>, Path(id): Path<String>) -> Result<Response, Failure> {
-    Ok(Json(blocking(move || b.delete_cluster(&id)).await?).into_response())
+async fn delete_cluster(
+    State(b): State<Arc<Broker>>,
+    headers: HeaderMap,
+    Path(cluster): Path<String>,
+) -> Result<Response, Failure> {
+    let id = who(&b, &headers)?;
+    Ok(Json(blocking(move || b.delete_cluster(&id, &cluster)).await?).into_response())
 }
 
 async fn put_endpoint(
     State(b): State<Arc<Broker>>,
-    Path((id, host)): Path<(String, String)>,
+    headers: HeaderMap,
+    Path((cluster, host)): Path<(String, String)>,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Failure> {
+    let id = who(&b, &headers)?;
     let e: EndpointRecord = body(raw)?;
-    if e.cluster_id != id || e.hostname != host {
+    if e.cluster_id != cluster || e.hostname != host {
         return Err(invalid(format!(
-            "clusterId/hostname {:?}/{:?} in the body do not match {id:?}/{host:?} in the path",
+            "clusterId/hostname {:?}/{:?} in the body do not match {cluster:?}/{host:?} in the path",
             e.cluster_id, e.hostname
         )));
     }
-    Ok(Json(blocking(move || b.put_endpoint(e)).await?).into_response())
+    Ok(Json(blocking(move || b.put_endpoint(&id, e)).await?).into_response())
 }
 
 async fn delete_endpoint(
     State(b): State<Arc<Broker>>,
-    Path((id, host)): Path<(String, String)>,
+    headers: HeaderMap,
+    Path((cluster, host)): Path<(String, String)>,
 ) -> Result<Response, Failure> {
-    Ok(Json(blocking(move || b.delete_endpoint(&id, &host)).await?).into_response())
+    let id = who(&b, &headers)?;
+    Ok(Json(blocking(move || b.delete_endpoint(&id, &cluster, &host)).await?).into_response())
+}
+
+async fn join(
+    State(b): State<Arc<Broker>>,
+    headers: HeaderMap,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Response, Failure> {
+    let id = who(&b, &headers)?;
+    let c: ClusterRecord = body(raw)?;
+    let (object, token) = blocking(move || b.join(&id, c)).await?;
+    Ok((StatusCode::CREATED, Json(JoinResponse { object, token })).into_response())
+}
+
+async fn rotate(
+    State(b): State<Arc<Broker>>,
+    headers: HeaderMap,
+    Path(cluster): Path<String>,
+) -> Result<Response, Failure> {
+    let id = who(&b, &headers)?;
+    let token = blocking(move || b.rotate(&id, &cluster)).await?;
+    Ok(Json(RotateResponse { token }).into_response())
+}
+
+async fn revoke(
+    State(b): State<Arc<Broker>>,
+    headers: HeaderMap,
+    Path(cluster): Path<String>,
+) -> Result<Response, Failure> {
+    let id = who(&b, &headers)?;
+    let revoked = blocking(move || b.revoke(&id, &cluster)).await?;
+    Ok(Json(serde_json::json!({ "revoked": revoked })).into_response())
 }
 
 /// The broker's routes.
@@ -151,10 +218,24 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/v1/records", get(list))
         .route("/v1/watch", get(watch))
+        .route("/v1/join", post(join))
         .route("/v1/clusters/{id}", put(put_cluster).delete(delete_cluster))
+        .route("/v1/clusters/{id}/credentials", post(rotate).delete(revoke))
         .route("/v1/clusters/{id}/endpoints/{host}", put(put_endpoint).delete(delete_endpoint))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(broker)
+}
+
+/// Serves `broker` over TLS on `listener` until `shutdown` completes.
+pub async fn run_tls(
+    listener: tokio::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    broker: Arc<Broker>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let listener = crate::tls::TlsListener::new(listener, tls)?;
+    info!(addr = %listener.local_addr_or_unspecified(), "broker listening (HTTPS)");
+    axum::serve(listener, router(broker)).with_graceful_shutdown(shutdown).await
 }
 
 /// Serves `broker` on `listener` until `shutdown` completes (mini-redis style: the caller

@@ -8,6 +8,8 @@ use redb::{ReadableDatabase as _, ReadableTable as _};
 
 use causeway_broker_api::{EventType, Object, WatchEvent};
 
+use crate::auth::Identity;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("opening the store at {path}: {source}")]
@@ -52,6 +54,12 @@ pub trait Store: Send + 'static {
     fn commit(&mut self, changes: Vec<Change>) -> Result<Vec<WatchEvent>, StoreError>;
     /// Events with revision > `since`, oldest first.
     fn events_since(&self, since: u64) -> Result<Since, StoreError>;
+    /// The identity of a credential, by the hash of its token.
+    fn credential(&self, hash: &str) -> Result<Option<Identity>, StoreError>;
+    /// Stores a credential (hash of the token → identity), durably.
+    fn put_credential(&mut self, hash: &str, identity: &Identity) -> Result<(), StoreError>;
+    /// Removes every credential of `identity`; returns how many.
+    fn revoke(&mut self, identity: &Identity) -> Result<usize, StoreError>;
 }
 
 /// How many events the log retains; older watchers must re-list.
@@ -93,6 +101,7 @@ pub struct MemStore {
     records: BTreeMap<String, Object>,
     events: std::collections::VecDeque<WatchEvent>,
     compacted: u64,
+    credentials: BTreeMap<String, Identity>,
 }
 
 impl Store for MemStore {
@@ -129,12 +138,29 @@ impl Store for MemStore {
         }
         Ok(Since::Events(self.events.iter().filter(|e| e.revision > since).cloned().collect()))
     }
+
+    fn credential(&self, hash: &str) -> Result<Option<Identity>, StoreError> {
+        Ok(self.credentials.get(hash).cloned())
+    }
+
+    fn put_credential(&mut self, hash: &str, identity: &Identity) -> Result<(), StoreError> {
+        self.credentials.insert(hash.to_owned(), identity.clone());
+        Ok(())
+    }
+
+    fn revoke(&mut self, identity: &Identity) -> Result<usize, StoreError> {
+        let before = self.credentials.len();
+        self.credentials.retain(|_, i| i != identity);
+        Ok(before - self.credentials.len())
+    }
 }
 
 const RECORDS: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("records");
 /// Key: (revision, index within the revision).
 const EVENTS: redb::TableDefinition<(u64, u32), &[u8]> = redb::TableDefinition::new("events");
 const META: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("meta");
+/// Hash of a token → JSON identity.
+const CREDENTIALS: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("credentials");
 const META_REVISION: &str = "revision";
 const META_COMPACTED: &str = "compacted";
 
@@ -160,6 +186,7 @@ impl RedbStore {
         let (revision, compacted) = {
             txn.open_table(RECORDS).map_err(|e| open_err(e.into()))?;
             txn.open_table(EVENTS).map_err(|e| open_err(e.into()))?;
+            txn.open_table(CREDENTIALS).map_err(|e| open_err(e.into()))?;
             let meta = txn.open_table(META).map_err(|e| open_err(e.into()))?;
             let get = |k| -> Result<u64, StoreError> {
                 Ok(meta.get(k).map_err(|e| open_err(e.into()))?.map(|v| v.value()).unwrap_or(0))
@@ -256,6 +283,46 @@ impl Store for RedbStore {
         }
         Ok(Since::Events(out))
     }
+
+    fn credential(&self, hash: &str) -> Result<Option<Identity>, StoreError> {
+        let txn = self.db.begin_read().map_err(io)?;
+        let table = txn.open_table(CREDENTIALS).map_err(io)?;
+        match table.get(hash).map_err(io)? {
+            Some(v) => Ok(Some(Self::decode("credential", v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    fn put_credential(&mut self, hash: &str, identity: &Identity) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(io)?;
+        {
+            let mut table = txn.open_table(CREDENTIALS).map_err(io)?;
+            let bytes = serde_json::to_vec(identity).expect("identities serialise");
+            table.insert(hash, bytes.as_slice()).map_err(io)?;
+        }
+        txn.commit().map_err(io)
+    }
+
+    fn revoke(&mut self, identity: &Identity) -> Result<usize, StoreError> {
+        let txn = self.db.begin_write().map_err(io)?;
+        let removed;
+        {
+            let mut table = txn.open_table(CREDENTIALS).map_err(io)?;
+            let mut doomed = Vec::new();
+            for item in table.iter().map_err(io)? {
+                let (k, v) = item.map_err(io)?;
+                if Self::decode::<Identity>("credential", v.value())? == *identity {
+                    doomed.push(k.value().to_owned());
+                }
+            }
+            for k in &doomed {
+                table.remove(k.as_str()).map_err(io)?;
+            }
+            removed = doomed.len();
+        }
+        txn.commit().map_err(io)?;
+        Ok(removed)
+    }
 }
 
 #[cfg(test)]
@@ -297,6 +364,16 @@ mod tests {
         assert_eq!(evs.iter().map(|e| e.revision).collect::<Vec<_>>(), vec![2, 3, 4]);
         let Since::Events(evs) = store.events_since(4).unwrap() else { panic!("compacted") };
         assert!(evs.is_empty());
+        // Credentials: stored by hash, revoked by identity.
+        let east = Identity::Cluster("east".into());
+        store.put_credential("h1", &east).unwrap();
+        store.put_credential("h2", &east).unwrap();
+        store.put_credential("h3", &Identity::Admin).unwrap();
+        assert_eq!(store.credential("h1").unwrap(), Some(east.clone()));
+        assert_eq!(store.credential("nope").unwrap(), None);
+        assert_eq!(store.revoke(&east).unwrap(), 2);
+        assert_eq!(store.credential("h2").unwrap(), None);
+        assert_eq!(store.credential("h3").unwrap(), Some(Identity::Admin));
     }
 
     #[test]

@@ -3,20 +3,30 @@
 
 use std::time::Duration;
 
-use causeway_broker::{Broker, MemStore, RedbStore};
+use causeway_broker::{Broker, Identity, MemStore, RedbStore};
 use causeway_broker_api::{
-    BrokerClient, ClusterRecord, EndpointRecord, EventType, GatewayRole, ListResponse, Record, WireGuardKey,
+    BrokerClient, ClusterRecord, EndpointRecord, EventType, GatewayRole, ListResponse, Record, Token,
+    WireGuardKey,
 };
 
+/// Starts a broker on loopback; returns a client holding a fresh admin credential.
 async fn start(store: impl causeway_broker::Store) -> (BrokerClient, tokio::sync::oneshot::Sender<()>) {
+    let (client, _, stop) = start_with(store).await;
+    (client, stop)
+}
+
+async fn start_with(
+    store: impl causeway_broker::Store,
+) -> (BrokerClient, std::sync::Arc<Broker>, tokio::sync::oneshot::Sender<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let broker = Broker::new(store).unwrap();
+    let admin = broker.issue(&Identity::Admin).unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(causeway_broker::run(listener, broker, async {
+    tokio::spawn(causeway_broker::run(listener, broker.clone(), async {
         let _ = rx.await;
     }));
-    (BrokerClient::new(url), tx)
+    (BrokerClient::new(url).with_token(admin), broker, tx)
 }
 
 fn cluster(id: &str, pod: &str, svc: &str) -> ClusterRecord {
@@ -52,7 +62,8 @@ fn records(l: &ListResponse) -> Vec<Record> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_are_clear_and_lose_nothing() {
-    let (client, _stop) = start(MemStore::default()).await;
+    let (client, broker, _stop) = start_with(MemStore::default()).await;
+    let admin_token = broker.issue(&Identity::Admin).unwrap();
     client.put_cluster(&cluster("east", "10.1.0.0/16", "10.101.0.0/16")).await.unwrap();
     client.put_endpoint(&endpoint("east", "gw-1")).await.unwrap();
     let before = client.list().await.unwrap();
@@ -87,21 +98,30 @@ async fn refusals_are_clear_and_lose_nothing() {
     // Raw bodies: malformed JSON, unknown field, oversized, path/body mismatch.
     let http = reqwest::Client::new();
     let url = format!("{}/v1/clusters/west", client.base_url());
-    let resp =
-        http.put(&url).header("content-type", "application/json").body("{not json").send().await.unwrap();
+    let admin = admin_token.0.clone();
+    let resp = http
+        .put(&url)
+        .bearer_auth(&admin)
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 400);
     let resp = http
         .put(&url)
+        .bearer_auth(&admin)
         .body(r#"{"clusterId":"west","podCidrs":["10.2.0.0/16"],"serviceCidrs":[],"x":1}"#)
         .send()
         .await
         .unwrap();
     assert_eq!(resp.status(), 400);
     assert!(resp.text().await.unwrap().contains("unknown field"));
-    let resp = http.put(&url).body(vec![b' '; 200 * 1024]).send().await.unwrap();
+    let resp = http.put(&url).bearer_auth(&admin).body(vec![b' '; 200 * 1024]).send().await.unwrap();
     assert_eq!(resp.status(), 413);
     let resp = http
         .put(&url)
+        .bearer_auth(&admin)
         .body(r#"{"clusterId":"east","podCidrs":["10.2.0.0/16"],"serviceCidrs":[]}"#)
         .send()
         .await
@@ -196,4 +216,96 @@ async fn embedded_store_keeps_everything_across_restarts() {
     let second = client.list().await.unwrap();
     assert_eq!(second, first);
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_decide_who_may_write_what() {
+    let (admin, broker, _stop) = start_with(MemStore::default()).await;
+    let joiner = admin.with_token(broker.issue(&Identity::Join).unwrap());
+    let east =
+        admin.with_token(joiner.join(&cluster("east", "10.1.0.0/16", "10.101.0.0/16")).await.unwrap().token);
+    let west =
+        admin.with_token(joiner.join(&cluster("west", "10.2.0.0/16", "10.102.0.0/16")).await.unwrap().token);
+    east.put_endpoint(&endpoint("east", "gw-1")).await.unwrap();
+    let before = admin.list().await.unwrap();
+
+    // No credential, a made-up one: 401, for reads and writes alike.
+    let anonymous = BrokerClient::new(admin.base_url());
+    assert_eq!(anonymous.list().await.unwrap_err().status(), Some(401));
+    let forged = admin.with_token(Token("cw1_not-a-real-token".into()));
+    assert_eq!(
+        forged.put_cluster(&cluster("east", "10.1.0.0/16", "10.101.0.0/16")).await.unwrap_err().status(),
+        Some(401)
+    );
+
+    // West may read everything but write only its own records: 403 for east's.
+    west.list().await.unwrap();
+    let mut hijack = cluster("east", "10.1.0.0/16", "10.101.0.0/16");
+    hijack.generation = 9;
+    let err = west.put_cluster(&hijack).await.unwrap_err();
+    assert_eq!(err.status(), Some(403));
+    assert!(err.to_string().contains("cluster \"west\" may not"), "{err}");
+    assert_eq!(west.put_endpoint(&endpoint("east", "gw-evil")).await.unwrap_err().status(), Some(403));
+    assert_eq!(west.delete_cluster("east").await.unwrap_err().status(), Some(403));
+    assert_eq!(west.delete_endpoint("east", "gw-1").await.unwrap_err().status(), Some(403));
+    assert_eq!(west.rotate("east").await.unwrap_err().status(), Some(403));
+    assert_eq!(west.revoke("east").await.unwrap_err().status(), Some(403), "only the admin revokes");
+    // A join credential registers clusters and nothing else; ids are unique.
+    assert_eq!(joiner.list().await.unwrap_err().status(), Some(403));
+    assert_eq!(joiner.put_endpoint(&endpoint("east", "gw-2")).await.unwrap_err().status(), Some(403));
+    let err = joiner.join(&cluster("east", "10.9.0.0/16", "10.109.0.0/16")).await.unwrap_err();
+    assert_eq!(err.status(), Some(409));
+    assert!(err.to_string().contains("already registered"), "{err}");
+    assert_eq!(
+        joiner.join(&cluster("north", "10.1.5.0/24", "10.103.0.0/16")).await.unwrap_err().status(),
+        Some(409)
+    );
+    assert_eq!(
+        east.join(&cluster("south", "10.4.0.0/16", "10.104.0.0/16")).await.unwrap_err().status(),
+        Some(403)
+    );
+    assert_eq!(admin.list().await.unwrap(), before, "no refused request changed anything");
+
+    // Rotation: the new credential works, the old one is dead.
+    let rotated = east.rotate("east").await.unwrap().token;
+    assert_eq!(east.list().await.unwrap_err().status(), Some(401));
+    let east = admin.with_token(rotated);
+    east.list().await.unwrap();
+    // Revocation by the admin.
+    assert_eq!(admin.revoke("east").await.unwrap()["revoked"], 1);
+    assert_eq!(east.list().await.unwrap_err().status(), Some(401));
+    // Leaving revokes too: west deletes itself and its credential stops working.
+    west.delete_cluster("west").await.unwrap();
+    assert_eq!(west.list().await.unwrap_err().status(), Some(401));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_with_the_brokers_own_ca() {
+    let g = causeway_broker::tls::generate(&["127.0.0.1".into()]).unwrap();
+    let dir = std::env::temp_dir().join(format!("cw-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("server.pem"), &g.cert_pem).unwrap();
+    std::fs::write(dir.join("server.key"), &g.key_pem).unwrap();
+    let config =
+        causeway_broker::tls::server_config(&dir.join("server.pem"), &dir.join("server.key")).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://{}", listener.local_addr().unwrap());
+    let broker = Broker::new(MemStore::default()).unwrap();
+    let admin = broker.issue(&Identity::Admin).unwrap();
+    tokio::spawn(causeway_broker::run_tls(listener, config, broker, std::future::pending()));
+
+    let trusted = BrokerClient::with(url.clone(), Some(&g.ca_pem), Some(admin.clone())).unwrap();
+    trusted.put_cluster(&cluster("east", "10.1.0.0/16", "10.101.0.0/16")).await.unwrap();
+    assert_eq!(trusted.list().await.unwrap().items.len(), 1);
+    // Without the broker's CA the client refuses the connection (no system roots are trusted).
+    let untrusting = BrokerClient::with(url.clone(), None, Some(admin.clone())).unwrap();
+    assert!(matches!(untrusting.list().await, Err(causeway_broker_api::ClientError::Unreachable { .. })));
+    // Another CA's certificate is not accepted either.
+    let other = causeway_broker::tls::generate(&["127.0.0.1".into()]).unwrap();
+    let wrong_ca = BrokerClient::with(url.clone(), Some(&other.ca_pem), Some(admin)).unwrap();
+    assert!(wrong_ca.list().await.is_err());
+    // Plain HTTP against the TLS port gets nowhere, and the broker keeps serving.
+    assert!(BrokerClient::new(url.replace("https", "http")).list().await.is_err());
+    assert_eq!(trusted.list().await.unwrap().items.len(), 1);
+    std::fs::remove_dir_all(dir).unwrap();
 }

@@ -1,0 +1,220 @@
+//! `deploy-broker`, `join` and `credentials`: setting up a cluster set's trust.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, bail};
+use causeway_broker::{Broker, Identity, RedbStore};
+use causeway_broker_api::{BrokerClient, ClusterRecord, CredentialKind, Credentials};
+use ipnetwork::IpNetwork;
+
+/// Files `deploy-broker` writes into its data directory.
+pub const ADMIN_FILE: &str = "admin-credentials.json";
+pub const BROKER_INFO_FILE: &str = "broker-info.json";
+pub const CA_FILE: &str = "ca.pem";
+pub const CA_KEY_FILE: &str = "ca.key";
+pub const CERT_FILE: &str = "server.pem";
+pub const KEY_FILE: &str = "server.key";
+pub const STORE_FILE: &str = "broker.redb";
+
+#[derive(clap::Args)]
+pub struct DeployBrokerArgs {
+    /// Set the broker up on this machine (the Kubernetes flavour comes with the manifests).
+    #[arg(long, required = true)]
+    local: bool,
+    /// Where the store, certificates and credentials go (created 0700).
+    #[arg(long, env = "CAUSEWAY_BROKER_DATA_DIR", default_value = "/var/lib/causeway-broker")]
+    data_dir: PathBuf,
+    /// Address (IP or DNS name) the gateways will use to reach the broker (repeatable; the
+    /// first one goes into the broker-info file). Certificates are issued for all of them.
+    #[arg(long = "address", required = true)]
+    addresses: Vec<String>,
+    #[arg(long, default_value_t = 7780)]
+    port: u16,
+    /// Use the operator's certificate instead of generating a CA (needs --tls-key, --ca-cert).
+    #[arg(long, requires_all = ["tls_key", "ca_cert"])]
+    tls_cert: Option<PathBuf>,
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
+    /// The CA that signed --tls-cert (given to the gateways so they trust the broker).
+    #[arg(long)]
+    ca_cert: Option<PathBuf>,
+}
+
+fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
+    use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(contents.as_bytes())?;
+    Ok(())
+}
+
+pub fn deploy_broker(a: DeployBrokerArgs) -> anyhow::Result<()> {
+    let _ = a.local;
+    let dir = &a.data_dir;
+    if dir.join(STORE_FILE).exists() || dir.join(CERT_FILE).exists() {
+        bail!(
+            "{} already holds a broker; to start over, stop it and remove the directory (its clusters will have to join again)",
+            dir.display()
+        );
+    }
+    {
+        use std::os::unix::fs::DirBuilderExt as _;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let ca_pem = match (&a.tls_cert, &a.tls_key, &a.ca_cert) {
+        (Some(cert), Some(key), Some(ca)) => {
+            std::fs::copy(cert, dir.join(CERT_FILE))
+                .with_context(|| format!("copying {}", cert.display()))?;
+            let key_pem =
+                std::fs::read_to_string(key).with_context(|| format!("reading {}", key.display()))?;
+            write_private(&dir.join(KEY_FILE), &key_pem)?;
+            let ca_pem = std::fs::read_to_string(ca).with_context(|| format!("reading {}", ca.display()))?;
+            std::fs::write(dir.join(CA_FILE), &ca_pem)?;
+            ca_pem
+        }
+        _ => {
+            let g = causeway_broker::tls::generate(&a.addresses)
+                .context("generating the broker's certificates")?;
+            std::fs::write(dir.join(CA_FILE), &g.ca_pem)?;
+            write_private(&dir.join(CA_KEY_FILE), &g.ca_key_pem)?;
+            std::fs::write(dir.join(CERT_FILE), &g.cert_pem)?;
+            write_private(&dir.join(KEY_FILE), &g.key_pem)?;
+            g.ca_pem
+        }
+    };
+    // Fail now, not when the broker starts, if the certificate and key do not match.
+    causeway_broker::tls::server_config(&dir.join(CERT_FILE), &dir.join(KEY_FILE))?;
+    let broker = Broker::new(RedbStore::open(&dir.join(STORE_FILE))?)?;
+    let url = format!("https://{}:{}", host_for_url(&a.addresses[0]), a.port);
+    let admin = Credentials {
+        broker_url: url.clone(),
+        ca_pem: Some(ca_pem.clone()),
+        kind: CredentialKind::Admin,
+        cluster_id: None,
+        token: broker.issue(&Identity::Admin)?,
+    };
+    let join =
+        Credentials { kind: CredentialKind::Join, token: broker.issue(&Identity::Join)?, ..admin.clone() };
+    admin.save(&dir.join(ADMIN_FILE))?;
+    join.save(&dir.join(BROKER_INFO_FILE))?;
+    println!("broker set up in {}", dir.display());
+    println!("  start it:        causeway broker --data-dir {} --listen 0.0.0.0:{}", dir.display(), a.port);
+    println!("  admin:           {} (keep it safe)", dir.join(ADMIN_FILE).display());
+    println!(
+        "  join a cluster:  causeway join {} --cluster-id … --pod-cidr … --service-cidr …",
+        dir.join(BROKER_INFO_FILE).display()
+    );
+    Ok(())
+}
+
+fn host_for_url(addr: &str) -> String {
+    match addr.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V6(v6)) => format!("[{v6}]"),
+        _ => addr.to_owned(),
+    }
+}
+
+#[derive(clap::Args)]
+pub struct JoinArgs {
+    /// The broker-info file written by `deploy-broker`.
+    broker_info: PathBuf,
+    #[arg(long, env = "CAUSEWAY_CLUSTER_ID")]
+    cluster_id: String,
+    #[arg(long = "pod-cidr", value_delimiter = ',', required = true)]
+    pod_cidrs: Vec<IpNetwork>,
+    #[arg(long = "service-cidr", value_delimiter = ',')]
+    service_cidrs: Vec<IpNetwork>,
+    /// Where to write this cluster's credentials (0600); give it to the gateway with
+    /// --broker-credentials. Default: ./<cluster-id>-credentials.json
+    #[arg(long)]
+    output: Option<PathBuf>,
+}
+
+pub async fn join(a: JoinArgs) -> anyhow::Result<()> {
+    let info = Credentials::load(&a.broker_info).map_err(anyhow::Error::msg)?;
+    if info.kind == CredentialKind::Cluster {
+        bail!(
+            "{} is a cluster's credentials file; join needs the broker-info file from deploy-broker",
+            a.broker_info.display()
+        );
+    }
+    let record = ClusterRecord {
+        cluster_id: a.cluster_id.clone(),
+        pod_cidrs: a.pod_cidrs,
+        service_cidrs: a.service_cidrs,
+        global_cidr: None,
+        labels: Default::default(),
+        generation: 1,
+    };
+    causeway_broker_api::validate_cluster(&record).context("checking the cluster's settings")?;
+    let client = BrokerClient::from_credentials(&info)?;
+    let joined = client.join(&record).await.with_context(|| format!("joining {}", info.broker_url))?;
+    let creds = Credentials {
+        broker_url: info.broker_url,
+        ca_pem: info.ca_pem,
+        kind: CredentialKind::Cluster,
+        cluster_id: Some(a.cluster_id.clone()),
+        token: joined.token,
+    };
+    let out = a.output.unwrap_or_else(|| PathBuf::from(format!("{}-credentials.json", a.cluster_id)));
+    creds.save(&out).with_context(|| format!("writing {}", out.display()))?;
+    println!("cluster {} joined; its credentials are in {}", a.cluster_id, out.display());
+    println!("  run its gateway with --broker-credentials {}", out.display());
+    Ok(())
+}
+
+#[derive(clap::Subcommand)]
+pub enum CredentialsCmd {
+    /// Replace a cluster's credential with a new one (the old one stops working at once).
+    Rotate {
+        /// The cluster's credentials file; rewritten in place.
+        #[arg(long, env = "CAUSEWAY_CREDENTIALS")]
+        credentials: PathBuf,
+    },
+    /// Revoke every credential of a cluster (needs the admin credentials).
+    Revoke {
+        #[arg(long, env = "CAUSEWAY_CREDENTIALS")]
+        credentials: PathBuf,
+        #[arg(long)]
+        cluster_id: String,
+    },
+}
+
+pub async fn credentials(cmd: CredentialsCmd) -> anyhow::Result<()> {
+    match cmd {
+        CredentialsCmd::Rotate { credentials } => {
+            let mut creds = Credentials::load(&credentials).map_err(anyhow::Error::msg)?;
+            let Some(id) = creds.cluster_id.clone() else {
+                bail!("{} is not a cluster's credentials file", credentials.display());
+            };
+            let rotated = BrokerClient::from_credentials(&creds)?.rotate(&id).await?;
+            creds.token = rotated.token;
+            creds.save(&credentials).with_context(|| format!("writing {}", credentials.display()))?;
+            println!("rotated the credential of cluster {id}; {} holds the new one", credentials.display());
+        }
+        CredentialsCmd::Revoke { credentials, cluster_id } => {
+            let creds = Credentials::load(&credentials).map_err(anyhow::Error::msg)?;
+            let out = BrokerClient::from_credentials(&creds)?.revoke(&cluster_id).await?;
+            println!("revoked {} credential(s) of cluster {cluster_id}", out["revoked"]);
+        }
+    }
+    Ok(())
+}
+
+/// The credentials to use for operator verbs: the flag, else the local sandbox's admin file.
+pub fn operator_credentials(flag: Option<PathBuf>) -> anyhow::Result<Credentials> {
+    let path = flag.unwrap_or_else(crate::sandbox::admin_credentials);
+    Credentials::load(&path).map_err(|e| {
+        anyhow::anyhow!(
+            "{e}\n(pass --credentials FILE: the admin file from deploy-broker, or a cluster's from join)"
+        )
+    })
+}

@@ -110,6 +110,9 @@ struct BrokerArgs {
     /// Serve plain HTTP (development only: tokens then cross the network in the clear).
     #[arg(long)]
     plain_http: bool,
+    /// Seconds an endpoint record lives without a heartbeat from its gateway.
+    #[arg(long, env = "CAUSEWAY_ENDPOINT_LEASE_SECONDS", default_value_t = 30)]
+    endpoint_lease_seconds: u64,
 }
 
 #[derive(clap::Args)]
@@ -155,6 +158,9 @@ struct GatewayArgs {
     /// socket).
     #[arg(long, env = "CAUSEWAY_METRICS_LISTEN", default_value = "0.0.0.0:9464")]
     metrics_listen: String,
+    /// Seconds between heartbeats to the broker (keep it well under the broker's lease).
+    #[arg(long, env = "CAUSEWAY_HEARTBEAT_SECONDS", default_value_t = 10)]
+    heartbeat_seconds: u64,
     /// Do not serve the WireGuard UAPI socket (/var/run/wireguard/<device>.sock, for `wg show`).
     #[arg(long, env = "CAUSEWAY_NO_UAPI")]
     no_uapi: bool,
@@ -257,7 +263,11 @@ async fn broker(a: BrokerArgs) -> anyhow::Result<()> {
     };
     std::fs::create_dir_all(&a.data_dir).with_context(|| format!("creating {}", a.data_dir.display()))?;
     let store = causeway_broker::RedbStore::open(&a.data_dir.join(setup::STORE_FILE))?;
-    let broker = causeway_broker::Broker::new(store)?;
+    let broker = causeway_broker::Broker::with_lease(
+        store,
+        std::time::Duration::from_secs(a.endpoint_lease_seconds.max(1)),
+    )?;
+    tokio::spawn(broker.clone().run_expiry());
     let listener = tokio::net::TcpListener::bind(&a.listen)
         .await
         .with_context(|| format!("listening on {} (is another broker running?)", a.listen))?;
@@ -308,6 +318,7 @@ async fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
         state_dir: a.state_dir,
         status_socket: a.status_socket,
         uapi: !a.no_uapi,
+        heartbeat: std::time::Duration::from_secs(a.heartbeat_seconds.max(1)),
         metrics_listen: match a.metrics_listen.as_str() {
             "off" | "" => None,
             addr => Some(

@@ -51,6 +51,8 @@ pub struct GatewayConfig {
     pub uapi: bool,
     /// Where to serve Prometheus metrics over TCP (none: only on the status socket).
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// How often the endpoint record is renewed at the broker (its lease).
+    pub heartbeat: Duration,
 }
 
 impl GatewayConfig {
@@ -344,11 +346,13 @@ pub async fn run(
     let client =
         BrokerClient::from_credentials(&config.broker).map_err(|e| GatewayError::Broker(e.to_string()))?;
     let ep = endpoint_record(&local, &key, config.listen_port);
+    let heartbeat_task = tokio::spawn(heartbeat(client.clone(), ep.clone(), config.heartbeat));
     tokio::select! {
         () = sync_loop(&client, &local, &ep, &config, &shared) => {}
         () = shutdown => info!("shutting down"),
     }
     status_task.abort();
+    heartbeat_task.abort();
     if let Some(t) = metrics_task {
         t.abort();
     }
@@ -367,6 +371,18 @@ async fn teardown(shared: &Arc<Mutex<Shared>>) -> Result<(), GatewayError> {
         errors.push(e.into());
     }
     if errors.is_empty() { Ok(()) } else { Err(GatewayError::Teardown(errors)) }
+}
+
+/// Renews the endpoint's lease at the broker every `every` (an unchanged PUT: no event).
+async fn heartbeat(client: BrokerClient, ep: EndpointRecord, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = client.put_endpoint(&ep).await {
+            tracing::debug!(error = %e, "heartbeat failed; the sync loop re-registers when the broker is back");
+        }
+    }
 }
 
 async fn apply(shared: &Arc<Mutex<Shared>>, cache: &RecordCache, local: &LocalCluster) {

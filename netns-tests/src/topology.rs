@@ -36,6 +36,11 @@ pub struct TopologySpec {
     pub host_link: bool,
     /// MTU of the underlay links.
     pub underlay_mtu: u16,
+    /// Extra arguments for `causeway broker` and `causeway gateway`.
+    #[serde(default)]
+    pub broker_args: Vec<String>,
+    #[serde(default)]
+    pub gateway_args: Vec<String>,
 }
 
 impl TopologySpec {
@@ -49,6 +54,8 @@ impl TopologySpec {
             run_dir: PathBuf::from("/run/causeway").join(prefix),
             host_link: false,
             underlay_mtu: 1500,
+            broker_args: Vec::new(),
+            gateway_args: Vec::new(),
         }
     }
 }
@@ -322,13 +329,14 @@ impl Topology {
             ])?;
         }
         let log = self.spec.run_dir.join("broker.log");
-        let args = vec![
+        let mut args = vec![
             "broker".into(),
             "--listen".into(),
             format!("{BROKER_IP}:{BROKER_PORT}"),
             "--data-dir".into(),
             dir.display().to_string(),
         ];
+        args.extend(self.spec.broker_args.iter().cloned());
         self.spawn(&ns, &log, &args)?;
         let admin = self.admin_credentials().display().to_string();
         wait_for(Duration::from_secs(15), "the broker to answer", || {
@@ -396,6 +404,7 @@ impl Topology {
         ]
         .iter()
         .map(|s| (*s).to_owned())
+        .chain(self.spec.gateway_args.iter().cloned())
         .collect()
     }
 

@@ -21,17 +21,33 @@ fn causeway_bin() -> PathBuf {
     target.join("debug/causeway")
 }
 
-/// A topology with a name unique to this test process.
-fn topology(clusters: usize, underlay_mtu: u16) -> Topology {
+fn spec(clusters: usize) -> TopologySpec {
     let prefix = format!("cwt{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
-    let mut spec = TopologySpec::new(&prefix, clusters, causeway_bin());
+    TopologySpec::new(&prefix, clusters, causeway_bin())
+}
+
+/// A topology with a name unique to this test process, every gateway connected.
+fn topology(clusters: usize, underlay_mtu: u16) -> Topology {
+    let mut spec = spec(clusters);
     spec.underlay_mtu = underlay_mtu;
+    start(spec, clusters)
+}
+
+/// Builds `spec`, starts the broker and the first `gateways` gateways, waits for their tunnels.
+fn start(spec: TopologySpec, gateways: usize) -> Topology {
     let mut t = Topology::build(spec).expect("building the topology");
     t.start_broker().expect("starting the broker");
-    for i in 1..=clusters {
+    for i in 1..=gateways {
         t.start_gateway(i).expect("starting a gateway");
     }
-    t.wait_connected(Duration::from_secs(30)).expect("tunnels up");
+    wait_for(Duration::from_secs(30), "the started gateways to connect", || {
+        (1..=gateways).all(|i| {
+            t.gateway_status(i).is_ok_and(|s| {
+                s.connections.len() == gateways - 1 && s.connections.iter().all(|c| c.status == "connected")
+            })
+        })
+    })
+    .expect("tunnels up");
     t
 }
 
@@ -635,4 +651,49 @@ fn traffic_follows_a_gateway_whose_address_changes() {
     })
     .unwrap();
     assert!(exec::ping(&a.pod_ns, &b.pod_ip, 3), "pods talk again over the new path");
+}
+
+#[test]
+fn a_dead_gateways_endpoint_expires_and_its_peer_and_routes_go() {
+    require_privileges!();
+    let mut spec = spec(3);
+    spec.broker_args = vec!["--endpoint-lease-seconds".into(), "3".into()];
+    spec.gateway_args = vec!["--heartbeat-seconds".into(), "1".into()];
+    let mut t = start(spec, 3);
+    let gw1 = t.clusters[0].gw_ns.clone();
+    // Heartbeats keep everyone alive well past the lease.
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(t.gateway_status(1).unwrap().connections.len(), 2);
+    // Gateway 3 dies without a word; its lease runs out and the others forget it.
+    t.kill_gateway(3).unwrap();
+    let died = std::time::Instant::now();
+    wait_for(Duration::from_secs(15), "gateway 1 to drop the dead cluster-3 gateway", || {
+        t.gateway_status(1).is_ok_and(|s| s.connections.iter().all(|c| c.cluster_id != "cluster-3"))
+            && !causeway_routes(&gw1).contains("10.3.0.0/16")
+    })
+    .unwrap();
+    eprintln!("dead gateway forgotten after {:?} (lease 3 s)", died.elapsed());
+    assert!(died.elapsed() >= Duration::from_secs(2), "not before the lease could run out");
+    // Its cluster record stays (the cluster did not leave); the live tunnel is untouched.
+    let admin = t.admin_credentials().display().to_string();
+    let bin = causeway_bin().display().to_string();
+    let shown = exec::in_ns(&t.broker_ns, &[&bin, "show", "clusters", "--credentials", &admin]).unwrap();
+    assert!(String::from_utf8_lossy(&shown.stdout).contains("cluster-3"));
+    assert!(exec::ping(&t.clusters[0].pod_ns, &t.clusters[1].pod_ip, 2));
+}
+
+#[test]
+fn the_data_plane_outlives_the_broker_and_resyncs_when_it_returns() {
+    require_privileges!();
+    let mut t = start(spec(3), 2);
+    let (a, b) = (t.clusters[0].clone(), t.clusters[1].clone());
+    t.kill_broker().unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(exec::ping(&a.pod_ns, &b.pod_ip, 3), "tunnels keep working with the broker down");
+    assert_eq!(connection_status(&t, 1, "cluster-2"), "connected");
+    // The broker comes back (same store); a new cluster joins; everyone converges.
+    t.start_broker().unwrap();
+    t.start_gateway(3).unwrap();
+    t.wait_connected(Duration::from_secs(30)).expect("all three connected after the broker returned");
+    assert!(exec::ping(&a.pod_ns, &t.clusters[2].pod_ip, 2));
 }

@@ -100,7 +100,14 @@ impl BrokerError {
 pub struct Broker {
     store: Mutex<Box<dyn Store>>,
     revision: watch::Sender<u64>,
+    /// Endpoint key → last heartbeat (a PUT of the endpoint, changed or not).
+    heartbeats: Mutex<std::collections::HashMap<String, std::time::Instant>>,
+    /// How long an endpoint lives without a heartbeat.
+    lease: Duration,
 }
+
+/// Default endpoint lease: three missed 10-second heartbeats.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 
 impl std::fmt::Debug for Broker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -110,9 +117,78 @@ impl std::fmt::Debug for Broker {
 
 impl Broker {
     pub fn new(store: impl Store) -> Result<Arc<Self>, BrokerError> {
-        let (rev, _) = store.list()?;
+        Self::with_lease(store, DEFAULT_LEASE)
+    }
+
+    /// A broker whose endpoint records expire `lease` after their last heartbeat. Endpoints
+    /// already stored get a full lease from now (a broker restart expires nobody).
+    pub fn with_lease(store: impl Store, lease: Duration) -> Result<Arc<Self>, BrokerError> {
+        let (rev, items) = store.list()?;
         let (revision, _) = watch::channel(rev);
-        Ok(Arc::new(Self { store: Mutex::new(Box::new(store)), revision }))
+        let now = std::time::Instant::now();
+        let heartbeats = items
+            .iter()
+            .filter(|o| matches!(o.record, Record::Endpoint(_)))
+            .map(|o| (o.record.key(), now))
+            .collect();
+        Ok(Arc::new(Self {
+            store: Mutex::new(Box::new(store)),
+            revision,
+            heartbeats: Mutex::new(heartbeats),
+            lease,
+        }))
+    }
+
+    fn beat(&self, key: &str) {
+        self.heartbeats
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(key.to_owned(), std::time::Instant::now());
+    }
+
+    /// Deletes the endpoints whose lease ran out before `now`; returns their keys.
+    pub fn expire_endpoints(&self, now: std::time::Instant) -> Result<Vec<String>, BrokerError> {
+        let expired: Vec<String> = {
+            let hb = self.heartbeats.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            hb.iter()
+                .filter(|(_, t)| now.saturating_duration_since(**t) > self.lease)
+                .map(|(k, _)| k.clone())
+                .collect()
+        };
+        if expired.is_empty() {
+            return Ok(expired);
+        }
+        let mut store = self.lock();
+        // Re-check under the store lock: a heartbeat may have arrived meanwhile.
+        let mut hb = self.heartbeats.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let doomed: Vec<String> = expired
+            .into_iter()
+            .filter(|k| hb.get(k).is_some_and(|t| now.saturating_duration_since(*t) > self.lease))
+            .collect();
+        for k in &doomed {
+            hb.remove(k);
+        }
+        drop(hb);
+        let events = store.commit(doomed.iter().map(|k| Change::Delete(k.clone())).collect())?;
+        self.publish(&events);
+        for k in &doomed {
+            info!(key = %k, lease = ?self.lease, "endpoint expired: no heartbeat");
+        }
+        Ok(doomed)
+    }
+
+    /// Expires endpoints every second, forever (spawn it next to the server).
+    pub async fn run_expiry(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1).min(self.lease / 2));
+        loop {
+            tick.tick().await;
+            let this = Arc::clone(&self);
+            let res =
+                tokio::task::spawn_blocking(move || this.expire_endpoints(std::time::Instant::now())).await;
+            if let Ok(Err(e)) = res {
+                tracing::warn!(error = %e, "expiring endpoints failed");
+            }
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Box<dyn Store>> {
@@ -269,9 +345,12 @@ impl Broker {
         if let Some(old) = Self::stored(&items, &key) {
             check_generation(&key, old, e.generation)?;
             if old.record == Record::Endpoint(e.clone()) {
+                // A heartbeat: the lease is renewed, nothing changes for watchers.
+                self.beat(&key);
                 return Ok(old.clone());
             }
         }
+        self.beat(&key);
         let events = store.commit(vec![Change::Put(Record::Endpoint(e))])?;
         self.publish(&events);
         let obj = events.into_iter().next().map(|e| e.object).expect("a put produces an event");

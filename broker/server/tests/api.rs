@@ -309,3 +309,30 @@ async fn https_with_the_brokers_own_ca() {
     assert_eq!(trusted.list().await.unwrap().items.len(), 1);
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_expire_without_heartbeats() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let broker = Broker::with_lease(MemStore::default(), Duration::from_millis(600)).unwrap();
+    let admin = BrokerClient::new(url).with_token(broker.issue(&Identity::Admin).unwrap());
+    tokio::spawn(causeway_broker::run(listener, broker.clone(), std::future::pending()));
+    tokio::spawn(broker.run_expiry());
+    admin.put_cluster(&cluster("east", "10.1.0.0/16", "10.101.0.0/16")).await.unwrap();
+    admin.put_endpoint(&endpoint("east", "gw-1")).await.unwrap();
+    let rv = admin.list().await.unwrap().resource_version;
+    // Heartbeats (unchanged PUTs) keep it alive and produce no events.
+    for _ in 0..12 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        admin.put_endpoint(&endpoint("east", "gw-1")).await.unwrap();
+    }
+    assert_eq!(admin.list().await.unwrap().items.len(), 2, "alive while heartbeating");
+    assert_eq!(admin.list().await.unwrap().resource_version, rv, "heartbeats are not changes");
+    // The gateway stops: the record goes, and watchers see it go.
+    let w = admin.watch(rv, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(w.events.len(), 1);
+    assert_eq!(w.events[0].kind, EventType::Delete);
+    assert_eq!(w.events[0].object.record.key(), "endpoints/east/gw-1");
+    let left: Vec<_> = admin.list().await.unwrap().items.into_iter().map(|o| o.record.key()).collect();
+    assert_eq!(left, vec!["clusters/east"], "the cluster record itself does not expire");
+}

@@ -1,0 +1,115 @@
+//! The real broker process on loopback: SIGKILL it in the middle of a stream of writes; after
+//! a restart every write it had acknowledged is there. Needs no privileges (loopback only).
+
+use std::{
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use causeway_broker_api::{BrokerClient, ClusterRecord, Credentials};
+
+fn causeway_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("CAUSEWAY_BIN") {
+        return PathBuf::from(p);
+    }
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"), PathBuf::from);
+    target.join("debug/causeway")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn start_broker(dir: &std::path::Path, port: u16) -> Child {
+    Command::new(causeway_bin())
+        .args(["broker", "--data-dir", &dir.display().to_string(), "--listen", &format!("127.0.0.1:{port}")])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting the broker")
+}
+
+async fn wait_up(client: &BrokerClient) {
+    for _ in 0..100 {
+        if client.list().await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the broker did not come up");
+}
+
+fn cluster(i: u32) -> ClusterRecord {
+    ClusterRecord {
+        cluster_id: format!("c{i}"),
+        pod_cidrs: vec![format!("10.{}.{}.0/24", i / 256, i % 256).parse().unwrap()],
+        service_cidrs: vec![],
+        global_cidr: None,
+        labels: Default::default(),
+        generation: 1,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_acknowledged_write_survives_a_sigkill() {
+    let dir = std::env::temp_dir().join(format!("cw-durability-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let port = free_port();
+    let deployed = Command::new(causeway_bin())
+        .args([
+            "deploy-broker",
+            "--local",
+            "--data-dir",
+            &dir.display().to_string(),
+            "--address",
+            "127.0.0.1",
+        ])
+        .args(["--port", &port.to_string()])
+        .output()
+        .expect("deploy-broker");
+    assert!(deployed.status.success(), "{}", String::from_utf8_lossy(&deployed.stderr));
+    let admin = Credentials::load(&dir.join("admin-credentials.json")).unwrap();
+    let client = BrokerClient::from_credentials(&admin).unwrap();
+
+    let mut broker = start_broker(&dir, port);
+    wait_up(&client).await;
+    // Four writers stream new clusters; the broker is killed while they run.
+    let mut writers = Vec::new();
+    for w in 0..4u32 {
+        let client = client.clone();
+        writers.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            for n in 0..10_000u32 {
+                let i = n * 4 + w;
+                match client.put_cluster(&cluster(i)).await {
+                    Ok(_) => acked.push(i),
+                    Err(_) => break,
+                }
+            }
+            acked
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    broker.kill().expect("SIGKILL");
+    broker.wait().unwrap();
+    let mut acked = Vec::new();
+    for w in writers {
+        acked.extend(w.await.unwrap());
+    }
+    assert!(acked.len() > 20, "the writers got going before the kill ({} writes)", acked.len());
+
+    let mut broker = start_broker(&dir, port);
+    wait_up(&client).await;
+    let stored: std::collections::BTreeSet<String> =
+        client.list().await.unwrap().items.into_iter().map(|o| o.record.cluster_id().to_owned()).collect();
+    let lost: Vec<String> = acked.iter().map(|i| format!("c{i}")).filter(|id| !stored.contains(id)).collect();
+    eprintln!("{} acknowledged writes before SIGKILL, {} stored after restart", acked.len(), stored.len());
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+    broker.kill().unwrap();
+    broker.wait().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}

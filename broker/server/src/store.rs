@@ -95,13 +95,35 @@ fn apply(
 }
 
 /// In-memory store (tests; a broker that may forget everything on restart).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct MemStore {
+    history: u64,
     revision: u64,
     records: BTreeMap<String, Object>,
     events: std::collections::VecDeque<WatchEvent>,
     compacted: u64,
     credentials: BTreeMap<String, Identity>,
+}
+
+impl Default for MemStore {
+    fn default() -> Self {
+        Self::with_history(EVENT_HISTORY)
+    }
+}
+
+impl MemStore {
+    /// A store that keeps the last `history` events.
+    #[must_use]
+    pub fn with_history(history: u64) -> Self {
+        Self {
+            history: history.max(1),
+            revision: 0,
+            records: BTreeMap::new(),
+            events: std::collections::VecDeque::new(),
+            compacted: 0,
+            credentials: BTreeMap::new(),
+        }
+    }
 }
 
 impl Store for MemStore {
@@ -124,7 +146,7 @@ impl Store for MemStore {
             self.events.push_back(event.clone());
             events.push(event);
         }
-        while self.events.len() as u64 > EVENT_HISTORY {
+        while self.events.len() as u64 > self.history {
             if let Some(e) = self.events.pop_front() {
                 self.compacted = e.revision;
             }
@@ -168,6 +190,7 @@ const META_COMPACTED: &str = "compacted";
 /// an acknowledged write survives a crash of the broker or the machine.
 pub struct RedbStore {
     db: redb::Database,
+    history: u64,
     revision: u64,
     compacted: u64,
 }
@@ -180,6 +203,12 @@ impl std::fmt::Debug for RedbStore {
 
 impl RedbStore {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_with_history(path, EVENT_HISTORY)
+    }
+
+    /// Opens the store keeping the last `history` revisions of events.
+    pub fn open_with_history(path: &Path, history: u64) -> Result<Self, StoreError> {
+        let history = history.max(1);
         let open_err = |source: redb::Error| StoreError::Open { path: path.display().to_string(), source };
         let db = redb::Database::create(path).map_err(|e| open_err(e.into()))?;
         let txn = db.begin_write().map_err(|e| open_err(e.into()))?;
@@ -194,7 +223,7 @@ impl RedbStore {
             (get(META_REVISION)?, get(META_COMPACTED)?)
         };
         txn.commit().map_err(|e| open_err(e.into()))?;
-        Ok(Self { db, revision, compacted })
+        Ok(Self { db, history, revision, compacted })
     }
 
     fn decode<T: serde::de::DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
@@ -255,8 +284,8 @@ impl Store for RedbStore {
                 events.push(event);
             }
             // Retention: drop whole revisions older than the history window.
-            if rev > EVENT_HISTORY && rev - EVENT_HISTORY > compacted {
-                let cut = rev - EVENT_HISTORY;
+            if rev > self.history && rev - self.history > compacted {
+                let cut = rev - self.history;
                 log.retain_in((0, 0)..=(cut, u32::MAX), |_, _| false).map_err(io)?;
                 compacted = cut;
             }
@@ -379,6 +408,30 @@ mod tests {
     #[test]
     fn mem_store_conforms() {
         conformance(&mut MemStore::default());
+    }
+
+    /// Past the history window a watcher is told to re-list, never given a partial story.
+    fn compaction(store: &mut dyn Store) {
+        for g in 1..=10 {
+            store.commit(vec![Change::Put(cluster("a", g))]).unwrap();
+        }
+        assert_eq!(store.events_since(2).unwrap(), Since::Compacted { oldest: 8 });
+        let Since::Events(evs) = store.events_since(7).unwrap() else { panic!("7 is still in the window") };
+        assert_eq!(evs.iter().map(|e| e.revision).collect::<Vec<_>>(), vec![8, 9, 10]);
+    }
+
+    #[test]
+    fn compaction_tells_old_watchers_to_relist() {
+        compaction(&mut MemStore::with_history(3));
+        let dir = std::env::temp_dir().join(format!("cw-compact-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("b.redb");
+        let _ = std::fs::remove_file(&path);
+        compaction(&mut RedbStore::open_with_history(&path, 3).unwrap());
+        // The window survives a reopen.
+        let s = RedbStore::open_with_history(&path, 3).unwrap();
+        assert_eq!(s.events_since(2).unwrap(), Since::Compacted { oldest: 8 });
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -336,3 +336,24 @@ async fn endpoints_expire_without_heartbeats() {
     let left: Vec<_> = admin.list().await.unwrap().items.into_iter().map(|o| o.record.key()).collect();
     assert_eq!(left, vec!["clusters/east"], "the cluster record itself does not expire");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_behind_the_history_is_told_to_relist() {
+    let (client, _stop) = start(MemStore::with_history(5)).await;
+    let rv = {
+        client.put_cluster(&cluster("east", "10.1.0.0/16", "10.101.0.0/16")).await.unwrap();
+        client.list().await.unwrap().resource_version
+    };
+    for g in 2..=20u64 {
+        let mut c = cluster("east", "10.1.0.0/16", "10.101.0.0/16");
+        c.generation = g;
+        client.put_cluster(&c).await.unwrap();
+    }
+    let err = client.watch(rv, Duration::from_secs(1)).await.unwrap_err();
+    assert_eq!(err.status(), Some(410));
+    assert!(err.to_string().contains("list again"), "{err}");
+    // Re-listing and watching from there works.
+    let list = client.list().await.unwrap();
+    assert_eq!(list.items[0].record.generation(), 20);
+    assert!(client.watch(list.resource_version, Duration::from_secs(1)).await.unwrap().events.is_empty());
+}

@@ -1,6 +1,7 @@
 //! `causeway`: one binary for the broker and gateway daemons, the operator verbs and the
 //! local sandbox. Every flag can also be set through its `CAUSEWAY_…` environment variable.
 
+mod bench;
 mod sandbox;
 mod setup;
 mod show;
@@ -41,6 +42,11 @@ enum Cmd {
     },
     /// Show the cluster set's state.
     Show(show::ShowArgs),
+    /// Benchmarks (on loopback and local namespaces only).
+    Benchmark {
+        #[command(subcommand)]
+        what: BenchCmd,
+    },
     /// Remove a cluster's records from the broker and revoke its credentials; the other
     /// gateways drop its tunnel and routes.
     Leave {
@@ -61,6 +67,12 @@ enum Cmd {
         #[command(subcommand)]
         command: DebugCmd,
     },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Propagation of one change to every watcher of a large cluster set, and broker memory.
+    Broker(bench::BrokerBenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -180,6 +192,10 @@ fn main() -> anyhow::Result<()> {
         Cmd::Show(a) => {
             telemetry::init("warn");
             runtime()?.block_on(show::run(a))
+        }
+        Cmd::Benchmark { what: BenchCmd::Broker(a) } => {
+            telemetry::init("warn");
+            runtime()?.block_on(bench::broker(a))
         }
         Cmd::DeployBroker(a) => {
             telemetry::init("warn");

@@ -97,7 +97,36 @@ impl BrokerError {
 }
 
 /// The broker: rules plus store plus a revision signal for long-polling watchers.
+/// Events kept in memory for watchers; older revisions are read from the store.
+const CACHED_EVENTS: usize = 10_000;
+
+/// What the store holds, in memory: the current records and the recent events. Watchers and
+/// checks read this; the store stays the durable truth (updated first, under the store lock).
+#[derive(Default)]
+struct Cache {
+    records: std::collections::BTreeMap<String, Object>,
+    events: std::collections::VecDeque<causeway_broker_api::WatchEvent>,
+    revision: u64,
+    /// Never reach further back than the store does (same answers either way).
+    window: u64,
+}
+
+impl Cache {
+    /// Events after `since`, if the cache reaches back that far.
+    fn since(&self, since: u64) -> Option<Vec<causeway_broker_api::WatchEvent>> {
+        if since >= self.revision {
+            return Some(Vec::new());
+        }
+        let oldest = self.events.front()?.revision;
+        if since + 1 < oldest {
+            return None;
+        }
+        Some(self.events.iter().filter(|e| e.revision > since).cloned().collect())
+    }
+}
+
 pub struct Broker {
+    cache: std::sync::RwLock<Cache>,
     store: Mutex<Box<dyn Store>>,
     revision: watch::Sender<u64>,
     /// Endpoint key → last heartbeat (a PUT of the endpoint, changed or not).
@@ -131,7 +160,14 @@ impl Broker {
             .filter(|o| matches!(o.record, Record::Endpoint(_)))
             .map(|o| (o.record.key(), now))
             .collect();
+        let cache = Cache {
+            records: items.iter().map(|o| (o.record.key(), o.clone())).collect(),
+            events: std::collections::VecDeque::new(),
+            revision: rev,
+            window: store.history().min(CACHED_EVENTS as u64),
+        };
         Ok(Arc::new(Self {
+            cache: std::sync::RwLock::new(cache),
             store: Mutex::new(Box::new(store)),
             revision,
             heartbeats: Mutex::new(heartbeats),
@@ -197,11 +233,36 @@ impl Broker {
         self.store.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Wakes the watchers after a commit.
+    /// Applies a commit's events to the cache, then wakes the watchers.
     fn publish(&self, events: &[causeway_broker_api::WatchEvent]) {
-        if let Some(e) = events.last() {
-            self.revision.send_replace(e.revision);
+        let Some(last) = events.last() else { return };
+        {
+            let mut cache = self.cache.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+            for e in events {
+                let key = e.object.record.key();
+                match e.kind {
+                    causeway_broker_api::EventType::Put => cache.records.insert(key, e.object.clone()),
+                    causeway_broker_api::EventType::Delete => cache.records.remove(&key),
+                };
+                cache.events.push_back(e.clone());
+            }
+            while cache.events.front().is_some_and(|e| last.revision - e.revision >= cache.window) {
+                cache.events.pop_front();
+            }
+            cache.revision = last.revision;
         }
+        self.revision.send_replace(last.revision);
+    }
+
+    /// The current records (from the cache).
+    fn items(&self) -> Vec<Object> {
+        self.cache
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .records
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// The identity behind a bearer token.
@@ -219,8 +280,11 @@ impl Broker {
 
     pub fn list(&self, who: &Identity) -> Result<ListResponse, BrokerError> {
         require_read(who)?;
-        let (resource_version, items) = self.lock().list()?;
-        Ok(ListResponse { resource_version, items })
+        let cache = self.cache.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        Ok(ListResponse {
+            resource_version: cache.revision,
+            items: cache.records.values().cloned().collect(),
+        })
     }
 
     /// Registers a new cluster and issues its own credential (join or admin credential).
@@ -233,7 +297,7 @@ impl Broker {
         }
         causeway_broker_api::validate_cluster(&c)?;
         let mut store = self.lock();
-        let (_, items) = store.list()?;
+        let items = self.items();
         if Self::stored(&items, &cluster_key(&c.cluster_id)).is_some() {
             return Err(BrokerError::AlreadyRegistered(c.cluster_id));
         }
@@ -249,7 +313,7 @@ impl Broker {
     pub fn rotate(&self, who: &Identity, cluster_id: &str) -> Result<Token, BrokerError> {
         require_write(who, cluster_id, "rotate the credentials")?;
         let mut store = self.lock();
-        let (_, items) = store.list()?;
+        let items = self.items();
         if Self::stored(&items, &cluster_key(cluster_id)).is_none() {
             return Err(BrokerError::NotFound(cluster_key(cluster_id)));
         }
@@ -280,7 +344,7 @@ impl Broker {
         require_write(who, &c.cluster_id, "write the cluster record")?;
         causeway_broker_api::validate_cluster(&c)?;
         let mut store = self.lock();
-        let (_, items) = store.list()?;
+        let items = self.items();
         self.commit_cluster(&mut **store, &items, c)
     }
 
@@ -314,7 +378,7 @@ impl Broker {
     pub fn delete_cluster(&self, who: &Identity, cluster_id: &str) -> Result<Vec<Object>, BrokerError> {
         require_write(who, cluster_id, "delete the cluster")?;
         let mut store = self.lock();
-        let (_, items) = store.list()?;
+        let items = self.items();
         let key = cluster_key(cluster_id);
         if Self::stored(&items, &key).is_none() {
             return Err(BrokerError::NotFound(key));
@@ -337,7 +401,7 @@ impl Broker {
         require_write(who, &e.cluster_id, "write an endpoint")?;
         causeway_broker_api::validate_endpoint(&e)?;
         let mut store = self.lock();
-        let (_, items) = store.list()?;
+        let items = self.items();
         if Self::stored(&items, &cluster_key(&e.cluster_id)).is_none() {
             return Err(BrokerError::ClusterNotRegistered(e.cluster_id));
         }
@@ -393,10 +457,17 @@ impl Broker {
                 return Err(BrokerError::Gone { since, oldest: current });
             }
             if current > since {
-                let this = Arc::clone(self);
-                let found = tokio::task::spawn_blocking(move || this.lock().events_since(since))
-                    .await
-                    .map_err(|e| BrokerError::BadRequest(format!("watch task failed: {e}")))??;
+                let cached =
+                    self.cache.read().unwrap_or_else(std::sync::PoisonError::into_inner).since(since);
+                let found = match cached {
+                    Some(events) => Since::Events(events),
+                    None => {
+                        let this = Arc::clone(self);
+                        tokio::task::spawn_blocking(move || this.lock().events_since(since))
+                            .await
+                            .map_err(|e| BrokerError::BadRequest(format!("watch task failed: {e}")))??
+                    }
+                };
                 return match found {
                     Since::Events(events) => {
                         let resource_version = events.last().map_or(since, |e| e.revision);

@@ -54,6 +54,8 @@ pub trait Store: Send + 'static {
     fn commit(&mut self, changes: Vec<Change>) -> Result<Vec<WatchEvent>, StoreError>;
     /// Events with revision > `since`, oldest first.
     fn events_since(&self, since: u64) -> Result<Since, StoreError>;
+    /// How many revisions of events the store keeps.
+    fn history(&self) -> u64;
     /// The identity of a credential, by the hash of its token.
     fn credential(&self, hash: &str) -> Result<Option<Identity>, StoreError>;
     /// Stores a credential (hash of the token → identity), durably.
@@ -159,6 +161,10 @@ impl Store for MemStore {
             return Ok(Since::Compacted { oldest: self.compacted + 1 });
         }
         Ok(Since::Events(self.events.iter().filter(|e| e.revision > since).cloned().collect()))
+    }
+
+    fn history(&self) -> u64 {
+        self.history
     }
 
     fn credential(&self, hash: &str) -> Result<Option<Identity>, StoreError> {
@@ -311,6 +317,10 @@ impl Store for RedbStore {
             out.push(Self::decode(&format!("event {:?}", k.value()), v.value())?);
         }
         Ok(Since::Events(out))
+    }
+
+    fn history(&self) -> u64 {
+        self.history
     }
 
     fn credential(&self, hash: &str) -> Result<Option<Identity>, StoreError> {

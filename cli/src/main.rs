@@ -2,6 +2,7 @@
 //! local sandbox. Every flag can also be set through its `CAUSEWAY_…` environment variable.
 
 mod bench;
+mod bench_dataplane;
 mod sandbox;
 mod setup;
 mod show;
@@ -73,6 +74,8 @@ enum Cmd {
 enum BenchCmd {
     /// Propagation of one change to every watcher of a large cluster set, and broker memory.
     Broker(bench::BrokerBenchArgs),
+    /// Pod-to-pod throughput, packet rate and latency: raw veth vs Causeway vs wireguard-go.
+    Dataplane(bench_dataplane::DataplaneBenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -192,6 +195,10 @@ fn main() -> anyhow::Result<()> {
         Cmd::Show(a) => {
             telemetry::init("warn");
             runtime()?.block_on(show::run(a))
+        }
+        Cmd::Benchmark { what: BenchCmd::Dataplane(a) } => {
+            telemetry::init("warn");
+            bench_dataplane::run(a)
         }
         Cmd::Benchmark { what: BenchCmd::Broker(a) } => {
             telemetry::init("warn");

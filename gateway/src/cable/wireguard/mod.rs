@@ -84,6 +84,9 @@ impl WireGuardCable {
         let tun = tun_rs::DeviceBuilder::new()
             .name(&cfg.device)
             .mtu(cfg.mtu)
+            // The kernel→reader ring of a TUN device is txqueuelen long; at the default 500 a
+            // single TCP stream overflows it while the reader encrypts.
+            .tx_queue_len(TUN_QUEUE_LEN)
             .build_async()
             .map_err(|source| CableError::CreateDevice { name: cfg.device.clone(), source })?;
         let udp = tokio::net::UdpSocket::bind(("0.0.0.0", cfg.listen_port))
@@ -91,6 +94,7 @@ impl WireGuardCable {
             .map_err(|source| CableError::Bind { port: cfg.listen_port, source })?;
         let local_addr =
             udp.local_addr().map_err(|source| CableError::Bind { port: cfg.listen_port, source })?;
+        size_socket_buffers(&udp);
         let private_bytes = cfg.private_key.to_bytes();
         let mut core = WgCore::new(cfg.private_key);
         core.set_health_ip(cfg.health_ip);
@@ -212,6 +216,27 @@ impl CableDriver for WireGuardCable {
     }
 }
 
+/// Length of the TUN device's queue.
+const TUN_QUEUE_LEN: u32 = 10_000;
+
+/// Socket buffer size (what wireguard-go uses): at the kernel's default ~208 KiB the receiving
+/// gateway drops ~12 % of a single TCP stream's datagrams, and TCP goodput collapses.
+const SOCKET_BUFFER: usize = 7 << 20;
+
+/// Sizes the UDP socket's buffers past `net.core.{r,w}mem_max` (the FORCE options need
+/// CAP_NET_ADMIN, which a gateway has; those sysctls cannot be raised from a child namespace).
+fn size_socket_buffers(udp: &tokio::net::UdpSocket) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    if let Err(e) = setsockopt(udp, sockopt::RcvBufForce, &SOCKET_BUFFER) {
+        warn!(error = %e, "could not force the UDP receive buffer; falling back to the capped size");
+        let _ = setsockopt(udp, sockopt::RcvBuf, &SOCKET_BUFFER);
+    }
+    if let Err(e) = setsockopt(udp, sockopt::SndBufForce, &SOCKET_BUFFER) {
+        warn!(error = %e, "could not force the UDP send buffer; falling back to the capped size");
+        let _ = setsockopt(udp, sockopt::SndBuf, &SOCKET_BUFFER);
+    }
+}
+
 /// Connected means forwarding works: with probes, only while they are answered; without
 /// (a peer that publishes no health address), while a session is established.
 fn status_of(p: &PeerStats) -> ConnectionStatus {
@@ -227,27 +252,55 @@ fn status_of(p: &PeerStats) -> ConnectionStatus {
     }
 }
 
+/// Packets handled per readiness event before the other direction gets a turn.
+const BATCH: usize = 64;
+
+/// The I/O loop: on readiness, drain each socket with non-blocking reads (bounded batches, so
+/// neither direction starves the other), hand the packets to the core, and write what it
+/// returns with non-blocking writes, waiting only when a queue is full.
 async fn io_loop(
     mut core: WgCore,
     tun: tun_rs::AsyncDevice,
     udp: tokio::net::UdpSocket,
     mut rx: mpsc::Receiver<Command>,
 ) {
-    let mut tun_buf = vec![0u8; BUF_SIZE];
-    let mut udp_buf = vec![0u8; BUF_SIZE];
+    let mut buf = vec![0u8; BUF_SIZE];
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut out = Vec::new();
     loop {
         tokio::select! {
-            r = tun.recv(&mut tun_buf) => match r {
-                Ok(n) => core.on_tun_packet(&tun_buf[..n], &mut out),
-                Err(e) => warn!(error = %e, "reading the tunnel device failed"),
-            },
-            r = udp.recv_from(&mut udp_buf) => match r {
-                Ok((n, src)) => core.on_datagram(src, &udp_buf[..n], std::time::Instant::now(), &mut out),
-                Err(e) => debug!(error = %e, "udp receive failed"),
-            },
+            r = tun.readable() => {
+                if let Err(e) = r {
+                    warn!(error = %e, "waiting on the tunnel device failed");
+                }
+                for _ in 0..BATCH {
+                    match tun.try_recv(&mut buf) {
+                        Ok(n) => core.on_tun_packet(&buf[..n], &mut out),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                        Err(e) => {
+                            warn!(error = %e, "reading the tunnel device failed");
+                            break;
+                        }
+                    }
+                }
+            }
+            r = udp.readable() => {
+                if let Err(e) = r {
+                    debug!(error = %e, "waiting on the UDP socket failed");
+                }
+                let now = std::time::Instant::now();
+                for _ in 0..BATCH {
+                    match udp.try_recv_from(&mut buf) {
+                        Ok((n, src)) => core.on_datagram(src, &buf[..n], now, &mut out),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                        Err(e) => {
+                            debug!(error = %e, "udp receive failed");
+                            break;
+                        }
+                    }
+                }
+            }
             _ = tick.tick() => core.tick(std::time::Instant::now(), &mut out),
             cmd = rx.recv() => match cmd {
                 Some(Command::Upsert(cfg, done)) => { core.upsert_peer(cfg, &mut out); let _ = done.send(()); }
@@ -260,17 +313,29 @@ async fn io_loop(
                 None => return,
             },
         }
-        for o in out.drain(..) {
-            match o {
-                Output::Udp(dst, data) => {
-                    if let Err(e) = udp.send_to(&data, dst).await {
-                        debug!(%dst, error = %e, "udp send failed");
-                    }
+        flush(&tun, &udp, &mut out).await;
+    }
+}
+
+async fn flush(tun: &tun_rs::AsyncDevice, udp: &tokio::net::UdpSocket, out: &mut Vec<Output>) {
+    for o in out.drain(..) {
+        match o {
+            Output::Udp(dst, data) => {
+                let sent = match udp.try_send_to(&data, dst) {
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => udp.send_to(&data, dst).await,
+                    other => other,
+                };
+                if let Err(e) = sent {
+                    debug!(%dst, error = %e, "udp send failed");
                 }
-                Output::Tun(pkt) => {
-                    if let Err(e) = tun.send(&pkt).await {
-                        debug!(error = %e, "writing the tunnel device failed");
-                    }
+            }
+            Output::Tun(pkt) => {
+                let sent = match tun.try_send(&pkt) {
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => tun.send(&pkt).await,
+                    other => other,
+                };
+                if let Err(e) = sent {
+                    debug!(error = %e, "writing the tunnel device failed");
                 }
             }
         }

@@ -91,6 +91,15 @@ enum DebugCmd {
         #[arg(long, env = "CAUSEWAY_CREDENTIALS")]
         credentials: Option<PathBuf>,
     },
+    /// Send hostile datagrams (garbage, forged data, handshake floods) to a WireGuard port.
+    UdpFlood {
+        #[arg(long)]
+        target: String,
+        #[arg(long)]
+        kind: String,
+        #[arg(long, default_value_t = 1000)]
+        count: u32,
+    },
     /// Echo UDP datagrams back to their sender.
     UdpEcho {
         #[arg(long)]
@@ -173,6 +182,10 @@ struct GatewayArgs {
     /// socket).
     #[arg(long, env = "CAUSEWAY_METRICS_LISTEN", default_value = "0.0.0.0:9464")]
     metrics_listen: String,
+    /// Underlay interface to guard with XDP: only well-formed WireGuard messages from known
+    /// peers (and rate-limited handshakes) reach the WireGuard port. Unset: no guard.
+    #[arg(long, env = "CAUSEWAY_UPLINK")]
+    uplink: Option<String>,
     /// Seconds between heartbeats to the broker (keep it well under the broker's lease).
     #[arg(long, env = "CAUSEWAY_HEARTBEAT_SECONDS", default_value_t = 10)]
     heartbeat_seconds: u64,
@@ -237,6 +250,7 @@ fn main() -> anyhow::Result<()> {
             DebugCmd::TcpSink { listen } => tools::tcp_sink(&listen),
             DebugCmd::TcpSource { connect, bytes } => tools::tcp_source(&connect, bytes),
             DebugCmd::UdpEcho { listen } => tools::udp_echo(&listen),
+            DebugCmd::UdpFlood { target, kind, count } => tools::udp_flood(&target, &kind, count),
             DebugCmd::UdpPing { connect, size, count } => tools::udp_ping(&connect, size, count),
             DebugCmd::Put { credentials } => {
                 telemetry::init("warn");
@@ -342,6 +356,7 @@ async fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
         status_socket: a.status_socket,
         uapi: !a.no_uapi,
         heartbeat: std::time::Duration::from_secs(a.heartbeat_seconds.max(1)),
+        uplink: a.uplink,
         metrics_listen: match a.metrics_listen.as_str() {
             "off" | "" => None,
             addr => Some(

@@ -70,14 +70,29 @@ fn up(clusters: usize) -> anyhow::Result<()> {
     spec.host_link = true;
     step(&format!("building {clusters} clusters from network namespaces (CNI bridge + host-local pods)"));
     let mut topo = Topology::build(spec)?;
-    step(&format!("starting the broker at {}", topo.broker_url()));
-    topo.start_broker()?;
-    for i in 1..=clusters {
-        step(&format!("starting the gateway of cluster-{i}"));
-        topo.start_gateway(i)?;
+    let started = (|| {
+        step(&format!("starting the broker at {}", topo.broker_url()));
+        topo.start_broker()?;
+        for i in 1..=clusters {
+            step(&format!("starting the gateway of cluster-{i}"));
+            topo.start_gateway(i)?;
+        }
+        step("waiting for every tunnel to come up");
+        topo.wait_connected(Duration::from_secs(60))
+    })();
+    if let Err(e) = started {
+        // The teardown below removes the logs: show their ends first.
+        for c in &topo.clusters {
+            if let Ok(log) = std::fs::read_to_string(&c.gw_log) {
+                let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                eprintln!("--- last lines of the {} gateway's log:", c.cluster_id);
+                for l in tail.iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
+        }
+        return Err(e);
     }
-    step("waiting for every tunnel to come up");
-    topo.wait_connected(Duration::from_secs(60))?;
     std::fs::write(STATE_FILE, serde_json::to_vec_pretty(&topo)?).context("saving the sandbox state")?;
     step("pinging every pod from every pod");
     let m = topo.connectivity_matrix();

@@ -109,3 +109,41 @@ pub fn udp_ping(connect: &str, size: usize, count: u32) -> anyhow::Result<()> {
     anyhow::ensure!(echoed == count, "only {echoed} of {count} datagrams of {size} bytes came back intact");
     Ok(())
 }
+
+/// Sends `count` hostile datagrams to `target` (a test of the uplink guard): `garbage` (random
+/// bytes), `data` (forged WireGuard data messages) or `init` (handshake initiations with random
+/// contents). Prints how many were sent.
+pub fn udp_flood(target: &str, kind: &str, count: u32) -> anyhow::Result<()> {
+    let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    s.connect(target).with_context(|| format!("connecting to {target}"))?;
+    let mut x: u64 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0x9e37_79b9, |d| u64::from(d.subsec_nanos()) | 1);
+    let mut next = || {
+        // xorshift64: fast, good enough for junk.
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut sent = 0u32;
+    for _ in 0..count {
+        let mut msg: Vec<u8> = match kind {
+            "garbage" => {
+                let len = 1 + usize::try_from(next() % 200).unwrap_or(1);
+                let mut m: Vec<u8> = (0..len).map(|_| next().to_le_bytes()[0]).collect();
+                m[0] = 0x42; // never a WireGuard message type
+                m
+            }
+            "data" => [4u8, 0, 0, 0].into_iter().chain((0..60).map(|_| next().to_le_bytes()[0])).collect(),
+            "init" => [1u8, 0, 0, 0].into_iter().chain((0..144).map(|_| next().to_le_bytes()[0])).collect(),
+            other => anyhow::bail!("unknown --kind {other:?}: garbage, data or init"),
+        };
+        msg.truncate(1500);
+        if s.send(&msg).is_ok() {
+            sent += 1;
+        }
+    }
+    println!("{}", serde_json::json!({ "sent": sent, "kind": kind }));
+    Ok(())
+}

@@ -53,7 +53,14 @@ pub struct GatewayConfig {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// How often the endpoint record is renewed at the broker (its lease).
     pub heartbeat: Duration,
+    /// The underlay interface to guard with XDP (none: no guard).
+    pub uplink: Option<String>,
 }
+
+/// Handshake initiations allowed per second and per source address by the uplink guard, and
+/// the burst: generous for real peers (a handful per two minutes), fatal for floods.
+const HANDSHAKE_RATE: u32 = 20;
+const HANDSHAKE_BURST: u32 = 40;
 
 impl GatewayConfig {
     #[must_use]
@@ -163,12 +170,31 @@ impl Shared {
             self.datapath.remove_counters(slot)?;
             self.slots.remove(&id);
         }
+        self.desired = desired.clone();
+        self.sync_known_peers().await?;
         // Routes last: traffic is only steered into the tunnel once a peer can carry it.
         let (added, removed) = self.routes.sync(&desired.routes()).await?;
         if added + removed + gone.len() > 0 {
             info!(routes_added = added, routes_removed = removed, peers_removed = gone.len(), "reconciled");
         }
-        self.desired = desired;
+        Ok(())
+    }
+
+    /// The uplink guard accepts data messages from the peers we expect (records) and from where
+    /// they actually are (the cable follows roaming peers after an authenticated handshake).
+    async fn sync_known_peers(&mut self) -> Result<(), GatewayError> {
+        let mut ips: BTreeSet<std::net::Ipv4Addr> = BTreeSet::new();
+        for r in self.desired.remotes.values() {
+            if let std::net::IpAddr::V4(v4) = r.endpoint.ip() {
+                ips.insert(v4);
+            }
+        }
+        for c in self.cable.connections().await? {
+            if let std::net::IpAddr::V4(v4) = c.endpoint.ip() {
+                ips.insert(v4);
+            }
+        }
+        self.datapath.set_known_peers(&ips)?;
         Ok(())
     }
 
@@ -316,6 +342,9 @@ pub async fn run(
     let mut datapath = Datapath::load()?;
     datapath.set_tunnel_mtu(config.tunnel_mtu())?;
     datapath.attach_tunnel(cable.device())?;
+    if let Some(uplink) = &config.uplink {
+        datapath.attach_uplink_guard(uplink, config.listen_port, HANDSHAKE_RATE, HANDSHAKE_BURST)?;
+    }
     let routes = RouteManager::new(cable.device()).await?;
     let shared = Arc::new(Mutex::new(Shared {
         local: local.clone(),
@@ -347,12 +376,27 @@ pub async fn run(
         BrokerClient::from_credentials(&config.broker).map_err(|e| GatewayError::Broker(e.to_string()))?;
     let ep = endpoint_record(&local, &key, config.listen_port);
     let heartbeat_task = tokio::spawn(heartbeat(client.clone(), ep.clone(), config.heartbeat));
+    let peers_task = config.uplink.is_some().then(|| {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                if let Err(e) = shared.lock().await.sync_known_peers().await {
+                    warn!(error = %e, "syncing the uplink guard's peers failed");
+                }
+            }
+        })
+    });
     tokio::select! {
         () = sync_loop(&client, &local, &ep, &config, &shared) => {}
         () = shutdown => info!("shutting down"),
     }
     status_task.abort();
     heartbeat_task.abort();
+    if let Some(t) = peers_task {
+        t.abort();
+    }
     if let Some(t) = metrics_task {
         t.abort();
     }

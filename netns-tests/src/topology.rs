@@ -401,6 +401,8 @@ impl Topology {
             &c.status_socket.display().to_string(),
             "--device",
             &c.device,
+            "--uplink",
+            "uplink",
         ]
         .iter()
         .map(|s| (*s).to_owned())

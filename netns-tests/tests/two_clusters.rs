@@ -645,7 +645,9 @@ fn traffic_follows_a_gateway_whose_address_changes() {
     // (Delete first: removing a primary address also removes its secondaries.)
     exec::ip(&b.gw_ns, &["addr", "del", &format!("{}/24", b.gw_ip), "dev", "uplink"]).unwrap();
     exec::ip(&b.gw_ns, &["addr", "add", "172.31.0.42/24", "dev", "uplink"]).unwrap();
-    wait_for(Duration::from_secs(10), "gateway A to follow B to its new address", || {
+    // With the uplink guard, A accepts B's data from the new address once B's next handshake
+    // (sent after KEEPALIVE + REKEY_TIMEOUT = 15 s without answers) authenticates it there.
+    wait_for(Duration::from_secs(30), "gateway A to follow B to its new address", || {
         t.gateway_status(1).is_ok_and(|s| s.connections[0].endpoint == "172.31.0.42:51820")
             && connection_status(&t, 1, "cluster-2") == "connected"
     })
@@ -696,4 +698,49 @@ fn the_data_plane_outlives_the_broker_and_resyncs_when_it_returns() {
     t.start_gateway(3).unwrap();
     t.wait_connected(Duration::from_secs(30)).expect("all three connected after the broker returned");
     assert!(exec::ping(&a.pod_ns, &t.clusters[2].pod_ip, 2));
+}
+
+#[test]
+fn the_uplink_guard_drops_junk_and_floods_while_traffic_flows() {
+    require_privileges!();
+    let mut t = topology(2, 1500);
+    let (a, b) = (t.clusters[0].clone(), t.clusters[1].clone());
+    let attacker = t.add_underlay_host("attacker", "172.31.0.66").unwrap();
+    let bin = causeway_bin().display().to_string();
+    let events = |t: &Topology| t.gateway_status(1).unwrap().datapath_events;
+    let before = events(&t);
+
+    // A 20 MB transfer from pod B to pod A, into gateway A, while gateway A is attacked.
+    let listen = format!("{}:9400", a.pod_ip);
+    let sink = Bg::start(&a.pod_ns, &[&bin, "debug", "tcp-sink", "--listen", &listen], Stdio::piped());
+    std::thread::sleep(Duration::from_millis(300));
+    let source = Bg::start(
+        &b.pod_ns,
+        &[&bin, "debug", "tcp-source", "--connect", &listen, "--bytes", "20000000"],
+        Stdio::piped(),
+    );
+    let target = format!("{}:51820", a.gw_ip);
+    for (kind, count) in [("garbage", "3000"), ("data", "3000"), ("init", "3000")] {
+        exec::in_ns(
+            &attacker,
+            &[&bin, "debug", "udp-flood", "--target", &target, "--kind", kind, "--count", count],
+        )
+        .unwrap();
+    }
+    let sent = source.output();
+    assert_eq!(sink.output(), sent, "the transfer completed intact under attack");
+
+    let after = events(&t);
+    let grew = |k: &str| after.get(k).copied().unwrap_or(0) - before.get(k).copied().unwrap_or(0);
+    assert!(grew("xdp_malformed") >= 3000, "garbage dropped in XDP: {}", grew("xdp_malformed"));
+    assert!(grew("xdp_unknown_source") >= 3000, "forged data dropped in XDP: {}", grew("xdp_unknown_source"));
+    // 40 initiations of burst, then 20 per second: nearly all of 3,000 are dropped.
+    assert!(grew("xdp_handshake_flood") >= 2900, "handshake flood limited: {}", grew("xdp_handshake_flood"));
+    assert!(grew("xdp_passed") > 1000, "the real peer's traffic passed");
+    // The cable saw at most the few initiations the limit let through.
+    let drops = t.gateway_status(1).unwrap().cable_drops;
+    let reached =
+        drops.get("invalid_packet").copied().unwrap_or(0) + drops.get("unknown_peer").copied().unwrap_or(0);
+    assert!(reached <= 100, "only rate-limited junk reached userspace: {reached}");
+    assert_eq!(connection_status(&t, 1, "cluster-2"), "connected");
 }

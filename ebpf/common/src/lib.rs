@@ -18,6 +18,10 @@ pub mod maps {
     pub const STATS: &str = "STATS";
     /// `Array<u32>` indexed by [`super::Config`]: settings written by userspace.
     pub const CONFIG: &str = "CONFIG";
+    /// `HashMap<u32 (IPv4, network order), u32>`: addresses of known peer gateways.
+    pub const KNOWN_PEERS_V4: &str = "KNOWN_PEERS_V4";
+    /// `LruHashMap<u32 (IPv4, network order), HandshakeBucket>`: handshake rate per source.
+    pub const HANDSHAKE_BUCKETS: &str = "HANDSHAKE_BUCKETS";
 }
 
 /// Program names in the object.
@@ -26,6 +30,23 @@ pub mod programs {
     pub const TUNNEL_EGRESS: &str = "tunnel_egress";
     /// TC on the tunnel device's ingress: decrypted traffic from remote clusters.
     pub const TUNNEL_INGRESS: &str = "tunnel_ingress";
+    /// XDP on the uplink: only well-formed WireGuard messages reach the WireGuard port.
+    pub const UPLINK_GUARD: &str = "uplink_guard";
+}
+
+/// Capacity of the known-peer map.
+pub const MAX_PEERS: u32 = 16_384;
+/// Sources tracked for handshake rate limiting (least recently used ones are forgotten).
+pub const MAX_HANDSHAKE_SOURCES: u32 = 65_536;
+
+/// Token bucket of one source's handshake initiations.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HandshakeBucket {
+    /// Tokens left, scaled by 1,000 (one initiation costs 1,000).
+    pub tokens_milli: u64,
+    /// `bpf_ktime_get_ns` of the last refill.
+    pub last_ns: u64,
 }
 
 /// Capacity of the remote prefix tries (per address family).
@@ -80,11 +101,28 @@ pub enum Stat {
     Unparsed = 3,
     /// A SYN or SYN-ACK whose MSS option was lowered to fit the tunnel.
     MssClamped = 4,
+    /// XDP: sent to the WireGuard port, but not a well-formed WireGuard message.
+    XdpMalformed = 5,
+    /// XDP: a data message from an address that is no known peer.
+    XdpUnknownSource = 6,
+    /// XDP: a handshake initiation over its source's rate.
+    XdpHandshakeFlood = 7,
+    /// XDP: a WireGuard message let through.
+    XdpPassed = 8,
 }
 
 impl Stat {
-    pub const ALL: [Stat; 5] =
-        [Self::TxNoRemote, Self::RxNoRemote, Self::NoCounterSlot, Self::Unparsed, Self::MssClamped];
+    pub const ALL: [Stat; 9] = [
+        Self::TxNoRemote,
+        Self::RxNoRemote,
+        Self::NoCounterSlot,
+        Self::Unparsed,
+        Self::MssClamped,
+        Self::XdpMalformed,
+        Self::XdpUnknownSource,
+        Self::XdpHandshakeFlood,
+        Self::XdpPassed,
+    ];
 
     /// Name used in metrics and `show` output.
     #[must_use]
@@ -95,6 +133,10 @@ impl Stat {
             Self::NoCounterSlot => "no_counter_slot",
             Self::Unparsed => "unparsed",
             Self::MssClamped => "mss_clamped",
+            Self::XdpMalformed => "xdp_malformed",
+            Self::XdpUnknownSource => "xdp_unknown_source",
+            Self::XdpHandshakeFlood => "xdp_handshake_flood",
+            Self::XdpPassed => "xdp_passed",
         }
     }
 }
@@ -107,10 +149,16 @@ pub enum Config {
     MssV4 = 0,
     /// Largest TCP MSS for IPv6 through the tunnel (tunnel MTU − 60); 0 disables clamping.
     MssV6 = 1,
+    /// The cable's UDP port (host order); 0 disables the uplink guard.
+    WireGuardPort = 2,
+    /// Handshake initiations per second allowed per source (sustained).
+    HandshakeRate = 3,
+    /// Burst of handshake initiations allowed per source.
+    HandshakeBurst = 4,
 }
 
 /// Number of entries of the `CONFIG` array.
-pub const NUM_CONFIG: u32 = 2;
+pub const NUM_CONFIG: u32 = 5;
 
 /// Number of entries of the `STATS` array.
 pub const NUM_STATS: u32 = Stat::ALL.len() as u32;
@@ -121,6 +169,8 @@ mod pod {
     unsafe impl aya::Pod for super::RemoteCidr {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::TrafficCounters {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::HandshakeBucket {}
 }
 
 #[cfg(test)]
@@ -137,6 +187,8 @@ mod tests {
         assert_eq!(offset_of!(TrafficCounters, tx_bytes), 8);
         assert_eq!(offset_of!(TrafficCounters, rx_packets), 16);
         assert_eq!(offset_of!(TrafficCounters, rx_bytes), 24);
+        assert_eq!(size_of::<HandshakeBucket>(), 16);
+        assert_eq!(offset_of!(HandshakeBucket, last_ns), 8);
     }
 
     #[test]
@@ -144,8 +196,8 @@ mod tests {
         for (i, s) in Stat::ALL.iter().enumerate() {
             assert_eq!(*s as usize, i);
         }
-        assert_eq!(NUM_STATS, 5);
-        assert_eq!(Config::MssV6 as u32 + 1, NUM_CONFIG);
+        assert_eq!(NUM_STATS, 9);
+        assert_eq!(Config::HandshakeBurst as u32 + 1, NUM_CONFIG);
     }
 
     #[test]

@@ -12,8 +12,10 @@ use std::collections::BTreeMap;
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, LpmTrie, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues, lpm_trie::Key},
-    programs::{ProgramError, SchedClassifier, TcAttachType},
+    maps::{
+        Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues, lpm_trie::Key,
+    },
+    programs::{ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode},
 };
 use causeway_datapath_common::{Config, RemoteCidr, maps, programs};
 pub use causeway_datapath_common::{Stat, TrafficCounters};
@@ -57,6 +59,7 @@ pub struct Datapath {
     counters: PerCpuHashMap<MapData, u32, TrafficCounters>,
     stats: PerCpuArray<MapData, u64>,
     config: Array<MapData, u32>,
+    known_peers: HashMap<MapData, u32, u32>,
     ncpus: usize,
     log_task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -83,7 +86,9 @@ impl Datapath {
             .map_err(map_err(maps::CLUSTER_COUNTERS))?;
         let stats = PerCpuArray::try_from(take(&mut ebpf, maps::STATS)?).map_err(map_err(maps::STATS))?;
         let config = Array::try_from(take(&mut ebpf, maps::CONFIG)?).map_err(map_err(maps::CONFIG))?;
-        Ok(Self { ebpf, remote_v4, remote_v6, counters, stats, config, ncpus, log_task })
+        let known_peers = HashMap::try_from(take(&mut ebpf, maps::KNOWN_PEERS_V4)?)
+            .map_err(map_err(maps::KNOWN_PEERS_V4))?;
+        Ok(Self { ebpf, remote_v4, remote_v6, counters, stats, config, known_peers, ncpus, log_task })
     }
 
     /// Attaches the counting programs to both directions of the tunnel device `ifname`
@@ -112,6 +117,58 @@ impl Datapath {
         for (cfg, overhead) in [(Config::MssV4, 40), (Config::MssV6, 60)] {
             let mss = u32::from(mtu.saturating_sub(overhead));
             self.config.set(cfg as u32, mss, 0).map_err(map_err(maps::CONFIG))?;
+        }
+        Ok(())
+    }
+
+    /// Attaches the uplink guard (XDP) to `ifname`: datagrams to `wireguard_port` must be
+    /// well-formed WireGuard messages, data messages must come from a known peer
+    /// ([`Self::set_known_peers`]), handshake initiations are limited to `rate` per second per
+    /// source with bursts of `burst`. Native XDP where the driver has it, generic otherwise.
+    pub fn attach_uplink_guard(
+        &mut self,
+        ifname: &str,
+        wireguard_port: u16,
+        rate: u32,
+        burst: u32,
+    ) -> Result<(), DatapathError> {
+        for (cfg, v) in [
+            (Config::WireGuardPort, u32::from(wireguard_port)),
+            (Config::HandshakeRate, rate),
+            (Config::HandshakeBurst, burst),
+        ] {
+            self.config.set(cfg as u32, v, 0).map_err(map_err(maps::CONFIG))?;
+        }
+        let name = programs::UPLINK_GUARD;
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::Missing { what: "program", name })?
+            .try_into()
+            .map_err(|source| DatapathError::Program { name, source })?;
+        prog.load().map_err(|source| DatapathError::Program { name, source })?;
+        if let Err(e) = prog.attach(ifname, XdpMode::Default) {
+            warn!(interface = ifname, error = %e, "native XDP unavailable; using generic XDP");
+            prog.attach(ifname, XdpMode::Skb).map_err(|source| DatapathError::Program { name, source })?;
+        }
+        info!(program = name, interface = ifname, wireguard_port, "attached");
+        Ok(())
+    }
+
+    /// Makes the known-peer set equal `peers` (the addresses data messages may come from).
+    pub fn set_known_peers(
+        &mut self,
+        peers: &std::collections::BTreeSet<std::net::Ipv4Addr>,
+    ) -> Result<(), DatapathError> {
+        let want: std::collections::BTreeSet<u32> =
+            peers.iter().map(|a| u32::from_ne_bytes(a.octets())).collect();
+        let have: std::collections::BTreeSet<u32> =
+            self.known_peers.keys().collect::<Result<_, _>>().map_err(map_err(maps::KNOWN_PEERS_V4))?;
+        for k in have.difference(&want) {
+            ignore_not_found(self.known_peers.remove(k).map_err(map_err(maps::KNOWN_PEERS_V4)))?;
+        }
+        for k in want.difference(&have) {
+            self.known_peers.insert(k, 1, 0).map_err(map_err(maps::KNOWN_PEERS_V4))?;
         }
         Ok(())
     }

@@ -12,14 +12,16 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::TC_ACT_OK,
-    macros::{classifier, map},
-    maps::{Array, LpmTrie, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
-    programs::TcContext,
+    bindings::{TC_ACT_OK, xdp_action},
+    helpers::bpf_ktime_get_ns,
+    macros::{classifier, map, xdp},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
+    programs::{TcContext, XdpContext},
 };
 use aya_log_ebpf::warn;
 use causeway_datapath_common::{
-    Config, MAX_CLUSTERS, MAX_REMOTE_CIDRS, NUM_CONFIG, NUM_STATS, RemoteCidr, Stat, TrafficCounters,
+    Config, HandshakeBucket, MAX_CLUSTERS, MAX_HANDSHAKE_SOURCES, MAX_PEERS, MAX_REMOTE_CIDRS, NUM_CONFIG,
+    NUM_STATS, RemoteCidr, Stat, TrafficCounters,
 };
 
 #[map]
@@ -39,6 +41,156 @@ static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NUM_STATS, 0);
 
 #[map]
 static CONFIG: Array<u32> = Array::with_max_entries(NUM_CONFIG, 0);
+
+#[map]
+static KNOWN_PEERS_V4: HashMap<u32, u32> = HashMap::with_max_entries(MAX_PEERS, 0);
+
+#[map]
+static HANDSHAKE_BUCKETS: LruHashMap<u32, HandshakeBucket> =
+    LruHashMap::with_max_entries(MAX_HANDSHAKE_SOURCES, 0);
+
+#[inline(always)]
+fn config(c: Config) -> u32 {
+    CONFIG.get(c as u32).copied().unwrap_or(0)
+}
+
+/// Bounds-checked pointer into the XDP frame.
+#[inline(always)]
+fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*const T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + core::mem::size_of::<T>() > end {
+        return None;
+    }
+    Some((start + offset) as *const T)
+}
+
+const ETH_HDR: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const IPPROTO_UDP: u8 = 17;
+
+/// XDP on the gateway's uplink: traffic to the WireGuard port must be a well-formed WireGuard
+/// message; data messages must come from a known peer; handshake initiations are rate-limited
+/// per source. Everything else on the uplink passes untouched. Drops cost no syscall.
+#[xdp]
+pub fn uplink_guard(ctx: XdpContext) -> u32 {
+    match guard(&ctx) {
+        Verdict::NotOurs => xdp_action::XDP_PASS,
+        Verdict::Drop(stat) => {
+            bump(stat);
+            xdp_action::XDP_DROP
+        }
+        Verdict::Accept => {
+            bump(Stat::XdpPassed);
+            xdp_action::XDP_PASS
+        }
+    }
+}
+
+enum Verdict {
+    /// Not for the WireGuard port (or not parseable as such): not our business.
+    NotOurs,
+    /// A well-formed WireGuard message from an acceptable source.
+    Accept,
+    Drop(Stat),
+}
+
+#[inline(always)]
+fn guard(ctx: &XdpContext) -> Verdict {
+    let port = config(Config::WireGuardPort);
+    if port == 0 {
+        return Verdict::NotOurs;
+    }
+    let Some(ethertype) = ptr_at::<u16>(ctx, 12) else { return Verdict::NotOurs };
+    // SAFETY: bounds-checked by ptr_at.
+    if u16::from_be(unsafe { core::ptr::read_unaligned(ethertype) }) != ETH_P_IP {
+        return Verdict::NotOurs;
+    }
+    let Some(vihl) = ptr_at::<u8>(ctx, ETH_HDR) else { return Verdict::NotOurs };
+    // SAFETY: bounds-checked.
+    let ihl = usize::from(unsafe { *vihl } & 0x0f) * 4;
+    let Some(proto) = ptr_at::<u8>(ctx, ETH_HDR + 9) else { return Verdict::NotOurs };
+    // SAFETY: bounds-checked.
+    if unsafe { *proto } != IPPROTO_UDP || ihl < 20 {
+        return Verdict::NotOurs;
+    }
+    let Some(frag) = ptr_at::<u16>(ctx, ETH_HDR + 6) else { return Verdict::NotOurs };
+    // SAFETY: bounds-checked. Non-first fragments carry no UDP header: leave them to the kernel.
+    if u16::from_be(unsafe { core::ptr::read_unaligned(frag) }) & 0x1fff != 0 {
+        return Verdict::NotOurs;
+    }
+    let Some(saddr) = ptr_at::<u32>(ctx, ETH_HDR + 12) else { return Verdict::NotOurs };
+    // SAFETY: bounds-checked; the raw network-order word is the map key.
+    let src = unsafe { core::ptr::read_unaligned(saddr) };
+    let udp = ETH_HDR + ihl;
+    let Some(dport) = ptr_at::<u16>(ctx, udp + 2) else { return Verdict::NotOurs };
+    // SAFETY: bounds-checked.
+    if u32::from(u16::from_be(unsafe { core::ptr::read_unaligned(dport) })) != port {
+        return Verdict::NotOurs;
+    }
+    let Some(ulen) = ptr_at::<u16>(ctx, udp + 4) else { return Verdict::Drop(Stat::XdpMalformed) };
+    // SAFETY: bounds-checked.
+    let len = usize::from(u16::from_be(unsafe { core::ptr::read_unaligned(ulen) })).saturating_sub(8);
+    let Some(head) = ptr_at::<u32>(ctx, udp + 8) else { return Verdict::Drop(Stat::XdpMalformed) };
+    // SAFETY: bounds-checked. Type in the first byte, three reserved zero bytes.
+    let head = u32::from_le(unsafe { core::ptr::read_unaligned(head) });
+    // The UDP length must not claim more than the frame holds.
+    if ctx.data() + udp + 8 + len > ctx.data_end() {
+        return Verdict::Drop(Stat::XdpMalformed);
+    }
+    match (head, len) {
+        (1, 148) => handshake_allowed(src),
+        (2, 92) | (3, 64) => Verdict::Accept,
+        // Header (16) + tag (16) at least. Padding to 16 bytes is a sender "should" that
+        // boringtun does not follow, so no multiple-of-16 rule.
+        (4, l) if l >= 32 => {
+            // SAFETY: a plain map lookup.
+            if unsafe { KNOWN_PEERS_V4.get(&src) }.is_some() {
+                Verdict::Accept
+            } else {
+                Verdict::Drop(Stat::XdpUnknownSource)
+            }
+        }
+        _ => Verdict::Drop(Stat::XdpMalformed),
+    }
+}
+
+/// Token bucket per source address: `HandshakeRate` per second, bursts of `HandshakeBurst`.
+#[inline(always)]
+fn handshake_allowed(src: u32) -> Verdict {
+    let rate = u64::from(config(Config::HandshakeRate));
+    let burst = u64::from(config(Config::HandshakeBurst));
+    if rate == 0 || burst == 0 {
+        return Verdict::Accept;
+    }
+    let cap = burst * 1000;
+    // SAFETY: reads the monotonic clock.
+    let now = unsafe { bpf_ktime_get_ns() };
+    match HANDSHAKE_BUCKETS.get_ptr_mut(&src) {
+        Some(b) => {
+            // SAFETY: the map value lives as long as this program run; races between CPUs only
+            // make the limit approximate.
+            let b = unsafe { &mut *b };
+            let refill = now.saturating_sub(b.last_ns) / 1_000 * rate / 1_000;
+            b.tokens_milli = (b.tokens_milli + refill).min(cap);
+            b.last_ns = now;
+            if b.tokens_milli >= 1000 {
+                b.tokens_milli -= 1000;
+                Verdict::Accept
+            } else {
+                Verdict::Drop(Stat::XdpHandshakeFlood)
+            }
+        }
+        None => {
+            let _ = HANDSHAKE_BUCKETS.insert(
+                &src,
+                &HandshakeBucket { tokens_milli: cap - 1000, last_ns: now },
+                0,
+            );
+            Verdict::Accept
+        }
+    }
+}
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Direction {

@@ -132,6 +132,23 @@ impl Datapath {
         rate: u32,
         burst: u32,
     ) -> Result<(), DatapathError> {
+        let name = programs::UPLINK_GUARD;
+        let prog = self.load_uplink_guard(wireguard_port, rate, burst)?;
+        if let Err(e) = prog.attach(ifname, XdpMode::Default) {
+            warn!(interface = ifname, error = %e, "native XDP unavailable; using generic XDP");
+            prog.attach(ifname, XdpMode::Skb).map_err(|source| DatapathError::Program { name, source })?;
+        }
+        info!(program = name, interface = ifname, wireguard_port, "attached");
+        Ok(())
+    }
+
+    /// Configures and loads (once) the uplink guard without attaching it.
+    fn load_uplink_guard(
+        &mut self,
+        wireguard_port: u16,
+        rate: u32,
+        burst: u32,
+    ) -> Result<&mut Xdp, DatapathError> {
         for (cfg, v) in [
             (Config::WireGuardPort, u32::from(wireguard_port)),
             (Config::HandshakeRate, rate),
@@ -146,13 +163,27 @@ impl Datapath {
             .ok_or(DatapathError::Missing { what: "program", name })?
             .try_into()
             .map_err(|source| DatapathError::Program { name, source })?;
-        prog.load().map_err(|source| DatapathError::Program { name, source })?;
-        if let Err(e) = prog.attach(ifname, XdpMode::Default) {
-            warn!(interface = ifname, error = %e, "native XDP unavailable; using generic XDP");
-            prog.attach(ifname, XdpMode::Skb).map_err(|source| DatapathError::Program { name, source })?;
+        if prog.fd().is_err() {
+            prog.load().map_err(|source| DatapathError::Program { name, source })?;
         }
-        info!(program = name, interface = ifname, wireguard_port, "attached");
-        Ok(())
+        Ok(prog)
+    }
+
+    /// Runs the uplink guard on one Ethernet frame with `BPF_PROG_TEST_RUN` (nothing attached,
+    /// maps and counters live) and returns its XDP verdict (1 = drop, 2 = pass).
+    pub fn test_uplink_guard(
+        &mut self,
+        frame: &[u8],
+        wireguard_port: u16,
+        rate: u32,
+        burst: u32,
+    ) -> Result<u32, DatapathError> {
+        use aya::programs::{TestRun as _, TestRunOptions};
+        let name = programs::UPLINK_GUARD;
+        let prog = self.load_uplink_guard(wireguard_port, rate, burst)?;
+        let opts = TestRunOptions { data_in: Some(frame), ..TestRunOptions::default() };
+        let r = prog.test_run(opts).map_err(|source| DatapathError::Program { name, source })?;
+        Ok(r.return_value)
     }
 
     /// Makes the known-peer set equal `peers` (the addresses data messages may come from).

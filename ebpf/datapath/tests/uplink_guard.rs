@@ -1,0 +1,159 @@
+//! Packet-level tests of the XDP uplink guard through `BPF_PROG_TEST_RUN`: frames built here,
+//! verdicts and counters read back. Needs root (BPF). Runs in CI (`CI=true`) or with
+//! `CAUSEWAY_PRIVILEGED_TESTS=1`; elsewhere it says it skipped.
+
+use std::{collections::BTreeSet, net::Ipv4Addr};
+
+use causeway_datapath::{Datapath, Stat};
+
+const DROP: u32 = 1;
+const PASS: u32 = 2;
+const PORT: u16 = 51820;
+
+fn enabled() -> bool {
+    let wanted = std::env::var("CAUSEWAY_PRIVILEGED_TESTS").is_ok_and(|v| v == "1")
+        || std::env::var("CI").is_ok_and(|v| v == "true");
+    if !wanted {
+        eprintln!("skipped: needs root + CAUSEWAY_PRIVILEGED_TESTS=1 (or CI=true)");
+        return false;
+    }
+    let root = std::fs::read_to_string("/proc/self/status")
+        .is_ok_and(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0")));
+    assert!(root, "privileged tests were requested but this is not root");
+    true
+}
+
+struct Frame {
+    src: Ipv4Addr,
+    proto: u8,
+    dport: u16,
+    ihl_words: u8,
+    frag_offset: u16,
+    payload: Vec<u8>,
+    /// Overrides the UDP length field (to lie about it).
+    udp_len: Option<u16>,
+    ethertype: u16,
+}
+
+impl Frame {
+    fn wg(src: [u8; 4], payload: Vec<u8>) -> Self {
+        Frame {
+            src: Ipv4Addr::from(src),
+            proto: 17,
+            dport: PORT,
+            ihl_words: 5,
+            frag_offset: 0,
+            payload,
+            udp_len: None,
+            ethertype: 0x0800,
+        }
+    }
+
+    fn bytes(&self) -> Vec<u8> {
+        let ihl = usize::from(self.ihl_words) * 4;
+        let udp_len = 8 + self.payload.len();
+        let mut f = vec![0u8; 14 + ihl + udp_len];
+        f[12..14].copy_from_slice(&self.ethertype.to_be_bytes());
+        let ip = &mut f[14..];
+        ip[0] = 0x40 | self.ihl_words;
+        ip[2..4].copy_from_slice(&u16::try_from(ihl + udp_len).unwrap().to_be_bytes());
+        ip[6..8].copy_from_slice(&self.frag_offset.to_be_bytes());
+        ip[8] = 64;
+        ip[9] = self.proto;
+        ip[12..16].copy_from_slice(&self.src.octets());
+        ip[16..20].copy_from_slice(&[172, 31, 0, 11]);
+        let udp = &mut ip[ihl..];
+        udp[0..2].copy_from_slice(&40000u16.to_be_bytes());
+        udp[2..4].copy_from_slice(&self.dport.to_be_bytes());
+        let len = self.udp_len.unwrap_or(u16::try_from(udp_len).unwrap());
+        udp[4..6].copy_from_slice(&len.to_be_bytes());
+        udp[8..].copy_from_slice(&self.payload);
+        f
+    }
+}
+
+fn msg(kind: u8, len: usize) -> Vec<u8> {
+    let mut m = vec![0xabu8; len];
+    m[0] = kind;
+    m[1..4].fill(0);
+    m
+}
+
+fn stat(dp: &Datapath, s: Stat) -> u64 {
+    dp.stats().unwrap().into_iter().find(|(k, _)| *k == s).map_or(0, |(_, v)| v)
+}
+
+#[tokio::test]
+async fn uplink_guard_verdicts() {
+    if !enabled() {
+        return;
+    }
+    let mut dp = Datapath::load().expect("loading the datapath (root, BPF)");
+    let run = |dp: &mut Datapath, f: &Frame| dp.test_uplink_guard(&f.bytes(), PORT, 20, 40).unwrap();
+    let peer = [172, 31, 0, 12];
+    let stranger = [172, 31, 0, 66];
+
+    // Well-formed handshake messages pass; so does anything not for the WireGuard port.
+    assert_eq!(run(&mut dp, &Frame::wg(stranger, msg(1, 148))), PASS, "initiation");
+    assert_eq!(run(&mut dp, &Frame::wg(stranger, msg(2, 92))), PASS, "response");
+    assert_eq!(run(&mut dp, &Frame::wg(stranger, msg(3, 64))), PASS, "cookie reply");
+    assert_eq!(run(&mut dp, &Frame { dport: 53, ..Frame::wg(stranger, vec![1, 2, 3]) }), PASS, "other port");
+    assert_eq!(run(&mut dp, &Frame { proto: 6, ..Frame::wg(stranger, vec![0; 40]) }), PASS, "TCP");
+    assert_eq!(
+        run(&mut dp, &Frame { ethertype: 0x86dd, ..Frame::wg(stranger, vec![0; 60]) }),
+        PASS,
+        "IPv6: not inspected"
+    );
+    assert_eq!(
+        run(&mut dp, &Frame { frag_offset: 100, ..Frame::wg(stranger, vec![0x42; 60]) }),
+        PASS,
+        "non-first fragment"
+    );
+    assert_eq!(dp.test_uplink_guard(&[0u8; 20], PORT, 20, 40).unwrap(), PASS, "truncated frame: not ours");
+
+    // Malformed messages to the port are dropped and counted.
+    let before = stat(&dp, Stat::XdpMalformed);
+    for f in [
+        Frame::wg(stranger, msg(1, 147)), // wrong length for an initiation
+        Frame::wg(stranger, msg(2, 93)),
+        Frame::wg(stranger, msg(4, 31)),  // data shorter than header + tag
+        Frame::wg(stranger, msg(9, 148)), // no such type
+        Frame::wg(stranger, {
+            let mut m = msg(1, 148);
+            m[2] = 7; // reserved bytes must be zero
+            m
+        }),
+        Frame::wg(stranger, vec![1]), // too short for a type
+        Frame { udp_len: Some(4000), ..Frame::wg(stranger, msg(1, 148)) }, // UDP length lies
+    ] {
+        assert_eq!(run(&mut dp, &f), DROP, "malformed: {:?}", &f.payload[..f.payload.len().min(4)]);
+    }
+    assert_eq!(stat(&dp, Stat::XdpMalformed) - before, 7);
+    // IPv4 options shift the UDP header: still parsed correctly.
+    assert_eq!(run(&mut dp, &Frame { ihl_words: 6, ..Frame::wg(stranger, msg(2, 92)) }), PASS, "IP options");
+    assert_eq!(
+        run(&mut dp, &Frame { ihl_words: 6, ..Frame::wg(stranger, msg(9, 92)) }),
+        DROP,
+        "IP options, junk"
+    );
+
+    // Data messages only from known peers.
+    let data = msg(4, 64);
+    assert_eq!(run(&mut dp, &Frame::wg(peer, data.clone())), DROP, "unknown source");
+    dp.set_known_peers(&BTreeSet::from([Ipv4Addr::from(peer)])).unwrap();
+    assert_eq!(run(&mut dp, &Frame::wg(peer, data.clone())), PASS, "known peer");
+    assert_eq!(run(&mut dp, &Frame::wg(peer, msg(4, 74))), PASS, "unpadded data (boringtun does not pad)");
+    assert_eq!(run(&mut dp, &Frame::wg(stranger, data.clone())), DROP, "still unknown");
+    dp.set_known_peers(&BTreeSet::new()).unwrap();
+    assert_eq!(run(&mut dp, &Frame::wg(peer, data)), DROP, "forgotten again");
+
+    // Handshake floods: a burst of 40 per source (one already spent above), then ~20/s.
+    let flooder = [172, 31, 0, 77];
+    let verdicts: Vec<u32> = (0..60).map(|_| run(&mut dp, &Frame::wg(flooder, msg(1, 148)))).collect();
+    let passed = verdicts.iter().filter(|v| **v == PASS).count();
+    assert!((40..=42).contains(&passed), "burst of 40, then limited: {passed} passed");
+    assert_eq!(verdicts[..40].iter().filter(|v| **v == PASS).count(), 40, "the burst passes first");
+    // Another source has its own bucket.
+    assert_eq!(run(&mut dp, &Frame::wg([172, 31, 0, 78], msg(1, 148))), PASS);
+    assert!(stat(&dp, Stat::XdpHandshakeFlood) >= 18);
+}

@@ -228,15 +228,7 @@ fn measure(t: &Topology, metric: Metric, seconds: u32) -> anyhow::Result<f64> {
             if rtts.is_empty() {
                 bail!("no ping replies");
             }
-            let p = if metric == Metric::PingP50Us { 0.5 } else { 0.99 };
-            #[expect(
-                clippy::cast_possible_truncation,
-                clippy::cast_sign_loss,
-                clippy::cast_precision_loss,
-                reason = "index math"
-            )]
-            let i = ((rtts.len() as f64 - 1.0) * p).round() as usize;
-            Ok(rtts[i])
+            Ok(crate::bench::percentile(&rtts, if metric == Metric::PingP50Us { 0.5 } else { 0.99 }))
         }
     }
 }

@@ -15,6 +15,20 @@ pub mod topology;
 
 pub use topology::{ClusterInfo, Topology, TopologySpec};
 
+/// The `causeway` binary the tests run: `CAUSEWAY_BIN`, else `target/debug/causeway` of this
+/// workspace (build it first: `cargo build -p causeway`).
+#[must_use]
+pub fn causeway_bin() -> std::path::PathBuf {
+    if let Ok(p) = std::env::var("CAUSEWAY_BIN") {
+        return p.into();
+    }
+    let target = std::env::var("CARGO_TARGET_DIR").map_or_else(
+        |_| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"),
+        std::path::PathBuf::from,
+    );
+    target.join("debug/causeway")
+}
+
 /// Gate for privileged tests: returns `false` (test skipped, loudly) unless
 /// `CAUSEWAY_PRIVILEGED_TESTS=1` or `CI=true`; panics if asked to run without root, so CI can
 /// never skip them silently.

@@ -2,21 +2,12 @@
 //! a restart every write it had acknowledged is there. Needs no privileges (loopback only).
 
 use std::{
-    path::PathBuf,
     process::{Child, Command, Stdio},
     time::Duration,
 };
 
 use causeway_broker_api::{BrokerClient, ClusterRecord, Credentials};
-
-fn causeway_bin() -> PathBuf {
-    if let Ok(p) = std::env::var("CAUSEWAY_BIN") {
-        return PathBuf::from(p);
-    }
-    let target = std::env::var("CARGO_TARGET_DIR")
-        .map_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"), PathBuf::from);
-    target.join("debug/causeway")
-}
+use causeway_netns::causeway_bin;
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()

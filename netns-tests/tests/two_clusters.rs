@@ -2,24 +2,14 @@
 //! Privileged: runs in CI (`CI=true`) or with `CAUSEWAY_PRIVILEGED_TESTS=1`, as root.
 
 use std::{
-    path::PathBuf,
     process::{Child, Command, Stdio},
     sync::atomic::{AtomicUsize, Ordering},
     time::Duration,
 };
 
-use causeway_netns::{Topology, TopologySpec, exec, require_privileges, topology::wait_for};
+use causeway_netns::{Topology, TopologySpec, causeway_bin, exec, require_privileges, topology::wait_for};
 
 static N: AtomicUsize = AtomicUsize::new(0);
-
-fn causeway_bin() -> PathBuf {
-    if let Ok(p) = std::env::var("CAUSEWAY_BIN") {
-        return PathBuf::from(p);
-    }
-    let target = std::env::var("CARGO_TARGET_DIR")
-        .map_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"), PathBuf::from);
-    target.join("debug/causeway")
-}
 
 fn spec(clusters: usize) -> TopologySpec {
     let prefix = format!("cwt{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));

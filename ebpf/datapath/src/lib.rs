@@ -20,7 +20,7 @@ use aya::{
 use causeway_datapath_common::{Config, RemoteCidr, maps, programs};
 pub use causeway_datapath_common::{Stat, TrafficCounters};
 use ipnetwork::IpNetwork;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 /// The object compiled by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/causeway-datapath"));
@@ -74,7 +74,6 @@ impl Datapath {
     /// Loads the object and its maps. Must run inside a tokio runtime (the aya-log reader is a
     /// task of it). Does not attach anything yet.
     pub fn load() -> Result<Self, DatapathError> {
-        bump_memlock_rlimit();
         let mut ebpf = EbpfLoader::new().load(OBJECT).map_err(DatapathError::Load)?;
         let log_task = start_logger(&mut ebpf);
         let ncpus = aya::util::nr_cpus().map_err(|(_, e)| DatapathError::Cpus(e.to_string()))?;
@@ -324,13 +323,6 @@ fn ignore_not_found(res: Result<(), DatapathError>) -> Result<(), DatapathError>
 
 const fn libc_enoent() -> i32 {
     2
-}
-
-/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; on newer ones (and in containers
-/// without CAP_SYS_RESOURCE) raising it fails harmlessly, so failure is only logged.
-fn bump_memlock_rlimit() {
-    // aya has no safe wrapper; the daemon runs fine without it on the kernels we target.
-    debug!("relying on memcg accounting for BPF memory (no RLIMIT_MEMLOCK bump)");
 }
 
 /// Forwards the programs' aya-log records into `log` (and from there into `tracing`).

@@ -305,7 +305,8 @@ fn count(ctx: &TcContext, dir: Direction) {
                 return;
             };
             let hit = REMOTE_CIDRS_V4.get(&Key::new(32, addr)).copied();
-            if hit.is_none() {
+            // Multicast (224.0.0.0/4) is link housekeeping: counted, not logged.
+            if hit.is_none() && (u32::from_be(addr) >> 28) != 0xe {
                 warn!(ctx, "no remote cluster for {:i}", u32::from_be(addr));
             }
             hit
@@ -318,7 +319,8 @@ fn count(ctx: &TcContext, dir: Direction) {
                 return;
             };
             let hit = REMOTE_CIDRS_V6.get(&Key::new(128, addr)).copied();
-            if hit.is_none() {
+            // Multicast (ff00::/8: router solicitations, MLD) is link housekeeping.
+            if hit.is_none() && addr[0] != 0xff {
                 warn!(ctx, "no remote cluster for {:i}", addr);
             }
             hit

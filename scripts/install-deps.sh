@@ -18,7 +18,7 @@ step() { echo "==> $*" >&2; }
 
 APT_PKGS=(iproute2 iputils-ping iperf3 tcpdump nftables bpftool
     containernetworking-plugins wireguard-tools wireguard-go
-    etcd-server protobuf-compiler pkg-config)
+    etcd-server protobuf-compiler libprotobuf-dev pkg-config)
 missing=()
 for p in "${APT_PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

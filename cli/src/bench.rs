@@ -29,6 +29,20 @@ pub struct BrokerBenchArgs {
     /// Also write an SVG plot of the results here.
     #[arg(long)]
     plot: Option<PathBuf>,
+    /// Where the broker keeps the set: the embedded file, or a 3-member etcd cluster the
+    /// benchmark runs on loopback (needs Debian's etcd-server).
+    #[arg(long, value_enum, default_value = "redb")]
+    store: BenchStore,
+    /// Broker replicas sharing the set (more than one needs --store etcd); watchers are
+    /// spread over them, writes go to the first.
+    #[arg(long, default_value_t = 1)]
+    replicas: u16,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum BenchStore {
+    Redb,
+    Etcd,
 }
 
 #[derive(Debug, Serialize)]
@@ -40,8 +54,9 @@ pub struct SizeResult {
     p50_ms: f64,
     p99_ms: f64,
     max_ms: f64,
-    /// Resident memory of the broker process with every watcher connected.
+    /// Resident memory of the broker processes (all replicas) with every watcher connected.
     broker_rss_mib: f64,
+    replicas: u16,
     /// Time to register the set (join + endpoint per cluster).
     setup_secs: f64,
 }
@@ -97,38 +112,52 @@ fn endpoint(cluster: &str, port: u16) -> EndpointRecord {
     }
 }
 
-async fn measure(n: u32, rounds: u32) -> anyhow::Result<SizeResult> {
+async fn measure(n: u32, rounds: u32, etcd: Option<&[String]>, replicas: u16) -> anyhow::Result<SizeResult> {
     let dir = std::env::temp_dir().join(format!("causeway-bench-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let ports = (0..replicas.max(1))
+        .map(|_| Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()))
+        .collect::<anyhow::Result<Vec<u16>>>()?;
     let bin = std::env::current_exe()?;
     let d = dir.display().to_string();
+    // Each size gets its own key prefix in the shared etcd.
+    let store_args: Vec<String> = etcd.map_or_else(Vec::new, |e| {
+        vec!["--etcd-endpoints".into(), e.join(","), "--etcd-prefix".into(), format!("/bench-{n}/")]
+    });
     let out = Command::new(&bin)
-        .args([
-            "deploy-broker",
-            "--local",
-            "--data-dir",
-            &d,
-            "--address",
-            "127.0.0.1",
-            "--port",
-            &port.to_string(),
-        ])
+        .args(["deploy-broker", "--local", "--data-dir", &d, "--address", "127.0.0.1", "--port"])
+        .arg(ports[0].to_string())
+        .args(&store_args)
         .output()?;
     if !out.status.success() {
         bail!("deploy-broker: {}", String::from_utf8_lossy(&out.stderr));
     }
-    let child = Command::new(&bin)
-        .args(["broker", "--data-dir", &d, "--listen", &format!("127.0.0.1:{port}")])
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting the broker")?;
-    let broker = BrokerProcess(child);
+    let mut brokers = Vec::new();
+    for port in &ports {
+        let child = Command::new(&bin)
+            .args(["broker", "--data-dir", &d, "--listen", &format!("127.0.0.1:{port}")])
+            .args(&store_args)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting the broker")?;
+        brokers.push(BrokerProcess(child));
+    }
     let info = Credentials::load(&dir.join(crate::setup::BROKER_INFO_FILE)).map_err(anyhow::Error::msg)?;
     let joiner = BrokerClient::from_credentials(&info)?;
+    // The same credentials against each replica.
+    let on_replica = |c: &BrokerClient, i: usize| c.at(format!("https://127.0.0.1:{}", ports[i]));
+    for i in 1..ports.len() {
+        let c = on_replica(&joiner, i);
+        for _ in 0..100 {
+            if c.list().await.is_err_and(|e| e.status() == Some(403)) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
     for _ in 0..100 {
         if joiner.list().await.is_err_and(|e| e.status() == Some(403)) {
             break; // up (a join credential may not list)
@@ -159,8 +188,8 @@ async fn measure(n: u32, rounds: u32) -> anyhow::Result<SizeResult> {
     // Each watcher long-polls from `rv` and reports when it sees endpoint c0/gw at port p.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u16, Instant)>();
     let stop = Arc::new(tokio::sync::Notify::new());
-    for c in &clients {
-        let c = c.clone();
+    for (i, c) in clients.iter().enumerate() {
+        let c = on_replica(c, i % ports.len());
         let tx = tx.clone();
         let stop = stop.clone();
         tokio::spawn(async move {
@@ -188,7 +217,7 @@ async fn measure(n: u32, rounds: u32) -> anyhow::Result<SizeResult> {
     }
     // Let every long-poll reach the broker.
     tokio::time::sleep(Duration::from_millis(500 + u64::from(n))).await;
-    let rss = rss_mib(broker.0.id());
+    let rss = brokers.iter().map(|b| rss_mib(b.0.id())).sum();
     let mut latencies = Vec::new();
     for round in 0..rounds {
         let port = 52000 + u16::try_from(round).unwrap_or(0);
@@ -209,7 +238,7 @@ async fn measure(n: u32, rounds: u32) -> anyhow::Result<SizeResult> {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     stop.notify_waiters();
-    drop(broker);
+    drop(brokers);
     let _ = std::fs::remove_dir_all(&dir);
     latencies.sort_by(f64::total_cmp);
     Ok(SizeResult {
@@ -219,6 +248,7 @@ async fn measure(n: u32, rounds: u32) -> anyhow::Result<SizeResult> {
         p99_ms: percentile(&latencies, 0.99),
         max_ms: latencies.last().copied().unwrap_or(0.0),
         broker_rss_mib: rss,
+        replicas: replicas.max(1),
         setup_secs,
     })
 }
@@ -276,10 +306,25 @@ fn svg(results: &[SizeResult]) -> String {
 }
 
 pub async fn broker(a: BrokerBenchArgs) -> anyhow::Result<()> {
+    if a.replicas > 1 && matches!(a.store, BenchStore::Redb) {
+        bail!("--replicas {} needs --store etcd (the embedded store serves one broker)", a.replicas);
+    }
+    let etcd = match a.store {
+        BenchStore::Redb => None,
+        BenchStore::Etcd => {
+            if !causeway_broker::testing::etcd_available("benchmark broker --store etcd") {
+                bail!("--store etcd needs /usr/bin/etcd (apt-get install etcd-server)");
+            }
+            eprintln!("==> starting a 3-member etcd cluster on loopback");
+            Some(tokio::task::spawn_blocking(|| causeway_broker::testing::EtcdCluster::start(3)).await?)
+        }
+    };
+    let endpoints = etcd.as_ref().map(causeway_broker::testing::EtcdCluster::endpoints);
     let mut results = Vec::new();
     for n in &a.clusters {
-        results.push(measure(*n, a.rounds).await?);
+        results.push(measure(*n, a.rounds, endpoints.as_deref(), a.replicas).await?);
     }
+    drop(etcd);
     match a.output {
         crate::show::Output::Json => println!("{}", serde_json::to_string_pretty(&results)?),
         crate::show::Output::Table => {

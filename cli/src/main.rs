@@ -137,6 +137,8 @@ struct BrokerArgs {
     /// Seconds an endpoint record lives without a heartbeat from its gateway.
     #[arg(long, env = "CAUSEWAY_ENDPOINT_LEASE_SECONDS", default_value_t = 30)]
     endpoint_lease_seconds: u64,
+    #[command(flatten)]
+    store: setup::StoreArgs,
 }
 
 #[derive(clap::Args)]
@@ -299,7 +301,9 @@ async fn broker(a: BrokerArgs) -> anyhow::Result<()> {
         );
     };
     std::fs::create_dir_all(&a.data_dir).with_context(|| format!("creating {}", a.data_dir.display()))?;
-    let store = causeway_broker::RedbStore::open(&a.data_dir.join(setup::STORE_FILE))?;
+    let (store_args, dir) = (a.store.clone(), a.data_dir.clone());
+    let store = tokio::task::spawn_blocking(move || store_args.open(&dir)).await??;
+    tracing::info!(store = %a.store.describe(&a.data_dir), listen = %a.listen, "broker starting");
     let broker = causeway_broker::Broker::with_lease(
         store,
         std::time::Duration::from_secs(a.endpoint_lease_seconds.max(1)),

@@ -16,6 +16,60 @@ pub const CERT_FILE: &str = "server.pem";
 pub const KEY_FILE: &str = "server.key";
 pub const STORE_FILE: &str = "broker.redb";
 
+/// Where the broker keeps the cluster set (shared by `broker` and `deploy-broker`).
+#[derive(clap::Args, Clone, Debug)]
+pub struct StoreArgs {
+    /// etcd v3 client URLs (comma-separated): keep the cluster set in etcd, so several broker
+    /// replicas can serve it. Default: the embedded store file in --data-dir.
+    #[arg(long = "etcd-endpoints", env = "CAUSEWAY_ETCD_ENDPOINTS", value_delimiter = ',')]
+    etcd_endpoints: Vec<String>,
+    /// Key prefix of this cluster set in etcd.
+    #[arg(long, env = "CAUSEWAY_ETCD_PREFIX", default_value = "/causeway/")]
+    etcd_prefix: String,
+    /// CA bundle (PEM) of etcd's serving certificates, for https:// endpoints.
+    #[arg(long, env = "CAUSEWAY_ETCD_CA_FILE")]
+    etcd_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) when etcd requires one (with --etcd-key-file).
+    #[arg(long, env = "CAUSEWAY_ETCD_CERT_FILE", requires = "etcd_key_file")]
+    etcd_cert_file: Option<PathBuf>,
+    #[arg(long, env = "CAUSEWAY_ETCD_KEY_FILE", requires = "etcd_cert_file")]
+    etcd_key_file: Option<PathBuf>,
+}
+
+impl StoreArgs {
+    /// Opens the configured store: etcd when endpoints are given, else `data_dir`'s file.
+    pub fn open(&self, data_dir: &Path) -> anyhow::Result<Box<dyn causeway_broker::Store>> {
+        if self.etcd_endpoints.is_empty() {
+            return Ok(Box::new(RedbStore::open(&data_dir.join(STORE_FILE))?));
+        }
+        let read =
+            |p: &PathBuf| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
+        let mut o = causeway_broker::EtcdOptions::new(self.etcd_endpoints.clone());
+        o.prefix.clone_from(&self.etcd_prefix);
+        o.ca_pem = self.etcd_ca_file.as_ref().map(read).transpose()?;
+        if let (Some(c), Some(k)) = (&self.etcd_cert_file, &self.etcd_key_file) {
+            o.client_identity = Some((read(c)?, read(k)?));
+        }
+        let store = causeway_broker::EtcdStore::connect(&o).with_context(|| {
+            format!(
+                "opening the etcd store at {} (check that etcd runs there and that the URLs, \
+                 certificates and --etcd-prefix are right)",
+                self.etcd_endpoints.join(",")
+            )
+        })?;
+        Ok(Box::new(store))
+    }
+
+    #[must_use]
+    pub fn describe(&self, data_dir: &Path) -> String {
+        if self.etcd_endpoints.is_empty() {
+            data_dir.join(STORE_FILE).display().to_string()
+        } else {
+            format!("etcd {} under {}", self.etcd_endpoints.join(","), self.etcd_prefix)
+        }
+    }
+}
+
 #[derive(clap::Args)]
 pub struct DeployBrokerArgs {
     /// Set the broker up on this machine (the Kubernetes flavour comes with the manifests).
@@ -38,6 +92,8 @@ pub struct DeployBrokerArgs {
     /// The CA that signed --tls-cert (given to the gateways so they trust the broker).
     #[arg(long)]
     ca_cert: Option<PathBuf>,
+    #[command(flatten)]
+    store: StoreArgs,
 }
 
 fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
@@ -92,7 +148,7 @@ pub fn deploy_broker(a: DeployBrokerArgs) -> anyhow::Result<()> {
     };
     // Fail now, not when the broker starts, if the certificate and key do not match.
     causeway_broker::tls::server_config(&dir.join(CERT_FILE), &dir.join(KEY_FILE))?;
-    let broker = Broker::new(RedbStore::open(&dir.join(STORE_FILE))?)?;
+    let broker = Broker::new(a.store.open(dir)?)?;
     let url = format!("https://{}:{}", host_for_url(&a.addresses[0]), a.port);
     let admin = Credentials {
         broker_url: url.clone(),
@@ -105,8 +161,27 @@ pub fn deploy_broker(a: DeployBrokerArgs) -> anyhow::Result<()> {
         Credentials { kind: CredentialKind::Join, token: broker.issue(&Identity::Join)?, ..admin.clone() };
     admin.save(&dir.join(ADMIN_FILE))?;
     join.save(&dir.join(BROKER_INFO_FILE))?;
-    println!("broker set up in {}", dir.display());
-    println!("  start it:        causeway broker --data-dir {} --listen 0.0.0.0:{}", dir.display(), a.port);
+    println!("broker set up in {} (store: {})", dir.display(), a.store.describe(dir));
+    let etcd = if a.store.etcd_endpoints.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " --etcd-endpoints {} --etcd-prefix {}",
+            a.store.etcd_endpoints.join(","),
+            a.store.etcd_prefix
+        )
+    };
+    println!(
+        "  start it:        causeway broker --data-dir {} --listen 0.0.0.0:{}{etcd}",
+        dir.display(),
+        a.port
+    );
+    if !etcd.is_empty() {
+        println!(
+            "  replicas:        copy {} to each replica's host and start it there the same way",
+            dir.display()
+        );
+    }
     println!("  admin:           {} (keep it safe)", dir.join(ADMIN_FILE).display());
     println!(
         "  join a cluster:  causeway join {} --cluster-id … --pod-cidr … --service-cidr …",

@@ -78,6 +78,13 @@ impl BrokerClient {
         Self { token: Some(token), ..self.clone() }
     }
 
+    /// The same client (TLS trust, credential) against another URL: another replica of the
+    /// same broker.
+    #[must_use]
+    pub fn at(&self, base: impl Into<String>) -> Self {
+        Self { base: base.into(), ..self.clone() }
+    }
+
     #[must_use]
     pub fn base_url(&self) -> &str {
         &self.base

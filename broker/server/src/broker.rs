@@ -11,11 +11,11 @@ use causeway_broker_api::{
     cluster_key, endpoint_key, validate::Overlap,
 };
 use tokio::sync::watch;
-use tracing::info;
+use tracing::{debug, info};
 
 use crate::{
     auth::{self, Identity},
-    store::{Change, Since, Store, StoreError},
+    store::{Change, Followed, Since, Store, StoreError},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -127,7 +127,8 @@ impl Cache {
 
 pub struct Broker {
     cache: std::sync::RwLock<Cache>,
-    store: Mutex<Box<dyn Store>>,
+    /// Writers (check + commit) hold it exclusively; reads (credentials, old events) share it.
+    store: std::sync::RwLock<Box<dyn Store>>,
     revision: watch::Sender<u64>,
     /// Endpoint key → last heartbeat (a PUT of the endpoint, changed or not).
     heartbeats: Mutex<std::collections::HashMap<String, std::time::Instant>>,
@@ -166,47 +167,75 @@ impl Broker {
             revision: rev,
             window: store.history().min(CACHED_EVENTS as u64),
         };
-        Ok(Arc::new(Self {
+        let broker = Arc::new(Self {
             cache: std::sync::RwLock::new(cache),
-            store: Mutex::new(Box::new(store)),
+            store: std::sync::RwLock::new(Box::new(store)),
             revision,
             heartbeats: Mutex::new(heartbeats),
             lease,
-        }))
+        });
+        // Commits by other replicas of a shared store reach this one's cache from here.
+        let weak = Arc::downgrade(&broker);
+        broker.lock().follow(
+            rev,
+            Box::new(move |item| {
+                if let Some(b) = weak.upgrade() {
+                    match item {
+                        Followed::Events(events) => b.publish(&events),
+                        Followed::Reset { revision, records } => b.reset(revision, records),
+                    }
+                }
+            }),
+        );
+        Ok(broker)
     }
 
-    fn beat(&self, key: &str) {
-        self.heartbeats
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(key.to_owned(), std::time::Instant::now());
+    fn heartbeats(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, std::time::Instant>> {
+        self.heartbeats.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Renews an endpoint's lease, here and (for shared stores) for the other replicas.
+    fn beat(&self, store: &mut dyn Store, key: &str) -> Result<(), BrokerError> {
+        self.heartbeats().insert(key.to_owned(), std::time::Instant::now());
+        store.heartbeat(key)?;
+        Ok(())
     }
 
     /// Deletes the endpoints whose lease ran out before `now`; returns their keys.
     pub fn expire_endpoints(&self, now: std::time::Instant) -> Result<Vec<String>, BrokerError> {
-        let expired: Vec<String> = {
-            let hb = self.heartbeats.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            hb.iter()
-                .filter(|(_, t)| now.saturating_duration_since(**t) > self.lease)
-                .map(|(k, _)| k.clone())
-                .collect()
-        };
+        let expired: Vec<String> = self
+            .heartbeats()
+            .iter()
+            .filter(|(_, t)| now.saturating_duration_since(**t) > self.lease)
+            .map(|(k, _)| k.clone())
+            .collect();
         if expired.is_empty() {
             return Ok(expired);
         }
         let mut store = self.lock();
-        // Re-check under the store lock: a heartbeat may have arrived meanwhile.
-        let mut hb = self.heartbeats.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let doomed: Vec<String> = expired
-            .into_iter()
-            .filter(|k| hb.get(k).is_some_and(|t| now.saturating_duration_since(*t) > self.lease))
-            .collect();
-        for k in &doomed {
-            hb.remove(k);
+        let mut doomed = Vec::new();
+        for key in expired {
+            // Another replica may have had the heartbeat.
+            if let Some(age) = store.heartbeat_age(&key)?
+                && age <= self.lease
+            {
+                self.heartbeats().insert(key, now.checked_sub(age).unwrap_or(now));
+                continue;
+            }
+            // Re-check under the store lock: a heartbeat may have arrived meanwhile.
+            let mut hb = self.heartbeats();
+            if hb.get(&key).is_some_and(|t| now.saturating_duration_since(*t) > self.lease) {
+                hb.remove(&key);
+                doomed.push(key);
+            }
         }
-        drop(hb);
-        let events = store.commit(doomed.iter().map(|k| Change::Delete(k.clone())).collect())?;
-        self.publish(&events);
+        self.transact(&mut **store, |items| {
+            Ok(doomed
+                .iter()
+                .filter(|k| Self::stored(items, k).is_some())
+                .map(|k| Change::Delete(k.clone()))
+                .collect())
+        })?;
         for k in &doomed {
             info!(key = %k, lease = ?self.lease, "endpoint expired: no heartbeat");
         }
@@ -227,17 +256,27 @@ impl Broker {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Box<dyn Store>> {
+    fn lock(&self) -> std::sync::RwLockWriteGuard<'_, Box<dyn Store>> {
         // A panic while holding the lock cannot leave the store half-written (commits are
         // atomic), so a poisoned lock is still usable.
-        self.store.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.store.write().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Applies a commit's events to the cache, then wakes the watchers.
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Box<dyn Store>> {
+        self.store.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Applies a commit's events to the cache, then wakes the watchers. Called for this
+    /// replica's commits and by the follower of a shared store; whichever comes second finds
+    /// the revision already applied. Revisions are applied strictly in order.
     fn publish(&self, events: &[causeway_broker_api::WatchEvent]) {
-        let Some(last) = events.last() else { return };
+        let (Some(first), Some(last)) = (events.first(), events.last()) else { return };
         {
             let mut cache = self.cache.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if first.revision != cache.revision + 1 {
+                // Already applied, or ahead of the follower (which will deliver in order).
+                return;
+            }
             for e in events {
                 let key = e.object.record.key();
                 match e.kind {
@@ -251,7 +290,95 @@ impl Broker {
             }
             cache.revision = last.revision;
         }
+        // Endpoints written through other replicas get a lease here too.
+        let now = std::time::Instant::now();
+        let mut hb = self.heartbeats();
+        for e in events {
+            if let Record::Endpoint(_) = e.object.record {
+                let key = e.object.record.key();
+                match e.kind {
+                    causeway_broker_api::EventType::Put => {
+                        hb.entry(key).or_insert(now);
+                    }
+                    causeway_broker_api::EventType::Delete => {
+                        hb.remove(&key);
+                    }
+                }
+            }
+        }
+        drop(hb);
         self.revision.send_replace(last.revision);
+    }
+
+    /// Replaces the cache with a fresh list (never backwards). The recent events are dropped:
+    /// watchers then read them from the store.
+    fn reset(&self, revision: u64, records: Vec<Object>) {
+        {
+            let mut cache = self.cache.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if revision <= cache.revision {
+                return;
+            }
+            cache.records = records.into_iter().map(|o| (o.record.key(), o)).collect();
+            cache.events.clear();
+            cache.revision = revision;
+            let now = std::time::Instant::now();
+            let mut hb = self.heartbeats();
+            hb.retain(|k, _| cache.records.contains_key(k));
+            for (k, o) in &cache.records {
+                if matches!(o.record, Record::Endpoint(_)) {
+                    hb.entry(k.clone()).or_insert(now);
+                }
+            }
+        }
+        self.revision.send_replace(revision);
+    }
+
+    /// Plans changes against the cache and commits them against the revision the plan saw.
+    /// When another replica committed first, waits for the cache to catch up and plans
+    /// again, so rules (overlaps, generations, existence) are always checked on the state the
+    /// commit lands on. Returns the committed events (none when the plan changed nothing).
+    fn transact(
+        &self,
+        store: &mut dyn Store,
+        mut plan: impl FnMut(&[Object]) -> Result<Vec<Change>, BrokerError>,
+    ) -> Result<Vec<causeway_broker_api::WatchEvent>, BrokerError> {
+        const ATTEMPTS: usize = 50;
+        for attempt in 1..=ATTEMPTS {
+            let (base, items) = {
+                let cache = self.cache.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+                (cache.revision, cache.records.values().cloned().collect::<Vec<_>>())
+            };
+            let changes = plan(&items)?;
+            if changes.is_empty() {
+                return Ok(Vec::new());
+            }
+            match store.commit(base, changes) {
+                Ok(events) => {
+                    self.publish(&events);
+                    return Ok(events);
+                }
+                Err(StoreError::Conflict { current, .. }) if attempt < ATTEMPTS => {
+                    debug!(base, current, attempt, "another replica committed first; planning again");
+                    self.catch_up(store, current)?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        unreachable!("the last attempt returns")
+    }
+
+    /// Waits briefly for the follower to bring the cache to `revision`, else re-lists.
+    fn catch_up(&self, store: &mut dyn Store, revision: u64) -> Result<(), BrokerError> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while std::time::Instant::now() < deadline {
+            if self.cache.read().unwrap_or_else(std::sync::PoisonError::into_inner).revision >= revision {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let (rev, records) = store.list()?;
+        self.reset(rev, records);
+        Ok(())
     }
 
     /// The current records (from the cache).
@@ -268,7 +395,7 @@ impl Broker {
     /// The identity behind a bearer token.
     pub fn authenticate(&self, token: Option<&str>) -> Result<Identity, BrokerError> {
         let token = token.ok_or(BrokerError::Unauthorized)?;
-        self.lock().credential(&auth::hash(token))?.ok_or(BrokerError::Unauthorized)
+        self.read().credential(&auth::hash(token))?.ok_or(BrokerError::Unauthorized)
     }
 
     /// Creates a credential for `identity` and returns its token (shown once, stored hashed).
@@ -297,13 +424,9 @@ impl Broker {
         }
         causeway_broker_api::validate_cluster(&c)?;
         let mut store = self.lock();
-        let items = self.items();
-        if Self::stored(&items, &cluster_key(&c.cluster_id)).is_some() {
-            return Err(BrokerError::AlreadyRegistered(c.cluster_id));
-        }
-        let obj = self.commit_cluster(&mut **store, &items, c)?;
+        let id = c.cluster_id.clone();
+        let obj = self.commit_cluster(&mut **store, c, true)?;
         let token = auth::new_token();
-        let id = obj.record.cluster_id().to_owned();
         store.put_credential(&auth::hash(&token.0), &Identity::Cluster(id.clone()))?;
         info!(cluster = %id, "cluster joined");
         Ok((obj, token))
@@ -344,31 +467,40 @@ impl Broker {
         require_write(who, &c.cluster_id, "write the cluster record")?;
         causeway_broker_api::validate_cluster(&c)?;
         let mut store = self.lock();
-        let items = self.items();
-        self.commit_cluster(&mut **store, &items, c)
+        self.commit_cluster(&mut **store, c, false)
     }
 
+    /// Stores a cluster record after the overlap and generation checks (`new`: it must not
+    /// exist yet).
     fn commit_cluster(
         &self,
         store: &mut dyn Store,
-        items: &[Object],
         c: ClusterRecord,
+        new: bool,
     ) -> Result<Object, BrokerError> {
         let key = cluster_key(&c.cluster_id);
-        if let Some(old) = Self::stored(items, &key) {
-            check_generation(&key, old, c.generation)?;
-            if old.record == Record::Cluster(c.clone()) {
-                return Ok(old.clone());
+        let mut unchanged = None;
+        let events = self.transact(store, |items| {
+            if let Some(old) = Self::stored(items, &key) {
+                if new {
+                    return Err(BrokerError::AlreadyRegistered(c.cluster_id.clone()));
+                }
+                check_generation(&key, old, c.generation)?;
+                if old.record == Record::Cluster(c.clone()) {
+                    unchanged = Some(old.clone());
+                    return Ok(Vec::new());
+                }
             }
-        }
-        let clusters = items.iter().filter_map(|o| match &o.record {
-            Record::Cluster(c) => Some(c),
-            Record::Endpoint(_) => None,
-        });
-        causeway_broker_api::check_overlaps(&c, clusters).map_err(BrokerError::Overlap)?;
-        let events = store.commit(vec![Change::Put(Record::Cluster(c))])?;
-        self.publish(&events);
-        let obj = events.into_iter().next().map(|e| e.object).expect("a put produces an event");
+            let clusters = items.iter().filter_map(|o| match &o.record {
+                Record::Cluster(c) => Some(c),
+                Record::Endpoint(_) => None,
+            });
+            causeway_broker_api::check_overlaps(&c, clusters).map_err(BrokerError::Overlap)?;
+            Ok(vec![Change::Put(Record::Cluster(c.clone()))])
+        })?;
+        let Some(obj) = events.into_iter().next().map(|e| e.object) else {
+            return Ok(unchanged.expect("an empty plan means the record was unchanged"));
+        };
         info!(key, revision = obj.resource_version, "cluster stored");
         Ok(obj)
     }
@@ -378,19 +510,19 @@ impl Broker {
     pub fn delete_cluster(&self, who: &Identity, cluster_id: &str) -> Result<Vec<Object>, BrokerError> {
         require_write(who, cluster_id, "delete the cluster")?;
         let mut store = self.lock();
-        let items = self.items();
         let key = cluster_key(cluster_id);
-        if Self::stored(&items, &key).is_none() {
-            return Err(BrokerError::NotFound(key));
-        }
-        let mut changes: Vec<Change> = items
-            .iter()
-            .filter(|o| matches!(&o.record, Record::Endpoint(e) if e.cluster_id == cluster_id))
-            .map(|o| Change::Delete(o.record.key()))
-            .collect();
-        changes.push(Change::Delete(key.clone()));
-        let events = store.commit(changes)?;
-        self.publish(&events);
+        let events = self.transact(&mut **store, |items| {
+            if Self::stored(items, &key).is_none() {
+                return Err(BrokerError::NotFound(key.clone()));
+            }
+            let mut changes: Vec<Change> = items
+                .iter()
+                .filter(|o| matches!(&o.record, Record::Endpoint(e) if e.cluster_id == cluster_id))
+                .map(|o| Change::Delete(o.record.key()))
+                .collect();
+            changes.push(Change::Delete(key.clone()));
+            Ok(changes)
+        })?;
         store.revoke(&Identity::Cluster(cluster_id.to_owned()))?;
         info!(key, "cluster and its endpoints deleted");
         Ok(events.into_iter().map(|e| e.object).collect())
@@ -401,23 +533,26 @@ impl Broker {
         require_write(who, &e.cluster_id, "write an endpoint")?;
         causeway_broker_api::validate_endpoint(&e)?;
         let mut store = self.lock();
-        let items = self.items();
-        if Self::stored(&items, &cluster_key(&e.cluster_id)).is_none() {
-            return Err(BrokerError::ClusterNotRegistered(e.cluster_id));
-        }
         let key = endpoint_key(&e.cluster_id, &e.hostname);
-        if let Some(old) = Self::stored(&items, &key) {
-            check_generation(&key, old, e.generation)?;
-            if old.record == Record::Endpoint(e.clone()) {
-                // A heartbeat: the lease is renewed, nothing changes for watchers.
-                self.beat(&key);
-                return Ok(old.clone());
+        let mut unchanged = None;
+        let events = self.transact(&mut **store, |items| {
+            if Self::stored(items, &cluster_key(&e.cluster_id)).is_none() {
+                return Err(BrokerError::ClusterNotRegistered(e.cluster_id.clone()));
             }
-        }
-        self.beat(&key);
-        let events = store.commit(vec![Change::Put(Record::Endpoint(e))])?;
-        self.publish(&events);
-        let obj = events.into_iter().next().map(|e| e.object).expect("a put produces an event");
+            if let Some(old) = Self::stored(items, &key) {
+                check_generation(&key, old, e.generation)?;
+                if old.record == Record::Endpoint(e.clone()) {
+                    unchanged = Some(old.clone());
+                    return Ok(Vec::new());
+                }
+            }
+            Ok(vec![Change::Put(Record::Endpoint(e.clone()))])
+        })?;
+        // Changed or not, a PUT of the endpoint is its gateway's heartbeat.
+        self.beat(&mut **store, &key)?;
+        let Some(obj) = events.into_iter().next().map(|e| e.object) else {
+            return Ok(unchanged.expect("an empty plan means the record was unchanged"));
+        };
         info!(key, revision = obj.resource_version, "endpoint stored");
         Ok(obj)
     }
@@ -431,11 +566,12 @@ impl Broker {
         require_write(who, cluster_id, "delete an endpoint")?;
         let key = endpoint_key(cluster_id, hostname);
         let mut store = self.lock();
-        let events = store.commit(vec![Change::Delete(key.clone())])?;
-        if events.is_empty() {
-            return Err(BrokerError::NotFound(key));
-        }
-        self.publish(&events);
+        let events = self.transact(&mut **store, |items| {
+            if Self::stored(items, &key).is_none() {
+                return Err(BrokerError::NotFound(key.clone()));
+            }
+            Ok(vec![Change::Delete(key.clone())])
+        })?;
         Ok(events.into_iter().map(|e| e.object).collect())
     }
 
@@ -463,7 +599,7 @@ impl Broker {
                     Some(events) => Since::Events(events),
                     None => {
                         let this = Arc::clone(self);
-                        tokio::task::spawn_blocking(move || this.lock().events_since(since))
+                        tokio::task::spawn_blocking(move || this.read().events_since(since))
                             .await
                             .map_err(|e| BrokerError::BadRequest(format!("watch task failed: {e}")))??
                     }

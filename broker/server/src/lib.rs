@@ -8,11 +8,14 @@
 
 pub mod auth;
 pub mod broker;
+pub mod etcd;
 pub mod server;
 pub mod store;
+pub mod testing;
 pub mod tls;
 
 pub use auth::Identity;
 pub use broker::{Broker, BrokerError};
+pub use etcd::{EtcdOptions, EtcdStore};
 pub use server::{run, run_tls};
 pub use store::{MemStore, RedbStore, Store, StoreError};

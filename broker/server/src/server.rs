@@ -92,18 +92,20 @@ async fn blocking<T: Send + 'static>(
         .map_err(Failure::from)
 }
 
-/// The caller's identity, from `Authorization: Bearer <token>`.
-fn who(b: &Broker, headers: &HeaderMap) -> Result<Identity, Failure> {
+/// The caller's identity, from `Authorization: Bearer <token>` (a store read: off the
+/// async threads, since a shared store answers over the network).
+async fn who(b: &Arc<Broker>, headers: &HeaderMap) -> Result<Identity, Failure> {
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    b.authenticate(token).map_err(Failure::from)
+        .map(|t| t.trim().to_owned());
+    let b = Arc::clone(b);
+    blocking(move || b.authenticate(token.as_deref())).await
 }
 
 async fn list(State(b): State<Arc<Broker>>, headers: HeaderMap) -> Result<Response, Failure> {
-    let id = who(&b, &headers)?;
+    let id = who(&b, &headers).await?;
     Ok(Json(blocking(move || b.list(&id)).await?).into_response())
 }
 
@@ -124,7 +126,7 @@ async fn watch(
     headers: HeaderMap,
     Query(q): Query<WatchQuery>,
 ) -> Result<Response, Failure> {
-    let id = who(&b, &headers)?;
+    let id = who(&b, &headers).await?;
     let wait = Duration::from_secs(q.timeout_seconds).min(MAX_WATCH);
     Ok(Json(b.watch(&id, q.since, wait).await?).into_response())
 }
@@ -135,7 +137,7 @@ async fn put_cluster(
     Path(cluster): Path<String>,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Failure> {
-    let id = who(&b, &headers)?;
+    let id = who(&b, &headers).await?;
     let c: ClusterRecord = body(raw)?;
     if c.cluster_id != cluster {
         return Err(invalid(format!(
@@ -151,7 +153,7 @@ async fn delete_cluster(
     headers: HeaderMap,
     Path(cluster): Path<String>,
 ) -> Result<Response, Failure> {
-    let id = who(&b, &headers)?;
+    let id = who(&b, &headers).await?;
     Ok(Json(blocking(move || b.delete_cluster(&id, &cluster)).await?).into_response())
 }
 
@@ -161,7 +163,7 @@ async fn put_endpoint(
     Path((cluster, host)): Path<(String, String)>,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Failure> {
-    let id = who(&b, &headers)?;
+    let id = who(&b, &headers).await?;
     let e: EndpointRecord = body(raw)?;
     if e.cluster_id != cluster || e.hostname != host {
         return Err(invalid(format!(
@@ -177,7 +179,7 @@ async fn delete_endpoint(
     headers: HeaderMap,
     Path((cluster, host)): Path<(String, String)>,
 ) -> Result<Response, Failure> {
-    let id = who(&b, &headers)?;
+    let id = who(&b, &headers).await?;
     Ok(Json(blocking(move || b.delete_endpoint(&id, &cluster, &host)).await?).into_response())
 }
 
@@ -186,7 +188,7 @@ async fn join(
     headers: HeaderMap,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Failure> {
-    let id = who(&b, &headers)?;
+    let id = who(&b, &headers).await?;
     let c: ClusterRecord = body(raw)?;
     let (object, token) = blocking(move || b.join(&id, c)).await?;
     Ok((StatusCode::CREATED, Json(JoinResponse { object, token })).into_response())
@@ -197,7 +199,7 @@ async fn rotate(
     headers: HeaderMap,
     Path(cluster): Path<String>,
 ) -> Result<Response, Failure> {
-    let id = who(&b, &headers)?;
+    let id = who(&b, &headers).await?;
     let token = blocking(move || b.rotate(&id, &cluster)).await?;
     Ok(Json(RotateResponse { token }).into_response())
 }
@@ -207,7 +209,7 @@ async fn revoke(
     headers: HeaderMap,
     Path(cluster): Path<String>,
 ) -> Result<Response, Failure> {
-    let id = who(&b, &headers)?;
+    let id = who(&b, &headers).await?;
     let revoked = blocking(move || b.revoke(&id, &cluster)).await?;
     Ok(Json(serde_json::json!({ "revoked": revoked })).into_response())
 }

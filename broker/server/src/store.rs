@@ -1,6 +1,7 @@
 //! Storage behind the broker: current records plus an append-only event log, both keyed by
-//! the set-wide revision. Two implementations with the same behaviour: [`RedbStore`] (one
-//! crash-safe file, the default) and [`MemStore`] (tests).
+//! the set-wide revision. Three implementations with the same behaviour (one conformance
+//! suite): [`RedbStore`] (one crash-safe file, the default), [`crate::etcd::EtcdStore`]
+//! (etcd v3, shared by several broker replicas) and [`MemStore`] (tests).
 
 use std::{collections::BTreeMap, path::Path};
 
@@ -26,7 +27,25 @@ pub enum StoreError {
         #[source]
         source: serde_json::Error,
     },
+    /// Another writer (a broker replica) committed after the revision the change was planned
+    /// against; plan again on fresh state.
+    #[error("the cluster set moved from revision {expected} to {current} meanwhile")]
+    Conflict { expected: u64, current: u64 },
+    #[error("etcd: {0}")]
+    Etcd(String),
 }
+
+/// What a shared store reports to a broker replica about commits made by anyone.
+#[derive(Debug)]
+pub enum Followed {
+    /// The next revision's events, in order, nothing skipped.
+    Events(Vec<WatchEvent>),
+    /// The follower lost track (history compacted meanwhile): here is the whole state.
+    Reset { revision: u64, records: Vec<Object> },
+}
+
+/// Receives [`Followed`] items; called from the store's own thread, must not block long.
+pub type FollowSink = Box<dyn Fn(Followed) + Send + Sync>;
 
 /// One change of a commit: put (create or replace) or delete a record by key.
 #[derive(Clone, Debug)]
@@ -46,12 +65,14 @@ pub enum Since {
 }
 
 /// Storage contract. Callers serialise writes (the broker holds a lock around check+commit).
-pub trait Store: Send + 'static {
+pub trait Store: Send + Sync + 'static {
     /// Current revision and every record.
     fn list(&self) -> Result<(u64, Vec<Object>), StoreError>;
-    /// Applies the changes atomically as one new revision; returns the events it produced
-    /// (deletes of absent keys produce none). No changes → no new revision.
-    fn commit(&mut self, changes: Vec<Change>) -> Result<Vec<WatchEvent>, StoreError>;
+    /// Applies the changes atomically as one new revision, provided the store is still at
+    /// revision `base` (the one the caller checked its rules against; otherwise
+    /// [`StoreError::Conflict`]); returns the events it produced (deletes of absent keys
+    /// produce none). No changes → no new revision.
+    fn commit(&mut self, base: u64, changes: Vec<Change>) -> Result<Vec<WatchEvent>, StoreError>;
     /// Events with revision > `since`, oldest first.
     fn events_since(&self, since: u64) -> Result<Since, StoreError>;
     /// How many revisions of events the store keeps.
@@ -62,13 +83,63 @@ pub trait Store: Send + 'static {
     fn put_credential(&mut self, hash: &str, identity: &Identity) -> Result<(), StoreError>;
     /// Removes every credential of `identity`; returns how many.
     fn revoke(&mut self, identity: &Identity) -> Result<usize, StoreError>;
+    /// Records an endpoint heartbeat where every replica sees it. Single-replica stores keep
+    /// heartbeats in the broker's memory only.
+    fn heartbeat(&mut self, _key: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// How long ago any replica last recorded a heartbeat for `key`, if the store shares them.
+    fn heartbeat_age(&self, _key: &str) -> Result<Option<std::time::Duration>, StoreError> {
+        Ok(None)
+    }
+    /// Starts reporting commits made by any writer after revision `after` to `sink`. Stores
+    /// with a single writer (this process) have nothing to report.
+    fn follow(&mut self, _after: u64, _sink: FollowSink) {}
+}
+
+/// A boxed store is a store (callers that pick the implementation at run time).
+impl Store for Box<dyn Store> {
+    fn list(&self) -> Result<(u64, Vec<Object>), StoreError> {
+        (**self).list()
+    }
+    fn commit(&mut self, base: u64, changes: Vec<Change>) -> Result<Vec<WatchEvent>, StoreError> {
+        (**self).commit(base, changes)
+    }
+    fn events_since(&self, since: u64) -> Result<Since, StoreError> {
+        (**self).events_since(since)
+    }
+    fn history(&self) -> u64 {
+        (**self).history()
+    }
+    fn credential(&self, hash: &str) -> Result<Option<Identity>, StoreError> {
+        (**self).credential(hash)
+    }
+    fn put_credential(&mut self, hash: &str, identity: &Identity) -> Result<(), StoreError> {
+        (**self).put_credential(hash, identity)
+    }
+    fn revoke(&mut self, identity: &Identity) -> Result<usize, StoreError> {
+        (**self).revoke(identity)
+    }
+    fn heartbeat(&mut self, key: &str) -> Result<(), StoreError> {
+        (**self).heartbeat(key)
+    }
+    fn heartbeat_age(&self, key: &str) -> Result<Option<std::time::Duration>, StoreError> {
+        (**self).heartbeat_age(key)
+    }
+    fn follow(&mut self, after: u64, sink: FollowSink) {
+        (**self).follow(after, sink);
+    }
+}
+
+fn check_base(base: u64, current: u64) -> Result<(), StoreError> {
+    if base == current { Ok(()) } else { Err(StoreError::Conflict { expected: base, current }) }
 }
 
 /// How many events the log retains; older watchers must re-list.
 pub const EVENT_HISTORY: u64 = 100_000;
 
 /// Applies `changes` to a record map, producing events at revision `rev`.
-fn apply(
+pub(crate) fn apply(
     records: &BTreeMap<String, Object>,
     changes: Vec<Change>,
     rev: u64,
@@ -133,7 +204,8 @@ impl Store for MemStore {
         Ok((self.revision, self.records.values().cloned().collect()))
     }
 
-    fn commit(&mut self, changes: Vec<Change>) -> Result<Vec<WatchEvent>, StoreError> {
+    fn commit(&mut self, base: u64, changes: Vec<Change>) -> Result<Vec<WatchEvent>, StoreError> {
+        check_base(base, self.revision)?;
         let applied = apply(&self.records, changes, self.revision + 1);
         if applied.is_empty() {
             return Ok(Vec::new());
@@ -253,7 +325,8 @@ impl Store for RedbStore {
         Ok((self.revision, out))
     }
 
-    fn commit(&mut self, changes: Vec<Change>) -> Result<Vec<WatchEvent>, StoreError> {
+    fn commit(&mut self, base: u64, changes: Vec<Change>) -> Result<Vec<WatchEvent>, StoreError> {
+        check_base(base, self.revision)?;
         let rev = self.revision + 1;
         let txn = self.db.begin_write().map_err(io)?;
         let mut events = Vec::new();
@@ -365,12 +438,12 @@ impl Store for RedbStore {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use causeway_broker_api::{ClusterRecord, Record};
 
     use super::*;
 
-    fn cluster(id: &str, gen_: u64) -> Record {
+    pub(crate) fn cluster(id: &str, gen_: u64) -> Record {
         Record::Cluster(ClusterRecord {
             cluster_id: id.into(),
             pod_cidrs: vec!["10.1.0.0/16".parse().unwrap()],
@@ -381,17 +454,28 @@ mod tests {
         })
     }
 
+    /// Commits against the store's current revision.
+    fn commit(store: &mut dyn Store, changes: Vec<Change>) -> Vec<WatchEvent> {
+        let base = store.list().unwrap().0;
+        store.commit(base, changes).unwrap()
+    }
+
     /// The same behaviour from every store.
-    fn conformance(store: &mut dyn Store) {
+    pub(crate) fn conformance(store: &mut dyn Store) {
         assert_eq!(store.list().unwrap().0, 0);
-        let ev = store.commit(vec![Change::Put(cluster("a", 1))]).unwrap();
+        let ev = commit(store, vec![Change::Put(cluster("a", 1))]);
         assert_eq!(ev.len(), 1);
         assert_eq!(ev[0].revision, 1);
-        store.commit(vec![Change::Put(cluster("b", 1))]).unwrap();
-        store.commit(vec![Change::Put(cluster("a", 2))]).unwrap();
+        commit(store, vec![Change::Put(cluster("b", 1))]);
+        commit(store, vec![Change::Put(cluster("a", 2))]);
+        // A commit planned against an old revision is refused, and changes nothing.
+        match store.commit(1, vec![Change::Put(cluster("c", 1))]) {
+            Err(StoreError::Conflict { expected: 1, current: 3 }) => {}
+            other => panic!("expected a conflict, got {other:?}"),
+        }
         // Deleting an absent key is a no-op: no event, no revision.
-        assert!(store.commit(vec![Change::Delete("clusters/zzz".into())]).unwrap().is_empty());
-        let ev = store.commit(vec![Change::Delete("clusters/b".into())]).unwrap();
+        assert!(commit(store, vec![Change::Delete("clusters/zzz".into())]).is_empty());
+        let ev = commit(store, vec![Change::Delete("clusters/b".into())]);
         assert_eq!(ev[0].kind, EventType::Delete);
         assert_eq!(ev[0].object.record, cluster("b", 1));
         let (rev, items) = store.list().unwrap();
@@ -403,6 +487,14 @@ mod tests {
         assert_eq!(evs.iter().map(|e| e.revision).collect::<Vec<_>>(), vec![2, 3, 4]);
         let Since::Events(evs) = store.events_since(4).unwrap() else { panic!("compacted") };
         assert!(evs.is_empty());
+        // One commit, several changes: one revision, events in order.
+        let ev = commit(store, vec![Change::Put(cluster("x", 1)), Change::Put(cluster("y", 1))]);
+        assert_eq!(
+            ev.iter().map(|e| (e.revision, e.object.record.key())).collect::<Vec<_>>(),
+            vec![(5, "clusters/x".to_owned()), (5, "clusters/y".to_owned())]
+        );
+        let Since::Events(evs) = store.events_since(4).unwrap() else { panic!("compacted") };
+        assert_eq!(evs, ev);
         // Credentials: stored by hash, revoked by identity.
         let east = Identity::Cluster("east".into());
         store.put_credential("h1", &east).unwrap();
@@ -421,9 +513,9 @@ mod tests {
     }
 
     /// Past the history window a watcher is told to re-list, never given a partial story.
-    fn compaction(store: &mut dyn Store) {
+    pub(crate) fn compaction(store: &mut dyn Store) {
         for g in 1..=10 {
-            store.commit(vec![Change::Put(cluster("a", g))]).unwrap();
+            commit(store, vec![Change::Put(cluster("a", g))]);
         }
         assert_eq!(store.events_since(2).unwrap(), Since::Compacted { oldest: 8 });
         let Since::Events(evs) = store.events_since(7).unwrap() else { panic!("7 is still in the window") };
@@ -456,10 +548,10 @@ mod tests {
         }
         let s = RedbStore::open(&path).unwrap();
         let (rev, items) = s.list().unwrap();
-        assert_eq!(rev, 4);
-        assert_eq!(items.len(), 1);
+        assert_eq!(rev, 5);
+        assert_eq!(items.len(), 3);
         let Since::Events(evs) = s.events_since(0).unwrap() else { panic!("compacted") };
-        assert_eq!(evs.len(), 4);
+        assert_eq!(evs.len(), 6);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1,9 +1,13 @@
 //! The broker over real HTTP on loopback: refusals are clear and lose nothing; watchers
-//! resume exactly where they left off.
+//! resume exactly where they left off. The scenarios run on every store (memory, the
+//! embedded redb file, real etcd): same behaviour everywhere.
 
 use std::time::Duration;
 
-use causeway_broker::{Broker, Identity, MemStore, RedbStore};
+use causeway_broker::{
+    Broker, EtcdOptions, EtcdStore, Identity, MemStore, RedbStore, Store,
+    testing::{EtcdCluster, etcd_available},
+};
 use causeway_broker_api::{
     BrokerClient, ClusterRecord, EndpointRecord, EventType, GatewayRole, ListResponse, Record, Token,
     WireGuardKey,
@@ -28,6 +32,99 @@ async fn start_with(
     }));
     (BrokerClient::new(url).with_token(admin), broker, tx)
 }
+
+/// A fresh store of one kind, and what keeps it alive (its file, its etcd).
+struct Fixture {
+    store: Option<Box<dyn Store>>,
+    _etcd: Option<EtcdCluster>,
+    dir: Option<std::path::PathBuf>,
+}
+
+impl Fixture {
+    fn take(&mut self) -> Box<dyn Store> {
+        self.store.take().expect("one store per fixture")
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        if let Some(d) = &self.dir {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Memory,
+    Redb,
+    Etcd,
+}
+
+static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// `None` when this kind cannot run here (etcd missing outside CI: skipped loudly).
+fn fixture(kind: Kind, history: u64, test: &str) -> Option<Fixture> {
+    match kind {
+        Kind::Memory => {
+            Some(Fixture { store: Some(Box::new(MemStore::with_history(history))), _etcd: None, dir: None })
+        }
+        Kind::Redb => {
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let dir = std::env::temp_dir().join(format!("cw-api-{}-{n}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let store = RedbStore::open_with_history(&dir.join("broker.redb"), history).unwrap();
+            Some(Fixture { store: Some(Box::new(store)), _etcd: None, dir: Some(dir) })
+        }
+        Kind::Etcd => {
+            if !etcd_available(test) {
+                return None;
+            }
+            let etcd = EtcdCluster::start(1);
+            let mut o = EtcdOptions::new(etcd.endpoints());
+            o.history = history;
+            let store = EtcdStore::connect(&o).unwrap();
+            Some(Fixture { store: Some(Box::new(store)), _etcd: Some(etcd), dir: None })
+        }
+    }
+}
+
+/// One `#[tokio::test]` per store kind for a scenario `async fn(Fixture)`.
+macro_rules! on_every_store {
+    ($scenario:ident, $history:expr) => {
+        mod $scenario {
+            use super::*;
+            async fn run(kind: Kind) {
+                let name = concat!(stringify!($scenario), " on ");
+                if let Some(f) = fixture(kind, $history, &format!("{name}{kind:?}")) {
+                    super::$scenario(f).await;
+                }
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn memory() {
+                run(Kind::Memory).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn redb() {
+                run(Kind::Redb).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn etcd() {
+                run(Kind::Etcd).await;
+            }
+        }
+    };
+    ($scenario:ident) => {
+        on_every_store!($scenario, 100_000);
+    };
+}
+
+on_every_store!(refusals_are_clear_and_lose_nothing);
+on_every_store!(racing_overlapping_clusters_exactly_one_wins);
+on_every_store!(watcher_resumes_with_exactly_the_missed_events_in_order);
+on_every_store!(credentials_decide_who_may_write_what);
+on_every_store!(endpoints_expire_without_heartbeats);
+on_every_store!(a_watcher_behind_the_history_is_told_to_relist, 5);
 
 fn cluster(id: &str, pod: &str, svc: &str) -> ClusterRecord {
     ClusterRecord {
@@ -60,9 +157,8 @@ fn records(l: &ListResponse) -> Vec<Record> {
     l.items.iter().map(|o| o.record.clone()).collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn refusals_are_clear_and_lose_nothing() {
-    let (client, broker, _stop) = start_with(MemStore::default()).await;
+async fn refusals_are_clear_and_lose_nothing(mut f: Fixture) {
+    let (client, broker, _stop) = start_with(f.take()).await;
     let admin_token = broker.issue(&Identity::Admin).unwrap();
     client.put_cluster(&cluster("east", "10.1.0.0/16", "10.101.0.0/16")).await.unwrap();
     client.put_endpoint(&endpoint("east", "gw-1")).await.unwrap();
@@ -134,9 +230,8 @@ async fn refusals_are_clear_and_lose_nothing() {
     assert_eq!(records(&after), expected, "refused requests changed nothing");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn racing_overlapping_clusters_exactly_one_wins() {
-    let (client, _stop) = start(MemStore::default()).await;
+async fn racing_overlapping_clusters_exactly_one_wins(mut f: Fixture) {
+    let (client, _stop) = start(f.take()).await;
     let mut tasks = Vec::new();
     for i in 0..8u8 {
         let c = client.clone();
@@ -155,9 +250,8 @@ async fn racing_overlapping_clusters_exactly_one_wins() {
     assert_eq!(client.list().await.unwrap().items.len(), 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn watcher_resumes_with_exactly_the_missed_events_in_order() {
-    let (client, _stop) = start(MemStore::default()).await;
+async fn watcher_resumes_with_exactly_the_missed_events_in_order(mut f: Fixture) {
+    let (client, _stop) = start(f.take()).await;
     client.put_cluster(&cluster("east", "10.1.0.0/16", "10.101.0.0/16")).await.unwrap();
     let since = client.list().await.unwrap().resource_version;
     // The watcher is "disconnected" while 100 changes happen.
@@ -218,9 +312,8 @@ async fn embedded_store_keeps_everything_across_restarts() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn credentials_decide_who_may_write_what() {
-    let (admin, broker, _stop) = start_with(MemStore::default()).await;
+async fn credentials_decide_who_may_write_what(mut f: Fixture) {
+    let (admin, broker, _stop) = start_with(f.take()).await;
     let joiner = admin.with_token(broker.issue(&Identity::Join).unwrap());
     let east =
         admin.with_token(joiner.join(&cluster("east", "10.1.0.0/16", "10.101.0.0/16")).await.unwrap().token);
@@ -310,11 +403,10 @@ async fn https_with_the_brokers_own_ca() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn endpoints_expire_without_heartbeats() {
+async fn endpoints_expire_without_heartbeats(mut f: Fixture) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    let broker = Broker::with_lease(MemStore::default(), Duration::from_millis(600)).unwrap();
+    let broker = Broker::with_lease(f.take(), Duration::from_millis(600)).unwrap();
     let admin = BrokerClient::new(url).with_token(broker.issue(&Identity::Admin).unwrap());
     tokio::spawn(causeway_broker::run(listener, broker.clone(), std::future::pending()));
     tokio::spawn(broker.run_expiry());
@@ -337,9 +429,8 @@ async fn endpoints_expire_without_heartbeats() {
     assert_eq!(left, vec!["clusters/east"], "the cluster record itself does not expire");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_watcher_behind_the_history_is_told_to_relist() {
-    let (client, _stop) = start(MemStore::with_history(5)).await;
+async fn a_watcher_behind_the_history_is_told_to_relist(mut f: Fixture) {
+    let (client, _stop) = start(f.take()).await;
     let rv = {
         client.put_cluster(&cluster("east", "10.1.0.0/16", "10.101.0.0/16")).await.unwrap();
         client.list().await.unwrap().resource_version

@@ -1,0 +1,660 @@
+//! The etcd v3 store: several broker replicas serve one cluster set. Same contract as the
+//! embedded store (dense set-wide revisions, an event log with a retention window,
+//! credentials by hash), kept in etcd under a prefix `P` (default `/causeway/`):
+//!
+//! | key | value |
+//! |---|---|
+//! | `P rev` | the set's revision (decimal) |
+//! | `P compacted` | the newest revision dropped from the event log |
+//! | `P records/<key>` | the record's [`Object`] (JSON) |
+//! | `P events/<rev, 20 digits>` | that revision's events (JSON array) |
+//! | `P credentials/<sha256>` | an [`Identity`] (JSON) |
+//! | `P heartbeats/<key>` | unix milliseconds of an endpoint's last heartbeat, via any replica |
+//!
+//! Every commit is one etcd transaction guarded by "`P rev` unchanged since the caller read
+//! it", so replicas serialise on the set revision: of two racing writers exactly one commits
+//! and the other gets [`StoreError::Conflict`] and re-checks its rules. Each replica follows
+//! the event log with an etcd watch ([`Store::follow`]) to keep its in-memory cache current.
+//!
+//! etcd-client is async; the [`Store`] trait is not (the broker calls it from blocking
+//! threads). The store owns a small runtime: calls are spawned there and waited for, so a
+//! call works from any thread, async or not, and etcd's connections are driven even while
+//! the caller blocks.
+
+use std::{future::Future, time::Duration};
+
+use causeway_broker_api::{Object, WatchEvent};
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, TxnOp, TxnOpResponse,
+    WatchOptions,
+};
+use tracing::{debug, info, warn};
+
+use crate::{
+    Identity,
+    store::{Change, FollowSink, Followed, Since, Store, StoreError, apply},
+};
+
+/// How to reach etcd.
+#[derive(Clone, Debug)]
+pub struct EtcdOptions {
+    /// Client URLs of the members, e.g. `http://10.0.0.1:2379`.
+    pub endpoints: Vec<String>,
+    /// Key prefix of this cluster set (several sets can share one etcd).
+    pub prefix: String,
+    /// PEM CA bundle that signed the members' certificates (for `https://` endpoints).
+    pub ca_pem: Option<String>,
+    /// PEM client certificate and key, when etcd requires client certificates.
+    pub client_identity: Option<(String, String)>,
+    /// How many revisions of events to keep.
+    pub history: u64,
+    /// Longest time one store call may take, retries included.
+    pub timeout: Duration,
+}
+
+impl EtcdOptions {
+    #[must_use]
+    pub fn new(endpoints: Vec<String>) -> Self {
+        Self {
+            endpoints,
+            prefix: "/causeway/".into(),
+            ca_pem: None,
+            client_identity: None,
+            history: crate::store::EVENT_HISTORY,
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Events fetched per range request when catching up.
+const PAGE: i64 = 1_000;
+
+#[derive(Clone)]
+struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    fn rev(&self) -> String {
+        format!("{}rev", self.prefix)
+    }
+    fn compacted(&self) -> String {
+        format!("{}compacted", self.prefix)
+    }
+    fn records(&self) -> String {
+        format!("{}records/", self.prefix)
+    }
+    fn record(&self, key: &str) -> String {
+        format!("{}records/{key}", self.prefix)
+    }
+    fn events(&self) -> String {
+        format!("{}events/", self.prefix)
+    }
+    fn event(&self, rev: u64) -> String {
+        format!("{}events/{rev:020}", self.prefix)
+    }
+    /// First key after every event key (`/` + 1 is `0`).
+    fn events_end(&self) -> String {
+        format!("{}events0", self.prefix)
+    }
+    fn credentials(&self) -> String {
+        format!("{}credentials/", self.prefix)
+    }
+    fn credential(&self, hash: &str) -> String {
+        format!("{}credentials/{hash}", self.prefix)
+    }
+    fn heartbeat(&self, key: &str) -> String {
+        format!("{}heartbeats/{key}", self.prefix)
+    }
+}
+
+fn etcd_err(e: etcd_client::Error) -> StoreError {
+    StoreError::Etcd(e.to_string())
+}
+
+fn corrupt(key: &[u8], source: serde_json::Error) -> StoreError {
+    StoreError::Corrupt { key: String::from_utf8_lossy(key).into_owned(), source }
+}
+
+fn decode<T: serde::de::DeserializeOwned>(kv: &etcd_client::KeyValue) -> Result<T, StoreError> {
+    serde_json::from_slice(kv.value()).map_err(|e| corrupt(kv.key(), e))
+}
+
+fn number(kv: Option<&etcd_client::KeyValue>) -> Result<u64, StoreError> {
+    let Some(kv) = kv else { return Ok(0) };
+    std::str::from_utf8(kv.value())
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| StoreError::Etcd(format!("{} holds no number", String::from_utf8_lossy(kv.key()))))
+}
+
+/// Worth another try on the next member: the member is gone, has no leader, or timed out.
+fn transient(e: &etcd_client::Error) -> bool {
+    use etcd_client::Error as E;
+    match e {
+        E::TransportError(_) | E::IoError(_) => true,
+        E::GRpcStatus(s) => matches!(
+            s.code(),
+            tonic::Code::Unavailable
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::Unknown
+                | tonic::Code::Aborted
+        ),
+        _ => false,
+    }
+}
+
+/// Retries `f` on transient errors until `timeout`.
+async fn retry<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, etcd_client::Error>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut pause = Duration::from_millis(50);
+    loop {
+        match tokio::time::timeout_at(deadline, f()).await {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) if transient(&e) && tokio::time::Instant::now() + pause < deadline => {
+                debug!(error = %e, what, "etcd call failed; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(500));
+            }
+            Ok(Err(e)) => return Err(etcd_err(e)),
+            Err(_) => {
+                return Err(StoreError::Etcd(format!("{what}: no answer from etcd within {timeout:?}")));
+            }
+        }
+    }
+}
+
+/// One consistent read: the set revision, the `P rev` key's etcd mod revision (what a commit
+/// compares against), and the records.
+struct Snapshot {
+    revision: u64,
+    rev_mod: i64,
+    compacted: u64,
+    records: Vec<Object>,
+}
+
+async fn snapshot(
+    client: &Client,
+    keys: &Keys,
+    record_keys: Option<&[String]>,
+) -> Result<Snapshot, StoreError> {
+    let mut ops = vec![TxnOp::get(keys.rev(), None), TxnOp::get(keys.compacted(), None)];
+    match record_keys {
+        None => ops.push(TxnOp::get(keys.records(), Some(GetOptions::new().with_prefix()))),
+        Some(list) => ops.extend(list.iter().map(|k| TxnOp::get(keys.record(k), None))),
+    }
+    let resp = retry(Duration::from_secs(10), "read", || {
+        let mut c = client.clone();
+        let txn = etcd_client::Txn::new().and_then(ops.clone());
+        async move { c.txn(txn).await }
+    })
+    .await?;
+    let mut gets = resp.op_responses().into_iter().filter_map(|r| match r {
+        TxnOpResponse::Get(g) => Some(g),
+        _ => None,
+    });
+    let rev = gets.next().ok_or_else(|| StoreError::Etcd("short transaction response".into()))?;
+    let compacted = gets.next().ok_or_else(|| StoreError::Etcd("short transaction response".into()))?;
+    let mut records = Vec::new();
+    for g in gets {
+        for kv in g.kvs() {
+            records.push(decode::<Object>(kv)?);
+        }
+    }
+    Ok(Snapshot {
+        revision: number(rev.kvs().first())?,
+        rev_mod: rev.kvs().first().map_or(0, etcd_client::KeyValue::mod_revision),
+        compacted: number(compacted.kvs().first())?,
+        records,
+    })
+}
+
+/// The event log from revision `from` on (at most [`PAGE`] revisions), and etcd's revision
+/// of that read.
+async fn read_events(
+    client: &Client,
+    keys: &Keys,
+    from: u64,
+) -> Result<(Vec<Vec<WatchEvent>>, i64), StoreError> {
+    let (start, end) = (keys.event(from), keys.events_end());
+    let resp = retry(Duration::from_secs(10), "read events", || {
+        let mut c = client.clone();
+        let opts = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+        let start = start.clone();
+        async move { c.get(start, Some(opts)).await }
+    })
+    .await?;
+    let etcd_revision = resp.header().map_or(0, etcd_client::ResponseHeader::revision);
+    let revs = resp.kvs().iter().map(decode::<Vec<WatchEvent>>).collect::<Result<_, _>>()?;
+    Ok((revs, etcd_revision))
+}
+
+/// Store in etcd v3; see the module docs for the layout.
+pub struct EtcdStore {
+    rt: Option<tokio::runtime::Runtime>,
+    client: Client,
+    keys: Keys,
+    history: u64,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdStore").field("prefix", &self.keys.prefix).finish_non_exhaustive()
+    }
+}
+
+impl Drop for EtcdStore {
+    fn drop(&mut self) {
+        // Dropping a runtime blocks; never do that on an async thread.
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl EtcdStore {
+    /// Connects to etcd and checks it answers.
+    pub fn connect(opts: &EtcdOptions) -> Result<Self, StoreError> {
+        if opts.endpoints.is_empty() {
+            return Err(StoreError::Etcd("no etcd endpoints given".into()));
+        }
+        if !opts.prefix.starts_with('/') || !opts.prefix.ends_with('/') {
+            return Err(StoreError::Etcd(format!(
+                "etcd prefix {:?} must start and end with '/', e.g. /causeway/",
+                opts.prefix
+            )));
+        }
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("causeway-etcd")
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Etcd(format!("starting the etcd client runtime: {e}")))?;
+        let mut connect = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(3))
+            .with_timeout(Duration::from_secs(3))
+            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
+            .with_keep_alive_while_idle(true);
+        if opts.ca_pem.is_some() || opts.client_identity.is_some() {
+            let mut tls = etcd_client::TlsOptions::new();
+            if let Some(ca) = &opts.ca_pem {
+                tls = tls.ca_certificate(etcd_client::Certificate::from_pem(ca));
+            }
+            if let Some((cert, key)) = &opts.client_identity {
+                tls = tls.identity(etcd_client::Identity::from_pem(cert, key));
+            }
+            connect = connect.with_tls(tls);
+        }
+        let endpoints = opts.endpoints.clone();
+        let client = wait(&rt, async move {
+            tokio::time::timeout(Duration::from_secs(10), Client::connect(endpoints, Some(connect))).await
+        })
+        .map_err(|()| StoreError::Etcd("the etcd client runtime stopped".into()))?
+        .map_err(|_| StoreError::Etcd(format!("no etcd member answered at {:?}", opts.endpoints)))?
+        .map_err(|e| StoreError::Etcd(format!("connecting to etcd at {:?}: {e}", opts.endpoints)))?;
+        let store = Self {
+            rt: Some(rt),
+            client,
+            keys: Keys { prefix: opts.prefix.clone() },
+            history: opts.history.max(1),
+            timeout: opts.timeout,
+        };
+        let snap = store.run(|c, k, _| async move { snapshot(&c, &k, Some(&[])).await })?;
+        info!(endpoints = ?opts.endpoints, prefix = %opts.prefix, revision = snap.revision, "etcd store ready");
+        Ok(store)
+    }
+
+    /// Runs `f` on the store's runtime and waits for it, from any thread.
+    fn run<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(Client, Keys, Duration) -> Fut,
+        Fut: Future<Output = Result<T, StoreError>> + Send + 'static,
+    {
+        let rt = self.rt.as_ref().expect("the runtime lives as long as the store");
+        let fut = f(self.client.clone(), self.keys.clone(), self.timeout);
+        wait(rt, fut).map_err(|()| StoreError::Etcd("the etcd client runtime stopped".into()))?
+    }
+}
+
+/// Runs `fut` on `rt` and blocks this thread until it is done. Unlike `Runtime::block_on`
+/// this works on any thread, including another runtime's.
+fn wait<T: Send + 'static>(
+    rt: &tokio::runtime::Runtime,
+    fut: impl Future<Output = T> + Send + 'static,
+) -> Result<T, ()> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    rt.spawn(async move {
+        let _ = tx.send(fut.await);
+    });
+    rx.recv().map_err(drop)
+}
+
+impl Store for EtcdStore {
+    fn list(&self) -> Result<(u64, Vec<Object>), StoreError> {
+        let s = self.run(|c, k, _| async move { snapshot(&c, &k, None).await })?;
+        Ok((s.revision, s.records))
+    }
+
+    fn commit(&mut self, base: u64, changes: Vec<Change>) -> Result<Vec<WatchEvent>, StoreError> {
+        let history = self.history;
+        self.run(move |c, k, timeout| async move {
+            // Only the records being deleted are needed (their delete events carry them).
+            let deleted: Vec<String> = changes
+                .iter()
+                .filter_map(|ch| match ch {
+                    Change::Delete(key) => Some(key.clone()),
+                    Change::Put(_) => None,
+                })
+                .collect();
+            let snap = snapshot(&c, &k, Some(&deleted)).await?;
+            if snap.revision != base {
+                return Err(StoreError::Conflict { expected: base, current: snap.revision });
+            }
+            let current = snap.records.into_iter().map(|o| (o.record.key(), o)).collect();
+            let rev = base + 1;
+            let applied = apply(&current, changes, rev);
+            if applied.is_empty() {
+                return Ok(Vec::new());
+            }
+            let mut ops = Vec::new();
+            let mut events = Vec::new();
+            for (key, new, event) in applied {
+                match new {
+                    Some(o) => ops.push(TxnOp::put(
+                        k.record(&key),
+                        serde_json::to_vec(&o).expect("records serialise"),
+                        None,
+                    )),
+                    None => ops.push(TxnOp::delete(k.record(&key), None)),
+                }
+                events.push(event);
+            }
+            ops.push(TxnOp::put(k.event(rev), serde_json::to_vec(&events).expect("events serialise"), None));
+            ops.push(TxnOp::put(k.rev(), rev.to_string(), None));
+            // Retention: drop whole revisions older than the history window.
+            if rev > history && rev - history > snap.compacted {
+                let cut = rev - history;
+                ops.push(TxnOp::delete(k.events(), Some(DeleteOptions::new().with_range(k.event(cut + 1)))));
+                ops.push(TxnOp::put(k.compacted(), cut.to_string(), None));
+            }
+            let guard = Compare::mod_revision(k.rev(), CompareOp::Equal, snap.rev_mod);
+            let resp = retry(timeout, "commit", || {
+                let mut c = c.clone();
+                let txn = etcd_client::Txn::new().when(vec![guard.clone()]).and_then(ops.clone());
+                async move { c.txn(txn).await }
+            })
+            .await?;
+            if resp.succeeded() {
+                Ok(events)
+            } else {
+                // Someone else committed first (or our own commit landed but its answer was
+                // lost and this was the retry): either way the caller re-plans.
+                let now = snapshot(&c, &k, Some(&[])).await?;
+                Err(StoreError::Conflict { expected: base, current: now.revision })
+            }
+        })
+    }
+
+    fn events_since(&self, since: u64) -> Result<Since, StoreError> {
+        self.run(move |c, k, _| async move {
+            let snap = snapshot(&c, &k, Some(&[])).await?;
+            if since < snap.compacted {
+                return Ok(Since::Compacted { oldest: snap.compacted + 1 });
+            }
+            // One page; the watcher comes back for the rest with the last revision it got.
+            let (revs, _) = read_events(&c, &k, since + 1).await?;
+            Ok(Since::Events(revs.into_iter().flatten().collect()))
+        })
+    }
+
+    fn history(&self) -> u64 {
+        self.history
+    }
+
+    fn credential(&self, hash: &str) -> Result<Option<Identity>, StoreError> {
+        let key = self.keys.credential(hash);
+        self.run(move |c, _, timeout| async move {
+            let resp = retry(timeout, "read credential", || {
+                let mut c = c.clone();
+                let key = key.clone();
+                async move { c.get(key, None).await }
+            })
+            .await?;
+            resp.kvs().first().map(decode::<Identity>).transpose()
+        })
+    }
+
+    fn put_credential(&mut self, hash: &str, identity: &Identity) -> Result<(), StoreError> {
+        let key = self.keys.credential(hash);
+        let value = serde_json::to_vec(identity).expect("identities serialise");
+        self.run(move |c, _, timeout| async move {
+            retry(timeout, "store credential", || {
+                let mut c = c.clone();
+                let (key, value) = (key.clone(), value.clone());
+                async move { c.put(key, value, None).await }
+            })
+            .await
+            .map(drop)
+        })
+    }
+
+    fn revoke(&mut self, identity: &Identity) -> Result<usize, StoreError> {
+        let identity = identity.clone();
+        self.run(move |c, k, timeout| async move {
+            let prefix = k.credentials();
+            let resp = retry(timeout, "read credentials", || {
+                let mut c = c.clone();
+                let prefix = prefix.clone();
+                async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await }
+            })
+            .await?;
+            let mut doomed = Vec::new();
+            for kv in resp.kvs() {
+                if decode::<Identity>(kv)? == identity {
+                    doomed.push(TxnOp::delete(kv.key().to_vec(), None));
+                }
+            }
+            if doomed.is_empty() {
+                return Ok(0);
+            }
+            let n = doomed.len();
+            retry(timeout, "revoke credentials", || {
+                let mut c = c.clone();
+                let txn = etcd_client::Txn::new().and_then(doomed.clone());
+                async move { c.txn(txn).await }
+            })
+            .await?;
+            Ok(n)
+        })
+    }
+
+    fn heartbeat(&mut self, key: &str) -> Result<(), StoreError> {
+        let key = self.keys.heartbeat(key);
+        let now = unix_millis().to_string();
+        self.run(move |c, _, timeout| async move {
+            retry(timeout, "store heartbeat", || {
+                let mut c = c.clone();
+                let (key, now) = (key.clone(), now.clone());
+                async move { c.put(key, now, None).await }
+            })
+            .await
+            .map(drop)
+        })
+    }
+
+    fn heartbeat_age(&self, key: &str) -> Result<Option<Duration>, StoreError> {
+        let key = self.keys.heartbeat(key);
+        self.run(move |c, _, timeout| async move {
+            let resp = retry(timeout, "read heartbeat", || {
+                let mut c = c.clone();
+                let key = key.clone();
+                async move { c.get(key, None).await }
+            })
+            .await?;
+            let Some(kv) = resp.kvs().first() else { return Ok(None) };
+            let then = number(Some(kv))?;
+            Ok(Some(Duration::from_millis(unix_millis().saturating_sub(then))))
+        })
+    }
+
+    fn follow(&mut self, after: u64, sink: FollowSink) {
+        let rt = self.rt.as_ref().expect("the runtime lives as long as the store");
+        rt.spawn(follow(self.client.clone(), self.keys.clone(), after, sink));
+    }
+}
+
+fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Reports every revision after `after` to `sink`, in order, forever: catch up from the
+/// log, then watch it; after any failure (a member died, the stream broke) start over from
+/// the last revision reported.
+async fn follow(client: Client, keys: Keys, mut after: u64, sink: FollowSink) {
+    loop {
+        match follow_once(&client, &keys, &mut after, &sink).await {
+            Ok(()) => debug!(after, "etcd watch ended; resuming"),
+            Err(e) => warn!(error = %e, after, "following etcd failed; resuming"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Hands one revision to the sink if it is the next one; a gap means the log moved past us.
+fn deliver(sink: &FollowSink, after: &mut u64, events: Vec<WatchEvent>) -> Result<(), StoreError> {
+    let Some(rev) = events.first().map(|e| e.revision) else { return Ok(()) };
+    if rev <= *after {
+        return Ok(());
+    }
+    if rev != *after + 1 {
+        return Err(StoreError::Conflict { expected: *after + 1, current: rev });
+    }
+    *after = rev;
+    sink(Followed::Events(events));
+    Ok(())
+}
+
+async fn follow_once(
+    client: &Client,
+    keys: &Keys,
+    after: &mut u64,
+    sink: &FollowSink,
+) -> Result<(), StoreError> {
+    // Catch up from the log, page by page.
+    let watch_from = loop {
+        let snap = snapshot(client, keys, Some(&[])).await?;
+        if *after < snap.compacted {
+            // What we missed is gone from the log: start from the whole state.
+            let full = snapshot(client, keys, None).await?;
+            info!(
+                after = *after,
+                revision = full.revision,
+                "etcd follower fell behind the history; re-listing"
+            );
+            *after = full.revision;
+            sink(Followed::Reset { revision: full.revision, records: full.records });
+            continue;
+        }
+        let (revs, etcd_revision) = read_events(client, keys, *after + 1).await?;
+        let full_page = revs.len() == usize::try_from(PAGE).unwrap_or(usize::MAX);
+        for events in revs {
+            deliver(sink, after, events)?;
+        }
+        if !full_page {
+            break etcd_revision + 1;
+        }
+    };
+    let mut watcher = client.watch_client();
+    let opts = WatchOptions::new().with_range(keys.events_end()).with_start_revision(watch_from);
+    let mut stream = watcher.watch(keys.events(), Some(opts)).await.map_err(etcd_err)?;
+    while let Some(msg) = stream.message().await.map_err(etcd_err)? {
+        if msg.canceled() {
+            return Err(StoreError::Etcd(format!("etcd cancelled the watch: {}", msg.cancel_reason())));
+        }
+        for ev in msg.events() {
+            if ev.event_type() != EventType::Put {
+                continue; // retention deletes
+            }
+            let Some(kv) = ev.kv() else { continue };
+            deliver(sink, after, decode(kv)?)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::{
+        store::tests::{cluster, compaction, conformance},
+        testing::{EtcdCluster, etcd_available},
+    };
+
+    fn store(etcd: &EtcdCluster, prefix: &str, history: u64) -> EtcdStore {
+        let mut o = EtcdOptions::new(etcd.endpoints());
+        o.prefix = prefix.into();
+        o.history = history;
+        EtcdStore::connect(&o).unwrap()
+    }
+
+    #[test]
+    fn etcd_store_conforms_compacts_and_follows() {
+        if !etcd_available("etcd_store_conforms_compacts_and_follows") {
+            return;
+        }
+        let etcd = EtcdCluster::start(1);
+        conformance(&mut store(&etcd, "/conformance/", 100));
+        compaction(&mut store(&etcd, "/compaction/", 3));
+        // The log's window survives a reconnect (it lives in etcd).
+        assert_eq!(store(&etcd, "/compaction/", 3).events_since(2).unwrap(), Since::Compacted { oldest: 8 });
+
+        // Two replicas on one prefix: what one commits, the other's follower reports, in order.
+        let mut a = store(&etcd, "/replicas/", 100);
+        let mut b = store(&etcd, "/replicas/", 100);
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = Arc::clone(&seen);
+        b.follow(
+            0,
+            Box::new(move |f| match f {
+                Followed::Events(ev) => s.lock().unwrap().extend(ev.into_iter().map(|e| e.revision)),
+                Followed::Reset { .. } => panic!("no reset expected"),
+            }),
+        );
+        for g in 1..=20 {
+            a.commit(g - 1, vec![Change::Put(cluster("a", g))]).unwrap();
+        }
+        // b planned against revision 0: refused, nothing written.
+        assert!(matches!(
+            b.commit(0, vec![Change::Put(cluster("b", 1))]),
+            Err(StoreError::Conflict { expected: 0, current: 20 })
+        ));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while seen.lock().unwrap().len() < 20 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(*seen.lock().unwrap(), (1..=20).collect::<Vec<_>>());
+        b.commit(20, vec![Change::Put(cluster("b", 1))]).unwrap();
+        assert_eq!(a.list().unwrap().0, 21);
+    }
+
+    #[test]
+    fn unreachable_etcd_is_a_clear_error() {
+        let mut o = EtcdOptions::new(vec!["http://127.0.0.1:1".into()]);
+        o.timeout = Duration::from_secs(1);
+        let err = EtcdStore::connect(&o).unwrap_err().to_string();
+        assert!(err.contains("127.0.0.1:1"), "{err}");
+        o.prefix = "causeway".into();
+        let err = EtcdStore::connect(&o).unwrap_err().to_string();
+        assert!(err.contains("must start and end with '/'"), "{err}");
+    }
+}

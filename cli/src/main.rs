@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_dataplane;
+mod policy;
 mod sandbox;
 mod setup;
 mod show;
@@ -43,6 +44,11 @@ enum Cmd {
     },
     /// Show the cluster set's state.
     Show(show::ShowArgs),
+    /// Cluster-set network policy (admin credential).
+    Policy {
+        #[command(subcommand)]
+        command: policy::PolicyCmd,
+    },
     /// Benchmarks (on loopback and local namespaces only).
     Benchmark {
         #[command(subcommand)]
@@ -211,6 +217,10 @@ fn main() -> anyhow::Result<()> {
             telemetry::init("warn");
             runtime()?.block_on(show::run(a))
         }
+        Cmd::Policy { command } => {
+            telemetry::init("warn");
+            runtime()?.block_on(policy::run(command))
+        }
         Cmd::Benchmark { what: BenchCmd::Dataplane(a) } => {
             telemetry::init("warn");
             bench_dataplane::run(a)
@@ -264,6 +274,8 @@ fn main() -> anyhow::Result<()> {
                     let obj = match &record {
                         causeway_broker_api::Record::Cluster(c) => client.put_cluster(c).await?,
                         causeway_broker_api::Record::Endpoint(e) => client.put_endpoint(e).await?,
+                        causeway_broker_api::Record::Policy(p) => client.put_policy(p).await?,
+                        causeway_broker_api::Record::PolicyDefault(d) => client.put_policy_default(d).await?,
                     };
                     println!("{}", serde_json::to_string(&obj)?);
                     Ok(())

@@ -33,6 +33,12 @@ enum What {
         #[arg(long, env = "CAUSEWAY_CREDENTIALS")]
         credentials: Option<PathBuf>,
     },
+    /// Cluster-set policy rules in evaluation order, and the default action (drops per rule:
+    /// the gateways' `causeway_policy_drops_total` metric).
+    Policies {
+        #[arg(long, env = "CAUSEWAY_CREDENTIALS")]
+        credentials: Option<PathBuf>,
+    },
     /// A gateway's tunnels to the other clusters, as the gateway sees them.
     Connections {
         /// Status socket of the gateway (repeatable; default: the sandbox's gateways, else
@@ -80,7 +86,7 @@ pub async fn run(a: ShowArgs) -> anyhow::Result<()> {
                 .iter()
                 .filter_map(|o| match &o.record {
                     Record::Cluster(c) => Some((o, c)),
-                    Record::Endpoint(_) => None,
+                    _ => None,
                 })
                 .collect();
             match a.output {
@@ -106,6 +112,22 @@ pub async fn run(a: ShowArgs) -> anyhow::Result<()> {
                 ),
             }
         }
+        What::Policies { credentials } => {
+            let creds = crate::setup::operator_credentials(credentials)?;
+            let list = BrokerClient::from_credentials(&creds)?.list().await?;
+            let policy: Vec<_> = list
+                .items
+                .iter()
+                .filter(|o| matches!(o.record, Record::Policy(_) | Record::PolicyDefault(_)))
+                .collect();
+            match a.output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&policy)?),
+                Output::Table => {
+                    let records: Vec<Record> = policy.iter().map(|o| o.record.clone()).collect();
+                    print!("{}", crate::policy::table(&records));
+                }
+            }
+        }
         What::Endpoints { credentials } => {
             let creds = crate::setup::operator_credentials(credentials)?;
             let list = BrokerClient::from_credentials(&creds)?.list().await?;
@@ -114,7 +136,7 @@ pub async fn run(a: ShowArgs) -> anyhow::Result<()> {
                 .iter()
                 .filter_map(|o| match &o.record {
                     Record::Endpoint(e) => Some((o, e)),
-                    Record::Cluster(_) => None,
+                    _ => None,
                 })
                 .collect();
             match a.output {

@@ -112,6 +112,10 @@ pub struct Shared {
     next_slot: u32,
     desired: Desired,
     revision: u64,
+    /// Names of the compiled policy's rules, by index (the kernel counts drops per index).
+    policy_rules: Vec<String>,
+    /// Whether a policy was ever installed (the first reconcile always installs one).
+    policy_installed: bool,
 }
 
 impl Shared {
@@ -170,6 +174,9 @@ impl Shared {
             self.datapath.remove_counters(slot)?;
             self.slots.remove(&id);
         }
+        if !self.policy_installed || desired.policy != self.desired.policy {
+            self.install_policy(&desired.policy)?;
+        }
         self.desired = desired.clone();
         self.sync_known_peers().await?;
         // Routes last: traffic is only steered into the tunnel once a peer can carry it.
@@ -178,6 +185,37 @@ impl Shared {
             info!(routes_added = added, routes_removed = removed, peers_removed = gone.len(), "reconciled");
         }
         Ok(())
+    }
+
+    /// Compiles the cluster-set policy into the kernel's tables. A policy that does not
+    /// compile is reported and the one in force stays (never fail open by accident).
+    fn install_policy(&mut self, input: &crate::policy::PolicyInput) -> Result<(), GatewayError> {
+        match crate::policy::compile(input) {
+            Ok(c) => {
+                self.datapath.set_policy(&c.tables)?;
+                info!(
+                    rules = c.rule_names.len(),
+                    entries = c.tables.verdicts.len(),
+                    default_deny = c.tables.default_deny,
+                    enforced = c.tables.enabled,
+                    "policy installed"
+                );
+                self.policy_rules = c.rule_names;
+                self.policy_installed = true;
+            }
+            Err(e) => warn!(error = %e, "policy not installed; the previous one stays in force"),
+        }
+        Ok(())
+    }
+
+    fn policy_drops(&self) -> Result<BTreeMap<String, u64>, GatewayError> {
+        let (per_rule, default) = self.datapath.policy_drops(self.policy_rules.len())?;
+        let mut out: BTreeMap<String, u64> =
+            self.policy_rules.iter().cloned().zip(per_rule).filter(|(_, n)| *n > 0).collect();
+        if default > 0 {
+            out.insert("(default)".into(), default);
+        }
+        Ok(out)
     }
 
     /// The uplink guard accepts data messages from the peers we expect (records) and from where
@@ -252,6 +290,7 @@ impl Shared {
                 .into_iter()
                 .map(|(s, v)| (s.name().to_owned(), v))
                 .collect(),
+            policy_drops: self.policy_drops()?,
         })
     }
 }
@@ -357,6 +396,8 @@ pub async fn run(
         next_slot: 1,
         desired: Desired::default(),
         revision: 0,
+        policy_rules: Vec::new(),
+        policy_installed: false,
     }));
     let status_task =
         crate::status::serve(&config.status_socket, shared.clone()).await.map_err(|source| {

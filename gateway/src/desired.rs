@@ -18,6 +18,8 @@ use crate::cable::RemoteEndpoint;
 pub struct Desired {
     /// Remote clusters that have a usable gateway, keyed by cluster id.
     pub remotes: BTreeMap<String, RemoteEndpoint>,
+    /// The cluster-set policy and every cluster's CIDRs (the local one's too).
+    pub policy: crate::policy::PolicyInput,
 }
 
 impl Desired {
@@ -33,8 +35,19 @@ impl Desired {
 pub fn desired(objects: &[Object], local_cluster: &str) -> Desired {
     let mut clusters: BTreeMap<&str, &ClusterRecord> = BTreeMap::new();
     let mut endpoints: BTreeMap<&str, Vec<&EndpointRecord>> = BTreeMap::new();
+    let mut policy = crate::policy::PolicyInput::default();
     for o in objects {
+        if let Record::Cluster(c) = &o.record {
+            policy.clusters.insert(c.cluster_id.clone(), c.all_cidrs().copied().collect());
+        }
+        if let Record::Endpoint(e) = &o.record
+            && let Some(std::net::IpAddr::V4(ip)) = e.health_check_ip
+        {
+            policy.probe_ips.insert(ip);
+        }
         match &o.record {
+            Record::Policy(p) => policy.rules.push(p.clone()),
+            Record::PolicyDefault(d) => policy.default = d.action,
             Record::Cluster(c) if c.cluster_id != local_cluster => {
                 clusters.insert(&c.cluster_id, c);
             }
@@ -62,7 +75,7 @@ pub fn desired(objects: &[Object], local_cluster: &str) -> Desired {
             },
         );
     }
-    Desired { remotes }
+    Desired { remotes, policy }
 }
 
 /// The active endpoint with the highest priority (ties: lowest hostname), else none.

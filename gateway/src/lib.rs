@@ -16,6 +16,7 @@ pub mod cluster;
 pub mod daemon;
 pub mod desired;
 pub mod keys;
+pub mod policy;
 pub mod route;
 pub mod status;
 

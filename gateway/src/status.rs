@@ -59,6 +59,9 @@ pub struct GatewayStatus {
     pub connections: Vec<ConnectionView>,
     pub cable_drops: BTreeMap<String, u64>,
     pub datapath_events: BTreeMap<String, u64>,
+    /// Packets the cluster-set policy dropped, by rule name (`(default)`: no rule matched).
+    #[serde(default)]
+    pub policy_drops: BTreeMap<String, u64>,
 }
 
 async fn status(State(shared): State<Arc<Mutex<Shared>>>) -> impl IntoResponse {
@@ -136,6 +139,12 @@ pub fn render_metrics(s: &GatewayStatus) -> String {
             "counter",
             "Datapath events counted in the kernel, by kind",
             s.datapath_events.iter().map(|(k, v)| (format!("event=\"{k}\""), *v as f64)).collect(),
+        );
+        family(
+            "causeway_policy_drops_total",
+            "counter",
+            "Packets dropped by the cluster-set policy (both directions), by deciding rule",
+            s.policy_drops.iter().map(|(k, v)| (format!("rule=\"{k}\""), *v as f64)).collect(),
         );
     }
     family(
@@ -280,12 +289,14 @@ mod tests {
             }],
             cable_drops: [("invalid_packet".to_owned(), 4)].into_iter().collect(),
             datapath_events: BTreeMap::new(),
+            policy_drops: [("web".to_owned(), 2)].into_iter().collect(),
         };
         let text = render_metrics(&s);
         assert!(text.contains("causeway_connection_up{cluster=\"b\"} 1\n"), "{text}");
         assert!(text.contains("causeway_tx_bytes_total{cluster=\"b\"} 100\n"));
         assert!(text.contains("causeway_rx_packets_total{cluster=\"b\"} 2\n"));
         assert!(text.contains("causeway_cable_drops_total{reason=\"invalid_packet\"} 4\n"));
+        assert!(text.contains("causeway_policy_drops_total{rule=\"web\"} 2\n"));
         assert!(text.contains("causeway_last_handshake_seconds{cluster=\"b\"} 1.5\n"));
         assert!(text.contains("causeway_rtt_seconds{cluster=\"b\"} 0.0002\n"));
         assert!(text.contains("causeway_probe_loss_ratio{cluster=\"b\"} 0.25\n"));

@@ -128,6 +128,23 @@ impl BrokerClient {
         self.send(self.http.delete(url), Self::TIMEOUT).await
     }
 
+    /// Creates or replaces a cluster-set policy rule (admin credential).
+    pub async fn put_policy(&self, p: &crate::PolicyRecord) -> Result<Object, ClientError> {
+        let url = format!("{}/v1/policies/{}", self.base, p.name);
+        self.send(self.http.put(url).json(p), Self::TIMEOUT).await
+    }
+
+    pub async fn delete_policy(&self, name: &str) -> Result<Vec<Object>, ClientError> {
+        let url = format!("{}/v1/policies/{name}", self.base);
+        self.send(self.http.delete(url), Self::TIMEOUT).await
+    }
+
+    /// Sets the cluster set's default policy action (admin credential).
+    pub async fn put_policy_default(&self, d: &crate::PolicyDefaultRecord) -> Result<Object, ClientError> {
+        let url = format!("{}/v1/policy-default", self.base);
+        self.send(self.http.put(url).json(d), Self::TIMEOUT).await
+    }
+
     pub async fn put_endpoint(&self, e: &EndpointRecord) -> Result<Object, ClientError> {
         let url = format!("{}/v1/clusters/{}/endpoints/{}", self.base, e.cluster_id, e.hostname);
         self.send(self.http.put(url).json(e), Self::TIMEOUT).await

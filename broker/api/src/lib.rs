@@ -10,4 +10,4 @@ pub mod validate;
 
 pub use client::{BrokerClient, ClientError};
 pub use records::*;
-pub use validate::{ValidationError, check_overlaps, validate_cluster, validate_endpoint};
+pub use validate::{ValidationError, check_overlaps, validate_cluster, validate_endpoint, validate_policy};

@@ -131,30 +131,159 @@ impl<'de> Deserialize<'de> for WireGuardKey {
     }
 }
 
+/// Which traffic a policy rule is about, on one side: a cluster (its pod and service
+/// CIDRs), CIDRs, both (the CIDRs inside that cluster), or neither (anything).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PolicyPeer {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cidrs: Vec<IpNetwork>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum PolicyProtocol {
+    #[default]
+    Any,
+    Tcp,
+    Udp,
+    Icmp,
+}
+
+impl PolicyProtocol {
+    /// The IP protocol number (0 for any).
+    #[must_use]
+    pub const fn number(self) -> u8 {
+        match self {
+            Self::Any => 0,
+            Self::Tcp => 6,
+            Self::Udp => 17,
+            Self::Icmp => 1,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum PolicyAction {
+    #[default]
+    Allow,
+    Deny,
+}
+
+/// An inclusive destination port range; `"80"` or `"8000-8080"` on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.first == self.last {
+            write!(f, "{}", self.first)
+        } else {
+            write!(f, "{}-{}", self.first, self.last)
+        }
+    }
+}
+
+impl FromStr for PortRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let parse = |p: &str| {
+            p.trim().parse::<u16>().map_err(|_| format!("{s:?} is not a port or a port range like 8000-8080"))
+        };
+        let (first, last) = match s.split_once('-') {
+            Some((a, b)) => (parse(a)?, parse(b)?),
+            None => {
+                let p = parse(s)?;
+                (p, p)
+            }
+        };
+        Ok(Self { first, last })
+    }
+}
+
+impl Serialize for PortRange {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for PortRange {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(|e| serde::de::Error::custom(format!("ports: {e}")))
+    }
+}
+
+/// A cluster-set network policy rule (written with the admin credential). Rules are
+/// evaluated by ascending `priority`, then name; the first that matches a packet decides,
+/// and [`PolicyDefaultRecord`] decides when none does.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PolicyRecord {
+    /// DNS-1123 label, unique in the set.
+    pub name: String,
+    #[serde(default)]
+    pub priority: u32,
+    #[serde(default)]
+    pub from: PolicyPeer,
+    #[serde(default)]
+    pub to: PolicyPeer,
+    #[serde(default)]
+    pub protocol: PolicyProtocol,
+    /// Destination ports (TCP/UDP only); empty: every port.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortRange>,
+    pub action: PolicyAction,
+    #[serde(default)]
+    pub generation: u64,
+}
+
+/// The cluster set's default action when no policy rule matches (absent: allow).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PolicyDefaultRecord {
+    pub action: PolicyAction,
+    #[serde(default)]
+    pub generation: u64,
+}
+
 /// Any record the broker stores.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", content = "spec")]
 pub enum Record {
     Cluster(ClusterRecord),
     Endpoint(EndpointRecord),
+    Policy(PolicyRecord),
+    PolicyDefault(PolicyDefaultRecord),
 }
 
 impl Record {
-    /// The storage key: `clusters/<id>` or `endpoints/<cluster>/<hostname>`.
+    /// The storage key: `clusters/<id>`, `endpoints/<cluster>/<hostname>`,
+    /// `policies/<name>` or `settings/policy-default`.
     #[must_use]
     pub fn key(&self) -> String {
         match self {
             Record::Cluster(c) => cluster_key(&c.cluster_id),
             Record::Endpoint(e) => endpoint_key(&e.cluster_id, &e.hostname),
+            Record::Policy(p) => policy_key(&p.name),
+            Record::PolicyDefault(_) => POLICY_DEFAULT_KEY.to_owned(),
         }
     }
 
-    /// The cluster that owns the record.
+    /// The cluster that owns the record; empty for the set-wide records (policy), which
+    /// only the admin writes.
     #[must_use]
     pub fn cluster_id(&self) -> &str {
         match self {
             Record::Cluster(c) => &c.cluster_id,
             Record::Endpoint(e) => &e.cluster_id,
+            Record::Policy(_) | Record::PolicyDefault(_) => "",
         }
     }
 
@@ -163,9 +292,19 @@ impl Record {
         match self {
             Record::Cluster(c) => c.generation,
             Record::Endpoint(e) => e.generation,
+            Record::Policy(p) => p.generation,
+            Record::PolicyDefault(d) => d.generation,
         }
     }
 }
+
+#[must_use]
+pub fn policy_key(name: &str) -> String {
+    format!("policies/{name}")
+}
+
+/// Key of the cluster set's [`PolicyDefaultRecord`].
+pub const POLICY_DEFAULT_KEY: &str = "settings/policy-default";
 
 #[must_use]
 pub fn cluster_key(cluster_id: &str) -> String {

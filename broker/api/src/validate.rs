@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use ipnetwork::IpNetwork;
 
-use crate::records::{CABLE_BACKENDS, ClusterRecord, EndpointRecord};
+use crate::records::{CABLE_BACKENDS, ClusterRecord, EndpointRecord, PolicyProtocol, PolicyRecord};
 
 /// Largest number of CIDRs of one kind a cluster may declare.
 pub const MAX_CIDRS: usize = 64;
@@ -42,6 +42,49 @@ pub enum ValidationError {
     UnknownBackend { backend: String },
     #[error("labels: {0}")]
     BadLabel(String),
+    #[error(
+        "{field}: {cidr} is IPv6; cluster-set policy covers IPv4 today (IPv6 traffic gets the default action)"
+    )]
+    Ipv6Policy { field: &'static str, cidr: IpNetwork },
+    #[error("ports: only TCP and UDP rules have ports; set protocol to tcp or udp, or drop the ports")]
+    PortsWithoutProtocol,
+    #[error("ports: {0} is not a valid range (1-65535, first ≤ last)")]
+    BadPortRange(crate::records::PortRange),
+}
+
+/// Largest number of port ranges in one policy rule.
+pub const MAX_PORT_RANGES: usize = 64;
+
+/// Checks a policy rule on its own.
+pub fn validate_policy(p: &PolicyRecord) -> Result<(), ValidationError> {
+    dns_label("name", &p.name)?;
+    for (side, peer) in [("from", &p.from), ("to", &p.to)] {
+        if let Some(c) = &peer.cluster {
+            dns_label(if side == "from" { "from.cluster" } else { "to.cluster" }, c)?;
+        }
+        let field = if side == "from" { "from.cidrs" } else { "to.cidrs" };
+        if peer.cidrs.len() > MAX_CIDRS {
+            return Err(ValidationError::TooMany { field, count: peer.cidrs.len(), max: MAX_CIDRS });
+        }
+        for cidr in &peer.cidrs {
+            canonical(field, cidr)?;
+            if cidr.is_ipv6() {
+                return Err(ValidationError::Ipv6Policy { field, cidr: *cidr });
+            }
+        }
+    }
+    if !p.ports.is_empty() && !matches!(p.protocol, PolicyProtocol::Tcp | PolicyProtocol::Udp) {
+        return Err(ValidationError::PortsWithoutProtocol);
+    }
+    if p.ports.len() > MAX_PORT_RANGES {
+        return Err(ValidationError::TooMany { field: "ports", count: p.ports.len(), max: MAX_PORT_RANGES });
+    }
+    for r in &p.ports {
+        if r.first == 0 || r.first > r.last {
+            return Err(ValidationError::BadPortRange(*r));
+        }
+    }
+    Ok(())
 }
 
 /// Checks a cluster record on its own (not against other clusters).

@@ -69,6 +69,14 @@ fn require_write(who: &Identity, cluster_id: &str, action: &str) -> Result<(), B
     }
 }
 
+fn require_admin(who: &Identity, action: &str) -> Result<(), BrokerError> {
+    if *who == Identity::Admin {
+        Ok(())
+    } else {
+        Err(BrokerError::Forbidden { who: describe(who), action: action.to_owned() })
+    }
+}
+
 fn require_read(who: &Identity) -> Result<(), BrokerError> {
     if who.may_read() {
         Ok(())
@@ -493,7 +501,7 @@ impl Broker {
             }
             let clusters = items.iter().filter_map(|o| match &o.record {
                 Record::Cluster(c) => Some(c),
-                Record::Endpoint(_) => None,
+                _ => None,
             });
             causeway_broker_api::check_overlaps(&c, clusters).map_err(BrokerError::Overlap)?;
             Ok(vec![Change::Put(Record::Cluster(c.clone()))])
@@ -555,6 +563,63 @@ impl Broker {
         };
         info!(key, revision = obj.resource_version, "endpoint stored");
         Ok(obj)
+    }
+
+    /// Creates or replaces a cluster-set policy rule (admin only: policy binds every cluster).
+    pub fn put_policy(
+        &self,
+        who: &Identity,
+        p: causeway_broker_api::PolicyRecord,
+    ) -> Result<Object, BrokerError> {
+        require_admin(who, "write cluster-set policy")?;
+        causeway_broker_api::validate_policy(&p)?;
+        self.put_set_record(Record::Policy(p))
+    }
+
+    /// Sets the action for traffic no policy rule matches (admin only).
+    pub fn put_policy_default(
+        &self,
+        who: &Identity,
+        d: causeway_broker_api::PolicyDefaultRecord,
+    ) -> Result<Object, BrokerError> {
+        require_admin(who, "set the default policy action")?;
+        self.put_set_record(Record::PolicyDefault(d))
+    }
+
+    fn put_set_record(&self, record: Record) -> Result<Object, BrokerError> {
+        let key = record.key();
+        let mut store = self.lock();
+        let mut unchanged = None;
+        let events = self.transact(&mut **store, |items| {
+            if let Some(old) = Self::stored(items, &key) {
+                check_generation(&key, old, record.generation())?;
+                if old.record == record {
+                    unchanged = Some(old.clone());
+                    return Ok(Vec::new());
+                }
+            }
+            Ok(vec![Change::Put(record.clone())])
+        })?;
+        let Some(obj) = events.into_iter().next().map(|e| e.object) else {
+            return Ok(unchanged.expect("an empty plan means the record was unchanged"));
+        };
+        info!(key, revision = obj.resource_version, "cluster-set record stored");
+        Ok(obj)
+    }
+
+    /// Deletes a policy rule (admin only).
+    pub fn delete_policy(&self, who: &Identity, name: &str) -> Result<Vec<Object>, BrokerError> {
+        require_admin(who, "delete cluster-set policy")?;
+        let key = causeway_broker_api::policy_key(name);
+        let mut store = self.lock();
+        let events = self.transact(&mut **store, |items| {
+            if Self::stored(items, &key).is_none() {
+                return Err(BrokerError::NotFound(key.clone()));
+            }
+            Ok(vec![Change::Delete(key.clone())])
+        })?;
+        info!(key, "policy deleted");
+        Ok(events.into_iter().map(|e| e.object).collect())
     }
 
     pub fn delete_endpoint(

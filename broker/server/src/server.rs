@@ -9,6 +9,8 @@
 //! | PUT/DELETE | `/v1/clusters/{id}/endpoints/{host}` | an endpoint record |
 //! | POST | `/v1/join` | register a new cluster (join or admin credential); returns its credential |
 //! | POST/DELETE | `/v1/clusters/{id}/credentials` | rotate (the cluster or admin) / revoke (admin) |
+//! | PUT/DELETE | `/v1/policies/{name}` | a cluster-set policy rule (admin) |
+//! | PUT | `/v1/policy-default` | the action when no rule matches (admin) |
 //!
 //! Every route but `/healthz` needs `Authorization: Bearer <token>`: 401 without a known
 //! credential, 403 when the credential may not touch that cluster. Bodies over
@@ -183,6 +185,39 @@ async fn delete_endpoint(
     Ok(Json(blocking(move || b.delete_endpoint(&id, &cluster, &host)).await?).into_response())
 }
 
+async fn put_policy(
+    State(b): State<Arc<Broker>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Response, Failure> {
+    let id = who(&b, &headers).await?;
+    let p: causeway_broker_api::PolicyRecord = body(raw)?;
+    if p.name != name {
+        return Err(invalid(format!("name {:?} in the body does not match {name:?} in the path", p.name)));
+    }
+    Ok(Json(blocking(move || b.put_policy(&id, p)).await?).into_response())
+}
+
+async fn delete_policy(
+    State(b): State<Arc<Broker>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Response, Failure> {
+    let id = who(&b, &headers).await?;
+    Ok(Json(blocking(move || b.delete_policy(&id, &name)).await?).into_response())
+}
+
+async fn put_policy_default(
+    State(b): State<Arc<Broker>>,
+    headers: HeaderMap,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Response, Failure> {
+    let id = who(&b, &headers).await?;
+    let d: causeway_broker_api::PolicyDefaultRecord = body(raw)?;
+    Ok(Json(blocking(move || b.put_policy_default(&id, d)).await?).into_response())
+}
+
 async fn join(
     State(b): State<Arc<Broker>>,
     headers: HeaderMap,
@@ -224,6 +259,8 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .route("/v1/clusters/{id}", put(put_cluster).delete(delete_cluster))
         .route("/v1/clusters/{id}/credentials", post(rotate).delete(revoke))
         .route("/v1/clusters/{id}/endpoints/{host}", put(put_endpoint).delete(delete_endpoint))
+        .route("/v1/policies/{name}", put(put_policy).delete(delete_policy))
+        .route("/v1/policy-default", put(put_policy_default))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(broker)
 }

@@ -125,6 +125,7 @@ on_every_store!(watcher_resumes_with_exactly_the_missed_events_in_order);
 on_every_store!(credentials_decide_who_may_write_what);
 on_every_store!(endpoints_expire_without_heartbeats);
 on_every_store!(a_watcher_behind_the_history_is_told_to_relist, 5);
+on_every_store!(policy_is_admin_only_and_validated);
 
 fn cluster(id: &str, pod: &str, svc: &str) -> ClusterRecord {
     ClusterRecord {
@@ -447,4 +448,66 @@ async fn a_watcher_behind_the_history_is_told_to_relist(mut f: Fixture) {
     let list = client.list().await.unwrap();
     assert_eq!(list.items[0].record.generation(), 20);
     assert!(client.watch(list.resource_version, Duration::from_secs(1)).await.unwrap().events.is_empty());
+}
+
+fn web_policy() -> causeway_broker_api::PolicyRecord {
+    serde_json::from_value(serde_json::json!({
+        "name": "web", "priority": 10,
+        "from": {"cluster": "east"}, "to": {"cluster": "west", "cidrs": ["10.2.5.0/24"]},
+        "protocol": "tcp", "ports": ["80", "8000-8080"], "action": "allow", "generation": 1
+    }))
+    .unwrap()
+}
+
+async fn policy_is_admin_only_and_validated(mut f: Fixture) {
+    let (admin, broker, _stop) = start_with(f.take()).await;
+    let joiner = admin.with_token(broker.issue(&Identity::Join).unwrap());
+    let east =
+        admin.with_token(joiner.join(&cluster("east", "10.1.0.0/16", "10.101.0.0/16")).await.unwrap().token);
+    admin.put_policy(&web_policy()).await.unwrap();
+    admin
+        .put_policy_default(&causeway_broker_api::PolicyDefaultRecord {
+            action: causeway_broker_api::PolicyAction::Deny,
+            generation: 1,
+        })
+        .await
+        .unwrap();
+    let before = admin.list().await.unwrap();
+    assert!(before.items.iter().any(|o| o.record == Record::Policy(web_policy())));
+
+    // A cluster's own credential may read policy but not write it.
+    let mut mine = web_policy();
+    mine.name = "mine".into();
+    let err = east.put_policy(&mine).await.unwrap_err();
+    assert_eq!(err.status(), Some(403), "{err}");
+    assert_eq!(east.delete_policy("web").await.unwrap_err().status(), Some(403));
+    let d = causeway_broker_api::PolicyDefaultRecord {
+        action: causeway_broker_api::PolicyAction::Allow,
+        generation: 2,
+    };
+    assert_eq!(east.put_policy_default(&d).await.unwrap_err().status(), Some(403));
+
+    // Bad rules: clear 400s naming the problem.
+    let mut bad = web_policy();
+    bad.protocol = causeway_broker_api::PolicyProtocol::Icmp;
+    let err = admin.put_policy(&bad).await.unwrap_err();
+    assert_eq!(err.status(), Some(400));
+    assert!(err.to_string().contains("only TCP and UDP rules have ports"), "{err}");
+    let mut bad = web_policy();
+    bad.ports = vec!["90-80".parse().unwrap()];
+    assert!(admin.put_policy(&bad).await.unwrap_err().to_string().contains("90-80"));
+    let mut bad = web_policy();
+    bad.to.cidrs = vec!["fd00::/64".parse().unwrap()];
+    assert!(admin.put_policy(&bad).await.unwrap_err().to_string().contains("IPv6"));
+    let mut bad = web_policy();
+    bad.name = "Not_A_Label".into();
+    assert_eq!(admin.put_policy(&bad).await.unwrap_err().status(), Some(400));
+    let mut stale = web_policy();
+    stale.generation = 0;
+    stale.action = causeway_broker_api::PolicyAction::Deny;
+    assert_eq!(admin.put_policy(&stale).await.unwrap_err().status(), Some(409), "generations never go back");
+    assert_eq!(admin.list().await.unwrap(), before, "nothing refused changed anything");
+
+    admin.delete_policy("web").await.unwrap();
+    assert_eq!(admin.delete_policy("web").await.unwrap_err().status(), Some(404));
 }

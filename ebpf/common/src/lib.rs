@@ -22,6 +22,66 @@ pub mod maps {
     pub const KNOWN_PEERS_V4: &str = "KNOWN_PEERS_V4";
     /// `LruHashMap<u32 (IPv4, network order), HandshakeBucket>`: handshake rate per source.
     pub const HANDSHAKE_BUCKETS: &str = "HANDSHAKE_BUCKETS";
+    /// `LpmTrie<u32 (IPv4, network order), u32 class>`: policy class of a source address.
+    pub const POLICY_SRC_V4: &str = "POLICY_SRC_V4";
+    /// `LpmTrie<u32 (IPv4, network order), u32 class>`: policy class of a destination address.
+    pub const POLICY_DST_V4: &str = "POLICY_DST_V4";
+    /// `HashMap<PolicyKey, PolicyVerdict>`: the compiled cluster-set policy.
+    pub const POLICY_VERDICTS: &str = "POLICY_VERDICTS";
+    /// `LruHashMap<FlowKey, u32>`: flows a policy allowed, so their replies pass too.
+    pub const POLICY_FLOWS: &str = "POLICY_FLOWS";
+    /// `PerCpuArray<u64>`: drops per policy rule index; the last slot counts the default.
+    pub const POLICY_DROPS: &str = "POLICY_DROPS";
+}
+
+/// Capacity of each policy class trie.
+pub const MAX_POLICY_CLASSES: u32 = 262_144;
+/// Capacity of the compiled verdict table.
+pub const MAX_POLICY_VERDICTS: u32 = 1_048_576;
+/// Rules one compiled policy may hold; `POLICY_DROPS` has one more slot, for the default.
+pub const MAX_POLICY_RULES: u32 = 131_072;
+/// Flows remembered for replies (least recently used ones are forgotten).
+pub const MAX_POLICY_FLOWS: u32 = 262_144;
+/// `PolicyKey::proto`/`port` value meaning "any other".
+pub const POLICY_ANY: u16 = 0;
+
+/// Key of the verdict table: (source class, destination class, protocol, destination port).
+/// The program looks up the exact port, then `port = 0` (any port no rule names for this
+/// protocol), then `proto = 0, port = 0` (any protocol no rule names), then the default.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PolicyKey {
+    pub src_class: u32,
+    pub dst_class: u32,
+    /// Host order; 0 = any.
+    pub port: u16,
+    /// IP protocol number; 0 = any.
+    pub proto: u16,
+}
+
+/// `PolicyVerdict::action`.
+pub const POLICY_ALLOW: u32 = 0;
+pub const POLICY_DENY: u32 = 1;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyVerdict {
+    /// [`POLICY_ALLOW`] or [`POLICY_DENY`].
+    pub action: u32,
+    /// Index of the deciding rule (its slot in `POLICY_DROPS`).
+    pub rule: u32,
+}
+
+/// A flow the policy allowed, as seen by the program (addresses and ports in network order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    /// IP protocol number in the low byte; the rest zero.
+    pub proto: u32,
 }
 
 /// Program names in the object.
@@ -32,6 +92,8 @@ pub mod programs {
     pub const TUNNEL_INGRESS: &str = "tunnel_ingress";
     /// XDP on the uplink: only well-formed WireGuard messages reach the WireGuard port.
     pub const UPLINK_GUARD: &str = "uplink_guard";
+    /// TC on an Ethernet device: the cluster-set policy without a tunnel device.
+    pub const POLICY_ETH: &str = "policy_eth";
 }
 
 /// Capacity of the known-peer map.
@@ -109,10 +171,16 @@ pub enum Stat {
     XdpHandshakeFlood = 7,
     /// XDP: a WireGuard message let through.
     XdpPassed = 8,
+    /// Policy: a packet to a remote cluster denied (by a rule or the default).
+    PolicyDeniedTx = 9,
+    /// Policy: a decrypted packet from a remote cluster denied.
+    PolicyDeniedRx = 10,
+    /// Policy: a packet denied by the rules but let through as the reply of an allowed flow.
+    PolicyReplyAllowed = 11,
 }
 
 impl Stat {
-    pub const ALL: [Stat; 9] = [
+    pub const ALL: [Stat; 12] = [
         Self::TxNoRemote,
         Self::RxNoRemote,
         Self::NoCounterSlot,
@@ -122,6 +190,9 @@ impl Stat {
         Self::XdpUnknownSource,
         Self::XdpHandshakeFlood,
         Self::XdpPassed,
+        Self::PolicyDeniedTx,
+        Self::PolicyDeniedRx,
+        Self::PolicyReplyAllowed,
     ];
 
     /// Name used in metrics and `show` output.
@@ -137,6 +208,9 @@ impl Stat {
             Self::XdpUnknownSource => "xdp_unknown_source",
             Self::XdpHandshakeFlood => "xdp_handshake_flood",
             Self::XdpPassed => "xdp_passed",
+            Self::PolicyDeniedTx => "policy_denied_tx",
+            Self::PolicyDeniedRx => "policy_denied_rx",
+            Self::PolicyReplyAllowed => "policy_reply_allowed",
         }
     }
 }
@@ -155,10 +229,14 @@ pub enum Config {
     HandshakeRate = 3,
     /// Burst of handshake initiations allowed per source.
     HandshakeBurst = 4,
+    /// 0: no policy (nothing looked up); 1: enforce the compiled policy.
+    PolicyEnabled = 5,
+    /// Verdict when no rule matches: [`POLICY_ALLOW`] or [`POLICY_DENY`].
+    PolicyDefault = 6,
 }
 
 /// Number of entries of the `CONFIG` array.
-pub const NUM_CONFIG: u32 = 5;
+pub const NUM_CONFIG: u32 = 7;
 
 /// Number of entries of the `STATS` array.
 pub const NUM_STATS: u32 = Stat::ALL.len() as u32;
@@ -171,6 +249,12 @@ mod pod {
     unsafe impl aya::Pod for super::TrafficCounters {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::HandshakeBucket {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PolicyKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PolicyVerdict {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FlowKey {}
 }
 
 #[cfg(test)]
@@ -189,6 +273,14 @@ mod tests {
         assert_eq!(offset_of!(TrafficCounters, rx_bytes), 24);
         assert_eq!(size_of::<HandshakeBucket>(), 16);
         assert_eq!(offset_of!(HandshakeBucket, last_ns), 8);
+        assert_eq!(size_of::<PolicyKey>(), 12);
+        assert_eq!(offset_of!(PolicyKey, dst_class), 4);
+        assert_eq!(offset_of!(PolicyKey, port), 8);
+        assert_eq!(offset_of!(PolicyKey, proto), 10);
+        assert_eq!(size_of::<PolicyVerdict>(), 8);
+        assert_eq!(size_of::<FlowKey>(), 16);
+        assert_eq!(offset_of!(FlowKey, sport), 8);
+        assert_eq!(offset_of!(FlowKey, proto), 12);
     }
 
     #[test]
@@ -196,8 +288,8 @@ mod tests {
         for (i, s) in Stat::ALL.iter().enumerate() {
             assert_eq!(*s as usize, i);
         }
-        assert_eq!(NUM_STATS, 9);
-        assert_eq!(Config::HandshakeBurst as u32 + 1, NUM_CONFIG);
+        assert_eq!(NUM_STATS, 12);
+        assert_eq!(Config::PolicyDefault as u32 + 1, NUM_CONFIG);
     }
 
     #[test]

@@ -17,8 +17,11 @@ use aya::{
     },
     programs::{ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode},
 };
-use causeway_datapath_common::{Config, RemoteCidr, maps, programs};
-pub use causeway_datapath_common::{Stat, TrafficCounters};
+use causeway_datapath_common::{Config, FlowKey, RemoteCidr, maps, programs};
+pub use causeway_datapath_common::{
+    MAX_POLICY_RULES, MAX_POLICY_VERDICTS, POLICY_ALLOW, POLICY_ANY, POLICY_DENY, PolicyKey, PolicyVerdict,
+    Stat, TrafficCounters,
+};
 use ipnetwork::IpNetwork;
 use tracing::{info, warn};
 
@@ -60,6 +63,11 @@ pub struct Datapath {
     stats: PerCpuArray<MapData, u64>,
     config: Array<MapData, u32>,
     known_peers: HashMap<MapData, u32, u32>,
+    policy_src: LpmTrie<MapData, u32, u32>,
+    policy_dst: LpmTrie<MapData, u32, u32>,
+    policy_verdicts: HashMap<MapData, PolicyKey, PolicyVerdict>,
+    policy_flows: HashMap<MapData, FlowKey, u32>,
+    policy_drops: PerCpuArray<MapData, u64>,
     ncpus: usize,
     log_task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -87,7 +95,32 @@ impl Datapath {
         let config = Array::try_from(take(&mut ebpf, maps::CONFIG)?).map_err(map_err(maps::CONFIG))?;
         let known_peers = HashMap::try_from(take(&mut ebpf, maps::KNOWN_PEERS_V4)?)
             .map_err(map_err(maps::KNOWN_PEERS_V4))?;
-        Ok(Self { ebpf, remote_v4, remote_v6, counters, stats, config, known_peers, ncpus, log_task })
+        let policy_src =
+            LpmTrie::try_from(take(&mut ebpf, maps::POLICY_SRC_V4)?).map_err(map_err(maps::POLICY_SRC_V4))?;
+        let policy_dst =
+            LpmTrie::try_from(take(&mut ebpf, maps::POLICY_DST_V4)?).map_err(map_err(maps::POLICY_DST_V4))?;
+        let policy_verdicts = HashMap::try_from(take(&mut ebpf, maps::POLICY_VERDICTS)?)
+            .map_err(map_err(maps::POLICY_VERDICTS))?;
+        let policy_flows =
+            HashMap::try_from(take(&mut ebpf, maps::POLICY_FLOWS)?).map_err(map_err(maps::POLICY_FLOWS))?;
+        let policy_drops = PerCpuArray::try_from(take(&mut ebpf, maps::POLICY_DROPS)?)
+            .map_err(map_err(maps::POLICY_DROPS))?;
+        Ok(Self {
+            ebpf,
+            remote_v4,
+            remote_v6,
+            counters,
+            stats,
+            config,
+            known_peers,
+            policy_src,
+            policy_dst,
+            policy_verdicts,
+            policy_flows,
+            policy_drops,
+            ncpus,
+            log_task,
+        })
     }
 
     /// Attaches the counting programs to both directions of the tunnel device `ifname`
@@ -97,17 +130,64 @@ impl Datapath {
             (programs::TUNNEL_EGRESS, TcAttachType::Egress),
             (programs::TUNNEL_INGRESS, TcAttachType::Ingress),
         ] {
-            let prog: &mut SchedClassifier = self
-                .ebpf
-                .program_mut(name)
-                .ok_or(DatapathError::Missing { what: "program", name })?
-                .try_into()
-                .map_err(|source| DatapathError::Program { name, source })?;
-            prog.load().map_err(|source| DatapathError::Program { name, source })?;
+            let prog = self.tunnel_program(name)?;
             prog.attach(ifname, dir).map_err(|source| DatapathError::Program { name, source })?;
             info!(program = name, interface = ifname, direction = ?dir, "attached");
         }
         Ok(())
+    }
+
+    /// Attaches the policy program for Ethernet devices to `ifname` (egress or ingress): the
+    /// installed policy then also applies to traffic forwarded through that device.
+    pub fn attach_policy_eth(&mut self, ifname: &str, egress: bool) -> Result<(), DatapathError> {
+        let name = programs::POLICY_ETH;
+        let dir = if egress { TcAttachType::Egress } else { TcAttachType::Ingress };
+        let prog = self.tunnel_program(name)?;
+        prog.attach(ifname, dir).map_err(|source| DatapathError::Program { name, source })?;
+        info!(program = name, interface = ifname, direction = ?dir, "attached");
+        Ok(())
+    }
+
+    /// A TC program, loaded into the kernel if it is not yet.
+    fn tunnel_program(&mut self, name: &'static str) -> Result<&mut SchedClassifier, DatapathError> {
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::Missing { what: "program", name })?
+            .try_into()
+            .map_err(|source| DatapathError::Program { name, source })?;
+        if prog.fd().is_err() {
+            prog.load().map_err(|source| DatapathError::Program { name, source })?;
+        }
+        Ok(prog)
+    }
+
+    /// Runs one IP packet (as the tunnel device carries it: no link-layer header) through the
+    /// egress (`true`) or ingress tunnel program with `BPF_PROG_TEST_RUN`, without attaching
+    /// anything; returns the program's verdict (`TC_ACT_OK` 0, `TC_ACT_SHOT` 2).
+    pub fn test_tunnel(&mut self, egress: bool, packet: &[u8]) -> Result<i32, DatapathError> {
+        let name = if egress { programs::TUNNEL_EGRESS } else { programs::TUNNEL_INGRESS };
+        self.test_tc(name, packet)
+    }
+
+    /// Runs one Ethernet frame through the Ethernet policy program (see
+    /// [`Self::attach_policy_eth`]); returns its verdict.
+    pub fn test_policy_eth(&mut self, frame: &[u8]) -> Result<i32, DatapathError> {
+        self.test_tc(programs::POLICY_ETH, frame)
+    }
+
+    fn test_tc(&mut self, name: &'static str, packet: &[u8]) -> Result<i32, DatapathError> {
+        use aya::programs::{TestRun as _, TestRunOptions};
+        let prog = self.tunnel_program(name)?;
+        // The kernel wants at least an Ethernet header's worth of bytes; the program reads
+        // from offset 0, which is where the packet starts.
+        let mut data = packet.to_vec();
+        if data.len() < 14 {
+            data.resize(14, 0);
+        }
+        let opts = TestRunOptions { data_in: Some(&data), ..TestRunOptions::default() };
+        let r = prog.test_run(opts).map_err(|source| DatapathError::Program { name, source })?;
+        Ok(i32::try_from(r.return_value).unwrap_or(i32::MAX))
     }
 
     /// Sets the largest TCP MSS let through the tunnel from its MTU (IPv4: MTU − 40, IPv6:
@@ -281,6 +361,83 @@ impl Datapath {
         }
     }
 
+    /// Makes the kernel's policy tables equal `t`. New entries are written before stale ones
+    /// are removed, and enforcement is switched on only once the tables are complete.
+    pub fn set_policy(&mut self, t: &PolicyTables) -> Result<(), DatapathError> {
+        if !t.enabled {
+            self.config.set(Config::PolicyEnabled as u32, 0, 0).map_err(map_err(maps::CONFIG))?;
+        }
+        for (name, trie, want) in [
+            (maps::POLICY_SRC_V4, &mut self.policy_src, &t.src_v4),
+            (maps::POLICY_DST_V4, &mut self.policy_dst, &t.dst_v4),
+        ] {
+            let key = |n: &ipnetwork::Ipv4Network| {
+                Key::new(u32::from(n.prefix()), u32::from_ne_bytes(n.network().octets()))
+            };
+            let mut have = BTreeMap::new();
+            for item in trie.iter() {
+                let (k, v) = item.map_err(map_err(name))?;
+                have.insert((k.prefix_len(), k.data()), v);
+            }
+            for (net, class) in want {
+                let k = key(net);
+                if have.get(&(k.prefix_len(), k.data())) != Some(class) {
+                    trie.insert(&k, class, 0).map_err(map_err(name))?;
+                }
+            }
+            let wanted: std::collections::BTreeSet<(u32, u32)> = want
+                .keys()
+                .map(|n| {
+                    let k = key(n);
+                    (k.prefix_len(), k.data())
+                })
+                .collect();
+            for (plen, data) in have.keys().filter(|k| !wanted.contains(k)) {
+                ignore_not_found(trie.remove(&Key::new(*plen, *data)).map_err(map_err(name)))?;
+            }
+        }
+        let mut have = BTreeMap::new();
+        for item in self.policy_verdicts.iter() {
+            let (k, v) = item.map_err(map_err(maps::POLICY_VERDICTS))?;
+            have.insert(k, v);
+        }
+        for (k, v) in &t.verdicts {
+            if have.get(k) != Some(v) {
+                self.policy_verdicts.insert(k, v, 0).map_err(map_err(maps::POLICY_VERDICTS))?;
+            }
+        }
+        for k in have.keys().filter(|k| !t.verdicts.contains_key(k)) {
+            ignore_not_found(self.policy_verdicts.remove(k).map_err(map_err(maps::POLICY_VERDICTS)))?;
+        }
+        let default = if t.default_deny { POLICY_DENY } else { POLICY_ALLOW };
+        self.config.set(Config::PolicyDefault as u32, default, 0).map_err(map_err(maps::CONFIG))?;
+        if t.enabled {
+            self.config.set(Config::PolicyEnabled as u32, 1, 0).map_err(map_err(maps::CONFIG))?;
+        }
+        Ok(())
+    }
+
+    /// Forgets the flows the policy allowed (their replies are judged afresh).
+    pub fn clear_policy_flows(&mut self) -> Result<(), DatapathError> {
+        let keys: Vec<FlowKey> =
+            self.policy_flows.keys().collect::<Result<_, _>>().map_err(map_err(maps::POLICY_FLOWS))?;
+        for k in keys {
+            ignore_not_found(self.policy_flows.remove(&k).map_err(map_err(maps::POLICY_FLOWS)))?;
+        }
+        Ok(())
+    }
+
+    /// Packets dropped by each of the first `rules` rule indices, and by the default action
+    /// (sums over CPUs).
+    pub fn policy_drops(&self, rules: usize) -> Result<(Vec<u64>, u64), DatapathError> {
+        let get = |i: u32| -> Result<u64, DatapathError> {
+            Ok(self.policy_drops.get(&i, 0).map_err(map_err(maps::POLICY_DROPS))?.iter().sum())
+        };
+        let n = u32::try_from(rules).unwrap_or(MAX_POLICY_RULES).min(MAX_POLICY_RULES);
+        let per_rule = (0..n).map(get).collect::<Result<_, _>>()?;
+        Ok((per_rule, get(MAX_POLICY_RULES)?))
+    }
+
     /// Datapath-wide counters (sum over CPUs).
     pub fn stats(&self) -> Result<Vec<(Stat, u64)>, DatapathError> {
         Stat::ALL
@@ -291,6 +448,21 @@ impl Datapath {
             })
             .collect()
     }
+}
+
+/// A compiled cluster-set policy, as the kernel holds it (the gateway's policy compiler
+/// builds it; [`Datapath::set_policy`] installs it).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PolicyTables {
+    /// Off: no lookups at all, everything passes.
+    pub enabled: bool,
+    /// What happens when no rule matches.
+    pub default_deny: bool,
+    /// Source prefix → source class.
+    pub src_v4: BTreeMap<ipnetwork::Ipv4Network, u32>,
+    /// Destination prefix → destination class.
+    pub dst_v4: BTreeMap<ipnetwork::Ipv4Network, u32>,
+    pub verdicts: BTreeMap<PolicyKey, PolicyVerdict>,
 }
 
 impl Drop for Datapath {

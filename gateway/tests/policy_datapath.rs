@@ -1,0 +1,201 @@
+//! The policy compiler's tables in the real kernel: packets built here run through the tunnel
+//! programs with `BPF_PROG_TEST_RUN` (egress = to a remote cluster, ingress = decrypted from
+//! one), verdicts and drop counters read back. Needs root (BPF): runs in CI (`CI=true`) or
+//! with `CAUSEWAY_PRIVILEGED_TESTS=1`; elsewhere it says it skipped.
+
+use std::collections::BTreeMap;
+
+use causeway_broker_api::{PolicyAction, PolicyPeer, PolicyProtocol, PolicyRecord, PortRange};
+use causeway_datapath::{Datapath, Stat};
+use causeway_gateway::policy::{PolicyInput, compile};
+
+const OK: i32 = 0;
+const SHOT: i32 = 2;
+
+fn enabled() -> bool {
+    let wanted = std::env::var("CAUSEWAY_PRIVILEGED_TESTS").is_ok_and(|v| v == "1")
+        || std::env::var("CI").is_ok_and(|v| v == "true");
+    if !wanted {
+        eprintln!("skipped: needs root + CAUSEWAY_PRIVILEGED_TESTS=1 (or CI=true)");
+        return false;
+    }
+    let root = std::fs::read_to_string("/proc/self/status")
+        .is_ok_and(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0")));
+    assert!(root, "privileged tests were requested but this is not root");
+    true
+}
+
+/// An IPv4 packet: TCP/UDP get ports, ICMP an echo header. `frag` is the fragment offset
+/// field (host order), `ihl_words` allows IP options.
+fn packet(
+    src: [u8; 4],
+    dst: [u8; 4],
+    proto: u8,
+    sport: u16,
+    dport: u16,
+    frag: u16,
+    ihl_words: u8,
+) -> Vec<u8> {
+    let ihl = usize::from(ihl_words) * 4;
+    let l4 = match proto {
+        6 => 20,
+        _ => 8,
+    };
+    let mut p = vec![0u8; ihl + l4 + 16];
+    p[0] = 0x40 | ihl_words;
+    let total = u16::try_from(p.len()).unwrap();
+    p[2..4].copy_from_slice(&total.to_be_bytes());
+    p[6..8].copy_from_slice(&frag.to_be_bytes());
+    p[8] = 64;
+    p[9] = proto;
+    p[12..16].copy_from_slice(&src);
+    p[16..20].copy_from_slice(&dst);
+    if proto == 6 || proto == 17 {
+        p[ihl..ihl + 2].copy_from_slice(&sport.to_be_bytes());
+        p[ihl + 2..ihl + 4].copy_from_slice(&dport.to_be_bytes());
+    }
+    if proto == 6 {
+        p[ihl + 12] = 5 << 4;
+        p[ihl + 13] = 0x10; // ACK: no MSS option to clamp
+    } else if proto == 1 {
+        p[ihl] = 8;
+    }
+    p
+}
+
+fn tcp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
+    packet(src, dst, 6, sport, dport, 0, 5)
+}
+
+fn rule(
+    name: &str,
+    prio: u32,
+    from: &str,
+    to: &str,
+    proto: PolicyProtocol,
+    ports: &[&str],
+    action: PolicyAction,
+) -> PolicyRecord {
+    PolicyRecord {
+        name: name.into(),
+        priority: prio,
+        from: PolicyPeer { cluster: Some(from.into()), cidrs: vec![] },
+        to: PolicyPeer { cluster: Some(to.into()), cidrs: vec![] },
+        protocol: proto,
+        ports: ports.iter().map(|p| p.parse::<PortRange>().unwrap()).collect(),
+        action,
+        generation: 1,
+    }
+}
+
+fn stat(dp: &Datapath, s: Stat) -> u64 {
+    dp.stats().unwrap().into_iter().find(|(k, _)| *k == s).map_or(0, |(_, v)| v)
+}
+
+const EAST: [u8; 4] = [10, 1, 0, 5];
+const WEST: [u8; 4] = [10, 2, 0, 9];
+const NORTH: [u8; 4] = [10, 3, 0, 7];
+
+#[tokio::test]
+async fn compiled_policy_decides_in_the_kernel_both_ways() {
+    if !enabled() {
+        return;
+    }
+    let mut dp = Datapath::load().expect("loading the datapath");
+    // No policy: nothing is looked up, everything passes.
+    assert_eq!(dp.test_tunnel(true, &tcp(EAST, WEST, 40000, 22)).unwrap(), OK);
+
+    let clusters = BTreeMap::from([
+        ("east".to_owned(), vec!["10.1.0.0/16".parse().unwrap()]),
+        ("west".to_owned(), vec!["10.2.0.0/16".parse().unwrap()]),
+        ("north".to_owned(), vec!["10.3.0.0/16".parse().unwrap()]),
+    ]);
+    let input = PolicyInput {
+        clusters,
+        rules: vec![
+            rule("web", 10, "east", "west", PolicyProtocol::Tcp, &["80", "8000-8010"], PolicyAction::Allow),
+            rule("ping", 20, "east", "west", PolicyProtocol::Icmp, &[], PolicyAction::Allow),
+            rule("no-north", 5, "north", "west", PolicyProtocol::Any, &[], PolicyAction::Deny),
+            rule("north-dns", 1, "north", "west", PolicyProtocol::Udp, &["53"], PolicyAction::Allow),
+        ],
+        default: PolicyAction::Deny,
+        ..PolicyInput::default()
+    };
+    let compiled = compile(&input).unwrap();
+    let index = |name: &str| compiled.rule_names.iter().position(|n| n == name).unwrap();
+    dp.set_policy(&compiled.tables).unwrap();
+
+    // Egress (east's gateway sending to west) and ingress (west's gateway receiving) agree.
+    for egress in [true, false] {
+        assert_eq!(dp.test_tunnel(egress, &tcp(EAST, WEST, 40000, 80)).unwrap(), OK, "allowed port");
+        assert_eq!(dp.test_tunnel(egress, &tcp(EAST, WEST, 40000, 8005)).unwrap(), OK, "inside the range");
+        assert_eq!(dp.test_tunnel(egress, &tcp(EAST, WEST, 40001, 8011)).unwrap(), SHOT, "outside the range");
+        assert_eq!(
+            dp.test_tunnel(egress, &packet(EAST, WEST, 17, 40002, 80, 0, 5)).unwrap(),
+            SHOT,
+            "UDP is not TCP"
+        );
+        assert_eq!(dp.test_tunnel(egress, &packet(EAST, WEST, 1, 0, 0, 0, 5)).unwrap(), OK, "ICMP rule");
+        assert_eq!(dp.test_tunnel(egress, &tcp(NORTH, WEST, 40003, 80)).unwrap(), SHOT, "deny rule");
+        assert_eq!(
+            dp.test_tunnel(egress, &packet(NORTH, WEST, 17, 40004, 53, 0, 5)).unwrap(),
+            OK,
+            "priority 1 wins"
+        );
+        // IP options move the ports: still found.
+        assert_eq!(
+            dp.test_tunnel(egress, &packet(EAST, WEST, 6, 40005, 80, 0, 8)).unwrap(),
+            OK,
+            "IP options"
+        );
+        // A non-first fragment has no ports: only port-less rules can allow it.
+        assert_eq!(dp.test_tunnel(egress, &packet(EAST, WEST, 6, 0, 0, 185, 5)).unwrap(), SHOT, "fragment");
+        // Truncated and IPv6 packets get the default action (deny here).
+        assert_eq!(dp.test_tunnel(egress, &[0x45, 0, 0, 20]).unwrap(), SHOT, "truncated");
+        let mut v6 = vec![0u8; 60];
+        v6[0] = 0x60;
+        v6[6] = 6;
+        assert_eq!(dp.test_tunnel(egress, &v6).unwrap(), SHOT, "IPv6 gets the default");
+    }
+    assert!(stat(&dp, Stat::PolicyDeniedTx) >= 6);
+    assert!(stat(&dp, Stat::PolicyDeniedRx) >= 6);
+    let (per_rule, default) = dp.policy_drops(compiled.rule_names.len()).unwrap();
+    assert_eq!(per_rule[index("no-north")], 2, "one per direction, counted against the deciding rule");
+    assert_eq!(per_rule[index("web")], 0);
+    assert!(default >= 10, "{default}");
+
+    // The Ethernet flavour (forwarding paths without a tunnel device) decides the same.
+    let eth = |p: Vec<u8>, ethertype: u16| {
+        let mut f = vec![0u8; 12];
+        f.extend_from_slice(&ethertype.to_be_bytes());
+        f.extend(p);
+        f
+    };
+    assert_eq!(dp.test_policy_eth(&eth(tcp(EAST, WEST, 43000, 80), 0x0800)).unwrap(), OK);
+    assert_eq!(dp.test_policy_eth(&eth(tcp(EAST, WEST, 43000, 81), 0x0800)).unwrap(), SHOT);
+    assert_eq!(dp.test_policy_eth(&eth(vec![0; 28], 0x0806)).unwrap(), OK, "ARP is not policed");
+
+    // Replies of an allowed flow pass the other way; other traffic that way does not.
+    assert_eq!(dp.test_tunnel(true, &tcp(EAST, WEST, 41000, 80)).unwrap(), OK);
+    let replies = stat(&dp, Stat::PolicyReplyAllowed);
+    assert_eq!(dp.test_tunnel(false, &tcp(WEST, EAST, 80, 41000)).unwrap(), OK, "the reply");
+    assert_eq!(stat(&dp, Stat::PolicyReplyAllowed), replies + 1);
+    assert_eq!(dp.test_tunnel(false, &tcp(WEST, EAST, 80, 41001)).unwrap(), SHOT, "not a reply");
+    assert_eq!(dp.test_tunnel(false, &tcp(WEST, EAST, 40000, 22)).unwrap(), SHOT, "west may not start flows");
+
+    // A new policy replaces the old one in place: default allow, one deny.
+    let input = PolicyInput {
+        rules: vec![rule("no-ssh", 1, "east", "west", PolicyProtocol::Tcp, &["22"], PolicyAction::Deny)],
+        default: PolicyAction::Allow,
+        ..input
+    };
+    let compiled = compile(&input).unwrap();
+    dp.set_policy(&compiled.tables).unwrap();
+    dp.clear_policy_flows().unwrap();
+    assert_eq!(dp.test_tunnel(true, &tcp(EAST, WEST, 42000, 22)).unwrap(), SHOT);
+    assert_eq!(dp.test_tunnel(true, &tcp(EAST, WEST, 42000, 8011)).unwrap(), OK, "now allowed by default");
+    assert_eq!(dp.test_tunnel(true, &tcp(NORTH, WEST, 42000, 80)).unwrap(), OK, "old rule gone");
+    // And switching it off stops all lookups.
+    dp.set_policy(&compile(&PolicyInput::default()).unwrap().tables).unwrap();
+    assert_eq!(dp.test_tunnel(true, &tcp(EAST, WEST, 42000, 22)).unwrap(), OK);
+}

@@ -52,7 +52,7 @@ impl Config {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
-enum Metric {
+pub(crate) enum Metric {
     Tcp1Gbps,
     Tcp4Gbps,
     Udp64Kpps,
@@ -88,7 +88,7 @@ struct Figure {
     max: f64,
 }
 
-fn median(v: &[f64]) -> f64 {
+pub(crate) fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
     if s.is_empty() { 0.0 } else { s[s.len() / 2] }
@@ -201,7 +201,7 @@ fn iperf(t: &Topology, extra: &[&str], seconds: u32) -> anyhow::Result<serde_jso
     Ok(serde_json::from_slice(&out?.stdout)?)
 }
 
-fn measure(t: &Topology, metric: Metric, seconds: u32) -> anyhow::Result<f64> {
+pub(crate) fn measure(t: &Topology, metric: Metric, seconds: u32) -> anyhow::Result<f64> {
     match metric {
         Metric::Tcp1Gbps | Metric::Tcp4Gbps => {
             let streams = if metric == Metric::Tcp1Gbps { "1" } else { "4" };

@@ -33,6 +33,11 @@ enum What {
         #[arg(long, env = "CAUSEWAY_CREDENTIALS")]
         credentials: Option<PathBuf>,
     },
+    /// Services exported to the cluster set.
+    Services {
+        #[arg(long, env = "CAUSEWAY_CREDENTIALS")]
+        credentials: Option<PathBuf>,
+    },
     /// Cluster-set policy rules in evaluation order, and the default action (drops per rule:
     /// the gateways' `causeway_policy_drops_total` metric).
     Policies {
@@ -110,6 +115,16 @@ pub async fn run(a: ShowArgs) -> anyhow::Result<()> {
                             .collect::<Vec<_>>()
                     )
                 ),
+            }
+        }
+        What::Services { credentials } => {
+            let creds = crate::setup::operator_credentials(credentials)?;
+            let list = BrokerClient::from_credentials(&creds)?.list().await?;
+            let services: Vec<_> =
+                list.items.iter().filter(|o| matches!(o.record, Record::ServiceExport(_))).collect();
+            match a.output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&services)?),
+                Output::Table => print!("{}", crate::services::table(&services)),
             }
         }
         What::Policies { credentials } => {

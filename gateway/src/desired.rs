@@ -57,8 +57,27 @@ pub fn desired(objects: &[Object], local_cluster: &str) -> Desired {
             _ => {}
         }
     }
-    let mut remotes = BTreeMap::new();
+    let mut remotes: BTreeMap<String, RemoteEndpoint> = BTreeMap::new();
+    // CIDRs already routed: the local cluster's and the accepted remotes'. A cluster set in
+    // overlap mode may hold clusters whose CIDRs clash; without address translation (not
+    // there yet) they cannot be routed, so such a remote is left out, loudly.
+    let mut taken: Vec<(String, IpNetwork)> = policy
+        .clusters
+        .get(local_cluster)
+        .map(|v| v.iter().map(|n| (local_cluster.to_owned(), *n)).collect())
+        .unwrap_or_default();
     for (id, c) in clusters {
+        if let Some((other, net)) =
+            taken.iter().find(|(_, t)| c.all_cidrs().any(|n| causeway_broker_api::validate::overlaps(n, t)))
+        {
+            tracing::warn!(
+                cluster = id,
+                clashes_with = %other,
+                cidr = %net,
+                "remote cluster's CIDRs overlap; not routed (overlap-mode translation is not supported yet)"
+            );
+            continue;
+        }
         let Some(ep) = endpoints.get(id).and_then(|eps| pick_endpoint(eps)) else { continue };
         let Some(ip) = ep.preferred_ip() else { continue };
         remotes.insert(
@@ -74,6 +93,7 @@ pub fn desired(objects: &[Object], local_cluster: &str) -> Desired {
                 },
             },
         );
+        taken.extend(c.all_cidrs().map(|n| (id.to_owned(), *n)));
     }
     Desired { remotes, policy }
 }
@@ -157,6 +177,21 @@ mod tests {
         let b = &d.remotes["b"];
         assert_eq!(b.endpoint, "172.31.0.12:51820".parse().unwrap());
         assert_eq!(d.routes().into_iter().collect::<Vec<_>>(), vec!["10.2.0.0/16".parse().unwrap()]);
+    }
+
+    #[test]
+    fn overlapping_remotes_are_not_routed() {
+        let objs = vec![
+            cluster("a", "10.1.0.0/16"),
+            cluster("b", "10.1.128.0/17"), // clashes with the local cluster
+            endpoint("b", "gw-b", "172.31.0.12", GatewayRole::Active, 0),
+            cluster("c", "10.3.0.0/16"),
+            endpoint("c", "gw-c", "172.31.0.13", GatewayRole::Active, 0),
+            cluster("d", "10.3.1.0/24"), // clashes with c
+            endpoint("d", "gw-d", "172.31.0.14", GatewayRole::Active, 0),
+        ];
+        let d = desired(&objs, "a");
+        assert_eq!(d.remotes.keys().collect::<Vec<_>>(), vec!["c"]);
     }
 
     #[test]

@@ -128,6 +128,28 @@ impl BrokerClient {
         self.send(self.http.delete(url), Self::TIMEOUT).await
     }
 
+    /// Publishes (creates or replaces) one of this cluster's exported services.
+    pub async fn put_service(&self, s: &crate::ServiceExportRecord) -> Result<Object, ClientError> {
+        let url = format!("{}/v1/clusters/{}/services/{}/{}", self.base, s.cluster_id, s.namespace, s.name);
+        self.send(self.http.put(url).json(s), Self::TIMEOUT).await
+    }
+
+    pub async fn delete_service(
+        &self,
+        cluster_id: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Vec<Object>, ClientError> {
+        let url = format!("{}/v1/clusters/{cluster_id}/services/{namespace}/{name}", self.base);
+        self.send(self.http.delete(url), Self::TIMEOUT).await
+    }
+
+    /// Sets the cluster set's settings, e.g. overlap mode (admin credential).
+    pub async fn put_cluster_set(&self, c: &crate::ClusterSetRecord) -> Result<Object, ClientError> {
+        let url = format!("{}/v1/cluster-set", self.base);
+        self.send(self.http.put(url).json(c), Self::TIMEOUT).await
+    }
+
     /// Creates or replaces a cluster-set policy rule (admin credential).
     pub async fn put_policy(&self, p: &crate::PolicyRecord) -> Result<Object, ClientError> {
         let url = format!("{}/v1/policies/{}", self.base, p.name);

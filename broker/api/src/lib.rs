@@ -10,4 +10,7 @@ pub mod validate;
 
 pub use client::{BrokerClient, ClientError};
 pub use records::*;
-pub use validate::{ValidationError, check_overlaps, validate_cluster, validate_endpoint, validate_policy};
+pub use validate::{
+    GlobalOverlap, ValidationError, check_global_overlaps, check_overlaps, validate_cluster,
+    validate_endpoint, validate_policy, validate_service,
+};

@@ -253,6 +253,51 @@ pub struct PolicyDefaultRecord {
     pub generation: u64,
 }
 
+/// One port of an exported service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServicePort {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub port: u16,
+    /// `TCP`, `UDP` or `SCTP` (Kubernetes spelling).
+    #[serde(default = "tcp")]
+    pub protocol: String,
+}
+
+fn tcp() -> String {
+    "TCP".into()
+}
+
+/// A service a cluster exports to the set (the MCS API's ServiceExport), answered by
+/// cluster-set DNS as `<name>.<namespace>.svc.clusterset.local`. Written by its cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceExportRecord {
+    pub cluster_id: String,
+    pub namespace: String,
+    pub name: String,
+    /// Virtual IPs (ClusterIPs), inside the cluster's service CIDRs (its global CIDR in
+    /// overlap mode).
+    pub ips: Vec<IpAddr>,
+    #[serde(default)]
+    pub ports: Vec<ServicePort>,
+    #[serde(default)]
+    pub generation: u64,
+}
+
+/// Settings of the whole cluster set (written with the admin credential).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClusterSetRecord {
+    /// Overlap mode: clusters may share pod and service CIDRs; each must then carry a
+    /// global CIDR, and global CIDRs must not overlap.
+    #[serde(default)]
+    pub overlap_mode: bool,
+    #[serde(default)]
+    pub generation: u64,
+}
+
 /// Any record the broker stores.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", content = "spec")]
@@ -261,11 +306,14 @@ pub enum Record {
     Endpoint(EndpointRecord),
     Policy(PolicyRecord),
     PolicyDefault(PolicyDefaultRecord),
+    ServiceExport(ServiceExportRecord),
+    ClusterSet(ClusterSetRecord),
 }
 
 impl Record {
     /// The storage key: `clusters/<id>`, `endpoints/<cluster>/<hostname>`,
-    /// `policies/<name>` or `settings/policy-default`.
+    /// `services/<cluster>/<namespace>/<name>`, `policies/<name>`, `settings/policy-default`
+    /// or `settings/cluster-set`.
     #[must_use]
     pub fn key(&self) -> String {
         match self {
@@ -273,6 +321,8 @@ impl Record {
             Record::Endpoint(e) => endpoint_key(&e.cluster_id, &e.hostname),
             Record::Policy(p) => policy_key(&p.name),
             Record::PolicyDefault(_) => POLICY_DEFAULT_KEY.to_owned(),
+            Record::ServiceExport(s) => service_key(&s.cluster_id, &s.namespace, &s.name),
+            Record::ClusterSet(_) => CLUSTER_SET_KEY.to_owned(),
         }
     }
 
@@ -283,7 +333,8 @@ impl Record {
         match self {
             Record::Cluster(c) => &c.cluster_id,
             Record::Endpoint(e) => &e.cluster_id,
-            Record::Policy(_) | Record::PolicyDefault(_) => "",
+            Record::ServiceExport(s) => &s.cluster_id,
+            Record::Policy(_) | Record::PolicyDefault(_) | Record::ClusterSet(_) => "",
         }
     }
 
@@ -294,9 +345,19 @@ impl Record {
             Record::Endpoint(e) => e.generation,
             Record::Policy(p) => p.generation,
             Record::PolicyDefault(d) => d.generation,
+            Record::ServiceExport(s) => s.generation,
+            Record::ClusterSet(c) => c.generation,
         }
     }
 }
+
+#[must_use]
+pub fn service_key(cluster_id: &str, namespace: &str, name: &str) -> String {
+    format!("services/{cluster_id}/{namespace}/{name}")
+}
+
+/// Key of the [`ClusterSetRecord`].
+pub const CLUSTER_SET_KEY: &str = "settings/cluster-set";
 
 #[must_use]
 pub fn policy_key(name: &str) -> String {

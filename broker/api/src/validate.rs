@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 
 use ipnetwork::IpNetwork;
 
-use crate::records::{CABLE_BACKENDS, ClusterRecord, EndpointRecord, PolicyProtocol, PolicyRecord};
+use crate::records::{
+    CABLE_BACKENDS, ClusterRecord, EndpointRecord, PolicyProtocol, PolicyRecord, ServiceExportRecord,
+};
 
 /// Largest number of CIDRs of one kind a cluster may declare.
 pub const MAX_CIDRS: usize = 64;
@@ -50,6 +52,46 @@ pub enum ValidationError {
     PortsWithoutProtocol,
     #[error("ports: {0} is not a valid range (1-65535, first ≤ last)")]
     BadPortRange(crate::records::PortRange),
+    #[error("ports: {0}")]
+    BadServicePort(String),
+    #[error("ips: an exported service needs at least one virtual IP")]
+    NoServiceIps,
+}
+
+/// Checks an exported service on its own (its IPs against the cluster: the broker).
+pub fn validate_service(s: &ServiceExportRecord) -> Result<(), ValidationError> {
+    dns_label("clusterId", &s.cluster_id)?;
+    dns_label("namespace", &s.namespace)?;
+    dns_label("name", &s.name)?;
+    if s.ips.is_empty() {
+        return Err(ValidationError::NoServiceIps);
+    }
+    if s.ips.len() > MAX_IPS {
+        return Err(ValidationError::TooMany { field: "ips", count: s.ips.len(), max: MAX_IPS });
+    }
+    for addr in &s.ips {
+        if addr.is_unspecified() || addr.is_multicast() || addr.is_loopback() {
+            return Err(ValidationError::BadAddress { field: "ips", addr: *addr });
+        }
+    }
+    if s.ports.len() > MAX_PORT_RANGES {
+        return Err(ValidationError::TooMany { field: "ports", count: s.ports.len(), max: MAX_PORT_RANGES });
+    }
+    for p in &s.ports {
+        if p.port == 0 {
+            return Err(ValidationError::BadServicePort("0 is not a port".into()));
+        }
+        if !["TCP", "UDP", "SCTP"].contains(&p.protocol.as_str()) {
+            return Err(ValidationError::BadServicePort(format!(
+                "protocol {:?} is not TCP, UDP or SCTP",
+                p.protocol
+            )));
+        }
+        if let Some(n) = &p.name {
+            dns_label("ports.name", n)?;
+        }
+    }
+    Ok(())
 }
 
 /// Largest number of port ranges in one policy rule.
@@ -188,6 +230,52 @@ pub fn check_overlaps<'a>(
         }
     }
     Ok(())
+}
+
+/// Overlap mode: the candidate must carry a global CIDR that overlaps no other cluster's
+/// global CIDR (pod and service CIDRs may overlap freely).
+pub fn check_global_overlaps<'a>(
+    candidate: &ClusterRecord,
+    existing: impl IntoIterator<Item = &'a ClusterRecord>,
+) -> Result<(), GlobalOverlap> {
+    let Some(ours) = candidate.global_cidr else {
+        return Err(GlobalOverlap::Missing(candidate.cluster_id.clone()));
+    };
+    for other in existing.into_iter().filter(|c| c.cluster_id != candidate.cluster_id) {
+        if let Some(theirs) = other.global_cidr
+            && overlaps(&ours, &theirs)
+        {
+            return Err(GlobalOverlap::Clash(Overlap {
+                other_cluster: other.cluster_id.clone(),
+                ours,
+                theirs,
+            }));
+        }
+    }
+    Ok(())
+}
+
+/// Why a cluster does not fit a cluster set in overlap mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GlobalOverlap {
+    Missing(String),
+    Clash(Overlap),
+}
+
+impl std::fmt::Display for GlobalOverlap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Missing(id) => write!(
+                f,
+                "cluster {id:?} has no globalCidr; the cluster set runs in overlap mode, where every cluster needs one"
+            ),
+            Self::Clash(o) => write!(
+                f,
+                "global CIDR {} overlaps global CIDR {} of cluster {:?}; global CIDRs must be unique in overlap mode",
+                o.ours, o.theirs, o.other_cluster
+            ),
+        }
+    }
 }
 
 /// Whether two prefixes share any address.

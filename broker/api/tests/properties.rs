@@ -2,7 +2,8 @@
 //! never a panic; what validates round-trips; overlap detection is symmetric.
 
 use causeway_broker_api::{
-    ClusterRecord, Object, Record, check_overlaps, validate::overlaps, validate_cluster,
+    ClusterRecord, Object, PolicyAction, PolicyPeer, PolicyProtocol, PolicyRecord, PortRange, Record,
+    check_overlaps, validate::overlaps, validate_cluster, validate_policy,
 };
 use ipnetwork::{IpNetwork, Ipv4Network};
 use proptest::prelude::*;
@@ -31,6 +32,32 @@ fn cluster() -> impl Strategy<Value = ClusterRecord> {
             global_cidr: None,
             labels: Default::default(),
             generation,
+        })
+}
+
+fn policy() -> impl Strategy<Value = PolicyRecord> {
+    (
+        cluster_id(),
+        prop::option::of(cluster_id()),
+        prop::collection::vec(v4_cidr(), 0..3),
+        prop_oneof![
+            Just(PolicyProtocol::Any),
+            Just(PolicyProtocol::Tcp),
+            Just(PolicyProtocol::Udp),
+            Just(PolicyProtocol::Icmp)
+        ],
+        prop::collection::vec((any::<u16>(), any::<u16>()), 0..3),
+        any::<bool>(),
+    )
+        .prop_map(|(name, cluster, cidrs, protocol, ports, deny)| PolicyRecord {
+            name,
+            priority: 1,
+            from: PolicyPeer { cluster, cidrs },
+            to: PolicyPeer::default(),
+            protocol,
+            ports: ports.into_iter().map(|(first, last)| PortRange { first, last }).collect(),
+            action: if deny { PolicyAction::Deny } else { PolicyAction::Allow },
+            generation: 1,
         })
 }
 
@@ -65,6 +92,18 @@ proptest! {
             let ok = c.cluster_id.len() <= 63
                 && c.cluster_id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
             prop_assert!(ok, "an invalid id passed: {:?}", c.cluster_id);
+        }
+    }
+
+    #[test]
+    fn policy_validation_never_panics_and_valid_rules_round_trip(p in policy(), text in ".{0,12}") {
+        let _ = text.parse::<PortRange>();
+        if validate_policy(&p).is_ok() {
+            let json = serde_json::to_string(&Record::Policy(p.clone())).unwrap();
+            let back: Record = serde_json::from_str(&json).unwrap();
+            prop_assert_eq!(back, Record::Policy(p.clone()));
+            prop_assert!(p.ports.iter().all(|r| r.first >= 1 && r.first <= r.last));
+            prop_assert!(p.ports.is_empty() || matches!(p.protocol, PolicyProtocol::Tcp | PolicyProtocol::Udp));
         }
     }
 

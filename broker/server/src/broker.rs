@@ -26,6 +26,8 @@ pub enum BrokerError {
     BadRequest(String),
     #[error("{0}")]
     Overlap(Overlap),
+    #[error("{0}")]
+    GlobalOverlap(causeway_broker_api::GlobalOverlap),
     #[error("{key}: generation {offered} is older than the stored generation {stored}; refusing to go back")]
     StaleGeneration { key: String, stored: u64, offered: u64 },
     #[error("cluster {0:?} is not registered; register the cluster before its endpoints")]
@@ -92,6 +94,8 @@ impl BrokerError {
         match self {
             Self::Invalid(_) | Self::BadRequest(_) => (400, "Invalid"),
             Self::Overlap(_) => (409, "CidrOverlap"),
+            Self::GlobalOverlap(causeway_broker_api::GlobalOverlap::Clash(_)) => (409, "CidrOverlap"),
+            Self::GlobalOverlap(causeway_broker_api::GlobalOverlap::Missing(_)) => (400, "Invalid"),
             Self::StaleGeneration { .. } => (409, "StaleGeneration"),
             Self::ClusterNotRegistered(_) => (409, "ClusterNotRegistered"),
             Self::NotFound(_) => (404, "NotFound"),
@@ -503,7 +507,12 @@ impl Broker {
                 Record::Cluster(c) => Some(c),
                 _ => None,
             });
-            causeway_broker_api::check_overlaps(&c, clusters).map_err(BrokerError::Overlap)?;
+            if overlap_mode(items) {
+                causeway_broker_api::check_global_overlaps(&c, clusters)
+                    .map_err(BrokerError::GlobalOverlap)?;
+            } else {
+                causeway_broker_api::check_overlaps(&c, clusters).map_err(BrokerError::Overlap)?;
+            }
             Ok(vec![Change::Put(Record::Cluster(c.clone()))])
         })?;
         let Some(obj) = events.into_iter().next().map(|e| e.object) else {
@@ -525,7 +534,10 @@ impl Broker {
             }
             let mut changes: Vec<Change> = items
                 .iter()
-                .filter(|o| matches!(&o.record, Record::Endpoint(e) if e.cluster_id == cluster_id))
+                .filter(|o| {
+                    matches!(&o.record, Record::Endpoint(_) | Record::ServiceExport(_))
+                        && o.record.cluster_id() == cluster_id
+                })
                 .map(|o| Change::Delete(o.record.key()))
                 .collect();
             changes.push(Change::Delete(key.clone()));
@@ -607,6 +619,118 @@ impl Broker {
         Ok(obj)
     }
 
+    /// Publishes one of a cluster's exported services; its IPs must lie in the cluster's
+    /// service CIDRs (its global CIDR in overlap mode).
+    pub fn put_service(
+        &self,
+        who: &Identity,
+        svc: causeway_broker_api::ServiceExportRecord,
+    ) -> Result<Object, BrokerError> {
+        require_write(who, &svc.cluster_id, "export a service")?;
+        causeway_broker_api::validate_service(&svc)?;
+        let key = causeway_broker_api::service_key(&svc.cluster_id, &svc.namespace, &svc.name);
+        let mut store = self.lock();
+        let mut unchanged = None;
+        let events = self.transact(&mut **store, |items| {
+            let Some(Record::Cluster(c)) =
+                Self::stored(items, &cluster_key(&svc.cluster_id)).map(|o| &o.record)
+            else {
+                return Err(BrokerError::ClusterNotRegistered(svc.cluster_id.clone()));
+            };
+            let ranges: Vec<ipnetwork::IpNetwork> = if overlap_mode(items) {
+                c.global_cidr.into_iter().collect()
+            } else {
+                c.service_cidrs.clone()
+            };
+            if let Some(ip) = svc.ips.iter().find(|ip| !ranges.iter().any(|r| r.contains(**ip))) {
+                return Err(BrokerError::BadRequest(format!(
+                    "ips: {ip} is outside cluster {:?}'s {} ({}); export the service's ClusterIP",
+                    svc.cluster_id,
+                    if overlap_mode(items) { "global CIDR" } else { "service CIDRs" },
+                    ranges.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+                )));
+            }
+            if let Some(old) = Self::stored(items, &key) {
+                check_generation(&key, old, svc.generation)?;
+                if old.record == Record::ServiceExport(svc.clone()) {
+                    unchanged = Some(old.clone());
+                    return Ok(Vec::new());
+                }
+            }
+            Ok(vec![Change::Put(Record::ServiceExport(svc.clone()))])
+        })?;
+        let Some(obj) = events.into_iter().next().map(|e| e.object) else {
+            return Ok(unchanged.expect("an empty plan means the record was unchanged"));
+        };
+        info!(key, revision = obj.resource_version, "service exported");
+        Ok(obj)
+    }
+
+    pub fn delete_service(
+        &self,
+        who: &Identity,
+        cluster_id: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Vec<Object>, BrokerError> {
+        require_write(who, cluster_id, "unexport a service")?;
+        let key = causeway_broker_api::service_key(cluster_id, namespace, name);
+        let mut store = self.lock();
+        let events = self.transact(&mut **store, |items| {
+            if Self::stored(items, &key).is_none() {
+                return Err(BrokerError::NotFound(key.clone()));
+            }
+            Ok(vec![Change::Delete(key.clone())])
+        })?;
+        Ok(events.into_iter().map(|e| e.object).collect())
+    }
+
+    /// Sets the cluster set's settings (admin only). Turning overlap mode on needs every
+    /// cluster to carry a unique global CIDR; turning it off needs their pod and service
+    /// CIDRs not to overlap.
+    pub fn put_cluster_set(
+        &self,
+        who: &Identity,
+        settings: causeway_broker_api::ClusterSetRecord,
+    ) -> Result<Object, BrokerError> {
+        require_admin(who, "change the cluster set's settings")?;
+        let record = Record::ClusterSet(settings.clone());
+        let key = record.key();
+        let mut store = self.lock();
+        let mut unchanged = None;
+        let events = self.transact(&mut **store, |items| {
+            if let Some(old) = Self::stored(items, &key) {
+                check_generation(&key, old, record.generation())?;
+                if old.record == record {
+                    unchanged = Some(old.clone());
+                    return Ok(Vec::new());
+                }
+            }
+            let clusters: Vec<&ClusterRecord> = items
+                .iter()
+                .filter_map(|o| match &o.record {
+                    Record::Cluster(c) => Some(c),
+                    _ => None,
+                })
+                .collect();
+            for c in &clusters {
+                if settings.overlap_mode {
+                    causeway_broker_api::check_global_overlaps(c, clusters.iter().copied())
+                        .map_err(BrokerError::GlobalOverlap)?;
+                } else {
+                    causeway_broker_api::check_overlaps(c, clusters.iter().copied())
+                        .map_err(BrokerError::Overlap)?;
+                }
+            }
+            Ok(vec![Change::Put(record.clone())])
+        })?;
+        let Some(obj) = events.into_iter().next().map(|e| e.object) else {
+            return Ok(unchanged.expect("an empty plan means the record was unchanged"));
+        };
+        info!(overlap_mode = settings.overlap_mode, "cluster-set settings stored");
+        Ok(obj)
+    }
+
     /// Deletes a policy rule (admin only).
     pub fn delete_policy(&self, who: &Identity, name: &str) -> Result<Vec<Object>, BrokerError> {
         require_admin(who, "delete cluster-set policy")?;
@@ -682,6 +806,11 @@ impl Broker {
             }
         }
     }
+}
+
+/// Whether the cluster set runs in overlap mode.
+fn overlap_mode(items: &[Object]) -> bool {
+    items.iter().any(|o| matches!(&o.record, Record::ClusterSet(s) if s.overlap_mode))
 }
 
 fn check_generation(key: &str, old: &Object, offered: u64) -> Result<(), BrokerError> {

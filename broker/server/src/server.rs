@@ -9,6 +9,8 @@
 //! | PUT/DELETE | `/v1/clusters/{id}/endpoints/{host}` | an endpoint record |
 //! | POST | `/v1/join` | register a new cluster (join or admin credential); returns its credential |
 //! | POST/DELETE | `/v1/clusters/{id}/credentials` | rotate (the cluster or admin) / revoke (admin) |
+//! | PUT/DELETE | `/v1/clusters/{id}/services/{namespace}/{name}` | an exported service |
+//! | PUT | `/v1/cluster-set` | the set's settings: overlap mode (admin) |
 //! | PUT/DELETE | `/v1/policies/{name}` | a cluster-set policy rule (admin) |
 //! | PUT | `/v1/policy-default` | the action when no rule matches (admin) |
 //!
@@ -185,6 +187,42 @@ async fn delete_endpoint(
     Ok(Json(blocking(move || b.delete_endpoint(&id, &cluster, &host)).await?).into_response())
 }
 
+async fn put_service(
+    State(b): State<Arc<Broker>>,
+    headers: HeaderMap,
+    Path((cluster, namespace, name)): Path<(String, String, String)>,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Response, Failure> {
+    let id = who(&b, &headers).await?;
+    let s: causeway_broker_api::ServiceExportRecord = body(raw)?;
+    if s.cluster_id != cluster || s.namespace != namespace || s.name != name {
+        return Err(invalid(format!(
+            "clusterId/namespace/name {:?}/{:?}/{:?} in the body do not match {cluster:?}/{namespace:?}/{name:?} in the path",
+            s.cluster_id, s.namespace, s.name
+        )));
+    }
+    Ok(Json(blocking(move || b.put_service(&id, s)).await?).into_response())
+}
+
+async fn delete_service(
+    State(b): State<Arc<Broker>>,
+    headers: HeaderMap,
+    Path((cluster, namespace, name)): Path<(String, String, String)>,
+) -> Result<Response, Failure> {
+    let id = who(&b, &headers).await?;
+    Ok(Json(blocking(move || b.delete_service(&id, &cluster, &namespace, &name)).await?).into_response())
+}
+
+async fn put_cluster_set(
+    State(b): State<Arc<Broker>>,
+    headers: HeaderMap,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Response, Failure> {
+    let id = who(&b, &headers).await?;
+    let c: causeway_broker_api::ClusterSetRecord = body(raw)?;
+    Ok(Json(blocking(move || b.put_cluster_set(&id, c)).await?).into_response())
+}
+
 async fn put_policy(
     State(b): State<Arc<Broker>>,
     headers: HeaderMap,
@@ -259,6 +297,8 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .route("/v1/clusters/{id}", put(put_cluster).delete(delete_cluster))
         .route("/v1/clusters/{id}/credentials", post(rotate).delete(revoke))
         .route("/v1/clusters/{id}/endpoints/{host}", put(put_endpoint).delete(delete_endpoint))
+        .route("/v1/clusters/{id}/services/{namespace}/{name}", put(put_service).delete(delete_service))
+        .route("/v1/cluster-set", put(put_cluster_set))
         .route("/v1/policies/{name}", put(put_policy).delete(delete_policy))
         .route("/v1/policy-default", put(put_policy_default))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

@@ -126,6 +126,7 @@ on_every_store!(credentials_decide_who_may_write_what);
 on_every_store!(endpoints_expire_without_heartbeats);
 on_every_store!(a_watcher_behind_the_history_is_told_to_relist, 5);
 on_every_store!(policy_is_admin_only_and_validated);
+on_every_store!(services_and_overlap_mode);
 
 fn cluster(id: &str, pod: &str, svc: &str) -> ClusterRecord {
     ClusterRecord {
@@ -510,4 +511,81 @@ async fn policy_is_admin_only_and_validated(mut f: Fixture) {
 
     admin.delete_policy("web").await.unwrap();
     assert_eq!(admin.delete_policy("web").await.unwrap_err().status(), Some(404));
+}
+
+fn service(cluster: &str, ip: &str) -> causeway_broker_api::ServiceExportRecord {
+    causeway_broker_api::ServiceExportRecord {
+        cluster_id: cluster.into(),
+        namespace: "shop".into(),
+        name: "cart".into(),
+        ips: vec![ip.parse().unwrap()],
+        ports: vec![causeway_broker_api::ServicePort {
+            name: Some("http".into()),
+            port: 80,
+            protocol: "TCP".into(),
+        }],
+        generation: 1,
+    }
+}
+
+async fn services_and_overlap_mode(mut f: Fixture) {
+    let (admin, broker, _stop) = start_with(f.take()).await;
+    let joiner = admin.with_token(broker.issue(&Identity::Join).unwrap());
+    let east =
+        admin.with_token(joiner.join(&cluster("east", "10.1.0.0/16", "10.101.0.0/16")).await.unwrap().token);
+    let west =
+        admin.with_token(joiner.join(&cluster("west", "10.2.0.0/16", "10.102.0.0/16")).await.unwrap().token);
+
+    // Services: only the owner publishes, only with its own service IPs.
+    east.put_service(&service("east", "10.101.0.10")).await.unwrap();
+    let err = east.put_service(&service("east", "10.200.0.1")).await.unwrap_err();
+    assert_eq!(err.status(), Some(400));
+    assert!(err.to_string().contains("outside cluster \"east\"'s service CIDRs"), "{err}");
+    assert_eq!(west.put_service(&service("east", "10.101.0.11")).await.unwrap_err().status(), Some(403));
+    assert_eq!(admin.put_service(&service("north", "10.103.0.1")).await.unwrap_err().status(), Some(409));
+    let mut bad = service("east", "10.101.0.12");
+    bad.ports[0].protocol = "ICMP".into();
+    assert!(east.put_service(&bad).await.unwrap_err().to_string().contains("not TCP, UDP or SCTP"));
+
+    // Overlap mode off: an overlapping cluster is refused.
+    let clash = joiner.join(&cluster("south", "10.1.0.0/16", "10.104.0.0/16")).await.unwrap_err();
+    assert_eq!(clash.status(), Some(409));
+    // Turning it on needs every cluster to carry a global CIDR.
+    let on = causeway_broker_api::ClusterSetRecord { overlap_mode: true, generation: 1 };
+    let err = admin.put_cluster_set(&on).await.unwrap_err();
+    assert_eq!(err.status(), Some(400));
+    assert!(err.to_string().contains("has no globalCidr"), "{err}");
+    assert_eq!(east.put_cluster_set(&on).await.unwrap_err().status(), Some(403), "admin only");
+    for (c, id, pod, svc, global) in [
+        (&east, "east", "10.1.0.0/16", "10.101.0.0/16", "100.64.1.0/24"),
+        (&west, "west", "10.2.0.0/16", "10.102.0.0/16", "100.64.2.0/24"),
+    ] {
+        let mut rec = cluster(id, pod, svc);
+        rec.global_cidr = Some(global.parse().unwrap());
+        rec.generation = 2;
+        c.put_cluster(&rec).await.unwrap();
+    }
+    admin.put_cluster_set(&on).await.unwrap();
+    // Now pod CIDRs may overlap, global CIDRs may not, and every cluster needs one.
+    let mut south = cluster("south", "10.1.0.0/16", "10.101.0.0/16");
+    let err = joiner.join(&south).await.unwrap_err();
+    assert_eq!(err.status(), Some(400), "{err}");
+    south.global_cidr = Some("100.64.1.128/25".parse().unwrap());
+    let err = joiner.join(&south).await.unwrap_err();
+    assert_eq!(err.status(), Some(409));
+    assert!(err.to_string().contains("global CIDR"), "{err}");
+    south.global_cidr = Some("100.64.3.0/24".parse().unwrap());
+    joiner.join(&south).await.unwrap();
+    // In overlap mode services are exported with global IPs.
+    let mut svc = service("east", "100.64.1.10");
+    svc.generation = 2;
+    east.put_service(&svc).await.unwrap();
+    // Overlap mode cannot be switched off while clusters overlap.
+    let off = causeway_broker_api::ClusterSetRecord { overlap_mode: false, generation: 2 };
+    assert_eq!(admin.put_cluster_set(&off).await.unwrap_err().status(), Some(409));
+
+    // Leaving takes the cluster's services along.
+    east.delete_cluster("east").await.unwrap();
+    let left = admin.list().await.unwrap();
+    assert!(left.items.iter().all(|o| !matches!(o.record, Record::ServiceExport(_))), "{left:?}");
 }

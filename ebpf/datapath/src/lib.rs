@@ -417,6 +417,11 @@ impl Datapath {
         Ok(())
     }
 
+    /// Switches enforcement of the installed tables on or off (nothing else changes).
+    pub fn set_policy_enabled(&mut self, on: bool) -> Result<(), DatapathError> {
+        self.config.set(Config::PolicyEnabled as u32, u32::from(on), 0).map_err(map_err(maps::CONFIG))
+    }
+
     /// Forgets the flows the policy allowed (their replies are judged afresh).
     pub fn clear_policy_flows(&mut self) -> Result<(), DatapathError> {
         let keys: Vec<FlowKey> =

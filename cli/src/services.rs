@@ -1,0 +1,135 @@
+//! `causeway export|unexport` (a cluster's services) and `causeway cluster-set` (settings of
+//! the whole set), written to the broker.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use causeway_broker_api::{BrokerClient, ClusterSetRecord, Record, ServiceExportRecord, ServicePort};
+
+#[derive(clap::Args)]
+pub struct ExportArgs {
+    /// The cluster's own credentials (written by `causeway join`).
+    #[arg(long, env = "CAUSEWAY_CREDENTIALS")]
+    credentials: PathBuf,
+    #[arg(long, short)]
+    namespace: String,
+    name: String,
+    /// The service's virtual IPs (ClusterIPs; repeatable).
+    #[arg(long = "ip", value_delimiter = ',', required = true)]
+    ips: Vec<std::net::IpAddr>,
+    /// Ports as PORT[/PROTOCOL][:NAME], e.g. 80/TCP:http (repeatable).
+    #[arg(long = "port", value_delimiter = ',', value_parser = parse_port)]
+    ports: Vec<ServicePort>,
+}
+
+fn parse_port(s: &str) -> Result<ServicePort, String> {
+    let (rest, name) = match s.split_once(':') {
+        Some((r, n)) => (r, Some(n.to_owned())),
+        None => (s, None),
+    };
+    let (port, protocol) = match rest.split_once('/') {
+        Some((p, proto)) => (p, proto.to_uppercase()),
+        None => (rest, "TCP".to_owned()),
+    };
+    let port =
+        port.parse().map_err(|_| format!("{s:?}: expected PORT[/PROTOCOL][:NAME], e.g. 80/TCP:http"))?;
+    Ok(ServicePort { name, port, protocol })
+}
+
+#[derive(clap::Args)]
+pub struct UnexportArgs {
+    #[arg(long, env = "CAUSEWAY_CREDENTIALS")]
+    credentials: PathBuf,
+    #[arg(long, short)]
+    namespace: String,
+    name: String,
+}
+
+#[derive(clap::Args)]
+pub struct ClusterSetArgs {
+    /// Overlap mode: clusters may share pod/service CIDRs and each carries a unique global
+    /// CIDR. (The broker enforces the rules; the gateways' address translation is not there
+    /// yet, so clusters that really overlap are not routed to each other.)
+    #[arg(long)]
+    overlap_mode: bool,
+    /// Admin credentials (default: the local sandbox's admin).
+    #[arg(long, env = "CAUSEWAY_CREDENTIALS")]
+    credentials: Option<PathBuf>,
+}
+
+fn cluster_client(path: &std::path::Path) -> anyhow::Result<(BrokerClient, String)> {
+    let creds = causeway_broker_api::Credentials::load(path).map_err(anyhow::Error::msg)?;
+    let id = creds.cluster_id.clone().with_context(|| {
+        format!("{} is not a cluster's credentials file (see causeway join)", path.display())
+    })?;
+    Ok((BrokerClient::from_credentials(&creds)?, id))
+}
+
+pub async fn export(a: ExportArgs) -> anyhow::Result<()> {
+    let (client, cluster_id) = cluster_client(&a.credentials)?;
+    let key = causeway_broker_api::service_key(&cluster_id, &a.namespace, &a.name);
+    let generation = client
+        .list()
+        .await?
+        .items
+        .iter()
+        .find(|o| o.record.key() == key)
+        .map_or(1, |o| o.record.generation() + 1);
+    let svc = ServiceExportRecord {
+        cluster_id,
+        namespace: a.namespace,
+        name: a.name,
+        ips: a.ips,
+        ports: a.ports,
+        generation,
+    };
+    let obj = client.put_service(&svc).await?;
+    println!(
+        "exported {}.{}.svc.clusterset.local (revision {})",
+        svc.name, svc.namespace, obj.resource_version
+    );
+    Ok(())
+}
+
+pub async fn unexport(a: UnexportArgs) -> anyhow::Result<()> {
+    let (client, cluster_id) = cluster_client(&a.credentials)?;
+    client.delete_service(&cluster_id, &a.namespace, &a.name).await?;
+    println!("unexported {}/{}", a.namespace, a.name);
+    Ok(())
+}
+
+pub async fn cluster_set(a: ClusterSetArgs) -> anyhow::Result<()> {
+    let creds = crate::setup::operator_credentials(a.credentials)?;
+    let client = BrokerClient::from_credentials(&creds)?;
+    let generation = client
+        .list()
+        .await?
+        .items
+        .into_iter()
+        .find_map(|o| match o.record {
+            Record::ClusterSet(c) => Some(c.generation + 1),
+            _ => None,
+        })
+        .unwrap_or(1);
+    client.put_cluster_set(&ClusterSetRecord { overlap_mode: a.overlap_mode, generation }).await?;
+    println!("overlap mode: {}", if a.overlap_mode { "on" } else { "off" });
+    Ok(())
+}
+
+/// `show services`.
+pub fn table(records: &[&causeway_broker_api::Object]) -> String {
+    let rows: Vec<Vec<String>> = records
+        .iter()
+        .filter_map(|o| match &o.record {
+            Record::ServiceExport(s) => Some(vec![
+                s.cluster_id.clone(),
+                s.namespace.clone(),
+                s.name.clone(),
+                s.ips.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+                s.ports.iter().map(|p| format!("{}/{}", p.port, p.protocol)).collect::<Vec<_>>().join(","),
+            ]),
+            _ => None,
+        })
+        .collect();
+    crate::show::table(&["CLUSTER", "NAMESPACE", "NAME", "IPS", "PORTS"], &rows)
+}

@@ -368,6 +368,15 @@ fn svg(rows: &[Row]) -> String {
         y0 = h - bottom,
         xr = w - 10.0
     );
+    for frac in [0.0, 0.5, 1.0] {
+        let v = max / 1.15 * frac;
+        s.push_str(&format!(
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="end" font-size="10">{v:.0}</text>
+"#,
+            left - 4.0,
+            y(v) + 3.0
+        ));
+    }
     for n in &ns {
         s.push_str(&format!(
             r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="10">{n}</text>

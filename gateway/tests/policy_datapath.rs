@@ -182,6 +182,32 @@ async fn compiled_policy_decides_in_the_kernel_both_ways() {
     assert_eq!(stat(&dp, Stat::PolicyReplyAllowed), replies + 1);
     assert_eq!(dp.test_tunnel(false, &tcp(WEST, EAST, 80, 41001)).unwrap(), SHOT, "not a reply");
     assert_eq!(dp.test_tunnel(false, &tcp(WEST, EAST, 40000, 22)).unwrap(), SHOT, "west may not start flows");
+    // ICMP errors about an allowed flow's packets pass (path MTU discovery); others do not.
+    // (They come from a router on the path, here an address of north, which may not
+    // otherwise send ICMP to east; east → west pings make west → east ICMP a reply.)
+    let icmp_error = |kind: u8, quoted: Vec<u8>| {
+        let mut p = packet(NORTH, EAST, 1, 0, 0, 0, 5);
+        p.truncate(20);
+        p.extend_from_slice(&[kind, 4, 0, 0, 0, 0, 0x05, 0x14]); // frag needed, MTU 1300
+        p.extend_from_slice(&quoted[..28]);
+        let total = u16::try_from(p.len()).unwrap();
+        p[2..4].copy_from_slice(&total.to_be_bytes());
+        p
+    };
+    let quoted = tcp(EAST, WEST, 41000, 80);
+    assert_eq!(
+        dp.test_tunnel(false, &icmp_error(3, quoted.clone())).unwrap(),
+        OK,
+        "frag needed for an allowed flow"
+    );
+    assert_eq!(dp.test_tunnel(false, &icmp_error(11, quoted)).unwrap(), OK, "time exceeded");
+    let unknown = tcp(EAST, WEST, 41999, 80);
+    assert_eq!(dp.test_tunnel(false, &icmp_error(3, unknown)).unwrap(), SHOT, "error about no allowed flow");
+    assert_eq!(
+        dp.test_tunnel(false, &icmp_error(8, tcp(EAST, WEST, 41000, 80))).unwrap(),
+        SHOT,
+        "an echo request is no error"
+    );
 
     // A new policy replaces the old one in place: default allow, one deny.
     let input = PolicyInput {

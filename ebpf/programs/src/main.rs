@@ -324,11 +324,48 @@ fn policy_allows(ctx: &TcContext, l3: usize) -> bool {
         bump(Stat::PolicyReplyAllowed);
         return true;
     }
+    // An ICMP error about a packet of an allowed flow (unreachable, fragmentation needed,
+    // time exceeded, parameter problem) belongs to that flow: path MTU discovery must work.
+    if proto == IPPROTO_ICMP && u16::from_be(frag) & 0x1fff == 0 && icmp_error_of_allowed_flow(ctx, l4) {
+        bump(Stat::PolicyReplyAllowed);
+        return true;
+    }
     if let Some(p) = POLICY_DROPS.get_ptr_mut(rule.min(MAX_POLICY_RULES)) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU.
         unsafe { *p += 1 };
     }
     false
+}
+
+const IPPROTO_ICMP: u8 = 1;
+
+/// Whether the ICMP message at `l4` is an error quoting a packet of a flow the policy allowed.
+#[inline(always)]
+fn icmp_error_of_allowed_flow(ctx: &TcContext, l4: usize) -> bool {
+    let Ok(kind) = ctx.load::<u8>(l4) else { return false };
+    if !matches!(kind, 3 | 11 | 12) {
+        return false;
+    }
+    let inner = l4 + 8;
+    let (Ok(first), Ok(proto), Ok(saddr), Ok(daddr)) = (
+        ctx.load::<u8>(inner),
+        ctx.load::<u8>(inner + 9),
+        ctx.load::<u32>(inner + 12),
+        ctx.load::<u32>(inner + 16),
+    ) else {
+        return false;
+    };
+    if first >> 4 != 4 {
+        return false;
+    }
+    let inner_l4 = inner + usize::from(first & 0x0f) * 4;
+    let (sport, dport) = if proto == IPPROTO_TCP || proto == IPPROTO_UDP_TC {
+        (ctx.load::<u16>(inner_l4).unwrap_or(0), ctx.load::<u16>(inner_l4 + 2).unwrap_or(0))
+    } else {
+        (0, 0)
+    };
+    let quoted = FlowKey { saddr, daddr, sport, dport, proto: u32::from(proto) };
+    POLICY_FLOWS.get_ptr(&quoted).is_some()
 }
 
 #[inline(always)]

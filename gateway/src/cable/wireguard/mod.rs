@@ -5,6 +5,7 @@
 //! without touching `core`.
 
 pub mod core;
+mod gso;
 pub mod probe;
 pub mod uapi;
 
@@ -87,6 +88,10 @@ impl WireGuardCable {
             // The kernel→reader ring of a TUN device is txqueuelen long; at the default 500 a
             // single TCP stream overflows it while the reader encrypts.
             .tx_queue_len(TUN_QUEUE_LEN)
+            // IFF_VNET_HDR with TSO/USO: the pods' stacks hand over up to 64 KB at a time and
+            // the segmentation happens here, once per read instead of once per packet in
+            // the kernel; decrypted packets are coalesced (GRO) before they are written.
+            .offload(true)
             .build_async()
             .map_err(|source| CableError::CreateDevice { name: cfg.device.clone(), source })?;
         let udp = tokio::net::UdpSocket::bind(("0.0.0.0", cfg.listen_port))
@@ -95,12 +100,13 @@ impl WireGuardCable {
         let local_addr =
             udp.local_addr().map_err(|source| CableError::Bind { port: cfg.listen_port, source })?;
         size_socket_buffers(&udp);
+        let gro = gso::enable_gro(&udp);
         let private_bytes = cfg.private_key.to_bytes();
         let mut core = WgCore::new(cfg.private_key);
         core.set_health_ip(cfg.health_ip);
         let public_key = core.public_key();
         let (tx, rx) = mpsc::channel(64);
-        tokio::spawn(io_loop(core, tun, udp, rx));
+        tokio::spawn(io_loop(core, tun, udp, rx, usize::from(cfg.mtu), gro));
         let uapi = if cfg.uapi {
             let tx = tx.clone();
             let snapshot = move || {
@@ -252,8 +258,11 @@ fn status_of(p: &PeerStats) -> ConnectionStatus {
     }
 }
 
-/// Packets handled per readiness event before the other direction gets a turn.
+/// Reads handled per readiness event before the other direction gets a turn (a TUN read
+/// may carry up to 64 KB, split into many packets).
 const BATCH: usize = 64;
+/// TUN reads per readiness event.
+const TUN_READS: usize = 16;
 
 /// The I/O loop: on readiness, drain each socket with non-blocking reads (bounded batches, so
 /// neither direction starves the other), hand the packets to the core, and write what it
@@ -263,8 +272,18 @@ async fn io_loop(
     tun: tun_rs::AsyncDevice,
     udp: tokio::net::UdpSocket,
     mut rx: mpsc::Receiver<Command>,
+    mtu: usize,
+    gro: bool,
 ) {
-    let mut buf = vec![0u8; BUF_SIZE];
+    // Room for a coalesced run of datagrams (UDP GRO) or one datagram.
+    let mut buf = vec![0u8; BUF_SIZE.max(65_536)];
+    let mut cmsg = nix::cmsg_space!(i32);
+    let mut sender = UdpSender { gso: true, run: gso::Batcher::default() };
+    // One TUN read: the virtio header plus up to 64 KB, split into MTU-sized packets.
+    let mut original = vec![0u8; tun_rs::VIRTIO_NET_HDR_LEN + 65_535];
+    let mut segments = vec![vec![0u8; mtu.max(1280) + 64]; tun_rs::IDEAL_BATCH_SIZE];
+    let mut sizes = vec![0usize; tun_rs::IDEAL_BATCH_SIZE];
+    let mut writer = TunWriter::default();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut out = Vec::new();
@@ -274,9 +293,13 @@ async fn io_loop(
                 if let Err(e) = r {
                     warn!(error = %e, "waiting on the tunnel device failed");
                 }
-                for _ in 0..BATCH {
-                    match tun.try_recv(&mut buf) {
-                        Ok(n) => core.on_tun_packet(&buf[..n], &mut out),
+                for _ in 0..TUN_READS {
+                    match tun.try_recv_multiple(&mut original, &mut segments, &mut sizes, 0) {
+                        Ok(n) => {
+                            for (seg, len) in segments.iter().zip(&sizes).take(n) {
+                                core.on_tun_packet(&seg[..*len], &mut out);
+                            }
+                        }
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                         Err(e) => {
                             warn!(error = %e, "reading the tunnel device failed");
@@ -291,8 +314,18 @@ async fn io_loop(
                 }
                 let now = std::time::Instant::now();
                 for _ in 0..BATCH {
-                    match udp.try_recv_from(&mut buf) {
-                        Ok((n, src)) => core.on_datagram(src, &buf[..n], now, &mut out),
+                    let got = if gro {
+                        gso::try_recv_run(&udp, &mut buf, &mut cmsg)
+                    } else {
+                        udp.try_recv_from(&mut buf).map(|(n, src)| (n, src, None))
+                    };
+                    match got {
+                        Ok((n, src, Some(segment))) => {
+                            for d in buf[..n].chunks(segment) {
+                                core.on_datagram(src, d, now, &mut out);
+                            }
+                        }
+                        Ok((n, src, None)) => core.on_datagram(src, &buf[..n], now, &mut out),
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                         Err(e) => {
                             debug!(error = %e, "udp receive failed");
@@ -313,31 +346,112 @@ async fn io_loop(
                 None => return,
             },
         }
-        flush(&tun, &udp, &mut out).await;
+        flush(&tun, &udp, &mut out, &mut writer, &mut sender).await;
     }
 }
 
-async fn flush(tun: &tun_rs::AsyncDevice, udp: &tokio::net::UdpSocket, out: &mut Vec<Output>) {
-    for o in out.drain(..) {
-        match o {
-            Output::Udp(dst, data) => {
-                let sent = match udp.try_send_to(&data, dst) {
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => udp.send_to(&data, dst).await,
-                    other => other,
-                };
-                if let Err(e) = sent {
-                    debug!(%dst, error = %e, "udp send failed");
+/// Encrypted datagrams on their way out: runs to one peer go out as one GSO send.
+struct UdpSender {
+    /// Cleared when the kernel refuses `UDP_SEGMENT`; datagrams then go one by one.
+    gso: bool,
+    run: gso::Batcher,
+}
+
+impl UdpSender {
+    async fn push(&mut self, udp: &tokio::net::UdpSocket, dst: SocketAddr, data: &[u8]) {
+        if self.run.count > 0 && !self.run.fits(dst, data.len()) {
+            self.send(udp).await;
+        }
+        self.run.push(dst, data);
+    }
+
+    /// Sends the current run.
+    async fn send(&mut self, udp: &tokio::net::UdpSocket) {
+        let Some(dst) = self.run.dst else { return };
+        if self.run.count > 1 && self.gso {
+            let segment = u16::try_from(self.run.segment).unwrap_or(u16::MAX);
+            loop {
+                match gso::try_send_run(udp, dst, &self.run.buf, segment) {
+                    Ok(_) => {
+                        self.run.reset();
+                        return;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        if udp.writable().await.is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "UDP segmentation offload refused; sending datagrams one by one");
+                        self.gso = false;
+                        break;
+                    }
                 }
             }
+        }
+        let segment = self.run.segment.max(1);
+        for d in self.run.buf.chunks(segment) {
+            let sent = match udp.try_send_to(d, dst) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => udp.send_to(d, dst).await,
+                other => other,
+            };
+            if let Err(e) = sent {
+                debug!(%dst, error = %e, "udp send failed");
+            }
+        }
+        self.run.reset();
+    }
+}
+
+/// Decrypted packets on their way into the TUN device: each buffer starts with room for the
+/// virtio header, and the batch is coalesced (TCP/UDP GRO) into as few writes as possible.
+#[derive(Default)]
+struct TunWriter {
+    gro: tun_rs::GROTable,
+    bufs: Vec<Vec<u8>>,
+    /// Buffers kept for reuse (no allocation per packet once warm).
+    spare: Vec<Vec<u8>>,
+}
+
+impl TunWriter {
+    fn push(&mut self, packet: &[u8]) {
+        let mut b = self.spare.pop().unwrap_or_default();
+        b.clear();
+        b.resize(tun_rs::VIRTIO_NET_HDR_LEN, 0);
+        b.extend_from_slice(packet);
+        self.bufs.push(b);
+    }
+
+    async fn write(&mut self, tun: &tun_rs::AsyncDevice) {
+        if self.bufs.is_empty() {
+            return;
+        }
+        if let Err(e) = tun.send_multiple(&mut self.gro, &mut self.bufs, tun_rs::VIRTIO_NET_HDR_LEN).await {
+            debug!(error = %e, "writing the tunnel device failed");
+        }
+        self.spare.append(&mut self.bufs);
+        self.spare.truncate(tun_rs::IDEAL_BATCH_SIZE);
+    }
+}
+
+async fn flush(
+    tun: &tun_rs::AsyncDevice,
+    udp: &tokio::net::UdpSocket,
+    out: &mut Vec<Output>,
+    writer: &mut TunWriter,
+    sender: &mut UdpSender,
+) {
+    for o in out.drain(..) {
+        match o {
+            Output::Udp(dst, data) => sender.push(udp, dst, &data).await,
             Output::Tun(pkt) => {
-                let sent = match tun.try_send(&pkt) {
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => tun.send(&pkt).await,
-                    other => other,
-                };
-                if let Err(e) = sent {
-                    debug!(error = %e, "writing the tunnel device failed");
+                writer.push(&pkt);
+                if writer.bufs.len() >= tun_rs::IDEAL_BATCH_SIZE {
+                    writer.write(tun).await;
                 }
             }
         }
     }
+    sender.send(udp).await;
+    writer.write(tun).await;
 }

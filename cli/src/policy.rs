@@ -102,16 +102,8 @@ pub async fn run(cmd: PolicyCmd) -> anyhow::Result<()> {
         } => {
             let client = admin(credentials).await?;
             // Keep the generation moving forward over an existing rule of that name.
-            let generation = client
-                .list()
-                .await?
-                .items
-                .into_iter()
-                .find_map(|o| match o.record {
-                    Record::Policy(p) if p.name == name => Some(p.generation + 1),
-                    _ => None,
-                })
-                .unwrap_or(1);
+            let generation =
+                crate::services::next_generation(&client, &causeway_broker_api::policy_key(&name)).await?;
             let rule = PolicyRecord {
                 name,
                 priority,
@@ -136,16 +128,8 @@ pub async fn run(cmd: PolicyCmd) -> anyhow::Result<()> {
         }
         PolicyCmd::Default { action, credentials } => {
             let client = admin(credentials).await?;
-            let generation = client
-                .list()
-                .await?
-                .items
-                .into_iter()
-                .find_map(|o| match o.record {
-                    Record::PolicyDefault(d) => Some(d.generation + 1),
-                    _ => None,
-                })
-                .unwrap_or(1);
+            let generation =
+                crate::services::next_generation(&client, causeway_broker_api::POLICY_DEFAULT_KEY).await?;
             let d = PolicyDefaultRecord { action: action.into(), generation };
             client.put_policy_default(&d).await?;
             println!("default policy action: {action:?}");

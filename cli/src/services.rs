@@ -57,6 +57,18 @@ pub struct ClusterSetArgs {
     credentials: Option<PathBuf>,
 }
 
+/// The generation to write a record under `key` with: one past the stored one (1 if none),
+/// since the broker refuses to go back.
+pub async fn next_generation(client: &BrokerClient, key: &str) -> anyhow::Result<u64> {
+    Ok(client
+        .list()
+        .await?
+        .items
+        .iter()
+        .find(|o| o.record.key() == key)
+        .map_or(1, |o| o.record.generation() + 1))
+}
+
 fn cluster_client(path: &std::path::Path) -> anyhow::Result<(BrokerClient, String)> {
     let creds = causeway_broker_api::Credentials::load(path).map_err(anyhow::Error::msg)?;
     let id = creds.cluster_id.clone().with_context(|| {
@@ -68,13 +80,7 @@ fn cluster_client(path: &std::path::Path) -> anyhow::Result<(BrokerClient, Strin
 pub async fn export(a: ExportArgs) -> anyhow::Result<()> {
     let (client, cluster_id) = cluster_client(&a.credentials)?;
     let key = causeway_broker_api::service_key(&cluster_id, &a.namespace, &a.name);
-    let generation = client
-        .list()
-        .await?
-        .items
-        .iter()
-        .find(|o| o.record.key() == key)
-        .map_or(1, |o| o.record.generation() + 1);
+    let generation = next_generation(&client, &key).await?;
     let svc = ServiceExportRecord {
         cluster_id,
         namespace: a.namespace,
@@ -101,16 +107,7 @@ pub async fn unexport(a: UnexportArgs) -> anyhow::Result<()> {
 pub async fn cluster_set(a: ClusterSetArgs) -> anyhow::Result<()> {
     let creds = crate::setup::operator_credentials(a.credentials)?;
     let client = BrokerClient::from_credentials(&creds)?;
-    let generation = client
-        .list()
-        .await?
-        .items
-        .into_iter()
-        .find_map(|o| match o.record {
-            Record::ClusterSet(c) => Some(c.generation + 1),
-            _ => None,
-        })
-        .unwrap_or(1);
+    let generation = next_generation(&client, causeway_broker_api::CLUSTER_SET_KEY).await?;
     client.put_cluster_set(&ClusterSetRecord { overlap_mode: a.overlap_mode, generation }).await?;
     println!("overlap mode: {}", if a.overlap_mode { "on" } else { "off" });
     Ok(())

@@ -490,35 +490,58 @@ impl Broker {
         c: ClusterRecord,
         new: bool,
     ) -> Result<Object, BrokerError> {
-        let key = cluster_key(&c.cluster_id);
+        let id = c.cluster_id.clone();
+        self.put_record(
+            store,
+            Record::Cluster(c.clone()),
+            |_, old| {
+                if new && old.is_some() { Err(BrokerError::AlreadyRegistered(id.clone())) } else { Ok(()) }
+            },
+            |items| {
+                let clusters = items.iter().filter_map(|o| match &o.record {
+                    Record::Cluster(c) => Some(c),
+                    _ => None,
+                });
+                if overlap_mode(items) {
+                    causeway_broker_api::check_global_overlaps(&c, clusters)
+                        .map_err(BrokerError::GlobalOverlap)
+                } else {
+                    causeway_broker_api::check_overlaps(&c, clusters).map_err(BrokerError::Overlap)
+                }
+            },
+        )
+    }
+
+    /// Creates or replaces `record` (key from the record): `first` checks the state before
+    /// anything else (it sees the stored version, if any); generations never go back; an
+    /// identical record changes nothing; `on_change` checks what only matters for a real
+    /// change. Returns the stored object.
+    fn put_record(
+        &self,
+        store: &mut dyn Store,
+        record: Record,
+        mut first: impl FnMut(&[Object], Option<&Object>) -> Result<(), BrokerError>,
+        mut on_change: impl FnMut(&[Object]) -> Result<(), BrokerError>,
+    ) -> Result<Object, BrokerError> {
+        let key = record.key();
         let mut unchanged = None;
         let events = self.transact(store, |items| {
-            if let Some(old) = Self::stored(items, &key) {
-                if new {
-                    return Err(BrokerError::AlreadyRegistered(c.cluster_id.clone()));
-                }
-                check_generation(&key, old, c.generation)?;
-                if old.record == Record::Cluster(c.clone()) {
+            let old = Self::stored(items, &key);
+            first(items, old)?;
+            if let Some(old) = old {
+                check_generation(&key, old, record.generation())?;
+                if old.record == record {
                     unchanged = Some(old.clone());
                     return Ok(Vec::new());
                 }
             }
-            let clusters = items.iter().filter_map(|o| match &o.record {
-                Record::Cluster(c) => Some(c),
-                _ => None,
-            });
-            if overlap_mode(items) {
-                causeway_broker_api::check_global_overlaps(&c, clusters)
-                    .map_err(BrokerError::GlobalOverlap)?;
-            } else {
-                causeway_broker_api::check_overlaps(&c, clusters).map_err(BrokerError::Overlap)?;
-            }
-            Ok(vec![Change::Put(Record::Cluster(c.clone()))])
+            on_change(items)?;
+            Ok(vec![Change::Put(record.clone())])
         })?;
         let Some(obj) = events.into_iter().next().map(|e| e.object) else {
             return Ok(unchanged.expect("an empty plan means the record was unchanged"));
         };
-        info!(key, revision = obj.resource_version, "cluster stored");
+        info!(key, revision = obj.resource_version, "record stored");
         Ok(obj)
     }
 
@@ -554,26 +577,20 @@ impl Broker {
         causeway_broker_api::validate_endpoint(&e)?;
         let mut store = self.lock();
         let key = endpoint_key(&e.cluster_id, &e.hostname);
-        let mut unchanged = None;
-        let events = self.transact(&mut **store, |items| {
-            if Self::stored(items, &cluster_key(&e.cluster_id)).is_none() {
-                return Err(BrokerError::ClusterNotRegistered(e.cluster_id.clone()));
-            }
-            if let Some(old) = Self::stored(items, &key) {
-                check_generation(&key, old, e.generation)?;
-                if old.record == Record::Endpoint(e.clone()) {
-                    unchanged = Some(old.clone());
-                    return Ok(Vec::new());
+        let cluster = e.cluster_id.clone();
+        let obj = self.put_record(
+            &mut **store,
+            Record::Endpoint(e),
+            |items, _| {
+                if Self::stored(items, &cluster_key(&cluster)).is_none() {
+                    return Err(BrokerError::ClusterNotRegistered(cluster.clone()));
                 }
-            }
-            Ok(vec![Change::Put(Record::Endpoint(e.clone()))])
-        })?;
+                Ok(())
+            },
+            |_| Ok(()),
+        )?;
         // Changed or not, a PUT of the endpoint is its gateway's heartbeat.
         self.beat(&mut **store, &key)?;
-        let Some(obj) = events.into_iter().next().map(|e| e.object) else {
-            return Ok(unchanged.expect("an empty plan means the record was unchanged"));
-        };
-        info!(key, revision = obj.resource_version, "endpoint stored");
         Ok(obj)
     }
 
@@ -599,24 +616,8 @@ impl Broker {
     }
 
     fn put_set_record(&self, record: Record) -> Result<Object, BrokerError> {
-        let key = record.key();
         let mut store = self.lock();
-        let mut unchanged = None;
-        let events = self.transact(&mut **store, |items| {
-            if let Some(old) = Self::stored(items, &key) {
-                check_generation(&key, old, record.generation())?;
-                if old.record == record {
-                    unchanged = Some(old.clone());
-                    return Ok(Vec::new());
-                }
-            }
-            Ok(vec![Change::Put(record.clone())])
-        })?;
-        let Some(obj) = events.into_iter().next().map(|e| e.object) else {
-            return Ok(unchanged.expect("an empty plan means the record was unchanged"));
-        };
-        info!(key, revision = obj.resource_version, "cluster-set record stored");
-        Ok(obj)
+        self.put_record(&mut **store, record, |_, _| Ok(()), |_| Ok(()))
     }
 
     /// Publishes one of a cluster's exported services; its IPs must lie in the cluster's
@@ -628,42 +629,34 @@ impl Broker {
     ) -> Result<Object, BrokerError> {
         require_write(who, &svc.cluster_id, "export a service")?;
         causeway_broker_api::validate_service(&svc)?;
-        let key = causeway_broker_api::service_key(&svc.cluster_id, &svc.namespace, &svc.name);
         let mut store = self.lock();
-        let mut unchanged = None;
-        let events = self.transact(&mut **store, |items| {
-            let Some(Record::Cluster(c)) =
-                Self::stored(items, &cluster_key(&svc.cluster_id)).map(|o| &o.record)
-            else {
-                return Err(BrokerError::ClusterNotRegistered(svc.cluster_id.clone()));
-            };
-            let ranges: Vec<ipnetwork::IpNetwork> = if overlap_mode(items) {
-                c.global_cidr.into_iter().collect()
-            } else {
-                c.service_cidrs.clone()
-            };
-            if let Some(ip) = svc.ips.iter().find(|ip| !ranges.iter().any(|r| r.contains(**ip))) {
-                return Err(BrokerError::BadRequest(format!(
-                    "ips: {ip} is outside cluster {:?}'s {} ({}); export the service's ClusterIP",
-                    svc.cluster_id,
-                    if overlap_mode(items) { "global CIDR" } else { "service CIDRs" },
-                    ranges.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
-                )));
-            }
-            if let Some(old) = Self::stored(items, &key) {
-                check_generation(&key, old, svc.generation)?;
-                if old.record == Record::ServiceExport(svc.clone()) {
-                    unchanged = Some(old.clone());
-                    return Ok(Vec::new());
+        let record = Record::ServiceExport(svc.clone());
+        self.put_record(
+            &mut **store,
+            record,
+            |items, _| {
+                let Some(Record::Cluster(c)) =
+                    Self::stored(items, &cluster_key(&svc.cluster_id)).map(|o| &o.record)
+                else {
+                    return Err(BrokerError::ClusterNotRegistered(svc.cluster_id.clone()));
+                };
+                let ranges: Vec<ipnetwork::IpNetwork> = if overlap_mode(items) {
+                    c.global_cidr.into_iter().collect()
+                } else {
+                    c.service_cidrs.clone()
+                };
+                if let Some(ip) = svc.ips.iter().find(|ip| !ranges.iter().any(|r| r.contains(**ip))) {
+                    return Err(BrokerError::BadRequest(format!(
+                        "ips: {ip} is outside cluster {:?}'s {} ({}); export the service's ClusterIP",
+                        svc.cluster_id,
+                        if overlap_mode(items) { "global CIDR" } else { "service CIDRs" },
+                        ranges.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+                    )));
                 }
-            }
-            Ok(vec![Change::Put(Record::ServiceExport(svc.clone()))])
-        })?;
-        let Some(obj) = events.into_iter().next().map(|e| e.object) else {
-            return Ok(unchanged.expect("an empty plan means the record was unchanged"));
-        };
-        info!(key, revision = obj.resource_version, "service exported");
-        Ok(obj)
+                Ok(())
+            },
+            |_| Ok(()),
+        )
     }
 
     pub fn delete_service(
@@ -694,39 +687,31 @@ impl Broker {
         settings: causeway_broker_api::ClusterSetRecord,
     ) -> Result<Object, BrokerError> {
         require_admin(who, "change the cluster set's settings")?;
-        let record = Record::ClusterSet(settings.clone());
-        let key = record.key();
         let mut store = self.lock();
-        let mut unchanged = None;
-        let events = self.transact(&mut **store, |items| {
-            if let Some(old) = Self::stored(items, &key) {
-                check_generation(&key, old, record.generation())?;
-                if old.record == record {
-                    unchanged = Some(old.clone());
-                    return Ok(Vec::new());
+        let obj = self.put_record(
+            &mut **store,
+            Record::ClusterSet(settings.clone()),
+            |_, _| Ok(()),
+            |items| {
+                let clusters: Vec<&ClusterRecord> = items
+                    .iter()
+                    .filter_map(|o| match &o.record {
+                        Record::Cluster(c) => Some(c),
+                        _ => None,
+                    })
+                    .collect();
+                for c in &clusters {
+                    if settings.overlap_mode {
+                        causeway_broker_api::check_global_overlaps(c, clusters.iter().copied())
+                            .map_err(BrokerError::GlobalOverlap)?;
+                    } else {
+                        causeway_broker_api::check_overlaps(c, clusters.iter().copied())
+                            .map_err(BrokerError::Overlap)?;
+                    }
                 }
-            }
-            let clusters: Vec<&ClusterRecord> = items
-                .iter()
-                .filter_map(|o| match &o.record {
-                    Record::Cluster(c) => Some(c),
-                    _ => None,
-                })
-                .collect();
-            for c in &clusters {
-                if settings.overlap_mode {
-                    causeway_broker_api::check_global_overlaps(c, clusters.iter().copied())
-                        .map_err(BrokerError::GlobalOverlap)?;
-                } else {
-                    causeway_broker_api::check_overlaps(c, clusters.iter().copied())
-                        .map_err(BrokerError::Overlap)?;
-                }
-            }
-            Ok(vec![Change::Put(record.clone())])
-        })?;
-        let Some(obj) = events.into_iter().next().map(|e| e.object) else {
-            return Ok(unchanged.expect("an empty plan means the record was unchanged"));
-        };
+                Ok(())
+            },
+        )?;
         info!(overlap_mode = settings.overlap_mode, "cluster-set settings stored");
         Ok(obj)
     }

@@ -4,6 +4,7 @@
 mod bench;
 mod bench_dataplane;
 mod bench_policy;
+mod kubernetes;
 mod policy;
 mod sandbox;
 mod services;
@@ -39,6 +40,11 @@ enum Cmd {
     DeployBroker(setup::DeployBrokerArgs),
     /// Register a cluster with the broker and obtain its own credential.
     Join(setup::JoinArgs),
+    /// Print or write the Kubernetes manifests (CRDs, broker, member clusters).
+    Manifests(kubernetes::ManifestsArgs),
+    /// Remove what `join --kubeconfig` (and with --broker, `deploy-broker --kubeconfig`) created
+    /// from a Kubernetes cluster.
+    Uninstall(kubernetes::UninstallArgs),
     /// Rotate or revoke credentials.
     Credentials {
         #[command(subcommand)]
@@ -165,6 +171,15 @@ struct BrokerArgs {
     /// Seconds an endpoint record lives without a heartbeat from its gateway.
     #[arg(long, env = "CAUSEWAY_ENDPOINT_LEASE_SECONDS", default_value_t = 30)]
     endpoint_lease_seconds: u64,
+    /// TLS certificate (PEM) to serve (default: server.pem in --data-dir).
+    #[arg(long, env = "CAUSEWAY_BROKER_TLS_CERT_FILE", requires = "tls_key_file")]
+    tls_cert_file: Option<PathBuf>,
+    #[arg(long, env = "CAUSEWAY_BROKER_TLS_KEY_FILE", requires = "tls_cert_file")]
+    tls_key_file: Option<PathBuf>,
+    /// Credentials to register at startup, by token hash (written by `deploy-broker
+    /// --kubeconfig` into the broker's Secret).
+    #[arg(long, env = "CAUSEWAY_BROKER_BOOTSTRAP_FILE")]
+    bootstrap_file: Option<PathBuf>,
     #[command(flatten)]
     store: setup::StoreArgs,
 }
@@ -177,8 +192,22 @@ struct GatewayArgs {
     /// This cluster's id (default: the one in the credentials file, which it must match).
     #[arg(long, env = "CAUSEWAY_CLUSTER_ID")]
     cluster_id: Option<String>,
+    /// Learn this node's facts from the Kubernetes API (in a pod of the gateway DaemonSet):
+    /// addresses and gateway label from the Node, pod and service CIDRs by discovery (the flags
+    /// below override it), active/standby from the `causeway-gateway` Lease; and publish the
+    /// cluster's ServiceExports while active.
+    #[arg(long, env = "CAUSEWAY_KUBERNETES")]
+    kubernetes: bool,
+    /// Namespace of the gateway Lease (with --kubernetes).
+    #[arg(long, env = "CAUSEWAY_NAMESPACE", default_value = "causeway-system")]
+    namespace: String,
     /// Pod CIDR of this cluster (repeatable).
-    #[arg(long = "pod-cidr", env = "CAUSEWAY_POD_CIDRS", value_delimiter = ',', required = true)]
+    #[arg(
+        long = "pod-cidr",
+        env = "CAUSEWAY_POD_CIDRS",
+        value_delimiter = ',',
+        required_unless_present = "kubernetes"
+    )]
     pod_cidrs: Vec<IpNetwork>,
     /// Service CIDR of this cluster (repeatable).
     #[arg(long = "service-cidr", env = "CAUSEWAY_SERVICE_CIDRS", value_delimiter = ',')]
@@ -187,7 +216,12 @@ struct GatewayArgs {
     #[arg(long, env = "CAUSEWAY_HOSTNAME")]
     hostname: Option<String>,
     /// Address of this node that other gateways can reach (repeatable).
-    #[arg(long = "node-ip", env = "CAUSEWAY_NODE_IPS", value_delimiter = ',', required = true)]
+    #[arg(
+        long = "node-ip",
+        env = "CAUSEWAY_NODE_IPS",
+        value_delimiter = ',',
+        required_unless_present = "kubernetes"
+    )]
     node_ips: Vec<IpAddr>,
     /// Public (NATed) address of this node, if any (repeatable).
     #[arg(long = "public-ip", env = "CAUSEWAY_PUBLIC_IPS", value_delimiter = ',')]
@@ -271,6 +305,11 @@ fn main() -> anyhow::Result<()> {
             telemetry::init("warn");
             setup::deploy_broker(a)
         }
+        Cmd::Manifests(a) => kubernetes::manifests(a),
+        Cmd::Uninstall(a) => {
+            telemetry::init("warn");
+            runtime()?.block_on(kubernetes::uninstall(a))
+        }
         Cmd::Join(a) => {
             telemetry::init("warn");
             runtime()?.block_on(setup::join(a))
@@ -342,8 +381,8 @@ async fn shutdown_signal() {
 }
 
 async fn broker(a: BrokerArgs) -> anyhow::Result<()> {
-    let cert = a.data_dir.join(setup::CERT_FILE);
-    let key = a.data_dir.join(setup::KEY_FILE);
+    let cert = a.tls_cert_file.clone().unwrap_or_else(|| a.data_dir.join(setup::CERT_FILE));
+    let key = a.tls_key_file.clone().unwrap_or_else(|| a.data_dir.join(setup::KEY_FILE));
     let tls = if a.plain_http {
         None
     } else if cert.exists() {
@@ -364,6 +403,15 @@ async fn broker(a: BrokerArgs) -> anyhow::Result<()> {
         store,
         std::time::Duration::from_secs(a.endpoint_lease_seconds.max(1)),
     )?;
+    if let Some(path) = &a.bootstrap_file {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let file: causeway_broker::auth::BootstrapFile = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a bootstrap file", path.display()))?;
+        for c in &file.credentials {
+            broker.bootstrap(&c.token_sha256, &c.identity)?;
+        }
+        tracing::info!(count = file.credentials.len(), "bootstrap credentials registered");
+    }
     tokio::spawn(broker.clone().run_expiry());
     let listener = tokio::net::TcpListener::bind(&a.listen)
         .await
@@ -376,7 +424,7 @@ async fn broker(a: BrokerArgs) -> anyhow::Result<()> {
 }
 
 async fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
-    let hostname = match a.hostname {
+    let hostname = match a.hostname.clone() {
         Some(h) => h,
         None => std::fs::read_to_string("/proc/sys/kernel/hostname")
             .context("reading the hostname; pass --hostname")?
@@ -390,11 +438,28 @@ async fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
             a.broker_credentials.display()
         );
     };
-    let cluster_id = a.cluster_id.unwrap_or_else(|| own_id.clone());
+    let cluster_id = a.cluster_id.clone().unwrap_or_else(|| own_id.clone());
     if cluster_id != own_id {
         anyhow::bail!(
             "--cluster-id {cluster_id} does not match the credentials, which are cluster {own_id}'s"
         );
+    }
+    let config = gateway_config(&a, broker.clone())?;
+    if a.kubernetes {
+        let client = causeway_deploy::connect(None, None).await?;
+        let overrides = causeway_deploy::source::Overrides {
+            cluster_id,
+            pod_cidrs: a.pod_cidrs,
+            service_cidrs: a.service_cidrs,
+            node_ips: a.node_ips,
+            public_ips: a.public_ips,
+        };
+        let publisher = causeway_broker_api::BrokerClient::from_credentials(&broker)?;
+        let (source, services) =
+            causeway_deploy::start_gateway_services(client, &hostname, &a.namespace, overrides, publisher);
+        let result = causeway_gateway::run(config, source, shutdown_signal()).await;
+        services.stop().await;
+        return result.context("gateway failed");
     }
     let local = causeway_gateway::cluster::LocalCluster {
         cluster_id,
@@ -405,26 +470,32 @@ async fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
         public_ips: a.public_ips,
         active: true,
     };
-    let config = causeway_gateway::GatewayConfig {
+    causeway_gateway::run(config, causeway_gateway::cluster::StaticSource(local), shutdown_signal())
+        .await
+        .context("gateway failed")
+}
+
+fn gateway_config(
+    a: &GatewayArgs,
+    broker: causeway_broker_api::Credentials,
+) -> anyhow::Result<causeway_gateway::GatewayConfig> {
+    Ok(causeway_gateway::GatewayConfig {
         broker,
-        cable: a.cable,
-        device: a.device,
+        cable: a.cable.clone(),
+        device: a.device.clone(),
         listen_port: a.listen_port,
         underlay_mtu: a.underlay_mtu,
         key_file: a.state_dir.join("private.key"),
-        state_dir: a.state_dir,
-        status_socket: a.status_socket,
+        state_dir: a.state_dir.clone(),
+        status_socket: a.status_socket.clone(),
         uapi: !a.no_uapi,
         heartbeat: std::time::Duration::from_secs(a.heartbeat_seconds.max(1)),
-        uplink: a.uplink,
+        uplink: a.uplink.clone(),
         metrics_listen: match a.metrics_listen.as_str() {
             "off" | "" => None,
             addr => Some(
                 addr.parse().with_context(|| format!("--metrics-listen {addr:?} is not ADDR:PORT or off"))?,
             ),
         },
-    };
-    causeway_gateway::run(config, causeway_gateway::cluster::StaticSource(local), shutdown_signal())
-        .await
-        .context("gateway failed")
+    })
 }

@@ -71,13 +71,25 @@ impl StoreArgs {
 }
 
 #[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["local", "kubernetes", "kubeconfig", "context"])))]
 pub struct DeployBrokerArgs {
-    /// Set the broker up on this machine (the Kubernetes flavour comes with the manifests).
-    #[arg(long, required = true)]
+    /// Set the broker up on this machine.
+    #[arg(long)]
     local: bool,
-    /// Where the store, certificates and credentials go (created 0700).
-    #[arg(long, env = "CAUSEWAY_BROKER_DATA_DIR", default_value = "/var/lib/causeway-broker")]
-    data_dir: PathBuf,
+    /// Deploy the broker into a Kubernetes cluster (implied by --kubeconfig/--context).
+    #[arg(long)]
+    kubernetes: bool,
+    #[command(flatten)]
+    kube: crate::kubernetes::KubeArgs,
+    #[command(flatten)]
+    manifests: crate::kubernetes::ManifestArgs,
+    /// With Kubernetes: print what would be applied (Secrets redacted) and change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Where the store, certificates and credentials go (created 0700). With Kubernetes only
+    /// the admin credentials, broker-info file and CA go here (default ./causeway-broker).
+    #[arg(long, env = "CAUSEWAY_BROKER_DATA_DIR")]
+    data_dir: Option<PathBuf>,
     /// Address (IP or DNS name) the gateways will use to reach the broker (repeatable; the
     /// first one goes into the broker-info file). Certificates are issued for all of them.
     #[arg(long = "address", required = true)]
@@ -109,8 +121,13 @@ fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
 }
 
 pub fn deploy_broker(a: DeployBrokerArgs) -> anyhow::Result<()> {
-    let _ = a.local;
-    let dir = &a.data_dir;
+    if !a.local {
+        let dir = a.data_dir.clone().unwrap_or_else(|| PathBuf::from("causeway-broker"));
+        return tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(
+            crate::kubernetes::deploy_broker(&a.kube, &a.manifests, &a.addresses, &dir, a.dry_run),
+        );
+    }
+    let dir = &a.data_dir.clone().unwrap_or_else(|| PathBuf::from("/var/lib/causeway-broker"));
     if dir.join(STORE_FILE).exists() || dir.join(CERT_FILE).exists() {
         bail!(
             "{} already holds a broker; to start over, stop it and remove the directory (its clusters will have to join again)",
@@ -203,7 +220,8 @@ pub struct JoinArgs {
     broker_info: PathBuf,
     #[arg(long, env = "CAUSEWAY_CLUSTER_ID")]
     cluster_id: String,
-    #[arg(long = "pod-cidr", value_delimiter = ',', required = true)]
+    /// Pod CIDRs (repeatable). Required without Kubernetes; with it they override discovery.
+    #[arg(long = "pod-cidr", value_delimiter = ',')]
     pod_cidrs: Vec<IpNetwork>,
     #[arg(long = "service-cidr", value_delimiter = ',')]
     service_cidrs: Vec<IpNetwork>,
@@ -211,9 +229,46 @@ pub struct JoinArgs {
     /// --broker-credentials. Default: ./<cluster-id>-credentials.json
     #[arg(long)]
     output: Option<PathBuf>,
+    /// Join a Kubernetes cluster: discover its CIDRs, label its gateway node(s), store the
+    /// credentials in a Secret and apply the member manifests (implied by --kubeconfig/--context).
+    #[arg(long)]
+    kubernetes: bool,
+    #[command(flatten)]
+    kube: crate::kubernetes::KubeArgs,
+    #[command(flatten)]
+    manifests: crate::kubernetes::ManifestArgs,
+    /// Node(s) to run the gateway on (repeatable; default: the nodes already labelled, or a prompt).
+    #[arg(long = "gateway-node", value_delimiter = ',')]
+    gateway_nodes: Vec<String>,
+    /// With Kubernetes: print what would be applied and change nothing.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 pub async fn join(a: JoinArgs) -> anyhow::Result<()> {
+    if a.kubernetes || a.kube.kubeconfig.is_some() || a.kube.context.is_some() {
+        let output =
+            a.output.clone().unwrap_or_else(|| PathBuf::from(format!("{}-credentials.json", a.cluster_id)));
+        return crate::kubernetes::join(
+            &a.kube,
+            &a.manifests,
+            crate::kubernetes::JoinPlan {
+                info_path: &a.broker_info,
+                cluster_id: &a.cluster_id,
+                pod_cidrs: &a.pod_cidrs,
+                service_cidrs: &a.service_cidrs,
+                gateway_nodes: &a.gateway_nodes,
+                output,
+                dry_run: a.dry_run,
+            },
+        )
+        .await;
+    }
+    if a.pod_cidrs.is_empty() {
+        bail!(
+            "--pod-cidr is required (or join a Kubernetes cluster with --kubeconfig/--context, which discovers it)"
+        );
+    }
     let info = Credentials::load(&a.broker_info).map_err(anyhow::Error::msg)?;
     if info.kind == CredentialKind::Cluster {
         bail!(

@@ -1,6 +1,6 @@
 //! Where the gateway learns its own cluster's facts. A small trait so that the static source
-//! (flags / config, used by the sandbox) and the Kubernetes source (node watch + Lease, a later
-//! issue) are interchangeable.
+//! (flags / config, used by the sandbox) and the Kubernetes source (`causeway-deploy`: nodes,
+//! CIDR discovery and the active-gateway Lease) are interchangeable.
 
 use std::{future::Future, net::IpAddr};
 
@@ -56,11 +56,19 @@ impl LocalCluster {
 pub enum SourceError {
     #[error("invalid cluster configuration: {0}")]
     Invalid(#[from] ValidationError),
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// A source of the local cluster's facts.
 pub trait ClusterSource: Send + 'static {
     fn local_cluster(&mut self) -> impl Future<Output = Result<LocalCluster, SourceError>> + Send;
+
+    /// Completes when the facts change (e.g. this gateway became active or standby), with the
+    /// new facts. The default never completes: static facts do not change.
+    fn next_change(&mut self) -> impl Future<Output = Result<LocalCluster, SourceError>> + Send {
+        std::future::pending()
+    }
 }
 
 /// Facts given on the command line or in a config file.

@@ -415,8 +415,9 @@ pub async fn run(
 
     let client =
         BrokerClient::from_credentials(&config.broker).map_err(|e| GatewayError::Broker(e.to_string()))?;
-    let ep = endpoint_record(&local, &key, config.listen_port);
-    let heartbeat_task = tokio::spawn(heartbeat(client.clone(), ep.clone(), config.heartbeat));
+    let mut local = local;
+    let mut ep = endpoint_record(&local, &key, config.listen_port);
+    let mut heartbeat_task = tokio::spawn(heartbeat(client.clone(), ep.clone(), config.heartbeat));
     let peers_task = config.uplink.is_some().then(|| {
         let shared = shared.clone();
         tokio::spawn(async move {
@@ -429,9 +430,28 @@ pub async fn run(
             }
         })
     });
-    tokio::select! {
-        () = sync_loop(&client, &local, &ep, &config, &shared) => {}
-        () = shutdown => info!("shutting down"),
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = sync_loop(&client, &local, &ep, &config, &shared) => break,
+            () = &mut shutdown => {
+                info!("shutting down");
+                break;
+            }
+            // A new role (or other facts): publish it at once and resume syncing with it.
+            next = source.next_change() => match next {
+                Ok(next) if next != local => {
+                    info!(active = next.active, "this gateway's facts changed; re-registering");
+                    local = next;
+                    ep = endpoint_record(&local, &key, config.listen_port);
+                    shared.lock().await.local = local.clone();
+                    heartbeat_task.abort();
+                    heartbeat_task = tokio::spawn(heartbeat(client.clone(), ep.clone(), config.heartbeat));
+                }
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "the cluster source failed; keeping the current facts"),
+            },
+        }
     }
     status_task.abort();
     heartbeat_task.abort();

@@ -49,6 +49,21 @@ pub fn hash(token: &str) -> String {
     Sha256::digest(token.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The file `deploy-broker --kubeconfig` puts in the broker's bootstrap Secret: identities and
+/// the SHA-256 of their tokens (the tokens themselves stay with the operator).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BootstrapFile {
+    pub credentials: Vec<BootstrapCredential>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BootstrapCredential {
+    pub identity: Identity,
+    pub token_sha256: String,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -417,6 +417,23 @@ impl Broker {
         Ok(token)
     }
 
+    /// Registers a credential by its token's SHA-256 (idempotent). This is how a broker that
+    /// `deploy-broker --kubeconfig` set up learns the admin and join tokens the CLI generated:
+    /// only their hashes travel, in a Secret.
+    pub fn bootstrap(&self, token_sha256: &str, identity: &Identity) -> Result<(), BrokerError> {
+        if token_sha256.len() != 64 || !token_sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(BrokerError::BadRequest(format!(
+                "bootstrap credential {token_sha256:?} is not a SHA-256 in hex"
+            )));
+        }
+        let hash = token_sha256.to_ascii_lowercase();
+        if self.read().credential(&hash)?.as_ref() == Some(identity) {
+            return Ok(());
+        }
+        self.lock().put_credential(&hash, identity)?;
+        Ok(())
+    }
+
     pub fn list(&self, who: &Identity) -> Result<ListResponse, BrokerError> {
         require_read(who)?;
         let cache = self.cache.read().unwrap_or_else(std::sync::PoisonError::into_inner);

@@ -589,3 +589,19 @@ async fn services_and_overlap_mode(mut f: Fixture) {
     let left = admin.list().await.unwrap();
     assert!(left.items.iter().all(|o| !matches!(o.record, Record::ServiceExport(_))), "{left:?}");
 }
+
+#[tokio::test]
+async fn bootstrap_credentials_register_by_hash_and_bad_ones_are_refused() {
+    let broker = Broker::new(MemStore::default()).unwrap();
+    let token = causeway_broker::auth::new_token();
+    let hash = causeway_broker::auth::hash(&token.0);
+    broker.bootstrap(&hash, &Identity::Admin).unwrap();
+    // Idempotent: a restarted broker registers the same file again.
+    broker.bootstrap(&hash.to_uppercase(), &Identity::Admin).unwrap();
+    assert_eq!(broker.authenticate(Some(&token.0)).unwrap(), Identity::Admin);
+    let err = broker.bootstrap("not-a-hash", &Identity::Join).unwrap_err();
+    assert!(err.to_string().contains("SHA-256"), "{err}");
+    // Nothing stored was lost on the way.
+    assert_eq!(broker.authenticate(Some(&token.0)).unwrap(), Identity::Admin);
+    assert!(broker.authenticate(Some("cw1_other")).is_err());
+}

@@ -1,0 +1,408 @@
+//! The Kubernetes flavour of the setup verbs: `manifests`, `deploy-broker --kubeconfig`,
+//! `join --kubeconfig` and `uninstall`. The Kubernetes work itself is in `causeway-deploy`.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use causeway_deploy::{Bundle, Settings};
+
+/// Options shared by every verb that generates manifests.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ManifestArgs {
+    /// Namespace Causeway runs in.
+    #[arg(long, env = "CAUSEWAY_NAMESPACE", default_value = "causeway-system")]
+    pub namespace: String,
+    /// Container image of the `causeway` binary (see deploy/Containerfile).
+    #[arg(long, env = "CAUSEWAY_IMAGE")]
+    pub image: Option<String>,
+}
+
+impl ManifestArgs {
+    pub fn settings(&self) -> Settings {
+        let mut s = Settings { namespace: self.namespace.clone(), ..Settings::default() };
+        if let Some(image) = &self.image {
+            s.image.clone_from(image);
+        }
+        s
+    }
+}
+
+#[derive(clap::Args)]
+pub struct ManifestsArgs {
+    /// Write crds.yaml, broker.yaml and member.yaml here (default: print them all).
+    #[arg(long)]
+    output_dir: Option<PathBuf>,
+    #[command(flatten)]
+    manifests: ManifestArgs,
+}
+
+pub fn manifests(a: ManifestsArgs) -> anyhow::Result<()> {
+    let settings = a.manifests.settings();
+    for bundle in Bundle::ALL {
+        let yaml = causeway_deploy::render(bundle, &settings)?;
+        match &a.output_dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+                let path = dir.join(bundle.file_name());
+                std::fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))?;
+                println!("wrote {}", path.display());
+            }
+            None => print!("{yaml}"),
+        }
+    }
+    Ok(())
+}
+
+/// Which cluster to talk to.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct KubeArgs {
+    /// Kubeconfig file (default: $KUBECONFIG or ~/.kube/config).
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// Context in the kubeconfig (default: its current context).
+    #[arg(long)]
+    pub context: Option<String>,
+}
+
+impl KubeArgs {
+    async fn connect(&self) -> anyhow::Result<causeway_deploy::Client> {
+        Ok(causeway_deploy::connect(self.kubeconfig.as_deref(), self.context.as_deref()).await?)
+    }
+}
+
+fn progress(line: &str) {
+    eprintln!("  {line}");
+}
+
+fn print_dry_run(manifests: &[causeway_deploy::Manifest]) {
+    for m in manifests {
+        println!("---");
+        print!("{}", causeway_deploy::apply::redacted(m));
+    }
+}
+
+/// `deploy-broker --kubeconfig …`: certificates and tokens made here, only the token hashes and
+/// the serving certificate go into the cluster.
+pub async fn deploy_broker(
+    kube: &KubeArgs,
+    manifests: &ManifestArgs,
+    addresses: &[String],
+    data_dir: &std::path::Path,
+    dry_run: bool,
+) -> anyhow::Result<()> {
+    use causeway_broker::auth::{BootstrapCredential, BootstrapFile, Identity};
+    use causeway_broker_api::{CredentialKind, Credentials};
+    let settings = manifests.settings();
+    let ns = settings.namespace.clone();
+    if !dry_run && data_dir.join(crate::setup::ADMIN_FILE).exists() {
+        anyhow::bail!(
+            "{} already holds a broker's admin credentials; pass another --data-dir, or remove it to start over",
+            data_dir.display()
+        );
+    }
+    // The in-cluster name too, so that a member cluster that is also the broker's can use it.
+    let mut names = addresses.to_vec();
+    names.push(format!("causeway-broker.{ns}.svc"));
+    let tls = causeway_broker::tls::generate(&names).context("generating the broker's certificates")?;
+    let admin = causeway_broker::auth::new_token();
+    let join = causeway_broker::auth::new_token();
+    let bootstrap = BootstrapFile {
+        credentials: vec![
+            BootstrapCredential {
+                identity: Identity::Admin,
+                token_sha256: causeway_broker::auth::hash(&admin.0),
+            },
+            BootstrapCredential {
+                identity: Identity::Join,
+                token_sha256: causeway_broker::auth::hash(&join.0),
+            },
+        ],
+    };
+    use causeway_deploy::manifests::{BOOTSTRAP_KEY, BROKER_BOOTSTRAP_SECRET, BROKER_TLS_SECRET};
+    let mut all = causeway_deploy::Bundle::Crds.manifests(&settings)?;
+    let broker = causeway_deploy::Bundle::Broker.manifests(&settings)?;
+    // Namespace first, then the Secrets the Deployment mounts, then the rest.
+    all.push(broker[0].clone());
+    all.push(causeway_deploy::apply::secret(
+        &ns,
+        BROKER_TLS_SECRET,
+        "kubernetes.io/tls",
+        [
+            ("tls.crt".into(), tls.cert_pem.clone().into_bytes()),
+            ("tls.key".into(), tls.key_pem.clone().into_bytes()),
+        ]
+        .into(),
+    )?);
+    all.push(causeway_deploy::apply::secret(
+        &ns,
+        BROKER_BOOTSTRAP_SECRET,
+        "Opaque",
+        [(BOOTSTRAP_KEY.into(), serde_json::to_vec_pretty(&bootstrap)?)].into(),
+    )?);
+    all.extend(broker.into_iter().skip(1));
+    if dry_run {
+        print_dry_run(&all);
+        return Ok(());
+    }
+    let client = kube.connect().await?;
+    eprintln!("deploying the broker into namespace {ns}:");
+    causeway_deploy::apply::apply(&client, &all, progress).await?;
+    {
+        use std::os::unix::fs::DirBuilderExt as _;
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(data_dir)?;
+    }
+    let url = format!("https://{}:{}", host_for_url(&addresses[0]), settings.broker_port);
+    let admin_creds = Credentials {
+        broker_url: url,
+        ca_pem: Some(tls.ca_pem.clone()),
+        kind: CredentialKind::Admin,
+        cluster_id: None,
+        token: admin,
+    };
+    let info = Credentials { kind: CredentialKind::Join, token: join, ..admin_creds.clone() };
+    admin_creds.save(&data_dir.join(crate::setup::ADMIN_FILE))?;
+    info.save(&data_dir.join(crate::setup::BROKER_INFO_FILE))?;
+    std::fs::write(data_dir.join(crate::setup::CA_FILE), &tls.ca_pem)?;
+    println!(
+        "broker deployed; point {} at Service {ns}/causeway-broker (port {})",
+        addresses[0], settings.broker_port
+    );
+    println!("  admin:           {} (keep it safe)", data_dir.join(crate::setup::ADMIN_FILE).display());
+    println!(
+        "  join a cluster:  causeway join {} --cluster-id … --kubeconfig …",
+        data_dir.join(crate::setup::BROKER_INFO_FILE).display()
+    );
+    Ok(())
+}
+
+fn host_for_url(addr: &str) -> String {
+    match addr.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V6(v6)) => format!("[{v6}]"),
+        _ => addr.to_owned(),
+    }
+}
+
+pub struct JoinPlan<'a> {
+    pub info_path: &'a std::path::Path,
+    pub cluster_id: &'a str,
+    pub pod_cidrs: &'a [ipnetwork::IpNetwork],
+    pub service_cidrs: &'a [ipnetwork::IpNetwork],
+    pub gateway_nodes: &'a [String],
+    pub output: PathBuf,
+    pub dry_run: bool,
+}
+
+/// Picks the gateway nodes: the flag, else the nodes already labelled, else a prompt.
+fn choose_gateways(flag: &[String], nodes: &[(String, bool)]) -> anyhow::Result<Vec<String>> {
+    use std::io::IsTerminal as _;
+    let names: Vec<&str> = nodes.iter().map(|(n, _)| n.as_str()).collect();
+    if !flag.is_empty() {
+        if let Some(bad) = flag.iter().find(|n| !names.contains(&n.as_str())) {
+            anyhow::bail!("--gateway-node {bad}: no such node (nodes: {})", names.join(", "));
+        }
+        return Ok(flag.to_vec());
+    }
+    let labelled: Vec<String> = nodes.iter().filter(|(_, l)| *l).map(|(n, _)| n.clone()).collect();
+    if !labelled.is_empty() {
+        return Ok(labelled);
+    }
+    if !std::io::stdin().is_terminal() {
+        anyhow::bail!(
+            "no node is labelled {}=true: pass --gateway-node NAME (one or two of: {})",
+            causeway_deploy::manifests::GATEWAY_LABEL,
+            names.join(", ")
+        );
+    }
+    eprint!("gateway node(s), comma-separated [{}]: ", names.join(", "));
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line)?;
+    let chosen: Vec<String> =
+        line.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect();
+    if chosen.is_empty() {
+        anyhow::bail!("no gateway node chosen");
+    }
+    choose_gateways(&chosen, nodes)
+}
+
+/// `join --kubeconfig …`: discover, register with the broker (or reuse this cluster's
+/// credentials from an earlier run), label the gateway nodes, apply the member manifests.
+pub async fn join(kube: &KubeArgs, manifests: &ManifestArgs, p: JoinPlan<'_>) -> anyhow::Result<()> {
+    use causeway_broker_api::{BrokerClient, ClusterRecord, CredentialKind, Credentials};
+    let settings = manifests.settings();
+    let ns = settings.namespace.clone();
+    let info = Credentials::load(p.info_path).map_err(anyhow::Error::msg)?;
+    if info.kind == CredentialKind::Cluster {
+        anyhow::bail!(
+            "{} is a cluster's credentials file; join needs the broker-info file",
+            p.info_path.display()
+        );
+    }
+    let client = kube.connect().await?;
+    eprintln!("discovering cluster {}:", p.cluster_id);
+    let observed = causeway_deploy::source::observe(&client).await?;
+    let found = causeway_deploy::source::discover(&observed, p.pod_cidrs, p.service_cidrs)?;
+    progress(&format!("pod CIDRs {:?} (from {})", found.pod_cidrs, found.pod_from));
+    progress(&format!("service CIDRs {:?} (from {})", found.service_cidrs, found.service_from));
+    let record = ClusterRecord {
+        cluster_id: p.cluster_id.into(),
+        pod_cidrs: found.pod_cidrs.clone(),
+        service_cidrs: found.service_cidrs.clone(),
+        global_cidr: None,
+        labels: Default::default(),
+        generation: 1,
+    };
+    causeway_broker_api::validate_cluster(&record).context("checking the cluster's settings")?;
+    let gateways = choose_gateways(p.gateway_nodes, &causeway_deploy::apply::nodes(&client).await?)?;
+    progress(&format!("gateway node(s): {}", gateways.join(", ")));
+
+    let mut all = causeway_deploy::Bundle::Crds.manifests(&settings)?;
+    all.extend(causeway_deploy::Bundle::Member.manifests(&settings)?);
+    // Discovery ran here with the operator's rights; the gateway repeats it with its own, and
+    // these values keep both in agreement when they were given explicitly.
+    let mut overrides = std::collections::BTreeMap::new();
+    let join_list =
+        |v: &[ipnetwork::IpNetwork]| v.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
+    if !p.pod_cidrs.is_empty() {
+        overrides.insert("CAUSEWAY_POD_CIDRS".to_owned(), join_list(p.pod_cidrs));
+    }
+    if !p.service_cidrs.is_empty() {
+        overrides.insert("CAUSEWAY_SERVICE_CIDRS".to_owned(), join_list(p.service_cidrs));
+    }
+    all.push(causeway_deploy::apply::config_map(&ns, causeway_deploy::manifests::GATEWAY_CONFIG, overrides)?);
+    if p.dry_run {
+        for node in &gateways {
+            println!("# would label node {node} {}=true", causeway_deploy::manifests::GATEWAY_LABEL);
+        }
+        println!("# would register cluster {} with {}", p.cluster_id, info.broker_url);
+        print_dry_run(&all);
+        return Ok(());
+    }
+
+    // A re-run after a failed apply reuses the credentials the first run obtained.
+    let creds = match Credentials::load(&p.output) {
+        Ok(c) if c.cluster_id.as_deref() == Some(p.cluster_id) && c.broker_url == info.broker_url => {
+            progress(&format!("reusing this cluster's credentials in {}", p.output.display()));
+            c
+        }
+        _ => {
+            let joined = BrokerClient::from_credentials(&info)?
+                .join(&record)
+                .await
+                .with_context(|| format!("registering cluster {} with {}", p.cluster_id, info.broker_url))?;
+            let c = Credentials {
+                broker_url: info.broker_url.clone(),
+                ca_pem: info.ca_pem.clone(),
+                kind: CredentialKind::Cluster,
+                cluster_id: Some(p.cluster_id.into()),
+                token: joined.token,
+            };
+            c.save(&p.output).with_context(|| format!("writing {}", p.output.display()))?;
+            progress(&format!("registered with the broker; credentials saved in {}", p.output.display()));
+            c
+        }
+    };
+    let namespace_first = all.iter().position(|m| m.kind == "Namespace").unwrap_or(0) + 1;
+    all.insert(
+        namespace_first,
+        causeway_deploy::apply::secret(
+            &ns,
+            causeway_deploy::manifests::CREDENTIALS_SECRET,
+            "Opaque",
+            [(causeway_deploy::manifests::CREDENTIALS_KEY.into(), serde_json::to_vec_pretty(&creds)?)].into(),
+        )?,
+    );
+    for node in &gateways {
+        causeway_deploy::apply::label_gateway(&client, node, true).await?;
+        progress(&format!("labelled node {node} {}=true", causeway_deploy::manifests::GATEWAY_LABEL));
+    }
+    causeway_deploy::apply::apply(&client, &all, progress).await?;
+    println!("cluster {} joined; its gateways start on {}", p.cluster_id, gateways.join(", "));
+    println!("  check: causeway show connections --credentials {}", p.output.display());
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct UninstallArgs {
+    #[command(flatten)]
+    kube: KubeArgs,
+    #[command(flatten)]
+    manifests: ManifestArgs,
+    /// Also remove the broker (in the cluster it was deployed to).
+    #[arg(long)]
+    broker: bool,
+    /// Also remove the CRDs — and with them every ServiceExport and ClusterSetPolicy object.
+    #[arg(long)]
+    crds: bool,
+    /// Print what would be removed.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+/// Removes what `join` (and with --broker, `deploy-broker`) created. Leaving the broker's
+/// records is `causeway leave`'s job.
+pub async fn uninstall(a: UninstallArgs) -> anyhow::Result<()> {
+    use causeway_deploy::manifests::{
+        BROKER_BOOTSTRAP_SECRET, BROKER_TLS_SECRET, CREDENTIALS_SECRET, GATEWAY_CONFIG,
+    };
+    let settings = a.manifests.settings();
+    let ns = settings.namespace.clone();
+    let mut all = Vec::new();
+    if a.crds {
+        all.extend(causeway_deploy::Bundle::Crds.manifests(&settings)?);
+    }
+    let mut member = causeway_deploy::Bundle::Member.manifests(&settings)?;
+    // The namespace goes last (removal runs in reverse), and only when nothing else stays in it.
+    let namespace = member.remove(0);
+    if a.broker {
+        all.push(namespace);
+    }
+    all.extend(member);
+    all.push(causeway_deploy::apply::lease(&ns)?);
+    all.push(causeway_deploy::apply::secret(&ns, CREDENTIALS_SECRET, "Opaque", Default::default())?);
+    all.push(causeway_deploy::apply::config_map(&ns, GATEWAY_CONFIG, Default::default())?);
+    if a.broker {
+        all.extend(causeway_deploy::Bundle::Broker.manifests(&settings)?.into_iter().skip(1));
+        all.push(causeway_deploy::apply::secret(&ns, BROKER_TLS_SECRET, "Opaque", Default::default())?);
+        all.push(causeway_deploy::apply::secret(&ns, BROKER_BOOTSTRAP_SECRET, "Opaque", Default::default())?);
+    }
+    if a.dry_run {
+        println!("# would remove the {} label from every node", causeway_deploy::manifests::GATEWAY_LABEL);
+        for m in all.iter().rev() {
+            println!("# would delete {}", m.describe());
+        }
+        return Ok(());
+    }
+    let client = a.kube.connect().await?;
+    eprintln!("removing Causeway from namespace {ns}:");
+    let mut failed = Vec::new();
+    if let Err(e) = causeway_deploy::apply::remove(&client, &all, progress).await {
+        failed.push(e.to_string());
+    }
+    for (node, labelled) in causeway_deploy::apply::nodes(&client).await? {
+        if labelled {
+            match causeway_deploy::apply::label_gateway(&client, &node, false).await {
+                Ok(()) => progress(&format!("removed the gateway label from {node}")),
+                Err(e) => failed.push(e.to_string()),
+            }
+        }
+    }
+    if !failed.is_empty() {
+        anyhow::bail!("uninstall finished with errors: {}", failed.join("; "));
+    }
+    println!("Causeway removed");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gateway_nodes_come_from_the_flag_or_the_label() {
+        let nodes = vec![("a".to_owned(), false), ("b".to_owned(), true), ("c".to_owned(), true)];
+        assert_eq!(choose_gateways(&["a".into()], &nodes).unwrap(), ["a"]);
+        assert_eq!(choose_gateways(&[], &nodes).unwrap(), ["b", "c"]);
+        let e = choose_gateways(&["zz".into()], &nodes).unwrap_err().to_string();
+        assert!(e.contains("no such node") && e.contains("a, b, c"), "{e}");
+    }
+}

@@ -1,0 +1,177 @@
+//! Server-side apply of [`Manifest`]s, and their removal. Every object is applied with field
+//! manager `causeway`, so re-running `deploy-broker`/`join` converges instead of failing, and
+//! `uninstall` deletes exactly the objects the generator names.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    ByteString,
+    api::core::v1::{ConfigMap, Node, Secret},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use kube::{
+    Api, Client,
+    api::{ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams},
+};
+
+use crate::manifests::{GATEWAY_LABEL, MANAGER, Manifest, ManifestError, manifest};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("applying {what}: {source}")]
+    Apply {
+        what: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("{what}: {source}")]
+    Api {
+        what: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("{} step(s) of the removal failed: {}", .0.len(), .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Removal(Vec<ApplyError>),
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+}
+
+fn resource(m: &Manifest) -> ApiResource {
+    let (group, version) = m.api_version.rsplit_once('/').unwrap_or(("", &m.api_version));
+    let gvk = GroupVersionKind::gvk(group, version, &m.kind);
+    // Every kind Causeway applies pluralises by adding "s".
+    ApiResource::from_gvk_with_plural(&gvk, &format!("{}s", m.kind.to_lowercase()))
+}
+
+fn api(client: &Client, m: &Manifest) -> Api<DynamicObject> {
+    match &m.namespace {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, &resource(m)),
+        None => Api::all_with(client.clone(), &resource(m)),
+    }
+}
+
+/// Server-side applies `manifests` in order, reporting each to `progress`.
+pub async fn apply(
+    client: &Client,
+    manifests: &[Manifest],
+    mut progress: impl FnMut(&str),
+) -> Result<(), ApplyError> {
+    let params = PatchParams::apply(MANAGER).force();
+    for m in manifests {
+        api(client, m)
+            .patch(&m.name, &params, &Patch::Apply(&m.json))
+            .await
+            .map_err(|source| ApplyError::Apply { what: m.describe(), source })?;
+        progress(&format!("applied {}", m.describe()));
+    }
+    Ok(())
+}
+
+/// Deletes `manifests` in reverse order. Objects already gone are fine; every other failure is
+/// collected and reported together, after every step has run.
+pub async fn remove(
+    client: &Client,
+    manifests: &[Manifest],
+    mut progress: impl FnMut(&str),
+) -> Result<(), ApplyError> {
+    let mut errors = Vec::new();
+    for m in manifests.iter().rev() {
+        match api(client, m).delete(&m.name, &DeleteParams::background()).await {
+            Ok(_) => progress(&format!("deleted {}", m.describe())),
+            Err(kube::Error::Api(s)) if s.is_not_found() => {
+                progress(&format!("{} was already gone", m.describe()))
+            }
+            Err(source) => {
+                errors.push(ApplyError::Api { what: format!("deleting {}", m.describe()), source })
+            }
+        }
+    }
+    if errors.is_empty() { Ok(()) } else { Err(ApplyError::Removal(errors)) }
+}
+
+/// A Secret as a manifest (its values never go into `deploy/`).
+pub fn secret(
+    namespace: &str,
+    name: &str,
+    type_: &str,
+    data: BTreeMap<String, Vec<u8>>,
+) -> Result<Manifest, ManifestError> {
+    manifest(&Secret {
+        metadata: owned_meta(namespace, name),
+        type_: Some(type_.into()),
+        data: Some(data.into_iter().map(|(k, v)| (k, ByteString(v))).collect()),
+        ..Secret::default()
+    })
+}
+
+/// The gateway Lease, for removal.
+pub fn lease(namespace: &str) -> Result<Manifest, ManifestError> {
+    manifest(&k8s_openapi::api::coordination::v1::Lease {
+        metadata: owned_meta(namespace, crate::manifests::GATEWAY_LEASE),
+        spec: None,
+    })
+}
+
+pub fn config_map(
+    namespace: &str,
+    name: &str,
+    data: BTreeMap<String, String>,
+) -> Result<Manifest, ManifestError> {
+    manifest(&ConfigMap { metadata: owned_meta(namespace, name), data: Some(data), ..ConfigMap::default() })
+}
+
+fn owned_meta(namespace: &str, name: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.into()),
+        namespace: Some(namespace.into()),
+        labels: Some(BTreeMap::from([
+            ("app.kubernetes.io/name".into(), "causeway".into()),
+            ("app.kubernetes.io/managed-by".into(), MANAGER.into()),
+        ])),
+        ..ObjectMeta::default()
+    }
+}
+
+/// The same manifest with Secret values replaced, for `--dry-run` output.
+#[must_use]
+pub fn redacted(m: &Manifest) -> String {
+    if m.kind != "Secret" {
+        return m.yaml.clone();
+    }
+    let mut v = m.json.clone();
+    if let Some(data) = v.get_mut("data").and_then(|d| d.as_object_mut()) {
+        for value in data.values_mut() {
+            *value = serde_json::Value::String("<redacted>".into());
+        }
+    }
+    serde_saphyr::to_string(&v).unwrap_or_default()
+}
+
+/// Node names, and which of them carry the gateway label.
+pub async fn nodes(client: &Client) -> Result<Vec<(String, bool)>, ApplyError> {
+    let list = Api::<Node>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .map_err(|source| ApplyError::Api { what: "listing nodes".into(), source })?;
+    Ok(list
+        .items
+        .into_iter()
+        .map(|n| {
+            let labelled =
+                n.metadata.labels.as_ref().and_then(|l| l.get(GATEWAY_LABEL)).is_some_and(|v| v == "true");
+            (n.metadata.name.unwrap_or_default(), labelled)
+        })
+        .collect())
+}
+
+/// Sets (`true`) or removes (`false`) the gateway label on a node with a merge patch, which
+/// leaves every other label alone.
+pub async fn label_gateway(client: &Client, node: &str, on: bool) -> Result<(), ApplyError> {
+    let value = if on { serde_json::json!("true") } else { serde_json::Value::Null };
+    let patch = serde_json::json!({"metadata": {"labels": {GATEWAY_LABEL: value}}});
+    Api::<Node>::all(client.clone())
+        .patch(node, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map_err(|source| ApplyError::Api { what: format!("labelling node {node}"), source })?;
+    Ok(())
+}

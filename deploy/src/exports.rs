@@ -1,0 +1,241 @@
+//! Publishes the cluster's MCS `ServiceExport`s to the broker as ServiceExport records: a
+//! watch on ServiceExport objects marks the set dirty, and each reconcile compares what the
+//! cluster exports (with its Services' cluster IPs and ports) against what the broker holds for
+//! this cluster, writing only the difference. A periodic resync catches Service changes.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use causeway_broker_api::{BrokerClient, Record, ServiceExportRecord, ServicePort};
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::Service;
+use kube::{
+    Api, Client,
+    api::{ApiResource, DynamicObject, GroupVersionKind},
+    runtime::watcher,
+};
+use tracing::{debug, info, warn};
+
+use crate::crds::{MCS_GROUP, MCS_VERSION};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("Kubernetes API: {0}")]
+    Api(#[from] kube::Error),
+    #[error("broker: {0}")]
+    Broker(#[from] causeway_broker_api::ClientError),
+}
+
+pub(crate) fn service_export_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk(MCS_GROUP, MCS_VERSION, "ServiceExport"),
+        "serviceexports",
+    )
+}
+
+/// The record a Service exports, or why it exports none.
+pub fn record_for(cluster_id: &str, service: &Service) -> Result<ServiceExportRecord, String> {
+    let namespace = service.metadata.namespace.clone().unwrap_or_default();
+    let name = service.metadata.name.clone().unwrap_or_default();
+    let spec = service.spec.as_ref().ok_or("the Service has no spec")?;
+    let ips: Vec<std::net::IpAddr> = spec
+        .cluster_ips
+        .clone()
+        .or_else(|| spec.cluster_ip.clone().map(|ip| vec![ip]))
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|ip| ip.parse().ok())
+        .collect();
+    if ips.is_empty() {
+        return Err("the Service has no cluster IP (headless services are not exported yet)".into());
+    }
+    let ports = spec
+        .ports
+        .iter()
+        .flatten()
+        .filter_map(|p| {
+            Some(ServicePort {
+                name: p.name.clone(),
+                port: u16::try_from(p.port).ok()?,
+                protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+            })
+        })
+        .collect();
+    Ok(ServiceExportRecord { cluster_id: cluster_id.into(), namespace, name, ips, ports, generation: 0 })
+}
+
+/// What to write so that the broker holds `desired` for this cluster: records to put (with
+/// their next generation) and `(namespace, name)`s to delete.
+#[must_use]
+pub fn plan(
+    desired: &BTreeMap<(String, String), ServiceExportRecord>,
+    published: &BTreeMap<(String, String), ServiceExportRecord>,
+) -> (Vec<ServiceExportRecord>, Vec<(String, String)>) {
+    let mut puts = Vec::new();
+    for (key, want) in desired {
+        match published.get(key) {
+            Some(have) if ServiceExportRecord { generation: have.generation, ..want.clone() } == *have => {}
+            have => puts.push(ServiceExportRecord {
+                generation: have.map_or(1, |h| h.generation + 1),
+                ..want.clone()
+            }),
+        }
+    }
+    let deletes = published.keys().filter(|k| !desired.contains_key(*k)).cloned().collect();
+    (puts, deletes)
+}
+
+pub struct ExportSync {
+    client: Client,
+    broker: BrokerClient,
+    cluster_id: String,
+    pub resync: Duration,
+}
+
+impl ExportSync {
+    #[must_use]
+    pub fn new(client: Client, broker: BrokerClient, cluster_id: String) -> Self {
+        Self { client, broker, cluster_id, resync: Duration::from_secs(30) }
+    }
+
+    /// One reconcile: returns how many records were written and deleted.
+    pub async fn reconcile(&self, exports: &[(String, String)]) -> Result<(usize, usize), ExportError> {
+        let mut desired = BTreeMap::new();
+        for (ns, name) in exports {
+            let services: Api<Service> = Api::namespaced(self.client.clone(), ns);
+            match services.get_opt(name).await? {
+                Some(svc) => match record_for(&self.cluster_id, &svc) {
+                    Ok(r) => {
+                        desired.insert((ns.clone(), name.clone()), r);
+                    }
+                    Err(why) => warn!(namespace = %ns, %name, %why, "ServiceExport not published"),
+                },
+                None => {
+                    warn!(namespace = %ns, %name, "ServiceExport names no existing Service; not published")
+                }
+            }
+        }
+        let published: BTreeMap<_, _> = self
+            .broker
+            .list()
+            .await?
+            .items
+            .into_iter()
+            .filter_map(|o| match o.record {
+                Record::ServiceExport(s) if s.cluster_id == self.cluster_id => {
+                    Some(((s.namespace.clone(), s.name.clone()), s))
+                }
+                _ => None,
+            })
+            .collect();
+        let (puts, deletes) = plan(&desired, &published);
+        for r in &puts {
+            info!(namespace = %r.namespace, name = %r.name, ips = ?r.ips, "publishing ServiceExport");
+            self.broker.put_service(r).await?;
+        }
+        for (ns, name) in &deletes {
+            info!(namespace = %ns, %name, "withdrawing ServiceExport");
+            self.broker.delete_service(&self.cluster_id, ns, name).await?;
+        }
+        Ok((puts.len(), deletes.len()))
+    }
+
+    /// Watches ServiceExports and reconciles on every change and every `resync`. Never returns.
+    pub async fn run(&self) {
+        let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &service_export_resource());
+        let mut events = watcher(api, watcher::Config::default()).boxed();
+        let mut exports: BTreeMap<(String, String), ()> = BTreeMap::new();
+        let mut pending: Option<BTreeMap<(String, String), ()>> = None;
+        let mut ready = false;
+        let mut resync = tokio::time::interval(self.resync);
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let dirty = tokio::select! {
+                ev = events.next() => {
+                    let key = |o: &DynamicObject| (o.metadata.namespace.clone().unwrap_or_default(), o.metadata.name.clone().unwrap_or_default());
+                    match ev {
+                        Some(Ok(watcher::Event::Init)) => { pending = Some(BTreeMap::new()); false }
+                        Some(Ok(watcher::Event::InitApply(o))) => { if let Some(p) = &mut pending { p.insert(key(&o), ()); } false }
+                        Some(Ok(watcher::Event::InitDone)) => {
+                            exports = pending.take().unwrap_or_default();
+                            ready = true;
+                            true
+                        }
+                        Some(Ok(watcher::Event::Apply(o))) => exports.insert(key(&o), ()).is_none(),
+                        Some(Ok(watcher::Event::Delete(o))) => exports.remove(&key(&o)).is_some(),
+                        Some(Err(e)) => {
+                            warn!(error = %e, "watching ServiceExports failed; retrying");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            false
+                        }
+                        None => return,
+                    }
+                }
+                _ = resync.tick() => true,
+            };
+            if dirty && ready {
+                let list: Vec<_> = exports.keys().cloned().collect();
+                match self.reconcile(&list).await {
+                    Ok((p, d)) => debug!(written = p, deleted = d, "ServiceExports reconciled"),
+                    Err(e) => {
+                        warn!(error = %e, "publishing ServiceExports failed; retrying at the next change or resync")
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(json: serde_json::Value) -> Service {
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn a_service_becomes_a_record_and_headless_ones_are_refused() {
+        let s = svc(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10", "fd00::a"],
+                     "ports": [{"name": "http", "port": 80, "protocol": "TCP"}, {"port": 53, "protocol": "UDP"}]}
+        }));
+        let r = record_for("east", &s).unwrap();
+        assert_eq!(
+            r.ips,
+            vec!["10.96.0.10".parse::<std::net::IpAddr>().unwrap(), "fd00::a".parse().unwrap()]
+        );
+        assert_eq!(r.ports[0], ServicePort { name: Some("http".into()), port: 80, protocol: "TCP".into() });
+        assert_eq!(r.ports[1].protocol, "UDP");
+        let headless = svc(
+            serde_json::json!({"metadata": {"name": "db", "namespace": "shop"}, "spec": {"clusterIP": "None"}}),
+        );
+        assert!(record_for("east", &headless).unwrap_err().contains("headless"));
+    }
+
+    #[test]
+    fn plan_writes_only_the_difference() {
+        let rec = |name: &str, ip: &str, generation| ServiceExportRecord {
+            cluster_id: "east".into(),
+            namespace: "shop".into(),
+            name: name.into(),
+            ips: vec![ip.parse().unwrap()],
+            ports: vec![],
+            generation,
+        };
+        let k = |n: &str| ("shop".to_owned(), n.to_owned());
+        let desired = BTreeMap::from([
+            (k("a"), rec("a", "10.96.0.1", 0)),
+            (k("b"), rec("b", "10.96.0.2", 0)),
+            (k("c"), rec("c", "10.96.0.3", 0)),
+        ]);
+        let published = BTreeMap::from([
+            (k("a"), rec("a", "10.96.0.1", 4)),
+            (k("b"), rec("b", "10.96.0.9", 2)),
+            (k("z"), rec("z", "10.96.0.26", 1)),
+        ]);
+        let (puts, deletes) = plan(&desired, &published);
+        assert_eq!(puts, vec![rec("b", "10.96.0.2", 3), rec("c", "10.96.0.3", 1)]);
+        assert_eq!(deletes, vec![k("z")]);
+    }
+}

@@ -1,0 +1,704 @@
+//! The Kubernetes objects Causeway runs as, built from typed structs (k8s-openapi) so that a
+//! typo is a compile error, not a rejected apply. `causeway manifests` writes them to
+//! `deploy/manifests/`; a test fails when the checked-in files drift from this code.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    api::{
+        apps::v1::{
+            DaemonSet, DaemonSetSpec, DaemonSetUpdateStrategy, Deployment, DeploymentSpec,
+            DeploymentStrategy, RollingUpdateDaemonSet,
+        },
+        core::v1::{
+            Capabilities, ConfigMapEnvSource, Container, ContainerPort, EnvFromSource, EnvVar, EnvVarSource,
+            HTTPGetAction, HostPathVolumeSource, Namespace, ObjectFieldSelector, PersistentVolumeClaim,
+            PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec,
+            PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecretVolumeSource,
+            SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, Toleration, Volume,
+            VolumeMount, VolumeResourceRequirements,
+        },
+        policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec},
+        rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject},
+    },
+    apimachinery::pkg::{
+        api::resource::Quantity,
+        apis::meta::v1::{LabelSelector, ObjectMeta},
+        util::intstr::IntOrString,
+    },
+};
+use serde::Serialize;
+
+/// The label that marks a node as a gateway node.
+pub const GATEWAY_LABEL: &str = "causeway.io/gateway";
+/// The field manager of Causeway's server-side applies (and the `app.kubernetes.io/managed-by`
+/// value), so that `uninstall` finds exactly what it created.
+pub const MANAGER: &str = "causeway";
+/// Secrets the CLI writes (never checked in: they hold keys and tokens).
+pub const CREDENTIALS_SECRET: &str = "causeway-broker-credentials";
+pub const BROKER_TLS_SECRET: &str = "causeway-broker-tls";
+pub const BROKER_BOOTSTRAP_SECRET: &str = "causeway-broker-bootstrap";
+/// Optional per-cluster overrides (`CAUSEWAY_*` variables) for the gateway.
+pub const GATEWAY_CONFIG: &str = "causeway-gateway-config";
+/// The Lease the gateways of a cluster elect the active one with.
+pub const GATEWAY_LEASE: &str = "causeway-gateway";
+/// The key of the credentials file inside [`CREDENTIALS_SECRET`].
+pub const CREDENTIALS_KEY: &str = "credentials.json";
+/// The key of the bootstrap token hashes inside [`BROKER_BOOTSTRAP_SECRET`].
+pub const BOOTSTRAP_KEY: &str = "bootstrap.json";
+
+/// What the generated objects depend on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    pub namespace: String,
+    pub image: String,
+    /// Where the broker listens, and the port of its Service.
+    pub broker_port: u16,
+    /// `LoadBalancer` (default: the gateways of other clusters must reach it), `NodePort` or
+    /// `ClusterIP` (behind an operator's own ingress).
+    pub broker_service_type: String,
+    pub broker_storage: String,
+    pub wireguard_port: u16,
+    pub metrics_port: u16,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            namespace: "causeway-system".into(),
+            image: format!("ghcr.io/causeway-net/causeway:{}", env!("CARGO_PKG_VERSION")),
+            broker_port: 7780,
+            broker_service_type: "LoadBalancer".into(),
+            broker_storage: "1Gi".into(),
+            wireguard_port: 51820,
+            metrics_port: 9464,
+        }
+    }
+}
+
+/// One object, ready to write as YAML or to server-side apply.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Manifest {
+    pub api_version: String,
+    pub kind: String,
+    pub name: String,
+    pub namespace: Option<String>,
+    /// The object as the API server receives it.
+    pub json: serde_json::Value,
+    /// The same object as YAML, fields in the API's order.
+    pub yaml: String,
+}
+
+impl Manifest {
+    /// `kind/name` (with the namespace when there is one), for progress lines and errors.
+    #[must_use]
+    pub fn describe(&self) -> String {
+        match &self.namespace {
+            Some(ns) => format!("{}/{} in {ns}", self.kind, self.name),
+            None => format!("{}/{}", self.kind, self.name),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("serialising {what}: {message}")]
+    Serialise { what: String, message: String },
+}
+
+pub(crate) fn manifest<K>(object: &K) -> Result<Manifest, ManifestError>
+where
+    K: k8s_openapi::Resource + k8s_openapi::Metadata<Ty = ObjectMeta> + Serialize,
+{
+    let meta = object.metadata();
+    let name = meta.name.clone().unwrap_or_default();
+    let what = format!("{}/{name}", K::KIND);
+    let json = serde_json::to_value(object)
+        .map_err(|e| ManifestError::Serialise { what: what.clone(), message: e.to_string() })?;
+    let yaml = serde_saphyr::to_string(object)
+        .map_err(|e| ManifestError::Serialise { what, message: e.to_string() })?;
+    Ok(Manifest {
+        api_version: K::API_VERSION.into(),
+        kind: K::KIND.into(),
+        name,
+        namespace: meta.namespace.clone(),
+        json,
+        yaml,
+    })
+}
+
+/// The groups of objects, applied and written separately.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bundle {
+    /// The MCS API CRDs and Causeway's own; applied by both `deploy-broker` and `join`.
+    Crds,
+    /// The broker, in the cluster `deploy-broker` targets.
+    Broker,
+    /// What `join` applies to every member cluster: RBAC and the gateway DaemonSet. (The
+    /// route-agent DaemonSet joins it when the route agent exists; see docs/operations.md.)
+    Member,
+}
+
+impl Bundle {
+    pub const ALL: [Bundle; 3] = [Bundle::Crds, Bundle::Broker, Bundle::Member];
+
+    /// The file under `deploy/manifests/`.
+    #[must_use]
+    pub fn file_name(self) -> &'static str {
+        match self {
+            Bundle::Crds => "crds.yaml",
+            Bundle::Broker => "broker.yaml",
+            Bundle::Member => "member.yaml",
+        }
+    }
+
+    pub fn manifests(self, s: &Settings) -> Result<Vec<Manifest>, ManifestError> {
+        match self {
+            Bundle::Crds => crate::crds::manifests(),
+            Bundle::Broker => broker(s),
+            Bundle::Member => member(s),
+        }
+    }
+}
+
+/// The multi-document YAML file of a bundle.
+pub fn render(bundle: Bundle, s: &Settings) -> Result<String, ManifestError> {
+    let mut out = String::from(
+        "# Generated by `causeway manifests` from deploy/src/manifests.rs and deploy/src/crds.rs: do not edit.\n\
+         # Secrets holding keys and tokens are not here; `causeway deploy-broker` and `causeway join` create them.\n",
+    );
+    for m in bundle.manifests(s)? {
+        out.push_str("---\n");
+        out.push_str(&m.yaml);
+        if !m.yaml.ends_with('\n') {
+            out.push('\n');
+        }
+    }
+    Ok(out)
+}
+
+fn labels(component: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".into(), "causeway".into()),
+        ("app.kubernetes.io/component".into(), component.into()),
+        ("app.kubernetes.io/managed-by".into(), MANAGER.into()),
+    ])
+}
+
+fn selector(component: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".into(), "causeway".into()),
+        ("app.kubernetes.io/component".into(), component.into()),
+    ])
+}
+
+fn meta(name: &str, namespace: Option<&str>, component: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.into()),
+        namespace: namespace.map(Into::into),
+        labels: Some(labels(component)),
+        ..ObjectMeta::default()
+    }
+}
+
+fn rule(groups: &[&str], resources: &[&str], verbs: &[&str]) -> PolicyRule {
+    let v = |xs: &[&str]| xs.iter().map(|x| (*x).to_owned()).collect::<Vec<_>>();
+    PolicyRule {
+        api_groups: Some(v(groups)),
+        resources: Some(v(resources)),
+        verbs: v(verbs),
+        ..PolicyRule::default()
+    }
+}
+
+fn named_rule(groups: &[&str], resources: &[&str], names: &[&str], verbs: &[&str]) -> PolicyRule {
+    PolicyRule {
+        resource_names: Some(names.iter().map(|x| (*x).to_owned()).collect()),
+        ..rule(groups, resources, verbs)
+    }
+}
+
+fn subject(name: &str, ns: &str) -> Vec<Subject> {
+    vec![Subject {
+        kind: "ServiceAccount".into(),
+        name: name.into(),
+        namespace: Some(ns.into()),
+        ..Subject::default()
+    }]
+}
+
+fn role_ref(kind: &str, name: &str) -> RoleRef {
+    RoleRef { api_group: "rbac.authorization.k8s.io".into(), kind: kind.into(), name: name.into() }
+}
+
+fn host_path(name: &str, path: &str, kind: &str) -> Volume {
+    Volume {
+        name: name.into(),
+        host_path: Some(HostPathVolumeSource { path: path.into(), type_: Some(kind.into()) }),
+        ..Volume::default()
+    }
+}
+
+fn secret_volume(name: &str, secret: &str) -> Volume {
+    Volume {
+        name: name.into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(secret.into()),
+            default_mode: Some(0o400),
+            ..SecretVolumeSource::default()
+        }),
+        ..Volume::default()
+    }
+}
+
+fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
+    VolumeMount {
+        name: name.into(),
+        mount_path: path.into(),
+        read_only: read_only.then_some(true),
+        ..VolumeMount::default()
+    }
+}
+
+fn env_field(name: &str, field: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: field.into(),
+                ..ObjectFieldSelector::default()
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
+fn env(name: &str, value: &str) -> EnvVar {
+    EnvVar { name: name.into(), value: Some(value.into()), ..EnvVar::default() }
+}
+
+fn http_probe(path: &str, port: u16, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::Int(port.into()),
+            host: Some("127.0.0.1".into()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        timeout_seconds: Some(2),
+        ..Probe::default()
+    }
+}
+
+fn capabilities(add: &[&str]) -> SecurityContext {
+    SecurityContext {
+        capabilities: Some(Capabilities {
+            add: Some(add.iter().map(|c| (*c).to_owned()).collect()),
+            drop: Some(vec!["ALL".into()]),
+        }),
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        ..SecurityContext::default()
+    }
+}
+
+fn resources(cpu: &str, memory: &str, memory_limit: &str) -> ResourceRequirements {
+    ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".into(), Quantity(cpu.into())),
+            ("memory".into(), Quantity(memory.into())),
+        ])),
+        limits: Some(BTreeMap::from([("memory".into(), Quantity(memory_limit.into()))])),
+        ..ResourceRequirements::default()
+    }
+}
+
+/// The gateway runs on every node labelled for it, tainted or not.
+fn tolerate_everything() -> Vec<Toleration> {
+    vec![Toleration { operator: Some("Exists".into()), ..Toleration::default() }]
+}
+
+/// The image runs as an unprivileged user (the broker's); node agents need root, because added
+/// capabilities only take effect for uid 0 without ambient-capability support in the runtime.
+fn node_agent_security() -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_user: Some(0),
+        seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..SeccompProfile::default() }),
+        ..PodSecurityContext::default()
+    }
+}
+
+fn namespace(s: &Settings) -> Namespace {
+    // Shared by the broker and member bundles (a cluster may hold both): one label set.
+    let mut meta = meta(&s.namespace, None, "system");
+    // The gateway needs host networking and capabilities: the baseline profile refuses those.
+    meta.labels
+        .get_or_insert_default()
+        .insert("pod-security.kubernetes.io/enforce".into(), "privileged".into());
+    Namespace { metadata: meta, ..Namespace::default() }
+}
+
+fn member(s: &Settings) -> Result<Vec<Manifest>, ManifestError> {
+    let ns = s.namespace.as_str();
+    let gw = "causeway-gateway";
+    let gateway_role = ClusterRole {
+        metadata: meta(gw, None, "gateway"),
+        rules: Some(vec![
+            // The cluster source: gateway label, podCIDRs and addresses of the nodes.
+            rule(&[""], &["nodes"], &["get", "list", "watch"]),
+            // ServiceExports are published to the broker with their Service's cluster IPs.
+            rule(&["networking.k8s.io"], &["servicecidrs"], &["get", "list"]),
+            rule(&[""], &["services"], &["get", "list", "watch"]),
+            rule(&["multicluster.x-k8s.io"], &["serviceexports"], &["get", "list", "watch"]),
+        ]),
+        ..ClusterRole::default()
+    };
+    let gateway_binding = ClusterRoleBinding {
+        metadata: meta(gw, None, "gateway"),
+        role_ref: role_ref("ClusterRole", gw),
+        subjects: Some(subject(gw, ns)),
+    };
+    // Leases cannot be narrowed by name for `create`, so the election gets its own namespace's
+    // leases and nothing else.
+    let gateway_ns_role = Role {
+        metadata: meta(gw, Some(ns), "gateway"),
+        rules: Some(vec![rule(
+            &["coordination.k8s.io"],
+            &["leases"],
+            &["get", "list", "watch", "create", "update"],
+        )]),
+    };
+    let gateway_ns_binding = RoleBinding {
+        metadata: meta(gw, Some(ns), "gateway"),
+        role_ref: role_ref("Role", gw),
+        subjects: Some(subject(gw, ns)),
+    };
+    // CIDR discovery reads exactly two well-known config maps.
+    let gateway_kube_system = Role {
+        metadata: meta("causeway-gateway-cidr-discovery", Some("kube-system"), "gateway"),
+        rules: Some(vec![named_rule(&[""], &["configmaps"], &["kubeadm-config", "kube-proxy"], &["get"])]),
+    };
+    let gateway_kube_system_binding = RoleBinding {
+        metadata: meta("causeway-gateway-cidr-discovery", Some("kube-system"), "gateway"),
+        role_ref: role_ref("Role", "causeway-gateway-cidr-discovery"),
+        subjects: Some(subject(gw, ns)),
+    };
+    let config_env = EnvFromSource {
+        config_map_ref: Some(ConfigMapEnvSource { name: GATEWAY_CONFIG.into(), optional: Some(true) }),
+        ..EnvFromSource::default()
+    };
+    let gateway_container = Container {
+        name: "gateway".into(),
+        image: Some(s.image.clone()),
+        command: Some(vec!["causeway".into(), "gateway".into(), "--kubernetes".into()]),
+        env: Some(vec![
+            env_field("CAUSEWAY_HOSTNAME", "spec.nodeName"),
+            env_field("CAUSEWAY_NAMESPACE", "metadata.namespace"),
+            env_field("CAUSEWAY_POD_NAME", "metadata.name"),
+            env("CAUSEWAY_BROKER_CREDENTIALS", &format!("/etc/causeway/broker/{CREDENTIALS_KEY}")),
+            env("CAUSEWAY_LISTEN_PORT", &s.wireguard_port.to_string()),
+            env("CAUSEWAY_METRICS_LISTEN", &format!("0.0.0.0:{}", s.metrics_port)),
+            env("CAUSEWAY_STATE_DIR", "/var/lib/causeway"),
+            env("CAUSEWAY_STATUS_SOCKET", "/run/causeway/gateway.sock"),
+        ]),
+        env_from: Some(vec![config_env]),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some("wireguard".into()),
+                container_port: s.wireguard_port.into(),
+                protocol: Some("UDP".into()),
+                ..ContainerPort::default()
+            },
+            ContainerPort {
+                name: Some("metrics".into()),
+                container_port: s.metrics_port.into(),
+                protocol: Some("TCP".into()),
+                ..ContainerPort::default()
+            },
+        ]),
+        // NET_ADMIN: TUN, routes, TC/XDP attach. BPF + PERFMON: load programs and maps.
+        // SYS_ADMIN: pin maps on bpffs and open pinned objects on older kernels.
+        security_context: Some(capabilities(&["NET_ADMIN", "BPF", "PERFMON", "SYS_ADMIN"])),
+        liveness_probe: Some(http_probe("/healthz", s.metrics_port, 10, 3)),
+        readiness_probe: Some(http_probe("/healthz", s.metrics_port, 5, 1)),
+        resources: Some(resources("100m", "64Mi", "512Mi")),
+        volume_mounts: Some(vec![
+            mount("bpffs", "/sys/fs/bpf", false),
+            mount("tun", "/dev/net/tun", false),
+            mount("state", "/var/lib/causeway", false),
+            mount("run", "/run/causeway", false),
+            mount("wireguard-uapi", "/var/run/wireguard", false),
+            mount("broker-credentials", "/etc/causeway/broker", true),
+        ]),
+        ..Container::default()
+    };
+    let gateway_pod = PodSpec {
+        service_account_name: Some(gw.into()),
+        host_network: Some(true),
+        dns_policy: Some("ClusterFirstWithHostNet".into()),
+        priority_class_name: Some("system-node-critical".into()),
+        node_selector: Some(BTreeMap::from([(GATEWAY_LABEL.into(), "true".into())])),
+        tolerations: Some(tolerate_everything()),
+        // Time to remove routes and say goodbye to the broker, so the standby takes over at once.
+        termination_grace_period_seconds: Some(30),
+        security_context: Some(node_agent_security()),
+        containers: vec![gateway_container],
+        volumes: Some(vec![
+            host_path("bpffs", "/sys/fs/bpf", "DirectoryOrCreate"),
+            host_path("tun", "/dev/net/tun", "CharDevice"),
+            host_path("state", "/var/lib/causeway", "DirectoryOrCreate"),
+            host_path("run", "/run/causeway", "DirectoryOrCreate"),
+            host_path("wireguard-uapi", "/var/run/wireguard", "DirectoryOrCreate"),
+            secret_volume("broker-credentials", CREDENTIALS_SECRET),
+        ]),
+        ..PodSpec::default()
+    };
+    // One gateway pod down at a time, and the next only after the replaced one has been ready
+    // for a while: the two gateways of a cluster are never down together.
+    let one_at_a_time = DaemonSetUpdateStrategy {
+        type_: Some("RollingUpdate".into()),
+        rolling_update: Some(RollingUpdateDaemonSet {
+            max_unavailable: Some(IntOrString::Int(1)),
+            max_surge: Some(IntOrString::Int(0)),
+        }),
+    };
+    let gateway_ds = DaemonSet {
+        metadata: meta(gw, Some(ns), "gateway"),
+        spec: Some(DaemonSetSpec {
+            selector: LabelSelector { match_labels: Some(selector("gateway")), ..LabelSelector::default() },
+            min_ready_seconds: Some(10),
+            update_strategy: Some(one_at_a_time),
+            template: PodTemplateSpec { metadata: Some(meta_template("gateway")), spec: Some(gateway_pod) },
+            ..DaemonSetSpec::default()
+        }),
+        ..DaemonSet::default()
+    };
+    // Drains, too, take at most one gateway at a time.
+    let gateway_pdb = PodDisruptionBudget {
+        metadata: meta(gw, Some(ns), "gateway"),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector {
+                match_labels: Some(selector("gateway")),
+                ..LabelSelector::default()
+            }),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        ..PodDisruptionBudget::default()
+    };
+
+    Ok(vec![
+        manifest(&namespace(s))?,
+        manifest(&ServiceAccount { metadata: meta(gw, Some(ns), "gateway"), ..ServiceAccount::default() })?,
+        manifest(&gateway_role)?,
+        manifest(&gateway_binding)?,
+        manifest(&gateway_ns_role)?,
+        manifest(&gateway_ns_binding)?,
+        manifest(&gateway_kube_system)?,
+        manifest(&gateway_kube_system_binding)?,
+        manifest(&gateway_ds)?,
+        manifest(&gateway_pdb)?,
+    ])
+}
+
+fn meta_template(component: &str) -> ObjectMeta {
+    ObjectMeta { labels: Some(labels(component)), ..ObjectMeta::default() }
+}
+
+fn broker(s: &Settings) -> Result<Vec<Manifest>, ManifestError> {
+    let ns = s.namespace.as_str();
+    let name = "causeway-broker";
+    let pvc = PersistentVolumeClaim {
+        metadata: meta(name, Some(ns), "broker"),
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: Some(vec!["ReadWriteOnce".into()]),
+            resources: Some(VolumeResourceRequirements {
+                requests: Some(BTreeMap::from([("storage".into(), Quantity(s.broker_storage.clone()))])),
+                ..VolumeResourceRequirements::default()
+            }),
+            ..PersistentVolumeClaimSpec::default()
+        }),
+        ..PersistentVolumeClaim::default()
+    };
+    let container = Container {
+        name: "broker".into(),
+        image: Some(s.image.clone()),
+        command: Some(vec!["causeway".into(), "broker".into()]),
+        env: Some(vec![
+            env("CAUSEWAY_BROKER_LISTEN", &format!("0.0.0.0:{}", s.broker_port)),
+            env("CAUSEWAY_BROKER_DATA_DIR", "/var/lib/causeway-broker"),
+            env("CAUSEWAY_BROKER_TLS_CERT_FILE", "/etc/causeway/tls/tls.crt"),
+            env("CAUSEWAY_BROKER_TLS_KEY_FILE", "/etc/causeway/tls/tls.key"),
+            env("CAUSEWAY_BROKER_BOOTSTRAP_FILE", &format!("/etc/causeway/bootstrap/{BOOTSTRAP_KEY}")),
+        ]),
+        ports: Some(vec![ContainerPort {
+            name: Some("https".into()),
+            container_port: s.broker_port.into(),
+            protocol: Some("TCP".into()),
+            ..ContainerPort::default()
+        }]),
+        security_context: Some(capabilities(&[])),
+        liveness_probe: Some(Probe {
+            http_get: Some(HTTPGetAction {
+                path: Some("/healthz".into()),
+                port: IntOrString::String("https".into()),
+                scheme: Some("HTTPS".into()),
+                ..HTTPGetAction::default()
+            }),
+            period_seconds: Some(10),
+            ..Probe::default()
+        }),
+        readiness_probe: Some(Probe {
+            http_get: Some(HTTPGetAction {
+                path: Some("/healthz".into()),
+                port: IntOrString::String("https".into()),
+                scheme: Some("HTTPS".into()),
+                ..HTTPGetAction::default()
+            }),
+            period_seconds: Some(5),
+            ..Probe::default()
+        }),
+        resources: Some(resources("50m", "64Mi", "1Gi")),
+        volume_mounts: Some(vec![
+            mount("data", "/var/lib/causeway-broker", false),
+            mount("tls", "/etc/causeway/tls", true),
+            mount("bootstrap", "/etc/causeway/bootstrap", true),
+        ]),
+        ..Container::default()
+    };
+    let deployment = Deployment {
+        metadata: meta(name, Some(ns), "broker"),
+        spec: Some(DeploymentSpec {
+            // The embedded store has one writer: replicas come with the etcd store.
+            replicas: Some(1),
+            strategy: Some(DeploymentStrategy {
+                type_: Some("Recreate".into()),
+                ..DeploymentStrategy::default()
+            }),
+            selector: LabelSelector { match_labels: Some(selector("broker")), ..LabelSelector::default() },
+            template: PodTemplateSpec {
+                metadata: Some(meta_template("broker")),
+                spec: Some(PodSpec {
+                    service_account_name: Some(name.into()),
+                    automount_service_account_token: Some(false),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(65532),
+                        run_as_group: Some(65532),
+                        fs_group: Some(65532),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".into(),
+                            ..SeccompProfile::default()
+                        }),
+                        ..PodSecurityContext::default()
+                    }),
+                    containers: vec![container],
+                    volumes: Some(vec![
+                        Volume {
+                            name: "data".into(),
+                            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                                claim_name: name.into(),
+                                ..PersistentVolumeClaimVolumeSource::default()
+                            }),
+                            ..Volume::default()
+                        },
+                        secret_volume("tls", BROKER_TLS_SECRET),
+                        secret_volume("bootstrap", BROKER_BOOTSTRAP_SECRET),
+                    ]),
+                    ..PodSpec::default()
+                }),
+            },
+            ..DeploymentSpec::default()
+        }),
+        ..Deployment::default()
+    };
+    let service = Service {
+        metadata: meta(name, Some(ns), "broker"),
+        spec: Some(ServiceSpec {
+            type_: Some(s.broker_service_type.clone()),
+            selector: Some(selector("broker")),
+            ports: Some(vec![ServicePort {
+                name: Some("https".into()),
+                port: s.broker_port.into(),
+                target_port: Some(IntOrString::String("https".into())),
+                protocol: Some("TCP".into()),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    };
+    Ok(vec![
+        manifest(&namespace(s))?,
+        manifest(&ServiceAccount {
+            metadata: meta(name, Some(ns), "broker"),
+            automount_service_account_token: Some(false),
+            ..ServiceAccount::default()
+        })?,
+        manifest(&pvc)?,
+        manifest(&deployment)?,
+        manifest(&service)?,
+    ])
+}
+
+/// Parses `doc` into the typed struct of its kind and back, and fails when anything is lost
+/// on the way: an unknown or misspelt field, or a value of the wrong type.
+pub fn check_typed(doc: &serde_json::Value) -> Result<(), String> {
+    fn round<K: serde::de::DeserializeOwned + Serialize>(
+        doc: &serde_json::Value,
+    ) -> Result<serde_json::Value, String> {
+        let typed: K = serde_json::from_value(doc.clone()).map_err(|e| e.to_string())?;
+        serde_json::to_value(&typed).map_err(|e| e.to_string())
+    }
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let kind = doc["kind"].as_str().unwrap_or_default();
+    let back = match kind {
+        "Namespace" => round::<Namespace>(doc),
+        "ServiceAccount" => round::<ServiceAccount>(doc),
+        "ClusterRole" => round::<ClusterRole>(doc),
+        "ClusterRoleBinding" => round::<ClusterRoleBinding>(doc),
+        "Role" => round::<Role>(doc),
+        "RoleBinding" => round::<RoleBinding>(doc),
+        "DaemonSet" => round::<DaemonSet>(doc),
+        "Deployment" => round::<Deployment>(doc),
+        "Service" => round::<Service>(doc),
+        "PersistentVolumeClaim" => round::<PersistentVolumeClaim>(doc),
+        "PodDisruptionBudget" => round::<PodDisruptionBudget>(doc),
+        "Secret" => round::<k8s_openapi::api::core::v1::Secret>(doc),
+        "ConfigMap" => round::<k8s_openapi::api::core::v1::ConfigMap>(doc),
+        "CustomResourceDefinition" => round::<CustomResourceDefinition>(doc),
+        other => return Err(format!("no typed struct known for kind {other:?}")),
+    }?;
+    if &back == doc {
+        Ok(())
+    } else {
+        Err(format!("{kind} does not survive a typed round trip: {}", first_difference(doc, &back, "")))
+    }
+}
+
+fn first_difference(a: &serde_json::Value, b: &serde_json::Value, path: &str) -> String {
+    use serde_json::Value;
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            for (k, v) in x {
+                match y.get(k) {
+                    None => return format!("{path}.{k} is not a field of the type"),
+                    Some(w) if v != w => return first_difference(v, w, &format!("{path}.{k}")),
+                    Some(_) => {}
+                }
+            }
+            format!("{path} gained fields")
+        }
+        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => x
+            .iter()
+            .zip(y)
+            .enumerate()
+            .find(|(_, (v, w))| v != w)
+            .map(|(i, (v, w))| first_difference(v, w, &format!("{path}[{i}]")))
+            .unwrap_or_else(|| path.to_owned()),
+        _ => format!("{path}: {a} became {b}"),
+    }
+}

@@ -1,0 +1,372 @@
+//! The Kubernetes code against kube's mock service: node discovery, the gateway Lease
+//! (acquire, renew, follow, take over, lose a race, step down, release) and the ServiceExport
+//! watch publishing to a real in-process broker.
+
+mod common;
+
+use std::time::Duration;
+
+use causeway_deploy::{
+    election::{ElectionConfig, Elector, Role},
+    exports::ExportSync,
+    source::{KubernetesSource, Overrides},
+};
+use causeway_gateway::cluster::ClusterSource as _;
+use common::{Reply, Seen, list, not_found, status};
+use serde_json::{Value, json};
+
+fn node(name: &str, gateway: bool, internal: &str, pod_cidr: &str) -> Value {
+    let mut labels = json!({"kubernetes.io/hostname": name});
+    if gateway {
+        labels["causeway.io/gateway"] = json!("true");
+    }
+    json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": name, "resourceVersion": "7", "labels": labels},
+        "spec": {"podCIDR": pod_cidr, "podCIDRs": [pod_cidr]},
+        "status": {"addresses": [{"type": "InternalIP", "address": internal}, {"type": "Hostname", "address": name}]}
+    })
+}
+
+fn kubeadm_config() -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "kubeadm-config", "namespace": "kube-system"},
+        "data": {"ClusterConfiguration": "apiServer: {}\nkind: ClusterConfiguration\nkubernetesVersion: v1.33.1\nnetworking:\n  dnsDomain: cluster.local\n  podSubnet: 10.244.0.0/16\n  serviceSubnet: 10.96.0.0/12\n"}
+    })
+}
+
+fn roles(role: Role) -> tokio::sync::watch::Receiver<Role> {
+    let (tx, rx) = tokio::sync::watch::channel(role);
+    std::mem::forget(tx);
+    rx
+}
+
+#[tokio::test]
+async fn the_cluster_source_reads_the_node_and_discovers_cidrs() {
+    let (client, log) = common::client(|r: &Seen| match r.path() {
+        "/api/v1/nodes/gw-1" => Reply::Json(200, node("gw-1", true, "192.168.10.11", "10.244.1.0/24")),
+        "/api/v1/nodes" => Reply::Json(
+            200,
+            list(
+                "Node",
+                "v1",
+                vec![
+                    node("gw-1", true, "192.168.10.11", "10.244.1.0/24"),
+                    node("w-1", false, "192.168.10.12", "10.244.2.0/24"),
+                ],
+            ),
+        ),
+        "/api/v1/namespaces/kube-system/configmaps/kube-proxy" => {
+            Reply::Json(403, status(403, "Forbidden", "configmaps \"kube-proxy\" is forbidden"))
+        }
+        "/api/v1/namespaces/kube-system/configmaps/kubeadm-config" => Reply::Json(200, kubeadm_config()),
+        "/apis/networking.k8s.io/v1/servicecidrs" => Reply::Json(
+            200,
+            list(
+                "ServiceCIDR",
+                "networking.k8s.io/v1",
+                vec![json!({"metadata": {"name": "kubernetes"}, "spec": {"cidrs": ["10.96.0.0/16"]}})],
+            ),
+        ),
+        other => panic!("unexpected request {other}"),
+    });
+    let overrides = Overrides { cluster_id: "east".into(), ..Overrides::default() };
+    let mut source = KubernetesSource::new(client, "gw-1".into(), overrides, roles(Role::Active));
+    let local = source.local_cluster().await.unwrap();
+    assert_eq!(local.cluster_id, "east");
+    assert_eq!(local.hostname, "gw-1");
+    assert_eq!(local.private_ips, vec!["192.168.10.11".parse::<std::net::IpAddr>().unwrap()]);
+    assert!(local.public_ips.is_empty());
+    // Both nodes' /24s lie in kubeadm's podSubnet, which is what gets published.
+    assert_eq!(local.pod_cidrs, vec!["10.244.0.0/16".parse().unwrap()]);
+    // The ServiceCIDR API wins over kubeadm's serviceSubnet.
+    assert_eq!(local.service_cidrs, vec!["10.96.0.0/16".parse().unwrap()]);
+    assert!(local.active);
+    let log = log.lock().unwrap();
+    assert!(log.iter().all(|r| r.method == "GET"), "discovery only reads: {log:?}");
+    assert!(log.iter().any(|r| r.is("GET", "/api/v1/nodes")));
+}
+
+#[tokio::test]
+async fn an_unlabelled_node_is_refused_with_the_fix() {
+    let (client, _log) = common::client(|r: &Seen| match r.path() {
+        "/api/v1/nodes/w-1" => Reply::Json(200, node("w-1", false, "192.168.10.12", "10.244.2.0/24")),
+        _ => not_found("anything"),
+    });
+    let mut source = KubernetesSource::new(
+        client,
+        "w-1".into(),
+        Overrides { cluster_id: "east".into(), ..Overrides::default() },
+        roles(Role::Standby),
+    );
+    let e = source.local_cluster().await.unwrap_err().to_string();
+    assert!(e.contains("causeway.io/gateway=true") && e.contains("kubectl label node w-1"), "{e}");
+}
+
+#[tokio::test]
+async fn missing_service_cidrs_are_explained() {
+    let (client, _log) = common::client(|r: &Seen| match r.path() {
+        "/api/v1/nodes/gw-1" => Reply::Json(200, node("gw-1", true, "192.168.10.11", "10.244.1.0/24")),
+        "/api/v1/nodes" => {
+            Reply::Json(200, list("Node", "v1", vec![node("gw-1", true, "192.168.10.11", "10.244.1.0/24")]))
+        }
+        // An older cluster without the ServiceCIDR API, and not built by kubeadm.
+        _ => not_found("the resource"),
+    });
+    let mut source = KubernetesSource::new(
+        client,
+        "gw-1".into(),
+        Overrides { cluster_id: "east".into(), ..Overrides::default() },
+        roles(Role::Standby),
+    );
+    let e = source.local_cluster().await.unwrap_err().to_string();
+    assert!(e.contains("service CIDRs") && e.contains("CAUSEWAY_SERVICE_CIDRS"), "{e}");
+}
+
+fn lease(holder: Option<&str>, renewed_secs_ago: i64, rv: &str, transitions: i32) -> Value {
+    let renew =
+        k8s_openapi::jiff::Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_secs(renewed_secs_ago);
+    json!({
+        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": "causeway-gateway", "namespace": "causeway-system", "resourceVersion": rv},
+        "spec": {"holderIdentity": holder, "leaseDurationSeconds": 6, "renewTime": renew.strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string(), "leaseTransitions": transitions}
+    })
+}
+
+const LEASE: &str = "/apis/coordination.k8s.io/v1/namespaces/causeway-system/leases/causeway-gateway";
+const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/causeway-system/leases";
+
+fn elector(client: kube::Client, me: &str) -> Elector {
+    Elector::new(client, ElectionConfig::new("causeway-system", me))
+}
+
+/// Echoes a written Lease back with a new resourceVersion, as the API server does.
+fn written(r: &Seen, rv: &str) -> Reply {
+    let mut v = r.body.clone();
+    v["metadata"]["resourceVersion"] = json!(rv);
+    Reply::Json(if r.method == "POST" { 201 } else { 200 }, v)
+}
+
+#[tokio::test]
+async fn the_first_gateway_creates_the_lease_then_renews_it() {
+    let state = std::sync::Arc::new(std::sync::Mutex::new(None::<Value>));
+    let s = state.clone();
+    let (client, log) = common::client(move |r: &Seen| {
+        let mut current = s.lock().unwrap();
+        match (r.method.as_str(), r.path()) {
+            ("GET", LEASE) => current.clone().map_or_else(|| not_found("lease"), |l| Reply::Json(200, l)),
+            ("POST", LEASES) | ("PUT", LEASE) => {
+                let Reply::Json(code, v) = written(r, &format!("{}", 10 + r.uri.len())) else {
+                    unreachable!()
+                };
+                *current = Some(v.clone());
+                Reply::Json(code, v)
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    });
+    let mut e = elector(client, "gw-1");
+    assert_eq!(e.step().await, Role::Active);
+    assert_eq!(e.step().await, Role::Active);
+    let log = log.lock().unwrap();
+    let writes: Vec<&Seen> = log.iter().filter(|r| r.method != "GET").collect();
+    assert_eq!(writes.len(), 2, "{log:?}");
+    assert!(writes[0].is("POST", LEASES));
+    assert_eq!(writes[0].body["spec"]["holderIdentity"], "gw-1");
+    assert_eq!(writes[0].body["spec"]["leaseDurationSeconds"], 6);
+    // The renewal is a replace that carries the resourceVersion it read (optimistic concurrency).
+    assert!(writes[1].is("PUT", LEASE));
+    assert!(writes[1].body["metadata"]["resourceVersion"].is_string());
+    assert_eq!(writes[1].body["spec"]["leaseTransitions"], 0);
+    assert_ne!(writes[1].body["spec"]["renewTime"], writes[0].body["spec"]["renewTime"]);
+}
+
+#[tokio::test]
+async fn a_live_lease_of_another_gateway_is_followed_without_writing() {
+    let (client, log) = common::client(|r: &Seen| match (r.method.as_str(), r.path()) {
+        ("GET", LEASE) => Reply::Json(200, lease(Some("gw-2"), 1, "55", 3)),
+        other => panic!("a follower must not write: {other:?}"),
+    });
+    let mut e = elector(client, "gw-1");
+    assert_eq!(e.step().await, Role::Standby);
+    assert_eq!(e.step().await, Role::Standby);
+    assert_eq!(log.lock().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn an_expired_lease_is_taken_over_and_a_lost_race_means_standby() {
+    let (client, log) = common::client(|r: &Seen| match (r.method.as_str(), r.path()) {
+        ("GET", LEASE) => Reply::Json(200, lease(Some("gw-2"), 30, "55", 3)),
+        ("PUT", LEASE) => written(r, "56"),
+        other => panic!("unexpected {other:?}"),
+    });
+    let mut e = elector(client, "gw-1");
+    assert_eq!(e.step().await, Role::Active);
+    let put = log.lock().unwrap().iter().find(|r| r.method == "PUT").cloned().unwrap();
+    assert_eq!(put.body["metadata"]["resourceVersion"], "55");
+    assert_eq!(put.body["spec"]["holderIdentity"], "gw-1");
+    assert_eq!(put.body["spec"]["leaseTransitions"], 4);
+
+    // Two standbys see the same expired Lease; the API server lets one write through.
+    let (client, _log) = common::client(|r: &Seen| match (r.method.as_str(), r.path()) {
+        ("GET", LEASE) => Reply::Json(200, lease(Some("gw-2"), 30, "55", 3)),
+        ("PUT", LEASE) => Reply::Json(409, status(409, "Conflict", "the object has been modified")),
+        other => panic!("unexpected {other:?}"),
+    });
+    let mut e = elector(client, "gw-3");
+    assert_eq!(e.step().await, Role::Standby);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_active_gateway_that_cannot_renew_steps_down_before_its_lease_expires() {
+    let fail = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let f = fail.clone();
+    let (client, _log) = common::client(move |r: &Seen| {
+        if f.load(std::sync::atomic::Ordering::SeqCst) {
+            return Reply::Json(500, status(500, "InternalError", "etcdserver: request timed out"));
+        }
+        match (r.method.as_str(), r.path()) {
+            ("GET", LEASE) => Reply::Json(200, lease(Some("gw-1"), 0, "60", 0)),
+            ("PUT", LEASE) => written(r, "61"),
+            other => panic!("unexpected {other:?}"),
+        }
+    });
+    let mut e = elector(client, "gw-1");
+    assert_eq!(e.step().await, Role::Active);
+    fail.store(true, std::sync::atomic::Ordering::SeqCst);
+    // Within duration - retry (6 s - 2 s) of the last renewal it keeps the role …
+    tokio::time::advance(Duration::from_secs(2)).await;
+    assert_eq!(e.step().await, Role::Active);
+    // … after that it steps down, before anyone else may take the Lease.
+    tokio::time::advance(Duration::from_millis(2500)).await;
+    assert_eq!(e.step().await, Role::Standby);
+}
+
+#[tokio::test]
+async fn shutdown_releases_the_lease_for_an_immediate_takeover() {
+    let (client, log) = common::client(|r: &Seen| match (r.method.as_str(), r.path()) {
+        ("GET", LEASE) => Reply::Json(200, lease(Some("gw-1"), 0, "70", 2)),
+        ("PUT", LEASE) => written(r, "71"),
+        other => panic!("unexpected {other:?}"),
+    });
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (mut roles, task) = elector(client, "gw-1").spawn(stop_rx);
+    roles.wait_for(|r| *r == Role::Active).await.unwrap();
+    stop_tx.send(true).unwrap();
+    task.await.unwrap();
+    assert_eq!(*roles.borrow(), Role::Standby);
+    let log = log.lock().unwrap();
+    let last = log.iter().rfind(|r| r.method == "PUT").unwrap();
+    assert!(last.body["spec"].get("holderIdentity").is_none_or(Value::is_null), "{:?}", last.body);
+    // A standby reading that Lease takes it at once.
+    let spec: k8s_openapi::api::coordination::v1::LeaseSpec =
+        serde_json::from_value(last.body["spec"].clone()).unwrap();
+    assert_eq!(
+        causeway_deploy::election::decide(Some(&spec), "gw-2", k8s_openapi::jiff::Timestamp::now()),
+        causeway_deploy::election::Decision::Acquire
+    );
+}
+
+fn service(ns: &str, name: &str, ip: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": ns},
+           "spec": {"clusterIP": ip, "clusterIPs": [ip], "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]}})
+}
+
+fn service_export(ns: &str, name: &str) -> Value {
+    json!({"apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceExport",
+           "metadata": {"name": name, "namespace": ns, "resourceVersion": "5"}})
+}
+
+#[tokio::test]
+async fn service_exports_are_published_to_the_broker_and_withdrawn() {
+    use causeway_broker_api::{BrokerClient, ClusterRecord, Record};
+    // A real broker with a real cluster credential.
+    let broker = causeway_broker::Broker::new(causeway_broker::MemStore::default()).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(causeway_broker::run(listener, broker.clone(), std::future::pending()));
+    let join =
+        BrokerClient::new(url.clone()).with_token(broker.issue(&causeway_broker::Identity::Join).unwrap());
+    let east = ClusterRecord {
+        cluster_id: "east".into(),
+        pod_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
+        service_cidrs: vec!["10.96.0.0/12".parse().unwrap()],
+        global_cidr: None,
+        labels: Default::default(),
+        generation: 1,
+    };
+    let token = join.join(&east).await.unwrap().token;
+    let cluster = BrokerClient::new(url).with_token(token);
+    // A record the cluster published earlier whose ServiceExport is gone by now.
+    cluster
+        .put_service(&causeway_broker_api::ServiceExportRecord {
+            cluster_id: "east".into(),
+            namespace: "old".into(),
+            name: "gone".into(),
+            ips: vec!["10.96.0.99".parse().unwrap()],
+            ports: vec![],
+            generation: 1,
+        })
+        .await
+        .unwrap();
+
+    let watches = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let w = watches.clone();
+    let (client, log) = common::client(move |r: &Seen| match r.path() {
+        "/apis/multicluster.x-k8s.io/v1alpha1/serviceexports" if r.uri.contains("watch=true") => {
+            if w.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                Reply::Events(vec![
+                    json!({"type": "ADDED", "object": service_export("shop", "cart")}),
+                    json!({"type": "DELETED", "object": service_export("shop", "web")}),
+                ])
+            } else {
+                Reply::Hang
+            }
+        }
+        "/apis/multicluster.x-k8s.io/v1alpha1/serviceexports" => Reply::Json(
+            200,
+            list(
+                "ServiceExport",
+                "multicluster.x-k8s.io/v1alpha1",
+                vec![service_export("shop", "web"), service_export("shop", "nosvc")],
+            ),
+        ),
+        "/api/v1/namespaces/shop/services/web" => Reply::Json(200, service("shop", "web", "10.96.0.10")),
+        "/api/v1/namespaces/shop/services/cart" => Reply::Json(200, service("shop", "cart", "10.96.0.11")),
+        "/api/v1/namespaces/shop/services/nosvc" => not_found("services \"nosvc\""),
+        other => panic!("unexpected request {other}"),
+    });
+    let mut sync = ExportSync::new(client, cluster.clone(), "east".into());
+    sync.resync = Duration::from_secs(3600);
+    let task = tokio::spawn(async move { sync.run().await });
+
+    let services = |cluster: BrokerClient| async move {
+        let mut v: Vec<(String, String, Vec<std::net::IpAddr>)> = cluster
+            .list()
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter_map(|o| match o.record {
+                Record::ServiceExport(s) => Some((s.namespace, s.name, s.ips)),
+                _ => None,
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    // After the initial list: web is published, the export without a Service is not, and the
+    // stale record is withdrawn. After the watch events: cart is added and web withdrawn.
+    let want = vec![("shop".to_owned(), "cart".to_owned(), vec!["10.96.0.11".parse().unwrap()])];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while services(cluster.clone()).await != want {
+        assert!(tokio::time::Instant::now() < deadline, "broker holds {:?}", services(cluster.clone()).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    task.abort();
+    let log = log.lock().unwrap();
+    assert!(log.iter().all(|r| r.method == "GET"), "the export sync only reads Kubernetes");
+    assert!(log.iter().any(|r| r.uri.contains("watch=true")));
+    assert!(log.iter().any(|r| r.is("GET", "/api/v1/namespaces/shop/services/web")));
+}

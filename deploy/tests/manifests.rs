@@ -1,0 +1,156 @@
+//! The checked-in manifests are the generator's output, parse back into their typed structs,
+//! and say what an operator relies on (least privilege, one gateway down at a time …).
+
+use std::path::PathBuf;
+
+use causeway_deploy::{Bundle, Settings, manifests::GATEWAY_LABEL, manifests::check_typed, render};
+use serde_json::Value;
+
+fn checked_in(bundle: Bundle) -> String {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("manifests").join(bundle.file_name());
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}
+
+fn docs(yaml: &str) -> Vec<Value> {
+    serde_saphyr::from_multiple::<Value>(yaml).expect("the manifests are valid YAML")
+}
+
+fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind}/{name}"))
+}
+
+#[test]
+fn checked_in_manifests_match_the_generator() {
+    for bundle in Bundle::ALL {
+        let want = render(bundle, &Settings::default()).unwrap();
+        assert!(
+            checked_in(bundle) == want,
+            "deploy/manifests/{} differs from the generator: run `cargo run -p causeway -- manifests --output-dir deploy/manifests` and commit the result",
+            bundle.file_name()
+        );
+    }
+}
+
+#[test]
+fn every_manifest_parses_back_into_its_typed_struct() {
+    let mut count = 0;
+    for bundle in Bundle::ALL {
+        for doc in docs(&checked_in(bundle)) {
+            check_typed(&doc).unwrap_or_else(|e| panic!("{}: {e}", bundle.file_name()));
+            count += 1;
+        }
+    }
+    assert!(count >= 15, "only {count} objects");
+}
+
+#[test]
+fn an_unknown_or_misspelt_field_is_caught() {
+    let member = docs(&checked_in(Bundle::Member));
+    let mut ds = find(&member, "DaemonSet", "causeway-gateway").clone();
+    ds["spec"]["template"]["spec"]["hostNetwrok"] = Value::Bool(true);
+    let err = check_typed(&ds).unwrap_err();
+    assert!(err.contains("hostNetwrok"), "{err}");
+    let mut ds = find(&member, "DaemonSet", "causeway-gateway").clone();
+    ds["spec"]["minReadySeconds"] = Value::String("ten".into());
+    assert!(check_typed(&ds).is_err());
+    assert!(check_typed(&serde_json::json!({"kind": "Pod2", "apiVersion": "v1"})).is_err());
+}
+
+#[test]
+fn the_gateway_runs_on_gateway_nodes_with_only_the_capabilities_it_needs() {
+    let member = docs(&checked_in(Bundle::Member));
+    let ds = find(&member, "DaemonSet", "causeway-gateway");
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["hostNetwork"], true);
+    assert_eq!(pod["nodeSelector"][GATEWAY_LABEL], "true");
+    let c = &pod["containers"][0];
+    assert_eq!(c["securityContext"]["capabilities"]["drop"], serde_json::json!(["ALL"]));
+    assert_eq!(
+        c["securityContext"]["capabilities"]["add"],
+        serde_json::json!(["NET_ADMIN", "BPF", "PERFMON", "SYS_ADMIN"])
+    );
+    assert!(c["securityContext"].get("privileged").is_none());
+    let mounts: Vec<&str> =
+        c["volumeMounts"].as_array().unwrap().iter().map(|m| m["mountPath"].as_str().unwrap()).collect();
+    assert!(mounts.contains(&"/sys/fs/bpf") && mounts.contains(&"/dev/net/tun"), "{mounts:?}");
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/healthz");
+    // Never both gateways of a cluster down: one at a time, and only once the previous is ready.
+    assert_eq!(ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"], 1);
+    assert_eq!(ds["spec"]["updateStrategy"]["rollingUpdate"]["maxSurge"], 0);
+    assert!(ds["spec"]["minReadySeconds"].as_i64().unwrap() > 0);
+    assert_eq!(find(&member, "PodDisruptionBudget", "causeway-gateway")["spec"]["maxUnavailable"], 1);
+}
+
+#[test]
+fn rbac_is_least_privilege() {
+    for bundle in Bundle::ALL {
+        for doc in docs(&checked_in(bundle)) {
+            let Some(rules) = doc["rules"].as_array() else { continue };
+            for r in rules {
+                let all = |field: &str| {
+                    r[field].as_array().into_iter().flatten().map(|v| v.as_str().unwrap().to_owned())
+                };
+                for v in all("verbs").chain(all("resources")).chain(all("apiGroups")) {
+                    assert_ne!(v, "*", "{}: wildcard in {r}", doc["metadata"]["name"]);
+                }
+                assert!(
+                    !all("resources").any(|x| x == "secrets"),
+                    "{}: reads secrets",
+                    doc["metadata"]["name"]
+                );
+                assert!(!all("verbs").any(|x| x == "delete"), "{}: may delete", doc["metadata"]["name"]);
+            }
+        }
+    }
+    let member = docs(&checked_in(Bundle::Member));
+    let discovery = find(&member, "Role", "causeway-gateway-cidr-discovery");
+    assert_eq!(discovery["metadata"]["namespace"], "kube-system");
+    assert_eq!(discovery["rules"][0]["resourceNames"], serde_json::json!(["kubeadm-config", "kube-proxy"]));
+}
+
+#[test]
+fn the_broker_keeps_its_state_on_a_volume_and_runs_unprivileged() {
+    let broker = docs(&checked_in(Bundle::Broker));
+    let d = find(&broker, "Deployment", "causeway-broker");
+    let pod = &d["spec"]["template"]["spec"];
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(pod["automountServiceAccountToken"], false);
+    assert_eq!(d["spec"]["strategy"]["type"], "Recreate");
+    let claim = pod["volumes"].as_array().unwrap().iter().find(|v| v["name"] == "data").unwrap();
+    let pvc =
+        find(&broker, "PersistentVolumeClaim", claim["persistentVolumeClaim"]["claimName"].as_str().unwrap());
+    assert_eq!(pvc["spec"]["accessModes"], serde_json::json!(["ReadWriteOnce"]));
+    let svc = find(&broker, "Service", "causeway-broker");
+    assert_eq!(svc["spec"]["ports"][0]["port"], 7780);
+}
+
+#[test]
+fn the_crds_are_the_mcs_api_and_causeways_own() {
+    let crds = docs(&checked_in(Bundle::Crds));
+    let names: Vec<&str> = crds.iter().map(|d| d["metadata"]["name"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        [
+            "serviceexports.multicluster.x-k8s.io",
+            "serviceimports.multicluster.x-k8s.io",
+            "clustersetpolicies.causeway.io"
+        ]
+    );
+    let policy = find(&crds, "CustomResourceDefinition", "clustersetpolicies.causeway.io");
+    assert_eq!(policy["spec"]["scope"], "Cluster");
+    let props =
+        &policy["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"];
+    // The spec is the broker's PolicyRecord without name and generation.
+    let sample = serde_json::json!({
+        "name": "web", "priority": 5, "from": {"cluster": "east"}, "to": {"cidrs": ["10.2.0.0/16"]},
+        "protocol": "tcp", "ports": ["80", "8000-8080"], "action": "allow"
+    });
+    let record: causeway_broker_api::PolicyRecord = serde_json::from_value(sample.clone()).unwrap();
+    for key in sample.as_object().unwrap().keys().filter(|k| *k != "name") {
+        assert!(props.get(key).is_some(), "the CRD lacks {key}");
+    }
+    assert_eq!(record.ports.len(), 2);
+}

@@ -36,6 +36,9 @@ enum Cmd {
     Broker(BrokerArgs),
     /// Run a gateway (on a gateway node of a cluster).
     Gateway(Box<GatewayArgs>),
+    /// Run the route agent (on the cluster's other nodes): remote clusters' prefixes through one
+    /// nexthop that follows the active gateway.
+    RouteAgent(RouteAgentArgs),
     /// Set up a broker: certificates, the admin credential and the broker-info file.
     DeployBroker(setup::DeployBrokerArgs),
     /// Register a cluster with the broker and obtain its own credential.
@@ -185,6 +188,20 @@ struct BrokerArgs {
 }
 
 #[derive(clap::Args)]
+struct RouteAgentArgs {
+    /// This cluster's credentials file, written by `causeway join`.
+    #[arg(long, env = "CAUSEWAY_BROKER_CREDENTIALS")]
+    broker_credentials: PathBuf,
+    /// Follow the `causeway-gateway` Lease to find the active gateway (its node's InternalIP)
+    /// instead of the cluster's active endpoint record.
+    #[arg(long, env = "CAUSEWAY_KUBERNETES")]
+    kubernetes: bool,
+    /// Namespace of the gateway Lease (with --kubernetes).
+    #[arg(long, env = "CAUSEWAY_NAMESPACE", default_value = "causeway-system")]
+    namespace: String,
+}
+
+#[derive(clap::Args)]
 struct GatewayArgs {
     /// This cluster's credentials file, written by `causeway join`.
     #[arg(long, env = "CAUSEWAY_BROKER_CREDENTIALS")]
@@ -268,6 +285,10 @@ fn main() -> anyhow::Result<()> {
         Cmd::Gateway(a) => {
             telemetry::init("info");
             runtime()?.block_on(gateway(*a))
+        }
+        Cmd::RouteAgent(a) => {
+            telemetry::init("info");
+            runtime()?.block_on(route_agent(a))
         }
         Cmd::Show(a) => {
             telemetry::init("warn");
@@ -421,6 +442,27 @@ async fn broker(a: BrokerArgs) -> anyhow::Result<()> {
         None => causeway_broker::run(listener, broker, shutdown_signal()).await,
     }
     .context("serving the broker API")
+}
+
+async fn route_agent(a: RouteAgentArgs) -> anyhow::Result<()> {
+    let creds = causeway_broker_api::Credentials::load(&a.broker_credentials).map_err(anyhow::Error::msg)?;
+    let Some(cluster_id) = creds.cluster_id.clone() else {
+        anyhow::bail!("{} is not a cluster's credentials file", a.broker_credentials.display());
+    };
+    let client = causeway_broker_api::BrokerClient::from_credentials(&creds)?;
+    let gateways = if a.kubernetes {
+        let kube = causeway_deploy::connect(None, None).await?;
+        Some(causeway_deploy::election::follow_active_gateway(
+            kube,
+            a.namespace,
+            std::time::Duration::from_secs(1),
+        ))
+    } else {
+        None
+    };
+    causeway_gateway::agent::run(client, cluster_id, gateways, shutdown_signal())
+        .await
+        .context("route agent failed")
 }
 
 async fn gateway(a: GatewayArgs) -> anyhow::Result<()> {

@@ -232,6 +232,59 @@ impl Elector {
     }
 }
 
+/// The node address (first InternalIP) of the gateway that holds the Lease now, if any: what
+/// the route agents of the other nodes route through.
+pub async fn active_gateway_address(
+    client: &Client,
+    namespace: &str,
+) -> Result<Option<std::net::IpAddr>, kube::Error> {
+    let leases: Api<Lease> = Api::namespaced(client.clone(), namespace);
+    let Some(lease) = leases.get_opt(crate::manifests::GATEWAY_LEASE).await? else { return Ok(None) };
+    let spec = lease.spec.as_ref();
+    let holder = spec.and_then(|s| s.holder_identity.clone()).unwrap_or_default();
+    // An expired Lease has no live holder: keep routing where we route until a new one wins.
+    if holder.is_empty() || matches!(decide(spec, "", Timestamp::now()), Decision::Acquire) {
+        return Ok(None);
+    }
+    let Some(node) = Api::<k8s_openapi::api::core::v1::Node>::all(client.clone()).get_opt(&holder).await?
+    else {
+        return Ok(None);
+    };
+    Ok(node
+        .status
+        .and_then(|s| s.addresses)
+        .into_iter()
+        .flatten()
+        .filter(|a| a.type_ == "InternalIP")
+        .find_map(|a| a.address.parse().ok()))
+}
+
+/// Follows [`active_gateway_address`] every `every`; the channel changes only when the address
+/// does, and a failed read keeps the last known address.
+pub fn follow_active_gateway(
+    client: Client,
+    namespace: String,
+    every: Duration,
+) -> watch::Receiver<Option<std::net::IpAddr>> {
+    let (tx, rx) = watch::channel(None);
+    tokio::spawn(async move {
+        loop {
+            match active_gateway_address(&client, &namespace).await {
+                Ok(Some(ip)) => {
+                    tx.send_if_modified(|cur| cur.replace(ip) != Some(ip));
+                }
+                Ok(None) => {}
+                Err(e) => warn!(error = %e, "reading the gateway Lease failed"),
+            }
+            if tx.is_closed() {
+                return;
+            }
+            tokio::time::sleep(every).await;
+        }
+    });
+    rx
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

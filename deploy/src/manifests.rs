@@ -11,8 +11,9 @@ use k8s_openapi::{
             DeploymentStrategy, RollingUpdateDaemonSet,
         },
         core::v1::{
-            Capabilities, ConfigMapEnvSource, Container, ContainerPort, EnvFromSource, EnvVar, EnvVarSource,
-            HTTPGetAction, HostPathVolumeSource, Namespace, ObjectFieldSelector, PersistentVolumeClaim,
+            Affinity, Capabilities, ConfigMapEnvSource, Container, ContainerPort, EnvFromSource, EnvVar,
+            EnvVarSource, HTTPGetAction, HostPathVolumeSource, Namespace, NodeAffinity, NodeSelector,
+            NodeSelectorRequirement, NodeSelectorTerm, ObjectFieldSelector, PersistentVolumeClaim,
             PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec,
             PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecretVolumeSource,
             SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, Toleration, Volume,
@@ -134,8 +135,7 @@ pub enum Bundle {
     Crds,
     /// The broker, in the cluster `deploy-broker` targets.
     Broker,
-    /// What `join` applies to every member cluster: RBAC and the gateway DaemonSet. (The
-    /// route-agent DaemonSet joins it when the route agent exists; see docs/operations.md.)
+    /// What `join` applies to every member cluster: RBAC, the gateway and route-agent DaemonSets.
     Member,
 }
 
@@ -316,7 +316,7 @@ fn resources(cpu: &str, memory: &str, memory_limit: &str) -> ResourceRequirement
     }
 }
 
-/// The gateway runs on every node labelled for it, tainted or not.
+/// The gateway and the route agent run on every node they are meant for, tainted or not.
 fn tolerate_everything() -> Vec<Toleration> {
     vec![Toleration { operator: Some("Exists".into()), ..Toleration::default() }]
 }
@@ -344,6 +344,7 @@ fn namespace(s: &Settings) -> Namespace {
 fn member(s: &Settings) -> Result<Vec<Manifest>, ManifestError> {
     let ns = s.namespace.as_str();
     let gw = "causeway-gateway";
+    let ra = "causeway-route-agent";
     let gateway_role = ClusterRole {
         metadata: meta(gw, None, "gateway"),
         rules: Some(vec![
@@ -386,6 +387,27 @@ fn member(s: &Settings) -> Result<Vec<Manifest>, ManifestError> {
         role_ref: role_ref("Role", "causeway-gateway-cidr-discovery"),
         subjects: Some(subject(gw, ns)),
     };
+    let agent_role = ClusterRole {
+        metadata: meta(ra, None, "route-agent"),
+        // The Lease holder's node address.
+        rules: Some(vec![rule(&[""], &["nodes"], &["get"])]),
+        ..ClusterRole::default()
+    };
+    let agent_binding = ClusterRoleBinding {
+        metadata: meta(ra, None, "route-agent"),
+        role_ref: role_ref("ClusterRole", ra),
+        subjects: Some(subject(ra, ns)),
+    };
+    let agent_ns_role = Role {
+        metadata: meta(ra, Some(ns), "route-agent"),
+        rules: Some(vec![named_rule(&["coordination.k8s.io"], &["leases"], &[GATEWAY_LEASE], &["get"])]),
+    };
+    let agent_ns_binding = RoleBinding {
+        metadata: meta(ra, Some(ns), "route-agent"),
+        role_ref: role_ref("Role", ra),
+        subjects: Some(subject(ra, ns)),
+    };
+
     let config_env = EnvFromSource {
         config_map_ref: Some(ConfigMapEnvSource { name: GATEWAY_CONFIG.into(), optional: Some(true) }),
         ..EnvFromSource::default()
@@ -470,7 +492,7 @@ fn member(s: &Settings) -> Result<Vec<Manifest>, ManifestError> {
         spec: Some(DaemonSetSpec {
             selector: LabelSelector { match_labels: Some(selector("gateway")), ..LabelSelector::default() },
             min_ready_seconds: Some(10),
-            update_strategy: Some(one_at_a_time),
+            update_strategy: Some(one_at_a_time.clone()),
             template: PodTemplateSpec { metadata: Some(meta_template("gateway")), spec: Some(gateway_pod) },
             ..DaemonSetSpec::default()
         }),
@@ -490,9 +512,68 @@ fn member(s: &Settings) -> Result<Vec<Manifest>, ManifestError> {
         ..PodDisruptionBudget::default()
     };
 
+    let agent_container = Container {
+        name: "route-agent".into(),
+        image: Some(s.image.clone()),
+        command: Some(vec!["causeway".into(), "route-agent".into(), "--kubernetes".into()]),
+        env: Some(vec![
+            env_field("CAUSEWAY_NAMESPACE", "metadata.namespace"),
+            env("CAUSEWAY_BROKER_CREDENTIALS", &format!("/etc/causeway/broker/{CREDENTIALS_KEY}")),
+        ]),
+        // NET_ADMIN: the nexthop and the routes through it.
+        security_context: Some(capabilities(&["NET_ADMIN"])),
+        resources: Some(resources("10m", "16Mi", "128Mi")),
+        volume_mounts: Some(vec![mount("broker-credentials", "/etc/causeway/broker", true)]),
+        ..Container::default()
+    };
+    let not_a_gateway = NodeAffinity {
+        required_during_scheduling_ignored_during_execution: Some(NodeSelector {
+            node_selector_terms: vec![NodeSelectorTerm {
+                match_expressions: Some(vec![NodeSelectorRequirement {
+                    key: GATEWAY_LABEL.into(),
+                    operator: "NotIn".into(),
+                    values: Some(vec!["true".into()]),
+                }]),
+                ..NodeSelectorTerm::default()
+            }],
+        }),
+        ..NodeAffinity::default()
+    };
+    let agent_ds = DaemonSet {
+        metadata: meta(ra, Some(ns), "route-agent"),
+        spec: Some(DaemonSetSpec {
+            selector: LabelSelector {
+                match_labels: Some(selector("route-agent")),
+                ..LabelSelector::default()
+            },
+            update_strategy: Some(one_at_a_time),
+            template: PodTemplateSpec {
+                metadata: Some(meta_template("route-agent")),
+                spec: Some(PodSpec {
+                    service_account_name: Some(ra.into()),
+                    host_network: Some(true),
+                    dns_policy: Some("ClusterFirstWithHostNet".into()),
+                    priority_class_name: Some("system-node-critical".into()),
+                    affinity: Some(Affinity { node_affinity: Some(not_a_gateway), ..Affinity::default() }),
+                    tolerations: Some(tolerate_everything()),
+                    security_context: Some(node_agent_security()),
+                    containers: vec![agent_container],
+                    volumes: Some(vec![secret_volume("broker-credentials", CREDENTIALS_SECRET)]),
+                    ..PodSpec::default()
+                }),
+            },
+            ..DaemonSetSpec::default()
+        }),
+        ..DaemonSet::default()
+    };
+
     Ok(vec![
         manifest(&namespace(s))?,
         manifest(&ServiceAccount { metadata: meta(gw, Some(ns), "gateway"), ..ServiceAccount::default() })?,
+        manifest(&ServiceAccount {
+            metadata: meta(ra, Some(ns), "route-agent"),
+            ..ServiceAccount::default()
+        })?,
         manifest(&gateway_role)?,
         manifest(&gateway_binding)?,
         manifest(&gateway_ns_role)?,
@@ -501,6 +582,11 @@ fn member(s: &Settings) -> Result<Vec<Manifest>, ManifestError> {
         manifest(&gateway_kube_system_binding)?,
         manifest(&gateway_ds)?,
         manifest(&gateway_pdb)?,
+        manifest(&agent_role)?,
+        manifest(&agent_binding)?,
+        manifest(&agent_ns_role)?,
+        manifest(&agent_ns_binding)?,
+        manifest(&agent_ds)?,
     ])
 }
 

@@ -82,7 +82,7 @@ async fn removal_runs_every_step_in_reverse_and_collects_failures() {
     assert!(e.contains("1 step(s)") && e.contains("ServiceAccount/causeway-gateway"), "{e}");
     let log = log.lock().unwrap();
     assert_eq!(log.len(), all.len(), "every step ran");
-    assert!(log[0].path().ends_with("/poddisruptionbudgets/causeway-gateway"), "reverse order");
+    assert!(log[0].path().ends_with("/daemonsets/causeway-route-agent"), "reverse order");
     assert_eq!(log.last().unwrap().path(), "/api/v1/namespaces/causeway-system");
     assert!(lines.iter().any(|l| l.contains("already gone")));
 }

@@ -370,3 +370,37 @@ async fn service_exports_are_published_to_the_broker_and_withdrawn() {
     assert!(log.iter().any(|r| r.uri.contains("watch=true")));
     assert!(log.iter().any(|r| r.is("GET", "/api/v1/namespaces/shop/services/web")));
 }
+
+#[tokio::test]
+async fn route_agents_follow_the_lease_holder_to_its_node_address() {
+    let holder = std::sync::Arc::new(std::sync::Mutex::new(("gw-1", 0i64)));
+    let h = holder.clone();
+    let (client, log) = common::client(move |r: &Seen| {
+        let (name, age) = *h.lock().unwrap();
+        match r.path() {
+            LEASE => Reply::Json(200, lease(Some(name), age, "80", 0)),
+            "/api/v1/nodes/gw-1" => Reply::Json(200, node("gw-1", true, "192.168.10.11", "10.244.1.0/24")),
+            "/api/v1/nodes/gw-2" => Reply::Json(200, node("gw-2", true, "192.168.10.12", "10.244.2.0/24")),
+            other => panic!("unexpected {other}"),
+        }
+    });
+    let addr = |s: &str| Some(s.parse::<std::net::IpAddr>().unwrap());
+    assert_eq!(
+        causeway_deploy::election::active_gateway_address(&client, "causeway-system").await.unwrap(),
+        addr("192.168.10.11")
+    );
+    // An expired Lease names nobody live: the agents keep their current route.
+    *holder.lock().unwrap() = ("gw-1", 60);
+    assert_eq!(
+        causeway_deploy::election::active_gateway_address(&client, "causeway-system").await.unwrap(),
+        None
+    );
+    *holder.lock().unwrap() = ("gw-2", 0);
+    let mut rx = causeway_deploy::election::follow_active_gateway(
+        client,
+        "causeway-system".into(),
+        Duration::from_millis(20),
+    );
+    rx.wait_for(|a| *a == addr("192.168.10.12")).await.unwrap();
+    assert!(log.lock().unwrap().iter().all(|r| r.method == "GET"), "route agents only read");
+}

@@ -82,6 +82,16 @@ fn the_gateway_runs_on_gateway_nodes_with_only_the_capabilities_it_needs() {
     assert_eq!(ds["spec"]["updateStrategy"]["rollingUpdate"]["maxSurge"], 0);
     assert!(ds["spec"]["minReadySeconds"].as_i64().unwrap() > 0);
     assert_eq!(find(&member, "PodDisruptionBudget", "causeway-gateway")["spec"]["maxUnavailable"], 1);
+
+    // The route agent runs everywhere else, with NET_ADMIN only.
+    let agent = find(&member, "DaemonSet", "causeway-route-agent");
+    let term = &agent["spec"]["template"]["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        ["nodeSelectorTerms"][0]["matchExpressions"][0];
+    assert_eq!(term["key"], GATEWAY_LABEL);
+    assert_eq!(term["operator"], "NotIn");
+    let c = &agent["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(c["securityContext"]["capabilities"]["add"], serde_json::json!(["NET_ADMIN"]));
+    assert_eq!(c["command"], serde_json::json!(["causeway", "route-agent", "--kubernetes"]));
 }
 
 #[test]

@@ -1,16 +1,19 @@
 //! The Causeway gateway daemon, assembled from:
 //!
-//! - [`cluster`]: where the gateway learns its own cluster's facts (static now, Kubernetes later);
+//! - [`cluster`]: where the gateway learns its own cluster's facts (static, or Kubernetes in
+//!   `causeway-deploy`);
 //! - [`keys`]: the WireGuard identity, generated once and kept;
 //! - [`cable`]: cable drivers behind one trait (userspace WireGuard on `boringtun::noise`);
 //! - [`desired`]: the desired state computed from broker records (pure);
 //! - [`route`]: kernel routes via rtnetlink;
 //! - [`daemon`]: the reconcile loop that ties them to the broker and the eBPF datapath;
-//! - [`status`]: the local status/metrics endpoint.
+//! - [`status`]: the local status/metrics endpoint;
+//! - [`agent`]: the route agent of the other nodes (remote prefixes via the active gateway).
 //!
 //! Each outside dependency has one owner: boringtun and tun-rs `cable::wireguard`, rtnetlink
 //! `route`, aya the `causeway-datapath` crate.
 
+pub mod agent;
 pub mod cable;
 pub mod cluster;
 pub mod daemon;

@@ -1,4 +1,6 @@
-//! Kernel routes for remote prefixes, through the tunnel device (the only rtnetlink user).
+//! Kernel routes for remote prefixes (the only rtnetlink user): through the tunnel device on a
+//! gateway ([`RouteManager`]), and through the active gateway's nexthop on the other nodes
+//! ([`node::NodeRoutes`]).
 //!
 //! Our routes carry their own protocol number, so the gateway can list exactly the routes it
 //! owns and remove stale ones after a restart without touching anybody else's.
@@ -13,6 +15,9 @@ use tracing::info;
 
 use crate::desired::plan;
 
+pub mod nexthop;
+pub mod node;
+
 /// Route protocol number marking Causeway's routes (`ip route show proto 202`).
 pub const ROUTE_PROTOCOL: u8 = 202;
 
@@ -22,6 +27,8 @@ pub enum RouteError {
     Connect(#[source] std::io::Error),
     #[error("interface {name} not found")]
     NoInterface { name: String },
+    #[error("nexthop: {0}")]
+    Nexthop(String),
     #[error("netlink {op} {what}: {source}")]
     Netlink {
         op: &'static str,

@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+use anyhow::Context as _;
+
 use causeway_broker_api::{
     BrokerClient, PolicyAction, PolicyDefaultRecord, PolicyPeer, PolicyProtocol, PolicyRecord, PortRange,
     Record,
@@ -39,9 +41,14 @@ pub enum PolicyCmd {
     /// that matches a packet decides; `policy default` decides when none matches.
     Apply {
         /// The rule's name (DNS-1123 label).
-        name: String,
-        #[arg(long, value_enum)]
-        action: Action,
+        #[arg(required_unless_present = "file", conflicts_with = "file")]
+        name: Option<String>,
+        #[arg(long, value_enum, required_unless_present = "file")]
+        action: Option<Action>,
+        /// Apply the ClusterSetPolicy objects of this YAML file instead (the CRD's format, see
+        /// deploy/manifests/crds.yaml); all are checked before any is written.
+        #[arg(long, short = 'f')]
+        file: Option<PathBuf>,
         /// Source cluster (its pod and service CIDRs); omit for any.
         #[arg(long)]
         from_cluster: Option<String>,
@@ -88,9 +95,38 @@ async fn admin(credentials: Option<PathBuf>) -> anyhow::Result<BrokerClient> {
 
 pub async fn run(cmd: PolicyCmd) -> anyhow::Result<()> {
     match cmd {
+        PolicyCmd::Apply { file: Some(file), credentials, .. } => {
+            let text =
+                std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            let rules = causeway_deploy::crds::policies_from_yaml(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            let client = admin(credentials).await?;
+            let stored: std::collections::BTreeMap<String, PolicyRecord> = client
+                .list()
+                .await?
+                .items
+                .into_iter()
+                .filter_map(|o| match o.record {
+                    Record::Policy(p) => Some((p.name.clone(), p)),
+                    _ => None,
+                })
+                .collect();
+            for mut rule in rules {
+                // Re-applying the same file writes nothing (and wakes no gateway).
+                let previous = stored.get(&rule.name);
+                rule.generation = previous.map_or(1, |p| p.generation);
+                if previous == Some(&rule) {
+                    println!("policy {} unchanged", rule.name);
+                    continue;
+                }
+                rule.generation = previous.map_or(1, |p| p.generation + 1);
+                let obj = client.put_policy(&rule).await?;
+                println!("policy {} stored at revision {}", rule.name, obj.resource_version);
+            }
+        }
         PolicyCmd::Apply {
-            name,
-            action,
+            name: Some(name),
+            action: Some(action),
             from_cluster,
             from_cidrs,
             to_cluster,
@@ -99,6 +135,7 @@ pub async fn run(cmd: PolicyCmd) -> anyhow::Result<()> {
             ports,
             priority,
             credentials,
+            file: None,
         } => {
             let client = admin(credentials).await?;
             // Keep the generation moving forward over an existing rule of that name.
@@ -122,6 +159,7 @@ pub async fn run(cmd: PolicyCmd) -> anyhow::Result<()> {
             let obj = client.put_policy(&rule).await?;
             println!("policy {} stored at revision {}", rule.name, obj.resource_version);
         }
+        PolicyCmd::Apply { .. } => anyhow::bail!("give a rule's NAME and --action, or -f FILE"),
         PolicyCmd::Delete { name, credentials } => {
             admin(credentials).await?.delete_policy(&name).await?;
             println!("policy {name} deleted");

@@ -223,7 +223,7 @@ fn cluster_set_policy() -> Crd<'static> {
                     "type": "object",
                     "required": ["action"],
                     "properties": {
-                        "priority": {"type": "integer", "format": "int32", "minimum": 0},
+                        "priority": {"type": "integer", "format": "int32", "minimum": 0, "default": 1000},
                         "from": peer.clone(),
                         "to": peer,
                         "protocol": {"type": "string", "enum": ["any", "tcp", "udp", "icmp"]},
@@ -247,4 +247,39 @@ pub(crate) fn manifests() -> Result<Vec<Manifest>, ManifestError> {
         .into_iter()
         .map(|c| manifest(&build(c)?))
         .collect()
+}
+
+/// The priority of a rule that names none (as `causeway policy apply`).
+pub const DEFAULT_POLICY_PRIORITY: u32 = 1000;
+
+/// Reads `ClusterSetPolicy` objects (a multi-document YAML file, as kept in Git or applied to
+/// the cluster) into broker policy records. Any other kind, a misspelt field or a bad value is
+/// an error naming the document; nothing is returned unless every document is good.
+pub fn policies_from_yaml(text: &str) -> Result<Vec<causeway_broker_api::PolicyRecord>, String> {
+    let docs: Vec<serde_json::Value> =
+        serde_saphyr::from_multiple(text).map_err(|e| format!("not YAML: {e}"))?;
+    let mut out = Vec::new();
+    for (i, doc) in docs.into_iter().enumerate().filter(|(_, d)| !d.is_null()) {
+        let n = i + 1;
+        let (api, kind) =
+            (doc["apiVersion"].as_str().unwrap_or_default(), doc["kind"].as_str().unwrap_or_default());
+        if api != format!("{CAUSEWAY_GROUP}/v1alpha1") || kind != "ClusterSetPolicy" {
+            return Err(format!(
+                "document {n} is {api}/{kind}, not {CAUSEWAY_GROUP}/v1alpha1 ClusterSetPolicy"
+            ));
+        }
+        let name = doc["metadata"]["name"].as_str().ok_or(format!("document {n} has no metadata.name"))?;
+        let mut spec = match doc.get("spec") {
+            Some(serde_json::Value::Object(m)) => m.clone(),
+            _ => return Err(format!("ClusterSetPolicy {name}: no spec")),
+        };
+        spec.entry("priority").or_insert(DEFAULT_POLICY_PRIORITY.into());
+        spec.insert("name".into(), name.into());
+        let record: causeway_broker_api::PolicyRecord =
+            serde_json::from_value(serde_json::Value::Object(spec))
+                .map_err(|e| format!("ClusterSetPolicy {name}: {e}"))?;
+        causeway_broker_api::validate_policy(&record).map_err(|e| format!("ClusterSetPolicy {name}: {e}"))?;
+        out.push(record);
+    }
+    Ok(out)
 }

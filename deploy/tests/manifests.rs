@@ -164,3 +164,32 @@ fn the_crds_are_the_mcs_api_and_causeways_own() {
     }
     assert_eq!(record.ports.len(), 2);
 }
+
+#[test]
+fn cluster_set_policy_objects_become_broker_records() {
+    let yaml = "apiVersion: causeway.io/v1alpha1\nkind: ClusterSetPolicy\nmetadata:\n  name: web\nspec:\n  from: {cluster: east}\n  to: {cidrs: [10.2.0.0/16]}\n  protocol: tcp\n  ports: [\"80\", \"8000-8080\"]\n  action: allow\n---\napiVersion: causeway.io/v1alpha1\nkind: ClusterSetPolicy\nmetadata:\n  name: rest\nspec:\n  priority: 5000\n  action: deny\n";
+    let rules = causeway_deploy::crds::policies_from_yaml(yaml).unwrap();
+    assert_eq!(rules.len(), 2);
+    assert_eq!(rules[0].name, "web");
+    assert_eq!(rules[0].priority, causeway_deploy::crds::DEFAULT_POLICY_PRIORITY);
+    assert_eq!(rules[0].from.cluster.as_deref(), Some("east"));
+    assert_eq!(rules[0].ports.len(), 2);
+    assert_eq!(rules[1].priority, 5000);
+    assert_eq!(rules[1].action, causeway_broker_api::PolicyAction::Deny);
+    // A misspelt field, another kind, a bad name or a bad port: refused, naming the document.
+    for (bad, says) in [
+        (yaml.replace("protocol: tcp", "protocl: tcp"), "protocl"),
+        (
+            yaml.replace(
+                "kind: ClusterSetPolicy\nmetadata:\n  name: rest",
+                "kind: Policy\nmetadata:\n  name: rest",
+            ),
+            "document 2",
+        ),
+        (yaml.replace("name: web", "name: Web!"), "Web!"),
+        (yaml.replace("8000-8080", "8000-99999"), "web"),
+    ] {
+        let e = causeway_deploy::crds::policies_from_yaml(&bad).unwrap_err();
+        assert!(e.contains(says), "{e}");
+    }
+}

@@ -65,7 +65,7 @@ pub struct KubeArgs {
 }
 
 impl KubeArgs {
-    async fn connect(&self) -> anyhow::Result<causeway_deploy::Client> {
+    pub async fn connect(&self) -> anyhow::Result<causeway_deploy::Client> {
         Ok(causeway_deploy::connect(self.kubeconfig.as_deref(), self.context.as_deref()).await?)
     }
 }
@@ -84,7 +84,7 @@ fn print_dry_run(manifests: &[causeway_deploy::Manifest]) {
 /// `deploy-broker --kubeconfig …`: certificates and tokens made here, only the token hashes and
 /// the serving certificate go into the cluster.
 pub async fn deploy_broker(
-    kube: &KubeArgs,
+    connect: impl AsyncFnOnce() -> anyhow::Result<causeway_deploy::Client>,
     manifests: &ManifestArgs,
     addresses: &[String],
     data_dir: &std::path::Path,
@@ -144,7 +144,7 @@ pub async fn deploy_broker(
         print_dry_run(&all);
         return Ok(());
     }
-    let client = kube.connect().await?;
+    let client = connect().await?;
     eprintln!("deploying the broker into namespace {ns}:");
     causeway_deploy::apply::apply(&client, &all, progress).await?;
     {
@@ -226,7 +226,11 @@ fn choose_gateways(flag: &[String], nodes: &[(String, bool)]) -> anyhow::Result<
 
 /// `join --kubeconfig …`: discover, register with the broker (or reuse this cluster's
 /// credentials from an earlier run), label the gateway nodes, apply the member manifests.
-pub async fn join(kube: &KubeArgs, manifests: &ManifestArgs, p: JoinPlan<'_>) -> anyhow::Result<()> {
+pub async fn join(
+    connect: impl AsyncFnOnce() -> anyhow::Result<causeway_deploy::Client>,
+    manifests: &ManifestArgs,
+    p: JoinPlan<'_>,
+) -> anyhow::Result<()> {
     use causeway_broker_api::{BrokerClient, ClusterRecord, CredentialKind, Credentials};
     let settings = manifests.settings();
     let ns = settings.namespace.clone();
@@ -237,7 +241,7 @@ pub async fn join(kube: &KubeArgs, manifests: &ManifestArgs, p: JoinPlan<'_>) ->
             p.info_path.display()
         );
     }
-    let client = kube.connect().await?;
+    let client = connect().await?;
     eprintln!("discovering cluster {}:", p.cluster_id);
     let observed = causeway_deploy::source::observe(&client).await?;
     let found = causeway_deploy::source::discover(&observed, p.pod_cidrs, p.service_cidrs)?;
@@ -341,6 +345,14 @@ pub struct UninstallArgs {
 /// Removes what `join` (and with --broker, `deploy-broker`) created. Leaving the broker's
 /// records is `causeway leave`'s job.
 pub async fn uninstall(a: UninstallArgs) -> anyhow::Result<()> {
+    let kube = a.kube.clone();
+    uninstall_with(async || kube.connect().await, a).await
+}
+
+async fn uninstall_with(
+    connect: impl AsyncFnOnce() -> anyhow::Result<causeway_deploy::Client>,
+    a: UninstallArgs,
+) -> anyhow::Result<()> {
     use causeway_deploy::manifests::{
         BROKER_BOOTSTRAP_SECRET, BROKER_TLS_SECRET, CREDENTIALS_SECRET, GATEWAY_CONFIG,
     };
@@ -372,7 +384,7 @@ pub async fn uninstall(a: UninstallArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    let client = a.kube.connect().await?;
+    let client = connect().await?;
     eprintln!("removing Causeway from namespace {ns}:");
     let mut failed = Vec::new();
     if let Err(e) = causeway_deploy::apply::remove(&client, &all, progress).await {
@@ -396,6 +408,8 @@ pub async fn uninstall(a: UninstallArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use causeway_deploy::testing::{Reply, Seen, client, list, not_found};
+    use serde_json::{Value, json};
 
     #[test]
     fn gateway_nodes_come_from_the_flag_or_the_label() {
@@ -404,5 +418,213 @@ mod tests {
         assert_eq!(choose_gateways(&[], &nodes).unwrap(), ["b", "c"]);
         let e = choose_gateways(&["zz".into()], &nodes).unwrap_err().to_string();
         assert!(e.contains("no such node") && e.contains("a, b, c"), "{e}");
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("cw-cli-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn secret_value(body: &Value, key: &str) -> Vec<u8> {
+        causeway_deploy::testing::secret_data(body, key)
+    }
+
+    #[tokio::test]
+    async fn deploy_broker_puts_only_token_hashes_in_the_cluster_and_they_work() {
+        let dir = temp_dir("deploy-broker");
+        let (kube, log) = client(|r: &Seen| Reply::Json(200, r.body.clone()));
+        let args = ManifestArgs { namespace: "causeway-system".into(), image: None };
+        deploy_broker(async || Ok(kube), &args, &["broker.example.com".into()], &dir, false).await.unwrap();
+        let log = log.lock().unwrap().clone();
+        let kinds: Vec<&str> = log.iter().map(|r| r.body["kind"].as_str().unwrap()).collect();
+        let at = |k: &str| kinds.iter().position(|x| *x == k).unwrap();
+        assert!(at("Namespace") < at("Secret") && at("Secret") < at("Deployment"), "{kinds:?}");
+        let bootstrap =
+            log.iter().find(|r| r.body["metadata"]["name"] == "causeway-broker-bootstrap").unwrap();
+        let file: causeway_broker::auth::BootstrapFile =
+            serde_json::from_slice(&secret_value(&bootstrap.body, "bootstrap.json")).unwrap();
+        let admin = causeway_broker_api::Credentials::load(&dir.join(crate::setup::ADMIN_FILE)).unwrap();
+        let info = causeway_broker_api::Credentials::load(&dir.join(crate::setup::BROKER_INFO_FILE)).unwrap();
+        assert_eq!(admin.broker_url, "https://broker.example.com:7780");
+        for body in log.iter().map(|r| r.body.to_string()) {
+            assert!(
+                !body.contains(&admin.token.0) && !body.contains(&info.token.0),
+                "a token went into the cluster"
+            );
+        }
+        // A broker that registers the Secret's hashes accepts exactly the operator's tokens.
+        let broker = causeway_broker::Broker::new(causeway_broker::MemStore::default()).unwrap();
+        for c in &file.credentials {
+            broker.bootstrap(&c.token_sha256, &c.identity).unwrap();
+        }
+        assert_eq!(broker.authenticate(Some(&admin.token.0)).unwrap(), causeway_broker::Identity::Admin);
+        assert_eq!(broker.authenticate(Some(&info.token.0)).unwrap(), causeway_broker::Identity::Join);
+        // The TLS Secret holds a working certificate and key.
+        let tls = log.iter().find(|r| r.body["metadata"]["name"] == "causeway-broker-tls").unwrap();
+        std::fs::write(dir.join("tls.crt"), secret_value(&tls.body, "tls.crt")).unwrap();
+        std::fs::write(dir.join("tls.key"), secret_value(&tls.body, "tls.key")).unwrap();
+        causeway_broker::tls::server_config(&dir.join("tls.crt"), &dir.join("tls.key")).unwrap();
+        // Twice into the same directory: refused before touching the cluster.
+        let (kube, log2) = client(|r: &Seen| Reply::Json(200, r.body.clone()));
+        let e = deploy_broker(async || Ok(kube), &args, &["b".into()], &dir, false)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("already holds"), "{e}");
+        assert!(log2.lock().unwrap().is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn node(name: &str, labelled: bool) -> Value {
+        let mut labels = json!({});
+        if labelled {
+            labels["causeway.io/gateway"] = json!("true");
+        }
+        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": labels},
+               "spec": {"podCIDRs": [if name == "gw-1" { "10.244.1.0/24" } else { "10.244.2.0/24" }]},
+               "status": {"addresses": [{"type": "InternalIP", "address": "192.168.10.11"}]}})
+    }
+
+    fn member_cluster() -> (causeway_deploy::Client, causeway_deploy::testing::Log) {
+        client(|r: &Seen| match (r.method.as_str(), r.path()) {
+            ("GET", "/api/v1/nodes") => {
+                Reply::Json(200, list("Node", "v1", vec![node("gw-1", false), node("w-1", false)]))
+            }
+            ("GET", "/api/v1/namespaces/kube-system/configmaps/kubeadm-config") => Reply::Json(
+                200,
+                json!({
+                    "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "kubeadm-config"},
+                    "data": {"ClusterConfiguration": "networking:\n  podSubnet: 10.244.0.0/16\n  serviceSubnet: 10.96.0.0/12\n"}
+                }),
+            ),
+            ("GET", _) => not_found("it"),
+            ("PATCH", "/api/v1/nodes/gw-1") => Reply::Json(200, node("gw-1", true)),
+            ("PATCH", _) => Reply::Json(200, r.body.clone()),
+            other => panic!("unexpected {other:?}"),
+        })
+    }
+
+    #[tokio::test]
+    async fn join_registers_labels_and_applies_and_a_rerun_converges() {
+        let dir = temp_dir("join");
+        let broker = causeway_broker::Broker::new(causeway_broker::MemStore::default()).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(causeway_broker::run(listener, broker.clone(), std::future::pending()));
+        let info = causeway_broker_api::Credentials {
+            broker_url: url.clone(),
+            ca_pem: None,
+            kind: causeway_broker_api::CredentialKind::Join,
+            cluster_id: None,
+            token: broker.issue(&causeway_broker::Identity::Join).unwrap(),
+        };
+        info.save(&dir.join("broker-info.json")).unwrap();
+        let args = ManifestArgs {
+            namespace: "causeway-system".into(),
+            image: Some("registry.example.com/causeway:1".into()),
+        };
+        let info_path = dir.join("broker-info.json");
+        let plan = |out: &str, gateways: &'static [String]| JoinPlan {
+            info_path: &info_path,
+            cluster_id: "east",
+            pod_cidrs: &[],
+            service_cidrs: &[],
+            gateway_nodes: gateways,
+            output: dir.join(out),
+            dry_run: false,
+        };
+        let gateways: &'static [String] = Box::leak(Box::new(["gw-1".to_owned()]));
+        let (kube, log) = member_cluster();
+        join(async || Ok(kube), &args, plan("east.json", gateways)).await.unwrap();
+
+        // The broker has the cluster with the discovered CIDRs, and the saved credential works.
+        let creds = causeway_broker_api::Credentials::load(&dir.join("east.json")).unwrap();
+        let records =
+            causeway_broker_api::BrokerClient::from_credentials(&creds).unwrap().list().await.unwrap();
+        let east = records.items.iter().find_map(|o| match &o.record {
+            causeway_broker_api::Record::Cluster(c) if c.cluster_id == "east" => Some(c.clone()),
+            _ => None,
+        });
+        let east = east.expect("east registered");
+        assert_eq!(east.pod_cidrs, vec!["10.244.0.0/16".parse().unwrap()]);
+        assert_eq!(east.service_cidrs, vec!["10.96.0.0/12".parse().unwrap()]);
+        {
+            let log = log.lock().unwrap();
+            let label = log.iter().find(|r| r.is("PATCH", "/api/v1/nodes/gw-1")).expect("gw-1 labelled");
+            assert_eq!(label.body["metadata"]["labels"]["causeway.io/gateway"], "true");
+            assert!(!log.iter().any(|r| r.path() == "/api/v1/nodes/w-1"), "only the chosen node is labelled");
+            let secret =
+                log.iter().find(|r| r.body["metadata"]["name"] == "causeway-broker-credentials").unwrap();
+            let stored: causeway_broker_api::Credentials =
+                serde_json::from_slice(&secret_value(&secret.body, "credentials.json")).unwrap();
+            assert_eq!(stored.token, creds.token);
+            let ds = log
+                .iter()
+                .find(|r| r.body["kind"] == "DaemonSet" && r.body["metadata"]["name"] == "causeway-gateway")
+                .unwrap();
+            assert_eq!(
+                ds.body["spec"]["template"]["spec"]["containers"][0]["image"],
+                "registry.example.com/causeway:1"
+            );
+            assert!(
+                log.iter()
+                    .filter(|r| r.method == "PATCH")
+                    .all(|r| r.uri.contains("fieldManager") || r.path().starts_with("/api/v1/nodes/"))
+            );
+        }
+
+        // Re-running reuses the credential (a second registration would be refused).
+        let (kube, _log) = member_cluster();
+        join(async || Ok(kube), &args, plan("east.json", gateways)).await.unwrap();
+        // Another cluster claiming the id gets the broker's refusal, and nothing is applied.
+        let (kube, log) = member_cluster();
+        let e = join(async || Ok(kube), &args, plan("other.json", gateways)).await.unwrap_err();
+        assert!(format!("{e:#}").contains("already registered"), "{e:#}");
+        assert!(!log.lock().unwrap().iter().any(|r| r.method == "PATCH"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn uninstall_removes_what_join_created_and_keeps_going_past_failures() {
+        let (kube, log) = client(|r: &Seen| match (r.method.as_str(), r.path()) {
+            ("GET", "/api/v1/nodes") => {
+                Reply::Json(200, list("Node", "v1", vec![node("gw-1", true), node("w-1", false)]))
+            }
+            ("PATCH", "/api/v1/nodes/gw-1") => Reply::Json(200, node("gw-1", false)),
+            ("DELETE", p) if p.ends_with("/daemonsets/causeway-gateway") => Reply::Json(
+                500,
+                causeway_deploy::testing::status(500, "InternalError", "etcdserver: request timed out"),
+            ),
+            ("DELETE", p) if p.ends_with("/leases/causeway-gateway") => not_found("lease"),
+            ("DELETE", _) => Reply::Json(200, causeway_deploy::testing::status(200, "", "")),
+            other => panic!("unexpected {other:?}"),
+        });
+        let a = UninstallArgs {
+            kube: KubeArgs::default(),
+            manifests: ManifestArgs { namespace: "causeway-system".into(), image: None },
+            broker: false,
+            crds: false,
+            dry_run: false,
+        };
+        let e = uninstall_with(async || Ok(kube), a).await.unwrap_err().to_string();
+        assert!(e.contains("DaemonSet/causeway-gateway"), "{e}");
+        let log = log.lock().unwrap();
+        let deleted: Vec<&str> = log.iter().filter(|r| r.method == "DELETE").map(Seen::path).collect();
+        for gone in [
+            "/apis/apps/v1/namespaces/causeway-system/daemonsets/causeway-route-agent",
+            "/api/v1/namespaces/causeway-system/secrets/causeway-broker-credentials",
+            "/apis/rbac.authorization.k8s.io/v1/clusterroles/causeway-gateway",
+            "/apis/rbac.authorization.k8s.io/v1/namespaces/kube-system/roles/causeway-gateway-cidr-discovery",
+        ] {
+            assert!(deleted.contains(&gone), "{gone} not deleted: {deleted:?}");
+        }
+        // Without --broker the namespace (which may hold the broker) stays, and so do the CRDs.
+        assert!(!deleted.contains(&"/api/v1/namespaces/causeway-system"));
+        assert!(!deleted.iter().any(|p| p.contains("customresourcedefinitions")));
+        // The failed step did not stop the label removal.
+        let unlabel = log.iter().find(|r| r.is("PATCH", "/api/v1/nodes/gw-1")).expect("label removed");
+        assert_eq!(unlabel.body["metadata"]["labels"]["causeway.io/gateway"], Value::Null);
     }
 }

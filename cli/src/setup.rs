@@ -124,7 +124,13 @@ pub fn deploy_broker(a: DeployBrokerArgs) -> anyhow::Result<()> {
     if !a.local {
         let dir = a.data_dir.clone().unwrap_or_else(|| PathBuf::from("causeway-broker"));
         return tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(
-            crate::kubernetes::deploy_broker(&a.kube, &a.manifests, &a.addresses, &dir, a.dry_run),
+            crate::kubernetes::deploy_broker(
+                async || a.kube.connect().await,
+                &a.manifests,
+                &a.addresses,
+                &dir,
+                a.dry_run,
+            ),
         );
     }
     let dir = &a.data_dir.clone().unwrap_or_else(|| PathBuf::from("/var/lib/causeway-broker"));
@@ -250,7 +256,7 @@ pub async fn join(a: JoinArgs) -> anyhow::Result<()> {
         let output =
             a.output.clone().unwrap_or_else(|| PathBuf::from(format!("{}-credentials.json", a.cluster_id)));
         return crate::kubernetes::join(
-            &a.kube,
+            async || a.kube.connect().await,
             &a.manifests,
             crate::kubernetes::JoinPlan {
                 info_path: &a.broker_info,

@@ -10,6 +10,7 @@ pub mod election;
 pub mod exports;
 pub mod manifests;
 pub mod source;
+pub mod testing;
 
 pub use manifests::{Bundle, Manifest, ManifestError, Settings, render};
 

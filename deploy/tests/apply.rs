@@ -2,14 +2,12 @@
 //! applies with Causeway's field manager, to the right paths, in order; removal runs every step
 //! and reports the failures together.
 
-mod common;
-
+use causeway_deploy::testing::{Reply, Seen, not_found, status};
 use causeway_deploy::{Bundle, Settings, apply};
-use common::{Reply, Seen, not_found, status};
 
 #[tokio::test]
 async fn every_manifest_is_server_side_applied_in_order() {
-    let (client, log) = common::client(|r: &Seen| Reply::Json(200, r.body.clone()));
+    let (client, log) = causeway_deploy::testing::client(|r: &Seen| Reply::Json(200, r.body.clone()));
     let mut all = Bundle::Crds.manifests(&Settings::default()).unwrap();
     all.extend(Bundle::Member.manifests(&Settings::default()).unwrap());
     all.push(
@@ -52,7 +50,7 @@ async fn every_manifest_is_server_side_applied_in_order() {
 
 #[tokio::test]
 async fn a_refused_apply_names_the_object() {
-    let (client, _log) = common::client(|r: &Seen| {
+    let (client, _log) = causeway_deploy::testing::client(|r: &Seen| {
         if r.path().ends_with("/daemonsets/causeway-gateway") {
             Reply::Json(422, status(422, "Invalid", "spec.template.spec.containers[0].image: Required value"))
         } else {
@@ -66,14 +64,14 @@ async fn a_refused_apply_names_the_object() {
 
 #[tokio::test]
 async fn removal_runs_every_step_in_reverse_and_collects_failures() {
-    let (client, log) = common::client(|r: &Seen| {
+    let (client, log) = causeway_deploy::testing::client(|r: &Seen| {
         assert_eq!(r.method, "DELETE");
         if r.path().ends_with("/serviceaccounts/causeway-gateway") {
             Reply::Json(403, status(403, "Forbidden", "serviceaccounts is forbidden"))
         } else if r.path().ends_with("/poddisruptionbudgets/causeway-gateway") {
             not_found("poddisruptionbudgets.policy \"causeway-gateway\"")
         } else {
-            Reply::Json(200, common::status(200, "", ""))
+            Reply::Json(200, causeway_deploy::testing::status(200, "", ""))
         }
     });
     let all = Bundle::Member.manifests(&Settings::default()).unwrap();
@@ -89,7 +87,7 @@ async fn removal_runs_every_step_in_reverse_and_collects_failures() {
 
 #[tokio::test]
 async fn labelling_is_a_merge_patch_of_one_label() {
-    let (client, log) = common::client(|_: &Seen| {
+    let (client, log) = causeway_deploy::testing::client(|_: &Seen| {
         Reply::Json(
             200,
             serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "gw-1"}}),

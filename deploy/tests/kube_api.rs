@@ -2,17 +2,15 @@
 //! (acquire, renew, follow, take over, lose a race, step down, release) and the ServiceExport
 //! watch publishing to a real in-process broker.
 
-mod common;
-
 use std::time::Duration;
 
+use causeway_deploy::testing::{Reply, Seen, list, not_found, status};
 use causeway_deploy::{
     election::{ElectionConfig, Elector, Role},
     exports::ExportSync,
     source::{KubernetesSource, Overrides},
 };
 use causeway_gateway::cluster::ClusterSource as _;
-use common::{Reply, Seen, list, not_found, status};
 use serde_json::{Value, json};
 
 fn node(name: &str, gateway: bool, internal: &str, pod_cidr: &str) -> Value {
@@ -44,7 +42,7 @@ fn roles(role: Role) -> tokio::sync::watch::Receiver<Role> {
 
 #[tokio::test]
 async fn the_cluster_source_reads_the_node_and_discovers_cidrs() {
-    let (client, log) = common::client(|r: &Seen| match r.path() {
+    let (client, log) = causeway_deploy::testing::client(|r: &Seen| match r.path() {
         "/api/v1/nodes/gw-1" => Reply::Json(200, node("gw-1", true, "192.168.10.11", "10.244.1.0/24")),
         "/api/v1/nodes" => Reply::Json(
             200,
@@ -90,7 +88,7 @@ async fn the_cluster_source_reads_the_node_and_discovers_cidrs() {
 
 #[tokio::test]
 async fn an_unlabelled_node_is_refused_with_the_fix() {
-    let (client, _log) = common::client(|r: &Seen| match r.path() {
+    let (client, _log) = causeway_deploy::testing::client(|r: &Seen| match r.path() {
         "/api/v1/nodes/w-1" => Reply::Json(200, node("w-1", false, "192.168.10.12", "10.244.2.0/24")),
         _ => not_found("anything"),
     });
@@ -106,7 +104,7 @@ async fn an_unlabelled_node_is_refused_with_the_fix() {
 
 #[tokio::test]
 async fn missing_service_cidrs_are_explained() {
-    let (client, _log) = common::client(|r: &Seen| match r.path() {
+    let (client, _log) = causeway_deploy::testing::client(|r: &Seen| match r.path() {
         "/api/v1/nodes/gw-1" => Reply::Json(200, node("gw-1", true, "192.168.10.11", "10.244.1.0/24")),
         "/api/v1/nodes" => {
             Reply::Json(200, list("Node", "v1", vec![node("gw-1", true, "192.168.10.11", "10.244.1.0/24")]))
@@ -152,7 +150,7 @@ fn written(r: &Seen, rv: &str) -> Reply {
 async fn the_first_gateway_creates_the_lease_then_renews_it() {
     let state = std::sync::Arc::new(std::sync::Mutex::new(None::<Value>));
     let s = state.clone();
-    let (client, log) = common::client(move |r: &Seen| {
+    let (client, log) = causeway_deploy::testing::client(move |r: &Seen| {
         let mut current = s.lock().unwrap();
         match (r.method.as_str(), r.path()) {
             ("GET", LEASE) => current.clone().map_or_else(|| not_found("lease"), |l| Reply::Json(200, l)),
@@ -184,7 +182,7 @@ async fn the_first_gateway_creates_the_lease_then_renews_it() {
 
 #[tokio::test]
 async fn a_live_lease_of_another_gateway_is_followed_without_writing() {
-    let (client, log) = common::client(|r: &Seen| match (r.method.as_str(), r.path()) {
+    let (client, log) = causeway_deploy::testing::client(|r: &Seen| match (r.method.as_str(), r.path()) {
         ("GET", LEASE) => Reply::Json(200, lease(Some("gw-2"), 1, "55", 3)),
         other => panic!("a follower must not write: {other:?}"),
     });
@@ -196,7 +194,7 @@ async fn a_live_lease_of_another_gateway_is_followed_without_writing() {
 
 #[tokio::test]
 async fn an_expired_lease_is_taken_over_and_a_lost_race_means_standby() {
-    let (client, log) = common::client(|r: &Seen| match (r.method.as_str(), r.path()) {
+    let (client, log) = causeway_deploy::testing::client(|r: &Seen| match (r.method.as_str(), r.path()) {
         ("GET", LEASE) => Reply::Json(200, lease(Some("gw-2"), 30, "55", 3)),
         ("PUT", LEASE) => written(r, "56"),
         other => panic!("unexpected {other:?}"),
@@ -209,7 +207,7 @@ async fn an_expired_lease_is_taken_over_and_a_lost_race_means_standby() {
     assert_eq!(put.body["spec"]["leaseTransitions"], 4);
 
     // Two standbys see the same expired Lease; the API server lets one write through.
-    let (client, _log) = common::client(|r: &Seen| match (r.method.as_str(), r.path()) {
+    let (client, _log) = causeway_deploy::testing::client(|r: &Seen| match (r.method.as_str(), r.path()) {
         ("GET", LEASE) => Reply::Json(200, lease(Some("gw-2"), 30, "55", 3)),
         ("PUT", LEASE) => Reply::Json(409, status(409, "Conflict", "the object has been modified")),
         other => panic!("unexpected {other:?}"),
@@ -222,7 +220,7 @@ async fn an_expired_lease_is_taken_over_and_a_lost_race_means_standby() {
 async fn an_active_gateway_that_cannot_renew_steps_down_before_its_lease_expires() {
     let fail = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let f = fail.clone();
-    let (client, _log) = common::client(move |r: &Seen| {
+    let (client, _log) = causeway_deploy::testing::client(move |r: &Seen| {
         if f.load(std::sync::atomic::Ordering::SeqCst) {
             return Reply::Json(500, status(500, "InternalError", "etcdserver: request timed out"));
         }
@@ -245,7 +243,7 @@ async fn an_active_gateway_that_cannot_renew_steps_down_before_its_lease_expires
 
 #[tokio::test]
 async fn shutdown_releases_the_lease_for_an_immediate_takeover() {
-    let (client, log) = common::client(|r: &Seen| match (r.method.as_str(), r.path()) {
+    let (client, log) = causeway_deploy::testing::client(|r: &Seen| match (r.method.as_str(), r.path()) {
         ("GET", LEASE) => Reply::Json(200, lease(Some("gw-1"), 0, "70", 2)),
         ("PUT", LEASE) => written(r, "71"),
         other => panic!("unexpected {other:?}"),
@@ -313,7 +311,7 @@ async fn service_exports_are_published_to_the_broker_and_withdrawn() {
 
     let watches = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let w = watches.clone();
-    let (client, log) = common::client(move |r: &Seen| match r.path() {
+    let (client, log) = causeway_deploy::testing::client(move |r: &Seen| match r.path() {
         "/apis/multicluster.x-k8s.io/v1alpha1/serviceexports" if r.uri.contains("watch=true") => {
             if w.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
                 Reply::Events(vec![
@@ -375,7 +373,7 @@ async fn service_exports_are_published_to_the_broker_and_withdrawn() {
 async fn route_agents_follow_the_lease_holder_to_its_node_address() {
     let holder = std::sync::Arc::new(std::sync::Mutex::new(("gw-1", 0i64)));
     let h = holder.clone();
-    let (client, log) = common::client(move |r: &Seen| {
+    let (client, log) = causeway_deploy::testing::client(move |r: &Seen| {
         let (name, age) = *h.lock().unwrap();
         match r.path() {
             LEASE => Reply::Json(200, lease(Some(name), age, "80", 0)),

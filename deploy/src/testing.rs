@@ -1,8 +1,6 @@
 //! A scripted Kubernetes API server on kube's mock service (`tower-test`): no API server can
-//! run on our machines, so the tests answer with recorded-shape API responses and assert the
-//! requests the code makes.
-
-#![allow(dead_code, reason = "each test binary uses a part of the helper")]
+//! run on our machines, so the tests (this crate's and the CLI's) answer with recorded-shape
+//! API responses and assert the requests the code makes. Test support only.
 
 use std::sync::{Arc, Mutex};
 
@@ -41,6 +39,7 @@ pub enum Reply {
 pub type Log = Arc<Mutex<Vec<Seen>>>;
 
 /// A client whose every request is answered by `respond`.
+#[must_use]
 pub fn client(mut respond: impl FnMut(&Seen) -> Reply + Send + 'static) -> (Client, Log) {
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let log: Log = Arc::default();
@@ -91,4 +90,11 @@ pub fn status(code: u16, reason: &str, message: &str) -> Value {
 
 pub fn list(kind: &str, api_version: &str, items: Vec<Value>) -> Value {
     json!({"kind": format!("{kind}List"), "apiVersion": api_version, "metadata": {"resourceVersion": "100"}, "items": items})
+}
+
+/// The decoded value of `key` in a Secret as the API server received it.
+#[must_use]
+pub fn secret_data(secret: &Value, key: &str) -> Vec<u8> {
+    let s: k8s_openapi::api::core::v1::Secret = serde_json::from_value(secret.clone()).expect("a Secret");
+    s.data.and_then(|mut d| d.remove(key)).map(|b| b.0).unwrap_or_default()
 }

@@ -36,6 +36,9 @@ enum Cmd {
     Broker(BrokerArgs),
     /// Run a gateway (on a gateway node of a cluster).
     Gateway(Box<GatewayArgs>),
+    /// Remove what a restart-safe gateway leaves on its node when it stops: routes, tunnel
+    /// device, pinned eBPF maps and links (run in the gateway's network namespace).
+    Cleanup(CleanupArgs),
     /// Run the route agent (on the cluster's other nodes): remote clusters' prefixes through one
     /// nexthop that follows the active gateway.
     RouteAgent(RouteAgentArgs),
@@ -273,6 +276,28 @@ struct GatewayArgs {
     /// Do not serve the WireGuard UAPI socket (/var/run/wireguard/<device>.sock, for `wg show`).
     #[arg(long, env = "CAUSEWAY_NO_UAPI")]
     no_uapi: bool,
+    /// Where the eBPF maps and program links are pinned (a bpffs; mounted if missing). A
+    /// restart finds them there, with the persistent tunnel device and its routes, and carries
+    /// on: stopping the gateway does not stop the data plane (`causeway cleanup` does).
+    #[arg(long, env = "CAUSEWAY_BPF_DIR", default_value = DEFAULT_BPF_DIR)]
+    bpf_dir: PathBuf,
+    /// Pin nothing and remove the tunnel device, routes and programs on exit (the data plane
+    /// lives exactly as long as the process).
+    #[arg(long, env = "CAUSEWAY_EPHEMERAL", conflicts_with = "bpf_dir")]
+    ephemeral: bool,
+}
+
+/// Where a gateway pins its eBPF state by default (the DaemonSet mounts the host's bpffs).
+const DEFAULT_BPF_DIR: &str = "/sys/fs/bpf/causeway";
+
+#[derive(clap::Args)]
+struct CleanupArgs {
+    /// The gateway's tunnel device.
+    #[arg(long, env = "CAUSEWAY_DEVICE", default_value = "causeway0")]
+    device: String,
+    /// The gateway's pin directory.
+    #[arg(long, env = "CAUSEWAY_BPF_DIR", default_value = DEFAULT_BPF_DIR)]
+    bpf_dir: PathBuf,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -285,6 +310,14 @@ fn main() -> anyhow::Result<()> {
         Cmd::Gateway(a) => {
             telemetry::init("info");
             runtime()?.block_on(gateway(*a))
+        }
+        Cmd::Cleanup(a) => {
+            telemetry::init("info");
+            runtime()?.block_on(async {
+                causeway_gateway::daemon::cleanup(&a.device, &a.bpf_dir).await.context("cleanup failed")
+            })?;
+            eprintln!("removed {}, its routes and the pins under {}", a.device, a.bpf_dir.display());
+            Ok(())
         }
         Cmd::RouteAgent(a) => {
             telemetry::init("info");
@@ -533,6 +566,7 @@ fn gateway_config(
         uapi: !a.no_uapi,
         heartbeat: std::time::Duration::from_secs(a.heartbeat_seconds.max(1)),
         uplink: a.uplink.clone(),
+        bpf_dir: (!a.ephemeral).then(|| a.bpf_dir.clone()),
         metrics_listen: match a.metrics_listen.as_str() {
             "off" | "" => None,
             addr => Some(

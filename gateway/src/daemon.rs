@@ -55,6 +55,10 @@ pub struct GatewayConfig {
     pub heartbeat: Duration,
     /// The underlay interface to guard with XDP (none: no guard).
     pub uplink: Option<String>,
+    /// Restart-safe mode: the eBPF maps and program links are pinned here, the tunnel device
+    /// is persistent, and exiting leaves the data plane in place for the next start (which
+    /// reconciles it instead of rebuilding it). None: everything goes with the process.
+    pub bpf_dir: Option<PathBuf>,
 }
 
 /// Handshake initiations allowed per second and per source address by the uplink guard, and
@@ -133,13 +137,9 @@ impl Shared {
                 self.cable.connect(ep).await?;
             }
         }
-        // Slots: stable per cluster while it exists.
-        for id in desired.remotes.keys() {
-            if !self.slots.contains_key(id) {
-                self.slots.insert(id.clone(), self.next_slot);
-                self.next_slot += 1;
-            }
-        }
+        // Slots: stable per cluster while it exists, and across restarts (pinned counters).
+        let have = self.datapath.remote_cidrs()?;
+        assign_slots(&mut self.slots, &mut self.next_slot, &desired, &have);
         let stale: Vec<(String, u32)> = self
             .slots
             .iter()
@@ -158,7 +158,6 @@ impl Shared {
         for slot in want.values() {
             self.datapath.ensure_counters(*slot)?;
         }
-        let have = self.datapath.remote_cidrs()?;
         let want_set: BTreeSet<(IpNetwork, u32)> = want.iter().map(|(n, s)| (*n, *s)).collect();
         let have_set: BTreeSet<(IpNetwork, u32)> = have.iter().map(|(n, s)| (*n, *s)).collect();
         let p = plan(&want_set, &have_set);
@@ -358,7 +357,32 @@ async fn register(
     Ok(())
 }
 
-/// Runs the gateway until `shutdown` completes, then removes its routes and tunnel.
+/// Gives each remote cluster of `desired` a counter slot. A cluster without one takes the slot
+/// its prefixes already map to in the datapath (left by an earlier run, so its pinned counters
+/// carry on), else a fresh one above every slot in use.
+fn assign_slots(
+    slots: &mut BTreeMap<String, u32>,
+    next_slot: &mut u32,
+    desired: &Desired,
+    have: &BTreeMap<IpNetwork, u32>,
+) {
+    *next_slot = (*next_slot).max(have.values().chain(slots.values()).max().map_or(1, |m| m + 1));
+    for r in desired.remotes.values() {
+        if slots.contains_key(&r.cluster_id) {
+            continue;
+        }
+        let taken: BTreeSet<u32> = slots.values().copied().collect();
+        let slot = r.cidrs.iter().filter_map(|c| have.get(c)).copied().find(|s| !taken.contains(s));
+        let slot = slot.unwrap_or_else(|| {
+            *next_slot += 1;
+            *next_slot - 1
+        });
+        slots.insert(r.cluster_id.clone(), slot);
+    }
+}
+
+/// Runs the gateway until `shutdown` completes. Then, in restart-safe mode, leaves the data
+/// plane as it is for the next start; otherwise removes its routes and tunnel.
 pub async fn run(
     config: GatewayConfig,
     mut source: impl ClusterSource,
@@ -375,10 +399,14 @@ pub async fn run(
             private_key: key.private.clone(),
             uapi: config.uapi,
             health_ip: local.health_ip(),
+            persistent: config.bpf_dir.is_some(),
         },
     )
     .await?;
-    let mut datapath = Datapath::load()?;
+    let mut datapath = match &config.bpf_dir {
+        Some(dir) => Datapath::load_pinned(dir)?,
+        None => Datapath::load()?,
+    };
     datapath.set_tunnel_mtu(config.tunnel_mtu())?;
     datapath.attach_tunnel(cable.device())?;
     if let Some(uplink) = &config.uplink {
@@ -462,7 +490,39 @@ pub async fn run(
         t.abort();
     }
     let _ = std::fs::remove_file(&config.status_socket);
+    if let Some(dir) = &config.bpf_dir {
+        // A restart (rolling update, crash loop) must not take traffic down or fail open:
+        // routes keep steering into the tunnel device, the programs stay attached.
+        info!(
+            device = %config.device,
+            pins = %dir.display(),
+            "leaving the data plane in place for the next start (`causeway cleanup` removes it)"
+        );
+        return Ok(());
+    }
     teardown(&shared).await
+}
+
+/// Removes what a restart-safe gateway leaves behind when it stops: its routes, its tunnel
+/// device and its pinned maps and links. Runs every step and reports all failures.
+pub async fn cleanup(device: &str, bpf_dir: &std::path::Path) -> Result<(), GatewayError> {
+    let mut errors = Vec::new();
+    match RouteManager::new(device).await {
+        Ok(routes) => {
+            if let Err(e) = routes.sync(&BTreeSet::new()).await {
+                errors.push(e.into());
+            }
+        }
+        Err(crate::route::RouteError::NoInterface { .. }) => {}
+        Err(e) => errors.push(e.into()),
+    }
+    if let Err(e) = crate::route::delete_link(device).await {
+        errors.push(e.into());
+    }
+    if let Err(e) = causeway_datapath::PinDir::at(bpf_dir).remove() {
+        errors.push(GatewayError::Datapath(e.into()));
+    }
+    if errors.is_empty() { Ok(()) } else { Err(GatewayError::Teardown(errors)) }
 }
 
 /// Removes routes, datapath entries and the tunnel; runs every step and reports all failures.
@@ -561,5 +621,59 @@ async fn sync_loop(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cable::RemoteEndpoint;
+
+    fn desired(clusters: &[(&str, &str)]) -> Desired {
+        let mut d = Desired::default();
+        for (id, cidr) in clusters {
+            d.remotes.insert(
+                (*id).to_owned(),
+                RemoteEndpoint {
+                    cluster_id: (*id).to_owned(),
+                    public_key: causeway_broker_api::WireGuardKey([7; 32]),
+                    endpoint: "192.0.2.1:51820".parse().unwrap(),
+                    cidrs: vec![cidr.parse().unwrap()],
+                    health_ip: None,
+                },
+            );
+        }
+        d
+    }
+
+    #[test]
+    fn a_fresh_start_numbers_slots_from_one() {
+        let (mut slots, mut next) = (BTreeMap::new(), 1);
+        assign_slots(
+            &mut slots,
+            &mut next,
+            &desired(&[("b", "10.2.0.0/16"), ("c", "10.3.0.0/16")]),
+            &BTreeMap::new(),
+        );
+        assert_eq!(slots, BTreeMap::from([("b".into(), 1), ("c".into(), 2)]));
+        assert_eq!(next, 3);
+    }
+
+    #[test]
+    fn a_restart_keeps_the_slots_its_pinned_prefixes_point_at() {
+        // The earlier run gave c slot 1 and b slot 4 (others came and went).
+        let have = BTreeMap::from([("10.3.0.0/16".parse().unwrap(), 1), ("10.2.0.0/16".parse().unwrap(), 4)]);
+        let (mut slots, mut next) = (BTreeMap::new(), 1);
+        let d = desired(&[("b", "10.2.0.0/16"), ("c", "10.3.0.0/16"), ("d", "10.4.0.0/16")]);
+        assign_slots(&mut slots, &mut next, &d, &have);
+        assert_eq!(slots["b"], 4);
+        assert_eq!(slots["c"], 1);
+        // A new cluster never lands on a slot whose counters belong to another.
+        assert_eq!(slots["d"], 5);
+        assert_eq!(next, 6);
+        // Stable from then on.
+        let before = slots.clone();
+        assign_slots(&mut slots, &mut next, &d, &have);
+        assert_eq!(slots, before);
     }
 }

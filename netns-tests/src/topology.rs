@@ -150,6 +150,7 @@ impl Topology {
     fn build_inner(&mut self) -> anyhow::Result<()> {
         std::fs::create_dir_all(&self.spec.run_dir)
             .with_context(|| format!("creating {}", self.spec.run_dir.display()))?;
+        self.mount_bpffs()?;
         let (u, b) = (self.underlay_ns.clone(), self.broker_ns.clone());
         let mtu = self.spec.underlay_mtu.to_string();
         self.add_ns(&u)?;
@@ -374,6 +375,27 @@ impl Topology {
 
     /// The command line of gateway `index` (1-based).
     #[must_use]
+    /// The bpffs that gateway pins live on: mounted from the root mount namespace so that it
+    /// outlives each gateway process (`ip netns exec` gives every process its own /sys, whose
+    /// /sys/fs/bpf is an empty sysfs directory), unmounted by the teardown.
+    pub fn bpf_root(&self) -> PathBuf {
+        bpf_root(&self.spec.run_dir)
+    }
+
+    fn mount_bpffs(&self) -> anyhow::Result<()> {
+        let dir = self.bpf_root();
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        if !is_mount_point(&dir) {
+            exec::run(&["mount", "-t", "bpf", "bpffs", &dir.display().to_string()])?;
+        }
+        Ok(())
+    }
+
+    /// Gateway `index`'s pin directory.
+    pub fn gateway_bpf_dir(&self, index: usize) -> PathBuf {
+        self.bpf_root().join(format!("c{index}-gw"))
+    }
+
     pub fn gateway_args(&self, index: usize) -> Vec<String> {
         let c = &self.clusters[index - 1];
         let state = self.spec.run_dir.join(format!("c{}-gw", c.index));
@@ -403,6 +425,8 @@ impl Topology {
             &c.device,
             "--uplink",
             "uplink",
+            "--bpf-dir",
+            &self.gateway_bpf_dir(index).display().to_string(),
         ]
         .iter()
         .map(|s| (*s).to_owned())
@@ -430,9 +454,20 @@ impl Topology {
         self.kill_in(&ns)
     }
 
+    /// Stops gateway `index` with SIGTERM (a clean stop, as a rolling update does) and waits
+    /// for it to exit.
+    pub fn stop_gateway(&mut self, index: usize) -> anyhow::Result<()> {
+        let ns = self.clusters[index - 1].gw_ns.clone();
+        self.signal_in(&ns, "TERM")
+    }
+
     fn kill_in(&mut self, ns: &str) -> anyhow::Result<()> {
+        self.signal_in(ns, "KILL")
+    }
+
+    fn signal_in(&mut self, ns: &str, signal: &str) -> anyhow::Result<()> {
         let ns = ns.to_owned();
-        kill_ns_processes(&ns, "KILL");
+        kill_ns_processes(&ns, signal);
         self.children.retain_mut(|(n, child)| {
             if *n == ns {
                 let _ = child.wait();
@@ -529,6 +564,17 @@ impl Drop for Topology {
     }
 }
 
+fn bpf_root(run_dir: &Path) -> PathBuf {
+    run_dir.join("bpf")
+}
+
+/// Whether `path` is a mount point (of the calling process's mount namespace).
+pub fn is_mount_point(path: &Path) -> bool {
+    let want = path.display().to_string();
+    std::fs::read_to_string("/proc/self/mounts")
+        .is_ok_and(|m| m.lines().any(|l| l.split_whitespace().nth(1) == Some(want.as_str())))
+}
+
 /// A veth pair with each end created directly in its namespace (no name clash in root).
 fn veth(ns_a: &str, name_a: &str, ns_b: &str, name_b: &str) -> anyhow::Result<()> {
     exec::run(&[
@@ -589,6 +635,13 @@ pub fn teardown_by_prefix(prefix: &str, run_dir: &Path, host_if: Option<String>)
                 errors.push(format!("removing {}: {err}", e.path().display()));
             }
         }
+    }
+    // The gateways' pins: unmounting the bpffs frees every pinned map and link.
+    let bpf = bpf_root(run_dir);
+    if is_mount_point(&bpf)
+        && let Err(e) = exec::run(&["umount", &bpf.display().to_string()])
+    {
+        errors.push(format!("{e:#}"));
     }
     match std::fs::remove_dir_all(run_dir) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {

@@ -247,6 +247,8 @@ fn sandbox_up_then_down_leaves_nothing_behind() {
     assert!(!exec::namespaces().iter().any(|n| n.starts_with("cw-")), "namespaces left behind");
     assert!(exec::run(&["ip", "link", "show", "cw-host"]).is_err(), "host veth left behind");
     assert!(!std::path::Path::new("/run/causeway/cw").exists(), "run dir left behind");
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(!mounts.contains("/run/causeway/cw"), "the gateways' bpffs left mounted:\n{mounts}");
     assert!(!std::path::Path::new("/sys/fs/bpf/causeway").exists(), "bpffs pins left behind");
     let uapi_left: Vec<_> = std::fs::read_dir("/var/run/wireguard")
         .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
@@ -534,8 +536,36 @@ fn reply_times(ping_output: &str) -> Vec<f64> {
         .collect()
 }
 
+/// `bpftool`'s view of a pinned link: (link id, attached program id).
+fn pinned_link(path: &std::path::Path) -> (u64, u64) {
+    let out = exec::run(&["bpftool", "-j", "link", "show", "pinned", &path.display().to_string()])
+        .unwrap_or_else(|e| panic!("no link pinned at {}: {e:#}", path.display()));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let field = |k: &str| v[k].as_u64().unwrap_or_else(|| panic!("{k} missing in {v}"));
+    (field("id"), field("prog_id"))
+}
+
+/// Packets sent into the tunnel as the pinned per-cluster counters hold them, read by
+/// `bpftool` with no gateway involved (`tx_packets` is the first u64 of each CPU's value).
+fn pinned_tx_packets(bpf_dir: &std::path::Path) -> u64 {
+    let map = bpf_dir.join("maps/CLUSTER_COUNTERS").display().to_string();
+    let out = exec::run(&["bpftool", "-j", "map", "dump", "pinned", &map]).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut total = 0;
+    for entry in v.as_array().unwrap() {
+        for cpu in entry["values"].as_array().unwrap() {
+            let bytes: Vec<u8> = cpu["value"].as_array().unwrap()[..8]
+                .iter()
+                .map(|b| u8::from_str_radix(b.as_str().unwrap().trim_start_matches("0x"), 16).unwrap())
+                .collect();
+            total += u64::from_le_bytes(bytes.try_into().unwrap());
+        }
+    }
+    total
+}
+
 #[test]
-fn gateway_restart_without_the_broker_keeps_the_data_plane() {
+fn gateway_restart_keeps_the_pinned_state_and_forwarding() {
     require_privileges!();
     let mut t = topology(2, 1500);
     let (a, b) = (t.clusters[0].clone(), t.clusters[1].clone());
@@ -545,6 +575,12 @@ fn gateway_restart_without_the_broker_keeps_the_data_plane() {
         String::from_utf8_lossy(&out.stdout).split(':').next().unwrap_or_default().to_owned()
     };
     let old_ifindex = ifindex(&a.gw_ns, &a.device);
+    let links = t.gateway_bpf_dir(1).join("links");
+    let egress = links.join(format!("tunnel_egress@{}", a.device));
+    let ingress = links.join(format!("tunnel_ingress@{}", a.device));
+    let guard = links.join("uplink_guard@uplink");
+    let before: Vec<_> = [&egress, &ingress, &guard].map(|p| pinned_link(p)).into();
+    assert!(t.gateway_bpf_dir(1).join("maps/CLUSTER_COUNTERS").exists());
 
     // A steady ping from pod A to pod B, 50 per second, for the whole exercise.
     let ping = Bg::start(
@@ -554,14 +590,36 @@ fn gateway_restart_without_the_broker_keeps_the_data_plane() {
     );
     std::thread::sleep(Duration::from_millis(1000));
 
-    // The broker goes away for good, then gateway A crashes and is started again.
+    // The broker goes away for good, then gateway A is stopped as a rolling update stops it.
     t.kill_broker().unwrap();
-    t.kill_gateway(1).unwrap();
-    let killed = std::time::Instant::now();
+    let counted_before = t.gateway_status(1).unwrap().connections[0].datapath;
+    t.stop_gateway(1).unwrap();
+    let stopped = std::time::Instant::now();
+
+    // No process runs, and the kernel holds everything: the same device, its routes, the
+    // same links with the same programs attached (a link detaches when no pin holds it).
+    assert!(exec::ns_pids(&a.gw_ns).is_empty(), "the gateway is still running");
+    assert_eq!(ifindex(&a.gw_ns, &a.device), old_ifindex, "the tunnel device went");
+    // (Marked `linkdown`: with no reader the device has no carrier. They are still used, so
+    // remote traffic keeps going into the device, where it waits or is dropped, and never
+    // leaks onto the underlay unencrypted.)
+    assert_eq!(
+        causeway_routes(&a.gw_ns).replace(" linkdown", ""),
+        routes_before,
+        "routes changed while the gateway was down"
+    );
+    let down: Vec<_> = [&egress, &ingress, &guard].map(|p| pinned_link(p)).into();
+    assert_eq!(down, before, "links or programs changed while the gateway was down");
+    // Attached, not just pinned: the egress program keeps counting the pod's pings.
+    let tx0 = pinned_tx_packets(&t.gateway_bpf_dir(1));
+    std::thread::sleep(Duration::from_millis(500));
+    let tx1 = pinned_tx_packets(&t.gateway_bpf_dir(1));
+    assert!(tx1 >= tx0 + 10, "the egress program stopped counting while no gateway ran: {tx0} → {tx1}");
+
     t.start_gateway(1).unwrap();
     wait_for(Duration::from_secs(10), "the restarted gateway to answer", || t.gateway_status(1).is_ok())
         .unwrap();
-    let restart_time = killed.elapsed();
+    let restart_time = stopped.elapsed();
     wait_for(Duration::from_secs(10), "cluster-2 connected again, from cached records", || {
         connection_status(&t, 1, "cluster-2") == "connected"
     })
@@ -578,18 +636,28 @@ fn gateway_restart_without_the_broker_keeps_the_data_plane() {
         "gateway restart: process back after {restart_time:?}; largest traffic gap {:.0} ms",
         gap * 1000.0
     );
-    assert!(
-        gap < 10.0,
-        "traffic did not resume within 10 s of the crash (gap {gap:.1} s, restart took {restart_time:?})"
-    );
+    assert!(gap < 10.0, "traffic did not resume within 10 s (gap {gap:.1} s, restart took {restart_time:?})");
 
-    // Nothing leaked and nothing doubled: one tunnel device (a new one: the old one, its routes
-    // and its TCX programs went with the killed process), the same routes, and each packet
-    // counted exactly once.
+    // The new process swapped its programs into the same links (new program ids, same link
+    // ids) and adopted the pinned maps: the counters carry on instead of starting from zero,
+    // and the packets sent while no process ran were counted too.
+    let after: Vec<_> = [&egress, &ingress, &guard].map(|p| pinned_link(p)).into();
+    for ((id0, prog0), (id1, prog1)) in before.iter().zip(&after) {
+        assert_eq!(id0, id1, "a link was replaced instead of updated");
+        assert_ne!(prog0, prog1, "the restarted gateway did not load its own program");
+    }
+    let counted = t.gateway_status(1).unwrap().connections[0].datapath;
+    assert!(
+        counted.tx_packets > counted_before.tx_packets + 25,
+        "the pinned counters were reset: {} before the stop, {} after the restart",
+        counted_before.tx_packets,
+        counted.tx_packets
+    );
+    // Nothing doubled: one tunnel device, the same routes, each packet counted exactly once.
     let links = exec::run(&["ip", "-n", &a.gw_ns, "-o", "link", "show"]).unwrap();
     let links = String::from_utf8_lossy(&links.stdout);
     assert_eq!(links.lines().filter(|l| l.contains(&format!(": {}:", a.device))).count(), 1, "{links}");
-    assert_ne!(ifindex(&a.gw_ns, &a.device), old_ifindex, "a new tunnel device");
+    assert_eq!(ifindex(&a.gw_ns, &a.device), old_ifindex, "the same tunnel device");
     assert_eq!(causeway_routes(&a.gw_ns), routes_before);
     let before = t.gateway_status(1).unwrap().connections[0].datapath;
     assert!(
@@ -599,6 +667,30 @@ fn gateway_restart_without_the_broker_keeps_the_data_plane() {
     assert_eq!(after.tx_packets - before.tx_packets, 5, "each request counted once");
     assert_eq!(after.tx_bytes - before.tx_bytes, 5 * 128, "20 IP + 8 ICMP + 100 bytes each");
     assert_eq!(after.rx_packets - before.rx_packets, 5, "each reply counted once");
+
+    // A crash (SIGKILL) leaves the same state behind, and `causeway cleanup` removes it all.
+    t.kill_gateway(1).unwrap();
+    assert_eq!(ifindex(&a.gw_ns, &a.device), old_ifindex);
+    let cleanup = exec::in_ns(
+        &a.gw_ns,
+        &[
+            &causeway_bin().display().to_string(),
+            "cleanup",
+            "--device",
+            &a.device,
+            "--bpf-dir",
+            &t.gateway_bpf_dir(1).display().to_string(),
+        ],
+    );
+    assert!(cleanup.is_ok(), "{cleanup:?}");
+    assert!(exec::run(&["ip", "-n", &a.gw_ns, "link", "show", "dev", &a.device]).is_err(), "device left");
+    assert!(causeway_routes(&a.gw_ns).is_empty(), "routes left");
+    assert!(!t.gateway_bpf_dir(1).exists(), "pins left");
+    for (id, _) in &down {
+        assert!(exec::run(&["bpftool", "link", "show", "id", &id.to_string()]).is_err(), "link {id} left");
+    }
+    let uplink = exec::run(&["ip", "-n", &a.gw_ns, "link", "show", "dev", "uplink"]).unwrap();
+    assert!(!String::from_utf8_lossy(&uplink.stdout).contains("xdp"), "the uplink guard is still attached");
 }
 
 #[test]

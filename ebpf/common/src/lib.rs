@@ -32,6 +32,22 @@ pub mod maps {
     pub const POLICY_FLOWS: &str = "POLICY_FLOWS";
     /// `PerCpuArray<u64>`: drops per policy rule index; the last slot counts the default.
     pub const POLICY_DROPS: &str = "POLICY_DROPS";
+
+    /// Every map above: the state a restart-safe gateway pins and finds again.
+    pub const ALL: [&str; 12] = [
+        REMOTE_CIDRS_V4,
+        REMOTE_CIDRS_V6,
+        CLUSTER_COUNTERS,
+        STATS,
+        CONFIG,
+        KNOWN_PEERS_V4,
+        HANDSHAKE_BUCKETS,
+        POLICY_SRC_V4,
+        POLICY_DST_V4,
+        POLICY_VERDICTS,
+        POLICY_FLOWS,
+        POLICY_DROPS,
+    ];
 }
 
 /// Capacity of each policy class trie.

@@ -6,16 +6,25 @@
 //! aya-log records into `tracing`, and offers typed access to the maps: remote prefixes →
 //! cluster slot, and per-cluster traffic counters.
 //!
+//! With a pin directory ([`Datapath::load_pinned`], see [`pin`]) the maps and the program
+//! links are pinned instead: a restart reuses the maps and swaps its programs into the same
+//! links, so the kernel keeps forwarding, enforcing and counting while no process runs.
+//!
 //! Everything above this crate deals in `IpNetwork`, slots and [`TrafficCounters`].
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, path::Path};
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
         Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues, lpm_trie::Key,
     },
-    programs::{ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode},
+    programs::{
+        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, LinkError, PinnedLink},
+        tc::SchedClassifierLink,
+        xdp::XdpLink,
+    },
 };
 use causeway_datapath_common::{Config, FlowKey, RemoteCidr, maps, programs};
 pub use causeway_datapath_common::{
@@ -24,6 +33,9 @@ pub use causeway_datapath_common::{
 };
 use ipnetwork::IpNetwork;
 use tracing::{info, warn};
+
+pub mod pin;
+pub use pin::{PinDir, PinError};
 
 /// The object compiled by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/causeway-datapath"));
@@ -48,6 +60,10 @@ pub enum DatapathError {
     },
     #[error("reading the number of CPUs failed: {0}")]
     Cpus(String),
+    #[error(transparent)]
+    Pin(#[from] PinError),
+    #[error("pinning the link of {name} at {path}: {reason}")]
+    Link { name: &'static str, path: String, reason: String },
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DatapathError {
@@ -69,6 +85,7 @@ pub struct Datapath {
     policy_flows: HashMap<MapData, FlowKey, u32>,
     policy_drops: PerCpuArray<MapData, u64>,
     ncpus: usize,
+    pins: Option<PinDir>,
     log_task: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -80,9 +97,29 @@ impl std::fmt::Debug for Datapath {
 
 impl Datapath {
     /// Loads the object and its maps. Must run inside a tokio runtime (the aya-log reader is a
-    /// task of it). Does not attach anything yet.
+    /// task of it). Does not attach anything yet. Nothing is pinned: maps and attachments go
+    /// with this value.
     pub fn load() -> Result<Self, DatapathError> {
-        let mut ebpf = EbpfLoader::new().load(OBJECT).map_err(DatapathError::Load)?;
+        Self::load_with(None)
+    }
+
+    /// Like [`Self::load`], but the maps are pinned in `dir` (a bpffs is mounted there if
+    /// needed) and reused when an earlier run left them there with the same layout; the
+    /// programs' links are pinned by the attach calls.
+    pub fn load_pinned(dir: &Path) -> Result<Self, DatapathError> {
+        let pins = PinDir::prepare(dir)?;
+        pins.drop_incompatible_maps(OBJECT)?;
+        Self::load_with(Some(pins))
+    }
+
+    fn load_with(pins: Option<PinDir>) -> Result<Self, DatapathError> {
+        let mut loader = EbpfLoader::new();
+        let paths: Vec<(&str, std::path::PathBuf)> =
+            pins.iter().flat_map(|p| maps::ALL.map(|m| (m, p.map(m)))).collect();
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(OBJECT).map_err(DatapathError::Load)?;
         let log_task = start_logger(&mut ebpf);
         let ncpus = aya::util::nr_cpus().map_err(|(_, e)| DatapathError::Cpus(e.to_string()))?;
         let remote_v4 = LpmTrie::try_from(take(&mut ebpf, maps::REMOTE_CIDRS_V4)?)
@@ -119,8 +156,15 @@ impl Datapath {
             policy_flows,
             policy_drops,
             ncpus,
+            pins,
             log_task,
         })
+    }
+
+    /// The pin directory, if this datapath pins its state.
+    #[must_use]
+    pub fn pin_dir(&self) -> Option<&PinDir> {
+        self.pins.as_ref()
     }
 
     /// Attaches the counting programs to both directions of the tunnel device `ifname`
@@ -130,9 +174,7 @@ impl Datapath {
             (programs::TUNNEL_EGRESS, TcAttachType::Egress),
             (programs::TUNNEL_INGRESS, TcAttachType::Ingress),
         ] {
-            let prog = self.tunnel_program(name)?;
-            prog.attach(ifname, dir).map_err(|source| DatapathError::Program { name, source })?;
-            info!(program = name, interface = ifname, direction = ?dir, "attached");
+            self.attach_tc(name, ifname, dir)?;
         }
         Ok(())
     }
@@ -142,9 +184,48 @@ impl Datapath {
     pub fn attach_policy_eth(&mut self, ifname: &str, egress: bool) -> Result<(), DatapathError> {
         let name = programs::POLICY_ETH;
         let dir = if egress { TcAttachType::Egress } else { TcAttachType::Ingress };
+        self.attach_tc(name, ifname, dir)
+    }
+
+    /// Attaches TC program `name` to `ifname`: through a link this value owns, or with a pin
+    /// directory through the pinned link, into which a program left by an earlier run is
+    /// atomically replaced.
+    fn attach_tc(
+        &mut self,
+        name: &'static str,
+        ifname: &str,
+        dir: TcAttachType,
+    ) -> Result<(), DatapathError> {
+        let pin = self.pins.as_ref().map(|p| p.link(name, ifname));
         let prog = self.tunnel_program(name)?;
-        prog.attach(ifname, dir).map_err(|source| DatapathError::Program { name, source })?;
-        info!(program = name, interface = ifname, direction = ?dir, "attached");
+        let perr = |source| DatapathError::Program { name, source };
+        let Some(path) = pin else {
+            prog.attach(ifname, dir).map_err(perr)?;
+            info!(program = name, interface = ifname, direction = ?dir, "attached");
+            return Ok(());
+        };
+        if let Some(link) = pinned_link(name, &path)? {
+            match SchedClassifierLink::try_from(link) {
+                Ok(link) => match prog.attach_to_link(link) {
+                    Ok(id) => {
+                        // The pin holds the link; our copy of its fd may close.
+                        drop(prog.take_link(id).map_err(perr)?);
+                        info!(program = name, interface = ifname, direction = ?dir, "replaced the program in its pinned link");
+                        return Ok(());
+                    }
+                    // ENOLINK: the interface it was attached to is gone.
+                    Err(e) => warn!(program = name, error = %e, "pinned link is defunct; attaching afresh"),
+                },
+                Err(e) => {
+                    warn!(program = name, error = %e, "pinned object is not a TC link; attaching afresh")
+                }
+            }
+            unpin_stale(name, &path)?;
+        }
+        let id = prog.attach(ifname, dir).map_err(perr)?;
+        let link = FdLink::try_from(prog.take_link(id).map_err(perr)?).map_err(link_err(name, &path))?;
+        pin_link(name, link, &path)?;
+        info!(program = name, interface = ifname, direction = ?dir, pinned = %path.display(), "attached");
         Ok(())
     }
 
@@ -212,10 +293,37 @@ impl Datapath {
         burst: u32,
     ) -> Result<(), DatapathError> {
         let name = programs::UPLINK_GUARD;
+        let pin = self.pins.as_ref().map(|p| p.link(name, ifname));
         let prog = self.load_uplink_guard(wireguard_port, rate, burst)?;
-        if let Err(e) = prog.attach(ifname, XdpMode::Default) {
-            warn!(interface = ifname, error = %e, "native XDP unavailable; using generic XDP");
-            prog.attach(ifname, XdpMode::Skb).map_err(|source| DatapathError::Program { name, source })?;
+        let perr = |source| DatapathError::Program { name, source };
+        if let Some(path) = &pin
+            && let Some(link) = pinned_link(name, path)?
+        {
+            match XdpLink::try_from(link) {
+                Ok(link) => match prog.attach_to_link(link) {
+                    Ok(id) => {
+                        drop(prog.take_link(id).map_err(perr)?);
+                        info!(program = name, interface = ifname, "replaced the program in its pinned link");
+                        return Ok(());
+                    }
+                    Err(e) => warn!(program = name, error = %e, "pinned link is defunct; attaching afresh"),
+                },
+                Err(e) => {
+                    warn!(program = name, error = %e, "pinned object is not an XDP link; attaching afresh")
+                }
+            }
+            unpin_stale(name, path)?;
+        }
+        let id = match prog.attach(ifname, XdpMode::Default) {
+            Ok(id) => id,
+            Err(e) => {
+                warn!(interface = ifname, error = %e, "native XDP unavailable; using generic XDP");
+                prog.attach(ifname, XdpMode::Skb).map_err(perr)?
+            }
+        };
+        if let Some(path) = &pin {
+            let link = FdLink::try_from(prog.take_link(id).map_err(perr)?).map_err(link_err(name, path))?;
+            pin_link(name, link, path)?;
         }
         info!(program = name, interface = ifname, wireguard_port, "attached");
         Ok(())
@@ -476,6 +584,43 @@ impl Drop for Datapath {
             t.abort();
         }
     }
+}
+
+/// The link pinned at `path`, if there is one.
+fn pinned_link(name: &'static str, path: &Path) -> Result<Option<FdLink>, DatapathError> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    match PinnedLink::from_pin(path) {
+        Ok(p) => Ok(Some(FdLink::from(p))),
+        Err(e) => {
+            warn!(program = name, path = %path.display(), error = %e, "unreadable pinned link");
+            unpin_stale(name, path)?;
+            Ok(None)
+        }
+    }
+}
+
+fn unpin_stale(name: &'static str, path: &Path) -> Result<(), DatapathError> {
+    std::fs::remove_file(path).map_err(|e| DatapathError::Link {
+        name,
+        path: path.display().to_string(),
+        reason: format!("removing the stale pin: {e}"),
+    })
+}
+
+fn pin_link(name: &'static str, link: FdLink, path: &Path) -> Result<(), DatapathError> {
+    // Dropping the returned PinnedLink closes our fd; the pin keeps the link alive.
+    link.pin(path).map(drop).map_err(|e| DatapathError::Link {
+        name,
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })
+}
+
+fn link_err(name: &'static str, path: &Path) -> impl FnOnce(LinkError) -> DatapathError {
+    let path = path.display().to_string();
+    move |e| DatapathError::Link { name, path, reason: e.to_string() }
 }
 
 fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, DatapathError> {

@@ -136,3 +136,23 @@ impl RouteManager {
         Ok((p.add.len(), p.remove.len()))
     }
 }
+
+/// Deletes interface `name` in the calling thread's namespace; absent is success.
+pub async fn delete_link(name: &str) -> Result<(), RouteError> {
+    let (conn, handle, _) = rtnetlink::new_connection().map_err(RouteError::Connect)?;
+    tokio::spawn(conn);
+    let found = handle.link().get().match_name(name.to_owned()).execute().try_next().await;
+    let index = match found {
+        Ok(Some(link)) => link.header.index,
+        Ok(None) => return Ok(()),
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => return Ok(()),
+        Err(source) => return Err(RouteError::Netlink { op: "get link", what: name.to_owned(), source }),
+    };
+    handle.link().del(index).execute().await.map_err(|source| RouteError::Netlink {
+        op: "delete link",
+        what: name.to_owned(),
+        source,
+    })?;
+    info!(device = name, "device removed");
+    Ok(())
+}

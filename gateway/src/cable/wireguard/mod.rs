@@ -31,6 +31,9 @@ pub struct WireGuardConfig {
     pub uapi: bool,
     /// Our health-check address: in-band probes are sent from it and answered on it.
     pub health_ip: Option<std::net::Ipv4Addr>,
+    /// Keep the TUN device (with its routes and attached programs) when the process exits,
+    /// and take over an existing one of the same name: what makes a restart seamless.
+    pub persistent: bool,
 }
 
 impl std::fmt::Debug for WireGuardConfig {
@@ -53,6 +56,7 @@ impl WireGuardConfig {
             private_key: StaticSecret::from([1; 32]),
             uapi: false,
             health_ip: None,
+            persistent: false,
         }
     }
 }
@@ -76,6 +80,7 @@ pub struct WireGuardCable {
     tx: mpsc::Sender<Command>,
     keys: HashMap<String, WireGuardKey>,
     uapi: Option<(std::path::PathBuf, tokio::task::JoinHandle<()>)>,
+    persistent: bool,
 }
 
 impl WireGuardCable {
@@ -94,6 +99,8 @@ impl WireGuardCable {
             .offload(true)
             .build_async()
             .map_err(|source| CableError::CreateDevice { name: cfg.device.clone(), source })?;
+        set_persistent(&tun, cfg.persistent)
+            .map_err(|e| CableError::CreateDevice { name: cfg.device.clone(), source: e.into() })?;
         let udp = tokio::net::UdpSocket::bind(("0.0.0.0", cfg.listen_port))
             .await
             .map_err(|source| CableError::Bind { port: cfg.listen_port, source })?;
@@ -130,7 +137,15 @@ impl WireGuardCable {
             None
         };
         info!(device = %cfg.device, mtu = cfg.mtu, listen = %local_addr, key = %public_key, "wireguard cable up");
-        Ok(Self { device: cfg.device, public_key, local_addr, tx, keys: HashMap::new(), uapi })
+        Ok(Self {
+            device: cfg.device,
+            public_key,
+            local_addr,
+            tx,
+            keys: HashMap::new(),
+            uapi,
+            persistent: cfg.persistent,
+        })
     }
 
     #[must_use]
@@ -217,9 +232,30 @@ impl CableDriver for WireGuardCable {
             task.abort();
             let _ = std::fs::remove_file(path);
         }
-        // The TUN device is not persistent: it disappears with the task's fd.
-        self.call(Command::Stop).await
+        // Without IFF_PERSIST the device disappears with the task's fd; with it, remove it.
+        self.call(Command::Stop).await?;
+        if self.persistent {
+            delete_link(&self.device).await?;
+        }
+        Ok(())
     }
+}
+
+/// Sets or clears `IFF_PERSIST` on the device behind `tun`. Clearing it on a device an earlier
+/// restart-safe run left behind makes it go with this process, as a non-persistent one does.
+fn set_persistent(tun: &impl std::os::fd::AsRawFd, on: bool) -> Result<(), nix::Error> {
+    nix::ioctl_write_int!(tunsetpersist, b'T', 203);
+    #[expect(unsafe_code, reason = "TUNSETPERSIST takes an int by value on a TUN descriptor we own")]
+    // SAFETY: the descriptor is a live TUN fd for the duration of the call.
+    unsafe { tunsetpersist(tun.as_raw_fd(), nix::sys::ioctl::ioctl_param_type::from(on)) }.map(drop)
+}
+
+/// Deletes the (persistent) device `name` in the calling thread's namespace.
+async fn delete_link(name: &str) -> Result<(), CableError> {
+    crate::route::delete_link(name).await.map_err(|e| CableError::CreateDevice {
+        name: name.to_owned(),
+        source: std::io::Error::other(e.to_string()),
+    })
 }
 
 /// Length of the TUN device's queue.

@@ -1,0 +1,76 @@
+//! Pinned state across loads: a second `load_pinned` finds the first one's entries, a pinned
+//! map whose definition does not fit this build is recreated (not misread), and removing the
+//! pins leaves nothing. Needs root (BPF, mount). Runs in CI (`CI=true`) or with
+//! `CAUSEWAY_PRIVILEGED_TESTS=1`; elsewhere it says it skipped.
+
+use std::path::PathBuf;
+
+use aya::maps::{MapData, MapInfo, MapType};
+use causeway_datapath::{Datapath, PinDir};
+
+fn enabled() -> bool {
+    let wanted = std::env::var("CAUSEWAY_PRIVILEGED_TESTS").is_ok_and(|v| v == "1")
+        || std::env::var("CI").is_ok_and(|v| v == "true");
+    if !wanted {
+        eprintln!("skipped: needs root + CAUSEWAY_PRIVILEGED_TESTS=1 (or CI=true)");
+        return false;
+    }
+    let root = std::fs::read_to_string("/proc/self/status")
+        .is_ok_and(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0")));
+    assert!(root, "privileged tests were requested but this is not root");
+    true
+}
+
+/// A directory on tmpfs, so that `load_pinned` has to mount its own bpffs; unmounted and
+/// removed on drop.
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(self.0.join("gw")).status();
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[tokio::test]
+async fn pinned_maps_are_reused_refitted_and_removed() {
+    if !enabled() {
+        return;
+    }
+    let scratch = Scratch(PathBuf::from(format!("/run/causeway-pin-test-{}", std::process::id())));
+    let dir = scratch.0.join("gw");
+    let net: ipnetwork::IpNetwork = "10.9.0.0/16".parse().unwrap();
+
+    let mut dp = Datapath::load_pinned(&dir).expect("first load");
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(
+        mounts.lines().any(|l| l.contains(&*dir.to_string_lossy()) && l.contains(" bpf ")),
+        "no bpffs was mounted on {}:\n{mounts}",
+        dir.display()
+    );
+    dp.set_remote_cidr(net, 3).unwrap();
+    dp.ensure_counters(3).unwrap();
+    drop(dp);
+
+    // A second process (here: a second load) finds the state as it was.
+    let dp = Datapath::load_pinned(&dir).expect("second load");
+    assert_eq!(dp.remote_cidrs().unwrap().get(&net), Some(&3), "the pinned prefix is gone");
+    drop(dp);
+
+    // An upgrade changed a map's layout: here STATS's pin is replaced by a hash map.
+    let stats = dir.join("maps/STATS");
+    std::fs::remove_file(&stats).unwrap();
+    let peers = MapData::from_pin(dir.join("maps/KNOWN_PEERS_V4")).unwrap();
+    peers.pin(&stats).unwrap();
+    let dp = Datapath::load_pinned(&dir).expect("load over a stale pin");
+    let info = MapInfo::from_pin(&stats).unwrap();
+    assert_eq!(info.map_type().unwrap(), MapType::PerCpuArray, "the stale STATS pin was reused");
+    assert!(dp.stats().unwrap().iter().all(|(_, v)| *v == 0), "STATS is not a fresh map");
+    // The maps that did fit were kept.
+    assert_eq!(dp.remote_cidrs().unwrap().get(&net), Some(&3));
+    drop(dp);
+
+    PinDir::at(&dir).remove().unwrap();
+    assert!(!dir.join("maps").exists(), "pins left behind");
+    drop(scratch);
+}

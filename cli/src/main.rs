@@ -281,6 +281,12 @@ struct GatewayArgs {
     /// on: stopping the gateway does not stop the data plane (`causeway cleanup` does).
     #[arg(long, env = "CAUSEWAY_BPF_DIR", default_value = DEFAULT_BPF_DIR)]
     bpf_dir: PathBuf,
+    /// Interfaces that carry this cluster's traffic to the gateway (repeatable): packets for
+    /// remote clusters arriving there are handed straight to the tunnel device by eBPF,
+    /// skipping the kernel's forwarding path (netfilter and conntrack included). Unset: the
+    /// kernel routes them into the tunnel.
+    #[arg(long = "cluster-interface", env = "CAUSEWAY_CLUSTER_INTERFACES", value_delimiter = ',')]
+    cluster_interfaces: Vec<String>,
     /// Pin nothing and remove the tunnel device, routes and programs on exit (the data plane
     /// lives exactly as long as the process).
     #[arg(long, env = "CAUSEWAY_EPHEMERAL", conflicts_with = "bpf_dir")]
@@ -567,6 +573,7 @@ fn gateway_config(
         heartbeat: std::time::Duration::from_secs(a.heartbeat_seconds.max(1)),
         uplink: a.uplink.clone(),
         bpf_dir: (!a.ephemeral).then(|| a.bpf_dir.clone()),
+        cluster_interfaces: a.cluster_interfaces.clone(),
         metrics_listen: match a.metrics_listen.as_str() {
             "off" | "" => None,
             addr => Some(

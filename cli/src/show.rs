@@ -203,19 +203,35 @@ pub async fn run(a: ShowArgs) -> anyhow::Result<()> {
                     let rows: Vec<Vec<String>> = statuses
                         .iter()
                         .flat_map(|s| {
-                            s.connections.iter().map(|c| {
-                                vec![
-                                    s.cluster_id.clone(),
-                                    c.cluster_id.clone(),
-                                    c.endpoint.clone(),
-                                    c.status.clone(),
-                                    c.rtt_secs.map_or("-".into(), |v| format!("{:.3} ms", v * 1000.0)),
-                                    format!("{:.0}%", c.loss * 100.0),
-                                    c.last_handshake_secs.map_or("-".into(), |v| format!("{v:.0}s ago")),
-                                    c.datapath.tx_bytes.to_string(),
-                                    c.datapath.rx_bytes.to_string(),
-                                ]
-                            })
+                            s.connections
+                                .iter()
+                                .map(|c| {
+                                    vec![
+                                        s.cluster_id.clone(),
+                                        c.cluster_id.clone(),
+                                        c.endpoint.clone(),
+                                        c.status.clone(),
+                                        c.rtt_secs.map_or("-".into(), |v| format!("{:.3} ms", v * 1000.0)),
+                                        format!("{:.0}%", c.loss * 100.0),
+                                        c.last_handshake_secs.map_or("-".into(), |v| format!("{v:.0}s ago")),
+                                        c.datapath.tx_bytes.to_string(),
+                                        c.datapath.rx_bytes.to_string(),
+                                    ]
+                                })
+                                .chain(s.standbys.iter().map(|c| {
+                                    // Warm standbys: sessions ready for a failover, no traffic.
+                                    vec![
+                                        s.cluster_id.clone(),
+                                        format!("{} (standby)", c.cluster_id),
+                                        c.endpoint.clone(),
+                                        c.status.clone(),
+                                        "-".into(),
+                                        "-".into(),
+                                        c.last_handshake_secs.map_or("-".into(), |v| format!("{v:.0}s ago")),
+                                        "-".into(),
+                                        "-".into(),
+                                    ]
+                                }))
                         })
                         .collect();
                     print!(

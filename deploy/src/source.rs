@@ -3,9 +3,11 @@
 //! the active one.
 //!
 //! CIDR discovery is a pure function of what the API server returned ([`discover`]), so every
-//! rule is unit-tested; [`KubernetesSource`] only fetches.
+//! rule is unit-tested; [`KubernetesSource`] fetches at startup, then follows a Node watch.
 
-use std::net::IpAddr;
+use std::{collections::BTreeMap, net::IpAddr};
+
+use futures::StreamExt as _;
 
 use causeway_gateway::cluster::{ClusterSource, LocalCluster, SourceError};
 use ipnetwork::IpNetwork;
@@ -13,7 +15,7 @@ use k8s_openapi::api::{
     core::v1::{ConfigMap, Node},
     networking::v1::ServiceCIDR,
 };
-use kube::{Api, Client, api::ListParams};
+use kube::{Api, Client, api::ListParams, runtime::watcher};
 use tracing::{info, warn};
 
 use crate::{election::Role, manifests::GATEWAY_LABEL};
@@ -201,16 +203,7 @@ pub fn node_facts(node: &Node) -> Result<(Vec<IpAddr>, Vec<IpAddr>), DiscoveryEr
 pub async fn observe(client: &Client) -> Result<Observed, DiscoveryError> {
     let nodes: Api<Node> = Api::all(client.clone());
     let list = nodes.list(&ListParams::default()).await?;
-    let node_pod_cidrs = list
-        .items
-        .iter()
-        .map(|n| {
-            let spec = n.spec.as_ref();
-            spec.and_then(|s| s.pod_cidrs.clone())
-                .or_else(|| spec.and_then(|s| s.pod_cidr.clone()).map(|c| vec![c]))
-                .unwrap_or_default()
-        })
-        .collect();
+    let node_pod_cidrs = list.items.iter().map(pod_cidrs_of).collect();
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "kube-system");
     let data = |cm: Option<ConfigMap>, key: &str| cm.and_then(|c| c.data).and_then(|mut d| d.remove(key));
     let kube_proxy_config = data(optional(cms.get_opt("kube-proxy").await)?, "config.conf");
@@ -251,7 +244,16 @@ pub struct KubernetesSource {
     node: String,
     overrides: Overrides,
     roles: tokio::sync::watch::Receiver<Role>,
+    roles_open: bool,
     last: Option<LocalCluster>,
+    /// The cluster configuration read at startup (kube-proxy, kubeadm, ServiceCIDRs); the
+    /// nodes' part is kept current by the node watch.
+    config: Observed,
+    /// Every Node, as the watch last reported it.
+    nodes: BTreeMap<String, Node>,
+    events: Option<futures::stream::BoxStream<'static, Result<watcher::Event<Node>, watcher::Error>>>,
+    /// The last error reported by [`ClusterSource::next_change`] (each is reported once).
+    last_error: Option<String>,
 }
 
 impl KubernetesSource {
@@ -263,28 +265,31 @@ impl KubernetesSource {
         overrides: Overrides,
         roles: tokio::sync::watch::Receiver<Role>,
     ) -> Self {
-        Self { client, node, overrides, roles, last: None }
+        Self {
+            client,
+            node,
+            overrides,
+            roles,
+            roles_open: true,
+            last: None,
+            config: Observed::default(),
+            nodes: BTreeMap::new(),
+            events: None,
+            last_error: None,
+        }
     }
 
-    async fn read(&self) -> Result<LocalCluster, DiscoveryError> {
-        let node = Api::<Node>::all(self.client.clone()).get(&self.node).await?;
-        let (mut private, mut public) = node_facts(&node)?;
+    /// This gateway's facts from its Node, the cluster configuration and the other nodes'
+    /// podCIDRs (in `config`).
+    fn compose(&self, node: &Node, config: &Observed) -> Result<LocalCluster, DiscoveryError> {
+        let (mut private, mut public) = node_facts(node)?;
         if !self.overrides.node_ips.is_empty() {
             private.clone_from(&self.overrides.node_ips);
         }
         if !self.overrides.public_ips.is_empty() {
             public.clone_from(&self.overrides.public_ips);
         }
-        let found = discover(
-            &observe(&self.client).await?,
-            &self.overrides.pod_cidrs,
-            &self.overrides.service_cidrs,
-        )?;
-        info!(
-            pods = ?found.pod_cidrs, pods_from = found.pod_from,
-            services = ?found.service_cidrs, services_from = found.service_from,
-            "discovered the cluster's CIDRs"
-        );
+        let found = discover(config, &self.overrides.pod_cidrs, &self.overrides.service_cidrs)?;
         Ok(LocalCluster {
             cluster_id: self.overrides.cluster_id.clone(),
             pod_cidrs: found.pod_cidrs,
@@ -295,6 +300,64 @@ impl KubernetesSource {
             active: *self.roles.borrow() == Role::Active,
         })
     }
+
+    async fn read(&mut self) -> Result<LocalCluster, DiscoveryError> {
+        let node = Api::<Node>::all(self.client.clone()).get(&self.node).await?;
+        // The label first: without it nothing else matters, and its error names the fix.
+        node_facts(&node)?;
+        let config = observe(&self.client).await?;
+        let local = self.compose(&node, &config)?;
+        let found = discover(&config, &self.overrides.pod_cidrs, &self.overrides.service_cidrs)?;
+        info!(
+            pods = ?found.pod_cidrs, pods_from = found.pod_from,
+            services = ?found.service_cidrs, services_from = found.service_from,
+            "discovered the cluster's CIDRs"
+        );
+        self.config = config;
+        Ok(local)
+    }
+
+    /// Folds one node-watch event in; true when the node set is complete and changed.
+    fn apply(&mut self, event: watcher::Event<Node>) -> bool {
+        let name = |n: &Node| n.metadata.name.clone().unwrap_or_default();
+        match event {
+            watcher::Event::Init => {
+                self.nodes.clear();
+                false
+            }
+            watcher::Event::InitApply(n) => {
+                self.nodes.insert(name(&n), n);
+                false
+            }
+            watcher::Event::InitDone => true,
+            watcher::Event::Apply(n) => {
+                self.nodes.insert(name(&n), n);
+                true
+            }
+            watcher::Event::Delete(n) => {
+                self.nodes.remove(&name(&n));
+                true
+            }
+        }
+    }
+
+    /// The facts as the watched nodes say now.
+    fn facts_from_nodes(&self) -> Result<LocalCluster, DiscoveryError> {
+        let me = self.nodes.get(&self.node).ok_or_else(|| DiscoveryError::Node {
+            node: self.node.clone(),
+            problem: "was deleted from the cluster".into(),
+        })?;
+        let mut config = self.config.clone();
+        config.node_pod_cidrs = self.nodes.values().map(pod_cidrs_of).collect();
+        self.compose(me, &config)
+    }
+}
+
+fn pod_cidrs_of(n: &Node) -> Vec<String> {
+    let spec = n.spec.as_ref();
+    spec.and_then(|s| s.pod_cidrs.clone())
+        .or_else(|| spec.and_then(|s| s.pod_cidr.clone()).map(|c| vec![c]))
+        .unwrap_or_default()
 }
 
 impl ClusterSource for KubernetesSource {
@@ -305,20 +368,56 @@ impl ClusterSource for KubernetesSource {
         Ok(local)
     }
 
-    /// A new role from the election; the rest of the facts are re-read at startup only
-    /// (a changed node address or CIDR is a restart, as for any daemon reading its config).
+    /// The next change of this gateway's facts: a new role from the election, or what the
+    /// Node watch shows (this node's addresses or gateway label, the cluster's pod CIDRs as
+    /// nodes come and go). Events that change none of the facts (status heartbeats, other
+    /// labels) are absorbed here.
     async fn next_change(&mut self) -> Result<LocalCluster, SourceError> {
+        use kube::runtime::WatchStreamExt as _;
+        if self.events.is_none() {
+            let api = Api::<Node>::all(self.client.clone());
+            self.events = Some(watcher(api, watcher::Config::default()).default_backoff().boxed());
+        }
         loop {
-            if self.roles.changed().await.is_err() {
-                warn!("the election stopped; keeping the current role");
-                std::future::pending::<()>().await;
-            }
-            let active = *self.roles.borrow_and_update() == Role::Active;
-            if let Some(last) = &mut self.last
-                && last.active != active
-            {
-                last.active = active;
-                return Ok(last.clone());
+            let roles_open = self.roles_open;
+            let (roles, events) = (&mut self.roles, self.events.as_mut().expect("set above"));
+            let candidate = tokio::select! {
+                changed = roles.changed(), if roles_open => {
+                    if changed.is_err() {
+                        warn!("the election stopped; keeping the current role");
+                        self.roles_open = false;
+                        continue;
+                    }
+                    let active = *self.roles.borrow_and_update() == Role::Active;
+                    self.last.clone().map(|mut l| {
+                        l.active = active;
+                        Ok(l)
+                    })
+                }
+                event = events.next() => match event {
+                    Some(Ok(event)) => self.apply(event).then(|| self.facts_from_nodes()),
+                    Some(Err(e)) => {
+                        warn!(error = %e, "watching nodes failed; retrying");
+                        None
+                    }
+                    None => {
+                        self.events = None;
+                        return Err(SourceError::Unavailable("the node watch ended".into()));
+                    }
+                },
+            };
+            match candidate {
+                Some(Ok(local)) if Some(&local) != self.last.as_ref() => {
+                    local.validate()?;
+                    self.last_error = None;
+                    self.last = Some(local.clone());
+                    return Ok(local);
+                }
+                Some(Err(e)) if self.last_error.as_deref() != Some(&e.to_string()) => {
+                    self.last_error = Some(e.to_string());
+                    return Err(e.into());
+                }
+                _ => {}
             }
         }
     }

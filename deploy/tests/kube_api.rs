@@ -87,6 +87,73 @@ async fn the_cluster_source_reads_the_node_and_discovers_cidrs() {
 }
 
 #[tokio::test]
+async fn the_node_watch_reports_fact_changes_and_absorbs_the_rest() {
+    let with = |mut n: Value, path: &str, v: Value| {
+        n.pointer_mut(path).map(|slot| *slot = v).expect("path exists");
+        n
+    };
+    let gw = node("gw-1", true, "192.168.10.11", "10.244.1.0/24");
+    let watches = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let w = watches.clone();
+    let (gw_, w1) = (gw.clone(), node("w-1", false, "192.168.10.12", "10.244.2.0/24"));
+    let (client, log) = causeway_deploy::testing::client(move |r: &Seen| match r.path() {
+        "/api/v1/nodes/gw-1" => Reply::Json(200, gw_.clone()),
+        "/api/v1/nodes" if r.uri.contains("watch=true") => {
+            if w.fetch_add(1, std::sync::atomic::Ordering::SeqCst) > 0 {
+                return Reply::Hang;
+            }
+            Reply::Events(vec![
+                // No fact changes: another label on a worker; a new node inside the pod subnet.
+                json!({"type": "MODIFIED", "object": with(w1.clone(), "/metadata/labels", json!({"team": "a"}))}),
+                json!({"type": "ADDED", "object": node("w-2", false, "192.168.10.13", "10.244.3.0/24")}),
+                // This node's address changes.
+                json!({"type": "MODIFIED", "object": with(gw_.clone(), "/status/addresses/0/address", json!("192.168.10.99"))}),
+                // A node outside kubeadm's podSubnet: the nodes' own CIDRs are published.
+                json!({"type": "ADDED", "object": node("w-3", false, "192.168.10.14", "10.250.0.0/24")}),
+                // The gateway label goes.
+                json!({"type": "MODIFIED", "object": with(gw_.clone(), "/metadata/labels", json!({}))}),
+            ])
+        }
+        "/api/v1/nodes" => Reply::Json(200, list("Node", "v1", vec![gw_.clone(), w1.clone()])),
+        "/api/v1/namespaces/kube-system/configmaps/kube-proxy" => not_found("configmaps \"kube-proxy\""),
+        "/api/v1/namespaces/kube-system/configmaps/kubeadm-config" => Reply::Json(200, kubeadm_config()),
+        "/apis/networking.k8s.io/v1/servicecidrs" => not_found("servicecidrs"),
+        other => panic!("unexpected request {other}"),
+    });
+    let overrides = Overrides { cluster_id: "east".into(), ..Overrides::default() };
+    let mut source = KubernetesSource::new(client, "gw-1".into(), overrides, roles(Role::Active));
+    let first = source.local_cluster().await.unwrap();
+    assert_eq!(first.pod_cidrs, vec!["10.244.0.0/16".parse().unwrap()]);
+
+    // The first change reported is the address: the label and the covered node were absorbed.
+    let moved = next(&mut source).await.unwrap();
+    assert_eq!(moved.private_ips, vec!["192.168.10.99".parse::<std::net::IpAddr>().unwrap()]);
+    assert_eq!(moved.pod_cidrs, first.pod_cidrs);
+    let wider = next(&mut source).await.unwrap();
+    let want: Vec<ipnetwork::IpNetwork> =
+        ["10.244.1.0/24", "10.244.2.0/24", "10.244.3.0/24", "10.250.0.0/24"]
+            .iter()
+            .map(|c| c.parse().unwrap())
+            .collect();
+    assert_eq!(wider.pod_cidrs, want);
+    let err = next(&mut source).await.unwrap_err();
+    assert!(err.contains("is not labelled causeway.io/gateway=true"), "{err}");
+    // Nothing more to say: no change and no repeated error.
+    assert!(tokio::time::timeout(Duration::from_millis(300), source.next_change()).await.is_err());
+    let log = log.lock().unwrap();
+    assert!(log.iter().all(|r| r.method == "GET"), "the source only reads: {log:?}");
+    assert!(log.iter().any(|r| r.path() == "/api/v1/nodes" && r.uri.contains("watch=true")));
+    drop(watches);
+}
+
+async fn next(source: &mut KubernetesSource) -> Result<causeway_gateway::cluster::LocalCluster, String> {
+    tokio::time::timeout(Duration::from_secs(5), source.next_change())
+        .await
+        .expect("a change within 5 s")
+        .map_err(|e| e.to_string())
+}
+
+#[tokio::test]
 async fn an_unlabelled_node_is_refused_with_the_fix() {
     let (client, _log) = causeway_deploy::testing::client(|r: &Seen| match r.path() {
         "/api/v1/nodes/w-1" => Reply::Json(200, node("w-1", false, "192.168.10.12", "10.244.2.0/24")),

@@ -17,7 +17,7 @@ use std::{
 use causeway_broker_api::{
     BrokerClient, ClientError, EndpointRecord, EventType, GatewayRole, ListResponse, Object,
 };
-use causeway_datapath::{Datapath, DatapathError};
+use causeway_datapath::{Datapath, DatapathError, RemoteCidr};
 use ipnetwork::IpNetwork;
 use tokio::sync::Mutex;
 use tracing::{info, instrument, warn};
@@ -59,6 +59,9 @@ pub struct GatewayConfig {
     /// is persistent, and exiting leaves the data plane in place for the next start (which
     /// reconciles it instead of rebuilding it). None: everything goes with the process.
     pub bpf_dir: Option<PathBuf>,
+    /// Interfaces that carry the cluster's traffic to this gateway: their ingress gets the
+    /// redirect stage (remote-bound packets straight to the tunnel device).
+    pub cluster_interfaces: Vec<String>,
 }
 
 /// Handshake initiations allowed per second and per source address by the uplink guard, and
@@ -111,6 +114,8 @@ pub struct Shared {
     cable: AnyCable,
     datapath: Datapath,
     routes: RouteManager,
+    /// Where the redirect stage sends remote-bound packets (the tunnel device's ifindex).
+    tunnel_ifindex: u32,
     /// Remote cluster id → slot in the datapath's counter map.
     slots: BTreeMap<String, u32>,
     next_slot: u32,
@@ -139,35 +144,37 @@ impl Shared {
         }
         // Slots: stable per cluster while it exists, and across restarts (pinned counters).
         let have = self.datapath.remote_cidrs()?;
-        assign_slots(&mut self.slots, &mut self.next_slot, &desired, &have);
+        let have_slots = have.iter().map(|(n, v)| (*n, v.cluster_slot)).collect();
+        assign_slots(&mut self.slots, &mut self.next_slot, &desired, &have_slots);
         let stale: Vec<(String, u32)> = self
             .slots
             .iter()
             .filter(|(id, _)| !desired.remotes.contains_key(*id))
             .map(|(id, s)| (id.clone(), *s))
             .collect();
-        // Datapath: prefix → slot entries, compared with what the map holds.
-        let want: BTreeMap<IpNetwork, u32> = desired
+        // Datapath: prefix → (slot, tunnel) entries, compared with what the map holds.
+        let tunnel = self.tunnel_ifindex;
+        let want: BTreeMap<IpNetwork, RemoteCidr> = desired
             .remotes
             .values()
             .flat_map(|r| {
-                let slot = self.slots[&r.cluster_id];
-                r.cidrs.iter().map(move |c| (*c, slot))
+                let value = RemoteCidr { cluster_slot: self.slots[&r.cluster_id], tunnel };
+                r.cidrs.iter().map(move |c| (*c, value))
             })
             .collect();
-        for slot in want.values() {
-            self.datapath.ensure_counters(*slot)?;
+        for v in want.values() {
+            self.datapath.ensure_counters(v.cluster_slot)?;
         }
-        let want_set: BTreeSet<(IpNetwork, u32)> = want.iter().map(|(n, s)| (*n, *s)).collect();
-        let have_set: BTreeSet<(IpNetwork, u32)> = have.iter().map(|(n, s)| (*n, *s)).collect();
+        let want_set: BTreeSet<(IpNetwork, RemoteCidr)> = want.iter().map(|(n, v)| (*n, *v)).collect();
+        let have_set: BTreeSet<(IpNetwork, RemoteCidr)> = have.iter().map(|(n, v)| (*n, *v)).collect();
         let p = plan(&want_set, &have_set);
         for (net, _) in &p.remove {
             if !want.contains_key(net) {
                 self.datapath.remove_remote_cidr(*net)?;
             }
         }
-        for (net, slot) in &p.add {
-            self.datapath.set_remote_cidr(*net, *slot)?;
+        for (net, value) in &p.add {
+            self.datapath.set_remote_cidr(*net, *value)?;
         }
         for (id, slot) in stale {
             self.datapath.remove_counters(slot)?;
@@ -239,7 +246,21 @@ impl Shared {
     pub async fn status(&self) -> Result<GatewayStatus, GatewayError> {
         let conns = self.cable.connections().await?;
         let mut connections = Vec::new();
+        let mut standbys = Vec::new();
+        let status_name = |s: crate::cable::ConnectionStatus| {
+            serde_json::to_value(s).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
+        };
         for c in conns {
+            if c.standby {
+                standbys.push(crate::status::StandbyView {
+                    status: status_name(c.status),
+                    cluster_id: c.cluster_id,
+                    endpoint: c.endpoint.to_string(),
+                    public_key: c.public_key,
+                    last_handshake_secs: c.last_handshake_secs,
+                });
+                continue;
+            }
             let counters = match self.slots.get(&c.cluster_id) {
                 Some(slot) => self.datapath.counters(*slot)?,
                 None => Default::default(),
@@ -251,10 +272,7 @@ impl Shared {
                 .map(|r| r.cidrs.iter().map(ToString::to_string).collect())
                 .unwrap_or_default();
             connections.push(ConnectionView {
-                status: serde_json::to_value(c.status)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_owned))
-                    .unwrap_or_default(),
+                status: status_name(c.status),
                 cluster_id: c.cluster_id,
                 endpoint: c.endpoint.to_string(),
                 public_key: c.public_key,
@@ -290,6 +308,7 @@ impl Shared {
                 .map(|(s, v)| (s.name().to_owned(), v))
                 .collect(),
             policy_drops: self.policy_drops()?,
+            standbys,
         })
     }
 }
@@ -412,7 +431,12 @@ pub async fn run(
     if let Some(uplink) = &config.uplink {
         datapath.attach_uplink_guard(uplink, config.listen_port, HANDSHAKE_RATE, HANDSHAKE_BURST)?;
     }
+    for ifname in &config.cluster_interfaces {
+        datapath.attach_cluster_redirect(ifname)?;
+    }
+    datapath.prune_links()?;
     let routes = RouteManager::new(cable.device()).await?;
+    let tunnel_ifindex = routes.ifindex();
     let shared = Arc::new(Mutex::new(Shared {
         local: local.clone(),
         config: config.clone(),
@@ -420,6 +444,7 @@ pub async fn run(
         cable,
         datapath,
         routes,
+        tunnel_ifindex,
         slots: BTreeMap::new(),
         next_slot: 1,
         desired: Desired::default(),
@@ -640,6 +665,7 @@ mod tests {
                     endpoint: "192.0.2.1:51820".parse().unwrap(),
                     cidrs: vec![cidr.parse().unwrap()],
                     health_ip: None,
+                    standbys: Vec::new(),
                 },
             );
         }

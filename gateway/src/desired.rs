@@ -11,7 +11,7 @@ use std::{
 use causeway_broker_api::{ClusterRecord, EndpointRecord, GatewayRole, Object, Record};
 use ipnetwork::IpNetwork;
 
-use crate::cable::RemoteEndpoint;
+use crate::cable::{RemoteEndpoint, StandbyGateway};
 
 /// What the gateway should have, given the cluster set's records.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -80,6 +80,19 @@ pub fn desired(objects: &[Object], local_cluster: &str) -> Desired {
         }
         let Some(ep) = endpoints.get(id).and_then(|eps| pick_endpoint(eps)) else { continue };
         let Some(ip) = ep.preferred_ip() else { continue };
+        // Every other gateway of the cluster is a warm standby.
+        let mut standbys: Vec<StandbyGateway> = endpoints[id]
+            .iter()
+            .filter(|e| e.public_key != ep.public_key)
+            .filter_map(|e| {
+                Some(StandbyGateway {
+                    public_key: e.public_key,
+                    endpoint: SocketAddr::new(e.preferred_ip()?, e.port),
+                })
+            })
+            .collect();
+        standbys.sort_by_key(|s| s.public_key.0);
+        standbys.dedup_by_key(|s| s.public_key);
         remotes.insert(
             id.to_owned(),
             RemoteEndpoint {
@@ -91,6 +104,7 @@ pub fn desired(objects: &[Object], local_cluster: &str) -> Desired {
                     Some(std::net::IpAddr::V4(v4)) => Some(v4),
                     _ => None,
                 },
+                standbys,
             },
         );
         taken.extend(c.all_cidrs().map(|n| (id.to_owned(), *n)));
@@ -203,6 +217,33 @@ mod tests {
         ];
         let d = desired(&objs, "a");
         assert_eq!(d.remotes["b"].endpoint.ip().to_string(), "172.31.0.22");
+    }
+
+    #[test]
+    fn the_other_gateways_of_a_cluster_are_warm_standbys_and_a_failover_swaps_them() {
+        let objs = |gw1, gw2| {
+            vec![
+                cluster("b", "10.2.0.0/16"),
+                endpoint("b", "gw-1", "172.31.0.21", gw1, 0),
+                endpoint("b", "gw-22", "172.31.0.22", gw2, 0),
+            ]
+        };
+        let d = desired(&objs(GatewayRole::Active, GatewayRole::Standby), "a");
+        let b = &d.remotes["b"];
+        assert_eq!(b.endpoint.ip().to_string(), "172.31.0.21");
+        assert_eq!(
+            b.standbys,
+            vec![StandbyGateway {
+                public_key: WireGuardKey([5; 32]),
+                endpoint: "172.31.0.22:51820".parse().unwrap()
+            }]
+        );
+        // Failover: same peers, the roles swapped (the cable moves the prefixes, nothing else).
+        let after = desired(&objs(GatewayRole::Standby, GatewayRole::Active), "a");
+        let b2 = &after.remotes["b"];
+        assert_eq!(b2.public_key, WireGuardKey([5; 32]));
+        assert_eq!(b2.standbys.iter().map(|s| s.public_key).collect::<Vec<_>>(), vec![WireGuardKey([4; 32])]);
+        assert_eq!(b2.cidrs, b.cidrs);
     }
 
     #[test]

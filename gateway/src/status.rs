@@ -62,6 +62,21 @@ pub struct GatewayStatus {
     /// Packets the cluster-set policy dropped, by rule name (`(default)`: no rule matched).
     #[serde(default)]
     pub policy_drops: BTreeMap<String, u64>,
+    /// Remote clusters' standby gateways, with sessions kept warm for a failover.
+    #[serde(default)]
+    pub standbys: Vec<StandbyView>,
+}
+
+/// A remote cluster's standby gateway as this gateway sees it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StandbyView {
+    pub cluster_id: String,
+    pub endpoint: String,
+    pub public_key: String,
+    /// `connected` when its session is up (ready to take over), else `connecting` or `down`.
+    pub status: String,
+    pub last_handshake_secs: Option<f64>,
 }
 
 async fn status(State(shared): State<Arc<Mutex<Shared>>>) -> impl IntoResponse {
@@ -94,6 +109,18 @@ pub fn render_metrics(s: &GatewayStatus) -> String {
     let per = |f: &dyn Fn(&ConnectionView) -> f64| -> Vec<(String, f64)> {
         s.connections.iter().map(|c| (format!("cluster=\"{}\"", c.cluster_id), f(c))).collect()
     };
+    family(
+        "causeway_standby_up",
+        "gauge",
+        "1 when the session with a remote cluster's standby gateway is established (warm)",
+        s.standbys
+            .iter()
+            .map(|c| {
+                let up = if c.status == "connected" { 1.0 } else { 0.0 };
+                (format!("cluster=\"{}\",endpoint=\"{}\"", c.cluster_id, c.endpoint), up)
+            })
+            .collect(),
+    );
     family(
         "causeway_connection_up",
         "gauge",
@@ -290,9 +317,20 @@ mod tests {
             cable_drops: [("invalid_packet".to_owned(), 4)].into_iter().collect(),
             datapath_events: BTreeMap::new(),
             policy_drops: [("web".to_owned(), 2)].into_iter().collect(),
+            standbys: vec![StandbyView {
+                cluster_id: "b".into(),
+                endpoint: "172.31.0.13:51820".into(),
+                public_key: "k3".into(),
+                status: "connected".into(),
+                last_handshake_secs: Some(3.0),
+            }],
         };
         let text = render_metrics(&s);
         assert!(text.contains("causeway_connection_up{cluster=\"b\"} 1\n"), "{text}");
+        assert!(
+            text.contains("causeway_standby_up{cluster=\"b\",endpoint=\"172.31.0.13:51820\"} 1\n"),
+            "{text}"
+        );
         assert!(text.contains("causeway_tx_bytes_total{cluster=\"b\"} 100\n"));
         assert!(text.contains("causeway_rx_packets_total{cluster=\"b\"} 2\n"));
         assert!(text.contains("causeway_cable_drops_total{reason=\"invalid_packet\"} 4\n"));

@@ -427,6 +427,8 @@ impl Topology {
             "uplink",
             "--bpf-dir",
             &self.gateway_bpf_dir(index).display().to_string(),
+            "--cluster-interface",
+            "lan0",
         ]
         .iter()
         .map(|s| (*s).to_owned())

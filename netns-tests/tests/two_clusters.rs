@@ -114,6 +114,15 @@ fn pod_to_pod_across_the_tunnel_encrypted_and_counted() {
 
     let tx_before = t.gateway_status(1).unwrap().connections[0].datapath.tx_bytes;
     let rx_before = t.gateway_status(2).unwrap().connections[0].datapath.rx_bytes;
+    let redirected_before = t.gateway_status(1).unwrap().datapath_events["redirected"];
+    // Counters on gateway A's forwarding path, one per direction: the redirect stage hands
+    // A → B packets to the tunnel before the stack sees them, so only B → A is forwarded.
+    let nft = format!(
+        "table inet cwtest {{ chain cwfwd {{ type filter hook forward priority 0; \
+         ip daddr {} counter comment \"to-b\"; ip daddr {} counter comment \"to-a\"; }}; }}",
+        b.pod_cidr, a.pod_cidr
+    );
+    exec::in_ns(&a.gw_ns, &["nft", &nft]).unwrap();
 
     let dir = t.spec.run_dir.clone();
     let underlay_pcap = dir.join("underlay.pcap").display().to_string();
@@ -165,6 +174,25 @@ fn pod_to_pod_across_the_tunnel_encrypted_and_counted() {
     let rx = t.gateway_status(2).unwrap().connections[0].datapath.rx_bytes - rx_before;
     assert!(tx >= bytes, "gateway A's eBPF tx counter grew by {tx} < {bytes}");
     assert!(rx >= bytes, "gateway B's eBPF rx counter grew by {rx} < {bytes}");
+
+    // The redirect stage carried A → B past netfilter: nothing to B on the forward hook, while
+    // B's replies were forwarded (and counted) as usual.
+    let rules = exec::in_ns(&a.gw_ns, &["nft", "-j", "list", "chain", "inet", "cwtest", "cwfwd"]).unwrap();
+    let rules: serde_json::Value = serde_json::from_slice(&rules.stdout).unwrap();
+    let counted = |comment: &str| -> u64 {
+        rules["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|o| o["rule"]["comment"] == comment)
+            .flat_map(|o| o["rule"]["expr"].as_array().unwrap().clone())
+            .find_map(|e| e["counter"]["packets"].as_u64())
+            .unwrap_or_else(|| panic!("no counter {comment} in {rules}"))
+    };
+    assert_eq!(counted("to-b"), 0, "A → B packets took the kernel's forwarding path");
+    assert!(counted("to-a") > 100, "control: B → A replies were not forwarded ({})", counted("to-a"));
+    let redirected = t.gateway_status(1).unwrap().datapath_events["redirected"] - redirected_before;
+    assert!(redirected > 100, "only {redirected} packets redirected");
 
     // No secret ever reaches a log: not the tokens, not the WireGuard private keys.
     let mut secrets = Vec::new();
@@ -248,7 +276,7 @@ fn sandbox_up_then_down_leaves_nothing_behind() {
     assert!(exec::run(&["ip", "link", "show", "cw-host"]).is_err(), "host veth left behind");
     assert!(!std::path::Path::new("/run/causeway/cw").exists(), "run dir left behind");
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
-    assert!(!mounts.contains("/run/causeway/cw"), "the gateways' bpffs left mounted:\n{mounts}");
+    assert!(!mounts.contains("/run/causeway/cw/"), "the gateways' bpffs left mounted:\n{mounts}");
     assert!(!std::path::Path::new("/sys/fs/bpf/causeway").exists(), "bpffs pins left behind");
     let uapi_left: Vec<_> = std::fs::read_dir("/var/run/wireguard")
         .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())

@@ -110,6 +110,8 @@ pub mod programs {
     pub const UPLINK_GUARD: &str = "uplink_guard";
     /// TC on an Ethernet device: the cluster-set policy without a tunnel device.
     pub const POLICY_ETH: &str = "policy_eth";
+    /// TC ingress of a cluster-facing interface: remote-bound packets straight to the tunnel.
+    pub const CLUSTER_REDIRECT: &str = "cluster_redirect";
 }
 
 /// Capacity of the known-peer map.
@@ -134,11 +136,12 @@ pub const MAX_CLUSTERS: u32 = 16_384;
 
 /// Value of the remote prefix tries: which remote cluster a prefix belongs to.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub struct RemoteCidr {
     /// Gateway-local slot of the remote cluster (key of `CLUSTER_COUNTERS`).
     pub cluster_slot: u32,
-    /// Reserved for the tunnel index of the redirecting datapath; zero today.
+    /// Interface index of the tunnel device that carries the prefix: where `cluster_redirect`
+    /// sends its packets (0: leave them to the kernel's routing).
     pub tunnel: u32,
 }
 
@@ -193,10 +196,12 @@ pub enum Stat {
     PolicyDeniedRx = 10,
     /// Policy: a packet denied by the rules but let through as the reply of an allowed flow.
     PolicyReplyAllowed = 11,
+    /// A packet from the cluster handed straight to its tunnel device (`cluster_redirect`).
+    Redirected = 12,
 }
 
 impl Stat {
-    pub const ALL: [Stat; 12] = [
+    pub const ALL: [Stat; 13] = [
         Self::TxNoRemote,
         Self::RxNoRemote,
         Self::NoCounterSlot,
@@ -209,6 +214,7 @@ impl Stat {
         Self::PolicyDeniedTx,
         Self::PolicyDeniedRx,
         Self::PolicyReplyAllowed,
+        Self::Redirected,
     ];
 
     /// Name used in metrics and `show` output.
@@ -227,6 +233,7 @@ impl Stat {
             Self::PolicyDeniedTx => "policy_denied_tx",
             Self::PolicyDeniedRx => "policy_denied_rx",
             Self::PolicyReplyAllowed => "policy_reply_allowed",
+            Self::Redirected => "redirected",
         }
     }
 }
@@ -304,7 +311,7 @@ mod tests {
         for (i, s) in Stat::ALL.iter().enumerate() {
             assert_eq!(*s as usize, i);
         }
-        assert_eq!(NUM_STATS, 12);
+        assert_eq!(NUM_STATS, 13);
         assert_eq!(Config::PolicyDefault as u32 + 1, NUM_CONFIG);
     }
 

@@ -26,10 +26,10 @@ use aya::{
         xdp::XdpLink,
     },
 };
-use causeway_datapath_common::{Config, FlowKey, RemoteCidr, maps, programs};
+use causeway_datapath_common::{Config, FlowKey, maps, programs};
 pub use causeway_datapath_common::{
     MAX_POLICY_RULES, MAX_POLICY_VERDICTS, POLICY_ALLOW, POLICY_ANY, POLICY_DENY, PolicyKey, PolicyVerdict,
-    Stat, TrafficCounters,
+    RemoteCidr, Stat, TrafficCounters,
 };
 use ipnetwork::IpNetwork;
 use tracing::{info, warn};
@@ -86,6 +86,8 @@ pub struct Datapath {
     policy_drops: PerCpuArray<MapData, u64>,
     ncpus: usize,
     pins: Option<PinDir>,
+    /// Pinned links attached (or re-attached) by this value.
+    attached: Vec<std::path::PathBuf>,
     log_task: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -157,6 +159,7 @@ impl Datapath {
             policy_drops,
             ncpus,
             pins,
+            attached: Vec::new(),
             log_task,
         })
     }
@@ -177,6 +180,48 @@ impl Datapath {
             self.attach_tc(name, ifname, dir)?;
         }
         Ok(())
+    }
+
+    /// Attaches the redirect stage to the ingress of the cluster-facing interface `ifname`:
+    /// packets for remote prefixes whose entry names a tunnel device skip the kernel's
+    /// forwarding path and go straight to it.
+    pub fn attach_cluster_redirect(&mut self, ifname: &str) -> Result<(), DatapathError> {
+        self.attach_tc(programs::CLUSTER_REDIRECT, ifname, TcAttachType::Ingress)
+    }
+
+    /// Runs one Ethernet frame through the redirect stage with `BPF_PROG_TEST_RUN`; returns
+    /// its verdict (`TC_ACT_OK` 0: to the stack, `TC_ACT_REDIRECT` 7) and the frame as the
+    /// program left it.
+    pub fn test_cluster_redirect(&mut self, frame: &[u8]) -> Result<(i32, Vec<u8>), DatapathError> {
+        use aya::programs::{TestRun as _, TestRunOptions};
+        let name = programs::CLUSTER_REDIRECT;
+        let prog = self.tunnel_program(name)?;
+        let mut out = vec![0u8; frame.len().max(64)];
+        let opts =
+            TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..TestRunOptions::default() };
+        let r = prog.test_run(opts).map_err(|source| DatapathError::Program { name, source })?;
+        let len = usize::try_from(r.data_size_out).unwrap_or(0).min(out.len());
+        out.truncate(len);
+        Ok((i32::try_from(r.return_value).unwrap_or(i32::MAX), out))
+    }
+
+    /// Unpins every pinned link this value did not attach (or re-attach): what an earlier run
+    /// attached to an interface this one no longer serves is detached.
+    pub fn prune_links(&mut self) -> Result<Vec<String>, DatapathError> {
+        let Some(pins) = &self.pins else { return Ok(Vec::new()) };
+        let dir = pins.root().join("links");
+        let mut removed = Vec::new();
+        let entries = std::fs::read_dir(&dir).map_err(|e| PinError::Io { path: dir.clone(), source: e })?;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if !self.attached.contains(&path) {
+                std::fs::remove_file(&path).map_err(|e| PinError::Io { path: path.clone(), source: e })?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                info!(link = %name, "detached a program an earlier run attached");
+                removed.push(name);
+            }
+        }
+        Ok(removed)
     }
 
     /// Attaches the policy program for Ethernet devices to `ifname` (egress or ingress): the
@@ -211,6 +256,7 @@ impl Datapath {
                         // The pin holds the link; our copy of its fd may close.
                         drop(prog.take_link(id).map_err(perr)?);
                         info!(program = name, interface = ifname, direction = ?dir, "replaced the program in its pinned link");
+                        self.attached.push(path);
                         return Ok(());
                     }
                     // ENOLINK: the interface it was attached to is gone.
@@ -226,6 +272,7 @@ impl Datapath {
         let link = FdLink::try_from(prog.take_link(id).map_err(perr)?).map_err(link_err(name, &path))?;
         pin_link(name, link, &path)?;
         info!(program = name, interface = ifname, direction = ?dir, pinned = %path.display(), "attached");
+        self.attached.push(path);
         Ok(())
     }
 
@@ -304,6 +351,7 @@ impl Datapath {
                     Ok(id) => {
                         drop(prog.take_link(id).map_err(perr)?);
                         info!(program = name, interface = ifname, "replaced the program in its pinned link");
+                        self.attached.push(path.clone());
                         return Ok(());
                     }
                     Err(e) => warn!(program = name, error = %e, "pinned link is defunct; attaching afresh"),
@@ -321,9 +369,10 @@ impl Datapath {
                 prog.attach(ifname, XdpMode::Skb).map_err(perr)?
             }
         };
-        if let Some(path) = &pin {
-            let link = FdLink::try_from(prog.take_link(id).map_err(perr)?).map_err(link_err(name, path))?;
-            pin_link(name, link, path)?;
+        if let Some(path) = pin {
+            let link = FdLink::try_from(prog.take_link(id).map_err(perr)?).map_err(link_err(name, &path))?;
+            pin_link(name, link, &path)?;
+            self.attached.push(path);
         }
         info!(program = name, interface = ifname, wireguard_port, "attached");
         Ok(())
@@ -391,9 +440,8 @@ impl Datapath {
         Ok(())
     }
 
-    /// Maps `net` to the remote cluster `slot` (insert or replace).
-    pub fn set_remote_cidr(&mut self, net: IpNetwork, slot: u32) -> Result<(), DatapathError> {
-        let value = RemoteCidr { cluster_slot: slot, tunnel: 0 };
+    /// Maps `net` to its remote cluster's counter slot and tunnel device (insert or replace).
+    pub fn set_remote_cidr(&mut self, net: IpNetwork, value: RemoteCidr) -> Result<(), DatapathError> {
         match net {
             IpNetwork::V4(n) => {
                 let key = Key::new(u32::from(n.prefix()), u32::from_ne_bytes(n.network().octets()));
@@ -421,21 +469,21 @@ impl Datapath {
         ignore_not_found(res)
     }
 
-    /// The remote prefixes currently in the maps, with their slots.
-    pub fn remote_cidrs(&self) -> Result<BTreeMap<IpNetwork, u32>, DatapathError> {
+    /// The remote prefixes currently in the maps, with their slots and tunnels.
+    pub fn remote_cidrs(&self) -> Result<BTreeMap<IpNetwork, RemoteCidr>, DatapathError> {
         let mut out = BTreeMap::new();
         for item in self.remote_v4.iter() {
             let (k, v) = item.map_err(map_err(maps::REMOTE_CIDRS_V4))?;
             let addr = std::net::Ipv4Addr::from(k.data().to_ne_bytes());
             if let Ok(net) = ipnetwork::Ipv4Network::new(addr, prefix_u8(k.prefix_len())) {
-                out.insert(IpNetwork::V4(net), v.cluster_slot);
+                out.insert(IpNetwork::V4(net), v);
             }
         }
         for item in self.remote_v6.iter() {
             let (k, v) = item.map_err(map_err(maps::REMOTE_CIDRS_V6))?;
             let addr = std::net::Ipv6Addr::from(k.data());
             if let Ok(net) = ipnetwork::Ipv6Network::new(addr, prefix_u8(k.prefix_len())) {
-                out.insert(IpNetwork::V6(net), v.cluster_slot);
+                out.insert(IpNetwork::V6(net), v);
             }
         }
         Ok(out)

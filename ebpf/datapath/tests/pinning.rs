@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 
 use aya::maps::{MapData, MapInfo, MapType};
-use causeway_datapath::{Datapath, PinDir};
+use causeway_datapath::{Datapath, PinDir, RemoteCidr};
 
 fn enabled() -> bool {
     let wanted = std::env::var("CAUSEWAY_PRIVILEGED_TESTS").is_ok_and(|v| v == "1")
@@ -48,13 +48,14 @@ async fn pinned_maps_are_reused_refitted_and_removed() {
         "no bpffs was mounted on {}:\n{mounts}",
         dir.display()
     );
-    dp.set_remote_cidr(net, 3).unwrap();
+    let value = RemoteCidr { cluster_slot: 3, tunnel: 1 };
+    dp.set_remote_cidr(net, value).unwrap();
     dp.ensure_counters(3).unwrap();
     drop(dp);
 
     // A second process (here: a second load) finds the state as it was.
     let dp = Datapath::load_pinned(&dir).expect("second load");
-    assert_eq!(dp.remote_cidrs().unwrap().get(&net), Some(&3), "the pinned prefix is gone");
+    assert_eq!(dp.remote_cidrs().unwrap().get(&net), Some(&value), "the pinned prefix is gone");
     drop(dp);
 
     // An upgrade changed a map's layout: here STATS's pin is replaced by a hash map.
@@ -67,7 +68,7 @@ async fn pinned_maps_are_reused_refitted_and_removed() {
     assert_eq!(info.map_type().unwrap(), MapType::PerCpuArray, "the stale STATS pin was reused");
     assert!(dp.stats().unwrap().iter().all(|(_, v)| *v == 0), "STATS is not a fresh map");
     // The maps that did fit were kept.
-    assert_eq!(dp.remote_cidrs().unwrap().get(&net), Some(&3));
+    assert_eq!(dp.remote_cidrs().unwrap().get(&net), Some(&value));
     drop(dp);
 
     PinDir::at(&dir).remove().unwrap();

@@ -8,14 +8,25 @@
 //! remote address up in the remote-prefix tries and count packets and bytes per remote
 //! cluster, and clamp the MSS of SYNs.
 //!
+//! `cluster_redirect` sits on the gateway's cluster-facing interfaces (TC ingress, Ethernet):
+//! a packet for a remote cluster's prefix is handed straight to that prefix's tunnel device
+//! (`bpf_redirect`), past the kernel's forwarding path (route lookup, netfilter, conntrack),
+//! with its TTL lowered as a router would; the tunnel device's egress program then applies the
+//! policy and counts it as it does for routed packets. Whatever it cannot do exactly as the
+//! stack would (TTL expiring, larger than the tunnel MTU, not plain IPv4/IPv6) it leaves to
+//! the stack.
+//!
 //! No logging on the fast path: only the rare "no remote prefix matched" event is logged
 //! (aya-log), and counted.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
-    helpers::bpf_ktime_get_ns,
+    bindings::{
+        TC_ACT_OK, TC_ACT_SHOT, bpf_check_mtu_flags::BPF_MTU_CHK_SEGS,
+        bpf_check_mtu_ret::BPF_MTU_CHK_RET_SUCCESS, xdp_action,
+    },
+    helpers::{bpf_check_mtu, bpf_ktime_get_ns, bpf_redirect},
     macros::{classifier, map, xdp},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
     programs::{TcContext, XdpContext},
@@ -248,6 +259,95 @@ pub fn tunnel_ingress(ctx: TcContext) -> i32 {
     count(&ctx, Direction::Rx);
     clamp_mss(&ctx);
     TC_ACT_OK
+}
+
+const ETH_P_IPV6: u16 = 0x86dd;
+
+/// TC ingress of a cluster-facing interface: packets for remote prefixes go straight to their
+/// tunnel device.
+#[classifier]
+pub fn cluster_redirect(ctx: TcContext) -> i32 {
+    match redirect_target(&ctx) {
+        Some(ifindex) => {
+            bump(Stat::Redirected);
+            // SAFETY: a helper call with plain integer arguments.
+            let r = unsafe { bpf_redirect(ifindex, 0) };
+            i32::try_from(r).unwrap_or(TC_ACT_OK)
+        }
+        None => TC_ACT_OK,
+    }
+}
+
+/// The tunnel to redirect this frame to (TTL already lowered), or `None` to leave it to the
+/// stack.
+#[inline(always)]
+fn redirect_target(ctx: &TcContext) -> Option<u32> {
+    let ethertype = u16::from_be(ctx.load::<u16>(12).ok()?);
+    let l3 = ETH_HDR;
+    let (remote, ttl_off, l3_len) = match ethertype {
+        ETH_P_IP => {
+            let first = ctx.load::<u8>(l3).ok()?;
+            if first >> 4 != 4 {
+                return None;
+            }
+            let daddr = ctx.load::<u32>(l3 + 16).ok()?;
+            let remote = REMOTE_CIDRS_V4.get(&Key::new(32, daddr)).copied()?;
+            let total = u32::from(u16::from_be(ctx.load::<u16>(l3 + 2).ok()?));
+            // A header that lies about its lengths is the stack's to drop, not ours to carry.
+            if u32::from(first & 0x0f) < 5 || total < u32::from(first & 0x0f) * 4 {
+                return None;
+            }
+            (remote, l3 + 8, total)
+        }
+        ETH_P_IPV6 => {
+            let first = ctx.load::<u8>(l3).ok()?;
+            if first >> 4 != 6 {
+                return None;
+            }
+            let daddr = ctx.load::<[u8; 16]>(l3 + 24).ok()?;
+            let remote = REMOTE_CIDRS_V6.get(&Key::new(128, daddr)).copied()?;
+            let payload = u32::from(u16::from_be(ctx.load::<u16>(l3 + 4).ok()?));
+            // Zero: a jumbogram (hop-by-hop option), left to the stack.
+            if payload == 0 {
+                return None;
+            }
+            (remote, l3 + 7, 40 + payload)
+        }
+        _ => return None,
+    };
+    if remote.tunnel == 0 || ETH_HDR as u32 + l3_len > ctx.len() {
+        return None;
+    }
+    let ttl = ctx.load::<u8>(ttl_off).ok()?;
+    // An expiring TTL needs an ICMP "time exceeded" from this router: the stack's job.
+    if ttl <= 1 {
+        return None;
+    }
+    if !fits_tunnel(ctx, remote.tunnel, l3_len) {
+        return None;
+    }
+    if ethertype == ETH_P_IP {
+        // TTL and protocol share a 16-bit word of the header checksum.
+        let old = ctx.load::<u16>(ttl_off).ok()?;
+        let new = u16::from_be(old).wrapping_sub(0x100).to_be();
+        ctx.l3_csum_replace(l3 + 10, u64::from(old), u64::from(new), 2).ok()?;
+        ctx.store(ttl_off, &new, 0).ok()?;
+    } else {
+        ctx.store(ttl_off, &(ttl - 1), 0).ok()?;
+    }
+    Some(remote.tunnel)
+}
+
+/// Whether the packet (IP length `l3_len`; for GSO packets every segment) fits the tunnel
+/// device's MTU. Too big: the stack fragments it or sends "fragmentation needed".
+#[inline(always)]
+fn fits_tunnel(ctx: &TcContext, ifindex: u32, l3_len: u32) -> bool {
+    // SAFETY: reading a field of the context's own __sk_buff.
+    let gso = unsafe { (*ctx.skb.skb).gso_segs } > 1;
+    let (mut len, flags) = if gso { (0, u64::from(BPF_MTU_CHK_SEGS)) } else { (l3_len, 0) };
+    // SAFETY: the context pointer is the program's own; `len` lives across the call.
+    let r = unsafe { bpf_check_mtu(ctx.skb.skb.cast(), ifindex, &raw mut len, 0, flags) };
+    r == i64::from(BPF_MTU_CHK_RET_SUCCESS)
 }
 
 /// The cluster-set policy on an Ethernet device (TC, either direction): the same verdicts as

@@ -47,6 +47,17 @@ pub struct RemoteEndpoint {
     pub cidrs: Vec<IpNetwork>,
     /// The remote gateway's health-check address (probes are off without one).
     pub health_ip: Option<std::net::Ipv4Addr>,
+    /// The cluster's standby gateways: peers whose sessions are kept up (keepalives) but who
+    /// carry no prefixes, so that a failover only moves the prefixes to one of them, with no
+    /// handshake on the critical path.
+    pub standbys: Vec<StandbyGateway>,
+}
+
+/// A remote cluster's standby gateway.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StandbyGateway {
+    pub public_key: WireGuardKey,
+    pub endpoint: SocketAddr,
 }
 
 /// Connection state as `show connections` reports it.
@@ -80,6 +91,8 @@ pub struct Connection {
     pub rx_bytes: u64,
     pub tx_packets: u64,
     pub rx_packets: u64,
+    /// A standby gateway of the cluster (session kept warm, no prefixes).
+    pub standby: bool,
 }
 
 /// What every cable backend does.

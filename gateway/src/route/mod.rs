@@ -63,6 +63,12 @@ impl RouteManager {
         Ok(Self { handle, ifindex: link.header.index, device: device.to_owned() })
     }
 
+    /// Interface index of the device.
+    #[must_use]
+    pub fn ifindex(&self) -> u32 {
+        self.ifindex
+    }
+
     fn message(&self, net: IpNetwork) -> RouteMessage {
         let mut msg = RouteMessageBuilder::<IpAddr>::new()
             .destination_prefix(net.network(), net.prefix())

@@ -569,6 +569,44 @@ mod tests {
     }
 
     #[test]
+    fn a_standby_peer_is_kept_warm_and_takes_over_without_a_handshake() {
+        // A sees B as a standby gateway of cluster b: a peer with no prefixes.
+        let (mut p, init) = pair();
+        let mut ignored = Vec::new();
+        let standby = |allowed: Vec<IpNetwork>, p: &Pair| PeerConfig {
+            cluster_id: "b".into(),
+            public_key: p.b.public_key(),
+            endpoint: p.b_addr,
+            allowed,
+            health_ip: None,
+        };
+        p.a.upsert_peer(standby(vec![], &p), &mut ignored);
+        assert!(ignored.is_empty(), "an update in place starts no second handshake");
+        pump(&mut p, init);
+        assert!(p.a.peers(Instant::now())[0].has_session(), "the standby's session is up (warm)");
+        // Nothing is routed to a standby.
+        let pkt = ipv4_packet([10, 1, 0, 5], [10, 2, 0, 7], b"to b");
+        let mut out = Vec::new();
+        p.a.on_tun_packet(&pkt, &mut out);
+        assert!(out.is_empty());
+        assert!(p.a.drops().contains(&(DropReason::NoPeerForDestination, 1)), "{:?}", p.a.drops());
+        // Failover: the prefixes move to it, and the very next packet is a data message on
+        // the existing session (type 4), not a handshake initiation (type 1).
+        p.a.upsert_peer(standby(vec!["10.2.0.0/16".parse().unwrap()], &p), &mut ignored);
+        let mut out = Vec::new();
+        p.a.on_tun_packet(&pkt, &mut out);
+        match out.as_slice() {
+            [Output::Udp(dst, d)] => {
+                assert_eq!(*dst, p.b_addr);
+                assert_eq!(d[0], 4, "a data message, no handshake first");
+            }
+            other => panic!("expected one datagram, got {}", other.len()),
+        }
+        let (_, at_b) = pump(&mut p, out);
+        assert_eq!(at_b, vec![pkt]);
+    }
+
+    #[test]
     fn handshake_then_data_both_ways() {
         let (mut p, init) = pair();
         assert_eq!(init.len(), 1, "a new peer starts its handshake");

@@ -78,7 +78,8 @@ pub struct WireGuardCable {
     public_key: WireGuardKey,
     local_addr: SocketAddr,
     tx: mpsc::Sender<Command>,
-    keys: HashMap<String, WireGuardKey>,
+    /// Remote cluster → the keys of its peers (the active gateway's first, then standbys).
+    keys: HashMap<String, Vec<WireGuardKey>>,
     uapi: Option<(std::path::PathBuf, tokio::task::JoinHandle<()>)>,
     persistent: bool,
 }
@@ -176,11 +177,24 @@ impl CableDriver for WireGuardCable {
     }
 
     async fn connect(&mut self, ep: &RemoteEndpoint) -> Result<(), CableError> {
-        if let Some(old) = self.keys.get(&ep.cluster_id).copied()
-            && old != ep.public_key
-        {
-            // The cluster's gateway changed key (new node or rotation): new session.
+        let want: Vec<WireGuardKey> =
+            std::iter::once(ep.public_key).chain(ep.standbys.iter().map(|s| s.public_key)).collect();
+        let have = self.keys.get(&ep.cluster_id).cloned().unwrap_or_default();
+        for old in have.into_iter().filter(|k| !want.contains(k)) {
+            // A gateway of the cluster that is gone (or changed key): its session goes.
             self.call(|tx| Command::Remove(old, tx)).await?;
+        }
+        // Standbys first: a gateway demoted to standby gives up the prefixes before the
+        // promoted one takes them over, on the session it already has.
+        for s in &ep.standbys {
+            let cfg = PeerConfig {
+                cluster_id: ep.cluster_id.clone(),
+                public_key: s.public_key,
+                endpoint: s.endpoint,
+                allowed: Vec::new(),
+                health_ip: None,
+            };
+            self.call(|tx| Command::Upsert(cfg, tx)).await?;
         }
         let cfg = PeerConfig {
             cluster_id: ep.cluster_id.clone(),
@@ -190,12 +204,12 @@ impl CableDriver for WireGuardCable {
             health_ip: ep.health_ip,
         };
         self.call(|tx| Command::Upsert(cfg, tx)).await?;
-        self.keys.insert(ep.cluster_id.clone(), ep.public_key);
+        self.keys.insert(ep.cluster_id.clone(), want);
         Ok(())
     }
 
     async fn disconnect(&mut self, cluster_id: &str) -> Result<(), CableError> {
-        if let Some(key) = self.keys.remove(cluster_id) {
+        for key in self.keys.remove(cluster_id).unwrap_or_default() {
             self.call(|tx| Command::Remove(key, tx)).await?;
         }
         Ok(())
@@ -210,6 +224,8 @@ impl CableDriver for WireGuardCable {
                 rtt_secs: p.rtt.map(|d| d.as_secs_f64()),
                 loss: p.loss,
                 probed: p.probed,
+                // Every cluster has prefixes: a peer without any is one of its standbys.
+                standby: p.config.allowed.is_empty(),
                 cluster_id: p.config.cluster_id,
                 endpoint: p.config.endpoint,
                 public_key: p.config.public_key.to_string(),

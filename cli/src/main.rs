@@ -281,6 +281,10 @@ struct GatewayArgs {
     /// on: stopping the gateway does not stop the data plane (`causeway cleanup` does).
     #[arg(long, env = "CAUSEWAY_BPF_DIR", default_value = DEFAULT_BPF_DIR)]
     bpf_dir: PathBuf,
+    /// This gateway's role without --kubernetes (where the Lease decides): the cluster set
+    /// routes through the active gateway and keeps warm tunnels to the standbys.
+    #[arg(long, env = "CAUSEWAY_ROLE", value_enum, default_value = "active", conflicts_with = "kubernetes")]
+    role: Role,
     /// Interfaces that carry this cluster's traffic to the gateway (repeatable): packets for
     /// remote clusters arriving there are handed straight to the tunnel device by eBPF,
     /// skipping the kernel's forwarding path (netfilter and conntrack included). Unset: the
@@ -291,6 +295,12 @@ struct GatewayArgs {
     /// lives exactly as long as the process).
     #[arg(long, env = "CAUSEWAY_EPHEMERAL", conflicts_with = "bpf_dir")]
     ephemeral: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Role {
+    Active,
+    Standby,
 }
 
 /// Where a gateway pins its eBPF state by default (the DaemonSet mounts the host's bpffs).
@@ -549,7 +559,7 @@ async fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
         hostname,
         private_ips: a.node_ips,
         public_ips: a.public_ips,
-        active: true,
+        active: a.role == Role::Active,
     };
     causeway_gateway::run(config, causeway_gateway::cluster::StaticSource(local), shutdown_signal())
         .await

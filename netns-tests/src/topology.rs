@@ -436,6 +436,54 @@ impl Topology {
         .collect()
     }
 
+    /// Starts a second gateway of cluster `index` as a standby, in namespace `ns` (from
+    /// [`Self::add_underlay_host`], address `addr`); returns its status socket. It has no
+    /// cluster-side LAN: it only holds tunnels.
+    pub fn start_standby_gateway(&mut self, index: usize, ns: &str, addr: &str) -> anyhow::Result<PathBuf> {
+        let c = self.clusters[index - 1].clone();
+        let dir = |what: &str| self.spec.run_dir.join(format!("c{index}-standby{what}"));
+        let (state, socket, log, bpf) =
+            (dir(""), dir(".sock"), dir(".log"), self.bpf_root().join(format!("c{index}-standby")));
+        let mut device = format!("{}s", c.device);
+        device.truncate(15);
+        let args: Vec<String> = [
+            "gateway",
+            "--broker-credentials",
+            &self.cluster_credentials(index).display().to_string(),
+            "--pod-cidr",
+            &c.pod_cidr,
+            "--service-cidr",
+            &c.service_cidr,
+            "--hostname",
+            &format!("gw-{index}-standby"),
+            "--node-ip",
+            addr,
+            "--listen-port",
+            &WG_PORT.to_string(),
+            "--underlay-mtu",
+            &self.spec.underlay_mtu.to_string(),
+            "--state-dir",
+            &state.display().to_string(),
+            "--status-socket",
+            &socket.display().to_string(),
+            "--device",
+            &device,
+            "--uplink",
+            "uplink",
+            "--bpf-dir",
+            &bpf.display().to_string(),
+            "--metrics-listen",
+            "off",
+            "--role",
+            "standby",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        self.spawn(ns, &log, &args)?;
+        Ok(socket)
+    }
+
     /// Starts gateway `index` (1-based), joining its cluster first if needed.
     pub fn start_gateway(&mut self, index: usize) -> anyhow::Result<()> {
         self.join(index)?;

@@ -722,6 +722,51 @@ fn gateway_restart_keeps_the_pinned_state_and_forwarding() {
 }
 
 #[test]
+fn a_standby_gateway_is_kept_warm_by_the_other_clusters() {
+    require_privileges!();
+    let mut t = topology(2, 1500);
+    let (a, b) = (t.clusters[0].clone(), t.clusters[1].clone());
+    // Cluster 2 gets a second gateway, registered as standby.
+    let ns = t.add_underlay_host("c2-sb", "172.31.0.32").unwrap();
+    let socket = t.start_standby_gateway(2, &ns, "172.31.0.32").unwrap();
+    let standby_status = || causeway_gateway::status::fetch(&socket);
+
+    // Without any traffic to it: gateway 1 holds a session with the standby (the uplink
+    // guard lets its keepalives through), and the standby with gateway 1.
+    wait_for(Duration::from_secs(15), "gateway 1's session with cluster-2's standby", || {
+        t.gateway_status(1).is_ok_and(|s| {
+            s.standbys.iter().any(|sb| {
+                sb.cluster_id == "cluster-2" && sb.endpoint == "172.31.0.32:51820" && sb.status == "connected"
+            })
+        })
+    })
+    .unwrap();
+    wait_for(Duration::from_secs(15), "the standby's session with cluster-1", || {
+        standby_status().is_ok_and(|s| {
+            s.connections.iter().any(|c| c.cluster_id == "cluster-1" && c.status == "connected")
+        })
+    })
+    .unwrap();
+    // Traffic still goes through the active gateway: gateway 1's connection for cluster-2 is
+    // gateway 2's endpoint, and pod traffic lands there.
+    let s1 = t.gateway_status(1).unwrap();
+    let active: Vec<_> = s1.connections.iter().filter(|c| c.cluster_id == "cluster-2").collect();
+    assert_eq!(active.len(), 1, "{:?}", s1.connections);
+    assert_eq!(active[0].endpoint, format!("{}:51820", b.gw_ip));
+    let rx_before = t.gateway_status(2).unwrap().connections[0].datapath.rx_packets;
+    assert!(exec::ping(&a.pod_ns, &b.pod_ip, 3));
+    assert!(t.gateway_status(2).unwrap().connections[0].datapath.rx_packets >= rx_before + 3);
+    let sb = standby_status().unwrap();
+    assert_eq!(sb.connections[0].datapath.rx_packets, 0, "nothing is routed to a standby");
+    // Metrics name the warm standby.
+    let metrics = causeway_gateway::status::render_metrics(&t.gateway_status(1).unwrap());
+    assert!(
+        metrics.contains("causeway_standby_up{cluster=\"cluster-2\",endpoint=\"172.31.0.32:51820\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[test]
 fn a_cluster_cannot_inject_packets_with_another_clusters_source() {
     require_privileges!();
     let t = topology(3, 1500);

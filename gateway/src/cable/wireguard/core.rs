@@ -380,7 +380,10 @@ impl WgCore {
         if pkt.is_empty() {
             return None; // keepalive
         }
-        if peer.config.allowed.iter().any(|n| n.contains(src)) {
+        // A peer without prefixes is a remote cluster's standby gateway: its probes are
+        // answered (so it knows its tunnel works), nothing else it sends is delivered.
+        let standby = peer.config.allowed.is_empty();
+        if standby || peer.config.allowed.iter().any(|n| n.contains(src)) {
             if let Some(ours) = local_health
                 && pkt.len() >= 20
                 && pkt[16..20] == ours.octets()
@@ -393,6 +396,10 @@ impl WgCore {
                     peer.probe.on_reply(echo.seq, now);
                     return None;
                 }
+            }
+            if standby {
+                *dropped = Some(DropReason::SourceNotAllowed);
+                return None;
             }
             peer.rx_bytes += pkt.len() as u64;
             peer.rx_packets += 1;
@@ -584,6 +591,28 @@ mod tests {
         assert!(ignored.is_empty(), "an update in place starts no second handshake");
         pump(&mut p, init);
         assert!(p.a.peers(Instant::now())[0].has_session(), "the standby's session is up (warm)");
+        // The standby probes A (its own view of the tunnel): A answers, though the standby
+        // has no prefixes at A.
+        p.a.set_health_ip(Some("10.1.0.0".parse().unwrap()));
+        p.b.set_health_ip(Some("10.2.0.0".parse().unwrap()));
+        let to_a = PeerConfig {
+            cluster_id: "a".into(),
+            public_key: p.a.public_key(),
+            endpoint: p.a_addr,
+            allowed: vec!["10.1.0.0/16".parse().unwrap()],
+            health_ip: Some("10.1.0.0".parse().unwrap()),
+        };
+        p.b.upsert_peer(to_a, &mut ignored);
+        let t0 = Instant::now();
+        let mut out = Vec::new();
+        p.b.tick(t0, &mut out);
+        assert_eq!(out.len(), 1, "one probe");
+        pump_at(&mut p, out, t0 + Duration::from_millis(1));
+        assert_eq!(
+            p.b.peers(t0 + Duration::from_millis(5))[0].health,
+            Health::Up,
+            "the standby's probe was answered"
+        );
         // Nothing is routed to a standby.
         let pkt = ipv4_packet([10, 1, 0, 5], [10, 2, 0, 7], b"to b");
         let mut out = Vec::new();

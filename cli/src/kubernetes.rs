@@ -405,6 +405,32 @@ async fn uninstall_with(
     Ok(())
 }
 
+/// The broker in this process as the store of mirrored ClusterSetPolicies (admin rights: the
+/// objects' authors are whoever the cluster's RBAC lets create them).
+pub struct BrokerPolicies(pub std::sync::Arc<causeway_broker::Broker>);
+
+impl causeway_deploy::policies::PolicyStore for BrokerPolicies {
+    fn apply(&self, p: causeway_broker_api::PolicyRecord) -> Result<(), String> {
+        let admin = causeway_broker::auth::Identity::Admin;
+        let list = self.0.list(&admin).map_err(|e| e.to_string())?;
+        let same = list.items.iter().any(|o| {
+            matches!(&o.record, causeway_broker_api::Record::Policy(have)
+                if causeway_broker_api::PolicyRecord { generation: p.generation, ..have.clone() } == p)
+        });
+        if same {
+            return Ok(());
+        }
+        self.0.put_policy(&admin, p).map(drop).map_err(|e| e.to_string())
+    }
+
+    fn remove(&self, name: &str) -> Result<(), String> {
+        match self.0.delete_policy(&causeway_broker::auth::Identity::Admin, name) {
+            Ok(_) | Err(causeway_broker::BrokerError::NotFound(_)) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -626,5 +652,38 @@ mod tests {
         // The failed step did not stop the label removal.
         let unlabel = log.iter().find(|r| r.is("PATCH", "/api/v1/nodes/gw-1")).expect("label removed");
         assert_eq!(unlabel.body["metadata"]["labels"]["causeway.io/gateway"], Value::Null);
+    }
+
+    #[test]
+    fn mirrored_policies_reach_the_broker_once_and_go() {
+        use causeway_deploy::policies::PolicyStore as _;
+        let broker = causeway_broker::Broker::new(causeway_broker::store::MemStore::default()).unwrap();
+        let store = BrokerPolicies(broker.clone());
+        let admin = causeway_broker::auth::Identity::Admin;
+        let rule = causeway_deploy::crds::policy_from_object(&serde_json::json!({
+            "metadata": {"name": "web"}, "spec": {"action": "deny", "protocol": "tcp", "ports": ["80"]}
+        }))
+        .unwrap();
+        store.apply(rule.clone()).unwrap();
+        let rev = broker.list(&admin).unwrap().resource_version;
+        // Re-applying the same object (every re-list does) writes nothing.
+        store.apply(rule.clone()).unwrap();
+        assert_eq!(broker.list(&admin).unwrap().resource_version, rev);
+        let policies = |b: &causeway_broker::Broker| -> Vec<causeway_broker_api::PolicyRecord> {
+            b.list(&admin)
+                .unwrap()
+                .items
+                .into_iter()
+                .filter_map(|o| match o.record {
+                    causeway_broker_api::Record::Policy(p) => Some(p),
+                    _ => None,
+                })
+                .collect()
+        };
+        assert_eq!(policies(&broker).len(), 1);
+        assert_eq!(policies(&broker)[0].ports, rule.ports);
+        store.remove("web").unwrap();
+        store.remove("web").unwrap();
+        assert!(policies(&broker).is_empty());
     }
 }

@@ -186,6 +186,10 @@ struct BrokerArgs {
     /// --kubeconfig` into the broker's Secret).
     #[arg(long, env = "CAUSEWAY_BROKER_BOOTSTRAP_FILE")]
     bootstrap_file: Option<PathBuf>,
+    /// Mirror the ClusterSetPolicy objects of the cluster this broker runs in into its policy
+    /// rules (in a pod of the broker Deployment). Rules made with `causeway policy apply` stay.
+    #[arg(long, env = "CAUSEWAY_KUBERNETES_POLICIES")]
+    kubernetes_policies: bool,
     #[command(flatten)]
     store: setup::StoreArgs,
 }
@@ -483,6 +487,12 @@ async fn broker(a: BrokerArgs) -> anyhow::Result<()> {
         tracing::info!(count = file.credentials.len(), "bootstrap credentials registered");
     }
     tokio::spawn(broker.clone().run_expiry());
+    if a.kubernetes_policies {
+        let client = causeway_deploy::connect(None, None).await?;
+        let store = std::sync::Arc::new(kubernetes::BrokerPolicies(broker.clone()));
+        tokio::spawn(causeway_deploy::policies::PolicyMirror::new(client, store).run());
+        tracing::info!("mirroring this cluster's ClusterSetPolicy objects into the policy rules");
+    }
     let listener = tokio::net::TcpListener::bind(&a.listen)
         .await
         .with_context(|| format!("listening on {} (is another broker running?)", a.listen))?;

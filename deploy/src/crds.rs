@@ -268,18 +268,26 @@ pub fn policies_from_yaml(text: &str) -> Result<Vec<causeway_broker_api::PolicyR
                 "document {n} is {api}/{kind}, not {CAUSEWAY_GROUP}/v1alpha1 ClusterSetPolicy"
             ));
         }
-        let name = doc["metadata"]["name"].as_str().ok_or(format!("document {n} has no metadata.name"))?;
-        let mut spec = match doc.get("spec") {
-            Some(serde_json::Value::Object(m)) => m.clone(),
-            _ => return Err(format!("ClusterSetPolicy {name}: no spec")),
-        };
-        spec.entry("priority").or_insert(DEFAULT_POLICY_PRIORITY.into());
-        spec.insert("name".into(), name.into());
-        let record: causeway_broker_api::PolicyRecord =
-            serde_json::from_value(serde_json::Value::Object(spec))
-                .map_err(|e| format!("ClusterSetPolicy {name}: {e}"))?;
-        causeway_broker_api::validate_policy(&record).map_err(|e| format!("ClusterSetPolicy {name}: {e}"))?;
-        out.push(record);
+        if doc["metadata"]["name"].as_str().is_none() {
+            return Err(format!("document {n} has no metadata.name"));
+        }
+        out.push(policy_from_object(&doc)?);
     }
     Ok(out)
+}
+
+/// One `ClusterSetPolicy` object (as JSON) as a broker policy record: its name, and its spec
+/// with the default priority filled in; misspelt fields and bad values are errors naming it.
+pub fn policy_from_object(doc: &serde_json::Value) -> Result<causeway_broker_api::PolicyRecord, String> {
+    let name = doc["metadata"]["name"].as_str().ok_or("a ClusterSetPolicy without metadata.name")?;
+    let mut spec = match doc.get("spec") {
+        Some(serde_json::Value::Object(m)) => m.clone(),
+        _ => return Err(format!("ClusterSetPolicy {name}: no spec")),
+    };
+    spec.entry("priority").or_insert(DEFAULT_POLICY_PRIORITY.into());
+    spec.insert("name".into(), name.into());
+    let record: causeway_broker_api::PolicyRecord = serde_json::from_value(serde_json::Value::Object(spec))
+        .map_err(|e| format!("ClusterSetPolicy {name}: {e}"))?;
+    causeway_broker_api::validate_policy(&record).map_err(|e| format!("ClusterSetPolicy {name}: {e}"))?;
+    Ok(record)
 }

@@ -9,6 +9,7 @@ pub mod crds;
 pub mod election;
 pub mod exports;
 pub mod manifests;
+pub mod policies;
 pub mod source;
 pub mod testing;
 

@@ -612,7 +612,8 @@ fn broker(s: &Settings) -> Result<Vec<Manifest>, ManifestError> {
     let container = Container {
         name: "broker".into(),
         image: Some(s.image.clone()),
-        command: Some(vec!["causeway".into(), "broker".into()]),
+        // The broker mirrors this cluster's ClusterSetPolicy objects into its policy rules.
+        command: Some(vec!["causeway".into(), "broker".into(), "--kubernetes-policies".into()]),
         env: Some(vec![
             env("CAUSEWAY_BROKER_LISTEN", &format!("0.0.0.0:{}", s.broker_port)),
             env("CAUSEWAY_BROKER_DATA_DIR", "/var/lib/causeway-broker"),
@@ -669,7 +670,8 @@ fn broker(s: &Settings) -> Result<Vec<Manifest>, ManifestError> {
                 metadata: Some(meta_template("broker")),
                 spec: Some(PodSpec {
                     service_account_name: Some(name.into()),
-                    automount_service_account_token: Some(false),
+                    // For the ClusterSetPolicy watch, and nothing else (see its ClusterRole).
+                    automount_service_account_token: Some(true),
                     security_context: Some(PodSecurityContext {
                         run_as_non_root: Some(true),
                         run_as_user: Some(65532),
@@ -717,6 +719,20 @@ fn broker(s: &Settings) -> Result<Vec<Manifest>, ManifestError> {
         }),
         ..Service::default()
     };
+    let role = ClusterRole {
+        metadata: meta(name, None, "broker"),
+        rules: Some(vec![rule(
+            &[crate::crds::CAUSEWAY_GROUP],
+            &["clustersetpolicies"],
+            &["get", "list", "watch"],
+        )]),
+        ..ClusterRole::default()
+    };
+    let binding = ClusterRoleBinding {
+        metadata: meta(name, None, "broker"),
+        role_ref: role_ref("ClusterRole", name),
+        subjects: Some(subject(name, ns)),
+    };
     Ok(vec![
         manifest(&namespace(s))?,
         manifest(&ServiceAccount {
@@ -724,6 +740,8 @@ fn broker(s: &Settings) -> Result<Vec<Manifest>, ManifestError> {
             automount_service_account_token: Some(false),
             ..ServiceAccount::default()
         })?,
+        manifest(&role)?,
+        manifest(&binding)?,
         manifest(&pvc)?,
         manifest(&deployment)?,
         manifest(&service)?,

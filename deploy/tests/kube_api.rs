@@ -2,7 +2,10 @@
 //! (acquire, renew, follow, take over, lose a race, step down, release) and the ServiceExport
 //! watch publishing to a real in-process broker.
 
-use std::time::Duration;
+use std::{
+    sync::atomic::{AtomicUsize, Ordering},
+    time::Duration,
+};
 
 use causeway_deploy::testing::{Reply, Seen, list, not_found, status};
 use causeway_deploy::{
@@ -468,4 +471,89 @@ async fn route_agents_follow_the_lease_holder_to_its_node_address() {
     );
     rx.wait_for(|a| *a == addr("192.168.10.12")).await.unwrap();
     assert!(log.lock().unwrap().iter().all(|r| r.method == "GET"), "route agents only read");
+}
+
+/// The broker's policy records as a map (the store the mirror writes to).
+#[derive(Default)]
+struct Rules(std::sync::Mutex<std::collections::BTreeMap<String, causeway_broker_api::PolicyRecord>>);
+
+impl causeway_deploy::policies::PolicyStore for Rules {
+    fn apply(&self, p: causeway_broker_api::PolicyRecord) -> Result<(), String> {
+        self.0.lock().unwrap().insert(p.name.clone(), p);
+        Ok(())
+    }
+    fn remove(&self, name: &str) -> Result<(), String> {
+        self.0.lock().unwrap().remove(name);
+        Ok(())
+    }
+}
+
+fn cluster_set_policy(name: &str, spec: Value) -> Value {
+    json!({"apiVersion": "causeway.io/v1alpha1", "kind": "ClusterSetPolicy",
+           "metadata": {"name": name, "resourceVersion": "5"}, "spec": spec})
+}
+
+#[tokio::test]
+async fn cluster_set_policy_objects_are_mirrored_to_the_broker() {
+    let web = |port: u16| {
+        cluster_set_policy(
+            "allow-web",
+            json!({"to": {"cluster": "east"}, "protocol": "tcp", "ports": [port.to_string()], "action": "allow"}),
+        )
+    };
+    let db = cluster_set_policy(
+        "deny-db",
+        json!({"to": {"cidrs": ["10.2.5.0/24"]}, "action": "deny", "priority": 10}),
+    );
+    let broken = cluster_set_policy("broken", json!({"action": "allow", "prots": [80]}));
+    let (lists, watches) =
+        (std::sync::Arc::new(AtomicUsize::new(0)), std::sync::Arc::new(AtomicUsize::new(0)));
+    let (l, w) = (lists.clone(), watches.clone());
+    let (web_, db_) = (web, db.clone());
+    let path = "/apis/causeway.io/v1alpha1/clustersetpolicies";
+    let (client, log) = causeway_deploy::testing::client(move |r: &Seen| {
+        assert_eq!(r.path(), path, "unexpected request {}", r.uri);
+        if r.uri.contains("watch=true") {
+            return match w.fetch_add(1, Ordering::SeqCst) {
+                0 => Reply::Events(vec![
+                    json!({"type": "MODIFIED", "object": web_(8080)}),
+                    json!({"type": "ADDED", "object": db_.clone()}),
+                ]),
+                // The watch expired: the mirror lists again, and allow-web is gone meanwhile.
+                1 => Reply::Events(vec![
+                    json!({"type": "ERROR", "object": status(410, "Expired", "too old resource version")}),
+                ]),
+                _ => Reply::Hang,
+            };
+        }
+        let items = if l.fetch_add(1, Ordering::SeqCst) == 0 {
+            vec![web_(80), broken.clone()]
+        } else {
+            vec![db_.clone()]
+        };
+        Reply::Json(200, list("ClusterSetPolicy", "causeway.io/v1alpha1", items))
+    });
+    let rules = std::sync::Arc::new(Rules::default());
+    // A rule made with `causeway policy apply`: no object, never touched.
+    let cli_rule =
+        causeway_deploy::crds::policy_from_object(&cluster_set_policy("cli-rule", json!({"action": "deny"})))
+            .unwrap();
+    rules.0.lock().unwrap().insert("cli-rule".into(), cli_rule.clone());
+    let mirror = causeway_deploy::policies::PolicyMirror::new(client, rules.clone());
+    let task = tokio::spawn(mirror.run());
+
+    let names = || rules.0.lock().unwrap().keys().cloned().collect::<Vec<_>>();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while names() != ["cli-rule", "deny-db"] || lists.load(Ordering::SeqCst) < 2 {
+        assert!(std::time::Instant::now() < deadline, "mirror did not converge: {:?}", names());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    task.abort();
+    let r = rules.0.lock().unwrap();
+    assert_eq!(r["deny-db"].priority, 10);
+    assert_eq!(r["deny-db"].action, causeway_broker_api::PolicyAction::Deny);
+    assert_eq!(r["cli-rule"], cli_rule, "a rule without an object is left alone");
+    assert!(!r.contains_key("broken"), "an invalid object is never written");
+    let log = log.lock().unwrap();
+    assert!(log.iter().all(|r| r.method == "GET"), "the mirror only reads the cluster: {log:?}");
 }

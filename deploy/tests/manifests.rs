@@ -127,7 +127,18 @@ fn the_broker_keeps_its_state_on_a_volume_and_runs_unprivileged() {
     let d = find(&broker, "Deployment", "causeway-broker");
     let pod = &d["spec"]["template"]["spec"];
     assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
-    assert_eq!(pod["automountServiceAccountToken"], false);
+    // Its API token serves one purpose: reading ClusterSetPolicy objects, and nothing else.
+    assert_eq!(pod["automountServiceAccountToken"], true);
+    assert!(pod["containers"][0]["command"].as_array().unwrap().iter().any(|a| a == "--kubernetes-policies"));
+    let roles: Vec<&serde_json::Value> =
+        broker.iter().filter(|o| o["kind"] == "ClusterRole" || o["kind"] == "Role").collect();
+    assert_eq!(roles.len(), 1);
+    assert_eq!(
+        roles[0]["rules"],
+        serde_json::json!([{"apiGroups": ["causeway.io"], "resources": ["clustersetpolicies"], "verbs": ["get", "list", "watch"]}])
+    );
+    let binding = find(&broker, "ClusterRoleBinding", "causeway-broker");
+    assert_eq!(binding["subjects"][0]["name"], "causeway-broker");
     assert_eq!(d["spec"]["strategy"]["type"], "Recreate");
     let claim = pod["volumes"].as_array().unwrap().iter().find(|v| v["name"] == "data").unwrap();
     let pvc =

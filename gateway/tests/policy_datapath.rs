@@ -12,19 +12,6 @@ use causeway_gateway::policy::{PolicyInput, compile};
 const OK: i32 = 0;
 const SHOT: i32 = 2;
 
-fn enabled() -> bool {
-    let wanted = std::env::var("CAUSEWAY_PRIVILEGED_TESTS").is_ok_and(|v| v == "1")
-        || std::env::var("CI").is_ok_and(|v| v == "true");
-    if !wanted {
-        eprintln!("skipped: needs root + CAUSEWAY_PRIVILEGED_TESTS=1 (or CI=true)");
-        return false;
-    }
-    let root = std::fs::read_to_string("/proc/self/status")
-        .is_ok_and(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0")));
-    assert!(root, "privileged tests were requested but this is not root");
-    true
-}
-
 /// An IPv4 packet: TCP/UDP get ports, ICMP an echo header. `frag` is the fragment offset
 /// field (host order), `ihl_words` allows IP options.
 fn packet(
@@ -98,7 +85,7 @@ const NORTH: [u8; 4] = [10, 3, 0, 7];
 
 #[tokio::test]
 async fn compiled_policy_decides_in_the_kernel_both_ways() {
-    if !enabled() {
+    if !causeway_datapath::testing::privileged() {
         return;
     }
     let mut dp = Datapath::load().expect("loading the datapath");

@@ -398,7 +398,23 @@ impl Topology {
 
     pub fn gateway_args(&self, index: usize) -> Vec<String> {
         let c = &self.clusters[index - 1];
-        let state = self.spec.run_dir.join(format!("c{}-gw", c.index));
+        let run = GatewayRun {
+            hostname: format!("gw-{}", c.index),
+            node_ip: c.gw_ip.clone(),
+            state: self.spec.run_dir.join(format!("c{}-gw", c.index)),
+            socket: c.status_socket.clone(),
+            device: c.device.clone(),
+            bpf: self.gateway_bpf_dir(index),
+        };
+        let mut args = self.gateway_command(index, &run);
+        args.extend(["--cluster-interface".into(), "lan0".into()]);
+        args.extend(self.spec.gateway_args.iter().cloned());
+        args
+    }
+
+    /// The `causeway gateway` arguments every gateway of cluster `index` shares, for one run.
+    fn gateway_command(&self, index: usize, run: &GatewayRun) -> Vec<String> {
+        let c = &self.clusters[index - 1];
         [
             "gateway",
             "--broker-credentials",
@@ -410,29 +426,26 @@ impl Topology {
             "--service-cidr",
             &c.service_cidr,
             "--hostname",
-            &format!("gw-{}", c.index),
+            &run.hostname,
             "--node-ip",
-            &c.gw_ip,
+            &run.node_ip,
             "--listen-port",
             &WG_PORT.to_string(),
             "--underlay-mtu",
             &self.spec.underlay_mtu.to_string(),
             "--state-dir",
-            &state.display().to_string(),
+            &run.state.display().to_string(),
             "--status-socket",
-            &c.status_socket.display().to_string(),
+            &run.socket.display().to_string(),
             "--device",
-            &c.device,
+            &run.device,
             "--uplink",
             "uplink",
             "--bpf-dir",
-            &self.gateway_bpf_dir(index).display().to_string(),
-            "--cluster-interface",
-            "lan0",
+            &run.bpf.display().to_string(),
         ]
         .iter()
         .map(|s| (*s).to_owned())
-        .chain(self.spec.gateway_args.iter().cloned())
         .collect()
     }
 
@@ -440,48 +453,21 @@ impl Topology {
     /// [`Self::add_underlay_host`], address `addr`); returns its status socket. It has no
     /// cluster-side LAN: it only holds tunnels.
     pub fn start_standby_gateway(&mut self, index: usize, ns: &str, addr: &str) -> anyhow::Result<PathBuf> {
-        let c = self.clusters[index - 1].clone();
         let dir = |what: &str| self.spec.run_dir.join(format!("c{index}-standby{what}"));
-        let (state, socket, log, bpf) =
-            (dir(""), dir(".sock"), dir(".log"), self.bpf_root().join(format!("c{index}-standby")));
-        let mut device = format!("{}s", c.device);
+        let mut device = format!("{}s", self.clusters[index - 1].device);
         device.truncate(15);
-        let args: Vec<String> = [
-            "gateway",
-            "--broker-credentials",
-            &self.cluster_credentials(index).display().to_string(),
-            "--pod-cidr",
-            &c.pod_cidr,
-            "--service-cidr",
-            &c.service_cidr,
-            "--hostname",
-            &format!("gw-{index}-standby"),
-            "--node-ip",
-            addr,
-            "--listen-port",
-            &WG_PORT.to_string(),
-            "--underlay-mtu",
-            &self.spec.underlay_mtu.to_string(),
-            "--state-dir",
-            &state.display().to_string(),
-            "--status-socket",
-            &socket.display().to_string(),
-            "--device",
-            &device,
-            "--uplink",
-            "uplink",
-            "--bpf-dir",
-            &bpf.display().to_string(),
-            "--metrics-listen",
-            "off",
-            "--role",
-            "standby",
-        ]
-        .iter()
-        .map(|s| (*s).to_owned())
-        .collect();
-        self.spawn(ns, &log, &args)?;
-        Ok(socket)
+        let run = GatewayRun {
+            hostname: format!("gw-{index}-standby"),
+            node_ip: addr.to_owned(),
+            state: dir(""),
+            socket: dir(".sock"),
+            device,
+            bpf: self.bpf_root().join(format!("c{index}-standby")),
+        };
+        let mut args = self.gateway_command(index, &run);
+        args.extend(["--metrics-listen", "off", "--role", "standby"].map(String::from));
+        self.spawn(ns, &dir(".log"), &args)?;
+        Ok(run.socket)
     }
 
     /// Starts gateway `index` (1-based), joining its cluster first if needed.
@@ -612,6 +598,16 @@ impl Drop for Topology {
             eprintln!("teardown of {}: {e:#}", self.spec.prefix);
         }
     }
+}
+
+/// What differs between the gateway processes of one cluster.
+struct GatewayRun {
+    hostname: String,
+    node_ip: String,
+    state: PathBuf,
+    socket: PathBuf,
+    device: String,
+    bpf: PathBuf,
 }
 
 fn bpf_root(run_dir: &Path) -> PathBuf {

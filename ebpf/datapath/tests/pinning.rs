@@ -8,19 +8,6 @@ use std::path::PathBuf;
 use aya::maps::{MapData, MapInfo, MapType};
 use causeway_datapath::{Datapath, PinDir, RemoteCidr};
 
-fn enabled() -> bool {
-    let wanted = std::env::var("CAUSEWAY_PRIVILEGED_TESTS").is_ok_and(|v| v == "1")
-        || std::env::var("CI").is_ok_and(|v| v == "true");
-    if !wanted {
-        eprintln!("skipped: needs root + CAUSEWAY_PRIVILEGED_TESTS=1 (or CI=true)");
-        return false;
-    }
-    let root = std::fs::read_to_string("/proc/self/status")
-        .is_ok_and(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0")));
-    assert!(root, "privileged tests were requested but this is not root");
-    true
-}
-
 /// A directory on tmpfs, so that `load_pinned` has to mount its own bpffs; unmounted and
 /// removed on drop.
 struct Scratch(PathBuf);
@@ -34,7 +21,7 @@ impl Drop for Scratch {
 
 #[tokio::test]
 async fn pinned_maps_are_reused_refitted_and_removed() {
-    if !enabled() {
+    if !causeway_datapath::testing::privileged() {
         return;
     }
     let scratch = Scratch(PathBuf::from(format!("/run/causeway-pin-test-{}", std::process::id())));

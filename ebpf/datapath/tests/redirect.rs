@@ -11,19 +11,6 @@ const REDIRECT: i32 = 7;
 /// device; nothing is sent, `BPF_PROG_TEST_RUN` only reports the verdict).
 const LO: u32 = 1;
 
-fn enabled() -> bool {
-    let wanted = std::env::var("CAUSEWAY_PRIVILEGED_TESTS").is_ok_and(|v| v == "1")
-        || std::env::var("CI").is_ok_and(|v| v == "true");
-    if !wanted {
-        eprintln!("skipped: needs root + CAUSEWAY_PRIVILEGED_TESTS=1 (or CI=true)");
-        return false;
-    }
-    let root = std::fs::read_to_string("/proc/self/status")
-        .is_ok_and(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0")));
-    assert!(root, "privileged tests were requested but this is not root");
-    true
-}
-
 fn checksum(header: &[u8]) -> u16 {
     let mut sum: u32 = header.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], c[1]]))).sum();
     while sum > 0xffff {
@@ -62,7 +49,7 @@ fn ipv6(dst: [u8; 16], hop_limit: u8) -> Vec<u8> {
 
 #[tokio::test]
 async fn redirect_stage_verdicts() {
-    if !enabled() {
+    if !causeway_datapath::testing::privileged() {
         return;
     }
     let mut dp = Datapath::load().expect("loading the datapath (root, BPF)");

@@ -10,19 +10,6 @@ const DROP: u32 = 1;
 const PASS: u32 = 2;
 const PORT: u16 = 51820;
 
-fn enabled() -> bool {
-    let wanted = std::env::var("CAUSEWAY_PRIVILEGED_TESTS").is_ok_and(|v| v == "1")
-        || std::env::var("CI").is_ok_and(|v| v == "true");
-    if !wanted {
-        eprintln!("skipped: needs root + CAUSEWAY_PRIVILEGED_TESTS=1 (or CI=true)");
-        return false;
-    }
-    let root = std::fs::read_to_string("/proc/self/status")
-        .is_ok_and(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0")));
-    assert!(root, "privileged tests were requested but this is not root");
-    true
-}
-
 struct Frame {
     src: Ipv4Addr,
     proto: u8,
@@ -85,7 +72,7 @@ fn stat(dp: &Datapath, s: Stat) -> u64 {
 
 #[tokio::test]
 async fn uplink_guard_verdicts() {
-    if !enabled() {
+    if !causeway_datapath::testing::privileged() {
         return;
     }
     let mut dp = Datapath::load().expect("loading the datapath (root, BPF)");

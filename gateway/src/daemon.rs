@@ -180,6 +180,13 @@ impl Shared {
             self.datapath.remove_counters(slot)?;
             self.slots.remove(&id);
         }
+        // Pinned counters of clusters that left while no gateway ran: gone before their slot
+        // numbers can be handed out again.
+        for slot in self.datapath.counter_slots()? {
+            if !self.slots.values().any(|s| *s == slot) {
+                self.datapath.remove_counters(slot)?;
+            }
+        }
         if !self.policy_installed || desired.policy != self.desired.policy {
             self.install_policy(&desired.policy)?;
         }

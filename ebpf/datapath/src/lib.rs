@@ -524,6 +524,11 @@ impl Datapath {
         }
     }
 
+    /// The slots that have a counter entry.
+    pub fn counter_slots(&self) -> Result<Vec<u32>, DatapathError> {
+        self.counters.keys().collect::<Result<_, _>>().map_err(map_err(maps::CLUSTER_COUNTERS))
+    }
+
     /// Drops the counter entry of `slot`; absent is success.
     pub fn remove_counters(&mut self, slot: u32) -> Result<(), DatapathError> {
         ignore_not_found(self.counters.remove(&slot).map_err(map_err(maps::CLUSTER_COUNTERS)))

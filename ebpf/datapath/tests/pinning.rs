@@ -43,6 +43,7 @@ async fn pinned_maps_are_reused_refitted_and_removed() {
     // A second process (here: a second load) finds the state as it was.
     let dp = Datapath::load_pinned(&dir).expect("second load");
     assert_eq!(dp.remote_cidrs().unwrap().get(&net), Some(&value), "the pinned prefix is gone");
+    assert_eq!(dp.counter_slots().unwrap(), vec![3], "the pinned counters are gone");
     drop(dp);
 
     // An upgrade changed a map's layout: here STATS's pin is replaced by a hash map.

@@ -1006,31 +1006,104 @@ fn loss_dropped(ns: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// WireGuard data messages in a capture whose counter is below one already seen from the same
+/// sender index: each is a datagram (or the head of a GSO run) that the underlay reordered.
+fn reordered_data_messages(pcap: &[u8]) -> (usize, usize) {
+    // pcap: a 24-byte file header, then 16-byte record headers (captured length at 8..12).
+    let mut at = 24;
+    let (mut seen, mut late) = (0, 0);
+    let mut highest: std::collections::HashMap<u32, u64> = std::collections::HashMap::new();
+    while at + 16 <= pcap.len() {
+        let caplen = u32::from_le_bytes(pcap[at + 8..at + 12].try_into().unwrap()) as usize;
+        let frame = &pcap[(at + 16).min(pcap.len())..(at + 16 + caplen).min(pcap.len())];
+        at += 16 + caplen;
+        // Ethernet, IPv4 (the underlay is IPv4), UDP, then the WireGuard header.
+        if frame.len() < 14 + 20 || frame[12..14] != [0x08, 0x00] {
+            continue;
+        }
+        let wg = 14 + usize::from(frame[14] & 0x0f) * 4 + 8;
+        if frame.len() < wg + 16 || frame[wg..wg + 4] != [4, 0, 0, 0] {
+            continue;
+        }
+        let receiver = u32::from_le_bytes(frame[wg + 4..wg + 8].try_into().unwrap());
+        let counter = u64::from_le_bytes(frame[wg + 8..wg + 16].try_into().unwrap());
+        seen += 1;
+        let top = highest.entry(receiver).or_insert(counter);
+        if counter < *top {
+            late += 1;
+        }
+        *top = (*top).max(counter);
+    }
+    (seen, late)
+}
+
 #[test]
-fn long_transfers_stay_intact_under_loss_on_the_underlay() {
+fn reordered_data_messages_are_found_in_a_capture() {
+    // Two data messages to receiver 7 (counters 5, then 3) and a handshake message between.
+    let frame = |kind: u8, counter: u64| {
+        let mut f = vec![0u8; 12];
+        f.extend_from_slice(&[0x08, 0x00, 0x45]);
+        f.extend_from_slice(&[0; 19 + 8]);
+        f.extend_from_slice(&[kind, 0, 0, 0]);
+        f.extend_from_slice(&7u32.to_le_bytes());
+        f.extend_from_slice(&counter.to_le_bytes());
+        f
+    };
+    let mut pcap = vec![0u8; 24];
+    for f in [frame(4, 5), frame(1, 0), frame(4, 3), frame(4, 6)] {
+        let mut rec = vec![0u8; 16];
+        rec[8..12].copy_from_slice(&u32::try_from(f.len()).unwrap().to_le_bytes());
+        pcap.extend(rec);
+        pcap.extend(f);
+    }
+    assert_eq!(reordered_data_messages(&pcap), (3, 1));
+}
+
+#[test]
+fn long_transfers_stay_intact_under_loss_and_reordering_on_the_underlay() {
     require_privileges!();
     let t = topology(2, 1500);
     let (a, b) = (t.clusters[0].clone(), t.clusters[1].clone());
-    // Both gateways lose 2 % of what they send on the WireGuard port. The rule sees what the
-    // socket sends, so a dropped GSO run is a burst of up to 64 datagrams. Batched sends, GSO
-    // and GRO must never corrupt, duplicate or lose data that TCP cannot recover. (Reordering
-    // needs tc netem, which this kernel lacks: CONFIG_NET_SCH_NETEM is not set.)
+    // Both gateways lose 2 % of what they send on the WireGuard port, and hold back another 5 %
+    // in a slow HTB class, so that later sends overtake them. The rules see what the socket
+    // sends, so a dropped or delayed GSO run is a burst of up to 64 datagrams. Batched sends,
+    // GSO, GRO and the replay window must never corrupt, duplicate or lose data that TCP cannot
+    // recover. (tc netem would be the usual tool; this kernel lacks it.)
     for c in [&a, &b] {
-        exec::in_ns(&c.gw_ns, &["nft", "add", "table", "inet", "cwloss"]).unwrap();
-        exec::in_ns(
-            &c.gw_ns,
+        let ns = c.gw_ns.as_str();
+        for cmd in [
+            &["tc", "qdisc", "add", "dev", "uplink", "root", "handle", "1:", "htb", "default", "10"][..],
+            &[
+                "tc", "class", "add", "dev", "uplink", "parent", "1:", "classid", "1:10", "htb", "rate",
+                "10gbit",
+            ],
+            &[
+                "tc", "class", "add", "dev", "uplink", "parent", "1:", "classid", "1:20", "htb", "rate",
+                "50mbit", "ceil", "50mbit", "burst", "1600", "cburst", "1600",
+            ],
+            &["nft", "add", "table", "inet", "cwloss"],
             &["nft", "add", "chain", "inet", "cwloss", "out", "{ type filter hook output priority 0; }"],
-        )
-        .unwrap();
-        exec::in_ns(
-            &c.gw_ns,
             &[
                 "nft", "add", "rule", "inet", "cwloss", "out", "udp", "dport", "51820", "numgen", "random",
                 "mod", "100", "<", "2", "counter", "drop",
             ],
-        )
-        .unwrap();
+            // HTB files a packet whose priority names one of its classes into that class.
+            &[
+                "nft", "add", "rule", "inet", "cwloss", "out", "udp", "dport", "51820", "numgen", "random",
+                "mod", "100", "<", "5", "meta", "priority", "set", "1:20",
+            ],
+        ] {
+            let out = exec::in_ns(ns, cmd).unwrap();
+            assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
     }
+    let pcap = t.spec.run_dir.join("reorder.pcap").display().to_string();
+    let cap = Bg::start(
+        &b.gw_ns,
+        &["tcpdump", "-i", "uplink", "-Q", "in", "-U", "-n", "-s", "96", "-w", &pcap, "udp", "port", "51820"],
+        Stdio::null(),
+    );
+    std::thread::sleep(Duration::from_millis(1500));
     let bin = causeway_bin().display().to_string();
     for (from, to, port) in [(&a, &b, 9400), (&b, &a, 9401)] {
         let listen = format!("{}:{port}", to.pod_ip);
@@ -1040,13 +1113,19 @@ fn long_transfers_stay_intact_under_loss_on_the_underlay() {
             &from.pod_ns,
             &["timeout", "120", &bin, "debug", "tcp-source", "--connect", &listen, "--bytes", "30000000"],
         )
-        .expect("30 MB through a lossy underlay");
+        .expect("30 MB through a lossy, reordering underlay");
         let sent = String::from_utf8_lossy(&sent.stdout).trim().to_owned();
         assert!(sent.contains("\"bytes\":30000000"), "{sent}");
         assert_eq!(sink.output(), sent, "{} → {}: length and SHA-256 match", from.cluster_id, to.cluster_id);
     }
-    // The loss was real.
+    cap.interrupt();
+    // The loss and the reordering were real.
     let dropped = loss_dropped(&a.gw_ns) + loss_dropped(&b.gw_ns);
     assert!(dropped > 10, "only {dropped} sends dropped");
-    eprintln!("60 MB intact with {dropped} tunnel sends dropped on the way");
+    let (seen, late) = reordered_data_messages(&std::fs::read(&pcap).expect("the capture"));
+    assert!(late > 10, "only {late} of {seen} data messages from A arrived after a later one");
+    eprintln!(
+        "60 MB intact with {dropped} tunnel sends dropped; {late} of {seen} captured A → B data \
+         messages overtaken"
+    );
 }

@@ -295,6 +295,10 @@ struct GatewayArgs {
     /// kernel routes them into the tunnel.
     #[arg(long = "cluster-interface", env = "CAUSEWAY_CLUSTER_INTERFACES", value_delimiter = ',')]
     cluster_interfaces: Vec<String>,
+    /// I/O threads of the tunnel, each with its own device queue and UDP socket; the kernel
+    /// keeps every flow on one of them (0: one per CPU, up to four).
+    #[arg(long, env = "CAUSEWAY_TUNNEL_LANES", default_value_t = 0)]
+    tunnel_lanes: usize,
     /// Pin nothing and remove the tunnel device, routes and programs on exit (the data plane
     /// lives exactly as long as the process).
     #[arg(long, env = "CAUSEWAY_EPHEMERAL", conflicts_with = "bpf_dir")]
@@ -594,6 +598,7 @@ fn gateway_config(
         uplink: a.uplink.clone(),
         bpf_dir: (!a.ephemeral).then(|| a.bpf_dir.clone()),
         cluster_interfaces: a.cluster_interfaces.clone(),
+        lanes: a.tunnel_lanes,
         metrics_listen: match a.metrics_listen.as_str() {
             "off" | "" => None,
             addr => Some(

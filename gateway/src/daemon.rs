@@ -62,6 +62,8 @@ pub struct GatewayConfig {
     /// Interfaces that carry the cluster's traffic to this gateway: their ingress gets the
     /// redirect stage (remote-bound packets straight to the tunnel device).
     pub cluster_interfaces: Vec<String>,
+    /// The cable's I/O threads (0: one per CPU, up to four).
+    pub lanes: usize,
 }
 
 /// Handshake initiations allowed per second and per source address by the uplink guard, and
@@ -302,6 +304,7 @@ impl Shared {
             hostname: self.local.hostname.clone(),
             public_key: self.public_key.clone(),
             cable: self.cable.name().to_owned(),
+            cable_lanes: self.cable.lanes(),
             device: self.cable.device().to_owned(),
             listen_port: self.config.listen_port,
             broker_url: self.config.broker.broker_url.clone(),
@@ -426,6 +429,7 @@ pub async fn run(
             uapi: config.uapi,
             health_ip: local.health_ip(),
             persistent: config.bpf_dir.is_some(),
+            lanes: config.lanes,
         },
     )
     .await?;

@@ -51,6 +51,9 @@ pub struct GatewayStatus {
     pub hostname: String,
     pub public_key: String,
     pub cable: String,
+    /// I/O threads of the cable (each with a device queue and a socket).
+    #[serde(default)]
+    pub cable_lanes: usize,
     pub device: String,
     pub listen_port: u16,
     pub broker_url: String,
@@ -297,6 +300,7 @@ mod tests {
             hostname: "gw".into(),
             public_key: "k".into(),
             cable: "wireguard".into(),
+            cable_lanes: 2,
             device: "cw0".into(),
             listen_port: 51820,
             broker_url: "http://x".into(),

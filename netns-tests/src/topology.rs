@@ -441,6 +441,9 @@ impl Topology {
             &run.device,
             "--uplink",
             "uplink",
+            // Two lanes whatever the machine: every test runs the multi-queue path.
+            "--tunnel-lanes",
+            "2",
             "--bpf-dir",
             &run.bpf.display().to_string(),
         ]

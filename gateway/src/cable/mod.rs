@@ -131,6 +131,14 @@ impl AnyCable {
             Self::WireGuard(c) => c.device(),
         }
     }
+
+    /// The I/O threads moving packets.
+    #[must_use]
+    pub fn lanes(&self) -> usize {
+        match self {
+            Self::WireGuard(c) => c.lanes(),
+        }
+    }
 }
 
 impl CableDriver for AnyCable {

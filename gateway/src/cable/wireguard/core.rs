@@ -48,11 +48,18 @@ pub enum DropReason {
     UnknownPeer,
     /// Decrypted fine, but the inner source address is not in the sender's allowed prefixes.
     SourceNotAllowed,
+    /// Decrypted fine, but the I/O lane that writes its flow to the device was too far behind.
+    LaneBacklog,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 4] =
-        [Self::NoPeerForDestination, Self::InvalidPacket, Self::UnknownPeer, Self::SourceNotAllowed];
+    pub const ALL: [DropReason; 5] = [
+        Self::NoPeerForDestination,
+        Self::InvalidPacket,
+        Self::UnknownPeer,
+        Self::SourceNotAllowed,
+        Self::LaneBacklog,
+    ];
 
     #[must_use]
     pub const fn name(self) -> &'static str {
@@ -61,6 +68,7 @@ impl DropReason {
             Self::InvalidPacket => "invalid_packet",
             Self::UnknownPeer => "unknown_peer",
             Self::SourceNotAllowed => "source_not_allowed",
+            Self::LaneBacklog => "lane_backlog",
         }
     }
 }
@@ -163,7 +171,12 @@ impl WgCore {
     }
 
     fn drop_packet(&mut self, reason: DropReason) {
-        *self.drops.entry(reason).or_default() += 1;
+        self.count_drops(reason, 1);
+    }
+
+    /// Counts `n` packets dropped for `reason` by the I/O around the core.
+    pub fn count_drops(&mut self, reason: DropReason, n: u64) {
+        *self.drops.entry(reason).or_default() += n;
     }
 
     #[must_use]

@@ -8,14 +8,13 @@
 
 use std::{
     io::{self, IoSlice, IoSliceMut},
-    net::SocketAddr,
+    net::{SocketAddr, UdpSocket},
     os::fd::AsRawFd as _,
 };
 
 use nix::sys::socket::{
     ControlMessage, ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg, sendmsg, setsockopt, sockopt,
 };
-use tokio::{io::Interest, net::UdpSocket};
 
 /// Largest run sent at once (the kernel's limit is 64 segments and 64 KB).
 pub const MAX_SEGMENTS: usize = 64;
@@ -26,44 +25,42 @@ pub fn enable_gro(udp: &UdpSocket) -> bool {
     setsockopt(udp, sockopt::UdpGroSegment, &true).is_ok()
 }
 
-/// Sends `buf` as datagrams of `segment` bytes (the last may be shorter) to `dst`.
+/// Sends `buf` as datagrams of `segment` bytes (the last may be shorter) to `dst`, without
+/// blocking (`WouldBlock` when the socket buffer is full).
 pub fn try_send_run(udp: &UdpSocket, dst: SocketAddr, buf: &[u8], segment: u16) -> io::Result<usize> {
     let addr = SockaddrStorage::from(dst);
-    udp.try_io(Interest::WRITABLE, || {
-        let iov = [IoSlice::new(buf)];
-        let cmsg = [ControlMessage::UdpGsoSegments(&segment)];
-        sendmsg(udp.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), Some(&addr)).map_err(io::Error::from)
-    })
+    let iov = [IoSlice::new(buf)];
+    let cmsg = [ControlMessage::UdpGsoSegments(&segment)];
+    sendmsg(udp.as_raw_fd(), &iov, &cmsg, MsgFlags::MSG_DONTWAIT, Some(&addr)).map_err(io::Error::from)
 }
 
-/// Receives one datagram or coalesced run: (bytes, source, segment size if coalesced).
+/// Receives one datagram or coalesced run without blocking: (bytes, source, segment size if
+/// coalesced).
 pub fn try_recv_run(
     udp: &UdpSocket,
     buf: &mut [u8],
     cmsg: &mut Vec<u8>,
 ) -> io::Result<(usize, SocketAddr, Option<usize>)> {
-    udp.try_io(Interest::READABLE, || {
-        let mut iov = [IoSliceMut::new(buf)];
-        let msg = recvmsg::<SockaddrStorage>(udp.as_raw_fd(), &mut iov, Some(&mut *cmsg), MsgFlags::empty())
-            .map_err(io::Error::from)?;
-        let mut segment = None;
-        if let Ok(cmsgs) = msg.cmsgs() {
-            for c in cmsgs {
-                if let ControlMessageOwned::UdpGroSegments(size) = c {
-                    segment = usize::try_from(size).ok().filter(|s| *s > 0);
-                }
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = recvmsg::<SockaddrStorage>(udp.as_raw_fd(), &mut iov, Some(&mut *cmsg), MsgFlags::MSG_DONTWAIT)
+        .map_err(io::Error::from)?;
+    let mut segment = None;
+    if let Ok(cmsgs) = msg.cmsgs() {
+        for c in cmsgs {
+            if let ControlMessageOwned::UdpGroSegments(size) = c {
+                segment = usize::try_from(size).ok().filter(|s| *s > 0);
             }
         }
-        let src = msg
-            .address
-            .and_then(|a| {
-                a.as_sockaddr_in()
-                    .map(|v4| SocketAddr::from((v4.ip(), v4.port())))
-                    .or_else(|| a.as_sockaddr_in6().map(|v6| SocketAddr::from((v6.ip(), v6.port()))))
-            })
-            .ok_or_else(|| io::Error::other("datagram without a source address"))?;
-        Ok((msg.bytes, src, segment))
-    })
+    }
+    let src = msg
+        .address
+        .and_then(|a| {
+            a.as_sockaddr_in()
+                .map(|v4| SocketAddr::from((v4.ip(), v4.port())))
+                .or_else(|| a.as_sockaddr_in6().map(|v6| SocketAddr::from((v6.ip(), v6.port()))))
+        })
+        .ok_or_else(|| io::Error::other("datagram without a source address"))?;
+    Ok((msg.bytes, src, segment))
 }
 
 /// Runs of datagrams being built from the core's output, in order.

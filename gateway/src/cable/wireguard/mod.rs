@@ -1,22 +1,26 @@
-//! The userspace WireGuard cable: a TUN device and a UDP socket driven by one tokio task that
-//! owns the sans-IO [`core::WgCore`]. Control calls reach the task over a channel.
-//!
-//! The fast-path issue replaces this loop (batched syscalls, offloads, several workers)
-//! without touching `core`.
+//! The userspace WireGuard cable: a multi-queue TUN device and a group of UDP sockets on the
+//! WireGuard port, driven by [`lanes`] (one thread per queue) around the sans-IO
+//! [`core::WgCore`]. Control calls reach the lanes' control thread over a channel.
 
 pub mod core;
 mod gso;
+mod lanes;
 pub mod probe;
 pub mod uapi;
 
-use std::{collections::HashMap, net::SocketAddr, time::Duration};
+use std::{
+    collections::HashMap,
+    net::{SocketAddr, UdpSocket},
+    os::fd::OwnedFd,
+    sync::mpsc,
+};
 
 use boringtun::x25519::StaticSecret;
 use causeway_broker_api::WireGuardKey;
-use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, info, warn};
+use tokio::sync::oneshot;
+use tracing::{info, warn};
 
-use self::core::{BUF_SIZE, Output, PERSISTENT_KEEPALIVE_SECS, PeerConfig, PeerStats, WgCore};
+use self::core::{PERSISTENT_KEEPALIVE_SECS, PeerConfig, PeerStats, WgCore};
 use super::{CableDriver, CableError, Connection, ConnectionStatus, RemoteEndpoint, secs};
 
 /// Settings of the WireGuard cable.
@@ -34,7 +38,14 @@ pub struct WireGuardConfig {
     /// Keep the TUN device (with its routes and attached programs) when the process exits,
     /// and take over an existing one of the same name: what makes a restart seamless.
     pub persistent: bool,
+    /// I/O threads, each with its own device queue and socket (0: one per CPU, at most
+    /// [`MAX_AUTO_LANES`]).
+    pub lanes: usize,
 }
+
+/// Lanes started when none are asked for: one per CPU up to this many (past it, the shared
+/// core's lock, not the syscalls, would be what the lanes wait on).
+pub const MAX_AUTO_LANES: usize = 4;
 
 impl std::fmt::Debug for WireGuardConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -42,6 +53,7 @@ impl std::fmt::Debug for WireGuardConfig {
             .field("device", &self.device)
             .field("mtu", &self.mtu)
             .field("listen_port", &self.listen_port)
+            .field("lanes", &self.lanes)
             .finish_non_exhaustive()
     }
 }
@@ -57,6 +69,7 @@ impl WireGuardConfig {
             uapi: false,
             health_ip: None,
             persistent: false,
+            lanes: 1,
         }
     }
 }
@@ -64,7 +77,7 @@ impl WireGuardConfig {
 /// Peers and drop counters, as one consistent reading.
 type Snapshot = (Vec<PeerStats>, Vec<(&'static str, u64)>);
 
-enum Command {
+pub(super) enum Command {
     Upsert(PeerConfig, oneshot::Sender<()>),
     Remove(WireGuardKey, oneshot::Sender<bool>),
     Stats(oneshot::Sender<Snapshot>),
@@ -80,48 +93,65 @@ pub struct WireGuardCable {
     tx: mpsc::Sender<Command>,
     /// Remote cluster → the keys of its peers (the active gateway's first, then standbys).
     keys: HashMap<String, Vec<WireGuardKey>>,
+    lanes: usize,
     uapi: Option<(std::path::PathBuf, tokio::task::JoinHandle<()>)>,
     persistent: bool,
 }
 
 impl WireGuardCable {
-    /// Creates the TUN device and the UDP socket (in the calling thread's network namespace)
-    /// and starts the I/O task.
+    /// Creates the TUN device's queues and the UDP sockets (in the calling thread's network
+    /// namespace) and starts the lanes.
     pub async fn start(cfg: WireGuardConfig) -> Result<Self, CableError> {
-        let tun = tun_rs::DeviceBuilder::new()
-            .name(&cfg.device)
-            .mtu(cfg.mtu)
-            // The kernel→reader ring of a TUN device is txqueuelen long; at the default 500 a
-            // single TCP stream overflows it while the reader encrypts.
-            .tx_queue_len(TUN_QUEUE_LEN)
-            // IFF_VNET_HDR with TSO/USO: the pods' stacks hand over up to 64 KB at a time and
-            // the segmentation happens here, once per read instead of once per packet in
-            // the kernel; decrypted packets are coalesced (GRO) before they are written.
-            .offload(true)
-            .build_async()
-            .map_err(|source| CableError::CreateDevice { name: cfg.device.clone(), source })?;
-        set_persistent(&tun, cfg.persistent)
-            .map_err(|e| CableError::CreateDevice { name: cfg.device.clone(), source: e.into() })?;
-        let udp = tokio::net::UdpSocket::bind(("0.0.0.0", cfg.listen_port))
-            .await
+        let device_err =
+            |source: std::io::Error| CableError::CreateDevice { name: cfg.device.clone(), source };
+        let want = match cfg.lanes {
+            0 => std::thread::available_parallelism().map_or(1, usize::from).min(MAX_AUTO_LANES),
+            n => n,
+        };
+        let first = open_device(&cfg).map_err(device_err)?;
+        set_persistent(&first, cfg.persistent).map_err(|e| device_err(e.into()))?;
+        let first_udp = bind_reuseport(cfg.listen_port)
             .map_err(|source| CableError::Bind { port: cfg.listen_port, source })?;
         let local_addr =
-            udp.local_addr().map_err(|source| CableError::Bind { port: cfg.listen_port, source })?;
-        size_socket_buffers(&udp);
-        let gro = gso::enable_gro(&udp);
+            first_udp.local_addr().map_err(|source| CableError::Bind { port: cfg.listen_port, source })?;
+        let gro = gso::enable_gro(&first_udp);
+        let mut lanes = vec![lanes::Lane { tun: first, udp: first_udp }];
+        while lanes.len() < want {
+            // A queue nobody reads would strand the flows the kernel hashes to it: a queue
+            // only joins with its socket.
+            let more = lanes[0].tun.try_clone().and_then(|tun| {
+                let udp = bind_reuseport(local_addr.port())?;
+                Ok(lanes::Lane { tun, udp })
+            });
+            match more {
+                Ok(lane) => lanes.push(lane),
+                Err(e) => {
+                    warn!(device = %cfg.device, error = %e, lanes = lanes.len(), "could not add a lane; running with fewer");
+                    break;
+                }
+            }
+        }
+        for lane in &lanes {
+            lane.tun.set_nonblocking(true).map_err(device_err)?;
+            size_socket_buffers(&lane.udp);
+            if gro {
+                gso::enable_gro(&lane.udp);
+            }
+        }
         let private_bytes = cfg.private_key.to_bytes();
         let mut core = WgCore::new(cfg.private_key);
         core.set_health_ip(cfg.health_ip);
         let public_key = core.public_key();
-        let (tx, rx) = mpsc::channel(64);
-        tokio::spawn(io_loop(core, tun, udp, rx, usize::from(cfg.mtu), gro));
+        let (tx, rx) = mpsc::channel();
+        let lane_count = lanes.len();
+        lanes::start(core, lanes, rx, usize::from(cfg.mtu), gro).map_err(device_err)?;
         let uapi = if cfg.uapi {
             let tx = tx.clone();
             let snapshot = move || {
                 let tx = tx.clone();
                 async move {
                     let (reply, rx) = oneshot::channel();
-                    tx.send(Command::Stats(reply)).await.ok()?;
+                    tx.send(Command::Stats(reply)).ok()?;
                     rx.await.ok().map(|(peers, _)| peers)
                 }
             };
@@ -137,13 +167,14 @@ impl WireGuardCable {
         } else {
             None
         };
-        info!(device = %cfg.device, mtu = cfg.mtu, listen = %local_addr, key = %public_key, "wireguard cable up");
+        info!(device = %cfg.device, mtu = cfg.mtu, listen = %local_addr, key = %public_key, lanes = lane_count, "wireguard cable up");
         Ok(Self {
             device: cfg.device,
             public_key,
             local_addr,
             tx,
             keys: HashMap::new(),
+            lanes: lane_count,
             uapi,
             persistent: cfg.persistent,
         })
@@ -160,13 +191,18 @@ impl WireGuardCable {
     }
 
     #[must_use]
+    pub fn lanes(&self) -> usize {
+        self.lanes
+    }
+
+    #[must_use]
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
     }
 
     async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, CableError> {
         let (tx, rx) = oneshot::channel();
-        self.tx.send(make(tx)).await.map_err(|_| CableError::Stopped)?;
+        self.tx.send(make(tx)).map_err(|_| CableError::Stopped)?;
         rx.await.map_err(|_| CableError::Stopped)
     }
 }
@@ -274,6 +310,45 @@ async fn delete_link(name: &str) -> Result<(), CableError> {
     })
 }
 
+/// Opens the device's first queue, creating the device if it does not exist. Every queue
+/// carries virtio headers with TSO/USO: the pods' stacks hand over up to 64 KB at a time and
+/// the segmentation happens here, once per read instead of once per packet in the kernel;
+/// decrypted packets are coalesced (GRO) before they are written.
+fn open_device(cfg: &WireGuardConfig) -> std::io::Result<tun_rs::SyncDevice> {
+    let build = |multi_queue: bool| {
+        tun_rs::DeviceBuilder::new()
+            .name(&cfg.device)
+            .mtu(cfg.mtu)
+            // The kernel→reader ring of each queue is txqueuelen long; at the default 500 a
+            // single TCP stream overflows it while the reader encrypts.
+            .tx_queue_len(TUN_QUEUE_LEN)
+            .offload(true)
+            .multi_queue(multi_queue)
+            .build_sync()
+    };
+    build(true).or_else(|e| {
+        // A persistent device left by a version without queues cannot take a second one.
+        warn!(device = %cfg.device, error = %e, "the device refuses multiple queues; running one lane (`causeway cleanup --device` recreates it)");
+        build(false)
+    })
+}
+
+/// A non-blocking UDP socket on `port` (all addresses) in a `SO_REUSEPORT` group.
+fn bind_reuseport(port: u16) -> std::io::Result<UdpSocket> {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrIn, bind, setsockopt, socket, sockopt,
+    };
+    let fd: OwnedFd = socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    setsockopt(&fd, sockopt::ReusePort, &true)?;
+    bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::new(0, 0, 0, 0, port))?;
+    Ok(UdpSocket::from(fd))
+}
+
 /// Length of the TUN device's queue.
 const TUN_QUEUE_LEN: u32 = 10_000;
 
@@ -283,7 +358,7 @@ const SOCKET_BUFFER: usize = 7 << 20;
 
 /// Sizes the UDP socket's buffers past `net.core.{r,w}mem_max` (the FORCE options need
 /// CAP_NET_ADMIN, which a gateway has; those sysctls cannot be raised from a child namespace).
-fn size_socket_buffers(udp: &tokio::net::UdpSocket) {
+fn size_socket_buffers(udp: &UdpSocket) {
     use nix::sys::socket::{setsockopt, sockopt};
     if let Err(e) = setsockopt(udp, sockopt::RcvBufForce, &SOCKET_BUFFER) {
         warn!(error = %e, "could not force the UDP receive buffer; falling back to the capped size");
@@ -308,202 +383,4 @@ fn status_of(p: &PeerStats) -> ConnectionStatus {
         (false, _) if p.has_session() => ConnectionStatus::Connected,
         (false, _) => ConnectionStatus::Connecting,
     }
-}
-
-/// Reads handled per readiness event before the other direction gets a turn (a TUN read
-/// may carry up to 64 KB, split into many packets).
-const BATCH: usize = 64;
-/// TUN reads per readiness event.
-const TUN_READS: usize = 16;
-
-/// The I/O loop: on readiness, drain each socket with non-blocking reads (bounded batches, so
-/// neither direction starves the other), hand the packets to the core, and write what it
-/// returns with non-blocking writes, waiting only when a queue is full.
-async fn io_loop(
-    mut core: WgCore,
-    tun: tun_rs::AsyncDevice,
-    udp: tokio::net::UdpSocket,
-    mut rx: mpsc::Receiver<Command>,
-    mtu: usize,
-    gro: bool,
-) {
-    // Room for a coalesced run of datagrams (UDP GRO) or one datagram.
-    let mut buf = vec![0u8; BUF_SIZE.max(65_536)];
-    let mut cmsg = nix::cmsg_space!(i32);
-    let mut sender = UdpSender { gso: true, run: gso::Batcher::default() };
-    // One TUN read: the virtio header plus up to 64 KB, split into MTU-sized packets.
-    let mut original = vec![0u8; tun_rs::VIRTIO_NET_HDR_LEN + 65_535];
-    let mut segments = vec![vec![0u8; mtu.max(1280) + 64]; tun_rs::IDEAL_BATCH_SIZE];
-    let mut sizes = vec![0usize; tun_rs::IDEAL_BATCH_SIZE];
-    let mut writer = TunWriter::default();
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut out = Vec::new();
-    loop {
-        tokio::select! {
-            r = tun.readable() => {
-                if let Err(e) = r {
-                    warn!(error = %e, "waiting on the tunnel device failed");
-                }
-                for _ in 0..TUN_READS {
-                    match tun.try_recv_multiple(&mut original, &mut segments, &mut sizes, 0) {
-                        Ok(n) => {
-                            for (seg, len) in segments.iter().zip(&sizes).take(n) {
-                                core.on_tun_packet(&seg[..*len], &mut out);
-                            }
-                        }
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                        Err(e) => {
-                            warn!(error = %e, "reading the tunnel device failed");
-                            break;
-                        }
-                    }
-                }
-            }
-            r = udp.readable() => {
-                if let Err(e) = r {
-                    debug!(error = %e, "waiting on the UDP socket failed");
-                }
-                let now = std::time::Instant::now();
-                for _ in 0..BATCH {
-                    let got = if gro {
-                        gso::try_recv_run(&udp, &mut buf, &mut cmsg)
-                    } else {
-                        udp.try_recv_from(&mut buf).map(|(n, src)| (n, src, None))
-                    };
-                    match got {
-                        Ok((n, src, Some(segment))) => {
-                            for d in buf[..n].chunks(segment) {
-                                core.on_datagram(src, d, now, &mut out);
-                            }
-                        }
-                        Ok((n, src, None)) => core.on_datagram(src, &buf[..n], now, &mut out),
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                        Err(e) => {
-                            debug!(error = %e, "udp receive failed");
-                            break;
-                        }
-                    }
-                }
-            }
-            _ = tick.tick() => core.tick(std::time::Instant::now(), &mut out),
-            cmd = rx.recv() => match cmd {
-                Some(Command::Upsert(cfg, done)) => { core.upsert_peer(cfg, &mut out); let _ = done.send(()); }
-                Some(Command::Remove(key, done)) => { let _ = done.send(core.remove_peer(&key)); }
-                Some(Command::Stats(reply)) => {
-                    let drops = core.drops().into_iter().map(|(r, n)| (r.name(), n)).collect();
-                    let _ = reply.send((core.peers(std::time::Instant::now()), drops));
-                }
-                Some(Command::Stop(done)) => { let _ = done.send(()); return; }
-                None => return,
-            },
-        }
-        flush(&tun, &udp, &mut out, &mut writer, &mut sender).await;
-    }
-}
-
-/// Encrypted datagrams on their way out: runs to one peer go out as one GSO send.
-struct UdpSender {
-    /// Cleared when the kernel refuses `UDP_SEGMENT`; datagrams then go one by one.
-    gso: bool,
-    run: gso::Batcher,
-}
-
-impl UdpSender {
-    async fn push(&mut self, udp: &tokio::net::UdpSocket, dst: SocketAddr, data: &[u8]) {
-        if self.run.count > 0 && !self.run.fits(dst, data.len()) {
-            self.send(udp).await;
-        }
-        self.run.push(dst, data);
-    }
-
-    /// Sends the current run.
-    async fn send(&mut self, udp: &tokio::net::UdpSocket) {
-        let Some(dst) = self.run.dst else { return };
-        if self.run.count > 1 && self.gso {
-            let segment = u16::try_from(self.run.segment).unwrap_or(u16::MAX);
-            loop {
-                match gso::try_send_run(udp, dst, &self.run.buf, segment) {
-                    Ok(_) => {
-                        self.run.reset();
-                        return;
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        if udp.writable().await.is_err() {
-                            break;
-                        }
-                    }
-                    Err(e) => {
-                        warn!(error = %e, "UDP segmentation offload refused; sending datagrams one by one");
-                        self.gso = false;
-                        break;
-                    }
-                }
-            }
-        }
-        let segment = self.run.segment.max(1);
-        for d in self.run.buf.chunks(segment) {
-            let sent = match udp.try_send_to(d, dst) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => udp.send_to(d, dst).await,
-                other => other,
-            };
-            if let Err(e) = sent {
-                debug!(%dst, error = %e, "udp send failed");
-            }
-        }
-        self.run.reset();
-    }
-}
-
-/// Decrypted packets on their way into the TUN device: each buffer starts with room for the
-/// virtio header, and the batch is coalesced (TCP/UDP GRO) into as few writes as possible.
-#[derive(Default)]
-struct TunWriter {
-    gro: tun_rs::GROTable,
-    bufs: Vec<Vec<u8>>,
-    /// Buffers kept for reuse (no allocation per packet once warm).
-    spare: Vec<Vec<u8>>,
-}
-
-impl TunWriter {
-    fn push(&mut self, packet: &[u8]) {
-        let mut b = self.spare.pop().unwrap_or_default();
-        b.clear();
-        b.resize(tun_rs::VIRTIO_NET_HDR_LEN, 0);
-        b.extend_from_slice(packet);
-        self.bufs.push(b);
-    }
-
-    async fn write(&mut self, tun: &tun_rs::AsyncDevice) {
-        if self.bufs.is_empty() {
-            return;
-        }
-        if let Err(e) = tun.send_multiple(&mut self.gro, &mut self.bufs, tun_rs::VIRTIO_NET_HDR_LEN).await {
-            debug!(error = %e, "writing the tunnel device failed");
-        }
-        self.spare.append(&mut self.bufs);
-        self.spare.truncate(tun_rs::IDEAL_BATCH_SIZE);
-    }
-}
-
-async fn flush(
-    tun: &tun_rs::AsyncDevice,
-    udp: &tokio::net::UdpSocket,
-    out: &mut Vec<Output>,
-    writer: &mut TunWriter,
-    sender: &mut UdpSender,
-) {
-    for o in out.drain(..) {
-        match o {
-            Output::Udp(dst, data) => sender.push(udp, dst, &data).await,
-            Output::Tun(pkt) => {
-                writer.push(&pkt);
-                if writer.bufs.len() >= tun_rs::IDEAL_BATCH_SIZE {
-                    writer.write(tun).await;
-                }
-            }
-        }
-    }
-    sender.send(udp).await;
-    writer.write(tun).await;
 }

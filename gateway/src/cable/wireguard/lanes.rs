@@ -1,0 +1,556 @@
+//! The cable's I/O threads, around the one sans-IO [`WgCore`].
+//!
+//! A *lane* is a dedicated OS thread that owns one queue of the multi-queue TUN device and one
+//! UDP socket of a `SO_REUSEPORT` group on the WireGuard port, and moves packets both ways:
+//! TUN reads (up to 64 KB, split into MTU-sized packets) are encrypted and leave as GSO runs;
+//! datagram runs (GRO) are decrypted and written back coalesced. Lanes spread the work over
+//! the cores, and the kernel gives them flow affinity, so a TCP stream is never reordered:
+//!
+//! - the socket group hashes each sender's address and port to one socket, so everything a
+//!   remote gateway sends is read and decrypted, in order, by one lane;
+//! - that lane hands each decrypted packet, chosen by a hash of its flow, to *another* lane,
+//!   which writes it to the device (in order: one producer, one FIFO inbox). Writing is the
+//!   heavy half of receiving (the kernel delivers the packet to the pod inside the write), so
+//!   even a single stream from a single peer keeps two cores busy: one decrypting, one
+//!   writing;
+//! - the TUN device steers a flow's outbound packets to the queue of the lane that last wrote
+//!   its inbound ones (the kernel's automatic queue selection), so each flow is read by one
+//!   lane, and it is the lane that writes the flow's other direction.
+//!
+//! The protocol state stays in one place: the core sits behind a mutex that a lane takes per
+//! batch (one TUN read, one datagram run), not per packet. A control thread owns the timers
+//! and the control calls. No tokio in the data path: lanes block in `poll(2)`, and every
+//! socket is non-blocking, so one full queue never stalls the other direction for long.
+
+use std::{
+    io,
+    net::{SocketAddr, UdpSocket},
+    os::{
+        fd::{AsFd, BorrowedFd},
+        unix::net::UnixDatagram,
+    },
+    sync::{Arc, Mutex, PoisonError, mpsc},
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use tracing::{debug, warn};
+
+use super::{
+    Command,
+    core::{BUF_SIZE, DropReason, Output, WgCore},
+    gso,
+};
+
+/// How often the core's timers run (handshakes, keepalives, expiry, probes).
+const TICK: Duration = Duration::from_millis(250);
+/// Datagram runs handled per wake-up before the TUN side gets a turn.
+const UDP_BATCH: usize = 64;
+/// TUN reads (each up to 64 KB) per wake-up before the socket side gets a turn.
+const TUN_READS: usize = 16;
+/// Decrypted packets waiting in a lane's inbox past which more are dropped (and counted): a
+/// lane that falls this far behind is not going to catch up by queueing more.
+const INBOX_LIMIT: usize = 4096;
+
+/// The core, shared by the lanes and the control thread.
+pub(super) type SharedCore = Arc<Mutex<WgCore>>;
+
+fn lock(core: &SharedCore) -> std::sync::MutexGuard<'_, WgCore> {
+    // A lane that panicked mid-batch leaves consistent tables behind (every update is a
+    // single insert or remove); the others carry on.
+    core.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// One lane's endpoints.
+pub(super) struct Lane {
+    pub tun: tun_rs::SyncDevice,
+    pub udp: UdpSocket,
+}
+
+/// Decrypted packets handed to a lane for writing, and the doorbell that wakes it.
+struct Inbox {
+    packets: Mutex<Vec<Vec<u8>>>,
+    bell: UnixDatagram,
+}
+
+impl Inbox {
+    /// Appends `packets` (in order) and rings; returns how many did not fit.
+    fn deliver(&self, packets: &mut Vec<Vec<u8>>) -> usize {
+        let refused = {
+            let mut q = self.packets.lock().unwrap_or_else(PoisonError::into_inner);
+            let room = INBOX_LIMIT.saturating_sub(q.len());
+            let refused = packets.len().saturating_sub(room);
+            packets.truncate(packets.len() - refused);
+            q.append(packets);
+            refused
+        };
+        // A full doorbell already has a wake-up pending.
+        let _ = self.bell.send(&[1]);
+        packets.clear();
+        refused
+    }
+}
+
+/// The lane (other than `own`, when there are others) that writes `packet`'s flow to the
+/// device.
+fn writer_lane(own: usize, lanes: usize, packet: &[u8]) -> usize {
+    if lanes < 2 {
+        return own;
+    }
+    let others = u32::try_from(lanes - 1).unwrap_or(u32::MAX);
+    (own + 1 + (flow_hash(packet) % others) as usize) % lanes
+}
+
+/// A hash of the packet's addresses, protocol and (TCP/UDP, unfragmented) ports: equal for
+/// every packet of one flow.
+fn flow_hash(p: &[u8]) -> u32 {
+    let (fields, proto, l4): (&[u8], u8, Option<usize>) = match p.first().map(|b| b >> 4) {
+        Some(4) if p.len() >= 20 => {
+            let ihl = usize::from(p[0] & 0x0f) * 4;
+            let unfragmented = u16::from_be_bytes([p[6], p[7]]) & 0x3fff == 0;
+            (&p[12..20], p[9], unfragmented.then_some(ihl))
+        }
+        Some(6) if p.len() >= 40 => (&p[8..40], p[6], Some(40)),
+        _ => return 0,
+    };
+    let ports = match (proto, l4) {
+        (6 | 17, Some(at)) if p.len() >= at + 4 => &p[at..at + 4],
+        _ => &[][..],
+    };
+    // FNV-1a: cheap, and good enough to spread flows over a handful of lanes.
+    let mut h: u32 = 0x811c_9dc5;
+    for b in fields.iter().chain(ports).chain(std::iter::once(&proto)) {
+        h = (h ^ u32::from(*b)).wrapping_mul(0x0100_0193);
+    }
+    h
+}
+
+/// Starts one thread per lane and the control thread, which serves `commands` until `Stop`
+/// (or until every sender is gone), then stops the lanes and waits for them: when `Stop` is
+/// answered, every queue and socket is closed.
+pub(super) fn start(
+    core: WgCore,
+    lanes: Vec<Lane>,
+    commands: mpsc::Receiver<Command>,
+    mtu: usize,
+    gro: bool,
+) -> io::Result<()> {
+    let core: SharedCore = Arc::new(Mutex::new(core));
+    let control_udp = lanes.first().ok_or_else(|| io::Error::other("no lane"))?.udp.try_clone()?;
+    // Closing the write end wakes every lane's poll at once (POLLHUP): the stop signal.
+    let (stop_rx, stop_tx) = std::io::pipe()?;
+    let stop_rx = Arc::new(stop_rx);
+    let mut inboxes = Vec::with_capacity(lanes.len());
+    let mut bells = Vec::with_capacity(lanes.len());
+    for _ in &lanes {
+        let (ring, hear) = UnixDatagram::pair()?;
+        ring.set_nonblocking(true)?;
+        hear.set_nonblocking(true)?;
+        inboxes.push(Inbox { packets: Mutex::new(Vec::new()), bell: ring });
+        bells.push(hear);
+    }
+    let inboxes: Arc<[Inbox]> = inboxes.into();
+    let mut threads = Vec::with_capacity(lanes.len());
+    for (i, (lane, bell)) in lanes.into_iter().zip(bells).enumerate() {
+        let (core, stop_rx, inboxes) = (core.clone(), stop_rx.clone(), inboxes.clone());
+        let ctx = LaneCtx { index: i, core, inboxes, bell, mtu, gro };
+        let t = std::thread::Builder::new()
+            .name(format!("cw-lane-{i}"))
+            .spawn(move || run_lane(&ctx, &lane, stop_rx.as_fd()))?;
+        threads.push(t);
+    }
+    std::thread::Builder::new()
+        .name("cw-cable-ctl".into())
+        .spawn(move || control(&core, &control_udp, &commands, stop_tx, threads))?;
+    Ok(())
+}
+
+/// The control thread: timers and control calls. Their output is only handshakes, probes
+/// and keepalives, sent from the socket group's first socket.
+fn control(
+    core: &SharedCore,
+    udp: &UdpSocket,
+    commands: &mpsc::Receiver<Command>,
+    stop: std::io::PipeWriter,
+    lanes: Vec<JoinHandle<()>>,
+) {
+    let mut out = Vec::new();
+    let mut sender = UdpSender::default();
+    let mut next_tick = Instant::now() + TICK;
+    let stopped = loop {
+        match commands.recv_timeout(next_tick.saturating_duration_since(Instant::now())) {
+            Ok(Command::Upsert(cfg, done)) => {
+                lock(core).upsert_peer(cfg, &mut out);
+                let _ = done.send(());
+            }
+            Ok(Command::Remove(key, done)) => {
+                let _ = done.send(lock(core).remove_peer(&key));
+            }
+            Ok(Command::Stats(reply)) => {
+                let core = lock(core);
+                let drops = core.drops().into_iter().map(|(r, n)| (r.name(), n)).collect();
+                let _ = reply.send((core.peers(Instant::now()), drops));
+            }
+            Ok(Command::Stop(done)) => break Some(done),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                let now = Instant::now();
+                lock(core).tick(now, &mut out);
+                next_tick = now + TICK;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break None,
+        }
+        for o in out.drain(..) {
+            if let Output::Udp(dst, data) = o {
+                sender.push(udp, dst, &data);
+            }
+        }
+        sender.send(udp);
+    };
+    drop(stop);
+    for t in lanes {
+        if t.join().is_err() {
+            warn!("a cable lane panicked");
+        }
+    }
+    if let Some(done) = stopped {
+        let _ = done.send(());
+    }
+}
+
+fn readable(fd: &PollFd<'_>) -> bool {
+    fd.revents().is_some_and(|r| r.intersects(PollFlags::POLLIN | PollFlags::POLLERR | PollFlags::POLLHUP))
+}
+
+/// Waits until `fd` can take more (a full socket buffer or TUN queue drains quickly).
+fn wait_writable(fd: BorrowedFd<'_>) {
+    let mut fds = [PollFd::new(fd, PollFlags::POLLOUT)];
+    let _ = poll(&mut fds, PollTimeout::from(100u16));
+}
+
+/// What a lane thread owns besides its endpoints.
+struct LaneCtx {
+    index: usize,
+    core: SharedCore,
+    inboxes: Arc<[Inbox]>,
+    /// This lane's end of its inbox's doorbell.
+    bell: UnixDatagram,
+    mtu: usize,
+    gro: bool,
+}
+
+/// A lane's loop: wait for either side or the inbox, drain each in bounded batches, write
+/// what the core returns.
+fn run_lane(ctx: &LaneCtx, lane: &Lane, stop: BorrowedFd<'_>) {
+    let (index, core) = (ctx.index, &ctx.core);
+    // Room for a coalesced run of datagrams (UDP GRO) or one datagram.
+    let mut buf = vec![0u8; BUF_SIZE.max(65_536)];
+    let mut cmsg = nix::cmsg_space!(i32);
+    // One TUN read: the virtio header plus up to 64 KB, split into MTU-sized packets.
+    let mut original = vec![0u8; tun_rs::VIRTIO_NET_HDR_LEN + 65_535];
+    let mut segments = vec![vec![0u8; ctx.mtu.max(1280) + 64]; tun_rs::IDEAL_BATCH_SIZE];
+    let mut sizes = vec![0usize; tun_rs::IDEAL_BATCH_SIZE];
+    let mut writer = TunWriter::default();
+    let mut sender = UdpSender::default();
+    let mut out = Vec::new();
+    // Decrypted packets bound for other lanes, per lane; and what this lane's inbox held.
+    let mut outgoing: Vec<Vec<Vec<u8>>> = vec![Vec::new(); ctx.inboxes.len()];
+    let mut incoming: Vec<Vec<u8>> = Vec::new();
+    let mut ring = [0u8; 64];
+    debug!(lane = index, "cable lane running");
+    loop {
+        let mut fds = [
+            PollFd::new(lane.tun.as_fd(), PollFlags::POLLIN),
+            PollFd::new(lane.udp.as_fd(), PollFlags::POLLIN),
+            PollFd::new(ctx.bell.as_fd(), PollFlags::POLLIN),
+            PollFd::new(stop, PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => {
+                warn!(lane = index, error = %e, "waiting on the tunnel device and socket failed");
+                return;
+            }
+        }
+        if fds[3].revents().is_some_and(|r| !r.is_empty()) {
+            debug!(lane = index, "cable lane stopping");
+            return;
+        }
+        let (tun_ready, udp_ready, rung) = (readable(&fds[0]), readable(&fds[1]), readable(&fds[2]));
+        if rung {
+            while ctx.bell.recv(&mut ring).is_ok() {}
+            std::mem::swap(
+                &mut *ctx.inboxes[index].packets.lock().unwrap_or_else(PoisonError::into_inner),
+                &mut incoming,
+            );
+            for pkt in incoming.drain(..) {
+                writer.push(&pkt);
+                if writer.bufs.len() >= tun_rs::IDEAL_BATCH_SIZE {
+                    writer.write(&lane.tun);
+                }
+            }
+        }
+        if tun_ready {
+            for _ in 0..TUN_READS {
+                match lane.tun.recv_multiple(&mut original, &mut segments, &mut sizes, 0) {
+                    Ok(n) => {
+                        let mut core = lock(core);
+                        for (seg, len) in segments.iter().zip(&sizes).take(n) {
+                            core.on_tun_packet(&seg[..*len], &mut out);
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        warn!(lane = index, error = %e, "reading the tunnel device failed");
+                        break;
+                    }
+                }
+            }
+        }
+        if udp_ready {
+            let now = Instant::now();
+            for _ in 0..UDP_BATCH {
+                let got = if ctx.gro {
+                    gso::try_recv_run(&lane.udp, &mut buf, &mut cmsg)
+                } else {
+                    lane.udp.recv_from(&mut buf).map(|(n, src)| (n, src, None))
+                };
+                match got {
+                    Ok((n, src, segment)) => {
+                        let mut core = lock(core);
+                        for d in buf[..n].chunks(segment.unwrap_or(n).max(1)) {
+                            core.on_datagram(src, d, now, &mut out);
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        debug!(lane = index, error = %e, "udp receive failed");
+                        break;
+                    }
+                }
+            }
+        }
+        for o in out.drain(..) {
+            match o {
+                Output::Udp(dst, data) => sender.push(&lane.udp, dst, &data),
+                Output::Tun(pkt) => match writer_lane(index, outgoing.len(), &pkt) {
+                    own if own == index => {
+                        writer.push(&pkt);
+                        if writer.bufs.len() >= tun_rs::IDEAL_BATCH_SIZE {
+                            writer.write(&lane.tun);
+                        }
+                    }
+                    other => outgoing[other].push(pkt),
+                },
+            }
+        }
+        sender.send(&lane.udp);
+        writer.write(&lane.tun);
+        let mut refused = 0;
+        for (inbox, packets) in ctx.inboxes.iter().zip(&mut outgoing).filter(|(_, p)| !p.is_empty()) {
+            refused += inbox.deliver(packets);
+        }
+        if refused > 0 {
+            lock(core).count_drops(DropReason::LaneBacklog, refused as u64);
+        }
+    }
+}
+
+/// Encrypted datagrams on their way out: runs to one peer go out as one GSO send.
+struct UdpSender {
+    /// Cleared when the kernel refuses `UDP_SEGMENT`; datagrams then go one by one.
+    gso: bool,
+    run: gso::Batcher,
+}
+
+impl Default for UdpSender {
+    fn default() -> Self {
+        Self { gso: true, run: gso::Batcher::default() }
+    }
+}
+
+impl UdpSender {
+    fn push(&mut self, udp: &UdpSocket, dst: SocketAddr, data: &[u8]) {
+        if self.run.count > 0 && !self.run.fits(dst, data.len()) {
+            self.send(udp);
+        }
+        self.run.push(dst, data);
+    }
+
+    /// Sends the current run, waiting while the socket buffer is full.
+    fn send(&mut self, udp: &UdpSocket) {
+        let Some(dst) = self.run.dst else { return };
+        if self.run.count > 1 && self.gso {
+            let segment = u16::try_from(self.run.segment).unwrap_or(u16::MAX);
+            loop {
+                match gso::try_send_run(udp, dst, &self.run.buf, segment) {
+                    Ok(_) => {
+                        self.run.reset();
+                        return;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait_writable(udp.as_fd()),
+                    Err(e) => {
+                        warn!(error = %e, "UDP segmentation offload refused; sending datagrams one by one");
+                        self.gso = false;
+                        break;
+                    }
+                }
+            }
+        }
+        let segment = self.run.segment.max(1);
+        for d in self.run.buf.chunks(segment) {
+            let mut sent = udp.send_to(d, dst);
+            if matches!(&sent, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
+                wait_writable(udp.as_fd());
+                sent = udp.send_to(d, dst);
+            }
+            if let Err(e) = sent {
+                debug!(%dst, error = %e, "udp send failed");
+            }
+        }
+        self.run.reset();
+    }
+}
+
+/// Decrypted packets on their way into the TUN device: each buffer starts with room for the
+/// virtio header, and the batch is coalesced (TCP/UDP GRO) into as few writes as possible.
+#[derive(Default)]
+struct TunWriter {
+    gro: tun_rs::GROTable,
+    bufs: Vec<Vec<u8>>,
+    /// Buffers kept for reuse (no allocation per packet once warm).
+    spare: Vec<Vec<u8>>,
+}
+
+/// Capacity of a buffer handed to the GRO table: it only appends a packet to one that has room
+/// for a whole coalesced run (64 KB), and silently writes them one by one otherwise.
+const GRO_BUF_CAPACITY: usize = 2 * tun_rs::VIRTIO_NET_HDR_LEN + 65_535;
+
+impl TunWriter {
+    fn push(&mut self, packet: &[u8]) {
+        let mut b = self.spare.pop().unwrap_or_else(|| Vec::with_capacity(GRO_BUF_CAPACITY));
+        b.clear();
+        b.resize(tun_rs::VIRTIO_NET_HDR_LEN, 0);
+        b.extend_from_slice(packet);
+        self.bufs.push(b);
+    }
+
+    fn write(&mut self, tun: &tun_rs::SyncDevice) {
+        if self.bufs.is_empty() {
+            return;
+        }
+        if let Err(e) = tun.send_multiple(&mut self.gro, &mut self.bufs, tun_rs::VIRTIO_NET_HDR_LEN) {
+            debug!(error = %e, "writing the tunnel device failed");
+        }
+        self.spare.append(&mut self.bufs);
+        self.spare.truncate(tun_rs::IDEAL_BATCH_SIZE);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An IPv4 TCP segment (ACK) with valid checksums.
+    fn tcp_segment(src: [u8; 4], dst: [u8; 4], sport: u16, seq: u32, payload: &[u8]) -> Vec<u8> {
+        let total = 40 + payload.len();
+        let mut p = vec![0u8; total];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&u16::try_from(total).unwrap().to_be_bytes());
+        p[6] = 0x40; // DF
+        p[8] = 64;
+        p[9] = 6;
+        p[12..16].copy_from_slice(&src);
+        p[16..20].copy_from_slice(&dst);
+        let sum = |data: &[u8], init: u32| {
+            let mut s = init;
+            for c in data.chunks(2) {
+                s += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+            }
+            while s > 0xffff {
+                s = (s & 0xffff) + (s >> 16);
+            }
+            !u16::try_from(s).unwrap()
+        };
+        let ip_csum = sum(&p[..20], 0);
+        p[10..12].copy_from_slice(&ip_csum.to_be_bytes());
+        p[20..22].copy_from_slice(&sport.to_be_bytes());
+        p[22..24].copy_from_slice(&5201u16.to_be_bytes());
+        p[24..28].copy_from_slice(&seq.to_be_bytes());
+        p[32] = 5 << 4;
+        p[33] = 0x10;
+        p[34..36].copy_from_slice(&512u16.to_be_bytes());
+        p[40..].copy_from_slice(payload);
+        let mut pseudo = Vec::new();
+        pseudo.extend_from_slice(&src);
+        pseudo.extend_from_slice(&dst);
+        pseudo.extend_from_slice(&[0, 6]);
+        pseudo.extend_from_slice(&u16::try_from(total - 20).unwrap().to_be_bytes());
+        pseudo.extend_from_slice(&p[20..]);
+        let tcp_csum = sum(&pseudo, 0);
+        p[36..38].copy_from_slice(&tcp_csum.to_be_bytes());
+        p
+    }
+
+    #[test]
+    fn consecutive_segments_written_through_the_writer_are_coalesced() {
+        // The GRO table only appends to a buffer with room for a whole run: buffers sized to
+        // the packet made every decrypted packet its own write.
+        let mut w = TunWriter::default();
+        let (a, b) = ([10, 1, 0, 2], [10, 2, 0, 2]);
+        for i in 0..4u32 {
+            w.push(&tcp_segment(a, b, 40000, 1000 + i * 1000, &[i as u8; 1000]));
+        }
+        w.push(&tcp_segment(a, b, 40001, 1, &[9; 1000]));
+        w.gro.apply_gro(&mut w.bufs, tun_rs::VIRTIO_NET_HDR_LEN, false).unwrap();
+        let hdr = tun_rs::VIRTIO_NET_HDR_LEN;
+        let lens: Vec<usize> = w.bufs.iter().map(|b| b.len() - hdr).collect();
+        assert_eq!(lens[0], 40 + 4000, "the first flow's four segments became one: {lens:?}");
+        assert_eq!(lens[4], 1040, "the other flow is left alone: {lens:?}");
+    }
+
+    #[test]
+    fn each_flow_has_one_writer_and_it_is_never_the_decrypting_lane() {
+        let (a, b) = ([10, 1, 0, 2], [10, 2, 0, 2]);
+        for lanes in [2, 3, 4] {
+            let mut used = std::collections::BTreeSet::new();
+            for port in 40000..40064 {
+                let first = writer_lane(0, lanes, &tcp_segment(a, b, port, 1, b"x"));
+                let later = writer_lane(0, lanes, &tcp_segment(a, b, port, 999, b"yyyy"));
+                assert_eq!(first, later, "one flow, one writer");
+                assert_ne!(first, 0, "the decrypting lane hands off");
+                used.insert(first);
+            }
+            assert_eq!(used.len(), lanes - 1, "flows spread over every other lane");
+        }
+        assert_eq!(writer_lane(0, 1, &tcp_segment(a, b, 1, 1, b"x")), 0, "a single lane writes itself");
+        // Fragments carry no ports: all of a datagram's fragments go the same way.
+        let mut frag = tcp_segment(a, b, 40000, 1, b"x");
+        frag[6] = 0x20;
+        let mut other = tcp_segment(a, b, 40001, 1, b"x");
+        other[6] = 0x20;
+        assert_eq!(flow_hash(&frag), flow_hash(&other));
+        assert_eq!(flow_hash(&[0x45]), 0, "too short to be IPv4");
+    }
+
+    #[test]
+    fn a_full_inbox_refuses_the_excess_and_keeps_the_order() {
+        let (ring, hear) = UnixDatagram::pair().unwrap();
+        ring.set_nonblocking(true).unwrap();
+        let inbox = Inbox { packets: Mutex::new(Vec::new()), bell: ring };
+        let mut batch: Vec<Vec<u8>> = (0..INBOX_LIMIT - 2).map(|i| i.to_le_bytes().to_vec()).collect();
+        assert_eq!(inbox.deliver(&mut batch), 0);
+        let mut more: Vec<Vec<u8>> = (0..5usize).map(|i| (INBOX_LIMIT + i).to_le_bytes().to_vec()).collect();
+        assert_eq!(inbox.deliver(&mut more), 3, "two fit");
+        assert!(batch.is_empty() && more.is_empty());
+        let q = inbox.packets.lock().unwrap();
+        assert_eq!(q.len(), INBOX_LIMIT);
+        assert_eq!(
+            q[INBOX_LIMIT - 1],
+            (INBOX_LIMIT + 1).to_le_bytes().to_vec(),
+            "the first ones kept, in order"
+        );
+        let mut rung = [0u8; 8];
+        assert!(hear.recv(&mut rung).is_ok(), "the doorbell rang");
+    }
+}

@@ -139,6 +139,10 @@ enum DebugCmd {
         kind: String,
         #[arg(long, default_value_t = 1000)]
         count: u32,
+        /// Send runs of this many equal-size datagrams, each run in one `UDP_SEGMENT` send
+        /// (what a local sender's GSO run looks like on the wire side of a veth).
+        #[arg(long)]
+        gso: Option<u16>,
     },
     /// Echo UDP datagrams back to their sender.
     UdpEcho {
@@ -274,6 +278,11 @@ struct GatewayArgs {
     /// peers (and rate-limited handshakes) reach the WireGuard port. Unset: no guard.
     #[arg(long, env = "CAUSEWAY_UPLINK")]
     uplink: Option<String>,
+    /// Where the uplink guard runs: XDP (drops before the kernel allocates anything; for a
+    /// NIC), TC ingress (for a veth, where XDP makes the peer segment every GSO run), or auto
+    /// (TC on a veth, XDP otherwise).
+    #[arg(long, env = "CAUSEWAY_UPLINK_HOOK", value_enum, default_value = "auto")]
+    uplink_hook: UplinkHookArg,
     /// Seconds between heartbeats to the broker (keep it well under the broker's lease).
     #[arg(long, env = "CAUSEWAY_HEARTBEAT_SECONDS", default_value_t = 10)]
     heartbeat_seconds: u64,
@@ -421,7 +430,7 @@ fn main() -> anyhow::Result<()> {
                 telemetry::init("warn");
                 bench_policy::hold(&interface, entries, from_cidr, to_cidr)
             }
-            DebugCmd::UdpFlood { target, kind, count } => tools::udp_flood(&target, &kind, count),
+            DebugCmd::UdpFlood { target, kind, count, gso } => tools::udp_flood(&target, &kind, count, gso),
             DebugCmd::UdpPing { connect, size, count } => tools::udp_ping(&connect, size, count),
             DebugCmd::Put { credentials } => {
                 telemetry::init("warn");
@@ -580,6 +589,13 @@ async fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
         .context("gateway failed")
 }
 
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum UplinkHookArg {
+    Auto,
+    Xdp,
+    Tc,
+}
+
 fn gateway_config(
     a: &GatewayArgs,
     broker: causeway_broker_api::Credentials,
@@ -596,6 +612,11 @@ fn gateway_config(
         uapi: !a.no_uapi,
         heartbeat: std::time::Duration::from_secs(a.heartbeat_seconds.max(1)),
         uplink: a.uplink.clone(),
+        uplink_hook: match a.uplink_hook {
+            UplinkHookArg::Auto => None,
+            UplinkHookArg::Xdp => Some(causeway_gateway::UplinkHook::Xdp),
+            UplinkHookArg::Tc => Some(causeway_gateway::UplinkHook::Tc),
+        },
         bpf_dir: (!a.ephemeral).then(|| a.bpf_dir.clone()),
         cluster_interfaces: a.cluster_interfaces.clone(),
         lanes: a.tunnel_lanes,

@@ -112,10 +112,14 @@ pub fn udp_ping(connect: &str, size: usize, count: u32) -> anyhow::Result<()> {
 
 /// Sends `count` hostile datagrams to `target` (a test of the uplink guard): `garbage` (random
 /// bytes), `data` (forged WireGuard data messages) or `init` (handshake initiations with random
-/// contents). Prints how many were sent.
-pub fn udp_flood(target: &str, kind: &str, count: u32) -> anyhow::Result<()> {
+/// contents). With `gso`, they leave in runs of that many (garbage then has a fixed length).
+/// Prints how many were sent.
+pub fn udp_flood(target: &str, kind: &str, count: u32, gso: Option<u16>) -> anyhow::Result<()> {
     let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
     s.connect(target).with_context(|| format!("connecting to {target}"))?;
+    let dst: std::net::SocketAddr = s.peer_addr()?;
+    let mut run: Vec<u8> = Vec::new();
+    let mut in_run = 0u16;
     let mut x: u64 = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0x9e37_79b9, |d| u64::from(d.subsec_nanos()) | 1);
@@ -130,7 +134,7 @@ pub fn udp_flood(target: &str, kind: &str, count: u32) -> anyhow::Result<()> {
     for _ in 0..count {
         let mut msg: Vec<u8> = match kind {
             "garbage" => {
-                let len = 1 + usize::try_from(next() % 200).unwrap_or(1);
+                let len = if gso.is_some() { 100 } else { 1 + usize::try_from(next() % 200).unwrap_or(1) };
                 let mut m: Vec<u8> = (0..len).map(|_| next().to_le_bytes()[0]).collect();
                 m[0] = 0x42; // never a WireGuard message type
                 m
@@ -140,8 +144,28 @@ pub fn udp_flood(target: &str, kind: &str, count: u32) -> anyhow::Result<()> {
             other => anyhow::bail!("unknown --kind {other:?}: garbage, data or init"),
         };
         msg.truncate(1500);
-        if s.send(&msg).is_ok() {
-            sent += 1;
+        let Some(per_run) = gso else {
+            if s.send(&msg).is_ok() {
+                sent += 1;
+            }
+            continue;
+        };
+        run.extend_from_slice(&msg);
+        in_run += 1;
+        if in_run == per_run {
+            let segment = u16::try_from(msg.len()).unwrap_or(u16::MAX);
+            loop {
+                match causeway_gateway::cable::wireguard::gso::try_send_run(&s, dst, &run, segment) {
+                    Ok(_) => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
+                    Err(e) => return Err(e).context("sending a GSO run"),
+                }
+            }
+            sent += u32::from(in_run);
+            run.clear();
+            in_run = 0;
         }
     }
     println!("{}", serde_json::json!({ "sent": sent, "kind": kind }));

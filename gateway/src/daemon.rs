@@ -17,7 +17,7 @@ use std::{
 use causeway_broker_api::{
     BrokerClient, ClientError, EndpointRecord, EventType, GatewayRole, ListResponse, Object,
 };
-use causeway_datapath::{Datapath, DatapathError, RemoteCidr};
+use causeway_datapath::{Datapath, DatapathError, RemoteCidr, UplinkHook};
 use ipnetwork::IpNetwork;
 use tokio::sync::Mutex;
 use tracing::{info, instrument, warn};
@@ -53,8 +53,10 @@ pub struct GatewayConfig {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// How often the endpoint record is renewed at the broker (its lease).
     pub heartbeat: Duration,
-    /// The underlay interface to guard with XDP (none: no guard).
+    /// The underlay interface to guard (none: no guard).
     pub uplink: Option<String>,
+    /// Where the guard runs (none: TC on a veth, XDP on anything else).
+    pub uplink_hook: Option<UplinkHook>,
     /// Restart-safe mode: the eBPF maps and program links are pinned here, the tunnel device
     /// is persistent, and exiting leaves the data plane in place for the next start (which
     /// reconciles it instead of rebuilding it). None: everything goes with the process.
@@ -410,6 +412,19 @@ fn assign_slots(
     }
 }
 
+/// TC for a veth uplink (an XDP program there makes the peer segment every GSO run, which
+/// costs more than an early drop saves), XDP for anything else.
+async fn auto_uplink_hook(uplink: &str) -> UplinkHook {
+    match crate::route::link_kind(uplink).await {
+        Ok(Some(kind)) if kind == "veth" => UplinkHook::Tc,
+        Ok(_) => UplinkHook::Xdp,
+        Err(e) => {
+            warn!(interface = uplink, error = %e, "could not tell the uplink's kind; guarding it with XDP");
+            UplinkHook::Xdp
+        }
+    }
+}
+
 /// Runs the gateway until `shutdown` completes. Then, in restart-safe mode, leaves the data
 /// plane as it is for the next start; otherwise removes its routes and tunnel.
 pub async fn run(
@@ -440,7 +455,12 @@ pub async fn run(
     datapath.set_tunnel_mtu(config.tunnel_mtu())?;
     datapath.attach_tunnel(cable.device())?;
     if let Some(uplink) = &config.uplink {
-        datapath.attach_uplink_guard(uplink, config.listen_port, HANDSHAKE_RATE, HANDSHAKE_BURST)?;
+        let hook = match config.uplink_hook {
+            Some(hook) => hook,
+            None => auto_uplink_hook(uplink).await,
+        };
+        info!(interface = %uplink, ?hook, "uplink guard");
+        datapath.attach_uplink_guard(uplink, hook, config.listen_port, HANDSHAKE_RATE, HANDSHAKE_BURST)?;
     }
     for ifname in &config.cluster_interfaces {
         datapath.attach_cluster_redirect(ifname)?;

@@ -23,4 +23,5 @@ pub mod policy;
 pub mod route;
 pub mod status;
 
+pub use causeway_datapath::UplinkHook;
 pub use daemon::{GatewayConfig, GatewayError, run};

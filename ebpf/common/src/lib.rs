@@ -108,6 +108,9 @@ pub mod programs {
     pub const TUNNEL_INGRESS: &str = "tunnel_ingress";
     /// XDP on the uplink: only well-formed WireGuard messages reach the WireGuard port.
     pub const UPLINK_GUARD: &str = "uplink_guard";
+    /// The same guard as TC ingress, for uplinks where XDP costs more than it saves (a veth
+    /// with an XDP program makes its peer segment every GSO run).
+    pub const UPLINK_GUARD_TC: &str = "uplink_guard_tc";
     /// TC on an Ethernet device: the cluster-set policy without a tunnel device.
     pub const POLICY_ETH: &str = "policy_eth";
     /// TC ingress of a cluster-facing interface: remote-bound packets straight to the tunnel.

@@ -91,6 +91,26 @@ fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DatapathError {
     move |source| DatapathError::Map { name, source }
 }
 
+/// Where the uplink guard runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UplinkHook {
+    /// XDP: drops before the kernel allocates anything. The choice for a physical NIC.
+    Xdp,
+    /// TC ingress: after the socket buffer exists. The choice for a veth uplink, where an XDP
+    /// program makes the peer segment every GSO run (and copies every packet into XDP's
+    /// layout), which costs more than the guard saves.
+    Tc,
+}
+
+/// The uplink guard's verdict on one frame (from a test run).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuardVerdict {
+    Pass,
+    Drop,
+    /// A return code the guard never gives (a bug).
+    Other(i64),
+}
+
 /// The loaded programs and their maps.
 pub struct Datapath {
     ebpf: Ebpf,
@@ -349,17 +369,22 @@ impl Datapath {
         Ok(())
     }
 
-    /// Attaches the uplink guard (XDP) to `ifname`: datagrams to `wireguard_port` must be
+    /// Attaches the uplink guard to `ifname` at `hook`: datagrams to `wireguard_port` must be
     /// well-formed WireGuard messages, data messages must come from a known peer
     /// ([`Self::set_known_peers`]), handshake initiations are limited to `rate` per second per
-    /// source with bursts of `burst`. Native XDP where the driver has it, generic otherwise.
+    /// source with bursts of `burst`. XDP: native where the driver has it, generic otherwise.
     pub fn attach_uplink_guard(
         &mut self,
         ifname: &str,
+        hook: UplinkHook,
         wireguard_port: u16,
         rate: u32,
         burst: u32,
     ) -> Result<(), DatapathError> {
+        if hook == UplinkHook::Tc {
+            self.configure_uplink_guard(wireguard_port, rate, burst)?;
+            return self.attach_tc(programs::UPLINK_GUARD_TC, ifname, TcAttachType::Ingress);
+        }
         let name = programs::UPLINK_GUARD;
         let pin = self.pins.as_ref().map(|p| p.link(name, ifname));
         let prog = self.load_uplink_guard(wireguard_port, rate, burst)?;
@@ -399,13 +424,13 @@ impl Datapath {
         Ok(())
     }
 
-    /// Configures and loads (once) the uplink guard without attaching it.
-    fn load_uplink_guard(
+    /// Sets the uplink guard's port and handshake limits (shared by both hooks).
+    fn configure_uplink_guard(
         &mut self,
         wireguard_port: u16,
         rate: u32,
         burst: u32,
-    ) -> Result<&mut Xdp, DatapathError> {
+    ) -> Result<(), DatapathError> {
         for (cfg, v) in [
             (Config::WireGuardPort, u32::from(wireguard_port)),
             (Config::HandshakeRate, rate),
@@ -413,6 +438,17 @@ impl Datapath {
         ] {
             self.config.set(cfg as u32, v, 0).map_err(map_err(maps::CONFIG))?;
         }
+        Ok(())
+    }
+
+    /// Configures and loads (once) the XDP uplink guard without attaching it.
+    fn load_uplink_guard(
+        &mut self,
+        wireguard_port: u16,
+        rate: u32,
+        burst: u32,
+    ) -> Result<&mut Xdp, DatapathError> {
+        self.configure_uplink_guard(wireguard_port, rate, burst)?;
         let name = programs::UPLINK_GUARD;
         let prog: &mut Xdp = self
             .ebpf
@@ -426,21 +462,43 @@ impl Datapath {
         Ok(prog)
     }
 
-    /// Runs the uplink guard on one Ethernet frame with `BPF_PROG_TEST_RUN` (nothing attached,
-    /// maps and counters live) and returns its XDP verdict (1 = drop, 2 = pass).
+    /// Runs the uplink guard at `hook` on one Ethernet frame with `BPF_PROG_TEST_RUN`
+    /// (nothing attached, maps and counters live). (A test run cannot make a GSO socket
+    /// buffer: the kernel refuses `gso_size` in the context; the end-to-end test sends runs.)
     pub fn test_uplink_guard(
         &mut self,
+        hook: UplinkHook,
         frame: &[u8],
         wireguard_port: u16,
         rate: u32,
         burst: u32,
-    ) -> Result<u32, DatapathError> {
+    ) -> Result<GuardVerdict, DatapathError> {
         use aya::programs::{TestRun as _, TestRunOptions};
-        let name = programs::UPLINK_GUARD;
-        let prog = self.load_uplink_guard(wireguard_port, rate, burst)?;
-        let opts = TestRunOptions { data_in: Some(frame), ..TestRunOptions::default() };
-        let r = prog.test_run(opts).map_err(|source| DatapathError::Program { name, source })?;
-        Ok(r.return_value)
+        match hook {
+            UplinkHook::Xdp => {
+                let name = programs::UPLINK_GUARD;
+                let prog = self.load_uplink_guard(wireguard_port, rate, burst)?;
+                let opts = TestRunOptions { data_in: Some(frame), ..TestRunOptions::default() };
+                let r = prog.test_run(opts).map_err(|source| DatapathError::Program { name, source })?;
+                Ok(match r.return_value {
+                    1 => GuardVerdict::Drop,
+                    2 => GuardVerdict::Pass,
+                    other => GuardVerdict::Other(i64::from(other)),
+                })
+            }
+            UplinkHook::Tc => {
+                let name = programs::UPLINK_GUARD_TC;
+                self.configure_uplink_guard(wireguard_port, rate, burst)?;
+                let prog = self.tunnel_program(name)?;
+                let opts = TestRunOptions { data_in: Some(frame), ..TestRunOptions::default() };
+                let r = prog.test_run(opts).map_err(|source| DatapathError::Program { name, source })?;
+                Ok(match r.return_value {
+                    0 => GuardVerdict::Pass,
+                    2 => GuardVerdict::Drop,
+                    other => GuardVerdict::Other(i64::from(other)),
+                })
+            }
+        }
     }
 
     /// Makes the known-peer set equal `peers` (the addresses data messages may come from).

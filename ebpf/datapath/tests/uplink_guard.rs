@@ -1,13 +1,13 @@
-//! Packet-level tests of the XDP uplink guard through `BPF_PROG_TEST_RUN`: frames built here,
-//! verdicts and counters read back. Needs root (BPF). Runs in CI (`CI=true`) or with
+//! Packet-level tests of the uplink guard, at XDP and at TC, through `BPF_PROG_TEST_RUN`:
+//! frames built here, verdicts and counters read back. Needs root (BPF). Runs in CI (`CI=true`) or with
 //! `CAUSEWAY_PRIVILEGED_TESTS=1`; elsewhere it says it skipped.
 
 use std::{collections::BTreeSet, net::Ipv4Addr};
 
-use causeway_datapath::{Datapath, Stat};
+use causeway_datapath::{Datapath, GuardVerdict, Stat, UplinkHook};
 
-const DROP: u32 = 1;
-const PASS: u32 = 2;
+const DROP: GuardVerdict = GuardVerdict::Drop;
+const PASS: GuardVerdict = GuardVerdict::Pass;
 const PORT: u16 = 51820;
 
 struct Frame {
@@ -71,12 +71,24 @@ fn stat(dp: &Datapath, s: Stat) -> u64 {
 }
 
 #[tokio::test]
-async fn uplink_guard_verdicts() {
+async fn uplink_guard_verdicts_at_xdp() {
     if !causeway_datapath::testing::privileged() {
         return;
     }
+    verdicts(UplinkHook::Xdp);
+}
+
+#[tokio::test]
+async fn uplink_guard_verdicts_at_tc() {
+    if !causeway_datapath::testing::privileged() {
+        return;
+    }
+    verdicts(UplinkHook::Tc);
+}
+
+fn verdicts(hook: UplinkHook) {
     let mut dp = Datapath::load().expect("loading the datapath (root, BPF)");
-    let run = |dp: &mut Datapath, f: &Frame| dp.test_uplink_guard(&f.bytes(), PORT, 20, 40).unwrap();
+    let run = |dp: &mut Datapath, f: &Frame| dp.test_uplink_guard(hook, &f.bytes(), PORT, 20, 40).unwrap();
     let peer = [172, 31, 0, 12];
     let stranger = [172, 31, 0, 66];
 
@@ -96,7 +108,11 @@ async fn uplink_guard_verdicts() {
         PASS,
         "non-first fragment"
     );
-    assert_eq!(dp.test_uplink_guard(&[0u8; 20], PORT, 20, 40).unwrap(), PASS, "truncated frame: not ours");
+    assert_eq!(
+        dp.test_uplink_guard(hook, &[0u8; 20], PORT, 20, 40).unwrap(),
+        PASS,
+        "truncated frame: not ours"
+    );
 
     // Malformed messages to the port are dropped and counted.
     let before = stat(&dp, Stat::XdpMalformed);
@@ -136,7 +152,8 @@ async fn uplink_guard_verdicts() {
 
     // Handshake floods: a burst of 40 per source (one already spent above), then ~20/s.
     let flooder = [172, 31, 0, 77];
-    let verdicts: Vec<u32> = (0..60).map(|_| run(&mut dp, &Frame::wg(flooder, msg(1, 148)))).collect();
+    let verdicts: Vec<GuardVerdict> =
+        (0..60).map(|_| run(&mut dp, &Frame::wg(flooder, msg(1, 148)))).collect();
     let passed = verdicts.iter().filter(|v| **v == PASS).count();
     assert!((40..=42).contains(&passed), "burst of 40, then limited: {passed} passed");
     assert_eq!(verdicts[..40].iter().filter(|v| **v == PASS).count(), 40, "the burst passes first");

@@ -16,6 +16,10 @@
 //! stack would (TTL expiring, larger than the tunnel MTU, not plain IPv4/IPv6) it leaves to
 //! the stack.
 //!
+//! `uplink_guard` (XDP, or `uplink_guard_tc` at TC ingress where XDP costs more than it saves)
+//! lets only well-formed WireGuard messages from known peers, and rate-limited handshakes,
+//! reach the WireGuard port.
+//!
 //! No logging on the fast path: only the rare "no remote prefix matched" event is logged
 //! (aya-log), and counted.
 #![no_std]
@@ -85,11 +89,62 @@ fn config(c: Config) -> u32 {
     CONFIG.get(c as u32).copied().unwrap_or(0)
 }
 
-/// Bounds-checked pointer into the XDP frame.
+/// A frame the uplink guard can judge: XDP's, or a socket buffer's at TC.
+trait Frame {
+    fn start(&self) -> usize;
+    /// End of the directly readable bytes.
+    fn end(&self) -> usize;
+    /// The whole frame's length (a socket buffer's may lie partly outside the readable bytes).
+    fn len(&self) -> usize;
+    /// The size of each datagram when the frame is a run of them (a UDP GSO socket buffer).
+    fn segment(&self) -> Option<usize>;
+}
+
+impl Frame for XdpContext {
+    #[inline(always)]
+    fn start(&self) -> usize {
+        self.data()
+    }
+    #[inline(always)]
+    fn end(&self) -> usize {
+        self.data_end()
+    }
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.data_end() - self.data()
+    }
+    #[inline(always)]
+    fn segment(&self) -> Option<usize> {
+        None
+    }
+}
+
+impl Frame for TcContext {
+    #[inline(always)]
+    fn start(&self) -> usize {
+        self.data()
+    }
+    #[inline(always)]
+    fn end(&self) -> usize {
+        self.data_end()
+    }
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.skb.len() as usize
+    }
+    #[inline(always)]
+    fn segment(&self) -> Option<usize> {
+        // SAFETY: reads a field of the program's own __sk_buff.
+        let gso = unsafe { (*self.skb.skb).gso_size };
+        (gso > 0).then_some(gso as usize)
+    }
+}
+
+/// Bounds-checked pointer into the readable part of a frame.
 #[inline(always)]
-fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*const T> {
-    let start = ctx.data();
-    let end = ctx.data_end();
+fn ptr_at<T>(ctx: &impl Frame, offset: usize) -> Option<*const T> {
+    let start = ctx.start();
+    let end = ctx.end();
     if start + offset + core::mem::size_of::<T>() > end {
         return None;
     }
@@ -118,6 +173,28 @@ pub fn uplink_guard(ctx: XdpContext) -> u32 {
     }
 }
 
+/// The uplink guard at TC ingress (see [`uplink_guard`]), for uplinks where XDP would cost
+/// more than it saves. A GSO run of datagrams is judged by its first one.
+#[classifier]
+pub fn uplink_guard_tc(ctx: TcContext) -> i32 {
+    // Headers first in the readable part (a no-op for the usual linear frame).
+    let _ = ctx.pull_data(GUARD_HEADERS);
+    match guard(&ctx) {
+        Verdict::NotOurs => TC_ACT_OK,
+        Verdict::Drop(stat) => {
+            bump(stat);
+            TC_ACT_SHOT
+        }
+        Verdict::Accept => {
+            bump(Stat::XdpPassed);
+            TC_ACT_OK
+        }
+    }
+}
+
+/// Ethernet, the longest IPv4 header, UDP and the WireGuard message type.
+const GUARD_HEADERS: u32 = (ETH_HDR + 60 + 8 + 4) as u32;
+
 enum Verdict {
     /// Not for the WireGuard port (or not parseable as such): not our business.
     NotOurs,
@@ -127,7 +204,7 @@ enum Verdict {
 }
 
 #[inline(always)]
-fn guard(ctx: &XdpContext) -> Verdict {
+fn guard(ctx: &impl Frame) -> Verdict {
     let port = config(Config::WireGuardPort);
     if port == 0 {
         return Verdict::NotOurs;
@@ -161,14 +238,16 @@ fn guard(ctx: &XdpContext) -> Verdict {
     }
     let Some(ulen) = ptr_at::<u16>(ctx, udp + 4) else { return Verdict::Drop(Stat::XdpMalformed) };
     // SAFETY: bounds-checked.
-    let len = usize::from(u16::from_be(unsafe { core::ptr::read_unaligned(ulen) })).saturating_sub(8);
+    let udp_len = usize::from(u16::from_be(unsafe { core::ptr::read_unaligned(ulen) })).saturating_sub(8);
     let Some(head) = ptr_at::<u32>(ctx, udp + 8) else { return Verdict::Drop(Stat::XdpMalformed) };
     // SAFETY: bounds-checked. Type in the first byte, three reserved zero bytes.
     let head = u32::from_le(unsafe { core::ptr::read_unaligned(head) });
     // The UDP length must not claim more than the frame holds.
-    if ctx.data() + udp + 8 + len > ctx.data_end() {
+    if udp + 8 + udp_len > ctx.len() {
         return Verdict::Drop(Stat::XdpMalformed);
     }
+    // A run's header counts all its datagrams; the first one is what the type must match.
+    let len = ctx.segment().unwrap_or(udp_len);
     match (head, len) {
         (1, 148) => handshake_allowed(src),
         (2, 92) | (3, 64) => Verdict::Accept,

@@ -162,3 +162,27 @@ pub async fn delete_link(name: &str) -> Result<(), RouteError> {
     info!(device = name, "device removed");
     Ok(())
 }
+
+/// The kind of interface `name` (`veth`, `vxlan`, …; `None` for a physical device, which has
+/// no link info) in the calling thread's namespace.
+pub async fn link_kind(name: &str) -> Result<Option<String>, RouteError> {
+    use netlink_packet_route::link::{LinkAttribute, LinkInfo};
+    let (conn, handle, _) = rtnetlink::new_connection().map_err(RouteError::Connect)?;
+    tokio::spawn(conn);
+    let link = handle
+        .link()
+        .get()
+        .match_name(name.to_owned())
+        .execute()
+        .try_next()
+        .await
+        .map_err(|source| RouteError::Netlink { op: "get link", what: name.to_owned(), source })?
+        .ok_or_else(|| RouteError::NoInterface { name: name.to_owned() })?;
+    Ok(link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
+            LinkInfo::Kind(kind) => Some(kind.to_string()),
+            _ => None,
+        }),
+        _ => None,
+    }))
+}

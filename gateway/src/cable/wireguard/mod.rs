@@ -3,7 +3,7 @@
 //! [`core::WgCore`]. Control calls reach the lanes' control thread over a channel.
 
 pub mod core;
-mod gso;
+pub mod gso;
 mod lanes;
 pub mod probe;
 pub mod uapi;

@@ -734,7 +734,8 @@ fn a_standby_gateway_is_kept_warm_by_the_other_clusters() {
 
     // Without any traffic to it: gateway 1 holds a session with the standby (the uplink
     // guard lets its keepalives through), and the standby with gateway 1.
-    wait_for(Duration::from_secs(15), "gateway 1's session with cluster-2's standby", || {
+    // As long as the other tunnels get to come up (`start`): the full suite loads two cores.
+    wait_for(Duration::from_secs(30), "gateway 1's session with cluster-2's standby", || {
         t.gateway_status(1).is_ok_and(|s| {
             s.standbys.iter().any(|sb| {
                 sb.cluster_id == "cluster-2" && sb.endpoint == "172.31.0.32:51820" && sb.status == "connected"
@@ -742,7 +743,7 @@ fn a_standby_gateway_is_kept_warm_by_the_other_clusters() {
         })
     })
     .unwrap();
-    wait_for(Duration::from_secs(15), "the standby's session with cluster-1", || {
+    wait_for(Duration::from_secs(30), "the standby's session with cluster-1", || {
         standby_status().is_ok_and(|s| {
             s.connections.iter().any(|c| c.cluster_id == "cluster-1" && c.status == "connected")
         })

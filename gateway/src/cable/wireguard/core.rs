@@ -28,13 +28,31 @@ pub const SESSION_LIFETIME: Duration = Duration::from_secs(180);
 /// Scratch buffer size: the largest datagram plus WireGuard's overhead.
 pub const BUF_SIZE: usize = 65_536 + 148;
 
-/// What the I/O loop must do next.
+/// Where the core puts what the I/O must do next, in order. The lanes' sink copies into one
+/// reusable buffer (no allocation per packet); a `Vec<Output>` owns each one (tests).
+pub trait Sink {
+    /// Send `datagram` to a remote gateway.
+    fn udp(&mut self, dst: SocketAddr, datagram: &[u8]);
+    /// Write a decrypted `packet` to the TUN device.
+    fn tun(&mut self, packet: &[u8]);
+}
+
+/// One thing for the I/O to do, owning its bytes.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Output {
     /// Send a datagram to a remote gateway.
     Udp(SocketAddr, Vec<u8>),
     /// Write a decrypted packet to the TUN device.
     Tun(Vec<u8>),
+}
+
+impl Sink for Vec<Output> {
+    fn udp(&mut self, dst: SocketAddr, datagram: &[u8]) {
+        self.push(Output::Udp(dst, datagram.to_vec()));
+    }
+    fn tun(&mut self, packet: &[u8]) {
+        self.push(Output::Tun(packet.to_vec()));
+    }
 }
 
 /// Why a packet was dropped (counted; exported as metrics by the gateway).
@@ -196,7 +214,7 @@ impl WgCore {
 
     /// Adds a peer, or updates it in place if the key is known (endpoint and allowed prefixes
     /// change without dropping the session). A new peer starts its handshake at once.
-    pub fn upsert_peer(&mut self, config: PeerConfig, out: &mut Vec<Output>) {
+    pub fn upsert_peer(&mut self, config: PeerConfig, out: &mut impl Sink) {
         if let Some(idx) = self.by_key.get(&config.public_key.0).copied() {
             if let Some(p) = self.peers.get_mut(&idx)
                 && p.config != config
@@ -236,7 +254,7 @@ impl WgCore {
         self.rebuild_routes();
         let peer = self.peers.get_mut(&idx).expect("just inserted");
         if let TunnResult::WriteToNetwork(pkt) = peer.tunn.format_handshake_initiation(&mut self.buf, false) {
-            out.push(Output::Udp(endpoint, pkt.to_vec()));
+            out.udp(endpoint, pkt);
         }
     }
 
@@ -275,7 +293,7 @@ impl WgCore {
 
     /// A packet read from the TUN device: encrypt it for the peer whose prefixes cover its
     /// destination.
-    pub fn on_tun_packet(&mut self, packet: &[u8], out: &mut Vec<Output>) {
+    pub fn on_tun_packet(&mut self, packet: &[u8], out: &mut impl Sink) {
         let Some(dst) = Tunn::dst_address(packet) else {
             self.drop_packet(DropReason::InvalidPacket);
             return;
@@ -289,7 +307,7 @@ impl WgCore {
             TunnResult::WriteToNetwork(wire) => {
                 peer.tx_bytes += packet.len() as u64;
                 peer.tx_packets += 1;
-                out.push(Output::Udp(peer.config.endpoint, wire.to_vec()));
+                out.udp(peer.config.endpoint, wire);
             }
             TunnResult::Err(e) => debug!(cluster = %peer.config.cluster_id, error = ?e, "encapsulate failed"),
             // Queued until the handshake completes.
@@ -302,7 +320,7 @@ impl WgCore {
     }
 
     /// A datagram received on the cable's UDP socket at `now`.
-    pub fn on_datagram(&mut self, src: SocketAddr, datagram: &[u8], now: Instant, out: &mut Vec<Output>) {
+    pub fn on_datagram(&mut self, src: SocketAddr, datagram: &[u8], now: Instant, out: &mut impl Sink) {
         let idx = match Tunn::parse_incoming_packet(datagram) {
             Ok(Packet::HandshakeInit(init)) => {
                 match parse_handshake_anon(&self.private, &self.public, &init) {
@@ -349,7 +367,7 @@ impl WgCore {
                 }
                 TunnResult::WriteToNetwork(wire) => {
                     authenticated = true;
-                    out.push(Output::Udp(src, wire.to_vec()));
+                    out.udp(src, wire);
                     // Flush whatever was queued behind the handshake.
                 }
                 TunnResult::WriteToTunnelV4(pkt, addr) => {
@@ -372,7 +390,7 @@ impl WgCore {
         if let Some(reply) = answer
             && let TunnResult::WriteToNetwork(wire) = peer.tunn.encapsulate(&reply, &mut self.buf)
         {
-            out.push(Output::Udp(peer.config.endpoint, wire.to_vec()));
+            out.udp(peer.config.endpoint, wire);
         }
         if let Some(r) = dropped {
             self.drop_packet(r);
@@ -387,7 +405,7 @@ impl WgCore {
         now: Instant,
         src: IpAddr,
         pkt: &[u8],
-        out: &mut Vec<Output>,
+        out: &mut impl Sink,
         dropped: &mut Option<DropReason>,
     ) -> Option<Vec<u8>> {
         if pkt.is_empty() {
@@ -416,7 +434,7 @@ impl WgCore {
             }
             peer.rx_bytes += pkt.len() as u64;
             peer.rx_packets += 1;
-            out.push(Output::Tun(pkt.to_vec()));
+            out.tun(pkt);
         } else {
             warn!(cluster = %peer.config.cluster_id, %src, "dropping decrypted packet from a source outside the peer's prefixes");
             *dropped = Some(DropReason::SourceNotAllowed);
@@ -425,7 +443,7 @@ impl WgCore {
     }
 
     /// Timer tick (every ~250 ms) at `now`: handshakes, rekeys, keepalives, expiry, probes.
-    pub fn tick(&mut self, now: Instant, out: &mut Vec<Output>) {
+    pub fn tick(&mut self, now: Instant, out: &mut impl Sink) {
         let local_health = self.health_ip;
         for peer in self.peers.values_mut() {
             // Probes only ride a live session: without one they would just queue.
@@ -435,12 +453,10 @@ impl WgCore {
                 && let TunnResult::WriteToNetwork(wire) =
                     peer.tunn.encapsulate(&probe.to_packet(), &mut self.buf)
             {
-                out.push(Output::Udp(peer.config.endpoint, wire.to_vec()));
+                out.udp(peer.config.endpoint, wire);
             }
             match peer.tunn.update_timers(&mut self.buf) {
-                TunnResult::WriteToNetwork(wire) => {
-                    out.push(Output::Udp(peer.config.endpoint, wire.to_vec()))
-                }
+                TunnResult::WriteToNetwork(wire) => out.udp(peer.config.endpoint, wire),
                 TunnResult::Err(WireGuardError::ConnectionExpired) => {
                     debug!(cluster = %peer.config.cluster_id, "session expired");
                 }

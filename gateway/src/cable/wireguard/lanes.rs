@@ -39,7 +39,7 @@ use tracing::{debug, warn};
 
 use super::{
     Command,
-    core::{BUF_SIZE, DropReason, Output, WgCore},
+    core::{BUF_SIZE, DropReason, Sink, WgCore},
     gso,
 };
 
@@ -68,26 +68,80 @@ pub(super) struct Lane {
     pub udp: UdpSocket,
 }
 
+/// Where a packet goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Dest {
+    Udp(SocketAddr),
+    Tun,
+}
+
+/// Packets in order, in one buffer that is reused: once warm, moving a packet through the
+/// core, the lanes' hand-off and the writers allocates nothing.
+#[derive(Debug, Default)]
+struct Outputs {
+    bytes: Vec<u8>,
+    items: Vec<(Dest, usize, usize)>,
+}
+
+impl Sink for Outputs {
+    fn udp(&mut self, dst: SocketAddr, datagram: &[u8]) {
+        self.push(Dest::Udp(dst), datagram);
+    }
+    fn tun(&mut self, packet: &[u8]) {
+        self.push(Dest::Tun, packet);
+    }
+}
+
+impl Outputs {
+    fn push(&mut self, dest: Dest, data: &[u8]) {
+        let start = self.bytes.len();
+        self.bytes.extend_from_slice(data);
+        self.items.push((dest, start, self.bytes.len()));
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (Dest, &[u8])> {
+        self.items.iter().map(|(d, s, e)| (*d, &self.bytes[*s..*e]))
+    }
+
+    fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    fn clear(&mut self) {
+        self.bytes.clear();
+        self.items.clear();
+    }
+
+    /// Appends `other`'s packets until this holds `limit`; empties `other` and returns how
+    /// many of its packets did not fit.
+    fn take_from(&mut self, other: &mut Outputs, limit: usize) -> usize {
+        let fit = limit.saturating_sub(self.len()).min(other.len());
+        for (dest, data) in other.iter().take(fit) {
+            self.push(dest, data);
+        }
+        let refused = other.len() - fit;
+        other.clear();
+        refused
+    }
+}
+
 /// Decrypted packets handed to a lane for writing, and the doorbell that wakes it.
 struct Inbox {
-    packets: Mutex<Vec<Vec<u8>>>,
+    packets: Mutex<Outputs>,
     bell: UnixDatagram,
 }
 
 impl Inbox {
-    /// Appends `packets` (in order) and rings; returns how many did not fit.
-    fn deliver(&self, packets: &mut Vec<Vec<u8>>) -> usize {
-        let refused = {
-            let mut q = self.packets.lock().unwrap_or_else(PoisonError::into_inner);
-            let room = INBOX_LIMIT.saturating_sub(q.len());
-            let refused = packets.len().saturating_sub(room);
-            packets.truncate(packets.len() - refused);
-            q.append(packets);
-            refused
-        };
+    /// Appends `packets` (in order) and rings; returns how many did not fit. Empties `packets`.
+    fn deliver(&self, packets: &mut Outputs) -> usize {
+        let refused =
+            self.packets.lock().unwrap_or_else(PoisonError::into_inner).take_from(packets, INBOX_LIMIT);
         // A full doorbell already has a wake-up pending.
         let _ = self.bell.send(&[1]);
-        packets.clear();
         refused
     }
 }
@@ -147,7 +201,7 @@ pub(super) fn start(
         let (ring, hear) = UnixDatagram::pair()?;
         ring.set_nonblocking(true)?;
         hear.set_nonblocking(true)?;
-        inboxes.push(Inbox { packets: Mutex::new(Vec::new()), bell: ring });
+        inboxes.push(Inbox { packets: Mutex::new(Outputs::default()), bell: ring });
         bells.push(hear);
     }
     let inboxes: Arc<[Inbox]> = inboxes.into();
@@ -175,7 +229,7 @@ fn control(
     stop: std::io::PipeWriter,
     lanes: Vec<JoinHandle<()>>,
 ) {
-    let mut out = Vec::new();
+    let mut out = Outputs::default();
     let mut sender = UdpSender::default();
     let mut next_tick = Instant::now() + TICK;
     let stopped = loop {
@@ -200,11 +254,13 @@ fn control(
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break None,
         }
-        for o in out.drain(..) {
-            if let Output::Udp(dst, data) = o {
-                sender.push(udp, dst, &data);
+        // Timers and control calls only ever produce datagrams.
+        for (dest, data) in out.iter() {
+            if let Dest::Udp(dst) = dest {
+                sender.push(udp, dst, data);
             }
         }
+        out.clear();
         sender.send(udp);
     };
     drop(stop);
@@ -252,10 +308,11 @@ fn run_lane(ctx: &LaneCtx, lane: &Lane, stop: BorrowedFd<'_>) {
     let mut sizes = vec![0usize; tun_rs::IDEAL_BATCH_SIZE];
     let mut writer = TunWriter::default();
     let mut sender = UdpSender::default();
-    let mut out = Vec::new();
+    let mut out = Outputs::default();
     // Decrypted packets bound for other lanes, per lane; and what this lane's inbox held.
-    let mut outgoing: Vec<Vec<Vec<u8>>> = vec![Vec::new(); ctx.inboxes.len()];
-    let mut incoming: Vec<Vec<u8>> = Vec::new();
+    let mut outgoing: Vec<Outputs> =
+        std::iter::repeat_with(Outputs::default).take(ctx.inboxes.len()).collect();
+    let mut incoming = Outputs::default();
     let mut ring = [0u8; 64];
     debug!(lane = index, "cable lane running");
     loop {
@@ -283,12 +340,13 @@ fn run_lane(ctx: &LaneCtx, lane: &Lane, stop: BorrowedFd<'_>) {
                 &mut *ctx.inboxes[index].packets.lock().unwrap_or_else(PoisonError::into_inner),
                 &mut incoming,
             );
-            for pkt in incoming.drain(..) {
-                writer.push(&pkt);
+            for (_, pkt) in incoming.iter() {
+                writer.push(pkt);
                 if writer.bufs.len() >= tun_rs::IDEAL_BATCH_SIZE {
                     writer.write(&lane.tun);
                 }
             }
+            incoming.clear();
         }
         if tun_ready {
             for _ in 0..TUN_READS {
@@ -330,20 +388,21 @@ fn run_lane(ctx: &LaneCtx, lane: &Lane, stop: BorrowedFd<'_>) {
                 }
             }
         }
-        for o in out.drain(..) {
-            match o {
-                Output::Udp(dst, data) => sender.push(&lane.udp, dst, &data),
-                Output::Tun(pkt) => match writer_lane(index, outgoing.len(), &pkt) {
+        for (dest, data) in out.iter() {
+            match dest {
+                Dest::Udp(dst) => sender.push(&lane.udp, dst, data),
+                Dest::Tun => match writer_lane(index, outgoing.len(), data) {
                     own if own == index => {
-                        writer.push(&pkt);
+                        writer.push(data);
                         if writer.bufs.len() >= tun_rs::IDEAL_BATCH_SIZE {
                             writer.write(&lane.tun);
                         }
                     }
-                    other => outgoing[other].push(pkt),
+                    other => outgoing[other].tun(data),
                 },
             }
         }
+        out.clear();
         sender.send(&lane.udp);
         writer.write(&lane.tun);
         let mut refused = 0;
@@ -537,20 +596,41 @@ mod tests {
     fn a_full_inbox_refuses_the_excess_and_keeps_the_order() {
         let (ring, hear) = UnixDatagram::pair().unwrap();
         ring.set_nonblocking(true).unwrap();
-        let inbox = Inbox { packets: Mutex::new(Vec::new()), bell: ring };
-        let mut batch: Vec<Vec<u8>> = (0..INBOX_LIMIT - 2).map(|i| i.to_le_bytes().to_vec()).collect();
+        let inbox = Inbox { packets: Mutex::new(Outputs::default()), bell: ring };
+        let mut batch = Outputs::default();
+        for i in 0..INBOX_LIMIT - 2 {
+            batch.tun(&i.to_le_bytes());
+        }
         assert_eq!(inbox.deliver(&mut batch), 0);
-        let mut more: Vec<Vec<u8>> = (0..5usize).map(|i| (INBOX_LIMIT + i).to_le_bytes().to_vec()).collect();
-        assert_eq!(inbox.deliver(&mut more), 3, "two fit");
-        assert!(batch.is_empty() && more.is_empty());
+        for i in 0..5usize {
+            batch.tun(&(INBOX_LIMIT + i).to_le_bytes());
+        }
+        assert_eq!(inbox.deliver(&mut batch), 3, "two fit");
+        assert!(batch.is_empty());
         let q = inbox.packets.lock().unwrap();
         assert_eq!(q.len(), INBOX_LIMIT);
-        assert_eq!(
-            q[INBOX_LIMIT - 1],
-            (INBOX_LIMIT + 1).to_le_bytes().to_vec(),
-            "the first ones kept, in order"
-        );
+        let last: Vec<&[u8]> = q.iter().skip(INBOX_LIMIT - 3).map(|(_, p)| p).collect();
+        let want: Vec<Vec<u8>> = [INBOX_LIMIT - 3, INBOX_LIMIT, INBOX_LIMIT + 1]
+            .iter()
+            .map(|i| i.to_le_bytes().to_vec())
+            .collect();
+        assert_eq!(last, want.iter().map(Vec::as_slice).collect::<Vec<_>>(), "the first ones kept, in order");
         let mut rung = [0u8; 8];
         assert!(hear.recv(&mut rung).is_ok(), "the doorbell rang");
+    }
+
+    #[test]
+    fn outputs_reuse_their_buffers() {
+        let dst: SocketAddr = "172.31.0.12:51820".parse().unwrap();
+        let mut out = Outputs::default();
+        out.udp(dst, &[1; 100]);
+        out.tun(&[2; 50]);
+        let got: Vec<(Dest, usize)> = out.iter().map(|(d, p)| (d, p.len())).collect();
+        assert_eq!(got, vec![(Dest::Udp(dst), 100), (Dest::Tun, 50)]);
+        let (bytes, items) = (out.bytes.capacity(), out.items.capacity());
+        out.clear();
+        out.udp(dst, &[3; 100]);
+        out.tun(&[4; 50]);
+        assert_eq!((out.bytes.capacity(), out.items.capacity()), (bytes, items), "no new allocation");
     }
 }

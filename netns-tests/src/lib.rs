@@ -34,14 +34,8 @@ pub fn causeway_bin() -> std::path::PathBuf {
 /// never skip them silently.
 #[must_use]
 pub fn privileged_tests_enabled() -> bool {
-    let wanted = std::env::var("CAUSEWAY_PRIVILEGED_TESTS").is_ok_and(|v| v == "1")
-        || std::env::var("CI").is_ok_and(|v| v == "true");
-    if !wanted {
-        eprintln!("skipped: needs root + CAUSEWAY_PRIVILEGED_TESTS=1 (or CI=true)");
-        return false;
-    }
-    assert!(exec::is_root(), "privileged tests were requested but this is not root");
-    true
+    // One gate for every privileged tier: the datapath's (its BPF tests use it directly).
+    causeway_datapath::testing::privileged()
 }
 
 /// `require_privileges!()` at the top of a privileged test.

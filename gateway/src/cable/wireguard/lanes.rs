@@ -29,7 +29,11 @@ use std::{
         fd::{AsFd, BorrowedFd},
         unix::net::UnixDatagram,
     },
-    sync::{Arc, Mutex, PoisonError, mpsc},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicUsize, Ordering},
+        mpsc,
+    },
     thread::JoinHandle,
     time::{Duration, Instant},
 };
@@ -52,6 +56,10 @@ const TUN_READS: usize = 16;
 /// Decrypted packets waiting in a lane's inbox past which more are dropped (and counted): a
 /// lane that falls this far behind is not going to catch up by queueing more.
 const INBOX_LIMIT: usize = 4096;
+/// A hand-off this small, to a lane with nothing left to write, is written by the decrypting
+/// lane itself (through the other lane's queue): a ping or a request does not wait for a
+/// second thread to wake up, and bulk traffic still takes two cores.
+const DIRECT_MAX: usize = 8;
 
 /// The core, shared by the lanes and the control thread.
 pub(super) type SharedCore = Arc<Mutex<WgCore>>;
@@ -67,6 +75,10 @@ pub(super) struct Lane {
     pub tun: tun_rs::SyncDevice,
     pub udp: UdpSocket,
 }
+
+/// Every lane's queue: a lane writes a small hand-off through its receiver's queue, so the
+/// kernel keeps steering that flow to the receiver.
+type Queues = Arc<[Arc<tun_rs::SyncDevice>]>;
 
 /// Where a packet goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -119,6 +131,12 @@ impl Outputs {
     /// Appends `other`'s packets until this holds `limit`; empties `other` and returns how
     /// many of its packets did not fit.
     fn take_from(&mut self, other: &mut Outputs, limit: usize) -> usize {
+        if self.is_empty() && other.len() <= limit {
+            // The usual case: the lane drained its inbox; trade buffers instead of copying.
+            std::mem::swap(self, other);
+            other.clear();
+            return 0;
+        }
         let fit = limit.saturating_sub(self.len()).min(other.len());
         for (dest, data) in other.iter().take(fit) {
             self.push(dest, data);
@@ -133,16 +151,33 @@ impl Outputs {
 struct Inbox {
     packets: Mutex<Outputs>,
     bell: UnixDatagram,
+    /// Packets handed over and not yet written: at zero, every packet handed to this lane is
+    /// in the kernel, and another lane may write the next ones itself without reordering.
+    unwritten: AtomicUsize,
 }
 
 impl Inbox {
+    fn new(bell: UnixDatagram) -> Self {
+        Self { packets: Mutex::new(Outputs::default()), bell, unwritten: AtomicUsize::new(0) }
+    }
+
     /// Appends `packets` (in order) and rings; returns how many did not fit. Empties `packets`.
     fn deliver(&self, packets: &mut Outputs) -> usize {
-        let refused =
-            self.packets.lock().unwrap_or_else(PoisonError::into_inner).take_from(packets, INBOX_LIMIT);
+        let offered = packets.len();
+        let refused = {
+            let mut q = self.packets.lock().unwrap_or_else(PoisonError::into_inner);
+            let refused = q.take_from(packets, INBOX_LIMIT);
+            self.unwritten.fetch_add(offered - refused, Ordering::Release);
+            refused
+        };
         // A full doorbell already has a wake-up pending.
         let _ = self.bell.send(&[1]);
         refused
+    }
+
+    /// Whether everything handed to this lane has been written.
+    fn idle(&self) -> bool {
+        self.unwritten.load(Ordering::Acquire) == 0
     }
 }
 
@@ -201,14 +236,18 @@ pub(super) fn start(
         let (ring, hear) = UnixDatagram::pair()?;
         ring.set_nonblocking(true)?;
         hear.set_nonblocking(true)?;
-        inboxes.push(Inbox { packets: Mutex::new(Outputs::default()), bell: ring });
+        inboxes.push(Inbox::new(ring));
         bells.push(hear);
     }
     let inboxes: Arc<[Inbox]> = inboxes.into();
-    let mut threads = Vec::with_capacity(lanes.len());
-    for (i, (lane, bell)) in lanes.into_iter().zip(bells).enumerate() {
-        let (core, stop_rx, inboxes) = (core.clone(), stop_rx.clone(), inboxes.clone());
-        let ctx = LaneCtx { index: i, core, inboxes, bell, mtu, gro };
+    let (queues, sockets): (Vec<_>, Vec<_>) = lanes.into_iter().map(|l| (Arc::new(l.tun), l.udp)).unzip();
+    let queues: Queues = queues.into();
+    let mut threads = Vec::with_capacity(sockets.len());
+    for (i, (udp, bell)) in sockets.into_iter().zip(bells).enumerate() {
+        let (core, stop_rx, inboxes, queues) =
+            (core.clone(), stop_rx.clone(), inboxes.clone(), queues.clone());
+        let lane = LaneIo { tun: queues[i].clone(), udp };
+        let ctx = LaneCtx { index: i, core, inboxes, queues, bell, mtu, gro };
         let t = std::thread::Builder::new()
             .name(format!("cw-lane-{i}"))
             .spawn(move || run_lane(&ctx, &lane, stop_rx.as_fd()))?;
@@ -289,6 +328,7 @@ struct LaneCtx {
     index: usize,
     core: SharedCore,
     inboxes: Arc<[Inbox]>,
+    queues: Queues,
     /// This lane's end of its inbox's doorbell.
     bell: UnixDatagram,
     mtu: usize,
@@ -297,7 +337,13 @@ struct LaneCtx {
 
 /// A lane's loop: wait for either side or the inbox, drain each in bounded batches, write
 /// what the core returns.
-fn run_lane(ctx: &LaneCtx, lane: &Lane, stop: BorrowedFd<'_>) {
+/// A lane thread's own endpoints.
+struct LaneIo {
+    tun: Arc<tun_rs::SyncDevice>,
+    udp: UdpSocket,
+}
+
+fn run_lane(ctx: &LaneCtx, lane: &LaneIo, stop: BorrowedFd<'_>) {
     let (index, core) = (ctx.index, &ctx.core);
     // Room for a coalesced run of datagrams (UDP GRO) or one datagram.
     let mut buf = vec![0u8; BUF_SIZE.max(65_536)];
@@ -346,6 +392,8 @@ fn run_lane(ctx: &LaneCtx, lane: &Lane, stop: BorrowedFd<'_>) {
                     writer.write(&lane.tun);
                 }
             }
+            writer.write(&lane.tun);
+            ctx.inboxes[index].unwritten.fetch_sub(incoming.len(), Ordering::Release);
             incoming.clear();
         }
         if tun_ready {
@@ -406,8 +454,17 @@ fn run_lane(ctx: &LaneCtx, lane: &Lane, stop: BorrowedFd<'_>) {
         sender.send(&lane.udp);
         writer.write(&lane.tun);
         let mut refused = 0;
-        for (inbox, packets) in ctx.inboxes.iter().zip(&mut outgoing).filter(|(_, p)| !p.is_empty()) {
-            refused += inbox.deliver(packets);
+        for (i, packets) in outgoing.iter_mut().enumerate().filter(|(_, p)| !p.is_empty()) {
+            let inbox = &ctx.inboxes[i];
+            if packets.len() <= DIRECT_MAX && inbox.idle() {
+                for (_, pkt) in packets.iter() {
+                    writer.push(pkt);
+                }
+                writer.write(&ctx.queues[i]);
+                packets.clear();
+            } else {
+                refused += inbox.deliver(packets);
+            }
         }
         if refused > 0 {
             lock(core).count_drops(DropReason::LaneBacklog, refused as u64);
@@ -596,7 +653,7 @@ mod tests {
     fn a_full_inbox_refuses_the_excess_and_keeps_the_order() {
         let (ring, hear) = UnixDatagram::pair().unwrap();
         ring.set_nonblocking(true).unwrap();
-        let inbox = Inbox { packets: Mutex::new(Outputs::default()), bell: ring };
+        let inbox = Inbox::new(ring);
         let mut batch = Outputs::default();
         for i in 0..INBOX_LIMIT - 2 {
             batch.tun(&i.to_le_bytes());
@@ -617,6 +674,9 @@ mod tests {
         assert_eq!(last, want.iter().map(Vec::as_slice).collect::<Vec<_>>(), "the first ones kept, in order");
         let mut rung = [0u8; 8];
         assert!(hear.recv(&mut rung).is_ok(), "the doorbell rang");
+        drop(q);
+        assert_eq!(inbox.unwritten.load(Ordering::Acquire), INBOX_LIMIT, "what was taken is owed a write");
+        assert!(!inbox.idle(), "a lane with packets to write is not idle");
     }
 
     #[test]

@@ -155,7 +155,12 @@ pub fn udp_flood(target: &str, kind: &str, count: u32, gso: Option<u16>) -> anyh
         if in_run == per_run {
             let segment = u16::try_from(msg.len()).unwrap_or(u16::MAX);
             loop {
-                match causeway_gateway::cable::wireguard::gso::try_send_run(&s, dst, &run, segment) {
+                match causeway_gateway::cable::wireguard::gso::try_send_run(
+                    &s,
+                    dst,
+                    &[std::io::IoSlice::new(&run)],
+                    segment,
+                ) {
                     Ok(_) => break,
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                         std::thread::sleep(std::time::Duration::from_millis(1));

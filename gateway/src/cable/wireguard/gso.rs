@@ -25,13 +25,18 @@ pub fn enable_gro(udp: &UdpSocket) -> bool {
     setsockopt(udp, sockopt::UdpGroSegment, &true).is_ok()
 }
 
-/// Sends `buf` as datagrams of `segment` bytes (the last may be shorter) to `dst`, without
-/// blocking (`WouldBlock` when the socket buffer is full).
-pub fn try_send_run(udp: &UdpSocket, dst: SocketAddr, buf: &[u8], segment: u16) -> io::Result<usize> {
+/// Sends the bytes of `iov`, concatenated, as datagrams of `segment` bytes (the last may be
+/// shorter) to `dst`, without blocking (`WouldBlock` when the socket buffer is full). The
+/// datagrams can be handed over where they lie, one slice each: the kernel copies them once.
+pub fn try_send_run(
+    udp: &UdpSocket,
+    dst: SocketAddr,
+    iov: &[IoSlice<'_>],
+    segment: u16,
+) -> io::Result<usize> {
     let addr = SockaddrStorage::from(dst);
-    let iov = [IoSlice::new(buf)];
     let cmsg = [ControlMessage::UdpGsoSegments(&segment)];
-    sendmsg(udp.as_raw_fd(), &iov, &cmsg, MsgFlags::MSG_DONTWAIT, Some(&addr)).map_err(io::Error::from)
+    sendmsg(udp.as_raw_fd(), iov, &cmsg, MsgFlags::MSG_DONTWAIT, Some(&addr)).map_err(io::Error::from)
 }
 
 /// Receives one datagram or coalesced run without blocking: (bytes, source, segment size if
@@ -63,11 +68,12 @@ pub fn try_recv_run(
     Ok((msg.bytes, src, segment))
 }
 
-/// Runs of datagrams being built from the core's output, in order.
+/// The run of datagrams being gathered from the core's output, in order (its bookkeeping:
+/// the datagrams stay where they are).
 #[derive(Debug, Default)]
 pub struct Batcher {
     pub dst: Option<SocketAddr>,
-    pub buf: Vec<u8>,
+    pub bytes: usize,
     pub segment: usize,
     pub count: usize,
     /// A shorter datagram ended the run: nothing may follow it.
@@ -82,23 +88,24 @@ impl Batcher {
             && !self.closed
             && len <= self.segment
             && self.count < MAX_SEGMENTS
-            && self.buf.len() + len <= MAX_RUN_BYTES
+            && self.bytes + len <= MAX_RUN_BYTES
     }
 
-    pub fn push(&mut self, dst: SocketAddr, data: &[u8]) {
+    /// Adds a datagram of `len` bytes to `dst` (after [`Self::fits`], or to an empty run).
+    pub fn push(&mut self, dst: SocketAddr, len: usize) {
         if self.count == 0 {
             self.dst = Some(dst);
-            self.segment = data.len();
-        } else if data.len() < self.segment {
+            self.segment = len;
+        } else if len < self.segment {
             self.closed = true;
         }
-        self.buf.extend_from_slice(data);
+        self.bytes += len;
         self.count += 1;
     }
 
     pub fn reset(&mut self) {
         self.dst = None;
-        self.buf.clear();
+        self.bytes = 0;
         self.segment = 0;
         self.count = 0;
         self.closed = false;
@@ -114,18 +121,18 @@ mod tests {
         let a: SocketAddr = "10.0.0.1:51820".parse().unwrap();
         let b: SocketAddr = "10.0.0.2:51820".parse().unwrap();
         let mut r = Batcher::default();
-        r.push(a, &[1; 100]);
+        r.push(a, 100);
         assert!(r.fits(a, 100));
         assert!(!r.fits(b, 100), "another peer");
         assert!(!r.fits(a, 101), "a longer datagram");
-        r.push(a, &[2; 100]);
+        r.push(a, 100);
         assert!(r.fits(a, 40));
-        r.push(a, &[3; 40]);
+        r.push(a, 40);
         assert!(!r.fits(a, 40), "nothing after the shorter one");
-        assert_eq!((r.count, r.segment, r.buf.len()), (3, 100, 240));
+        assert_eq!((r.count, r.segment, r.bytes), (3, 100, 240));
         r.reset();
         for _ in 0..MAX_SEGMENTS {
-            r.push(a, &[0; 10]);
+            r.push(a, 10);
         }
         assert!(!r.fits(a, 10), "at most {MAX_SEGMENTS} segments");
     }

@@ -23,7 +23,7 @@
 //! socket is non-blocking, so one full queue never stalls the other direction for long.
 
 use std::{
-    io,
+    io::{self, IoSlice},
     net::{SocketAddr, UdpSocket},
     os::{
         fd::{AsFd, BorrowedFd},
@@ -269,7 +269,7 @@ fn control(
     lanes: Vec<JoinHandle<()>>,
 ) {
     let mut out = Outputs::default();
-    let mut sender = UdpSender::default();
+    let mut gso = true;
     let mut next_tick = Instant::now() + TICK;
     let stopped = loop {
         match commands.recv_timeout(next_tick.saturating_duration_since(Instant::now())) {
@@ -294,13 +294,8 @@ fn control(
             Err(mpsc::RecvTimeoutError::Disconnected) => break None,
         }
         // Timers and control calls only ever produce datagrams.
-        for (dest, data) in out.iter() {
-            if let Dest::Udp(dst) = dest {
-                sender.push(udp, dst, data);
-            }
-        }
+        send_datagrams(udp, &out, &mut gso);
         out.clear();
-        sender.send(udp);
     };
     drop(stop);
     for t in lanes {
@@ -353,7 +348,7 @@ fn run_lane(ctx: &LaneCtx, lane: &LaneIo, stop: BorrowedFd<'_>) {
     let mut segments = vec![vec![0u8; ctx.mtu.max(1280) + 64]; tun_rs::IDEAL_BATCH_SIZE];
     let mut sizes = vec![0usize; tun_rs::IDEAL_BATCH_SIZE];
     let mut writer = TunWriter::default();
-    let mut sender = UdpSender::default();
+    let mut gso = true;
     let mut out = Outputs::default();
     // Decrypted packets bound for other lanes, per lane; and what this lane's inbox held.
     let mut outgoing: Vec<Outputs> =
@@ -436,22 +431,23 @@ fn run_lane(ctx: &LaneCtx, lane: &LaneIo, stop: BorrowedFd<'_>) {
                 }
             }
         }
+        // Datagrams and device writes are independent: datagrams first, in one pass.
+        send_datagrams(&lane.udp, &out, &mut gso);
         for (dest, data) in out.iter() {
-            match dest {
-                Dest::Udp(dst) => sender.push(&lane.udp, dst, data),
-                Dest::Tun => match writer_lane(index, outgoing.len(), data) {
-                    own if own == index => {
-                        writer.push(data);
-                        if writer.bufs.len() >= tun_rs::IDEAL_BATCH_SIZE {
-                            writer.write(&lane.tun);
-                        }
+            if dest != Dest::Tun {
+                continue;
+            }
+            match writer_lane(index, outgoing.len(), data) {
+                own if own == index => {
+                    writer.push(data);
+                    if writer.bufs.len() >= tun_rs::IDEAL_BATCH_SIZE {
+                        writer.write(&lane.tun);
                     }
-                    other => outgoing[other].tun(data),
-                },
+                }
+                other => outgoing[other].tun(data),
             }
         }
         out.clear();
-        sender.send(&lane.udp);
         writer.write(&lane.tun);
         let mut refused = 0;
         for (i, packets) in outgoing.iter_mut().enumerate().filter(|(_, p)| !p.is_empty()) {
@@ -472,59 +468,51 @@ fn run_lane(ctx: &LaneCtx, lane: &LaneIo, stop: BorrowedFd<'_>) {
     }
 }
 
-/// Encrypted datagrams on their way out: runs to one peer go out as one GSO send.
-struct UdpSender {
-    /// Cleared when the kernel refuses `UDP_SEGMENT`; datagrams then go one by one.
-    gso: bool,
-    run: gso::Batcher,
-}
-
-impl Default for UdpSender {
-    fn default() -> Self {
-        Self { gso: true, run: gso::Batcher::default() }
-    }
-}
-
-impl UdpSender {
-    fn push(&mut self, udp: &UdpSocket, dst: SocketAddr, data: &[u8]) {
-        if self.run.count > 0 && !self.run.fits(dst, data.len()) {
-            self.send(udp);
+/// Sends the datagrams in `out`, in order: each run to one peer leaves as one `UDP_SEGMENT`
+/// send, its datagrams handed to the kernel where they lie (no copy into a run buffer).
+/// Waits while the socket buffer is full. `gso` is cleared for good if the kernel refuses it.
+fn send_datagrams(udp: &UdpSocket, out: &Outputs, gso: &mut bool) {
+    let mut iov = [IoSlice::new(&[]); gso::MAX_SEGMENTS];
+    let mut run = gso::Batcher::default();
+    for (dest, data) in out.iter() {
+        let Dest::Udp(dst) = dest else { continue };
+        if run.count > 0 && !run.fits(dst, data.len()) {
+            send_run(udp, &iov[..run.count], &run, gso);
+            run.reset();
         }
-        self.run.push(dst, data);
+        iov[run.count] = IoSlice::new(data);
+        run.push(dst, data.len());
     }
+    if run.count > 0 {
+        send_run(udp, &iov[..run.count], &run, gso);
+    }
+}
 
-    /// Sends the current run, waiting while the socket buffer is full.
-    fn send(&mut self, udp: &UdpSocket) {
-        let Some(dst) = self.run.dst else { return };
-        if self.run.count > 1 && self.gso {
-            let segment = u16::try_from(self.run.segment).unwrap_or(u16::MAX);
-            loop {
-                match gso::try_send_run(udp, dst, &self.run.buf, segment) {
-                    Ok(_) => {
-                        self.run.reset();
-                        return;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait_writable(udp.as_fd()),
-                    Err(e) => {
-                        warn!(error = %e, "UDP segmentation offload refused; sending datagrams one by one");
-                        self.gso = false;
-                        break;
-                    }
+fn send_run(udp: &UdpSocket, datagrams: &[IoSlice<'_>], run: &gso::Batcher, gso: &mut bool) {
+    let Some(dst) = run.dst else { return };
+    if datagrams.len() > 1 && *gso {
+        let segment = u16::try_from(run.segment).unwrap_or(u16::MAX);
+        loop {
+            match gso::try_send_run(udp, dst, datagrams, segment) {
+                Ok(_) => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait_writable(udp.as_fd()),
+                Err(e) => {
+                    warn!(error = %e, "UDP segmentation offload refused; sending datagrams one by one");
+                    *gso = false;
+                    break;
                 }
             }
         }
-        let segment = self.run.segment.max(1);
-        for d in self.run.buf.chunks(segment) {
-            let mut sent = udp.send_to(d, dst);
-            if matches!(&sent, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
-                wait_writable(udp.as_fd());
-                sent = udp.send_to(d, dst);
-            }
-            if let Err(e) = sent {
-                debug!(%dst, error = %e, "udp send failed");
-            }
+    }
+    for d in datagrams {
+        let mut sent = udp.send_to(d, dst);
+        if matches!(&sent, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
+            wait_writable(udp.as_fd());
+            sent = udp.send_to(d, dst);
         }
-        self.run.reset();
+        if let Err(e) = sent {
+            debug!(%dst, error = %e, "udp send failed");
+        }
     }
 }
 
@@ -677,6 +665,36 @@ mod tests {
         drop(q);
         assert_eq!(inbox.unwritten.load(Ordering::Acquire), INBOX_LIMIT, "what was taken is owed a write");
         assert!(!inbox.idle(), "a lane with packets to write is not idle");
+    }
+
+    #[test]
+    fn runs_leave_as_their_datagrams_in_order() {
+        // Loopback only. Three equal datagrams and a shorter one to A (one GSO run), one to B,
+        // a device packet in between (not sent), then one more to A.
+        let a = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let b = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        tx.set_nonblocking(true).unwrap();
+        let (to_a, to_b) = (a.local_addr().unwrap(), b.local_addr().unwrap());
+        let mut out = Outputs::default();
+        for (i, len) in [(1u8, 300), (2, 300), (3, 300), (4, 120)] {
+            out.udp(to_a, &vec![i; len]);
+        }
+        out.tun(&[9; 40]);
+        out.udp(to_b, &[5; 200]);
+        out.udp(to_a, &[6; 300]);
+        let mut gso = true;
+        send_datagrams(&tx, &out, &mut gso);
+        assert!(gso, "loopback takes UDP_SEGMENT");
+        let mut buf = [0u8; 2048];
+        let mut at_a = Vec::new();
+        for _ in 0..5 {
+            let n = a.recv(&mut buf).unwrap();
+            at_a.push((buf[0], n));
+        }
+        assert_eq!(at_a, vec![(1, 300), (2, 300), (3, 300), (4, 120), (6, 300)]);
+        let n = b.recv(&mut buf).unwrap();
+        assert_eq!((buf[0], n), (5, 200));
     }
 
     #[test]

@@ -51,15 +51,7 @@ impl RouteManager {
     pub async fn new(device: &str) -> Result<Self, RouteError> {
         let (conn, handle, _) = rtnetlink::new_connection().map_err(RouteError::Connect)?;
         tokio::spawn(conn);
-        let link = handle
-            .link()
-            .get()
-            .match_name(device.to_owned())
-            .execute()
-            .try_next()
-            .await
-            .map_err(|source| RouteError::Netlink { op: "get link", what: device.to_owned(), source })?
-            .ok_or_else(|| RouteError::NoInterface { name: device.to_owned() })?;
+        let link = get_link(&handle, device).await?;
         Ok(Self { handle, ifindex: link.header.index, device: device.to_owned() })
     }
 
@@ -169,15 +161,7 @@ pub async fn link_kind(name: &str) -> Result<Option<String>, RouteError> {
     use netlink_packet_route::link::{LinkAttribute, LinkInfo};
     let (conn, handle, _) = rtnetlink::new_connection().map_err(RouteError::Connect)?;
     tokio::spawn(conn);
-    let link = handle
-        .link()
-        .get()
-        .match_name(name.to_owned())
-        .execute()
-        .try_next()
-        .await
-        .map_err(|source| RouteError::Netlink { op: "get link", what: name.to_owned(), source })?
-        .ok_or_else(|| RouteError::NoInterface { name: name.to_owned() })?;
+    let link = get_link(&handle, name).await?;
     Ok(link.attributes.iter().find_map(|a| match a {
         LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
             LinkInfo::Kind(kind) => Some(kind.to_string()),
@@ -185,4 +169,20 @@ pub async fn link_kind(name: &str) -> Result<Option<String>, RouteError> {
         }),
         _ => None,
     }))
+}
+
+/// The link called `name`; its absence is [`RouteError::NoInterface`].
+async fn get_link(
+    handle: &Handle,
+    name: &str,
+) -> Result<netlink_packet_route::link::LinkMessage, RouteError> {
+    handle
+        .link()
+        .get()
+        .match_name(name.to_owned())
+        .execute()
+        .try_next()
+        .await
+        .map_err(|source| RouteError::Netlink { op: "get link", what: name.to_owned(), source })?
+        .ok_or_else(|| RouteError::NoInterface { name: name.to_owned() })
 }

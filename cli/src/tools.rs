@@ -7,6 +7,7 @@ use std::{
 };
 
 use anyhow::Context as _;
+use causeway_gateway::cable::wireguard::gso;
 use sha2::{Digest as _, Sha256};
 
 /// How long a transfer may make no progress before it fails.
@@ -155,12 +156,8 @@ pub fn udp_flood(target: &str, kind: &str, count: u32, gso: Option<u16>) -> anyh
         if in_run == per_run {
             let segment = u16::try_from(msg.len()).unwrap_or(u16::MAX);
             loop {
-                match causeway_gateway::cable::wireguard::gso::try_send_run(
-                    &s,
-                    dst,
-                    &[std::io::IoSlice::new(&run)],
-                    segment,
-                ) {
+                let one = gso::Run { dst, start: 0, count: 1, segment };
+                match gso::try_send_runs(&s, &[std::io::IoSlice::new(&run)], &[one]) {
                     Ok(_) => break,
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                         std::thread::sleep(std::time::Duration::from_millis(1));

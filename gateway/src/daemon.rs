@@ -307,6 +307,7 @@ impl Shared {
             public_key: self.public_key.clone(),
             cable: self.cable.name().to_owned(),
             cable_lanes: self.cable.lanes(),
+            cable_udp_segmentation: self.cable.udp_segmentation(),
             device: self.cable.device().to_owned(),
             listen_port: self.config.listen_port,
             broker_url: self.config.broker.broker_url.clone(),

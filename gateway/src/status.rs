@@ -54,6 +54,10 @@ pub struct GatewayStatus {
     /// I/O threads of the cable (each with a device queue and a socket).
     #[serde(default)]
     pub cable_lanes: usize,
+    /// Whether the cable's encrypted runs still leave as UDP segmentation offload messages
+    /// (`false`: the kernel refused one, and every datagram now goes out on its own).
+    #[serde(default)]
+    pub cable_udp_segmentation: bool,
     pub device: String,
     pub listen_port: u16,
     pub broker_url: String,
@@ -163,6 +167,12 @@ pub fn render_metrics(s: &GatewayStatus) -> String {
             "counter",
             "Packets the cable dropped, by reason",
             s.cable_drops.iter().map(|(k, v)| (format!("reason=\"{k}\""), *v as f64)).collect(),
+        );
+        family(
+            "causeway_cable_udp_segmentation",
+            "gauge",
+            "1 while encrypted runs leave as UDP segmentation offload messages; 0 once the kernel refused one",
+            vec![(format!("cable=\"{}\"", s.cable), if s.cable_udp_segmentation { 1.0 } else { 0.0 })],
         );
         family(
             "causeway_datapath_events_total",
@@ -301,6 +311,7 @@ mod tests {
             public_key: "k".into(),
             cable: "wireguard".into(),
             cable_lanes: 2,
+            cable_udp_segmentation: true,
             device: "cw0".into(),
             listen_port: 51820,
             broker_url: "http://x".into(),
@@ -338,6 +349,7 @@ mod tests {
         assert!(text.contains("causeway_tx_bytes_total{cluster=\"b\"} 100\n"));
         assert!(text.contains("causeway_rx_packets_total{cluster=\"b\"} 2\n"));
         assert!(text.contains("causeway_cable_drops_total{reason=\"invalid_packet\"} 4\n"));
+        assert!(text.contains("causeway_cable_udp_segmentation{cable=\"wireguard\"} 1\n"), "{text}");
         assert!(text.contains("causeway_policy_drops_total{rule=\"web\"} 2\n"));
         assert!(text.contains("causeway_last_handshake_seconds{cluster=\"b\"} 1.5\n"));
         assert!(text.contains("causeway_rtt_seconds{cluster=\"b\"} 0.0002\n"));

@@ -1235,6 +1235,11 @@ fn long_transfers_stay_intact_under_loss_and_reordering_on_the_underlay() {
             assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
         }
     }
+    // The capture at B should see A's datagrams one by one (each with its counter), not one
+    // record per run: A's uplink takes runs of one segment, so the kernel cuts each run up
+    // in software as it leaves the HTB qdisc (the gateway still sends runs).
+    let out = exec::in_ns(&a.gw_ns, &["ip", "link", "set", "dev", "uplink", "gso_max_segs", "1"]).unwrap();
+    assert!(out.status.success(), "gso_max_segs: {}", String::from_utf8_lossy(&out.stderr));
     let pcap = t.spec.run_dir.join("reorder.pcap").display().to_string();
     let cap = Bg::start(
         &b.gw_ns,
@@ -1260,6 +1265,19 @@ fn long_transfers_stay_intact_under_loss_and_reordering_on_the_underlay() {
     // The loss and the reordering were real.
     let dropped = loss_dropped(&a.gw_ns) + loss_dropped(&b.gw_ns);
     assert!(dropped > 10, "only {dropped} sends dropped");
+    // A send the firewall drops fails with EPERM: counted as refused, and no reason to stop
+    // segmenting (which would cost every later datagram its own trip through the stack).
+    for (i, c) in [&a, &b].into_iter().enumerate() {
+        let status = t.gateway_status(i + 1).unwrap();
+        assert!(status.cable_udp_segmentation, "{}: UDP segmentation turned off", c.cluster_id);
+        let refused = status.cable_drops.get("send_refused").copied().unwrap_or(0);
+        let dropped_here = loss_dropped(&c.gw_ns);
+        assert!(
+            refused >= dropped_here,
+            "{}: {refused} datagrams counted refused, {dropped_here} sends dropped",
+            c.cluster_id
+        );
+    }
     let (seen, late) = reordered_data_messages(&std::fs::read(&pcap).expect("the capture"));
     assert!(late > 10, "only {late} of {seen} data messages from A arrived after a later one");
     eprintln!(

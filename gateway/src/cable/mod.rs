@@ -139,6 +139,14 @@ impl AnyCable {
             Self::WireGuard(c) => c.lanes(),
         }
     }
+
+    /// Whether encrypted traffic still leaves in UDP segmentation offload runs.
+    #[must_use]
+    pub fn udp_segmentation(&self) -> bool {
+        match self {
+            Self::WireGuard(c) => c.udp_segmentation(),
+        }
+    }
 }
 
 impl CableDriver for AnyCable {

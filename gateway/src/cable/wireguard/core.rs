@@ -68,15 +68,18 @@ pub enum DropReason {
     SourceNotAllowed,
     /// Decrypted fine, but the I/O lane that writes its flow to the device was too far behind.
     LaneBacklog,
+    /// Encrypted, but the kernel refused to send it (a firewall rule, no route to the peer).
+    SendRefused,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 5] = [
+    pub const ALL: [DropReason; 6] = [
         Self::NoPeerForDestination,
         Self::InvalidPacket,
         Self::UnknownPeer,
         Self::SourceNotAllowed,
         Self::LaneBacklog,
+        Self::SendRefused,
     ];
 
     #[must_use]
@@ -87,6 +90,7 @@ impl DropReason {
             Self::UnknownPeer => "unknown_peer",
             Self::SourceNotAllowed => "source_not_allowed",
             Self::LaneBacklog => "lane_backlog",
+            Self::SendRefused => "send_refused",
         }
     }
 }

@@ -31,7 +31,7 @@ use std::{
     },
     sync::{
         Arc, Mutex, PoisonError,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
         mpsc,
     },
     thread::JoinHandle,
@@ -223,7 +223,7 @@ pub(super) fn start(
     lanes: Vec<Lane>,
     commands: mpsc::Receiver<Command>,
     mtu: usize,
-    gro: bool,
+    segmentation: Arc<AtomicBool>,
 ) -> io::Result<()> {
     let core: SharedCore = Arc::new(Mutex::new(core));
     let control_udp = lanes.first().ok_or_else(|| io::Error::other("no lane"))?.udp.try_clone()?;
@@ -244,10 +244,10 @@ pub(super) fn start(
     let queues: Queues = queues.into();
     let mut threads = Vec::with_capacity(sockets.len());
     for (i, (udp, bell)) in sockets.into_iter().zip(bells).enumerate() {
-        let (core, stop_rx, inboxes, queues) =
-            (core.clone(), stop_rx.clone(), inboxes.clone(), queues.clone());
+        let (core, stop_rx, inboxes, queues, segmentation) =
+            (core.clone(), stop_rx.clone(), inboxes.clone(), queues.clone(), segmentation.clone());
         let lane = LaneIo { tun: queues[i].clone(), udp };
-        let ctx = LaneCtx { index: i, core, inboxes, queues, bell, mtu, gro };
+        let ctx = LaneCtx { index: i, core, inboxes, queues, bell, mtu, segmentation };
         let t = std::thread::Builder::new()
             .name(format!("cw-lane-{i}"))
             .spawn(move || run_lane(&ctx, &lane, stop_rx.as_fd()))?;
@@ -255,7 +255,7 @@ pub(super) fn start(
     }
     std::thread::Builder::new()
         .name("cw-cable-ctl".into())
-        .spawn(move || control(&core, &control_udp, &commands, stop_tx, threads))?;
+        .spawn(move || control(&core, &control_udp, &segmentation, &commands, stop_tx, threads))?;
     Ok(())
 }
 
@@ -264,12 +264,12 @@ pub(super) fn start(
 fn control(
     core: &SharedCore,
     udp: &UdpSocket,
+    segmentation: &AtomicBool,
     commands: &mpsc::Receiver<Command>,
     stop: std::io::PipeWriter,
     lanes: Vec<JoinHandle<()>>,
 ) {
     let mut out = Outputs::default();
-    let mut gso = true;
     let mut next_tick = Instant::now() + TICK;
     let stopped = loop {
         match commands.recv_timeout(next_tick.saturating_duration_since(Instant::now())) {
@@ -294,7 +294,10 @@ fn control(
             Err(mpsc::RecvTimeoutError::Disconnected) => break None,
         }
         // Timers and control calls only ever produce datagrams.
-        send_datagrams(udp, &out, &mut gso);
+        let refused = send_datagrams(udp, &out, segmentation).refused;
+        if refused > 0 {
+            lock(core).count_drops(DropReason::SendRefused, refused as u64);
+        }
         out.clear();
     };
     drop(stop);
@@ -327,7 +330,9 @@ struct LaneCtx {
     /// This lane's end of its inbox's doorbell.
     bell: UnixDatagram,
     mtu: usize,
-    gro: bool,
+    /// Whether runs still leave as `UDP_SEGMENT` messages (shared: the kernel's answer holds
+    /// for every socket of the group).
+    segmentation: Arc<AtomicBool>,
 }
 
 /// A lane's loop: wait for either side or the inbox, drain each in bounded batches, write
@@ -340,15 +345,13 @@ struct LaneIo {
 
 fn run_lane(ctx: &LaneCtx, lane: &LaneIo, stop: BorrowedFd<'_>) {
     let (index, core) = (ctx.index, &ctx.core);
-    // Room for a coalesced run of datagrams (UDP GRO) or one datagram.
-    let mut buf = vec![0u8; BUF_SIZE.max(65_536)];
-    let mut cmsg = nix::cmsg_space!(i32);
+    // Room for a batch of coalesced runs of datagrams (UDP GRO), or of single datagrams.
+    let mut rx = gso::Receiver::new(gso::RECV_SLOTS, BUF_SIZE.max(65_536));
     // One TUN read: the virtio header plus up to 64 KB, split into MTU-sized packets.
     let mut original = vec![0u8; tun_rs::VIRTIO_NET_HDR_LEN + 65_535];
     let mut segments = vec![vec![0u8; ctx.mtu.max(1280) + 64]; tun_rs::IDEAL_BATCH_SIZE];
     let mut sizes = vec![0usize; tun_rs::IDEAL_BATCH_SIZE];
     let mut writer = TunWriter::default();
-    let mut gso = true;
     let mut out = Outputs::default();
     // Decrypted packets bound for other lanes, per lane; and what this lane's inbox held.
     let mut outgoing: Vec<Outputs> =
@@ -410,17 +413,20 @@ fn run_lane(ctx: &LaneCtx, lane: &LaneIo, stop: BorrowedFd<'_>) {
         }
         if udp_ready {
             let now = Instant::now();
-            for _ in 0..UDP_BATCH {
-                let got = if ctx.gro {
-                    gso::try_recv_run(&lane.udp, &mut buf, &mut cmsg)
-                } else {
-                    lane.udp.recv_from(&mut buf).map(|(n, src)| (n, src, None))
-                };
-                match got {
-                    Ok((n, src, segment)) => {
+            let mut runs = 0;
+            while runs < UDP_BATCH {
+                match rx.try_recv(&lane.udp) {
+                    Ok(n) => {
+                        runs += n;
                         let mut core = lock(core);
-                        for d in buf[..n].chunks(segment.unwrap_or(n).max(1)) {
-                            core.on_datagram(src, d, now, &mut out);
+                        for (src, bytes, segment) in (0..n).filter_map(|i| rx.run(i)) {
+                            for d in bytes.chunks(segment.unwrap_or(bytes.len()).max(1)) {
+                                core.on_datagram(src, d, now, &mut out);
+                            }
+                        }
+                        if n < gso::RECV_SLOTS {
+                            // The socket is drained: no need for a call that says so.
+                            break;
                         }
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -432,7 +438,10 @@ fn run_lane(ctx: &LaneCtx, lane: &LaneIo, stop: BorrowedFd<'_>) {
             }
         }
         // Datagrams and device writes are independent: datagrams first, in one pass.
-        send_datagrams(&lane.udp, &out, &mut gso);
+        let refused = send_datagrams(&lane.udp, &out, &ctx.segmentation).refused;
+        if refused > 0 {
+            lock(core).count_drops(DropReason::SendRefused, refused as u64);
+        }
         for (dest, data) in out.iter() {
             if dest != Dest::Tun {
                 continue;
@@ -468,52 +477,101 @@ fn run_lane(ctx: &LaneCtx, lane: &LaneIo, stop: BorrowedFd<'_>) {
     }
 }
 
-/// Sends the datagrams in `out`, in order: each run to one peer leaves as one `UDP_SEGMENT`
-/// send, its datagrams handed to the kernel where they lie (no copy into a run buffer).
-/// Waits while the socket buffer is full. `gso` is cleared for good if the kernel refuses it.
-fn send_datagrams(udp: &UdpSocket, out: &Outputs, gso: &mut bool) {
-    let mut iov = [IoSlice::new(&[]); gso::MAX_SEGMENTS];
+/// Datagrams handed to the kernel by one [`send_datagrams`] batch (their iovec list).
+const SEND_DATAGRAMS: usize = 256;
+
+/// Sends the datagrams in `out`, in order: each run to one peer (equal sizes, the last maybe
+/// shorter) is one `UDP_SEGMENT` message while `segmentation` holds, and up to
+/// [`gso::MAX_RUNS`] messages, to whichever peers, leave in one `sendmmsg`; the datagrams are
+/// handed over where they lie (no copy into a run buffer). Waits while the socket buffer is
+/// full. Datagrams the kernel refuses (netfilter, no route) are lost, like any datagram on the
+/// way, and counted. A kernel that refuses segmentation clears `segmentation` for good, and
+/// its runs go one datagram per message.
+fn send_datagrams(udp: &UdpSocket, out: &Outputs, segmentation: &AtomicBool) -> Sent {
+    let mut iov = [IoSlice::new(&[]); SEND_DATAGRAMS];
+    let mut runs = [gso::Run { dst: SocketAddr::from(([0, 0, 0, 0], 0)), start: 0, count: 0, segment: 0 };
+        gso::MAX_RUNS];
+    let (mut filled, mut queued) = (0, 0);
     let mut run = gso::Batcher::default();
+    let mut sent = Sent::default();
+    let segment = segmentation.load(Ordering::Relaxed);
     for (dest, data) in out.iter() {
         let Dest::Udp(dst) = dest else { continue };
-        if run.count > 0 && !run.fits(dst, data.len()) {
-            send_run(udp, &iov[..run.count], &run, gso);
+        let joins = segment && run.count > 0 && run.fits(dst, data.len()) && filled < SEND_DATAGRAMS;
+        if !joins && run.count > 0 {
+            runs[queued] = close_run(&run, filled);
+            queued += 1;
             run.reset();
         }
-        iov[run.count] = IoSlice::new(data);
+        if queued == gso::MAX_RUNS || filled == SEND_DATAGRAMS {
+            sent.add(send_runs(udp, &iov[..filled], &runs[..queued], segmentation));
+            (filled, queued) = (0, 0);
+        }
+        iov[filled] = IoSlice::new(data);
+        filled += 1;
         run.push(dst, data.len());
     }
     if run.count > 0 {
-        send_run(udp, &iov[..run.count], &run, gso);
+        runs[queued] = close_run(&run, filled);
+        queued += 1;
+    }
+    sent.add(send_runs(udp, &iov[..filled], &runs[..queued], segmentation));
+    sent
+}
+
+/// What a send took: system calls, and datagrams the kernel refused.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Sent {
+    calls: usize,
+    refused: usize,
+}
+
+impl Sent {
+    fn add(&mut self, other: Sent) {
+        self.calls += other.calls;
+        self.refused += other.refused;
     }
 }
 
-fn send_run(udp: &UdpSocket, datagrams: &[IoSlice<'_>], run: &gso::Batcher, gso: &mut bool) {
-    let Some(dst) = run.dst else { return };
-    if datagrams.len() > 1 && *gso {
-        let segment = u16::try_from(run.segment).unwrap_or(u16::MAX);
-        loop {
-            match gso::try_send_run(udp, dst, datagrams, segment) {
-                Ok(_) => return,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait_writable(udp.as_fd()),
-                Err(e) => {
-                    warn!(error = %e, "UDP segmentation offload refused; sending datagrams one by one");
-                    *gso = false;
-                    break;
+/// The finished run `run`, whose last datagram is `iov[end - 1]`.
+fn close_run(run: &gso::Batcher, end: usize) -> gso::Run {
+    gso::Run {
+        dst: run.dst.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
+        start: end - run.count,
+        count: run.count,
+        segment: u16::try_from(run.segment).unwrap_or(u16::MAX),
+    }
+}
+
+/// Sends `runs` (ranges of `iov`, a slice per datagram) with as few `sendmmsg` calls as the
+/// kernel allows.
+fn send_runs(udp: &UdpSocket, iov: &[IoSlice<'_>], runs: &[gso::Run], segmentation: &AtomicBool) -> Sent {
+    let mut sent = Sent::default();
+    let mut first = 0;
+    while first < runs.len() {
+        sent.calls += 1;
+        match gso::try_send_runs(udp, iov, &runs[first..]) {
+            Ok(n) => first += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait_writable(udp.as_fd()),
+            Err(e) => {
+                let r = runs[first];
+                if r.count > 1 && gso::refuses_segmentation(&e) {
+                    if segmentation.swap(false, Ordering::Relaxed) {
+                        warn!(error = %e, "UDP segmentation offload refused; sending datagrams one by one");
+                    }
+                    let singles: Vec<gso::Run> = (r.start..r.start + r.count)
+                        .map(|i| gso::Run { start: i, count: 1, segment: 0, ..r })
+                        .collect();
+                    sent.add(send_runs(udp, iov, &singles, segmentation));
+                } else {
+                    debug!(dst = %r.dst, datagrams = r.count, error = %e, "udp send refused");
+                    sent.refused += r.count;
                 }
+                first += 1;
             }
         }
     }
-    for d in datagrams {
-        let mut sent = udp.send_to(d, dst);
-        if matches!(&sent, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
-            wait_writable(udp.as_fd());
-            sent = udp.send_to(d, dst);
-        }
-        if let Err(e) = sent {
-            debug!(%dst, error = %e, "udp send failed");
-        }
-    }
+    sent
 }
 
 /// Decrypted packets on their way into the TUN device: each buffer starts with room for the
@@ -667,10 +725,20 @@ mod tests {
         assert!(!inbox.idle(), "a lane with packets to write is not idle");
     }
 
+    fn recv_all(sock: &UdpSocket, n: usize) -> Vec<(u8, usize)> {
+        let mut buf = [0u8; 2048];
+        (0..n)
+            .map(|_| {
+                let len = sock.recv(&mut buf).unwrap();
+                (buf[0], len)
+            })
+            .collect()
+    }
+
     #[test]
-    fn runs_leave_as_their_datagrams_in_order() {
+    fn runs_to_several_peers_leave_in_one_call_as_their_datagrams_in_order() {
         // Loopback only. Three equal datagrams and a shorter one to A (one GSO run), one to B,
-        // a device packet in between (not sent), then one more to A.
+        // a device packet in between (not sent), then one more to A: three runs, one call.
         let a = UdpSocket::bind("127.0.0.1:0").unwrap();
         let b = UdpSocket::bind("127.0.0.1:0").unwrap();
         let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -683,18 +751,73 @@ mod tests {
         out.tun(&[9; 40]);
         out.udp(to_b, &[5; 200]);
         out.udp(to_a, &[6; 300]);
-        let mut gso = true;
-        send_datagrams(&tx, &out, &mut gso);
-        assert!(gso, "loopback takes UDP_SEGMENT");
-        let mut buf = [0u8; 2048];
-        let mut at_a = Vec::new();
-        for _ in 0..5 {
-            let n = a.recv(&mut buf).unwrap();
-            at_a.push((buf[0], n));
+        let segmentation = AtomicBool::new(true);
+        let sent = send_datagrams(&tx, &out, &segmentation);
+        assert_eq!(sent, Sent { calls: 1, refused: 0 });
+        assert!(segmentation.load(Ordering::Relaxed), "loopback takes UDP_SEGMENT");
+        assert_eq!(recv_all(&a, 5), vec![(1, 300), (2, 300), (3, 300), (4, 120), (6, 300)]);
+        assert_eq!(recv_all(&b, 1), vec![(5, 200)]);
+    }
+
+    #[test]
+    fn a_refused_run_is_counted_and_neither_stops_the_rest_nor_turns_segmentation_off() {
+        // The limited broadcast address without SO_BROADCAST: the kernel refuses the run
+        // (EACCES, or no route), as a firewall rule would (EPERM), before any segmentation.
+        let a = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        tx.set_nonblocking(true).unwrap();
+        let to_a = a.local_addr().unwrap();
+        let nowhere: SocketAddr = "255.255.255.255:9".parse().unwrap();
+        let mut out = Outputs::default();
+        out.udp(to_a, &[1; 100]);
+        out.udp(nowhere, &[2; 100]);
+        out.udp(nowhere, &[3; 100]);
+        out.udp(to_a, &[4; 100]);
+        out.udp(to_a, &[5; 100]);
+        let segmentation = AtomicBool::new(true);
+        let sent = send_datagrams(&tx, &out, &segmentation);
+        assert_eq!(sent.refused, 2, "{sent:?}");
+        assert!(segmentation.load(Ordering::Relaxed), "a refused run says nothing about offloads");
+        assert_eq!(recv_all(&a, 3), vec![(1, 100), (4, 100), (5, 100)]);
+    }
+
+    #[test]
+    fn without_segmentation_every_datagram_is_its_own_message_in_one_call() {
+        let a = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        tx.set_nonblocking(true).unwrap();
+        let to_a = a.local_addr().unwrap();
+        let mut out = Outputs::default();
+        for i in 1..=4u8 {
+            out.udp(to_a, &[i; 64]);
         }
-        assert_eq!(at_a, vec![(1, 300), (2, 300), (3, 300), (4, 120), (6, 300)]);
-        let n = b.recv(&mut buf).unwrap();
-        assert_eq!((buf[0], n), (5, 200));
+        let segmentation = AtomicBool::new(false);
+        assert_eq!(send_datagrams(&tx, &out, &segmentation), Sent { calls: 1, refused: 0 });
+        assert_eq!(recv_all(&a, 4), vec![(1, 64), (2, 64), (3, 64), (4, 64)]);
+    }
+
+    #[test]
+    fn more_runs_than_one_call_takes_leave_in_order() {
+        // Alternating peers: every datagram is its own run; MAX_RUNS per call.
+        let a = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let b = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        tx.set_nonblocking(true).unwrap();
+        let (to_a, to_b) = (a.local_addr().unwrap(), b.local_addr().unwrap());
+        let mut out = Outputs::default();
+        let total = gso::MAX_RUNS * 2 + 3;
+        for i in 0..total {
+            let to = if i % 2 == 0 { to_a } else { to_b };
+            out.udp(to, &[u8::try_from(i).unwrap(); 50]);
+        }
+        let segmentation = AtomicBool::new(true);
+        let sent = send_datagrams(&tx, &out, &segmentation);
+        assert_eq!(sent, Sent { calls: total.div_ceil(gso::MAX_RUNS), refused: 0 });
+        let want = |parity: usize| {
+            (0..total).filter(move |i| i % 2 == parity).map(|i| (u8::try_from(i).unwrap(), 50))
+        };
+        assert_eq!(recv_all(&a, total.div_ceil(2)), want(0).collect::<Vec<_>>());
+        assert_eq!(recv_all(&b, total / 2), want(1).collect::<Vec<_>>());
     }
 
     #[test]

@@ -12,7 +12,11 @@ use std::{
     collections::HashMap,
     net::{SocketAddr, UdpSocket},
     os::fd::OwnedFd,
-    sync::mpsc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
 };
 
 use boringtun::x25519::StaticSecret;
@@ -94,6 +98,7 @@ pub struct WireGuardCable {
     /// Remote cluster → the keys of its peers (the active gateway's first, then standbys).
     keys: HashMap<String, Vec<WireGuardKey>>,
     lanes: usize,
+    segmentation: Arc<AtomicBool>,
     uapi: Option<(std::path::PathBuf, tokio::task::JoinHandle<()>)>,
     persistent: bool,
 }
@@ -144,7 +149,9 @@ impl WireGuardCable {
         let public_key = core.public_key();
         let (tx, rx) = mpsc::channel();
         let lane_count = lanes.len();
-        lanes::start(core, lanes, rx, usize::from(cfg.mtu), gro).map_err(device_err)?;
+        // Runs leave as `UDP_SEGMENT` messages until the kernel refuses one.
+        let segmentation = Arc::new(AtomicBool::new(true));
+        lanes::start(core, lanes, rx, usize::from(cfg.mtu), segmentation.clone()).map_err(device_err)?;
         let uapi = if cfg.uapi {
             let tx = tx.clone();
             let snapshot = move || {
@@ -175,6 +182,7 @@ impl WireGuardCable {
             tx,
             keys: HashMap::new(),
             lanes: lane_count,
+            segmentation,
             uapi,
             persistent: cfg.persistent,
         })
@@ -193,6 +201,13 @@ impl WireGuardCable {
     #[must_use]
     pub fn lanes(&self) -> usize {
         self.lanes
+    }
+
+    /// Whether encrypted runs still leave as UDP segmentation offload messages (`false` once
+    /// the kernel refused one: every datagram then costs its own trip through the stack).
+    #[must_use]
+    pub fn udp_segmentation(&self) -> bool {
+        self.segmentation.load(Ordering::Relaxed)
     }
 
     #[must_use]

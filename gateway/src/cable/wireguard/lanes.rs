@@ -725,6 +725,15 @@ mod tests {
         assert!(!inbox.idle(), "a lane with packets to write is not idle");
     }
 
+    /// `n` loopback receivers and their addresses, and a non-blocking sender.
+    fn loopback(n: usize) -> (Vec<UdpSocket>, Vec<SocketAddr>, UdpSocket) {
+        let rx: Vec<UdpSocket> = (0..n).map(|_| UdpSocket::bind("127.0.0.1:0").unwrap()).collect();
+        let addrs = rx.iter().map(|s| s.local_addr().unwrap()).collect();
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        tx.set_nonblocking(true).unwrap();
+        (rx, addrs, tx)
+    }
+
     fn recv_all(sock: &UdpSocket, n: usize) -> Vec<(u8, usize)> {
         let mut buf = [0u8; 2048];
         (0..n)
@@ -739,11 +748,8 @@ mod tests {
     fn runs_to_several_peers_leave_in_one_call_as_their_datagrams_in_order() {
         // Loopback only. Three equal datagrams and a shorter one to A (one GSO run), one to B,
         // a device packet in between (not sent), then one more to A: three runs, one call.
-        let a = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let b = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
-        tx.set_nonblocking(true).unwrap();
-        let (to_a, to_b) = (a.local_addr().unwrap(), b.local_addr().unwrap());
+        let (rx, to, tx) = loopback(2);
+        let (a, b, to_a, to_b) = (&rx[0], &rx[1], to[0], to[1]);
         let mut out = Outputs::default();
         for (i, len) in [(1u8, 300), (2, 300), (3, 300), (4, 120)] {
             out.udp(to_a, &vec![i; len]);
@@ -755,18 +761,16 @@ mod tests {
         let sent = send_datagrams(&tx, &out, &segmentation);
         assert_eq!(sent, Sent { calls: 1, refused: 0 });
         assert!(segmentation.load(Ordering::Relaxed), "loopback takes UDP_SEGMENT");
-        assert_eq!(recv_all(&a, 5), vec![(1, 300), (2, 300), (3, 300), (4, 120), (6, 300)]);
-        assert_eq!(recv_all(&b, 1), vec![(5, 200)]);
+        assert_eq!(recv_all(a, 5), vec![(1, 300), (2, 300), (3, 300), (4, 120), (6, 300)]);
+        assert_eq!(recv_all(b, 1), vec![(5, 200)]);
     }
 
     #[test]
     fn a_refused_run_is_counted_and_neither_stops_the_rest_nor_turns_segmentation_off() {
         // The limited broadcast address without SO_BROADCAST: the kernel refuses the run
         // (EACCES, or no route), as a firewall rule would (EPERM), before any segmentation.
-        let a = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
-        tx.set_nonblocking(true).unwrap();
-        let to_a = a.local_addr().unwrap();
+        let (rx, to, tx) = loopback(1);
+        let (a, to_a) = (&rx[0], to[0]);
         let nowhere: SocketAddr = "255.255.255.255:9".parse().unwrap();
         let mut out = Outputs::default();
         out.udp(to_a, &[1; 100]);
@@ -778,32 +782,27 @@ mod tests {
         let sent = send_datagrams(&tx, &out, &segmentation);
         assert_eq!(sent.refused, 2, "{sent:?}");
         assert!(segmentation.load(Ordering::Relaxed), "a refused run says nothing about offloads");
-        assert_eq!(recv_all(&a, 3), vec![(1, 100), (4, 100), (5, 100)]);
+        assert_eq!(recv_all(a, 3), vec![(1, 100), (4, 100), (5, 100)]);
     }
 
     #[test]
     fn without_segmentation_every_datagram_is_its_own_message_in_one_call() {
-        let a = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
-        tx.set_nonblocking(true).unwrap();
-        let to_a = a.local_addr().unwrap();
+        let (rx, to, tx) = loopback(1);
+        let (a, to_a) = (&rx[0], to[0]);
         let mut out = Outputs::default();
         for i in 1..=4u8 {
             out.udp(to_a, &[i; 64]);
         }
         let segmentation = AtomicBool::new(false);
         assert_eq!(send_datagrams(&tx, &out, &segmentation), Sent { calls: 1, refused: 0 });
-        assert_eq!(recv_all(&a, 4), vec![(1, 64), (2, 64), (3, 64), (4, 64)]);
+        assert_eq!(recv_all(a, 4), vec![(1, 64), (2, 64), (3, 64), (4, 64)]);
     }
 
     #[test]
     fn more_runs_than_one_call_takes_leave_in_order() {
         // Alternating peers: every datagram is its own run; MAX_RUNS per call.
-        let a = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let b = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
-        tx.set_nonblocking(true).unwrap();
-        let (to_a, to_b) = (a.local_addr().unwrap(), b.local_addr().unwrap());
+        let (rx, to, tx) = loopback(2);
+        let (a, b, to_a, to_b) = (&rx[0], &rx[1], to[0], to[1]);
         let mut out = Outputs::default();
         let total = gso::MAX_RUNS * 2 + 3;
         for i in 0..total {
@@ -816,8 +815,8 @@ mod tests {
         let want = |parity: usize| {
             (0..total).filter(move |i| i % 2 == parity).map(|i| (u8::try_from(i).unwrap(), 50))
         };
-        assert_eq!(recv_all(&a, total.div_ceil(2)), want(0).collect::<Vec<_>>());
-        assert_eq!(recv_all(&b, total / 2), want(1).collect::<Vec<_>>());
+        assert_eq!(recv_all(a, total.div_ceil(2)), want(0).collect::<Vec<_>>());
+        assert_eq!(recv_all(b, total / 2), want(1).collect::<Vec<_>>());
     }
 
     #[test]

@@ -1202,44 +1202,66 @@ fn long_transfers_stay_intact_under_loss_and_reordering_on_the_underlay() {
     require_privileges!();
     let t = topology(2, 1500);
     let (a, b) = (t.clusters[0].clone(), t.clusters[1].clone());
-    // Both gateways lose 2 % of what they send on the WireGuard port, and hold back another 5 %
-    // in a slow HTB class, so that later sends overtake them. The rules see what the socket
-    // sends, so a dropped or delayed GSO run is a burst of up to 64 datagrams. Batched sends,
-    // GSO, GRO and the replay window must never corrupt, duplicate or lose data that TCP cannot
-    // recover. (tc netem would be the usual tool; this kernel lacks it.)
+    // Both gateways lose 2 % of what they send on the WireGuard port: the rule sees what the
+    // socket sends, so a dropped GSO run is a burst of up to 64 datagrams (and the send fails
+    // with EPERM, which must not turn segmentation off). Their uplinks take runs of one
+    // segment, so the kernel cuts each run up as it leaves, and the underlay bridge holds back
+    // 5 % of the datagrams toward each gateway in a slow HTB class, so that later ones overtake
+    // them. Batched sends, GSO, GRO and the replay window must never corrupt, duplicate or
+    // lose data that TCP cannot recover. (tc netem would be the usual tool; this kernel lacks
+    // it.)
     for c in [&a, &b] {
-        let ns = c.gw_ns.as_str();
         for cmd in [
-            &["tc", "qdisc", "add", "dev", "uplink", "root", "handle", "1:", "htb", "default", "10"][..],
-            &[
-                "tc", "class", "add", "dev", "uplink", "parent", "1:", "classid", "1:10", "htb", "rate",
-                "10gbit",
-            ],
-            &[
-                "tc", "class", "add", "dev", "uplink", "parent", "1:", "classid", "1:20", "htb", "rate",
-                "50mbit", "ceil", "50mbit", "burst", "1600", "cburst", "1600",
-            ],
-            &["nft", "add", "table", "inet", "cwloss"],
+            &["nft", "add", "table", "inet", "cwloss"][..],
             &["nft", "add", "chain", "inet", "cwloss", "out", "{ type filter hook output priority 0; }"],
             &[
                 "nft", "add", "rule", "inet", "cwloss", "out", "udp", "dport", "51820", "numgen", "random",
                 "mod", "100", "<", "2", "counter", "drop",
             ],
+            &["ip", "link", "set", "dev", "uplink", "gso_max_segs", "1"],
+        ] {
+            let out = exec::in_ns(&c.gw_ns, cmd).unwrap();
+            assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let port = format!("gw{}", c.index);
+        let chain = format!("to{}", c.index);
+        let hook = format!("{{ type filter hook egress device \"{port}\" priority 0; }}");
+        for cmd in [
+            &["tc", "qdisc", "add", "dev", &port, "root", "handle", "1:", "htb", "default", "10"][..],
+            &["tc", "class", "add", "dev", &port, "parent", "1:", "classid", "1:10", "htb", "rate", "10gbit"],
+            &[
+                "tc", "class", "add", "dev", &port, "parent", "1:", "classid", "1:20", "htb", "rate",
+                "50mbit", "ceil", "50mbit", "burst", "1600", "cburst", "1600",
+            ],
+            &["nft", "add", "table", "netdev", "cwreorder"],
+            &["nft", "add", "chain", "netdev", "cwreorder", &chain, &hook],
             // HTB files a packet whose priority names one of its classes into that class.
             &[
-                "nft", "add", "rule", "inet", "cwloss", "out", "udp", "dport", "51820", "numgen", "random",
-                "mod", "100", "<", "5", "meta", "priority", "set", "1:20",
+                "nft",
+                "add",
+                "rule",
+                "netdev",
+                "cwreorder",
+                &chain,
+                "udp",
+                "dport",
+                "51820",
+                "numgen",
+                "random",
+                "mod",
+                "100",
+                "<",
+                "5",
+                "meta",
+                "priority",
+                "set",
+                "1:20",
             ],
         ] {
-            let out = exec::in_ns(ns, cmd).unwrap();
+            let out = exec::in_ns(&t.underlay_ns, cmd).unwrap();
             assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
         }
     }
-    // The capture at B should see A's datagrams one by one (each with its counter), not one
-    // record per run: A's uplink takes runs of one segment, so the kernel cuts each run up
-    // in software as it leaves the HTB qdisc (the gateway still sends runs).
-    let out = exec::in_ns(&a.gw_ns, &["ip", "link", "set", "dev", "uplink", "gso_max_segs", "1"]).unwrap();
-    assert!(out.status.success(), "gso_max_segs: {}", String::from_utf8_lossy(&out.stderr));
     let pcap = t.spec.run_dir.join("reorder.pcap").display().to_string();
     let cap = Bg::start(
         &b.gw_ns,

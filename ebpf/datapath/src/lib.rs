@@ -474,31 +474,25 @@ impl Datapath {
         burst: u32,
     ) -> Result<GuardVerdict, DatapathError> {
         use aya::programs::{TestRun as _, TestRunOptions};
-        match hook {
+        let opts = TestRunOptions { data_in: Some(frame), ..TestRunOptions::default() };
+        // Each hook's own return codes: XDP_DROP 1 / XDP_PASS 2, TC_ACT_OK 0 / TC_ACT_SHOT 2.
+        let (name, run, drop, pass) = match hook {
             UplinkHook::Xdp => {
-                let name = programs::UPLINK_GUARD;
                 let prog = self.load_uplink_guard(wireguard_port, rate, burst)?;
-                let opts = TestRunOptions { data_in: Some(frame), ..TestRunOptions::default() };
-                let r = prog.test_run(opts).map_err(|source| DatapathError::Program { name, source })?;
-                Ok(match r.return_value {
-                    1 => GuardVerdict::Drop,
-                    2 => GuardVerdict::Pass,
-                    other => GuardVerdict::Other(i64::from(other)),
-                })
+                (programs::UPLINK_GUARD, prog.test_run(opts), 1, 2)
             }
             UplinkHook::Tc => {
-                let name = programs::UPLINK_GUARD_TC;
                 self.configure_uplink_guard(wireguard_port, rate, burst)?;
-                let prog = self.tunnel_program(name)?;
-                let opts = TestRunOptions { data_in: Some(frame), ..TestRunOptions::default() };
-                let r = prog.test_run(opts).map_err(|source| DatapathError::Program { name, source })?;
-                Ok(match r.return_value {
-                    0 => GuardVerdict::Pass,
-                    2 => GuardVerdict::Drop,
-                    other => GuardVerdict::Other(i64::from(other)),
-                })
+                let prog = self.tunnel_program(programs::UPLINK_GUARD_TC)?;
+                (programs::UPLINK_GUARD_TC, prog.test_run(opts), 2, 0)
             }
-        }
+        };
+        let r = run.map_err(|source| DatapathError::Program { name, source })?;
+        Ok(match r.return_value {
+            v if v == drop => GuardVerdict::Drop,
+            v if v == pass => GuardVerdict::Pass,
+            other => GuardVerdict::Other(i64::from(other)),
+        })
     }
 
     /// Makes the known-peer set equal `peers` (the addresses data messages may come from).

@@ -11,6 +11,16 @@ bash scripts/install-deps.sh
 # shellcheck disable=SC1091
 source scripts/env.sh
 
+# Disk: the suite links ~40 test binaries against the whole dependency tree. With full debug
+# info and incremental state that came to ~10 GB of target/, and a CI machine with less free
+# disk killed the linker mid-write (SIGBUS). Line tables keep panics' backtraces readable at a
+# fraction of the size; incremental state only pays off on rebuilds, which CI never does.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+export CARGO_PROFILE_DEV_DEBUG="${CARGO_PROFILE_DEV_DEBUG:-line-tables-only}"
+export CARGO_PROFILE_TEST_DEBUG="${CARGO_PROFILE_TEST_DEBUG:-line-tables-only}"
+report_disk() { echo "==> disk: $(df -h --output=avail,target . | tail -1 | awk '{print $1" free on "$2}'), target/ $(du -sh target 2>/dev/null | cut -f1 || echo 0)" >&2; }
+report_disk
+
 echo "==> cargo fmt --check" >&2
 cargo fmt --all -- --check
 echo "==> cargo clippy -D warnings" >&2
@@ -38,6 +48,8 @@ run_tests --workspace --exclude causeway-netns --exclude causeway-datapath-ebpf 
     --exclude causeway-gateway-timer-tests
 echo "==> WireGuard timer tier (mocked clock, its own build)" >&2
 run_tests -p causeway-gateway-timer-tests
+report_disk
 echo "==> privileged tier (network namespaces)" >&2
 CAUSEWAY_PRIVILEGED_TESTS=1 run_tests -p causeway-netns
+report_disk
 echo "==> all tests passed in $((SECONDS - start)) s" >&2

@@ -412,6 +412,20 @@ fn report(a: &DataplaneBenchArgs, figures: &[Figure]) -> anyhow::Result<()> {
             print!("{}", crate::show::table(&headers, &rows));
             let rounds = figures.first().map_or(0, |f| f.samples.len());
             println!("ratios > 1 favour Causeway ({rounds} rounds, interleaved)");
+            let added: Vec<String> = configs
+                .iter()
+                .filter(|c| **c != Config::Raw)
+                .map(|c| format!("{} {:.0} µs", c.name(), added_rtt(&get, *c)))
+                .collect();
+            if configs.contains(&Config::Raw) {
+                println!("ping p50 added over raw veth: {}", added.join(", "));
+            }
+            let rows: Vec<Vec<String>> = targets(&configs, &get)
+                .into_iter()
+                .map(|t| vec![t.what, t.goal, t.reached, (if t.met { "met" } else { "NOT MET" }).to_owned()])
+                .collect();
+            println!("\ntargets (docs/benchmarks.md), this run:");
+            print!("{}", crate::show::table(&["TARGET", "GOAL", "REACHED", ""], &rows));
         }
     }
     if let Some(path) = &a.plot {
@@ -419,6 +433,62 @@ fn report(a: &DataplaneBenchArgs, figures: &[Figure]) -> anyhow::Result<()> {
         eprintln!("plot written to {}", path.display());
     }
     Ok(())
+}
+
+/// What the data plane adds to a pod-to-pod round trip: p50 over raw veth's p50.
+fn added_rtt(get: &dyn Fn(Config, Metric) -> f64, c: Config) -> f64 {
+    get(c, Metric::PingP50Us) - get(Config::Raw, Metric::PingP50Us)
+}
+
+/// One of the data plane's performance targets, checked against this run's medians.
+struct Target {
+    what: String,
+    goal: String,
+    reached: String,
+    met: bool,
+}
+
+/// The targets of docs/benchmarks.md, for the configurations that were measured: TCP single
+/// stream ≥ 4× wireguard-go, ≥ 5× boringtun-cli and ≥ 25 % of raw veth; the 64-byte packet
+/// rate ahead of both peers; under 100 µs added to the p50 round trip.
+fn targets(configs: &[Config], get: &dyn Fn(Config, Metric) -> f64) -> Vec<Target> {
+    let ours = |m| get(Config::Causeway, m);
+    let mut out = Vec::new();
+    let mut at_least = |what: String, goal: f64, reached: f64| {
+        out.push(Target {
+            what,
+            goal: format!("≥ {goal:.2}×"),
+            reached: format!("{reached:.2}×"),
+            met: reached >= goal,
+        });
+    };
+    for (peer, goal) in [(Config::WireguardGo, 4.0), (Config::BoringtunCli, 5.0), (Config::Raw, 0.25)] {
+        if configs.contains(&peer) {
+            let r = ratio(ours(Metric::Tcp1Gbps), get(peer, Metric::Tcp1Gbps), Metric::Tcp1Gbps);
+            at_least(format!("TCP 1 stream vs {}", peer.name()), goal, r);
+        }
+    }
+    for peer in [Config::WireguardGo, Config::BoringtunCli] {
+        if configs.contains(&peer) {
+            let r = ratio(ours(Metric::Udp64Kpps), get(peer, Metric::Udp64Kpps), Metric::Udp64Kpps);
+            out.push(Target {
+                what: format!("UDP 64 B rate vs {}", peer.name()),
+                goal: "> 1.00×".to_owned(),
+                reached: format!("{r:.2}×"),
+                met: r > 1.0,
+            });
+        }
+    }
+    if configs.contains(&Config::Raw) {
+        let added = added_rtt(get, Config::Causeway);
+        out.push(Target {
+            what: "ping p50 added over raw veth".to_owned(),
+            goal: "< 100 µs".to_owned(),
+            reached: format!("{added:.0} µs"),
+            met: added < 100.0,
+        });
+    }
+    out
 }
 
 /// `ours` over `theirs`, oriented so that > 1 means "ours is better".
@@ -529,6 +599,39 @@ mod tests {
         // Without boringtun-cli installed, only Causeway's bars.
         let svg = svg_without_boringtun(&get);
         assert!(!svg.contains("boringtun-cli"));
+    }
+
+    #[test]
+    fn targets_are_checked_against_the_medians_of_the_measured_configurations() {
+        let get = |c: Config, m: Metric| match (c, m) {
+            (Config::Raw, Metric::Tcp1Gbps) => 12.0,
+            (Config::Causeway, Metric::Tcp1Gbps) => 3.0,
+            (Config::WireguardGo | Config::BoringtunCli, Metric::Tcp1Gbps) => 0.5,
+            (Config::Causeway, Metric::Udp64Kpps) => 90.0,
+            (Config::WireguardGo, Metric::Udp64Kpps) => 30.0,
+            (Config::BoringtunCli, Metric::Udp64Kpps) => 95.0,
+            (Config::Raw, Metric::PingP50Us) => 70.0,
+            (Config::Causeway, Metric::PingP50Us) => 160.0,
+            _ => 1.0,
+        };
+        let all = targets(&Config::ALL, &get);
+        let verdicts: Vec<(&str, &str, bool)> =
+            all.iter().map(|t| (t.what.as_str(), t.reached.as_str(), t.met)).collect();
+        assert_eq!(
+            verdicts,
+            [
+                ("TCP 1 stream vs wireguard-go", "6.00×", true),
+                ("TCP 1 stream vs boringtun-cli", "6.00×", true),
+                ("TCP 1 stream vs raw veth", "0.25×", true),
+                ("UDP 64 B rate vs wireguard-go", "3.00×", true),
+                ("UDP 64 B rate vs boringtun-cli", "0.95×", false),
+                ("ping p50 added over raw veth", "90 µs", true),
+            ]
+        );
+        // Without boringtun-cli its targets are left out, not counted as met or missed.
+        let without = targets(&[Config::Raw, Config::Causeway, Config::WireguardGo], &get);
+        assert_eq!(without.len(), 4);
+        assert!(without.iter().all(|t| !t.what.contains("boringtun")));
     }
 
     fn svg_without_boringtun(get: &dyn Fn(Config, Metric) -> f64) -> String {

@@ -28,13 +28,73 @@ pub const SESSION_LIFETIME: Duration = Duration::from_secs(180);
 /// Scratch buffer size: the largest datagram plus WireGuard's overhead.
 pub const BUF_SIZE: usize = 65_536 + 148;
 
-/// Where the core puts what the I/O must do next, in order. The lanes' sink copies into one
-/// reusable buffer (no allocation per packet); a `Vec<Output>` owns each one (tests).
+/// Where the core puts what the I/O must do next, in order. The lanes' sink lends its one
+/// reusable buffer, so packets are sealed and opened where the I/O sends or writes them from
+/// (no copy, no allocation per packet); a `Vec<Output>` owns each one (tests, control calls).
 pub trait Sink {
     /// Send `datagram` to a remote gateway.
     fn udp(&mut self, dst: SocketAddr, datagram: &[u8]);
     /// Write a decrypted `packet` to the TUN device.
     fn tun(&mut self, packet: &[u8]);
+    /// Room (at least [`BUF_SIZE`] bytes) to build the next output in, in place; the core then
+    /// calls [`Sink::commit`] with the bytes it built there instead of `udp`/`tun`. `None` (the
+    /// default): the core builds in its own scratch buffer and passes a copy.
+    fn room(&mut self) -> Option<&mut [u8]> {
+        None
+    }
+    /// `room()[range]` is the next output, for `dst` (`None`: the TUN device). Only called
+    /// after `room` returned `Some`.
+    fn commit(&mut self, dst: Option<SocketAddr>, range: std::ops::Range<usize>) {
+        let _ = (dst, range);
+        unreachable!("commit without room");
+    }
+}
+
+/// What becomes of a decrypted packet.
+enum Delivery {
+    /// Written to the TUN device.
+    Tun,
+    /// A probe for this gateway: this answer goes back through the tunnel.
+    Answer(Vec<u8>),
+    /// Consumed here (a keepalive, an answered probe of ours).
+    Nothing,
+}
+
+/// Where the core built an output: in the sink's room, or in its own scratch buffer.
+#[derive(Clone, Copy)]
+enum Built {
+    InRoom,
+    InScratch,
+}
+
+/// The buffer to build the next output in: the sink's room when it lends one.
+fn workspace<'a>(out: &'a mut impl Sink, scratch: &'a mut [u8]) -> (&'a mut [u8], Built) {
+    match out.room() {
+        Some(room) => (room, Built::InRoom),
+        None => (scratch, Built::InScratch),
+    }
+}
+
+/// Where `part` (a slice boringtun returned) lies within `whole` (the buffer it was given).
+fn span(whole: *const u8, part: &[u8]) -> std::ops::Range<usize> {
+    let start = (part.as_ptr() as usize).wrapping_sub(whole as usize);
+    start..start + part.len()
+}
+
+/// Hands an output built in `built` to the sink: a commit when it is already in the sink's
+/// room, a copy from the scratch buffer otherwise.
+fn emit(
+    out: &mut impl Sink,
+    scratch: &[u8],
+    built: Built,
+    dst: Option<SocketAddr>,
+    range: std::ops::Range<usize>,
+) {
+    match (built, dst) {
+        (Built::InRoom, _) => out.commit(dst, range),
+        (Built::InScratch, Some(dst)) => out.udp(dst, &scratch[range]),
+        (Built::InScratch, None) => out.tun(&scratch[range]),
+    }
 }
 
 /// One thing for the I/O to do, owning its bytes.
@@ -307,16 +367,20 @@ impl WgCore {
             return;
         };
         let peer = self.peers.get_mut(&idx).expect("routes point at live peers");
-        match peer.tunn.encapsulate(packet, &mut self.buf) {
-            TunnResult::WriteToNetwork(wire) => {
-                peer.tx_bytes += packet.len() as u64;
-                peer.tx_packets += 1;
-                out.udp(peer.config.endpoint, wire);
+        let (buf, built) = workspace(out, &mut self.buf);
+        let base = buf.as_ptr();
+        let wire = match peer.tunn.encapsulate(packet, buf) {
+            TunnResult::WriteToNetwork(wire) => span(base, wire),
+            TunnResult::Err(e) => {
+                debug!(cluster = %peer.config.cluster_id, error = ?e, "encapsulate failed");
+                return;
             }
-            TunnResult::Err(e) => debug!(cluster = %peer.config.cluster_id, error = ?e, "encapsulate failed"),
             // Queued until the handshake completes.
-            _ => {}
-        }
+            _ => return,
+        };
+        peer.tx_bytes += packet.len() as u64;
+        peer.tx_packets += 1;
+        emit(out, &self.buf, built, Some(peer.config.endpoint), wire);
     }
 
     fn probes_for(&self, p: &Peer) -> bool {
@@ -361,7 +425,9 @@ impl WgCore {
         loop {
             let input: &[u8] = if first { datagram } else { &[] };
             first = false;
-            match peer.tunn.decapsulate(Some(src.ip()), input, &mut self.buf) {
+            let (buf, built) = workspace(out, &mut self.buf);
+            let base = buf.as_ptr();
+            let (pkt, inner_src) = match peer.tunn.decapsulate(Some(src.ip()), input, buf) {
                 TunnResult::Done => break,
                 TunnResult::Err(WireGuardError::DuplicateCounter) => break,
                 TunnResult::Err(e) => {
@@ -371,20 +437,25 @@ impl WgCore {
                 }
                 TunnResult::WriteToNetwork(wire) => {
                     authenticated = true;
-                    out.udp(src, wire);
+                    let wire = span(base, wire);
+                    emit(out, &self.buf, built, Some(src), wire);
                     // Flush whatever was queued behind the handshake.
+                    continue;
                 }
-                TunnResult::WriteToTunnelV4(pkt, addr) => {
-                    authenticated = true;
-                    answer = Self::deliver(peer, local_health, now, IpAddr::V4(addr), pkt, out, &mut dropped);
-                    break;
+                TunnResult::WriteToTunnelV4(pkt, addr) => (pkt, IpAddr::V4(addr)),
+                TunnResult::WriteToTunnelV6(pkt, addr) => (pkt, IpAddr::V6(addr)),
+            };
+            authenticated = true;
+            match Self::deliver(peer, local_health, now, inner_src, pkt) {
+                Ok(Delivery::Tun) => {
+                    let pkt = span(base, pkt);
+                    emit(out, &self.buf, built, None, pkt);
                 }
-                TunnResult::WriteToTunnelV6(pkt, addr) => {
-                    authenticated = true;
-                    answer = Self::deliver(peer, local_health, now, IpAddr::V6(addr), pkt, out, &mut dropped);
-                    break;
-                }
+                Ok(Delivery::Answer(reply)) => answer = Some(reply),
+                Ok(Delivery::Nothing) => {}
+                Err(reason) => dropped = Some(reason),
             }
+            break;
         }
         if authenticated && peer.config.endpoint != src {
             // Roaming: an authenticated packet tells us where the peer is now.
@@ -401,19 +472,17 @@ impl WgCore {
         }
     }
 
-    /// Hands a decrypted packet to the TUN device, unless it is a probe for us (answered or
-    /// recorded here; the returned packet is to be sent back through the tunnel).
+    /// Decides what becomes of a decrypted packet: the TUN device, unless it is a probe for us
+    /// (answered or recorded here) or comes from outside the peer's prefixes.
     fn deliver(
         peer: &mut Peer,
         local_health: Option<Ipv4Addr>,
         now: Instant,
         src: IpAddr,
         pkt: &[u8],
-        out: &mut impl Sink,
-        dropped: &mut Option<DropReason>,
-    ) -> Option<Vec<u8>> {
+    ) -> Result<Delivery, DropReason> {
         if pkt.is_empty() {
-            return None; // keepalive
+            return Ok(Delivery::Nothing); // keepalive
         }
         // A peer without prefixes is a remote cluster's standby gateway: its probes are
         // answered (so it knows its tunnel works), nothing else it sends is delivered.
@@ -425,25 +494,23 @@ impl WgCore {
                 && let Some(echo) = Echo::parse(pkt)
             {
                 if !echo.reply {
-                    return Some(echo.answer().to_packet());
+                    return Ok(Delivery::Answer(echo.answer().to_packet()));
                 }
                 if echo.id == PROBE_ID {
                     peer.probe.on_reply(echo.seq, now);
-                    return None;
+                    return Ok(Delivery::Nothing);
                 }
             }
             if standby {
-                *dropped = Some(DropReason::SourceNotAllowed);
-                return None;
+                return Err(DropReason::SourceNotAllowed);
             }
             peer.rx_bytes += pkt.len() as u64;
             peer.rx_packets += 1;
-            out.tun(pkt);
+            Ok(Delivery::Tun)
         } else {
             warn!(cluster = %peer.config.cluster_id, %src, "dropping decrypted packet from a source outside the peer's prefixes");
-            *dropped = Some(DropReason::SourceNotAllowed);
+            Err(DropReason::SourceNotAllowed)
         }
-        None
     }
 
     /// Timer tick (every ~250 ms) at `now`: handshakes, rekeys, keepalives, expiry, probes.
@@ -541,9 +608,15 @@ mod tests {
             rounds += 1;
             assert!(rounds < 50, "no quiescence");
             let mut next = Vec::new();
+            // A builds its outputs in its scratch buffer, B in the sink's room, as the lanes do:
+            // every exchange goes through both paths.
+            let mut in_place = InPlace::default();
             for o in to_deliver {
                 match o {
-                    Output::Udp(dst, d) if dst == p.b_addr => p.b.on_datagram(p.a_addr, &d, now, &mut next),
+                    Output::Udp(dst, d) if dst == p.b_addr => {
+                        p.b.on_datagram(p.a_addr, &d, now, &mut in_place);
+                        next.append(&mut in_place.outs);
+                    }
                     Output::Udp(dst, d) if dst == p.a_addr => p.a.on_datagram(p.b_addr, &d, now, &mut next),
                     Output::Udp(dst, _) => panic!("datagram to unknown {dst}"),
                     Output::Tun(_) => unreachable!(),
@@ -666,6 +739,58 @@ mod tests {
         }
         let (_, at_b) = pump(&mut p, out);
         assert_eq!(at_b, vec![pkt]);
+    }
+
+    /// A sink that lends room, like the lanes' one: records what was built in place, and
+    /// counts the copies handed over instead.
+    #[derive(Default)]
+    struct InPlace {
+        room: Vec<u8>,
+        outs: Vec<Output>,
+        commits: usize,
+        copies: usize,
+    }
+
+    impl Sink for InPlace {
+        fn udp(&mut self, dst: SocketAddr, datagram: &[u8]) {
+            self.copies += 1;
+            self.outs.udp(dst, datagram);
+        }
+        fn tun(&mut self, packet: &[u8]) {
+            self.copies += 1;
+            self.outs.tun(packet);
+        }
+        fn room(&mut self) -> Option<&mut [u8]> {
+            // Stale bytes, so an output that is not fully built here shows.
+            self.room = vec![0xa5; BUF_SIZE];
+            Some(&mut self.room)
+        }
+        fn commit(&mut self, dst: Option<SocketAddr>, range: std::ops::Range<usize>) {
+            self.commits += 1;
+            let bytes = self.room[range].to_vec();
+            self.outs.push(dst.map_or(Output::Tun(bytes.clone()), |d| Output::Udp(d, bytes)));
+        }
+    }
+
+    #[test]
+    fn packets_are_sealed_and_opened_in_the_sinks_room() {
+        let mut p = pump_ready();
+        let pkt = ipv4_packet([10, 1, 0, 5], [10, 2, 0, 7], &[7; 1300]);
+        let mut sealed = InPlace::default();
+        p.a.on_tun_packet(&pkt, &mut sealed);
+        assert_eq!((sealed.commits, sealed.copies), (1, 0), "sealed in place");
+        let Some(Output::Udp(dst, wire)) = sealed.outs.pop() else { panic!("no datagram") };
+        assert_eq!((dst, wire.len()), (p.b_addr, 16 + pkt.len() + 16), "header + packet + tag");
+
+        let mut opened = InPlace::default();
+        p.b.on_datagram(p.a_addr, &wire, Instant::now(), &mut opened);
+        assert_eq!((opened.commits, opened.copies), (1, 0), "opened in place");
+        assert_eq!(opened.outs, vec![Output::Tun(pkt)]);
+
+        // A replayed datagram is refused, and nothing is committed for it.
+        let mut replayed = InPlace::default();
+        p.b.on_datagram(p.a_addr, &wire, Instant::now(), &mut replayed);
+        assert_eq!((replayed.commits, replayed.outs.len()), (0, 0));
     }
 
     #[test]

@@ -88,10 +88,14 @@ enum Dest {
 }
 
 /// Packets in order, in one buffer that is reused: once warm, moving a packet through the
-/// core, the lanes' hand-off and the writers allocates nothing.
+/// core, the lanes' hand-off and the writers allocates nothing, and the core seals and opens
+/// packets in place here (its sink room), so they are not copied out of a scratch buffer.
 #[derive(Debug, Default)]
 struct Outputs {
+    /// The packets, back to back in `bytes[..end]`. Past `end` the buffer stays initialized
+    /// across clears, so lending it as room costs nothing once warm.
     bytes: Vec<u8>,
+    end: usize,
     items: Vec<(Dest, usize, usize)>,
 }
 
@@ -102,13 +106,36 @@ impl Sink for Outputs {
     fn tun(&mut self, packet: &[u8]) {
         self.push(Dest::Tun, packet);
     }
+    fn room(&mut self) -> Option<&mut [u8]> {
+        self.grow(BUF_SIZE);
+        Some(&mut self.bytes[self.end..])
+    }
+    fn commit(&mut self, dst: Option<SocketAddr>, range: std::ops::Range<usize>) {
+        let len = range.len();
+        if range.start != 0 {
+            // boringtun builds at the start of what it is given; keep the packets contiguous
+            // should that ever change.
+            self.bytes.copy_within(self.end + range.start..self.end + range.end, self.end);
+        }
+        self.items.push((dst.map_or(Dest::Tun, Dest::Udp), self.end, self.end + len));
+        self.end += len;
+    }
 }
 
 impl Outputs {
+    /// Makes `bytes[end..end + n]` exist (zeroed only the first time the buffer gets this big).
+    fn grow(&mut self, n: usize) {
+        if self.bytes.len() < self.end + n {
+            self.bytes.resize(self.end + n, 0);
+        }
+    }
+
     fn push(&mut self, dest: Dest, data: &[u8]) {
-        let start = self.bytes.len();
-        self.bytes.extend_from_slice(data);
-        self.items.push((dest, start, self.bytes.len()));
+        self.grow(data.len());
+        let start = self.end;
+        self.end += data.len();
+        self.bytes[start..self.end].copy_from_slice(data);
+        self.items.push((dest, start, self.end));
     }
 
     fn iter(&self) -> impl Iterator<Item = (Dest, &[u8])> {
@@ -124,7 +151,7 @@ impl Outputs {
     }
 
     fn clear(&mut self) {
-        self.bytes.clear();
+        self.end = 0;
         self.items.clear();
     }
 
@@ -817,6 +844,37 @@ mod tests {
         };
         assert_eq!(recv_all(a, total.div_ceil(2)), want(0).collect::<Vec<_>>());
         assert_eq!(recv_all(b, total / 2), want(1).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn outputs_lend_room_and_keep_packets_back_to_back() {
+        let dst: SocketAddr = "172.31.0.12:51820".parse().unwrap();
+        let mut out = Outputs::default();
+        out.tun(&[1; 10]);
+        let room = out.room().expect("the lanes' sink lends room");
+        assert!(room.len() >= BUF_SIZE);
+        room[..5].copy_from_slice(&[2; 5]);
+        out.commit(Some(dst), 0..5);
+        // Built further in: moved down so the packets stay contiguous for the GSO runs.
+        let room = out.room().unwrap();
+        room[8..11].copy_from_slice(&[3; 3]);
+        out.commit(None, 8..11);
+        let got: Vec<(Dest, Vec<u8>)> = out.iter().map(|(d, p)| (d, p.to_vec())).collect();
+        assert_eq!(
+            got,
+            vec![(Dest::Tun, vec![1; 10]), (Dest::Udp(dst), vec![2; 5]), (Dest::Tun, vec![3; 3])]
+        );
+        assert_eq!(out.end, 18);
+
+        // Warm: clearing keeps the room, so lending it again neither allocates nor zeroes.
+        let at = out.bytes.as_ptr();
+        out.clear();
+        let room = out.room().unwrap();
+        assert_eq!(room[0], 1, "the old bytes are still there: nothing was zeroed");
+        room[..4].copy_from_slice(&[4; 4]);
+        out.commit(None, 0..4);
+        assert_eq!(out.bytes.as_ptr(), at, "no new allocation");
+        assert_eq!(out.iter().map(|(_, p)| p.to_vec()).collect::<Vec<_>>(), vec![vec![4; 4]]);
     }
 
     #[test]

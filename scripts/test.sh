@@ -20,6 +20,12 @@ export CARGO_PROFILE_DEV_DEBUG="${CARGO_PROFILE_DEV_DEBUG:-line-tables-only}"
 export CARGO_PROFILE_TEST_DEBUG="${CARGO_PROFILE_TEST_DEBUG:-line-tables-only}"
 report_disk() { echo "==> disk: $(df -h --output=avail,target . | tail -1 | awk '{print $1" free on "$2}'), target/ $(du -sh target 2>/dev/null | cut -f1 || echo 0)" >&2; }
 report_disk
+# A full run leaves ~5 GB in target/ (4.6 GB measured on a fresh clone): say so up front
+# rather than let a linker die mid-write later.
+avail_kb=$(df -Pk . | awk 'NR == 2 {print $4}')
+if [ "${avail_kb:-0}" -lt $((6 * 1024 * 1024)) ]; then
+    echo "==> warning: only $((avail_kb / 1024)) MiB free here; the suite needs ~5 GiB for target/" >&2
+fi
 
 echo "==> cargo fmt --check" >&2
 cargo fmt --all -- --check

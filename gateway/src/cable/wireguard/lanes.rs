@@ -42,7 +42,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use tracing::{debug, warn};
 
 use super::{
-    Command,
+    Command, coalesce,
     core::{BUF_SIZE, DropReason, Sink, WgCore},
     gso,
 };
@@ -378,7 +378,6 @@ fn run_lane(ctx: &LaneCtx, lane: &LaneIo, stop: BorrowedFd<'_>) {
     let mut original = vec![0u8; tun_rs::VIRTIO_NET_HDR_LEN + 65_535];
     let mut segments = vec![vec![0u8; ctx.mtu.max(1280) + 64]; tun_rs::IDEAL_BATCH_SIZE];
     let mut sizes = vec![0usize; tun_rs::IDEAL_BATCH_SIZE];
-    let mut writer = TunWriter::default();
     let mut out = Outputs::default();
     // Decrypted packets bound for other lanes, per lane; and what this lane's inbox held.
     let mut outgoing: Vec<Outputs> =
@@ -411,13 +410,7 @@ fn run_lane(ctx: &LaneCtx, lane: &LaneIo, stop: BorrowedFd<'_>) {
                 &mut *ctx.inboxes[index].packets.lock().unwrap_or_else(PoisonError::into_inner),
                 &mut incoming,
             );
-            for (_, pkt) in incoming.iter() {
-                writer.push(pkt);
-                if writer.bufs.len() >= tun_rs::IDEAL_BATCH_SIZE {
-                    writer.write(&lane.tun);
-                }
-            }
-            writer.write(&lane.tun);
+            write_to(&lane.tun, incoming.iter().map(|(_, p)| p));
             ctx.inboxes[index].unwritten.fetch_sub(incoming.len(), Ordering::Release);
             incoming.clear();
         }
@@ -469,30 +462,22 @@ fn run_lane(ctx: &LaneCtx, lane: &LaneIo, stop: BorrowedFd<'_>) {
         if refused > 0 {
             lock(core).count_drops(DropReason::SendRefused, refused as u64);
         }
-        for (dest, data) in out.iter() {
-            if dest != Dest::Tun {
-                continue;
-            }
-            match writer_lane(index, outgoing.len(), data) {
-                own if own == index => {
-                    writer.push(data);
-                    if writer.bufs.len() >= tun_rs::IDEAL_BATCH_SIZE {
-                        writer.write(&lane.tun);
-                    }
-                }
-                other => outgoing[other].tun(data),
+        let decrypted = out.iter().filter(|(dest, _)| *dest == Dest::Tun).map(|(_, p)| p);
+        let lanes = outgoing.len();
+        if lanes < 2 {
+            // A single lane writes what it decrypts.
+            write_to(&lane.tun, decrypted);
+        } else {
+            for data in decrypted {
+                outgoing[writer_lane(index, lanes, data)].tun(data);
             }
         }
         out.clear();
-        writer.write(&lane.tun);
         let mut refused = 0;
         for (i, packets) in outgoing.iter_mut().enumerate().filter(|(_, p)| !p.is_empty()) {
             let inbox = &ctx.inboxes[i];
             if packets.len() <= DIRECT_MAX && inbox.idle() {
-                for (_, pkt) in packets.iter() {
-                    writer.push(pkt);
-                }
-                writer.write(&ctx.queues[i]);
+                write_to(&ctx.queues[i], packets.iter().map(|(_, p)| p));
                 packets.clear();
             } else {
                 refused += inbox.deliver(packets);
@@ -601,39 +586,10 @@ fn send_runs(udp: &UdpSocket, iov: &[IoSlice<'_>], runs: &[gso::Run], segmentati
     sent
 }
 
-/// Decrypted packets on their way into the TUN device: each buffer starts with room for the
-/// virtio header, and the batch is coalesced (TCP/UDP GRO) into as few writes as possible.
-#[derive(Default)]
-struct TunWriter {
-    gro: tun_rs::GROTable,
-    bufs: Vec<Vec<u8>>,
-    /// Buffers kept for reuse (no allocation per packet once warm).
-    spare: Vec<Vec<u8>>,
-}
-
-/// Capacity of a buffer handed to the GRO table: it only appends a packet to one that has room
-/// for a whole coalesced run (64 KB), and silently writes them one by one otherwise.
-const GRO_BUF_CAPACITY: usize = 2 * tun_rs::VIRTIO_NET_HDR_LEN + 65_535;
-
-impl TunWriter {
-    fn push(&mut self, packet: &[u8]) {
-        let mut b = self.spare.pop().unwrap_or_else(|| Vec::with_capacity(GRO_BUF_CAPACITY));
-        b.clear();
-        b.resize(tun_rs::VIRTIO_NET_HDR_LEN, 0);
-        b.extend_from_slice(packet);
-        self.bufs.push(b);
-    }
-
-    fn write(&mut self, tun: &tun_rs::SyncDevice) {
-        if self.bufs.is_empty() {
-            return;
-        }
-        if let Err(e) = tun.send_multiple(&mut self.gro, &mut self.bufs, tun_rs::VIRTIO_NET_HDR_LEN) {
-            debug!(error = %e, "writing the tunnel device failed");
-        }
-        self.spare.append(&mut self.bufs);
-        self.spare.truncate(tun_rs::IDEAL_BATCH_SIZE);
-    }
+/// Writes decrypted packets (in order) to the device through `queue`: runs of one flow's
+/// segments coalesced into GSO packets, each written from where its packets lie.
+fn write_to<'a>(queue: &tun_rs::SyncDevice, packets: impl IntoIterator<Item = &'a [u8]>) {
+    coalesce::write_packets(packets, queue.udp_gso(), |iov| queue.send_vectored(iov));
 }
 
 #[cfg(test)]
@@ -679,23 +635,6 @@ mod tests {
         let tcp_csum = sum(&pseudo, 0);
         p[36..38].copy_from_slice(&tcp_csum.to_be_bytes());
         p
-    }
-
-    #[test]
-    fn consecutive_segments_written_through_the_writer_are_coalesced() {
-        // The GRO table only appends to a buffer with room for a whole run: buffers sized to
-        // the packet made every decrypted packet its own write.
-        let mut w = TunWriter::default();
-        let (a, b) = ([10, 1, 0, 2], [10, 2, 0, 2]);
-        for i in 0..4u32 {
-            w.push(&tcp_segment(a, b, 40000, 1000 + i * 1000, &[i as u8; 1000]));
-        }
-        w.push(&tcp_segment(a, b, 40001, 1, &[9; 1000]));
-        w.gro.apply_gro(&mut w.bufs, tun_rs::VIRTIO_NET_HDR_LEN, false).unwrap();
-        let hdr = tun_rs::VIRTIO_NET_HDR_LEN;
-        let lens: Vec<usize> = w.bufs.iter().map(|b| b.len() - hdr).collect();
-        assert_eq!(lens[0], 40 + 4000, "the first flow's four segments became one: {lens:?}");
-        assert_eq!(lens[4], 1040, "the other flow is left alone: {lens:?}");
     }
 
     #[test]

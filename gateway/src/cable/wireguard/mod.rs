@@ -2,6 +2,7 @@
 //! WireGuard port, driven by [`lanes`] (one thread per queue) around the sans-IO
 //! [`core::WgCore`]. Control calls reach the lanes' control thread over a channel.
 
+mod coalesce;
 pub mod core;
 pub mod gso;
 mod lanes;

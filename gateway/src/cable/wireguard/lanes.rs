@@ -589,6 +589,16 @@ fn send_runs(udp: &UdpSocket, iov: &[IoSlice<'_>], runs: &[gso::Run], segmentati
 /// Writes decrypted packets (in order) to the device through `queue`: runs of one flow's
 /// segments coalesced into GSO packets, each written from where its packets lie.
 fn write_to<'a>(queue: &tun_rs::SyncDevice, packets: impl IntoIterator<Item = &'a [u8]>) {
+    if !queue.tcp_gso() {
+        // No virtio header on this device (the cable always asks for one; this keeps a device
+        // without it working, one packet per write).
+        for p in packets {
+            if let Err(e) = queue.send(p) {
+                debug!(error = %e, "writing the tunnel device failed");
+            }
+        }
+        return;
+    }
     coalesce::write_packets(packets, queue.udp_gso(), |iov| queue.send_vectored(iov));
 }
 

@@ -100,6 +100,27 @@ impl<'a> Run<'a> {
         }
     }
 
+    /// A packet that joins nothing and leads nothing: written as it is.
+    fn lone(p: &'a [u8]) -> Self {
+        let seg = Segment { v6: false, tcp: false, ip_len: 0, hdr_len: 0, payload: 0 };
+        Self { head: p, seg, count: 1, total: p.len(), next_seq: 0, closed: true, psh: false }
+    }
+
+    /// Writes the run and counts it: a refused write loses the run, like any packet on the
+    /// way, and the next ones are still written.
+    fn write(
+        &self,
+        payloads: &[IoSlice<'_>],
+        write: &mut impl FnMut(&[IoSlice<'_>]) -> io::Result<usize>,
+        done: &mut Written,
+    ) {
+        done.writes += 1;
+        if let Err(e) = self.flush(payloads, write) {
+            done.failed += 1;
+            tracing::debug!(error = %e, packets = self.count, "writing the tunnel device failed");
+        }
+    }
+
     /// Appends `p` if the kernel can take it as the next segment of this run.
     fn join(&mut self, p: &'a [u8], seg: Segment, payloads: &mut [IoSlice<'a>]) -> bool {
         let (h, s) = (self.head, self.seg);
@@ -262,27 +283,6 @@ pub(super) fn write_packets<'a>(
         r.write(&payloads, &mut write, &mut done);
     }
     done
-}
-
-impl<'a> Run<'a> {
-    /// A packet that joins nothing and leads nothing: written as it is.
-    fn lone(p: &'a [u8]) -> Self {
-        let seg = Segment { v6: false, tcp: false, ip_len: 0, hdr_len: 0, payload: 0 };
-        Self { head: p, seg, count: 1, total: p.len(), next_seq: 0, closed: true, psh: false }
-    }
-
-    fn write(
-        &self,
-        payloads: &[IoSlice<'_>],
-        write: &mut impl FnMut(&[IoSlice<'_>]) -> io::Result<usize>,
-        done: &mut Written,
-    ) {
-        done.writes += 1;
-        if let Err(e) = self.flush(payloads, write) {
-            done.failed += 1;
-            tracing::debug!(error = %e, packets = self.count, "writing the tunnel device failed");
-        }
-    }
 }
 
 #[cfg(test)]

@@ -292,47 +292,47 @@ mod tests {
     const A: [u8; 4] = [10, 1, 2, 2];
     const B: [u8; 4] = [10, 2, 2, 2];
 
-    /// An IPv4 TCP segment with valid checksums.
-    fn tcp4(sport: u16, seq: u32, ack: u32, flags: u8, payload: &[u8]) -> Vec<u8> {
-        let mut p = vec![0u8; 40 + payload.len()];
+    /// An IPv4 packet from A to B (don't-fragment set, header checksum valid) around `l4`.
+    fn ipv4(proto: u8, l4: &[u8]) -> Vec<u8> {
+        let mut p = vec![0u8; 20];
         p[0] = 0x45;
-        let total = u16::try_from(p.len()).unwrap();
+        let total = u16::try_from(20 + l4.len()).unwrap();
         p[2..4].copy_from_slice(&total.to_be_bytes());
         p[6] = 0x40;
         p[8] = 63;
-        p[9] = 6;
+        p[9] = proto;
         p[12..16].copy_from_slice(&A);
         p[16..20].copy_from_slice(&B);
-        p[20..22].copy_from_slice(&sport.to_be_bytes());
-        p[22..24].copy_from_slice(&5201u16.to_be_bytes());
-        p[24..28].copy_from_slice(&seq.to_be_bytes());
-        p[28..32].copy_from_slice(&ack.to_be_bytes());
-        p[32] = 5 << 4;
-        p[33] = flags;
-        p[34..36].copy_from_slice(&512u16.to_be_bytes());
-        p[40..].copy_from_slice(payload);
-        let ip = !fold(sum_be(&p[..20], 0));
+        let ip = !fold(sum_be(&p, 0));
         p[10..12].copy_from_slice(&ip.to_be_bytes());
-        let l4 = u32::try_from(p.len() - 20).unwrap();
-        let tcp = !fold(sum_be(&p[20..], sum_be(&A, sum_be(&B, 6 + l4))));
-        p[36..38].copy_from_slice(&tcp.to_be_bytes());
+        p.extend_from_slice(l4);
         p
     }
 
+    /// An IPv4 TCP segment with valid checksums.
+    fn tcp4(sport: u16, seq: u32, ack: u32, flags: u8, payload: &[u8]) -> Vec<u8> {
+        let mut t = vec![0u8; 20];
+        t[0..2].copy_from_slice(&sport.to_be_bytes());
+        t[2..4].copy_from_slice(&5201u16.to_be_bytes());
+        t[4..8].copy_from_slice(&seq.to_be_bytes());
+        t[8..12].copy_from_slice(&ack.to_be_bytes());
+        t[12] = 5 << 4;
+        t[13] = flags;
+        t[14..16].copy_from_slice(&512u16.to_be_bytes());
+        t.extend_from_slice(payload);
+        let l4 = u32::try_from(t.len()).unwrap();
+        let tcp = !fold(sum_be(&t, sum_be(&A, sum_be(&B, 6 + l4))));
+        t[16..18].copy_from_slice(&tcp.to_be_bytes());
+        ipv4(6, &t)
+    }
+
     fn udp4(sport: u16, payload: &[u8]) -> Vec<u8> {
-        let mut p = vec![0u8; 28 + payload.len()];
-        p[0] = 0x45;
-        let total = u16::try_from(p.len()).unwrap();
-        p[2..4].copy_from_slice(&total.to_be_bytes());
-        p[8] = 63;
-        p[9] = 17;
-        p[12..16].copy_from_slice(&A);
-        p[16..20].copy_from_slice(&B);
-        p[20..22].copy_from_slice(&sport.to_be_bytes());
-        p[22..24].copy_from_slice(&5201u16.to_be_bytes());
-        p[24..26].copy_from_slice(&u16::try_from(8 + payload.len()).unwrap().to_be_bytes());
-        p[28..].copy_from_slice(payload);
-        p
+        let mut u = vec![0u8; 8];
+        u[0..2].copy_from_slice(&sport.to_be_bytes());
+        u[2..4].copy_from_slice(&5201u16.to_be_bytes());
+        u[4..6].copy_from_slice(&u16::try_from(8 + payload.len()).unwrap().to_be_bytes());
+        u.extend_from_slice(payload);
+        ipv4(17, &u)
     }
 
     /// An IPv6 TCP segment (checksums are not what these tests look at).

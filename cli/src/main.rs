@@ -172,6 +172,10 @@ struct BrokerArgs {
     /// Address to listen on.
     #[arg(long, env = "CAUSEWAY_BROKER_LISTEN", default_value = "0.0.0.0:7780")]
     listen: String,
+    /// Addresses gateways reach this broker at (repeatable; the listen address counts too):
+    /// no member cluster may claim a prefix covering them.
+    #[arg(long = "advertise-address", env = "CAUSEWAY_BROKER_ADVERTISE_ADDRESSES", value_delimiter = ',')]
+    advertise_addresses: Vec<std::net::IpAddr>,
     /// Directory of the embedded store and the TLS certificate (see `deploy-broker`).
     #[arg(long, env = "CAUSEWAY_BROKER_DATA_DIR", default_value = "/var/lib/causeway-broker")]
     data_dir: PathBuf,
@@ -490,6 +494,9 @@ async fn broker(a: BrokerArgs) -> anyhow::Result<()> {
         store,
         std::time::Duration::from_secs(a.endpoint_lease_seconds.max(1)),
     )?;
+    let listen_ip =
+        a.listen.parse::<std::net::SocketAddr>().ok().map(|s| s.ip()).filter(|ip| !ip.is_unspecified());
+    broker.protect_addresses(a.advertise_addresses.iter().copied().chain(listen_ip));
     if let Some(path) = &a.bootstrap_file {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let file: causeway_broker::auth::BootstrapFile = serde_json::from_str(&text)

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use causeway_broker_api::{BrokerClient, ClusterSetRecord, Record, ServiceExportRecord, ServicePort};
+use causeway_broker_api::{BrokerClient, Record, ServiceExportRecord, ServicePort};
 
 #[derive(clap::Args)]
 pub struct ExportArgs {
@@ -47,11 +47,30 @@ pub struct UnexportArgs {
 
 #[derive(clap::Args)]
 pub struct ClusterSetArgs {
-    /// Overlap mode: clusters may share pod/service CIDRs and each carries a unique global
+    /// Overlap mode on: clusters may share pod/service CIDRs and each carries a unique global
     /// CIDR. (The broker enforces the rules; the gateways' address translation is not there
     /// yet, so clusters that really overlap are not routed to each other.)
-    #[arg(long)]
+    #[arg(long, conflicts_with = "no_overlap_mode")]
     overlap_mode: bool,
+    /// Overlap mode off (needs every cluster's CIDRs to be disjoint).
+    #[arg(long)]
+    no_overlap_mode: bool,
+    /// Where member clusters' pod CIDRs may lie (repeatable; replaces the list; default: the
+    /// private ranges of RFC 1918 and RFC 6598, and IPv6 ULA).
+    #[arg(long = "pod-pool", value_name = "CIDR")]
+    pod_pools: Vec<ipnetwork::IpNetwork>,
+    /// Where service CIDRs may lie (repeatable; replaces the list).
+    #[arg(long = "service-pool", value_name = "CIDR")]
+    service_pools: Vec<ipnetwork::IpNetwork>,
+    /// Where global CIDRs (overlap mode) may lie (repeatable; replaces the list).
+    #[arg(long = "global-pool", value_name = "CIDR")]
+    global_pools: Vec<ipnetwork::IpNetwork>,
+    /// Gateway endpoints one cluster may publish.
+    #[arg(long)]
+    max_endpoints: Option<u32>,
+    /// Services one cluster may export.
+    #[arg(long)]
+    max_services: Option<u32>,
     /// Admin credentials (default: the local sandbox's admin).
     #[arg(long, env = "CAUSEWAY_CREDENTIALS")]
     credentials: Option<PathBuf>,
@@ -104,12 +123,62 @@ pub async fn unexport(a: UnexportArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Changes the settings given on the command line, keeps the others, prints the result
+/// (with no flags: only prints).
 pub async fn cluster_set(a: ClusterSetArgs) -> anyhow::Result<()> {
-    let creds = crate::setup::operator_credentials(a.credentials)?;
+    let creds = crate::setup::operator_credentials(a.credentials.clone())?;
     let client = BrokerClient::from_credentials(&creds)?;
-    let generation = next_generation(&client, causeway_broker_api::CLUSTER_SET_KEY).await?;
-    client.put_cluster_set(&ClusterSetRecord { overlap_mode: a.overlap_mode, generation }).await?;
-    println!("overlap mode: {}", if a.overlap_mode { "on" } else { "off" });
+    let list = client.list().await?;
+    let stored = list.items.iter().find_map(|o| match &o.record {
+        Record::ClusterSet(s) => Some(s.clone()),
+        _ => None,
+    });
+    let mut settings = stored.clone().unwrap_or_default();
+    if a.overlap_mode || a.no_overlap_mode {
+        settings.overlap_mode = a.overlap_mode;
+    }
+    for (flag, given, pool) in [
+        ("--pod-pool", &a.pod_pools, &mut settings.pools.pod_cidrs),
+        ("--service-pool", &a.service_pools, &mut settings.pools.service_cidrs),
+        ("--global-pool", &a.global_pools, &mut settings.pools.global_cidrs),
+    ] {
+        if !given.is_empty() {
+            for n in given {
+                anyhow::ensure!(
+                    n.network() == n.ip(),
+                    "{flag} {n}: host bits set; did you mean {}/{}?",
+                    n.network(),
+                    n.prefix()
+                );
+            }
+            pool.clone_from(given);
+        }
+    }
+    if let Some(n) = a.max_endpoints {
+        settings.quotas.max_endpoints = n;
+    }
+    if let Some(n) = a.max_services {
+        settings.quotas.max_services = n;
+    }
+    let changed = stored.as_ref().map_or_else(
+        || settings != causeway_broker_api::ClusterSetRecord::default(),
+        |old| {
+            let mut old = old.clone();
+            old.generation = settings.generation;
+            old != settings
+        },
+    );
+    if changed {
+        settings.generation = stored.map_or(1, |s| s.generation + 1);
+        client.put_cluster_set(&settings).await?;
+    }
+    let list = |v: &[ipnetwork::IpNetwork]| v.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+    println!("overlap mode:   {}", if settings.overlap_mode { "on" } else { "off" });
+    println!("pod pools:      {}", list(&settings.pools.pod_cidrs));
+    println!("service pools:  {}", list(&settings.pools.service_cidrs));
+    println!("global pools:   {}", list(&settings.pools.global_cidrs));
+    println!("max endpoints:  {} per cluster", settings.quotas.max_endpoints);
+    println!("max services:   {} per cluster", settings.quotas.max_services);
     Ok(())
 }
 

@@ -251,6 +251,19 @@ pub async fn run(a: ShowArgs) -> anyhow::Result<()> {
                             &rows
                         )
                     );
+                    // Refusals are the operator's to fix (a member's records), so they are
+                    // shown where the connections are, not only in the gateway's log.
+                    for s in &statuses {
+                        for (cluster, why) in &s.refused {
+                            println!("{}: not routing {cluster}: {why}", s.cluster_id);
+                        }
+                        for prefix in &s.route_conflicts {
+                            println!(
+                                "{}: {prefix} not routed: a route Causeway did not create holds it",
+                                s.cluster_id
+                            );
+                        }
+                    }
                 }
             }
         }

@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::{
-    desired::desired,
+    desired::{LocalFacts, desired},
     route::{RouteError, node::NodeRoutes},
 };
 
@@ -34,7 +34,7 @@ pub struct NodeView {
 /// The node's view of the records. Among several endpoints marked active (a failover in
 /// progress), the most recently written wins.
 #[must_use]
-pub fn node_view(objects: &[Object], local_cluster: &str) -> NodeView {
+pub fn node_view(objects: &[Object], local_cluster: &str, facts: &LocalFacts) -> NodeView {
     let active_gateway = objects
         .iter()
         .filter_map(|o| match &o.record {
@@ -45,7 +45,7 @@ pub fn node_view(objects: &[Object], local_cluster: &str) -> NodeView {
         })
         .max_by_key(|(rv, _)| *rv)
         .map(|(_, ip)| ip);
-    NodeView { remote_prefixes: desired(objects, local_cluster).routes(), active_gateway }
+    NodeView { remote_prefixes: desired(objects, local_cluster, facts).routes(), active_gateway }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,9 +78,9 @@ impl Agent {
             return;
         }
         match self.routes.sync(&view.remote_prefixes).await {
-            Ok((added, removed)) => {
-                if added + removed > 0 {
-                    info!(added, removed, "remote-cluster routes updated");
+            Ok(report) => {
+                if report.added + report.removed > 0 {
+                    info!(added = report.added, removed = report.removed, "remote-cluster routes updated");
                 }
                 self.applied.remote_prefixes.clone_from(&view.remote_prefixes);
             }
@@ -104,7 +104,14 @@ pub async fn run(
     let mut revision = None::<u64>;
     info!(cluster = %local_cluster, "route agent started");
     loop {
-        let view = node_view(&objects.values().cloned().collect::<Vec<_>>(), &local_cluster);
+        let facts = match crate::route::local_addresses().await {
+            Ok(addresses) => LocalFacts { addresses, public_key: None },
+            Err(e) => {
+                warn!(error = %e, "listing this node's addresses failed; remote prefixes are checked without them");
+                LocalFacts::default()
+            }
+        };
+        let view = node_view(&objects.values().cloned().collect::<Vec<_>>(), &local_cluster, &facts);
         let gateway = match &gateways {
             Some(rx) => *rx.borrow(),
             None => view.active_gateway,
@@ -208,14 +215,17 @@ mod tests {
             obj(4, endpoint("east", "gw-1", "192.168.50.11", GatewayRole::Active)),
             obj(5, endpoint("east", "gw-2", "192.168.50.12", GatewayRole::Standby)),
         ];
-        let v = node_view(&objects, "east");
+        let v = node_view(&objects, "east", &LocalFacts::default());
         assert_eq!(v.remote_prefixes, ["10.9.0.0/16".parse().unwrap()].into());
         assert_eq!(v.active_gateway, Some("192.168.50.11".parse().unwrap()));
         // gw-2 takes over and writes its endpoint before gw-1's record is updated.
         let mut objects = objects;
         objects[4] = obj(6, endpoint("east", "gw-2", "192.168.50.12", GatewayRole::Active));
-        assert_eq!(node_view(&objects, "east").active_gateway, Some("192.168.50.12".parse().unwrap()));
+        assert_eq!(
+            node_view(&objects, "east", &LocalFacts::default()).active_gateway,
+            Some("192.168.50.12".parse().unwrap())
+        );
         // No active gateway: nothing to point at.
-        assert_eq!(node_view(&objects[..3], "east").active_gateway, None);
+        assert_eq!(node_view(&objects[..3], "east", &LocalFacts::default()).active_gateway, None);
     }
 }

@@ -25,7 +25,7 @@ use tracing::{info, instrument, warn};
 use crate::{
     cable::{AnyCable, CableDriver, CableError, WireGuardConfig},
     cluster::{ClusterSource, LocalCluster, SourceError},
-    desired::{Desired, desired, plan},
+    desired::{Desired, LocalFacts, desired, plan},
     keys::{KeyError, KeyPair},
     route::{RouteError, RouteManager},
     status::{ConnectionView, DatapathCounters, GatewayStatus},
@@ -129,6 +129,8 @@ pub struct Shared {
     policy_rules: Vec<String>,
     /// Whether a policy was ever installed (the first reconcile always installs one).
     policy_installed: bool,
+    /// Remote prefixes left out because a route Causeway did not create holds them.
+    route_conflicts: Vec<IpNetwork>,
 }
 
 impl Shared {
@@ -194,13 +196,26 @@ impl Shared {
         if !self.policy_installed || desired.policy != self.desired.policy {
             self.install_policy(&desired.policy)?;
         }
+        if desired.refused != self.desired.refused {
+            for (id, why) in &desired.refused {
+                if self.desired.refused.get(id) != Some(why) {
+                    warn!(cluster = %id, reason = %why, "remote cluster refused: not routed");
+                }
+            }
+        }
         self.desired = desired.clone();
         self.sync_known_peers().await?;
         // Routes last: traffic is only steered into the tunnel once a peer can carry it.
-        let (added, removed) = self.routes.sync(&desired.routes()).await?;
-        if added + removed + gone.len() > 0 {
-            info!(routes_added = added, routes_removed = removed, peers_removed = gone.len(), "reconciled");
+        let report = self.routes.sync(&desired.routes()).await?;
+        if report.added + report.removed + gone.len() > 0 {
+            info!(
+                routes_added = report.added,
+                routes_removed = report.removed,
+                peers_removed = gone.len(),
+                "reconciled"
+            );
         }
+        self.route_conflicts = report.conflicts;
         Ok(())
     }
 
@@ -322,6 +337,8 @@ impl Shared {
                 .collect(),
             policy_drops: self.policy_drops()?,
             standbys,
+            refused: self.desired.refused.clone(),
+            route_conflicts: self.route_conflicts.iter().map(ToString::to_string).collect(),
         })
     }
 }
@@ -483,6 +500,7 @@ pub async fn run(
         revision: 0,
         policy_rules: Vec::new(),
         policy_installed: false,
+        route_conflicts: Vec::new(),
     }));
     let status_task =
         crate::status::serve(&config.status_socket, shared.clone()).await.map_err(|source| {
@@ -608,7 +626,15 @@ async fn heartbeat(client: BrokerClient, ep: EndpointRecord, every: Duration) {
 }
 
 async fn apply(shared: &Arc<Mutex<Shared>>, cache: &RecordCache, local: &LocalCluster) {
-    let d = desired(&cache.objects(), &local.cluster_id);
+    let addresses = match crate::route::local_addresses().await {
+        Ok(a) => a,
+        Err(e) => {
+            warn!(error = %e, "listing this node's addresses failed; remote prefixes are checked without them");
+            Vec::new()
+        }
+    };
+    let public_key = shared.lock().await.public_key.parse().ok();
+    let d = desired(&cache.objects(), &local.cluster_id, &LocalFacts { addresses, public_key });
     let mut s = shared.lock().await;
     s.revision = cache.revision;
     if let Err(e) = s.reconcile(d).await {

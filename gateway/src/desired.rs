@@ -5,10 +5,10 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
 };
 
-use causeway_broker_api::{ClusterRecord, EndpointRecord, GatewayRole, Object, Record};
+use causeway_broker_api::{ClusterRecord, EndpointRecord, GatewayRole, Object, Record, WireGuardKey};
 use ipnetwork::IpNetwork;
 
 use crate::cable::{RemoteEndpoint, StandbyGateway};
@@ -20,6 +20,9 @@ pub struct Desired {
     pub remotes: BTreeMap<String, RemoteEndpoint>,
     /// The cluster-set policy and every cluster's CIDRs (the local one's too).
     pub policy: crate::policy::PolicyInput,
+    /// Remote clusters this node refuses to route, and why (their records would capture
+    /// traffic that is not theirs, or clash with another cluster's).
+    pub refused: BTreeMap<String, String>,
 }
 
 impl Desired {
@@ -30,20 +33,60 @@ impl Desired {
     }
 }
 
+/// What a node knows of itself that remote records must not capture. Members do not trust
+/// each other: even with a broker that checks everything, a gateway re-checks what it routes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LocalFacts {
+    /// The node's own interface addresses (the uplink's, so the underlay, among them).
+    pub addresses: Vec<IpAddr>,
+    /// This gateway's WireGuard key (none on a route agent).
+    pub public_key: Option<WireGuardKey>,
+}
+
+/// Why a remote cluster's own record makes it unroutable from this node, if it does.
+fn hostile_prefix<'a>(
+    c: &ClusterRecord,
+    facts: &LocalFacts,
+    endpoints: impl Iterator<Item = &'a EndpointRecord> + Clone,
+) -> Option<String> {
+    for cidr in c.all_cidrs() {
+        if let Err(e) = causeway_broker_api::validate::claimable("cidrs", cidr) {
+            return Some(e.to_string());
+        }
+        if let Some(addr) = facts.addresses.iter().find(|a| cidr.contains(**a)) {
+            return Some(format!("{cidr} covers {addr}, an address of this node"));
+        }
+        for e in endpoints.clone() {
+            if let Some(addr) = e.private_ips.iter().chain(&e.public_ips).find(|a| cidr.contains(**a)) {
+                return Some(format!(
+                    "{cidr} covers {addr}, an address of gateway {:?} of cluster {:?}",
+                    e.hostname, e.cluster_id
+                ));
+            }
+        }
+    }
+    None
+}
+
 /// Builds the desired state from a snapshot of records, ignoring the local cluster's own.
+/// A remote cluster whose prefixes are special, cover this node or any gateway endpoint, or
+/// clash with another cluster's, is routed to nobody and listed in [`Desired::refused`];
+/// so is one whose gateway key another cluster (or this gateway) uses.
 #[must_use]
-pub fn desired(objects: &[Object], local_cluster: &str) -> Desired {
+pub fn desired(objects: &[Object], local_cluster: &str, facts: &LocalFacts) -> Desired {
     let mut clusters: BTreeMap<&str, &ClusterRecord> = BTreeMap::new();
     let mut endpoints: BTreeMap<&str, Vec<&EndpointRecord>> = BTreeMap::new();
+    let mut all_endpoints: Vec<(u64, &EndpointRecord)> = Vec::new();
     let mut policy = crate::policy::PolicyInput::default();
     for o in objects {
         if let Record::Cluster(c) = &o.record {
             policy.clusters.insert(c.cluster_id.clone(), c.all_cidrs().copied().collect());
         }
-        if let Record::Endpoint(e) = &o.record
-            && let Some(std::net::IpAddr::V4(ip)) = e.health_check_ip
-        {
-            policy.probe_ips.insert(ip);
+        if let Record::Endpoint(e) = &o.record {
+            all_endpoints.push((o.resource_version, e));
+            if let Some(std::net::IpAddr::V4(ip)) = e.health_check_ip {
+                policy.probe_ips.insert(ip);
+            }
         }
         match &o.record {
             Record::Policy(p) => policy.rules.push(p.clone()),
@@ -57,25 +100,78 @@ pub fn desired(objects: &[Object], local_cluster: &str) -> Desired {
             _ => {}
         }
     }
-    let mut remotes: BTreeMap<String, RemoteEndpoint> = BTreeMap::new();
-    // CIDRs already routed: the local cluster's and the accepted remotes'. A cluster set in
-    // overlap mode may hold clusters whose CIDRs clash; without address translation (not
-    // there yet) they cannot be routed, so such a remote is left out, loudly.
-    let mut taken: Vec<(String, IpNetwork)> = policy
-        .clusters
-        .get(local_cluster)
-        .map(|v| v.iter().map(|n| (local_cluster.to_owned(), *n)).collect())
-        .unwrap_or_default();
-    for (id, c) in clusters {
-        if let Some((other, net)) =
-            taken.iter().find(|(_, t)| c.all_cidrs().any(|n| causeway_broker_api::validate::overlaps(n, t)))
+    let mut refused: BTreeMap<String, String> = BTreeMap::new();
+    for (id, c) in &clusters {
+        if let Some(why) = hostile_prefix(c, facts, all_endpoints.iter().map(|(_, e)| *e)) {
+            refused.insert((*id).to_owned(), why);
+        }
+    }
+    // Clashes: with the local cluster, the remote is out; between remotes, both are (routing
+    // to whichever id sorts first would hand one cluster's traffic to the other). Overlap
+    // mode allows such records; without address translation they are unroutable.
+    let local_cidrs: Vec<IpNetwork> = policy.clusters.get(local_cluster).cloned().unwrap_or_default();
+    let candidates: Vec<(&str, &ClusterRecord)> =
+        clusters.iter().filter(|(id, _)| !refused.contains_key(**id)).map(|(id, c)| (*id, *c)).collect();
+    for (i, (id, c)) in candidates.iter().enumerate() {
+        let overlaps = |a: &IpNetwork, b: &IpNetwork| causeway_broker_api::validate::overlaps(a, b);
+        if let Some((ours, theirs)) =
+            c.all_cidrs().find_map(|n| local_cidrs.iter().find(|l| overlaps(n, l)).map(|l| (*l, *n)))
         {
-            tracing::warn!(
-                cluster = id,
-                clashes_with = %other,
-                cidr = %net,
-                "remote cluster's CIDRs overlap; not routed (overlap-mode translation is not supported yet)"
-            );
+            refused.insert((*id).to_owned(), format!("{theirs} overlaps {ours} of the local cluster"));
+            continue;
+        }
+        for (other, oc) in candidates.iter().skip(i + 1) {
+            if let Some((a, b)) =
+                c.all_cidrs().find_map(|n| oc.all_cidrs().find(|m| overlaps(n, m)).map(|m| (*n, *m)))
+            {
+                let why = |x: &IpNetwork, y: &IpNetwork, o: &str| {
+                    format!("{x} overlaps {y} of cluster {o:?}: neither is routed until one of them changes")
+                };
+                refused.entry((*id).to_owned()).or_insert_with(|| why(&a, &b, other));
+                refused.entry((*other).to_owned()).or_insert_with(|| why(&b, &a, id));
+            }
+        }
+    }
+    // Keys: one gateway key, one cluster. The broker refuses a second cluster's claim; should
+    // records disagree anyway, the key stays with the cluster that published it first (the
+    // lowest revision), as it does in the cable core, and a tie leaves it to nobody.
+    let mut key_owner: BTreeMap<WireGuardKey, (u64, Option<&str>)> = BTreeMap::new();
+    for (rv, e) in &all_endpoints {
+        key_owner
+            .entry(e.public_key)
+            .and_modify(|(best, owner)| {
+                if *rv < *best {
+                    (*best, *owner) = (*rv, Some(e.cluster_id.as_str()));
+                } else if *rv == *best && *owner != Some(e.cluster_id.as_str()) {
+                    *owner = None;
+                }
+            })
+            .or_insert((*rv, Some(e.cluster_id.as_str())));
+    }
+    for (id, eps) in &endpoints {
+        for e in eps {
+            let owner = key_owner.get(&e.public_key).and_then(|(_, o)| *o);
+            if owner != Some(*id) {
+                refused.entry((*id).to_owned()).or_insert_with(|| match owner {
+                    Some(other) => {
+                        format!("gateway {:?} uses the key of a gateway of cluster {other:?}", e.hostname)
+                    }
+                    None => format!("gateway {:?} shares its key with another cluster's gateway", e.hostname),
+                });
+            } else if facts.public_key == Some(e.public_key) {
+                refused
+                    .entry((*id).to_owned())
+                    .or_insert_with(|| format!("gateway {:?} uses this gateway's own key", e.hostname));
+            }
+        }
+    }
+    for (id, why) in &refused {
+        tracing::debug!(cluster = %id, reason = %why, "remote cluster not routed");
+    }
+
+    let mut remotes: BTreeMap<String, RemoteEndpoint> = BTreeMap::new();
+    for (id, c) in clusters {
+        if refused.contains_key(id) {
             continue;
         }
         let Some(ep) = endpoints.get(id).and_then(|eps| pick_endpoint(eps)) else { continue };
@@ -107,9 +203,8 @@ pub fn desired(objects: &[Object], local_cluster: &str) -> Desired {
                 standbys,
             },
         );
-        taken.extend(c.all_cidrs().map(|n| (id.to_owned(), *n)));
     }
-    Desired { remotes, policy }
+    Desired { remotes, policy, refused }
 }
 
 /// The active endpoint with the highest priority (ties: lowest hostname), else none.
@@ -138,9 +233,14 @@ pub fn plan<T: Ord + Clone>(desired: &BTreeSet<T>, current: &BTreeSet<T>) -> Pla
 
 #[cfg(test)]
 mod tests {
-    use causeway_broker_api::WireGuardKey;
-
     use super::*;
+
+    /// A key of each gateway's own, from its host name.
+    fn key(host: &str) -> WireGuardKey {
+        let mut k = [0u8; 32];
+        k[..host.len()].copy_from_slice(host.as_bytes());
+        WireGuardKey(k)
+    }
 
     fn cluster(id: &str, pod: &str) -> Object {
         Object::new(
@@ -165,7 +265,7 @@ mod tests {
                 private_ips: vec![ip.parse().unwrap()],
                 public_ips: vec![],
                 port: 51820,
-                public_key: WireGuardKey([host.len() as u8; 32]),
+                public_key: key(host),
                 backend: "wireguard".into(),
                 role,
                 priority,
@@ -186,7 +286,7 @@ mod tests {
             cluster("d", "10.4.0.0/16"),
             endpoint("d", "gw-d", "172.31.0.14", GatewayRole::Standby, 9),
         ];
-        let d = desired(&objs, "a");
+        let d = desired(&objs, "a", &LocalFacts::default());
         assert_eq!(d.remotes.keys().collect::<Vec<_>>(), vec!["b"]);
         let b = &d.remotes["b"];
         assert_eq!(b.endpoint, "172.31.0.12:51820".parse().unwrap());
@@ -204,8 +304,83 @@ mod tests {
             cluster("d", "10.3.1.0/24"), // clashes with c
             endpoint("d", "gw-d", "172.31.0.14", GatewayRole::Active, 0),
         ];
-        let d = desired(&objs, "a");
+        let d = desired(&objs, "a", &LocalFacts::default());
+        // c and d clash with each other: neither wins because of how its id sorts.
+        assert!(d.remotes.is_empty(), "{:?}", d.remotes.keys());
+        assert_eq!(d.refused.keys().collect::<Vec<_>>(), vec!["b", "c", "d"]);
+        assert_eq!(d.refused["b"], "10.1.128.0/17 overlaps 10.1.0.0/16 of the local cluster");
+        assert_eq!(
+            d.refused["c"],
+            "10.3.0.0/16 overlaps 10.3.1.0/24 of cluster \"d\": neither is routed until one of them changes"
+        );
+        assert_eq!(
+            d.refused["d"],
+            "10.3.1.0/24 overlaps 10.3.0.0/16 of cluster \"c\": neither is routed until one of them changes"
+        );
+        // The clash resolved (d leaves): c is routed again.
+        let d = desired(&objs[..5], "a", &LocalFacts::default());
         assert_eq!(d.remotes.keys().collect::<Vec<_>>(), vec!["c"]);
+        assert_eq!(d.refused.keys().collect::<Vec<_>>(), vec!["b"]);
+    }
+
+    #[test]
+    fn prefixes_that_would_capture_this_node_or_an_endpoint_are_refused() {
+        let facts = LocalFacts {
+            addresses: vec!["192.168.7.5".parse().unwrap(), "172.20.1.1".parse().unwrap()],
+            public_key: Some(key("me")),
+        };
+        let objs = vec![
+            cluster("a", "10.1.0.0/16"),
+            endpoint("a", "me", "172.31.0.11", GatewayRole::Active, 0),
+            // Covers this node's uplink address.
+            cluster("node", "192.168.0.0/16"),
+            endpoint("node", "gw-n", "172.31.0.12", GatewayRole::Active, 0),
+            // Covers the local gateway's endpoint (the underlay).
+            cluster("under", "172.31.0.0/24"),
+            endpoint("under", "gw-u", "172.30.0.13", GatewayRole::Active, 0),
+            // Special and broad, as a broker without the checks would let through.
+            cluster("meta", "169.254.169.254/32"),
+            endpoint("meta", "gw-m", "172.31.0.14", GatewayRole::Active, 0),
+            cluster("half", "128.0.0.0/1"),
+            endpoint("half", "gw-h", "172.31.0.15", GatewayRole::Active, 0),
+            // Honest.
+            cluster("b", "10.2.0.0/16"),
+            endpoint("b", "gw-b", "172.31.0.18", GatewayRole::Active, 0),
+            // Published later with another cluster's key, and with this gateway's own.
+            cluster("thief", "10.7.0.0/16"),
+            endpoint("thief", "gw-t", "172.31.0.16", GatewayRole::Active, 0),
+            cluster("mirror", "10.8.0.0/16"),
+            endpoint("mirror", "gw-r", "172.31.0.17", GatewayRole::Active, 0),
+        ];
+        let mut objs = objs;
+        for (i, o) in objs.iter_mut().enumerate() {
+            o.resource_version = i as u64 + 1;
+        }
+        let Record::Endpoint(e) = &mut objs[13].record else { panic!() };
+        e.public_key = key("gw-b");
+        let Record::Endpoint(e) = &mut objs[15].record else { panic!() };
+        e.public_key = key("me");
+        let d = desired(&objs, "a", &facts);
+        assert_eq!(d.remotes.keys().collect::<Vec<_>>(), vec!["b"]);
+        assert_eq!(d.routes(), ["10.2.0.0/16".parse().unwrap()].into());
+        assert_eq!(d.refused["node"], "192.168.0.0/16 covers 192.168.7.5, an address of this node");
+        assert_eq!(
+            d.refused["under"],
+            "172.31.0.0/24 covers 172.31.0.11, an address of gateway \"me\" of cluster \"a\""
+        );
+        assert!(d.refused["meta"].contains("cloud metadata"), "{}", d.refused["meta"]);
+        assert!(d.refused["half"].contains("broader than /8"), "{}", d.refused["half"]);
+        // A shared key stays with who published it first.
+        assert_eq!(d.refused["thief"], "gateway \"gw-t\" uses the key of a gateway of cluster \"b\"");
+        assert_eq!(d.refused["mirror"], "gateway \"gw-r\" uses the key of a gateway of cluster \"a\"");
+        assert_eq!(d.refused.len(), 6, "{:?}", d.refused);
+        // Published in the same revision: neither can be told from the other, both are out.
+        for o in &mut objs {
+            o.resource_version = 1;
+        }
+        let d = desired(&objs, "a", &facts);
+        assert_eq!(d.refused["b"], "gateway \"gw-b\" shares its key with another cluster's gateway");
+        assert!(d.remotes.is_empty());
     }
 
     #[test]
@@ -215,7 +390,7 @@ mod tests {
             endpoint("b", "gw-1", "172.31.0.21", GatewayRole::Active, 1),
             endpoint("b", "gw-22", "172.31.0.22", GatewayRole::Active, 5),
         ];
-        let d = desired(&objs, "a");
+        let d = desired(&objs, "a", &LocalFacts::default());
         assert_eq!(d.remotes["b"].endpoint.ip().to_string(), "172.31.0.22");
     }
 
@@ -228,21 +403,18 @@ mod tests {
                 endpoint("b", "gw-22", "172.31.0.22", gw2, 0),
             ]
         };
-        let d = desired(&objs(GatewayRole::Active, GatewayRole::Standby), "a");
+        let d = desired(&objs(GatewayRole::Active, GatewayRole::Standby), "a", &LocalFacts::default());
         let b = &d.remotes["b"];
         assert_eq!(b.endpoint.ip().to_string(), "172.31.0.21");
         assert_eq!(
             b.standbys,
-            vec![StandbyGateway {
-                public_key: WireGuardKey([5; 32]),
-                endpoint: "172.31.0.22:51820".parse().unwrap()
-            }]
+            vec![StandbyGateway { public_key: key("gw-22"), endpoint: "172.31.0.22:51820".parse().unwrap() }]
         );
         // Failover: same peers, the roles swapped (the cable moves the prefixes, nothing else).
-        let after = desired(&objs(GatewayRole::Standby, GatewayRole::Active), "a");
+        let after = desired(&objs(GatewayRole::Standby, GatewayRole::Active), "a", &LocalFacts::default());
         let b2 = &after.remotes["b"];
-        assert_eq!(b2.public_key, WireGuardKey([5; 32]));
-        assert_eq!(b2.standbys.iter().map(|s| s.public_key).collect::<Vec<_>>(), vec![WireGuardKey([4; 32])]);
+        assert_eq!(b2.public_key, key("gw-22"));
+        assert_eq!(b2.standbys.iter().map(|s| s.public_key).collect::<Vec<_>>(), vec![key("gw-1")]);
         assert_eq!(b2.cidrs, b.cidrs);
     }
 

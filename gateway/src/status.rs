@@ -72,6 +72,13 @@ pub struct GatewayStatus {
     /// Remote clusters' standby gateways, with sessions kept warm for a failover.
     #[serde(default)]
     pub standbys: Vec<StandbyView>,
+    /// Remote clusters this gateway refuses to route, and why (their prefixes would capture
+    /// this node, an endpoint or another cluster's traffic, or their key is not theirs).
+    #[serde(default)]
+    pub refused: BTreeMap<String, String>,
+    /// Remote prefixes not routed because a route Causeway did not create holds them.
+    #[serde(default)]
+    pub route_conflicts: Vec<String>,
 }
 
 /// A remote cluster's standby gateway as this gateway sees it.
@@ -212,6 +219,18 @@ pub fn render_metrics(s: &GatewayStatus) -> String {
             .collect(),
     );
     family(
+        "causeway_remote_refused",
+        "gauge",
+        "Remote clusters this gateway refuses to route (see show connections for why)",
+        s.refused.keys().map(|c| (format!("cluster=\"{c}\""), 1.0)).collect(),
+    );
+    family(
+        "causeway_route_conflicts",
+        "gauge",
+        "Remote prefixes not routed because a route Causeway did not create holds them",
+        vec![(String::new(), s.route_conflicts.len() as f64)],
+    );
+    family(
         "causeway_build_info",
         "gauge",
         "Build information",
@@ -339,8 +358,12 @@ mod tests {
                 status: "connected".into(),
                 last_handshake_secs: Some(3.0),
             }],
+            refused: [("evil".to_owned(), "128.0.0.0/1 is broader than /8".to_owned())].into_iter().collect(),
+            route_conflicts: vec!["10.9.0.0/16".into()],
         };
         let text = render_metrics(&s);
+        assert!(text.contains("causeway_remote_refused{cluster=\"evil\"} 1\n"), "{text}");
+        assert!(text.contains("causeway_route_conflicts{} 1\n"), "{text}");
         assert!(text.contains("causeway_connection_up{cluster=\"b\"} 1\n"), "{text}");
         assert!(
             text.contains("causeway_standby_up{cluster=\"b\",endpoint=\"172.31.0.13:51820\"} 1\n"),

@@ -191,6 +191,8 @@ fn switching_the_active_gateway_moves_the_next_packet() {
             cluster_id: "west".into(),
             hostname: "west-gw".into(),
             private_ips: vec!["172.31.0.9".parse().unwrap()],
+            // A key of its own: the broker refuses one another cluster's gateway uses.
+            public_key: causeway_broker_api::WireGuardKey([9; 32]),
             ..match endpoint("x", "172.31.0.9", GatewayRole::Active, 1) {
                 Record::Endpoint(e) => e,
                 _ => unreachable!(),
@@ -199,15 +201,59 @@ fn switching_the_active_gateway_moves_the_next_packet() {
     );
     put(&dir, &endpoint("gw-1", "192.168.50.11", GatewayRole::Active, 1));
     put(&dir, &endpoint("gw-2", "192.168.50.12", GatewayRole::Standby, 1));
+    // Two more remote clusters: "south", one of whose prefixes the node already routes
+    // (somebody else's route, which must survive), and "evil", whose /32 is this node's own
+    // address (the broker cannot know node addresses; the agent must refuse it).
+    for (id, pod, svc, gw, key) in [
+        ("south", "10.8.0.0/16", "10.108.0.0/16", "172.31.0.8", [8u8; 32]),
+        ("evil", "192.168.50.10/32", "10.107.0.0/16", "172.31.0.7", [7u8; 32]),
+    ] {
+        put(
+            &dir,
+            &Record::Cluster(ClusterRecord {
+                cluster_id: id.into(),
+                pod_cidrs: vec![pod.parse().unwrap()],
+                service_cidrs: vec![svc.parse().unwrap()],
+                global_cidr: None,
+                labels: Default::default(),
+                generation: 1,
+            }),
+        );
+        let Record::Endpoint(mut e) = endpoint("x", gw, GatewayRole::Active, 1) else { unreachable!() };
+        e.cluster_id = id.into();
+        e.hostname = format!("{id}-gw");
+        e.public_key = causeway_broker_api::WireGuardKey(key);
+        put(&dir, &Record::Endpoint(e));
+    }
+    ip(NODE, &["route", "add", "10.8.0.0/16", "via", "192.168.50.12"]).unwrap();
+    ip(NODE, &["route", "add", "default", "via", "192.168.50.12"]).unwrap();
+    let foreign = || {
+        let out = |args: &[&str]| String::from_utf8(in_ns(NODE, args).unwrap().stdout).unwrap();
+        (
+            out(&["ip", "route", "show", "exact", "10.8.0.0/16"]),
+            out(&["ip", "route", "show", "exact", "0.0.0.0/0"]),
+        )
+    };
+    let foreign_before = foreign();
+    assert!(foreign_before.0.contains("via 192.168.50.12") && foreign_before.1.contains("default via"));
 
     guard.0.push(spawn(&["route-agent", "--broker-credentials", creds.to_str().unwrap()]));
     wait_for("the nexthop via gw-1", || nexthop_via().contains("via 192.168.50.11"));
-    wait_for("the remote routes", || our_routes().contains("10.109.0.0/16"));
+    wait_for("the remote routes", || {
+        our_routes().contains("10.109.0.0/16") && our_routes().contains("10.108.0.0/16")
+    });
     let routes = our_routes();
     assert!(
         routes.contains("10.9.0.0/16 nhid 202001") && routes.contains("10.109.0.0/16 nhid 202001"),
         "{routes}"
     );
+    // Exactly west's and south's prefixes, less the one somebody else routes; nothing of evil's.
+    assert_eq!(
+        route_keys(&routes),
+        ["10.9.0.0/16 nhid 202001", "10.108.0.0/16 nhid 202001", "10.109.0.0/16 nhid 202001"],
+        "{routes}"
+    );
+    assert_eq!(foreign(), foreign_before, "routes Causeway did not create are left as they were");
     let (g1, g2) = (udp_no_ports(GW1), udp_no_ports(GW2));
     send_one_datagram();
     wait_for("the datagram at gw-1", || udp_no_ports(GW1) == g1 + 1);
@@ -228,10 +274,12 @@ fn switching_the_active_gateway_moves_the_next_packet() {
     // The switch touched the nexthop only: the routes are the same ones, now shown via gw-2.
     assert_eq!(route_keys(&our_routes()), route_keys(&routes));
     assert!(our_routes().contains("via 192.168.50.12"));
+    assert_eq!(foreign(), foreign_before, "a reconcile after the switch left them too");
 
     // A stopped agent takes its nexthop and routes with it.
     let agent = guard.0.pop().unwrap();
     run(&["kill", "-TERM", &agent.id().to_string()]).unwrap();
     guard.0.push(agent);
     wait_for("the routes to go", || our_routes().trim().is_empty() && nexthop_via().is_empty());
+    assert_eq!(foreign(), foreign_before, "and so did the agent's own cleanup");
 }

@@ -11,6 +11,6 @@ pub mod validate;
 pub use client::{BrokerClient, ClientError};
 pub use records::*;
 pub use validate::{
-    GlobalOverlap, ValidationError, check_global_overlaps, check_overlaps, validate_cluster,
-    validate_endpoint, validate_policy, validate_service,
+    GlobalOverlap, OutsidePools, ValidationError, check_global_overlaps, check_overlaps, check_pools,
+    validate_cluster, validate_endpoint, validate_policy, validate_service,
 };

@@ -294,8 +294,79 @@ pub struct ClusterSetRecord {
     /// global CIDR, and global CIDRs must not overlap.
     #[serde(default)]
     pub overlap_mode: bool,
+    /// The address space the admin grants to member clusters: every CIDR a cluster declares
+    /// must lie inside these pools.
+    #[serde(default)]
+    pub pools: AddressPools,
+    /// Per-cluster caps on what one member may publish.
+    #[serde(default)]
+    pub quotas: Quotas,
     #[serde(default)]
     pub generation: u64,
+}
+
+/// Address pools granted by the cluster set's admin (SPEC §12, trust model). A member cluster
+/// can only claim prefixes inside them, so it cannot claim the underlay, the internet or
+/// another organisation's public space.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AddressPools {
+    /// Where pod CIDRs may lie.
+    #[serde(default = "private_ranges")]
+    pub pod_cidrs: Vec<IpNetwork>,
+    /// Where service CIDRs may lie.
+    #[serde(default = "private_ranges")]
+    pub service_cidrs: Vec<IpNetwork>,
+    /// Where global CIDRs (overlap mode) may lie.
+    #[serde(default = "private_ranges")]
+    pub global_cidrs: Vec<IpNetwork>,
+}
+
+impl Default for AddressPools {
+    fn default() -> Self {
+        Self { pod_cidrs: private_ranges(), service_cidrs: private_ranges(), global_cidrs: private_ranges() }
+    }
+}
+
+/// The default pools: RFC 1918, RFC 6598 (shared address space) and IPv6 unique local
+/// addresses (RFC 4193). An admin narrows them to what the organisations agreed on.
+#[must_use]
+pub fn private_ranges() -> Vec<IpNetwork> {
+    ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7"]
+        .iter()
+        .map(|s| s.parse().expect("valid constant prefix"))
+        .collect()
+}
+
+/// Per-cluster caps, so one member cannot exhaust the broker or every gateway's maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Quotas {
+    /// Gateway endpoints per cluster (an active one and its standbys).
+    #[serde(default = "default_max_endpoints")]
+    pub max_endpoints: u32,
+    /// Exported services per cluster.
+    #[serde(default = "default_max_services")]
+    pub max_services: u32,
+}
+
+/// Enough for an active gateway and a handful of standbys.
+pub const DEFAULT_MAX_ENDPOINTS: u32 = 8;
+/// Exported services per cluster by default.
+pub const DEFAULT_MAX_SERVICES: u32 = 1_000;
+
+fn default_max_endpoints() -> u32 {
+    DEFAULT_MAX_ENDPOINTS
+}
+
+fn default_max_services() -> u32 {
+    DEFAULT_MAX_SERVICES
+}
+
+impl Default for Quotas {
+    fn default() -> Self {
+        Self { max_endpoints: DEFAULT_MAX_ENDPOINTS, max_services: DEFAULT_MAX_SERVICES }
+    }
 }
 
 /// Any record the broker stores.

@@ -56,6 +56,120 @@ pub enum ValidationError {
     BadServicePort(String),
     #[error("ips: an exported service needs at least one virtual IP")]
     NoServiceIps,
+    #[error("{field}: {cidr} overlaps {range} ({why}); such addresses are never routed between clusters")]
+    Reserved { field: &'static str, cidr: IpNetwork, range: IpNetwork, why: &'static str },
+    #[error(
+        "{field}: {cidr} is broader than /{min}; a cluster may not claim that much address space (split it, or ask the admin)"
+    )]
+    TooBroad { field: &'static str, cidr: IpNetwork, min: u8 },
+}
+
+/// Ranges no cluster may claim, whatever the pools say, with why (SPEC §12, trust issue).
+const SPECIAL_RANGES: &[(&str, &str)] = &[
+    ("0.0.0.0/8", "\"this network\", RFC 791"),
+    ("127.0.0.0/8", "loopback"),
+    ("169.254.0.0/16", "link-local, which holds cloud metadata at 169.254.169.254"),
+    ("224.0.0.0/4", "multicast"),
+    ("240.0.0.0/4", "reserved, and the broadcast address 255.255.255.255"),
+    ("::/128", "the unspecified address"),
+    ("::1/128", "loopback"),
+    ("::ffff:0:0/96", "IPv4-mapped addresses"),
+    ("fe80::/10", "IPv6 link-local"),
+    ("ff00::/8", "IPv6 multicast"),
+];
+
+/// Shortest prefix a cluster may claim: /8 for IPv4, /32 for IPv6.
+#[must_use]
+pub const fn min_prefix(v6: bool) -> u8 {
+    if v6 { 32 } else { 8 }
+}
+
+/// The special range `cidr` overlaps, if any, and why it is special.
+#[must_use]
+pub fn special_range(cidr: &IpNetwork) -> Option<(IpNetwork, &'static str)> {
+    SPECIAL_RANGES.iter().find_map(|(range, why)| {
+        let range: IpNetwork = range.parse().expect("valid constant prefix");
+        overlaps(cidr, &range).then_some((range, *why))
+    })
+}
+
+/// Whether `addr` lies in a special range (never a usable tunnel endpoint or service address).
+#[must_use]
+pub fn is_special_address(addr: std::net::IpAddr) -> bool {
+    special_range(&IpNetwork::from(addr)).is_some()
+}
+
+/// A prefix a cluster claims (pod, service or global CIDR): canonical, not a special range,
+/// not broader than [`min_prefix`].
+pub fn claimable(field: &'static str, cidr: &IpNetwork) -> Result<(), ValidationError> {
+    canonical(field, cidr)?;
+    // Inside a special range: say which. Otherwise a broad prefix is refused for its size
+    // (0.0.0.0/0 "overlaps loopback" would be true but beside the point).
+    if let Some((range, why)) = special_range(cidr).filter(|(range, _)| range.prefix() <= cidr.prefix()) {
+        return Err(ValidationError::Reserved { field, cidr: *cidr, range, why });
+    }
+    let min = min_prefix(cidr.is_ipv6());
+    if cidr.prefix() < min {
+        return Err(ValidationError::TooBroad { field, cidr: *cidr, min });
+    }
+    if let Some((range, why)) = special_range(cidr) {
+        return Err(ValidationError::Reserved { field, cidr: *cidr, range, why });
+    }
+    Ok(())
+}
+
+/// A CIDR of a cluster that lies outside the pools the admin granted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutsidePools {
+    pub field: &'static str,
+    pub cidr: IpNetwork,
+    pub pools: Vec<IpNetwork>,
+}
+
+impl std::fmt::Display for OutsidePools {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: {} is outside the address pools granted to member clusters ({}); ask the cluster set's admin to grant it (`causeway cluster-set --{}-pool …`)",
+            self.field,
+            self.cidr,
+            self.pools.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
+            match self.field {
+                "podCidrs" => "pod",
+                "serviceCidrs" => "service",
+                _ => "global",
+            }
+        )
+    }
+}
+
+/// Every CIDR of `c` lies inside one of the pools of its kind.
+pub fn check_pools(c: &ClusterRecord, pools: &crate::records::AddressPools) -> Result<(), OutsidePools> {
+    let inside = |cidr: &IpNetwork, pool: &[IpNetwork]| {
+        pool.iter().any(|p| {
+            p.is_ipv4() == cidr.is_ipv4() && p.prefix() <= cidr.prefix() && p.contains(cidr.network())
+        })
+    };
+    let kinds = [
+        ("podCidrs", c.pod_cidrs.as_slice(), &pools.pod_cidrs),
+        ("serviceCidrs", c.service_cidrs.as_slice(), &pools.service_cidrs),
+        ("globalCidr", c.global_cidr.as_slice(), &pools.global_cidrs),
+    ];
+    for (field, cidrs, pool) in kinds {
+        if let Some(cidr) = cidrs.iter().find(|n| !inside(n, pool)) {
+            return Err(OutsidePools { field, cidr: *cidr, pools: pool.clone() });
+        }
+    }
+    Ok(())
+}
+
+/// The first of `addrs` that a CIDR of `c` covers, with that CIDR.
+pub fn covered<'a>(
+    c: &ClusterRecord,
+    addrs: impl IntoIterator<Item = &'a std::net::IpAddr>,
+) -> Option<(IpNetwork, std::net::IpAddr)> {
+    let cidrs: Vec<&IpNetwork> = c.all_cidrs().chain(c.global_cidr.iter()).collect();
+    addrs.into_iter().find_map(|a| cidrs.iter().find(|n| n.contains(*a)).map(|n| (**n, *a)))
 }
 
 /// Checks an exported service on its own (its IPs against the cluster: the broker).
@@ -70,7 +184,7 @@ pub fn validate_service(s: &ServiceExportRecord) -> Result<(), ValidationError> 
         return Err(ValidationError::TooMany { field: "ips", count: s.ips.len(), max: MAX_IPS });
     }
     for addr in &s.ips {
-        if addr.is_unspecified() || addr.is_multicast() || addr.is_loopback() {
+        if is_special_address(*addr) {
             return Err(ValidationError::BadAddress { field: "ips", addr: *addr });
         }
     }
@@ -140,11 +254,11 @@ pub fn validate_cluster(c: &ClusterRecord) -> Result<(), ValidationError> {
             return Err(ValidationError::TooMany { field, count: list.len(), max: MAX_CIDRS });
         }
         for cidr in list {
-            canonical(field, cidr)?;
+            claimable(field, cidr)?;
         }
     }
     if let Some(g) = &c.global_cidr {
-        canonical("globalCidr", g)?;
+        claimable("globalCidr", g)?;
     }
     let all: Vec<&IpNetwork> = c.all_cidrs().collect();
     for (i, a) in all.iter().enumerate() {
@@ -179,10 +293,15 @@ pub fn validate_endpoint(e: &EndpointRecord) -> Result<(), ValidationError> {
             return Err(ValidationError::TooMany { field, count: list.len(), max: MAX_IPS });
         }
         for addr in list {
-            if addr.is_unspecified() || addr.is_multicast() || addr.is_loopback() {
+            if is_special_address(*addr) {
                 return Err(ValidationError::BadAddress { field, addr: *addr });
             }
         }
+    }
+    if let Some(addr) = e.health_check_ip
+        && is_special_address(addr)
+    {
+        return Err(ValidationError::BadAddress { field: "healthCheckIp", addr });
     }
     if e.port == 0 {
         return Err(ValidationError::ZeroPort);
@@ -417,5 +536,115 @@ mod tests {
         assert!(overlaps(&a, &b) && overlaps(&b, &a));
         assert!(!overlaps(&a, &c));
         assert!(!overlaps(&"10.1.0.0/16".parse().unwrap(), &"10.2.0.0/16".parse().unwrap()));
+    }
+
+    #[test]
+    fn special_and_broad_prefixes_are_refused_whatever_the_pools() {
+        let refused = [
+            ("128.0.0.0/1", "broader than /8"),
+            ("0.0.0.0/0", "broader than /8"),
+            ("10.0.0.0/7", "broader than /8"),
+            ("169.254.169.254/32", "cloud metadata"),
+            ("169.254.0.0/16", "link-local"),
+            ("224.0.0.0/4", "multicast"),
+            ("239.1.0.0/16", "multicast"),
+            ("127.0.0.0/8", "loopback"),
+            ("0.0.0.0/8", "RFC 791"),
+            ("240.0.0.0/4", "reserved"),
+            ("255.255.255.255/32", "broadcast"),
+            ("::/0", "broader than /32"),
+            ("2000::/3", "broader than /32"),
+            ("::/96", "unspecified"),
+            ("::ffff:0:0/96", "IPv4-mapped"),
+            ("fe80::/64", "link-local"),
+            ("ff02::/16", "multicast"),
+        ];
+        for (cidr, why) in refused {
+            let err = validate_cluster(&cluster("x", cidr, "10.150.0.0/16")).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    ValidationError::Reserved { field: "podCidrs", .. }
+                        | ValidationError::TooBroad { field: "podCidrs", .. }
+                ),
+                "{cidr}: {err}"
+            );
+            assert!(err.to_string().contains(why), "{cidr}: {err}");
+            // The same as a service CIDR and as a global CIDR.
+            let err = validate_cluster(&cluster("x", "10.1.0.0/16", cidr)).unwrap_err();
+            assert!(err.to_string().starts_with("serviceCidrs: "), "{cidr}: {err}");
+            let mut c = cluster("x", "10.1.0.0/16", "10.150.0.0/16");
+            c.global_cidr = Some(cidr.parse().unwrap());
+            assert!(validate_cluster(&c).unwrap_err().to_string().starts_with("globalCidr: "), "{cidr}");
+        }
+        // The shortest allowed prefixes, and ordinary ones, pass.
+        for ok in ["10.0.0.0/8", "100.64.0.0/10", "fd00:1::/64", "2001:db8::/32", "192.168.0.0/16"] {
+            validate_cluster(&cluster("x", ok, "172.16.0.0/16")).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+    }
+
+    #[test]
+    fn special_addresses_are_no_endpoint_service_or_probe_address() {
+        for bad in ["169.254.169.254", "255.255.255.255", "0.1.2.3", "fe80::1", "::ffff:10.0.0.1", "ff02::1"]
+        {
+            let mut e = endpoint();
+            e.public_ips = vec![bad.parse().unwrap()];
+            assert!(
+                matches!(validate_endpoint(&e), Err(ValidationError::BadAddress { field: "publicIps", .. })),
+                "{bad}"
+            );
+            let mut e = endpoint();
+            e.health_check_ip = Some(bad.parse().unwrap());
+            assert!(
+                matches!(
+                    validate_endpoint(&e),
+                    Err(ValidationError::BadAddress { field: "healthCheckIp", .. })
+                ),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn pools_bound_every_kind_of_cidr() {
+        let pools = crate::records::AddressPools::default();
+        let c = cluster("x", "10.1.0.0/16", "192.168.0.0/16");
+        check_pools(&c, &pools).unwrap();
+        // Public space, inside the always-allowed lengths: refused by the default pools only.
+        let c = cluster("x", "8.8.0.0/16", "10.150.0.0/16");
+        validate_cluster(&c).unwrap();
+        let err = check_pools(&c, &pools).unwrap_err();
+        assert_eq!(err.field, "podCidrs");
+        assert!(err.to_string().contains("8.8.0.0/16 is outside the address pools"), "{err}");
+        assert!(err.to_string().contains("--pod-pool"), "{err}");
+        // A prefix straddling a pool's edge is outside (10.0.0.0/8 does not hold 10.0.0.0/7).
+        let narrow = crate::records::AddressPools {
+            pod_cidrs: vec!["10.1.0.0/16".parse().unwrap()],
+            service_cidrs: vec!["10.101.0.0/16".parse().unwrap()],
+            global_cidrs: vec!["100.64.0.0/10".parse().unwrap()],
+        };
+        check_pools(&cluster("x", "10.1.4.0/24", "10.101.0.0/16"), &narrow).unwrap();
+        assert_eq!(
+            check_pools(&cluster("x", "10.1.0.0/15", "10.101.0.0/16"), &narrow).unwrap_err().field,
+            "podCidrs"
+        );
+        assert_eq!(
+            check_pools(&cluster("x", "10.1.0.0/16", "10.1.128.0/17"), &narrow).unwrap_err().field,
+            "serviceCidrs"
+        );
+        let mut g = cluster("x", "10.1.0.0/16", "10.101.0.0/16");
+        g.global_cidr = Some("10.99.0.0/16".parse().unwrap());
+        assert_eq!(check_pools(&g, &narrow).unwrap_err().field, "globalCidr");
+        // Families never mix: an IPv6 CIDR needs an IPv6 pool.
+        assert!(check_pools(&cluster("x", "fd00:1::/64", "10.101.0.0/16"), &narrow).is_err());
+        check_pools(&cluster("x", "fd00:1::/64", "10.150.0.0/16"), &pools).unwrap();
+    }
+
+    #[test]
+    fn covered_addresses_are_found() {
+        let c = cluster("x", "10.1.0.0/16", "10.150.0.0/16");
+        let addrs: Vec<std::net::IpAddr> = vec!["172.31.0.2".parse().unwrap(), "10.150.3.4".parse().unwrap()];
+        assert_eq!(covered(&c, &addrs), Some(("10.150.0.0/16".parse().unwrap(), addrs[1])));
+        assert_eq!(covered(&c, &addrs[..1]), None);
     }
 }

@@ -50,6 +50,20 @@ pub enum BrokerError {
         "cluster {0:?} is already registered; pick another --cluster-id, or use that cluster's own credentials"
     )]
     AlreadyRegistered(String),
+    #[error("{0}")]
+    OutsidePools(causeway_broker_api::OutsidePools),
+    /// A prefix that would swallow infrastructure (an endpoint, the broker), or an address
+    /// inside another cluster's prefixes.
+    #[error("{0}")]
+    AddressConflict(String),
+    #[error(
+        "publicKey {key} is already used by gateway {hostname:?} of cluster {cluster:?}; every gateway needs its own WireGuard key"
+    )]
+    DuplicateKey { key: causeway_broker_api::WireGuardKey, cluster: String, hostname: String },
+    #[error(
+        "cluster {cluster:?} already has {max} {what}, the most the cluster set allows (quota set by its admin with `causeway cluster-set`)"
+    )]
+    QuotaExceeded { cluster: String, what: &'static str, max: u32 },
 }
 
 fn describe(who: &Identity) -> String {
@@ -104,6 +118,10 @@ impl BrokerError {
             Self::Unauthorized => (401, "Unauthorized"),
             Self::Forbidden { .. } => (403, "Forbidden"),
             Self::AlreadyRegistered(_) => (409, "AlreadyRegistered"),
+            Self::OutsidePools(_) => (403, "OutsidePools"),
+            Self::AddressConflict(_) => (409, "AddressConflict"),
+            Self::DuplicateKey { .. } => (409, "DuplicateKey"),
+            Self::QuotaExceeded { .. } => (409, "QuotaExceeded"),
         }
     }
 }
@@ -146,6 +164,8 @@ pub struct Broker {
     heartbeats: Mutex<std::collections::HashMap<String, std::time::Instant>>,
     /// How long an endpoint lives without a heartbeat.
     lease: Duration,
+    /// The broker's own addresses: no cluster may claim a prefix covering them.
+    own_addresses: std::sync::RwLock<Vec<std::net::IpAddr>>,
 }
 
 /// Default endpoint lease: three missed 10-second heartbeats.
@@ -185,6 +205,7 @@ impl Broker {
             revision,
             heartbeats: Mutex::new(heartbeats),
             lease,
+            own_addresses: std::sync::RwLock::new(Vec::new()),
         });
         // Commits by other replicas of a shared store reach this one's cache from here.
         let weak = Arc::downgrade(&broker);
@@ -200,6 +221,16 @@ impl Broker {
             }),
         );
         Ok(broker)
+    }
+
+    /// Declares the addresses this broker is reached at (its listen and advertised
+    /// addresses): a cluster whose CIDRs cover one is refused, since every gateway would then
+    /// route the broker's traffic into that cluster's tunnel.
+    pub fn protect_addresses(&self, addrs: impl IntoIterator<Item = std::net::IpAddr>) {
+        let mut own = self.own_addresses.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        own.extend(addrs);
+        own.sort();
+        own.dedup();
     }
 
     fn heartbeats(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, std::time::Instant>> {
@@ -515,11 +546,14 @@ impl Broker {
                 if new && old.is_some() { Err(BrokerError::AlreadyRegistered(id.clone())) } else { Ok(()) }
             },
             |items| {
+                let set = settings(items);
+                causeway_broker_api::check_pools(&c, &set.pools).map_err(BrokerError::OutsidePools)?;
+                self.check_covers_nothing(&c, items)?;
                 let clusters = items.iter().filter_map(|o| match &o.record {
                     Record::Cluster(c) => Some(c),
                     _ => None,
                 });
-                if overlap_mode(items) {
+                if set.overlap_mode {
                     causeway_broker_api::check_global_overlaps(&c, clusters)
                         .map_err(BrokerError::GlobalOverlap)
                 } else {
@@ -527,6 +561,29 @@ impl Broker {
                 }
             },
         )
+    }
+
+    /// A cluster's prefixes may not cover the broker or any gateway endpoint (its own
+    /// included): every gateway would route that address into the cluster's tunnel.
+    fn check_covers_nothing(&self, c: &ClusterRecord, items: &[Object]) -> Result<(), BrokerError> {
+        let own = self.own_addresses.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        if let Some((cidr, addr)) = causeway_broker_api::validate::covered(c, &own) {
+            return Err(BrokerError::AddressConflict(format!(
+                "{cidr} covers the broker's address {addr}; choose CIDRs that leave the broker and the underlay out"
+            )));
+        }
+        for o in items {
+            if let Record::Endpoint(e) = &o.record
+                && let Some((cidr, addr)) =
+                    causeway_broker_api::validate::covered(c, e.private_ips.iter().chain(&e.public_ips))
+            {
+                return Err(BrokerError::AddressConflict(format!(
+                    "{cidr} covers {addr}, an address of gateway {:?} of cluster {:?}; a cluster's CIDRs may not cover a gateway endpoint",
+                    e.hostname, e.cluster_id
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Creates or replaces `record` (key from the record): `first` checks the state before
@@ -597,12 +654,14 @@ impl Broker {
         let cluster = e.cluster_id.clone();
         let obj = self.put_record(
             &mut **store,
-            Record::Endpoint(e),
-            |items, _| {
-                if Self::stored(items, &cluster_key(&cluster)).is_none() {
+            Record::Endpoint(e.clone()),
+            |items, old| {
+                let Some(Record::Cluster(own)) =
+                    Self::stored(items, &cluster_key(&cluster)).map(|o| &o.record)
+                else {
                     return Err(BrokerError::ClusterNotRegistered(cluster.clone()));
-                }
-                Ok(())
+                };
+                check_endpoint(&e, own, items, old.is_some())
             },
             |_| Ok(()),
         )?;
@@ -662,6 +721,21 @@ impl Broker {
                 } else {
                     c.service_cidrs.clone()
                 };
+                let max = settings(items).quotas.max_services;
+                if Self::stored(
+                    items,
+                    &causeway_broker_api::service_key(&svc.cluster_id, &svc.namespace, &svc.name),
+                )
+                .is_none()
+                    && count_of(items, &svc.cluster_id, |r| matches!(r, Record::ServiceExport(_)))
+                        >= max as usize
+                {
+                    return Err(BrokerError::QuotaExceeded {
+                        cluster: svc.cluster_id.clone(),
+                        what: "exported services",
+                        max,
+                    });
+                }
                 if let Some(ip) = svc.ips.iter().find(|ip| !ranges.iter().any(|r| r.contains(**ip))) {
                     return Err(BrokerError::BadRequest(format!(
                         "ips: {ip} is outside cluster {:?}'s {} ({}); export the service's ClusterIP",
@@ -718,6 +792,12 @@ impl Broker {
                     })
                     .collect();
                 for c in &clusters {
+                    causeway_broker_api::check_pools(c, &settings.pools).map_err(|e| {
+                        BrokerError::AddressConflict(format!(
+                            "the new pools leave out cluster {:?}: {e}; remove that cluster first, or keep its CIDRs in the pools",
+                            c.cluster_id
+                        ))
+                    })?;
                     if settings.overlap_mode {
                         causeway_broker_api::check_global_overlaps(c, clusters.iter().copied())
                             .map_err(BrokerError::GlobalOverlap)?;
@@ -810,9 +890,82 @@ impl Broker {
     }
 }
 
+/// The cluster set's settings (the defaults until the admin writes some).
+fn settings(items: &[Object]) -> causeway_broker_api::ClusterSetRecord {
+    items
+        .iter()
+        .find_map(|o| match &o.record {
+            Record::ClusterSet(s) => Some(s.clone()),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
 /// Whether the cluster set runs in overlap mode.
 fn overlap_mode(items: &[Object]) -> bool {
-    items.iter().any(|o| matches!(&o.record, Record::ClusterSet(s) if s.overlap_mode))
+    settings(items).overlap_mode
+}
+
+/// How many records of `cluster_id` match `kind`.
+fn count_of(items: &[Object], cluster_id: &str, kind: impl Fn(&Record) -> bool) -> usize {
+    items.iter().filter(|o| kind(&o.record) && o.record.cluster_id() == cluster_id).count()
+}
+
+/// An endpoint against the set (its own cluster `own` is registered; `exists`: this is an
+/// update of a stored endpoint). Its addresses lie in no cluster's prefixes; its health-check
+/// address in its own cluster's; its key is nobody else's; its cluster keeps to its quota.
+fn check_endpoint(
+    e: &EndpointRecord,
+    own: &ClusterRecord,
+    items: &[Object],
+    exists: bool,
+) -> Result<(), BrokerError> {
+    let set = settings(items);
+    for o in items {
+        match &o.record {
+            Record::Cluster(c) => {
+                if let Some((cidr, addr)) =
+                    causeway_broker_api::validate::covered(c, e.private_ips.iter().chain(&e.public_ips))
+                {
+                    return Err(BrokerError::AddressConflict(format!(
+                        "{addr} lies in {cidr} of cluster {:?}; a gateway endpoint must be outside every cluster's CIDRs",
+                        c.cluster_id
+                    )));
+                }
+            }
+            // Gateways of one cluster are that cluster's business; a key shared across
+            // clusters would let one member answer for another's tunnel.
+            Record::Endpoint(other)
+                if other.public_key == e.public_key && other.cluster_id != e.cluster_id =>
+            {
+                return Err(BrokerError::DuplicateKey {
+                    key: e.public_key,
+                    cluster: other.cluster_id.clone(),
+                    hostname: other.hostname.clone(),
+                });
+            }
+            _ => {}
+        }
+    }
+    if let Some(ip) = e.health_check_ip {
+        let inside = own.pod_cidrs.iter().chain(own.global_cidr.iter()).any(|n| n.contains(ip));
+        if !inside {
+            return Err(BrokerError::BadRequest(format!(
+                "healthCheckIp: {ip} is outside cluster {:?}'s pod CIDRs ({}); probes must be answered inside the cluster's own prefixes",
+                e.cluster_id,
+                own.pod_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+            )));
+        }
+    }
+    let max = set.quotas.max_endpoints;
+    if !exists && count_of(items, &e.cluster_id, |r| matches!(r, Record::Endpoint(_))) >= max as usize {
+        return Err(BrokerError::QuotaExceeded {
+            cluster: e.cluster_id.clone(),
+            what: "gateway endpoints",
+            max,
+        });
+    }
+    Ok(())
 }
 
 fn check_generation(key: &str, old: &Object, offered: u64) -> Result<(), BrokerError> {

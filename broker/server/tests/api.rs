@@ -127,6 +127,8 @@ on_every_store!(endpoints_expire_without_heartbeats);
 on_every_store!(a_watcher_behind_the_history_is_told_to_relist, 5);
 on_every_store!(policy_is_admin_only_and_validated);
 on_every_store!(services_and_overlap_mode);
+on_every_store!(hostile_claims_are_refused_and_lose_nothing);
+on_every_store!(pools_and_quotas_are_the_admins);
 
 fn cluster(id: &str, pod: &str, svc: &str) -> ClusterRecord {
     ClusterRecord {
@@ -146,13 +148,19 @@ fn endpoint(id: &str, host: &str) -> EndpointRecord {
         private_ips: vec!["172.31.0.11".parse().unwrap()],
         public_ips: vec![],
         port: 51820,
-        public_key: WireGuardKey([9; 32]),
+        public_key: key_of(id, host),
         backend: "wireguard".into(),
         role: GatewayRole::Active,
         priority: 0,
         health_check_ip: None,
         generation: 1,
     }
+}
+
+/// A key of its own for every gateway (a shared one would hide key-clash bugs).
+fn key_of(id: &str, host: &str) -> WireGuardKey {
+    use sha2::Digest as _;
+    WireGuardKey(sha2::Sha256::digest(format!("{id}/{host}")).into())
 }
 
 fn records(l: &ListResponse) -> Vec<Record> {
@@ -560,7 +568,8 @@ async fn services_and_overlap_mode(mut f: Fixture) {
     let clash = joiner.join(&cluster("south", "10.1.0.0/16", "10.104.0.0/16")).await.unwrap_err();
     assert_eq!(clash.status(), Some(409));
     // Turning it on needs every cluster to carry a global CIDR.
-    let on = causeway_broker_api::ClusterSetRecord { overlap_mode: true, generation: 1 };
+    let on =
+        causeway_broker_api::ClusterSetRecord { overlap_mode: true, generation: 1, ..Default::default() };
     let err = admin.put_cluster_set(&on).await.unwrap_err();
     assert_eq!(err.status(), Some(400));
     assert!(err.to_string().contains("has no globalCidr"), "{err}");
@@ -590,7 +599,8 @@ async fn services_and_overlap_mode(mut f: Fixture) {
     svc.generation = 2;
     east.put_service(&svc).await.unwrap();
     // Overlap mode cannot be switched off while clusters overlap.
-    let off = causeway_broker_api::ClusterSetRecord { overlap_mode: false, generation: 2 };
+    let off =
+        causeway_broker_api::ClusterSetRecord { overlap_mode: false, generation: 2, ..Default::default() };
     assert_eq!(admin.put_cluster_set(&off).await.unwrap_err().status(), Some(409));
 
     // Leaving takes the cluster's services along.
@@ -613,4 +623,123 @@ async fn bootstrap_credentials_register_by_hash_and_bad_ones_are_refused() {
     // Nothing stored was lost on the way.
     assert_eq!(broker.authenticate(Some(&token.0)).unwrap(), Identity::Admin);
     assert!(broker.authenticate(Some("cw1_other")).is_err());
+}
+
+/// What a malicious member (or the holder of a join token) tries first: claim address space
+/// that is not its own. Every attempt gets a 4xx saying why, and the store is unchanged.
+async fn hostile_claims_are_refused_and_lose_nothing(mut f: Fixture) {
+    let (admin, broker, _stop) = start_with(f.take()).await;
+    broker.protect_addresses(["172.31.0.2".parse().unwrap()]);
+    let joiner = admin.with_token(broker.issue(&Identity::Join).unwrap());
+    let east =
+        admin.with_token(joiner.join(&cluster("east", "10.1.0.0/16", "10.101.0.0/16")).await.unwrap().token);
+    east.put_endpoint(&endpoint("east", "gw-1")).await.unwrap();
+    let x = admin.with_token(joiner.join(&cluster("x", "10.5.0.0/16", "10.105.0.0/16")).await.unwrap().token);
+    let before = admin.list().await.unwrap();
+
+    // Through join (a new cluster) and through a PUT of an existing one: the same answers.
+    let mut refused = 0;
+    for (pod, status, why) in [
+        ("128.0.0.0/1", 400, "broader than /8"),
+        ("0.0.0.0/0", 400, "broader than /8"),
+        ("169.254.169.254/32", 400, "cloud metadata"),
+        ("224.0.0.0/4", 400, "multicast"),
+        ("::/0", 400, "broader than /32"),
+        ("8.8.8.0/24", 403, "outside the address pools"),
+        ("172.31.0.8/29", 409, "gateway \"gw-1\" of cluster \"east\""),
+        ("172.31.0.0/30", 409, "the broker's address 172.31.0.2"),
+    ] {
+        let err = joiner.join(&cluster("evil", pod, "10.150.0.0/16")).await.unwrap_err();
+        assert_eq!(err.status(), Some(status), "join {pod}: {err}");
+        assert!(err.to_string().contains(why), "join {pod}: {err}");
+        let mut takeover = cluster("x", "10.5.0.0/16", "10.105.0.0/16");
+        takeover.pod_cidrs.push(pod.parse().unwrap());
+        takeover.generation = 2;
+        let err = x.put_cluster(&takeover).await.unwrap_err();
+        assert_eq!(err.status(), Some(status), "put {pod}: {err}");
+        assert!(err.to_string().contains(why), "put {pod}: {err}");
+        refused += 2;
+    }
+    assert_eq!(refused, 16);
+
+    // Endpoints: an address inside another cluster's CIDRs, a key another cluster uses, a
+    // health-check address outside the cluster's own pod CIDRs, a special address.
+    let mut e = endpoint("x", "gw-x");
+    e.private_ips = vec!["10.1.0.1".parse().unwrap()];
+    let err = x.put_endpoint(&e).await.unwrap_err();
+    assert_eq!(err.status(), Some(409), "{err}");
+    assert!(err.to_string().contains("10.1.0.1 lies in 10.1.0.0/16 of cluster \"east\""), "{err}");
+    let mut e = endpoint("x", "gw-x");
+    e.public_key = key_of("east", "gw-1");
+    let err = x.put_endpoint(&e).await.unwrap_err();
+    assert_eq!(err.status(), Some(409), "{err}");
+    assert!(err.to_string().contains("already used by gateway \"gw-1\" of cluster \"east\""), "{err}");
+    let mut e = endpoint("x", "gw-x");
+    e.health_check_ip = Some("10.1.0.0".parse().unwrap());
+    let err = x.put_endpoint(&e).await.unwrap_err();
+    assert_eq!(err.status(), Some(400), "{err}");
+    assert!(
+        err.to_string().contains("healthCheckIp: 10.1.0.0 is outside cluster \"x\"'s pod CIDRs"),
+        "{err}"
+    );
+    let mut e = endpoint("x", "gw-x");
+    e.public_ips = vec!["169.254.169.254".parse().unwrap()];
+    assert_eq!(x.put_endpoint(&e).await.unwrap_err().status(), Some(400));
+
+    assert_eq!(admin.list().await.unwrap(), before, "no refused claim changed anything");
+    // The honest versions go through.
+    let mut e = endpoint("x", "gw-x");
+    e.health_check_ip = Some("10.5.0.0".parse().unwrap());
+    x.put_endpoint(&e).await.unwrap();
+}
+
+/// Pools and quotas are the admin's to set; members are held to them, and a change that
+/// would strand a stored cluster is refused.
+async fn pools_and_quotas_are_the_admins(mut f: Fixture) {
+    let (admin, broker, _stop) = start_with(f.take()).await;
+    let joiner = admin.with_token(broker.issue(&Identity::Join).unwrap());
+    let east =
+        admin.with_token(joiner.join(&cluster("east", "10.1.0.0/16", "10.101.0.0/16")).await.unwrap().token);
+    let mut settings = causeway_broker_api::ClusterSetRecord { generation: 1, ..Default::default() };
+    settings.quotas.max_endpoints = 2;
+    settings.quotas.max_services = 1;
+    assert_eq!(east.put_cluster_set(&settings).await.unwrap_err().status(), Some(403), "admin only");
+    admin.put_cluster_set(&settings).await.unwrap();
+
+    // The (N+1)-th endpoint: 409; updating one of the N is fine.
+    east.put_endpoint(&endpoint("east", "gw-1")).await.unwrap();
+    east.put_endpoint(&endpoint("east", "gw-2")).await.unwrap();
+    let before = admin.list().await.unwrap();
+    let err = east.put_endpoint(&endpoint("east", "gw-3")).await.unwrap_err();
+    assert_eq!(err.status(), Some(409), "{err}");
+    assert!(err.to_string().contains("already has 2 gateway endpoints"), "{err}");
+    let mut update = endpoint("east", "gw-2");
+    update.generation = 2;
+    update.priority = 5;
+    east.put_endpoint(&update).await.unwrap();
+    // Services likewise.
+    east.put_service(&service("east", "10.101.0.10")).await.unwrap();
+    let mut other = service("east", "10.101.0.11");
+    other.name = "till".into();
+    let err = east.put_service(&other).await.unwrap_err();
+    assert_eq!(err.status(), Some(409), "{err}");
+    assert!(err.to_string().contains("already has 1 exported services"), "{err}");
+    let after = admin.list().await.unwrap();
+    assert_eq!(after.items.len(), before.items.len() + 1, "only the update and the first service landed");
+
+    // Narrower pools: new clusters must fit; a change that leaves out a stored cluster is refused.
+    settings.generation = 2;
+    settings.pools.pod_cidrs = vec!["10.0.0.0/12".parse().unwrap()];
+    settings.pools.service_cidrs = vec!["10.96.0.0/11".parse().unwrap()];
+    admin.put_cluster_set(&settings).await.unwrap();
+    let err = joiner.join(&cluster("west", "192.168.0.0/16", "10.102.0.0/16")).await.unwrap_err();
+    assert_eq!(err.status(), Some(403), "{err}");
+    assert!(err.to_string().contains("podCidrs: 192.168.0.0/16 is outside"), "{err}");
+    joiner.join(&cluster("west", "10.2.0.0/16", "10.102.0.0/16")).await.unwrap();
+    let mut strand = settings.clone();
+    strand.generation = 3;
+    strand.pools.pod_cidrs = vec!["10.2.0.0/16".parse().unwrap()];
+    let err = admin.put_cluster_set(&strand).await.unwrap_err();
+    assert_eq!(err.status(), Some(409), "{err}");
+    assert!(err.to_string().contains("leave out cluster \"east\""), "{err}");
 }

@@ -35,6 +35,8 @@ pub enum CableError {
     },
     #[error("the cable's I/O task has stopped")]
     Stopped,
+    #[error("peer refused: {0}")]
+    PeerRefused(#[source] wireguard::core::PeerRefused),
 }
 
 /// A remote gateway to connect to (from the broker's records).

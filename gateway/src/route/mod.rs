@@ -38,6 +38,54 @@ pub enum RouteError {
     },
 }
 
+/// What a route sync did. Prefixes held by a route Causeway did not create are left alone
+/// and reported, never replaced.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    pub added: usize,
+    pub removed: usize,
+    /// Prefixes not installed because another route to exactly that prefix exists.
+    pub conflicts: Vec<IpNetwork>,
+}
+
+/// Adds `msg` unless a route to its prefix exists (`NLM_F_EXCL`): the kernel answers EEXIST
+/// for somebody else's route, which is then reported, not clobbered. Returns whether it was
+/// added.
+async fn add_if_absent(handle: &Handle, msg: RouteMessage, net: IpNetwork) -> Result<bool, RouteError> {
+    match handle.route().add(msg).execute().await {
+        Ok(()) => Ok(true),
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => {
+            tracing::warn!(route = %net, "a route to this prefix exists that Causeway did not create; left as it is");
+            Ok(false)
+        }
+        Err(source) => Err(RouteError::Netlink { op: "add route", what: net.to_string(), source }),
+    }
+}
+
+/// The addresses of every interface in the calling thread's namespace: remote prefixes that
+/// would cover one are refused (see `desired::LocalFacts`).
+pub async fn local_addresses() -> Result<Vec<IpAddr>, RouteError> {
+    use netlink_packet_route::address::AddressAttribute;
+    let (conn, handle, _) = rtnetlink::new_connection().map_err(RouteError::Connect)?;
+    tokio::spawn(conn);
+    let mut stream = handle.address().get().execute();
+    let mut out = Vec::new();
+    while let Some(msg) = stream.try_next().await.map_err(|source| RouteError::Netlink {
+        op: "dump",
+        what: "addresses".into(),
+        source,
+    })? {
+        for a in &msg.attributes {
+            if let AddressAttribute::Address(ip) | AddressAttribute::Local(ip) = a {
+                out.push(*ip);
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
 /// Routes of remote prefixes via one device.
 #[derive(Debug, Clone)]
 pub struct RouteManager {
@@ -107,19 +155,18 @@ impl RouteManager {
         Ok(out)
     }
 
-    /// Makes our routes equal `desired`; returns (added, removed).
-    pub async fn sync(&self, desired: &BTreeSet<IpNetwork>) -> Result<(usize, usize), RouteError> {
+    /// Makes our routes equal `desired`, never touching a route we did not create.
+    pub async fn sync(&self, desired: &BTreeSet<IpNetwork>) -> Result<SyncReport, RouteError> {
         let current = self.current().await?;
         let p = plan(desired, &current);
+        let mut report = SyncReport { removed: p.remove.len(), ..SyncReport::default() };
         for net in &p.add {
-            self.handle
-                .route()
-                .add(self.message(*net))
-                .replace()
-                .execute()
-                .await
-                .map_err(|source| RouteError::Netlink { op: "add route", what: net.to_string(), source })?;
-            info!(route = %net, device = %self.device, "route added");
+            if add_if_absent(&self.handle, self.message(*net), *net).await? {
+                info!(route = %net, device = %self.device, "route added");
+                report.added += 1;
+            } else {
+                report.conflicts.push(*net);
+            }
         }
         for net in &p.remove {
             match self.handle.route().del(self.message(*net)).execute().await {
@@ -131,7 +178,7 @@ impl RouteManager {
                 }
             }
         }
-        Ok((p.add.len(), p.remove.len()))
+        Ok(report)
     }
 }
 

@@ -10,7 +10,7 @@ use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, Ro
 use rtnetlink::{Handle, RouteMessageBuilder};
 use tracing::info;
 
-use super::{ROUTE_PROTOCOL, RouteError, nexthop::NexthopSocket};
+use super::{ROUTE_PROTOCOL, RouteError, SyncReport, add_if_absent, nexthop::NexthopSocket};
 use crate::desired::plan;
 
 /// The id of the node's nexthop object (`ip nexthop show id 202001`).
@@ -127,20 +127,19 @@ impl NodeRoutes {
 
     /// Makes the routes through our nexthop equal `desired` (only prefixes of the gateway's
     /// address family can use it); returns (added, removed). Call [`Self::set_gateway`] first.
-    pub async fn sync(&self, desired: &BTreeSet<IpNetwork>) -> Result<(usize, usize), RouteError> {
-        let Some(gateway) = self.gateway else { return Ok((0, 0)) };
+    pub async fn sync(&self, desired: &BTreeSet<IpNetwork>) -> Result<SyncReport, RouteError> {
+        let Some(gateway) = self.gateway else { return Ok(SyncReport::default()) };
         let desired: BTreeSet<IpNetwork> =
             desired.iter().filter(|n| n.is_ipv4() == gateway.is_ipv4()).copied().collect();
         let p = plan(&desired, &self.current().await?);
+        let mut report = SyncReport { removed: p.remove.len(), ..SyncReport::default() };
         for net in &p.add {
-            self.handle
-                .route()
-                .add(Self::message(*net))
-                .replace()
-                .execute()
-                .await
-                .map_err(|source| RouteError::Netlink { op: "add route", what: net.to_string(), source })?;
-            info!(route = %net, nexthop = NODE_NEXTHOP_ID, "route added");
+            if add_if_absent(&self.handle, Self::message(*net), *net).await? {
+                info!(route = %net, nexthop = NODE_NEXTHOP_ID, "route added");
+                report.added += 1;
+            } else {
+                report.conflicts.push(*net);
+            }
         }
         for net in &p.remove {
             match self.handle.route().del(Self::message(*net)).execute().await {
@@ -151,7 +150,7 @@ impl NodeRoutes {
                 }
             }
         }
-        Ok((p.add.len(), p.remove.len()))
+        Ok(report)
     }
 
     /// Removes the nexthop, and with it every route through it.

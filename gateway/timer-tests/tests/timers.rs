@@ -54,7 +54,8 @@ impl Pair {
                 health_ip: None,
             },
             &mut out_a,
-        );
+        )
+        .unwrap();
         b.upsert_peer(
             PeerConfig {
                 cluster_id: "a".into(),
@@ -64,7 +65,8 @@ impl Pair {
                 health_ip: None,
             },
             &mut out_b,
-        );
+        )
+        .unwrap();
         let mut p = Pair {
             a,
             b,

@@ -6,11 +6,15 @@
 use std::{
     collections::HashMap,
     net::{IpAddr, Ipv4Addr, SocketAddr},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use boringtun::{
-    noise::{Packet, Tunn, TunnResult, errors::WireGuardError, handshake::parse_handshake_anon},
+    noise::{
+        Packet, Tunn, TunnResult, errors::WireGuardError, handshake::parse_handshake_anon,
+        rate_limiter::RateLimiter,
+    },
     x25519::{PublicKey, StaticSecret},
 };
 use causeway_broker_api::WireGuardKey;
@@ -27,6 +31,10 @@ pub const PERSISTENT_KEEPALIVE_SECS: u16 = 25;
 pub const SESSION_LIFETIME: Duration = Duration::from_secs(180);
 /// Scratch buffer size: the largest datagram plus WireGuard's overhead.
 pub const BUF_SIZE: usize = 65_536 + 148;
+/// Handshake messages (initiations and responses, all peers together) processed per second
+/// before the core asks senders to prove their address with a cookie (WireGuard's "under
+/// load"). Each costs a Diffie-Hellman; a real peer sends a handful per two minutes.
+pub const HANDSHAKES_PER_SECOND: u64 = 100;
 
 /// Where the core puts what the I/O must do next, in order. The lanes' sink lends its one
 /// reusable buffer, so packets are sealed and opened where the I/O sends or writes them from
@@ -130,16 +138,19 @@ pub enum DropReason {
     LaneBacklog,
     /// Encrypted, but the kernel refused to send it (a firewall rule, no route to the peer).
     SendRefused,
+    /// A handshake message past the rate limit, answered with a cookie instead of processed.
+    UnderLoad,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 6] = [
+    pub const ALL: [DropReason; 7] = [
         Self::NoPeerForDestination,
         Self::InvalidPacket,
         Self::UnknownPeer,
         Self::SourceNotAllowed,
         Self::LaneBacklog,
         Self::SendRefused,
+        Self::UnderLoad,
     ];
 
     #[must_use]
@@ -151,6 +162,7 @@ impl DropReason {
             Self::SourceNotAllowed => "source_not_allowed",
             Self::LaneBacklog => "lane_backlog",
             Self::SendRefused => "send_refused",
+            Self::UnderLoad => "handshake_under_load",
         }
     }
 }
@@ -217,6 +229,24 @@ pub struct WgCore {
     buf: Vec<u8>,
     /// Our own health-check address (probes are sent from it and answered on it).
     health_ip: Option<Ipv4Addr>,
+    /// mac1 (and, under load, mac2/cookie) of every handshake message, checked before any
+    /// Diffie-Hellman; counts handshakes per second for the whole core.
+    limiter: Arc<RateLimiter>,
+    /// Handed to every `Tunn`: it checks mac1 again but is never "under load" (the core's
+    /// limiter decided that already), so its cookies never mix with ours.
+    tunn_limiter: Arc<RateLimiter>,
+    /// Diffie-Hellman computations started for handshake initiations (one per
+    /// `parse_handshake_anon`): what an attacker can make us spend.
+    handshake_dh: u64,
+}
+
+/// Why the core refused a peer.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PeerRefused {
+    #[error("key {key} belongs to cluster {owner:?}; cluster {claimant:?} may not take it over")]
+    KeyOfAnotherCluster { key: WireGuardKey, owner: String, claimant: String },
+    #[error("key {key} of cluster {claimant:?} is this gateway's own key")]
+    OwnKey { key: WireGuardKey, claimant: String },
 }
 
 impl std::fmt::Debug for WgCore {
@@ -239,7 +269,16 @@ impl WgCore {
             drops: HashMap::new(),
             buf: vec![0; BUF_SIZE],
             health_ip: None,
+            limiter: Arc::new(RateLimiter::new(&public, HANDSHAKES_PER_SECOND)),
+            tunn_limiter: Arc::new(RateLimiter::new(&public, u64::MAX)),
+            handshake_dh: 0,
         }
+    }
+
+    /// Diffie-Hellman computations started for incoming initiations so far.
+    #[must_use]
+    pub fn handshake_computations(&self) -> u64 {
+        self.handshake_dh
     }
 
     /// Sets the local health-check address (inside the local cluster's prefixes).
@@ -278,16 +317,31 @@ impl WgCore {
 
     /// Adds a peer, or updates it in place if the key is known (endpoint and allowed prefixes
     /// change without dropping the session). A new peer starts its handshake at once.
-    pub fn upsert_peer(&mut self, config: PeerConfig, out: &mut impl Sink) {
+    /// A key stays with the cluster that has it: moving it to another cluster (whose
+    /// prefixes would then be served by that key's holder) is refused, as is our own key.
+    pub fn upsert_peer(&mut self, config: PeerConfig, out: &mut impl Sink) -> Result<(), PeerRefused> {
+        if config.public_key.0 == self.public.to_bytes() {
+            warn!(cluster = %config.cluster_id, "refusing a peer with this gateway's own key");
+            return Err(PeerRefused::OwnKey { key: config.public_key, claimant: config.cluster_id });
+        }
         if let Some(idx) = self.by_key.get(&config.public_key.0).copied() {
             if let Some(p) = self.peers.get_mut(&idx)
                 && p.config != config
             {
+                if p.config.cluster_id != config.cluster_id {
+                    warn!(key = %config.public_key, owner = %p.config.cluster_id, claimant = %config.cluster_id,
+                        "refusing to move a peer's key to another cluster");
+                    return Err(PeerRefused::KeyOfAnotherCluster {
+                        key: config.public_key,
+                        owner: p.config.cluster_id.clone(),
+                        claimant: config.cluster_id,
+                    });
+                }
                 info!(cluster = %config.cluster_id, endpoint = %config.endpoint, "peer updated");
                 p.config = config;
                 self.rebuild_routes();
             }
-            return;
+            return Ok(());
         }
         let idx = self.next_index;
         // Indices are 24 bits (boringtun puts a session counter in the low 8).
@@ -298,7 +352,7 @@ impl WgCore {
             None,
             Some(PERSISTENT_KEEPALIVE_SECS),
             idx,
-            None,
+            Some(Arc::clone(&self.tunn_limiter)),
         );
         info!(cluster = %config.cluster_id, endpoint = %config.endpoint, key = %config.public_key, "peer added");
         self.by_key.insert(config.public_key.0, idx);
@@ -320,6 +374,7 @@ impl WgCore {
         if let TunnResult::WriteToNetwork(pkt) = peer.tunn.format_handshake_initiation(&mut self.buf, false) {
             out.udp(endpoint, pkt);
         }
+        Ok(())
     }
 
     /// Removes the peer with this key; returns whether it existed.
@@ -389,8 +444,25 @@ impl WgCore {
 
     /// A datagram received on the cable's UDP socket at `now`.
     pub fn on_datagram(&mut self, src: SocketAddr, datagram: &[u8], now: Instant, out: &mut impl Sink) {
-        let idx = match Tunn::parse_incoming_packet(datagram) {
-            Ok(Packet::HandshakeInit(init)) => {
+        // mac1 first (a keyed hash, no Diffie-Hellman), and past the rate limit a cookie
+        // reply instead of any work: the sender must prove it receives at its address.
+        let limiter = Arc::clone(&self.limiter);
+        let packet = match limiter.verify_packet(Some(src.ip()), datagram, &mut self.buf) {
+            Ok(packet) => packet,
+            Err(TunnResult::WriteToNetwork(cookie)) => {
+                out.udp(src, cookie);
+                self.drop_packet(DropReason::UnderLoad);
+                return;
+            }
+            Err(_) => {
+                self.drop_packet(DropReason::InvalidPacket);
+                return;
+            }
+        };
+        let cookie_reply = matches!(packet, Packet::PacketCookieReply(_));
+        let idx = match packet {
+            Packet::HandshakeInit(init) => {
+                self.handshake_dh += 1;
                 match parse_handshake_anon(&self.private, &self.public, &init) {
                     Ok(half) => match self.by_key.get(&half.peer_static_public) {
                         Some(idx) => *idx,
@@ -405,30 +477,35 @@ impl WgCore {
                     }
                 }
             }
-            Ok(Packet::HandshakeResponse(p)) => p.receiver_idx >> 8,
-            Ok(Packet::PacketCookieReply(p)) => p.receiver_idx >> 8,
-            Ok(Packet::PacketData(p)) => p.receiver_idx >> 8,
-            Err(_) => {
-                self.drop_packet(DropReason::InvalidPacket);
-                return;
-            }
+            Packet::HandshakeResponse(p) => p.receiver_idx >> 8,
+            Packet::PacketCookieReply(p) => p.receiver_idx >> 8,
+            Packet::PacketData(p) => p.receiver_idx >> 8,
         };
         let Some(peer) = self.peers.get_mut(&idx) else {
             self.drop_packet(DropReason::UnknownPeer);
             return;
         };
         let mut dropped = None;
+        // Whether this datagram proved it comes from the peer: data that decrypted (a
+        // keepalive too), or a handshake message that completed. A cookie reply proves
+        // nothing about its sender (anyone who saw our mac1 can provoke one), and neither
+        // does a replayed data packet.
         let mut authenticated = false;
         let mut first = true;
         let mut answer = None;
         let local_health = self.health_ip;
         loop {
+            let was_first = first;
             let input: &[u8] = if first { datagram } else { &[] };
             first = false;
             let (buf, built) = workspace(out, &mut self.buf);
             let base = buf.as_ptr();
             let (pkt, inner_src) = match peer.tunn.decapsulate(Some(src.ip()), input, buf) {
-                TunnResult::Done => break,
+                TunnResult::Done => {
+                    // A keepalive decrypted on the first call.
+                    authenticated |= was_first && !cookie_reply;
+                    break;
+                }
                 TunnResult::Err(WireGuardError::DuplicateCounter) => break,
                 TunnResult::Err(e) => {
                     debug!(cluster = %peer.config.cluster_id, error = ?e, "decapsulate failed");
@@ -436,7 +513,9 @@ impl WgCore {
                     break;
                 }
                 TunnResult::WriteToNetwork(wire) => {
-                    authenticated = true;
+                    // On the first call: a handshake response to an initiation, or the
+                    // keepalive that completes ours (the Tunn's limiter never sends cookies).
+                    authenticated |= was_first && !cookie_reply;
                     let wire = span(base, wire);
                     emit(out, &self.buf, built, Some(src), wire);
                     // Flush whatever was queued behind the handshake.
@@ -445,7 +524,8 @@ impl WgCore {
                 TunnResult::WriteToTunnelV4(pkt, addr) => (pkt, IpAddr::V4(addr)),
                 TunnResult::WriteToTunnelV6(pkt, addr) => (pkt, IpAddr::V6(addr)),
             };
-            authenticated = true;
+            // Data that decrypted under the peer's session.
+            authenticated |= was_first;
             match Self::deliver(peer, local_health, now, inner_src, pkt) {
                 Ok(Delivery::Tun) => {
                     let pkt = span(base, pkt);
@@ -515,6 +595,8 @@ impl WgCore {
 
     /// Timer tick (every ~250 ms) at `now`: handshakes, rekeys, keepalives, expiry, probes.
     pub fn tick(&mut self, now: Instant, out: &mut impl Sink) {
+        // Once a second at most (the limiter checks): the handshake budget starts again.
+        self.limiter.reset_count();
         let local_health = self.health_ip;
         for peer in self.peers.values_mut() {
             // Probes only ride a live session: without one they would just queue.
@@ -580,7 +662,8 @@ mod tests {
                 health_ip: None,
             },
             &mut out,
-        );
+        )
+        .unwrap();
         let mut ignored = Vec::new();
         b.upsert_peer(
             PeerConfig {
@@ -591,7 +674,8 @@ mod tests {
                 health_ip: None,
             },
             &mut ignored,
-        );
+        )
+        .unwrap();
         (Pair { a, b, a_addr, b_addr }, out)
     }
 
@@ -652,8 +736,8 @@ mod tests {
             health_ip: Some(health.parse().unwrap()),
         };
         let mut ignored = Vec::new();
-        p.a.upsert_peer(cfg("b", key_b, p.b_addr, "10.2.0.0/16", "10.2.0.0"), &mut ignored);
-        p.b.upsert_peer(cfg("a", key_a, p.a_addr, "10.1.0.0/16", "10.1.0.0"), &mut ignored);
+        p.a.upsert_peer(cfg("b", key_b, p.b_addr, "10.2.0.0/16", "10.2.0.0"), &mut ignored).unwrap();
+        p.b.upsert_peer(cfg("a", key_a, p.a_addr, "10.1.0.0/16", "10.1.0.0"), &mut ignored).unwrap();
         pump(&mut p, init);
         let t0 = Instant::now();
         let mut out = Vec::new();
@@ -693,7 +777,7 @@ mod tests {
             allowed,
             health_ip: None,
         };
-        p.a.upsert_peer(standby(vec![], &p), &mut ignored);
+        p.a.upsert_peer(standby(vec![], &p), &mut ignored).unwrap();
         assert!(ignored.is_empty(), "an update in place starts no second handshake");
         pump(&mut p, init);
         assert!(p.a.peers(Instant::now())[0].has_session(), "the standby's session is up (warm)");
@@ -708,7 +792,7 @@ mod tests {
             allowed: vec!["10.1.0.0/16".parse().unwrap()],
             health_ip: Some("10.1.0.0".parse().unwrap()),
         };
-        p.b.upsert_peer(to_a, &mut ignored);
+        p.b.upsert_peer(to_a, &mut ignored).unwrap();
         let t0 = Instant::now();
         let mut out = Vec::new();
         p.b.tick(t0, &mut out);
@@ -727,7 +811,7 @@ mod tests {
         assert!(p.a.drops().contains(&(DropReason::NoPeerForDestination, 1)), "{:?}", p.a.drops());
         // Failover: the prefixes move to it, and the very next packet is a data message on
         // the existing session (type 4), not a handshake initiation (type 1).
-        p.a.upsert_peer(standby(vec!["10.2.0.0/16".parse().unwrap()], &p), &mut ignored);
+        p.a.upsert_peer(standby(vec!["10.2.0.0/16".parse().unwrap()], &p), &mut ignored).unwrap();
         let mut out = Vec::new();
         p.a.on_tun_packet(&pkt, &mut out);
         match out.as_slice() {
@@ -862,7 +946,9 @@ mod tests {
         assert!(out.is_empty());
         let drops: HashMap<_, _> = p.a.drops().into_iter().collect();
         assert_eq!(drops[&DropReason::NoPeerForDestination], 1);
-        assert_eq!(drops[&DropReason::InvalidPacket] + drops[&DropReason::UnknownPeer], 2);
+        // A well-formed data message for a session index nobody has, and two bytes of junk.
+        assert_eq!(drops[&DropReason::UnknownPeer], 1);
+        assert_eq!(drops[&DropReason::InvalidPacket], 1);
     }
 
     #[test]
@@ -870,16 +956,18 @@ mod tests {
         let mut p = pump_ready();
         let mut stranger = WgCore::new(StaticSecret::random_from_rng(OsRng));
         let mut out = Vec::new();
-        stranger.upsert_peer(
-            PeerConfig {
-                cluster_id: "a".into(),
-                public_key: p.a.public_key(),
-                endpoint: p.a_addr,
-                allowed: vec!["10.1.0.0/16".parse().unwrap()],
-                health_ip: None,
-            },
-            &mut out,
-        );
+        stranger
+            .upsert_peer(
+                PeerConfig {
+                    cluster_id: "a".into(),
+                    public_key: p.a.public_key(),
+                    endpoint: p.a_addr,
+                    allowed: vec!["10.1.0.0/16".parse().unwrap()],
+                    health_ip: None,
+                },
+                &mut out,
+            )
+            .unwrap();
         let Output::Udp(_, init) = &out[0] else { panic!() };
         let mut replies = Vec::new();
         p.a.on_datagram("172.31.0.99:51820".parse().unwrap(), init, Instant::now(), &mut replies);
@@ -911,5 +999,195 @@ mod tests {
         p.a.on_datagram(new_addr, wire, Instant::now(), &mut delivered);
         assert_eq!(delivered, vec![Output::Tun(pkt)]);
         assert_eq!(p.a.peers(Instant::now())[0].config.endpoint, new_addr);
+    }
+
+    /// A core that knows one peer, and that peer's side as a bare `Tunn` (so a test can make
+    /// as many genuine initiations as it wants).
+    fn core_and_initiator() -> (WgCore, Tunn, SocketAddr) {
+        let ours = StaticSecret::random_from_rng(OsRng);
+        let theirs = StaticSecret::random_from_rng(OsRng);
+        let mut core = WgCore::new(ours.clone());
+        let peer_addr: SocketAddr = "172.31.0.12:51820".parse().unwrap();
+        core.upsert_peer(
+            PeerConfig {
+                cluster_id: "b".into(),
+                public_key: WireGuardKey(PublicKey::from(&theirs).to_bytes()),
+                endpoint: peer_addr,
+                allowed: vec!["10.2.0.0/16".parse().unwrap()],
+                health_ip: None,
+            },
+            &mut Vec::new(),
+        )
+        .unwrap();
+        let tunn = Tunn::new(theirs, PublicKey::from(&ours), None, None, 7, None);
+        (core, tunn, peer_addr)
+    }
+
+    fn initiation(t: &mut Tunn) -> Vec<u8> {
+        let mut buf = vec![0u8; 256];
+        match t.format_handshake_initiation(&mut buf, true) {
+            TunnResult::WriteToNetwork(p) => p.to_vec(),
+            _ => panic!("no initiation"),
+        }
+    }
+
+    #[test]
+    fn initiations_with_a_bad_mac1_cost_no_diffie_hellman() {
+        let (mut core, mut initiator, peer_addr) = core_and_initiator();
+        let genuine = initiation(&mut initiator);
+        let mut out = Vec::new();
+        for i in 0..100_000u32 {
+            let mut forged = genuine.clone();
+            // Anything in the message or its mac1 changed: the mac1 no longer matches.
+            let at = 116 + (i as usize % 16);
+            forged[at] ^= 1 + (i % 255) as u8;
+            forged[8..12].copy_from_slice(&i.to_le_bytes());
+            core.on_datagram(peer_addr, &forged, Instant::now(), &mut out);
+        }
+        assert!(out.is_empty(), "nothing answered");
+        assert_eq!(core.handshake_computations(), 0, "no Diffie-Hellman for a bad mac1");
+        let drops: HashMap<_, _> = core.drops().into_iter().collect();
+        assert_eq!(drops[&DropReason::InvalidPacket], 100_000);
+        // The genuine one still goes through, at the price of one.
+        core.on_datagram(peer_addr, &genuine, Instant::now(), &mut out);
+        assert_eq!(core.handshake_computations(), 1);
+        assert!(matches!(&out[..], [Output::Udp(dst, resp)] if *dst == peer_addr && resp[0] == 2));
+    }
+
+    #[test]
+    fn past_the_rate_limit_initiations_get_cookies_without_diffie_hellman() {
+        let (mut core, mut initiator, _) = core_and_initiator();
+        let flooder: SocketAddr = "172.31.0.66:40000".parse().unwrap();
+        let extra = 50;
+        let mut cookies = 0;
+        let mut last_cookie = None;
+        for _ in 0..HANDSHAKES_PER_SECOND + extra {
+            let mut out = Vec::new();
+            core.on_datagram(flooder, &initiation(&mut initiator), Instant::now(), &mut out);
+            if let [Output::Udp(dst, reply)] = &out[..]
+                && reply[0] == 3
+            {
+                assert_eq!(*dst, flooder, "the cookie goes to the address it tests");
+                assert_eq!(reply.len(), 64);
+                cookies += 1;
+                last_cookie = Some(reply.clone());
+            }
+        }
+        assert_eq!(core.handshake_computations(), HANDSHAKES_PER_SECOND, "the budget, and not one more");
+        assert_eq!(cookies, extra);
+        assert!(core.drops().contains(&(DropReason::UnderLoad, extra)));
+        // A sender that really is at its address answers the cookie: its next initiation
+        // carries mac2 and is processed although the core is still under load.
+        let mut buf = vec![0u8; 256];
+        assert!(matches!(
+            initiator.decapsulate(Some(flooder.ip()), &last_cookie.unwrap(), &mut buf),
+            TunnResult::Done
+        ));
+        let mut out = Vec::new();
+        core.on_datagram(flooder, &initiation(&mut initiator), Instant::now(), &mut out);
+        assert_eq!(core.handshake_computations(), HANDSHAKES_PER_SECOND + 1);
+        assert!(matches!(&out[..], [Output::Udp(_, resp)] if resp[0] == 2), "a response, not a cookie");
+    }
+
+    #[test]
+    fn forged_responses_and_cookie_replies_never_move_the_peer() {
+        // A's initiation reaches B; B's response is what an on-path attacker records.
+        let (mut p, init) = pair();
+        let Output::Udp(_, init) = &init[0] else { panic!() };
+        let mut from_b = Vec::new();
+        p.b.on_datagram(p.a_addr, init, Instant::now(), &mut from_b);
+        let Output::Udp(_, response) = &from_b[0] else { panic!() };
+        assert_eq!(response[0], 2);
+        let mut keepalive = Vec::new();
+        p.a.on_datagram(p.b_addr, response, Instant::now(), &mut keepalive);
+        assert!(p.a.peers(Instant::now())[0].has_session());
+        // The attacker replays it from its own address: past the budget A answers with
+        // cookies, which used to count as the peer having proved itself.
+        let attacker: SocketAddr = "172.31.0.66:40000".parse().unwrap();
+        // The genuine response used one of this second's budget.
+        let forged = HANDSHAKES_PER_SECOND - 1 + 20;
+        let mut answered = Vec::new();
+        for _ in 0..forged {
+            p.a.on_datagram(attacker, response, Instant::now(), &mut answered);
+        }
+        assert!(answered.iter().all(|o| matches!(o, Output::Udp(dst, c) if *dst == attacker && c[0] == 3)));
+        assert_eq!(answered.len(), 20, "cookies past the budget only");
+        // And forged cookie replies for A's session index, from the attacker.
+        let mut cookie = vec![0u8; 64];
+        cookie[0] = 3;
+        cookie[4..8].copy_from_slice(&response[4..8]);
+        for _ in 0..20 {
+            p.a.on_datagram(attacker, &cookie, Instant::now(), &mut answered);
+        }
+        let peer = &p.a.peers(Instant::now())[0];
+        assert_eq!(peer.config.endpoint, p.b_addr, "the peer stays where it authenticated");
+        assert!(peer.has_session());
+        // The tunnel still carries traffic to the right place.
+        let pkt = ipv4_packet([10, 1, 0, 5], [10, 2, 0, 7], b"still here");
+        let mut out = Vec::new();
+        p.a.on_tun_packet(&pkt, &mut out);
+        assert!(matches!(&out[..], [Output::Udp(dst, _)] if *dst == p.b_addr));
+        let (_, at_b) = pump(&mut p, out);
+        assert_eq!(at_b, vec![pkt]);
+    }
+
+    #[test]
+    fn replayed_data_from_elsewhere_does_not_move_the_peer_but_a_keepalive_does() {
+        let mut p = pump_ready();
+        let pkt = ipv4_packet([10, 2, 0, 7], [10, 1, 0, 5], b"once");
+        let mut out = Vec::new();
+        p.b.on_tun_packet(&pkt, &mut out);
+        let Output::Udp(_, wire) = &out[0] else { panic!() };
+        let mut delivered = Vec::new();
+        p.a.on_datagram(p.b_addr, wire, Instant::now(), &mut delivered);
+        assert_eq!(delivered, vec![Output::Tun(pkt)]);
+        // The same datagram again, from an attacker: a replay, not delivered, no roaming.
+        let attacker: SocketAddr = "172.31.0.66:40000".parse().unwrap();
+        let mut again = Vec::new();
+        p.a.on_datagram(attacker, wire, Instant::now(), &mut again);
+        assert!(again.is_empty());
+        assert_eq!(p.a.peers(Instant::now())[0].config.endpoint, p.b_addr);
+        // A fresh keepalive from B's new address is authenticated data: the peer roams.
+        let moved: SocketAddr = "172.31.0.77:51820".parse().unwrap();
+        let Some(b_peer) = p.b.peers.values_mut().next() else { panic!() };
+        let mut buf = vec![0u8; 256];
+        let TunnResult::WriteToNetwork(ka) = b_peer.tunn.encapsulate(&[], &mut buf) else { panic!() };
+        let ka = ka.to_vec();
+        p.a.on_datagram(moved, &ka, Instant::now(), &mut Vec::new());
+        assert_eq!(p.a.peers(Instant::now())[0].config.endpoint, moved);
+    }
+
+    #[test]
+    fn a_key_never_moves_to_another_cluster() {
+        let mut p = pump_ready();
+        let key_b = p.b.public_key();
+        let evil = PeerConfig {
+            cluster_id: "evil".into(),
+            public_key: key_b,
+            endpoint: "172.31.0.66:51820".parse().unwrap(),
+            allowed: vec!["10.66.0.0/16".parse().unwrap()],
+            health_ip: None,
+        };
+        let err = p.a.upsert_peer(evil, &mut Vec::new()).unwrap_err();
+        assert_eq!(
+            err,
+            PeerRefused::KeyOfAnotherCluster { key: key_b, owner: "b".into(), claimant: "evil".into() }
+        );
+        let own = PeerConfig {
+            cluster_id: "mirror".into(),
+            public_key: p.a.public_key(),
+            endpoint: "172.31.0.66:51820".parse().unwrap(),
+            allowed: vec!["10.67.0.0/16".parse().unwrap()],
+            health_ip: None,
+        };
+        assert!(matches!(p.a.upsert_peer(own, &mut Vec::new()), Err(PeerRefused::OwnKey { .. })));
+        let peers = p.a.peers(Instant::now());
+        assert_eq!(peers.len(), 1);
+        assert_eq!(peers[0].config.cluster_id, "b");
+        assert_eq!(peers[0].config.endpoint, p.b_addr);
+        assert_eq!(peers[0].config.allowed, vec!["10.2.0.0/16".parse::<IpNetwork>().unwrap()]);
+        let mut out = Vec::new();
+        p.a.on_tun_packet(&ipv4_packet([10, 1, 0, 5], [10, 66, 0, 1], b"x"), &mut out);
+        assert!(out.is_empty(), "the refused prefixes route nowhere");
     }
 }

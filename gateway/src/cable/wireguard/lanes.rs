@@ -301,8 +301,7 @@ fn control(
     let stopped = loop {
         match commands.recv_timeout(next_tick.saturating_duration_since(Instant::now())) {
             Ok(Command::Upsert(cfg, done)) => {
-                lock(core).upsert_peer(cfg, &mut out);
-                let _ = done.send(());
+                let _ = done.send(lock(core).upsert_peer(cfg, &mut out));
             }
             Ok(Command::Remove(key, done)) => {
                 let _ = done.send(lock(core).remove_peer(&key));

@@ -83,7 +83,7 @@ impl WireGuardConfig {
 type Snapshot = (Vec<PeerStats>, Vec<(&'static str, u64)>);
 
 pub(super) enum Command {
-    Upsert(PeerConfig, oneshot::Sender<()>),
+    Upsert(PeerConfig, oneshot::Sender<Result<(), core::PeerRefused>>),
     Remove(WireGuardKey, oneshot::Sender<bool>),
     Stats(oneshot::Sender<Snapshot>),
     Stop(oneshot::Sender<()>),
@@ -246,7 +246,7 @@ impl CableDriver for WireGuardCable {
                 allowed: Vec::new(),
                 health_ip: None,
             };
-            self.call(|tx| Command::Upsert(cfg, tx)).await?;
+            self.call(|tx| Command::Upsert(cfg, tx)).await?.map_err(CableError::PeerRefused)?;
         }
         let cfg = PeerConfig {
             cluster_id: ep.cluster_id.clone(),
@@ -255,7 +255,7 @@ impl CableDriver for WireGuardCable {
             allowed: ep.cidrs.clone(),
             health_ip: ep.health_ip,
         };
-        self.call(|tx| Command::Upsert(cfg, tx)).await?;
+        self.call(|tx| Command::Upsert(cfg, tx)).await?.map_err(CableError::PeerRefused)?;
         self.keys.insert(ep.cluster_id.clone(), want);
         Ok(())
     }

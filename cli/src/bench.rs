@@ -122,7 +122,14 @@ async fn measure(n: u32, rounds: u32, etcd: Option<&[String]>, replicas: u16) ->
     let d = dir.display().to_string();
     // Each size gets its own key prefix in the shared etcd.
     let store_args: Vec<String> = etcd.map_or_else(Vec::new, |e| {
-        vec!["--etcd-endpoints".into(), e.join(","), "--etcd-prefix".into(), format!("/bench-{n}/")]
+        // The benchmark's own etcd on loopback, plain HTTP.
+        vec![
+            "--etcd-endpoints".into(),
+            e.join(","),
+            "--etcd-prefix".into(),
+            format!("/bench-{n}/"),
+            "--etcd-insecure".into(),
+        ]
     });
     let out = Command::new(&bin)
         .args(["deploy-broker", "--local", "--data-dir", &d, "--address", "127.0.0.1", "--port"])

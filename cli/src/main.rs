@@ -274,9 +274,10 @@ struct GatewayArgs {
     state_dir: PathBuf,
     #[arg(long, env = "CAUSEWAY_STATUS_SOCKET", default_value = "/run/causeway/gateway.sock")]
     status_socket: PathBuf,
-    /// Serve Prometheus metrics on this TCP address ("off" to serve them only on the status
-    /// socket).
-    #[arg(long, env = "CAUSEWAY_METRICS_LISTEN", default_value = "0.0.0.0:9464")]
+    /// Serve Prometheus metrics and `/healthz` on this TCP address ("off" to serve them only
+    /// on the status socket). Loopback by default: the DaemonSet sets the node's own address
+    /// (`$(CAUSEWAY_NODE_IP):9464`), never every interface, so the underlay cannot scrape it.
+    #[arg(long, env = "CAUSEWAY_METRICS_LISTEN", default_value = "127.0.0.1:9464")]
     metrics_listen: String,
     /// Underlay interface to guard with XDP: only well-formed WireGuard messages from known
     /// peers (and rate-limited handshakes) reach the WireGuard port. Unset: no guard.
@@ -523,6 +524,15 @@ async fn broker(a: BrokerArgs) -> anyhow::Result<()> {
     .context("serving the broker API")
 }
 
+/// `ADDR:PORT`, also with an unbracketed IPv6 address (what `$(NODE_IP):9464` gives in a pod
+/// spec on an IPv6 node).
+fn listen_address(s: &str) -> Option<std::net::SocketAddr> {
+    s.parse().ok().or_else(|| {
+        let (ip, port) = s.rsplit_once(':')?;
+        Some(std::net::SocketAddr::new(ip.parse().ok()?, port.parse().ok()?))
+    })
+}
+
 async fn route_agent(a: RouteAgentArgs) -> anyhow::Result<()> {
     let creds = causeway_broker_api::Credentials::load(&a.broker_credentials).map_err(anyhow::Error::msg)?;
     let Some(cluster_id) = creds.cluster_id.clone() else {
@@ -629,9 +639,9 @@ fn gateway_config(
         lanes: a.tunnel_lanes,
         metrics_listen: match a.metrics_listen.as_str() {
             "off" | "" => None,
-            addr => Some(
-                addr.parse().with_context(|| format!("--metrics-listen {addr:?} is not ADDR:PORT or off"))?,
-            ),
+            addr => Some(listen_address(addr).with_context(|| {
+                format!("--metrics-listen {addr:?} is not ADDR:PORT (IPv6: [ADDR]:PORT or ADDR:PORT) or off")
+            })?),
         },
     })
 }

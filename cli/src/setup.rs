@@ -34,6 +34,32 @@ pub struct StoreArgs {
     etcd_cert_file: Option<PathBuf>,
     #[arg(long, env = "CAUSEWAY_ETCD_KEY_FILE", requires = "etcd_cert_file")]
     etcd_key_file: Option<PathBuf>,
+    /// Accept etcd without TLS or without a client certificate (testing only: whoever reaches
+    /// that etcd can rewrite the whole cluster set, every member's routes with it).
+    #[arg(long, env = "CAUSEWAY_ETCD_INSECURE")]
+    etcd_insecure: bool,
+}
+
+/// The store is the cluster set's truth: an etcd anyone can reach in the clear, or without
+/// authenticating, is as good as no broker checks at all. Refused unless asked for.
+fn check_etcd_security(endpoints: &[String], client_cert: bool, insecure: bool) -> anyhow::Result<()> {
+    if insecure {
+        return Ok(());
+    }
+    if let Some(plain) = endpoints.iter().find(|e| !e.starts_with("https://")) {
+        anyhow::bail!(
+            "etcd endpoint {plain} is not https://: the cluster set would travel and be writable \
+             in the clear. Serve etcd with TLS (--etcd-ca-file, --etcd-cert-file, --etcd-key-file), \
+             or pass --etcd-insecure for a test setup"
+        );
+    }
+    if !client_cert {
+        anyhow::bail!(
+            "etcd without a client certificate: anyone who reaches etcd could rewrite the cluster \
+             set. Give --etcd-cert-file and --etcd-key-file, or pass --etcd-insecure for a test setup"
+        );
+    }
+    Ok(())
 }
 
 impl StoreArgs {
@@ -42,6 +68,7 @@ impl StoreArgs {
         if self.etcd_endpoints.is_empty() {
             return Ok(Box::new(RedbStore::open(&data_dir.join(STORE_FILE))?));
         }
+        self.check()?;
         let read =
             |p: &PathBuf| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
         let mut o = causeway_broker::EtcdOptions::new(self.etcd_endpoints.clone());
@@ -58,6 +85,14 @@ impl StoreArgs {
             )
         })?;
         Ok(Box::new(store))
+    }
+
+    /// Refuses an unsafe store before anything is written (see `check_etcd_security`).
+    pub fn check(&self) -> anyhow::Result<()> {
+        if self.etcd_endpoints.is_empty() {
+            return Ok(());
+        }
+        check_etcd_security(&self.etcd_endpoints, self.etcd_cert_file.is_some(), self.etcd_insecure)
     }
 
     #[must_use]
@@ -134,6 +169,8 @@ pub fn deploy_broker(a: DeployBrokerArgs) -> anyhow::Result<()> {
         );
     }
     let dir = &a.data_dir.clone().unwrap_or_else(|| PathBuf::from("/var/lib/causeway-broker"));
+    // Before anything is written: a refused store must leave no half-made broker behind.
+    a.store.check()?;
     if dir.join(STORE_FILE).exists() || dir.join(CERT_FILE).exists() {
         bail!(
             "{} already holds a broker; to start over, stop it and remove the directory (its clusters will have to join again)",
@@ -189,9 +226,10 @@ pub fn deploy_broker(a: DeployBrokerArgs) -> anyhow::Result<()> {
         String::new()
     } else {
         format!(
-            " --etcd-endpoints {} --etcd-prefix {}",
+            " --etcd-endpoints {} --etcd-prefix {}{}",
             a.store.etcd_endpoints.join(","),
-            a.store.etcd_prefix
+            a.store.etcd_prefix,
+            if a.store.etcd_insecure { " --etcd-insecure" } else { "" }
         )
     };
     println!(
@@ -353,4 +391,22 @@ pub fn operator_credentials(flag: Option<PathBuf>) -> anyhow::Result<Credentials
             "{e}\n(pass --credentials FILE: the admin file from deploy-broker, or a cluster's from join)"
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn etcd_in_the_clear_or_unauthenticated_is_refused_unless_asked_for() {
+        let plain = vec!["http://127.0.0.1:2379".to_owned()];
+        let tls = vec!["https://etcd-0:2379".to_owned(), "https://etcd-1:2379".to_owned()];
+        let err = super::check_etcd_security(&plain, true, false).unwrap_err().to_string();
+        assert!(
+            err.contains("http://127.0.0.1:2379 is not https://") && err.contains("--etcd-insecure"),
+            "{err}"
+        );
+        let err = super::check_etcd_security(&tls, false, false).unwrap_err().to_string();
+        assert!(err.contains("without a client certificate"), "{err}");
+        super::check_etcd_security(&tls, true, false).unwrap();
+        super::check_etcd_security(&plain, false, true).unwrap();
+    }
 }

@@ -283,7 +283,8 @@ fn http_probe(path: &str, port: u16, period: i32, failures: i32) -> Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.into()),
             port: IntOrString::Int(port.into()),
-            host: Some("127.0.0.1".into()),
+            // No host: the kubelet probes the pod's IP, which on the host network is the
+            // node address the gateway serves metrics and health on.
             ..HTTPGetAction::default()
         }),
         period_seconds: Some(period),
@@ -422,7 +423,10 @@ fn member(s: &Settings) -> Result<Vec<Manifest>, ManifestError> {
             env_field("CAUSEWAY_POD_NAME", "metadata.name"),
             env("CAUSEWAY_BROKER_CREDENTIALS", &format!("/etc/causeway/broker/{CREDENTIALS_KEY}")),
             env("CAUSEWAY_LISTEN_PORT", &s.wireguard_port.to_string()),
-            env("CAUSEWAY_METRICS_LISTEN", &format!("0.0.0.0:{}", s.metrics_port)),
+            // Metrics and health on the node's own address, not on every interface (the
+            // uplink faces the underlay). Kubernetes expands $(…) from the entry above.
+            env_field("CAUSEWAY_NODE_IP", "status.hostIP"),
+            env("CAUSEWAY_METRICS_LISTEN", &format!("$(CAUSEWAY_NODE_IP):{}", s.metrics_port)),
             env("CAUSEWAY_STATE_DIR", "/var/lib/causeway"),
             env("CAUSEWAY_STATUS_SOCKET", "/run/causeway/gateway.sock"),
         ]),

@@ -77,6 +77,13 @@ fn the_gateway_runs_on_gateway_nodes_with_only_the_capabilities_it_needs() {
     assert!(mounts.contains(&"/sys/fs/bpf") && mounts.contains(&"/dev/net/tun"), "{mounts:?}");
     assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
     assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/healthz");
+    // Metrics and health on the node's own address (the probes' default host), never on every
+    // interface: the uplink faces the underlay.
+    let env = c["env"].as_array().unwrap();
+    let var = |name: &str| env.iter().find(|e| e["name"] == name).unwrap_or_else(|| panic!("{name}"));
+    assert_eq!(var("CAUSEWAY_NODE_IP")["valueFrom"]["fieldRef"]["fieldPath"], "status.hostIP");
+    assert_eq!(var("CAUSEWAY_METRICS_LISTEN")["value"], "$(CAUSEWAY_NODE_IP):9464");
+    assert!(c["livenessProbe"]["httpGet"].get("host").is_none());
     // Never both gateways of a cluster down: one at a time, and only once the previous is ready.
     assert_eq!(ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"], 1);
     assert_eq!(ds["spec"]["updateStrategy"]["rollingUpdate"]["maxSurge"], 0);

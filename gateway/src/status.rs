@@ -277,6 +277,12 @@ fn process_stats() -> ProcessStats {
     ProcessStats { cpu_seconds, resident_bytes, start_time }
 }
 
+/// What the network may ask: metrics and health. `/status` (keys, endpoints, why a member is
+/// refused) stays on the node's owner-only Unix socket.
+fn tcp_router(shared: Arc<Mutex<Shared>>) -> Router {
+    Router::new().route("/metrics", get(metrics)).route("/healthz", get(|| async { "ok" })).with_state(shared)
+}
+
 fn router(shared: Arc<Mutex<Shared>>) -> Router {
     Router::new()
         .route("/status", get(status))
@@ -285,14 +291,14 @@ fn router(shared: Arc<Mutex<Shared>>) -> Router {
         .with_state(shared)
 }
 
-/// Serves `/metrics`, `/status` and `/healthz` over TCP (for Prometheus).
+/// Serves `/metrics` and `/healthz` over TCP (for Prometheus and the kubelet).
 pub async fn serve_tcp(
     addr: std::net::SocketAddr,
     shared: Arc<Mutex<Shared>>,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, "metrics listening");
-    let app = router(shared);
+    let app = tcp_router(shared);
     Ok(tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             warn!(error = %e, "metrics server stopped");
@@ -310,6 +316,8 @@ pub async fn serve(path: &Path, shared: Arc<Mutex<Shared>>) -> std::io::Result<t
         _ => {}
     }
     let listener = tokio::net::UnixListener::bind(path)?;
+    // Owner (root) only: the status names keys, endpoints and refusals.
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     let app = router(shared);
     Ok(tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {

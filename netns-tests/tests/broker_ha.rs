@@ -31,7 +31,7 @@ fn start_replica(dir: &std::path::Path, port: u16, etcd: &str) -> Replica {
     Replica(
         Command::new(causeway_bin())
             .args(["broker", "--data-dir", &dir.display().to_string()])
-            .args(["--listen", &format!("127.0.0.1:{port}"), "--etcd-endpoints", etcd])
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--etcd-endpoints", etcd, "--etcd-insecure"])
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -105,6 +105,17 @@ async fn writes_and_watches_survive_an_etcd_member_and_a_broker_replica_dying() 
     let deployed = Command::new(causeway_bin())
         .args(["deploy-broker", "--local", "--data-dir", &dir.display().to_string()])
         .args(["--address", "127.0.0.1", "--port", &p1.to_string(), "--etcd-endpoints", &endpoints])
+        .output()
+        .expect("deploy-broker");
+    // etcd in the clear is refused unless asked for (it holds every member's routes).
+    assert!(!deployed.status.success());
+    let err = String::from_utf8_lossy(&deployed.stderr);
+    assert!(err.contains("is not https://") && err.contains("--etcd-insecure"), "{err}");
+    assert!(!dir.exists(), "a refused deploy-broker writes nothing");
+    let deployed = Command::new(causeway_bin())
+        .args(["deploy-broker", "--local", "--data-dir", &dir.display().to_string()])
+        .args(["--address", "127.0.0.1", "--port", &p1.to_string(), "--etcd-endpoints", &endpoints])
+        .arg("--etcd-insecure")
         .output()
         .expect("deploy-broker");
     assert!(deployed.status.success(), "{}", String::from_utf8_lossy(&deployed.stderr));

@@ -524,6 +524,15 @@ fn connected_means_forwarding_works() {
     assert!(metrics.starts_with("HTTP/1.1 200") || metrics.starts_with("HTTP/1.0 200"), "{metrics}");
     assert!(metrics.contains("causeway_connection_up{cluster=\"cluster-2\"} 0"), "{metrics}");
     assert!(metrics.contains("causeway_rtt_seconds{cluster=\"cluster-2\"}"), "{metrics}");
+    // The status (keys, endpoints, refusals) is not served over the network, only on the
+    // owner-only socket.
+    let status_tcp = scrape.replace("/metrics", "/status");
+    let status_tcp = exec::in_ns(&a.gw_ns, &["bash", "-c", &status_tcp]).unwrap();
+    let status_tcp = String::from_utf8_lossy(&status_tcp.stdout);
+    assert!(status_tcp.starts_with("HTTP/1.1 404") || status_tcp.starts_with("HTTP/1.0 404"), "{status_tcp}");
+    let mode = std::fs::metadata(&a.status_socket)
+        .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()));
+    assert_eq!(mode.unwrap() & 0o777, 0o600);
     let bin = causeway_bin().display().to_string();
     let shown =
         exec::run(&[&bin, "show", "connections", "--status-socket", &a.status_socket.display().to_string()])

@@ -305,16 +305,43 @@ pub async fn join(
             c
         }
     };
+    // The route agents' own credential: read-only, so a node that is not a gateway never
+    // holds what writes the cluster's records. Kept beside the cluster's (a re-run reuses it).
+    let reader_path = p.output.with_extension("reader.json");
+    let reader = match Credentials::load(&reader_path) {
+        Ok(c)
+            if c.kind == CredentialKind::Reader
+                && c.cluster_id == creds.cluster_id
+                && c.broker_url == creds.broker_url =>
+        {
+            c
+        }
+        _ => {
+            let issued =
+                BrokerClient::from_credentials(&creds)?.issue_reader(p.cluster_id).await.with_context(
+                    || format!("issuing the route agents' read-only credential for {}", p.cluster_id),
+                )?;
+            let c = Credentials { kind: CredentialKind::Reader, token: issued.token, ..creds.clone() };
+            c.save(&reader_path).with_context(|| format!("writing {}", reader_path.display()))?;
+            c
+        }
+    };
     let namespace_first = all.iter().position(|m| m.kind == "Namespace").unwrap_or(0) + 1;
-    all.insert(
-        namespace_first,
-        causeway_deploy::apply::secret(
-            &ns,
-            causeway_deploy::manifests::CREDENTIALS_SECRET,
-            "Opaque",
-            [(causeway_deploy::manifests::CREDENTIALS_KEY.into(), serde_json::to_vec_pretty(&creds)?)].into(),
-        )?,
-    );
+    for (name, file) in [
+        (causeway_deploy::manifests::CREDENTIALS_SECRET, &creds),
+        (causeway_deploy::manifests::READER_SECRET, &reader),
+    ] {
+        all.insert(
+            namespace_first,
+            causeway_deploy::apply::secret(
+                &ns,
+                name,
+                "Opaque",
+                [(causeway_deploy::manifests::CREDENTIALS_KEY.into(), serde_json::to_vec_pretty(file)?)]
+                    .into(),
+            )?,
+        );
+    }
     for node in &gateways {
         causeway_deploy::apply::label_gateway(&client, node, true).await?;
         progress(&format!("labelled node {node} {}=true", causeway_deploy::manifests::GATEWAY_LABEL));
@@ -354,7 +381,7 @@ async fn uninstall_with(
     a: UninstallArgs,
 ) -> anyhow::Result<()> {
     use causeway_deploy::manifests::{
-        BROKER_BOOTSTRAP_SECRET, BROKER_TLS_SECRET, CREDENTIALS_SECRET, GATEWAY_CONFIG,
+        BROKER_BOOTSTRAP_SECRET, BROKER_TLS_SECRET, CREDENTIALS_SECRET, GATEWAY_CONFIG, READER_SECRET,
     };
     let settings = a.manifests.settings();
     let ns = settings.namespace.clone();
@@ -371,6 +398,7 @@ async fn uninstall_with(
     all.extend(member);
     all.push(causeway_deploy::apply::lease(&ns)?);
     all.push(causeway_deploy::apply::secret(&ns, CREDENTIALS_SECRET, "Opaque", Default::default())?);
+    all.push(causeway_deploy::apply::secret(&ns, READER_SECRET, "Opaque", Default::default())?);
     all.push(causeway_deploy::apply::config_map(&ns, GATEWAY_CONFIG, Default::default())?);
     if a.broker {
         all.extend(causeway_deploy::Bundle::Broker.manifests(&settings)?.into_iter().skip(1));
@@ -574,6 +602,7 @@ mod tests {
             _ => None,
         });
         let east = east.expect("east registered");
+        let mut readers = Vec::new();
         assert_eq!(east.pod_cidrs, vec!["10.244.0.0/16".parse().unwrap()]);
         assert_eq!(east.service_cidrs, vec!["10.96.0.0/12".parse().unwrap()]);
         {
@@ -586,6 +615,16 @@ mod tests {
             let stored: causeway_broker_api::Credentials =
                 serde_json::from_slice(&secret_value(&secret.body, "credentials.json")).unwrap();
             assert_eq!(stored.token, creds.token);
+            // The route agents get a read-only credential of their own: it reads, it cannot write.
+            let secret = log
+                .iter()
+                .find(|r| r.body["metadata"]["name"] == "causeway-route-agent-credentials")
+                .unwrap();
+            let reader: causeway_broker_api::Credentials =
+                serde_json::from_slice(&secret_value(&secret.body, "credentials.json")).unwrap();
+            assert_eq!(reader.kind, causeway_broker_api::CredentialKind::Reader);
+            assert_ne!(reader.token, creds.token);
+            readers.push(reader);
             let ds = log
                 .iter()
                 .find(|r| r.body["kind"] == "DaemonSet" && r.body["metadata"]["name"] == "causeway-gateway")
@@ -601,10 +640,25 @@ mod tests {
             );
         }
 
-        // Re-running reuses the credential (a second registration would be refused).
+        let reader = causeway_broker_api::BrokerClient::from_credentials(&readers[0]).unwrap();
+        reader.list().await.unwrap();
+        let mut hijack = east.clone();
+        hijack.generation += 1;
+        assert_eq!(reader.put_cluster(&hijack).await.unwrap_err().status(), Some(403));
+        // Re-running reuses the credential (a second registration would be refused), and the
+        // reader's.
         let (kube, _log) = member_cluster();
         join(async || Ok(kube), &args, plan("east.json", gateways)).await.unwrap();
-        // Another cluster claiming the id gets the broker's refusal, and nothing is applied.
+        let again = causeway_broker_api::Credentials::load(&dir.join("east.reader.json")).unwrap();
+        assert_eq!(again.token, readers[0].token);
+        // Another cluster (another join token) claiming the id gets the broker's refusal, and
+        // nothing is applied. (The same token and record again is the same caller re-running:
+        // it gets a fresh credential; give each organisation its own, single-use, token.)
+        let other_info = causeway_broker_api::Credentials {
+            token: broker.issue(&causeway_broker::Identity::Join).unwrap(),
+            ..info.clone()
+        };
+        other_info.save(&info_path).unwrap();
         let (kube, log) = member_cluster();
         let e = join(async || Ok(kube), &args, plan("other.json", gateways)).await.unwrap_err();
         assert!(format!("{e:#}").contains("already registered"), "{e:#}");

@@ -347,37 +347,148 @@ pub async fn join(a: JoinArgs) -> anyhow::Result<()> {
 
 #[derive(clap::Subcommand)]
 pub enum CredentialsCmd {
-    /// Replace a cluster's credential with a new one (the old one stops working at once).
+    /// Replace a cluster's credential with a new one; the old one keeps working for
+    /// --overlap seconds (default 0: it stops at once).
     Rotate {
         /// The cluster's credentials file; rewritten in place.
         #[arg(long, env = "CAUSEWAY_CREDENTIALS")]
         credentials: PathBuf,
+        /// Seconds the old credential keeps working (time to move gateways and agents over).
+        #[arg(long, default_value_t = 0)]
+        overlap: u64,
     },
-    /// Revoke every credential of a cluster (needs the admin credentials).
+    /// Revoke every credential of a cluster, its readers' too (needs the admin credentials).
     Revoke {
         #[arg(long, env = "CAUSEWAY_CREDENTIALS")]
         credentials: PathBuf,
         #[arg(long)]
         cluster_id: String,
     },
+    /// Issue a join or admin credential (needs the admin credentials).
+    Issue {
+        #[arg(long, env = "CAUSEWAY_CREDENTIALS")]
+        credentials: PathBuf,
+        /// join or admin.
+        #[arg(long, default_value = "join")]
+        kind: String,
+        /// Seconds until it stops working (default: until revoked).
+        #[arg(long)]
+        ttl: Option<u64>,
+        /// A join token good for one registration.
+        #[arg(long)]
+        single_use: bool,
+        /// Where to write the new credentials file (0600).
+        #[arg(long)]
+        output: PathBuf,
+    },
+    /// Issue a read-only credential for a cluster's route agents (with the cluster's or the
+    /// admin credentials): it reads the cluster set and can write nothing.
+    Reader {
+        #[arg(long, env = "CAUSEWAY_CREDENTIALS")]
+        credentials: PathBuf,
+        /// The cluster (default: the one the credentials file belongs to).
+        #[arg(long)]
+        cluster_id: Option<String>,
+        #[arg(long)]
+        output: PathBuf,
+    },
+    /// List every credential the broker holds: id, kind, cluster, expiry (never tokens).
+    List {
+        #[arg(long, env = "CAUSEWAY_CREDENTIALS")]
+        credentials: PathBuf,
+    },
+    /// Revoke one credential by the id `list` shows (needs the admin credentials).
+    RevokeId {
+        #[arg(long, env = "CAUSEWAY_CREDENTIALS")]
+        credentials: PathBuf,
+        id: String,
+    },
+}
+
+fn when(unix: u64) -> String {
+    let now = causeway_broker::auth::now_unix();
+    if unix <= now { "now".into() } else { format!("in {} s (unix {unix})", unix - now) }
 }
 
 pub async fn credentials(cmd: CredentialsCmd) -> anyhow::Result<()> {
+    let client = |path: &Path| -> anyhow::Result<(Credentials, BrokerClient)> {
+        let creds = Credentials::load(path).map_err(anyhow::Error::msg)?;
+        let client = BrokerClient::from_credentials(&creds)?;
+        Ok((creds, client))
+    };
     match cmd {
-        CredentialsCmd::Rotate { credentials } => {
-            let mut creds = Credentials::load(&credentials).map_err(anyhow::Error::msg)?;
-            let Some(id) = creds.cluster_id.clone() else {
+        CredentialsCmd::Rotate { credentials, overlap } => {
+            let (mut creds, client) = client(&credentials)?;
+            let Some(id) = creds.cluster_id.clone().filter(|_| creds.kind == CredentialKind::Cluster) else {
                 bail!("{} is not a cluster's credentials file", credentials.display());
             };
-            let rotated = BrokerClient::from_credentials(&creds)?.rotate(&id).await?;
+            let rotated = client.rotate_with_overlap(&id, std::time::Duration::from_secs(overlap)).await?;
             creds.token = rotated.token;
             creds.save(&credentials).with_context(|| format!("writing {}", credentials.display()))?;
             println!("rotated the credential of cluster {id}; {} holds the new one", credentials.display());
+            if let Some(until) = rotated.old_valid_until {
+                println!("the old credential stops working {}", when(until));
+            }
         }
         CredentialsCmd::Revoke { credentials, cluster_id } => {
-            let creds = Credentials::load(&credentials).map_err(anyhow::Error::msg)?;
-            let out = BrokerClient::from_credentials(&creds)?.revoke(&cluster_id).await?;
+            let (_, client) = client(&credentials)?;
+            let out = client.revoke(&cluster_id).await?;
             println!("revoked {} credential(s) of cluster {cluster_id}", out["revoked"]);
+        }
+        CredentialsCmd::Issue { credentials, kind, ttl, single_use, output } => {
+            let (creds, client) = client(&credentials)?;
+            let kind = match kind.as_str() {
+                "join" => CredentialKind::Join,
+                "admin" => CredentialKind::Admin,
+                other => bail!("--kind {other:?}: join or admin (cluster credentials come from join)"),
+            };
+            let issued = client
+                .issue(&causeway_broker_api::IssueRequest { kind, ttl_seconds: ttl, single_use })
+                .await?;
+            let file = Credentials { kind, cluster_id: None, token: issued.token, ..creds };
+            file.save(&output).with_context(|| format!("writing {}", output.display()))?;
+            println!("issued {kind:?} credential {} into {}", issued.id, output.display());
+            if let Some(t) = issued.expires_at {
+                println!("it stops working {}", when(t));
+            }
+        }
+        CredentialsCmd::Reader { credentials, cluster_id, output } => {
+            let (creds, client) = client(&credentials)?;
+            let Some(id) = cluster_id.or_else(|| creds.cluster_id.clone()) else {
+                bail!("--cluster-id is needed with {}", credentials.display());
+            };
+            let issued = client.issue_reader(&id).await?;
+            let file = Credentials {
+                kind: CredentialKind::Reader,
+                cluster_id: Some(id.clone()),
+                token: issued.token,
+                ..creds
+            };
+            file.save(&output).with_context(|| format!("writing {}", output.display()))?;
+            println!("issued read-only credential {} for cluster {id} into {}", issued.id, output.display());
+        }
+        CredentialsCmd::List { credentials } => {
+            let (_, client) = client(&credentials)?;
+            let rows: Vec<Vec<String>> = client
+                .list_credentials()
+                .await?
+                .into_iter()
+                .map(|c| {
+                    vec![
+                        c.id,
+                        format!("{:?}", c.kind).to_lowercase(),
+                        c.cluster_id.unwrap_or_else(|| "-".into()),
+                        c.expires_at.map_or_else(|| "-".into(), when),
+                        if c.single_use { "single use".into() } else { String::new() },
+                    ]
+                })
+                .collect();
+            print!("{}", crate::show::table(&["ID", "KIND", "CLUSTER", "EXPIRES", ""], &rows));
+        }
+        CredentialsCmd::RevokeId { credentials, id } => {
+            let (_, client) = client(&credentials)?;
+            let out = client.revoke_credential(&id).await?;
+            println!("revoked {} credential(s) with id {id}", out["revoked"]);
         }
     }
     Ok(())

@@ -37,6 +37,9 @@ pub const GATEWAY_LABEL: &str = "causeway.io/gateway";
 pub const MANAGER: &str = "causeway";
 /// Secrets the CLI writes (never checked in: they hold keys and tokens).
 pub const CREDENTIALS_SECRET: &str = "causeway-broker-credentials";
+/// The route agents' read-only credential (they run on every node: none of them may write the
+/// cluster's records).
+pub const READER_SECRET: &str = "causeway-route-agent-credentials";
 pub const BROKER_TLS_SECRET: &str = "causeway-broker-tls";
 pub const BROKER_BOOTSTRAP_SECRET: &str = "causeway-broker-bootstrap";
 /// Optional per-cluster overrides (`CAUSEWAY_*` variables) for the gateway.
@@ -562,7 +565,7 @@ fn member(s: &Settings) -> Result<Vec<Manifest>, ManifestError> {
                     tolerations: Some(tolerate_everything()),
                     security_context: Some(node_agent_security()),
                     containers: vec![agent_container],
-                    volumes: Some(vec![secret_volume("broker-credentials", CREDENTIALS_SECRET)]),
+                    volumes: Some(vec![secret_volume("broker-credentials", READER_SECRET)]),
                     ..PodSpec::default()
                 }),
             },

@@ -99,6 +99,11 @@ fn the_gateway_runs_on_gateway_nodes_with_only_the_capabilities_it_needs() {
     let c = &agent["spec"]["template"]["spec"]["containers"][0];
     assert_eq!(c["securityContext"]["capabilities"]["add"], serde_json::json!(["NET_ADMIN"]));
     assert_eq!(c["command"], serde_json::json!(["causeway", "route-agent", "--kubernetes"]));
+    // Route agents run on every node: they mount the read-only credential, never the one
+    // that writes the cluster's records.
+    let volumes = agent["spec"]["template"]["spec"]["volumes"].as_array().unwrap();
+    assert_eq!(volumes.len(), 1);
+    assert_eq!(volumes[0]["secret"]["secretName"], "causeway-route-agent-credentials");
 }
 
 #[test]

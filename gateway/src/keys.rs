@@ -56,10 +56,31 @@ impl KeyPair {
     }
 }
 
+/// The permission bits that let others than the owner read or write a key file, if any.
+#[must_use]
+pub fn loose_bits(mode: u32) -> Option<u32> {
+    let loose = mode & 0o077;
+    (loose != 0).then_some(loose)
+}
+
+/// Reads a key file without following a link at its name, warning when others may read it.
+fn read_key_file(path: &Path) -> std::io::Result<String> {
+    use std::{io::Read as _, os::unix::fs::PermissionsExt as _};
+    let mut f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path)?;
+    let mode = f.metadata()?.permissions().mode();
+    if let Some(bits) = loose_bits(mode) {
+        tracing::warn!(path = %path.display(), mode = format!("{:o}", mode & 0o777), loose = format!("{bits:o}"),
+            "the private key is readable or writable by others than its owner; chmod 600 it");
+    }
+    let mut s = String::new();
+    f.read_to_string(&mut s)?;
+    Ok(s)
+}
+
 /// Loads the key at `path`, or generates and stores a new one if the file does not exist.
 pub fn load_or_generate(path: &Path) -> Result<KeyPair, KeyError> {
     let p = path.display().to_string();
-    match std::fs::read_to_string(path) {
+    match read_key_file(path) {
         Ok(s) => {
             let bytes = B64.decode(s.trim()).map_err(|_| KeyError::Malformed { path: p.clone() })?;
             let arr: [u8; 32] = bytes.try_into().map_err(|_| KeyError::Malformed { path: p })?;
@@ -70,6 +91,7 @@ pub fn load_or_generate(path: &Path) -> Result<KeyPair, KeyError> {
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir).map_err(|source| KeyError::Write { path: p.clone(), source })?;
             }
+            // create_new: O_EXCL, so a link planted at the name is never followed.
             let mut f = std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
@@ -119,6 +141,23 @@ mod tests {
         ];
         let pair = KeyPair::from_private(StaticSecret::from(private));
         assert_eq!(pair.public.to_string(), "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo=");
+    }
+
+    #[test]
+    fn loose_key_files_are_noticed_and_links_are_not_followed() {
+        assert_eq!(loose_bits(0o100_600), None);
+        assert_eq!(loose_bits(0o100_644), Some(0o044));
+        assert_eq!(loose_bits(0o100_660), Some(0o060));
+        let path = tmp("loose");
+        let a = load_or_generate(&path).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        // Still loads (with a warning): refusing would take the gateway down over a chmod.
+        assert_eq!(load_or_generate(&path).unwrap().public, a.public);
+        // A key path that is a link is refused, not followed, and nothing is generated.
+        let link = path.with_file_name("link.key");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        assert!(matches!(load_or_generate(&link), Err(KeyError::Read { .. })));
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
     }
 
     #[test]

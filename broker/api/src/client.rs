@@ -190,10 +190,44 @@ impl BrokerClient {
         self.send(self.http.post(format!("{}/v1/join", self.base)).json(c), Self::TIMEOUT).await
     }
 
-    /// Issues a new credential for the cluster and revokes its old ones.
+    /// Issues a new credential for the cluster and revokes its old ones at once.
     pub async fn rotate(&self, cluster_id: &str) -> Result<RotateResponse, ClientError> {
-        let url = format!("{}/v1/clusters/{cluster_id}/credentials", self.base);
+        self.rotate_with_overlap(cluster_id, Duration::ZERO).await
+    }
+
+    /// Issues a new credential for the cluster; the old ones keep working for `overlap`.
+    pub async fn rotate_with_overlap(
+        &self,
+        cluster_id: &str,
+        overlap: Duration,
+    ) -> Result<RotateResponse, ClientError> {
+        let url = format!(
+            "{}/v1/clusters/{cluster_id}/credentials?overlapSeconds={}",
+            self.base,
+            overlap.as_secs()
+        );
         self.send(self.http.post(url), Self::TIMEOUT).await
+    }
+
+    /// Issues an admin or join credential (admin only).
+    pub async fn issue(&self, req: &crate::IssueRequest) -> Result<crate::IssueResponse, ClientError> {
+        self.send(self.http.post(format!("{}/v1/credentials", self.base)).json(req), Self::TIMEOUT).await
+    }
+
+    /// Issues a read-only credential for the cluster (the cluster itself, or the admin).
+    pub async fn issue_reader(&self, cluster_id: &str) -> Result<crate::IssueResponse, ClientError> {
+        let url = format!("{}/v1/clusters/{cluster_id}/readers", self.base);
+        self.send(self.http.post(url), Self::TIMEOUT).await
+    }
+
+    /// Every credential the broker holds, without tokens (admin only).
+    pub async fn list_credentials(&self) -> Result<Vec<crate::CredentialInfo>, ClientError> {
+        self.send(self.http.get(format!("{}/v1/credentials", self.base)), Self::TIMEOUT).await
+    }
+
+    /// Revokes one credential by its id (admin only).
+    pub async fn revoke_credential(&self, id: &str) -> Result<serde_json::Value, ClientError> {
+        self.send(self.http.delete(format!("{}/v1/credentials/{id}", self.base)), Self::TIMEOUT).await
     }
 
     /// Revokes every credential of the cluster (admin only).

@@ -625,6 +625,49 @@ pub enum CredentialKind {
     Join,
     /// Reading the set and writing the records of one cluster.
     Cluster,
+    /// Reading the set on behalf of one cluster, writing nothing (route agents).
+    Reader,
+}
+
+/// `POST /v1/credentials` (admin): a new admin or join credential.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IssueRequest {
+    pub kind: CredentialKind,
+    /// Seconds until it stops working (none: until revoked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_seconds: Option<u64>,
+    /// A join token good for one registration.
+    #[serde(default)]
+    pub single_use: bool,
+}
+
+/// A credential just issued: its token (shown once) and its id (to revoke it by).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IssueResponse {
+    pub id: String,
+    pub token: Token,
+    /// Unix seconds from which it stops working.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<u64>,
+}
+
+/// `GET /v1/credentials` (admin): what the broker knows of a credential, never its token.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CredentialInfo {
+    /// The first 12 hex digits of the token's SHA-256.
+    pub id: String,
+    pub kind: CredentialKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_id: Option<String>,
+    /// Unix seconds (0: before the broker recorded it).
+    pub issued_at: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<u64>,
+    #[serde(default)]
+    pub single_use: bool,
 }
 
 /// A credentials file: where the broker is, how to trust it, and who we are. Written 0600 by
@@ -644,6 +687,12 @@ pub struct Credentials {
     pub token: Token,
 }
 
+/// `O_NOFOLLOW` on Linux (the only platform Causeway runs on); spelled out so this crate needs
+/// no libc dependency for one constant.
+const fn libc_o_nofollow() -> i32 {
+    0o400_000
+}
+
 /// `POST /v1/join` answer: the stored cluster record and the cluster's own credential.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -652,11 +701,14 @@ pub struct JoinResponse {
     pub token: Token,
 }
 
-/// `POST /v1/clusters/{id}/credentials` answer: the new credential (the old one is revoked).
+/// `POST /v1/clusters/{id}/credentials` answer: the new credential, and when the old ones
+/// stop working (unix seconds; the overlap window ends there).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RotateResponse {
     pub token: Token,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub old_valid_until: Option<u64>,
 }
 
 impl Credentials {
@@ -667,15 +719,30 @@ impl Credentials {
             .map_err(|e| format!("{} is not a Causeway credentials file: {e}", path.display()))
     }
 
-    /// Writes the file readable by its owner only.
+    /// Writes the file readable by its owner only. The temporary file is created afresh, never
+    /// through a link someone left at its name, and is 0600 before a byte is written.
     pub fn save(&self, path: &std::path::Path) -> std::io::Result<()> {
-        use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
-        if let Some(dir) = path.parent() {
+        use std::{
+            io::Write as _,
+            os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
+        };
+        if let Some(dir) = path.parent()
+            && !dir.as_os_str().is_empty()
+        {
             std::fs::create_dir_all(dir)?;
         }
         let tmp = path.with_extension("tmp");
-        let mut f =
-            std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc_o_nofollow())
+            .mode(0o600)
+            .open(&tmp)?;
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
         f.write_all(&serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?)?;
         f.sync_all()?;
         std::fs::rename(tmp, path)
@@ -718,6 +785,18 @@ mod credential_tests {
         assert_eq!(Credentials::load(&path).unwrap(), c);
         std::fs::write(&path, "{}").unwrap();
         assert!(Credentials::load(&path).unwrap_err().contains("not a Causeway credentials file"));
+        // A link planted at the temporary name is replaced, not followed; a loose leftover
+        // temporary file does not pass its mode on.
+        let victim = dir.join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        std::os::unix::fs::symlink(&victim, dir.join("c.tmp")).unwrap();
+        c.save(&path).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        assert_eq!(Credentials::load(&path).unwrap(), c);
+        std::fs::write(dir.join("c.tmp"), "old").unwrap();
+        std::fs::set_permissions(dir.join("c.tmp"), std::fs::Permissions::from_mode(0o644)).unwrap();
+        c.save(&path).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

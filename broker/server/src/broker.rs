@@ -7,14 +7,14 @@ use std::{
 };
 
 use causeway_broker_api::{
-    ClusterRecord, EndpointRecord, ListResponse, Object, Record, Token, ValidationError, WatchResponse,
-    cluster_key, endpoint_key, validate::Overlap,
+    ClusterRecord, CredentialKind, EndpointRecord, ListResponse, Object, Record, Token, ValidationError,
+    WatchResponse, cluster_key, endpoint_key, validate::Overlap,
 };
 use tokio::sync::watch;
 use tracing::{debug, info};
 
 use crate::{
-    auth::{self, Identity},
+    auth::{self, Credential, Identity},
     store::{Change, Followed, Since, Store, StoreError},
 };
 
@@ -71,6 +71,7 @@ fn describe(who: &Identity) -> String {
         Identity::Admin => "the admin credential".into(),
         Identity::Join => "a join credential".into(),
         Identity::Cluster(id) => format!("cluster {id:?}"),
+        Identity::Reader(id) => format!("cluster {id:?}'s read-only credential"),
     }
 }
 
@@ -288,6 +289,7 @@ impl Broker {
     /// Expires endpoints every second, forever (spawn it next to the server).
     pub async fn run_expiry(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_secs(1).min(self.lease / 2));
+        let mut last_prune = std::time::Instant::now();
         loop {
             tick.tick().await;
             let this = Arc::clone(&self);
@@ -295,6 +297,14 @@ impl Broker {
                 tokio::task::spawn_blocking(move || this.expire_endpoints(std::time::Instant::now())).await;
             if let Ok(Err(e)) = res {
                 tracing::warn!(error = %e, "expiring endpoints failed");
+            }
+            // Expired credentials already fail; deleting them is housekeeping (once a minute).
+            if last_prune.elapsed() >= Duration::from_secs(60) {
+                last_prune = std::time::Instant::now();
+                let this = Arc::clone(&self);
+                if let Ok(Err(e)) = tokio::task::spawn_blocking(move || this.prune_credentials()).await {
+                    tracing::warn!(error = %e, "deleting expired credentials failed");
+                }
             }
         }
     }
@@ -435,17 +445,153 @@ impl Broker {
             .collect()
     }
 
-    /// The identity behind a bearer token.
+    /// The identity behind a bearer token (unknown, revoked or expired: 401).
     pub fn authenticate(&self, token: Option<&str>) -> Result<Identity, BrokerError> {
         let token = token.ok_or(BrokerError::Unauthorized)?;
-        self.read().credential(&auth::hash(token))?.ok_or(BrokerError::Unauthorized)
+        match self.read().credential(&auth::hash(token))? {
+            Some(c) if c.valid_at(auth::now_unix()) => Ok(c.identity),
+            _ => Err(BrokerError::Unauthorized),
+        }
     }
 
     /// Creates a credential for `identity` and returns its token (shown once, stored hashed).
     pub fn issue(&self, identity: &Identity) -> Result<Token, BrokerError> {
         let token = auth::new_token();
-        self.lock().put_credential(&auth::hash(&token.0), identity)?;
+        self.lock().put_credential(&auth::hash(&token.0), &Credential::new(identity.clone()))?;
         Ok(token)
+    }
+
+    /// Issues an admin or join credential (admin only), optionally with a TTL and, for a join
+    /// token, for one registration only.
+    pub fn issue_limited(
+        &self,
+        who: &Identity,
+        req: &causeway_broker_api::IssueRequest,
+    ) -> Result<causeway_broker_api::IssueResponse, BrokerError> {
+        require_admin(who, "issue credentials")?;
+        let identity = match req.kind {
+            CredentialKind::Admin => Identity::Admin,
+            CredentialKind::Join => Identity::Join,
+            other => {
+                return Err(BrokerError::BadRequest(format!(
+                    "kind: {other:?} credentials come from join (cluster) or from the cluster (reader), not from here"
+                )));
+            }
+        };
+        if req.single_use && identity != Identity::Join {
+            return Err(BrokerError::BadRequest("singleUse: only join tokens can be single-use".into()));
+        }
+        if req.ttl_seconds == Some(0) {
+            return Err(BrokerError::BadRequest(
+                "ttlSeconds: 0 would never work; omit it for no expiry".into(),
+            ));
+        }
+        let mut cred = Credential::new(identity);
+        cred.expires_at = req.ttl_seconds.map(|t| cred.issued_at.saturating_add(t));
+        cred.single_use = req.single_use;
+        let token = auth::new_token();
+        let hash = auth::hash(&token.0);
+        self.lock().put_credential(&hash, &cred)?;
+        info!(id = %auth::credential_id(&hash), kind = ?req.kind, ttl = ?req.ttl_seconds, single_use = req.single_use,
+            "credential issued");
+        Ok(causeway_broker_api::IssueResponse {
+            id: auth::credential_id(&hash),
+            token,
+            expires_at: cred.expires_at,
+        })
+    }
+
+    /// A read-only credential for a cluster (route agents), issued by that cluster or the admin.
+    pub fn issue_reader(
+        &self,
+        who: &Identity,
+        cluster_id: &str,
+    ) -> Result<causeway_broker_api::IssueResponse, BrokerError> {
+        require_write(who, cluster_id, "issue a reader credential")?;
+        let mut store = self.lock();
+        if Self::stored(&self.items(), &cluster_key(cluster_id)).is_none() {
+            return Err(BrokerError::NotFound(cluster_key(cluster_id)));
+        }
+        let token = auth::new_token();
+        let hash = auth::hash(&token.0);
+        store.put_credential(&hash, &Credential::new(Identity::Reader(cluster_id.to_owned())))?;
+        info!(cluster = %cluster_id, id = %auth::credential_id(&hash), "reader credential issued");
+        Ok(causeway_broker_api::IssueResponse { id: auth::credential_id(&hash), token, expires_at: None })
+    }
+
+    /// Every credential, without its token (admin only).
+    pub fn list_credentials(
+        &self,
+        who: &Identity,
+    ) -> Result<Vec<causeway_broker_api::CredentialInfo>, BrokerError> {
+        require_admin(who, "list credentials")?;
+        let mut out: Vec<causeway_broker_api::CredentialInfo> = self
+            .read()
+            .credentials()?
+            .into_iter()
+            .map(|(hash, c)| causeway_broker_api::CredentialInfo {
+                id: auth::credential_id(&hash),
+                kind: match c.identity {
+                    Identity::Admin => CredentialKind::Admin,
+                    Identity::Join => CredentialKind::Join,
+                    Identity::Cluster(_) => CredentialKind::Cluster,
+                    Identity::Reader(_) => CredentialKind::Reader,
+                },
+                cluster_id: c.identity.cluster().map(str::to_owned),
+                issued_at: c.issued_at,
+                expires_at: c.expires_at,
+                single_use: c.single_use,
+            })
+            .collect();
+        out.sort_by(|a, b| (a.kind as u8, &a.cluster_id, &a.id).cmp(&(b.kind as u8, &b.cluster_id, &b.id)));
+        Ok(out)
+    }
+
+    /// Revokes one credential by its id (admin only). The caller's own is refused: revoking it
+    /// would lock the operator out mid-command; issue another admin credential first.
+    pub fn revoke_credential(
+        &self,
+        who: &Identity,
+        caller_hash: &str,
+        id: &str,
+    ) -> Result<usize, BrokerError> {
+        require_admin(who, "revoke credentials")?;
+        if id.len() < 12 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(BrokerError::BadRequest(format!(
+                "{id:?} is not a credential id (12 hex digits, as `causeway credentials list` shows)"
+            )));
+        }
+        let mut store = self.lock();
+        let doomed: Vec<String> =
+            store.credentials()?.into_iter().map(|(h, _)| h).filter(|h| h.starts_with(id)).collect();
+        if doomed.is_empty() {
+            return Err(BrokerError::NotFound(format!("credential {id}")));
+        }
+        if doomed.iter().any(|h| h == caller_hash) {
+            return Err(BrokerError::BadRequest(format!(
+                "credential {id} is the one this request uses; revoke it with another admin credential"
+            )));
+        }
+        store.delete_credentials(&doomed)?;
+        info!(id, "credential revoked");
+        Ok(doomed.len())
+    }
+
+    /// Deletes credentials that have expired (rotation overlaps that ended, TTLs that ran out).
+    pub fn prune_credentials(&self) -> Result<usize, BrokerError> {
+        let now = auth::now_unix();
+        let expired: Vec<String> = self
+            .read()
+            .credentials()?
+            .into_iter()
+            .filter(|(_, c)| !c.valid_at(now))
+            .map(|(h, _)| h)
+            .collect();
+        if !expired.is_empty() {
+            self.lock().delete_credentials(&expired)?;
+            debug!(count = expired.len(), "expired credentials deleted");
+        }
+        Ok(expired.len())
     }
 
     /// Registers a credential by its token's SHA-256 (idempotent). This is how a broker that
@@ -458,10 +604,10 @@ impl Broker {
             )));
         }
         let hash = token_sha256.to_ascii_lowercase();
-        if self.read().credential(&hash)?.as_ref() == Some(identity) {
+        if self.read().credential(&hash)?.is_some_and(|c| c.identity == *identity) {
             return Ok(());
         }
-        self.lock().put_credential(&hash, identity)?;
+        self.lock().put_credential(&hash, &Credential::new(identity.clone()))?;
         Ok(())
     }
 
@@ -474,8 +620,16 @@ impl Broker {
         })
     }
 
-    /// Registers a new cluster and issues its own credential (join or admin credential).
-    pub fn join(&self, who: &Identity, c: ClusterRecord) -> Result<(Object, Token), BrokerError> {
+    /// Registers a new cluster and issues its own credential (join or admin credential;
+    /// `caller_hash`: the hash of the token used). A single-use join token is spent by it.
+    /// The same caller joining again with the same record gets a fresh credential for the
+    /// cluster (its first answer may have been lost); anybody else gets 409.
+    pub fn join(
+        &self,
+        who: &Identity,
+        caller_hash: &str,
+        c: ClusterRecord,
+    ) -> Result<(Object, Token), BrokerError> {
         if !matches!(who, Identity::Join | Identity::Admin) {
             return Err(BrokerError::Forbidden {
                 who: describe(who),
@@ -484,16 +638,48 @@ impl Broker {
         }
         causeway_broker_api::validate_cluster(&c)?;
         let mut store = self.lock();
+        // Re-read under the lock: a racing join may have spent a single-use token.
+        let caller = match store.credential(caller_hash)? {
+            Some(cred) if cred.valid_at(auth::now_unix()) => cred,
+            _ => return Err(BrokerError::Unauthorized),
+        };
+        let caller_id = auth::credential_id(caller_hash);
         let id = c.cluster_id.clone();
-        let obj = self.commit_cluster(&mut **store, c, true)?;
+        let identity = Identity::Cluster(id.clone());
+        let existing = Self::stored(&self.items(), &cluster_key(&id)).cloned();
+        let obj = match existing {
+            Some(obj)
+                if obj.record == Record::Cluster(c.clone())
+                    && store.credentials()?.iter().any(|(_, k)| {
+                        k.identity == identity && k.issued_by.as_deref() == Some(caller_id.as_str())
+                    }) =>
+            {
+                info!(cluster = %id, "the same caller joined again: a fresh credential for the cluster");
+                obj
+            }
+            _ => self.commit_cluster(&mut **store, c, true)?,
+        };
         let token = auth::new_token();
-        store.put_credential(&auth::hash(&token.0), &Identity::Cluster(id.clone()))?;
+        let mut cred = Credential::new(identity);
+        cred.issued_by = Some(caller_id);
+        store.put_credential(&auth::hash(&token.0), &cred)?;
+        if caller.single_use {
+            store.delete_credentials(&[caller_hash.to_owned()])?;
+            info!(cluster = %id, "single-use join token spent");
+        }
         info!(cluster = %id, "cluster joined");
         Ok((obj, token))
     }
 
-    /// A new credential for the cluster; its old ones stop working.
-    pub fn rotate(&self, who: &Identity, cluster_id: &str) -> Result<Token, BrokerError> {
+    /// A new credential for the cluster. Its old ones keep working for `overlap` (so gateways
+    /// and agents can be moved over without an outage), then stop; zero: at once. Returns the
+    /// token and when the old ones stop (unix seconds; `None` when there were none).
+    pub fn rotate(
+        &self,
+        who: &Identity,
+        cluster_id: &str,
+        overlap: Duration,
+    ) -> Result<(Token, Option<u64>), BrokerError> {
         require_write(who, cluster_id, "rotate the credentials")?;
         let mut store = self.lock();
         let items = self.items();
@@ -501,21 +687,50 @@ impl Broker {
             return Err(BrokerError::NotFound(cluster_key(cluster_id)));
         }
         let identity = Identity::Cluster(cluster_id.to_owned());
-        store.revoke(&identity)?;
+        let now = auth::now_unix();
+        let old: Vec<(String, Credential)> = store
+            .credentials()?
+            .into_iter()
+            .filter(|(_, c)| c.identity == identity && c.valid_at(now))
+            .collect();
+        let until = now.saturating_add(overlap.as_secs());
+        let issued_by = old.iter().find_map(|(_, c)| c.issued_by.clone());
+        if overlap.is_zero() {
+            store.delete_credentials(&old.iter().map(|(h, _)| h.clone()).collect::<Vec<_>>())?;
+        } else {
+            for (hash, mut c) in old.clone() {
+                c.expires_at = Some(c.expires_at.map_or(until, |t| t.min(until)));
+                store.put_credential(&hash, &c)?;
+            }
+        }
         let token = auth::new_token();
-        store.put_credential(&auth::hash(&token.0), &identity)?;
-        info!(cluster = %cluster_id, "credentials rotated");
-        Ok(token)
+        let mut cred = Credential::new(identity);
+        cred.issued_by = issued_by;
+        store.put_credential(&auth::hash(&token.0), &cred)?;
+        info!(cluster = %cluster_id, overlap = ?overlap, old = old.len(), "credentials rotated");
+        Ok((token, (!old.is_empty()).then_some(if overlap.is_zero() { now } else { until })))
     }
 
-    /// Revokes every credential of the cluster (admin only).
+    /// Revokes every credential of the cluster, its readers' too (admin only).
     pub fn revoke(&self, who: &Identity, cluster_id: &str) -> Result<usize, BrokerError> {
         if *who != Identity::Admin {
             return Err(BrokerError::Forbidden { who: describe(who), action: "revoke credentials".into() });
         }
-        let n = self.lock().revoke(&Identity::Cluster(cluster_id.to_owned()))?;
+        let n = Self::revoke_cluster(&mut **self.lock(), cluster_id)?;
         info!(cluster = %cluster_id, revoked = n, "credentials revoked");
         Ok(n)
+    }
+
+    /// Deletes the cluster's credentials and its readers'; returns how many.
+    fn revoke_cluster(store: &mut dyn Store, cluster_id: &str) -> Result<usize, BrokerError> {
+        let doomed: Vec<String> = store
+            .credentials()?
+            .into_iter()
+            .filter(|(_, c)| c.identity.cluster() == Some(cluster_id))
+            .map(|(h, _)| h)
+            .collect();
+        store.delete_credentials(&doomed)?;
+        Ok(doomed.len())
     }
 
     fn stored<'a>(items: &'a [Object], key: &str) -> Option<&'a Object> {
@@ -640,7 +855,7 @@ impl Broker {
             changes.push(Change::Delete(key.clone()));
             Ok(changes)
         })?;
-        store.revoke(&Identity::Cluster(cluster_id.to_owned()))?;
+        Self::revoke_cluster(&mut **store, cluster_id)?;
         info!(key, "cluster and its endpoints deleted");
         Ok(events.into_iter().map(|e| e.object).collect())
     }

@@ -8,7 +8,7 @@
 //! | `P compacted` | the newest revision dropped from the event log |
 //! | `P records/<key>` | the record's [`Object`] (JSON) |
 //! | `P events/<rev, 20 digits>` | that revision's events (JSON array) |
-//! | `P credentials/<sha256>` | an [`Identity`] (JSON) |
+//! | `P credentials/<sha256>` | a [`Credential`] (JSON: identity and limits) |
 //! | `P heartbeats/<key>` | unix milliseconds of an endpoint's last heartbeat, via any replica |
 //!
 //! Every commit is one etcd transaction guarded by "`P rev` unchanged since the caller read
@@ -31,7 +31,7 @@ use etcd_client::{
 use tracing::{debug, info, warn};
 
 use crate::{
-    Identity,
+    Credential,
     store::{Change, FollowSink, Followed, Since, Store, StoreError, apply},
 };
 
@@ -417,7 +417,7 @@ impl Store for EtcdStore {
         self.history
     }
 
-    fn credential(&self, hash: &str) -> Result<Option<Identity>, StoreError> {
+    fn credential(&self, hash: &str) -> Result<Option<Credential>, StoreError> {
         let key = self.keys.credential(hash);
         self.run(move |c, _, timeout| async move {
             let resp = retry(timeout, "read credential", || {
@@ -426,13 +426,13 @@ impl Store for EtcdStore {
                 async move { c.get(key, None).await }
             })
             .await?;
-            resp.kvs().first().map(decode::<Identity>).transpose()
+            resp.kvs().first().map(decode::<Credential>).transpose()
         })
     }
 
-    fn put_credential(&mut self, hash: &str, identity: &Identity) -> Result<(), StoreError> {
+    fn put_credential(&mut self, hash: &str, credential: &Credential) -> Result<(), StoreError> {
         let key = self.keys.credential(hash);
-        let value = serde_json::to_vec(identity).expect("identities serialise");
+        let value = serde_json::to_vec(credential).expect("credentials serialise");
         self.run(move |c, _, timeout| async move {
             retry(timeout, "store credential", || {
                 let mut c = c.clone();
@@ -444,8 +444,7 @@ impl Store for EtcdStore {
         })
     }
 
-    fn revoke(&mut self, identity: &Identity) -> Result<usize, StoreError> {
-        let identity = identity.clone();
+    fn credentials(&self) -> Result<Vec<(String, Credential)>, StoreError> {
         self.run(move |c, k, timeout| async move {
             let prefix = k.credentials();
             let resp = retry(timeout, "read credentials", || {
@@ -454,23 +453,29 @@ impl Store for EtcdStore {
                 async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await }
             })
             .await?;
-            let mut doomed = Vec::new();
+            let mut out = Vec::new();
             for kv in resp.kvs() {
-                if decode::<Identity>(kv)? == identity {
-                    doomed.push(TxnOp::delete(kv.key().to_vec(), None));
-                }
+                let hash = String::from_utf8_lossy(kv.key()).trim_start_matches(prefix.as_str()).to_owned();
+                out.push((hash, decode::<Credential>(kv)?));
             }
-            if doomed.is_empty() {
-                return Ok(0);
-            }
-            let n = doomed.len();
-            retry(timeout, "revoke credentials", || {
+            Ok(out)
+        })
+    }
+
+    fn delete_credentials(&mut self, hashes: &[String]) -> Result<(), StoreError> {
+        if hashes.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<String> = hashes.iter().map(|h| self.keys.credential(h)).collect();
+        self.run(move |c, _, timeout| async move {
+            let ops: Vec<TxnOp> = keys.iter().map(|k| TxnOp::delete(k.as_bytes().to_vec(), None)).collect();
+            retry(timeout, "delete credentials", || {
                 let mut c = c.clone();
-                let txn = etcd_client::Txn::new().and_then(doomed.clone());
+                let txn = etcd_client::Txn::new().and_then(ops.clone());
                 async move { c.txn(txn).await }
             })
-            .await?;
-            Ok(n)
+            .await
+            .map(drop)
         })
     }
 

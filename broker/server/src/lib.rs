@@ -14,7 +14,7 @@ pub mod store;
 pub mod testing;
 pub mod tls;
 
-pub use auth::Identity;
+pub use auth::{Credential, Identity};
 pub use broker::{Broker, BrokerError};
 pub use etcd::{EtcdOptions, EtcdStore};
 pub use server::{run, run_tls};

@@ -8,7 +8,10 @@
 //! | PUT/DELETE | `/v1/clusters/{id}` | a cluster record (DELETE also drops its endpoints) |
 //! | PUT/DELETE | `/v1/clusters/{id}/endpoints/{host}` | an endpoint record |
 //! | POST | `/v1/join` | register a new cluster (join or admin credential); returns its credential |
-//! | POST/DELETE | `/v1/clusters/{id}/credentials` | rotate (the cluster or admin) / revoke (admin) |
+//! | POST/DELETE | `/v1/clusters/{id}/credentials?overlapSeconds=N` | rotate, the old ones valid N more seconds (the cluster or admin) / revoke (admin) |
+//! | POST | `/v1/clusters/{id}/readers` | a read-only credential for the cluster's route agents (the cluster or admin) |
+//! | POST/GET | `/v1/credentials` | issue an admin or join credential, with TTL / single use; list all, without tokens (admin) |
+//! | DELETE | `/v1/credentials/{id}` | revoke one credential by id (admin) |
 //! | PUT/DELETE | `/v1/clusters/{id}/services/{namespace}/{name}` | an exported service |
 //! | PUT | `/v1/cluster-set` | the set's settings: overlap mode (admin) |
 //! | PUT/DELETE | `/v1/policies/{name}` | a cluster-set policy rule (admin) |
@@ -96,14 +99,23 @@ async fn blocking<T: Send + 'static>(
         .map_err(Failure::from)
 }
 
-/// The caller's identity, from `Authorization: Bearer <token>` (a store read: off the
-/// async threads, since a shared store answers over the network).
-async fn who(b: &Arc<Broker>, headers: &HeaderMap) -> Result<Identity, Failure> {
-    let token = headers
+fn bearer(headers: &HeaderMap) -> Option<String> {
+    headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .map(|t| t.trim().to_owned());
+        .map(|t| t.trim().to_owned())
+}
+
+/// The hash of the caller's token (how the broker names the credential in use).
+fn caller_hash(headers: &HeaderMap) -> String {
+    crate::auth::hash(&bearer(headers).unwrap_or_default())
+}
+
+/// The caller's identity, from `Authorization: Bearer <token>` (a store read: off the
+/// async threads, since a shared store answers over the network).
+async fn who(b: &Arc<Broker>, headers: &HeaderMap) -> Result<Identity, Failure> {
+    let token = bearer(headers);
     let b = Arc::clone(b);
     blocking(move || b.authenticate(token.as_deref())).await
 }
@@ -262,19 +274,75 @@ async fn join(
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Failure> {
     let id = who(&b, &headers).await?;
+    let hash = caller_hash(&headers);
     let c: ClusterRecord = body(raw)?;
-    let (object, token) = blocking(move || b.join(&id, c)).await?;
+    let (object, token) = blocking(move || b.join(&id, &hash, c)).await?;
     Ok((StatusCode::CREATED, Json(JoinResponse { object, token })).into_response())
 }
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RotateQuery {
+    #[serde(default)]
+    overlap_seconds: u64,
+}
+
+/// Longest overlap a rotation may give the old credentials.
+const MAX_OVERLAP: Duration = Duration::from_secs(7 * 24 * 3600);
 
 async fn rotate(
     State(b): State<Arc<Broker>>,
     headers: HeaderMap,
     Path(cluster): Path<String>,
+    Query(q): Query<RotateQuery>,
 ) -> Result<Response, Failure> {
     let id = who(&b, &headers).await?;
-    let token = blocking(move || b.rotate(&id, &cluster)).await?;
-    Ok(Json(RotateResponse { token }).into_response())
+    let overlap = Duration::from_secs(q.overlap_seconds);
+    if overlap > MAX_OVERLAP {
+        return Err(invalid(format!(
+            "overlapSeconds: {} is longer than a week; old credentials should not outlive a rotation by that much",
+            q.overlap_seconds
+        )));
+    }
+    let (token, old_valid_until) = blocking(move || b.rotate(&id, &cluster, overlap)).await?;
+    Ok(Json(RotateResponse { token, old_valid_until }).into_response())
+}
+
+async fn issue(
+    State(b): State<Arc<Broker>>,
+    headers: HeaderMap,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Response, Failure> {
+    let id = who(&b, &headers).await?;
+    let req: causeway_broker_api::IssueRequest = body(raw)?;
+    let out = blocking(move || b.issue_limited(&id, &req)).await?;
+    Ok((StatusCode::CREATED, Json(out)).into_response())
+}
+
+async fn issue_reader(
+    State(b): State<Arc<Broker>>,
+    headers: HeaderMap,
+    Path(cluster): Path<String>,
+) -> Result<Response, Failure> {
+    let id = who(&b, &headers).await?;
+    let out = blocking(move || b.issue_reader(&id, &cluster)).await?;
+    Ok((StatusCode::CREATED, Json(out)).into_response())
+}
+
+async fn list_credentials(State(b): State<Arc<Broker>>, headers: HeaderMap) -> Result<Response, Failure> {
+    let id = who(&b, &headers).await?;
+    Ok(Json(blocking(move || b.list_credentials(&id)).await?).into_response())
+}
+
+async fn revoke_credential(
+    State(b): State<Arc<Broker>>,
+    headers: HeaderMap,
+    Path(cred): Path<String>,
+) -> Result<Response, Failure> {
+    let id = who(&b, &headers).await?;
+    let hash = caller_hash(&headers);
+    let revoked = blocking(move || b.revoke_credential(&id, &hash, &cred)).await?;
+    Ok(Json(serde_json::json!({ "revoked": revoked })).into_response())
 }
 
 async fn revoke(
@@ -296,6 +364,9 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .route("/v1/join", post(join))
         .route("/v1/clusters/{id}", put(put_cluster).delete(delete_cluster))
         .route("/v1/clusters/{id}/credentials", post(rotate).delete(revoke))
+        .route("/v1/clusters/{id}/readers", post(issue_reader))
+        .route("/v1/credentials", post(issue).get(list_credentials))
+        .route("/v1/credentials/{id}", axum::routing::delete(revoke_credential))
         .route("/v1/clusters/{id}/endpoints/{host}", put(put_endpoint).delete(delete_endpoint))
         .route("/v1/clusters/{id}/services/{namespace}/{name}", put(put_service).delete(delete_service))
         .route("/v1/cluster-set", put(put_cluster_set))

@@ -9,7 +9,7 @@ use redb::{ReadableDatabase as _, ReadableTable as _};
 
 use causeway_broker_api::{EventType, Object, WatchEvent};
 
-use crate::auth::Identity;
+use crate::auth::Credential;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -77,12 +77,14 @@ pub trait Store: Send + Sync + 'static {
     fn events_since(&self, since: u64) -> Result<Since, StoreError>;
     /// How many revisions of events the store keeps.
     fn history(&self) -> u64;
-    /// The identity of a credential, by the hash of its token.
-    fn credential(&self, hash: &str) -> Result<Option<Identity>, StoreError>;
-    /// Stores a credential (hash of the token → identity), durably.
-    fn put_credential(&mut self, hash: &str, identity: &Identity) -> Result<(), StoreError>;
-    /// Removes every credential of `identity`; returns how many.
-    fn revoke(&mut self, identity: &Identity) -> Result<usize, StoreError>;
+    /// A credential, by the hash of its token.
+    fn credential(&self, hash: &str) -> Result<Option<Credential>, StoreError>;
+    /// Stores (or replaces) a credential under the hash of its token, durably.
+    fn put_credential(&mut self, hash: &str, credential: &Credential) -> Result<(), StoreError>;
+    /// Every credential, by hash.
+    fn credentials(&self) -> Result<Vec<(String, Credential)>, StoreError>;
+    /// Removes the credentials with these hashes (absent ones are no error).
+    fn delete_credentials(&mut self, hashes: &[String]) -> Result<(), StoreError>;
     /// Records an endpoint heartbeat where every replica sees it. Single-replica stores keep
     /// heartbeats in the broker's memory only.
     fn heartbeat(&mut self, _key: &str) -> Result<(), StoreError> {
@@ -111,14 +113,17 @@ impl Store for Box<dyn Store> {
     fn history(&self) -> u64 {
         (**self).history()
     }
-    fn credential(&self, hash: &str) -> Result<Option<Identity>, StoreError> {
+    fn credential(&self, hash: &str) -> Result<Option<Credential>, StoreError> {
         (**self).credential(hash)
     }
-    fn put_credential(&mut self, hash: &str, identity: &Identity) -> Result<(), StoreError> {
-        (**self).put_credential(hash, identity)
+    fn put_credential(&mut self, hash: &str, credential: &Credential) -> Result<(), StoreError> {
+        (**self).put_credential(hash, credential)
     }
-    fn revoke(&mut self, identity: &Identity) -> Result<usize, StoreError> {
-        (**self).revoke(identity)
+    fn credentials(&self) -> Result<Vec<(String, Credential)>, StoreError> {
+        (**self).credentials()
+    }
+    fn delete_credentials(&mut self, hashes: &[String]) -> Result<(), StoreError> {
+        (**self).delete_credentials(hashes)
     }
     fn heartbeat(&mut self, key: &str) -> Result<(), StoreError> {
         (**self).heartbeat(key)
@@ -175,7 +180,7 @@ pub struct MemStore {
     records: BTreeMap<String, Object>,
     events: std::collections::VecDeque<WatchEvent>,
     compacted: u64,
-    credentials: BTreeMap<String, Identity>,
+    credentials: BTreeMap<String, Credential>,
 }
 
 impl Default for MemStore {
@@ -239,19 +244,24 @@ impl Store for MemStore {
         self.history
     }
 
-    fn credential(&self, hash: &str) -> Result<Option<Identity>, StoreError> {
+    fn credential(&self, hash: &str) -> Result<Option<Credential>, StoreError> {
         Ok(self.credentials.get(hash).cloned())
     }
 
-    fn put_credential(&mut self, hash: &str, identity: &Identity) -> Result<(), StoreError> {
-        self.credentials.insert(hash.to_owned(), identity.clone());
+    fn put_credential(&mut self, hash: &str, credential: &Credential) -> Result<(), StoreError> {
+        self.credentials.insert(hash.to_owned(), credential.clone());
         Ok(())
     }
 
-    fn revoke(&mut self, identity: &Identity) -> Result<usize, StoreError> {
-        let before = self.credentials.len();
-        self.credentials.retain(|_, i| i != identity);
-        Ok(before - self.credentials.len())
+    fn credentials(&self) -> Result<Vec<(String, Credential)>, StoreError> {
+        Ok(self.credentials.iter().map(|(h, c)| (h.clone(), c.clone())).collect())
+    }
+
+    fn delete_credentials(&mut self, hashes: &[String]) -> Result<(), StoreError> {
+        for h in hashes {
+            self.credentials.remove(h);
+        }
+        Ok(())
     }
 }
 
@@ -396,7 +406,7 @@ impl Store for RedbStore {
         self.history
     }
 
-    fn credential(&self, hash: &str) -> Result<Option<Identity>, StoreError> {
+    fn credential(&self, hash: &str) -> Result<Option<Credential>, StoreError> {
         let txn = self.db.begin_read().map_err(io)?;
         let table = txn.open_table(CREDENTIALS).map_err(io)?;
         match table.get(hash).map_err(io)? {
@@ -405,35 +415,36 @@ impl Store for RedbStore {
         }
     }
 
-    fn put_credential(&mut self, hash: &str, identity: &Identity) -> Result<(), StoreError> {
+    fn put_credential(&mut self, hash: &str, credential: &Credential) -> Result<(), StoreError> {
         let txn = self.db.begin_write().map_err(io)?;
         {
             let mut table = txn.open_table(CREDENTIALS).map_err(io)?;
-            let bytes = serde_json::to_vec(identity).expect("identities serialise");
+            let bytes = serde_json::to_vec(credential).expect("credentials serialise");
             table.insert(hash, bytes.as_slice()).map_err(io)?;
         }
         txn.commit().map_err(io)
     }
 
-    fn revoke(&mut self, identity: &Identity) -> Result<usize, StoreError> {
+    fn credentials(&self) -> Result<Vec<(String, Credential)>, StoreError> {
+        let txn = self.db.begin_read().map_err(io)?;
+        let table = txn.open_table(CREDENTIALS).map_err(io)?;
+        let mut out = Vec::new();
+        for item in table.iter().map_err(io)? {
+            let (k, v) = item.map_err(io)?;
+            out.push((k.value().to_owned(), Self::decode("credential", v.value())?));
+        }
+        Ok(out)
+    }
+
+    fn delete_credentials(&mut self, hashes: &[String]) -> Result<(), StoreError> {
         let txn = self.db.begin_write().map_err(io)?;
-        let removed;
         {
             let mut table = txn.open_table(CREDENTIALS).map_err(io)?;
-            let mut doomed = Vec::new();
-            for item in table.iter().map_err(io)? {
-                let (k, v) = item.map_err(io)?;
-                if Self::decode::<Identity>("credential", v.value())? == *identity {
-                    doomed.push(k.value().to_owned());
-                }
+            for h in hashes {
+                table.remove(h.as_str()).map_err(io)?;
             }
-            for k in &doomed {
-                table.remove(k.as_str()).map_err(io)?;
-            }
-            removed = doomed.len();
         }
-        txn.commit().map_err(io)?;
-        Ok(removed)
+        txn.commit().map_err(io)
     }
 }
 
@@ -495,16 +506,23 @@ pub(crate) mod tests {
         );
         let Since::Events(evs) = store.events_since(4).unwrap() else { panic!("compacted") };
         assert_eq!(evs, ev);
-        // Credentials: stored by hash, revoked by identity.
-        let east = Identity::Cluster("east".into());
+        // Credentials: stored by hash with their limits, replaced in place, listed, deleted.
+        let east = Credential::new(crate::auth::Identity::Cluster("east".into()));
+        let admin = Credential::new(crate::auth::Identity::Admin);
         store.put_credential("h1", &east).unwrap();
         store.put_credential("h2", &east).unwrap();
-        store.put_credential("h3", &Identity::Admin).unwrap();
+        store.put_credential("h3", &admin).unwrap();
         assert_eq!(store.credential("h1").unwrap(), Some(east.clone()));
         assert_eq!(store.credential("nope").unwrap(), None);
-        assert_eq!(store.revoke(&east).unwrap(), 2);
+        let ending = Credential { expires_at: Some(42), ..east.clone() };
+        store.put_credential("h2", &ending).unwrap();
+        assert_eq!(store.credential("h2").unwrap(), Some(ending.clone()));
+        let mut all = store.credentials().unwrap();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(all, vec![("h1".into(), east), ("h2".into(), ending), ("h3".into(), admin.clone())]);
+        store.delete_credentials(&["h1".into(), "h2".into(), "absent".into()]).unwrap();
         assert_eq!(store.credential("h2").unwrap(), None);
-        assert_eq!(store.credential("h3").unwrap(), Some(Identity::Admin));
+        assert_eq!(store.credentials().unwrap(), vec![("h3".into(), admin)]);
     }
 
     #[test]

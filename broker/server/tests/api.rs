@@ -129,6 +129,7 @@ on_every_store!(policy_is_admin_only_and_validated);
 on_every_store!(services_and_overlap_mode);
 on_every_store!(hostile_claims_are_refused_and_lose_nothing);
 on_every_store!(pools_and_quotas_are_the_admins);
+on_every_store!(credentials_expire_are_spent_revoked_rotated_and_read_only);
 
 fn cluster(id: &str, pod: &str, svc: &str) -> ClusterRecord {
     ClusterRecord {
@@ -742,4 +743,112 @@ async fn pools_and_quotas_are_the_admins(mut f: Fixture) {
     let err = admin.put_cluster_set(&strand).await.unwrap_err();
     assert_eq!(err.status(), Some(409), "{err}");
     assert!(err.to_string().contains("leave out cluster \"east\""), "{err}");
+}
+
+/// Join tokens with a TTL or for one use, revocable by id; rotation with an overlap window;
+/// a re-join by the same caller; read-only credentials for route agents.
+async fn credentials_expire_are_spent_revoked_rotated_and_read_only(mut f: Fixture) {
+    use causeway_broker_api::{CredentialKind, IssueRequest};
+    let (admin, broker, _stop) = start_with(f.take()).await;
+    let issue = |kind, ttl_seconds, single_use| {
+        let admin = admin.clone();
+        async move { admin.issue(&IssueRequest { kind, ttl_seconds, single_use }).await.unwrap() }
+    };
+
+    // Single use: the second registration with the same token is refused (401).
+    let once = issue(CredentialKind::Join, None, true).await;
+    let joiner = admin.with_token(once.token.clone());
+    let east =
+        admin.with_token(joiner.join(&cluster("east", "10.1.0.0/16", "10.101.0.0/16")).await.unwrap().token);
+    let err = joiner.join(&cluster("west", "10.2.0.0/16", "10.102.0.0/16")).await.unwrap_err();
+    assert_eq!(err.status(), Some(401), "{err}");
+    // Only the admin issues admin and join credentials; nothing issues cluster ones here.
+    let req = IssueRequest { kind: CredentialKind::Join, ttl_seconds: None, single_use: false };
+    assert_eq!(east.issue(&req).await.unwrap_err().status(), Some(403));
+    let bad = IssueRequest { kind: CredentialKind::Cluster, ttl_seconds: None, single_use: false };
+    assert_eq!(admin.issue(&bad).await.unwrap_err().status(), Some(400));
+    let bad = IssueRequest { kind: CredentialKind::Admin, ttl_seconds: None, single_use: true };
+    assert_eq!(admin.issue(&bad).await.unwrap_err().status(), Some(400));
+
+    // Revocable by id: listed without its token, then gone, then 401.
+    let multi = issue(CredentialKind::Join, None, false).await;
+    assert_eq!(multi.id.len(), 12);
+    let listed = admin.list_credentials().await.unwrap();
+    assert!(listed.iter().any(|c| c.id == multi.id && c.kind == CredentialKind::Join && !c.single_use));
+    assert!(!listed.iter().any(|c| c.id == once.id), "the spent token is gone");
+    let text = serde_json::to_string(&listed).unwrap();
+    assert!(!text.contains(&multi.token.0) && !text.contains("cw1_"), "no token in the list");
+    assert_eq!(east.list_credentials().await.unwrap_err().status(), Some(403));
+    let joiner = admin.with_token(multi.token.clone());
+    // A re-join by the same caller with the same record gets a fresh credential; a different
+    // record, or another caller, gets 409.
+    let west_rec = cluster("west", "10.2.0.0/16", "10.102.0.0/16");
+    let first = joiner.join(&west_rec).await.unwrap();
+    let again = joiner.join(&west_rec).await.unwrap();
+    assert_eq!(again.object, first.object);
+    assert_ne!(again.token, first.token);
+    admin.with_token(first.token.clone()).list().await.unwrap();
+    admin.with_token(again.token.clone()).list().await.unwrap();
+    let mut changed = west_rec.clone();
+    changed.service_cidrs = vec!["10.103.0.0/16".parse().unwrap()];
+    assert_eq!(joiner.join(&changed).await.unwrap_err().status(), Some(409));
+    let other = admin.with_token(issue(CredentialKind::Join, None, false).await.token);
+    let err = other.join(&west_rec).await.unwrap_err();
+    assert_eq!(err.status(), Some(409), "{err}");
+    assert!(err.to_string().contains("already registered"), "{err}");
+    assert_eq!(admin.revoke_credential(&multi.id).await.unwrap()["revoked"], 1);
+    assert_eq!(
+        joiner.join(&cluster("north", "10.3.0.0/16", "10.103.0.0/16")).await.unwrap_err().status(),
+        Some(401)
+    );
+    assert_eq!(admin.revoke_credential(&multi.id).await.unwrap_err().status(), Some(404));
+    assert_eq!(admin.revoke_credential("not-an-id").await.unwrap_err().status(), Some(400));
+    // The admin cannot revoke the credential it is using (it would lock itself out).
+    let me = admin.list_credentials().await.unwrap();
+    let mine: Vec<_> = me.iter().filter(|c| c.kind == CredentialKind::Admin).collect();
+    assert_eq!(mine.len(), 1);
+    assert_eq!(admin.revoke_credential(&mine[0].id).await.unwrap_err().status(), Some(400));
+
+    // Read-only credentials: read and watch, write nothing, issue nothing.
+    let reader = admin.with_token(east.issue_reader("east").await.unwrap().token);
+    let rv = reader.list().await.unwrap().resource_version;
+    reader.watch(rv, Duration::from_secs(1)).await.unwrap();
+    let mut hijack = cluster("east", "10.1.0.0/16", "10.101.0.0/16");
+    hijack.generation = 7;
+    assert_eq!(reader.put_cluster(&hijack).await.unwrap_err().status(), Some(403));
+    assert_eq!(reader.put_endpoint(&endpoint("east", "gw-r")).await.unwrap_err().status(), Some(403));
+    assert_eq!(reader.issue_reader("east").await.unwrap_err().status(), Some(403));
+    assert_eq!(reader.rotate("east").await.unwrap_err().status(), Some(403));
+    assert_eq!(
+        reader.join(&cluster("south", "10.4.0.0/16", "10.104.0.0/16")).await.unwrap_err().status(),
+        Some(403)
+    );
+    let west = admin.with_token(first.token.clone());
+    assert_eq!(west.issue_reader("east").await.unwrap_err().status(), Some(403));
+
+    // TTL and rotation overlap: working now, 401 once the window is over.
+    let short = admin.with_token(issue(CredentialKind::Join, Some(3), false).await.token);
+    let rotated = east.rotate_with_overlap("east", Duration::from_secs(3)).await.unwrap();
+    assert!(rotated.old_valid_until.is_some());
+    east.list().await.unwrap();
+    let east_new = admin.with_token(rotated.token);
+    east_new.list().await.unwrap();
+    // Rotating west with no overlap: the old ones stop at once.
+    let west_new = admin.with_token(west.rotate("west").await.unwrap().token);
+    assert_eq!(west.list().await.unwrap_err().status(), Some(401));
+    assert_eq!(admin.with_token(again.token.clone()).list().await.unwrap_err().status(), Some(401));
+    west_new.list().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(4_100)).await;
+    assert_eq!(east.list().await.unwrap_err().status(), Some(401), "the overlap is over");
+    assert_eq!(
+        short.join(&cluster("south", "10.4.0.0/16", "10.104.0.0/16")).await.unwrap_err().status(),
+        Some(401),
+        "the TTL ran out"
+    );
+    east_new.list().await.unwrap();
+    // Expired credentials are deleted by the housekeeping, and revoking the cluster takes its
+    // readers along.
+    assert_eq!(broker.prune_credentials().unwrap(), 2, "east's old credential and the short join token");
+    assert_eq!(admin.revoke("east").await.unwrap()["revoked"], 2, "the new credential and the reader");
+    assert_eq!(reader.list().await.unwrap_err().status(), Some(401));
 }

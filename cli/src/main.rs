@@ -143,6 +143,10 @@ enum DebugCmd {
         /// (what a local sender's GSO run looks like on the wire side of a veth).
         #[arg(long)]
         gso: Option<u16>,
+        /// Send from this IPv4 ADDR:PORT instead of our own (a raw socket: the underlay is
+        /// hostile, and any source can be forged).
+        #[arg(long)]
+        spoof_source: Option<std::net::SocketAddrV4>,
     },
     /// Echo UDP datagrams back to their sender.
     UdpEcho {
@@ -185,6 +189,13 @@ struct BrokerArgs {
     /// Seconds an endpoint record lives without a heartbeat from its gateway.
     #[arg(long, env = "CAUSEWAY_ENDPOINT_LEASE_SECONDS", default_value_t = 30)]
     endpoint_lease_seconds: u64,
+    /// Connections served at once; past it new ones are closed.
+    #[arg(long, env = "CAUSEWAY_BROKER_MAX_CONNECTIONS", default_value_t = 10_000)]
+    max_connections: usize,
+    /// Seconds a connection may take to send a request's head (an idle connection that sends
+    /// nothing is closed when they run out; requests in flight are not affected).
+    #[arg(long, env = "CAUSEWAY_BROKER_HEADER_READ_TIMEOUT_SECONDS", default_value_t = 30)]
+    header_read_timeout_seconds: u64,
     /// TLS certificate (PEM) to serve (default: server.pem in --data-dir).
     #[arg(long, env = "CAUSEWAY_BROKER_TLS_CERT_FILE", requires = "tls_key_file")]
     tls_cert_file: Option<PathBuf>,
@@ -435,7 +446,9 @@ fn main() -> anyhow::Result<()> {
                 telemetry::init("warn");
                 bench_policy::hold(&interface, entries, from_cidr, to_cidr)
             }
-            DebugCmd::UdpFlood { target, kind, count, gso } => tools::udp_flood(&target, &kind, count, gso),
+            DebugCmd::UdpFlood { target, kind, count, gso, spoof_source } => {
+                tools::udp_flood(&target, &kind, count, gso, spoof_source)
+            }
             DebugCmd::UdpPing { connect, size, count } => tools::udp_ping(&connect, size, count),
             DebugCmd::Put { credentials } => {
                 telemetry::init("warn");
@@ -517,9 +530,13 @@ async fn broker(a: BrokerArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(&a.listen)
         .await
         .with_context(|| format!("listening on {} (is another broker running?)", a.listen))?;
+    let limits = causeway_broker::Limits {
+        max_connections: a.max_connections.max(1),
+        header_read_timeout: std::time::Duration::from_secs(a.header_read_timeout_seconds.max(1)),
+    };
     match tls {
-        Some(tls) => causeway_broker::run_tls(listener, tls, broker, shutdown_signal()).await,
-        None => causeway_broker::run(listener, broker, shutdown_signal()).await,
+        Some(tls) => causeway_broker::run_tls_with(listener, tls, broker, shutdown_signal(), limits).await,
+        None => causeway_broker::run_with(listener, broker, shutdown_signal(), limits).await,
     }
     .context("serving the broker API")
 }

@@ -111,14 +111,67 @@ pub fn udp_ping(connect: &str, size: usize, count: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A raw IPv4 socket that sends whole packets (`IPPROTO_RAW`: the header is ours, so the
+/// source address can be anyone's; the kernel fills in length, id and checksum).
+fn spoofer() -> anyhow::Result<std::os::fd::OwnedFd> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockProtocol, SockType, socket};
+    socket(AddressFamily::Inet, SockType::Raw, SockFlag::empty(), SockProtocol::Raw)
+        .context("opening a raw socket (needs CAP_NET_RAW)")
+}
+
+/// One UDP datagram from `src` (whoever that is) to `dst`, UDP checksum 0 (allowed on IPv4).
+fn send_spoofed(
+    fd: &std::os::fd::OwnedFd,
+    src: std::net::SocketAddrV4,
+    dst: std::net::SocketAddrV4,
+    payload: &[u8],
+) -> nix::Result<usize> {
+    let udp_len = u16::try_from(8 + payload.len()).unwrap_or(u16::MAX);
+    let mut p = Vec::with_capacity(28 + payload.len());
+    p.extend_from_slice(&[0x45, 0, 0, 0, 0, 0, 0, 0, 64, 17, 0, 0]);
+    p.extend_from_slice(&src.ip().octets());
+    p.extend_from_slice(&dst.ip().octets());
+    p.extend_from_slice(&src.port().to_be_bytes());
+    p.extend_from_slice(&dst.port().to_be_bytes());
+    p.extend_from_slice(&udp_len.to_be_bytes());
+    p.extend_from_slice(&[0, 0]);
+    p.extend_from_slice(payload);
+    let total = u16::try_from(p.len()).unwrap_or(u16::MAX);
+    p[2..4].copy_from_slice(&total.to_be_bytes());
+    let to = nix::sys::socket::SockaddrIn::from(dst);
+    nix::sys::socket::sendto(
+        std::os::fd::AsRawFd::as_raw_fd(fd),
+        &p,
+        &to,
+        nix::sys::socket::MsgFlags::empty(),
+    )
+}
+
 /// Sends `count` hostile datagrams to `target` (a test of the uplink guard): `garbage` (random
-/// bytes), `data` (forged WireGuard data messages) or `init` (handshake initiations with random
-/// contents). With `gso`, they leave in runs of that many (garbage then has a fixed length).
+/// bytes), `data` (forged WireGuard data messages), `init`, `response` or `cookie` (handshake
+/// messages with random contents). With `gso`, they leave in runs of that many (garbage then has
+/// a fixed length); with `spoof`, one at a time from that address (a raw socket).
 /// Prints how many were sent.
-pub fn udp_flood(target: &str, kind: &str, count: u32, gso: Option<u16>) -> anyhow::Result<()> {
+pub fn udp_flood(
+    target: &str,
+    kind: &str,
+    count: u32,
+    gso: Option<u16>,
+    spoof: Option<std::net::SocketAddrV4>,
+) -> anyhow::Result<()> {
     let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
     s.connect(target).with_context(|| format!("connecting to {target}"))?;
     let dst: std::net::SocketAddr = s.peer_addr()?;
+    let raw = match spoof {
+        Some(src) => {
+            anyhow::ensure!(gso.is_none(), "--spoof-source sends one datagram at a time (no --gso)");
+            let std::net::SocketAddr::V4(dst) = dst else {
+                anyhow::bail!("--spoof-source needs an IPv4 target")
+            };
+            Some((spoofer()?, src, dst))
+        }
+        None => None,
+    };
     let mut run: Vec<u8> = Vec::new();
     let mut in_run = 0u16;
     let mut x: u64 = std::time::SystemTime::now()
@@ -142,9 +195,19 @@ pub fn udp_flood(target: &str, kind: &str, count: u32, gso: Option<u16>) -> anyh
             }
             "data" => [4u8, 0, 0, 0].into_iter().chain((0..60).map(|_| next().to_le_bytes()[0])).collect(),
             "init" => [1u8, 0, 0, 0].into_iter().chain((0..144).map(|_| next().to_le_bytes()[0])).collect(),
-            other => anyhow::bail!("unknown --kind {other:?}: garbage, data or init"),
+            "response" => {
+                [2u8, 0, 0, 0].into_iter().chain((0..88).map(|_| next().to_le_bytes()[0])).collect()
+            }
+            "cookie" => [3u8, 0, 0, 0].into_iter().chain((0..60).map(|_| next().to_le_bytes()[0])).collect(),
+            other => anyhow::bail!("unknown --kind {other:?}: garbage, data, init, response or cookie"),
         };
         msg.truncate(1500);
+        if let Some((fd, src, dst)) = &raw {
+            if send_spoofed(fd, *src, *dst, &msg).is_ok() {
+                sent += 1;
+            }
+            continue;
+        }
         let Some(per_run) = gso else {
             if s.send(&msg).is_ok() {
                 sent += 1;

@@ -251,20 +251,34 @@ impl Shared {
     }
 
     /// The uplink guard accepts data messages from the peers we expect (records) and from where
-    /// they actually are (the cable follows roaming peers after an authenticated handshake).
+    /// they actually are (the cable follows roaming peers after an authenticated handshake),
+    /// and only for that peer's session index: spoofed data from a peer's address dies there.
     async fn sync_known_peers(&mut self) -> Result<(), GatewayError> {
+        let conns = self.cable.connections().await?;
+        let index_of: BTreeMap<&str, u32> =
+            conns.iter().map(|c| (c.public_key.as_str(), c.local_index)).collect();
         let mut ips: BTreeSet<std::net::Ipv4Addr> = BTreeSet::new();
+        let mut sessions: BTreeSet<(std::net::Ipv4Addr, u32)> = BTreeSet::new();
         for r in self.desired.remotes.values() {
-            if let std::net::IpAddr::V4(v4) = r.endpoint.ip() {
-                ips.insert(v4);
+            let recorded = std::iter::once((r.public_key, r.endpoint))
+                .chain(r.standbys.iter().map(|s| (s.public_key, s.endpoint)));
+            for (key, endpoint) in recorded {
+                if let std::net::IpAddr::V4(v4) = endpoint.ip() {
+                    ips.insert(v4);
+                    if let Some(index) = index_of.get(key.to_string().as_str()) {
+                        sessions.insert((v4, *index));
+                    }
+                }
             }
         }
-        for c in self.cable.connections().await? {
+        for c in &conns {
             if let std::net::IpAddr::V4(v4) = c.endpoint.ip() {
                 ips.insert(v4);
+                sessions.insert((v4, c.local_index));
             }
         }
         self.datapath.set_known_peers(&ips)?;
+        self.datapath.set_peer_sessions(&sessions)?;
         Ok(())
     }
 

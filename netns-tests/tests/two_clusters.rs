@@ -930,6 +930,33 @@ fn uplink_guard_under_attack(hook: &str) {
     let flood =
         [&bin, "debug", "udp-flood", "--target", &target, "--kind", "init", "--count", "100", "--gso", "10"];
     exec::in_ns(&attacker, &flood).unwrap();
+    // Forged responses and cookie replies: the same per-source budget as initiations.
+    for kind in ["response", "cookie"] {
+        exec::in_ns(
+            &attacker,
+            &[&bin, "debug", "udp-flood", "--target", &target, "--kind", kind, "--count", "3000"],
+        )
+        .unwrap();
+    }
+    // Data messages forged with the real peer's address and port: a known source, but no
+    // session of its (the index is a random guess), so they die in the guard, not the cable.
+    let cable_before = t.gateway_status(1).unwrap().cable_drops;
+    let peer = format!("{}:51820", b.gw_ip);
+    let spoofed = [
+        &bin,
+        "debug",
+        "udp-flood",
+        "--target",
+        &target,
+        "--kind",
+        "data",
+        "--count",
+        "3000",
+        "--spoof-source",
+        &peer,
+    ];
+    let out = exec::in_ns(&attacker, &spoofed).unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"sent\":3000"), "{out:?}");
     let sent = source.output();
     assert_eq!(sink.output(), sent, "the transfer completed intact under attack");
 
@@ -947,8 +974,20 @@ fn uplink_guard_under_attack(hook: &str) {
         assert!(malformed >= 6000, "6,000 datagrams of garbage: {malformed}");
     }
     assert!(grew("xdp_unknown_source") >= 3000, "forged data dropped: {}", grew("xdp_unknown_source"));
-    // 40 initiations of burst, then 20 per second: nearly all of 3,000 are dropped.
-    assert!(grew("xdp_handshake_flood") >= 2900, "handshake flood limited: {}", grew("xdp_handshake_flood"));
+    assert_eq!(
+        grew("xdp_unknown_session"),
+        3000,
+        "every datagram spoofed from the peer's address, and no real one"
+    );
+    let cable_after = t.gateway_status(1).unwrap().cable_drops;
+    for reason in ["invalid_packet", "unknown_peer"] {
+        let d =
+            cable_after.get(reason).copied().unwrap_or(0) - cable_before.get(reason).copied().unwrap_or(0);
+        assert_eq!(d, 0, "the spoofed data never reached the cable ({reason})");
+    }
+    // 40 handshake messages of burst, then 20 per second, for initiations, responses and
+    // cookie replies alike: nearly all of 9,000 are dropped.
+    assert!(grew("xdp_handshake_flood") >= 8900, "handshake flood limited: {}", grew("xdp_handshake_flood"));
     // At TC the real peer's runs arrive whole: one verdict per run of up to 64 datagrams.
     let passed = if hook == "tc" { 100 } else { 1000 };
     assert!(grew("xdp_passed") > passed, "the real peer's traffic passed: {}", grew("xdp_passed"));

@@ -499,6 +499,37 @@ pub struct WatchResponse {
     /// Pass this as `since` next time.
     pub resource_version: u64,
     pub events: Vec<WatchEvent>,
+    /// More events are waiting past `resource_version` (the answer was cut at
+    /// [`MAX_WATCH_EVENTS`]): watch again at once.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub more: bool,
+}
+
+/// Most events in one watch answer (whole revisions only: a revision is never split, so a
+/// single larger commit is sent whole).
+pub const MAX_WATCH_EVENTS: usize = 1_000;
+
+impl WatchResponse {
+    /// The first page of `events` (after `since`, oldest first): whole revisions up to
+    /// [`MAX_WATCH_EVENTS`] events, the resource version to continue from, and whether more
+    /// are waiting.
+    #[must_use]
+    pub fn page(since: u64, mut events: Vec<WatchEvent>) -> Self {
+        let mut end = events.len();
+        if end > MAX_WATCH_EVENTS {
+            // Back up to the start of the revision that straddles the limit, unless that is
+            // the first one (then it goes whole).
+            let cut = events[MAX_WATCH_EVENTS].revision;
+            end = events.iter().position(|e| e.revision == cut).unwrap_or(MAX_WATCH_EVENTS);
+            if end == 0 {
+                end = events.iter().position(|e| e.revision != cut).unwrap_or(events.len());
+            }
+        }
+        let more = end < events.len();
+        events.truncate(end);
+        let resource_version = events.last().map_or(since, |e| e.revision);
+        Self { resource_version, events, more }
+    }
 }
 
 /// Error body of every non-2xx response.
@@ -513,6 +544,49 @@ pub struct ApiError {
 
 #[cfg(test)]
 mod tests {
+    fn events(revisions: &[(u64, usize)]) -> Vec<WatchEvent> {
+        revisions
+            .iter()
+            .flat_map(|(rev, n)| {
+                (0..*n).map(move |i| WatchEvent {
+                    kind: EventType::Put,
+                    revision: *rev,
+                    object: Object::new(
+                        *rev,
+                        Record::Endpoint(EndpointRecord { hostname: format!("h{i}"), ..endpoint() }),
+                    ),
+                })
+            })
+            .collect()
+    }
+
+    #[test]
+    fn watch_answers_are_paged_on_revision_boundaries() {
+        // 2,500 one-event revisions: 1,000, 1,000, 500.
+        let all = events(&(1..=2_500).map(|r| (r, 1)).collect::<Vec<_>>());
+        let p = WatchResponse::page(0, all.clone());
+        assert_eq!((p.events.len(), p.resource_version, p.more), (1_000, 1_000, true));
+        let p = WatchResponse::page(1_000, all[1_000..].to_vec());
+        assert_eq!((p.events.len(), p.resource_version, p.more), (1_000, 2_000, true));
+        let p = WatchResponse::page(2_000, all[2_000..].to_vec());
+        assert_eq!((p.events.len(), p.resource_version, p.more), (500, 2_500, false));
+        // A revision that straddles the limit is left for the next page, whole.
+        let straddle = events(&[(1, 990), (2, 20), (3, 5)]);
+        let p = WatchResponse::page(0, straddle.clone());
+        assert_eq!((p.events.len(), p.resource_version, p.more), (990, 1, true));
+        let p = WatchResponse::page(1, straddle[990..].to_vec());
+        assert_eq!((p.events.len(), p.resource_version, p.more), (25, 3, false));
+        // One revision larger than a page goes whole (splitting it would lose its tail).
+        let big = events(&[(7, 1_200), (8, 3)]);
+        let p = WatchResponse::page(6, big);
+        assert_eq!((p.events.len(), p.resource_version, p.more), (1_200, 7, true));
+        // Nothing: the version asked for, no more.
+        assert_eq!(
+            WatchResponse::page(9, Vec::new()),
+            WatchResponse { resource_version: 9, events: vec![], more: false }
+        );
+    }
+
     use super::*;
 
     fn key() -> WireGuardKey {

@@ -64,7 +64,40 @@ pub enum BrokerError {
         "cluster {cluster:?} already has {max} {what}, the most the cluster set allows (quota set by its admin with `causeway cluster-set`)"
     )]
     QuotaExceeded { cluster: String, what: &'static str, max: u32 },
+    #[error("{who} writes faster than {per_second}/s (burst {burst}); retry in {retry_ms} ms")]
+    TooManyRequests { who: String, per_second: u32, burst: u32, retry_ms: u64 },
 }
+
+/// Token buckets of writes, one per writer: a member cluster, or one join token (clusters
+/// and their readers share their cluster's; the admin is not limited).
+#[derive(Debug)]
+struct WriteRate {
+    per_second: u32,
+    burst: u32,
+    buckets: Mutex<std::collections::HashMap<String, (f64, std::time::Instant)>>,
+}
+
+impl WriteRate {
+    /// Takes one token for `key` at `now`, or says how long until one is there.
+    fn take(&self, key: &str, now: std::time::Instant) -> Result<(), Duration> {
+        let mut buckets = self.buckets.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (tokens, last) = buckets.entry(key.to_owned()).or_insert((f64::from(self.burst), now));
+        let refill = now.saturating_duration_since(*last).as_secs_f64() * f64::from(self.per_second);
+        *tokens = (*tokens + refill).min(f64::from(self.burst));
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - *tokens) / f64::from(self.per_second.max(1))))
+        }
+    }
+}
+
+/// Default write budget per writer: far above a gateway's heartbeat every 10 s and a burst of
+/// exports at start, far below what would keep the broker from serving the others.
+pub const DEFAULT_WRITES_PER_SECOND: u32 = 50;
+pub const DEFAULT_WRITE_BURST: u32 = 200;
 
 fn describe(who: &Identity) -> String {
     match who {
@@ -123,6 +156,7 @@ impl BrokerError {
             Self::AddressConflict(_) => (409, "AddressConflict"),
             Self::DuplicateKey { .. } => (409, "DuplicateKey"),
             Self::QuotaExceeded { .. } => (409, "QuotaExceeded"),
+            Self::TooManyRequests { .. } => (429, "TooManyRequests"),
         }
     }
 }
@@ -167,6 +201,7 @@ pub struct Broker {
     lease: Duration,
     /// The broker's own addresses: no cluster may claim a prefix covering them.
     own_addresses: std::sync::RwLock<Vec<std::net::IpAddr>>,
+    write_rate: std::sync::RwLock<Arc<WriteRate>>,
 }
 
 /// Default endpoint lease: three missed 10-second heartbeats.
@@ -207,6 +242,11 @@ impl Broker {
             heartbeats: Mutex::new(heartbeats),
             lease,
             own_addresses: std::sync::RwLock::new(Vec::new()),
+            write_rate: std::sync::RwLock::new(Arc::new(WriteRate {
+                per_second: DEFAULT_WRITES_PER_SECOND,
+                burst: DEFAULT_WRITE_BURST,
+                buckets: Mutex::default(),
+            })),
         });
         // Commits by other replicas of a shared store reach this one's cache from here.
         let weak = Arc::downgrade(&broker);
@@ -232,6 +272,31 @@ impl Broker {
         own.extend(addrs);
         own.sort();
         own.dedup();
+    }
+
+    /// Sets every writer's budget: `per_second` sustained, `burst` at once.
+    pub fn set_write_rate(&self, per_second: u32, burst: u32) {
+        *self.write_rate.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(WriteRate {
+            per_second: per_second.max(1),
+            burst: burst.max(1),
+            buckets: Mutex::default(),
+        });
+    }
+
+    /// One write by `who` (holding the token hashed `caller_hash`): within its budget, or 429.
+    pub fn check_write_rate(&self, who: &Identity, caller_hash: &str) -> Result<(), BrokerError> {
+        let key = match who {
+            Identity::Admin => return Ok(()),
+            Identity::Cluster(id) | Identity::Reader(id) => format!("cluster/{id}"),
+            Identity::Join => format!("join/{caller_hash}"),
+        };
+        let rate = Arc::clone(&self.write_rate.read().unwrap_or_else(std::sync::PoisonError::into_inner));
+        rate.take(&key, std::time::Instant::now()).map_err(|wait| BrokerError::TooManyRequests {
+            who: describe(who),
+            per_second: rate.per_second,
+            burst: rate.burst,
+            retry_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1),
+        })
     }
 
     fn heartbeats(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, std::time::Instant>> {
@@ -1091,15 +1156,16 @@ impl Broker {
                     }
                 };
                 return match found {
-                    Since::Events(events) => {
-                        let resource_version = events.last().map_or(since, |e| e.revision);
-                        Ok(WatchResponse { resource_version, events })
-                    }
+                    Since::Events(events) => Ok(WatchResponse::page(since, events)),
                     Since::Compacted { oldest } => Err(BrokerError::Gone { since, oldest }),
                 };
             }
             if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
-                return Ok(WatchResponse { resource_version: since.max(current), events: Vec::new() });
+                return Ok(WatchResponse {
+                    resource_version: since.max(current),
+                    events: Vec::new(),
+                    more: false,
+                });
             }
         }
     }

@@ -17,5 +17,5 @@ pub mod tls;
 pub use auth::{Credential, Identity};
 pub use broker::{Broker, BrokerError};
 pub use etcd::{EtcdOptions, EtcdStore};
-pub use server::{run, run_tls};
+pub use server::{Limits, run, run_tls, run_tls_with, run_with};
 pub use store::{MemStore, RedbStore, Store, StoreError};

@@ -4,7 +4,7 @@
 //! |---|---|---|
 //! | GET | `/healthz` | liveness |
 //! | GET | `/v1/records` | list everything, with the set's revision |
-//! | GET | `/v1/watch?since=N&timeoutSeconds=S` | long-poll for the changes after N |
+//! | GET | `/v1/watch?since=N&timeoutSeconds=S` | long-poll for the changes after N (at most 1,000 events an answer, whole revisions; `more` when there are more) |
 //! | PUT/DELETE | `/v1/clusters/{id}` | a cluster record (DELETE also drops its endpoints) |
 //! | PUT/DELETE | `/v1/clusters/{id}/endpoints/{host}` | an endpoint record |
 //! | POST | `/v1/join` | register a new cluster (join or admin credential); returns its credential |
@@ -18,7 +18,8 @@
 //! | PUT | `/v1/policy-default` | the action when no rule matches (admin) |
 //!
 //! Every route but `/healthz` needs `Authorization: Bearer <token>`: 401 without a known
-//! credential, 403 when the credential may not touch that cluster. Bodies over
+//! credential, 403 when the credential may not touch that cluster, 429 past the caller's write
+//! budget (every identity but the admin's has its own). Bodies over
 //! [`MAX_BODY_BYTES`] get 413; every error has an [`ApiError`] body.
 
 use std::{future::Future, sync::Arc, time::Duration};
@@ -49,7 +50,12 @@ struct Failure(StatusCode, ApiError);
 
 impl IntoResponse for Failure {
     fn into_response(self) -> Response {
-        (self.0, Json(self.1)).into_response()
+        let retry = self.0 == StatusCode::TOO_MANY_REQUESTS;
+        let mut resp = (self.0, Json(self.1)).into_response();
+        if retry {
+            resp.headers_mut().insert(header::RETRY_AFTER, axum::http::HeaderValue::from_static("1"));
+        }
+        resp
     }
 }
 
@@ -112,6 +118,14 @@ fn caller_hash(headers: &HeaderMap) -> String {
     crate::auth::hash(&bearer(headers).unwrap_or_default())
 }
 
+/// The caller's identity, for a write: one more against its write budget (see
+/// [`Broker::check_write_rate`]); past it, 429.
+async fn writer(b: &Arc<Broker>, headers: &HeaderMap) -> Result<Identity, Failure> {
+    let id = who(b, headers).await?;
+    b.check_write_rate(&id, &caller_hash(headers))?;
+    Ok(id)
+}
+
 /// The caller's identity, from `Authorization: Bearer <token>` (a store read: off the
 /// async threads, since a shared store answers over the network).
 async fn who(b: &Arc<Broker>, headers: &HeaderMap) -> Result<Identity, Failure> {
@@ -153,7 +167,7 @@ async fn put_cluster(
     Path(cluster): Path<String>,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Failure> {
-    let id = who(&b, &headers).await?;
+    let id = writer(&b, &headers).await?;
     let c: ClusterRecord = body(raw)?;
     if c.cluster_id != cluster {
         return Err(invalid(format!(
@@ -169,7 +183,7 @@ async fn delete_cluster(
     headers: HeaderMap,
     Path(cluster): Path<String>,
 ) -> Result<Response, Failure> {
-    let id = who(&b, &headers).await?;
+    let id = writer(&b, &headers).await?;
     Ok(Json(blocking(move || b.delete_cluster(&id, &cluster)).await?).into_response())
 }
 
@@ -179,7 +193,7 @@ async fn put_endpoint(
     Path((cluster, host)): Path<(String, String)>,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Failure> {
-    let id = who(&b, &headers).await?;
+    let id = writer(&b, &headers).await?;
     let e: EndpointRecord = body(raw)?;
     if e.cluster_id != cluster || e.hostname != host {
         return Err(invalid(format!(
@@ -195,7 +209,7 @@ async fn delete_endpoint(
     headers: HeaderMap,
     Path((cluster, host)): Path<(String, String)>,
 ) -> Result<Response, Failure> {
-    let id = who(&b, &headers).await?;
+    let id = writer(&b, &headers).await?;
     Ok(Json(blocking(move || b.delete_endpoint(&id, &cluster, &host)).await?).into_response())
 }
 
@@ -205,7 +219,7 @@ async fn put_service(
     Path((cluster, namespace, name)): Path<(String, String, String)>,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Failure> {
-    let id = who(&b, &headers).await?;
+    let id = writer(&b, &headers).await?;
     let s: causeway_broker_api::ServiceExportRecord = body(raw)?;
     if s.cluster_id != cluster || s.namespace != namespace || s.name != name {
         return Err(invalid(format!(
@@ -221,7 +235,7 @@ async fn delete_service(
     headers: HeaderMap,
     Path((cluster, namespace, name)): Path<(String, String, String)>,
 ) -> Result<Response, Failure> {
-    let id = who(&b, &headers).await?;
+    let id = writer(&b, &headers).await?;
     Ok(Json(blocking(move || b.delete_service(&id, &cluster, &namespace, &name)).await?).into_response())
 }
 
@@ -230,7 +244,7 @@ async fn put_cluster_set(
     headers: HeaderMap,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Failure> {
-    let id = who(&b, &headers).await?;
+    let id = writer(&b, &headers).await?;
     let c: causeway_broker_api::ClusterSetRecord = body(raw)?;
     Ok(Json(blocking(move || b.put_cluster_set(&id, c)).await?).into_response())
 }
@@ -241,7 +255,7 @@ async fn put_policy(
     Path(name): Path<String>,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Failure> {
-    let id = who(&b, &headers).await?;
+    let id = writer(&b, &headers).await?;
     let p: causeway_broker_api::PolicyRecord = body(raw)?;
     if p.name != name {
         return Err(invalid(format!("name {:?} in the body does not match {name:?} in the path", p.name)));
@@ -254,7 +268,7 @@ async fn delete_policy(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Result<Response, Failure> {
-    let id = who(&b, &headers).await?;
+    let id = writer(&b, &headers).await?;
     Ok(Json(blocking(move || b.delete_policy(&id, &name)).await?).into_response())
 }
 
@@ -263,7 +277,7 @@ async fn put_policy_default(
     headers: HeaderMap,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Failure> {
-    let id = who(&b, &headers).await?;
+    let id = writer(&b, &headers).await?;
     let d: causeway_broker_api::PolicyDefaultRecord = body(raw)?;
     Ok(Json(blocking(move || b.put_policy_default(&id, d)).await?).into_response())
 }
@@ -273,7 +287,7 @@ async fn join(
     headers: HeaderMap,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Failure> {
-    let id = who(&b, &headers).await?;
+    let id = writer(&b, &headers).await?;
     let hash = caller_hash(&headers);
     let c: ClusterRecord = body(raw)?;
     let (object, token) = blocking(move || b.join(&id, &hash, c)).await?;
@@ -296,7 +310,7 @@ async fn rotate(
     Path(cluster): Path<String>,
     Query(q): Query<RotateQuery>,
 ) -> Result<Response, Failure> {
-    let id = who(&b, &headers).await?;
+    let id = writer(&b, &headers).await?;
     let overlap = Duration::from_secs(q.overlap_seconds);
     if overlap > MAX_OVERLAP {
         return Err(invalid(format!(
@@ -313,7 +327,7 @@ async fn issue(
     headers: HeaderMap,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Failure> {
-    let id = who(&b, &headers).await?;
+    let id = writer(&b, &headers).await?;
     let req: causeway_broker_api::IssueRequest = body(raw)?;
     let out = blocking(move || b.issue_limited(&id, &req)).await?;
     Ok((StatusCode::CREATED, Json(out)).into_response())
@@ -324,7 +338,7 @@ async fn issue_reader(
     headers: HeaderMap,
     Path(cluster): Path<String>,
 ) -> Result<Response, Failure> {
-    let id = who(&b, &headers).await?;
+    let id = writer(&b, &headers).await?;
     let out = blocking(move || b.issue_reader(&id, &cluster)).await?;
     Ok((StatusCode::CREATED, Json(out)).into_response())
 }
@@ -339,7 +353,7 @@ async fn revoke_credential(
     headers: HeaderMap,
     Path(cred): Path<String>,
 ) -> Result<Response, Failure> {
-    let id = who(&b, &headers).await?;
+    let id = writer(&b, &headers).await?;
     let hash = caller_hash(&headers);
     let revoked = blocking(move || b.revoke_credential(&id, &hash, &cred)).await?;
     Ok(Json(serde_json::json!({ "revoked": revoked })).into_response())
@@ -350,7 +364,7 @@ async fn revoke(
     headers: HeaderMap,
     Path(cluster): Path<String>,
 ) -> Result<Response, Failure> {
-    let id = who(&b, &headers).await?;
+    let id = writer(&b, &headers).await?;
     let revoked = blocking(move || b.revoke(&id, &cluster)).await?;
     Ok(Json(serde_json::json!({ "revoked": revoked })).into_response())
 }
@@ -376,6 +390,27 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .with_state(broker)
 }
 
+/// What one broker lets its clients hold. A member (or anyone who reaches the port) must not
+/// be able to starve the others of connections or hold one open without sending a request.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Connections served at once; past it new ones are closed at once (and logged).
+    pub max_connections: usize,
+    /// A request's head must arrive within this, counted from the moment the connection is
+    /// ready for it: a fresh or idle keep-alive connection that sends nothing is closed when
+    /// it runs out, and so is one that trickles its headers. In-flight requests (long-polls)
+    /// are not affected.
+    pub header_read_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        // 1,000 clusters with a gateway and an agent or two each, and headroom; an idle client
+        // reconnects in one round trip.
+        Self { max_connections: 10_000, header_read_timeout: Duration::from_secs(30) }
+    }
+}
+
 /// Serves `broker` over TLS on `listener` until `shutdown` completes.
 pub async fn run_tls(
     listener: tokio::net::TcpListener,
@@ -383,9 +418,20 @@ pub async fn run_tls(
     broker: Arc<Broker>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    run_tls_with(listener, tls, broker, shutdown, Limits::default()).await
+}
+
+/// [`run_tls`] with explicit [`Limits`].
+pub async fn run_tls_with(
+    listener: tokio::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    broker: Arc<Broker>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    limits: Limits,
+) -> std::io::Result<()> {
     let listener = crate::tls::TlsListener::new(listener, tls)?;
     info!(addr = %listener.local_addr_or_unspecified(), "broker listening (HTTPS)");
-    axum::serve(listener, router(broker)).with_graceful_shutdown(shutdown).await
+    serve(listener, router(broker), shutdown, limits).await
 }
 
 /// Serves `broker` on `listener` until `shutdown` completes (mini-redis style: the caller
@@ -395,8 +441,86 @@ pub async fn run(
     broker: Arc<Broker>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    run_with(listener, broker, shutdown, Limits::default()).await
+}
+
+/// [`run`] with explicit [`Limits`].
+pub async fn run_with(
+    listener: tokio::net::TcpListener,
+    broker: Arc<Broker>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    limits: Limits,
+) -> std::io::Result<()> {
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, "broker listening");
     }
-    axum::serve(listener, router(broker)).with_graceful_shutdown(shutdown).await
+    serve(listener, router(broker), shutdown, limits).await
 }
+
+/// The accept loop: one task per connection, at most `max_connections` of them, each an
+/// HTTP/1.1 connection with hyper's header-read timer on. On shutdown, connections finish
+/// their request in flight (up to a grace period) and close.
+async fn serve<L>(
+    mut listener: L,
+    app: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    limits: Limits,
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
+    let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut refused: u64 = 0;
+    loop {
+        let (io, addr) = tokio::select! {
+            c = listener.accept() => c,
+            () = &mut shutdown => break,
+        };
+        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+            refused += 1;
+            // Every 100th, so a flood cannot flood the log too.
+            if refused % 100 == 1 {
+                warn!(
+                    ?addr,
+                    max = limits.max_connections,
+                    refused,
+                    "connection limit reached; closing new connections"
+                );
+            }
+            drop(io);
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
+            let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(io), service);
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                res = conn.as_mut() => {
+                    if let Err(e) = res {
+                        tracing::debug!(?addr, error = %e, "connection ended");
+                    }
+                }
+                // The one change ever sent is the stop.
+                _ = stop.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn).await;
+                }
+            }
+        });
+    }
+    let _ = stop_tx.send(true);
+    // Wait for the connections to finish (their permits come back), within the grace period.
+    let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, permits.acquire_many(all)).await;
+    Ok(())
+}
+
+/// How long a stopping broker lets connections finish their request.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);

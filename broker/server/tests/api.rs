@@ -130,6 +130,7 @@ on_every_store!(services_and_overlap_mode);
 on_every_store!(hostile_claims_are_refused_and_lose_nothing);
 on_every_store!(pools_and_quotas_are_the_admins);
 on_every_store!(credentials_expire_are_spent_revoked_rotated_and_read_only);
+on_every_store!(a_watcher_far_behind_gets_pages_and_misses_nothing);
 
 fn cluster(id: &str, pod: &str, svc: &str) -> ClusterRecord {
     ClusterRecord {
@@ -281,6 +282,7 @@ async fn watcher_resumes_with_exactly_the_missed_events_in_order(mut f: Fixture)
         client.put_cluster(&c).await.unwrap();
     }
     let w = client.watch(since, Duration::from_secs(1)).await.unwrap();
+    assert!(!w.more, "100 events fit one answer");
     assert_eq!(w.events.len(), 100);
     let gens: Vec<u64> = w.events.iter().map(|e| e.object.record.generation()).collect();
     assert_eq!(gens, (2..=101).collect::<Vec<_>>());
@@ -851,4 +853,78 @@ async fn credentials_expire_are_spent_revoked_rotated_and_read_only(mut f: Fixtu
     assert_eq!(broker.prune_credentials().unwrap(), 2, "east's old credential and the short join token");
     assert_eq!(admin.revoke("east").await.unwrap()["revoked"], 2, "the new credential and the reader");
     assert_eq!(reader.list().await.unwrap_err().status(), Some(401));
+}
+
+/// A watcher 2,500 changes behind gets them in pages of at most 1,000, in order, none missed,
+/// each page telling it to come back at once.
+async fn a_watcher_far_behind_gets_pages_and_misses_nothing(mut f: Fixture) {
+    let (client, _stop) = start(f.take()).await;
+    client.put_cluster(&cluster("east", "10.1.0.0/16", "10.101.0.0/16")).await.unwrap();
+    let since = client.list().await.unwrap().resource_version;
+    for g in 2..=2_501u64 {
+        let mut c = cluster("east", "10.1.0.0/16", "10.101.0.0/16");
+        c.generation = g;
+        client.put_cluster(&c).await.unwrap();
+    }
+    let mut rv = since;
+    let mut sizes = Vec::new();
+    let mut gens = Vec::new();
+    loop {
+        let w = client.watch(rv, Duration::from_secs(1)).await.unwrap();
+        sizes.push(w.events.len());
+        gens.extend(w.events.iter().map(|e| e.object.record.generation()));
+        rv = w.resource_version;
+        if !w.more {
+            break;
+        }
+    }
+    assert_eq!(sizes, vec![1_000, 1_000, 500]);
+    assert_eq!(gens, (2..=2_501).collect::<Vec<_>>());
+    assert_eq!(rv, since + 2_500);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_writing_too_fast_gets_429_and_the_others_do_not() {
+    let (admin, broker, _stop) = start_with(MemStore::default()).await;
+    broker.set_write_rate(1, 20);
+    let joiner = admin.with_token(broker.issue(&Identity::Join).unwrap());
+    let east_token = joiner.join(&cluster("east", "10.1.0.0/16", "10.101.0.0/16")).await.unwrap().token;
+    let east = admin.with_token(east_token.clone());
+    let west =
+        admin.with_token(joiner.join(&cluster("west", "10.2.0.0/16", "10.102.0.0/16")).await.unwrap().token);
+    let mut statuses = Vec::new();
+    for _ in 0..30 {
+        statuses.push(
+            east.put_endpoint(&endpoint("east", "gw-1")).await.map_err(|e| (e.status(), e.to_string())),
+        );
+    }
+    let ok = statuses.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(ok, 20, "the burst, and not one more within the second: {statuses:?}");
+    assert!(statuses[..20].iter().all(Result::is_ok));
+    for r in &statuses[20..] {
+        let (status, msg) = r.as_ref().unwrap_err();
+        assert_eq!(*status, Some(429));
+        assert!(msg.contains("cluster \"east\" writes faster than 1/s (burst 20)"), "{msg}");
+    }
+    // The answer says when to come back.
+    let resp = reqwest::Client::new()
+        .put(format!("{}/v1/clusters/east/endpoints/gw-1", east.base_url()))
+        .bearer_auth(&east_token.0)
+        .json(&endpoint("east", "gw-1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 429);
+    assert_eq!(resp.headers()["retry-after"], "1");
+    // Reads are not writes; other members and the admin have their own budgets.
+    east.list().await.unwrap();
+    west.put_endpoint(&endpoint("west", "gw-1")).await.unwrap();
+    for g in 2..30 {
+        let mut c = cluster("north", "10.3.0.0/16", "10.103.0.0/16");
+        c.generation = g;
+        admin.put_cluster(&c).await.unwrap();
+    }
+    // A second later the bucket has refilled by one.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    east.put_endpoint(&endpoint("east", "gw-1")).await.unwrap();
 }

@@ -20,6 +20,9 @@ pub mod maps {
     pub const CONFIG: &str = "CONFIG";
     /// `HashMap<u32 (IPv4, network order), u32>`: addresses of known peer gateways.
     pub const KNOWN_PEERS_V4: &str = "KNOWN_PEERS_V4";
+    /// `HashMap<PeerSession, u32>`: (peer address, our session index for it) pairs a data
+    /// message may carry; anything else dies in the guard.
+    pub const PEER_SESSIONS_V4: &str = "PEER_SESSIONS_V4";
     /// `LruHashMap<u32 (IPv4, network order), HandshakeBucket>`: handshake rate per source.
     pub const HANDSHAKE_BUCKETS: &str = "HANDSHAKE_BUCKETS";
     /// `LpmTrie<u32 (IPv4, network order), u32 class>`: policy class of a source address.
@@ -34,13 +37,14 @@ pub mod maps {
     pub const POLICY_DROPS: &str = "POLICY_DROPS";
 
     /// Every map above: the state a restart-safe gateway pins and finds again.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 13] = [
         REMOTE_CIDRS_V4,
         REMOTE_CIDRS_V6,
         CLUSTER_COUNTERS,
         STATS,
         CONFIG,
         KNOWN_PEERS_V4,
+        PEER_SESSIONS_V4,
         HANDSHAKE_BUCKETS,
         POLICY_SRC_V4,
         POLICY_DST_V4,
@@ -148,6 +152,17 @@ pub struct RemoteCidr {
     pub tunnel: u32,
 }
 
+/// Key of `PEER_SESSIONS_V4`: a peer's address and the index of our session with it (the
+/// receiver index of its data messages, without the low 8 bits boringtun rotates).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PeerSession {
+    /// IPv4, network order (as in the packet).
+    pub addr: u32,
+    /// 24-bit local peer index.
+    pub index: u32,
+}
+
 /// Per-remote-cluster traffic, one copy per CPU; userspace sums the copies.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -201,10 +216,13 @@ pub enum Stat {
     PolicyReplyAllowed = 11,
     /// A packet from the cluster handed straight to its tunnel device (`cluster_redirect`).
     Redirected = 12,
+    /// XDP: a data message from a known peer's address for a session index that is not that
+    /// peer's (spoofed, or a session long gone).
+    XdpUnknownSession = 13,
 }
 
 impl Stat {
-    pub const ALL: [Stat; 13] = [
+    pub const ALL: [Stat; 14] = [
         Self::TxNoRemote,
         Self::RxNoRemote,
         Self::NoCounterSlot,
@@ -218,6 +236,7 @@ impl Stat {
         Self::PolicyDeniedRx,
         Self::PolicyReplyAllowed,
         Self::Redirected,
+        Self::XdpUnknownSession,
     ];
 
     /// Name used in metrics and `show` output.
@@ -237,6 +256,7 @@ impl Stat {
             Self::PolicyDeniedRx => "policy_denied_rx",
             Self::PolicyReplyAllowed => "policy_reply_allowed",
             Self::Redirected => "redirected",
+            Self::XdpUnknownSession => "xdp_unknown_session",
         }
     }
 }
@@ -281,6 +301,8 @@ mod pod {
     unsafe impl aya::Pod for super::PolicyVerdict {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::FlowKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PeerSession {}
 }
 
 #[cfg(test)]
@@ -307,6 +329,8 @@ mod tests {
         assert_eq!(size_of::<FlowKey>(), 16);
         assert_eq!(offset_of!(FlowKey, sport), 8);
         assert_eq!(offset_of!(FlowKey, proto), 12);
+        assert_eq!(size_of::<PeerSession>(), 8);
+        assert_eq!(offset_of!(PeerSession, index), 4);
     }
 
     #[test]
@@ -314,7 +338,7 @@ mod tests {
         for (i, s) in Stat::ALL.iter().enumerate() {
             assert_eq!(*s as usize, i);
         }
-        assert_eq!(NUM_STATS, 13);
+        assert_eq!(NUM_STATS, 14);
         assert_eq!(Config::PolicyDefault as u32 + 1, NUM_CONFIG);
     }
 

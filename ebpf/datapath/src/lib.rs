@@ -26,7 +26,7 @@ use aya::{
         xdp::XdpLink,
     },
 };
-use causeway_datapath_common::{Config, FlowKey, maps, programs};
+use causeway_datapath_common::{Config, FlowKey, PeerSession, maps, programs};
 pub use causeway_datapath_common::{
     MAX_POLICY_RULES, MAX_POLICY_VERDICTS, POLICY_ALLOW, POLICY_ANY, POLICY_DENY, PolicyKey, PolicyVerdict,
     RemoteCidr, Stat, TrafficCounters,
@@ -120,6 +120,7 @@ pub struct Datapath {
     stats: PerCpuArray<MapData, u64>,
     config: Array<MapData, u32>,
     known_peers: HashMap<MapData, u32, u32>,
+    peer_sessions: HashMap<MapData, PeerSession, u32>,
     policy_src: LpmTrie<MapData, u32, u32>,
     policy_dst: LpmTrie<MapData, u32, u32>,
     policy_verdicts: HashMap<MapData, PolicyKey, PolicyVerdict>,
@@ -175,6 +176,8 @@ impl Datapath {
         let config = Array::try_from(take(&mut ebpf, maps::CONFIG)?).map_err(map_err(maps::CONFIG))?;
         let known_peers = HashMap::try_from(take(&mut ebpf, maps::KNOWN_PEERS_V4)?)
             .map_err(map_err(maps::KNOWN_PEERS_V4))?;
+        let peer_sessions = HashMap::try_from(take(&mut ebpf, maps::PEER_SESSIONS_V4)?)
+            .map_err(map_err(maps::PEER_SESSIONS_V4))?;
         let policy_src =
             LpmTrie::try_from(take(&mut ebpf, maps::POLICY_SRC_V4)?).map_err(map_err(maps::POLICY_SRC_V4))?;
         let policy_dst =
@@ -193,6 +196,7 @@ impl Datapath {
             stats,
             config,
             known_peers,
+            peer_sessions,
             policy_src,
             policy_dst,
             policy_verdicts,
@@ -509,6 +513,27 @@ impl Datapath {
         }
         for k in want.difference(&have) {
             self.known_peers.insert(k, 1, 0).map_err(map_err(maps::KNOWN_PEERS_V4))?;
+        }
+        Ok(())
+    }
+
+    /// Makes the (peer address, session index) set equal `sessions`: the data messages the
+    /// guard lets through (with [`Self::set_known_peers`] for the addresses themselves).
+    pub fn set_peer_sessions(
+        &mut self,
+        sessions: &std::collections::BTreeSet<(std::net::Ipv4Addr, u32)>,
+    ) -> Result<(), DatapathError> {
+        let want: std::collections::BTreeSet<PeerSession> = sessions
+            .iter()
+            .map(|(a, index)| PeerSession { addr: u32::from_ne_bytes(a.octets()), index: *index })
+            .collect();
+        let have: std::collections::BTreeSet<PeerSession> =
+            self.peer_sessions.keys().collect::<Result<_, _>>().map_err(map_err(maps::PEER_SESSIONS_V4))?;
+        for k in have.difference(&want) {
+            ignore_not_found(self.peer_sessions.remove(k).map_err(map_err(maps::PEER_SESSIONS_V4)))?;
+        }
+        for k in want.difference(&have) {
+            self.peer_sessions.insert(k, 1, 0).map_err(map_err(maps::PEER_SESSIONS_V4))?;
         }
         Ok(())
     }

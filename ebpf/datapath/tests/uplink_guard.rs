@@ -140,14 +140,31 @@ fn verdicts(hook: UplinkHook) {
         "IP options, junk"
     );
 
-    // Data messages only from known peers.
-    let data = msg(4, 64);
+    // Data messages only from known peers, and only for that peer's session index.
+    let data = msg(4, 64); // receiver index 0xabababab: peer index 0xababab, session slot 0xab
+    let (unknown_source, unknown_session) =
+        (stat(&dp, Stat::XdpUnknownSource), stat(&dp, Stat::XdpUnknownSession));
     assert_eq!(run(&mut dp, &Frame::wg(peer, data.clone())), DROP, "unknown source");
     dp.set_known_peers(&BTreeSet::from([Ipv4Addr::from(peer)])).unwrap();
-    assert_eq!(run(&mut dp, &Frame::wg(peer, data.clone())), PASS, "known peer");
+    assert_eq!(run(&mut dp, &Frame::wg(peer, data.clone())), DROP, "known address, no session of its");
+    dp.set_peer_sessions(&BTreeSet::from([(Ipv4Addr::from(peer), 0x00ab_abab)])).unwrap();
+    assert_eq!(run(&mut dp, &Frame::wg(peer, data.clone())), PASS, "known peer, its session");
+    let mut other_slot = data.clone();
+    other_slot[4] = 0x01; // the low byte is boringtun's rotating slot: same peer index
+    assert_eq!(run(&mut dp, &Frame::wg(peer, other_slot)), PASS, "another session slot of the same peer");
+    let mut spoofed = data.clone();
+    spoofed[5] = 0x00; // another peer index, from the peer's own address
+    assert_eq!(run(&mut dp, &Frame::wg(peer, spoofed)), DROP, "spoofed session index");
     assert_eq!(run(&mut dp, &Frame::wg(peer, msg(4, 74))), PASS, "unpadded data (boringtun does not pad)");
     assert_eq!(run(&mut dp, &Frame::wg(stranger, data.clone())), DROP, "still unknown");
+    assert_eq!(stat(&dp, Stat::XdpUnknownSource) - unknown_source, 2, "the two from unknown addresses");
+    assert_eq!(
+        stat(&dp, Stat::XdpUnknownSession) - unknown_session,
+        2,
+        "the two for no session of the peer's"
+    );
     dp.set_known_peers(&BTreeSet::new()).unwrap();
+    dp.set_peer_sessions(&BTreeSet::new()).unwrap();
     assert_eq!(run(&mut dp, &Frame::wg(peer, data)), DROP, "forgotten again");
 
     // Handshake floods: a burst of 40 per source (one already spent above), then ~20/s.
@@ -159,5 +176,13 @@ fn verdicts(hook: UplinkHook) {
     assert_eq!(verdicts[..40].iter().filter(|v| **v == PASS).count(), 40, "the burst passes first");
     // Another source has its own bucket.
     assert_eq!(run(&mut dp, &Frame::wg([172, 31, 0, 78], msg(1, 148))), PASS);
+    // Responses and cookie replies share the source's budget: a flood of them is cut too.
+    for (kind, len, src) in [(2u8, 92usize, [172, 31, 0, 79]), (3, 64, [172, 31, 0, 80])] {
+        let verdicts: Vec<GuardVerdict> =
+            (0..60).map(|_| run(&mut dp, &Frame::wg(src, msg(kind, len)))).collect();
+        let passed = verdicts.iter().filter(|v| **v == PASS).count();
+        assert!((40..=42).contains(&passed), "type {kind}: burst of 40, then limited: {passed} passed");
+        assert!(verdicts[..40].iter().all(|v| *v == PASS), "type {kind}: the burst passes first");
+    }
     assert!(stat(&dp, Stat::XdpHandshakeFlood) >= 18);
 }

@@ -39,7 +39,7 @@ use aya_log_ebpf::warn;
 use causeway_datapath_common::{
     Config, FlowKey, HandshakeBucket, MAX_CLUSTERS, MAX_HANDSHAKE_SOURCES, MAX_PEERS, MAX_POLICY_CLASSES,
     MAX_POLICY_FLOWS, MAX_POLICY_RULES, MAX_POLICY_VERDICTS, MAX_REMOTE_CIDRS, NUM_CONFIG, NUM_STATS,
-    POLICY_ALLOW, PolicyKey, PolicyVerdict, RemoteCidr, Stat, TrafficCounters,
+    POLICY_ALLOW, PeerSession, PolicyKey, PolicyVerdict, RemoteCidr, Stat, TrafficCounters,
 };
 
 #[map]
@@ -62,6 +62,9 @@ static CONFIG: Array<u32> = Array::with_max_entries(NUM_CONFIG, 0);
 
 #[map]
 static KNOWN_PEERS_V4: HashMap<u32, u32> = HashMap::with_max_entries(MAX_PEERS, 0);
+
+#[map]
+static PEER_SESSIONS_V4: HashMap<PeerSession, u32> = HashMap::with_max_entries(MAX_PEERS, 0);
 
 #[map]
 static HANDSHAKE_BUCKETS: LruHashMap<u32, HandshakeBucket> =
@@ -239,9 +242,14 @@ fn guard(ctx: &impl Frame) -> Verdict {
     let Some(ulen) = ptr_at::<u16>(ctx, udp + 4) else { return Verdict::Drop(Stat::XdpMalformed) };
     // SAFETY: bounds-checked.
     let udp_len = usize::from(u16::from_be(unsafe { core::ptr::read_unaligned(ulen) })).saturating_sub(8);
-    let Some(head) = ptr_at::<u32>(ctx, udp + 8) else { return Verdict::Drop(Stat::XdpMalformed) };
-    // SAFETY: bounds-checked. Type in the first byte, three reserved zero bytes.
-    let head = u32::from_le(unsafe { core::ptr::read_unaligned(head) });
+    // The first 8 bytes of every message: type (first byte), three reserved zero bytes, then
+    // (data messages) the receiver index. One bounds check for both: the verifier does not
+    // follow a second one at a variable offset.
+    let Some(first8) = ptr_at::<u64>(ctx, udp + 8) else { return Verdict::Drop(Stat::XdpMalformed) };
+    // SAFETY: bounds-checked.
+    let first8 = u64::from_le(unsafe { core::ptr::read_unaligned(first8) });
+    // The low and the high 32 bits (truncation on purpose).
+    let (head, receiver) = (first8 as u32, (first8 >> 32) as u32);
     // The UDP length must not claim more than the frame holds.
     if udp + 8 + udp_len > ctx.len() {
         return Verdict::Drop(Stat::XdpMalformed);
@@ -249,14 +257,20 @@ fn guard(ctx: &impl Frame) -> Verdict {
     // A run's header counts all its datagrams; the first one is what the type must match.
     let len = ctx.segment().unwrap_or(udp_len);
     match (head, len) {
-        (1, 148) => handshake_allowed(src),
-        (2, 92) | (3, 64) => Verdict::Accept,
+        // Every handshake message shares the source's budget: responses and cookie replies
+        // (which move no peer but do cost the cable a MAC check and a wake-up) as well.
+        (1, 148) | (2, 92) | (3, 64) => handshake_allowed(src),
         // Header (16) + tag (16) at least. Padding to 16 bytes is a sender "should" that
         // boringtun does not follow, so no multiple-of-16 rule.
         (4, l) if l >= 32 => {
-            // SAFETY: a plain map lookup.
-            if unsafe { KNOWN_PEERS_V4.get(&src) }.is_some() {
+            // The low 8 bits are the session slot boringtun rotates; the rest is our index.
+            let index = receiver >> 8;
+            // SAFETY: plain map lookups.
+            if unsafe { PEER_SESSIONS_V4.get(&PeerSession { addr: src, index }) }.is_some() {
                 Verdict::Accept
+            } else if unsafe { KNOWN_PEERS_V4.get(&src) }.is_some() {
+                // From where a peer is, but not for that peer's session: spoofed.
+                Verdict::Drop(Stat::XdpUnknownSession)
             } else {
                 Verdict::Drop(Stat::XdpUnknownSource)
             }

@@ -95,6 +95,10 @@ pub struct Connection {
     pub rx_packets: u64,
     /// A standby gateway of the cluster (session kept warm, no prefixes).
     pub standby: bool,
+    /// Our index for this peer (the receiver index its data messages carry, less the low 8
+    /// bits); 0 for backends without one.
+    #[serde(skip)]
+    pub local_index: u32,
 }
 
 /// What every cable backend does.

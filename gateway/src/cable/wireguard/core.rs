@@ -182,6 +182,9 @@ pub struct PeerConfig {
 #[derive(Clone, Debug, PartialEq)]
 pub struct PeerStats {
     pub config: PeerConfig,
+    /// Our index for the peer: the receiver index of its data messages, less the low 8 bits
+    /// (the uplink guard only lets data for a live index through).
+    pub index: u32,
     /// Time since the last completed handshake.
     pub last_handshake: Option<Duration>,
     pub tx_bytes: u64,
@@ -224,7 +227,6 @@ pub struct WgCore {
     by_key: HashMap<[u8; 32], u32>,
     /// Allowed prefixes, longest first, for the TUN → peer lookup.
     routes: Vec<(IpNetwork, u32)>,
-    next_index: u32,
     drops: HashMap<DropReason, u64>,
     buf: Vec<u8>,
     /// Our own health-check address (probes are sent from it and answered on it).
@@ -265,7 +267,6 @@ impl WgCore {
             peers: HashMap::new(),
             by_key: HashMap::new(),
             routes: Vec::new(),
-            next_index: 1,
             drops: HashMap::new(),
             buf: vec![0; BUF_SIZE],
             health_ip: None,
@@ -343,9 +344,14 @@ impl WgCore {
             }
             return Ok(());
         }
-        let idx = self.next_index;
-        // Indices are 24 bits (boringtun puts a session counter in the low 8).
-        self.next_index = (self.next_index % 0x00FF_FFFF) + 1;
+        // Indices are 24 bits (boringtun puts a session counter in the low 8), and random: the
+        // guard drops data for an index that is not a peer's, and a spoofer has to guess one.
+        let idx = loop {
+            let candidate = rand_core::RngCore::next_u32(&mut rand_core::OsRng) & 0x00FF_FFFF;
+            if candidate != 0 && !self.peers.contains_key(&candidate) {
+                break candidate;
+            }
+        };
         let tunn = Tunn::new(
             self.private.clone(),
             PublicKey::from(config.public_key.0),
@@ -392,8 +398,9 @@ impl WgCore {
     pub fn peers(&self, now: Instant) -> Vec<PeerStats> {
         let mut v: Vec<PeerStats> = self
             .peers
-            .values()
-            .map(|p| PeerStats {
+            .iter()
+            .map(|(idx, p)| PeerStats {
+                index: *idx,
                 config: p.config.clone(),
                 last_handshake: p.tunn.stats().0,
                 tx_bytes: p.tx_bytes,

@@ -286,6 +286,7 @@ impl CableDriver for WireGuardCable {
                 rx_bytes: p.rx_bytes,
                 tx_packets: p.tx_packets,
                 rx_packets: p.rx_packets,
+                local_index: p.index,
             })
             .collect())
     }

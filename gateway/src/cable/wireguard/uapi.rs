@@ -157,6 +157,7 @@ mod tests {
     fn get_reports_absolute_handshake_time_and_every_field() {
         let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
         let peer = PeerStats {
+            index: 1,
             config: PeerConfig {
                 cluster_id: "b".into(),
                 public_key: WireGuardKey([0xab; 32]),
@@ -190,6 +191,7 @@ mod tests {
     #[test]
     fn never_handshaken_peer_reports_zero() {
         let peer = PeerStats {
+            index: 1,
             config: PeerConfig {
                 cluster_id: "b".into(),
                 public_key: WireGuardKey([2; 32]),

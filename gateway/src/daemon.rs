@@ -516,13 +516,14 @@ pub async fn run(
         policy_installed: false,
         route_conflicts: Vec::new(),
     }));
+    let (snapshot, snapshot_task) = crate::status::start_snapshots(shared.clone(), Duration::from_secs(1));
     let status_task =
-        crate::status::serve(&config.status_socket, shared.clone()).await.map_err(|source| {
-            GatewayError::Status { path: config.status_socket.display().to_string(), source }
-        })?;
+        crate::status::serve(&config.status_socket, shared.clone(), snapshot.clone()).await.map_err(
+            |source| GatewayError::Status { path: config.status_socket.display().to_string(), source },
+        )?;
     let metrics_task = match config.metrics_listen {
         Some(addr) => Some(
-            crate::status::serve_tcp(addr, shared.clone())
+            crate::status::serve_tcp(addr, snapshot)
                 .await
                 .map_err(|source| GatewayError::Metrics { addr, source })?,
         ),
@@ -571,6 +572,7 @@ pub async fn run(
         }
     }
     status_task.abort();
+    snapshot_task.abort();
     heartbeat_task.abort();
     if let Some(t) = peers_task {
         t.abort();

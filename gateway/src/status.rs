@@ -103,10 +103,45 @@ async fn status(State(shared): State<Arc<Mutex<Shared>>>) -> impl IntoResponse {
     }
 }
 
-async fn metrics(State(shared): State<Arc<Mutex<Shared>>>) -> impl IntoResponse {
-    match shared.lock().await.status().await {
-        Ok(s) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], render_metrics(&s)).into_response(),
-        Err(e) => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+/// The latest status, refreshed in the background ([`start_snapshots`]). Metrics are rendered
+/// from it: a scrape never waits on the daemon's lock, and never holds it while a reconcile
+/// waits (however many scrapers there are, or however slow they read).
+#[derive(Clone, Debug)]
+pub struct Snapshot(pub tokio::sync::watch::Receiver<Option<Arc<GatewayStatus>>>);
+
+/// Refreshes the snapshot every `every` (one lock and one status read per period, whatever
+/// the scrape rate).
+pub fn start_snapshots(
+    shared: Arc<Mutex<Shared>>,
+    every: std::time::Duration,
+) -> (Snapshot, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = tokio::sync::watch::channel(None);
+    let task = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let status = shared.lock().await.status().await;
+            match status {
+                Ok(s) => {
+                    tx.send_replace(Some(Arc::new(s)));
+                }
+                Err(e) => {
+                    warn!(error = %e, "refreshing the status snapshot failed; metrics show the last one")
+                }
+            }
+        }
+    });
+    (Snapshot(rx), task)
+}
+
+async fn metrics(State(snapshot): State<Snapshot>) -> impl IntoResponse {
+    let latest = snapshot.0.borrow().clone();
+    match latest {
+        Some(s) => {
+            ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], render_metrics(&s)).into_response()
+        }
+        None => (axum::http::StatusCode::SERVICE_UNAVAILABLE, "no status yet\n").into_response(),
     }
 }
 
@@ -279,26 +314,25 @@ fn process_stats() -> ProcessStats {
 
 /// What the network may ask: metrics and health. `/status` (keys, endpoints, why a member is
 /// refused) stays on the node's owner-only Unix socket.
-fn tcp_router(shared: Arc<Mutex<Shared>>) -> Router {
-    Router::new().route("/metrics", get(metrics)).route("/healthz", get(|| async { "ok" })).with_state(shared)
-}
-
-fn router(shared: Arc<Mutex<Shared>>) -> Router {
+fn tcp_router(snapshot: Snapshot) -> Router {
     Router::new()
-        .route("/status", get(status))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
-        .with_state(shared)
+        .with_state(snapshot)
+}
+
+fn router(shared: Arc<Mutex<Shared>>, snapshot: Snapshot) -> Router {
+    Router::new().route("/status", get(status)).with_state(shared).merge(tcp_router(snapshot))
 }
 
 /// Serves `/metrics` and `/healthz` over TCP (for Prometheus and the kubelet).
 pub async fn serve_tcp(
     addr: std::net::SocketAddr,
-    shared: Arc<Mutex<Shared>>,
+    snapshot: Snapshot,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, "metrics listening");
-    let app = tcp_router(shared);
+    let app = tcp_router(snapshot);
     Ok(tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             warn!(error = %e, "metrics server stopped");
@@ -307,7 +341,11 @@ pub async fn serve_tcp(
 }
 
 /// Serves the status API on a Unix socket at `path` (replacing a stale socket file).
-pub async fn serve(path: &Path, shared: Arc<Mutex<Shared>>) -> std::io::Result<tokio::task::JoinHandle<()>> {
+pub async fn serve(
+    path: &Path,
+    shared: Arc<Mutex<Shared>>,
+    snapshot: Snapshot,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -318,7 +356,7 @@ pub async fn serve(path: &Path, shared: Arc<Mutex<Shared>>) -> std::io::Result<t
     let listener = tokio::net::UnixListener::bind(path)?;
     // Owner (root) only: the status names keys, endpoints and refusals.
     std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-    let app = router(shared);
+    let app = router(shared, snapshot);
     Ok(tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             warn!(error = %e, "status server stopped");
@@ -330,9 +368,8 @@ pub async fn serve(path: &Path, shared: Arc<Mutex<Shared>>) -> std::io::Result<t
 mod tests {
     use super::*;
 
-    #[test]
-    fn metrics_render_per_cluster_series() {
-        let s = GatewayStatus {
+    fn sample() -> GatewayStatus {
+        GatewayStatus {
             cluster_id: "a".into(),
             hostname: "gw".into(),
             public_key: "k".into(),
@@ -368,7 +405,42 @@ mod tests {
             }],
             refused: [("evil".to_owned(), "128.0.0.0/1 is broader than /8".to_owned())].into_iter().collect(),
             route_conflicts: vec!["10.9.0.0/16".into()],
-        };
+        }
+    }
+
+    /// The metrics text less the process's own series (resident memory moves between calls).
+    fn causeway_lines(text: &str) -> Vec<String> {
+        text.lines().filter(|l| !l.contains("process_")).map(str::to_owned).collect()
+    }
+
+    #[tokio::test]
+    async fn metrics_come_from_the_snapshot_alone() {
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        let snapshot = Snapshot(rx);
+        let resp = metrics(State(snapshot.clone())).await.into_response();
+        assert_eq!(resp.status(), axum::http::StatusCode::SERVICE_UNAVAILABLE, "nothing to render yet");
+        let mut s = sample();
+        tx.send_replace(Some(Arc::new(s.clone())));
+        let resp = metrics(State(snapshot.clone())).await.into_response();
+        assert_eq!(resp.status(), axum::http::StatusCode::OK);
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
+        assert_eq!(
+            causeway_lines(&String::from_utf8(body.to_vec()).unwrap()),
+            causeway_lines(&render_metrics(&s))
+        );
+        // A newer snapshot replaces it for the next scrape.
+        s.connections[0].datapath.tx_bytes = 12_345;
+        tx.send_replace(Some(Arc::new(s.clone())));
+        let resp = metrics(State(snapshot)).await.into_response();
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
+        let text = String::from_utf8(body.to_vec()).unwrap();
+        assert!(text.contains("causeway_tx_bytes_total{cluster=\"b\"} 12345\n"), "{text}");
+        assert_eq!(causeway_lines(&text), causeway_lines(&render_metrics(&s)));
+    }
+
+    #[test]
+    fn metrics_render_per_cluster_series() {
+        let s = sample();
         let text = render_metrics(&s);
         assert!(text.contains("causeway_remote_refused{cluster=\"evil\"} 1\n"), "{text}");
         assert!(text.contains("causeway_route_conflicts{} 1\n"), "{text}");

@@ -518,9 +518,17 @@ fn connected_means_forwarding_works() {
     .unwrap();
     eprintln!("detected the broken path after {:?}", cut.elapsed());
     // The same metrics, scraped over TCP as Prometheus would (default port 9464).
+    // Metrics come from a snapshot refreshed every second: wait for it to catch up.
     let scrape = "exec 3<>/dev/tcp/127.0.0.1/9464; printf 'GET /metrics HTTP/1.0\\r\\n\\r\\n' >&3; cat <&3";
-    let metrics = exec::in_ns(&a.gw_ns, &["bash", "-c", scrape]).unwrap();
-    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    let scraped = || {
+        let out = exec::in_ns(&a.gw_ns, &["bash", "-c", scrape]).unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    wait_for(Duration::from_secs(3), "the scraped metrics to show the path down", || {
+        scraped().contains("causeway_connection_up{cluster=\"cluster-2\"} 0")
+    })
+    .unwrap();
+    let metrics = scraped();
     assert!(metrics.starts_with("HTTP/1.1 200") || metrics.starts_with("HTTP/1.0 200"), "{metrics}");
     assert!(metrics.contains("causeway_connection_up{cluster=\"cluster-2\"} 0"), "{metrics}");
     assert!(metrics.contains("causeway_rtt_seconds{cluster=\"cluster-2\"}"), "{metrics}");
@@ -559,8 +567,11 @@ fn connected_means_forwarding_works() {
         connection_status(&t, 1, "cluster-2") == "connected"
     })
     .unwrap();
-    let metrics = causeway_gateway::status::fetch_raw(&a.status_socket, "/metrics").unwrap();
-    assert!(metrics.contains("causeway_connection_up{cluster=\"cluster-2\"} 1"), "{metrics}");
+    wait_for(Duration::from_secs(3), "the metrics snapshot to show the path up", || {
+        causeway_gateway::status::fetch_raw(&a.status_socket, "/metrics")
+            .is_ok_and(|m| m.contains("causeway_connection_up{cluster=\"cluster-2\"} 1"))
+    })
+    .unwrap();
     assert!(exec::ping(&a.pod_ns, &t.clusters[1].pod_ip, 2));
 }
 
@@ -1085,8 +1096,11 @@ fn cluster_set_policy_is_enforced_in_the_kernel_and_changes_live() {
     .unwrap();
     assert!(!exec::ping(&a.pod_ns, &b.pod_ip, 2));
     assert!(drops(1, "no-ping") >= 2, "{:?}", t.gateway_status(1).unwrap().policy_drops);
-    let metrics = causeway_gateway::status::fetch_raw(&a.status_socket, "/metrics").unwrap();
-    assert!(metrics.contains("causeway_policy_drops_total{rule=\"no-ping\"}"), "{metrics}");
+    wait_for(Duration::from_secs(3), "the metrics snapshot to show the rule's drops", || {
+        causeway_gateway::status::fetch_raw(&a.status_socket, "/metrics")
+            .is_ok_and(|m| m.contains("causeway_policy_drops_total{rule=\"no-ping\"}"))
+    })
+    .unwrap();
 
     // Deleting the rules restores everything.
     policy(&["delete", "no-ping"]);

@@ -893,16 +893,20 @@ async fn a_member_writing_too_fast_gets_429_and_the_others_do_not() {
     let west =
         admin.with_token(joiner.join(&cluster("west", "10.2.0.0/16", "10.102.0.0/16")).await.unwrap().token);
     let mut statuses = Vec::new();
+    let started = std::time::Instant::now();
     for _ in 0..30 {
         statuses.push(
             east.put_endpoint(&endpoint("east", "gw-1")).await.map_err(|e| (e.status(), e.to_string())),
         );
     }
+    // The burst, plus one write per whole second the 30 took (on a quiet machine: none).
+    let refilled = usize::try_from(started.elapsed().as_secs()).unwrap();
     let ok = statuses.iter().filter(|r| r.is_ok()).count();
-    assert_eq!(ok, 20, "the burst, and not one more within the second: {statuses:?}");
+    assert!((20..=20 + refilled).contains(&ok), "the burst of 20 and {refilled} refill(s): {statuses:?}");
     assert!(statuses[..20].iter().all(Result::is_ok));
-    for r in &statuses[20..] {
-        let (status, msg) = r.as_ref().unwrap_err();
+    let refused: Vec<_> = statuses.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert_eq!(refused.len(), 30 - ok);
+    for (status, msg) in refused {
         assert_eq!(*status, Some(429));
         assert!(msg.contains("cluster \"east\" writes faster than 1/s (burst 20)"), "{msg}");
     }

@@ -424,18 +424,15 @@ mod tests {
         let resp = metrics(State(snapshot.clone())).await.into_response();
         assert_eq!(resp.status(), axum::http::StatusCode::OK);
         let body = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
-        assert_eq!(
-            causeway_lines(&String::from_utf8(body.to_vec()).unwrap()),
-            causeway_lines(&render_metrics(&s))
-        );
+        assert_eq!(causeway_lines(std::str::from_utf8(&body).unwrap()), causeway_lines(&render_metrics(&s)));
         // A newer snapshot replaces it for the next scrape.
         s.connections[0].datapath.tx_bytes = 12_345;
         tx.send_replace(Some(Arc::new(s.clone())));
         let resp = metrics(State(snapshot)).await.into_response();
         let body = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
-        let text = String::from_utf8(body.to_vec()).unwrap();
+        let text = std::str::from_utf8(&body).unwrap();
         assert!(text.contains("causeway_tx_bytes_total{cluster=\"b\"} 12345\n"), "{text}");
-        assert_eq!(causeway_lines(&text), causeway_lines(&render_metrics(&s)));
+        assert_eq!(causeway_lines(text), causeway_lines(&render_metrics(&s)));
     }
 
     #[test]

@@ -951,7 +951,18 @@ fn uplink_guard_under_attack(hook: &str) {
     }
     // Data messages forged with the real peer's address and port: a known source, but no
     // session of its (the index is a random guess), so they die in the guard, not the cable.
-    let cable_before = t.gateway_status(1).unwrap().cable_drops;
+    // The earlier floods' last datagrams (handshakes within the budget) may still be on their
+    // way to the cable: start counting once its drop counters have settled.
+    let cable_drops = |t: &Topology| t.gateway_status(1).unwrap().cable_drops;
+    let mut cable_before = cable_drops(&t);
+    wait_for(Duration::from_secs(5), "the cable's drop counters to settle", || {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = cable_drops(&t);
+        let settled = now == cable_before;
+        cable_before = now;
+        settled
+    })
+    .unwrap();
     let peer = format!("{}:51820", b.gw_ip);
     let spoofed = [
         &bin,
@@ -990,7 +1001,7 @@ fn uplink_guard_under_attack(hook: &str) {
         3000,
         "every datagram spoofed from the peer's address, and no real one"
     );
-    let cable_after = t.gateway_status(1).unwrap().cable_drops;
+    let cable_after = cable_drops(&t);
     for reason in ["invalid_packet", "unknown_peer"] {
         let d =
             cable_after.get(reason).copied().unwrap_or(0) - cable_before.get(reason).copied().unwrap_or(0);

@@ -42,11 +42,16 @@ if "$CAUSEWAY_BIN" sandbox status | grep -q '^broker:'; then
     "$CAUSEWAY_BIN" sandbox down
 fi
 
+# Tests that need root are `#[ignore]`d (a plain `cargo test` reports them as skipped); this
+# script runs as root and asks for them, so every tier runs in full, in CI or not.
 if command -v cargo-nextest >/dev/null; then
-    run_tests() { cargo nextest run --locked --no-fail-fast "$@"; }
+    run_tests() { cargo nextest run --locked --no-fail-fast --run-ignored all "$@"; }
 else
     echo "==> cargo-nextest not found: using cargo test" >&2
-    run_tests() { cargo test --locked --no-fail-fast "$@"; }
+    run_tests() {
+        [ "${1:-}" = --profile ] && shift 2  # a nextest profile; cargo test has none
+        cargo test --locked --no-fail-fast "$@" -- --include-ignored
+    }
 fi
 echo "==> unit tier" >&2
 # `--workspace` would include ebpf/programs, which only builds for bpfel-unknown-none.
@@ -55,7 +60,7 @@ run_tests --workspace --exclude causeway-netns --exclude causeway-datapath-ebpf 
 echo "==> WireGuard timer tier (mocked clock, its own build)" >&2
 run_tests -p causeway-gateway-timer-tests
 report_disk
-echo "==> privileged tier (network namespaces)" >&2
-CAUSEWAY_PRIVILEGED_TESTS=1 run_tests -p causeway-netns
+echo "==> privileged tier (network namespaces; .config/nextest.toml sets its parallelism)" >&2
+run_tests --profile privileged -p causeway-netns
 report_disk
 echo "==> all tests passed in $((SECONDS - start)) s" >&2

@@ -319,7 +319,7 @@ pub async fn broker(a: BrokerBenchArgs) -> anyhow::Result<()> {
     let etcd = match a.store {
         BenchStore::Redb => None,
         BenchStore::Etcd => {
-            if !causeway_broker::testing::etcd_available("benchmark broker --store etcd") {
+            if !causeway_broker::testing::etcd_installed() {
                 bail!("--store etcd needs /usr/bin/etcd (apt-get install etcd-server)");
             }
             eprintln!("==> starting a 3-member etcd cluster on loopback");

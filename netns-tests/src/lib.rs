@@ -11,6 +11,7 @@
 //! root namespace a veth with one /32 route to the broker.
 
 pub mod exec;
+pub mod ready;
 pub mod topology;
 
 pub use topology::{ClusterInfo, Topology, TopologySpec};
@@ -29,21 +30,16 @@ pub fn causeway_bin() -> std::path::PathBuf {
     target.join("debug/causeway")
 }
 
-/// Gate for privileged tests: returns `false` (test skipped, loudly) unless
-/// `CAUSEWAY_PRIVILEGED_TESTS=1` or `CI=true`; panics if asked to run without root, so CI can
-/// never skip them silently.
-#[must_use]
-pub fn privileged_tests_enabled() -> bool {
-    // One gate for every privileged tier: the datapath's (its BPF tests use it directly).
-    causeway_datapath::testing::privileged()
-}
-
-/// `require_privileges!()` at the top of a privileged test.
+/// `require_privileges!()` at the top of a privileged test (which is also `#[ignore]`d, so the
+/// runner reports it as skipped unless asked to run ignored tests): fails unless root.
 #[macro_export]
 macro_rules! require_privileges {
     () => {
-        if !$crate::privileged_tests_enabled() {
-            return;
-        }
+        $crate::require_root()
     };
+}
+
+/// Fails the test unless this is root (see [`require_privileges!`]).
+pub fn require_root() {
+    causeway_datapath::testing::require_root();
 }

@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use causeway_broker::testing::{EtcdCluster, etcd_available};
+use causeway_broker::testing::{EtcdCluster, require_etcd};
 use causeway_broker_api::{BrokerClient, ClusterRecord, Credentials, EventType};
 use causeway_netns::causeway_bin;
 
@@ -94,9 +94,7 @@ async fn watcher(clients: Vec<BrokerClient>, stop: Arc<Mutex<bool>>) -> (Vec<Str
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_and_watches_survive_an_etcd_member_and_a_broker_replica_dying() {
-    if !etcd_available("broker_ha") {
-        return;
-    }
+    require_etcd("broker_ha");
     let mut etcd = EtcdCluster::start(3);
     let endpoints = etcd.endpoints().join(",");
     let dir = std::env::temp_dir().join(format!("cw-ha-{}", std::process::id()));

@@ -602,7 +602,7 @@ mod tests {
     use super::*;
     use crate::{
         store::tests::{cluster, compaction, conformance},
-        testing::{EtcdCluster, etcd_available},
+        testing::{EtcdCluster, require_etcd},
     };
 
     fn store(etcd: &EtcdCluster, prefix: &str, history: u64) -> EtcdStore {
@@ -614,9 +614,7 @@ mod tests {
 
     #[test]
     fn etcd_store_conforms_compacts_and_follows() {
-        if !etcd_available("etcd_store_conforms_compacts_and_follows") {
-            return;
-        }
+        require_etcd("etcd_store_conforms_compacts_and_follows");
         let etcd = EtcdCluster::start(1);
         conformance(&mut store(&etcd, "/conformance/", 100));
         compaction(&mut store(&etcd, "/compaction/", 3));

@@ -12,19 +12,19 @@ use std::{
 
 const ETCD: &str = "/usr/bin/etcd";
 
-/// Whether etcd tests can run here. In CI (`CI=true`) a missing etcd fails the test instead:
-/// those tests must never pass silently.
+/// Whether the etcd binary (Debian `etcd-server`) is installed.
 #[must_use]
-pub fn etcd_available(test: &str) -> bool {
-    if std::path::Path::new(ETCD).exists() {
-        return true;
-    }
+pub fn etcd_installed() -> bool {
+    std::path::Path::new(ETCD).exists()
+}
+
+/// The gate of every test that needs etcd: a missing etcd fails the test, here and in CI
+/// alike, so such a test can never pass without having run.
+pub fn require_etcd(test: &str) {
     assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "{test}: {ETCD} is missing in CI (scripts/install-deps.sh installs etcd-server)"
+        etcd_installed(),
+        "{test} needs {ETCD}: apt-get install etcd-server (scripts/install-deps.sh does)"
     );
-    eprintln!("SKIPPED {test}: {ETCD} not found (apt-get install etcd-server)");
-    false
 }
 
 fn free_port() -> u16 {

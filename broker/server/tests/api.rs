@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use causeway_broker::{
     Broker, EtcdOptions, EtcdStore, Identity, MemStore, RedbStore, Store,
-    testing::{EtcdCluster, etcd_available},
+    testing::{EtcdCluster, require_etcd},
 };
 use causeway_broker_api::{
     BrokerClient, ClusterRecord, EndpointRecord, EventType, GatewayRole, ListResponse, Record, Token,
@@ -63,28 +63,26 @@ enum Kind {
 
 static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
-/// `None` when this kind cannot run here (etcd missing outside CI: skipped loudly).
-fn fixture(kind: Kind, history: u64, test: &str) -> Option<Fixture> {
+/// A store of this kind; etcd's fails the test when etcd is missing (never a silent pass).
+fn fixture(kind: Kind, history: u64, test: &str) -> Fixture {
     match kind {
         Kind::Memory => {
-            Some(Fixture { store: Some(Box::new(MemStore::with_history(history))), _etcd: None, dir: None })
+            Fixture { store: Some(Box::new(MemStore::with_history(history))), _etcd: None, dir: None }
         }
         Kind::Redb => {
             let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let dir = std::env::temp_dir().join(format!("cw-api-{}-{n}", std::process::id()));
             std::fs::create_dir_all(&dir).unwrap();
             let store = RedbStore::open_with_history(&dir.join("broker.redb"), history).unwrap();
-            Some(Fixture { store: Some(Box::new(store)), _etcd: None, dir: Some(dir) })
+            Fixture { store: Some(Box::new(store)), _etcd: None, dir: Some(dir) }
         }
         Kind::Etcd => {
-            if !etcd_available(test) {
-                return None;
-            }
+            require_etcd(test);
             let etcd = EtcdCluster::start(1);
             let mut o = EtcdOptions::new(etcd.endpoints());
             o.history = history;
             let store = EtcdStore::connect(&o).unwrap();
-            Some(Fixture { store: Some(Box::new(store)), _etcd: Some(etcd), dir: None })
+            Fixture { store: Some(Box::new(store)), _etcd: Some(etcd), dir: None }
         }
     }
 }
@@ -96,9 +94,7 @@ macro_rules! on_every_store {
             use super::*;
             async fn run(kind: Kind) {
                 let name = concat!(stringify!($scenario), " on ");
-                if let Some(f) = fixture(kind, $history, &format!("{name}{kind:?}")) {
-                    super::$scenario(f).await;
-                }
+                super::$scenario(fixture(kind, $history, &format!("{name}{kind:?}"))).await;
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn memory() {

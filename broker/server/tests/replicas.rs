@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use causeway_broker::{
     Broker, EtcdOptions, EtcdStore, Identity,
-    testing::{EtcdCluster, etcd_available},
+    testing::{EtcdCluster, require_etcd},
 };
 use causeway_broker_api::{
     BrokerClient, ClusterRecord, EndpointRecord, EventType, GatewayRole, WireGuardKey,
@@ -51,9 +51,7 @@ fn endpoint(id: &str, host: &str) -> EndpointRecord {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_enforce_one_set_of_rules() {
-    if !etcd_available("two_replicas_enforce_one_set_of_rules") {
-        return;
-    }
+    require_etcd("two_replicas_enforce_one_set_of_rules");
     let etcd = EtcdCluster::start(1);
     let lease = Duration::from_millis(1500);
     let (a, broker_a) = replica(&etcd, lease).await;

@@ -1,6 +1,7 @@
 //! Packet-level tests of the uplink guard, at XDP and at TC, through `BPF_PROG_TEST_RUN`:
-//! frames built here, verdicts and counters read back. Needs root (BPF). Runs in CI (`CI=true`) or with
-//! `CAUSEWAY_PRIVILEGED_TESTS=1`; elsewhere it says it skipped.
+//! frames built here, verdicts and counters read back.
+//! Needs root: `#[ignore]`d (reported as skipped) unless run with `--run-ignored all`, as
+//! `scripts/test.sh` does; then not being root fails it.
 
 use std::{collections::BTreeSet, net::Ipv4Addr};
 
@@ -71,18 +72,16 @@ fn stat(dp: &Datapath, s: Stat) -> u64 {
 }
 
 #[tokio::test]
+#[ignore = "privileged: needs root (BPF, namespaces); scripts/test.sh runs it"]
 async fn uplink_guard_verdicts_at_xdp() {
-    if !causeway_datapath::testing::privileged() {
-        return;
-    }
+    causeway_datapath::testing::require_root();
     verdicts(UplinkHook::Xdp);
 }
 
 #[tokio::test]
+#[ignore = "privileged: needs root (BPF, namespaces); scripts/test.sh runs it"]
 async fn uplink_guard_verdicts_at_tc() {
-    if !causeway_datapath::testing::privileged() {
-        return;
-    }
+    causeway_datapath::testing::require_root();
     verdicts(UplinkHook::Tc);
 }
 

@@ -16,8 +16,8 @@ struct Pair {
     b: WgCore,
     a_addr: SocketAddr,
     b_addr: SocketAddr,
-    /// Every datagram delivered so far, tagged with its sender ('a' or 'b').
-    log: Vec<(char, Vec<u8>)>,
+    /// Every datagram sent so far: its sender ('a' or 'b'), the mocked time and the bytes.
+    log: Vec<(char, Duration, Vec<u8>)>,
     /// Packets that came out of each side's TUN.
     tun_a: Vec<Vec<u8>>,
     tun_b: Vec<Vec<u8>>,
@@ -90,7 +90,7 @@ impl Pair {
             for (sender, o) in queue {
                 match o {
                     Output::Udp(_, d) => {
-                        self.log.push((sender, d.clone()));
+                        self.log.push((sender, MockClock::time(), d.clone()));
                         if !self.link_up {
                             continue;
                         }
@@ -143,11 +143,25 @@ impl Pair {
     }
 
     fn count(&self, sender: char, kind: u8, len: Option<usize>) -> usize {
+        self.times(sender, kind, len).len()
+    }
+
+    /// When `sender` sent datagrams of this type (and length).
+    fn times(&self, sender: char, kind: u8, len: Option<usize>) -> Vec<Duration> {
         self.log
             .iter()
-            .filter(|(s, d)| *s == sender && d[0] == kind && len.is_none_or(|l| d.len() == l))
-            .count()
+            .filter(|(s, _, d)| *s == sender && d[0] == kind && len.is_none_or(|l| d.len() == l))
+            .map(|(_, t, _)| *t)
+            .collect()
     }
+}
+
+/// The I/O loop's timer tick: every deadline is met within one tick.
+const TICK: Duration = Duration::from_millis(250);
+
+/// `t` lies within one tick after `due`.
+fn on_schedule(t: Duration, due: Duration) -> bool {
+    t >= due && t <= due + TICK
 }
 
 /// A keepalive is a data message with an empty payload: 16 header + 16 tag bytes.
@@ -156,16 +170,32 @@ const KEEPALIVE_LEN: usize = 32;
 #[test]
 fn rekeys_after_two_minutes_and_keeps_data_flowing() {
     let mut p = Pair::new();
+    let handshake = p.times('a', HANDSHAKE_INIT, None);
+    assert_eq!(handshake.len(), 1, "one initiation opens the session");
     let first = p.send_a_to_b(b"before");
     assert_eq!(p.tun_b, vec![first]);
-    let inits_before = p.count('a', HANDSHAKE_INIT, None) + p.count('b', HANDSHAKE_INIT, None);
-    // Keep traffic going for just over REKEY_AFTER_TIME (120 s).
+    // Keep traffic going (every 5 s) for just over REKEY_AFTER_TIME (120 s).
     for _ in 0..25 {
         p.run_for(Duration::from_secs(5));
         p.send_a_to_b(b"steady");
     }
-    let inits_after = p.count('a', HANDSHAKE_INIT, None) + p.count('b', HANDSHAKE_INIT, None);
-    assert!(inits_after > inits_before, "a new handshake after 120 s of use");
+    // Exactly one new handshake, started by the sender (A) with the first packet it sends
+    // once the session is 120 s old: that packet goes out at most 5 s (one send interval)
+    // after the session's rekey age, plus one tick.
+    let inits = p.times('a', HANDSHAKE_INIT, None);
+    assert_eq!(inits.len(), 2, "exactly one rekey in 130 s: {inits:?}");
+    assert_eq!(
+        p.count('b', HANDSHAKE_INIT, None),
+        0,
+        "the receiver does not rekey a session it only receives on"
+    );
+    let due = handshake[0] + Duration::from_secs(120);
+    assert!(
+        inits[1] >= due && inits[1] <= due + Duration::from_secs(5) + TICK,
+        "the rekey started at {:?}, {:?} after the first handshake (due at 120 s)",
+        inits[1],
+        inits[1] - handshake[0]
+    );
     let last = p.send_a_to_b(b"after the rekey");
     assert_eq!(p.tun_b.last(), Some(&last), "data flows on the new session");
     assert_eq!(p.tun_b.len(), 27, "no packet lost across the rekey");
@@ -177,20 +207,43 @@ fn passive_keepalive_answers_one_way_traffic() {
     // boringtun stamps events with the time of its last timer tick: let one pass after the
     // handshake, as the 250 ms loop always does.
     p.run_for(Duration::from_secs(1));
+    let b_sent_last = p.log.iter().filter(|e| e.0 == 'b').map(|e| e.1).max().expect("B's handshake response");
     p.send_a_to_b(b"one-way");
-    let before = p.count('b', DATA, Some(KEEPALIVE_LEN));
-    // B received data and sent nothing back: after KEEPALIVE_TIMEOUT (10 s) it acknowledges.
-    p.run_for(Duration::from_secs(11));
-    assert!(p.count('b', DATA, Some(KEEPALIVE_LEN)) > before, "B sent a keepalive");
+    let received = MockClock::time();
+    assert_eq!(p.count('b', DATA, Some(KEEPALIVE_LEN)), 0);
+    // B received data and has sent nothing since: once KEEPALIVE_TIMEOUT (10 s) has passed
+    // since its last send (boringtun counts from the send, as wireguard-go does), it
+    // acknowledges, once; with nothing more received it stays quiet until its persistent
+    // keepalive (25 s after that send).
+    p.run_for(Duration::from_secs(20));
+    let sent = p.times('b', DATA, Some(KEEPALIVE_LEN));
+    assert_eq!(sent.len(), 1, "exactly one passive keepalive: {sent:?}");
+    let due = (b_sent_last + Duration::from_secs(10)).max(received);
+    assert!(
+        on_schedule(sent[0], due),
+        "the keepalive went at {:?}, due at {due:?} (10 s after B's last send at {b_sent_last:?})",
+        sent[0]
+    );
 }
 
 #[test]
 fn persistent_keepalive_every_25_seconds_when_idle() {
     let mut p = Pair::new();
-    p.run_for(Duration::from_secs(1));
-    let before = p.count('a', DATA, Some(KEEPALIVE_LEN));
-    p.run_for(Duration::from_secs(26));
-    assert!(p.count('a', DATA, Some(KEEPALIVE_LEN)) > before, "A keeps the path (and NAT) alive");
+    // A's last send before going idle: the keepalive that confirms the new session.
+    let confirm = p.times('a', DATA, Some(KEEPALIVE_LEN));
+    assert_eq!(confirm.len(), 1, "the initiator confirms the session with one keepalive");
+    p.run_for(Duration::from_secs(101));
+    let sent = p.times('a', DATA, Some(KEEPALIVE_LEN));
+    // Idle for 101 s: one keepalive every 25 s, each one interval after the previous send.
+    assert_eq!(sent.len(), 5, "the confirmation and then one per 25 s: {sent:?}");
+    for w in sent.windows(2) {
+        assert!(
+            on_schedule(w[1], w[0] + Duration::from_secs(25)),
+            "keepalives {:?} apart (due every 25 s): {sent:?}",
+            w[1] - w[0]
+        );
+    }
+    assert_eq!(p.count('a', HANDSHAKE_INIT, None), 1, "idling needs no new handshake");
 }
 
 #[test]

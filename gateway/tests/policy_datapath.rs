@@ -4,11 +4,18 @@
 //! Needs root: `#[ignore]`d (reported as skipped) unless run with `--run-ignored all`, as
 //! `scripts/test.sh` does; then not being root fails it.
 
-use std::collections::BTreeMap;
+#[path = "support/policy_oracle.rs"]
+mod oracle;
+
+use std::collections::{BTreeMap, BTreeSet};
 
 use causeway_broker_api::{PolicyAction, PolicyPeer, PolicyProtocol, PolicyRecord, PortRange};
 use causeway_datapath::{Datapath, Stat};
 use causeway_gateway::policy::{PolicyInput, compile};
+use proptest::{
+    strategy::{Strategy as _, ValueTree as _},
+    test_runner::TestRunner,
+};
 
 const OK: i32 = 0;
 const SHOT: i32 = 2;
@@ -213,4 +220,47 @@ async fn compiled_policy_decides_in_the_kernel_both_ways() {
     // And switching it off stops all lookups.
     dp.set_policy(&compile(&PolicyInput::default()).unwrap().tables).unwrap();
     assert_eq!(dp.test_tunnel(true, &tcp(EAST, WEST, 42000, 22)).unwrap(), OK);
+}
+
+/// A sample of the random policies that `policy_oracle.rs` checks in userspace, replayed
+/// through the kernel program itself: every packet's verdict is the oracle's (or, for a
+/// reply of a flow allowed earlier, a pass, which the program remembers on purpose).
+#[tokio::test]
+#[ignore = "privileged: needs root (BPF, namespaces); scripts/test.sh runs it"]
+async fn random_policies_decide_in_the_kernel_as_the_oracle_says() {
+    causeway_datapath::testing::require_root();
+    let mut dp = Datapath::load().expect("loading the datapath");
+    // Deterministic: a failure names a policy that the next run reproduces.
+    let mut runner = TestRunner::deterministic();
+    let (mut policies, mut checked) = (0, 0);
+    let mut sport = 30_000u16;
+    while policies < 40 {
+        let input = oracle::policy().new_tree(&mut runner).unwrap().current();
+        let Ok(compiled) = compile(&input) else { continue };
+        policies += 1;
+        dp.set_policy(&compiled.tables).unwrap();
+        dp.clear_policy_flows().unwrap();
+        let mut allowed_flows = BTreeSet::new();
+        let packets = oracle::packets(&input, 50).new_tree(&mut runner).unwrap().current();
+        for (i, (src, dst, proto, port)) in packets.into_iter().enumerate() {
+            let egress = i % 2 == 0;
+            // A source port of its own per packet (TCP/UDP): no packet is another's reply.
+            sport += 1;
+            let frame = packet(src.octets(), dst.octets(), proto, sport, port, 0, 5);
+            let ports = if proto == 6 || proto == 17 { (sport, port) } else { (0, 0) };
+            let (allow, _) = oracle::decide(&input, src, dst, proto, port);
+            let reply = allowed_flows.contains(&(dst, src, ports.1, ports.0, proto));
+            let expected = if allow || reply { OK } else { SHOT };
+            let verdict = dp.test_tunnel(egress, &frame).unwrap();
+            assert_eq!(
+                verdict, expected,
+                "policy {policies}: {src} → {dst} proto {proto} port {port} (egress {egress}): {input:#?}"
+            );
+            if verdict == OK && allow {
+                allowed_flows.insert((src, dst, ports.0, ports.1, proto));
+            }
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 40 * 50);
 }

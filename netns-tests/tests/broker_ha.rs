@@ -1,6 +1,6 @@
 //! High availability on real etcd: a 3-member etcd cluster on loopback and two `causeway
-//! broker` replicas sharing it. Mid-stream, one etcd member and one broker replica are
-//! SIGKILLed; writes and watches carry on through the survivors and no acknowledged write is
+//! broker` replicas sharing it. Mid-stream, the etcd leader (found by asking the members)
+//! and one broker replica are SIGKILLed; writes and watches carry on through the survivors and no acknowledged write is
 //! lost. Needs no privileges (loopback only), but needs etcd (required in CI).
 
 use std::{
@@ -135,10 +135,14 @@ async fn writes_and_watches_survive_an_etcd_member_and_a_broker_replica_dying() 
     let clients = [one.clone(), two.clone()];
     let mut acked = BTreeSet::new();
     let mut after_kill = 0;
+    let mut killed_leader = None;
     let total = 160u32;
     for i in 0..total {
         if i == total / 3 {
-            etcd.kill(0);
+            // The leader, not whichever member: losing it forces an election mid-stream.
+            let leader = tokio::task::block_in_place(|| etcd.leader(Duration::from_secs(10)));
+            etcd.kill(leader);
+            killed_leader = Some(leader);
             drop(replica_one.take());
         }
         let mut done = false;
@@ -165,6 +169,8 @@ async fn writes_and_watches_survive_an_etcd_member_and_a_broker_replica_dying() 
         }
     }
     assert!(after_kill > 100, "most writes happen after the failures");
+    let leader = tokio::task::block_in_place(|| etcd.leader(Duration::from_secs(10)));
+    assert_ne!(Some(leader), killed_leader, "the survivors elected a new leader");
 
     // Every acknowledged write is in the set, read from the survivor.
     let list = two.list().await.unwrap();

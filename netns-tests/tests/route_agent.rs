@@ -15,9 +15,26 @@ use causeway_netns::{
     require_privileges,
 };
 
-const NODE: &str = "cwra-node";
-const GW1: &str = "cwra-gw1";
-const GW2: &str = "cwra-gw2";
+/// Namespace names unique to this test process, so two runs on one machine cannot collide.
+static NAMES: std::sync::LazyLock<[String; 3]> = std::sync::LazyLock::new(|| {
+    let pid = std::process::id();
+    [format!("cwra{pid}-node"), format!("cwra{pid}-gw1"), format!("cwra{pid}-gw2")]
+});
+
+fn node() -> &'static str {
+    &NAMES[0]
+}
+
+fn gw1() -> &'static str {
+    &NAMES[1]
+}
+
+fn gw2() -> &'static str {
+    &NAMES[2]
+}
+
+/// The broker's port: inside the node's own namespace, so no other process can hold it.
+const BROKER_PORT: &str = "7790";
 const REMOTE: &str = "10.9.0.1";
 
 struct Cleanup(Vec<Child>, std::path::PathBuf);
@@ -28,7 +45,7 @@ impl Drop for Cleanup {
             let _ = c.kill();
             let _ = c.wait();
         }
-        for ns in [NODE, GW1, GW2] {
+        for ns in [node(), gw1(), gw2()] {
             let _ = run(&["ip", "netns", "del", ns]);
         }
         let _ = std::fs::remove_dir_all(&self.1);
@@ -36,17 +53,17 @@ impl Drop for Cleanup {
 }
 
 fn build() {
-    for ns in [NODE, GW1, GW2] {
+    for ns in [node(), gw1(), gw2()] {
         let _ = run(&["ip", "netns", "del", ns]);
         run(&["ip", "netns", "add", ns]).unwrap();
         ip(ns, &["link", "set", "lo", "up"]).unwrap();
     }
-    ip(NODE, &["link", "add", "br0", "type", "bridge"]).unwrap();
-    ip(NODE, &["addr", "add", "192.168.50.10/24", "dev", "br0"]).unwrap();
-    ip(NODE, &["link", "set", "br0", "up"]).unwrap();
-    for (ns, port, addr) in [(GW1, "p1", "192.168.50.11/24"), (GW2, "p2", "192.168.50.12/24")] {
-        ip(NODE, &["link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns]).unwrap();
-        ip(NODE, &["link", "set", port, "master", "br0", "up"]).unwrap();
+    ip(node(), &["link", "add", "br0", "type", "bridge"]).unwrap();
+    ip(node(), &["addr", "add", "192.168.50.10/24", "dev", "br0"]).unwrap();
+    ip(node(), &["link", "set", "br0", "up"]).unwrap();
+    for (ns, port, addr) in [(gw1(), "p1", "192.168.50.11/24"), (gw2(), "p2", "192.168.50.12/24")] {
+        ip(node(), &["link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns]).unwrap();
+        ip(node(), &["link", "set", port, "master", "br0", "up"]).unwrap();
         ip(ns, &["addr", "add", addr, "dev", "eth0"]).unwrap();
         ip(ns, &["link", "set", "eth0", "up"]).unwrap();
         // Both gateways answer for the remote address: which one gets a packet shows the path.
@@ -64,17 +81,17 @@ fn udp_no_ports(ns: &str) -> u64 {
 }
 
 fn send_one_datagram() {
-    in_ns(NODE, &["bash", "-c", &format!("echo probe > /dev/udp/{REMOTE}/9")]).unwrap();
+    in_ns(node(), &["bash", "-c", &format!("echo probe > /dev/udp/{REMOTE}/9")]).unwrap();
 }
 
 fn nexthop_via() -> String {
-    let out = in_ns(NODE, &["ip", "nexthop", "show", "id", "202001"])
+    let out = in_ns(node(), &["ip", "nexthop", "show", "id", "202001"])
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
     out.unwrap_or_default()
 }
 
 fn our_routes() -> String {
-    String::from_utf8(in_ns(NODE, &["ip", "route", "show", "proto", "202"]).unwrap().stdout).unwrap()
+    String::from_utf8(in_ns(node(), &["ip", "route", "show", "proto", "202"]).unwrap().stdout).unwrap()
 }
 
 /// Our routes without what `ip` shows of their nexthop: prefix and nexthop id.
@@ -94,7 +111,7 @@ fn wait_for(what: &str, mut ok: impl FnMut() -> bool) -> Instant {
 fn put(dir: &std::path::Path, record: &Record) {
     let admin = dir.join("admin-credentials.json");
     in_ns_with_input(
-        NODE,
+        node(),
         &[causeway_bin().to_str().unwrap(), "debug", "put", "--credentials", admin.to_str().unwrap()],
         &[],
         serde_json::to_string(record).unwrap().as_bytes(),
@@ -130,13 +147,13 @@ fn switching_the_active_gateway_moves_the_next_packet() {
     let bin = bin.to_str().unwrap();
     let d = dir.to_str().unwrap();
     in_ns(
-        NODE,
-        &[bin, "deploy-broker", "--local", "--data-dir", d, "--address", "127.0.0.1", "--port", "7790"],
+        node(),
+        &[bin, "deploy-broker", "--local", "--data-dir", d, "--address", "127.0.0.1", "--port", BROKER_PORT],
     )
     .unwrap();
     let spawn = |args: &[&str]| {
         Command::new("ip")
-            .args(["netns", "exec", NODE, bin])
+            .args(["netns", "exec", node(), bin])
             .args(args)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
@@ -150,7 +167,7 @@ fn switching_the_active_gateway_moves_the_next_packet() {
         "--data-dir",
         d,
         "--listen",
-        "127.0.0.1:7790",
+        &format!("127.0.0.1:{BROKER_PORT}"),
         "--endpoint-lease-seconds",
         "600",
     ]));
@@ -158,7 +175,7 @@ fn switching_the_active_gateway_moves_the_next_packet() {
     let creds = dir.join("east.json");
     let joined = wait_for("the broker", || {
         in_ns(
-            NODE,
+            node(),
             &[
                 bin,
                 "join",
@@ -226,10 +243,10 @@ fn switching_the_active_gateway_moves_the_next_packet() {
         e.public_key = causeway_broker_api::WireGuardKey(key);
         put(&dir, &Record::Endpoint(e));
     }
-    ip(NODE, &["route", "add", "10.8.0.0/16", "via", "192.168.50.12"]).unwrap();
-    ip(NODE, &["route", "add", "default", "via", "192.168.50.12"]).unwrap();
+    ip(node(), &["route", "add", "10.8.0.0/16", "via", "192.168.50.12"]).unwrap();
+    ip(node(), &["route", "add", "default", "via", "192.168.50.12"]).unwrap();
     let foreign = || {
-        let out = |args: &[&str]| String::from_utf8(in_ns(NODE, args).unwrap().stdout).unwrap();
+        let out = |args: &[&str]| String::from_utf8(in_ns(node(), args).unwrap().stdout).unwrap();
         (
             out(&["ip", "route", "show", "exact", "10.8.0.0/16"]),
             out(&["ip", "route", "show", "exact", "0.0.0.0/0"]),
@@ -255,10 +272,10 @@ fn switching_the_active_gateway_moves_the_next_packet() {
         "{routes}"
     );
     assert_eq!(foreign(), foreign_before, "routes Causeway did not create are left as they were");
-    let (g1, g2) = (udp_no_ports(GW1), udp_no_ports(GW2));
+    let (g1, g2) = (udp_no_ports(gw1()), udp_no_ports(gw2()));
     send_one_datagram();
-    wait_for("the datagram at gw-1", || udp_no_ports(GW1) == g1 + 1);
-    assert_eq!(udp_no_ports(GW2), g2);
+    wait_for("the datagram at gw-1", || udp_no_ports(gw1()) == g1 + 1);
+    assert_eq!(udp_no_ports(gw2()), g2);
 
     // Failover: gw-2 becomes active at the broker.
     put(&dir, &endpoint("gw-2", "192.168.50.12", GatewayRole::Active, 2));
@@ -266,8 +283,8 @@ fn switching_the_active_gateway_moves_the_next_packet() {
     let switched = wait_for("the nexthop via gw-2", || nexthop_via().contains("via 192.168.50.12"));
     // The very next packet takes the new path.
     send_one_datagram();
-    wait_for("the datagram at gw-2", || udp_no_ports(GW2) == g2 + 1);
-    assert_eq!(udp_no_ports(GW1), g1 + 1, "nothing more reached gw-1");
+    wait_for("the datagram at gw-2", || udp_no_ports(gw2()) == g2 + 1);
+    assert_eq!(udp_no_ports(gw1()), g1 + 1, "nothing more reached gw-1");
     eprintln!(
         "switch observed; first packet after it went to gw-2 ({:?} after the switch)",
         switched.elapsed()

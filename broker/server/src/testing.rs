@@ -113,6 +113,32 @@ impl EtcdCluster {
         self.members.iter().map(|m| format!("http://127.0.0.1:{}", m.client)).collect()
     }
 
+    /// The index of the current leader, as the live members agree on it (waits out an
+    /// election in progress).
+    #[must_use]
+    pub fn leader(&self, within: Duration) -> usize {
+        let deadline = Instant::now() + within;
+        loop {
+            let statuses: Vec<Option<(String, String)>> = self
+                .members
+                .iter()
+                .map(|m| m.child.as_ref().and_then(|_| member_status(([127, 0, 0, 1], m.client).into())))
+                .collect();
+            let leaders: std::collections::BTreeSet<&String> =
+                statuses.iter().flatten().map(|(_, leader)| leader).collect();
+            if let [leader] = leaders.into_iter().collect::<Vec<_>>()[..]
+                && let Some(i) = statuses.iter().position(|s| s.as_ref().is_some_and(|(id, _)| id == leader))
+            {
+                return i;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the etcd members did not agree on a leader within {within:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// SIGKILLs member `i`.
     pub fn kill(&mut self, i: usize) {
         if let Some(mut c) = self.members[i].child.take() {
@@ -140,10 +166,31 @@ fn rand_suffix() -> u64 {
 
 /// `GET /health` on a member's client port.
 fn health(addr: SocketAddr) -> Option<String> {
+    http(addr, "GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+}
+
+/// One HTTP/1.0 exchange with a member's client port: the whole response, headers included.
+fn http(addr: SocketAddr, request: &str) -> Option<String> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
-    s.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    s.write_all(request.as_bytes()).ok()?;
     let mut body = String::new();
     s.read_to_string(&mut body).ok()?;
     Some(body)
+}
+
+/// A member's own id and the leader's id it knows of (its gRPC gateway's maintenance
+/// status; ids are decimal strings in the JSON).
+fn member_status(addr: SocketAddr) -> Option<(String, String)> {
+    let body = "{}";
+    let response = http(
+        addr,
+        &format!(
+            "POST /v3/maintenance/status HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    )?;
+    let json = response.split("\r\n\r\n").nth(1)?;
+    let v: serde_json::Value = serde_json::from_str(json).ok()?;
+    Some((v["header"]["member_id"].as_str()?.to_owned(), v["leader"].as_str()?.to_owned()))
 }

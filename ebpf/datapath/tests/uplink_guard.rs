@@ -139,10 +139,12 @@ fn verdicts(hook: UplinkHook) {
         }),
         Frame::wg(stranger, vec![1]), // too short for a type
         Frame { udp_len: Some(4000), ..Frame::wg(stranger, msg(1, 148)) }, // UDP length lies
+        // It claims an initiation's exact length, but the frame holds 100 bytes of it.
+        Frame { udp_len: Some(8 + 148), ..Frame::wg(stranger, msg(1, 100)) },
     ] {
         assert_eq!(run(&mut dp, &f), DROP, "malformed: {:?}", &f.payload[..f.payload.len().min(4)]);
     }
-    assert_eq!(stat(&dp, Stat::XdpMalformed) - before, 7);
+    assert_eq!(stat(&dp, Stat::XdpMalformed) - before, 8);
     // IPv4 options shift the UDP header: still parsed correctly.
     assert_eq!(run(&mut dp, &Frame { ihl_words: 6, ..Frame::wg(stranger, msg(2, 92)) }), PASS, "IP options");
     assert_eq!(

@@ -54,10 +54,29 @@ pub mod maps {
     ];
 }
 
-/// Capacity of each policy class trie.
+/// Classes one compiled policy may hold per side. The tries hold twice as many: the policy
+/// being installed sits next to the live one until the switch (see [`Config::PolicyState`]).
 pub const MAX_POLICY_CLASSES: u32 = 262_144;
-/// Capacity of the compiled verdict table.
+/// Verdict entries one compiled policy may hold (the table holds twice as many, as above).
 pub const MAX_POLICY_VERDICTS: u32 = 1_048_576;
+/// Bit 31 of a class id (in the tries' values and the verdict keys) names the generation of
+/// the policy tables it belongs to, so both generations can share the maps.
+pub const POLICY_GENERATION_BIT: u32 = 1 << 31;
+/// [`Config::PolicyState`]: enforce the live generation's tables.
+pub const POLICY_STATE_ENABLED: u32 = 1;
+/// [`Config::PolicyState`]: deny what no rule decides (else allow).
+pub const POLICY_STATE_DENY: u32 = 2;
+/// [`Config::PolicyState`]: the live generation is 1 (else 0).
+pub const POLICY_STATE_GENERATION: u32 = 4;
+
+/// Key of the policy class tries: the generation (0 or 1, matched in full: the key's prefix
+/// length is 32 + the address prefix length), then the IPv4 address in network order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PolicyAddr {
+    pub generation: u32,
+    pub addr: u32,
+}
 /// Rules one compiled policy may hold; `POLICY_DROPS` has one more slot, for the default.
 pub const MAX_POLICY_RULES: u32 = 131_072;
 /// Flows remembered for replies (least recently used ones are forgotten).
@@ -275,14 +294,15 @@ pub enum Config {
     HandshakeRate = 3,
     /// Burst of handshake initiations allowed per source.
     HandshakeBurst = 4,
-    /// 0: no policy (nothing looked up); 1: enforce the compiled policy.
-    PolicyEnabled = 5,
-    /// Verdict when no rule matches: [`POLICY_ALLOW`] or [`POLICY_DENY`].
-    PolicyDefault = 6,
+    /// The policy in one word, so that a program sees one whole policy or the other and never
+    /// a mix: [`POLICY_STATE_ENABLED`] (0: nothing looked up), [`POLICY_STATE_DENY`] (the
+    /// default verdict) and [`POLICY_STATE_GENERATION`] (which tables are live). Userspace
+    /// fills the other generation's tables, then switches with one write of this word.
+    PolicyState = 5,
 }
 
 /// Number of entries of the `CONFIG` array.
-pub const NUM_CONFIG: u32 = 7;
+pub const NUM_CONFIG: u32 = 6;
 
 /// Number of entries of the `STATS` array.
 pub const NUM_STATS: u32 = Stat::ALL.len() as u32;
@@ -297,6 +317,8 @@ mod pod {
     unsafe impl aya::Pod for super::HandshakeBucket {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::PolicyKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PolicyAddr {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::PolicyVerdict {}
     // SAFETY: as above.
@@ -330,6 +352,8 @@ mod tests {
         assert_eq!(offset_of!(FlowKey, sport), 8);
         assert_eq!(offset_of!(FlowKey, proto), 12);
         assert_eq!(size_of::<PeerSession>(), 8);
+        assert_eq!(size_of::<PolicyAddr>(), 8);
+        assert_eq!(offset_of!(PolicyAddr, addr), 4);
         assert_eq!(offset_of!(PeerSession, index), 4);
     }
 
@@ -339,7 +363,7 @@ mod tests {
             assert_eq!(*s as usize, i);
         }
         assert_eq!(NUM_STATS, 14);
-        assert_eq!(Config::PolicyDefault as u32 + 1, NUM_CONFIG);
+        assert_eq!(Config::PolicyState as u32 + 1, NUM_CONFIG);
     }
 
     #[test]

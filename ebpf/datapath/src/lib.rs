@@ -26,7 +26,10 @@ use aya::{
         xdp::XdpLink,
     },
 };
-use causeway_datapath_common::{Config, FlowKey, PeerSession, maps, programs};
+use causeway_datapath_common::{
+    Config, FlowKey, POLICY_GENERATION_BIT, POLICY_STATE_DENY, POLICY_STATE_ENABLED, POLICY_STATE_GENERATION,
+    PeerSession, PolicyAddr, maps, programs,
+};
 pub use causeway_datapath_common::{
     MAX_POLICY_RULES, MAX_POLICY_VERDICTS, POLICY_ALLOW, POLICY_ANY, POLICY_DENY, PolicyKey, PolicyVerdict,
     RemoteCidr, Stat, TrafficCounters,
@@ -114,8 +117,8 @@ pub struct Datapath {
     config: Array<MapData, u32>,
     known_peers: HashMap<MapData, u32, u32>,
     peer_sessions: HashMap<MapData, PeerSession, u32>,
-    policy_src: LpmTrie<MapData, u32, u32>,
-    policy_dst: LpmTrie<MapData, u32, u32>,
+    policy_src: LpmTrie<MapData, PolicyAddr, u32>,
+    policy_dst: LpmTrie<MapData, PolicyAddr, u32>,
     policy_verdicts: HashMap<MapData, PolicyKey, PolicyVerdict>,
     policy_flows: HashMap<MapData, FlowKey, u32>,
     policy_drops: PerCpuArray<MapData, u64>,
@@ -613,65 +616,109 @@ impl Datapath {
         }
     }
 
-    /// Makes the kernel's policy tables equal `t`. New entries are written before stale ones
-    /// are removed, and enforcement is switched on only once the tables are complete.
+    /// Makes the kernel's policy `t`, atomically: a packet is judged by the old policy or by
+    /// the new one, never by a mix. [`Self::stage_policy`], then [`Self::commit_policy`].
     pub fn set_policy(&mut self, t: &PolicyTables) -> Result<(), DatapathError> {
-        if !t.enabled {
-            self.config.set(Config::PolicyEnabled as u32, 0, 0).map_err(map_err(maps::CONFIG))?;
-        }
+        let staged = self.stage_policy(t)?;
+        self.commit_policy(staged)
+    }
+
+    /// Writes `t` into the generation of the tables that is not live (after clearing what an
+    /// interrupted update may have left there). The live policy keeps deciding every packet;
+    /// an error (a full map) leaves it in force, whole.
+    pub fn stage_policy(&mut self, t: &PolicyTables) -> Result<StagedPolicy, DatapathError> {
+        let next = 1 - self.policy_state()?.generation;
+        self.remove_policy_generation(next)?;
+        let tag = if next == 1 { POLICY_GENERATION_BIT } else { 0 };
         for (name, trie, want) in [
             (maps::POLICY_SRC_V4, &mut self.policy_src, &t.src_v4),
             (maps::POLICY_DST_V4, &mut self.policy_dst, &t.dst_v4),
         ] {
-            let key = |n: &ipnetwork::Ipv4Network| {
-                Key::new(u32::from(n.prefix()), u32::from_ne_bytes(n.network().octets()))
-            };
-            let mut have = BTreeMap::new();
-            for item in trie.iter() {
-                let (k, v) = item.map_err(map_err(name))?;
-                have.insert((k.prefix_len(), k.data()), v);
-            }
             for (net, class) in want {
-                let k = key(net);
-                if have.get(&(k.prefix_len(), k.data())) != Some(class) {
-                    trie.insert(&k, class, 0).map_err(map_err(name))?;
-                }
+                let key = Key::new(
+                    32 + u32::from(net.prefix()),
+                    PolicyAddr { generation: next, addr: u32::from_ne_bytes(net.network().octets()) },
+                );
+                trie.insert(&key, class | tag, 0).map_err(map_err(name))?;
             }
-            let wanted: std::collections::BTreeSet<(u32, u32)> = want
-                .keys()
-                .map(|n| {
-                    let k = key(n);
-                    (k.prefix_len(), k.data())
-                })
-                .collect();
-            for (plen, data) in have.keys().filter(|k| !wanted.contains(k)) {
-                ignore_not_found(trie.remove(&Key::new(*plen, *data)).map_err(map_err(name)))?;
-            }
-        }
-        let mut have = BTreeMap::new();
-        for item in self.policy_verdicts.iter() {
-            let (k, v) = item.map_err(map_err(maps::POLICY_VERDICTS))?;
-            have.insert(k, v);
         }
         for (k, v) in &t.verdicts {
-            if have.get(k) != Some(v) {
-                self.policy_verdicts.insert(k, v, 0).map_err(map_err(maps::POLICY_VERDICTS))?;
+            let k = PolicyKey { src_class: k.src_class | tag, dst_class: k.dst_class | tag, ..*k };
+            self.policy_verdicts.insert(k, v, 0).map_err(map_err(maps::POLICY_VERDICTS))?;
+        }
+        Ok(StagedPolicy { generation: next, enabled: t.enabled, default_deny: t.default_deny })
+    }
+
+    /// Makes a staged policy live with one write of the policy word, then removes the old
+    /// generation's tables.
+    pub fn commit_policy(&mut self, staged: StagedPolicy) -> Result<(), DatapathError> {
+        self.config.set(Config::PolicyState as u32, staged.word(), 0).map_err(map_err(maps::CONFIG))?;
+        self.remove_policy_generation(1 - staged.generation)
+    }
+
+    /// The live policy word, decoded.
+    pub fn policy_state(&self) -> Result<StagedPolicy, DatapathError> {
+        let word = self.config.get(&(Config::PolicyState as u32), 0).map_err(map_err(maps::CONFIG))?;
+        Ok(StagedPolicy {
+            generation: u32::from(word & POLICY_STATE_GENERATION != 0),
+            enabled: word & POLICY_STATE_ENABLED != 0,
+            default_deny: word & POLICY_STATE_DENY != 0,
+        })
+    }
+
+    /// Entries in the policy tables, both generations: (source trie, destination trie,
+    /// verdicts). Outside an update only the live generation has any.
+    pub fn policy_table_sizes(&self) -> Result<(usize, usize, usize), DatapathError> {
+        fn count<K>(
+            mut keys: impl Iterator<Item = Result<K, MapError>>,
+            name: &'static str,
+        ) -> Result<usize, DatapathError> {
+            keys.try_fold(0, |n, k| k.map(|_| n + 1)).map_err(map_err(name))
+        }
+        let src = count(self.policy_src.keys(), maps::POLICY_SRC_V4)?;
+        let dst = count(self.policy_dst.keys(), maps::POLICY_DST_V4)?;
+        let verdicts = count(self.policy_verdicts.keys(), maps::POLICY_VERDICTS)?;
+        Ok((src, dst, verdicts))
+    }
+
+    fn remove_policy_generation(&mut self, generation: u32) -> Result<(), DatapathError> {
+        for (name, trie) in
+            [(maps::POLICY_SRC_V4, &mut self.policy_src), (maps::POLICY_DST_V4, &mut self.policy_dst)]
+        {
+            let stale: Vec<Key<PolicyAddr>> = trie
+                .keys()
+                .filter_map(|k| match k {
+                    Ok(k) if k.data().generation == generation => Some(Ok(k)),
+                    Ok(_) => None,
+                    Err(e) => Some(Err(e)),
+                })
+                .collect::<Result<_, _>>()
+                .map_err(map_err(name))?;
+            for k in stale {
+                ignore_not_found(trie.remove(&k).map_err(map_err(name)))?;
             }
         }
-        for k in have.keys().filter(|k| !t.verdicts.contains_key(k)) {
-            ignore_not_found(self.policy_verdicts.remove(k).map_err(map_err(maps::POLICY_VERDICTS)))?;
-        }
-        let default = if t.default_deny { POLICY_DENY } else { POLICY_ALLOW };
-        self.config.set(Config::PolicyDefault as u32, default, 0).map_err(map_err(maps::CONFIG))?;
-        if t.enabled {
-            self.config.set(Config::PolicyEnabled as u32, 1, 0).map_err(map_err(maps::CONFIG))?;
+        let tag = if generation == 1 { POLICY_GENERATION_BIT } else { 0 };
+        let stale: Vec<PolicyKey> = self
+            .policy_verdicts
+            .keys()
+            .filter_map(|k| match k {
+                Ok(k) if k.src_class & POLICY_GENERATION_BIT == tag => Some(Ok(k)),
+                Ok(_) => None,
+                Err(e) => Some(Err(e)),
+            })
+            .collect::<Result<_, _>>()
+            .map_err(map_err(maps::POLICY_VERDICTS))?;
+        for k in stale {
+            ignore_not_found(self.policy_verdicts.remove(&k).map_err(map_err(maps::POLICY_VERDICTS)))?;
         }
         Ok(())
     }
 
     /// Switches enforcement of the installed tables on or off (nothing else changes).
     pub fn set_policy_enabled(&mut self, on: bool) -> Result<(), DatapathError> {
-        self.config.set(Config::PolicyEnabled as u32, u32::from(on), 0).map_err(map_err(maps::CONFIG))
+        let word = StagedPolicy { enabled: on, ..self.policy_state()? }.word();
+        self.config.set(Config::PolicyState as u32, word, 0).map_err(map_err(maps::CONFIG))
     }
 
     /// Forgets the flows the policy allowed (their replies are judged afresh).
@@ -704,6 +751,27 @@ impl Datapath {
                 Ok((*s, v.iter().sum()))
             })
             .collect()
+    }
+}
+
+/// A policy written into the tables' spare generation, not yet live
+/// ([`Datapath::stage_policy`]); also the live policy word, decoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StagedPolicy {
+    /// Which generation of the tables (0 or 1).
+    pub generation: u32,
+    pub enabled: bool,
+    pub default_deny: bool,
+}
+
+impl StagedPolicy {
+    /// The policy word (`Config::PolicyState`) that makes this policy live.
+    #[must_use]
+    pub fn word(self) -> u32 {
+        let flag = |on: bool, bit: u32| if on { bit } else { 0 };
+        flag(self.enabled, POLICY_STATE_ENABLED)
+            | flag(self.default_deny, POLICY_STATE_DENY)
+            | flag(self.generation == 1, POLICY_STATE_GENERATION)
     }
 }
 

@@ -39,7 +39,9 @@ use aya_log_ebpf::warn;
 use causeway_datapath_common::{
     Config, FlowKey, HandshakeBucket, MAX_CLUSTERS, MAX_HANDSHAKE_SOURCES, MAX_PEERS, MAX_POLICY_CLASSES,
     MAX_POLICY_FLOWS, MAX_POLICY_RULES, MAX_POLICY_VERDICTS, MAX_REMOTE_CIDRS, NUM_CONFIG, NUM_STATS,
-    POLICY_ALLOW, PeerSession, PolicyKey, PolicyVerdict, RemoteCidr, Stat, TrafficCounters,
+    POLICY_ALLOW, POLICY_DENY, POLICY_GENERATION_BIT, POLICY_STATE_DENY, POLICY_STATE_ENABLED,
+    POLICY_STATE_GENERATION, PeerSession, PolicyAddr, PolicyKey, PolicyVerdict, RemoteCidr, Stat,
+    TrafficCounters,
 };
 
 #[map]
@@ -70,16 +72,19 @@ static PEER_SESSIONS_V4: HashMap<PeerSession, u32> = HashMap::with_max_entries(M
 static HANDSHAKE_BUCKETS: LruHashMap<u32, HandshakeBucket> =
     LruHashMap::with_max_entries(MAX_HANDSHAKE_SOURCES, 0);
 
+// The policy tables hold two generations (the live one and the one being installed), hence
+// twice a policy's size; allocated as used.
 #[map]
-static POLICY_SRC_V4: LpmTrie<u32, u32> =
-    LpmTrie::with_max_entries(MAX_POLICY_CLASSES, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+static POLICY_SRC_V4: LpmTrie<PolicyAddr, u32> =
+    LpmTrie::with_max_entries(2 * MAX_POLICY_CLASSES, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
 
 #[map]
-static POLICY_DST_V4: LpmTrie<u32, u32> =
-    LpmTrie::with_max_entries(MAX_POLICY_CLASSES, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+static POLICY_DST_V4: LpmTrie<PolicyAddr, u32> =
+    LpmTrie::with_max_entries(2 * MAX_POLICY_CLASSES, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
 
 #[map]
-static POLICY_VERDICTS: HashMap<PolicyKey, PolicyVerdict> = HashMap::with_max_entries(MAX_POLICY_VERDICTS, 0);
+static POLICY_VERDICTS: HashMap<PolicyKey, PolicyVerdict> =
+    HashMap::with_max_entries(2 * MAX_POLICY_VERDICTS, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
 
 #[map]
 static POLICY_FLOWS: LruHashMap<FlowKey, u32> = LruHashMap::with_max_entries(MAX_POLICY_FLOWS, 0);
@@ -465,10 +470,14 @@ const IPPROTO_UDP_TC: u8 = 17;
 /// The cluster-set policy's verdict on the IP packet at offset `l3`; counts denies per rule.
 #[inline(always)]
 fn policy_allows(ctx: &TcContext, l3: usize) -> bool {
-    if config(Config::PolicyEnabled) == 0 {
+    // One read: the packet is judged by one whole generation of the tables.
+    let state = config(Config::PolicyState);
+    if state & POLICY_STATE_ENABLED == 0 {
         return true;
     }
-    let default = config(Config::PolicyDefault);
+    let default = if state & POLICY_STATE_DENY != 0 { POLICY_DENY } else { POLICY_ALLOW };
+    let generation = u32::from(state & POLICY_STATE_GENERATION != 0);
+    let tag = if generation == 1 { POLICY_GENERATION_BIT } else { 0 };
     let Ok(first) = ctx.load::<u8>(l3) else { return decide_default(default) };
     if first >> 4 != 4 {
         // IPv6 has no policy classes yet: the default action decides.
@@ -487,8 +496,10 @@ fn policy_allows(ctx: &TcContext, l3: usize) -> bool {
         } else {
             (0, 0)
         };
-    let src_class = POLICY_SRC_V4.get(&Key::new(32, saddr)).copied().unwrap_or(0);
-    let dst_class = POLICY_DST_V4.get(&Key::new(32, daddr)).copied().unwrap_or(0);
+    let src_class =
+        POLICY_SRC_V4.get(&Key::new(64, PolicyAddr { generation, addr: saddr })).copied().unwrap_or(tag);
+    let dst_class =
+        POLICY_DST_V4.get(&Key::new(64, PolicyAddr { generation, addr: daddr })).copied().unwrap_or(tag);
     let mut key = PolicyKey { src_class, dst_class, port: u16::from_be(dport), proto: u16::from(proto) };
     // SAFETY (the three lookups): map values are plain old data, copied out at once.
     let mut verdict = unsafe { POLICY_VERDICTS.get(&key) }.copied();

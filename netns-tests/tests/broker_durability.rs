@@ -104,3 +104,21 @@ async fn every_acknowledged_write_survives_a_sigkill() {
     broker.wait().unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `causeway benchmark broker` end to end at a small size, so the command cannot rot between
+/// the runs that produce docs/benchmarks.md: it registers the clusters (each gateway with its
+/// own key, as the broker demands), times the rounds and reports every watcher.
+#[test]
+fn the_broker_benchmark_runs() {
+    let out = Command::new(causeway_bin())
+        .args(["benchmark", "broker", "--clusters", "20", "--rounds", "2", "--output", "json"])
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("benchmark broker");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let results: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = &results[0];
+    assert_eq!((r["clusters"].as_u64(), r["watchers"].as_u64()), (Some(20), Some(20)), "{results}");
+    let (p50, max) = (r["p50Ms"].as_f64().unwrap(), r["maxMs"].as_f64().unwrap());
+    assert!(p50 > 0.0 && p50 <= max, "{results}");
+}

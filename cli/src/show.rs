@@ -263,6 +263,12 @@ pub async fn run(a: ShowArgs) -> anyhow::Result<()> {
                                 s.cluster_id
                             );
                         }
+                        for (step, why) in &s.reconcile_failures {
+                            println!(
+                                "{}: reconcile step {step} failed (retried on the next pass): {why}",
+                                s.cluster_id
+                            );
+                        }
                     }
                 }
             }

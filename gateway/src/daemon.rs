@@ -17,15 +17,15 @@ use std::{
 use causeway_broker_api::{
     BrokerClient, ClientError, EndpointRecord, EventType, GatewayRole, ListResponse, Object,
 };
-use causeway_datapath::{Datapath, DatapathError, RemoteCidr, UplinkHook};
-use ipnetwork::IpNetwork;
+use causeway_datapath::{Datapath, DatapathError, UplinkHook};
 use tokio::sync::Mutex;
 use tracing::{info, instrument, warn};
 
 use crate::{
     cable::{AnyCable, CableDriver, CableError, WireGuardConfig},
     cluster::{ClusterSource, LocalCluster, SourceError},
-    desired::{Desired, LocalFacts, desired, plan},
+    controller::Controller,
+    desired::{Desired, LocalFacts, desired},
     keys::{KeyError, KeyPair},
     route::{RouteError, RouteManager},
     status::{ConnectionView, DatapathCounters, GatewayStatus},
@@ -106,6 +106,8 @@ pub enum GatewayError {
     },
     #[error("broker settings: {0}")]
     Broker(String),
+    #[error("reconcile steps failed: {}", .0.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join("; "))]
+    Reconcile(BTreeMap<String, String>),
     #[error("teardown failed: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
     Teardown(Vec<GatewayError>),
 }
@@ -115,176 +117,34 @@ pub struct Shared {
     local: LocalCluster,
     config: GatewayConfig,
     public_key: String,
-    cable: AnyCable,
-    datapath: Datapath,
-    routes: RouteManager,
-    /// Where the redirect stage sends remote-bound packets (the tunnel device's ifindex).
-    tunnel_ifindex: u32,
-    /// Remote cluster id → slot in the datapath's counter map.
-    slots: BTreeMap<String, u32>,
-    next_slot: u32,
-    desired: Desired,
+    /// The reconcilers and the resources they own (cable, datapath tables, routes).
+    ctl: Controller<AnyCable, Datapath, RouteManager>,
     revision: u64,
-    /// Names of the compiled policy's rules, by index (the kernel counts drops per index).
-    policy_rules: Vec<String>,
-    /// Whether a policy was ever installed (the first reconcile always installs one).
-    policy_installed: bool,
-    /// Remote prefixes left out because a route Causeway did not create holds them.
-    route_conflicts: Vec<IpNetwork>,
 }
 
 impl Shared {
-    /// Makes peers, datapath entries and routes match `desired`.
+    /// Makes peers, datapath entries, policy and routes match `desired`: every step runs;
+    /// the failed ones are reported and retried on the next pass.
     #[instrument(skip_all, fields(cluster = %self.local.cluster_id, remotes = desired.remotes.len()))]
     async fn reconcile(&mut self, desired: Desired) -> Result<(), GatewayError> {
-        // Peers: disconnect clusters that went away, connect/update the others.
-        let gone: Vec<String> =
-            self.desired.remotes.keys().filter(|id| !desired.remotes.contains_key(*id)).cloned().collect();
-        for id in &gone {
-            self.cable.disconnect(id).await?;
-        }
-        for ep in desired.remotes.values() {
-            if self.desired.remotes.get(&ep.cluster_id) != Some(ep) {
-                self.cable.connect(ep).await?;
-            }
-        }
-        // Slots: stable per cluster while it exists, and across restarts (pinned counters).
-        let have = self.datapath.remote_cidrs()?;
-        let have_slots = have.iter().map(|(n, v)| (*n, v.cluster_slot)).collect();
-        assign_slots(&mut self.slots, &mut self.next_slot, &desired, &have_slots);
-        let stale: Vec<(String, u32)> = self
-            .slots
-            .iter()
-            .filter(|(id, _)| !desired.remotes.contains_key(*id))
-            .map(|(id, s)| (id.clone(), *s))
-            .collect();
-        // Datapath: prefix → (slot, tunnel) entries, compared with what the map holds.
-        let tunnel = self.tunnel_ifindex;
-        let want: BTreeMap<IpNetwork, RemoteCidr> = desired
-            .remotes
-            .values()
-            .flat_map(|r| {
-                let value = RemoteCidr { cluster_slot: self.slots[&r.cluster_id], tunnel };
-                r.cidrs.iter().map(move |c| (*c, value))
-            })
-            .collect();
-        for v in want.values() {
-            self.datapath.ensure_counters(v.cluster_slot)?;
-        }
-        let want_set: BTreeSet<(IpNetwork, RemoteCidr)> = want.iter().map(|(n, v)| (*n, *v)).collect();
-        let have_set: BTreeSet<(IpNetwork, RemoteCidr)> = have.iter().map(|(n, v)| (*n, *v)).collect();
-        let p = plan(&want_set, &have_set);
-        for (net, _) in &p.remove {
-            if !want.contains_key(net) {
-                self.datapath.remove_remote_cidr(*net)?;
-            }
-        }
-        for (net, value) in &p.add {
-            self.datapath.set_remote_cidr(*net, *value)?;
-        }
-        for (id, slot) in stale {
-            self.datapath.remove_counters(slot)?;
-            self.slots.remove(&id);
-        }
-        // Pinned counters of clusters that left while no gateway ran: gone before their slot
-        // numbers can be handed out again.
-        for slot in self.datapath.counter_slots()? {
-            if !self.slots.values().any(|s| *s == slot) {
-                self.datapath.remove_counters(slot)?;
-            }
-        }
-        if !self.policy_installed || desired.policy != self.desired.policy {
-            self.install_policy(&desired.policy)?;
-        }
-        if desired.refused != self.desired.refused {
-            for (id, why) in &desired.refused {
-                if self.desired.refused.get(id) != Some(why) {
-                    warn!(cluster = %id, reason = %why, "remote cluster refused: not routed");
-                }
-            }
-        }
-        self.desired = desired.clone();
-        self.sync_known_peers().await?;
-        // Routes last: traffic is only steered into the tunnel once a peer can carry it.
-        let report = self.routes.sync(&desired.routes()).await?;
-        if report.added + report.removed + gone.len() > 0 {
-            info!(
-                routes_added = report.added,
-                routes_removed = report.removed,
-                peers_removed = gone.len(),
-                "reconciled"
-            );
-        }
-        self.route_conflicts = report.conflicts;
-        Ok(())
-    }
-
-    /// Compiles the cluster-set policy into the kernel's tables. A policy that does not
-    /// compile is reported and the one in force stays (never fail open by accident).
-    fn install_policy(&mut self, input: &crate::policy::PolicyInput) -> Result<(), GatewayError> {
-        match crate::policy::compile(input) {
-            Ok(c) => {
-                self.datapath.set_policy(&c.tables)?;
-                info!(
-                    rules = c.rule_names.len(),
-                    entries = c.tables.verdicts.len(),
-                    default_deny = c.tables.default_deny,
-                    enforced = c.tables.enabled,
-                    "policy installed"
-                );
-                self.policy_rules = c.rule_names;
-                self.policy_installed = true;
-            }
-            Err(e) => warn!(error = %e, "policy not installed; the previous one stays in force"),
-        }
-        Ok(())
+        let failures = self.ctl.reconcile(desired).await;
+        if failures.is_empty() { Ok(()) } else { Err(GatewayError::Reconcile(failures.clone())) }
     }
 
     fn policy_drops(&self) -> Result<BTreeMap<String, u64>, GatewayError> {
-        let (per_rule, default) = self.datapath.policy_drops(self.policy_rules.len())?;
+        let rules = self.ctl.policy_rules();
+        let (per_rule, default) = self.ctl.tables.policy_drops(rules.len())?;
         let mut out: BTreeMap<String, u64> =
-            self.policy_rules.iter().cloned().zip(per_rule).filter(|(_, n)| *n > 0).collect();
+            rules.iter().cloned().zip(per_rule).filter(|(_, n)| *n > 0).collect();
         if default > 0 {
             out.insert("(default)".into(), default);
         }
         Ok(out)
     }
 
-    /// The uplink guard accepts data messages from the peers we expect (records) and from where
-    /// they actually are (the cable follows roaming peers after an authenticated handshake),
-    /// and only for that peer's session index: spoofed data from a peer's address dies there.
-    async fn sync_known_peers(&mut self) -> Result<(), GatewayError> {
-        let conns = self.cable.connections().await?;
-        let index_of: BTreeMap<&str, u32> =
-            conns.iter().map(|c| (c.public_key.as_str(), c.local_index)).collect();
-        let mut ips: BTreeSet<std::net::Ipv4Addr> = BTreeSet::new();
-        let mut sessions: BTreeSet<(std::net::Ipv4Addr, u32)> = BTreeSet::new();
-        for r in self.desired.remotes.values() {
-            let recorded = std::iter::once((r.public_key, r.endpoint))
-                .chain(r.standbys.iter().map(|s| (s.public_key, s.endpoint)));
-            for (key, endpoint) in recorded {
-                if let std::net::IpAddr::V4(v4) = endpoint.ip() {
-                    ips.insert(v4);
-                    if let Some(index) = index_of.get(key.to_string().as_str()) {
-                        sessions.insert((v4, *index));
-                    }
-                }
-            }
-        }
-        for c in &conns {
-            if let std::net::IpAddr::V4(v4) = c.endpoint.ip() {
-                ips.insert(v4);
-                sessions.insert((v4, c.local_index));
-            }
-        }
-        self.datapath.set_known_peers(&ips)?;
-        self.datapath.set_peer_sessions(&sessions)?;
-        Ok(())
-    }
-
     /// A snapshot for `show connections` and metrics.
     pub async fn status(&self) -> Result<GatewayStatus, GatewayError> {
-        let conns = self.cable.connections().await?;
+        let conns = self.ctl.cable.connections().await?;
         let mut connections = Vec::new();
         let mut standbys = Vec::new();
         let status_name = |s: crate::cable::ConnectionStatus| {
@@ -301,12 +161,13 @@ impl Shared {
                 });
                 continue;
             }
-            let counters = match self.slots.get(&c.cluster_id) {
-                Some(slot) => self.datapath.counters(*slot)?,
+            let counters = match self.ctl.slot(&c.cluster_id) {
+                Some(slot) => self.ctl.tables.counters(slot)?,
                 None => Default::default(),
             };
             let cidrs = self
-                .desired
+                .ctl
+                .applied()
                 .remotes
                 .get(&c.cluster_id)
                 .map(|r| r.cidrs.iter().map(ToString::to_string).collect())
@@ -334,25 +195,27 @@ impl Shared {
             cluster_id: self.local.cluster_id.clone(),
             hostname: self.local.hostname.clone(),
             public_key: self.public_key.clone(),
-            cable: self.cable.name().to_owned(),
-            cable_lanes: self.cable.lanes(),
-            cable_udp_segmentation: self.cable.udp_segmentation(),
-            device: self.cable.device().to_owned(),
+            cable: self.ctl.cable.name().to_owned(),
+            cable_lanes: self.ctl.cable.lanes(),
+            cable_udp_segmentation: self.ctl.cable.udp_segmentation(),
+            device: self.ctl.cable.device().to_owned(),
             listen_port: self.config.listen_port,
             broker_url: self.config.broker.broker_url.clone(),
             revision: self.revision,
             connections,
-            cable_drops: self.cable.drops().await?.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+            cable_drops: self.ctl.cable.drops().await?.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
             datapath_events: self
-                .datapath
+                .ctl
+                .tables
                 .stats()?
                 .into_iter()
                 .map(|(s, v)| (s.name().to_owned(), v))
                 .collect(),
             policy_drops: self.policy_drops()?,
             standbys,
-            refused: self.desired.refused.clone(),
-            route_conflicts: self.route_conflicts.iter().map(ToString::to_string).collect(),
+            refused: self.ctl.applied().refused.clone(),
+            route_conflicts: self.ctl.route_conflicts().iter().map(ToString::to_string).collect(),
+            reconcile_failures: self.ctl.failures().clone(),
         })
     }
 }
@@ -420,30 +283,6 @@ async fn register(
     Ok(())
 }
 
-/// Gives each remote cluster of `desired` a counter slot. A cluster without one takes the slot
-/// its prefixes already map to in the datapath (left by an earlier run, so its pinned counters
-/// carry on), else a fresh one above every slot in use.
-fn assign_slots(
-    slots: &mut BTreeMap<String, u32>,
-    next_slot: &mut u32,
-    desired: &Desired,
-    have: &BTreeMap<IpNetwork, u32>,
-) {
-    *next_slot = (*next_slot).max(have.values().chain(slots.values()).max().map_or(1, |m| m + 1));
-    for r in desired.remotes.values() {
-        if slots.contains_key(&r.cluster_id) {
-            continue;
-        }
-        let taken: BTreeSet<u32> = slots.values().copied().collect();
-        let slot = r.cidrs.iter().filter_map(|c| have.get(c)).copied().find(|s| !taken.contains(s));
-        let slot = slot.unwrap_or_else(|| {
-            *next_slot += 1;
-            *next_slot - 1
-        });
-        slots.insert(r.cluster_id.clone(), slot);
-    }
-}
-
 /// TC for a veth uplink (an XDP program there makes the peer segment every GSO run, which
 /// costs more than an early drop saves), XDP for anything else.
 async fn auto_uplink_hook(uplink: &str) -> UplinkHook {
@@ -504,17 +343,8 @@ pub async fn run(
         local: local.clone(),
         config: config.clone(),
         public_key: key.public.to_string(),
-        cable,
-        datapath,
-        routes,
-        tunnel_ifindex,
-        slots: BTreeMap::new(),
-        next_slot: 1,
-        desired: Desired::default(),
+        ctl: Controller::new(cable, datapath, routes, tunnel_ifindex),
         revision: 0,
-        policy_rules: Vec::new(),
-        policy_installed: false,
-        route_conflicts: Vec::new(),
     }));
     let (snapshot, snapshot_task) = crate::status::start_snapshots(shared.clone(), Duration::from_secs(1));
     let status_task =
@@ -542,7 +372,7 @@ pub async fn run(
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tick.tick().await;
-                if let Err(e) = shared.lock().await.sync_known_peers().await {
+                if let Err(e) = shared.lock().await.ctl.reconcile_guard().await {
                     warn!(error = %e, "syncing the uplink guard's peers failed");
                 }
             }
@@ -620,10 +450,10 @@ pub async fn cleanup(device: &str, bpf_dir: &std::path::Path) -> Result<(), Gate
 async fn teardown(shared: &Arc<Mutex<Shared>>) -> Result<(), GatewayError> {
     let mut s = shared.lock().await;
     let mut errors = Vec::new();
-    if let Err(e) = s.routes.sync(&BTreeSet::new()).await {
+    if let Err(e) = s.ctl.routes.sync(&BTreeSet::new()).await {
         errors.push(e.into());
     }
-    if let Err(e) = s.cable.cleanup().await {
+    if let Err(e) = s.ctl.cable.cleanup().await {
         errors.push(e.into());
     }
     if errors.is_empty() { Ok(()) } else { Err(GatewayError::Teardown(errors)) }
@@ -700,6 +530,12 @@ async fn sync_loop(
                         warn!(error = %e, "re-registering failed");
                         break;
                     }
+                    // Quiet broker: a pass that left failed steps is retried now, not only
+                    // on the next change.
+                    let failed = !shared.lock().await.ctl.failures().is_empty();
+                    if failed {
+                        apply(shared, &cache, local).await;
+                    }
                 }
                 Ok(w) => {
                     for ev in w.events {
@@ -720,60 +556,5 @@ async fn sync_loop(
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::cable::RemoteEndpoint;
-
-    fn desired(clusters: &[(&str, &str)]) -> Desired {
-        let mut d = Desired::default();
-        for (id, cidr) in clusters {
-            d.remotes.insert(
-                (*id).to_owned(),
-                RemoteEndpoint {
-                    cluster_id: (*id).to_owned(),
-                    public_key: causeway_broker_api::WireGuardKey([7; 32]),
-                    endpoint: "192.0.2.1:51820".parse().unwrap(),
-                    cidrs: vec![cidr.parse().unwrap()],
-                    health_ip: None,
-                    standbys: Vec::new(),
-                },
-            );
-        }
-        d
-    }
-
-    #[test]
-    fn a_fresh_start_numbers_slots_from_one() {
-        let (mut slots, mut next) = (BTreeMap::new(), 1);
-        assign_slots(
-            &mut slots,
-            &mut next,
-            &desired(&[("b", "10.2.0.0/16"), ("c", "10.3.0.0/16")]),
-            &BTreeMap::new(),
-        );
-        assert_eq!(slots, BTreeMap::from([("b".into(), 1), ("c".into(), 2)]));
-        assert_eq!(next, 3);
-    }
-
-    #[test]
-    fn a_restart_keeps_the_slots_its_pinned_prefixes_point_at() {
-        // The earlier run gave c slot 1 and b slot 4 (others came and went).
-        let have = BTreeMap::from([("10.3.0.0/16".parse().unwrap(), 1), ("10.2.0.0/16".parse().unwrap(), 4)]);
-        let (mut slots, mut next) = (BTreeMap::new(), 1);
-        let d = desired(&[("b", "10.2.0.0/16"), ("c", "10.3.0.0/16"), ("d", "10.4.0.0/16")]);
-        assign_slots(&mut slots, &mut next, &d, &have);
-        assert_eq!(slots["b"], 4);
-        assert_eq!(slots["c"], 1);
-        // A new cluster never lands on a slot whose counters belong to another.
-        assert_eq!(slots["d"], 5);
-        assert_eq!(next, 6);
-        // Stable from then on.
-        let before = slots.clone();
-        assign_slots(&mut slots, &mut next, &d, &have);
-        assert_eq!(slots, before);
     }
 }

@@ -16,6 +16,7 @@
 pub mod agent;
 pub mod cable;
 pub mod cluster;
+pub mod controller;
 pub mod daemon;
 pub mod desired;
 pub mod keys;

@@ -79,6 +79,10 @@ pub struct GatewayStatus {
     /// Remote prefixes not routed because a route Causeway did not create holds them.
     #[serde(default)]
     pub route_conflicts: Vec<String>,
+    /// Reconcile steps that failed on the last pass (`datapath`, `policy`, `guard`, `routes`,
+    /// `peer/<cluster>`), and why; the other steps ran. Retried on the next pass.
+    #[serde(default)]
+    pub reconcile_failures: BTreeMap<String, String>,
 }
 
 /// A remote cluster's standby gateway as this gateway sees it.
@@ -266,6 +270,12 @@ pub fn render_metrics(s: &GatewayStatus) -> String {
         vec![(String::new(), s.route_conflicts.len() as f64)],
     );
     family(
+        "causeway_reconcile_failed",
+        "gauge",
+        "Reconcile steps that failed on the last pass (the others ran; retried on the next pass)",
+        s.reconcile_failures.keys().map(|step| (format!("step=\"{step}\""), 1.0)).collect(),
+    );
+    family(
         "causeway_build_info",
         "gauge",
         "Build information",
@@ -405,6 +415,7 @@ mod tests {
             }],
             refused: [("evil".to_owned(), "128.0.0.0/1 is broader than /8".to_owned())].into_iter().collect(),
             route_conflicts: vec!["10.9.0.0/16".into()],
+            reconcile_failures: BTreeMap::from([("datapath".into(), "map full".into())]),
         }
     }
 
@@ -441,6 +452,7 @@ mod tests {
         let text = render_metrics(&s);
         assert!(text.contains("causeway_remote_refused{cluster=\"evil\"} 1\n"), "{text}");
         assert!(text.contains("causeway_route_conflicts{} 1\n"), "{text}");
+        assert!(text.contains("causeway_reconcile_failed{step=\"datapath\"} 1\n"), "{text}");
         assert!(text.contains("causeway_connection_up{cluster=\"b\"} 1\n"), "{text}");
         assert!(
             text.contains("causeway_standby_up{cluster=\"b\",endpoint=\"172.31.0.13:51820\"} 1\n"),

@@ -44,6 +44,10 @@ fn start(spec: TopologySpec, gateways: usize) -> Topology {
         })
     })
     .expect("tunnels up");
+    for i in 1..=gateways {
+        let failures = t.gateway_status(i).unwrap().reconcile_failures;
+        assert!(failures.is_empty(), "gateway {i}: reconcile steps failed: {failures:?}");
+    }
     t
 }
 

@@ -6,14 +6,9 @@
 //! broker's endpoint records of this cluster, or from a caller-supplied source (the
 //! Kubernetes Lease). A failover is one nexthop replace; the routes do not change.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    future::Future,
-    net::IpAddr,
-    time::Duration,
-};
+use std::{collections::BTreeSet, future::Future, net::IpAddr, time::Duration};
 
-use causeway_broker_api::{BrokerClient, EventType, GatewayRole, Object, Record};
+use causeway_broker_api::{BrokerClient, GatewayRole, Object, Record, Reflector};
 use ipnetwork::IpNetwork;
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -100,8 +95,10 @@ pub async fn run(
 ) -> Result<(), AgentError> {
     let mut agent = Agent { routes: NodeRoutes::new().await?, applied: NodeView::default() };
     let mut shutdown = std::pin::pin!(shutdown);
-    let mut objects: BTreeMap<String, Object> = BTreeMap::new();
-    let mut revision = None::<u64>;
+    // The shared reflector: list once, then watch; after broker trouble it backs off (with
+    // jitter) and resumes from the last revision. Routes stay as they are meanwhile.
+    let mut reflector = Reflector::new(client, Duration::from_secs(20));
+    let mut synced = false;
     info!(cluster = %local_cluster, "route agent started");
     loop {
         let facts = match crate::route::local_addresses().await {
@@ -111,20 +108,14 @@ pub async fn run(
                 LocalFacts::default()
             }
         };
-        let view = node_view(&objects.values().cloned().collect::<Vec<_>>(), &local_cluster, &facts);
+        let view = node_view(&reflector.snapshot().objects(), &local_cluster, &facts);
         let gateway = match &gateways {
             Some(rx) => *rx.borrow(),
             None => view.active_gateway,
         };
-        if revision.is_some() {
+        if synced {
             agent.apply(&view, gateway).await;
         }
-        let next = async {
-            match revision {
-                None => client.list().await.map(Err),
-                Some(rv) => client.watch(rv, Duration::from_secs(20)).await.map(Ok),
-            }
-        };
         let gateway_changed = async {
             match &mut gateways {
                 Some(rx) => {
@@ -138,30 +129,9 @@ pub async fn run(
         tokio::select! {
             () = &mut shutdown => break,
             () = gateway_changed => {}
-            result = next => match result {
-                Ok(Err(list)) => {
-                    objects = list.items.into_iter().map(|o| (o.record.key(), o)).collect();
-                    revision = Some(list.resource_version);
-                }
-                Ok(Ok(w)) => {
-                    for ev in w.events {
-                        let key = ev.object.record.key();
-                        match ev.kind {
-                            EventType::Put => objects.insert(key, ev.object),
-                            EventType::Delete => objects.remove(&key),
-                        };
-                    }
-                    revision = Some(w.resource_version);
-                }
-                Err(e) => {
-                    // Routes stay as they are while the broker is away.
-                    warn!(error = %e, "broker unavailable; re-listing shortly");
-                    revision = None;
-                    tokio::select! {
-                        () = &mut shutdown => break,
-                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    }
-                }
+            result = reflector.next() => match result {
+                Ok(_) => synced = true,
+                Err(e) => warn!(error = %e, "broker unavailable; resuming from the last revision"),
             },
         }
     }

@@ -15,7 +15,8 @@ use std::{
 };
 
 use causeway_broker_api::{
-    BrokerClient, ClientError, EndpointRecord, EventType, GatewayRole, ListResponse, Object,
+    BrokerClient, ClientError, EndpointRecord, GatewayRole, ListResponse, Reflector, Snapshot, Step,
+    reflector::Backoff,
 };
 use causeway_datapath::{Datapath, DatapathError, UplinkHook};
 use tokio::sync::Mutex;
@@ -220,41 +221,22 @@ impl Shared {
     }
 }
 
-/// The records this gateway has seen, keyed like the broker's store.
-#[derive(Debug, Default)]
-struct RecordCache {
-    revision: u64,
-    objects: BTreeMap<String, Object>,
+/// The last records seen, on disk, so the data plane comes back even when the broker is down
+/// at start.
+fn save_snapshot(snapshot: &Snapshot, dir: &std::path::Path) {
+    let path = dir.join("records.json");
+    let tmp = dir.join("records.json.tmp");
+    let res = std::fs::create_dir_all(dir)
+        .and_then(|()| std::fs::write(&tmp, serde_json::to_vec(&snapshot.to_list()).unwrap_or_default()))
+        .and_then(|()| std::fs::rename(&tmp, &path));
+    if let Err(e) = res {
+        warn!(path = %path.display(), error = %e, "caching records failed");
+    }
 }
 
-impl RecordCache {
-    fn from_list(list: ListResponse) -> Self {
-        Self {
-            revision: list.resource_version,
-            objects: list.items.into_iter().map(|o| (o.record.key(), o)).collect(),
-        }
-    }
-
-    fn objects(&self) -> Vec<Object> {
-        self.objects.values().cloned().collect()
-    }
-
-    fn save(&self, dir: &std::path::Path) {
-        let list = ListResponse { resource_version: self.revision, items: self.objects() };
-        let path = dir.join("records.json");
-        let tmp = dir.join("records.json.tmp");
-        let res = std::fs::create_dir_all(dir)
-            .and_then(|()| std::fs::write(&tmp, serde_json::to_vec(&list).unwrap_or_default()))
-            .and_then(|()| std::fs::rename(&tmp, &path));
-        if let Err(e) = res {
-            warn!(path = %path.display(), error = %e, "caching records failed");
-        }
-    }
-
-    fn load(dir: &std::path::Path) -> Option<Self> {
-        let bytes = std::fs::read(dir.join("records.json")).ok()?;
-        serde_json::from_slice::<ListResponse>(&bytes).ok().map(Self::from_list)
-    }
+fn load_snapshot(dir: &std::path::Path) -> Option<Snapshot> {
+    let bytes = std::fs::read(dir.join("records.json")).ok()?;
+    serde_json::from_slice::<ListResponse>(&bytes).ok().map(Snapshot::from_list)
 }
 
 fn endpoint_record(local: &LocalCluster, key: &KeyPair, port: u16) -> EndpointRecord {
@@ -471,7 +453,7 @@ async fn heartbeat(client: BrokerClient, ep: EndpointRecord, every: Duration) {
     }
 }
 
-async fn apply(shared: &Arc<Mutex<Shared>>, cache: &RecordCache, local: &LocalCluster) {
+async fn apply(shared: &Arc<Mutex<Shared>>, snapshot: &Snapshot, local: &LocalCluster) {
     let addresses = match crate::route::local_addresses().await {
         Ok(a) => a,
         Err(e) => {
@@ -480,15 +462,17 @@ async fn apply(shared: &Arc<Mutex<Shared>>, cache: &RecordCache, local: &LocalCl
         }
     };
     let public_key = shared.lock().await.public_key.parse().ok();
-    let d = desired(&cache.objects(), &local.cluster_id, &LocalFacts { addresses, public_key });
+    let d = desired(&snapshot.objects(), &local.cluster_id, &LocalFacts { addresses, public_key });
     let mut s = shared.lock().await;
-    s.revision = cache.revision;
+    s.revision = snapshot.revision;
     if let Err(e) = s.reconcile(d).await {
         warn!(error = %e, "reconcile failed; will retry on the next change or resync");
     }
 }
 
-/// Register, list, then watch; on any broker trouble, back off and start over. Never returns.
+/// Register, then follow the records (the shared reflector: list once, watch from the last
+/// revision, back off with jitter and resume after broker trouble); apply every change.
+/// Never returns.
 async fn sync_loop(
     client: &BrokerClient,
     local: &LocalCluster,
@@ -496,64 +480,45 @@ async fn sync_loop(
     config: &GatewayConfig,
     shared: &Arc<Mutex<Shared>>,
 ) {
-    let mut backoff = Duration::from_millis(200);
-    let mut cache;
-    if let Some(cached) = RecordCache::load(&config.state_dir) {
+    if let Some(cached) = load_snapshot(&config.state_dir) {
         info!(revision = cached.revision, "restoring the data plane from cached records");
         apply(shared, &cached, local).await;
     }
+    let mut reflector = Reflector::new(client.clone(), Duration::from_secs(20));
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    let mut registered = false;
     loop {
-        if let Err(e) = register(client, local, ep).await {
-            warn!(error = %e, retry_in = ?backoff, "registering with the broker failed");
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(5));
-            continue;
-        }
-        match client.list().await {
-            Ok(list) => {
-                cache = RecordCache::from_list(list);
-                cache.save(&config.state_dir);
-                apply(shared, &cache, local).await;
-                backoff = Duration::from_millis(200);
-            }
-            Err(e) => {
-                warn!(error = %e, "listing records failed");
-                tokio::time::sleep(backoff).await;
+        if !registered {
+            if let Err(e) = register(client, local, ep).await {
+                let retry_in = backoff.next_delay();
+                warn!(error = %e, ?retry_in, "registering with the broker failed");
+                tokio::time::sleep(retry_in).await;
                 continue;
             }
+            backoff.reset();
+            registered = true;
         }
-        // Watch until something goes wrong; a timeout with no events is a heartbeat chance.
-        loop {
-            match client.watch(cache.revision, Duration::from_secs(20)).await {
-                Ok(w) if w.events.is_empty() => {
-                    if let Err(e) = register(client, local, ep).await {
-                        warn!(error = %e, "re-registering failed");
-                        break;
-                    }
-                    // Quiet broker: a pass that left failed steps is retried now, not only
-                    // on the next change.
-                    let failed = !shared.lock().await.ctl.failures().is_empty();
-                    if failed {
-                        apply(shared, &cache, local).await;
-                    }
+        match reflector.next().await {
+            Ok(Step::Listed | Step::Changed) => {
+                save_snapshot(reflector.snapshot(), &config.state_dir);
+                apply(shared, reflector.snapshot(), local).await;
+            }
+            // A quiet broker: renew the registration, and retry a pass that left failed steps
+            // now rather than on the next change.
+            Ok(Step::Quiet) => {
+                if let Err(e) = register(client, local, ep).await {
+                    warn!(error = %e, "re-registering failed");
+                    registered = false;
+                    continue;
                 }
-                Ok(w) => {
-                    for ev in w.events {
-                        let key = ev.object.record.key();
-                        match ev.kind {
-                            EventType::Put => cache.objects.insert(key, ev.object),
-                            EventType::Delete => cache.objects.remove(&key),
-                        };
-                    }
-                    cache.revision = w.resource_version;
-                    cache.save(&config.state_dir);
-                    apply(shared, &cache, local).await;
+                let failed = !shared.lock().await.ctl.failures().is_empty();
+                if failed {
+                    apply(shared, reflector.snapshot(), local).await;
                 }
-                Err(e) => {
-                    warn!(error = %e, "watch failed; re-listing");
-                    tokio::time::sleep(backoff).await;
-                    break;
-                }
+            }
+            Err(e) => {
+                warn!(error = %e, "following the broker failed; resuming from the last revision");
+                registered = false;
             }
         }
     }

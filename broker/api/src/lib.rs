@@ -6,10 +6,12 @@
 
 pub mod client;
 pub mod records;
+pub mod reflector;
 pub mod validate;
 
 pub use client::{BrokerClient, ClientError};
 pub use records::*;
+pub use reflector::{Reflector, Snapshot, Step};
 pub use validate::{
     GlobalOverlap, OutsidePools, ValidationError, check_global_overlaps, check_overlaps, check_pools,
     validate_cluster, validate_endpoint, validate_policy, validate_service,

@@ -519,8 +519,8 @@ impl Topology {
     }
 
     /// Status of gateway `index` (1-based).
-    pub fn gateway_status(&self, index: usize) -> anyhow::Result<causeway_gateway::status::GatewayStatus> {
-        Ok(causeway_gateway::status::fetch(&self.clusters[index - 1].status_socket)?)
+    pub fn gateway_status(&self, index: usize) -> anyhow::Result<causeway_broker_api::status::GatewayStatus> {
+        Ok(causeway_broker_api::status::fetch(&self.clusters[index - 1].status_socket)?)
     }
 
     /// Waits until every running gateway reports every other cluster connected.

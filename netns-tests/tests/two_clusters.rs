@@ -618,7 +618,7 @@ fn connected_means_forwarding_works() {
     })
     .unwrap();
     wait_for(Duration::from_secs(3), "the metrics snapshot to show the path up", || {
-        causeway_gateway::status::fetch_raw(&a.status_socket, "/metrics")
+        causeway_broker_api::status::fetch_raw(&a.status_socket, "/metrics")
             .is_ok_and(|m| m.contains("causeway_connection_up{cluster=\"cluster-2\"} 1"))
     })
     .unwrap();
@@ -812,7 +812,7 @@ fn a_standby_gateway_is_kept_warm_by_the_other_clusters() {
     // Cluster 2 gets a second gateway, registered as standby.
     let ns = t.add_underlay_host("c2-sb", "172.31.0.32").unwrap();
     let socket = t.start_standby_gateway(2, &ns, "172.31.0.32").unwrap();
-    let standby_status = || causeway_gateway::status::fetch(&socket);
+    let standby_status = || causeway_broker_api::status::fetch(&socket);
 
     // Without any traffic to it: gateway 1 holds a session with the standby (the uplink
     // guard lets its keepalives through), and the standby with gateway 1.
@@ -1175,7 +1175,7 @@ fn cluster_set_policy_is_enforced_in_the_kernel_and_changes_live() {
     assert!(!exec::ping(&a.pod_ns, &b.pod_ip, 2));
     assert!(drops(1, "no-ping") >= 2, "{:?}", t.gateway_status(1).unwrap().policy_drops);
     wait_for(Duration::from_secs(3), "the metrics snapshot to show the rule's drops", || {
-        causeway_gateway::status::fetch_raw(&a.status_socket, "/metrics")
+        causeway_broker_api::status::fetch_raw(&a.status_socket, "/metrics")
             .is_ok_and(|m| m.contains("causeway_policy_drops_total{rule=\"no-ping\"}"))
     })
     .unwrap();

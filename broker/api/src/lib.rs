@@ -7,6 +7,7 @@
 pub mod client;
 pub mod records;
 pub mod reflector;
+pub mod status;
 pub mod validate;
 
 pub use client::{BrokerClient, ClientError};

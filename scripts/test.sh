@@ -32,6 +32,8 @@ cargo fmt --all -- --check
 echo "==> cargo clippy -D warnings" >&2
 cargo clippy --locked --all-targets -- -D warnings
 cargo clippy --locked -p causeway-gateway-timer-tests --all-targets -- -D warnings
+# The operator build: no sandbox, no benchmarks, no test harness linked.
+cargo clippy --locked -p causeway --no-default-features -- -D warnings
 echo "==> building causeway" >&2
 cargo build --locked -p causeway
 export CAUSEWAY_BIN="$PWD/target/debug/causeway"

@@ -1,11 +1,15 @@
 //! `causeway`: one binary for the broker and gateway daemons, the operator verbs and the
 //! local sandbox. Every flag can also be set through its `CAUSEWAY_…` environment variable.
 
+#[cfg(feature = "sandbox")]
 mod bench;
+#[cfg(feature = "sandbox")]
 mod bench_dataplane;
+#[cfg(feature = "sandbox")]
 mod bench_policy;
 mod kubernetes;
 mod policy;
+#[cfg(feature = "sandbox")]
 mod sandbox;
 mod services;
 mod setup;
@@ -70,6 +74,7 @@ enum Cmd {
         command: policy::PolicyCmd,
     },
     /// Benchmarks (on loopback and local namespaces only).
+    #[cfg(feature = "sandbox")]
     Benchmark {
         #[command(subcommand)]
         what: BenchCmd,
@@ -84,6 +89,7 @@ enum Cmd {
         cluster_id: String,
     },
     /// A local cluster set built from network namespaces (needs root).
+    #[cfg(feature = "sandbox")]
     Sandbox {
         #[command(subcommand)]
         command: sandbox::SandboxCmd,
@@ -96,6 +102,7 @@ enum Cmd {
     },
 }
 
+#[cfg(feature = "sandbox")]
 #[derive(Subcommand)]
 enum BenchCmd {
     /// Propagation of one change to every watcher of a large cluster set, and broker memory.
@@ -110,6 +117,7 @@ enum BenchCmd {
 enum DebugCmd {
     /// Install N synthetic policy rules behind `policy_eth` on an interface's egress and
     /// switch enforcement with `on`/`off` lines on stdin (the policy benchmark's helper).
+    #[cfg(feature = "sandbox")]
     PolicyHold {
         #[arg(long)]
         interface: String,
@@ -392,14 +400,17 @@ fn main() -> anyhow::Result<()> {
             telemetry::init("warn");
             runtime()?.block_on(policy::run(command))
         }
+        #[cfg(feature = "sandbox")]
         Cmd::Benchmark { what: BenchCmd::Dataplane(a) } => {
             telemetry::init("warn");
             bench_dataplane::run(a)
         }
+        #[cfg(feature = "sandbox")]
         Cmd::Benchmark { what: BenchCmd::Policy(a) } => {
             telemetry::init("warn");
             bench_policy::run(a)
         }
+        #[cfg(feature = "sandbox")]
         Cmd::Benchmark { what: BenchCmd::Broker(a) } => {
             telemetry::init("warn");
             runtime()?.block_on(bench::broker(a))
@@ -434,6 +445,7 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             })
         }
+        #[cfg(feature = "sandbox")]
         Cmd::Sandbox { command } => {
             telemetry::init("warn");
             sandbox::run(command)
@@ -442,6 +454,7 @@ fn main() -> anyhow::Result<()> {
             DebugCmd::TcpSink { listen } => tools::tcp_sink(&listen),
             DebugCmd::TcpSource { connect, bytes } => tools::tcp_source(&connect, bytes),
             DebugCmd::UdpEcho { listen } => tools::udp_echo(&listen),
+            #[cfg(feature = "sandbox")]
             DebugCmd::PolicyHold { interface, entries, from_cidr, to_cidr } => {
                 telemetry::init("warn");
                 bench_policy::hold(&interface, entries, from_cidr, to_cidr)

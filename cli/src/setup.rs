@@ -496,7 +496,14 @@ pub async fn credentials(cmd: CredentialsCmd) -> anyhow::Result<()> {
 
 /// The credentials to use for operator verbs: the flag, else the local sandbox's admin file.
 pub fn operator_credentials(flag: Option<PathBuf>) -> anyhow::Result<Credentials> {
+    #[cfg(feature = "sandbox")]
     let path = flag.unwrap_or_else(crate::sandbox::admin_credentials);
+    #[cfg(not(feature = "sandbox"))]
+    let path = flag.ok_or_else(|| {
+        anyhow::anyhow!(
+            "pass --credentials FILE: the admin file from deploy-broker, or a cluster's from join"
+        )
+    })?;
     Credentials::load(&path).map_err(|e| {
         anyhow::anyhow!(
             "{e}\n(pass --credentials FILE: the admin file from deploy-broker, or a cluster's from join)"

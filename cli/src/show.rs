@@ -189,7 +189,7 @@ pub async fn run(a: ShowArgs) -> anyhow::Result<()> {
             }
         }
         What::Connections { sockets } => {
-            let sockets = if sockets.is_empty() { crate::sandbox::status_sockets() } else { sockets };
+            let sockets = if sockets.is_empty() { default_status_sockets() } else { sockets };
             let mut statuses = Vec::new();
             for s in &sockets {
                 statuses.push(
@@ -275,6 +275,15 @@ pub async fn run(a: ShowArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Where `show connections` looks without `--status-socket`: the sandbox's gateways when one
+/// runs here, else the gateway's default socket.
+fn default_status_sockets() -> Vec<std::path::PathBuf> {
+    #[cfg(feature = "sandbox")]
+    return crate::sandbox::status_sockets();
+    #[cfg(not(feature = "sandbox"))]
+    vec![std::path::PathBuf::from("/run/causeway/gateway.sock")]
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ pub mod exports;
 pub mod manifests;
 pub mod policies;
 pub mod source;
+#[cfg(feature = "testing")]
 pub mod testing;
 
 pub use manifests::{Bundle, Manifest, ManifestError, Settings, render};

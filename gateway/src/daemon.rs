@@ -23,7 +23,7 @@ use tokio::sync::Mutex;
 use tracing::{info, instrument, warn};
 
 use crate::{
-    cable::{AnyCable, CableDriver, CableError, WireGuardConfig},
+    cable::{AnyCable, CableDriver, CableError, CableSettings},
     cluster::{ClusterSource, LocalCluster, SourceError},
     controller::Controller,
     desired::{Desired, LocalFacts, desired},
@@ -73,13 +73,6 @@ pub struct GatewayConfig {
 /// the burst: generous for real peers (a handful per two minutes), fatal for floods.
 const HANDSHAKE_RATE: u32 = 20;
 const HANDSHAKE_BURST: u32 = 40;
-
-impl GatewayConfig {
-    #[must_use]
-    pub fn tunnel_mtu(&self) -> u16 {
-        self.underlay_mtu.saturating_sub(crate::cable::wireguard::core::WG_OVERHEAD)
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -239,7 +232,8 @@ fn load_snapshot(dir: &std::path::Path) -> Option<Snapshot> {
     serde_json::from_slice::<ListResponse>(&bytes).ok().map(Snapshot::from_list)
 }
 
-fn endpoint_record(local: &LocalCluster, key: &KeyPair, port: u16) -> EndpointRecord {
+/// This gateway's endpoint record; `backend` is the running cable driver's name.
+fn endpoint_record(local: &LocalCluster, key: &KeyPair, port: u16, backend: &str) -> EndpointRecord {
     EndpointRecord {
         cluster_id: local.cluster_id.clone(),
         hostname: local.hostname.clone(),
@@ -247,7 +241,7 @@ fn endpoint_record(local: &LocalCluster, key: &KeyPair, port: u16) -> EndpointRe
         public_ips: local.public_ips.clone(),
         port,
         public_key: key.public,
-        backend: "wireguard".into(),
+        backend: backend.to_owned(),
         role: if local.active { GatewayRole::Active } else { GatewayRole::Standby },
         priority: 0,
         health_check_ip: local.health_ip().map(std::net::IpAddr::V4),
@@ -289,15 +283,15 @@ pub async fn run(
     let key = crate::keys::load_or_generate(&config.key_file)?;
     let cable = AnyCable::start(
         &config.cable,
-        WireGuardConfig {
+        &CableSettings {
             device: config.device.clone(),
-            mtu: config.tunnel_mtu(),
+            underlay_mtu: config.underlay_mtu,
             listen_port: config.listen_port,
             private_key: key.private.clone(),
-            uapi: config.uapi,
             health_ip: local.health_ip(),
             persistent: config.bpf_dir.is_some(),
             lanes: config.lanes,
+            uapi: config.uapi,
         },
     )
     .await?;
@@ -305,7 +299,7 @@ pub async fn run(
         Some(dir) => Datapath::load_pinned(dir)?,
         None => Datapath::load()?,
     };
-    datapath.set_tunnel_mtu(config.tunnel_mtu())?;
+    datapath.set_tunnel_mtu(cable.mtu())?;
     datapath.attach_tunnel(cable.device())?;
     if let Some(uplink) = &config.uplink {
         let hook = match config.uplink_hook {
@@ -321,6 +315,7 @@ pub async fn run(
     datapath.prune_links()?;
     let routes = RouteManager::new(cable.device()).await?;
     let tunnel_ifindex = routes.ifindex();
+    let backend = cable.name();
     let shared = Arc::new(Mutex::new(Shared {
         local: local.clone(),
         config: config.clone(),
@@ -346,7 +341,7 @@ pub async fn run(
     let client =
         BrokerClient::from_credentials(&config.broker).map_err(|e| GatewayError::Broker(e.to_string()))?;
     let mut local = local;
-    let mut ep = endpoint_record(&local, &key, config.listen_port);
+    let mut ep = endpoint_record(&local, &key, config.listen_port, backend);
     let mut heartbeat_task = tokio::spawn(heartbeat(client.clone(), ep.clone(), config.heartbeat));
     let peers_task = config.uplink.is_some().then(|| {
         let shared = shared.clone();
@@ -373,7 +368,7 @@ pub async fn run(
                 Ok(next) if next != local => {
                     info!(active = next.active, "this gateway's facts changed; re-registering");
                     local = next;
-                    ep = endpoint_record(&local, &key, config.listen_port);
+                    ep = endpoint_record(&local, &key, config.listen_port, backend);
                     shared.lock().await.local = local.clone();
                     heartbeat_task.abort();
                     heartbeat_task = tokio::spawn(heartbeat(client.clone(), ep.clone(), config.heartbeat));

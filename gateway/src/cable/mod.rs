@@ -115,6 +115,38 @@ pub trait CableDriver: Send + 'static {
     fn cleanup(&mut self) -> impl Future<Output = Result<(), CableError>> + Send;
 }
 
+/// What the daemon gives every cable driver: nothing driver-specific. Each driver reads it
+/// its own way (its device MTU is the underlay's less its own overhead).
+#[derive(Clone)]
+pub struct CableSettings {
+    /// Tunnel device name.
+    pub device: String,
+    /// MTU of the underlay path.
+    pub underlay_mtu: u16,
+    pub listen_port: u16,
+    /// The gateway's key; its public half is in the endpoint record.
+    pub private_key: boringtun::x25519::StaticSecret,
+    /// Our health-check address: in-band probes are sent from it and answered on it.
+    pub health_ip: Option<std::net::Ipv4Addr>,
+    /// Keep the device (with its routes and programs) across restarts.
+    pub persistent: bool,
+    /// I/O threads, for drivers that run their own (0: automatic).
+    pub lanes: usize,
+    /// Serve the driver's management socket (`wg show`), for drivers that have one.
+    pub uapi: bool,
+}
+
+impl std::fmt::Debug for CableSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CableSettings")
+            .field("device", &self.device)
+            .field("underlay_mtu", &self.underlay_mtu)
+            .field("listen_port", &self.listen_port)
+            .field("lanes", &self.lanes)
+            .finish_non_exhaustive()
+    }
+}
+
 /// The backends, selected by name (no `dyn`, no `async_trait`).
 #[derive(Debug)]
 pub enum AnyCable {
@@ -123,10 +155,20 @@ pub enum AnyCable {
 
 impl AnyCable {
     /// Starts the backend called `name`.
-    pub async fn start(name: &str, wg: WireGuardConfig) -> Result<Self, CableError> {
+    pub async fn start(name: &str, settings: &CableSettings) -> Result<Self, CableError> {
         match name {
-            "wireguard" => Ok(Self::WireGuard(WireGuardCable::start(wg).await?)),
+            "wireguard" => {
+                Ok(Self::WireGuard(WireGuardCable::start(WireGuardConfig::from_settings(settings)).await?))
+            }
             other => Err(CableError::UnknownBackend { name: other.to_owned() }),
+        }
+    }
+
+    /// The tunnel device's MTU (the underlay's less the driver's overhead).
+    #[must_use]
+    pub fn mtu(&self) -> u16 {
+        match self {
+            Self::WireGuard(c) => c.mtu(),
         }
     }
 
@@ -198,8 +240,17 @@ mod tests {
 
     #[tokio::test]
     async fn unknown_backend_lists_the_valid_ones() {
-        let cfg = WireGuardConfig::for_test();
-        let err = AnyCable::start("ipsec", cfg).await.unwrap_err();
+        let settings = CableSettings {
+            device: "cwtest0".into(),
+            underlay_mtu: 1500,
+            listen_port: 0,
+            private_key: boringtun::x25519::StaticSecret::from([1; 32]),
+            health_ip: None,
+            persistent: false,
+            lanes: 1,
+            uapi: false,
+        };
+        let err = AnyCable::start("ipsec", &settings).await.unwrap_err();
         assert_eq!(err.to_string(), "unknown cable backend \"ipsec\"; valid backends: wireguard");
     }
 }

@@ -64,17 +64,19 @@ impl std::fmt::Debug for WireGuardConfig {
 }
 
 impl WireGuardConfig {
-    #[cfg(test)]
-    pub(crate) fn for_test() -> Self {
+    /// The userspace WireGuard driver's reading of the driver-neutral settings: the device
+    /// MTU is the underlay's less WireGuard's encapsulation.
+    #[must_use]
+    pub fn from_settings(s: &super::CableSettings) -> Self {
         Self {
-            device: "cwtest0".into(),
-            mtu: 1420,
-            listen_port: 0,
-            private_key: StaticSecret::from([1; 32]),
-            uapi: false,
-            health_ip: None,
-            persistent: false,
-            lanes: 1,
+            device: s.device.clone(),
+            mtu: s.underlay_mtu.saturating_sub(core::WG_OVERHEAD),
+            listen_port: s.listen_port,
+            private_key: s.private_key.clone(),
+            uapi: s.uapi,
+            health_ip: s.health_ip,
+            persistent: s.persistent,
+            lanes: s.lanes,
         }
     }
 }
@@ -93,6 +95,7 @@ pub(super) enum Command {
 #[derive(Debug)]
 pub struct WireGuardCable {
     device: String,
+    mtu: u16,
     public_key: WireGuardKey,
     local_addr: SocketAddr,
     tx: mpsc::Sender<Command>,
@@ -178,6 +181,7 @@ impl WireGuardCable {
         info!(device = %cfg.device, mtu = cfg.mtu, listen = %local_addr, key = %public_key, lanes = lane_count, "wireguard cable up");
         Ok(Self {
             device: cfg.device,
+            mtu: cfg.mtu,
             public_key,
             local_addr,
             tx,
@@ -187,6 +191,12 @@ impl WireGuardCable {
             uapi,
             persistent: cfg.persistent,
         })
+    }
+
+    /// The tunnel device's MTU.
+    #[must_use]
+    pub fn mtu(&self) -> u16 {
+        self.mtu
     }
 
     #[must_use]

@@ -19,8 +19,9 @@ use ipnetwork::IpNetwork;
 use tracing::{info, warn};
 
 use crate::{
-    cable::{CableDriver, CableError, RemoteEndpoint},
-    desired::{Desired, plan},
+    cable::{CableDriver, CableError},
+    desired::Desired,
+    model::{RemoteEndpoint, plan},
     policy::PolicyInput,
     route::{RouteError, RouteManager, SyncReport},
 };

@@ -11,7 +11,8 @@ use std::{
 use causeway_broker_api::{ClusterRecord, EndpointRecord, GatewayRole, Object, Record, WireGuardKey};
 use ipnetwork::IpNetwork;
 
-use crate::cable::{RemoteEndpoint, StandbyGateway};
+pub use crate::model::{Plan, plan};
+use crate::model::{RemoteEndpoint, StandbyGateway};
 
 /// What the gateway should have, given the cluster set's records.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -213,22 +214,6 @@ fn pick_endpoint<'a>(eps: &[&'a EndpointRecord]) -> Option<&'a EndpointRecord> {
         .filter(|e| e.role == GatewayRole::Active)
         .max_by(|a, b| a.priority.cmp(&b.priority).then_with(|| b.hostname.cmp(&a.hostname)))
         .copied()
-}
-
-/// Changes to make a set of prefixes equal another.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Plan<T> {
-    pub add: Vec<T>,
-    pub remove: Vec<T>,
-}
-
-/// What to add and remove to go from `current` to `desired`.
-#[must_use]
-pub fn plan<T: Ord + Clone>(desired: &BTreeSet<T>, current: &BTreeSet<T>) -> Plan<T> {
-    Plan {
-        add: desired.difference(current).cloned().collect(),
-        remove: current.difference(desired).cloned().collect(),
-    }
 }
 
 #[cfg(test)]

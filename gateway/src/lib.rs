@@ -20,6 +20,7 @@ pub mod controller;
 pub mod daemon;
 pub mod desired;
 pub mod keys;
+pub mod model;
 pub mod policy;
 pub mod route;
 pub mod status;

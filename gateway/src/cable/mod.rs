@@ -5,8 +5,7 @@ pub mod wireguard;
 
 use std::{future::Future, net::SocketAddr, time::Duration};
 
-use causeway_broker_api::{CABLE_BACKENDS, WireGuardKey};
-use ipnetwork::IpNetwork;
+use causeway_broker_api::CABLE_BACKENDS;
 use serde::Serialize;
 
 pub use wireguard::{WireGuardCable, WireGuardConfig};
@@ -39,28 +38,8 @@ pub enum CableError {
     PeerRefused(#[source] wireguard::core::PeerRefused),
 }
 
-/// A remote gateway to connect to (from the broker's records).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RemoteEndpoint {
-    pub cluster_id: String,
-    pub public_key: WireGuardKey,
-    pub endpoint: SocketAddr,
-    /// Prefixes routed to (and accepted from) this cluster.
-    pub cidrs: Vec<IpNetwork>,
-    /// The remote gateway's health-check address (probes are off without one).
-    pub health_ip: Option<std::net::Ipv4Addr>,
-    /// The cluster's standby gateways: peers whose sessions are kept up (keepalives) but who
-    /// carry no prefixes, so that a failover only moves the prefixes to one of them, with no
-    /// handshake on the critical path.
-    pub standbys: Vec<StandbyGateway>,
-}
-
-/// A remote cluster's standby gateway.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct StandbyGateway {
-    pub public_key: WireGuardKey,
-    pub endpoint: SocketAddr,
-}
+// The domain types every part shares live in `model`; the cable takes them as they are.
+pub use crate::model::{RemoteEndpoint, StandbyGateway};
 
 /// Connection state as `show connections` reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

@@ -13,7 +13,7 @@ use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, Ro
 use rtnetlink::{Handle, RouteMessageBuilder};
 use tracing::info;
 
-use crate::desired::plan;
+use crate::model::plan;
 
 pub mod nexthop;
 pub mod node;

@@ -11,7 +11,7 @@ use rtnetlink::{Handle, RouteMessageBuilder};
 use tracing::info;
 
 use super::{ROUTE_PROTOCOL, RouteError, SyncReport, add_if_absent, nexthop::NexthopSocket};
-use crate::desired::plan;
+use crate::model::plan;
 
 /// The id of the node's nexthop object (`ip nexthop show id 202001`).
 pub const NODE_NEXTHOP_ID: u32 = 202_001;

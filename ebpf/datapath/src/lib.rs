@@ -26,10 +26,7 @@ use aya::{
         xdp::XdpLink,
     },
 };
-use causeway_datapath_common::{
-    Config, FlowKey, POLICY_GENERATION_BIT, POLICY_STATE_DENY, POLICY_STATE_ENABLED, POLICY_STATE_GENERATION,
-    PeerSession, PolicyAddr, maps, programs,
-};
+use causeway_datapath_common::{Config, FlowKey, PeerSession, PolicyAddr, maps, programs};
 pub use causeway_datapath_common::{
     MAX_POLICY_RULES, MAX_POLICY_VERDICTS, POLICY_ALLOW, POLICY_ANY, POLICY_DENY, PolicyKey, PolicyVerdict,
     RemoteCidr, Stat, TrafficCounters,
@@ -38,21 +35,11 @@ use ipnetwork::IpNetwork;
 use tracing::{info, warn};
 
 pub mod pin;
+mod policy;
 pub use pin::{PinDir, PinError};
+pub use policy::{PolicyTables, StagedPolicy};
 
-/// Test support.
-pub mod testing {
-    /// The gate of every test that needs root and BPF. Such tests are `#[ignore]`d, so a plain
-    /// `cargo test` reports them as skipped in its own summary; asked for (`--run-ignored all`,
-    /// `--include-ignored`, which `scripts/test.sh` passes) they must run, so not being root
-    /// fails the test instead of passing it silently.
-    pub fn require_root() {
-        let root = std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
-            s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
-        });
-        assert!(root, "this test needs root (BPF, network namespaces): run it as root, or leave it ignored");
-    }
-}
+pub mod testing;
 
 /// The object compiled by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/causeway-datapath"));
@@ -230,22 +217,6 @@ impl Datapath {
         self.attach_tc(programs::CLUSTER_REDIRECT, ifname, TcAttachType::Ingress)
     }
 
-    /// Runs one Ethernet frame through the redirect stage with `BPF_PROG_TEST_RUN`; returns
-    /// its verdict (`TC_ACT_OK` 0: to the stack, `TC_ACT_REDIRECT` 7) and the frame as the
-    /// program left it.
-    pub fn test_cluster_redirect(&mut self, frame: &[u8]) -> Result<(i32, Vec<u8>), DatapathError> {
-        use aya::programs::{TestRun as _, TestRunOptions};
-        let name = programs::CLUSTER_REDIRECT;
-        let prog = self.tunnel_program(name)?;
-        let mut out = vec![0u8; frame.len().max(64)];
-        let opts =
-            TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..TestRunOptions::default() };
-        let r = prog.test_run(opts).map_err(|source| DatapathError::Program { name, source })?;
-        let len = usize::try_from(r.data_size_out).unwrap_or(0).min(out.len());
-        out.truncate(len);
-        Ok((i32::try_from(r.return_value).unwrap_or(i32::MAX), out))
-    }
-
     /// Unpins every pinned link this value did not attach (or re-attach): what an earlier run
     /// attached to an interface this one no longer serves is detached.
     pub fn prune_links(&mut self) -> Result<Vec<String>, DatapathError> {
@@ -329,34 +300,6 @@ impl Datapath {
             prog.load().map_err(|source| DatapathError::Program { name, source })?;
         }
         Ok(prog)
-    }
-
-    /// Runs one IP packet (as the tunnel device carries it: no link-layer header) through the
-    /// egress (`true`) or ingress tunnel program with `BPF_PROG_TEST_RUN`, without attaching
-    /// anything; returns the program's verdict (`TC_ACT_OK` 0, `TC_ACT_SHOT` 2).
-    pub fn test_tunnel(&mut self, egress: bool, packet: &[u8]) -> Result<i32, DatapathError> {
-        let name = if egress { programs::TUNNEL_EGRESS } else { programs::TUNNEL_INGRESS };
-        self.test_tc(name, packet)
-    }
-
-    /// Runs one Ethernet frame through the Ethernet policy program (see
-    /// [`Self::attach_policy_eth`]); returns its verdict.
-    pub fn test_policy_eth(&mut self, frame: &[u8]) -> Result<i32, DatapathError> {
-        self.test_tc(programs::POLICY_ETH, frame)
-    }
-
-    fn test_tc(&mut self, name: &'static str, packet: &[u8]) -> Result<i32, DatapathError> {
-        use aya::programs::{TestRun as _, TestRunOptions};
-        let prog = self.tunnel_program(name)?;
-        // The kernel wants at least an Ethernet header's worth of bytes; the program reads
-        // from offset 0, which is where the packet starts.
-        let mut data = packet.to_vec();
-        if data.len() < 14 {
-            data.resize(14, 0);
-        }
-        let opts = TestRunOptions { data_in: Some(&data), ..TestRunOptions::default() };
-        let r = prog.test_run(opts).map_err(|source| DatapathError::Program { name, source })?;
-        Ok(i32::try_from(r.return_value).unwrap_or(i32::MAX))
     }
 
     /// Sets the largest TCP MSS let through the tunnel from its MTU (IPv4: MTU − 40, IPv6:
@@ -460,39 +403,6 @@ impl Datapath {
             prog.load().map_err(|source| DatapathError::Program { name, source })?;
         }
         Ok(prog)
-    }
-
-    /// Runs the uplink guard at `hook` on one Ethernet frame with `BPF_PROG_TEST_RUN`
-    /// (nothing attached, maps and counters live). (A test run cannot make a GSO socket
-    /// buffer: the kernel refuses `gso_size` in the context; the end-to-end test sends runs.)
-    pub fn test_uplink_guard(
-        &mut self,
-        hook: UplinkHook,
-        frame: &[u8],
-        wireguard_port: u16,
-        rate: u32,
-        burst: u32,
-    ) -> Result<GuardVerdict, DatapathError> {
-        use aya::programs::{TestRun as _, TestRunOptions};
-        let opts = TestRunOptions { data_in: Some(frame), ..TestRunOptions::default() };
-        // Each hook's own return codes: XDP_DROP 1 / XDP_PASS 2, TC_ACT_OK 0 / TC_ACT_SHOT 2.
-        let (name, run, drop, pass) = match hook {
-            UplinkHook::Xdp => {
-                let prog = self.load_uplink_guard(wireguard_port, rate, burst)?;
-                (programs::UPLINK_GUARD, prog.test_run(opts), 1, 2)
-            }
-            UplinkHook::Tc => {
-                self.configure_uplink_guard(wireguard_port, rate, burst)?;
-                let prog = self.tunnel_program(programs::UPLINK_GUARD_TC)?;
-                (programs::UPLINK_GUARD_TC, prog.test_run(opts), 2, 0)
-            }
-        };
-        let r = run.map_err(|source| DatapathError::Program { name, source })?;
-        Ok(match r.return_value {
-            v if v == drop => GuardVerdict::Drop,
-            v if v == pass => GuardVerdict::Pass,
-            other => GuardVerdict::Other(i64::from(other)),
-        })
     }
 
     /// Makes the known-peer set equal `peers` (the addresses data messages may come from).
@@ -616,132 +526,6 @@ impl Datapath {
         }
     }
 
-    /// Makes the kernel's policy `t`, atomically: a packet is judged by the old policy or by
-    /// the new one, never by a mix. [`Self::stage_policy`], then [`Self::commit_policy`].
-    pub fn set_policy(&mut self, t: &PolicyTables) -> Result<(), DatapathError> {
-        let staged = self.stage_policy(t)?;
-        self.commit_policy(staged)
-    }
-
-    /// Writes `t` into the generation of the tables that is not live (after clearing what an
-    /// interrupted update may have left there). The live policy keeps deciding every packet;
-    /// an error (a full map) leaves it in force, whole.
-    pub fn stage_policy(&mut self, t: &PolicyTables) -> Result<StagedPolicy, DatapathError> {
-        let next = 1 - self.policy_state()?.generation;
-        self.remove_policy_generation(next)?;
-        let tag = if next == 1 { POLICY_GENERATION_BIT } else { 0 };
-        for (name, trie, want) in [
-            (maps::POLICY_SRC_V4, &mut self.policy_src, &t.src_v4),
-            (maps::POLICY_DST_V4, &mut self.policy_dst, &t.dst_v4),
-        ] {
-            for (net, class) in want {
-                let key = Key::new(
-                    32 + u32::from(net.prefix()),
-                    PolicyAddr { generation: next, addr: u32::from_ne_bytes(net.network().octets()) },
-                );
-                trie.insert(&key, class | tag, 0).map_err(map_err(name))?;
-            }
-        }
-        for (k, v) in &t.verdicts {
-            let k = PolicyKey { src_class: k.src_class | tag, dst_class: k.dst_class | tag, ..*k };
-            self.policy_verdicts.insert(k, v, 0).map_err(map_err(maps::POLICY_VERDICTS))?;
-        }
-        Ok(StagedPolicy { generation: next, enabled: t.enabled, default_deny: t.default_deny })
-    }
-
-    /// Makes a staged policy live with one write of the policy word, then removes the old
-    /// generation's tables.
-    pub fn commit_policy(&mut self, staged: StagedPolicy) -> Result<(), DatapathError> {
-        self.config.set(Config::PolicyState as u32, staged.word(), 0).map_err(map_err(maps::CONFIG))?;
-        self.remove_policy_generation(1 - staged.generation)
-    }
-
-    /// The live policy word, decoded.
-    pub fn policy_state(&self) -> Result<StagedPolicy, DatapathError> {
-        let word = self.config.get(&(Config::PolicyState as u32), 0).map_err(map_err(maps::CONFIG))?;
-        Ok(StagedPolicy {
-            generation: u32::from(word & POLICY_STATE_GENERATION != 0),
-            enabled: word & POLICY_STATE_ENABLED != 0,
-            default_deny: word & POLICY_STATE_DENY != 0,
-        })
-    }
-
-    /// Entries in the policy tables, both generations: (source trie, destination trie,
-    /// verdicts). Outside an update only the live generation has any.
-    pub fn policy_table_sizes(&self) -> Result<(usize, usize, usize), DatapathError> {
-        fn count<K>(
-            mut keys: impl Iterator<Item = Result<K, MapError>>,
-            name: &'static str,
-        ) -> Result<usize, DatapathError> {
-            keys.try_fold(0, |n, k| k.map(|_| n + 1)).map_err(map_err(name))
-        }
-        let src = count(self.policy_src.keys(), maps::POLICY_SRC_V4)?;
-        let dst = count(self.policy_dst.keys(), maps::POLICY_DST_V4)?;
-        let verdicts = count(self.policy_verdicts.keys(), maps::POLICY_VERDICTS)?;
-        Ok((src, dst, verdicts))
-    }
-
-    fn remove_policy_generation(&mut self, generation: u32) -> Result<(), DatapathError> {
-        for (name, trie) in
-            [(maps::POLICY_SRC_V4, &mut self.policy_src), (maps::POLICY_DST_V4, &mut self.policy_dst)]
-        {
-            let stale: Vec<Key<PolicyAddr>> = trie
-                .keys()
-                .filter_map(|k| match k {
-                    Ok(k) if k.data().generation == generation => Some(Ok(k)),
-                    Ok(_) => None,
-                    Err(e) => Some(Err(e)),
-                })
-                .collect::<Result<_, _>>()
-                .map_err(map_err(name))?;
-            for k in stale {
-                ignore_not_found(trie.remove(&k).map_err(map_err(name)))?;
-            }
-        }
-        let tag = if generation == 1 { POLICY_GENERATION_BIT } else { 0 };
-        let stale: Vec<PolicyKey> = self
-            .policy_verdicts
-            .keys()
-            .filter_map(|k| match k {
-                Ok(k) if k.src_class & POLICY_GENERATION_BIT == tag => Some(Ok(k)),
-                Ok(_) => None,
-                Err(e) => Some(Err(e)),
-            })
-            .collect::<Result<_, _>>()
-            .map_err(map_err(maps::POLICY_VERDICTS))?;
-        for k in stale {
-            ignore_not_found(self.policy_verdicts.remove(&k).map_err(map_err(maps::POLICY_VERDICTS)))?;
-        }
-        Ok(())
-    }
-
-    /// Switches enforcement of the installed tables on or off (nothing else changes).
-    pub fn set_policy_enabled(&mut self, on: bool) -> Result<(), DatapathError> {
-        let word = StagedPolicy { enabled: on, ..self.policy_state()? }.word();
-        self.config.set(Config::PolicyState as u32, word, 0).map_err(map_err(maps::CONFIG))
-    }
-
-    /// Forgets the flows the policy allowed (their replies are judged afresh).
-    pub fn clear_policy_flows(&mut self) -> Result<(), DatapathError> {
-        let keys: Vec<FlowKey> =
-            self.policy_flows.keys().collect::<Result<_, _>>().map_err(map_err(maps::POLICY_FLOWS))?;
-        for k in keys {
-            ignore_not_found(self.policy_flows.remove(&k).map_err(map_err(maps::POLICY_FLOWS)))?;
-        }
-        Ok(())
-    }
-
-    /// Packets dropped by each of the first `rules` rule indices, and by the default action
-    /// (sums over CPUs).
-    pub fn policy_drops(&self, rules: usize) -> Result<(Vec<u64>, u64), DatapathError> {
-        let get = |i: u32| -> Result<u64, DatapathError> {
-            Ok(self.policy_drops.get(&i, 0).map_err(map_err(maps::POLICY_DROPS))?.iter().sum())
-        };
-        let n = u32::try_from(rules).unwrap_or(MAX_POLICY_RULES).min(MAX_POLICY_RULES);
-        let per_rule = (0..n).map(get).collect::<Result<_, _>>()?;
-        Ok((per_rule, get(MAX_POLICY_RULES)?))
-    }
-
     /// Datapath-wide counters (sum over CPUs).
     pub fn stats(&self) -> Result<Vec<(Stat, u64)>, DatapathError> {
         Stat::ALL
@@ -752,42 +536,6 @@ impl Datapath {
             })
             .collect()
     }
-}
-
-/// A policy written into the tables' spare generation, not yet live
-/// ([`Datapath::stage_policy`]); also the live policy word, decoded.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct StagedPolicy {
-    /// Which generation of the tables (0 or 1).
-    pub generation: u32,
-    pub enabled: bool,
-    pub default_deny: bool,
-}
-
-impl StagedPolicy {
-    /// The policy word (`Config::PolicyState`) that makes this policy live.
-    #[must_use]
-    pub fn word(self) -> u32 {
-        let flag = |on: bool, bit: u32| if on { bit } else { 0 };
-        flag(self.enabled, POLICY_STATE_ENABLED)
-            | flag(self.default_deny, POLICY_STATE_DENY)
-            | flag(self.generation == 1, POLICY_STATE_GENERATION)
-    }
-}
-
-/// A compiled cluster-set policy, as the kernel holds it (the gateway's policy compiler
-/// builds it; [`Datapath::set_policy`] installs it).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct PolicyTables {
-    /// Off: no lookups at all, everything passes.
-    pub enabled: bool,
-    /// What happens when no rule matches.
-    pub default_deny: bool,
-    /// Source prefix → source class.
-    pub src_v4: BTreeMap<ipnetwork::Ipv4Network, u32>,
-    /// Destination prefix → destination class.
-    pub dst_v4: BTreeMap<ipnetwork::Ipv4Network, u32>,
-    pub verdicts: BTreeMap<PolicyKey, PolicyVerdict>,
 }
 
 impl Drop for Datapath {

@@ -168,6 +168,12 @@ pub fn deploy_broker(a: DeployBrokerArgs) -> anyhow::Result<()> {
             ),
         );
     }
+    // A dry run that would quietly do the real thing is worse than none.
+    if a.dry_run {
+        bail!(
+            "--dry-run applies to Kubernetes deployments; deploy-broker --local has nothing to preview (nothing was written)"
+        );
+    }
     let dir = &a.data_dir.clone().unwrap_or_else(|| PathBuf::from("/var/lib/causeway-broker"));
     // Before anything is written: a refused store must leave no half-made broker behind.
     a.store.check()?;
@@ -307,6 +313,11 @@ pub async fn join(a: JoinArgs) -> anyhow::Result<()> {
             },
         )
         .await;
+    }
+    if a.dry_run {
+        bail!(
+            "--dry-run applies to joining a Kubernetes cluster (--kubeconfig/--context); without one, join registers at once (nothing was registered)"
+        );
     }
     if a.pod_cidrs.is_empty() {
         bail!(

@@ -122,3 +122,56 @@ fn the_broker_benchmark_runs() {
     let (p50, max) = (r["p50Ms"].as_f64().unwrap(), r["maxMs"].as_f64().unwrap());
     assert!(p50 > 0.0 && p50 <= max, "{results}");
 }
+
+/// `--dry-run` outside Kubernetes is refused with a clear error and changes nothing: before,
+/// `deploy-broker --local --dry-run` created a broker and `join --dry-run` registered the
+/// cluster.
+#[test]
+fn a_dry_run_outside_kubernetes_is_refused_and_changes_nothing() {
+    let dir = std::env::temp_dir().join(format!("cw-dry-run-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let d = dir.display().to_string();
+    let out = Command::new(causeway_bin())
+        .args(["deploy-broker", "--local", "--dry-run", "--data-dir", &d, "--address", "127.0.0.1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--dry-run applies to Kubernetes"), "{out:?}");
+    assert!(!dir.exists(), "a refused dry run writes nothing");
+
+    // A real broker to join, then a dry-run join: refused, and the cluster is not registered.
+    let port = free_port();
+    let deployed = Command::new(causeway_bin())
+        .args(["deploy-broker", "--local", "--data-dir", &d, "--address", "127.0.0.1"])
+        .args(["--port", &port.to_string()])
+        .output()
+        .unwrap();
+    assert!(deployed.status.success(), "{}", String::from_utf8_lossy(&deployed.stderr));
+    let mut broker = start_broker(&dir, port);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let admin = Credentials::load(&dir.join("admin-credentials.json")).unwrap();
+    let client = BrokerClient::from_credentials(&admin).unwrap();
+    rt.block_on(wait_up(&client));
+    let out = Command::new(causeway_bin())
+        .args(["join", &dir.join("broker-info.json").display().to_string(), "--cluster-id", "east"])
+        .args([
+            "--pod-cidr",
+            "10.1.0.0/16",
+            "--dry-run",
+            "--output",
+            &dir.join("east.json").display().to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--dry-run applies to joining a Kubernetes cluster"),
+        "{out:?}"
+    );
+    assert!(!dir.join("east.json").exists());
+    let listed = rt.block_on(client.list()).unwrap();
+    assert!(listed.items.is_empty(), "nothing registered: {:?}", listed.items);
+    broker.kill().unwrap();
+    broker.wait().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}

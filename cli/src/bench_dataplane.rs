@@ -142,12 +142,25 @@ pub(crate) fn median(v: &[f64]) -> f64 {
     if s.is_empty() { 0.0 } else { s[s.len() / 2] }
 }
 
+/// The two-cluster topology every benchmark measures, named `prefix`…, with no metrics
+/// listeners (nothing but the measured traffic).
+pub(crate) fn topology(prefix: &str) -> anyhow::Result<Topology> {
+    let mut spec = TopologySpec::new(prefix, 2, std::env::current_exe()?);
+    spec.gateway_args = vec!["--metrics-listen".into(), "off".into()];
+    Topology::build(spec)
+}
+
+/// Starts a broker and both clusters' Causeway gateways, and waits for the tunnel.
+pub(crate) fn start_causeway(t: &mut Topology) -> anyhow::Result<()> {
+    t.start_broker()?;
+    t.start_gateway(1)?;
+    t.start_gateway(2)?;
+    t.wait_connected(Duration::from_secs(30))
+}
+
 /// Builds the topology of one configuration and starts its data plane.
 fn build(config: Config) -> anyhow::Result<Topology> {
-    let bin = std::env::current_exe()?;
-    let mut spec = TopologySpec::new(config.prefix(), 2, bin);
-    spec.gateway_args = vec!["--metrics-listen".into(), "off".into()];
-    let mut t = Topology::build(spec)?;
+    let mut t = topology(config.prefix())?;
     match config {
         Config::Raw => {
             // Plain IP forwarding between the gateways over the underlay.
@@ -158,12 +171,7 @@ fn build(config: Config) -> anyhow::Result<Topology> {
                 }
             }
         }
-        Config::Causeway => {
-            t.start_broker()?;
-            t.start_gateway(1)?;
-            t.start_gateway(2)?;
-            t.wait_connected(Duration::from_secs(30))?;
-        }
+        Config::Causeway => start_causeway(&mut t)?,
         Config::WireguardGo | Config::BoringtunCli => userspace_wireguard(&t, config)?,
     }
     Ok(t)

@@ -4,6 +4,8 @@
 #[cfg(feature = "sandbox")]
 mod bench;
 #[cfg(feature = "sandbox")]
+mod bench_attack;
+#[cfg(feature = "sandbox")]
 mod bench_dataplane;
 #[cfg(feature = "sandbox")]
 mod bench_policy;
@@ -109,6 +111,9 @@ enum BenchCmd {
     Broker(bench::BrokerBenchArgs),
     /// Pod-to-pod throughput, packet rate and latency: raw veth vs Causeway vs wireguard-go.
     Dataplane(bench_dataplane::DataplaneBenchArgs),
+    /// A TCP stream's rate while the receiving gateway's WireGuard port is flooded with
+    /// spoofed data and forged handshake messages, against its undisturbed rate.
+    Attack(bench_attack::AttackBenchArgs),
     /// Forwarding cost of 10 … 100,000 policy rules: Causeway's eBPF tables vs iptables.
     Policy(bench_policy::PolicyBenchArgs),
 }
@@ -155,6 +160,10 @@ enum DebugCmd {
         /// hostile, and any source can be forged).
         #[arg(long)]
         spoof_source: Option<std::net::SocketAddrV4>,
+        /// Pace the datagrams at this many per second (default: as fast as the socket takes
+        /// them).
+        #[arg(long)]
+        rate: Option<u32>,
     },
     /// Echo UDP datagrams back to their sender.
     UdpEcho {
@@ -406,6 +415,11 @@ fn main() -> anyhow::Result<()> {
             bench_dataplane::run(a)
         }
         #[cfg(feature = "sandbox")]
+        Cmd::Benchmark { what: BenchCmd::Attack(a) } => {
+            telemetry::init("warn");
+            bench_attack::run(a)
+        }
+        #[cfg(feature = "sandbox")]
         Cmd::Benchmark { what: BenchCmd::Policy(a) } => {
             telemetry::init("warn");
             bench_policy::run(a)
@@ -459,8 +473,8 @@ fn main() -> anyhow::Result<()> {
                 telemetry::init("warn");
                 bench_policy::hold(&interface, entries, from_cidr, to_cidr)
             }
-            DebugCmd::UdpFlood { target, kind, count, gso, spoof_source } => {
-                tools::udp_flood(&target, &kind, count, gso, spoof_source)
+            DebugCmd::UdpFlood { target, kind, count, gso, spoof_source, rate } => {
+                tools::udp_flood(&target, &kind, count, gso, spoof_source, rate)
             }
             DebugCmd::UdpPing { connect, size, count } => tools::udp_ping(&connect, size, count),
             DebugCmd::Put { credentials } => {

@@ -150,15 +150,17 @@ fn send_spoofed(
 /// Sends `count` hostile datagrams to `target` (a test of the uplink guard): `garbage` (random
 /// bytes), `data` (forged WireGuard data messages), `init`, `response` or `cookie` (handshake
 /// messages with random contents). With `gso`, they leave in runs of that many (garbage then has
-/// a fixed length); with `spoof`, one at a time from that address (a raw socket).
-/// Prints how many were sent.
+/// a fixed length); with `spoof`, one at a time from that address (a raw socket); with `rate`,
+/// paced at that many per second. Prints how many were sent.
 pub fn udp_flood(
     target: &str,
     kind: &str,
     count: u32,
     gso: Option<u16>,
     spoof: Option<std::net::SocketAddrV4>,
+    rate: Option<u32>,
 ) -> anyhow::Result<()> {
+    anyhow::ensure!(rate != Some(0), "--rate must be at least 1 datagram per second");
     let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
     s.connect(target).with_context(|| format!("connecting to {target}"))?;
     let dst: std::net::SocketAddr = s.peer_addr()?;
@@ -185,20 +187,42 @@ pub fn udp_flood(
         x
     };
     let mut sent = 0u32;
-    for _ in 0..count {
+    let started = std::time::Instant::now();
+    for i in 0..count {
+        if let Some(rate) = rate {
+            // Sleep whenever we are ahead of the schedule (a steady attacker, not a burst
+            // then silence), checked every 32 datagrams to keep the sender cheap.
+            if i % 32 == 0 {
+                let due = std::time::Duration::from_secs_f64(f64::from(i) / f64::from(rate));
+                if let Some(ahead) = due.checked_sub(started.elapsed()) {
+                    std::thread::sleep(ahead);
+                }
+            }
+        }
+        // Eight random bytes per draw: the attacker's own CPU is part of what a benchmark on
+        // one machine measures, so keep it small.
+        let mut random = |header: [u8; 4], len: usize| -> Vec<u8> {
+            let mut m = Vec::with_capacity(len + 8);
+            m.extend_from_slice(&header);
+            while m.len() < len {
+                m.extend_from_slice(&next().to_le_bytes());
+            }
+            m.truncate(len);
+            m
+        };
         let mut msg: Vec<u8> = match kind {
             "garbage" => {
-                let len = if gso.is_some() { 100 } else { 1 + usize::try_from(next() % 200).unwrap_or(1) };
-                let mut m: Vec<u8> = (0..len).map(|_| next().to_le_bytes()[0]).collect();
+                let mut m = random([0x42, 0, 0, 0], 208);
+                let len = if gso.is_some() { 100 } else { 1 + usize::from(m[4]) % 200 };
+                m.drain(1..4); // random bytes after the type
+                m.truncate(len);
                 m[0] = 0x42; // never a WireGuard message type
                 m
             }
-            "data" => [4u8, 0, 0, 0].into_iter().chain((0..60).map(|_| next().to_le_bytes()[0])).collect(),
-            "init" => [1u8, 0, 0, 0].into_iter().chain((0..144).map(|_| next().to_le_bytes()[0])).collect(),
-            "response" => {
-                [2u8, 0, 0, 0].into_iter().chain((0..88).map(|_| next().to_le_bytes()[0])).collect()
-            }
-            "cookie" => [3u8, 0, 0, 0].into_iter().chain((0..60).map(|_| next().to_le_bytes()[0])).collect(),
+            "data" => random([4, 0, 0, 0], 64),
+            "init" => random([1, 0, 0, 0], 148),
+            "response" => random([2, 0, 0, 0], 92),
+            "cookie" => random([3, 0, 0, 0], 64),
             other => anyhow::bail!("unknown --kind {other:?}: garbage, data, init, response or cookie"),
         };
         msg.truncate(1500);

@@ -12,7 +12,8 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use causeway_broker_api::{
-    BrokerClient, ClusterRecord, Credentials, EndpointRecord, GatewayRole, Record, WireGuardKey,
+    BrokerClient, ClusterRecord, Credentials, EndpointRecord, GatewayRole, Record, Reflector, Snapshot,
+    WireGuardKey,
 };
 use serde::Serialize;
 
@@ -193,33 +194,35 @@ async fn measure(n: u32, rounds: u32, etcd: Option<&[String]>, replicas: u16) ->
     let setup_secs = setup.elapsed().as_secs_f64();
     eprintln!("==> {n} clusters registered in {setup_secs:.1} s; starting {n} watchers");
     let rv = clients[0].list().await?.resource_version;
-    // Each watcher long-polls from `rv` and reports when it sees endpoint c0/gw at port p.
+    // Each watcher is a gateway's reflector, resumed from `rv` (the records before it do
+    // not matter here, and a thousand lists of the whole set would only measure lists), and
+    // reports when it sees c0's endpoint at a new port.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u16, Instant)>();
     let stop = Arc::new(tokio::sync::Notify::new());
+    let watched = Record::Endpoint(endpoint("c0", 0)).key();
     for (i, c) in clients.iter().enumerate() {
-        let c = on_replica(c, i % ports.len());
-        let tx = tx.clone();
-        let stop = stop.clone();
+        let start = Snapshot { revision: rv, objects: std::collections::BTreeMap::new() };
+        let mut reflector = Reflector::resume(on_replica(c, i % ports.len()), Duration::from_secs(60), start);
+        let (tx, stop, watched) = (tx.clone(), stop.clone(), watched.clone());
         tokio::spawn(async move {
-            let mut since = rv;
+            let mut seen = None;
             loop {
-                let w = tokio::select! {
-                    w = c.watch(since, Duration::from_secs(60)) => w,
+                let step = tokio::select! {
+                    step = reflector.next() => step,
                     () = stop.notified() => return,
                 };
-                let Ok(w) = w else {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                };
                 let now = Instant::now();
-                for e in &w.events {
-                    if let Record::Endpoint(ep) = &e.object.record
-                        && ep.cluster_id == "c0"
-                    {
-                        let _ = tx.send((ep.port, now));
-                    }
+                if step.is_err() {
+                    continue; // the reflector backed off already
                 }
-                since = w.resource_version;
+                let port = reflector.snapshot().objects.get(&watched).and_then(|o| match &o.record {
+                    Record::Endpoint(ep) => Some(ep.port),
+                    _ => None,
+                });
+                if port.is_some() && port != seen {
+                    seen = port;
+                    let _ = tx.send((port.unwrap_or(0), now));
+                }
             }
         });
     }

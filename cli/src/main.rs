@@ -338,7 +338,7 @@ struct GatewayArgs {
     #[arg(long = "cluster-interface", env = "CAUSEWAY_CLUSTER_INTERFACES", value_delimiter = ',')]
     cluster_interfaces: Vec<String>,
     /// I/O threads of the tunnel, each with its own device queue and UDP socket; the kernel
-    /// keeps every flow on one of them (0: one per CPU, up to four).
+    /// keeps every flow on one of them (0: one per CPU, up to 64).
     #[arg(long, env = "CAUSEWAY_TUNNEL_LANES", default_value_t = 0)]
     tunnel_lanes: usize,
     /// Pin nothing and remove the tunnel device, routes and programs on exit (the data plane

@@ -15,7 +15,7 @@ use tracing::{info, warn};
 
 use crate::{
     desired::{LocalFacts, desired},
-    route::{RouteError, node::NodeRoutes},
+    route::{Netlink, RouteError, node::NodeRoutes},
 };
 
 /// What a node should have.
@@ -93,7 +93,8 @@ pub async fn run(
     mut gateways: Option<watch::Receiver<Option<IpAddr>>>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), AgentError> {
-    let mut agent = Agent { routes: NodeRoutes::new().await?, applied: NodeView::default() };
+    let netlink = Netlink::open()?;
+    let mut agent = Agent { routes: NodeRoutes::new(&netlink), applied: NodeView::default() };
     let mut shutdown = std::pin::pin!(shutdown);
     // The shared reflector: list once, then watch; after broker trouble it backs off (with
     // jitter) and resumes from the last revision. Routes stay as they are meanwhile.
@@ -101,7 +102,7 @@ pub async fn run(
     let mut synced = false;
     info!(cluster = %local_cluster, "route agent started");
     loop {
-        let facts = match crate::route::local_addresses().await {
+        let facts = match netlink.local_addresses().await {
             Ok(addresses) => LocalFacts { addresses, public_key: None },
             Err(e) => {
                 warn!(error = %e, "listing this node's addresses failed; remote prefixes are checked without them");

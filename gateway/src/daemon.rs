@@ -28,7 +28,7 @@ use crate::{
     controller::Controller,
     desired::{Desired, LocalFacts, desired},
     keys::{KeyError, KeyPair},
-    route::{RouteError, RouteManager},
+    route::{Netlink, RouteError, RouteManager},
     status::{ConnectionView, DatapathCounters, GatewayStatus},
 };
 
@@ -111,6 +111,7 @@ pub struct Shared {
     local: LocalCluster,
     config: GatewayConfig,
     public_key: String,
+    netlink: Netlink,
     /// The reconcilers and the resources they own (cable, datapath tables, routes).
     ctl: Controller<AnyCable, Datapath, RouteManager>,
     revision: u64,
@@ -261,8 +262,8 @@ async fn register(
 
 /// TC for a veth uplink (an XDP program there makes the peer segment every GSO run, which
 /// costs more than an early drop saves), XDP for anything else.
-async fn auto_uplink_hook(uplink: &str) -> UplinkHook {
-    match crate::route::link_kind(uplink).await {
+async fn auto_uplink_hook(netlink: &Netlink, uplink: &str) -> UplinkHook {
+    match netlink.link_kind(uplink).await {
         Ok(Some(kind)) if kind == "veth" => UplinkHook::Tc,
         Ok(_) => UplinkHook::Xdp,
         Err(e) => {
@@ -281,6 +282,7 @@ pub async fn run(
 ) -> Result<(), GatewayError> {
     let local = source.local_cluster().await?;
     let key = crate::keys::load_or_generate(&config.key_file)?;
+    let netlink = Netlink::open()?;
     let cable = AnyCable::start(
         &config.cable,
         &CableSettings {
@@ -292,6 +294,7 @@ pub async fn run(
             persistent: config.bpf_dir.is_some(),
             lanes: config.lanes,
             uapi: config.uapi,
+            netlink: netlink.clone(),
         },
     )
     .await?;
@@ -304,7 +307,7 @@ pub async fn run(
     if let Some(uplink) = &config.uplink {
         let hook = match config.uplink_hook {
             Some(hook) => hook,
-            None => auto_uplink_hook(uplink).await,
+            None => auto_uplink_hook(&netlink, uplink).await,
         };
         info!(interface = %uplink, ?hook, "uplink guard");
         datapath.attach_uplink_guard(uplink, hook, config.listen_port, HANDSHAKE_RATE, HANDSHAKE_BURST)?;
@@ -313,13 +316,14 @@ pub async fn run(
         datapath.attach_cluster_redirect(ifname)?;
     }
     datapath.prune_links()?;
-    let routes = RouteManager::new(cable.device()).await?;
+    let routes = RouteManager::new(&netlink, cable.device()).await?;
     let tunnel_ifindex = routes.ifindex();
     let backend = cable.name();
     let shared = Arc::new(Mutex::new(Shared {
         local: local.clone(),
         config: config.clone(),
         public_key: key.public.to_string(),
+        netlink,
         ctl: Controller::new(cable, datapath, routes, tunnel_ifindex),
         revision: 0,
     }));
@@ -405,7 +409,8 @@ pub async fn run(
 /// device and its pinned maps and links. Runs every step and reports all failures.
 pub async fn cleanup(device: &str, bpf_dir: &std::path::Path) -> Result<(), GatewayError> {
     let mut errors = Vec::new();
-    match RouteManager::new(device).await {
+    let netlink = Netlink::open()?;
+    match RouteManager::new(&netlink, device).await {
         Ok(routes) => {
             if let Err(e) = routes.sync(&BTreeSet::new()).await {
                 errors.push(e.into());
@@ -414,7 +419,7 @@ pub async fn cleanup(device: &str, bpf_dir: &std::path::Path) -> Result<(), Gate
         Err(crate::route::RouteError::NoInterface { .. }) => {}
         Err(e) => errors.push(e.into()),
     }
-    if let Err(e) = crate::route::delete_link(device).await {
+    if let Err(e) = netlink.delete_link(device).await {
         errors.push(e.into());
     }
     if let Err(e) = causeway_datapath::PinDir::at(bpf_dir).remove() {
@@ -449,14 +454,17 @@ async fn heartbeat(client: BrokerClient, ep: EndpointRecord, every: Duration) {
 }
 
 async fn apply(shared: &Arc<Mutex<Shared>>, snapshot: &Snapshot, local: &LocalCluster) {
-    let addresses = match crate::route::local_addresses().await {
+    let (netlink, public_key) = {
+        let s = shared.lock().await;
+        (s.netlink.clone(), s.public_key.parse().ok())
+    };
+    let addresses = match netlink.local_addresses().await {
         Ok(a) => a,
         Err(e) => {
             warn!(error = %e, "listing this node's addresses failed; remote prefixes are checked without them");
             Vec::new()
         }
     };
-    let public_key = shared.lock().await.public_key.parse().ok();
     let d = desired(&snapshot.objects(), &local.cluster_id, &LocalFacts { addresses, public_key });
     let mut s = shared.lock().await;
     s.revision = snapshot.revision;

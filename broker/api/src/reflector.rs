@@ -120,6 +120,13 @@ impl Reflector {
         }
     }
 
+    /// Starts from `snapshot`, taken from the broker at its revision, and watches from there
+    /// without a list of its own (many members started from one list; a 410 still re-lists).
+    #[must_use]
+    pub fn resume(client: BrokerClient, wait: Duration, snapshot: Snapshot) -> Self {
+        Self { snapshot, synced: true, ..Self::new(client, wait) }
+    }
+
     /// Waits for the next change. On a broker error it sleeps its backoff first and returns
     /// the error; the next call resumes watching from the last revision seen.
     pub async fn next(&mut self) -> Result<Step, ClientError> {

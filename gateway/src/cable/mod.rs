@@ -32,6 +32,12 @@ pub enum CableError {
         #[source]
         source: std::io::Error,
     },
+    #[error("removing the tunnel device {name}: {source}")]
+    RemoveDevice {
+        name: String,
+        #[source]
+        source: Box<crate::route::RouteError>,
+    },
     #[error("the cable's I/O task has stopped")]
     Stopped,
     #[error("peer refused: {0}")]
@@ -113,6 +119,8 @@ pub struct CableSettings {
     pub lanes: usize,
     /// Serve the driver's management socket (`wg show`), for drivers that have one.
     pub uapi: bool,
+    /// The process's netlink owner (a driver removes its persistent device through it).
+    pub netlink: crate::route::Netlink,
 }
 
 impl std::fmt::Debug for CableSettings {
@@ -228,6 +236,7 @@ mod tests {
             persistent: false,
             lanes: 1,
             uapi: false,
+            netlink: crate::route::Netlink::open().unwrap(),
         };
         let err = AnyCable::start("ipsec", &settings).await.unwrap_err();
         assert_eq!(err.to_string(), "unknown cable backend \"ipsec\"; valid backends: wireguard");

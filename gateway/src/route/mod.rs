@@ -1,11 +1,15 @@
-//! Kernel routes for remote prefixes (the only rtnetlink user): through the tunnel device on a
-//! gateway ([`RouteManager`]), and through the active gateway's nexthop on the other nodes
-//! ([`node::NodeRoutes`]).
+//! Kernel routes for remote prefixes, and the process's one netlink owner ([`Netlink`]):
+//! routes through the tunnel device on a gateway ([`RouteManager`]), and through the active
+//! gateway's nexthop on the other nodes ([`node::NodeRoutes`]).
 //!
 //! Our routes carry their own protocol number, so the gateway can list exactly the routes it
 //! owns and remove stale ones after a restart without touching anybody else's.
 
-use std::{collections::BTreeSet, net::IpAddr};
+use std::{
+    collections::BTreeSet,
+    net::IpAddr,
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
+};
 
 use futures::TryStreamExt as _;
 use ipnetwork::IpNetwork;
@@ -13,6 +17,7 @@ use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, Ro
 use rtnetlink::{Handle, RouteMessageBuilder};
 use tracing::info;
 
+use self::nexthop::{NexthopError, NexthopSocket};
 use crate::model::plan;
 
 pub mod nexthop;
@@ -28,7 +33,7 @@ pub enum RouteError {
     #[error("interface {name} not found")]
     NoInterface { name: String },
     #[error("nexthop: {0}")]
-    Nexthop(String),
+    Nexthop(#[source] NexthopError),
     #[error("netlink {op} {what}: {source}")]
     Netlink {
         op: &'static str,
@@ -62,28 +67,106 @@ async fn add_if_absent(handle: &Handle, msg: RouteMessage, net: IpNetwork) -> Re
     }
 }
 
-/// The addresses of every interface in the calling thread's namespace: remote prefixes that
-/// would cover one are refused (see `desired::LocalFacts`).
-pub async fn local_addresses() -> Result<Vec<IpAddr>, RouteError> {
-    use netlink_packet_route::address::AddressAttribute;
-    let (conn, handle, _) = rtnetlink::new_connection().map_err(RouteError::Connect)?;
-    tokio::spawn(conn);
-    let mut stream = handle.address().get().execute();
-    let mut out = Vec::new();
-    while let Some(msg) = stream.try_next().await.map_err(|source| RouteError::Netlink {
-        op: "dump",
-        what: "addresses".into(),
-        source,
-    })? {
-        for a in &msg.attributes {
-            if let AddressAttribute::Address(ip) | AddressAttribute::Local(ip) = a {
-                out.push(*ip);
+/// The process's one netlink owner: an rtnetlink connection and the nexthop socket (which
+/// rtnetlink does not speak), opened once in the calling thread's namespace and lent to the
+/// cable, the gateway's routes and the route agent. Clones share both.
+#[derive(Clone)]
+pub struct Netlink {
+    handle: Handle,
+    nexthops: Arc<Mutex<NexthopSocket>>,
+}
+
+impl std::fmt::Debug for Netlink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Netlink").finish_non_exhaustive()
+    }
+}
+
+impl Netlink {
+    /// Opens both sockets in the calling thread's namespace; the connection's task runs on the
+    /// current tokio runtime.
+    pub fn open() -> Result<Self, RouteError> {
+        let (conn, handle, _) = rtnetlink::new_connection().map_err(RouteError::Connect)?;
+        tokio::spawn(conn);
+        let nexthops = NexthopSocket::open().map_err(RouteError::Nexthop)?;
+        Ok(Self { handle, nexthops: Arc::new(Mutex::new(nexthops)) })
+    }
+
+    pub(crate) fn handle(&self) -> &Handle {
+        &self.handle
+    }
+
+    /// The nexthop socket; requests on it are short and synchronous.
+    pub(crate) fn nexthops(&self) -> MutexGuard<'_, NexthopSocket> {
+        self.nexthops.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The addresses of every interface in the namespace: remote prefixes that would cover
+    /// one are refused (see `desired::LocalFacts`).
+    pub async fn local_addresses(&self) -> Result<Vec<IpAddr>, RouteError> {
+        use netlink_packet_route::address::AddressAttribute;
+        let mut stream = self.handle.address().get().execute();
+        let mut out = Vec::new();
+        while let Some(msg) = stream.try_next().await.map_err(|source| RouteError::Netlink {
+            op: "dump",
+            what: "addresses".into(),
+            source,
+        })? {
+            for a in &msg.attributes {
+                if let AddressAttribute::Address(ip) | AddressAttribute::Local(ip) = a {
+                    out.push(*ip);
+                }
             }
         }
+        out.sort();
+        out.dedup();
+        Ok(out)
     }
-    out.sort();
-    out.dedup();
-    Ok(out)
+
+    /// Deletes interface `name`; absent is success.
+    pub async fn delete_link(&self, name: &str) -> Result<(), RouteError> {
+        let found = self.handle.link().get().match_name(name.to_owned()).execute().try_next().await;
+        let index = match found {
+            Ok(Some(link)) => link.header.index,
+            Ok(None) => return Ok(()),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => return Ok(()),
+            Err(source) => return Err(RouteError::Netlink { op: "get link", what: name.to_owned(), source }),
+        };
+        self.handle.link().del(index).execute().await.map_err(|source| RouteError::Netlink {
+            op: "delete link",
+            what: name.to_owned(),
+            source,
+        })?;
+        info!(device = name, "device removed");
+        Ok(())
+    }
+
+    /// The kind of interface `name` (`veth`, `vxlan`, …; `None` for a physical device, which
+    /// has no link info).
+    pub async fn link_kind(&self, name: &str) -> Result<Option<String>, RouteError> {
+        use netlink_packet_route::link::{LinkAttribute, LinkInfo};
+        let link = self.link(name).await?;
+        Ok(link.attributes.iter().find_map(|a| match a {
+            LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
+                LinkInfo::Kind(kind) => Some(kind.to_string()),
+                _ => None,
+            }),
+            _ => None,
+        }))
+    }
+
+    /// The link called `name`; its absence is [`RouteError::NoInterface`].
+    async fn link(&self, name: &str) -> Result<netlink_packet_route::link::LinkMessage, RouteError> {
+        self.handle
+            .link()
+            .get()
+            .match_name(name.to_owned())
+            .execute()
+            .try_next()
+            .await
+            .map_err(|source| RouteError::Netlink { op: "get link", what: name.to_owned(), source })?
+            .ok_or_else(|| RouteError::NoInterface { name: name.to_owned() })
+    }
 }
 
 /// Routes of remote prefixes via one device.
@@ -95,12 +178,10 @@ pub struct RouteManager {
 }
 
 impl RouteManager {
-    /// Opens a netlink connection (in the calling thread's namespace) and resolves `device`.
-    pub async fn new(device: &str) -> Result<Self, RouteError> {
-        let (conn, handle, _) = rtnetlink::new_connection().map_err(RouteError::Connect)?;
-        tokio::spawn(conn);
-        let link = get_link(&handle, device).await?;
-        Ok(Self { handle, ifindex: link.header.index, device: device.to_owned() })
+    /// Resolves `device` in `netlink`'s namespace.
+    pub async fn new(netlink: &Netlink, device: &str) -> Result<Self, RouteError> {
+        let link = netlink.link(device).await?;
+        Ok(Self { handle: netlink.handle().clone(), ifindex: link.header.index, device: device.to_owned() })
     }
 
     /// Interface index of the device.
@@ -180,56 +261,4 @@ impl RouteManager {
         }
         Ok(report)
     }
-}
-
-/// Deletes interface `name` in the calling thread's namespace; absent is success.
-pub async fn delete_link(name: &str) -> Result<(), RouteError> {
-    let (conn, handle, _) = rtnetlink::new_connection().map_err(RouteError::Connect)?;
-    tokio::spawn(conn);
-    let found = handle.link().get().match_name(name.to_owned()).execute().try_next().await;
-    let index = match found {
-        Ok(Some(link)) => link.header.index,
-        Ok(None) => return Ok(()),
-        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => return Ok(()),
-        Err(source) => return Err(RouteError::Netlink { op: "get link", what: name.to_owned(), source }),
-    };
-    handle.link().del(index).execute().await.map_err(|source| RouteError::Netlink {
-        op: "delete link",
-        what: name.to_owned(),
-        source,
-    })?;
-    info!(device = name, "device removed");
-    Ok(())
-}
-
-/// The kind of interface `name` (`veth`, `vxlan`, …; `None` for a physical device, which has
-/// no link info) in the calling thread's namespace.
-pub async fn link_kind(name: &str) -> Result<Option<String>, RouteError> {
-    use netlink_packet_route::link::{LinkAttribute, LinkInfo};
-    let (conn, handle, _) = rtnetlink::new_connection().map_err(RouteError::Connect)?;
-    tokio::spawn(conn);
-    let link = get_link(&handle, name).await?;
-    Ok(link.attributes.iter().find_map(|a| match a {
-        LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
-            LinkInfo::Kind(kind) => Some(kind.to_string()),
-            _ => None,
-        }),
-        _ => None,
-    }))
-}
-
-/// The link called `name`; its absence is [`RouteError::NoInterface`].
-async fn get_link(
-    handle: &Handle,
-    name: &str,
-) -> Result<netlink_packet_route::link::LinkMessage, RouteError> {
-    handle
-        .link()
-        .get()
-        .match_name(name.to_owned())
-        .execute()
-        .try_next()
-        .await
-        .map_err(|source| RouteError::Netlink { op: "get link", what: name.to_owned(), source })?
-        .ok_or_else(|| RouteError::NoInterface { name: name.to_owned() })
 }

@@ -2,7 +2,7 @@
 //! one kernel nexthop object that points at the cluster's active gateway node, so a gateway
 //! failover is one nexthop replace per node and the next packet already takes the new path.
 
-use std::{collections::BTreeSet, net::IpAddr, sync::Mutex};
+use std::{collections::BTreeSet, net::IpAddr};
 
 use futures::TryStreamExt as _;
 use ipnetwork::IpNetwork;
@@ -10,7 +10,7 @@ use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, Ro
 use rtnetlink::{Handle, RouteMessageBuilder};
 use tracing::info;
 
-use super::{ROUTE_PROTOCOL, RouteError, SyncReport, add_if_absent, nexthop::NexthopSocket};
+use super::{Netlink, ROUTE_PROTOCOL, RouteError, SyncReport, add_if_absent};
 use crate::model::plan;
 
 /// The id of the node's nexthop object (`ip nexthop show id 202001`).
@@ -18,8 +18,8 @@ pub const NODE_NEXTHOP_ID: u32 = 202_001;
 const RT_TABLE_MAIN: u8 = 254;
 
 pub struct NodeRoutes {
+    netlink: Netlink,
     handle: Handle,
-    nexthops: Mutex<NexthopSocket>,
     gateway: Option<IpAddr>,
 }
 
@@ -32,12 +32,10 @@ fn address(a: &RouteAttribute) -> Option<IpAddr> {
 }
 
 impl NodeRoutes {
-    /// Opens netlink sockets in the calling thread's namespace.
-    pub async fn new() -> Result<Self, RouteError> {
-        let (conn, handle, _) = rtnetlink::new_connection().map_err(RouteError::Connect)?;
-        tokio::spawn(conn);
-        let nexthops = NexthopSocket::open().map_err(|e| RouteError::Nexthop(e.to_string()))?;
-        Ok(Self { handle, nexthops: Mutex::new(nexthops), gateway: None })
+    /// The node's routes, through `netlink`.
+    #[must_use]
+    pub fn new(netlink: &Netlink) -> Self {
+        Self { netlink: netlink.clone(), handle: netlink.handle().clone(), gateway: None }
     }
 
     async fn dump(&self, family: IpAddr) -> Result<Vec<RouteMessage>, RouteError> {
@@ -87,11 +85,10 @@ impl NodeRoutes {
     /// Points the node's nexthop at `gateway` (creating it the first time).
     pub async fn set_gateway(&mut self, gateway: IpAddr) -> Result<(), RouteError> {
         let oif = self.interface_towards(gateway).await?;
-        self.nexthops
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.netlink
+            .nexthops()
             .replace(NODE_NEXTHOP_ID, gateway, oif, ROUTE_PROTOCOL)
-            .map_err(|e| RouteError::Nexthop(e.to_string()))?;
+            .map_err(RouteError::Nexthop)?;
         if self.gateway != Some(gateway) {
             info!(%gateway, nexthop = NODE_NEXTHOP_ID, "remote clusters now go through this gateway");
         }
@@ -156,10 +153,6 @@ impl NodeRoutes {
     /// Removes the nexthop, and with it every route through it.
     pub fn clear(&mut self) -> Result<(), RouteError> {
         self.gateway = None;
-        self.nexthops
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .delete(NODE_NEXTHOP_ID)
-            .map_err(|e| RouteError::Nexthop(e.to_string()))
+        self.netlink.nexthops().delete(NODE_NEXTHOP_ID).map_err(RouteError::Nexthop)
     }
 }

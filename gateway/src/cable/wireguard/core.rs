@@ -1,12 +1,16 @@
 //! The WireGuard cable's protocol core, sans I/O: one `boringtun::noise::Tunn` per remote
-//! gateway, the peer lookup tables (by receiver index, by public key, by allowed prefix), and
-//! allowed-IPs enforcement on decrypt. The I/O loop feeds it packets from the TUN device, UDP
+//! gateway, each behind its own lock; the peer lookup tables (by receiver index, by public
+//! key, by allowed prefix), read-mostly and swapped whole by control calls; and allowed-IPs
+//! enforcement on decrypt. Every I/O thread holds its own handle ([`WgCore::handle`]). The I/O loop feeds it packets from the TUN device, UDP
 //! datagrams and timer ticks, and carries out the [`Output`]s it returns.
 
 use std::{
     collections::HashMap,
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    sync::Arc,
+    sync::{
+        Arc, Mutex, MutexGuard, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -219,18 +223,55 @@ struct Peer {
     rx_packets: u64,
 }
 
-/// The sans-IO core.
-pub struct WgCore {
-    private: StaticSecret,
-    public: PublicKey,
-    peers: HashMap<u32, Peer>,
+/// One peer's protocol state, locked by whichever thread works for that peer at the moment:
+/// lanes working for different peers never wait on each other.
+type PeerSlot = Arc<Mutex<Peer>>;
+
+fn lock_peer(slot: &PeerSlot) -> MutexGuard<'_, Peer> {
+    // A thread that panicked mid-packet leaves a session boringtun can go on with.
+    slot.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The peer lookup tables. Read-mostly: the control calls (upsert, remove) build a new one
+/// and swap it in; every thread keeps the one it read until the generation moves.
+#[derive(Clone, Default)]
+struct PeerTable {
+    peers: HashMap<u32, PeerSlot>,
     by_key: HashMap<[u8; 32], u32>,
     /// Allowed prefixes, longest first, for the TUN → peer lookup.
     routes: Vec<(IpNetwork, u32)>,
-    drops: HashMap<DropReason, u64>,
-    buf: Vec<u8>,
-    /// Our own health-check address (probes are sent from it and answered on it).
-    health_ip: Option<Ipv4Addr>,
+}
+
+impl PeerTable {
+    fn rebuild_routes(&mut self) {
+        self.routes = self
+            .peers
+            .iter()
+            .flat_map(|(idx, p)| lock_peer(p).config.allowed.iter().map(|n| (*n, *idx)).collect::<Vec<_>>())
+            .collect();
+        self.routes.sort_by_key(|r| std::cmp::Reverse(r.0.prefix()));
+    }
+
+    fn peer_for(&self, addr: IpAddr) -> Option<&PeerSlot> {
+        let idx = self.routes.iter().find(|(net, _)| net.contains(addr)).map(|(_, idx)| *idx)?;
+        self.peers.get(&idx)
+    }
+}
+
+/// What every handle of one core shares.
+struct Shared {
+    private: StaticSecret,
+    public: PublicKey,
+    /// The current table; also held by a control call for the whole of its change, so changes
+    /// never interleave.
+    table: Mutex<Arc<PeerTable>>,
+    /// Moves after every swap of `table`: one atomic load per packet tells a handle whether
+    /// its table is current.
+    generation: AtomicU64,
+    drops: [AtomicU64; DropReason::ALL.len()],
+    /// Our own health-check address (probes are sent from it and answered on it): the
+    /// address's bits, and bit 32 set when there is one.
+    health_ip: AtomicU64,
     /// mac1 (and, under load, mac2/cookie) of every handshake message, checked before any
     /// Diffie-Hellman; counts handshakes per second for the whole core.
     limiter: Arc<RateLimiter>,
@@ -239,7 +280,34 @@ pub struct WgCore {
     tunn_limiter: Arc<RateLimiter>,
     /// Diffie-Hellman computations started for handshake initiations (one per
     /// `parse_handshake_anon`): what an attacker can make us spend.
-    handshake_dh: u64,
+    handshake_dh: AtomicU64,
+}
+
+impl Shared {
+    fn count(&self, reason: DropReason, n: u64) {
+        self.drops[reason as usize].fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn health_ip(&self) -> Option<Ipv4Addr> {
+        let v = self.health_ip.load(Ordering::Relaxed);
+        (v >> 32 == 1).then(|| Ipv4Addr::from(u32::try_from(v & 0xFFFF_FFFF).unwrap_or(0)))
+    }
+
+    fn current(&self) -> MutexGuard<'_, Arc<PeerTable>> {
+        self.table.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The sans-IO core, as one thread's handle on it: the peers, their sessions and the
+/// counters are shared by every handle ([`WgCore::handle`]); the scratch buffer and the view
+/// of the peer table are the handle's own. No lock is taken per packet except the lock of the
+/// one peer the packet is for.
+pub struct WgCore {
+    shared: Arc<Shared>,
+    table: Arc<PeerTable>,
+    /// The generation `table` was read at.
+    seen: u64,
+    buf: Vec<u8>,
 }
 
 /// Why the core refused a peer.
@@ -253,7 +321,7 @@ pub enum PeerRefused {
 
 impl std::fmt::Debug for WgCore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WgCore").field("peers", &self.peers.len()).finish_non_exhaustive()
+        f.debug_struct("WgCore").field("peers", &self.table.peers.len()).finish_non_exhaustive()
     }
 }
 
@@ -261,59 +329,80 @@ impl WgCore {
     #[must_use]
     pub fn new(private: StaticSecret) -> Self {
         let public = PublicKey::from(&private);
+        let table = Arc::new(PeerTable::default());
         Self {
-            private,
-            public,
-            peers: HashMap::new(),
-            by_key: HashMap::new(),
-            routes: Vec::new(),
-            drops: HashMap::new(),
+            shared: Arc::new(Shared {
+                private,
+                public,
+                table: Mutex::new(Arc::clone(&table)),
+                generation: AtomicU64::new(0),
+                drops: std::array::from_fn(|_| AtomicU64::new(0)),
+                health_ip: AtomicU64::new(0),
+                limiter: Arc::new(RateLimiter::new(&public, HANDSHAKES_PER_SECOND)),
+                tunn_limiter: Arc::new(RateLimiter::new(&public, u64::MAX)),
+                handshake_dh: AtomicU64::new(0),
+            }),
+            table,
+            seen: 0,
             buf: vec![0; BUF_SIZE],
-            health_ip: None,
-            limiter: Arc::new(RateLimiter::new(&public, HANDSHAKES_PER_SECOND)),
-            tunn_limiter: Arc::new(RateLimiter::new(&public, u64::MAX)),
-            handshake_dh: 0,
+        }
+    }
+
+    /// Another handle on the same core, for another thread (a lane): same peers, sessions and
+    /// counters, its own scratch buffer.
+    #[must_use]
+    pub fn handle(&self) -> Self {
+        Self {
+            shared: Arc::clone(&self.shared),
+            table: Arc::clone(&self.table),
+            seen: self.seen,
+            buf: vec![0; BUF_SIZE],
+        }
+    }
+
+    /// Picks up the table a control call swapped in, if any. Never called while holding a
+    /// peer's lock (a control call holds the table while it locks peers).
+    fn refresh(&mut self) {
+        let generation = self.shared.generation.load(Ordering::Acquire);
+        if generation != self.seen {
+            self.table = Arc::clone(&self.shared.current());
+            self.seen = generation;
         }
     }
 
     /// Diffie-Hellman computations started for incoming initiations so far.
     #[must_use]
     pub fn handshake_computations(&self) -> u64 {
-        self.handshake_dh
+        self.shared.handshake_dh.load(Ordering::Relaxed)
     }
 
     /// Sets the local health-check address (inside the local cluster's prefixes).
     pub fn set_health_ip(&mut self, ip: Option<Ipv4Addr>) {
-        self.health_ip = ip;
+        let v = ip.map_or(0, |ip| (1u64 << 32) | u64::from(u32::from(ip)));
+        self.shared.health_ip.store(v, Ordering::Relaxed);
     }
 
     #[must_use]
     pub fn public_key(&self) -> WireGuardKey {
-        WireGuardKey(self.public.to_bytes())
-    }
-
-    fn drop_packet(&mut self, reason: DropReason) {
-        self.count_drops(reason, 1);
+        WireGuardKey(self.shared.public.to_bytes())
     }
 
     /// Counts `n` packets dropped for `reason` by the I/O around the core.
-    pub fn count_drops(&mut self, reason: DropReason, n: u64) {
-        *self.drops.entry(reason).or_default() += n;
+    pub fn count_drops(&self, reason: DropReason, n: u64) {
+        self.shared.count(reason, n);
     }
 
     #[must_use]
     pub fn drops(&self) -> Vec<(DropReason, u64)> {
-        DropReason::ALL.iter().map(|r| (*r, self.drops.get(r).copied().unwrap_or(0))).collect()
+        DropReason::ALL.iter().map(|r| (*r, self.shared.drops[*r as usize].load(Ordering::Relaxed))).collect()
     }
 
-    fn rebuild_routes(&mut self) {
-        self.routes =
-            self.peers.iter().flat_map(|(idx, p)| p.config.allowed.iter().map(move |n| (*n, *idx))).collect();
-        self.routes.sort_by_key(|r| std::cmp::Reverse(r.0.prefix()));
-    }
-
-    fn peer_for(&self, addr: IpAddr) -> Option<u32> {
-        self.routes.iter().find(|(net, _)| net.contains(addr)).map(|(_, idx)| *idx)
+    /// Swaps in `table` as every handle's next one.
+    fn publish(&mut self, current: &mut MutexGuard<'_, Arc<PeerTable>>, table: PeerTable) {
+        let table = Arc::new(table);
+        **current = Arc::clone(&table);
+        self.seen = self.shared.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        self.table = table;
     }
 
     /// Adds a peer, or updates it in place if the key is known (endpoint and allowed prefixes
@@ -321,26 +410,34 @@ impl WgCore {
     /// A key stays with the cluster that has it: moving it to another cluster (whose
     /// prefixes would then be served by that key's holder) is refused, as is our own key.
     pub fn upsert_peer(&mut self, config: PeerConfig, out: &mut impl Sink) -> Result<(), PeerRefused> {
-        if config.public_key.0 == self.public.to_bytes() {
+        if config.public_key.0 == self.shared.public.to_bytes() {
             warn!(cluster = %config.cluster_id, "refusing a peer with this gateway's own key");
             return Err(PeerRefused::OwnKey { key: config.public_key, claimant: config.cluster_id });
         }
-        if let Some(idx) = self.by_key.get(&config.public_key.0).copied() {
-            if let Some(p) = self.peers.get_mut(&idx)
-                && p.config != config
-            {
-                if p.config.cluster_id != config.cluster_id {
-                    warn!(key = %config.public_key, owner = %p.config.cluster_id, claimant = %config.cluster_id,
-                        "refusing to move a peer's key to another cluster");
-                    return Err(PeerRefused::KeyOfAnotherCluster {
-                        key: config.public_key,
-                        owner: p.config.cluster_id.clone(),
-                        claimant: config.cluster_id,
-                    });
-                }
-                info!(cluster = %config.cluster_id, endpoint = %config.endpoint, "peer updated");
-                p.config = config;
-                self.rebuild_routes();
+        let shared = Arc::clone(&self.shared);
+        let mut current = shared.current();
+        if let Some(slot) = current.by_key.get(&config.public_key.0).and_then(|idx| current.peers.get(idx)) {
+            let mut p = lock_peer(slot);
+            if p.config == config {
+                return Ok(());
+            }
+            if p.config.cluster_id != config.cluster_id {
+                warn!(key = %config.public_key, owner = %p.config.cluster_id, claimant = %config.cluster_id,
+                    "refusing to move a peer's key to another cluster");
+                return Err(PeerRefused::KeyOfAnotherCluster {
+                    key: config.public_key,
+                    owner: p.config.cluster_id.clone(),
+                    claimant: config.cluster_id,
+                });
+            }
+            info!(cluster = %config.cluster_id, endpoint = %config.endpoint, "peer updated");
+            let reroute = p.config.allowed != config.allowed;
+            p.config = config;
+            drop(p);
+            if reroute {
+                let mut table = (**current).clone();
+                table.rebuild_routes();
+                self.publish(&mut current, table);
             }
             return Ok(());
         }
@@ -348,36 +445,38 @@ impl WgCore {
         // guard drops data for an index that is not a peer's, and a spoofer has to guess one.
         let idx = loop {
             let candidate = rand_core::RngCore::next_u32(&mut rand_core::OsRng) & 0x00FF_FFFF;
-            if candidate != 0 && !self.peers.contains_key(&candidate) {
+            if candidate != 0 && !current.peers.contains_key(&candidate) {
                 break candidate;
             }
         };
         let tunn = Tunn::new(
-            self.private.clone(),
+            shared.private.clone(),
             PublicKey::from(config.public_key.0),
             None,
             Some(PERSISTENT_KEEPALIVE_SECS),
             idx,
-            Some(Arc::clone(&self.tunn_limiter)),
+            Some(Arc::clone(&shared.tunn_limiter)),
         );
         info!(cluster = %config.cluster_id, endpoint = %config.endpoint, key = %config.public_key, "peer added");
-        self.by_key.insert(config.public_key.0, idx);
+        let mut table = (**current).clone();
+        table.by_key.insert(config.public_key.0, idx);
         let endpoint = config.endpoint;
-        self.peers.insert(
-            idx,
-            Peer {
-                config,
-                tunn,
-                probe: ProbeState::default(),
-                tx_bytes: 0,
-                rx_bytes: 0,
-                tx_packets: 0,
-                rx_packets: 0,
-            },
-        );
-        self.rebuild_routes();
-        let peer = self.peers.get_mut(&idx).expect("just inserted");
-        if let TunnResult::WriteToNetwork(pkt) = peer.tunn.format_handshake_initiation(&mut self.buf, false) {
+        let slot = Arc::new(Mutex::new(Peer {
+            config,
+            tunn,
+            probe: ProbeState::default(),
+            tx_bytes: 0,
+            rx_bytes: 0,
+            tx_packets: 0,
+            rx_packets: 0,
+        }));
+        table.peers.insert(idx, Arc::clone(&slot));
+        table.rebuild_routes();
+        self.publish(&mut current, table);
+        drop(current);
+        if let TunnResult::WriteToNetwork(pkt) =
+            lock_peer(&slot).tunn.format_handshake_initiation(&mut self.buf, false)
+        {
             out.udp(endpoint, pkt);
         }
         Ok(())
@@ -385,32 +484,42 @@ impl WgCore {
 
     /// Removes the peer with this key; returns whether it existed.
     pub fn remove_peer(&mut self, key: &WireGuardKey) -> bool {
-        let Some(idx) = self.by_key.remove(&key.0) else { return false };
-        if let Some(p) = self.peers.remove(&idx) {
-            info!(cluster = %p.config.cluster_id, key = %key, "peer removed");
+        let shared = Arc::clone(&self.shared);
+        let mut current = shared.current();
+        let mut table = (**current).clone();
+        let Some(idx) = table.by_key.remove(&key.0) else { return false };
+        if let Some(p) = table.peers.remove(&idx) {
+            info!(cluster = %lock_peer(&p).config.cluster_id, key = %key, "peer removed");
         }
-        self.rebuild_routes();
+        table.rebuild_routes();
+        self.publish(&mut current, table);
         true
     }
 
     /// Peers as of `now`.
     #[must_use]
-    pub fn peers(&self, now: Instant) -> Vec<PeerStats> {
+    pub fn peers(&mut self, now: Instant) -> Vec<PeerStats> {
+        self.refresh();
+        let probing = self.shared.health_ip().is_some();
         let mut v: Vec<PeerStats> = self
+            .table
             .peers
             .iter()
-            .map(|(idx, p)| PeerStats {
-                index: *idx,
-                config: p.config.clone(),
-                last_handshake: p.tunn.stats().0,
-                tx_bytes: p.tx_bytes,
-                rx_bytes: p.rx_bytes,
-                tx_packets: p.tx_packets,
-                rx_packets: p.rx_packets,
-                health: p.probe.health(now),
-                rtt: p.probe.rtt(),
-                loss: p.probe.loss(now),
-                probed: self.probes_for(p),
+            .map(|(idx, slot)| {
+                let p = lock_peer(slot);
+                PeerStats {
+                    index: *idx,
+                    config: p.config.clone(),
+                    last_handshake: p.tunn.stats().0,
+                    tx_bytes: p.tx_bytes,
+                    rx_bytes: p.rx_bytes,
+                    tx_packets: p.tx_packets,
+                    rx_packets: p.rx_packets,
+                    health: p.probe.health(now),
+                    rtt: p.probe.rtt(),
+                    loss: p.probe.loss(now),
+                    probed: probing && p.config.health_ip.is_some(),
+                }
             })
             .collect();
         v.sort_by(|a, b| a.config.cluster_id.cmp(&b.config.cluster_id));
@@ -420,15 +529,16 @@ impl WgCore {
     /// A packet read from the TUN device: encrypt it for the peer whose prefixes cover its
     /// destination.
     pub fn on_tun_packet(&mut self, packet: &[u8], out: &mut impl Sink) {
+        self.refresh();
         let Some(dst) = Tunn::dst_address(packet) else {
-            self.drop_packet(DropReason::InvalidPacket);
+            self.shared.count(DropReason::InvalidPacket, 1);
             return;
         };
-        let Some(idx) = self.peer_for(dst) else {
-            self.drop_packet(DropReason::NoPeerForDestination);
+        let Some(slot) = self.table.peer_for(dst) else {
+            self.shared.count(DropReason::NoPeerForDestination, 1);
             return;
         };
-        let peer = self.peers.get_mut(&idx).expect("routes point at live peers");
+        let mut peer = lock_peer(slot);
         let (buf, built) = workspace(out, &mut self.buf);
         let base = buf.as_ptr();
         let wire = match peer.tunn.encapsulate(packet, buf) {
@@ -445,41 +555,39 @@ impl WgCore {
         emit(out, &self.buf, built, Some(peer.config.endpoint), wire);
     }
 
-    fn probes_for(&self, p: &Peer) -> bool {
-        self.health_ip.is_some() && p.config.health_ip.is_some()
-    }
-
     /// A datagram received on the cable's UDP socket at `now`.
     pub fn on_datagram(&mut self, src: SocketAddr, datagram: &[u8], now: Instant, out: &mut impl Sink) {
+        self.refresh();
+        let shared = &*self.shared;
         // mac1 first (a keyed hash, no Diffie-Hellman), and past the rate limit a cookie
         // reply instead of any work: the sender must prove it receives at its address.
         // Disjoint fields: no reference-count traffic on the per-datagram path.
-        let packet = match self.limiter.verify_packet(Some(src.ip()), datagram, &mut self.buf) {
+        let packet = match shared.limiter.verify_packet(Some(src.ip()), datagram, &mut self.buf) {
             Ok(packet) => packet,
             Err(TunnResult::WriteToNetwork(cookie)) => {
                 out.udp(src, cookie);
-                self.drop_packet(DropReason::UnderLoad);
+                shared.count(DropReason::UnderLoad, 1);
                 return;
             }
             Err(_) => {
-                self.drop_packet(DropReason::InvalidPacket);
+                shared.count(DropReason::InvalidPacket, 1);
                 return;
             }
         };
         let cookie_reply = matches!(packet, Packet::PacketCookieReply(_));
         let idx = match packet {
             Packet::HandshakeInit(init) => {
-                self.handshake_dh += 1;
-                match parse_handshake_anon(&self.private, &self.public, &init) {
-                    Ok(half) => match self.by_key.get(&half.peer_static_public) {
+                shared.handshake_dh.fetch_add(1, Ordering::Relaxed);
+                match parse_handshake_anon(&shared.private, &shared.public, &init) {
+                    Ok(half) => match self.table.by_key.get(&half.peer_static_public) {
                         Some(idx) => *idx,
                         None => {
-                            self.drop_packet(DropReason::UnknownPeer);
+                            shared.count(DropReason::UnknownPeer, 1);
                             return;
                         }
                     },
                     Err(_) => {
-                        self.drop_packet(DropReason::InvalidPacket);
+                        shared.count(DropReason::InvalidPacket, 1);
                         return;
                     }
                 }
@@ -488,10 +596,11 @@ impl WgCore {
             Packet::PacketCookieReply(p) => p.receiver_idx >> 8,
             Packet::PacketData(p) => p.receiver_idx >> 8,
         };
-        let Some(peer) = self.peers.get_mut(&idx) else {
-            self.drop_packet(DropReason::UnknownPeer);
+        let Some(slot) = self.table.peers.get(&idx) else {
+            shared.count(DropReason::UnknownPeer, 1);
             return;
         };
+        let mut peer = lock_peer(slot);
         let mut dropped = None;
         // Whether this datagram proved it comes from the peer: data that decrypted (a
         // keepalive too), or a handshake message that completed. A cookie reply proves
@@ -500,7 +609,7 @@ impl WgCore {
         let mut authenticated = false;
         let mut first = true;
         let mut answer = None;
-        let local_health = self.health_ip;
+        let local_health = shared.health_ip();
         loop {
             let was_first = first;
             let input: &[u8] = if first { datagram } else { &[] };
@@ -533,7 +642,7 @@ impl WgCore {
             };
             // Data that decrypted under the peer's session.
             authenticated |= was_first;
-            match Self::deliver(peer, local_health, now, inner_src, pkt) {
+            match Self::deliver(&mut peer, local_health, now, inner_src, pkt) {
                 Ok(Delivery::Tun) => {
                     let pkt = span(base, pkt);
                     emit(out, &self.buf, built, None, pkt);
@@ -555,7 +664,7 @@ impl WgCore {
             out.udp(peer.config.endpoint, wire);
         }
         if let Some(r) = dropped {
-            self.drop_packet(r);
+            shared.count(r, 1);
         }
     }
 
@@ -603,9 +712,12 @@ impl WgCore {
     /// Timer tick (every ~250 ms) at `now`: handshakes, rekeys, keepalives, expiry, probes.
     pub fn tick(&mut self, now: Instant, out: &mut impl Sink) {
         // Once a second at most (the limiter checks): the handshake budget starts again.
-        self.limiter.reset_count();
-        let local_health = self.health_ip;
-        for peer in self.peers.values_mut() {
+        self.shared.limiter.reset_count();
+        self.refresh();
+        let local_health = self.shared.health_ip();
+        for slot in self.table.peers.values() {
+            let mut guard = lock_peer(slot);
+            let peer = &mut *guard;
             // Probes only ride a live session: without one they would just queue.
             if let (Some(src), Some(dst)) = (local_health, peer.config.health_ip)
                 && peer.tunn.stats().0.is_some_and(|age| age < SESSION_LIFETIME)
@@ -937,6 +1049,84 @@ mod tests {
         p
     }
 
+    /// A third core, C (10.3/16, at `172.31.0.13`), that A knows and has a session with.
+    fn add_c(p: &mut Pair) -> (WgCore, SocketAddr) {
+        let mut c = WgCore::new(StaticSecret::random_from_rng(OsRng));
+        let c_addr: SocketAddr = "172.31.0.13:51820".parse().unwrap();
+        let cfg = |id: &str, key, endpoint, net: &str| PeerConfig {
+            cluster_id: id.into(),
+            public_key: key,
+            endpoint,
+            allowed: vec![net.parse().unwrap()],
+            health_ip: None,
+        };
+        // A's own initiation is lost; C's goes through.
+        p.a.upsert_peer(cfg("c", c.public_key(), c_addr, "10.3.0.0/16"), &mut Vec::new()).unwrap();
+        let mut pending = Vec::new();
+        c.upsert_peer(cfg("a", p.a.public_key(), p.a_addr, "10.1.0.0/16"), &mut pending).unwrap();
+        for _ in 0..10 {
+            let mut next = Vec::new();
+            for o in pending {
+                match o {
+                    Output::Udp(dst, d) if dst == p.a_addr => {
+                        p.a.on_datagram(c_addr, &d, Instant::now(), &mut next)
+                    }
+                    Output::Udp(dst, d) if dst == c_addr => {
+                        c.on_datagram(p.a_addr, &d, Instant::now(), &mut next)
+                    }
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            pending = next;
+        }
+        assert!(pending.is_empty(), "A and C went quiet");
+        (c, c_addr)
+    }
+
+    #[test]
+    fn lanes_working_for_different_peers_never_wait_on_each_other() {
+        let mut p = pump_ready();
+        let (mut c, c_addr) = add_c(&mut p);
+        let seal = |core: &mut WgCore, pkt: &[u8]| {
+            let mut out = Vec::new();
+            core.on_tun_packet(pkt, &mut out);
+            let [Output::Udp(_, wire)] = &out[..] else { panic!("one datagram: {out:?}") };
+            wire.clone()
+        };
+        let from_b = ipv4_packet([10, 2, 0, 7], [10, 1, 0, 5], b"from b");
+        let from_c = ipv4_packet([10, 3, 0, 7], [10, 1, 0, 5], b"from c");
+        let to_c = ipv4_packet([10, 1, 0, 5], [10, 3, 0, 7], b"to c");
+        let (wire_b, wire_c) = (seal(&mut p.b, &from_b), seal(&mut c, &from_c));
+        // This thread is a lane in the middle of B's packet: it holds B's peer for as long as
+        // the test likes.
+        let b_idx = p.a.table.by_key[&p.b.public_key().0];
+        let b_peer = Arc::clone(&p.a.table.peers[&b_idx]);
+        let held = lock_peer(&b_peer);
+        // Another lane, with its own handle on A's core, gets C's datagram, a packet for C,
+        // then B's datagram.
+        let mut lane = p.a.handle();
+        let b_addr = p.b_addr;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let worker = std::thread::spawn(move || {
+            let mut out = Vec::new();
+            lane.on_datagram(c_addr, &wire_c, Instant::now(), &mut out);
+            lane.on_tun_packet(&to_c, &mut out);
+            tx.send(std::mem::take(&mut out)).unwrap();
+            lane.on_datagram(b_addr, &wire_b, Instant::now(), &mut out);
+            tx.send(out).unwrap();
+        });
+        let for_c = rx.recv_timeout(Duration::from_secs(10)).expect("C's traffic waited for B's lock");
+        assert_eq!(for_c.len(), 2, "{for_c:?}");
+        assert_eq!(for_c[0], Output::Tun(from_c));
+        assert!(matches!(&for_c[1], Output::Udp(dst, _) if *dst == c_addr), "{for_c:?}");
+        // The control: B's own datagram does wait while B is held, so the hold is real.
+        assert!(rx.recv_timeout(Duration::from_millis(300)).is_err(), "B's datagram passed a held lock");
+        drop(held);
+        let for_b = rx.recv_timeout(Duration::from_secs(10)).expect("B's datagram after the release");
+        assert_eq!(for_b, vec![Output::Tun(from_b)]);
+        worker.join().unwrap();
+    }
+
     #[test]
     fn garbage_and_unknown_destinations_are_counted() {
         let mut p = pump_ready();
@@ -1167,9 +1357,11 @@ mod tests {
         assert_eq!(p.a.peers(Instant::now())[0].config.endpoint, p.b_addr);
         // A fresh keepalive from B's new address is authenticated data: the peer roams.
         let moved: SocketAddr = "172.31.0.77:51820".parse().unwrap();
-        let Some(b_peer) = p.b.peers.values_mut().next() else { panic!() };
+        let b_peer = p.b.table.peers.values().next().cloned().expect("B knows A");
         let mut buf = vec![0u8; 256];
-        let TunnResult::WriteToNetwork(ka) = b_peer.tunn.encapsulate(&[], &mut buf) else { panic!() };
+        let TunnResult::WriteToNetwork(ka) = lock_peer(&b_peer).tunn.encapsulate(&[], &mut buf) else {
+            panic!()
+        };
         let ka = ka.to_vec();
         p.a.on_datagram(moved, &ka, Instant::now(), &mut Vec::new());
         assert_eq!(p.a.peers(Instant::now())[0].config.endpoint, moved);

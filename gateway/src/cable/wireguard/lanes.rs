@@ -17,9 +17,10 @@
 //!   its inbound ones (the kernel's automatic queue selection), so each flow is read by one
 //!   lane, and it is the lane that writes the flow's other direction.
 //!
-//! The protocol state stays in one place: the core sits behind a mutex that a lane takes per
-//! batch (one TUN read, one datagram run), not per packet. A control thread owns the timers
-//! and the control calls. No tokio in the data path: lanes block in `poll(2)`, and every
+//! The protocol state stays in one place, the core, of which every lane holds a handle: a lane
+//! locks only the peer a packet is for, so lanes working for different peers never wait on
+//! each other, and the peer table is swapped whole by the control thread, which owns the
+//! timers and the control calls. No tokio in the data path: lanes block in `poll(2)`, and every
 //! socket is non-blocking, so one full queue never stalls the other direction for long.
 
 use std::{
@@ -60,15 +61,6 @@ const INBOX_LIMIT: usize = 4096;
 /// lane itself (through the other lane's queue): a ping or a request does not wait for a
 /// second thread to wake up, and bulk traffic still takes two cores.
 const DIRECT_MAX: usize = 8;
-
-/// The core, shared by the lanes and the control thread.
-pub(super) type SharedCore = Arc<Mutex<WgCore>>;
-
-fn lock(core: &SharedCore) -> std::sync::MutexGuard<'_, WgCore> {
-    // A lane that panicked mid-batch leaves consistent tables behind (every update is a
-    // single insert or remove); the others carry on.
-    core.lock().unwrap_or_else(PoisonError::into_inner)
-}
 
 /// One lane's endpoints.
 pub(super) struct Lane {
@@ -252,7 +244,6 @@ pub(super) fn start(
     mtu: usize,
     segmentation: Arc<AtomicBool>,
 ) -> io::Result<()> {
-    let core: SharedCore = Arc::new(Mutex::new(core));
     let control_udp = lanes.first().ok_or_else(|| io::Error::other("no lane"))?.udp.try_clone()?;
     // Closing the write end wakes every lane's poll at once (POLLHUP): the stop signal.
     let (stop_rx, stop_tx) = std::io::pipe()?;
@@ -272,24 +263,24 @@ pub(super) fn start(
     let mut threads = Vec::with_capacity(sockets.len());
     for (i, (udp, bell)) in sockets.into_iter().zip(bells).enumerate() {
         let (core, stop_rx, inboxes, queues, segmentation) =
-            (core.clone(), stop_rx.clone(), inboxes.clone(), queues.clone(), segmentation.clone());
+            (core.handle(), stop_rx.clone(), inboxes.clone(), queues.clone(), segmentation.clone());
         let lane = LaneIo { tun: queues[i].clone(), udp };
-        let ctx = LaneCtx { index: i, core, inboxes, queues, bell, mtu, segmentation };
+        let ctx = LaneCtx { index: i, inboxes, queues, bell, mtu, segmentation };
         let t = std::thread::Builder::new()
             .name(format!("cw-lane-{i}"))
-            .spawn(move || run_lane(&ctx, &lane, stop_rx.as_fd()))?;
+            .spawn(move || run_lane(core, &ctx, &lane, stop_rx.as_fd()))?;
         threads.push(t);
     }
     std::thread::Builder::new()
         .name("cw-cable-ctl".into())
-        .spawn(move || control(&core, &control_udp, &segmentation, &commands, stop_tx, threads))?;
+        .spawn(move || control(core, &control_udp, &segmentation, &commands, stop_tx, threads))?;
     Ok(())
 }
 
 /// The control thread: timers and control calls. Their output is only handshakes, probes
 /// and keepalives, sent from the socket group's first socket.
 fn control(
-    core: &SharedCore,
+    mut core: WgCore,
     udp: &UdpSocket,
     segmentation: &AtomicBool,
     commands: &mpsc::Receiver<Command>,
@@ -301,20 +292,19 @@ fn control(
     let stopped = loop {
         match commands.recv_timeout(next_tick.saturating_duration_since(Instant::now())) {
             Ok(Command::Upsert(cfg, done)) => {
-                let _ = done.send(lock(core).upsert_peer(cfg, &mut out));
+                let _ = done.send(core.upsert_peer(cfg, &mut out));
             }
             Ok(Command::Remove(key, done)) => {
-                let _ = done.send(lock(core).remove_peer(&key));
+                let _ = done.send(core.remove_peer(&key));
             }
             Ok(Command::Stats(reply)) => {
-                let core = lock(core);
                 let drops = core.drops().into_iter().map(|(r, n)| (r.name(), n)).collect();
                 let _ = reply.send((core.peers(Instant::now()), drops));
             }
             Ok(Command::Stop(done)) => break Some(done),
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 let now = Instant::now();
-                lock(core).tick(now, &mut out);
+                core.tick(now, &mut out);
                 next_tick = now + TICK;
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break None,
@@ -322,7 +312,7 @@ fn control(
         // Timers and control calls only ever produce datagrams.
         let refused = send_datagrams(udp, &out, segmentation).refused;
         if refused > 0 {
-            lock(core).count_drops(DropReason::SendRefused, refused as u64);
+            core.count_drops(DropReason::SendRefused, refused as u64);
         }
         out.clear();
     };
@@ -350,7 +340,6 @@ fn wait_writable(fd: BorrowedFd<'_>) {
 /// What a lane thread owns besides its endpoints.
 struct LaneCtx {
     index: usize,
-    core: SharedCore,
     inboxes: Arc<[Inbox]>,
     queues: Queues,
     /// This lane's end of its inbox's doorbell.
@@ -369,8 +358,8 @@ struct LaneIo {
     udp: UdpSocket,
 }
 
-fn run_lane(ctx: &LaneCtx, lane: &LaneIo, stop: BorrowedFd<'_>) {
-    let (index, core) = (ctx.index, &ctx.core);
+fn run_lane(mut core: WgCore, ctx: &LaneCtx, lane: &LaneIo, stop: BorrowedFd<'_>) {
+    let index = ctx.index;
     // Room for a batch of coalesced runs of datagrams (UDP GRO), or of single datagrams.
     let mut rx = gso::Receiver::new(gso::RECV_SLOTS, BUF_SIZE.max(65_536));
     // One TUN read: the virtio header plus up to 64 KB, split into MTU-sized packets.
@@ -417,7 +406,6 @@ fn run_lane(ctx: &LaneCtx, lane: &LaneIo, stop: BorrowedFd<'_>) {
             for _ in 0..TUN_READS {
                 match lane.tun.recv_multiple(&mut original, &mut segments, &mut sizes, 0) {
                     Ok(n) => {
-                        let mut core = lock(core);
                         for (seg, len) in segments.iter().zip(&sizes).take(n) {
                             core.on_tun_packet(&seg[..*len], &mut out);
                         }
@@ -437,7 +425,6 @@ fn run_lane(ctx: &LaneCtx, lane: &LaneIo, stop: BorrowedFd<'_>) {
                 match rx.try_recv(&lane.udp) {
                     Ok(n) => {
                         runs += n;
-                        let mut core = lock(core);
                         for (src, bytes, segment) in (0..n).filter_map(|i| rx.run(i)) {
                             for d in bytes.chunks(segment.unwrap_or(bytes.len()).max(1)) {
                                 core.on_datagram(src, d, now, &mut out);
@@ -459,7 +446,7 @@ fn run_lane(ctx: &LaneCtx, lane: &LaneIo, stop: BorrowedFd<'_>) {
         // Datagrams and device writes are independent: datagrams first, in one pass.
         let refused = send_datagrams(&lane.udp, &out, &ctx.segmentation).refused;
         if refused > 0 {
-            lock(core).count_drops(DropReason::SendRefused, refused as u64);
+            core.count_drops(DropReason::SendRefused, refused as u64);
         }
         let decrypted = out.iter().filter(|(dest, _)| *dest == Dest::Tun).map(|(_, p)| p);
         let lanes = outgoing.len();
@@ -483,7 +470,7 @@ fn run_lane(ctx: &LaneCtx, lane: &LaneIo, stop: BorrowedFd<'_>) {
             }
         }
         if refused > 0 {
-            lock(core).count_drops(DropReason::LaneBacklog, refused as u64);
+            core.count_drops(DropReason::LaneBacklog, refused as u64);
         }
     }
 }

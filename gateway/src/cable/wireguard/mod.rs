@@ -46,11 +46,15 @@ pub struct WireGuardConfig {
     /// I/O threads, each with its own device queue and socket (0: one per CPU, at most
     /// [`MAX_AUTO_LANES`]).
     pub lanes: usize,
+    /// Removes the device when a persistent one is cleaned up.
+    pub netlink: crate::route::Netlink,
 }
 
-/// Lanes started when none are asked for: one per CPU up to this many (past it, the shared
-/// core's lock, not the syscalls, would be what the lanes wait on).
-pub const MAX_AUTO_LANES: usize = 4;
+/// Lanes started when none are asked for: one per CPU up to this many. Lanes lock only the
+/// peer a packet is for, so more lanes are not held back by each other; the bound is memory
+/// (each lane keeps ~1.2 MB of batch buffers) on very wide nodes, where a gateway's traffic,
+/// spread by sender and flow, rarely keeps that many cores busy.
+pub const MAX_AUTO_LANES: usize = 64;
 
 impl std::fmt::Debug for WireGuardConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -77,6 +81,7 @@ impl WireGuardConfig {
             health_ip: s.health_ip,
             persistent: s.persistent,
             lanes: s.lanes,
+            netlink: s.netlink.clone(),
         }
     }
 }
@@ -105,6 +110,7 @@ pub struct WireGuardCable {
     segmentation: Arc<AtomicBool>,
     uapi: Option<(std::path::PathBuf, tokio::task::JoinHandle<()>)>,
     persistent: bool,
+    netlink: crate::route::Netlink,
 }
 
 impl WireGuardCable {
@@ -190,6 +196,7 @@ impl WireGuardCable {
             segmentation,
             uapi,
             persistent: cfg.persistent,
+            netlink: cfg.netlink,
         })
     }
 
@@ -314,7 +321,10 @@ impl CableDriver for WireGuardCable {
         // Without IFF_PERSIST the device disappears with the task's fd; with it, remove it.
         self.call(Command::Stop).await?;
         if self.persistent {
-            delete_link(&self.device).await?;
+            self.netlink
+                .delete_link(&self.device)
+                .await
+                .map_err(|e| CableError::RemoveDevice { name: self.device.clone(), source: Box::new(e) })?;
         }
         Ok(())
     }
@@ -327,14 +337,6 @@ fn set_persistent(tun: &impl std::os::fd::AsRawFd, on: bool) -> Result<(), nix::
     #[expect(unsafe_code, reason = "TUNSETPERSIST takes an int by value on a TUN descriptor we own")]
     // SAFETY: the descriptor is a live TUN fd for the duration of the call.
     unsafe { tunsetpersist(tun.as_raw_fd(), nix::sys::ioctl::ioctl_param_type::from(on)) }.map(drop)
-}
-
-/// Deletes the (persistent) device `name` in the calling thread's namespace.
-async fn delete_link(name: &str) -> Result<(), CableError> {
-    crate::route::delete_link(name).await.map_err(|e| CableError::CreateDevice {
-        name: name.to_owned(),
-        source: std::io::Error::other(e.to_string()),
-    })
 }
 
 /// Opens the device's first queue, creating the device if it does not exist. Every queue

@@ -329,9 +329,9 @@ pub async fn run(
     }));
     let (snapshot, snapshot_task) = crate::status::start_snapshots(shared.clone(), Duration::from_secs(1));
     let status_task =
-        crate::status::serve(&config.status_socket, shared.clone(), snapshot.clone()).await.map_err(
-            |source| GatewayError::Status { path: config.status_socket.display().to_string(), source },
-        )?;
+        crate::status::serve(&config.status_socket, snapshot.clone()).await.map_err(|source| {
+            GatewayError::Status { path: config.status_socket.display().to_string(), source }
+        })?;
     let metrics_task = match config.metrics_listen {
         Some(addr) => Some(
             crate::status::serve_tcp(addr, snapshot)

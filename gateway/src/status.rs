@@ -2,10 +2,10 @@
 //! node, nothing exposed on the network): `GET /status` (JSON, what `causeway show
 //! connections` prints) and `GET /metrics` (Prometheus text).
 
-use std::{fmt::Write as _, path::Path, sync::Arc};
+use std::{fmt::Write as _, path::Path, sync::Arc, time::Duration};
 
 use axum::{Json, Router, extract::State, http::header, response::IntoResponse, routing::get};
-use tokio::sync::Mutex;
+use tokio::{sync::Mutex, time::Instant};
 use tracing::warn;
 
 use crate::daemon::Shared;
@@ -16,53 +16,115 @@ pub use causeway_broker_api::status::{
     ConnectionView, DatapathCounters, FetchError, GatewayStatus, StandbyView, fetch, fetch_raw,
 };
 
-async fn status(State(shared): State<Arc<Mutex<Shared>>>) -> impl IntoResponse {
-    match shared.lock().await.status().await {
-        Ok(s) => Json(s).into_response(),
-        Err(e) => {
-            warn!(error = %e, "status failed");
-            (axum::http::StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response()
+/// How long `/status` waits for a reading taken after the request before it answers with the
+/// newest one there is (and says how old it is).
+const STATUS_WAIT: Duration = Duration::from_secs(3);
+
+async fn status(State(snapshot): State<Snapshot>) -> axum::response::Response {
+    match snapshot.fresh(STATUS_WAIT).await {
+        Some((reading, true)) => Json(&*reading.status).into_response(),
+        Some((reading, false)) => {
+            let age = reading.taken.elapsed();
+            warn!(age_ms = age.as_millis(), "no fresh status reading in time; answering with the last one");
+            ([(STATUS_AGE_HEADER, age.as_millis().to_string())], Json(&*reading.status)).into_response()
+        }
+        None => (axum::http::StatusCode::SERVICE_UNAVAILABLE, "no status yet\n").into_response(),
+    }
+}
+
+/// Set on a `/status` answer that is not fresh: the reading's age in milliseconds.
+pub const STATUS_AGE_HEADER: &str = "x-causeway-status-age-ms";
+
+/// One status reading: when it began, and what it said.
+#[derive(Clone, Debug)]
+pub struct Reading {
+    pub taken: Instant,
+    pub status: Arc<GatewayStatus>,
+}
+
+/// The gateway's status as published by one task ([`start_snapshots`]): every period, and at
+/// once when a `/status` request asks. The servers only read it: neither a scrape nor
+/// `/status` ever takes the daemon's lock, so a slow reader cannot hold up a reconcile, and a
+/// stuck reconcile cannot hang the status server (it answers with the last reading, and its
+/// age).
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    latest: tokio::sync::watch::Receiver<Option<Reading>>,
+    /// Asks the publisher for a reading now. Room for one: a request made while another waits
+    /// is answered by the same reading, which begins after both.
+    refresh: tokio::sync::mpsc::Sender<()>,
+}
+
+impl Snapshot {
+    /// A snapshot fed by `latest`, asking for readings on `refresh`.
+    #[must_use]
+    pub fn new(
+        latest: tokio::sync::watch::Receiver<Option<Reading>>,
+        refresh: tokio::sync::mpsc::Sender<()>,
+    ) -> Self {
+        Self { latest, refresh }
+    }
+
+    /// The newest reading.
+    #[must_use]
+    pub fn latest(&self) -> Option<Reading> {
+        self.latest.borrow().clone()
+    }
+
+    /// A reading begun after this call (`true`), or, when none comes within `wait`, the newest
+    /// there is (`false`); `None` before the first.
+    pub async fn fresh(&self, wait: Duration) -> Option<(Reading, bool)> {
+        let asked = Instant::now();
+        // Full: a request is waiting, and the reading it gets begins after this one's `asked`.
+        let _ = self.refresh.try_send(());
+        let mut rx = self.latest.clone();
+        let fresh = tokio::time::timeout(wait, async {
+            rx.wait_for(|r| r.as_ref().is_some_and(|r| r.taken >= asked)).await.ok().and_then(|r| r.clone())
+        })
+        .await;
+        match fresh {
+            Ok(Some(reading)) => Some((reading, true)),
+            _ => self.latest().map(|r| (r, false)),
         }
     }
 }
 
-/// The latest status, refreshed in the background ([`start_snapshots`]). Metrics are rendered
-/// from it: a scrape never waits on the daemon's lock, and never holds it while a reconcile
-/// waits (however many scrapers there are, or however slow they read).
-#[derive(Clone, Debug)]
-pub struct Snapshot(pub tokio::sync::watch::Receiver<Option<Arc<GatewayStatus>>>);
-
-/// Refreshes the snapshot every `every` (one lock and one status read per period, whatever
-/// the scrape rate).
+/// Publishes a reading every `every`, and whenever asked (one lock and one status read per
+/// reading, whatever the number of readers).
 pub fn start_snapshots(
     shared: Arc<Mutex<Shared>>,
-    every: std::time::Duration,
+    every: Duration,
 ) -> (Snapshot, tokio::task::JoinHandle<()>) {
     let (tx, rx) = tokio::sync::watch::channel(None);
+    let (refresh, mut asked) = tokio::sync::mpsc::channel(1);
     let task = tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                Some(()) = asked.recv() => {}
+            }
+            let taken = Instant::now();
             let status = shared.lock().await.status().await;
             match status {
                 Ok(s) => {
-                    tx.send_replace(Some(Arc::new(s)));
+                    tx.send_replace(Some(Reading { taken, status: Arc::new(s) }));
                 }
                 Err(e) => {
-                    warn!(error = %e, "refreshing the status snapshot failed; metrics show the last one")
+                    warn!(error = %e, "reading the gateway's status failed; readers get the last one")
                 }
             }
         }
     });
-    (Snapshot(rx), task)
+    (Snapshot::new(rx, refresh), task)
 }
 
+/// Metrics are rendered from the newest reading as it is: a scrape asks for nothing.
 async fn metrics(State(snapshot): State<Snapshot>) -> impl IntoResponse {
-    let latest = snapshot.0.borrow().clone();
-    match latest {
-        Some(s) => {
-            ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], render_metrics(&s)).into_response()
+    match snapshot.latest() {
+        Some(r) => {
+            ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], render_metrics(&r.status)).into_response()
         }
         None => (axum::http::StatusCode::SERVICE_UNAVAILABLE, "no status yet\n").into_response(),
     }
@@ -250,8 +312,8 @@ fn tcp_router(snapshot: Snapshot) -> Router {
         .with_state(snapshot)
 }
 
-fn router(shared: Arc<Mutex<Shared>>, snapshot: Snapshot) -> Router {
-    Router::new().route("/status", get(status)).with_state(shared).merge(tcp_router(snapshot))
+fn router(snapshot: Snapshot) -> Router {
+    Router::new().route("/status", get(status)).with_state(snapshot.clone()).merge(tcp_router(snapshot))
 }
 
 /// Serves `/metrics` and `/healthz` over TCP (for Prometheus and the kubelet).
@@ -270,11 +332,7 @@ pub async fn serve_tcp(
 }
 
 /// Serves the status API on a Unix socket at `path` (replacing a stale socket file).
-pub async fn serve(
-    path: &Path,
-    shared: Arc<Mutex<Shared>>,
-    snapshot: Snapshot,
-) -> std::io::Result<tokio::task::JoinHandle<()>> {
+pub async fn serve(path: &Path, snapshot: Snapshot) -> std::io::Result<tokio::task::JoinHandle<()>> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -285,7 +343,7 @@ pub async fn serve(
     let listener = tokio::net::UnixListener::bind(path)?;
     // Owner (root) only: the status names keys, endpoints and refusals.
     std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-    let app = router(shared, snapshot);
+    let app = router(snapshot);
     Ok(tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             warn!(error = %e, "status server stopped");
@@ -345,21 +403,90 @@ mod tests {
         text.lines().filter(|l| !l.contains("process_")).map(str::to_owned).collect()
     }
 
+    /// A publisher that answers every request with `status` after `delay`, as the daemon's
+    /// snapshot task does (with the daemon's lock taken after the request).
+    fn publisher(
+        status: GatewayStatus,
+        delay: Duration,
+    ) -> (Snapshot, tokio::sync::watch::Sender<Option<Reading>>) {
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        let (refresh, mut asked) = tokio::sync::mpsc::channel(1);
+        let publish = tx.clone();
+        tokio::spawn(async move {
+            while asked.recv().await.is_some() {
+                let taken = Instant::now();
+                tokio::time::sleep(delay).await;
+                publish.send_replace(Some(Reading { taken, status: Arc::new(status.clone()) }));
+            }
+        });
+        (Snapshot::new(rx, refresh), tx)
+    }
+
+    #[tokio::test]
+    async fn status_waits_for_a_reading_begun_after_the_request() {
+        let mut fresh = sample();
+        fresh.revision = 2;
+        let (snapshot, tx) = publisher(fresh, Duration::from_millis(50));
+        assert!(snapshot.fresh(Duration::from_millis(200)).await.is_some(), "the first reading");
+        // A reading that began before the request is not an answer to it, even when it is
+        // published after: the request's own reading (revision 2) is.
+        let mut old = sample();
+        old.revision = 1;
+        let before = Instant::now();
+        let waiting = tokio::spawn({
+            let snapshot = snapshot.clone();
+            async move { snapshot.fresh(Duration::from_secs(5)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        tx.send_replace(Some(Reading { taken: before, status: Arc::new(old) }));
+        let (got, fresh_flag) = waiting.await.unwrap().unwrap();
+        assert!(fresh_flag);
+        assert_eq!(got.status.revision, 2);
+        assert!(got.taken >= before);
+        let resp = status(State(snapshot)).await;
+        assert_eq!(resp.status(), axum::http::StatusCode::OK);
+        assert!(resp.headers().get(STATUS_AGE_HEADER).is_none(), "a fresh answer carries no age");
+    }
+
+    #[tokio::test]
+    async fn a_stuck_publisher_gets_the_last_reading_with_its_age() {
+        // Nobody answers requests (a reconcile holds the daemon's lock for good).
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        let (refresh, _asked) = tokio::sync::mpsc::channel(1);
+        let snapshot = Snapshot::new(rx, refresh);
+        let resp = status(State(snapshot.clone())).await;
+        assert_eq!(resp.status(), axum::http::StatusCode::SERVICE_UNAVAILABLE, "nothing read yet");
+        let taken = Instant::now();
+        tx.send_replace(Some(Reading { taken, status: Arc::new(sample()) }));
+        let (got, fresh) = snapshot.fresh(Duration::from_millis(100)).await.unwrap();
+        assert!(!fresh, "the reading began before the request");
+        assert_eq!(got.taken, taken);
+        let started = Instant::now();
+        let resp = status(State(snapshot)).await;
+        assert!(started.elapsed() < STATUS_WAIT + Duration::from_secs(1), "answered, not hung");
+        assert_eq!(resp.status(), axum::http::StatusCode::OK);
+        let age: u64 = resp.headers()[STATUS_AGE_HEADER].to_str().unwrap().parse().unwrap();
+        assert!(age >= 3000, "the answer says how old it is: {age} ms");
+    }
+
     #[tokio::test]
     async fn metrics_come_from_the_snapshot_alone() {
         let (tx, rx) = tokio::sync::watch::channel(None);
-        let snapshot = Snapshot(rx);
+        let (refresh, _asked) = tokio::sync::mpsc::channel(1);
+        let snapshot = Snapshot::new(rx, refresh);
+        let reading =
+            |s: &GatewayStatus| Some(Reading { taken: Instant::now(), status: Arc::new(s.clone()) });
         let resp = metrics(State(snapshot.clone())).await.into_response();
         assert_eq!(resp.status(), axum::http::StatusCode::SERVICE_UNAVAILABLE, "nothing to render yet");
         let mut s = sample();
-        tx.send_replace(Some(Arc::new(s.clone())));
+        tx.send_replace(reading(&s));
         let resp = metrics(State(snapshot.clone())).await.into_response();
         assert_eq!(resp.status(), axum::http::StatusCode::OK);
         let body = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
         assert_eq!(causeway_lines(std::str::from_utf8(&body).unwrap()), causeway_lines(&render_metrics(&s)));
         // A newer snapshot replaces it for the next scrape.
         s.connections[0].datapath.tx_bytes = 12_345;
-        tx.send_replace(Some(Arc::new(s.clone())));
+        tx.send_replace(reading(&s));
         let resp = metrics(State(snapshot)).await.into_response();
         let body = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
         let text = std::str::from_utf8(&body).unwrap();

@@ -449,8 +449,13 @@ mod tests {
     }
 
     impl CableDriver for FakeCable {
-        fn name(&self) -> &'static str {
-            "fake"
+        fn info(&self) -> crate::cable::CableInfo {
+            crate::cable::CableInfo {
+                name: "fake",
+                device: "fake0".into(),
+                mtu: 1420,
+                details: crate::cable::CableDetails::default(),
+            }
         }
         async fn connect(&mut self, ep: &RemoteEndpoint) -> Result<(), CableError> {
             self.connects += 1;

@@ -186,14 +186,15 @@ impl Shared {
                 },
             });
         }
+        let cable = self.ctl.cable.info();
         Ok(GatewayStatus {
             cluster_id: self.local.cluster_id.clone(),
             hostname: self.local.hostname.clone(),
             public_key: self.public_key.clone(),
-            cable: self.ctl.cable.name().to_owned(),
-            cable_lanes: self.ctl.cable.lanes(),
-            cable_udp_segmentation: self.ctl.cable.udp_segmentation(),
-            device: self.ctl.cable.device().to_owned(),
+            cable: cable.name.to_owned(),
+            cable_lanes: cable.details.lanes.unwrap_or(0),
+            cable_udp_segmentation: cable.details.udp_segmentation.unwrap_or(false),
+            device: cable.device,
             listen_port: self.config.listen_port,
             broker_url: self.config.broker.broker_url.clone(),
             revision: self.revision,
@@ -302,8 +303,9 @@ pub async fn run(
         Some(dir) => Datapath::load_pinned(dir)?,
         None => Datapath::load()?,
     };
-    datapath.set_tunnel_mtu(cable.mtu())?;
-    datapath.attach_tunnel(cable.device())?;
+    let info = cable.info();
+    datapath.set_tunnel_mtu(info.mtu)?;
+    datapath.attach_tunnel(&info.device)?;
     if let Some(uplink) = &config.uplink {
         let hook = match config.uplink_hook {
             Some(hook) => hook,
@@ -316,9 +318,9 @@ pub async fn run(
         datapath.attach_cluster_redirect(ifname)?;
     }
     datapath.prune_links()?;
-    let routes = RouteManager::new(&netlink, cable.device()).await?;
+    let routes = RouteManager::new(&netlink, &info.device).await?;
     let tunnel_ifindex = routes.ifindex();
-    let backend = cable.name();
+    let backend = info.name;
     let shared = Arc::new(Mutex::new(Shared {
         local: local.clone(),
         config: config.clone(),

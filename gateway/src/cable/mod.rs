@@ -86,9 +86,34 @@ pub struct Connection {
     pub local_index: u32,
 }
 
+/// What a running cable says about itself, the same for every driver: the daemon attaches the
+/// datapath to `device`, sizes it by `mtu`, names the backend in the endpoint record, and
+/// reports the rest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CableInfo {
+    /// The backend's name (`wireguard`), as the endpoint record's `backend` gives it.
+    pub name: &'static str,
+    /// The tunnel device the datapath attaches to and routes point at.
+    pub device: String,
+    /// The device's MTU: the underlay's less the driver's overhead.
+    pub mtu: u16,
+    pub details: CableDetails,
+}
+
+/// Facts only some drivers have (`None`: not this driver's kind of thing).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CableDetails {
+    /// I/O threads moving packets (userspace drivers).
+    pub lanes: Option<usize>,
+    /// Whether encrypted traffic still leaves in UDP segmentation offload runs (drivers that
+    /// batch datagrams; `false` once the kernel refused one).
+    pub udp_segmentation: Option<bool>,
+}
+
 /// What every cable backend does.
 pub trait CableDriver: Send + 'static {
-    fn name(&self) -> &'static str;
+    /// Name, device, MTU and details of the running cable.
+    fn info(&self) -> CableInfo;
     /// Connects to (or updates) the remote endpoint; idempotent.
     fn connect(&mut self, ep: &RemoteEndpoint) -> impl Future<Output = Result<(), CableError>> + Send;
     /// Disconnects the cluster; absent is success.
@@ -150,44 +175,12 @@ impl AnyCable {
             other => Err(CableError::UnknownBackend { name: other.to_owned() }),
         }
     }
-
-    /// The tunnel device's MTU (the underlay's less the driver's overhead).
-    #[must_use]
-    pub fn mtu(&self) -> u16 {
-        match self {
-            Self::WireGuard(c) => c.mtu(),
-        }
-    }
-
-    /// The tunnel device the datapath attaches to and routes point at.
-    #[must_use]
-    pub fn device(&self) -> &str {
-        match self {
-            Self::WireGuard(c) => c.device(),
-        }
-    }
-
-    /// The I/O threads moving packets.
-    #[must_use]
-    pub fn lanes(&self) -> usize {
-        match self {
-            Self::WireGuard(c) => c.lanes(),
-        }
-    }
-
-    /// Whether encrypted traffic still leaves in UDP segmentation offload runs.
-    #[must_use]
-    pub fn udp_segmentation(&self) -> bool {
-        match self {
-            Self::WireGuard(c) => c.udp_segmentation(),
-        }
-    }
 }
 
 impl CableDriver for AnyCable {
-    fn name(&self) -> &'static str {
+    fn info(&self) -> CableInfo {
         match self {
-            Self::WireGuard(c) => c.name(),
+            Self::WireGuard(c) => c.info(),
         }
     }
     async fn connect(&mut self, ep: &RemoteEndpoint) -> Result<(), CableError> {

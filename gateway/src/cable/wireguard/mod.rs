@@ -200,32 +200,9 @@ impl WireGuardCable {
         })
     }
 
-    /// The tunnel device's MTU.
-    #[must_use]
-    pub fn mtu(&self) -> u16 {
-        self.mtu
-    }
-
-    #[must_use]
-    pub fn device(&self) -> &str {
-        &self.device
-    }
-
     #[must_use]
     pub fn public_key(&self) -> WireGuardKey {
         self.public_key
-    }
-
-    #[must_use]
-    pub fn lanes(&self) -> usize {
-        self.lanes
-    }
-
-    /// Whether encrypted runs still leave as UDP segmentation offload messages (`false` once
-    /// the kernel refused one: every datagram then costs its own trip through the stack).
-    #[must_use]
-    pub fn udp_segmentation(&self) -> bool {
-        self.segmentation.load(Ordering::Relaxed)
     }
 
     #[must_use]
@@ -241,8 +218,18 @@ impl WireGuardCable {
 }
 
 impl CableDriver for WireGuardCable {
-    fn name(&self) -> &'static str {
-        "wireguard"
+    fn info(&self) -> super::CableInfo {
+        super::CableInfo {
+            name: "wireguard",
+            device: self.device.clone(),
+            mtu: self.mtu,
+            details: super::CableDetails {
+                lanes: Some(self.lanes),
+                // `false` once the kernel refused a segmented send: every datagram then
+                // costs its own trip through the stack.
+                udp_segmentation: Some(self.segmentation.load(Ordering::Relaxed)),
+            },
+        }
     }
 
     async fn connect(&mut self, ep: &RemoteEndpoint) -> Result<(), CableError> {

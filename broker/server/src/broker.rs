@@ -1,5 +1,7 @@
-//! The broker's rules on top of a [`Store`]. Check and commit happen under one lock, so two
-//! clusters racing for overlapping CIDRs cannot both win: the second sees the first.
+//! The broker: credentials, leases, the cache and the watch, and the [`rules`] run on top of a
+//! [`Store`]. Check and commit happen under one lock, and a commit lands only on the revision
+//! its plan saw, so two clusters racing for overlapping CIDRs cannot both win: the second sees
+//! the first.
 
 use std::{
     sync::{Arc, Mutex},
@@ -15,8 +17,17 @@ use tracing::{debug, info};
 
 use crate::{
     auth::{self, Credential, Identity},
-    store::{Change, Followed, Since, Store, StoreError},
+    rules::{self, Plan},
+    store::{Followed, Since, Store, StoreError},
 };
+
+/// What a transaction did.
+enum Applied {
+    /// Committed as one revision: its events (none when the plan had nothing to change).
+    Committed(Vec<causeway_broker_api::WatchEvent>),
+    /// The record was stored exactly so already.
+    Unchanged(Object),
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -338,13 +349,7 @@ impl Broker {
                 doomed.push(key);
             }
         }
-        self.transact(&mut **store, |items| {
-            Ok(doomed
-                .iter()
-                .filter(|k| Self::stored(items, k).is_some())
-                .map(|k| Change::Delete(k.clone()))
-                .collect())
-        })?;
+        self.transact(&mut **store, |state| Ok(rules::delete_present(state, &doomed)))?;
         for k in &doomed {
             info!(key = %k, lease = ?self.lease, "endpoint expired: no heartbeat");
         }
@@ -451,29 +456,31 @@ impl Broker {
         self.revision.send_replace(revision);
     }
 
-    /// Plans changes against the cache and commits them against the revision the plan saw.
-    /// When another replica committed first, waits for the cache to catch up and plans
-    /// again, so rules (overlaps, generations, existence) are always checked on the state the
-    /// commit lands on. Returns the committed events (none when the plan changed nothing).
+    /// Runs a planner ([`rules`]) on the cache and commits its plan against the revision it
+    /// saw. When another replica committed first, waits for the cache to catch up and plans
+    /// again, so the rules are always checked on the state the commit lands on.
     fn transact(
         &self,
         store: &mut dyn Store,
-        mut plan: impl FnMut(&[Object]) -> Result<Vec<Change>, BrokerError>,
-    ) -> Result<Vec<causeway_broker_api::WatchEvent>, BrokerError> {
+        mut plan: impl FnMut(rules::State<'_>) -> Result<Plan, BrokerError>,
+    ) -> Result<Applied, BrokerError> {
         const ATTEMPTS: usize = 50;
+        let broker_addresses =
+            self.own_addresses.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
         for attempt in 1..=ATTEMPTS {
             let (base, items) = {
                 let cache = self.cache.read().unwrap_or_else(std::sync::PoisonError::into_inner);
                 (cache.revision, cache.records.values().cloned().collect::<Vec<_>>())
             };
-            let changes = plan(&items)?;
-            if changes.is_empty() {
-                return Ok(Vec::new());
-            }
+            let changes = match plan(rules::State { items: &items, broker_addresses: &broker_addresses })? {
+                Plan::Unchanged(obj) => return Ok(Applied::Unchanged(obj)),
+                Plan::Commit(changes) if changes.is_empty() => return Ok(Applied::Committed(Vec::new())),
+                Plan::Commit(changes) => changes,
+            };
             match store.commit(base, changes) {
                 Ok(events) => {
                     self.publish(&events);
-                    return Ok(events);
+                    return Ok(Applied::Committed(events));
                 }
                 Err(StoreError::Conflict { current, .. }) if attempt < ATTEMPTS => {
                     debug!(base, current, attempt, "another replica committed first; planning again");
@@ -483,6 +490,35 @@ impl Broker {
             }
         }
         unreachable!("the last attempt returns")
+    }
+
+    /// Commits a put's plan; returns the stored object (the old one when nothing changed).
+    fn put(
+        &self,
+        store: &mut dyn Store,
+        plan: impl FnMut(rules::State<'_>) -> Result<Plan, BrokerError>,
+    ) -> Result<Object, BrokerError> {
+        match self.transact(store, plan)? {
+            Applied::Unchanged(obj) => Ok(obj),
+            Applied::Committed(events) => {
+                // A put plans one change, and a committed change is one event.
+                let obj = events.into_iter().next().map(|e| e.object).expect("a committed put has its event");
+                info!(key = obj.record.key(), revision = obj.resource_version, "record stored");
+                Ok(obj)
+            }
+        }
+    }
+
+    /// Commits a delete's plan; returns the deleted objects.
+    fn delete(
+        &self,
+        store: &mut dyn Store,
+        plan: impl FnMut(rules::State<'_>) -> Result<Plan, BrokerError>,
+    ) -> Result<Vec<Object>, BrokerError> {
+        match self.transact(store, plan)? {
+            Applied::Committed(events) => Ok(events.into_iter().map(|e| e.object).collect()),
+            Applied::Unchanged(_) => Ok(Vec::new()),
+        }
     }
 
     /// Waits briefly for the follower to bring the cache to `revision`, else re-lists.
@@ -722,7 +758,7 @@ impl Broker {
                 info!(cluster = %id, "the same caller joined again: a fresh credential for the cluster");
                 obj
             }
-            _ => self.commit_cluster(&mut **store, c, true)?,
+            _ => self.put(&mut **store, |state| rules::put_cluster(state, &c, true))?,
         };
         let token = auth::new_token();
         let mut cred = Credential::new(identity);
@@ -807,96 +843,7 @@ impl Broker {
         require_write(who, &c.cluster_id, "write the cluster record")?;
         causeway_broker_api::validate_cluster(&c)?;
         let mut store = self.lock();
-        self.commit_cluster(&mut **store, c, false)
-    }
-
-    /// Stores a cluster record after the overlap and generation checks (`new`: it must not
-    /// exist yet).
-    fn commit_cluster(
-        &self,
-        store: &mut dyn Store,
-        c: ClusterRecord,
-        new: bool,
-    ) -> Result<Object, BrokerError> {
-        let id = c.cluster_id.clone();
-        self.put_record(
-            store,
-            Record::Cluster(c.clone()),
-            |_, old| {
-                if new && old.is_some() { Err(BrokerError::AlreadyRegistered(id.clone())) } else { Ok(()) }
-            },
-            |items| {
-                let set = settings(items);
-                causeway_broker_api::check_pools(&c, &set.pools).map_err(BrokerError::OutsidePools)?;
-                self.check_covers_nothing(&c, items)?;
-                let clusters = items.iter().filter_map(|o| match &o.record {
-                    Record::Cluster(c) => Some(c),
-                    _ => None,
-                });
-                if set.overlap_mode {
-                    causeway_broker_api::check_global_overlaps(&c, clusters)
-                        .map_err(BrokerError::GlobalOverlap)
-                } else {
-                    causeway_broker_api::check_overlaps(&c, clusters).map_err(BrokerError::Overlap)
-                }
-            },
-        )
-    }
-
-    /// A cluster's prefixes may not cover the broker or any gateway endpoint (its own
-    /// included): every gateway would route that address into the cluster's tunnel.
-    fn check_covers_nothing(&self, c: &ClusterRecord, items: &[Object]) -> Result<(), BrokerError> {
-        let own = self.own_addresses.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
-        if let Some((cidr, addr)) = causeway_broker_api::validate::covered(c, &own) {
-            return Err(BrokerError::AddressConflict(format!(
-                "{cidr} covers the broker's address {addr}; choose CIDRs that leave the broker and the underlay out"
-            )));
-        }
-        for o in items {
-            if let Record::Endpoint(e) = &o.record
-                && let Some((cidr, addr)) =
-                    causeway_broker_api::validate::covered(c, e.private_ips.iter().chain(&e.public_ips))
-            {
-                return Err(BrokerError::AddressConflict(format!(
-                    "{cidr} covers {addr}, an address of gateway {:?} of cluster {:?}; a cluster's CIDRs may not cover a gateway endpoint",
-                    e.hostname, e.cluster_id
-                )));
-            }
-        }
-        Ok(())
-    }
-
-    /// Creates or replaces `record` (key from the record): `first` checks the state before
-    /// anything else (it sees the stored version, if any); generations never go back; an
-    /// identical record changes nothing; `on_change` checks what only matters for a real
-    /// change. Returns the stored object.
-    fn put_record(
-        &self,
-        store: &mut dyn Store,
-        record: Record,
-        mut first: impl FnMut(&[Object], Option<&Object>) -> Result<(), BrokerError>,
-        mut on_change: impl FnMut(&[Object]) -> Result<(), BrokerError>,
-    ) -> Result<Object, BrokerError> {
-        let key = record.key();
-        let mut unchanged = None;
-        let events = self.transact(store, |items| {
-            let old = Self::stored(items, &key);
-            first(items, old)?;
-            if let Some(old) = old {
-                check_generation(&key, old, record.generation())?;
-                if old.record == record {
-                    unchanged = Some(old.clone());
-                    return Ok(Vec::new());
-                }
-            }
-            on_change(items)?;
-            Ok(vec![Change::Put(record.clone())])
-        })?;
-        let Some(obj) = events.into_iter().next().map(|e| e.object) else {
-            return Ok(unchanged.expect("an empty plan means the record was unchanged"));
-        };
-        info!(key, revision = obj.resource_version, "record stored");
-        Ok(obj)
+        self.put(&mut **store, |state| rules::put_cluster(state, &c, false))
     }
 
     /// Deletes a cluster and all its endpoints, as one revision, and revokes its credentials
@@ -904,25 +851,10 @@ impl Broker {
     pub fn delete_cluster(&self, who: &Identity, cluster_id: &str) -> Result<Vec<Object>, BrokerError> {
         require_write(who, cluster_id, "delete the cluster")?;
         let mut store = self.lock();
-        let key = cluster_key(cluster_id);
-        let events = self.transact(&mut **store, |items| {
-            if Self::stored(items, &key).is_none() {
-                return Err(BrokerError::NotFound(key.clone()));
-            }
-            let mut changes: Vec<Change> = items
-                .iter()
-                .filter(|o| {
-                    matches!(&o.record, Record::Endpoint(_) | Record::ServiceExport(_))
-                        && o.record.cluster_id() == cluster_id
-                })
-                .map(|o| Change::Delete(o.record.key()))
-                .collect();
-            changes.push(Change::Delete(key.clone()));
-            Ok(changes)
-        })?;
+        let deleted = self.delete(&mut **store, |state| rules::delete_cluster(state, cluster_id))?;
         Self::revoke_cluster(&mut **store, cluster_id)?;
-        info!(key, "cluster and its endpoints deleted");
-        Ok(events.into_iter().map(|e| e.object).collect())
+        info!(cluster = cluster_id, "cluster and its endpoints deleted");
+        Ok(deleted)
     }
 
     /// Creates or replaces an endpoint record of a registered cluster.
@@ -930,23 +862,9 @@ impl Broker {
         require_write(who, &e.cluster_id, "write an endpoint")?;
         causeway_broker_api::validate_endpoint(&e)?;
         let mut store = self.lock();
-        let key = endpoint_key(&e.cluster_id, &e.hostname);
-        let cluster = e.cluster_id.clone();
-        let obj = self.put_record(
-            &mut **store,
-            Record::Endpoint(e.clone()),
-            |items, old| {
-                let Some(Record::Cluster(own)) =
-                    Self::stored(items, &cluster_key(&cluster)).map(|o| &o.record)
-                else {
-                    return Err(BrokerError::ClusterNotRegistered(cluster.clone()));
-                };
-                check_endpoint(&e, own, items, old.is_some())
-            },
-            |_| Ok(()),
-        )?;
+        let obj = self.put(&mut **store, |state| rules::put_endpoint(state, &e))?;
         // Changed or not, a PUT of the endpoint is its gateway's heartbeat.
-        self.beat(&mut **store, &key)?;
+        self.beat(&mut **store, &endpoint_key(&e.cluster_id, &e.hostname))?;
         Ok(obj)
     }
 
@@ -973,7 +891,7 @@ impl Broker {
 
     fn put_set_record(&self, record: Record) -> Result<Object, BrokerError> {
         let mut store = self.lock();
-        self.put_record(&mut **store, record, |_, _| Ok(()), |_| Ok(()))
+        self.put(&mut **store, |state| rules::put_set_record(state, &record))
     }
 
     /// Publishes one of a cluster's exported services; its IPs must lie in the cluster's
@@ -986,48 +904,7 @@ impl Broker {
         require_write(who, &svc.cluster_id, "export a service")?;
         causeway_broker_api::validate_service(&svc)?;
         let mut store = self.lock();
-        let record = Record::ServiceExport(svc.clone());
-        self.put_record(
-            &mut **store,
-            record,
-            |items, _| {
-                let Some(Record::Cluster(c)) =
-                    Self::stored(items, &cluster_key(&svc.cluster_id)).map(|o| &o.record)
-                else {
-                    return Err(BrokerError::ClusterNotRegistered(svc.cluster_id.clone()));
-                };
-                let ranges: Vec<ipnetwork::IpNetwork> = if overlap_mode(items) {
-                    c.global_cidr.into_iter().collect()
-                } else {
-                    c.service_cidrs.clone()
-                };
-                let max = settings(items).quotas.max_services;
-                if Self::stored(
-                    items,
-                    &causeway_broker_api::service_key(&svc.cluster_id, &svc.namespace, &svc.name),
-                )
-                .is_none()
-                    && count_of(items, &svc.cluster_id, |r| matches!(r, Record::ServiceExport(_)))
-                        >= max as usize
-                {
-                    return Err(BrokerError::QuotaExceeded {
-                        cluster: svc.cluster_id.clone(),
-                        what: "exported services",
-                        max,
-                    });
-                }
-                if let Some(ip) = svc.ips.iter().find(|ip| !ranges.iter().any(|r| r.contains(**ip))) {
-                    return Err(BrokerError::BadRequest(format!(
-                        "ips: {ip} is outside cluster {:?}'s {} ({}); export the service's ClusterIP",
-                        svc.cluster_id,
-                        if overlap_mode(items) { "global CIDR" } else { "service CIDRs" },
-                        ranges.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
-                    )));
-                }
-                Ok(())
-            },
-            |_| Ok(()),
-        )
+        self.put(&mut **store, |state| rules::put_service(state, &svc))
     }
 
     pub fn delete_service(
@@ -1040,13 +917,7 @@ impl Broker {
         require_write(who, cluster_id, "unexport a service")?;
         let key = causeway_broker_api::service_key(cluster_id, namespace, name);
         let mut store = self.lock();
-        let events = self.transact(&mut **store, |items| {
-            if Self::stored(items, &key).is_none() {
-                return Err(BrokerError::NotFound(key.clone()));
-            }
-            Ok(vec![Change::Delete(key.clone())])
-        })?;
-        Ok(events.into_iter().map(|e| e.object).collect())
+        self.delete(&mut **store, |state| rules::delete(state, &key))
     }
 
     /// Sets the cluster set's settings (admin only). Turning overlap mode on needs every
@@ -1059,36 +930,7 @@ impl Broker {
     ) -> Result<Object, BrokerError> {
         require_admin(who, "change the cluster set's settings")?;
         let mut store = self.lock();
-        let obj = self.put_record(
-            &mut **store,
-            Record::ClusterSet(settings.clone()),
-            |_, _| Ok(()),
-            |items| {
-                let clusters: Vec<&ClusterRecord> = items
-                    .iter()
-                    .filter_map(|o| match &o.record {
-                        Record::Cluster(c) => Some(c),
-                        _ => None,
-                    })
-                    .collect();
-                for c in &clusters {
-                    causeway_broker_api::check_pools(c, &settings.pools).map_err(|e| {
-                        BrokerError::AddressConflict(format!(
-                            "the new pools leave out cluster {:?}: {e}; remove that cluster first, or keep its CIDRs in the pools",
-                            c.cluster_id
-                        ))
-                    })?;
-                    if settings.overlap_mode {
-                        causeway_broker_api::check_global_overlaps(c, clusters.iter().copied())
-                            .map_err(BrokerError::GlobalOverlap)?;
-                    } else {
-                        causeway_broker_api::check_overlaps(c, clusters.iter().copied())
-                            .map_err(BrokerError::Overlap)?;
-                    }
-                }
-                Ok(())
-            },
-        )?;
+        let obj = self.put(&mut **store, |state| rules::put_cluster_set(state, &settings))?;
         info!(overlap_mode = settings.overlap_mode, "cluster-set settings stored");
         Ok(obj)
     }
@@ -1098,14 +940,9 @@ impl Broker {
         require_admin(who, "delete cluster-set policy")?;
         let key = causeway_broker_api::policy_key(name);
         let mut store = self.lock();
-        let events = self.transact(&mut **store, |items| {
-            if Self::stored(items, &key).is_none() {
-                return Err(BrokerError::NotFound(key.clone()));
-            }
-            Ok(vec![Change::Delete(key.clone())])
-        })?;
+        let deleted = self.delete(&mut **store, |state| rules::delete(state, &key))?;
         info!(key, "policy deleted");
-        Ok(events.into_iter().map(|e| e.object).collect())
+        Ok(deleted)
     }
 
     pub fn delete_endpoint(
@@ -1117,13 +954,7 @@ impl Broker {
         require_write(who, cluster_id, "delete an endpoint")?;
         let key = endpoint_key(cluster_id, hostname);
         let mut store = self.lock();
-        let events = self.transact(&mut **store, |items| {
-            if Self::stored(items, &key).is_none() {
-                return Err(BrokerError::NotFound(key.clone()));
-            }
-            Ok(vec![Change::Delete(key.clone())])
-        })?;
-        Ok(events.into_iter().map(|e| e.object).collect())
+        self.delete(&mut **store, |state| rules::delete(state, &key))
     }
 
     /// The changes after `since`; waits up to `wait` for the first one.
@@ -1169,90 +1000,4 @@ impl Broker {
             }
         }
     }
-}
-
-/// The cluster set's settings (the defaults until the admin writes some).
-fn settings(items: &[Object]) -> causeway_broker_api::ClusterSetRecord {
-    items
-        .iter()
-        .find_map(|o| match &o.record {
-            Record::ClusterSet(s) => Some(s.clone()),
-            _ => None,
-        })
-        .unwrap_or_default()
-}
-
-/// Whether the cluster set runs in overlap mode.
-fn overlap_mode(items: &[Object]) -> bool {
-    settings(items).overlap_mode
-}
-
-/// How many records of `cluster_id` match `kind`.
-fn count_of(items: &[Object], cluster_id: &str, kind: impl Fn(&Record) -> bool) -> usize {
-    items.iter().filter(|o| kind(&o.record) && o.record.cluster_id() == cluster_id).count()
-}
-
-/// An endpoint against the set (its own cluster `own` is registered; `exists`: this is an
-/// update of a stored endpoint). Its addresses lie in no cluster's prefixes; its health-check
-/// address in its own cluster's; its key is nobody else's; its cluster keeps to its quota.
-fn check_endpoint(
-    e: &EndpointRecord,
-    own: &ClusterRecord,
-    items: &[Object],
-    exists: bool,
-) -> Result<(), BrokerError> {
-    let set = settings(items);
-    for o in items {
-        match &o.record {
-            Record::Cluster(c) => {
-                if let Some((cidr, addr)) =
-                    causeway_broker_api::validate::covered(c, e.private_ips.iter().chain(&e.public_ips))
-                {
-                    return Err(BrokerError::AddressConflict(format!(
-                        "{addr} lies in {cidr} of cluster {:?}; a gateway endpoint must be outside every cluster's CIDRs",
-                        c.cluster_id
-                    )));
-                }
-            }
-            // Gateways of one cluster are that cluster's business; a key shared across
-            // clusters would let one member answer for another's tunnel.
-            Record::Endpoint(other)
-                if other.public_key == e.public_key && other.cluster_id != e.cluster_id =>
-            {
-                return Err(BrokerError::DuplicateKey {
-                    key: e.public_key,
-                    cluster: other.cluster_id.clone(),
-                    hostname: other.hostname.clone(),
-                });
-            }
-            _ => {}
-        }
-    }
-    if let Some(ip) = e.health_check_ip {
-        let inside = own.pod_cidrs.iter().chain(own.global_cidr.iter()).any(|n| n.contains(ip));
-        if !inside {
-            return Err(BrokerError::BadRequest(format!(
-                "healthCheckIp: {ip} is outside cluster {:?}'s pod CIDRs ({}); probes must be answered inside the cluster's own prefixes",
-                e.cluster_id,
-                own.pod_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
-            )));
-        }
-    }
-    let max = set.quotas.max_endpoints;
-    if !exists && count_of(items, &e.cluster_id, |r| matches!(r, Record::Endpoint(_))) >= max as usize {
-        return Err(BrokerError::QuotaExceeded {
-            cluster: e.cluster_id.clone(),
-            what: "gateway endpoints",
-            max,
-        });
-    }
-    Ok(())
-}
-
-fn check_generation(key: &str, old: &Object, offered: u64) -> Result<(), BrokerError> {
-    let stored = old.record.generation();
-    if offered < stored {
-        return Err(BrokerError::StaleGeneration { key: key.to_owned(), stored, offered });
-    }
-    Ok(())
 }

@@ -9,6 +9,7 @@
 pub mod auth;
 pub mod broker;
 pub mod etcd;
+pub mod rules;
 pub mod server;
 pub mod store;
 pub mod testing;

@@ -48,7 +48,7 @@ pub enum Followed {
 pub type FollowSink = Box<dyn Fn(Followed) + Send + Sync>;
 
 /// One change of a commit: put (create or replace) or delete a record by key.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Change {
     Put(causeway_broker_api::Record),
     Delete(String),

@@ -1,0 +1,452 @@
+//! The broker's rules, one planner per record kind: from the records as they stand (one
+//! revision of the cache) and a request, the changes to commit, or why not. Pure: no store, no
+//! lock, no clock. The broker runs a planner on its cache and commits the plan against that
+//! revision; when another replica committed first it runs the planner again on the new state,
+//! so every rule holds on the state the commit lands on.
+
+use std::net::IpAddr;
+
+use causeway_broker_api::{
+    ClusterRecord, ClusterSetRecord, EndpointRecord, Object, Record, ServiceExportRecord, cluster_key,
+    service_key,
+};
+
+use crate::{broker::BrokerError, store::Change};
+
+/// What a planner decided.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Plan {
+    /// Commit these, as one revision.
+    Commit(Vec<Change>),
+    /// The record is stored exactly so already: nothing to commit.
+    Unchanged(Object),
+}
+
+/// The records a planner judges against.
+#[derive(Clone, Copy, Debug)]
+pub struct State<'a> {
+    pub items: &'a [Object],
+    /// The broker's own addresses: no cluster's prefixes may cover them.
+    pub broker_addresses: &'a [IpAddr],
+}
+
+impl<'a> State<'a> {
+    fn stored(&self, key: &str) -> Option<&'a Object> {
+        self.items.iter().find(|o| o.record.key() == key)
+    }
+
+    fn cluster(&self, id: &str) -> Option<&'a ClusterRecord> {
+        match self.stored(&cluster_key(id)).map(|o| &o.record) {
+            Some(Record::Cluster(c)) => Some(c),
+            _ => None,
+        }
+    }
+
+    fn clusters(&self) -> impl Iterator<Item = &'a ClusterRecord> + Clone {
+        self.items.iter().filter_map(|o| match &o.record {
+            Record::Cluster(c) => Some(c),
+            _ => None,
+        })
+    }
+
+    /// The cluster set's settings (the defaults until the admin writes some).
+    #[must_use]
+    pub fn settings(&self) -> ClusterSetRecord {
+        self.items
+            .iter()
+            .find_map(|o| match &o.record {
+                Record::ClusterSet(s) => Some(s.clone()),
+                _ => None,
+            })
+            .unwrap_or_default()
+    }
+
+    /// How many records of `cluster_id` match `kind`.
+    fn count_of(&self, cluster_id: &str, kind: impl Fn(&Record) -> bool) -> usize {
+        self.items.iter().filter(|o| kind(&o.record) && o.record.cluster_id() == cluster_id).count()
+    }
+}
+
+/// Puts `record` unless the state says no: `first` sees the stored version, if any;
+/// generations never go back; an identical record is [`Plan::Unchanged`]; `on_change` checks
+/// what only matters for a real change.
+fn put(
+    state: State<'_>,
+    record: &Record,
+    first: impl FnOnce(Option<&Object>) -> Result<(), BrokerError>,
+    on_change: impl FnOnce() -> Result<(), BrokerError>,
+) -> Result<Plan, BrokerError> {
+    let key = record.key();
+    let old = state.stored(&key);
+    first(old)?;
+    if let Some(old) = old {
+        let (stored, offered) = (old.record.generation(), record.generation());
+        if offered < stored {
+            return Err(BrokerError::StaleGeneration { key, stored, offered });
+        }
+        if old.record == *record {
+            return Ok(Plan::Unchanged(old.clone()));
+        }
+    }
+    on_change()?;
+    Ok(Plan::Commit(vec![Change::Put(record.clone())]))
+}
+
+/// A cluster record (`new`: it must not exist yet): inside the pools, covering neither the
+/// broker nor any gateway endpoint, overlapping no other cluster (global CIDRs in overlap mode).
+pub fn put_cluster(state: State<'_>, c: &ClusterRecord, new: bool) -> Result<Plan, BrokerError> {
+    put(
+        state,
+        &Record::Cluster(c.clone()),
+        |old| {
+            if new && old.is_some() {
+                Err(BrokerError::AlreadyRegistered(c.cluster_id.clone()))
+            } else {
+                Ok(())
+            }
+        },
+        || {
+            let set = state.settings();
+            causeway_broker_api::check_pools(c, &set.pools).map_err(BrokerError::OutsidePools)?;
+            covers_nothing(state, c)?;
+            if set.overlap_mode {
+                causeway_broker_api::check_global_overlaps(c, state.clusters())
+                    .map_err(BrokerError::GlobalOverlap)
+            } else {
+                causeway_broker_api::check_overlaps(c, state.clusters()).map_err(BrokerError::Overlap)
+            }
+        },
+    )
+}
+
+/// A cluster's prefixes may not cover the broker or any gateway endpoint (its own included):
+/// every gateway would route that address into the cluster's tunnel.
+fn covers_nothing(state: State<'_>, c: &ClusterRecord) -> Result<(), BrokerError> {
+    if let Some((cidr, addr)) = causeway_broker_api::validate::covered(c, state.broker_addresses) {
+        return Err(BrokerError::AddressConflict(format!(
+            "{cidr} covers the broker's address {addr}; choose CIDRs that leave the broker and the underlay out"
+        )));
+    }
+    for o in state.items {
+        if let Record::Endpoint(e) = &o.record
+            && let Some((cidr, addr)) =
+                causeway_broker_api::validate::covered(c, e.private_ips.iter().chain(&e.public_ips))
+        {
+            return Err(BrokerError::AddressConflict(format!(
+                "{cidr} covers {addr}, an address of gateway {:?} of cluster {:?}; a cluster's CIDRs may not cover a gateway endpoint",
+                e.hostname, e.cluster_id
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// An endpoint of a registered cluster: its addresses lie in no cluster's prefixes, its
+/// health-check address in its own cluster's, its key is nobody else's, and its cluster keeps
+/// to its quota.
+pub fn put_endpoint(state: State<'_>, e: &EndpointRecord) -> Result<Plan, BrokerError> {
+    put(
+        state,
+        &Record::Endpoint(e.clone()),
+        |old| {
+            let own = state
+                .cluster(&e.cluster_id)
+                .ok_or_else(|| BrokerError::ClusterNotRegistered(e.cluster_id.clone()))?;
+            check_endpoint(state, e, own, old.is_some())
+        },
+        || Ok(()),
+    )
+}
+
+fn check_endpoint(
+    state: State<'_>,
+    e: &EndpointRecord,
+    own: &ClusterRecord,
+    exists: bool,
+) -> Result<(), BrokerError> {
+    for o in state.items {
+        match &o.record {
+            Record::Cluster(c) => {
+                if let Some((cidr, addr)) =
+                    causeway_broker_api::validate::covered(c, e.private_ips.iter().chain(&e.public_ips))
+                {
+                    return Err(BrokerError::AddressConflict(format!(
+                        "{addr} lies in {cidr} of cluster {:?}; a gateway endpoint must be outside every cluster's CIDRs",
+                        c.cluster_id
+                    )));
+                }
+            }
+            // Gateways of one cluster are that cluster's business; a key shared across
+            // clusters would let one member answer for another's tunnel.
+            Record::Endpoint(other)
+                if other.public_key == e.public_key && other.cluster_id != e.cluster_id =>
+            {
+                return Err(BrokerError::DuplicateKey {
+                    key: e.public_key,
+                    cluster: other.cluster_id.clone(),
+                    hostname: other.hostname.clone(),
+                });
+            }
+            _ => {}
+        }
+    }
+    if let Some(ip) = e.health_check_ip {
+        let inside = own.pod_cidrs.iter().chain(own.global_cidr.iter()).any(|n| n.contains(ip));
+        if !inside {
+            return Err(BrokerError::BadRequest(format!(
+                "healthCheckIp: {ip} is outside cluster {:?}'s pod CIDRs ({}); probes must be answered inside the cluster's own prefixes",
+                e.cluster_id,
+                own.pod_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+            )));
+        }
+    }
+    let max = state.settings().quotas.max_endpoints;
+    if !exists && state.count_of(&e.cluster_id, |r| matches!(r, Record::Endpoint(_))) >= max as usize {
+        return Err(BrokerError::QuotaExceeded {
+            cluster: e.cluster_id.clone(),
+            what: "gateway endpoints",
+            max,
+        });
+    }
+    Ok(())
+}
+
+/// One of a registered cluster's exported services: its IPs in the cluster's service CIDRs
+/// (its global CIDR in overlap mode), its cluster within its quota.
+pub fn put_service(state: State<'_>, svc: &ServiceExportRecord) -> Result<Plan, BrokerError> {
+    put(
+        state,
+        &Record::ServiceExport(svc.clone()),
+        |_| {
+            let c = state
+                .cluster(&svc.cluster_id)
+                .ok_or_else(|| BrokerError::ClusterNotRegistered(svc.cluster_id.clone()))?;
+            let set = state.settings();
+            let ranges: Vec<ipnetwork::IpNetwork> =
+                if set.overlap_mode { c.global_cidr.into_iter().collect() } else { c.service_cidrs.clone() };
+            let max = set.quotas.max_services;
+            if state.stored(&service_key(&svc.cluster_id, &svc.namespace, &svc.name)).is_none()
+                && state.count_of(&svc.cluster_id, |r| matches!(r, Record::ServiceExport(_))) >= max as usize
+            {
+                return Err(BrokerError::QuotaExceeded {
+                    cluster: svc.cluster_id.clone(),
+                    what: "exported services",
+                    max,
+                });
+            }
+            if let Some(ip) = svc.ips.iter().find(|ip| !ranges.iter().any(|r| r.contains(**ip))) {
+                return Err(BrokerError::BadRequest(format!(
+                    "ips: {ip} is outside cluster {:?}'s {} ({}); export the service's ClusterIP",
+                    svc.cluster_id,
+                    if set.overlap_mode { "global CIDR" } else { "service CIDRs" },
+                    ranges.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+                )));
+            }
+            Ok(())
+        },
+        || Ok(()),
+    )
+}
+
+/// The cluster set's settings: every cluster stays inside the new pools, and the clusters'
+/// prefixes may not overlap under the new mode (global CIDRs in overlap mode).
+pub fn put_cluster_set(state: State<'_>, settings: &ClusterSetRecord) -> Result<Plan, BrokerError> {
+    put(
+        state,
+        &Record::ClusterSet(settings.clone()),
+        |_| Ok(()),
+        || {
+            for c in state.clusters() {
+                causeway_broker_api::check_pools(c, &settings.pools).map_err(|e| {
+                    BrokerError::AddressConflict(format!(
+                        "the new pools leave out cluster {:?}: {e}; remove that cluster first, or keep its CIDRs in the pools",
+                        c.cluster_id
+                    ))
+                })?;
+                if settings.overlap_mode {
+                    causeway_broker_api::check_global_overlaps(c, state.clusters())
+                        .map_err(BrokerError::GlobalOverlap)?;
+                } else {
+                    causeway_broker_api::check_overlaps(c, state.clusters()).map_err(BrokerError::Overlap)?;
+                }
+            }
+            Ok(())
+        },
+    )
+}
+
+/// A record of the whole set with no rule of its own beyond generations (policy rules, the
+/// default policy action).
+pub fn put_set_record(state: State<'_>, record: &Record) -> Result<Plan, BrokerError> {
+    put(state, record, |_| Ok(()), || Ok(()))
+}
+
+/// A cluster, with its endpoints and service exports, as one revision.
+pub fn delete_cluster(state: State<'_>, cluster_id: &str) -> Result<Plan, BrokerError> {
+    let key = cluster_key(cluster_id);
+    if state.stored(&key).is_none() {
+        return Err(BrokerError::NotFound(key));
+    }
+    let mut changes: Vec<Change> = state
+        .items
+        .iter()
+        .filter(|o| {
+            matches!(&o.record, Record::Endpoint(_) | Record::ServiceExport(_))
+                && o.record.cluster_id() == cluster_id
+        })
+        .map(|o| Change::Delete(o.record.key()))
+        .collect();
+    changes.push(Change::Delete(key));
+    Ok(Plan::Commit(changes))
+}
+
+/// One stored record (an endpoint, a service export, a policy rule).
+pub fn delete(state: State<'_>, key: &str) -> Result<Plan, BrokerError> {
+    if state.stored(key).is_none() {
+        return Err(BrokerError::NotFound(key.to_owned()));
+    }
+    Ok(Plan::Commit(vec![Change::Delete(key.to_owned())]))
+}
+
+/// Those of `keys` still stored (endpoints whose lease ran out; gone ones are no error).
+#[must_use]
+pub fn delete_present(state: State<'_>, keys: &[String]) -> Plan {
+    Plan::Commit(
+        keys.iter().filter(|k| state.stored(k).is_some()).map(|k| Change::Delete(k.clone())).collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    //! The rules on plain data: no store, no broker. (The HTTP API tests run the same rules
+    //! through every store, racing replicas included.)
+
+    use causeway_broker_api::{GatewayRole, WireGuardKey, endpoint_key};
+
+    use super::*;
+
+    fn cluster(id: &str, pod: &str, svc: &str) -> ClusterRecord {
+        ClusterRecord {
+            cluster_id: id.into(),
+            pod_cidrs: vec![pod.parse().unwrap()],
+            service_cidrs: vec![svc.parse().unwrap()],
+            global_cidr: None,
+            labels: Default::default(),
+            generation: 1,
+        }
+    }
+
+    fn endpoint(id: &str, host: &str, ip: &str, key: u8) -> EndpointRecord {
+        EndpointRecord {
+            cluster_id: id.into(),
+            hostname: host.into(),
+            private_ips: vec![ip.parse().unwrap()],
+            public_ips: vec![],
+            port: 51820,
+            public_key: WireGuardKey([key; 32]),
+            backend: "wireguard".into(),
+            role: GatewayRole::Active,
+            priority: 0,
+            health_check_ip: None,
+            generation: 1,
+        }
+    }
+
+    /// Cluster a (10.1/16) with gateway a/gw at 172.31.0.11, and cluster b (10.2/16).
+    fn stored() -> Vec<Object> {
+        vec![
+            Object::new(1, Record::Cluster(cluster("a", "10.1.0.0/16", "10.101.0.0/16"))),
+            Object::new(2, Record::Cluster(cluster("b", "10.2.0.0/16", "10.102.0.0/16"))),
+            Object::new(3, Record::Endpoint(endpoint("a", "gw", "172.31.0.11", 1))),
+        ]
+    }
+
+    fn state(items: &[Object]) -> State<'_> {
+        State { items, broker_addresses: &[] }
+    }
+
+    #[test]
+    fn a_cluster_is_checked_against_the_others_the_endpoints_and_the_broker() {
+        let items = stored();
+        let c = cluster("c", "10.3.0.0/16", "10.103.0.0/16");
+        assert_eq!(
+            put_cluster(state(&items), &c, true).unwrap(),
+            Plan::Commit(vec![Change::Put(Record::Cluster(c))])
+        );
+        let overlapping = cluster("c", "10.2.128.0/17", "10.103.0.0/16");
+        assert!(matches!(put_cluster(state(&items), &overlapping, true), Err(BrokerError::Overlap(_))));
+        let covering = cluster("c", "172.31.0.0/24", "10.103.0.0/16");
+        let err = put_cluster(state(&items), &covering, true).unwrap_err();
+        assert!(err.to_string().contains("172.31.0.11"), "{err}");
+        let broker: [IpAddr; 1] = ["10.3.0.1".parse().unwrap()];
+        let near_broker = State { items: &items, broker_addresses: &broker };
+        let err = put_cluster(near_broker, &cluster("c", "10.3.0.0/16", "10.103.0.0/16"), true).unwrap_err();
+        assert!(err.to_string().contains("the broker's address 10.3.0.1"), "{err}");
+        // Registering an id that exists is refused; the same record again is no change.
+        let a = cluster("a", "10.1.0.0/16", "10.101.0.0/16");
+        assert!(matches!(put_cluster(state(&items), &a, true), Err(BrokerError::AlreadyRegistered(_))));
+        assert_eq!(put_cluster(state(&items), &a, false).unwrap(), Plan::Unchanged(items[0].clone()));
+    }
+
+    #[test]
+    fn generations_never_go_back() {
+        let mut items = stored();
+        let mut newer = cluster("a", "10.1.0.0/16", "10.101.0.0/16");
+        newer.generation = 5;
+        items[0] = Object::new(1, Record::Cluster(newer));
+        let err =
+            put_cluster(state(&items), &cluster("a", "10.1.0.0/16", "10.101.0.0/16"), false).unwrap_err();
+        assert!(matches!(err, BrokerError::StaleGeneration { stored: 5, offered: 1, .. }), "{err}");
+    }
+
+    #[test]
+    fn an_endpoint_needs_its_cluster_its_own_key_and_addresses_outside_every_cluster() {
+        let items = stored();
+        let ok = endpoint("b", "gw", "172.31.0.12", 2);
+        assert_eq!(
+            put_endpoint(state(&items), &ok).unwrap(),
+            Plan::Commit(vec![Change::Put(Record::Endpoint(ok))])
+        );
+        assert!(matches!(
+            put_endpoint(state(&items), &endpoint("z", "gw", "172.31.0.13", 3)),
+            Err(BrokerError::ClusterNotRegistered(id)) if id == "z"
+        ));
+        assert!(matches!(
+            put_endpoint(state(&items), &endpoint("b", "gw", "172.31.0.12", 1)),
+            Err(BrokerError::DuplicateKey { cluster, .. }) if cluster == "a"
+        ));
+        let inside = put_endpoint(state(&items), &endpoint("b", "gw", "10.1.0.9", 2)).unwrap_err();
+        assert!(inside.to_string().contains("lies in 10.1.0.0/16 of cluster \"a\""), "{inside}");
+        let mut foreign_probe = endpoint("b", "gw", "172.31.0.12", 2);
+        foreign_probe.health_check_ip = Some("10.1.0.0".parse().unwrap());
+        assert!(matches!(put_endpoint(state(&items), &foreign_probe), Err(BrokerError::BadRequest(_))));
+    }
+
+    #[test]
+    fn deleting_a_cluster_takes_its_endpoints_and_services_in_one_plan() {
+        let mut items = stored();
+        let svc = ServiceExportRecord {
+            cluster_id: "a".into(),
+            namespace: "default".into(),
+            name: "web".into(),
+            ips: vec!["10.101.0.10".parse().unwrap()],
+            ports: vec![],
+            generation: 1,
+        };
+        assert!(matches!(put_service(state(&items), &svc).unwrap(), Plan::Commit(_)));
+        items.push(Object::new(4, Record::ServiceExport(svc)));
+        assert_eq!(
+            delete_cluster(state(&items), "a").unwrap(),
+            Plan::Commit(vec![
+                Change::Delete(endpoint_key("a", "gw")),
+                Change::Delete(service_key("a", "default", "web")),
+                Change::Delete(cluster_key("a")),
+            ])
+        );
+        assert!(matches!(delete_cluster(state(&items), "z"), Err(BrokerError::NotFound(_))));
+        assert_eq!(
+            delete_present(state(&items), &[endpoint_key("a", "gw"), endpoint_key("b", "gone")]),
+            Plan::Commit(vec![Change::Delete(endpoint_key("a", "gw"))])
+        );
+    }
+}

@@ -1,9 +1,10 @@
 //! `causeway benchmark attack`: the trust issue's bar, measured. Two clusters' Causeway
 //! gateways on the benchmark topology and an attacker host on their underlay. Round by round,
 //! one iperf3 TCP stream from cluster 1's pod to cluster 2's, undisturbed and while the
-//! receiving gateway's WireGuard port takes three paced floods at once: data messages spoofed
+//! receiving gateway's WireGuard port takes four paced floods at once: data messages spoofed
 //! from the sending gateway's own address and port (a known source with a guessed session
-//! index), forged handshake responses and forged cookie replies. Prints both rates, their
+//! index), forged handshake responses, forged cookie replies, and a genuine handshake
+//! initiation captured on the underlay and replayed. Prints both rates, their
 //! ratio, and where the flood died (the uplink guard's counters against the cable's); with
 //! `--min-ratio`, exits non-zero below it, or when the tunnel moved or went down.
 
@@ -27,9 +28,9 @@ pub struct AttackBenchArgs {
     /// Seconds per iperf3 run.
     #[arg(long, default_value_t = 4)]
     seconds: u32,
-    /// Datagrams per second of each of the three floods (the guard's per-source handshake
-    /// budget is 20/s after a burst of 40).
-    #[arg(long, default_value_t = 5_000)]
+    /// Datagrams per second of each of the four floods (the guard's per-source handshake
+    /// budget is 20/s after a burst of 40). The default makes 15,000 datagrams/s in all.
+    #[arg(long, default_value_t = 3_750)]
     rate: u32,
     #[arg(long, value_enum, default_value = "table")]
     output: crate::show::Output,
@@ -39,8 +40,9 @@ pub struct AttackBenchArgs {
     min_ratio: Option<f64>,
 }
 
-/// The floods: kind, and whether it is spoofed from the peer gateway's address.
-const FLOODS: [(&str, bool); 3] = [("data", true), ("response", false), ("cookie", false)];
+/// The floods: kind, and whether it is spoofed from the peer gateway's address. `replay` sends
+/// the captured initiation again and again, from the attacker's address (it saw it go by).
+const FLOODS: [(&str, bool); 4] = [("data", true), ("response", false), ("cookie", false), ("replay", false)];
 
 /// Guard counters (datapath events) and cable drop reasons the report shows.
 const GUARD: [&str; 3] = ["xdp_unknown_session", "xdp_handshake_flood", "xdp_unknown_source"];
@@ -78,11 +80,11 @@ pub fn run(a: AttackBenchArgs) -> anyhow::Result<()> {
     }
     eprintln!("==> building the topology (two clusters and an attacker on the underlay)");
     let mut t = topology("cwba")?;
-    start_causeway(&mut t)?;
+    let replay = capture_initiation(&mut t)?;
     let attacker = t.add_underlay_host("attacker", "172.31.0.66")?;
     let bystander = "172.31.0.77";
     t.add_underlay_host("bystander", bystander)?;
-    let report = measure_rounds(&t, &attacker, bystander, &a)?;
+    let report = measure_rounds(&t, &attacker, bystander, &replay, &a)?;
     drop(t);
     match a.output {
         crate::show::Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
@@ -131,11 +133,49 @@ impl Run {
     }
 }
 
-/// Starts the three paced floods from the attacker's namespace at `target`.
+/// Starts the gateways while capturing, at the receiving gateway's uplink, the first handshake
+/// initiation that reaches it (a genuine one, from the sending gateway); returns the file that
+/// holds that datagram, for the replay flood.
+fn capture_initiation(t: &mut Topology) -> anyhow::Result<std::path::PathBuf> {
+    let pcap = t.spec.run_dir.join("initiation.pcap");
+    let filter = "udp dst port 51820 and udp[8] = 1";
+    let mut tcpdump = Command::new("ip")
+        .args(["netns", "exec", &t.clusters[1].gw_ns, "tcpdump", "-i", "uplink", "-U", "-c", "1", "-w"])
+        .arg(&pcap)
+        .arg(filter)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting tcpdump")?;
+    causeway_netns::ready::wait_capturing(&pcap)?;
+    start_causeway(t)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while tcpdump.try_wait()?.is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = tcpdump.kill();
+            let _ = tcpdump.wait();
+            bail!("no handshake initiation reached the receiving gateway within 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let captured = std::fs::read(&pcap)?;
+    let initiation = causeway_netns::pcap::udp_datagrams(&captured)
+        .into_iter()
+        .find(|d| d.payload.len() == 148 && d.payload[0] == 1)
+        .context("the capture holds no handshake initiation")?
+        .payload
+        .to_vec();
+    let file = t.spec.run_dir.join("initiation.bin");
+    std::fs::write(&file, initiation)?;
+    Ok(file)
+}
+
+/// Starts the paced floods from the attacker's namespace at `target`.
 fn start_floods(
     attacker: &str,
     target: &str,
     peer: &str,
+    replay: &std::path::Path,
     a: &AttackBenchArgs,
 ) -> anyhow::Result<Vec<(&'static str, std::process::Child)>> {
     let bin = std::env::current_exe()?.display().to_string();
@@ -166,6 +206,7 @@ fn start_floods(
             }
             Command::new("ip")
                 .args(args)
+                .args(if *kind == "replay" { vec!["--replay".as_ref(), replay.as_os_str()] } else { vec![] })
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())
                 .spawn()
@@ -179,6 +220,7 @@ fn measure_rounds(
     t: &Topology,
     attacker: &str,
     bystander: &str,
+    replay: &std::path::Path,
     a: &AttackBenchArgs,
 ) -> anyhow::Result<Report> {
     // Cluster 1's pod sends to cluster 2's: the attack hits the gateway decrypting the stream.
@@ -205,7 +247,7 @@ fn measure_rounds(
                 Run::Control => &bystander_target,
                 Run::Attack => &target,
             };
-            let floods = start_floods(attacker, target, &peer, a)?;
+            let floods = start_floods(attacker, target, &peer, replay, a)?;
             std::thread::sleep(Duration::from_millis(200));
             let rate = measure(t, Metric::Tcp1Gbps, a.seconds);
             for (kind, child) in floods {

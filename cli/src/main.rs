@@ -164,6 +164,10 @@ enum DebugCmd {
         /// them).
         #[arg(long)]
         rate: Option<u32>,
+        /// With `--kind replay`: the datagram to send again and again, as raw bytes in a file
+        /// (e.g. a genuine handshake initiation captured on the underlay).
+        #[arg(long)]
+        replay: Option<PathBuf>,
     },
     /// Echo UDP datagrams back to their sender.
     UdpEcho {
@@ -473,8 +477,16 @@ fn main() -> anyhow::Result<()> {
                 telemetry::init("warn");
                 bench_policy::hold(&interface, entries, from_cidr, to_cidr)
             }
-            DebugCmd::UdpFlood { target, kind, count, gso, spoof_source, rate } => {
-                tools::udp_flood(&target, &kind, count, gso, spoof_source, rate)
+            DebugCmd::UdpFlood { target, kind, count, gso, spoof_source, rate, replay } => {
+                let replay = match (kind.as_str(), replay) {
+                    ("replay", Some(path)) => {
+                        Some(std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?)
+                    }
+                    ("replay", None) => anyhow::bail!("--kind replay needs --replay FILE"),
+                    (_, Some(_)) => anyhow::bail!("--replay goes with --kind replay"),
+                    (_, None) => None,
+                };
+                tools::udp_flood(&target, &kind, count, gso, spoof_source, rate, replay.as_deref())
             }
             DebugCmd::UdpPing { connect, size, count } => tools::udp_ping(&connect, size, count),
             DebugCmd::Put { credentials } => {

@@ -150,8 +150,9 @@ fn send_spoofed(
 /// Sends `count` hostile datagrams to `target` (a test of the uplink guard): `garbage` (random
 /// bytes), `data` (forged WireGuard data messages), `init`, `response` or `cookie` (handshake
 /// messages with random contents). With `gso`, they leave in runs of that many (garbage then has
-/// a fixed length); with `spoof`, one at a time from that address (a raw socket); with `rate`,
-/// paced at that many per second. Prints how many were sent.
+/// a fixed length), or `replay` (the datagram `replay`, again and again); with `spoof`, one at
+/// a time from that address (a raw socket); with `rate`, paced at that many per second. Prints
+/// how many were sent.
 pub fn udp_flood(
     target: &str,
     kind: &str,
@@ -159,6 +160,7 @@ pub fn udp_flood(
     gso: Option<u16>,
     spoof: Option<std::net::SocketAddrV4>,
     rate: Option<u32>,
+    replay: Option<&[u8]>,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(rate != Some(0), "--rate must be at least 1 datagram per second");
     let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
@@ -223,7 +225,10 @@ pub fn udp_flood(
             "init" => random([1, 0, 0, 0], 148),
             "response" => random([2, 0, 0, 0], 92),
             "cookie" => random([3, 0, 0, 0], 64),
-            other => anyhow::bail!("unknown --kind {other:?}: garbage, data, init, response or cookie"),
+            "replay" => replay.context("--kind replay needs the datagram to replay")?.to_vec(),
+            other => {
+                anyhow::bail!("unknown --kind {other:?}: garbage, data, init, response, cookie or replay")
+            }
         };
         msg.truncate(1500);
         if let Some((fd, src, dst)) = &raw {

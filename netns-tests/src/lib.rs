@@ -11,6 +11,7 @@
 //! root namespace a veth with one /32 route to the broker.
 
 pub mod exec;
+pub mod pcap;
 pub mod ready;
 pub mod topology;
 

@@ -1286,24 +1286,15 @@ fn parallel_flows_share_the_lanes_and_none_is_reordered() {
 /// WireGuard data messages in a capture whose counter is below one already seen from the same
 /// sender index: each is a datagram (or the head of a GSO run) that the underlay reordered.
 fn reordered_data_messages(pcap: &[u8]) -> (usize, usize) {
-    // pcap: a 24-byte file header, then 16-byte record headers (captured length at 8..12).
-    let mut at = 24;
     let (mut seen, mut late) = (0, 0);
     let mut highest: std::collections::HashMap<u32, u64> = std::collections::HashMap::new();
-    while at + 16 <= pcap.len() {
-        let caplen = u32::from_le_bytes(pcap[at + 8..at + 12].try_into().unwrap()) as usize;
-        let frame = &pcap[(at + 16).min(pcap.len())..(at + 16 + caplen).min(pcap.len())];
-        at += 16 + caplen;
-        // Ethernet, IPv4 (the underlay is IPv4), UDP, then the WireGuard header.
-        if frame.len() < 14 + 20 || frame[12..14] != [0x08, 0x00] {
+    for d in causeway_netns::pcap::udp_datagrams(pcap) {
+        let wg = d.payload;
+        if wg.len() < 16 || wg[..4] != [4, 0, 0, 0] {
             continue;
         }
-        let wg = 14 + usize::from(frame[14] & 0x0f) * 4 + 8;
-        if frame.len() < wg + 16 || frame[wg..wg + 4] != [4, 0, 0, 0] {
-            continue;
-        }
-        let receiver = u32::from_le_bytes(frame[wg + 4..wg + 8].try_into().unwrap());
-        let counter = u64::from_le_bytes(frame[wg + 8..wg + 16].try_into().unwrap());
+        let receiver = u32::from_le_bytes(wg[4..8].try_into().unwrap());
+        let counter = u64::from_le_bytes(wg[8..16].try_into().unwrap());
         seen += 1;
         let top = highest.entry(receiver).or_insert(counter);
         if counter < *top {
@@ -1320,7 +1311,9 @@ fn reordered_data_messages_are_found_in_a_capture() {
     let frame = |kind: u8, counter: u64| {
         let mut f = vec![0u8; 12];
         f.extend_from_slice(&[0x08, 0x00, 0x45]);
-        f.extend_from_slice(&[0; 19 + 8]);
+        f.extend_from_slice(&[0; 8]);
+        f.push(17); // UDP
+        f.extend_from_slice(&[0; 10 + 8]);
         f.extend_from_slice(&[kind, 0, 0, 0]);
         f.extend_from_slice(&7u32.to_le_bytes());
         f.extend_from_slice(&counter.to_le_bytes());

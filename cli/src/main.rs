@@ -345,6 +345,10 @@ struct GatewayArgs {
     /// keeps every flow on one of them (0: one per CPU, up to 64).
     #[arg(long, env = "CAUSEWAY_TUNNEL_LANES", default_value_t = 0)]
     tunnel_lanes: usize,
+    /// Test hooks on the status socket (`/debug/hold-daemon?secs=N`); sandbox builds only.
+    #[cfg(feature = "sandbox")]
+    #[arg(long, hide = true)]
+    debug_hooks: bool,
     /// Pin nothing and remove the tunnel device, routes and programs on exit (the data plane
     /// lives exactly as long as the process).
     #[arg(long, env = "CAUSEWAY_EPHEMERAL", conflicts_with = "bpf_dir")]
@@ -693,6 +697,10 @@ fn gateway_config(
         bpf_dir: (!a.ephemeral).then(|| a.bpf_dir.clone()),
         cluster_interfaces: a.cluster_interfaces.clone(),
         lanes: a.tunnel_lanes,
+        #[cfg(feature = "sandbox")]
+        debug_hooks: a.debug_hooks,
+        #[cfg(not(feature = "sandbox"))]
+        debug_hooks: false,
         metrics_listen: match a.metrics_listen.as_str() {
             "off" | "" => None,
             addr => Some(listen_address(addr).with_context(|| {

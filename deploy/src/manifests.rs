@@ -452,7 +452,7 @@ fn member(s: &Settings) -> Result<Vec<Manifest>, ManifestError> {
         // SYS_ADMIN: pin maps on bpffs and open pinned objects on older kernels.
         security_context: Some(capabilities(&["NET_ADMIN", "BPF", "PERFMON", "SYS_ADMIN"])),
         liveness_probe: Some(http_probe("/healthz", s.metrics_port, 10, 3)),
-        readiness_probe: Some(http_probe("/healthz", s.metrics_port, 5, 1)),
+        readiness_probe: Some(http_probe("/readyz", s.metrics_port, 5, 1)),
         resources: Some(resources("100m", "64Mi", "512Mi")),
         volume_mounts: Some(vec![
             mount("bpffs", "/sys/fs/bpf", false),

@@ -76,7 +76,7 @@ fn the_gateway_runs_on_gateway_nodes_with_only_the_capabilities_it_needs() {
         c["volumeMounts"].as_array().unwrap().iter().map(|m| m["mountPath"].as_str().unwrap()).collect();
     assert!(mounts.contains(&"/sys/fs/bpf") && mounts.contains(&"/dev/net/tun"), "{mounts:?}");
     assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
-    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
     // Metrics and health on the node's own address (the probes' default host), never on every
     // interface: the uplink faces the underlay.
     let env = c["env"].as_array().unwrap();

@@ -65,8 +65,11 @@ pub struct GatewayConfig {
     /// Interfaces that carry the cluster's traffic to this gateway: their ingress gets the
     /// redirect stage (remote-bound packets straight to the tunnel device).
     pub cluster_interfaces: Vec<String>,
-    /// The cable's I/O threads (0: one per CPU, up to four).
+    /// The cable's I/O threads (0: one per CPU, up to 64).
     pub lanes: usize,
+    /// Serve `/debug/hold-daemon?secs=N` on the status socket (tests: it takes the daemon's
+    /// lock for N seconds, as a stuck reconcile would).
+    pub debug_hooks: bool,
 }
 
 /// Handshake initiations allowed per second and per source address by the uplink guard, and
@@ -194,6 +197,7 @@ impl Shared {
             cable: cable.name.to_owned(),
             cable_lanes: cable.details.lanes.unwrap_or(0),
             cable_udp_segmentation: cable.details.udp_segmentation.unwrap_or(false),
+            cable_stalled_lanes: cable.details.stalled_lanes.unwrap_or(0),
             device: cable.device,
             listen_port: self.config.listen_port,
             broker_url: self.config.broker.broker_url.clone(),
@@ -330,10 +334,13 @@ pub async fn run(
         revision: 0,
     }));
     let (snapshot, snapshot_task) = crate::status::start_snapshots(shared.clone(), Duration::from_secs(1));
-    let status_task =
-        crate::status::serve(&config.status_socket, snapshot.clone()).await.map_err(|source| {
-            GatewayError::Status { path: config.status_socket.display().to_string(), source }
-        })?;
+    let status_task = crate::status::serve(
+        &config.status_socket,
+        snapshot.clone(),
+        config.debug_hooks.then(|| shared.clone()),
+    )
+    .await
+    .map_err(|source| GatewayError::Status { path: config.status_socket.display().to_string(), source })?;
     let metrics_task = match config.metrics_listen {
         Some(addr) => Some(
             crate::status::serve_tcp(addr, snapshot)

@@ -202,6 +202,12 @@ pub fn render_metrics(s: &GatewayStatus) -> String {
             vec![(format!("cable=\"{}\"", s.cable), if s.cable_udp_segmentation { 1.0 } else { 0.0 })],
         );
         family(
+            "causeway_cable_stalled_lanes",
+            "gauge",
+            "Cable I/O lanes that have not turned for 5 s (stuck; /healthz fails while any is)",
+            vec![(format!("cable=\"{}\"", s.cable), s.cable_stalled_lanes as f64)],
+        );
+        family(
             "causeway_datapath_events_total",
             "counter",
             "Datapath events counted in the kernel, by kind",
@@ -303,17 +309,89 @@ fn process_stats() -> ProcessStats {
     ProcessStats { cpu_seconds, resident_bytes, start_time }
 }
 
+/// The daemon publishes a status reading every second, taking its lock to do so: a newest
+/// reading older than this means something (a reconcile step) has held the daemon that long.
+pub const HEALTH_MAX_AGE: Duration = Duration::from_secs(10);
+
+/// Liveness: `Err(why)` when the reconcile loop or a cable lane is stuck.
+pub fn liveness(reading: Option<&Reading>, now: Instant) -> Result<(), String> {
+    let Some(r) = reading else { return Err("no status reading yet (starting)".into()) };
+    let age = now.saturating_duration_since(r.taken);
+    if age > HEALTH_MAX_AGE {
+        return Err(format!(
+            "the newest status reading is {} s old (at most {} s): the daemon has been held that long, a reconcile step is stuck",
+            age.as_secs(),
+            HEALTH_MAX_AGE.as_secs()
+        ));
+    }
+    if r.status.cable_stalled_lanes > 0 {
+        return Err(format!(
+            "{} of the cable's I/O lanes have stopped turning",
+            r.status.cable_stalled_lanes
+        ));
+    }
+    Ok(())
+}
+
+/// Readiness: live, and, when the set has other clusters, a working tunnel to at least one.
+pub fn readiness(reading: Option<&Reading>, now: Instant) -> Result<(), String> {
+    liveness(reading, now)?;
+    let connections = reading.map(|r| &r.status.connections).into_iter().flatten();
+    let (total, connected) =
+        connections.fold((0, 0), |(t, c), conn| (t + 1, c + usize::from(conn.status == "connected")));
+    if total > 0 && connected == 0 {
+        return Err(format!("no working tunnel: none of {total} remote clusters is connected"));
+    }
+    Ok(())
+}
+
+fn probe_answer(verdict: Result<(), String>) -> (axum::http::StatusCode, String) {
+    match verdict {
+        Ok(()) => (axum::http::StatusCode::OK, "ok\n".into()),
+        Err(why) => (axum::http::StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+    }
+}
+
+async fn healthz(State(snapshot): State<Snapshot>) -> (axum::http::StatusCode, String) {
+    probe_answer(liveness(snapshot.latest().as_ref(), Instant::now()))
+}
+
+async fn readyz(State(snapshot): State<Snapshot>) -> (axum::http::StatusCode, String) {
+    probe_answer(readiness(snapshot.latest().as_ref(), Instant::now()))
+}
+
 /// What the network may ask: metrics and health. `/status` (keys, endpoints, why a member is
 /// refused) stays on the node's owner-only Unix socket.
 fn tcp_router(snapshot: Snapshot) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .with_state(snapshot)
 }
 
-fn router(snapshot: Snapshot) -> Router {
-    Router::new().route("/status", get(status)).with_state(snapshot.clone()).merge(tcp_router(snapshot))
+/// `GET /debug/hold-daemon?secs=N`: takes the daemon's lock for N seconds (at most 600) in
+/// the background, as a stuck reconcile step would; answers at once.
+async fn hold_daemon(
+    State(shared): State<Arc<Mutex<Shared>>>,
+    axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, u64>>,
+) -> String {
+    let secs = q.get("secs").copied().unwrap_or(1).min(600);
+    tokio::spawn(async move {
+        let _held = shared.lock().await;
+        warn!(secs, "debug hook: holding the daemon");
+        tokio::time::sleep(Duration::from_secs(secs)).await;
+    });
+    format!("holding the daemon for {secs} s\n")
+}
+
+fn router(snapshot: Snapshot, debug: Option<Arc<Mutex<Shared>>>) -> Router {
+    let mut app =
+        Router::new().route("/status", get(status)).with_state(snapshot.clone()).merge(tcp_router(snapshot));
+    if let Some(shared) = debug {
+        app = app.merge(Router::new().route("/debug/hold-daemon", get(hold_daemon)).with_state(shared));
+    }
+    app
 }
 
 /// Serves `/metrics` and `/healthz` over TCP (for Prometheus and the kubelet).
@@ -332,7 +410,12 @@ pub async fn serve_tcp(
 }
 
 /// Serves the status API on a Unix socket at `path` (replacing a stale socket file).
-pub async fn serve(path: &Path, snapshot: Snapshot) -> std::io::Result<tokio::task::JoinHandle<()>> {
+/// With `debug`, also the test hooks.
+pub async fn serve(
+    path: &Path,
+    snapshot: Snapshot,
+    debug: Option<Arc<Mutex<Shared>>>,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -343,7 +426,7 @@ pub async fn serve(path: &Path, snapshot: Snapshot) -> std::io::Result<tokio::ta
     let listener = tokio::net::UnixListener::bind(path)?;
     // Owner (root) only: the status names keys, endpoints and refusals.
     std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-    let app = router(snapshot);
+    let app = router(snapshot, debug);
     Ok(tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             warn!(error = %e, "status server stopped");
@@ -365,6 +448,7 @@ mod tests {
             cable: "wireguard".into(),
             cable_lanes: 2,
             cable_udp_segmentation: true,
+            cable_stalled_lanes: 0,
             device: "cw0".into(),
             listen_port: 51820,
             broker_url: "http://x".into(),
@@ -467,6 +551,32 @@ mod tests {
         assert_eq!(resp.status(), axum::http::StatusCode::OK);
         let age: u64 = resp.headers()[STATUS_AGE_HEADER].to_str().unwrap().parse().unwrap();
         assert!(age >= 3000, "the answer says how old it is: {age} ms");
+    }
+
+    #[test]
+    fn health_fails_on_an_old_reading_or_a_stalled_lane_and_readiness_without_a_tunnel() {
+        let now = Instant::now();
+        let at = |age: u64, s: GatewayStatus| Reading {
+            taken: now - Duration::from_secs(age),
+            status: Arc::new(s),
+        };
+        assert!(liveness(None, now).is_err(), "nothing read yet");
+        assert_eq!(liveness(Some(&at(1, sample())), now), Ok(()));
+        assert_eq!(liveness(Some(&at(10, sample())), now), Ok(()), "the bound itself is still live");
+        let stuck = liveness(Some(&at(11, sample())), now).unwrap_err();
+        assert!(stuck.contains("11 s old"), "{stuck}");
+        let mut stalled = sample();
+        stalled.cable_stalled_lanes = 1;
+        assert!(liveness(Some(&at(0, stalled)), now).unwrap_err().contains("1 of the cable's I/O lanes"));
+        // Ready: live and a tunnel works; no remote clusters at all is ready too.
+        assert_eq!(readiness(Some(&at(0, sample())), now), Ok(()));
+        let mut cut = sample();
+        cut.connections[0].status = "down".into();
+        let why = readiness(Some(&at(0, cut.clone())), now).unwrap_err();
+        assert_eq!(why, "no working tunnel: none of 1 remote clusters is connected");
+        cut.connections.clear();
+        assert_eq!(readiness(Some(&at(0, cut)), now), Ok(()));
+        assert!(readiness(Some(&at(11, sample())), now).is_err(), "not ready when not live");
     }
 
     #[tokio::test]

@@ -548,6 +548,55 @@ fn connection_status(t: &Topology, gw: usize, remote: &str) -> String {
 
 #[test]
 #[ignore = "privileged: needs root (BPF, namespaces); scripts/test.sh runs it"]
+fn liveness_fails_while_the_daemon_is_held_and_readiness_without_a_tunnel() {
+    require_privileges!();
+    let mut spec = spec(2);
+    spec.gateway_args = vec!["--debug-hooks".into()];
+    let t = start(spec, 2);
+    let a = t.clusters[0].clone();
+    // As the kubelet probes: over TCP, on the metrics port.
+    let get = |path: &str| {
+        let req =
+            format!("exec 3<>/dev/tcp/127.0.0.1/9464; printf 'GET {path} HTTP/1.0\\r\\n\\r\\n' >&3; cat <&3");
+        let out = exec::in_ns(&a.gw_ns, &["bash", "-c", &req]).unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let ok = |r: &str| r.starts_with("HTTP/1.1 200") || r.starts_with("HTTP/1.0 200");
+    let unavailable = |r: &str| r.starts_with("HTTP/1.1 503") || r.starts_with("HTTP/1.0 503");
+    wait_for(Duration::from_secs(5), "live and ready", || ok(&get("/healthz")) && ok(&get("/readyz")))
+        .unwrap();
+    // A reconcile step that never returns, as the test hook holds the daemon's lock.
+    let held = std::time::Instant::now();
+    let answer =
+        causeway_broker_api::status::fetch_raw(&a.status_socket, "/debug/hold-daemon?secs=16").unwrap();
+    assert_eq!(answer, "holding the daemon for 16 s\n");
+    wait_for(Duration::from_secs(14), "/healthz to fail while the daemon is held", || {
+        unavailable(&get("/healthz"))
+    })
+    .unwrap();
+    let failed_after = held.elapsed();
+    // Not before the newest reading is 10 s old: a busy second is no failure.
+    assert!(failed_after >= Duration::from_secs(9), "failed after {failed_after:?}");
+    let body = get("/healthz");
+    assert!(body.contains("a reconcile step is stuck"), "{body}");
+    wait_for(Duration::from_secs(12), "/healthz to pass once the daemon is free", || ok(&get("/healthz")))
+        .unwrap();
+    assert!(held.elapsed() >= Duration::from_secs(16), "passed again after {:?}, while held", held.elapsed());
+    // Cut the tunnel: still live, no longer ready.
+    let rules = "table inet cwcut {\n  chain in { type filter hook input priority 0; udp dport 51820 drop; }\n  \
+                 chain out { type filter hook output priority 0; udp dport 51820 drop; }\n}\n";
+    exec::in_ns_with_input(&a.gw_ns, &["nft", "-f", "-"], &[], rules.as_bytes()).unwrap();
+    wait_for(Duration::from_secs(5), "/readyz to fail without a working tunnel", || {
+        unavailable(&get("/readyz"))
+    })
+    .unwrap();
+    let body = get("/readyz");
+    assert!(body.contains("no working tunnel: none of 1 remote clusters is connected"), "{body}");
+    assert!(ok(&get("/healthz")), "a cut tunnel is not a dead gateway");
+}
+
+#[test]
+#[ignore = "privileged: needs root (BPF, namespaces); scripts/test.sh runs it"]
 fn connected_means_forwarding_works() {
     require_privileges!();
     let t = topology(2, 1500);

@@ -53,6 +53,9 @@ pub struct GatewayStatus {
     /// (`false`: the kernel refused one, and every datagram now goes out on its own).
     #[serde(default)]
     pub cable_udp_segmentation: bool,
+    /// Cable I/O threads that have not turned for 5 s (stuck): `/healthz` fails while any is.
+    #[serde(default)]
+    pub cable_stalled_lanes: usize,
     pub device: String,
     pub listen_port: u16,
     pub broker_url: String,

@@ -108,6 +108,8 @@ pub struct CableDetails {
     /// Whether encrypted traffic still leaves in UDP segmentation offload runs (drivers that
     /// batch datagrams; `false` once the kernel refused one).
     pub udp_segmentation: Option<bool>,
+    /// I/O threads that have stopped turning (userspace drivers): the gateway is not live.
+    pub stalled_lanes: Option<usize>,
 }
 
 /// What every cable backend does.

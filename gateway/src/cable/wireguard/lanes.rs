@@ -32,7 +32,7 @@ use std::{
     },
     sync::{
         Arc, Mutex, PoisonError,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         mpsc,
     },
     thread::JoinHandle,
@@ -61,6 +61,39 @@ const INBOX_LIMIT: usize = 4096;
 /// lane itself (through the other lane's queue): a ping or a request does not wait for a
 /// second thread to wake up, and bulk traffic still takes two cores.
 const DIRECT_MAX: usize = 8;
+
+/// A lane waits at most this long (ms) in `poll(2)`, so even an idle lane turns (and beats).
+const LANE_WAKE_MS: u16 = 1000;
+
+/// When each lane last went round its loop: a lane that has not for a few seconds is stuck
+/// (a deadlock, a write that never returns), which the gateway's liveness check reports.
+#[derive(Clone, Debug)]
+pub struct Beats {
+    start: Instant,
+    /// Milliseconds since `start`, per lane.
+    last: Arc<[AtomicU64]>,
+}
+
+impl Beats {
+    fn new(lanes: usize) -> Self {
+        Self { start: Instant::now(), last: (0..lanes).map(|_| AtomicU64::new(0)).collect() }
+    }
+
+    fn beat(&self, lane: usize) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last[lane].store(ms, Ordering::Relaxed);
+    }
+
+    /// Lanes that have not turned for longer than `after`.
+    #[must_use]
+    pub fn stalled(&self, after: Duration) -> usize {
+        let now = self.start.elapsed();
+        self.last
+            .iter()
+            .filter(|t| now.saturating_sub(Duration::from_millis(t.load(Ordering::Relaxed))) > after)
+            .count()
+    }
+}
 
 /// One lane's endpoints.
 pub(super) struct Lane {
@@ -243,7 +276,7 @@ pub(super) fn start(
     commands: mpsc::Receiver<Command>,
     mtu: usize,
     segmentation: Arc<AtomicBool>,
-) -> io::Result<()> {
+) -> io::Result<Beats> {
     let control_udp = lanes.first().ok_or_else(|| io::Error::other("no lane"))?.udp.try_clone()?;
     // Closing the write end wakes every lane's poll at once (POLLHUP): the stop signal.
     let (stop_rx, stop_tx) = std::io::pipe()?;
@@ -261,11 +294,18 @@ pub(super) fn start(
     let (queues, sockets): (Vec<_>, Vec<_>) = lanes.into_iter().map(|l| (Arc::new(l.tun), l.udp)).unzip();
     let queues: Queues = queues.into();
     let mut threads = Vec::with_capacity(sockets.len());
+    let beats = Beats::new(sockets.len());
     for (i, (udp, bell)) in sockets.into_iter().zip(bells).enumerate() {
-        let (core, stop_rx, inboxes, queues, segmentation) =
-            (core.handle(), stop_rx.clone(), inboxes.clone(), queues.clone(), segmentation.clone());
+        let (core, stop_rx, inboxes, queues, segmentation, beats) = (
+            core.handle(),
+            stop_rx.clone(),
+            inboxes.clone(),
+            queues.clone(),
+            segmentation.clone(),
+            beats.clone(),
+        );
         let lane = LaneIo { tun: queues[i].clone(), udp };
-        let ctx = LaneCtx { index: i, inboxes, queues, bell, mtu, segmentation };
+        let ctx = LaneCtx { index: i, inboxes, queues, bell, mtu, segmentation, beats };
         let t = std::thread::Builder::new()
             .name(format!("cw-lane-{i}"))
             .spawn(move || run_lane(core, &ctx, &lane, stop_rx.as_fd()))?;
@@ -274,7 +314,7 @@ pub(super) fn start(
     std::thread::Builder::new()
         .name("cw-cable-ctl".into())
         .spawn(move || control(core, &control_udp, &segmentation, &commands, stop_tx, threads))?;
-    Ok(())
+    Ok(beats)
 }
 
 /// The control thread: timers and control calls. Their output is only handshakes, probes
@@ -348,6 +388,7 @@ struct LaneCtx {
     /// Whether runs still leave as `UDP_SEGMENT` messages (shared: the kernel's answer holds
     /// for every socket of the group).
     segmentation: Arc<AtomicBool>,
+    beats: Beats,
 }
 
 /// A lane's loop: wait for either side or the inbox, drain each in bounded batches, write
@@ -374,13 +415,14 @@ fn run_lane(mut core: WgCore, ctx: &LaneCtx, lane: &LaneIo, stop: BorrowedFd<'_>
     let mut ring = [0u8; 64];
     debug!(lane = index, "cable lane running");
     loop {
+        ctx.beats.beat(index);
         let mut fds = [
             PollFd::new(lane.tun.as_fd(), PollFlags::POLLIN),
             PollFd::new(lane.udp.as_fd(), PollFlags::POLLIN),
             PollFd::new(ctx.bell.as_fd(), PollFlags::POLLIN),
             PollFd::new(stop, PollFlags::POLLIN),
         ];
-        match poll(&mut fds, PollTimeout::NONE) {
+        match poll(&mut fds, PollTimeout::from(LANE_WAKE_MS)) {
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
             Err(e) => {
                 warn!(lane = index, error = %e, "waiting on the tunnel device and socket failed");

@@ -18,6 +18,7 @@ use std::{
         atomic::{AtomicBool, Ordering},
         mpsc,
     },
+    time::Duration,
 };
 
 use boringtun::x25519::StaticSecret;
@@ -55,6 +56,10 @@ pub struct WireGuardConfig {
 /// (each lane keeps ~1.2 MB of batch buffers) on very wide nodes, where a gateway's traffic,
 /// spread by sender and flow, rarely keeps that many cores busy.
 pub const MAX_AUTO_LANES: usize = 64;
+
+/// A lane that has not gone round its loop for this long is stuck (an idle one wakes every
+/// second).
+pub const LANE_STALL: Duration = Duration::from_secs(5);
 
 impl std::fmt::Debug for WireGuardConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -111,6 +116,7 @@ pub struct WireGuardCable {
     uapi: Option<(std::path::PathBuf, tokio::task::JoinHandle<()>)>,
     persistent: bool,
     netlink: crate::route::Netlink,
+    beats: lanes::Beats,
 }
 
 impl WireGuardCable {
@@ -161,7 +167,8 @@ impl WireGuardCable {
         let lane_count = lanes.len();
         // Runs leave as `UDP_SEGMENT` messages until the kernel refuses one.
         let segmentation = Arc::new(AtomicBool::new(true));
-        lanes::start(core, lanes, rx, usize::from(cfg.mtu), segmentation.clone()).map_err(device_err)?;
+        let beats =
+            lanes::start(core, lanes, rx, usize::from(cfg.mtu), segmentation.clone()).map_err(device_err)?;
         let uapi = if cfg.uapi {
             let tx = tx.clone();
             let snapshot = move || {
@@ -197,6 +204,7 @@ impl WireGuardCable {
             uapi,
             persistent: cfg.persistent,
             netlink: cfg.netlink,
+            beats,
         })
     }
 
@@ -228,6 +236,7 @@ impl CableDriver for WireGuardCable {
                 // `false` once the kernel refused a segmented send: every datagram then
                 // costs its own trip through the stack.
                 udp_segmentation: Some(self.segmentation.load(Ordering::Relaxed)),
+                stalled_lanes: Some(self.beats.stalled(LANE_STALL)),
             },
         }
     }

@@ -327,3 +327,23 @@ fn print_table(r: &Report) {
     println!("dropped by the cable: {}", list(&r.cable));
     println!("peer endpoint: {} → {} ({})", r.endpoint_before, r.endpoint_after, r.status_after);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_rounds_seconds_or_rate_are_refused_before_any_topology() {
+        for (rounds, seconds, rate) in [(0, 4, 10), (5, 0, 10), (5, 4, 0)] {
+            let a = AttackBenchArgs {
+                rounds,
+                seconds,
+                rate,
+                output: crate::show::Output::Table,
+                min_ratio: Some(0.8),
+            };
+            let err = run(a).unwrap_err();
+            assert_eq!(err.to_string(), "--rounds, --seconds and --rate must be at least 1");
+        }
+    }
+}

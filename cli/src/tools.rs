@@ -265,3 +265,34 @@ pub fn udp_flood(
     println!("{}", serde_json::json!({ "sent": sent, "kind": kind }));
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flood_refuses_bad_options_before_sending_anything() {
+        // A closed port on loopback: nothing would listen even if a datagram left.
+        let target = "127.0.0.1:9";
+        let err = udp_flood(target, "data", 10, None, None, Some(0), None).unwrap_err();
+        assert_eq!(err.to_string(), "--rate must be at least 1 datagram per second");
+        let err = udp_flood(target, "replay", 10, None, None, None, None).unwrap_err();
+        assert_eq!(err.to_string(), "--kind replay needs the datagram to replay");
+        let err = udp_flood(target, "ping", 10, None, None, None, None).unwrap_err();
+        assert!(err.to_string().starts_with("unknown --kind \"ping\""), "{err}");
+        let spoofed_gso =
+            udp_flood(target, "data", 10, Some(4), Some("127.0.0.2:1".parse().unwrap()), None, None);
+        assert!(spoofed_gso.unwrap_err().to_string().contains("one datagram at a time"));
+    }
+
+    #[test]
+    fn a_paced_flood_keeps_to_its_rate() {
+        // 65 datagrams at 200/s: the 65th is due 0.32 s after the first (the schedule is
+        // checked every 32 datagrams, at the 33rd and the 65th).
+        let started = std::time::Instant::now();
+        udp_flood("127.0.0.1:9", "replay", 65, None, None, Some(200), Some(b"\x01\x00\x00\x00")).unwrap();
+        let took = started.elapsed();
+        assert!(took >= std::time::Duration::from_millis(320), "{took:?}");
+        assert!(took < std::time::Duration::from_secs(3), "{took:?}");
+    }
+}

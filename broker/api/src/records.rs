@@ -34,6 +34,20 @@ pub struct ClusterRecord {
 }
 
 impl ClusterRecord {
+    /// A cluster with these CIDRs, no global CIDR, no labels, generation 1 (its first
+    /// version).
+    #[must_use]
+    pub fn new(cluster_id: &str, pod_cidrs: Vec<IpNetwork>, service_cidrs: Vec<IpNetwork>) -> Self {
+        Self {
+            cluster_id: cluster_id.to_owned(),
+            pod_cidrs,
+            service_cidrs,
+            global_cidr: None,
+            labels: BTreeMap::new(),
+            generation: 1,
+        }
+    }
+
     /// Pod and service CIDRs together: everything routed to this cluster.
     pub fn all_cidrs(&self) -> impl Iterator<Item = &IpNetwork> {
         self.pod_cidrs.iter().chain(self.service_cidrs.iter())

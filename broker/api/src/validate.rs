@@ -442,14 +442,7 @@ mod tests {
     use crate::records::{GatewayRole, WireGuardKey};
 
     fn cluster(id: &str, pod: &str, svc: &str) -> ClusterRecord {
-        ClusterRecord {
-            cluster_id: id.into(),
-            pod_cidrs: vec![pod.parse().unwrap()],
-            service_cidrs: vec![svc.parse().unwrap()],
-            global_cidr: None,
-            labels: Default::default(),
-            generation: 1,
-        }
+        ClusterRecord::new(id, vec![pod.parse().unwrap()], vec![svc.parse().unwrap()])
     }
 
     fn endpoint() -> EndpointRecord {

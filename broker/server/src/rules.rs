@@ -326,14 +326,7 @@ mod tests {
     use super::*;
 
     fn cluster(id: &str, pod: &str, svc: &str) -> ClusterRecord {
-        ClusterRecord {
-            cluster_id: id.into(),
-            pod_cidrs: vec![pod.parse().unwrap()],
-            service_cidrs: vec![svc.parse().unwrap()],
-            global_cidr: None,
-            labels: Default::default(),
-            generation: 1,
-        }
+        ClusterRecord::new(id, vec![pod.parse().unwrap()], vec![svc.parse().unwrap()])
     }
 
     fn endpoint(id: &str, host: &str, ip: &str, key: u8) -> EndpointRecord {

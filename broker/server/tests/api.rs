@@ -129,14 +129,7 @@ on_every_store!(credentials_expire_are_spent_revoked_rotated_and_read_only);
 on_every_store!(a_watcher_far_behind_gets_pages_and_misses_nothing);
 
 fn cluster(id: &str, pod: &str, svc: &str) -> ClusterRecord {
-    ClusterRecord {
-        cluster_id: id.into(),
-        pod_cidrs: vec![pod.parse().unwrap()],
-        service_cidrs: vec![svc.parse().unwrap()],
-        global_cidr: None,
-        labels: Default::default(),
-        generation: 1,
-    }
+    ClusterRecord::new(id, vec![pod.parse().unwrap()], vec![svc.parse().unwrap()])
 }
 
 fn endpoint(id: &str, host: &str) -> EndpointRecord {

@@ -23,14 +23,7 @@ async fn replica(etcd: &EtcdCluster, lease: Duration) -> (BrokerClient, std::syn
 }
 
 fn cluster(id: &str, pod: &str) -> ClusterRecord {
-    ClusterRecord {
-        cluster_id: id.into(),
-        pod_cidrs: vec![pod.parse().unwrap()],
-        service_cidrs: vec![],
-        global_cidr: None,
-        labels: Default::default(),
-        generation: 1,
-    }
+    ClusterRecord::new(id, vec![pod.parse().unwrap()], vec![])
 }
 
 fn endpoint(id: &str, host: &str) -> EndpointRecord {

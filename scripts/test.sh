@@ -35,6 +35,12 @@ cargo clippy --locked --all-targets -- -D warnings
 cargo clippy --locked -p causeway-gateway-timer-tests --all-targets -- -D warnings
 # The operator build: no sandbox, no benchmarks, no test harness linked.
 cargo clippy --locked -p causeway --no-default-features -- -D warnings
+if linked=$(cargo tree --locked -p causeway --no-default-features -e normal,build --prefix none \
+    | grep -E '^(causeway-lab|causeway-netns|tower-test) '); then
+    echo "the operator build links test or lab code:" >&2
+    echo "$linked" >&2
+    exit 1
+fi
 echo "==> building causeway" >&2
 cargo build --locked -p causeway
 export CAUSEWAY_BIN="$PWD/target/debug/causeway"

@@ -437,8 +437,9 @@ async fn uninstall_with(
 /// objects' authors are whoever the cluster's RBAC lets create them).
 pub struct BrokerPolicies(pub std::sync::Arc<causeway_broker::Broker>);
 
+#[async_trait::async_trait]
 impl causeway_deploy::policies::PolicyStore for BrokerPolicies {
-    fn apply(&self, p: causeway_broker_api::PolicyRecord) -> Result<(), String> {
+    async fn apply(&self, p: causeway_broker_api::PolicyRecord) -> Result<(), String> {
         let admin = causeway_broker::auth::Identity::Admin;
         let list = self.0.list(&admin).map_err(|e| e.to_string())?;
         let same = list.items.iter().any(|o| {
@@ -448,11 +449,11 @@ impl causeway_deploy::policies::PolicyStore for BrokerPolicies {
         if same {
             return Ok(());
         }
-        self.0.put_policy(&admin, p).map(drop).map_err(|e| e.to_string())
+        self.0.put_policy(&admin, p).await.map(drop).map_err(|e| e.to_string())
     }
 
-    fn remove(&self, name: &str) -> Result<(), String> {
-        match self.0.delete_policy(&causeway_broker::auth::Identity::Admin, name) {
+    async fn remove(&self, name: &str) -> Result<(), String> {
+        match self.0.delete_policy(&causeway_broker::auth::Identity::Admin, name).await {
             Ok(_) | Err(causeway_broker::BrokerError::NotFound(_)) => Ok(()),
             Err(e) => Err(e.to_string()),
         }
@@ -509,12 +510,15 @@ mod tests {
             );
         }
         // A broker that registers the Secret's hashes accepts exactly the operator's tokens.
-        let broker = causeway_broker::Broker::new(causeway_broker::MemStore::default()).unwrap();
+        let broker = causeway_broker::Broker::new(causeway_broker::MemStore::default()).await.unwrap();
         for c in &file.credentials {
-            broker.bootstrap(&c.token_sha256, &c.identity).unwrap();
+            broker.bootstrap(&c.token_sha256, &c.identity).await.unwrap();
         }
-        assert_eq!(broker.authenticate(Some(&admin.token.0)).unwrap(), causeway_broker::Identity::Admin);
-        assert_eq!(broker.authenticate(Some(&info.token.0)).unwrap(), causeway_broker::Identity::Join);
+        assert_eq!(
+            broker.authenticate(Some(&admin.token.0)).await.unwrap(),
+            causeway_broker::Identity::Admin
+        );
+        assert_eq!(broker.authenticate(Some(&info.token.0)).await.unwrap(), causeway_broker::Identity::Join);
         // The TLS Secret holds a working certificate and key.
         let tls = log.iter().find(|r| r.body["metadata"]["name"] == "causeway-broker-tls").unwrap();
         std::fs::write(dir.join("tls.crt"), secret_value(&tls.body, "tls.crt")).unwrap();
@@ -563,7 +567,7 @@ mod tests {
     #[tokio::test]
     async fn join_registers_labels_and_applies_and_a_rerun_converges() {
         let dir = temp_dir("join");
-        let broker = causeway_broker::Broker::new(causeway_broker::MemStore::default()).unwrap();
+        let broker = causeway_broker::Broker::new(causeway_broker::MemStore::default()).await.unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(causeway_broker::run(listener, broker.clone(), std::future::pending()));
@@ -572,7 +576,7 @@ mod tests {
             ca_pem: None,
             kind: causeway_broker_api::CredentialKind::Join,
             cluster_id: None,
-            token: broker.issue(&causeway_broker::Identity::Join).unwrap(),
+            token: broker.issue(&causeway_broker::Identity::Join).await.unwrap(),
         };
         info.save(&dir.join("broker-info.json")).unwrap();
         let args = ManifestArgs {
@@ -655,7 +659,7 @@ mod tests {
         // nothing is applied. (The same token and record again is the same caller re-running:
         // it gets a fresh credential; give each organisation its own, single-use, token.)
         let other_info = causeway_broker_api::Credentials {
-            token: broker.issue(&causeway_broker::Identity::Join).unwrap(),
+            token: broker.issue(&causeway_broker::Identity::Join).await.unwrap(),
             ..info.clone()
         };
         other_info.save(&info_path).unwrap();
@@ -708,20 +712,20 @@ mod tests {
         assert_eq!(unlabel.body["metadata"]["labels"]["causeway.io/gateway"], Value::Null);
     }
 
-    #[test]
-    fn mirrored_policies_reach_the_broker_once_and_go() {
+    #[tokio::test]
+    async fn mirrored_policies_reach_the_broker_once_and_go() {
         use causeway_deploy::policies::PolicyStore as _;
-        let broker = causeway_broker::Broker::new(causeway_broker::store::MemStore::default()).unwrap();
+        let broker = causeway_broker::Broker::new(causeway_broker::store::MemStore::default()).await.unwrap();
         let store = BrokerPolicies(broker.clone());
         let admin = causeway_broker::auth::Identity::Admin;
         let rule = causeway_deploy::crds::policy_from_object(&serde_json::json!({
             "metadata": {"name": "web"}, "spec": {"action": "deny", "protocol": "tcp", "ports": ["80"]}
         }))
         .unwrap();
-        store.apply(rule.clone()).unwrap();
+        store.apply(rule.clone()).await.unwrap();
         let rev = broker.list(&admin).unwrap().resource_version;
         // Re-applying the same object (every re-list does) writes nothing.
-        store.apply(rule.clone()).unwrap();
+        store.apply(rule.clone()).await.unwrap();
         assert_eq!(broker.list(&admin).unwrap().resource_version, rev);
         let policies = |b: &causeway_broker::Broker| -> Vec<causeway_broker_api::PolicyRecord> {
             b.list(&admin)
@@ -736,8 +740,8 @@ mod tests {
         };
         assert_eq!(policies(&broker).len(), 1);
         assert_eq!(policies(&broker)[0].ports, rule.ports);
-        store.remove("web").unwrap();
-        store.remove("web").unwrap();
+        store.remove("web").await.unwrap();
+        store.remove("web").await.unwrap();
         assert!(policies(&broker).is_empty());
     }
 }

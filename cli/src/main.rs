@@ -2,17 +2,9 @@
 //! local sandbox. Every flag can also be set through its `CAUSEWAY_…` environment variable.
 
 #[cfg(feature = "sandbox")]
-mod bench;
-#[cfg(feature = "sandbox")]
-mod bench_attack;
-#[cfg(feature = "sandbox")]
-mod bench_dataplane;
-#[cfg(feature = "sandbox")]
-mod bench_policy;
+use causeway_lab::{bench, bench_attack, bench_dataplane, bench_policy, sandbox};
 mod kubernetes;
 mod policy;
-#[cfg(feature = "sandbox")]
-mod sandbox;
 mod services;
 mod setup;
 mod show;
@@ -544,13 +536,13 @@ async fn broker(a: BrokerArgs) -> anyhow::Result<()> {
         );
     };
     std::fs::create_dir_all(&a.data_dir).with_context(|| format!("creating {}", a.data_dir.display()))?;
-    let (store_args, dir) = (a.store.clone(), a.data_dir.clone());
-    let store = tokio::task::spawn_blocking(move || store_args.open(&dir)).await??;
+    let store = a.store.open(&a.data_dir).await?;
     tracing::info!(store = %a.store.describe(&a.data_dir), listen = %a.listen, "broker starting");
     let broker = causeway_broker::Broker::with_lease(
         store,
         std::time::Duration::from_secs(a.endpoint_lease_seconds.max(1)),
-    )?;
+    )
+    .await?;
     let listen_ip =
         a.listen.parse::<std::net::SocketAddr>().ok().map(|s| s.ip()).filter(|ip| !ip.is_unspecified());
     broker.protect_addresses(a.advertise_addresses.iter().copied().chain(listen_ip));
@@ -559,7 +551,7 @@ async fn broker(a: BrokerArgs) -> anyhow::Result<()> {
         let file: causeway_broker::auth::BootstrapFile = serde_json::from_str(&text)
             .with_context(|| format!("{} is not a bootstrap file", path.display()))?;
         for c in &file.credentials {
-            broker.bootstrap(&c.token_sha256, &c.identity)?;
+            broker.bootstrap(&c.token_sha256, &c.identity).await?;
         }
         tracing::info!(count = file.credentials.len(), "bootstrap credentials registered");
     }

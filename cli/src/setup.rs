@@ -8,8 +8,7 @@ use causeway_broker_api::{BrokerClient, ClusterRecord, CredentialKind, Credentia
 use ipnetwork::IpNetwork;
 
 /// Files `deploy-broker` writes into its data directory.
-pub const ADMIN_FILE: &str = "admin-credentials.json";
-pub const BROKER_INFO_FILE: &str = "broker-info.json";
+pub use causeway_broker_api::records::{ADMIN_FILE, BROKER_INFO_FILE};
 pub const CA_FILE: &str = "ca.pem";
 pub const CA_KEY_FILE: &str = "ca.key";
 pub const CERT_FILE: &str = "server.pem";
@@ -64,7 +63,7 @@ fn check_etcd_security(endpoints: &[String], client_cert: bool, insecure: bool) 
 
 impl StoreArgs {
     /// Opens the configured store: etcd when endpoints are given, else `data_dir`'s file.
-    pub fn open(&self, data_dir: &Path) -> anyhow::Result<Box<dyn causeway_broker::Store>> {
+    pub async fn open(&self, data_dir: &Path) -> anyhow::Result<Box<dyn causeway_broker::Store>> {
         if self.etcd_endpoints.is_empty() {
             return Ok(Box::new(RedbStore::open(&data_dir.join(STORE_FILE))?));
         }
@@ -77,7 +76,7 @@ impl StoreArgs {
         if let (Some(c), Some(k)) = (&self.etcd_cert_file, &self.etcd_key_file) {
             o.client_identity = Some((read(c)?, read(k)?));
         }
-        let store = causeway_broker::EtcdStore::connect(&o).with_context(|| {
+        let store = causeway_broker::EtcdStore::connect(&o).await.with_context(|| {
             format!(
                 "opening the etcd store at {} (check that etcd runs there and that the URLs, \
                  certificates and --etcd-prefix are right)",
@@ -214,17 +213,21 @@ pub fn deploy_broker(a: DeployBrokerArgs) -> anyhow::Result<()> {
     };
     // Fail now, not when the broker starts, if the certificate and key do not match.
     causeway_broker::tls::server_config(&dir.join(CERT_FILE), &dir.join(KEY_FILE))?;
-    let broker = Broker::new(a.store.open(dir)?)?;
+    // The store's first credentials, written here once; the broker serves them when started.
+    let (admin_token, join_token) =
+        tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
+            let broker = Broker::new(a.store.open(dir).await?).await?;
+            anyhow::Ok((broker.issue(&Identity::Admin).await?, broker.issue(&Identity::Join).await?))
+        })?;
     let url = format!("https://{}:{}", host_for_url(&a.addresses[0]), a.port);
     let admin = Credentials {
         broker_url: url.clone(),
         ca_pem: Some(ca_pem.clone()),
         kind: CredentialKind::Admin,
         cluster_id: None,
-        token: broker.issue(&Identity::Admin)?,
+        token: admin_token,
     };
-    let join =
-        Credentials { kind: CredentialKind::Join, token: broker.issue(&Identity::Join)?, ..admin.clone() };
+    let join = Credentials { kind: CredentialKind::Join, token: join_token, ..admin.clone() };
     admin.save(&dir.join(ADMIN_FILE))?;
     join.save(&dir.join(BROKER_INFO_FILE))?;
     println!("broker set up in {} (store: {})", dir.display(), a.store.describe(dir));
@@ -508,7 +511,7 @@ pub async fn credentials(cmd: CredentialsCmd) -> anyhow::Result<()> {
 /// The credentials to use for operator verbs: the flag, else the local sandbox's admin file.
 pub fn operator_credentials(flag: Option<PathBuf>) -> anyhow::Result<Credentials> {
     #[cfg(feature = "sandbox")]
-    let path = flag.unwrap_or_else(crate::sandbox::admin_credentials);
+    let path = flag.unwrap_or_else(causeway_lab::sandbox::admin_credentials);
     #[cfg(not(feature = "sandbox"))]
     let path = flag.ok_or_else(|| {
         anyhow::anyhow!(

@@ -4,13 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use causeway_broker_api::{BrokerClient, Record};
-use clap::{Subcommand, ValueEnum};
+use clap::Subcommand;
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum Output {
-    Table,
-    Json,
-}
+pub use causeway_cli_format::{Output, table};
 
 #[derive(clap::Args)]
 pub struct ShowArgs {
@@ -51,30 +47,6 @@ enum What {
         #[arg(long = "status-socket", env = "CAUSEWAY_STATUS_SOCKET")]
         sockets: Vec<PathBuf>,
     },
-}
-
-pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
-    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
-    for r in rows {
-        for (i, c) in r.iter().enumerate() {
-            widths[i] = widths[i].max(c.len());
-        }
-    }
-    let line = |cells: Vec<&str>| {
-        cells
-            .iter()
-            .enumerate()
-            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
-            .collect::<Vec<_>>()
-            .join("  ")
-    };
-    let mut out = line(headers.to_vec()).trim_end().to_owned();
-    out.push('\n');
-    for r in rows {
-        out.push_str(line(r.iter().map(String::as_str).collect()).trim_end());
-        out.push('\n');
-    }
-    out
 }
 
 fn join<T: ToString>(v: &[T]) -> String {
@@ -281,16 +253,7 @@ pub async fn run(a: ShowArgs) -> anyhow::Result<()> {
 /// runs here, else the gateway's default socket.
 fn default_status_sockets() -> Vec<std::path::PathBuf> {
     #[cfg(feature = "sandbox")]
-    return crate::sandbox::status_sockets();
+    return causeway_lab::sandbox::status_sockets();
     #[cfg(not(feature = "sandbox"))]
     vec![std::path::PathBuf::from("/run/causeway/gateway.sock")]
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn table_aligns_columns() {
-        let t = super::table(&["A", "LONGER"], &[vec!["xyz".into(), "1".into()]]);
-        assert_eq!(t, "A    LONGER\nxyz  1\n");
-    }
 }

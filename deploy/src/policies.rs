@@ -21,11 +21,12 @@ use tracing::{info, warn};
 use crate::crds::{CAUSEWAY_GROUP, policy_from_object};
 
 /// Where mirrored rules go (the broker in the same process, with admin rights).
+#[async_trait::async_trait]
 pub trait PolicyStore: Send + Sync {
     /// Creates or replaces a rule; an unchanged rule should not be rewritten.
-    fn apply(&self, p: PolicyRecord) -> Result<(), String>;
+    async fn apply(&self, p: PolicyRecord) -> Result<(), String>;
     /// Removes a rule; absent is success.
-    fn remove(&self, name: &str) -> Result<(), String>;
+    async fn remove(&self, name: &str) -> Result<(), String>;
 }
 
 fn resource() -> ApiResource {
@@ -49,7 +50,7 @@ impl PolicyMirror {
         Self { client, store, managed: BTreeSet::new() }
     }
 
-    fn write(&self, obj: &DynamicObject) {
+    async fn write(&self, obj: &DynamicObject) {
         let name = obj.metadata.name.clone().unwrap_or_default();
         let json = match serde_json::to_value(obj) {
             Ok(mut v) => {
@@ -61,7 +62,7 @@ impl PolicyMirror {
             Err(e) => return warn!(policy = %name, error = %e, "ClusterSetPolicy not readable"),
         };
         match policy_from_object(&json) {
-            Ok(record) => match self.store.apply(record) {
+            Ok(record) => match self.store.apply(record).await {
                 Ok(()) => info!(policy = %name, "ClusterSetPolicy mirrored to the broker"),
                 Err(e) => warn!(policy = %name, error = %e, "the broker refused the ClusterSetPolicy"),
             },
@@ -71,8 +72,8 @@ impl PolicyMirror {
         }
     }
 
-    fn remove(&self, name: &str) {
-        match self.store.remove(name) {
+    async fn remove(&self, name: &str) {
+        match self.store.remove(name).await {
             Ok(()) => info!(policy = %name, "ClusterSetPolicy deleted; rule removed from the broker"),
             Err(e) => {
                 warn!(policy = %name, error = %e, "removing the rule of a deleted ClusterSetPolicy failed")
@@ -90,7 +91,7 @@ impl PolicyMirror {
             match event {
                 Ok(watcher::Event::Init) => listing = Some(BTreeSet::new()),
                 Ok(watcher::Event::InitApply(o)) => {
-                    self.write(&o);
+                    self.write(&o).await;
                     if let Some(l) = &mut listing {
                         l.insert(name(&o));
                     }
@@ -99,17 +100,17 @@ impl PolicyMirror {
                     let now = listing.take().unwrap_or_default();
                     // Objects deleted while the watch was broken.
                     for gone in self.managed.difference(&now) {
-                        self.remove(gone);
+                        self.remove(gone).await;
                     }
                     self.managed = now;
                 }
                 Ok(watcher::Event::Apply(o)) => {
-                    self.write(&o);
+                    self.write(&o).await;
                     self.managed.insert(name(&o));
                 }
                 Ok(watcher::Event::Delete(o)) => {
                     let n = name(&o);
-                    self.remove(&n);
+                    self.remove(&n).await;
                     self.managed.remove(&n);
                 }
                 Err(e) => {

@@ -350,12 +350,12 @@ fn service_export(ns: &str, name: &str) -> Value {
 async fn service_exports_are_published_to_the_broker_and_withdrawn() {
     use causeway_broker_api::{BrokerClient, ClusterRecord, Record};
     // A real broker with a real cluster credential.
-    let broker = causeway_broker::Broker::new(causeway_broker::MemStore::default()).unwrap();
+    let broker = causeway_broker::Broker::new(causeway_broker::MemStore::default()).await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(causeway_broker::run(listener, broker.clone(), std::future::pending()));
-    let join =
-        BrokerClient::new(url.clone()).with_token(broker.issue(&causeway_broker::Identity::Join).unwrap());
+    let join = BrokerClient::new(url.clone())
+        .with_token(broker.issue(&causeway_broker::Identity::Join).await.unwrap());
     let east = ClusterRecord {
         cluster_id: "east".into(),
         pod_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
@@ -477,12 +477,13 @@ async fn route_agents_follow_the_lease_holder_to_its_node_address() {
 #[derive(Default)]
 struct Rules(std::sync::Mutex<std::collections::BTreeMap<String, causeway_broker_api::PolicyRecord>>);
 
+#[async_trait::async_trait]
 impl causeway_deploy::policies::PolicyStore for Rules {
-    fn apply(&self, p: causeway_broker_api::PolicyRecord) -> Result<(), String> {
+    async fn apply(&self, p: causeway_broker_api::PolicyRecord) -> Result<(), String> {
         self.0.lock().unwrap().insert(p.name.clone(), p);
         Ok(())
     }
-    fn remove(&self, name: &str) -> Result<(), String> {
+    async fn remove(&self, name: &str) -> Result<(), String> {
         self.0.lock().unwrap().remove(name);
         Ok(())
     }

@@ -758,6 +758,11 @@ pub struct CredentialInfo {
     pub single_use: bool,
 }
 
+/// The admin's credentials file in a broker's data directory (written by `deploy-broker`).
+pub const ADMIN_FILE: &str = "admin-credentials.json";
+/// The join credential's file in a broker's data directory, handed to whoever joins clusters.
+pub const BROKER_INFO_FILE: &str = "broker-info.json";
+
 /// A credentials file: where the broker is, how to trust it, and who we are. Written 0600 by
 /// `deploy-broker` (admin, and the join credential as the broker-info file) and by `join`
 /// (the cluster's own).

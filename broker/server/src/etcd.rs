@@ -16,10 +16,8 @@
 //! and the other gets [`StoreError::Conflict`] and re-checks its rules. Each replica follows
 //! the event log with an etcd watch ([`Store::follow`]) to keep its in-memory cache current.
 //!
-//! etcd-client is async; the [`Store`] trait is not (the broker calls it from blocking
-//! threads). The store owns a small runtime: calls are spawned there and waited for, so a
-//! call works from any thread, async or not, and etcd's connections are driven even while
-//! the caller blocks.
+//! etcd-client is async, and so is the [`Store`] trait: calls run on the broker's own
+//! runtime, one await each, with no thread or runtime of their own.
 
 use std::{future::Future, time::Duration};
 
@@ -235,11 +233,12 @@ async fn read_events(
 
 /// Store in etcd v3; see the module docs for the layout.
 pub struct EtcdStore {
-    rt: Option<tokio::runtime::Runtime>,
     client: Client,
     keys: Keys,
     history: u64,
     timeout: Duration,
+    /// The followers started by [`Store::follow`]: they end with the store.
+    followers: std::sync::Mutex<Vec<tokio::task::AbortHandle>>,
 }
 
 impl std::fmt::Debug for EtcdStore {
@@ -250,16 +249,15 @@ impl std::fmt::Debug for EtcdStore {
 
 impl Drop for EtcdStore {
     fn drop(&mut self) {
-        // Dropping a runtime blocks; never do that on an async thread.
-        if let Some(rt) = self.rt.take() {
-            rt.shutdown_background();
+        for f in self.followers.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner).drain(..) {
+            f.abort();
         }
     }
 }
 
 impl EtcdStore {
     /// Connects to etcd and checks it answers.
-    pub fn connect(opts: &EtcdOptions) -> Result<Self, StoreError> {
+    pub async fn connect(opts: &EtcdOptions) -> Result<Self, StoreError> {
         if opts.endpoints.is_empty() {
             return Err(StoreError::Etcd("no etcd endpoints given".into()));
         }
@@ -269,12 +267,6 @@ impl EtcdStore {
                 opts.prefix
             )));
         }
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("causeway-etcd")
-            .enable_all()
-            .build()
-            .map_err(|e| StoreError::Etcd(format!("starting the etcd client runtime: {e}")))?;
         let mut connect = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(3))
             .with_timeout(Duration::from_secs(3))
@@ -290,227 +282,189 @@ impl EtcdStore {
             }
             connect = connect.with_tls(tls);
         }
-        let endpoints = opts.endpoints.clone();
-        let client = wait(&rt, async move {
-            tokio::time::timeout(Duration::from_secs(10), Client::connect(endpoints, Some(connect))).await
-        })
-        .map_err(|()| StoreError::Etcd("the etcd client runtime stopped".into()))?
+        let client = tokio::time::timeout(
+            Duration::from_secs(10),
+            Client::connect(opts.endpoints.clone(), Some(connect)),
+        )
+        .await
         .map_err(|_| StoreError::Etcd(format!("no etcd member answered at {:?}", opts.endpoints)))?
         .map_err(|e| StoreError::Etcd(format!("connecting to etcd at {:?}: {e}", opts.endpoints)))?;
-        let store = Self {
-            rt: Some(rt),
+        let keys = Keys { prefix: opts.prefix.clone() };
+        let snap = snapshot(&client, &keys, Some(&[])).await?;
+        info!(endpoints = ?opts.endpoints, prefix = %opts.prefix, revision = snap.revision, "etcd store ready");
+        Ok(Self {
             client,
-            keys: Keys { prefix: opts.prefix.clone() },
+            keys,
             history: opts.history.max(1),
             timeout: opts.timeout,
-        };
-        let snap = store.run(|c, k, _| async move { snapshot(&c, &k, Some(&[])).await })?;
-        info!(endpoints = ?opts.endpoints, prefix = %opts.prefix, revision = snap.revision, "etcd store ready");
-        Ok(store)
-    }
-
-    /// Runs `f` on the store's runtime and waits for it, from any thread.
-    fn run<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
-    where
-        T: Send + 'static,
-        F: FnOnce(Client, Keys, Duration) -> Fut,
-        Fut: Future<Output = Result<T, StoreError>> + Send + 'static,
-    {
-        let rt = self.rt.as_ref().expect("the runtime lives as long as the store");
-        let fut = f(self.client.clone(), self.keys.clone(), self.timeout);
-        wait(rt, fut).map_err(|()| StoreError::Etcd("the etcd client runtime stopped".into()))?
+            followers: std::sync::Mutex::default(),
+        })
     }
 }
 
-/// Runs `fut` on `rt` and blocks this thread until it is done. Unlike `Runtime::block_on`
-/// this works on any thread, including another runtime's.
-fn wait<T: Send + 'static>(
-    rt: &tokio::runtime::Runtime,
-    fut: impl Future<Output = T> + Send + 'static,
-) -> Result<T, ()> {
-    let (tx, rx) = std::sync::mpsc::sync_channel(1);
-    rt.spawn(async move {
-        let _ = tx.send(fut.await);
-    });
-    rx.recv().map_err(drop)
-}
-
+#[async_trait::async_trait]
 impl Store for EtcdStore {
-    fn list(&self) -> Result<(u64, Vec<Object>), StoreError> {
-        let s = self.run(|c, k, _| async move { snapshot(&c, &k, None).await })?;
+    async fn list(&self) -> Result<(u64, Vec<Object>), StoreError> {
+        let s = snapshot(&self.client, &self.keys, None).await?;
         Ok((s.revision, s.records))
     }
 
-    fn commit(&mut self, base: u64, changes: Vec<Change>) -> Result<Vec<WatchEvent>, StoreError> {
-        let history = self.history;
-        self.run(move |c, k, timeout| async move {
-            // Only the records being deleted are needed (their delete events carry them).
-            let deleted: Vec<String> = changes
-                .iter()
-                .filter_map(|ch| match ch {
-                    Change::Delete(key) => Some(key.clone()),
-                    Change::Put(_) => None,
-                })
-                .collect();
-            let snap = snapshot(&c, &k, Some(&deleted)).await?;
-            if snap.revision != base {
-                return Err(StoreError::Conflict { expected: base, current: snap.revision });
-            }
-            let current = snap.records.into_iter().map(|o| (o.record.key(), o)).collect();
-            let rev = base + 1;
-            let applied = apply(&current, changes, rev);
-            if applied.is_empty() {
-                return Ok(Vec::new());
-            }
-            let mut ops = Vec::new();
-            let mut events = Vec::new();
-            for (key, new, event) in applied {
-                match new {
-                    Some(o) => ops.push(TxnOp::put(
+    async fn commit(&self, base: u64, changes: Vec<Change>) -> Result<Vec<WatchEvent>, StoreError> {
+        let (c, k, history, timeout) = (&self.client, &self.keys, self.history, self.timeout);
+        // Only the records being deleted are needed (their delete events carry them).
+        let deleted: Vec<String> = changes
+            .iter()
+            .filter_map(|ch| match ch {
+                Change::Delete(key) => Some(key.clone()),
+                Change::Put(_) => None,
+            })
+            .collect();
+        let snap = snapshot(c, k, Some(&deleted)).await?;
+        if snap.revision != base {
+            return Err(StoreError::Conflict { expected: base, current: snap.revision });
+        }
+        let current = snap.records.into_iter().map(|o| (o.record.key(), o)).collect();
+        let rev = base + 1;
+        let applied = apply(&current, changes, rev);
+        if applied.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut ops = Vec::new();
+        let mut events = Vec::new();
+        for (key, new, event) in applied {
+            match new {
+                Some(o) => {
+                    ops.push(TxnOp::put(
                         k.record(&key),
                         serde_json::to_vec(&o).expect("records serialise"),
                         None,
-                    )),
-                    None => ops.push(TxnOp::delete(k.record(&key), None)),
+                    ));
                 }
-                events.push(event);
+                None => ops.push(TxnOp::delete(k.record(&key), None)),
             }
-            ops.push(TxnOp::put(k.event(rev), serde_json::to_vec(&events).expect("events serialise"), None));
-            ops.push(TxnOp::put(k.rev(), rev.to_string(), None));
-            // Retention: drop whole revisions older than the history window.
-            if rev > history && rev - history > snap.compacted {
-                let cut = rev - history;
-                ops.push(TxnOp::delete(k.events(), Some(DeleteOptions::new().with_range(k.event(cut + 1)))));
-                ops.push(TxnOp::put(k.compacted(), cut.to_string(), None));
-            }
-            let guard = Compare::mod_revision(k.rev(), CompareOp::Equal, snap.rev_mod);
-            let resp = retry(timeout, "commit", || {
-                let mut c = c.clone();
-                let txn = etcd_client::Txn::new().when(vec![guard.clone()]).and_then(ops.clone());
-                async move { c.txn(txn).await }
-            })
-            .await?;
-            if resp.succeeded() {
-                Ok(events)
-            } else {
-                // Someone else committed first (or our own commit landed but its answer was
-                // lost and this was the retry): either way the caller re-plans.
-                let now = snapshot(&c, &k, Some(&[])).await?;
-                Err(StoreError::Conflict { expected: base, current: now.revision })
-            }
+            events.push(event);
+        }
+        ops.push(TxnOp::put(k.event(rev), serde_json::to_vec(&events).expect("events serialise"), None));
+        ops.push(TxnOp::put(k.rev(), rev.to_string(), None));
+        // Retention: drop whole revisions older than the history window.
+        if rev > history && rev - history > snap.compacted {
+            let cut = rev - history;
+            ops.push(TxnOp::delete(k.events(), Some(DeleteOptions::new().with_range(k.event(cut + 1)))));
+            ops.push(TxnOp::put(k.compacted(), cut.to_string(), None));
+        }
+        let guard = Compare::mod_revision(k.rev(), CompareOp::Equal, snap.rev_mod);
+        let resp = retry(timeout, "commit", || {
+            let mut c = c.clone();
+            let txn = etcd_client::Txn::new().when(vec![guard.clone()]).and_then(ops.clone());
+            async move { c.txn(txn).await }
         })
+        .await?;
+        if resp.succeeded() {
+            Ok(events)
+        } else {
+            // Someone else committed first (or our own commit landed but its answer was
+            // lost and this was the retry): either way the caller re-plans.
+            let now = snapshot(c, k, Some(&[])).await?;
+            Err(StoreError::Conflict { expected: base, current: now.revision })
+        }
     }
 
-    fn events_since(&self, since: u64) -> Result<Since, StoreError> {
-        self.run(move |c, k, _| async move {
-            let snap = snapshot(&c, &k, Some(&[])).await?;
-            if since < snap.compacted {
-                return Ok(Since::Compacted { oldest: snap.compacted + 1 });
-            }
-            // One page; the watcher comes back for the rest with the last revision it got.
-            let (revs, _) = read_events(&c, &k, since + 1).await?;
-            Ok(Since::Events(revs.into_iter().flatten().collect()))
-        })
+    async fn events_since(&self, since: u64) -> Result<Since, StoreError> {
+        let snap = snapshot(&self.client, &self.keys, Some(&[])).await?;
+        if since < snap.compacted {
+            return Ok(Since::Compacted { oldest: snap.compacted + 1 });
+        }
+        // One page; the watcher comes back for the rest with the last revision it got.
+        let (revs, _) = read_events(&self.client, &self.keys, since + 1).await?;
+        Ok(Since::Events(revs.into_iter().flatten().collect()))
     }
 
     fn history(&self) -> u64 {
         self.history
     }
 
-    fn credential(&self, hash: &str) -> Result<Option<Credential>, StoreError> {
+    async fn credential(&self, hash: &str) -> Result<Option<Credential>, StoreError> {
         let key = self.keys.credential(hash);
-        self.run(move |c, _, timeout| async move {
-            let resp = retry(timeout, "read credential", || {
-                let mut c = c.clone();
-                let key = key.clone();
-                async move { c.get(key, None).await }
-            })
-            .await?;
-            resp.kvs().first().map(decode::<Credential>).transpose()
+        let resp = retry(self.timeout, "read credential", || {
+            let mut c = self.client.clone();
+            let key = key.clone();
+            async move { c.get(key, None).await }
         })
+        .await?;
+        resp.kvs().first().map(decode::<Credential>).transpose()
     }
 
-    fn put_credential(&mut self, hash: &str, credential: &Credential) -> Result<(), StoreError> {
+    async fn put_credential(&self, hash: &str, credential: &Credential) -> Result<(), StoreError> {
         let key = self.keys.credential(hash);
         let value = serde_json::to_vec(credential).expect("credentials serialise");
-        self.run(move |c, _, timeout| async move {
-            retry(timeout, "store credential", || {
-                let mut c = c.clone();
-                let (key, value) = (key.clone(), value.clone());
-                async move { c.put(key, value, None).await }
-            })
-            .await
-            .map(drop)
+        retry(self.timeout, "store credential", || {
+            let mut c = self.client.clone();
+            let (key, value) = (key.clone(), value.clone());
+            async move { c.put(key, value, None).await }
         })
+        .await
+        .map(drop)
     }
 
-    fn credentials(&self) -> Result<Vec<(String, Credential)>, StoreError> {
-        self.run(move |c, k, timeout| async move {
-            let prefix = k.credentials();
-            let resp = retry(timeout, "read credentials", || {
-                let mut c = c.clone();
-                let prefix = prefix.clone();
-                async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await }
-            })
-            .await?;
-            let mut out = Vec::new();
-            for kv in resp.kvs() {
-                let hash = String::from_utf8_lossy(kv.key()).trim_start_matches(prefix.as_str()).to_owned();
-                out.push((hash, decode::<Credential>(kv)?));
-            }
-            Ok(out)
+    async fn credentials(&self) -> Result<Vec<(String, Credential)>, StoreError> {
+        let prefix = self.keys.credentials();
+        let resp = retry(self.timeout, "read credentials", || {
+            let mut c = self.client.clone();
+            let prefix = prefix.clone();
+            async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await }
         })
+        .await?;
+        let mut out = Vec::new();
+        for kv in resp.kvs() {
+            let hash = String::from_utf8_lossy(kv.key()).trim_start_matches(prefix.as_str()).to_owned();
+            out.push((hash, decode::<Credential>(kv)?));
+        }
+        Ok(out)
     }
 
-    fn delete_credentials(&mut self, hashes: &[String]) -> Result<(), StoreError> {
+    async fn delete_credentials(&self, hashes: &[String]) -> Result<(), StoreError> {
         if hashes.is_empty() {
             return Ok(());
         }
-        let keys: Vec<String> = hashes.iter().map(|h| self.keys.credential(h)).collect();
-        self.run(move |c, _, timeout| async move {
-            let ops: Vec<TxnOp> = keys.iter().map(|k| TxnOp::delete(k.as_bytes().to_vec(), None)).collect();
-            retry(timeout, "delete credentials", || {
-                let mut c = c.clone();
-                let txn = etcd_client::Txn::new().and_then(ops.clone());
-                async move { c.txn(txn).await }
-            })
-            .await
-            .map(drop)
+        let ops: Vec<TxnOp> =
+            hashes.iter().map(|h| TxnOp::delete(self.keys.credential(h).into_bytes(), None)).collect();
+        retry(self.timeout, "delete credentials", || {
+            let mut c = self.client.clone();
+            let txn = etcd_client::Txn::new().and_then(ops.clone());
+            async move { c.txn(txn).await }
         })
+        .await
+        .map(drop)
     }
 
-    fn heartbeat(&mut self, key: &str) -> Result<(), StoreError> {
+    async fn heartbeat(&self, key: &str) -> Result<(), StoreError> {
         let key = self.keys.heartbeat(key);
         let now = unix_millis().to_string();
-        self.run(move |c, _, timeout| async move {
-            retry(timeout, "store heartbeat", || {
-                let mut c = c.clone();
-                let (key, now) = (key.clone(), now.clone());
-                async move { c.put(key, now, None).await }
-            })
-            .await
-            .map(drop)
+        retry(self.timeout, "store heartbeat", || {
+            let mut c = self.client.clone();
+            let (key, now) = (key.clone(), now.clone());
+            async move { c.put(key, now, None).await }
         })
+        .await
+        .map(drop)
     }
 
-    fn heartbeat_age(&self, key: &str) -> Result<Option<Duration>, StoreError> {
+    async fn heartbeat_age(&self, key: &str) -> Result<Option<Duration>, StoreError> {
         let key = self.keys.heartbeat(key);
-        self.run(move |c, _, timeout| async move {
-            let resp = retry(timeout, "read heartbeat", || {
-                let mut c = c.clone();
-                let key = key.clone();
-                async move { c.get(key, None).await }
-            })
-            .await?;
-            let Some(kv) = resp.kvs().first() else { return Ok(None) };
-            let then = number(Some(kv))?;
-            Ok(Some(Duration::from_millis(unix_millis().saturating_sub(then))))
+        let resp = retry(self.timeout, "read heartbeat", || {
+            let mut c = self.client.clone();
+            let key = key.clone();
+            async move { c.get(key, None).await }
         })
+        .await?;
+        let Some(kv) = resp.kvs().first() else { return Ok(None) };
+        let then = number(Some(kv))?;
+        Ok(Some(Duration::from_millis(unix_millis().saturating_sub(then))))
     }
 
-    fn follow(&mut self, after: u64, sink: FollowSink) {
-        let rt = self.rt.as_ref().expect("the runtime lives as long as the store");
-        rt.spawn(follow(self.client.clone(), self.keys.clone(), after, sink));
+    fn follow(&self, after: u64, sink: FollowSink) {
+        let task = tokio::spawn(follow(self.client.clone(), self.keys.clone(), after, sink));
+        self.followers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(task.abort_handle());
     }
 }
 
@@ -605,25 +559,28 @@ mod tests {
         testing::{EtcdCluster, require_etcd},
     };
 
-    fn store(etcd: &EtcdCluster, prefix: &str, history: u64) -> EtcdStore {
+    async fn store(etcd: &EtcdCluster, prefix: &str, history: u64) -> EtcdStore {
         let mut o = EtcdOptions::new(etcd.endpoints());
         o.prefix = prefix.into();
         o.history = history;
-        EtcdStore::connect(&o).unwrap()
+        EtcdStore::connect(&o).await.unwrap()
     }
 
-    #[test]
-    fn etcd_store_conforms_compacts_and_follows() {
+    #[tokio::test]
+    async fn etcd_store_conforms_compacts_and_follows() {
         require_etcd("etcd_store_conforms_compacts_and_follows");
         let etcd = EtcdCluster::start(1);
-        conformance(&mut store(&etcd, "/conformance/", 100));
-        compaction(&mut store(&etcd, "/compaction/", 3));
+        conformance(&store(&etcd, "/conformance/", 100).await).await;
+        compaction(&store(&etcd, "/compaction/", 3).await).await;
         // The log's window survives a reconnect (it lives in etcd).
-        assert_eq!(store(&etcd, "/compaction/", 3).events_since(2).unwrap(), Since::Compacted { oldest: 8 });
+        assert_eq!(
+            store(&etcd, "/compaction/", 3).await.events_since(2).await.unwrap(),
+            Since::Compacted { oldest: 8 }
+        );
 
         // Two replicas on one prefix: what one commits, the other's follower reports, in order.
-        let mut a = store(&etcd, "/replicas/", 100);
-        let mut b = store(&etcd, "/replicas/", 100);
+        let a = store(&etcd, "/replicas/", 100).await;
+        let b = store(&etcd, "/replicas/", 100).await;
         let seen = Arc::new(Mutex::new(Vec::new()));
         let s = Arc::clone(&seen);
         b.follow(
@@ -634,30 +591,30 @@ mod tests {
             }),
         );
         for g in 1..=20 {
-            a.commit(g - 1, vec![Change::Put(cluster("a", g))]).unwrap();
+            a.commit(g - 1, vec![Change::Put(cluster("a", g))]).await.unwrap();
         }
         // b planned against revision 0: refused, nothing written.
         assert!(matches!(
-            b.commit(0, vec![Change::Put(cluster("b", 1))]),
+            b.commit(0, vec![Change::Put(cluster("b", 1))]).await,
             Err(StoreError::Conflict { expected: 0, current: 20 })
         ));
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while seen.lock().unwrap().len() < 20 && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert_eq!(*seen.lock().unwrap(), (1..=20).collect::<Vec<_>>());
-        b.commit(20, vec![Change::Put(cluster("b", 1))]).unwrap();
-        assert_eq!(a.list().unwrap().0, 21);
+        b.commit(20, vec![Change::Put(cluster("b", 1))]).await.unwrap();
+        assert_eq!(a.list().await.unwrap().0, 21);
     }
 
-    #[test]
-    fn unreachable_etcd_is_a_clear_error() {
+    #[tokio::test]
+    async fn unreachable_etcd_is_a_clear_error() {
         let mut o = EtcdOptions::new(vec!["http://127.0.0.1:1".into()]);
         o.timeout = Duration::from_secs(1);
-        let err = EtcdStore::connect(&o).unwrap_err().to_string();
+        let err = EtcdStore::connect(&o).await.unwrap_err().to_string();
         assert!(err.contains("127.0.0.1:1"), "{err}");
         o.prefix = "causeway".into();
-        let err = EtcdStore::connect(&o).unwrap_err().to_string();
+        let err = EtcdStore::connect(&o).await.unwrap_err().to_string();
         assert!(err.contains("must start and end with '/'"), "{err}");
     }
 }

@@ -1,17 +1,27 @@
 //! Causeway's broker: the one shared control plane of a cluster set.
 //!
-//! [`Broker`] holds the rules (validation, CIDR overlaps across clusters, generations that
-//! never go backwards, endpoints only for registered clusters) on top of a [`store::Store`]
-//! (embedded redb file by default, in-memory for tests). Every accepted change gets the next
-//! revision of the set and is appended to an event log, so a watcher that reconnects with its
-//! last revision receives exactly what it missed. [`server::run`] serves it over HTTP.
+//! Layers, each a module:
+//! - [`server`]: HTTP (axum), one await on the [`Broker`] per request;
+//! - [`broker`]: plan + commit, leases, the watch; [`credentials`](Broker::authenticate):
+//!   who may call, as what;
+//! - [`rules`]: pure planners per record kind, judged on the [`cache`]'s indexed records;
+//! - [`store`]: the async [`store::Store`] trait (embedded redb file by default, etcd for
+//!   replicas, memory for tests). Every accepted change gets the next revision of the set and
+//!   is appended to an event log, so a watcher that reconnects with its last revision
+//!   receives exactly what it missed.
 
 pub mod auth;
 pub mod broker;
+pub mod cache;
+mod credentials;
+pub mod error;
 pub mod etcd;
+pub mod leases;
+pub mod rate;
 pub mod rules;
 pub mod server;
 pub mod store;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod tls;
 

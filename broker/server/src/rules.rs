@@ -11,7 +11,7 @@ use causeway_broker_api::{
     service_key,
 };
 
-use crate::{broker::BrokerError, store::Change};
+use crate::{broker::BrokerError, cache::Records, store::Change};
 
 /// What a planner decided.
 #[derive(Debug, PartialEq, Eq)]
@@ -25,45 +25,20 @@ pub enum Plan {
 /// The records a planner judges against.
 #[derive(Clone, Copy, Debug)]
 pub struct State<'a> {
-    pub items: &'a [Object],
+    pub records: &'a Records,
     /// The broker's own addresses: no cluster's prefixes may cover them.
     pub broker_addresses: &'a [IpAddr],
 }
 
 impl<'a> State<'a> {
     fn stored(&self, key: &str) -> Option<&'a Object> {
-        self.items.iter().find(|o| o.record.key() == key)
-    }
-
-    fn cluster(&self, id: &str) -> Option<&'a ClusterRecord> {
-        match self.stored(&cluster_key(id)).map(|o| &o.record) {
-            Some(Record::Cluster(c)) => Some(c),
-            _ => None,
-        }
-    }
-
-    fn clusters(&self) -> impl Iterator<Item = &'a ClusterRecord> + Clone {
-        self.items.iter().filter_map(|o| match &o.record {
-            Record::Cluster(c) => Some(c),
-            _ => None,
-        })
+        self.records.get(key)
     }
 
     /// The cluster set's settings (the defaults until the admin writes some).
     #[must_use]
     pub fn settings(&self) -> ClusterSetRecord {
-        self.items
-            .iter()
-            .find_map(|o| match &o.record {
-                Record::ClusterSet(s) => Some(s.clone()),
-                _ => None,
-            })
-            .unwrap_or_default()
-    }
-
-    /// How many records of `cluster_id` match `kind`.
-    fn count_of(&self, cluster_id: &str, kind: impl Fn(&Record) -> bool) -> usize {
-        self.items.iter().filter(|o| kind(&o.record) && o.record.cluster_id() == cluster_id).count()
+        self.records.settings()
     }
 }
 
@@ -110,10 +85,10 @@ pub fn put_cluster(state: State<'_>, c: &ClusterRecord, new: bool) -> Result<Pla
             causeway_broker_api::check_pools(c, &set.pools).map_err(BrokerError::OutsidePools)?;
             covers_nothing(state, c)?;
             if set.overlap_mode {
-                causeway_broker_api::check_global_overlaps(c, state.clusters())
+                causeway_broker_api::check_global_overlaps(c, state.records.clusters())
                     .map_err(BrokerError::GlobalOverlap)
             } else {
-                causeway_broker_api::check_overlaps(c, state.clusters()).map_err(BrokerError::Overlap)
+                causeway_broker_api::check_overlaps(c, state.records.clusters()).map_err(BrokerError::Overlap)
             }
         },
     )
@@ -127,10 +102,9 @@ fn covers_nothing(state: State<'_>, c: &ClusterRecord) -> Result<(), BrokerError
             "{cidr} covers the broker's address {addr}; choose CIDRs that leave the broker and the underlay out"
         )));
     }
-    for o in state.items {
-        if let Record::Endpoint(e) = &o.record
-            && let Some((cidr, addr)) =
-                causeway_broker_api::validate::covered(c, e.private_ips.iter().chain(&e.public_ips))
+    for e in state.records.endpoints() {
+        if let Some((cidr, addr)) =
+            causeway_broker_api::validate::covered(c, e.private_ips.iter().chain(&e.public_ips))
         {
             return Err(BrokerError::AddressConflict(format!(
                 "{cidr} covers {addr}, an address of gateway {:?} of cluster {:?}; a cluster's CIDRs may not cover a gateway endpoint",
@@ -150,6 +124,7 @@ pub fn put_endpoint(state: State<'_>, e: &EndpointRecord) -> Result<Plan, Broker
         &Record::Endpoint(e.clone()),
         |old| {
             let own = state
+                .records
                 .cluster(&e.cluster_id)
                 .ok_or_else(|| BrokerError::ClusterNotRegistered(e.cluster_id.clone()))?;
             check_endpoint(state, e, own, old.is_some())
@@ -164,31 +139,26 @@ fn check_endpoint(
     own: &ClusterRecord,
     exists: bool,
 ) -> Result<(), BrokerError> {
-    for o in state.items {
-        match &o.record {
-            Record::Cluster(c) => {
-                if let Some((cidr, addr)) =
-                    causeway_broker_api::validate::covered(c, e.private_ips.iter().chain(&e.public_ips))
-                {
-                    return Err(BrokerError::AddressConflict(format!(
-                        "{addr} lies in {cidr} of cluster {:?}; a gateway endpoint must be outside every cluster's CIDRs",
-                        c.cluster_id
-                    )));
-                }
-            }
-            // Gateways of one cluster are that cluster's business; a key shared across
-            // clusters would let one member answer for another's tunnel.
-            Record::Endpoint(other)
-                if other.public_key == e.public_key && other.cluster_id != e.cluster_id =>
-            {
-                return Err(BrokerError::DuplicateKey {
-                    key: e.public_key,
-                    cluster: other.cluster_id.clone(),
-                    hostname: other.hostname.clone(),
-                });
-            }
-            _ => {}
+    for c in state.records.clusters() {
+        if let Some((cidr, addr)) =
+            causeway_broker_api::validate::covered(c, e.private_ips.iter().chain(&e.public_ips))
+        {
+            return Err(BrokerError::AddressConflict(format!(
+                "{addr} lies in {cidr} of cluster {:?}; a gateway endpoint must be outside every cluster's CIDRs",
+                c.cluster_id
+            )));
         }
+    }
+    // Gateways of one cluster are that cluster's business; a key shared across clusters
+    // would let one member answer for another's tunnel.
+    if let Some(other) =
+        state.records.endpoints().find(|o| o.public_key == e.public_key && o.cluster_id != e.cluster_id)
+    {
+        return Err(BrokerError::DuplicateKey {
+            key: e.public_key,
+            cluster: other.cluster_id.clone(),
+            hostname: other.hostname.clone(),
+        });
     }
     if let Some(ip) = e.health_check_ip {
         let inside = own.pod_cidrs.iter().chain(own.global_cidr.iter()).any(|n| n.contains(ip));
@@ -201,7 +171,7 @@ fn check_endpoint(
         }
     }
     let max = state.settings().quotas.max_endpoints;
-    if !exists && state.count_of(&e.cluster_id, |r| matches!(r, Record::Endpoint(_))) >= max as usize {
+    if !exists && state.records.endpoints_of(&e.cluster_id).count() >= max as usize {
         return Err(BrokerError::QuotaExceeded {
             cluster: e.cluster_id.clone(),
             what: "gateway endpoints",
@@ -219,6 +189,7 @@ pub fn put_service(state: State<'_>, svc: &ServiceExportRecord) -> Result<Plan, 
         &Record::ServiceExport(svc.clone()),
         |_| {
             let c = state
+                .records
                 .cluster(&svc.cluster_id)
                 .ok_or_else(|| BrokerError::ClusterNotRegistered(svc.cluster_id.clone()))?;
             let set = state.settings();
@@ -226,7 +197,7 @@ pub fn put_service(state: State<'_>, svc: &ServiceExportRecord) -> Result<Plan, 
                 if set.overlap_mode { c.global_cidr.into_iter().collect() } else { c.service_cidrs.clone() };
             let max = set.quotas.max_services;
             if state.stored(&service_key(&svc.cluster_id, &svc.namespace, &svc.name)).is_none()
-                && state.count_of(&svc.cluster_id, |r| matches!(r, Record::ServiceExport(_))) >= max as usize
+                && state.records.services_of(&svc.cluster_id).count() >= max as usize
             {
                 return Err(BrokerError::QuotaExceeded {
                     cluster: svc.cluster_id.clone(),
@@ -256,7 +227,7 @@ pub fn put_cluster_set(state: State<'_>, settings: &ClusterSetRecord) -> Result<
         &Record::ClusterSet(settings.clone()),
         |_| Ok(()),
         || {
-            for c in state.clusters() {
+            for c in state.records.clusters() {
                 causeway_broker_api::check_pools(c, &settings.pools).map_err(|e| {
                     BrokerError::AddressConflict(format!(
                         "the new pools leave out cluster {:?}: {e}; remove that cluster first, or keep its CIDRs in the pools",
@@ -264,10 +235,11 @@ pub fn put_cluster_set(state: State<'_>, settings: &ClusterSetRecord) -> Result<
                     ))
                 })?;
                 if settings.overlap_mode {
-                    causeway_broker_api::check_global_overlaps(c, state.clusters())
+                    causeway_broker_api::check_global_overlaps(c, state.records.clusters())
                         .map_err(BrokerError::GlobalOverlap)?;
                 } else {
-                    causeway_broker_api::check_overlaps(c, state.clusters()).map_err(BrokerError::Overlap)?;
+                    causeway_broker_api::check_overlaps(c, state.records.clusters())
+                        .map_err(BrokerError::Overlap)?;
                 }
             }
             Ok(())
@@ -288,12 +260,9 @@ pub fn delete_cluster(state: State<'_>, cluster_id: &str) -> Result<Plan, Broker
         return Err(BrokerError::NotFound(key));
     }
     let mut changes: Vec<Change> = state
-        .items
-        .iter()
-        .filter(|o| {
-            matches!(&o.record, Record::Endpoint(_) | Record::ServiceExport(_))
-                && o.record.cluster_id() == cluster_id
-        })
+        .records
+        .endpoints_of(cluster_id)
+        .chain(state.records.services_of(cluster_id))
         .map(|o| Change::Delete(o.record.key()))
         .collect();
     changes.push(Change::Delete(key));
@@ -354,8 +323,12 @@ mod tests {
         ]
     }
 
-    fn state(items: &[Object]) -> State<'_> {
-        State { items, broker_addresses: &[] }
+    fn index(items: &[Object]) -> Records {
+        items.iter().cloned().collect()
+    }
+
+    fn state(records: &Records) -> State<'_> {
+        State { records, broker_addresses: &[] }
     }
 
     #[test]
@@ -363,22 +336,28 @@ mod tests {
         let items = stored();
         let c = cluster("c", "10.3.0.0/16", "10.103.0.0/16");
         assert_eq!(
-            put_cluster(state(&items), &c, true).unwrap(),
+            put_cluster(state(&index(&items)), &c, true).unwrap(),
             Plan::Commit(vec![Change::Put(Record::Cluster(c))])
         );
         let overlapping = cluster("c", "10.2.128.0/17", "10.103.0.0/16");
-        assert!(matches!(put_cluster(state(&items), &overlapping, true), Err(BrokerError::Overlap(_))));
+        assert!(matches!(
+            put_cluster(state(&index(&items)), &overlapping, true),
+            Err(BrokerError::Overlap(_))
+        ));
         let covering = cluster("c", "172.31.0.0/24", "10.103.0.0/16");
-        let err = put_cluster(state(&items), &covering, true).unwrap_err();
+        let err = put_cluster(state(&index(&items)), &covering, true).unwrap_err();
         assert!(err.to_string().contains("172.31.0.11"), "{err}");
         let broker: [IpAddr; 1] = ["10.3.0.1".parse().unwrap()];
-        let near_broker = State { items: &items, broker_addresses: &broker };
+        let near_broker = State { records: &index(&items), broker_addresses: &broker };
         let err = put_cluster(near_broker, &cluster("c", "10.3.0.0/16", "10.103.0.0/16"), true).unwrap_err();
         assert!(err.to_string().contains("the broker's address 10.3.0.1"), "{err}");
         // Registering an id that exists is refused; the same record again is no change.
         let a = cluster("a", "10.1.0.0/16", "10.101.0.0/16");
-        assert!(matches!(put_cluster(state(&items), &a, true), Err(BrokerError::AlreadyRegistered(_))));
-        assert_eq!(put_cluster(state(&items), &a, false).unwrap(), Plan::Unchanged(items[0].clone()));
+        assert!(matches!(
+            put_cluster(state(&index(&items)), &a, true),
+            Err(BrokerError::AlreadyRegistered(_))
+        ));
+        assert_eq!(put_cluster(state(&index(&items)), &a, false).unwrap(), Plan::Unchanged(items[0].clone()));
     }
 
     #[test]
@@ -387,8 +366,8 @@ mod tests {
         let mut newer = cluster("a", "10.1.0.0/16", "10.101.0.0/16");
         newer.generation = 5;
         items[0] = Object::new(1, Record::Cluster(newer));
-        let err =
-            put_cluster(state(&items), &cluster("a", "10.1.0.0/16", "10.101.0.0/16"), false).unwrap_err();
+        let err = put_cluster(state(&index(&items)), &cluster("a", "10.1.0.0/16", "10.101.0.0/16"), false)
+            .unwrap_err();
         assert!(matches!(err, BrokerError::StaleGeneration { stored: 5, offered: 1, .. }), "{err}");
     }
 
@@ -397,22 +376,25 @@ mod tests {
         let items = stored();
         let ok = endpoint("b", "gw", "172.31.0.12", 2);
         assert_eq!(
-            put_endpoint(state(&items), &ok).unwrap(),
+            put_endpoint(state(&index(&items)), &ok).unwrap(),
             Plan::Commit(vec![Change::Put(Record::Endpoint(ok))])
         );
         assert!(matches!(
-            put_endpoint(state(&items), &endpoint("z", "gw", "172.31.0.13", 3)),
+            put_endpoint(state(&index(&items)), &endpoint("z", "gw", "172.31.0.13", 3)),
             Err(BrokerError::ClusterNotRegistered(id)) if id == "z"
         ));
         assert!(matches!(
-            put_endpoint(state(&items), &endpoint("b", "gw", "172.31.0.12", 1)),
+            put_endpoint(state(&index(&items)), &endpoint("b", "gw", "172.31.0.12", 1)),
             Err(BrokerError::DuplicateKey { cluster, .. }) if cluster == "a"
         ));
-        let inside = put_endpoint(state(&items), &endpoint("b", "gw", "10.1.0.9", 2)).unwrap_err();
+        let inside = put_endpoint(state(&index(&items)), &endpoint("b", "gw", "10.1.0.9", 2)).unwrap_err();
         assert!(inside.to_string().contains("lies in 10.1.0.0/16 of cluster \"a\""), "{inside}");
         let mut foreign_probe = endpoint("b", "gw", "172.31.0.12", 2);
         foreign_probe.health_check_ip = Some("10.1.0.0".parse().unwrap());
-        assert!(matches!(put_endpoint(state(&items), &foreign_probe), Err(BrokerError::BadRequest(_))));
+        assert!(matches!(
+            put_endpoint(state(&index(&items)), &foreign_probe),
+            Err(BrokerError::BadRequest(_))
+        ));
     }
 
     #[test]
@@ -426,19 +408,19 @@ mod tests {
             ports: vec![],
             generation: 1,
         };
-        assert!(matches!(put_service(state(&items), &svc).unwrap(), Plan::Commit(_)));
+        assert!(matches!(put_service(state(&index(&items)), &svc).unwrap(), Plan::Commit(_)));
         items.push(Object::new(4, Record::ServiceExport(svc)));
         assert_eq!(
-            delete_cluster(state(&items), "a").unwrap(),
+            delete_cluster(state(&index(&items)), "a").unwrap(),
             Plan::Commit(vec![
                 Change::Delete(endpoint_key("a", "gw")),
                 Change::Delete(service_key("a", "default", "web")),
                 Change::Delete(cluster_key("a")),
             ])
         );
-        assert!(matches!(delete_cluster(state(&items), "z"), Err(BrokerError::NotFound(_))));
+        assert!(matches!(delete_cluster(state(&index(&items)), "z"), Err(BrokerError::NotFound(_))));
         assert_eq!(
-            delete_present(state(&items), &[endpoint_key("a", "gw"), endpoint_key("b", "gone")]),
+            delete_present(state(&index(&items)), &[endpoint_key("a", "gw"), endpoint_key("b", "gone")]),
             Plan::Commit(vec![Change::Delete(endpoint_key("a", "gw"))])
         );
     }

@@ -91,20 +91,6 @@ fn body<T: serde::de::DeserializeOwned>(raw: Result<Bytes, BytesRejection>) -> R
     serde_json::from_slice(&bytes).map_err(|e| invalid(format!("malformed record: {e}")))
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, BrokerError> + Send + 'static,
-) -> Result<T, Failure> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| {
-            Failure(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                ApiError { code: "Internal".into(), message: e.to_string() },
-            )
-        })?
-        .map_err(Failure::from)
-}
-
 fn bearer(headers: &HeaderMap) -> Option<String> {
     headers
         .get(header::AUTHORIZATION)
@@ -126,17 +112,14 @@ async fn writer(b: &Arc<Broker>, headers: &HeaderMap) -> Result<Identity, Failur
     Ok(id)
 }
 
-/// The caller's identity, from `Authorization: Bearer <token>` (a store read: off the
-/// async threads, since a shared store answers over the network).
+/// The caller's identity, from `Authorization: Bearer <token>`.
 async fn who(b: &Arc<Broker>, headers: &HeaderMap) -> Result<Identity, Failure> {
-    let token = bearer(headers);
-    let b = Arc::clone(b);
-    blocking(move || b.authenticate(token.as_deref())).await
+    Ok(b.authenticate(bearer(headers).as_deref()).await?)
 }
 
 async fn list(State(b): State<Arc<Broker>>, headers: HeaderMap) -> Result<Response, Failure> {
     let id = who(&b, &headers).await?;
-    Ok(Json(blocking(move || b.list(&id)).await?).into_response())
+    Ok(Json(b.list(&id)?).into_response())
 }
 
 #[derive(Deserialize)]
@@ -175,7 +158,7 @@ async fn put_cluster(
             c.cluster_id
         )));
     }
-    Ok(Json(blocking(move || b.put_cluster(&id, c)).await?).into_response())
+    Ok(Json(b.put_cluster(&id, c).await?).into_response())
 }
 
 async fn delete_cluster(
@@ -184,7 +167,7 @@ async fn delete_cluster(
     Path(cluster): Path<String>,
 ) -> Result<Response, Failure> {
     let id = writer(&b, &headers).await?;
-    Ok(Json(blocking(move || b.delete_cluster(&id, &cluster)).await?).into_response())
+    Ok(Json(b.delete_cluster(&id, &cluster).await?).into_response())
 }
 
 async fn put_endpoint(
@@ -201,7 +184,7 @@ async fn put_endpoint(
             e.cluster_id, e.hostname
         )));
     }
-    Ok(Json(blocking(move || b.put_endpoint(&id, e)).await?).into_response())
+    Ok(Json(b.put_endpoint(&id, e).await?).into_response())
 }
 
 async fn delete_endpoint(
@@ -210,7 +193,7 @@ async fn delete_endpoint(
     Path((cluster, host)): Path<(String, String)>,
 ) -> Result<Response, Failure> {
     let id = writer(&b, &headers).await?;
-    Ok(Json(blocking(move || b.delete_endpoint(&id, &cluster, &host)).await?).into_response())
+    Ok(Json(b.delete_endpoint(&id, &cluster, &host).await?).into_response())
 }
 
 async fn put_service(
@@ -227,7 +210,7 @@ async fn put_service(
             s.cluster_id, s.namespace, s.name
         )));
     }
-    Ok(Json(blocking(move || b.put_service(&id, s)).await?).into_response())
+    Ok(Json(b.put_service(&id, s).await?).into_response())
 }
 
 async fn delete_service(
@@ -236,7 +219,7 @@ async fn delete_service(
     Path((cluster, namespace, name)): Path<(String, String, String)>,
 ) -> Result<Response, Failure> {
     let id = writer(&b, &headers).await?;
-    Ok(Json(blocking(move || b.delete_service(&id, &cluster, &namespace, &name)).await?).into_response())
+    Ok(Json(b.delete_service(&id, &cluster, &namespace, &name).await?).into_response())
 }
 
 async fn put_cluster_set(
@@ -246,7 +229,7 @@ async fn put_cluster_set(
 ) -> Result<Response, Failure> {
     let id = writer(&b, &headers).await?;
     let c: causeway_broker_api::ClusterSetRecord = body(raw)?;
-    Ok(Json(blocking(move || b.put_cluster_set(&id, c)).await?).into_response())
+    Ok(Json(b.put_cluster_set(&id, c).await?).into_response())
 }
 
 async fn put_policy(
@@ -260,7 +243,7 @@ async fn put_policy(
     if p.name != name {
         return Err(invalid(format!("name {:?} in the body does not match {name:?} in the path", p.name)));
     }
-    Ok(Json(blocking(move || b.put_policy(&id, p)).await?).into_response())
+    Ok(Json(b.put_policy(&id, p).await?).into_response())
 }
 
 async fn delete_policy(
@@ -269,7 +252,7 @@ async fn delete_policy(
     Path(name): Path<String>,
 ) -> Result<Response, Failure> {
     let id = writer(&b, &headers).await?;
-    Ok(Json(blocking(move || b.delete_policy(&id, &name)).await?).into_response())
+    Ok(Json(b.delete_policy(&id, &name).await?).into_response())
 }
 
 async fn put_policy_default(
@@ -279,7 +262,7 @@ async fn put_policy_default(
 ) -> Result<Response, Failure> {
     let id = writer(&b, &headers).await?;
     let d: causeway_broker_api::PolicyDefaultRecord = body(raw)?;
-    Ok(Json(blocking(move || b.put_policy_default(&id, d)).await?).into_response())
+    Ok(Json(b.put_policy_default(&id, d).await?).into_response())
 }
 
 async fn join(
@@ -290,7 +273,7 @@ async fn join(
     let id = writer(&b, &headers).await?;
     let hash = caller_hash(&headers);
     let c: ClusterRecord = body(raw)?;
-    let (object, token) = blocking(move || b.join(&id, &hash, c)).await?;
+    let (object, token) = b.join(&id, &hash, c).await?;
     Ok((StatusCode::CREATED, Json(JoinResponse { object, token })).into_response())
 }
 
@@ -318,7 +301,7 @@ async fn rotate(
             q.overlap_seconds
         )));
     }
-    let (token, old_valid_until) = blocking(move || b.rotate(&id, &cluster, overlap)).await?;
+    let (token, old_valid_until) = b.rotate(&id, &cluster, overlap).await?;
     Ok(Json(RotateResponse { token, old_valid_until }).into_response())
 }
 
@@ -329,7 +312,7 @@ async fn issue(
 ) -> Result<Response, Failure> {
     let id = writer(&b, &headers).await?;
     let req: causeway_broker_api::IssueRequest = body(raw)?;
-    let out = blocking(move || b.issue_limited(&id, &req)).await?;
+    let out = b.issue_limited(&id, &req).await?;
     Ok((StatusCode::CREATED, Json(out)).into_response())
 }
 
@@ -339,13 +322,13 @@ async fn issue_reader(
     Path(cluster): Path<String>,
 ) -> Result<Response, Failure> {
     let id = writer(&b, &headers).await?;
-    let out = blocking(move || b.issue_reader(&id, &cluster)).await?;
+    let out = b.issue_reader(&id, &cluster).await?;
     Ok((StatusCode::CREATED, Json(out)).into_response())
 }
 
 async fn list_credentials(State(b): State<Arc<Broker>>, headers: HeaderMap) -> Result<Response, Failure> {
     let id = who(&b, &headers).await?;
-    Ok(Json(blocking(move || b.list_credentials(&id)).await?).into_response())
+    Ok(Json(b.list_credentials(&id).await?).into_response())
 }
 
 async fn revoke_credential(
@@ -355,7 +338,7 @@ async fn revoke_credential(
 ) -> Result<Response, Failure> {
     let id = writer(&b, &headers).await?;
     let hash = caller_hash(&headers);
-    let revoked = blocking(move || b.revoke_credential(&id, &hash, &cred)).await?;
+    let revoked = b.revoke_credential(&id, &hash, &cred).await?;
     Ok(Json(serde_json::json!({ "revoked": revoked })).into_response())
 }
 
@@ -365,7 +348,7 @@ async fn revoke(
     Path(cluster): Path<String>,
 ) -> Result<Response, Failure> {
     let id = writer(&b, &headers).await?;
-    let revoked = blocking(move || b.revoke(&id, &cluster)).await?;
+    let revoked = b.revoke(&id, &cluster).await?;
     Ok(Json(serde_json::json!({ "revoked": revoked })).into_response())
 }
 

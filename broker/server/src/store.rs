@@ -33,6 +33,9 @@ pub enum StoreError {
     Conflict { expected: u64, current: u64 },
     #[error("etcd: {0}")]
     Etcd(String),
+    /// The blocking thread that ran a store call died (a panic in the storage engine).
+    #[error("store call failed: {0}")]
+    Task(String),
 }
 
 /// What a shared store reports to a broker replica about commits made by anyone.
@@ -64,74 +67,80 @@ pub enum Since {
     },
 }
 
-/// Storage contract. Callers serialise writes (the broker holds a lock around check+commit).
+/// Storage contract. Every call is async: etcd answers over the network, and the embedded
+/// store does its file I/O on a blocking thread inside its own impl, so the broker awaits
+/// one call per step and never parks an async thread. Callers serialise writes (the broker
+/// holds its writer lock around check + commit); every method takes `&self`.
+#[async_trait::async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Current revision and every record.
-    fn list(&self) -> Result<(u64, Vec<Object>), StoreError>;
+    async fn list(&self) -> Result<(u64, Vec<Object>), StoreError>;
     /// Applies the changes atomically as one new revision, provided the store is still at
     /// revision `base` (the one the caller checked its rules against; otherwise
     /// [`StoreError::Conflict`]); returns the events it produced (deletes of absent keys
     /// produce none). No changes → no new revision.
-    fn commit(&mut self, base: u64, changes: Vec<Change>) -> Result<Vec<WatchEvent>, StoreError>;
+    async fn commit(&self, base: u64, changes: Vec<Change>) -> Result<Vec<WatchEvent>, StoreError>;
     /// Events with revision > `since`, oldest first.
-    fn events_since(&self, since: u64) -> Result<Since, StoreError>;
+    async fn events_since(&self, since: u64) -> Result<Since, StoreError>;
     /// How many revisions of events the store keeps.
     fn history(&self) -> u64;
     /// A credential, by the hash of its token.
-    fn credential(&self, hash: &str) -> Result<Option<Credential>, StoreError>;
+    async fn credential(&self, hash: &str) -> Result<Option<Credential>, StoreError>;
     /// Stores (or replaces) a credential under the hash of its token, durably.
-    fn put_credential(&mut self, hash: &str, credential: &Credential) -> Result<(), StoreError>;
+    async fn put_credential(&self, hash: &str, credential: &Credential) -> Result<(), StoreError>;
     /// Every credential, by hash.
-    fn credentials(&self) -> Result<Vec<(String, Credential)>, StoreError>;
+    async fn credentials(&self) -> Result<Vec<(String, Credential)>, StoreError>;
     /// Removes the credentials with these hashes (absent ones are no error).
-    fn delete_credentials(&mut self, hashes: &[String]) -> Result<(), StoreError>;
+    async fn delete_credentials(&self, hashes: &[String]) -> Result<(), StoreError>;
     /// Records an endpoint heartbeat where every replica sees it. Single-replica stores keep
     /// heartbeats in the broker's memory only.
-    fn heartbeat(&mut self, _key: &str) -> Result<(), StoreError> {
+    async fn heartbeat(&self, _key: &str) -> Result<(), StoreError> {
         Ok(())
     }
     /// How long ago any replica last recorded a heartbeat for `key`, if the store shares them.
-    fn heartbeat_age(&self, _key: &str) -> Result<Option<std::time::Duration>, StoreError> {
+    async fn heartbeat_age(&self, _key: &str) -> Result<Option<std::time::Duration>, StoreError> {
         Ok(None)
     }
-    /// Starts reporting commits made by any writer after revision `after` to `sink`. Stores
-    /// with a single writer (this process) have nothing to report.
-    fn follow(&mut self, _after: u64, _sink: FollowSink) {}
+    /// Starts reporting commits made by any writer after revision `after` to `sink` (a task
+    /// on the current runtime that ends with the store). Stores with a single writer (this
+    /// process) have nothing to report.
+    fn follow(&self, _after: u64, _sink: FollowSink) {}
 }
 
 /// A boxed store is a store (callers that pick the implementation at run time).
+#[async_trait::async_trait]
 impl Store for Box<dyn Store> {
-    fn list(&self) -> Result<(u64, Vec<Object>), StoreError> {
-        (**self).list()
+    async fn list(&self) -> Result<(u64, Vec<Object>), StoreError> {
+        (**self).list().await
     }
-    fn commit(&mut self, base: u64, changes: Vec<Change>) -> Result<Vec<WatchEvent>, StoreError> {
-        (**self).commit(base, changes)
+    async fn commit(&self, base: u64, changes: Vec<Change>) -> Result<Vec<WatchEvent>, StoreError> {
+        (**self).commit(base, changes).await
     }
-    fn events_since(&self, since: u64) -> Result<Since, StoreError> {
-        (**self).events_since(since)
+    async fn events_since(&self, since: u64) -> Result<Since, StoreError> {
+        (**self).events_since(since).await
     }
     fn history(&self) -> u64 {
         (**self).history()
     }
-    fn credential(&self, hash: &str) -> Result<Option<Credential>, StoreError> {
-        (**self).credential(hash)
+    async fn credential(&self, hash: &str) -> Result<Option<Credential>, StoreError> {
+        (**self).credential(hash).await
     }
-    fn put_credential(&mut self, hash: &str, credential: &Credential) -> Result<(), StoreError> {
-        (**self).put_credential(hash, credential)
+    async fn put_credential(&self, hash: &str, credential: &Credential) -> Result<(), StoreError> {
+        (**self).put_credential(hash, credential).await
     }
-    fn credentials(&self) -> Result<Vec<(String, Credential)>, StoreError> {
-        (**self).credentials()
+    async fn credentials(&self) -> Result<Vec<(String, Credential)>, StoreError> {
+        (**self).credentials().await
     }
-    fn delete_credentials(&mut self, hashes: &[String]) -> Result<(), StoreError> {
-        (**self).delete_credentials(hashes)
+    async fn delete_credentials(&self, hashes: &[String]) -> Result<(), StoreError> {
+        (**self).delete_credentials(hashes).await
     }
-    fn heartbeat(&mut self, key: &str) -> Result<(), StoreError> {
-        (**self).heartbeat(key)
+    async fn heartbeat(&self, key: &str) -> Result<(), StoreError> {
+        (**self).heartbeat(key).await
     }
-    fn heartbeat_age(&self, key: &str) -> Result<Option<std::time::Duration>, StoreError> {
-        (**self).heartbeat_age(key)
+    async fn heartbeat_age(&self, key: &str) -> Result<Option<std::time::Duration>, StoreError> {
+        (**self).heartbeat_age(key).await
     }
-    fn follow(&mut self, after: u64, sink: FollowSink) {
+    fn follow(&self, after: u64, sink: FollowSink) {
         (**self).follow(after, sink);
     }
 }
@@ -175,6 +184,11 @@ pub(crate) fn apply(
 /// In-memory store (tests; a broker that may forget everything on restart).
 #[derive(Debug)]
 pub struct MemStore {
+    inner: std::sync::Mutex<Mem>,
+}
+
+#[derive(Debug)]
+struct Mem {
     history: u64,
     revision: u64,
     records: BTreeMap<String, Object>,
@@ -194,72 +208,85 @@ impl MemStore {
     #[must_use]
     pub fn with_history(history: u64) -> Self {
         Self {
-            history: history.max(1),
-            revision: 0,
-            records: BTreeMap::new(),
-            events: std::collections::VecDeque::new(),
-            compacted: 0,
-            credentials: BTreeMap::new(),
+            inner: std::sync::Mutex::new(Mem {
+                history: history.max(1),
+                revision: 0,
+                records: BTreeMap::new(),
+                events: std::collections::VecDeque::new(),
+                compacted: 0,
+                credentials: BTreeMap::new(),
+            }),
         }
+    }
+
+    fn mem(&self) -> std::sync::MutexGuard<'_, Mem> {
+        // Every change below completes before the guard drops, so a poisoned lock holds
+        // consistent data.
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
+#[async_trait::async_trait]
 impl Store for MemStore {
-    fn list(&self) -> Result<(u64, Vec<Object>), StoreError> {
-        Ok((self.revision, self.records.values().cloned().collect()))
+    async fn list(&self) -> Result<(u64, Vec<Object>), StoreError> {
+        let m = self.mem();
+        Ok((m.revision, m.records.values().cloned().collect()))
     }
 
-    fn commit(&mut self, base: u64, changes: Vec<Change>) -> Result<Vec<WatchEvent>, StoreError> {
-        check_base(base, self.revision)?;
-        let applied = apply(&self.records, changes, self.revision + 1);
+    async fn commit(&self, base: u64, changes: Vec<Change>) -> Result<Vec<WatchEvent>, StoreError> {
+        let mut m = self.mem();
+        check_base(base, m.revision)?;
+        let applied = apply(&m.records, changes, m.revision + 1);
         if applied.is_empty() {
             return Ok(Vec::new());
         }
-        self.revision += 1;
+        m.revision += 1;
         let mut events = Vec::new();
         for (key, new, event) in applied {
             match new {
-                Some(o) => self.records.insert(key, o),
-                None => self.records.remove(&key),
+                Some(o) => m.records.insert(key, o),
+                None => m.records.remove(&key),
             };
-            self.events.push_back(event.clone());
+            m.events.push_back(event.clone());
             events.push(event);
         }
-        while self.events.len() as u64 > self.history {
-            if let Some(e) = self.events.pop_front() {
-                self.compacted = e.revision;
+        while m.events.len() as u64 > m.history {
+            if let Some(e) = m.events.pop_front() {
+                m.compacted = e.revision;
             }
         }
         Ok(events)
     }
 
-    fn events_since(&self, since: u64) -> Result<Since, StoreError> {
-        if since < self.compacted {
-            return Ok(Since::Compacted { oldest: self.compacted + 1 });
+    async fn events_since(&self, since: u64) -> Result<Since, StoreError> {
+        let m = self.mem();
+        if since < m.compacted {
+            return Ok(Since::Compacted { oldest: m.compacted + 1 });
         }
-        Ok(Since::Events(self.events.iter().filter(|e| e.revision > since).cloned().collect()))
+        Ok(Since::Events(m.events.iter().filter(|e| e.revision > since).cloned().collect()))
     }
 
     fn history(&self) -> u64 {
-        self.history
+        self.mem().history
     }
 
-    fn credential(&self, hash: &str) -> Result<Option<Credential>, StoreError> {
-        Ok(self.credentials.get(hash).cloned())
+    async fn credential(&self, hash: &str) -> Result<Option<Credential>, StoreError> {
+        Ok(self.mem().credentials.get(hash).cloned())
     }
 
-    fn put_credential(&mut self, hash: &str, credential: &Credential) -> Result<(), StoreError> {
-        self.credentials.insert(hash.to_owned(), credential.clone());
+    async fn put_credential(&self, hash: &str, credential: &Credential) -> Result<(), StoreError> {
+        self.mem().credentials.insert(hash.to_owned(), credential.clone());
         Ok(())
     }
 
-    fn credentials(&self) -> Result<Vec<(String, Credential)>, StoreError> {
-        Ok(self.credentials.iter().map(|(h, c)| (h.clone(), c.clone())).collect())
+    async fn credentials(&self) -> Result<Vec<(String, Credential)>, StoreError> {
+        Ok(self.mem().credentials.iter().map(|(h, c)| (h.clone(), c.clone())).collect())
     }
 
-    fn delete_credentials(&mut self, hashes: &[String]) -> Result<(), StoreError> {
+    async fn delete_credentials(&self, hashes: &[String]) -> Result<(), StoreError> {
+        let mut m = self.mem();
         for h in hashes {
-            self.credentials.remove(h);
+            m.credentials.remove(h);
         }
         Ok(())
     }
@@ -275,17 +302,22 @@ const META_REVISION: &str = "revision";
 const META_COMPACTED: &str = "compacted";
 
 /// The embedded store: one redb file. A commit returns only after redb's durable commit, so
-/// an acknowledged write survives a crash of the broker or the machine.
+/// an acknowledged write survives a crash of the broker or the machine. redb is synchronous:
+/// each call runs on a blocking thread, so the broker's async threads never wait on the disk.
 pub struct RedbStore {
+    inner: std::sync::Arc<Redb>,
+}
+
+struct Redb {
     db: redb::Database,
     history: u64,
-    revision: u64,
-    compacted: u64,
+    /// (revision, compacted): changed only by commits, which redb serialises anyway.
+    state: std::sync::Mutex<(u64, u64)>,
 }
 
 impl std::fmt::Debug for RedbStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedbStore").field("revision", &self.revision).finish_non_exhaustive()
+        f.debug_struct("RedbStore").field("revision", &self.inner.state().0).finish_non_exhaustive()
     }
 }
 
@@ -311,11 +343,17 @@ impl RedbStore {
             (get(META_REVISION)?, get(META_COMPACTED)?)
         };
         txn.commit().map_err(|e| open_err(e.into()))?;
-        Ok(Self { db, history, revision, compacted })
+        let state = std::sync::Mutex::new((revision, compacted));
+        Ok(Self { inner: std::sync::Arc::new(Redb { db, history, state }) })
     }
 
-    fn decode<T: serde::de::DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
-        serde_json::from_slice(bytes).map_err(|source| StoreError::Corrupt { key: key.to_owned(), source })
+    /// Runs one synchronous redb call on a blocking thread.
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Redb) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let inner = std::sync::Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || f(&inner)).await.map_err(|e| StoreError::Task(e.to_string()))?
     }
 }
 
@@ -323,24 +361,36 @@ fn io<E: Into<redb::Error>>(e: E) -> StoreError {
     StoreError::Io(e.into())
 }
 
-impl Store for RedbStore {
+fn decode<T: serde::de::DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|source| StoreError::Corrupt { key: key.to_owned(), source })
+}
+
+impl Redb {
+    fn state(&self) -> (u64, u64) {
+        *self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     fn list(&self) -> Result<(u64, Vec<Object>), StoreError> {
         let txn = self.db.begin_read().map_err(io)?;
+        // The revision from the same read transaction as the records: exactly consistent.
+        let revision =
+            txn.open_table(META).map_err(io)?.get(META_REVISION).map_err(io)?.map_or(0, |v| v.value());
         let table = txn.open_table(RECORDS).map_err(io)?;
         let mut out = Vec::new();
         for item in table.iter().map_err(io)? {
             let (k, v) = item.map_err(io)?;
-            out.push(Self::decode(k.value(), v.value())?);
+            out.push(decode(k.value(), v.value())?);
         }
-        Ok((self.revision, out))
+        Ok((revision, out))
     }
 
-    fn commit(&mut self, base: u64, changes: Vec<Change>) -> Result<Vec<WatchEvent>, StoreError> {
-        check_base(base, self.revision)?;
-        let rev = self.revision + 1;
+    fn commit(&self, base: u64, changes: Vec<Change>) -> Result<Vec<WatchEvent>, StoreError> {
         let txn = self.db.begin_write().map_err(io)?;
+        // redb admits one write transaction at a time: from here the state is ours.
+        let (revision, mut compacted) = self.state();
+        check_base(base, revision)?;
+        let rev = revision + 1;
         let mut events = Vec::new();
-        let mut compacted = self.compacted;
         {
             let mut records = txn.open_table(RECORDS).map_err(io)?;
             // Load only the keys being deleted (the delete event carries the last state).
@@ -349,7 +399,7 @@ impl Store for RedbStore {
                 if let Change::Delete(key) = c
                     && let Some(v) = records.get(key.as_str()).map_err(io)?
                 {
-                    current.insert(key.clone(), Self::decode::<Object>(key, v.value())?);
+                    current.insert(key.clone(), decode::<Object>(key, v.value())?);
                 }
             }
             let applied = apply(&current, changes, rev);
@@ -383,39 +433,35 @@ impl Store for RedbStore {
             meta.insert(META_COMPACTED, compacted).map_err(io)?;
         }
         txn.commit().map_err(io)?;
-        self.revision = rev;
-        self.compacted = compacted;
+        *self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = (rev, compacted);
         Ok(events)
     }
 
     fn events_since(&self, since: u64) -> Result<Since, StoreError> {
-        if since < self.compacted {
-            return Ok(Since::Compacted { oldest: self.compacted + 1 });
+        let compacted = self.state().1;
+        if since < compacted {
+            return Ok(Since::Compacted { oldest: compacted + 1 });
         }
         let txn = self.db.begin_read().map_err(io)?;
         let log = txn.open_table(EVENTS).map_err(io)?;
         let mut out = Vec::new();
         for item in log.range((since + 1, 0)..).map_err(io)? {
             let (k, v) = item.map_err(io)?;
-            out.push(Self::decode(&format!("event {:?}", k.value()), v.value())?);
+            out.push(decode(&format!("event {:?}", k.value()), v.value())?);
         }
         Ok(Since::Events(out))
-    }
-
-    fn history(&self) -> u64 {
-        self.history
     }
 
     fn credential(&self, hash: &str) -> Result<Option<Credential>, StoreError> {
         let txn = self.db.begin_read().map_err(io)?;
         let table = txn.open_table(CREDENTIALS).map_err(io)?;
         match table.get(hash).map_err(io)? {
-            Some(v) => Ok(Some(Self::decode("credential", v.value())?)),
+            Some(v) => Ok(Some(decode("credential", v.value())?)),
             None => Ok(None),
         }
     }
 
-    fn put_credential(&mut self, hash: &str, credential: &Credential) -> Result<(), StoreError> {
+    fn put_credential(&self, hash: &str, credential: &Credential) -> Result<(), StoreError> {
         let txn = self.db.begin_write().map_err(io)?;
         {
             let mut table = txn.open_table(CREDENTIALS).map_err(io)?;
@@ -431,12 +477,12 @@ impl Store for RedbStore {
         let mut out = Vec::new();
         for item in table.iter().map_err(io)? {
             let (k, v) = item.map_err(io)?;
-            out.push((k.value().to_owned(), Self::decode("credential", v.value())?));
+            out.push((k.value().to_owned(), decode("credential", v.value())?));
         }
         Ok(out)
     }
 
-    fn delete_credentials(&mut self, hashes: &[String]) -> Result<(), StoreError> {
+    fn delete_credentials(&self, hashes: &[String]) -> Result<(), StoreError> {
         let txn = self.db.begin_write().map_err(io)?;
         {
             let mut table = txn.open_table(CREDENTIALS).map_err(io)?;
@@ -445,6 +491,44 @@ impl Store for RedbStore {
             }
         }
         txn.commit().map_err(io)
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for RedbStore {
+    async fn list(&self) -> Result<(u64, Vec<Object>), StoreError> {
+        self.run(Redb::list).await
+    }
+
+    async fn commit(&self, base: u64, changes: Vec<Change>) -> Result<Vec<WatchEvent>, StoreError> {
+        self.run(move |r| r.commit(base, changes)).await
+    }
+
+    async fn events_since(&self, since: u64) -> Result<Since, StoreError> {
+        self.run(move |r| r.events_since(since)).await
+    }
+
+    fn history(&self) -> u64 {
+        self.inner.history
+    }
+
+    async fn credential(&self, hash: &str) -> Result<Option<Credential>, StoreError> {
+        let hash = hash.to_owned();
+        self.run(move |r| r.credential(&hash)).await
+    }
+
+    async fn put_credential(&self, hash: &str, credential: &Credential) -> Result<(), StoreError> {
+        let (hash, credential) = (hash.to_owned(), credential.clone());
+        self.run(move |r| r.put_credential(&hash, &credential)).await
+    }
+
+    async fn credentials(&self) -> Result<Vec<(String, Credential)>, StoreError> {
+        self.run(Redb::credentials).await
+    }
+
+    async fn delete_credentials(&self, hashes: &[String]) -> Result<(), StoreError> {
+        let hashes = hashes.to_vec();
+        self.run(move |r| r.delete_credentials(&hashes)).await
     }
 }
 
@@ -466,109 +550,111 @@ pub(crate) mod tests {
     }
 
     /// Commits against the store's current revision.
-    fn commit(store: &mut dyn Store, changes: Vec<Change>) -> Vec<WatchEvent> {
-        let base = store.list().unwrap().0;
-        store.commit(base, changes).unwrap()
+    async fn commit(store: &dyn Store, changes: Vec<Change>) -> Vec<WatchEvent> {
+        let base = store.list().await.unwrap().0;
+        store.commit(base, changes).await.unwrap()
     }
 
     /// The same behaviour from every store.
-    pub(crate) fn conformance(store: &mut dyn Store) {
-        assert_eq!(store.list().unwrap().0, 0);
-        let ev = commit(store, vec![Change::Put(cluster("a", 1))]);
+    pub(crate) async fn conformance(store: &dyn Store) {
+        assert_eq!(store.list().await.unwrap().0, 0);
+        let ev = commit(store, vec![Change::Put(cluster("a", 1))]).await;
         assert_eq!(ev.len(), 1);
         assert_eq!(ev[0].revision, 1);
-        commit(store, vec![Change::Put(cluster("b", 1))]);
-        commit(store, vec![Change::Put(cluster("a", 2))]);
+        commit(store, vec![Change::Put(cluster("b", 1))]).await;
+        commit(store, vec![Change::Put(cluster("a", 2))]).await;
         // A commit planned against an old revision is refused, and changes nothing.
-        match store.commit(1, vec![Change::Put(cluster("c", 1))]) {
+        match store.commit(1, vec![Change::Put(cluster("c", 1))]).await {
             Err(StoreError::Conflict { expected: 1, current: 3 }) => {}
             other => panic!("expected a conflict, got {other:?}"),
         }
         // Deleting an absent key is a no-op: no event, no revision.
-        assert!(commit(store, vec![Change::Delete("clusters/zzz".into())]).is_empty());
-        let ev = commit(store, vec![Change::Delete("clusters/b".into())]);
+        assert!(commit(store, vec![Change::Delete("clusters/zzz".into())]).await.is_empty());
+        let ev = commit(store, vec![Change::Delete("clusters/b".into())]).await;
         assert_eq!(ev[0].kind, EventType::Delete);
         assert_eq!(ev[0].object.record, cluster("b", 1));
-        let (rev, items) = store.list().unwrap();
+        let (rev, items) = store.list().await.unwrap();
         assert_eq!(rev, 4);
         assert_eq!(items.len(), 1);
         assert_eq!(items[0].record, cluster("a", 2));
         assert_eq!(items[0].resource_version, 3);
-        let Since::Events(evs) = store.events_since(1).unwrap() else { panic!("compacted") };
+        let Since::Events(evs) = store.events_since(1).await.unwrap() else { panic!("compacted") };
         assert_eq!(evs.iter().map(|e| e.revision).collect::<Vec<_>>(), vec![2, 3, 4]);
-        let Since::Events(evs) = store.events_since(4).unwrap() else { panic!("compacted") };
+        let Since::Events(evs) = store.events_since(4).await.unwrap() else { panic!("compacted") };
         assert!(evs.is_empty());
         // One commit, several changes: one revision, events in order.
-        let ev = commit(store, vec![Change::Put(cluster("x", 1)), Change::Put(cluster("y", 1))]);
+        let ev = commit(store, vec![Change::Put(cluster("x", 1)), Change::Put(cluster("y", 1))]).await;
         assert_eq!(
             ev.iter().map(|e| (e.revision, e.object.record.key())).collect::<Vec<_>>(),
             vec![(5, "clusters/x".to_owned()), (5, "clusters/y".to_owned())]
         );
-        let Since::Events(evs) = store.events_since(4).unwrap() else { panic!("compacted") };
+        let Since::Events(evs) = store.events_since(4).await.unwrap() else { panic!("compacted") };
         assert_eq!(evs, ev);
         // Credentials: stored by hash with their limits, replaced in place, listed, deleted.
         let east = Credential::new(crate::auth::Identity::Cluster("east".into()));
         let admin = Credential::new(crate::auth::Identity::Admin);
-        store.put_credential("h1", &east).unwrap();
-        store.put_credential("h2", &east).unwrap();
-        store.put_credential("h3", &admin).unwrap();
-        assert_eq!(store.credential("h1").unwrap(), Some(east.clone()));
-        assert_eq!(store.credential("nope").unwrap(), None);
+        store.put_credential("h1", &east).await.unwrap();
+        store.put_credential("h2", &east).await.unwrap();
+        store.put_credential("h3", &admin).await.unwrap();
+        assert_eq!(store.credential("h1").await.unwrap(), Some(east.clone()));
+        assert_eq!(store.credential("nope").await.unwrap(), None);
         let ending = Credential { expires_at: Some(42), ..east.clone() };
-        store.put_credential("h2", &ending).unwrap();
-        assert_eq!(store.credential("h2").unwrap(), Some(ending.clone()));
-        let mut all = store.credentials().unwrap();
+        store.put_credential("h2", &ending).await.unwrap();
+        assert_eq!(store.credential("h2").await.unwrap(), Some(ending.clone()));
+        let mut all = store.credentials().await.unwrap();
         all.sort_by(|a, b| a.0.cmp(&b.0));
         assert_eq!(all, vec![("h1".into(), east), ("h2".into(), ending), ("h3".into(), admin.clone())]);
-        store.delete_credentials(&["h1".into(), "h2".into(), "absent".into()]).unwrap();
-        assert_eq!(store.credential("h2").unwrap(), None);
-        assert_eq!(store.credentials().unwrap(), vec![("h3".into(), admin)]);
+        store.delete_credentials(&["h1".into(), "h2".into(), "absent".into()]).await.unwrap();
+        assert_eq!(store.credential("h2").await.unwrap(), None);
+        assert_eq!(store.credentials().await.unwrap(), vec![("h3".into(), admin)]);
     }
 
-    #[test]
-    fn mem_store_conforms() {
-        conformance(&mut MemStore::default());
+    #[tokio::test]
+    async fn mem_store_conforms() {
+        conformance(&MemStore::default()).await;
     }
 
     /// Past the history window a watcher is told to re-list, never given a partial story.
-    pub(crate) fn compaction(store: &mut dyn Store) {
+    pub(crate) async fn compaction(store: &dyn Store) {
         for g in 1..=10 {
-            commit(store, vec![Change::Put(cluster("a", g))]);
+            commit(store, vec![Change::Put(cluster("a", g))]).await;
         }
-        assert_eq!(store.events_since(2).unwrap(), Since::Compacted { oldest: 8 });
-        let Since::Events(evs) = store.events_since(7).unwrap() else { panic!("7 is still in the window") };
+        assert_eq!(store.events_since(2).await.unwrap(), Since::Compacted { oldest: 8 });
+        let Since::Events(evs) = store.events_since(7).await.unwrap() else {
+            panic!("7 is still in the window")
+        };
         assert_eq!(evs.iter().map(|e| e.revision).collect::<Vec<_>>(), vec![8, 9, 10]);
     }
 
-    #[test]
-    fn compaction_tells_old_watchers_to_relist() {
-        compaction(&mut MemStore::with_history(3));
+    #[tokio::test]
+    async fn compaction_tells_old_watchers_to_relist() {
+        compaction(&MemStore::with_history(3)).await;
         let dir = std::env::temp_dir().join(format!("cw-compact-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("b.redb");
         let _ = std::fs::remove_file(&path);
-        compaction(&mut RedbStore::open_with_history(&path, 3).unwrap());
+        compaction(&RedbStore::open_with_history(&path, 3).unwrap()).await;
         // The window survives a reopen.
         let s = RedbStore::open_with_history(&path, 3).unwrap();
-        assert_eq!(s.events_since(2).unwrap(), Since::Compacted { oldest: 8 });
+        assert_eq!(s.events_since(2).await.unwrap(), Since::Compacted { oldest: 8 });
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
-    #[test]
-    fn redb_store_conforms_and_survives_reopen() {
+    #[tokio::test]
+    async fn redb_store_conforms_and_survives_reopen() {
         let dir = std::env::temp_dir().join(format!("cw-store-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("broker.redb");
         let _ = std::fs::remove_file(&path);
         {
-            let mut s = RedbStore::open(&path).unwrap();
-            conformance(&mut s);
+            let s = RedbStore::open(&path).unwrap();
+            conformance(&s).await;
         }
         let s = RedbStore::open(&path).unwrap();
-        let (rev, items) = s.list().unwrap();
+        let (rev, items) = s.list().await.unwrap();
         assert_eq!(rev, 5);
         assert_eq!(items.len(), 3);
-        let Since::Events(evs) = s.events_since(0).unwrap() else { panic!("compacted") };
+        let Since::Events(evs) = s.events_since(0).await.unwrap() else { panic!("compacted") };
         assert_eq!(evs.len(), 6);
         std::fs::remove_dir_all(&dir).unwrap();
     }

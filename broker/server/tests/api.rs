@@ -24,8 +24,8 @@ async fn start_with(
 ) -> (BrokerClient, std::sync::Arc<Broker>, tokio::sync::oneshot::Sender<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    let broker = Broker::new(store).unwrap();
-    let admin = broker.issue(&Identity::Admin).unwrap();
+    let broker = Broker::new(store).await.unwrap();
+    let admin = broker.issue(&Identity::Admin).await.unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel();
     tokio::spawn(causeway_broker::run(listener, broker.clone(), async {
         let _ = rx.await;
@@ -64,7 +64,7 @@ enum Kind {
 static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 /// A store of this kind; etcd's fails the test when etcd is missing (never a silent pass).
-fn fixture(kind: Kind, history: u64, test: &str) -> Fixture {
+async fn fixture(kind: Kind, history: u64, test: &str) -> Fixture {
     match kind {
         Kind::Memory => {
             Fixture { store: Some(Box::new(MemStore::with_history(history))), _etcd: None, dir: None }
@@ -81,7 +81,7 @@ fn fixture(kind: Kind, history: u64, test: &str) -> Fixture {
             let etcd = EtcdCluster::start(1);
             let mut o = EtcdOptions::new(etcd.endpoints());
             o.history = history;
-            let store = EtcdStore::connect(&o).unwrap();
+            let store = EtcdStore::connect(&o).await.unwrap();
             Fixture { store: Some(Box::new(store)), _etcd: Some(etcd), dir: None }
         }
     }
@@ -94,7 +94,7 @@ macro_rules! on_every_store {
             use super::*;
             async fn run(kind: Kind) {
                 let name = concat!(stringify!($scenario), " on ");
-                super::$scenario(fixture(kind, $history, &format!("{name}{kind:?}"))).await;
+                super::$scenario(fixture(kind, $history, &format!("{name}{kind:?}")).await).await;
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn memory() {
@@ -160,7 +160,7 @@ fn records(l: &ListResponse) -> Vec<Record> {
 
 async fn refusals_are_clear_and_lose_nothing(mut f: Fixture) {
     let (client, broker, _stop) = start_with(f.take()).await;
-    let admin_token = broker.issue(&Identity::Admin).unwrap();
+    let admin_token = broker.issue(&Identity::Admin).await.unwrap();
     client.put_cluster(&cluster("east", "10.1.0.0/16", "10.101.0.0/16")).await.unwrap();
     client.put_endpoint(&endpoint("east", "gw-1")).await.unwrap();
     let before = client.list().await.unwrap();
@@ -325,7 +325,7 @@ async fn embedded_store_keeps_everything_across_restarts() {
 
 async fn credentials_decide_who_may_write_what(mut f: Fixture) {
     let (admin, broker, _stop) = start_with(f.take()).await;
-    let joiner = admin.with_token(broker.issue(&Identity::Join).unwrap());
+    let joiner = admin.with_token(broker.issue(&Identity::Join).await.unwrap());
     let east =
         admin.with_token(joiner.join(&cluster("east", "10.1.0.0/16", "10.101.0.0/16")).await.unwrap().token);
     let west =
@@ -394,8 +394,8 @@ async fn https_with_the_brokers_own_ca() {
         causeway_broker::tls::server_config(&dir.join("server.pem"), &dir.join("server.key")).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("https://{}", listener.local_addr().unwrap());
-    let broker = Broker::new(MemStore::default()).unwrap();
-    let admin = broker.issue(&Identity::Admin).unwrap();
+    let broker = Broker::new(MemStore::default()).await.unwrap();
+    let admin = broker.issue(&Identity::Admin).await.unwrap();
     tokio::spawn(causeway_broker::run_tls(listener, config, broker, std::future::pending()));
 
     let trusted = BrokerClient::with(url.clone(), Some(&g.ca_pem), Some(admin.clone())).unwrap();
@@ -417,8 +417,8 @@ async fn https_with_the_brokers_own_ca() {
 async fn endpoints_expire_without_heartbeats(mut f: Fixture) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    let broker = Broker::with_lease(f.take(), Duration::from_millis(600)).unwrap();
-    let admin = BrokerClient::new(url).with_token(broker.issue(&Identity::Admin).unwrap());
+    let broker = Broker::with_lease(f.take(), Duration::from_millis(600)).await.unwrap();
+    let admin = BrokerClient::new(url).with_token(broker.issue(&Identity::Admin).await.unwrap());
     tokio::spawn(causeway_broker::run(listener, broker.clone(), std::future::pending()));
     tokio::spawn(broker.run_expiry());
     admin.put_cluster(&cluster("east", "10.1.0.0/16", "10.101.0.0/16")).await.unwrap();
@@ -471,7 +471,7 @@ fn web_policy() -> causeway_broker_api::PolicyRecord {
 
 async fn policy_is_admin_only_and_validated(mut f: Fixture) {
     let (admin, broker, _stop) = start_with(f.take()).await;
-    let joiner = admin.with_token(broker.issue(&Identity::Join).unwrap());
+    let joiner = admin.with_token(broker.issue(&Identity::Join).await.unwrap());
     let east =
         admin.with_token(joiner.join(&cluster("east", "10.1.0.0/16", "10.101.0.0/16")).await.unwrap().token);
     admin.put_policy(&web_policy()).await.unwrap();
@@ -539,7 +539,7 @@ fn service(cluster: &str, ip: &str) -> causeway_broker_api::ServiceExportRecord 
 
 async fn services_and_overlap_mode(mut f: Fixture) {
     let (admin, broker, _stop) = start_with(f.take()).await;
-    let joiner = admin.with_token(broker.issue(&Identity::Join).unwrap());
+    let joiner = admin.with_token(broker.issue(&Identity::Join).await.unwrap());
     let east =
         admin.with_token(joiner.join(&cluster("east", "10.1.0.0/16", "10.101.0.0/16")).await.unwrap().token);
     let west =
@@ -603,18 +603,18 @@ async fn services_and_overlap_mode(mut f: Fixture) {
 
 #[tokio::test]
 async fn bootstrap_credentials_register_by_hash_and_bad_ones_are_refused() {
-    let broker = Broker::new(MemStore::default()).unwrap();
+    let broker = Broker::new(MemStore::default()).await.unwrap();
     let token = causeway_broker::auth::new_token();
     let hash = causeway_broker::auth::hash(&token.0);
-    broker.bootstrap(&hash, &Identity::Admin).unwrap();
+    broker.bootstrap(&hash, &Identity::Admin).await.unwrap();
     // Idempotent: a restarted broker registers the same file again.
-    broker.bootstrap(&hash.to_uppercase(), &Identity::Admin).unwrap();
-    assert_eq!(broker.authenticate(Some(&token.0)).unwrap(), Identity::Admin);
-    let err = broker.bootstrap("not-a-hash", &Identity::Join).unwrap_err();
+    broker.bootstrap(&hash.to_uppercase(), &Identity::Admin).await.unwrap();
+    assert_eq!(broker.authenticate(Some(&token.0)).await.unwrap(), Identity::Admin);
+    let err = broker.bootstrap("not-a-hash", &Identity::Join).await.unwrap_err();
     assert!(err.to_string().contains("SHA-256"), "{err}");
     // Nothing stored was lost on the way.
-    assert_eq!(broker.authenticate(Some(&token.0)).unwrap(), Identity::Admin);
-    assert!(broker.authenticate(Some("cw1_other")).is_err());
+    assert_eq!(broker.authenticate(Some(&token.0)).await.unwrap(), Identity::Admin);
+    assert!(broker.authenticate(Some("cw1_other")).await.is_err());
 }
 
 /// What a malicious member (or the holder of a join token) tries first: claim address space
@@ -622,7 +622,7 @@ async fn bootstrap_credentials_register_by_hash_and_bad_ones_are_refused() {
 async fn hostile_claims_are_refused_and_lose_nothing(mut f: Fixture) {
     let (admin, broker, _stop) = start_with(f.take()).await;
     broker.protect_addresses(["172.31.0.2".parse().unwrap()]);
-    let joiner = admin.with_token(broker.issue(&Identity::Join).unwrap());
+    let joiner = admin.with_token(broker.issue(&Identity::Join).await.unwrap());
     let east =
         admin.with_token(joiner.join(&cluster("east", "10.1.0.0/16", "10.101.0.0/16")).await.unwrap().token);
     east.put_endpoint(&endpoint("east", "gw-1")).await.unwrap();
@@ -689,7 +689,7 @@ async fn hostile_claims_are_refused_and_lose_nothing(mut f: Fixture) {
 /// would strand a stored cluster is refused.
 async fn pools_and_quotas_are_the_admins(mut f: Fixture) {
     let (admin, broker, _stop) = start_with(f.take()).await;
-    let joiner = admin.with_token(broker.issue(&Identity::Join).unwrap());
+    let joiner = admin.with_token(broker.issue(&Identity::Join).await.unwrap());
     let east =
         admin.with_token(joiner.join(&cluster("east", "10.1.0.0/16", "10.101.0.0/16")).await.unwrap().token);
     let mut settings = causeway_broker_api::ClusterSetRecord { generation: 1, ..Default::default() };
@@ -839,7 +839,11 @@ async fn credentials_expire_are_spent_revoked_rotated_and_read_only(mut f: Fixtu
     east_new.list().await.unwrap();
     // Expired credentials are deleted by the housekeeping, and revoking the cluster takes its
     // readers along.
-    assert_eq!(broker.prune_credentials().unwrap(), 2, "east's old credential and the short join token");
+    assert_eq!(
+        broker.prune_credentials().await.unwrap(),
+        2,
+        "east's old credential and the short join token"
+    );
     assert_eq!(admin.revoke("east").await.unwrap()["revoked"], 2, "the new credential and the reader");
     assert_eq!(reader.list().await.unwrap_err().status(), Some(401));
 }
@@ -876,7 +880,7 @@ async fn a_watcher_far_behind_gets_pages_and_misses_nothing(mut f: Fixture) {
 async fn a_member_writing_too_fast_gets_429_and_the_others_do_not() {
     let (admin, broker, _stop) = start_with(MemStore::default()).await;
     broker.set_write_rate(1, 20);
-    let joiner = admin.with_token(broker.issue(&Identity::Join).unwrap());
+    let joiner = admin.with_token(broker.issue(&Identity::Join).await.unwrap());
     let east_token = joiner.join(&cluster("east", "10.1.0.0/16", "10.101.0.0/16")).await.unwrap().token;
     let east = admin.with_token(east_token.clone());
     let west =

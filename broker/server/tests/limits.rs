@@ -41,8 +41,8 @@ async fn five_thousand_idle_tls_connections_do_not_stop_a_list() {
     std::fs::remove_dir_all(&dir).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let broker = Broker::new(MemStore::default()).unwrap();
-    let admin = broker.issue(&Identity::Admin).unwrap();
+    let broker = Broker::new(MemStore::default()).await.unwrap();
+    let admin = broker.issue(&Identity::Admin).await.unwrap();
     let limits = Limits { max_connections: 10_000, header_read_timeout: Duration::from_secs(300) };
     tokio::spawn(causeway_broker::run_tls_with(listener, config, broker, std::future::pending(), limits));
 
@@ -96,8 +96,8 @@ async fn five_thousand_idle_tls_connections_do_not_stop_a_list() {
 async fn plain_broker(limits: Limits) -> (SocketAddr, BrokerClient) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let broker = Broker::new(MemStore::default()).unwrap();
-    let admin = broker.issue(&Identity::Admin).unwrap();
+    let broker = Broker::new(MemStore::default()).await.unwrap();
+    let admin = broker.issue(&Identity::Admin).await.unwrap();
     tokio::spawn(causeway_broker::run_with(listener, broker, std::future::pending(), limits));
     (addr, BrokerClient::new(format!("http://{addr}")).with_token(admin))
 }

@@ -20,12 +20,12 @@ fn cluster(i: u32) -> ClusterRecord {
 }
 
 /// A broker on `listener`'s address over the store at `path`; dropping the sender stops it.
-fn serve(
+async fn serve(
     listener: tokio::net::TcpListener,
     path: &std::path::Path,
     history: u64,
 ) -> (std::sync::Arc<Broker>, tokio::sync::oneshot::Sender<()>) {
-    let broker = Broker::new(RedbStore::open_with_history(path, history).unwrap()).unwrap();
+    let broker = Broker::new(RedbStore::open_with_history(path, history).unwrap()).await.unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel();
     tokio::spawn(causeway_broker::run(listener, broker.clone(), async {
         let _ = rx.await;
@@ -52,8 +52,8 @@ async fn resumes_after_a_broker_restart_and_relists_when_told_too_old() {
     let path = dir.join("broker.redb");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let (broker, stop) = serve(listener, &path, 5);
-    let admin = broker.issue(&Identity::Admin).unwrap();
+    let (broker, stop) = serve(listener, &path, 5).await;
+    let admin = broker.issue(&Identity::Admin).await.unwrap();
     let client = BrokerClient::new(format!("http://{addr}")).with_token(admin);
     client.put_cluster(&cluster(1)).await.unwrap();
 
@@ -71,7 +71,7 @@ async fn resumes_after_a_broker_restart_and_relists_when_told_too_old() {
     drop(broker);
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(r.next().await.is_err(), "the broker is down");
-    let (broker, _stop) = serve(bind(addr).await, &path, 5);
+    let (broker, _stop) = serve(bind(addr).await, &path, 5).await;
     client.put_cluster(&cluster(3)).await.unwrap_or_else(|_| {
         // The old admin token lives in the store: it still works after the restart.
         panic!("the restarted broker refused the old credential")

@@ -12,13 +12,13 @@ use causeway_broker_api::{
 };
 
 async fn replica(etcd: &EtcdCluster, lease: Duration) -> (BrokerClient, std::sync::Arc<Broker>) {
-    let store = EtcdStore::connect(&EtcdOptions::new(etcd.endpoints())).unwrap();
-    let broker = Broker::with_lease(store, lease).unwrap();
+    let store = EtcdStore::connect(&EtcdOptions::new(etcd.endpoints())).await.unwrap();
+    let broker = Broker::with_lease(store, lease).await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(causeway_broker::run(listener, broker.clone(), std::future::pending()));
     tokio::spawn(broker.clone().run_expiry());
-    let admin = broker.issue(&Identity::Admin).unwrap();
+    let admin = broker.issue(&Identity::Admin).await.unwrap();
     (BrokerClient::new(url).with_token(admin), broker)
 }
 
@@ -85,7 +85,7 @@ async fn two_replicas_enforce_one_set_of_rules() {
     assert_eq!(w.events[0].object.record.cluster_id(), "east");
 
     // A credential issued by A works on B; a join through B of an id taken through A is refused.
-    let joiner = broker_a.issue(&Identity::Join).unwrap();
+    let joiner = broker_a.issue(&Identity::Join).await.unwrap();
     let west_token = a.with_token(joiner.clone()).join(&cluster("west", "10.2.0.0/16")).await.unwrap().token;
     let west_on_b = b.with_token(west_token);
     west_on_b.list().await.unwrap();

@@ -33,7 +33,7 @@ pub struct AttackBenchArgs {
     #[arg(long, default_value_t = 3_750)]
     rate: u32,
     #[arg(long, value_enum, default_value = "table")]
-    output: crate::show::Output,
+    output: causeway_cli_format::Output,
     /// Fail (exit 1) when the stream under attack keeps less than this fraction of its
     /// undisturbed rate (medians), e.g. 0.8.
     #[arg(long)]
@@ -87,8 +87,8 @@ pub fn run(a: AttackBenchArgs) -> anyhow::Result<()> {
     let report = measure_rounds(&t, &attacker, bystander, &replay, &a)?;
     drop(t);
     match a.output {
-        crate::show::Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-        crate::show::Output::Table => print_table(&report),
+        causeway_cli_format::Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        causeway_cli_format::Output::Table => print_table(&report),
     }
     let Some(min) = a.min_ratio else { return Ok(()) };
     if report.endpoint_after != report.endpoint_before || report.status_after != "connected" {
@@ -312,7 +312,7 @@ fn print_table(r: &Report) {
         ],
         vec!["the same floods at a bystander".to_owned(), fmt(&r.control_gbps)],
     ];
-    print!("{}", crate::show::table(&["TCP 1 STREAM", "Gb/s (median, min–max)"], &rows));
+    print!("{}", causeway_cli_format::table(&["TCP 1 STREAM", "Gb/s (median, min–max)"], &rows));
     println!(
         "under attack: {:.0} % of the undisturbed rate, {:.0} % of the rate while a bystander takes \
          the same floods ({} rounds, interleaved)",
@@ -339,7 +339,7 @@ mod tests {
                 rounds,
                 seconds,
                 rate,
-                output: crate::show::Output::Table,
+                output: causeway_cli_format::Output::Table,
                 min_ratio: Some(0.8),
             };
             let err = run(a).unwrap_err();

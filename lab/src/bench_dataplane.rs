@@ -23,7 +23,7 @@ pub struct DataplaneBenchArgs {
     #[arg(long, default_value_t = 3)]
     seconds: u32,
     #[arg(long, value_enum, default_value = "table")]
-    output: crate::show::Output,
+    output: causeway_cli_format::Output,
     /// Also write an SVG plot of Causeway's and boringtun-cli's figures relative to
     /// wireguard-go's.
     #[arg(long)]
@@ -398,8 +398,8 @@ fn report(a: &DataplaneBenchArgs, figures: &[Figure]) -> anyhow::Result<()> {
         figures.iter().find(|f| f.config == c && f.metric == m).map_or(0.0, |f| f.median)
     };
     match a.output {
-        crate::show::Output::Json => println!("{}", serde_json::to_string_pretty(&figures)?),
-        crate::show::Output::Table => {
+        causeway_cli_format::Output::Json => println!("{}", serde_json::to_string_pretty(&figures)?),
+        causeway_cli_format::Output::Table => {
             let others: Vec<Config> = configs.iter().copied().filter(|c| *c != Config::Causeway).collect();
             let mut rows = Vec::new();
             for m in Metric::ALL {
@@ -417,7 +417,7 @@ fn report(a: &DataplaneBenchArgs, figures: &[Figure]) -> anyhow::Result<()> {
             headers.extend(configs.iter().map(|c| c.name().to_uppercase()));
             headers.extend(others.iter().map(|c| format!("CW vs {}", c.name().to_uppercase())));
             let headers: Vec<&str> = headers.iter().map(String::as_str).collect();
-            print!("{}", crate::show::table(&headers, &rows));
+            print!("{}", causeway_cli_format::table(&headers, &rows));
             let rounds = figures.first().map_or(0, |f| f.samples.len());
             println!("ratios > 1 favour Causeway ({rounds} rounds, interleaved)");
             let added: Vec<String> = configs
@@ -433,7 +433,7 @@ fn report(a: &DataplaneBenchArgs, figures: &[Figure]) -> anyhow::Result<()> {
                 .map(|t| vec![t.what, t.goal, t.reached, (if t.met { "met" } else { "NOT MET" }).to_owned()])
                 .collect();
             println!("\ntargets (docs/benchmarks.md), this run:");
-            print!("{}", crate::show::table(&["TARGET", "GOAL", "REACHED", ""], &rows));
+            print!("{}", causeway_cli_format::table(&["TARGET", "GOAL", "REACHED", ""], &rows));
         }
     }
     if let Some(path) = &a.plot {

@@ -37,7 +37,7 @@ fn load() -> Option<Topology> {
 
 /// The sandbox broker's admin credentials file.
 pub fn admin_credentials() -> PathBuf {
-    run_dir().join("broker").join(crate::setup::ADMIN_FILE)
+    run_dir().join("broker").join(causeway_broker_api::ADMIN_FILE)
 }
 
 /// Status sockets of the sandbox's gateways (for `show connections`), or the default socket.
@@ -124,7 +124,7 @@ fn status() -> anyhow::Result<()> {
         };
         rows.push(vec![c.cluster_id.clone(), c.pod_cidr.clone(), c.pod_ip.clone(), state, conns]);
     }
-    print!("{}", crate::show::table(&["CLUSTER", "POD CIDR", "POD IP", "GATEWAY", "TUNNELS"], &rows));
+    print!("{}", causeway_cli_format::table(&["CLUSTER", "POD CIDR", "POD IP", "GATEWAY", "TUNNELS"], &rows));
     Ok(())
 }
 

@@ -36,7 +36,7 @@ pub struct PolicyBenchArgs {
     #[arg(long, default_value_t = 3)]
     seconds: u32,
     #[arg(long, value_enum, default_value = "table")]
-    output: crate::show::Output,
+    output: causeway_cli_format::Output,
     /// Also write an SVG plot of the results here.
     #[arg(long)]
     plot: Option<std::path::PathBuf>,
@@ -301,8 +301,8 @@ pub fn run(a: PolicyBenchArgs) -> anyhow::Result<()> {
         format!("{:.2}–{:.2}", lo, hi)
     };
     match a.output {
-        crate::show::Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
-        crate::show::Output::Table => {
+        causeway_cli_format::Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
+        causeway_cli_format::Output::Table => {
             let base = |n: u32| rows.iter().find(|r| r.entries == n && r.mode == Mode::NoPolicy);
             let table: Vec<Vec<String>> = rows
                 .iter()
@@ -319,7 +319,7 @@ pub fn run(a: PolicyBenchArgs) -> anyhow::Result<()> {
                 .collect();
             print!(
                 "{}",
-                crate::show::table(
+                causeway_cli_format::table(
                     &[
                         "RULES",
                         "POLICY",

@@ -12,30 +12,28 @@
 //!
 //! Everything above this crate deals in `IpNetwork`, slots and [`TrafficCounters`].
 
-use std::{collections::BTreeMap, path::Path};
+use std::path::Path;
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{
-        Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues, lpm_trie::Key,
-    },
-    programs::{
-        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
-        links::{FdLink, LinkError, PinnedLink},
-        tc::SchedClassifierLink,
-        xdp::XdpLink,
-    },
+    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuHashMap},
+    programs::ProgramError,
 };
-use causeway_datapath_common::{Config, FlowKey, PeerSession, PolicyAddr, maps, programs};
+use causeway_datapath_common::{FlowKey, PeerSession, PolicyAddr, maps};
 pub use causeway_datapath_common::{
     MAX_POLICY_RULES, MAX_POLICY_VERDICTS, POLICY_ALLOW, POLICY_ANY, POLICY_DENY, PolicyKey, PolicyVerdict,
     RemoteCidr, Stat, TrafficCounters,
 };
-use ipnetwork::IpNetwork;
-use tracing::{info, warn};
+use tracing::warn;
 
+// One module per program family, as in `ebpf/programs`; each adds its part of `Datapath`.
+mod attach;
+mod guard;
 pub mod pin;
 mod policy;
+mod redirect;
+mod tunnel;
+pub use guard::{GuardVerdict, UplinkHook};
 pub use pin::{PinDir, PinError};
 pub use policy::{PolicyTables, StagedPolicy};
 
@@ -72,26 +70,6 @@ pub enum DatapathError {
 
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DatapathError {
     move |source| DatapathError::Map { name, source }
-}
-
-/// Where the uplink guard runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum UplinkHook {
-    /// XDP: drops before the kernel allocates anything. The choice for a physical NIC.
-    Xdp,
-    /// TC ingress: after the socket buffer exists. The choice for a veth uplink, where an XDP
-    /// program makes the peer segment every GSO run (and copies every packet into XDP's
-    /// layout), which costs more than the guard saves.
-    Tc,
-}
-
-/// The uplink guard's verdict on one frame (from a test run).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum GuardVerdict {
-    Pass,
-    Drop,
-    /// A return code the guard never gives (a bug).
-    Other(i64),
 }
 
 /// The loaded programs and their maps.
@@ -198,334 +176,6 @@ impl Datapath {
         self.pins.as_ref()
     }
 
-    /// Attaches the counting programs to both directions of the tunnel device `ifname`
-    /// (resolved in the calling thread's network namespace).
-    pub fn attach_tunnel(&mut self, ifname: &str) -> Result<(), DatapathError> {
-        for (name, dir) in [
-            (programs::TUNNEL_EGRESS, TcAttachType::Egress),
-            (programs::TUNNEL_INGRESS, TcAttachType::Ingress),
-        ] {
-            self.attach_tc(name, ifname, dir)?;
-        }
-        Ok(())
-    }
-
-    /// Attaches the redirect stage to the ingress of the cluster-facing interface `ifname`:
-    /// packets for remote prefixes whose entry names a tunnel device skip the kernel's
-    /// forwarding path and go straight to it.
-    pub fn attach_cluster_redirect(&mut self, ifname: &str) -> Result<(), DatapathError> {
-        self.attach_tc(programs::CLUSTER_REDIRECT, ifname, TcAttachType::Ingress)
-    }
-
-    /// Unpins every pinned link this value did not attach (or re-attach): what an earlier run
-    /// attached to an interface this one no longer serves is detached.
-    pub fn prune_links(&mut self) -> Result<Vec<String>, DatapathError> {
-        let Some(pins) = &self.pins else { return Ok(Vec::new()) };
-        let dir = pins.root().join("links");
-        let mut removed = Vec::new();
-        let entries = std::fs::read_dir(&dir).map_err(|e| PinError::Io { path: dir.clone(), source: e })?;
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if !self.attached.contains(&path) {
-                std::fs::remove_file(&path).map_err(|e| PinError::Io { path: path.clone(), source: e })?;
-                let name = entry.file_name().to_string_lossy().into_owned();
-                info!(link = %name, "detached a program an earlier run attached");
-                removed.push(name);
-            }
-        }
-        Ok(removed)
-    }
-
-    /// Attaches the policy program for Ethernet devices to `ifname` (egress or ingress): the
-    /// installed policy then also applies to traffic forwarded through that device.
-    pub fn attach_policy_eth(&mut self, ifname: &str, egress: bool) -> Result<(), DatapathError> {
-        let name = programs::POLICY_ETH;
-        let dir = if egress { TcAttachType::Egress } else { TcAttachType::Ingress };
-        self.attach_tc(name, ifname, dir)
-    }
-
-    /// Attaches TC program `name` to `ifname`: through a link this value owns, or with a pin
-    /// directory through the pinned link, into which a program left by an earlier run is
-    /// atomically replaced.
-    fn attach_tc(
-        &mut self,
-        name: &'static str,
-        ifname: &str,
-        dir: TcAttachType,
-    ) -> Result<(), DatapathError> {
-        let pin = self.pins.as_ref().map(|p| p.link(name, ifname));
-        let prog = self.tunnel_program(name)?;
-        let perr = |source| DatapathError::Program { name, source };
-        let Some(path) = pin else {
-            prog.attach(ifname, dir).map_err(perr)?;
-            info!(program = name, interface = ifname, direction = ?dir, "attached");
-            return Ok(());
-        };
-        if let Some(link) = pinned_link(name, &path)? {
-            match SchedClassifierLink::try_from(link) {
-                Ok(link) => match prog.attach_to_link(link) {
-                    Ok(id) => {
-                        // The pin holds the link; our copy of its fd may close.
-                        drop(prog.take_link(id).map_err(perr)?);
-                        info!(program = name, interface = ifname, direction = ?dir, "replaced the program in its pinned link");
-                        self.attached.push(path);
-                        return Ok(());
-                    }
-                    // ENOLINK: the interface it was attached to is gone.
-                    Err(e) => warn!(program = name, error = %e, "pinned link is defunct; attaching afresh"),
-                },
-                Err(e) => {
-                    warn!(program = name, error = %e, "pinned object is not a TC link; attaching afresh")
-                }
-            }
-            unpin_stale(name, &path)?;
-        }
-        let id = prog.attach(ifname, dir).map_err(perr)?;
-        let link = FdLink::try_from(prog.take_link(id).map_err(perr)?).map_err(link_err(name, &path))?;
-        pin_link(name, link, &path)?;
-        info!(program = name, interface = ifname, direction = ?dir, pinned = %path.display(), "attached");
-        self.attached.push(path);
-        Ok(())
-    }
-
-    /// A TC program, loaded into the kernel if it is not yet.
-    fn tunnel_program(&mut self, name: &'static str) -> Result<&mut SchedClassifier, DatapathError> {
-        let prog: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(name)
-            .ok_or(DatapathError::Missing { what: "program", name })?
-            .try_into()
-            .map_err(|source| DatapathError::Program { name, source })?;
-        if prog.fd().is_err() {
-            prog.load().map_err(|source| DatapathError::Program { name, source })?;
-        }
-        Ok(prog)
-    }
-
-    /// Sets the largest TCP MSS let through the tunnel from its MTU (IPv4: MTU − 40, IPv6:
-    /// MTU − 60); SYN and SYN-ACK segments with a larger MSS option are rewritten.
-    pub fn set_tunnel_mtu(&mut self, mtu: u16) -> Result<(), DatapathError> {
-        for (cfg, overhead) in [(Config::MssV4, 40), (Config::MssV6, 60)] {
-            let mss = u32::from(mtu.saturating_sub(overhead));
-            self.config.set(cfg as u32, mss, 0).map_err(map_err(maps::CONFIG))?;
-        }
-        Ok(())
-    }
-
-    /// Attaches the uplink guard to `ifname` at `hook`: datagrams to `wireguard_port` must be
-    /// well-formed WireGuard messages, data messages must come from a known peer
-    /// ([`Self::set_known_peers`]), handshake initiations are limited to `rate` per second per
-    /// source with bursts of `burst`. XDP: native where the driver has it, generic otherwise.
-    pub fn attach_uplink_guard(
-        &mut self,
-        ifname: &str,
-        hook: UplinkHook,
-        wireguard_port: u16,
-        rate: u32,
-        burst: u32,
-    ) -> Result<(), DatapathError> {
-        if hook == UplinkHook::Tc {
-            self.configure_uplink_guard(wireguard_port, rate, burst)?;
-            return self.attach_tc(programs::UPLINK_GUARD_TC, ifname, TcAttachType::Ingress);
-        }
-        let name = programs::UPLINK_GUARD;
-        let pin = self.pins.as_ref().map(|p| p.link(name, ifname));
-        let prog = self.load_uplink_guard(wireguard_port, rate, burst)?;
-        let perr = |source| DatapathError::Program { name, source };
-        if let Some(path) = &pin
-            && let Some(link) = pinned_link(name, path)?
-        {
-            match XdpLink::try_from(link) {
-                Ok(link) => match prog.attach_to_link(link) {
-                    Ok(id) => {
-                        drop(prog.take_link(id).map_err(perr)?);
-                        info!(program = name, interface = ifname, "replaced the program in its pinned link");
-                        self.attached.push(path.clone());
-                        return Ok(());
-                    }
-                    Err(e) => warn!(program = name, error = %e, "pinned link is defunct; attaching afresh"),
-                },
-                Err(e) => {
-                    warn!(program = name, error = %e, "pinned object is not an XDP link; attaching afresh")
-                }
-            }
-            unpin_stale(name, path)?;
-        }
-        let id = match prog.attach(ifname, XdpMode::Default) {
-            Ok(id) => id,
-            Err(e) => {
-                warn!(interface = ifname, error = %e, "native XDP unavailable; using generic XDP");
-                prog.attach(ifname, XdpMode::Skb).map_err(perr)?
-            }
-        };
-        if let Some(path) = pin {
-            let link = FdLink::try_from(prog.take_link(id).map_err(perr)?).map_err(link_err(name, &path))?;
-            pin_link(name, link, &path)?;
-            self.attached.push(path);
-        }
-        info!(program = name, interface = ifname, wireguard_port, "attached");
-        Ok(())
-    }
-
-    /// Sets the uplink guard's port and handshake limits (shared by both hooks).
-    fn configure_uplink_guard(
-        &mut self,
-        wireguard_port: u16,
-        rate: u32,
-        burst: u32,
-    ) -> Result<(), DatapathError> {
-        for (cfg, v) in [
-            (Config::WireGuardPort, u32::from(wireguard_port)),
-            (Config::HandshakeRate, rate),
-            (Config::HandshakeBurst, burst),
-        ] {
-            self.config.set(cfg as u32, v, 0).map_err(map_err(maps::CONFIG))?;
-        }
-        Ok(())
-    }
-
-    /// Configures and loads (once) the XDP uplink guard without attaching it.
-    fn load_uplink_guard(
-        &mut self,
-        wireguard_port: u16,
-        rate: u32,
-        burst: u32,
-    ) -> Result<&mut Xdp, DatapathError> {
-        self.configure_uplink_guard(wireguard_port, rate, burst)?;
-        let name = programs::UPLINK_GUARD;
-        let prog: &mut Xdp = self
-            .ebpf
-            .program_mut(name)
-            .ok_or(DatapathError::Missing { what: "program", name })?
-            .try_into()
-            .map_err(|source| DatapathError::Program { name, source })?;
-        if prog.fd().is_err() {
-            prog.load().map_err(|source| DatapathError::Program { name, source })?;
-        }
-        Ok(prog)
-    }
-
-    /// Makes the known-peer set equal `peers` (the addresses data messages may come from).
-    pub fn set_known_peers(
-        &mut self,
-        peers: &std::collections::BTreeSet<std::net::Ipv4Addr>,
-    ) -> Result<(), DatapathError> {
-        let want: std::collections::BTreeSet<u32> =
-            peers.iter().map(|a| u32::from_ne_bytes(a.octets())).collect();
-        let have: std::collections::BTreeSet<u32> =
-            self.known_peers.keys().collect::<Result<_, _>>().map_err(map_err(maps::KNOWN_PEERS_V4))?;
-        for k in have.difference(&want) {
-            ignore_not_found(self.known_peers.remove(k).map_err(map_err(maps::KNOWN_PEERS_V4)))?;
-        }
-        for k in want.difference(&have) {
-            self.known_peers.insert(k, 1, 0).map_err(map_err(maps::KNOWN_PEERS_V4))?;
-        }
-        Ok(())
-    }
-
-    /// Makes the (peer address, session index) set equal `sessions`: the data messages the
-    /// guard lets through (with [`Self::set_known_peers`] for the addresses themselves).
-    pub fn set_peer_sessions(
-        &mut self,
-        sessions: &std::collections::BTreeSet<(std::net::Ipv4Addr, u32)>,
-    ) -> Result<(), DatapathError> {
-        let want: std::collections::BTreeSet<PeerSession> = sessions
-            .iter()
-            .map(|(a, index)| PeerSession { addr: u32::from_ne_bytes(a.octets()), index: *index })
-            .collect();
-        let have: std::collections::BTreeSet<PeerSession> =
-            self.peer_sessions.keys().collect::<Result<_, _>>().map_err(map_err(maps::PEER_SESSIONS_V4))?;
-        for k in have.difference(&want) {
-            ignore_not_found(self.peer_sessions.remove(k).map_err(map_err(maps::PEER_SESSIONS_V4)))?;
-        }
-        for k in want.difference(&have) {
-            self.peer_sessions.insert(k, 1, 0).map_err(map_err(maps::PEER_SESSIONS_V4))?;
-        }
-        Ok(())
-    }
-
-    /// Maps `net` to its remote cluster's counter slot and tunnel device (insert or replace).
-    pub fn set_remote_cidr(&mut self, net: IpNetwork, value: RemoteCidr) -> Result<(), DatapathError> {
-        match net {
-            IpNetwork::V4(n) => {
-                let key = Key::new(u32::from(n.prefix()), u32::from_ne_bytes(n.network().octets()));
-                self.remote_v4.insert(&key, value, 0).map_err(map_err(maps::REMOTE_CIDRS_V4))
-            }
-            IpNetwork::V6(n) => {
-                let key = Key::new(u32::from(n.prefix()), n.network().octets());
-                self.remote_v6.insert(&key, value, 0).map_err(map_err(maps::REMOTE_CIDRS_V6))
-            }
-        }
-    }
-
-    /// Removes `net`; absent is success.
-    pub fn remove_remote_cidr(&mut self, net: IpNetwork) -> Result<(), DatapathError> {
-        let res = match net {
-            IpNetwork::V4(n) => self
-                .remote_v4
-                .remove(&Key::new(u32::from(n.prefix()), u32::from_ne_bytes(n.network().octets())))
-                .map_err(map_err(maps::REMOTE_CIDRS_V4)),
-            IpNetwork::V6(n) => self
-                .remote_v6
-                .remove(&Key::new(u32::from(n.prefix()), n.network().octets()))
-                .map_err(map_err(maps::REMOTE_CIDRS_V6)),
-        };
-        ignore_not_found(res)
-    }
-
-    /// The remote prefixes currently in the maps, with their slots and tunnels.
-    pub fn remote_cidrs(&self) -> Result<BTreeMap<IpNetwork, RemoteCidr>, DatapathError> {
-        let mut out = BTreeMap::new();
-        for item in self.remote_v4.iter() {
-            let (k, v) = item.map_err(map_err(maps::REMOTE_CIDRS_V4))?;
-            let addr = std::net::Ipv4Addr::from(k.data().to_ne_bytes());
-            if let Ok(net) = ipnetwork::Ipv4Network::new(addr, prefix_u8(k.prefix_len())) {
-                out.insert(IpNetwork::V4(net), v);
-            }
-        }
-        for item in self.remote_v6.iter() {
-            let (k, v) = item.map_err(map_err(maps::REMOTE_CIDRS_V6))?;
-            let addr = std::net::Ipv6Addr::from(k.data());
-            if let Ok(net) = ipnetwork::Ipv6Network::new(addr, prefix_u8(k.prefix_len())) {
-                out.insert(IpNetwork::V6(net), v);
-            }
-        }
-        Ok(out)
-    }
-
-    /// Creates the zeroed counter entry of `slot` if it does not exist yet (the programs only
-    /// update existing entries, so that a packet never allocates in the kernel).
-    pub fn ensure_counters(&mut self, slot: u32) -> Result<(), DatapathError> {
-        match self.counters.get(&slot, 0) {
-            Ok(_) => Ok(()),
-            Err(MapError::KeyNotFound) => {
-                let zeros = PerCpuValues::try_from(vec![TrafficCounters::default(); self.ncpus])
-                    .map_err(|e| DatapathError::Cpus(e.to_string()))?;
-                self.counters.insert(slot, zeros, 0).map_err(map_err(maps::CLUSTER_COUNTERS))
-            }
-            Err(e) => Err(map_err(maps::CLUSTER_COUNTERS)(e)),
-        }
-    }
-
-    /// The slots that have a counter entry.
-    pub fn counter_slots(&self) -> Result<Vec<u32>, DatapathError> {
-        self.counters.keys().collect::<Result<_, _>>().map_err(map_err(maps::CLUSTER_COUNTERS))
-    }
-
-    /// Drops the counter entry of `slot`; absent is success.
-    pub fn remove_counters(&mut self, slot: u32) -> Result<(), DatapathError> {
-        ignore_not_found(self.counters.remove(&slot).map_err(map_err(maps::CLUSTER_COUNTERS)))
-    }
-
-    /// Sum over CPUs of the counters of `slot` (zero if it has none).
-    pub fn counters(&self, slot: u32) -> Result<TrafficCounters, DatapathError> {
-        match self.counters.get(&slot, 0) {
-            Ok(values) => Ok(values.iter().fold(TrafficCounters::default(), |a, b| a.merged(*b))),
-            Err(MapError::KeyNotFound) => Ok(TrafficCounters::default()),
-            Err(e) => Err(map_err(maps::CLUSTER_COUNTERS)(e)),
-        }
-    }
-
     /// Datapath-wide counters (sum over CPUs).
     pub fn stats(&self) -> Result<Vec<(Stat, u64)>, DatapathError> {
         Stat::ALL
@@ -544,43 +194,6 @@ impl Drop for Datapath {
             t.abort();
         }
     }
-}
-
-/// The link pinned at `path`, if there is one.
-fn pinned_link(name: &'static str, path: &Path) -> Result<Option<FdLink>, DatapathError> {
-    if !path.exists() {
-        return Ok(None);
-    }
-    match PinnedLink::from_pin(path) {
-        Ok(p) => Ok(Some(FdLink::from(p))),
-        Err(e) => {
-            warn!(program = name, path = %path.display(), error = %e, "unreadable pinned link");
-            unpin_stale(name, path)?;
-            Ok(None)
-        }
-    }
-}
-
-fn unpin_stale(name: &'static str, path: &Path) -> Result<(), DatapathError> {
-    std::fs::remove_file(path).map_err(|e| DatapathError::Link {
-        name,
-        path: path.display().to_string(),
-        reason: format!("removing the stale pin: {e}"),
-    })
-}
-
-fn pin_link(name: &'static str, link: FdLink, path: &Path) -> Result<(), DatapathError> {
-    // Dropping the returned PinnedLink closes our fd; the pin keeps the link alive.
-    link.pin(path).map(drop).map_err(|e| DatapathError::Link {
-        name,
-        path: path.display().to_string(),
-        reason: e.to_string(),
-    })
-}
-
-fn link_err(name: &'static str, path: &Path) -> impl FnOnce(LinkError) -> DatapathError {
-    let path = path.display().to_string();
-    move |e| DatapathError::Link { name, path, reason: e.to_string() }
 }
 
 fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, DatapathError> {

@@ -3,10 +3,13 @@
 
 use std::collections::BTreeMap;
 
-use aya::maps::{MapError, lpm_trie::Key};
+use aya::{
+    maps::{MapError, lpm_trie::Key},
+    programs::TcAttachType,
+};
 use causeway_datapath_common::{
     Config, POLICY_GENERATION_BIT, POLICY_STATE_DENY, POLICY_STATE_ENABLED, POLICY_STATE_GENERATION,
-    PolicyAddr, maps,
+    PolicyAddr, maps, programs,
 };
 
 use crate::{
@@ -14,6 +17,14 @@ use crate::{
 };
 
 impl Datapath {
+    /// Attaches the policy program for Ethernet devices to `ifname` (egress or ingress): the
+    /// installed policy then also applies to traffic forwarded through that device.
+    pub fn attach_policy_eth(&mut self, ifname: &str, egress: bool) -> Result<(), DatapathError> {
+        let name = programs::POLICY_ETH;
+        let dir = if egress { TcAttachType::Egress } else { TcAttachType::Ingress };
+        self.attach_tc(name, ifname, dir)
+    }
+
     /// Makes the kernel's policy `t`, atomically: a packet is judged by the old policy or by
     /// the new one, never by a mix. [`Self::stage_policy`], then [`Self::commit_policy`].
     pub fn set_policy(&mut self, t: &PolicyTables) -> Result<(), DatapathError> {

@@ -71,6 +71,15 @@ impl Drop for BrokerProcess {
     }
 }
 
+/// A scratch directory removed when the run ends, failed runs included.
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 fn rss_mib(pid: u32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -117,6 +126,7 @@ fn endpoint(cluster: &str, port: u16) -> EndpointRecord {
 async fn measure(n: u32, rounds: u32, etcd: Option<&[String]>, replicas: u16) -> anyhow::Result<SizeResult> {
     let dir = std::env::temp_dir().join(format!("causeway-bench-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
+    let scratch = Scratch(dir.clone());
     let ports = (0..replicas.max(1))
         .map(|_| Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()))
         .collect::<anyhow::Result<Vec<u16>>>()?;
@@ -245,7 +255,7 @@ async fn measure(n: u32, rounds: u32, etcd: Option<&[String]>, replicas: u16) ->
     }
     stop.notify_waiters();
     drop(brokers);
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(scratch);
     latencies.sort_by(f64::total_cmp);
     Ok(SizeResult {
         clusters: n,

@@ -5,6 +5,7 @@
 //! - [`keys`]: the WireGuard identity, generated once and kept;
 //! - [`cable`]: cable drivers behind one trait (userspace WireGuard on `boringtun::noise`);
 //! - [`desired`]: the desired state computed from broker records (pure);
+//! - [`failover`]: which gateway of a remote cluster carries it, on probe evidence (pure);
 //! - [`route`]: kernel routes via rtnetlink;
 //! - [`daemon`]: the reconcile loop that ties them to the broker and the eBPF datapath;
 //! - [`status`]: the local status/metrics endpoint;
@@ -19,6 +20,7 @@ pub mod cluster;
 pub mod controller;
 pub mod daemon;
 pub mod desired;
+pub mod failover;
 pub mod keys;
 pub mod model;
 pub mod policy;

@@ -24,6 +24,9 @@ use ipnetwork::IpNetwork;
     about = "Joins Kubernetes clusters at layer 3: encrypted, policy-checked, fast"
 )]
 struct Cli {
+    /// Log lines as text, or as one JSON object per line (for log collectors).
+    #[arg(long, global = true, value_enum, env = "CAUSEWAY_LOG_FORMAT", default_value = "text")]
+    log_format: telemetry::LogFormat,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -368,17 +371,18 @@ struct CleanupArgs {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let log = cli.log_format;
     match cli.command {
         Cmd::Broker(a) => {
-            telemetry::init("info");
+            telemetry::init("info", log);
             runtime()?.block_on(broker(a))
         }
         Cmd::Gateway(a) => {
-            telemetry::init("info");
+            telemetry::init("info", log);
             runtime()?.block_on(gateway(*a))
         }
         Cmd::Cleanup(a) => {
-            telemetry::init("info");
+            telemetry::init("info", log);
             runtime()?.block_on(async {
                 causeway_gateway::daemon::cleanup(&a.device, &a.bpf_dir).await.context("cleanup failed")
             })?;
@@ -386,68 +390,68 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::RouteAgent(a) => {
-            telemetry::init("info");
+            telemetry::init("info", log);
             runtime()?.block_on(route_agent(a))
         }
         Cmd::Show(a) => {
-            telemetry::init("warn");
+            telemetry::init("warn", log);
             runtime()?.block_on(show::run(a))
         }
         Cmd::Export(a) => {
-            telemetry::init("warn");
+            telemetry::init("warn", log);
             runtime()?.block_on(services::export(a))
         }
         Cmd::Unexport(a) => {
-            telemetry::init("warn");
+            telemetry::init("warn", log);
             runtime()?.block_on(services::unexport(a))
         }
         Cmd::ClusterSet(a) => {
-            telemetry::init("warn");
+            telemetry::init("warn", log);
             runtime()?.block_on(services::cluster_set(a))
         }
         Cmd::Policy { command } => {
-            telemetry::init("warn");
+            telemetry::init("warn", log);
             runtime()?.block_on(policy::run(command))
         }
         #[cfg(feature = "sandbox")]
         Cmd::Benchmark { what: BenchCmd::Dataplane(a) } => {
-            telemetry::init("warn");
+            telemetry::init("warn", log);
             bench_dataplane::run(a)
         }
         #[cfg(feature = "sandbox")]
         Cmd::Benchmark { what: BenchCmd::Attack(a) } => {
-            telemetry::init("warn");
+            telemetry::init("warn", log);
             bench_attack::run(a)
         }
         #[cfg(feature = "sandbox")]
         Cmd::Benchmark { what: BenchCmd::Policy(a) } => {
-            telemetry::init("warn");
+            telemetry::init("warn", log);
             bench_policy::run(a)
         }
         #[cfg(feature = "sandbox")]
         Cmd::Benchmark { what: BenchCmd::Broker(a) } => {
-            telemetry::init("warn");
+            telemetry::init("warn", log);
             runtime()?.block_on(bench::broker(a))
         }
         Cmd::DeployBroker(a) => {
-            telemetry::init("warn");
+            telemetry::init("warn", log);
             setup::deploy_broker(a)
         }
         Cmd::Manifests(a) => kubernetes::manifests(a),
         Cmd::Uninstall(a) => {
-            telemetry::init("warn");
+            telemetry::init("warn", log);
             runtime()?.block_on(kubernetes::uninstall(a))
         }
         Cmd::Join(a) => {
-            telemetry::init("warn");
+            telemetry::init("warn", log);
             runtime()?.block_on(setup::join(a))
         }
         Cmd::Credentials { command } => {
-            telemetry::init("warn");
+            telemetry::init("warn", log);
             runtime()?.block_on(setup::credentials(command))
         }
         Cmd::Leave { credentials, cluster_id } => {
-            telemetry::init("warn");
+            telemetry::init("warn", log);
             let creds = setup::operator_credentials(credentials)?;
             runtime()?.block_on(async {
                 let client = causeway_broker_api::BrokerClient::from_credentials(&creds)?;
@@ -461,7 +465,7 @@ fn main() -> anyhow::Result<()> {
         }
         #[cfg(feature = "sandbox")]
         Cmd::Sandbox { command } => {
-            telemetry::init("warn");
+            telemetry::init("warn", log);
             sandbox::run(command)
         }
         Cmd::Debug { command } => match command {
@@ -470,7 +474,7 @@ fn main() -> anyhow::Result<()> {
             DebugCmd::UdpEcho { listen } => tools::udp_echo(&listen),
             #[cfg(feature = "sandbox")]
             DebugCmd::PolicyHold { interface, entries, from_cidr, to_cidr } => {
-                telemetry::init("warn");
+                telemetry::init("warn", log);
                 bench_policy::hold(&interface, entries, from_cidr, to_cidr)
             }
             DebugCmd::UdpFlood { target, kind, count, gso, spoof_source, rate, replay } => {
@@ -486,7 +490,7 @@ fn main() -> anyhow::Result<()> {
             }
             DebugCmd::UdpPing { connect, size, count } => tools::udp_ping(&connect, size, count),
             DebugCmd::Put { credentials } => {
-                telemetry::init("warn");
+                telemetry::init("warn", log);
                 let creds = setup::operator_credentials(credentials)?;
                 let record: causeway_broker_api::Record =
                     serde_json::from_reader(std::io::stdin()).context("reading a record from stdin")?;
@@ -700,4 +704,24 @@ fn gateway_config(
             })?),
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::{Cli, telemetry::LogFormat};
+
+    #[test]
+    fn log_format_is_a_global_flag_with_a_clear_error() {
+        let cli = Cli::try_parse_from(["causeway", "show", "clusters", "--log-format", "json"]).unwrap();
+        assert_eq!(cli.log_format, LogFormat::Json);
+        let cli = Cli::try_parse_from(["causeway", "--log-format", "text", "show", "clusters"]).unwrap();
+        assert_eq!(cli.log_format, LogFormat::Text);
+        let err = Cli::try_parse_from(["causeway", "--log-format", "xml", "show", "clusters"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("'xml'") && err.contains("text") && err.contains("json"), "{err}");
+    }
 }

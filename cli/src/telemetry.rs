@@ -1,18 +1,31 @@
-//! Logging, set up once: `RUST_LOG`-style filter (default given per command), JSON lines when
-//! `CAUSEWAY_LOG_FORMAT=json`, and `log` records (aya, aya-log, netlink) bridged into tracing.
-//! Colour only on a terminal (and never with `NO_COLOR`): pod logs and files get plain text.
+//! Logging, set up once: `RUST_LOG`-style filter (default given per command), JSON lines with
+//! `--log-format json` (or `CAUSEWAY_LOG_FORMAT=json`), and `log` records (aya, aya-log,
+//! netlink) bridged into tracing. Colour only on a terminal (and never with `NO_COLOR`): pod
+//! logs and files get plain text.
 
 use std::io::IsTerminal as _;
 
 use tracing_subscriber::{EnvFilter, fmt};
 
-pub fn init(default: &str) {
+/// `--log-format`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+pub fn init(default: &str, format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let json = std::env::var("CAUSEWAY_LOG_FORMAT").is_ok_and(|v| v == "json");
     let ansi = colour(std::io::stderr().is_terminal(), std::env::var_os("NO_COLOR").is_some());
     let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     // try_init also installs the log → tracing bridge (tracing-log feature).
-    let _ = if json { builder.json().try_init() } else { builder.try_init() };
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
 }
 
 /// Whether log lines carry ANSI colour codes: on a terminal, unless `NO_COLOR` is set.

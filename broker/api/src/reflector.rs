@@ -5,11 +5,7 @@
 //! history was compacted past it, or it restarted without it). The gateway, the route agent
 //! and the benchmarks share it instead of each writing the loop.
 
-use std::{
-    collections::BTreeMap,
-    hash::{BuildHasher, Hasher},
-    time::Duration,
-};
+use std::{collections::BTreeMap, time::Duration};
 
 use crate::{BrokerClient, ClientError, EventType, ListResponse, Object, WatchResponse};
 
@@ -67,33 +63,37 @@ pub enum Step {
     Quiet,
 }
 
-/// Exponential backoff with jitter: each delay is drawn from the upper half of the current
-/// bound, which doubles up to `max` and goes back to `min` after a success.
-#[derive(Clone, Debug)]
+/// Exponential backoff with jitter (backon's): each delay is drawn from the upper half of the
+/// current bound, which doubles from `min` up to `max` and goes back to `min` after a success.
+#[derive(Debug)]
 pub struct Backoff {
-    min: Duration,
+    builder: backon::ExponentialBuilder,
+    delays: backon::ExponentialBackoff,
     max: Duration,
-    bound: Duration,
 }
 
 impl Backoff {
     #[must_use]
     pub fn new(min: Duration, max: Duration) -> Self {
-        Self { min, max, bound: min }
+        // backon adds a jitter in [0, d) to each step d: steps of half the bound give delays
+        // in [bound / 2, bound).
+        let builder = backon::ExponentialBuilder::default()
+            .with_min_delay(min / 2)
+            .with_max_delay(max / 2)
+            .with_factor(2.0)
+            .with_jitter()
+            .without_max_times();
+        Self { builder, delays: backon::BackoffBuilder::build(builder), max }
     }
 
     /// The next delay to wait.
     pub fn next_delay(&mut self) -> Duration {
-        let bound = self.bound;
-        self.bound = (self.bound * 2).min(self.max);
-        // Random bits from the standard library's per-instance hasher keys (no RNG crate).
-        let r = std::collections::hash_map::RandomState::new().build_hasher().finish();
-        let half = bound / 2;
-        half + Duration::from_nanos(r % u64::try_from(half.as_nanos()).unwrap_or(u64::MAX).max(1))
+        // Never exhausted: built without a limit on attempts or total delay.
+        self.delays.next().unwrap_or(self.max)
     }
 
     pub fn reset(&mut self) {
-        self.bound = self.min;
+        self.delays = backon::BackoffBuilder::build(self.builder);
     }
 }
 
@@ -185,7 +185,13 @@ mod tests {
         let mut seen = std::collections::BTreeSet::new();
         for _ in 0..10 {
             let d = b.next_delay();
-            assert!(d >= bound / 2 && d <= bound, "{d:?} outside [{:?}, {bound:?}]", bound / 2);
+            // (backon computes in f32 seconds: allow a microsecond.)
+            let slack = Duration::from_micros(1);
+            assert!(
+                d + slack >= bound / 2 && d <= bound + slack,
+                "{d:?} outside [{:?}, {bound:?}]",
+                bound / 2
+            );
             seen.insert(d);
             bound = (bound * 2).min(Duration::from_secs(5));
         }

@@ -287,26 +287,31 @@ struct ProcessStats {
     start_time: Option<f64>,
 }
 
-/// Reads this process's CPU time, RSS and start time from /proc (Linux clock ticks are 100 Hz
-/// and pages 4 KiB on every platform we run on).
+/// Reads this process's CPU time, RSS and start time from /proc. Clock ticks in /proc are
+/// USER_HZ, 100 on every Linux ABI; resident memory comes from `VmRSS` in kB, not from a page
+/// count (pages are 64 KiB on some arm64 kernels).
 fn process_stats() -> ProcessStats {
     const TICKS: f64 = 100.0;
-    const PAGE: f64 = 4096.0;
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
     // Fields after the parenthesised command name; utime is field 14, stime 15, starttime 22.
     let rest: Vec<&str> =
         stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
     let field = |n: usize| rest.get(n - 3).and_then(|v| v.parse::<f64>().ok());
     let cpu_seconds = field(14).zip(field(15)).map(|(u, s)| (u + s) / TICKS);
-    let resident_bytes = std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()))
-        .map(|pages| pages * PAGE);
+    let resident_bytes = std::fs::read_to_string("/proc/self/status").ok().and_then(|s| vm_rss_bytes(&s));
     let boot = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
         s.lines().find_map(|l| l.strip_prefix("btime ").and_then(|v| v.trim().parse::<f64>().ok()))
     });
     let start_time = boot.zip(field(22)).map(|(b, t)| b + t / TICKS);
     ProcessStats { cpu_seconds, resident_bytes, start_time }
+}
+
+/// `VmRSS:  1234 kB` from a /proc/PID/status text, in bytes.
+fn vm_rss_bytes(status: &str) -> Option<f64> {
+    let line = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?;
+    let mut words = line.split_whitespace();
+    let kb = words.next()?.parse::<f64>().ok()?;
+    (words.next() == Some("kB")).then_some(kb * 1024.0)
 }
 
 /// The daemon publishes a status reading every second, taking its lock to do so: a newest
@@ -627,5 +632,16 @@ mod tests {
         assert!(text.contains("# TYPE causeway_tx_bytes_total counter\n"));
         assert!(text.contains("\nprocess_resident_memory_bytes "), "{text}");
         assert!(text.contains("\nprocess_start_time_seconds "), "{text}");
+    }
+
+    #[test]
+    fn resident_memory_is_read_in_kb_whatever_the_page_size() {
+        let status = "Name:\tcauseway\nVmHWM:\t  9000 kB\nVmRSS:\t   12345 kB\nRssAnon:\t 100 kB\n";
+        assert_eq!(vm_rss_bytes(status), Some(12_345.0 * 1024.0));
+        assert_eq!(vm_rss_bytes("VmRSS:\t12 pages\n"), None, "a unit we do not know is no figure");
+        assert_eq!(vm_rss_bytes("Name:\tx\n"), None);
+        // This process: a few MiB at least.
+        let own = process_stats().resident_bytes.unwrap();
+        assert!(own > 1024.0 * 1024.0, "{own}");
     }
 }

@@ -106,6 +106,7 @@ pub async fn export(a: ExportArgs) -> anyhow::Result<()> {
         name: a.name,
         ips: a.ips,
         ports: a.ports,
+        source: causeway_broker_api::ExportSource::Cli,
         generation,
     };
     let obj = client.put_service(&svc).await?;

@@ -2,10 +2,12 @@
 //! watch on ServiceExport objects marks the set dirty, and each reconcile compares what the
 //! cluster exports (with its Services' cluster IPs and ports) against what the broker holds for
 //! this cluster, writing only the difference. A periodic resync catches Service changes.
+//! Records the publisher writes say so (`source: kubernetes`); it withdraws only those, so
+//! exports an operator made with `causeway export` are left alone.
 
 use std::{collections::BTreeMap, time::Duration};
 
-use causeway_broker_api::{BrokerClient, Record, ServiceExportRecord, ServicePort};
+use causeway_broker_api::{BrokerClient, ExportSource, Record, ServiceExportRecord, ServicePort};
 use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::Service;
 use kube::{
@@ -60,7 +62,15 @@ pub fn record_for(cluster_id: &str, service: &Service) -> Result<ServiceExportRe
             })
         })
         .collect();
-    Ok(ServiceExportRecord { cluster_id: cluster_id.into(), namespace, name, ips, ports, generation: 0 })
+    Ok(ServiceExportRecord {
+        cluster_id: cluster_id.into(),
+        namespace,
+        name,
+        ips,
+        ports,
+        source: ExportSource::Kubernetes,
+        generation: 0,
+    })
 }
 
 /// What to write so that the broker holds `desired` for this cluster: records to put (with
@@ -121,7 +131,10 @@ impl ExportSync {
             .items
             .into_iter()
             .filter_map(|o| match o.record {
-                Record::ServiceExport(s) if s.cluster_id == self.cluster_id => {
+                // Only what this publisher made: exports made with `causeway export` stay.
+                Record::ServiceExport(s)
+                    if s.cluster_id == self.cluster_id && s.source == ExportSource::Kubernetes =>
+                {
                     Some(((s.namespace.clone(), s.name.clone()), s))
                 }
                 _ => None,
@@ -221,6 +234,7 @@ mod tests {
             name: name.into(),
             ips: vec![ip.parse().unwrap()],
             ports: vec![],
+            source: ExportSource::Kubernetes,
             generation,
         };
         let k = |n: &str| ("shop".to_owned(), n.to_owned());

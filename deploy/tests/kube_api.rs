@@ -366,18 +366,25 @@ async fn service_exports_are_published_to_the_broker_and_withdrawn() {
     };
     let token = join.join(&east).await.unwrap().token;
     let cluster = BrokerClient::new(url).with_token(token);
-    // A record the cluster published earlier whose ServiceExport is gone by now.
-    cluster
-        .put_service(&causeway_broker_api::ServiceExportRecord {
-            cluster_id: "east".into(),
-            namespace: "old".into(),
-            name: "gone".into(),
-            ips: vec!["10.96.0.99".parse().unwrap()],
-            ports: vec![],
-            generation: 1,
-        })
-        .await
-        .unwrap();
+    // A record the publisher made earlier whose ServiceExport is gone by now, and one an
+    // operator made with `causeway export` (no ServiceExport object: the publisher leaves it).
+    for (name, ip, source) in [
+        ("gone", "10.96.0.99", causeway_broker_api::ExportSource::Kubernetes),
+        ("by-hand", "10.96.0.98", causeway_broker_api::ExportSource::Cli),
+    ] {
+        cluster
+            .put_service(&causeway_broker_api::ServiceExportRecord {
+                cluster_id: "east".into(),
+                namespace: "old".into(),
+                name: name.into(),
+                ips: vec![ip.parse().unwrap()],
+                ports: vec![],
+                source,
+                generation: 1,
+            })
+            .await
+            .unwrap();
+    }
 
     let watches = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let w = watches.clone();
@@ -425,8 +432,12 @@ async fn service_exports_are_published_to_the_broker_and_withdrawn() {
         v
     };
     // After the initial list: web is published, the export without a Service is not, and the
-    // stale record is withdrawn. After the watch events: cart is added and web withdrawn.
-    let want = vec![("shop".to_owned(), "cart".to_owned(), vec!["10.96.0.11".parse().unwrap()])];
+    // stale record is withdrawn. After the watch events: cart is added and web withdrawn. The
+    // operator's export stays throughout.
+    let want = vec![
+        ("old".to_owned(), "by-hand".to_owned(), vec!["10.96.0.98".parse().unwrap()]),
+        ("shop".to_owned(), "cart".to_owned(), vec!["10.96.0.11".parse().unwrap()]),
+    ];
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while services(cluster.clone()).await != want {
         assert!(tokio::time::Instant::now() < deadline, "broker holds {:?}", services(cluster.clone()).await);

@@ -296,8 +296,31 @@ pub struct ServiceExportRecord {
     pub ips: Vec<IpAddr>,
     #[serde(default)]
     pub ports: Vec<ServicePort>,
+    /// Who made the export: the cluster's Kubernetes publisher (from ServiceExport objects;
+    /// it withdraws what it made when the object goes) or an operator with `causeway export`
+    /// (the publisher never touches those). Absent means `cli`.
+    #[serde(default, skip_serializing_if = "ExportSource::is_cli")]
+    pub source: ExportSource,
     #[serde(default)]
     pub generation: u64,
+}
+
+/// Who made a [`ServiceExportRecord`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExportSource {
+    /// `causeway export` (or any other client).
+    #[default]
+    Cli,
+    /// The cluster's ServiceExport publisher.
+    Kubernetes,
+}
+
+impl ExportSource {
+    #[must_use]
+    pub fn is_cli(&self) -> bool {
+        *self == Self::Cli
+    }
 }
 
 /// Settings of the whole cluster set (written with the admin credential).
@@ -635,6 +658,29 @@ mod tests {
     fn key_rejects_wrong_length_and_garbage() {
         assert_eq!("AAAA".parse::<WireGuardKey>(), Err(KeyParseError::Length(3)));
         assert_eq!("not base64!".parse::<WireGuardKey>(), Err(KeyParseError::Base64));
+    }
+
+    #[test]
+    fn an_export_says_who_made_it_and_nothing_else() {
+        let base = r#"{"clusterId":"east","namespace":"shop","name":"cart","ips":["10.96.0.1"]"#;
+        // Absent (every record written before the field existed): an operator's export.
+        let old: ServiceExportRecord = serde_json::from_str(&format!("{base}}}")).unwrap();
+        assert_eq!(old.source, ExportSource::Cli);
+        assert!(!serde_json::to_string(&old).unwrap().contains("source"), "the wire form is unchanged");
+        let k8s: ServiceExportRecord =
+            serde_json::from_str(&format!(r#"{base},"source":"kubernetes"}}"#)).unwrap();
+        assert_eq!(k8s.source, ExportSource::Kubernetes);
+        assert!(serde_json::to_string(&k8s).unwrap().contains(r#""source":"kubernetes""#));
+        // Any other name is refused, naming the values there are; any other type is refused.
+        let parse =
+            |v: &str| serde_json::from_str::<ServiceExportRecord>(&format!(r#"{base},"source":{v}}}"#));
+        for bad in [r#""kubelet""#, r#""Kubernetes""#, r#""""#] {
+            let err = parse(bad).unwrap_err().to_string();
+            assert!(err.contains("`cli`") && err.contains("`kubernetes`"), "{bad}: {err}");
+        }
+        for bad in ["1", "null", r#"["cli"]"#, r#"{"cli":1}"#] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -206,6 +206,7 @@ mod tests {
             name: name.into(),
             ips: vec![],
             ports: vec![],
+            source: causeway_broker_api::ExportSource::Cli,
             generation: 1,
         })
     }

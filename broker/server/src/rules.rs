@@ -406,6 +406,7 @@ mod tests {
             name: "web".into(),
             ips: vec!["10.101.0.10".parse().unwrap()],
             ports: vec![],
+            source: causeway_broker_api::ExportSource::Cli,
             generation: 1,
         };
         assert!(matches!(put_service(state(&index(&items)), &svc).unwrap(), Plan::Commit(_)));

@@ -533,6 +533,7 @@ fn service(cluster: &str, ip: &str) -> causeway_broker_api::ServiceExportRecord 
             port: 80,
             protocol: "TCP".into(),
         }],
+        source: causeway_broker_api::ExportSource::Cli,
         generation: 1,
     }
 }

@@ -348,7 +348,8 @@ pub async fn join(
     }
     causeway_deploy::apply::apply(&client, &all, progress).await?;
     println!("cluster {} joined; its gateways start on {}", p.cluster_id, gateways.join(", "));
-    println!("  check: causeway show connections --credentials {}", p.output.display());
+    println!("  check: causeway show clusters --credentials {}", p.output.display());
+    println!("         kubectl -n {ns} exec ds/causeway-gateway -- causeway show connections");
     Ok(())
 }
 

@@ -76,6 +76,12 @@ enum Cmd {
         #[command(subcommand)]
         what: BenchCmd,
     },
+    /// Print a shell completion script, e.g. `causeway completion bash >
+    /// /etc/bash_completion.d/causeway`.
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Remove a cluster's records from the broker and revoke its credentials; the other
     /// gateways drop its tunnel and routes.
     Leave {
@@ -450,6 +456,10 @@ fn main() -> anyhow::Result<()> {
             telemetry::init("warn", log);
             runtime()?.block_on(setup::credentials(command))
         }
+        Cmd::Completion { shell } => {
+            completion(shell, &mut std::io::stdout());
+            Ok(())
+        }
         Cmd::Leave { credentials, cluster_id } => {
             telemetry::init("warn", log);
             let creds = setup::operator_credentials(credentials)?;
@@ -706,11 +716,41 @@ fn gateway_config(
     })
 }
 
+/// Writes the completion script of every command and flag for `shell`.
+fn completion(shell: clap_complete::Shell, out: &mut dyn std::io::Write) {
+    let mut cmd = <Cli as clap::CommandFactory>::command();
+    clap_complete::generate(shell, &mut cmd, "causeway", out);
+}
+
 #[cfg(test)]
 mod tests {
     use clap::Parser as _;
 
     use super::{Cli, telemetry::LogFormat};
+
+    #[test]
+    fn completion_scripts_know_the_commands_and_flags() {
+        for shell in [clap_complete::Shell::Bash, clap_complete::Shell::Zsh, clap_complete::Shell::Fish] {
+            let mut out = Vec::new();
+            super::completion(shell, &mut out);
+            let script = String::from_utf8(out).unwrap();
+            for word in ["deploy-broker", "join", "show", "connections", "log-format", "credentials"] {
+                assert!(script.contains(word), "{shell:?} completion lacks {word}");
+            }
+        }
+        // The bash script is valid bash.
+        let mut out = Vec::new();
+        super::completion(clap_complete::Shell::Bash, &mut out);
+        let mut bash = std::process::Command::new("bash")
+            .arg("-n")
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("bash (Debian has it)");
+        std::io::Write::write_all(&mut bash.stdin.take().unwrap(), &out).unwrap();
+        assert!(bash.wait().unwrap().success(), "bash -n refused the completion script");
+        let err = Cli::try_parse_from(["causeway", "completion", "tcsh"]).err().unwrap().to_string();
+        assert!(err.contains("bash") && err.contains("zsh"), "{err}");
+    }
 
     #[test]
     fn log_format_is_a_global_flag_with_a_clear_error() {

@@ -91,6 +91,25 @@ pub struct EndpointRecord {
 }
 
 impl EndpointRecord {
+    /// An active gateway reached at `private_ip` on the default WireGuard port, priority 0, no
+    /// public address or health-check address, generation 1 (its first version).
+    #[must_use]
+    pub fn new(cluster_id: &str, hostname: &str, private_ip: IpAddr, public_key: WireGuardKey) -> Self {
+        Self {
+            cluster_id: cluster_id.to_owned(),
+            hostname: hostname.to_owned(),
+            private_ips: vec![private_ip],
+            public_ips: Vec::new(),
+            port: 51820,
+            public_key,
+            backend: "wireguard".into(),
+            role: GatewayRole::Active,
+            priority: 0,
+            health_check_ip: None,
+            generation: 1,
+        }
+    }
+
     /// The address peers should send to: the first public IP, else the first private one.
     #[must_use]
     pub fn preferred_ip(&self) -> Option<IpAddr> {
@@ -632,17 +651,8 @@ mod tests {
 
     pub(crate) fn endpoint() -> EndpointRecord {
         EndpointRecord {
-            cluster_id: "east".into(),
-            hostname: "gw-1".into(),
-            private_ips: vec!["172.16.1.10".parse().unwrap()],
             public_ips: vec!["172.31.0.11".parse().unwrap()],
-            port: 51820,
-            public_key: key(),
-            backend: "wireguard".into(),
-            role: GatewayRole::Active,
-            priority: 0,
-            health_check_ip: None,
-            generation: 1,
+            ..EndpointRecord::new("east", "gw-1", "172.16.1.10".parse().unwrap(), key())
         }
     }
 

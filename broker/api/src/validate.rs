@@ -439,26 +439,14 @@ fn dns_subdomain(field: &'static str, s: &str) -> Result<(), ValidationError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::records::{GatewayRole, WireGuardKey};
+    use crate::records::WireGuardKey;
 
     fn cluster(id: &str, pod: &str, svc: &str) -> ClusterRecord {
         ClusterRecord::new(id, vec![pod.parse().unwrap()], vec![svc.parse().unwrap()])
     }
 
     fn endpoint() -> EndpointRecord {
-        EndpointRecord {
-            cluster_id: "east".into(),
-            hostname: "gw-1.example".into(),
-            private_ips: vec!["172.16.1.10".parse().unwrap()],
-            public_ips: vec![],
-            port: 51820,
-            public_key: WireGuardKey([1; 32]),
-            backend: "wireguard".into(),
-            role: GatewayRole::Active,
-            priority: 0,
-            health_check_ip: None,
-            generation: 1,
-        }
+        EndpointRecord::new("east", "gw-1.example", "172.16.1.10".parse().unwrap(), WireGuardKey([1; 32]))
     }
 
     #[test]

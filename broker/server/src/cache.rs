@@ -184,19 +184,8 @@ mod tests {
     }
 
     fn endpoint(cluster: &str, host: &str) -> Record {
-        Record::Endpoint(EndpointRecord {
-            cluster_id: cluster.into(),
-            hostname: host.into(),
-            private_ips: vec!["172.31.0.1".parse().unwrap()],
-            public_ips: vec![],
-            port: 51820,
-            public_key: causeway_broker_api::WireGuardKey([1; 32]),
-            backend: "wireguard".into(),
-            role: causeway_broker_api::GatewayRole::Active,
-            priority: 0,
-            health_check_ip: None,
-            generation: 1,
-        })
+        let key = causeway_broker_api::WireGuardKey([1; 32]);
+        Record::Endpoint(EndpointRecord::new(cluster, host, "172.31.0.1".parse().unwrap(), key))
     }
 
     fn service(cluster: &str, name: &str) -> Record {

@@ -100,26 +100,12 @@ impl Leases {
 
 #[cfg(test)]
 mod tests {
-    use causeway_broker_api::{
-        ClusterRecord, EndpointRecord, GatewayRole, Object, WireGuardKey, endpoint_key,
-    };
+    use causeway_broker_api::{ClusterRecord, EndpointRecord, Object, WireGuardKey, endpoint_key};
 
     use super::*;
 
     fn endpoint(host: &str) -> Record {
-        Record::Endpoint(EndpointRecord {
-            cluster_id: "a".into(),
-            hostname: host.into(),
-            private_ips: vec!["172.31.0.1".parse().unwrap()],
-            public_ips: vec![],
-            port: 51820,
-            public_key: WireGuardKey([1; 32]),
-            backend: "wireguard".into(),
-            role: GatewayRole::Active,
-            priority: 0,
-            health_check_ip: None,
-            generation: 1,
-        })
+        Record::Endpoint(EndpointRecord::new("a", host, "172.31.0.1".parse().unwrap(), WireGuardKey([1; 32])))
     }
 
     #[test]

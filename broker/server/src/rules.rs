@@ -290,7 +290,7 @@ mod tests {
     //! The rules on plain data: no store, no broker. (The HTTP API tests run the same rules
     //! through every store, racing replicas included.)
 
-    use causeway_broker_api::{GatewayRole, WireGuardKey, endpoint_key};
+    use causeway_broker_api::{WireGuardKey, endpoint_key};
 
     use super::*;
 
@@ -299,19 +299,7 @@ mod tests {
     }
 
     fn endpoint(id: &str, host: &str, ip: &str, key: u8) -> EndpointRecord {
-        EndpointRecord {
-            cluster_id: id.into(),
-            hostname: host.into(),
-            private_ips: vec![ip.parse().unwrap()],
-            public_ips: vec![],
-            port: 51820,
-            public_key: WireGuardKey([key; 32]),
-            backend: "wireguard".into(),
-            role: GatewayRole::Active,
-            priority: 0,
-            health_check_ip: None,
-            generation: 1,
-        }
+        EndpointRecord::new(id, host, ip.parse().unwrap(), WireGuardKey([key; 32]))
     }
 
     /// Cluster a (10.1/16) with gateway a/gw at 172.31.0.11, and cluster b (10.2/16).

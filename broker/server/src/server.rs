@@ -91,6 +91,23 @@ fn body<T: serde::de::DeserializeOwned>(raw: Result<Bytes, BytesRejection>) -> R
     serde_json::from_slice(&bytes).map_err(|e| invalid(format!("malformed record: {e}")))
 }
 
+/// Runs a write to completion even if its client goes away. A request's future is dropped when
+/// its connection closes (or the server stops), and a write of several steps (a commit, then
+/// the credentials of a join; a delete, then the revocation) must not stop between them.
+async fn to_completion<T: Send + 'static>(
+    write: impl Future<Output = Result<T, BrokerError>> + Send + 'static,
+) -> Result<T, Failure> {
+    tokio::spawn(write)
+        .await
+        .map_err(|e| {
+            Failure(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                ApiError { code: "Internal".into(), message: format!("the write failed: {e}") },
+            )
+        })?
+        .map_err(Failure::from)
+}
+
 fn bearer(headers: &HeaderMap) -> Option<String> {
     headers
         .get(header::AUTHORIZATION)
@@ -158,7 +175,7 @@ async fn put_cluster(
             c.cluster_id
         )));
     }
-    Ok(Json(b.put_cluster(&id, c).await?).into_response())
+    Ok(Json(to_completion(async move { b.put_cluster(&id, c).await }).await?).into_response())
 }
 
 async fn delete_cluster(
@@ -167,7 +184,7 @@ async fn delete_cluster(
     Path(cluster): Path<String>,
 ) -> Result<Response, Failure> {
     let id = writer(&b, &headers).await?;
-    Ok(Json(b.delete_cluster(&id, &cluster).await?).into_response())
+    Ok(Json(to_completion(async move { b.delete_cluster(&id, &cluster).await }).await?).into_response())
 }
 
 async fn put_endpoint(
@@ -184,7 +201,7 @@ async fn put_endpoint(
             e.cluster_id, e.hostname
         )));
     }
-    Ok(Json(b.put_endpoint(&id, e).await?).into_response())
+    Ok(Json(to_completion(async move { b.put_endpoint(&id, e).await }).await?).into_response())
 }
 
 async fn delete_endpoint(
@@ -193,7 +210,8 @@ async fn delete_endpoint(
     Path((cluster, host)): Path<(String, String)>,
 ) -> Result<Response, Failure> {
     let id = writer(&b, &headers).await?;
-    Ok(Json(b.delete_endpoint(&id, &cluster, &host).await?).into_response())
+    Ok(Json(to_completion(async move { b.delete_endpoint(&id, &cluster, &host).await }).await?)
+        .into_response())
 }
 
 async fn put_service(
@@ -210,7 +228,7 @@ async fn put_service(
             s.cluster_id, s.namespace, s.name
         )));
     }
-    Ok(Json(b.put_service(&id, s).await?).into_response())
+    Ok(Json(to_completion(async move { b.put_service(&id, s).await }).await?).into_response())
 }
 
 async fn delete_service(
@@ -219,7 +237,8 @@ async fn delete_service(
     Path((cluster, namespace, name)): Path<(String, String, String)>,
 ) -> Result<Response, Failure> {
     let id = writer(&b, &headers).await?;
-    Ok(Json(b.delete_service(&id, &cluster, &namespace, &name).await?).into_response())
+    Ok(Json(to_completion(async move { b.delete_service(&id, &cluster, &namespace, &name).await }).await?)
+        .into_response())
 }
 
 async fn put_cluster_set(
@@ -229,7 +248,7 @@ async fn put_cluster_set(
 ) -> Result<Response, Failure> {
     let id = writer(&b, &headers).await?;
     let c: causeway_broker_api::ClusterSetRecord = body(raw)?;
-    Ok(Json(b.put_cluster_set(&id, c).await?).into_response())
+    Ok(Json(to_completion(async move { b.put_cluster_set(&id, c).await }).await?).into_response())
 }
 
 async fn put_policy(
@@ -243,7 +262,7 @@ async fn put_policy(
     if p.name != name {
         return Err(invalid(format!("name {:?} in the body does not match {name:?} in the path", p.name)));
     }
-    Ok(Json(b.put_policy(&id, p).await?).into_response())
+    Ok(Json(to_completion(async move { b.put_policy(&id, p).await }).await?).into_response())
 }
 
 async fn delete_policy(
@@ -252,7 +271,7 @@ async fn delete_policy(
     Path(name): Path<String>,
 ) -> Result<Response, Failure> {
     let id = writer(&b, &headers).await?;
-    Ok(Json(b.delete_policy(&id, &name).await?).into_response())
+    Ok(Json(to_completion(async move { b.delete_policy(&id, &name).await }).await?).into_response())
 }
 
 async fn put_policy_default(
@@ -262,7 +281,7 @@ async fn put_policy_default(
 ) -> Result<Response, Failure> {
     let id = writer(&b, &headers).await?;
     let d: causeway_broker_api::PolicyDefaultRecord = body(raw)?;
-    Ok(Json(b.put_policy_default(&id, d).await?).into_response())
+    Ok(Json(to_completion(async move { b.put_policy_default(&id, d).await }).await?).into_response())
 }
 
 async fn join(
@@ -273,7 +292,7 @@ async fn join(
     let id = writer(&b, &headers).await?;
     let hash = caller_hash(&headers);
     let c: ClusterRecord = body(raw)?;
-    let (object, token) = b.join(&id, &hash, c).await?;
+    let (object, token) = to_completion(async move { b.join(&id, &hash, c).await }).await?;
     Ok((StatusCode::CREATED, Json(JoinResponse { object, token })).into_response())
 }
 
@@ -301,7 +320,8 @@ async fn rotate(
             q.overlap_seconds
         )));
     }
-    let (token, old_valid_until) = b.rotate(&id, &cluster, overlap).await?;
+    let (token, old_valid_until) =
+        to_completion(async move { b.rotate(&id, &cluster, overlap).await }).await?;
     Ok(Json(RotateResponse { token, old_valid_until }).into_response())
 }
 
@@ -312,7 +332,7 @@ async fn issue(
 ) -> Result<Response, Failure> {
     let id = writer(&b, &headers).await?;
     let req: causeway_broker_api::IssueRequest = body(raw)?;
-    let out = b.issue_limited(&id, &req).await?;
+    let out = to_completion(async move { b.issue_limited(&id, &req).await }).await?;
     Ok((StatusCode::CREATED, Json(out)).into_response())
 }
 
@@ -322,7 +342,7 @@ async fn issue_reader(
     Path(cluster): Path<String>,
 ) -> Result<Response, Failure> {
     let id = writer(&b, &headers).await?;
-    let out = b.issue_reader(&id, &cluster).await?;
+    let out = to_completion(async move { b.issue_reader(&id, &cluster).await }).await?;
     Ok((StatusCode::CREATED, Json(out)).into_response())
 }
 
@@ -338,7 +358,7 @@ async fn revoke_credential(
 ) -> Result<Response, Failure> {
     let id = writer(&b, &headers).await?;
     let hash = caller_hash(&headers);
-    let revoked = b.revoke_credential(&id, &hash, &cred).await?;
+    let revoked = to_completion(async move { b.revoke_credential(&id, &hash, &cred).await }).await?;
     Ok(Json(serde_json::json!({ "revoked": revoked })).into_response())
 }
 
@@ -348,7 +368,7 @@ async fn revoke(
     Path(cluster): Path<String>,
 ) -> Result<Response, Failure> {
     let id = writer(&b, &headers).await?;
-    let revoked = b.revoke(&id, &cluster).await?;
+    let revoked = to_completion(async move { b.revoke(&id, &cluster).await }).await?;
     Ok(Json(serde_json::json!({ "revoked": revoked })).into_response())
 }
 
@@ -507,3 +527,29 @@ where
 
 /// How long a stopping broker lets connections finish their request.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    };
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_write_finishes_all_its_steps_when_its_request_is_dropped() {
+        let steps = Arc::new(AtomicU32::new(0));
+        let s = Arc::clone(&steps);
+        let request = to_completion(async move {
+            s.fetch_add(1, Ordering::SeqCst); // e.g. the commit
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            s.fetch_add(1, Ordering::SeqCst); // e.g. the credential of a join
+            Ok(())
+        });
+        // The client goes away mid-write: the request's future is dropped.
+        assert!(tokio::time::timeout(Duration::from_millis(10), request).await.is_err());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(steps.load(Ordering::SeqCst), 2, "the write stopped halfway");
+    }
+}

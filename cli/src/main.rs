@@ -184,6 +184,26 @@ enum DebugCmd {
         #[arg(long, default_value_t = 10)]
         count: u32,
     },
+    /// Send sequence-numbered datagrams at a steady rate (the other end: udp-sequence-sink).
+    UdpStream {
+        #[arg(long)]
+        connect: String,
+        /// Datagrams per second.
+        #[arg(long, default_value_t = 1000)]
+        rate: u32,
+        #[arg(long, default_value_t = 10.0)]
+        secs: f64,
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+    },
+    /// Receive a sequence stream for a while; print what arrived, what was lost and the longest
+    /// gap between arrivals (JSON).
+    UdpSequenceSink {
+        #[arg(long)]
+        listen: String,
+        #[arg(long)]
+        secs: f64,
+    },
     /// Send N bytes over TCP; print their length and SHA-256.
     TcpSource {
         #[arg(long)]
@@ -482,6 +502,10 @@ fn main() -> anyhow::Result<()> {
             DebugCmd::TcpSink { listen } => tools::tcp_sink(&listen),
             DebugCmd::TcpSource { connect, bytes } => tools::tcp_source(&connect, bytes),
             DebugCmd::UdpEcho { listen } => tools::udp_echo(&listen),
+            DebugCmd::UdpStream { connect, rate, secs, size } => {
+                tools::udp_stream(&connect, rate, secs, size)
+            }
+            DebugCmd::UdpSequenceSink { listen, secs } => tools::udp_sequence_sink(&listen, secs),
             #[cfg(feature = "sandbox")]
             DebugCmd::PolicyHold { interface, entries, from_cidr, to_cidr } => {
                 telemetry::init("warn", log);

@@ -183,6 +183,11 @@ pub async fn run(a: ShowArgs) -> anyhow::Result<()> {
                                         c.cluster_id.clone(),
                                         c.endpoint.clone(),
                                         c.status.clone(),
+                                        c.carrier.as_ref().map_or("-".into(), |k| {
+                                            let provisional =
+                                                if k.provisional { ", provisional" } else { "" };
+                                            format!("{:.0}s ({}{provisional})", k.since_secs, k.reason)
+                                        }),
                                         c.rtt_secs.map_or("-".into(), |v| format!("{:.3} ms", v * 1000.0)),
                                         format!("{:.0}%", c.loss * 100.0),
                                         c.last_handshake_secs.map_or("-".into(), |v| format!("{v:.0}s ago")),
@@ -197,6 +202,7 @@ pub async fn run(a: ShowArgs) -> anyhow::Result<()> {
                                         format!("{} (standby)", c.cluster_id),
                                         c.endpoint.clone(),
                                         c.status.clone(),
+                                        "-".into(),
                                         "-".into(),
                                         "-".into(),
                                         c.last_handshake_secs.map_or("-".into(), |v| format!("{v:.0}s ago")),
@@ -214,6 +220,7 @@ pub async fn run(a: ShowArgs) -> anyhow::Result<()> {
                                 "REMOTE",
                                 "ENDPOINT",
                                 "STATUS",
+                                "CARRIER SINCE",
                                 "RTT",
                                 "LOSS",
                                 "HANDSHAKE",

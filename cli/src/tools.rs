@@ -111,6 +111,129 @@ pub fn udp_ping(connect: &str, size: usize, count: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Sends sequence-numbered datagrams (an 8-byte big-endian number, then padding to `size`)
+/// at `rate` per second for `secs` seconds; prints `{"sent":…}`. Paced against the clock, not
+/// by sleeping a fixed step, so a late wake-up does not lower the rate.
+pub fn udp_stream(connect: &str, rate: u32, secs: f64, size: usize) -> anyhow::Result<()> {
+    anyhow::ensure!(rate > 0, "--rate must be at least 1");
+    anyhow::ensure!((8..=1400).contains(&size), "--size must be between 8 and 1400");
+    let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    s.connect(connect).with_context(|| format!("connecting to {connect}"))?;
+    let start = std::time::Instant::now();
+    let total = (f64::from(rate) * secs).round();
+    anyhow::ensure!((1.0..1e9).contains(&total), "--secs × --rate must be between 1 and 10⁹ datagrams");
+    #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "checked just above")]
+    let total = total as u64;
+    let mut payload = vec![0u8; size];
+    for seq in 0..total {
+        #[expect(clippy::cast_precision_loss, reason = "sequence numbers stay far below 2^52")]
+        let due = start + std::time::Duration::from_secs_f64(seq as f64 / f64::from(rate));
+        if let Some(wait) = due.checked_duration_since(std::time::Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        payload[..8].copy_from_slice(&seq.to_be_bytes());
+        // An unreachable path (a failover in progress) refuses some sends: they count as lost.
+        let _ = s.send(&payload);
+    }
+    println!("{}", serde_json::json!({ "sent": total }));
+    Ok(())
+}
+
+/// What a sequence stream's receiver saw.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct StreamStats {
+    pub received: u64,
+    /// Sequence numbers between the first and the last received that never arrived.
+    pub lost: u64,
+    /// The longest time between two consecutive arrivals.
+    pub max_gap_ms: f64,
+    /// The sequence number that ended the longest gap.
+    pub max_gap_before_seq: Option<u64>,
+    pub first_seq: Option<u64>,
+    pub last_seq: Option<u64>,
+}
+
+/// Statistics of `(sequence number, arrival)` pairs in arrival order; duplicates count once.
+#[must_use]
+pub fn stream_stats(arrivals: &[(u64, std::time::Instant)]) -> StreamStats {
+    let seqs: std::collections::BTreeSet<u64> = arrivals.iter().map(|(s, _)| *s).collect();
+    let (first, last) = (seqs.first().copied(), seqs.last().copied());
+    let span = first.zip(last).map_or(0, |(f, l)| l - f + 1);
+    let gap = arrivals.windows(2).map(|w| (w[1].1.duration_since(w[0].1), w[1].0)).max_by_key(|(d, _)| *d);
+    StreamStats {
+        received: seqs.len() as u64,
+        lost: span - seqs.len() as u64,
+        max_gap_ms: gap.map_or(0.0, |(d, _)| d.as_secs_f64() * 1000.0),
+        max_gap_before_seq: gap.map(|(_, s)| s),
+        first_seq: first,
+        last_seq: last,
+    }
+}
+
+/// Receives a sequence stream for `secs` seconds; prints its [`StreamStats`] as JSON.
+pub fn udp_sequence_sink(listen: &str, secs: f64) -> anyhow::Result<()> {
+    let s = std::net::UdpSocket::bind(listen).with_context(|| format!("binding {listen}"))?;
+    eprintln!("listening on {listen}");
+    let end = std::time::Instant::now() + std::time::Duration::from_secs_f64(secs);
+    let mut arrivals = Vec::new();
+    let mut buf = [0u8; 2048];
+    while let Some(left) = end.checked_duration_since(std::time::Instant::now()) {
+        s.set_read_timeout(Some(left.max(std::time::Duration::from_millis(1))))?;
+        match s.recv(&mut buf) {
+            Ok(n) if n >= 8 => {
+                let seq = u64::from_be_bytes(buf[..8].try_into().unwrap_or_default());
+                arrivals.push((seq, std::time::Instant::now()));
+            }
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    println!("{}", serde_json::to_string(&stream_stats(&arrivals))?);
+    Ok(())
+}
+
+#[cfg(test)]
+mod stream_tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    #[test]
+    fn the_longest_gap_and_the_losses_come_from_the_arrivals() {
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        // 0..=4 every 10 ms, then nothing until 7 arrives 300 ms later; 6 arrives late, 5 never.
+        let arrivals = [
+            (0, ms(0)),
+            (1, ms(10)),
+            (2, ms(20)),
+            (3, ms(30)),
+            (4, ms(40)),
+            (7, ms(340)),
+            (6, ms(345)),
+            (6, ms(346)),
+        ];
+        let s = stream_stats(&arrivals);
+        assert_eq!(s.received, 7, "0..=4, 6 and 7");
+        assert_eq!(s.lost, 1, "5 never came");
+        assert!((s.max_gap_ms - 300.0).abs() < 1e-6, "{s:?}");
+        assert_eq!(s.max_gap_before_seq, Some(7));
+        assert_eq!((s.first_seq, s.last_seq), (Some(0), Some(7)));
+        assert_eq!(
+            stream_stats(&[]),
+            StreamStats {
+                received: 0,
+                lost: 0,
+                max_gap_ms: 0.0,
+                max_gap_before_seq: None,
+                first_seq: None,
+                last_seq: None
+            }
+        );
+    }
+}
+
 /// A raw IPv4 socket that sends whole packets (`IPPROTO_RAW`: the header is ours, so the
 /// source address can be anyone's; the kernel fills in length, id and checksum).
 fn spoofer() -> anyhow::Result<std::os::fd::OwnedFd> {

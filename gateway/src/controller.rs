@@ -12,15 +12,17 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     future::Future,
+    time::Instant,
 };
 
 use causeway_datapath::{Datapath, DatapathError, PolicyTables, RemoteCidr};
 use ipnetwork::IpNetwork;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     cable::{CableDriver, CableError},
     desired::Desired,
+    failover::{Carriers, Change, Evidence},
     model::{RemoteEndpoint, plan},
     policy::PolicyInput,
     route::{RouteError, RouteManager, SyncReport},
@@ -118,8 +120,13 @@ pub struct Controller<C, T, R> {
     slots: BTreeMap<String, u32>,
     next_slot: u32,
     /// What the last pass put in place: a peer that could not be configured is left out (or
-    /// kept at its previous version), so the next pass retries it.
+    /// kept at its previous version), so the next pass retries it. Each remote cluster's
+    /// prefixes on the gateway that carries it ([`Carriers::carried`]).
     applied: Desired,
+    /// What the records say (each cluster's prefixes on the gateway the control plane names).
+    authority: Desired,
+    /// Which gateway of each remote cluster carries it, decided on the probes' evidence.
+    carriers: Carriers,
     /// The policy in force and its rules' names by index (the kernel counts drops per index).
     policy: Option<(PolicyInput, Vec<String>)>,
     /// Remote prefixes left out because a route Causeway did not create holds them.
@@ -138,6 +145,8 @@ impl<C: CableDriver, T: Tables, R: Routes> Controller<C, T, R> {
             slots: BTreeMap::new(),
             next_slot: 1,
             applied: Desired::default(),
+            authority: Desired::default(),
+            carriers: Carriers::default(),
             policy: None,
             route_conflicts: Vec::new(),
             failures: BTreeMap::new(),
@@ -148,6 +157,14 @@ impl<C: CableDriver, T: Tables, R: Routes> Controller<C, T, R> {
     /// for the status until the next pass).
     pub async fn reconcile(&mut self, desired: Desired) -> &BTreeMap<String, String> {
         let mut failures = BTreeMap::new();
+        // The records name each cluster's active gateway; a failover the data plane made
+        // stays in place until the switch itself decides otherwise.
+        let mut carried = desired.clone();
+        for r in carried.remotes.values_mut() {
+            *r = self.carriers.carried(r);
+        }
+        self.authority = desired;
+        let desired = carried;
         for (id, why) in &desired.refused {
             if self.applied.refused.get(id) != Some(why) {
                 warn!(cluster = %id, reason = %why, "remote cluster refused: not routed");
@@ -330,6 +347,62 @@ impl<C: CableDriver, T: Tables, R: Routes> Controller<C, T, R> {
         Ok(())
     }
 
+    /// Decides which gateway carries each remote cluster from the probes' evidence at `now`,
+    /// and moves the prefixes of every cluster whose carrier changed: one in-place peer update
+    /// on sessions that are up already; no broker round trip, no handshake. Called on every
+    /// probe interval. Returns the changes.
+    pub async fn failover(&mut self, now: Instant) -> Vec<(String, Change)> {
+        if self.authority.remotes.is_empty() {
+            return Vec::new();
+        }
+        let evidence: BTreeMap<_, Evidence> = match self.cable.connections().await {
+            Ok(conns) => {
+                conns.iter().filter_map(|c| Some((c.public_key.parse().ok()?, c.evidence))).collect()
+            }
+            Err(e) => {
+                warn!(error = %e, "reading the probes' evidence failed; no failover decision this time");
+                return Vec::new();
+            }
+        };
+        let changes = self.carriers.decide(self.authority.remotes.values(), &evidence, now);
+        for (id, change) in &changes {
+            let Some(authority) = self.authority.remotes.get(id) else { continue };
+            let provisional = change.to != authority.public_key;
+            if change.reason == crate::failover::Reason::Initial {
+                debug!(cluster = %id, carrier = %change.to, provisional, "remote cluster's first carrier");
+            } else {
+                info!(cluster = %id, from = ?change.from.map(|k| k.to_string()), to = %change.to,
+                    reason = change.reason.as_str(), provisional, "remote cluster's carrier changed");
+            }
+            let want = self.carriers.carried(authority);
+            // A cluster the last pass could not configure is left to the next pass.
+            match self.applied.remotes.get(id) {
+                Some(have) if *have != want => {}
+                _ => continue,
+            }
+            match self.cable.connect(&want).await {
+                Ok(()) => {
+                    self.applied.remotes.insert(id.clone(), want);
+                }
+                Err(e) => {
+                    warn!(cluster = %id, error = %e, "moving the prefixes to the new carrier failed; retried on the next pass");
+                    self.failures.insert(format!("peer/{id}"), e.to_string());
+                }
+            }
+        }
+        changes
+    }
+
+    /// Which gateway carries each remote cluster, and the failovers so far.
+    pub fn carriers(&self) -> &Carriers {
+        &self.carriers
+    }
+
+    /// What the records say each remote cluster should look like.
+    pub fn authority(&self) -> &Desired {
+        &self.authority
+    }
+
     /// What the last pass put in place.
     pub fn applied(&self) -> &Desired {
         &self.applied
@@ -397,6 +470,7 @@ mod tests {
             endpoint: "192.0.2.1:51820".parse().unwrap(),
             cidrs: vec![cidr.parse().unwrap()],
             health_ip: None,
+            priority: 0,
             standbys: Vec::new(),
         }
     }
@@ -440,12 +514,14 @@ mod tests {
         assert_eq!(slots, before);
     }
 
-    /// A cable that records its peers; connecting the clusters in `refuse` fails.
+    /// A cable that records its peers; connecting the clusters in `refuse` fails. `evidence`
+    /// is what its probes say of each gateway.
     #[derive(Default)]
     struct FakeCable {
         peers: BTreeMap<String, RemoteEndpoint>,
         refuse: BTreeSet<String>,
         connects: usize,
+        evidence: BTreeMap<WireGuardKey, Evidence>,
     }
 
     impl CableDriver for FakeCable {
@@ -477,7 +553,29 @@ mod tests {
             Ok(())
         }
         async fn connections(&self) -> Result<Vec<Connection>, CableError> {
-            Ok(Vec::new())
+            let gateways = self.peers.values().flat_map(|r| {
+                std::iter::once((r, r.public_key, r.endpoint, false))
+                    .chain(r.standbys.iter().map(move |s| (r, s.public_key, s.endpoint, true)))
+            });
+            Ok(gateways
+                .map(|(r, key, endpoint, standby)| Connection {
+                    cluster_id: r.cluster_id.clone(),
+                    endpoint,
+                    public_key: key.to_string(),
+                    status: crate::cable::ConnectionStatus::Connected,
+                    rtt_secs: None,
+                    loss: 0.0,
+                    probed: true,
+                    last_handshake_secs: None,
+                    tx_bytes: 0,
+                    rx_bytes: 0,
+                    tx_packets: 0,
+                    rx_packets: 0,
+                    standby,
+                    local_index: 0,
+                    evidence: self.evidence.get(&key).copied().unwrap_or_default(),
+                })
+                .collect())
         }
         async fn drops(&self) -> Result<Vec<(&'static str, u64)>, CableError> {
             Ok(Vec::new())
@@ -703,5 +801,94 @@ mod tests {
         *routes.fail.lock().unwrap() = false;
         assert!(ctl.reconcile(desired(&[("b", "10.2.0.0/16")])).await.is_empty());
         assert_eq!(*routes.installed.lock().unwrap(), nets(&["10.2.0.0/16"]));
+    }
+
+    /// Cluster b with an active gateway (key 1, the records' pick) and a standby (key 2).
+    fn with_standby() -> Desired {
+        let mut d = desired(&[("b", "10.2.0.0/16")]);
+        let b = d.remotes.get_mut("b").unwrap();
+        b.public_key = WireGuardKey([1; 32]);
+        b.standbys.push(crate::model::StandbyGateway {
+            public_key: WireGuardKey([2; 32]),
+            endpoint: "192.0.2.2:51820".parse().unwrap(),
+            health_ip: None,
+            priority: 0,
+        });
+        d
+    }
+
+    #[tokio::test]
+    async fn a_dead_carrier_moves_the_prefixes_to_a_live_standby_and_the_records_do_not_undo_it() {
+        let (mut ctl, _) = controller(16);
+        let (k1, k2) = (WireGuardKey([1; 32]), WireGuardKey([2; 32]));
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + std::time::Duration::from_millis(ms);
+        let answer = |ctl: &mut Controller<FakeCable, FakeTables, FakeRoutes>, key, ms| {
+            ctl.cable.evidence.insert(key, Evidence { probing_since: Some(t0), last_answer: Some(at(ms)) });
+        };
+        assert!(ctl.reconcile(with_standby()).await.is_empty());
+        assert_eq!(ctl.cable.peers["b"].public_key, k1);
+        // Both answer: the first decision is the records' pick; nothing moves.
+        answer(&mut ctl, k1, 0);
+        answer(&mut ctl, k2, 0);
+        assert_eq!(ctl.failover(at(0)).await.len(), 1);
+        let connects = ctl.cable.connects;
+        // Gateway 1 stops answering; 2 goes on.
+        for ms in (50..=250).step_by(50) {
+            answer(&mut ctl, k2, ms);
+            assert!(ctl.failover(at(ms)).await.is_empty(), "not dead before {ms} ms");
+        }
+        answer(&mut ctl, k2, 300);
+        let changes = ctl.failover(at(300)).await;
+        assert_eq!(changes.len(), 1, "{changes:?}");
+        assert_eq!(changes[0].1.reason, crate::failover::Reason::Unreachable);
+        // One peer update: gateway 2 carries the prefixes, gateway 1 is kept as a standby.
+        assert_eq!(ctl.cable.connects, connects + 1);
+        let b = &ctl.cable.peers["b"];
+        assert_eq!((b.public_key, b.endpoint), (k2, "192.0.2.2:51820".parse().unwrap()));
+        assert_eq!(b.cidrs, vec!["10.2.0.0/16".parse().unwrap()]);
+        assert_eq!(b.standbys.iter().map(|s| s.public_key).collect::<Vec<_>>(), vec![k1]);
+        let view = ctl.carriers().view("b", k1).unwrap();
+        assert!(view.provisional && view.carrier == k2);
+        // The records still name gateway 1 (its lease has not lapsed): a pass keeps gateway 2.
+        assert!(ctl.reconcile(with_standby()).await.is_empty());
+        assert_eq!(ctl.cable.connects, connects + 1, "nothing to change");
+        assert_eq!(ctl.applied().remotes["b"].public_key, k2);
+        // Gateway 1 answers again: traffic goes back after the hold-down, not before.
+        for ms in (350..5_350).step_by(50) {
+            answer(&mut ctl, k1, ms);
+            answer(&mut ctl, k2, ms);
+            assert!(ctl.failover(at(ms)).await.is_empty(), "fail-back at {ms} ms is early");
+        }
+        answer(&mut ctl, k1, 5_350);
+        answer(&mut ctl, k2, 5_350);
+        let changes = ctl.failover(at(5_350)).await;
+        assert_eq!(
+            changes.iter().map(|(_, c)| c.reason).collect::<Vec<_>>(),
+            [crate::failover::Reason::FailBack]
+        );
+        assert_eq!(ctl.cable.peers["b"].public_key, k1);
+        assert_eq!(
+            ctl.carriers().failovers()["b"],
+            BTreeMap::from([("unreachable".into(), 1), ("fail_back".into(), 1)])
+        );
+    }
+
+    #[tokio::test]
+    async fn without_a_live_standby_the_carrier_stays() {
+        let (mut ctl, _) = controller(16);
+        let t0 = Instant::now();
+        ctl.reconcile(with_standby()).await;
+        // The standby never answered (no session yet): a silent active is not left for it.
+        ctl.cable
+            .evidence
+            .insert(WireGuardKey([1; 32]), Evidence { probing_since: Some(t0), last_answer: Some(t0) });
+        ctl.cable
+            .evidence
+            .insert(WireGuardKey([2; 32]), Evidence { probing_since: Some(t0), last_answer: None });
+        for ms in (0..3_000).step_by(50) {
+            ctl.failover(t0 + std::time::Duration::from_millis(ms)).await;
+        }
+        assert_eq!(ctl.cable.peers["b"].public_key, WireGuardKey([1; 32]));
     }
 }

@@ -29,7 +29,7 @@ use crate::{
     desired::{Desired, LocalFacts, desired},
     keys::{KeyError, KeyPair},
     route::{Netlink, RouteError, RouteManager},
-    status::{ConnectionView, DatapathCounters, GatewayStatus},
+    status::{CarrierView, ConnectionView, DatapathCounters, GatewayStatus},
 };
 
 /// Validated settings of one gateway.
@@ -170,7 +170,16 @@ impl Shared {
                 .get(&c.cluster_id)
                 .map(|r| r.cidrs.iter().map(ToString::to_string).collect())
                 .unwrap_or_default();
+            let carrier = self.ctl.authority().remotes.get(&c.cluster_id).and_then(|authority| {
+                let v = self.ctl.carriers().view(&c.cluster_id, authority.public_key)?;
+                (v.carrier.to_string() == c.public_key).then(|| CarrierView {
+                    since_secs: v.since.elapsed().as_secs_f64(),
+                    reason: v.reason.as_str().to_owned(),
+                    provisional: v.provisional,
+                })
+            });
             connections.push(ConnectionView {
+                carrier,
                 status: status_name(c.status),
                 cluster_id: c.cluster_id,
                 endpoint: c.endpoint.to_string(),
@@ -216,6 +225,7 @@ impl Shared {
             refused: self.ctl.applied().refused.clone(),
             route_conflicts: self.ctl.route_conflicts().iter().map(ToString::to_string).collect(),
             reconcile_failures: self.ctl.failures().clone(),
+            failovers: self.ctl.carriers().failovers(),
         })
     }
 }
@@ -368,6 +378,19 @@ pub async fn run(
             }
         })
     });
+    // The failover switch: twice per probe interval, so a dead gateway is left within a
+    // tick of the detection time.
+    let failover_task = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(crate::cable::wireguard::probe::PROBE_INTERVAL / 2);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                shared.lock().await.ctl.failover(std::time::Instant::now()).await;
+            }
+        })
+    };
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         tokio::select! {
@@ -391,6 +414,7 @@ pub async fn run(
             },
         }
     }
+    failover_task.abort();
     status_task.abort();
     snapshot_task.abort();
     heartbeat_task.abort();

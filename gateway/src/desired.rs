@@ -185,6 +185,8 @@ pub fn desired(objects: &[Object], local_cluster: &str, facts: &LocalFacts) -> D
                 Some(StandbyGateway {
                     public_key: e.public_key,
                     endpoint: SocketAddr::new(e.preferred_ip()?, e.port),
+                    health_ip: v4(e.health_check_ip),
+                    priority: e.priority,
                 })
             })
             .collect();
@@ -197,10 +199,8 @@ pub fn desired(objects: &[Object], local_cluster: &str, facts: &LocalFacts) -> D
                 public_key: ep.public_key,
                 endpoint: SocketAddr::new(ip, ep.port),
                 cidrs: c.all_cidrs().copied().collect(),
-                health_ip: match ep.health_check_ip {
-                    Some(std::net::IpAddr::V4(v4)) => Some(v4),
-                    _ => None,
-                },
+                health_ip: v4(ep.health_check_ip),
+                priority: ep.priority,
                 standbys,
             },
         );
@@ -208,12 +208,25 @@ pub fn desired(objects: &[Object], local_cluster: &str, facts: &LocalFacts) -> D
     Desired { remotes, policy, refused }
 }
 
-/// The active endpoint with the highest priority (ties: lowest hostname), else none.
+/// The active endpoint with the highest priority (ties: lowest hostname); without an active
+/// one, the standby that would be picked the same way. A cluster whose active gateway's record
+/// lapsed (the gateway died, and its lease with it) stays routed: to the standby the data plane
+/// has most likely moved to already, never to nobody.
 fn pick_endpoint<'a>(eps: &[&'a EndpointRecord]) -> Option<&'a EndpointRecord> {
-    eps.iter()
-        .filter(|e| e.role == GatewayRole::Active)
-        .max_by(|a, b| a.priority.cmp(&b.priority).then_with(|| b.hostname.cmp(&a.hostname)))
-        .copied()
+    let best = |role: GatewayRole| {
+        eps.iter()
+            .filter(move |e| e.role == role)
+            .max_by(|a, b| a.priority.cmp(&b.priority).then_with(|| b.hostname.cmp(&a.hostname)))
+            .copied()
+    };
+    best(GatewayRole::Active).or_else(|| best(GatewayRole::Standby))
+}
+
+fn v4(ip: Option<IpAddr>) -> Option<std::net::Ipv4Addr> {
+    match ip {
+        Some(IpAddr::V4(v4)) => Some(v4),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -261,7 +274,7 @@ mod tests {
     }
 
     #[test]
-    fn remote_clusters_with_an_active_gateway_become_peers() {
+    fn remote_clusters_with_a_gateway_become_peers() {
         let objs = vec![
             cluster("a", "10.1.0.0/16"),
             endpoint("a", "gw-a", "172.31.0.11", GatewayRole::Active, 0),
@@ -272,10 +285,16 @@ mod tests {
             endpoint("d", "gw-d", "172.31.0.14", GatewayRole::Standby, 9),
         ];
         let d = desired(&objs, "a", &LocalFacts::default());
-        assert_eq!(d.remotes.keys().collect::<Vec<_>>(), vec!["b"]);
+        assert_eq!(d.remotes.keys().collect::<Vec<_>>(), vec!["b", "d"]);
         let b = &d.remotes["b"];
         assert_eq!(b.endpoint, "172.31.0.12:51820".parse().unwrap());
-        assert_eq!(d.routes().into_iter().collect::<Vec<_>>(), vec!["10.2.0.0/16".parse().unwrap()]);
+        // d has only a standby (its active gateway's record lapsed): still routed, to it.
+        assert_eq!(d.remotes["d"].endpoint, "172.31.0.14:51820".parse().unwrap());
+        assert_eq!(d.remotes["d"].priority, 9);
+        assert_eq!(
+            d.routes().into_iter().collect::<Vec<_>>(),
+            vec!["10.2.0.0/16".parse().unwrap(), "10.4.0.0/16".parse().unwrap()]
+        );
     }
 
     #[test]
@@ -393,7 +412,12 @@ mod tests {
         assert_eq!(b.endpoint.ip().to_string(), "172.31.0.21");
         assert_eq!(
             b.standbys,
-            vec![StandbyGateway { public_key: key("gw-22"), endpoint: "172.31.0.22:51820".parse().unwrap() }]
+            vec![StandbyGateway {
+                public_key: key("gw-22"),
+                endpoint: "172.31.0.22:51820".parse().unwrap(),
+                health_ip: None,
+                priority: 0,
+            }]
         );
         // Failover: same peers, the roles swapped (the cable moves the prefixes, nothing else).
         let after = desired(&objs(GatewayRole::Standby, GatewayRole::Active), "a", &LocalFacts::default());

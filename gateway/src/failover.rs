@@ -34,6 +34,8 @@ use std::{
 
 use causeway_broker_api::WireGuardKey;
 
+use crate::model::{RemoteEndpoint, StandbyGateway};
+
 /// The switch's timers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Timers {
@@ -252,6 +254,133 @@ impl Switch {
         self.reason = Some(reason);
         *self.counts.entry(reason).or_default() += 1;
         Change { from, to, reason }
+    }
+}
+
+/// What the cable knows of one gateway's probes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Evidence {
+    /// When probing it began (`None`: never probed: no health address, or no session yet).
+    pub probing_since: Option<Instant>,
+    /// When it last answered.
+    pub last_answer: Option<Instant>,
+}
+
+/// Where a remote cluster's traffic goes, for the status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CarrierView {
+    pub carrier: WireGuardKey,
+    pub since: Instant,
+    pub reason: Reason,
+    /// The control plane names another gateway (see [`Switch::provisional`]).
+    pub provisional: bool,
+}
+
+/// A switch per remote cluster: the authority's view of each cluster (from the records) in,
+/// the view the cable should carry out. Still no I/O: the caller brings the probes' evidence
+/// and the clock, and applies what comes out.
+#[derive(Debug)]
+pub struct Carriers {
+    timers: Timers,
+    switches: BTreeMap<String, Switch>,
+}
+
+impl Default for Carriers {
+    fn default() -> Self {
+        Self::new(Timers::DEFAULT)
+    }
+}
+
+impl Carriers {
+    #[must_use]
+    pub fn new(timers: Timers) -> Self {
+        Self { timers, switches: BTreeMap::new() }
+    }
+
+    /// The authority's view of a cluster, with the prefixes on the gateway the switch chose:
+    /// that gateway becomes the endpoint, the authority's pick one of the standbys. Unchanged
+    /// while the switch agrees with the authority (or has not decided yet).
+    #[must_use]
+    pub fn carried(&self, authority: &RemoteEndpoint) -> RemoteEndpoint {
+        let Some(carrier) = self.switches.get(&authority.cluster_id).and_then(Switch::carrier) else {
+            return authority.clone();
+        };
+        let Some(chosen) = authority.standbys.iter().find(|s| s.public_key == carrier) else {
+            return authority.clone();
+        };
+        let mut standbys: Vec<StandbyGateway> =
+            authority.standbys.iter().filter(|s| s.public_key != carrier).cloned().collect();
+        standbys.push(StandbyGateway {
+            public_key: authority.public_key,
+            endpoint: authority.endpoint,
+            health_ip: authority.health_ip,
+            priority: authority.priority,
+        });
+        standbys.sort_by_key(|s| s.public_key.0);
+        RemoteEndpoint {
+            cluster_id: authority.cluster_id.clone(),
+            public_key: chosen.public_key,
+            endpoint: chosen.endpoint,
+            cidrs: authority.cidrs.clone(),
+            health_ip: chosen.health_ip,
+            priority: chosen.priority,
+            standbys,
+        }
+    }
+
+    /// Decides every cluster's carrier at `now`; forgets clusters no longer in `authority`.
+    /// Returns the clusters whose carrier changed, with the change.
+    pub fn decide<'a>(
+        &mut self,
+        authority: impl IntoIterator<Item = &'a RemoteEndpoint>,
+        evidence: &BTreeMap<WireGuardKey, Evidence>,
+        now: Instant,
+    ) -> Vec<(String, Change)> {
+        let mut changes = Vec::new();
+        let mut seen = Vec::new();
+        for r in authority {
+            let candidates: Vec<Candidate> = std::iter::once((r.public_key, r.priority))
+                .chain(r.standbys.iter().map(|s| (s.public_key, s.priority)))
+                .map(|(key, priority)| {
+                    let e = evidence.get(&key).copied().unwrap_or_default();
+                    Candidate { key, priority, probing_since: e.probing_since, last_answer: e.last_answer }
+                })
+                .collect();
+            let switch = self.switches.entry(r.cluster_id.clone()).or_default();
+            if let Some(change) = switch.decide(r.public_key, &candidates, now, &self.timers) {
+                changes.push((r.cluster_id.clone(), change));
+            }
+            seen.push(r.cluster_id.clone());
+        }
+        self.switches.retain(|id, _| seen.contains(id));
+        changes
+    }
+
+    /// Who carries `cluster_id`, given the authority's pick.
+    #[must_use]
+    pub fn view(&self, cluster_id: &str, authority: WireGuardKey) -> Option<CarrierView> {
+        let s = self.switches.get(cluster_id)?;
+        let (since, reason) = s.since()?;
+        Some(CarrierView { carrier: s.carrier()?, since, reason, provisional: s.provisional(authority) })
+    }
+
+    /// Carrier changes so far, by cluster and reason name (the first carrier is no failover and
+    /// is not counted).
+    #[must_use]
+    pub fn failovers(&self) -> BTreeMap<String, BTreeMap<String, u64>> {
+        self.switches
+            .iter()
+            .map(|(id, s)| {
+                let counts = s
+                    .counts()
+                    .iter()
+                    .filter(|(r, _)| **r != Reason::Initial)
+                    .map(|(r, n)| (r.as_str().to_owned(), *n))
+                    .collect::<BTreeMap<_, _>>();
+                (id.clone(), counts)
+            })
+            .filter(|(_, counts)| !counts.is_empty())
+            .collect()
     }
 }
 
@@ -489,5 +618,86 @@ mod tests {
         let only_1 = vec![c.gateways[0]];
         let change = s.decide(key(1), &only_1, c.at(1_100), &T).unwrap();
         assert_eq!(change, Change { from: Some(key(2)), to: key(1), reason: Reason::Authority });
+    }
+
+    fn remote(id: &str, active: u8, standbys: &[u8]) -> RemoteEndpoint {
+        let gw = |n: u8| std::net::SocketAddr::from(([192, 0, 2, n], 51820));
+        RemoteEndpoint {
+            cluster_id: id.into(),
+            public_key: key(active),
+            endpoint: gw(active),
+            cidrs: vec!["10.2.0.0/16".parse().unwrap()],
+            health_ip: Some("10.2.0.0".parse().unwrap()),
+            priority: 7,
+            standbys: standbys
+                .iter()
+                .map(|n| StandbyGateway {
+                    public_key: key(*n),
+                    endpoint: gw(*n),
+                    health_ip: Some("10.2.0.0".parse().unwrap()),
+                    priority: u32::from(*n),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn carriers_put_the_prefixes_on_the_chosen_gateway_and_keep_the_others_warm() {
+        let t0 = Instant::now();
+        let mut c = Carriers::default();
+        let b = remote("b", 1, &[2, 3]);
+        assert_eq!(c.carried(&b), b, "no decision yet: the records' view");
+        let answered =
+            |ms: u64| Evidence { probing_since: Some(t0), last_answer: Some(t0 + Duration::from_millis(ms)) };
+        let mut evidence =
+            BTreeMap::from([(key(1), answered(0)), (key(2), answered(0)), (key(3), answered(0))]);
+        assert_eq!(c.decide([&b], &evidence, t0).len(), 1);
+        assert_eq!(c.carried(&b), b, "the records' pick carries");
+        // Gateway 1 goes silent: the live standby with the higher priority (3) takes over.
+        evidence.insert(key(2), answered(400));
+        evidence.insert(key(3), answered(400));
+        let changes = c.decide([&b], &evidence, t0 + Duration::from_millis(400));
+        assert_eq!(
+            changes,
+            vec![("b".to_owned(), Change { from: Some(key(1)), to: key(3), reason: Reason::Unreachable })]
+        );
+        let carried = c.carried(&b);
+        assert_eq!(
+            (carried.public_key, carried.endpoint, carried.priority),
+            (key(3), b.standbys[1].endpoint, 3)
+        );
+        assert_eq!(carried.cidrs, b.cidrs);
+        assert_eq!(carried.health_ip, b.health_ip);
+        let warm: Vec<(WireGuardKey, u32)> =
+            carried.standbys.iter().map(|s| (s.public_key, s.priority)).collect();
+        assert_eq!(warm, vec![(key(1), 7), (key(2), 2)], "the records' pick among the standbys");
+        let view = c.view("b", key(1)).unwrap();
+        assert_eq!((view.carrier, view.reason, view.provisional), (key(3), Reason::Unreachable, true));
+        assert_eq!(
+            c.failovers(),
+            BTreeMap::from([("b".to_owned(), BTreeMap::from([("unreachable".to_owned(), 1)]))])
+        );
+        // The cluster leaves the records: its switch is forgotten.
+        assert!(c.decide([], &evidence, t0 + Duration::from_millis(450)).is_empty());
+        assert_eq!(c.carried(&b), b);
+        assert!(c.failovers().is_empty());
+    }
+
+    #[test]
+    fn a_carrier_the_records_no_longer_list_gives_the_records_view() {
+        let t0 = Instant::now();
+        let mut c = Carriers::default();
+        let evidence = BTreeMap::from([
+            (key(1), Evidence { probing_since: Some(t0), last_answer: None }),
+            (
+                key(2),
+                Evidence { probing_since: Some(t0), last_answer: Some(t0 + Duration::from_millis(400)) },
+            ),
+        ]);
+        c.decide([&remote("b", 1, &[2])], &evidence, t0 + Duration::from_millis(400));
+        assert_eq!(c.carried(&remote("b", 1, &[2])).public_key, key(2));
+        // Gateway 2's record is gone before the switch has run again: the rewrite never names
+        // a gateway the records do not list.
+        assert_eq!(c.carried(&remote("b", 1, &[])), remote("b", 1, &[]));
     }
 }

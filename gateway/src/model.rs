@@ -18,6 +18,8 @@ pub struct RemoteEndpoint {
     pub cidrs: Vec<IpNetwork>,
     /// The remote gateway's health-check address (probes are off without one).
     pub health_ip: Option<std::net::Ipv4Addr>,
+    /// Its priority in its endpoint record (which gateway a failover prefers).
+    pub priority: u32,
     /// The cluster's standby gateways: peers whose sessions are kept up (keepalives) but who
     /// carry no prefixes, so that a failover only moves the prefixes to one of them, with no
     /// handshake on the critical path.
@@ -29,6 +31,9 @@ pub struct RemoteEndpoint {
 pub struct StandbyGateway {
     pub public_key: WireGuardKey,
     pub endpoint: SocketAddr,
+    /// Probed like the active gateway, so that a failover goes only to a standby that answers.
+    pub health_ip: Option<std::net::Ipv4Addr>,
+    pub priority: u32,
 }
 
 /// Changes to make a set equal another.

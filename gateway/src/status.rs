@@ -13,7 +13,7 @@ use crate::daemon::Shared;
 // The wire types live in the API crate, so that clients (the CLI, the test harness) read a
 // gateway's status without linking the gateway.
 pub use causeway_broker_api::status::{
-    ConnectionView, DatapathCounters, FetchError, GatewayStatus, StandbyView, fetch, fetch_raw,
+    CarrierView, ConnectionView, DatapathCounters, FetchError, GatewayStatus, StandbyView, fetch, fetch_raw,
 };
 
 /// How long `/status` waits for a reading taken after the request before it answers with the
@@ -220,6 +220,19 @@ pub fn render_metrics(s: &GatewayStatus) -> String {
             s.policy_drops.iter().map(|(k, v)| (format!("rule=\"{k}\""), *v as f64)).collect(),
         );
     }
+    #[expect(clippy::cast_precision_loss, reason = "metrics are floats by definition")]
+    family(
+        "causeway_failovers_total",
+        "counter",
+        "Changes of the gateway that carries a remote cluster, by reason (unreachable: it stopped answering probes; authority: the control plane named another; fail_back: traffic went back after the hold-down)",
+        s.failovers
+            .iter()
+            .flat_map(|(cluster, by)| {
+                by.iter()
+                    .map(move |(reason, n)| (format!("cluster=\"{cluster}\",reason=\"{reason}\""), *n as f64))
+            })
+            .collect(),
+    );
     family(
         "causeway_rtt_seconds",
         "gauge",
@@ -470,6 +483,11 @@ mod tests {
                 tx_bytes: 10,
                 rx_bytes: 20,
                 datapath: DatapathCounters { tx_packets: 1, tx_bytes: 100, rx_packets: 2, rx_bytes: 200 },
+                carrier: Some(CarrierView {
+                    since_secs: 4.0,
+                    reason: "unreachable".into(),
+                    provisional: true,
+                }),
             }],
             cable_drops: [("invalid_packet".to_owned(), 4)].into_iter().collect(),
             datapath_events: BTreeMap::new(),
@@ -484,6 +502,7 @@ mod tests {
             refused: [("evil".to_owned(), "128.0.0.0/1 is broader than /8".to_owned())].into_iter().collect(),
             route_conflicts: vec!["10.9.0.0/16".into()],
             reconcile_failures: BTreeMap::from([("datapath".into(), "map full".into())]),
+            failovers: BTreeMap::from([("b".into(), BTreeMap::from([("unreachable".into(), 2)]))]),
         }
     }
 
@@ -628,6 +647,10 @@ mod tests {
         assert!(text.contains("causeway_policy_drops_total{rule=\"web\"} 2\n"));
         assert!(text.contains("causeway_last_handshake_seconds{cluster=\"b\"} 1.5\n"));
         assert!(text.contains("causeway_rtt_seconds{cluster=\"b\"} 0.0002\n"));
+        assert!(
+            text.contains("causeway_failovers_total{cluster=\"b\",reason=\"unreachable\"} 2\n"),
+            "{text}"
+        );
         assert!(text.contains("causeway_probe_loss_ratio{cluster=\"b\"} 0.25\n"));
         assert!(text.contains("# TYPE causeway_tx_bytes_total counter\n"));
         assert!(text.contains("\nprocess_resident_memory_bytes "), "{text}");

@@ -2,7 +2,7 @@
 
 use std::{
     io::Write as _,
-    process::{Command, Output, Stdio},
+    process::{Child, Command, Output, Stdio},
 };
 
 use anyhow::{Context as _, bail};
@@ -115,4 +115,53 @@ pub fn ns_pids(ns: &str) -> Vec<String> {
     run(&["ip", "netns", "pids", ns])
         .map(|o| String::from_utf8_lossy(&o.stdout).split_whitespace().map(str::to_owned).collect())
         .unwrap_or_default()
+}
+
+/// A background process in a namespace, killed on drop.
+pub struct Bg(Option<Child>);
+
+impl Bg {
+    /// Starts `args` in `ns`; stderr is discarded.
+    #[must_use]
+    pub fn start(ns: &str, args: &[&str], stdout: Stdio) -> Self {
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawning");
+        Bg(Some(child))
+    }
+
+    /// The process id, while it runs.
+    #[must_use]
+    pub fn pid(&self) -> Option<u32> {
+        self.0.as_ref().map(Child::id)
+    }
+
+    /// Waits for the process to exit and returns its stdout.
+    #[must_use]
+    pub fn output(mut self) -> String {
+        let out = self.0.take().expect("running").wait_with_output().expect("waiting");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// Stops a capture cleanly (SIGINT flushes the file) and waits for it.
+    pub fn interrupt(mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = run(&["kill", "-INT", &child.id().to_string()]);
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Bg {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }

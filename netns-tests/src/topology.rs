@@ -452,25 +452,56 @@ impl Topology {
         .collect()
     }
 
-    /// Starts a second gateway of cluster `index` as a standby, in namespace `ns` (from
-    /// [`Self::add_underlay_host`], address `addr`); returns its status socket. It has no
-    /// cluster-side LAN: it only holds tunnels.
-    pub fn start_standby_gateway(&mut self, index: usize, ns: &str, addr: &str) -> anyhow::Result<PathBuf> {
-        let dir = |what: &str| self.spec.run_dir.join(format!("c{index}-standby{what}"));
-        let mut device = format!("{}s", self.clusters[index - 1].device);
+    /// Builds a second gateway node for cluster `index` and starts a standby gateway on it: a
+    /// namespace `<prefix>-c<index>-gwb` with an uplink on the underlay (172.31.0.(40+index))
+    /// and its own link to the cluster's worker node (172.21.<index>.0/24), so that it can
+    /// carry the cluster's traffic when a remote gateway moves it there. The worker's routes to
+    /// other clusters still point at the first gateway.
+    pub fn start_standby_gateway(&mut self, index: usize) -> anyhow::Result<StandbyNode> {
+        let c = self.clusters[index - 1].clone();
+        let ns = format!("{}-c{index}-gwb", self.spec.prefix);
+        let addr = format!("172.31.0.{}", 40 + index);
+        let mtu = self.spec.underlay_mtu.to_string();
+        let u = self.underlay_ns.clone();
+        self.add_ns(&ns)?;
+        let port = format!("gw{index}b");
+        veth(&ns, "uplink", &u, &port)?;
+        ip(&u, &["link", "set", &port, "master", "br0", "mtu", &mtu, "up"])?;
+        ip(&ns, &["link", "set", "uplink", "mtu", &mtu])?;
+        ip(&ns, &["addr", "add", &format!("{addr}/24"), "dev", "uplink"])?;
+        ip(&ns, &["link", "set", "uplink", "up"])?;
+        veth(&ns, "lan0", &c.node_ns, "lan1")?;
+        ip(&ns, &["addr", "add", &format!("172.21.{index}.1/24"), "dev", "lan0"])?;
+        ip(&c.node_ns, &["addr", "add", &format!("172.21.{index}.2/24"), "dev", "lan1"])?;
+        ip(&ns, &["link", "set", "lan0", "up"])?;
+        ip(&c.node_ns, &["link", "set", "lan1", "up"])?;
+        sysctl(&ns, "net.ipv4.ip_forward", "1")?;
+        ip(&ns, &["route", "add", &format!("10.{index}.2.0/24"), "via", &format!("172.21.{index}.2")])?;
+
+        let dir = |what: &str| self.spec.run_dir.join(format!("c{index}-gwb{what}"));
+        let mut device = format!("{}b", c.device);
         device.truncate(15);
         let run = GatewayRun {
-            hostname: format!("gw-{index}-standby"),
-            node_ip: addr.to_owned(),
+            hostname: format!("gw-{index}-b"),
+            node_ip: addr.clone(),
             state: dir(""),
             socket: dir(".sock"),
             device,
-            bpf: self.bpf_root().join(format!("c{index}-standby")),
+            bpf: self.bpf_root().join(format!("c{index}-gwb")),
         };
         let mut args = self.gateway_command(index, &run);
-        args.extend(["--metrics-listen", "off", "--role", "standby"].map(String::from));
-        self.spawn(ns, &dir(".log"), &args)?;
-        Ok(run.socket)
+        args.extend(
+            ["--cluster-interface", "lan0", "--metrics-listen", "off", "--role", "standby"].map(String::from),
+        );
+        args.extend(self.spec.gateway_args.iter().cloned());
+        let log = dir(".log");
+        self.spawn(&ns, &log, &args)?;
+        Ok(StandbyNode { ns, ip: addr, socket: run.socket, log })
+    }
+
+    /// Kills every process in namespace `ns` with SIGKILL (no cleanup), as a crash would.
+    pub fn kill_namespace(&mut self, ns: &str) {
+        let _ = self.kill_in(ns);
     }
 
     /// Starts gateway `index` (1-based), joining its cluster first if needed.
@@ -601,6 +632,16 @@ impl Drop for Topology {
             eprintln!("teardown of {}: {e:#}", self.spec.prefix);
         }
     }
+}
+
+/// A cluster's second gateway node (see [`Topology::start_standby_gateway`]).
+#[derive(Clone, Debug)]
+pub struct StandbyNode {
+    pub ns: String,
+    /// Its address on the underlay (its endpoint).
+    pub ip: String,
+    pub socket: PathBuf,
+    pub log: PathBuf,
 }
 
 /// What differs between the gateway processes of one cluster.

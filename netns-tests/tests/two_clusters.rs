@@ -3,13 +3,14 @@
 //! `scripts/test.sh` does; then not being root fails it.
 
 use std::{
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::atomic::{AtomicUsize, Ordering},
     time::Duration,
 };
 
 use causeway_netns::{
-    Topology, TopologySpec, causeway_bin, exec,
+    Topology, TopologySpec, causeway_bin,
+    exec::{self, Bg},
     ready::{self, Proto},
     require_privileges,
     topology::wait_for,
@@ -57,46 +58,6 @@ fn tcp_sink(ns: &str, listen: &str) -> Bg {
     let sink = Bg::start(ns, &[&bin, "debug", "tcp-sink", "--listen", listen], Stdio::piped());
     ready::wait_listening(ns, listen, Proto::Tcp).unwrap();
     sink
-}
-
-/// A background process in a namespace, killed on drop.
-struct Bg(Option<Child>);
-
-impl Bg {
-    fn start(ns: &str, args: &[&str], stdout: Stdio) -> Self {
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawning");
-        Bg(Some(child))
-    }
-
-    /// Waits for the process to exit and returns its stdout.
-    fn output(mut self) -> String {
-        let out = self.0.take().expect("running").wait_with_output().expect("waiting");
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
-    }
-
-    /// Stops a capture cleanly (SIGINT flushes the file) and waits for it.
-    fn interrupt(mut self) {
-        if let Some(mut child) = self.0.take() {
-            let _ = exec::run(&["kill", "-INT", &child.id().to_string()]);
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Bg {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
 }
 
 fn capture(ns: &str, iface: &str, file: &str, filter: &[&str]) -> Bg {
@@ -780,7 +741,7 @@ fn gateway_restart_keeps_the_pinned_state_and_forwarding() {
     let outage = stopping.elapsed();
     std::thread::sleep(Duration::from_millis(1500));
     let out = {
-        let _ = exec::run(&["kill", "-INT", &ping.0.as_ref().unwrap().id().to_string()]);
+        let _ = exec::run(&["kill", "-INT", &ping.pid().unwrap().to_string()]);
         ping.output()
     };
     let times = reply_times(&out);
@@ -850,53 +811,6 @@ fn gateway_restart_keeps_the_pinned_state_and_forwarding() {
     }
     let uplink = exec::run(&["ip", "-n", &a.gw_ns, "link", "show", "dev", "uplink"]).unwrap();
     assert!(!String::from_utf8_lossy(&uplink.stdout).contains("xdp"), "the uplink guard is still attached");
-}
-
-#[test]
-#[ignore = "privileged: needs root (BPF, namespaces); scripts/test.sh runs it"]
-fn a_standby_gateway_is_kept_warm_by_the_other_clusters() {
-    require_privileges!();
-    let mut t = topology(2, 1500);
-    let (a, b) = (t.clusters[0].clone(), t.clusters[1].clone());
-    // Cluster 2 gets a second gateway, registered as standby.
-    let ns = t.add_underlay_host("c2-sb", "172.31.0.32").unwrap();
-    let socket = t.start_standby_gateway(2, &ns, "172.31.0.32").unwrap();
-    let standby_status = || causeway_broker_api::status::fetch(&socket);
-
-    // Without any traffic to it: gateway 1 holds a session with the standby (the uplink
-    // guard lets its keepalives through), and the standby with gateway 1.
-    // As long as the other tunnels get to come up (`start`): the full suite loads two cores.
-    wait_for(Duration::from_secs(30), "gateway 1's session with cluster-2's standby", || {
-        t.gateway_status(1).is_ok_and(|s| {
-            s.standbys.iter().any(|sb| {
-                sb.cluster_id == "cluster-2" && sb.endpoint == "172.31.0.32:51820" && sb.status == "connected"
-            })
-        })
-    })
-    .unwrap();
-    wait_for(Duration::from_secs(30), "the standby's session with cluster-1", || {
-        standby_status().is_ok_and(|s| {
-            s.connections.iter().any(|c| c.cluster_id == "cluster-1" && c.status == "connected")
-        })
-    })
-    .unwrap();
-    // Traffic still goes through the active gateway: gateway 1's connection for cluster-2 is
-    // gateway 2's endpoint, and pod traffic lands there.
-    let s1 = t.gateway_status(1).unwrap();
-    let active: Vec<_> = s1.connections.iter().filter(|c| c.cluster_id == "cluster-2").collect();
-    assert_eq!(active.len(), 1, "{:?}", s1.connections);
-    assert_eq!(active[0].endpoint, format!("{}:51820", b.gw_ip));
-    let rx_before = t.gateway_status(2).unwrap().connections[0].datapath.rx_packets;
-    assert!(exec::ping(&a.pod_ns, &b.pod_ip, 3));
-    assert!(t.gateway_status(2).unwrap().connections[0].datapath.rx_packets >= rx_before + 3);
-    let sb = standby_status().unwrap();
-    assert_eq!(sb.connections[0].datapath.rx_packets, 0, "nothing is routed to a standby");
-    // Metrics name the warm standby.
-    let metrics = causeway_gateway::status::render_metrics(&t.gateway_status(1).unwrap());
-    assert!(
-        metrics.contains("causeway_standby_up{cluster=\"cluster-2\",endpoint=\"172.31.0.32:51820\"} 1"),
-        "{metrics}"
-    );
 }
 
 #[test]

@@ -36,6 +36,23 @@ pub struct ConnectionView {
     pub rx_bytes: u64,
     /// Counted in the kernel by the eBPF programs.
     pub datapath: DatapathCounters,
+    /// Since when this gateway of the cluster carries its traffic, and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub carrier: Option<CarrierView>,
+}
+
+/// Why a remote cluster's traffic goes to the gateway it goes to.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CarrierView {
+    /// Seconds since it took over.
+    pub since_secs: f64,
+    /// `initial`, `unreachable` (the previous one stopped answering), `authority` (the
+    /// control plane named it) or `fail_back`.
+    pub reason: String,
+    /// The control plane names another gateway of the cluster: this side moved on its own
+    /// evidence (and stays until the named one answers for the hold-down).
+    pub provisional: bool,
 }
 
 /// `GET /status`.
@@ -77,6 +94,9 @@ pub struct GatewayStatus {
     /// Remote prefixes not routed because a route Causeway did not create holds them.
     #[serde(default)]
     pub route_conflicts: Vec<String>,
+    /// Failovers (changes of a remote cluster's carrier) so far, by cluster and reason.
+    #[serde(default)]
+    pub failovers: BTreeMap<String, BTreeMap<String, u64>>,
     /// Reconcile steps that failed on the last pass (`datapath`, `policy`, `guard`, `routes`,
     /// `peer/<cluster>`), and why; the other steps ran. Retried on the next pass.
     #[serde(default)]

@@ -84,6 +84,9 @@ pub struct Connection {
     /// bits); 0 for backends without one.
     #[serde(skip)]
     pub local_index: u32,
+    /// The probes' evidence, for the failover switch.
+    #[serde(skip)]
+    pub evidence: crate::failover::Evidence,
 }
 
 /// What a running cable says about itself, the same for every driver: the daemon attaches the

@@ -118,11 +118,11 @@ impl Pair {
         }
     }
 
-    /// Advances the mocked clock in 250 ms ticks, as the I/O loop would.
+    /// Advances the mocked clock in ticks, as the I/O loop would.
     fn run_for(&mut self, d: Duration) {
-        let ticks = d.as_millis() / 250;
+        let ticks = d.as_millis() / TICK.as_millis();
         for _ in 0..ticks {
-            MockClock::advance(Duration::from_millis(250));
+            MockClock::advance(TICK);
             let now = std::time::Instant::now();
             let (mut oa, mut ob) = (Vec::new(), Vec::new());
             self.a.tick(now, &mut oa);
@@ -156,8 +156,9 @@ impl Pair {
     }
 }
 
-/// The I/O loop's timer tick: every deadline is met within one tick.
-const TICK: Duration = Duration::from_millis(250);
+/// The I/O loop's timer tick (the cable's control thread ticks every 50 ms): every deadline
+/// is met within one tick.
+const TICK: Duration = Duration::from_millis(50);
 
 /// `t` lies within one tick after `due`.
 fn on_schedule(t: Duration, due: Duration) -> bool {
@@ -205,7 +206,7 @@ fn rekeys_after_two_minutes_and_keeps_data_flowing() {
 fn passive_keepalive_answers_one_way_traffic() {
     let mut p = Pair::new();
     // boringtun stamps events with the time of its last timer tick: let one pass after the
-    // handshake, as the 250 ms loop always does.
+    // handshake, as the timer loop always does.
     p.run_for(Duration::from_secs(1));
     let b_sent_last = p.log.iter().filter(|e| e.0 == 'b').map(|e| e.1).max().expect("B's handshake response");
     p.send_a_to_b(b"one-way");

@@ -203,6 +203,8 @@ pub struct PeerStats {
     pub loss: f64,
     /// Whether in-band probes run for this peer.
     pub probed: bool,
+    /// When its probes began and were last answered (for the failover switch).
+    pub evidence: crate::failover::Evidence,
 }
 
 impl PeerStats {
@@ -519,6 +521,7 @@ impl WgCore {
                     rtt: p.probe.rtt(),
                     loss: p.probe.loss(now),
                     probed: probing && p.config.health_ip.is_some(),
+                    evidence: p.probe.evidence(),
                 }
             })
             .collect();
@@ -709,7 +712,7 @@ impl WgCore {
         }
     }
 
-    /// Timer tick (every ~250 ms) at `now`: handshakes, rekeys, keepalives, expiry, probes.
+    /// Timer tick (every ~50 ms) at `now`: handshakes, rekeys, keepalives, expiry, probes.
     pub fn tick(&mut self, now: Instant, out: &mut impl Sink) {
         // Once a second at most (the limiter checks): the handshake budget starts again.
         self.shared.limiter.reset_count();

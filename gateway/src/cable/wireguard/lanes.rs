@@ -48,8 +48,9 @@ use super::{
     gso,
 };
 
-/// How often the core's timers run (handshakes, keepalives, expiry, probes).
-const TICK: Duration = Duration::from_millis(250);
+/// How often the core's timers run (handshakes, keepalives, expiry, probes): twice per probe
+/// interval, so that probes leave on time.
+const TICK: Duration = Duration::from_millis(50);
 /// Datagram runs handled per wake-up before the TUN side gets a turn.
 const UDP_BATCH: usize = 64;
 /// TUN reads (each up to 64 KB) per wake-up before the socket side gets a turn.

@@ -249,18 +249,9 @@ impl CableDriver for WireGuardCable {
             // A gateway of the cluster that is gone (or changed key): its session goes.
             self.call(|tx| Command::Remove(old, tx)).await?;
         }
-        // Standbys first: a gateway demoted to standby gives up the prefixes before the
-        // promoted one takes them over, on the session it already has.
-        for s in &ep.standbys {
-            let cfg = PeerConfig {
-                cluster_id: ep.cluster_id.clone(),
-                public_key: s.public_key,
-                endpoint: s.endpoint,
-                allowed: Vec::new(),
-                health_ip: None,
-            };
-            self.call(|tx| Command::Upsert(cfg, tx)).await?.map_err(CableError::PeerRefused)?;
-        }
+        // The carrier first: a gateway promoted from standby takes the prefixes over on the
+        // session it already has, and only then does the demoted one give them up, so that
+        // there is no moment when nobody carries them (in between, either may).
         let cfg = PeerConfig {
             cluster_id: ep.cluster_id.clone(),
             public_key: ep.public_key,
@@ -269,6 +260,17 @@ impl CableDriver for WireGuardCable {
             health_ip: ep.health_ip,
         };
         self.call(|tx| Command::Upsert(cfg, tx)).await?.map_err(CableError::PeerRefused)?;
+        for s in &ep.standbys {
+            let cfg = PeerConfig {
+                cluster_id: ep.cluster_id.clone(),
+                public_key: s.public_key,
+                endpoint: s.endpoint,
+                allowed: Vec::new(),
+                // Probed like the carrier: the switch only moves traffic to one that answers.
+                health_ip: s.health_ip,
+            };
+            self.call(|tx| Command::Upsert(cfg, tx)).await?.map_err(CableError::PeerRefused)?;
+        }
         self.keys.insert(ep.cluster_id.clone(), want);
         Ok(())
     }
@@ -300,6 +302,7 @@ impl CableDriver for WireGuardCable {
                 tx_packets: p.tx_packets,
                 rx_packets: p.rx_packets,
                 local_index: p.index,
+                evidence: p.evidence,
             })
             .collect())
     }

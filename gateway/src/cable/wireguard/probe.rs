@@ -11,11 +11,16 @@ use std::{
 
 /// ICMP identifier of our probes (replies with another id are not ours).
 pub const PROBE_ID: u16 = 0xca05;
-/// How often a probe is sent on a live session.
-pub const PROBE_INTERVAL: Duration = Duration::from_millis(500);
-/// No reply for this long: the connection is down.
+/// How often a probe is sent on a live session: the failover switch's interval (a gateway
+/// that misses three in a row is left for a standby that answers).
+pub const PROBE_INTERVAL: Duration = crate::failover::Timers::DEFAULT.interval;
+/// A probe is due this much before a full interval has passed: the timer that sends probes
+/// runs twice per interval and may wake a little early, which must not cost a whole tick.
+const PROBE_SLACK: Duration = Duration::from_millis(20);
+/// No reply for this long: the connection is shown down (the switch decides faster, on its own
+/// timers; a status that flickers on every late reply would tell an operator nothing).
 pub const DOWN_AFTER: Duration = Duration::from_millis(1600);
-/// Probes remembered for RTT and loss.
+/// Probes remembered for RTT and loss (two seconds' worth).
 const WINDOW: usize = 20;
 
 const ICMP_ECHO_REPLY: u8 = 0;
@@ -132,7 +137,7 @@ pub struct ProbeState {
 impl ProbeState {
     /// The next probe if one is due at `now`.
     pub fn next(&mut self, now: Instant, src: Ipv4Addr, dst: Ipv4Addr) -> Option<Echo> {
-        if self.last_sent.is_some_and(|t| now.duration_since(t) < PROBE_INTERVAL) {
+        if self.last_sent.is_some_and(|t| now.duration_since(t) < PROBE_INTERVAL - PROBE_SLACK) {
             return None;
         }
         let seq = self.next_seq;
@@ -165,6 +170,13 @@ impl ProbeState {
             (Some(first), None) if now.duration_since(first) < DOWN_AFTER => Health::Unknown,
             _ => Health::Down,
         }
+    }
+
+    /// What the failover switch needs: since when probes go out, and when one was last
+    /// answered.
+    #[must_use]
+    pub fn evidence(&self) -> crate::failover::Evidence {
+        crate::failover::Evidence { probing_since: self.first_sent, last_answer: self.last_reply }
     }
 
     #[must_use]
@@ -223,13 +235,13 @@ mod tests {
         let mut s = ProbeState::default();
         assert_eq!(s.health(t0), Health::Unknown);
         let p = s.next(t0, a, b).unwrap();
-        assert!(s.next(t0 + Duration::from_millis(100), a, b).is_none(), "not due yet");
+        assert!(s.next(t0 + Duration::from_millis(50), a, b).is_none(), "not due yet");
         s.on_reply(p.seq, t0 + Duration::from_millis(3));
         assert_eq!(s.rtt(), Some(Duration::from_millis(3)));
         assert_eq!(s.health(t0 + Duration::from_millis(500)), Health::Up);
         // The path breaks: probes keep going unanswered.
         let mut t = t0;
-        for _ in 0..6 {
+        while t < t0 + DOWN_AFTER + PROBE_INTERVAL * 2 {
             t += PROBE_INTERVAL;
             s.next(t, a, b).unwrap();
         }

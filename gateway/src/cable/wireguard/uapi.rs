@@ -174,6 +174,7 @@ mod tests {
             rtt: None,
             loss: 0.0,
             probed: false,
+            evidence: Default::default(),
         };
         let out = format_get(&[1; 32], 51820, 25, &[peer], now);
         let expected = format!(
@@ -208,6 +209,7 @@ mod tests {
             rtt: None,
             loss: 0.0,
             probed: false,
+            evidence: Default::default(),
         };
         let out = format_get(&[1; 32], 1, 0, &[peer], SystemTime::now());
         assert!(out.contains("last_handshake_time_sec=0\nlast_handshake_time_nsec=0\n"));

@@ -210,6 +210,9 @@ enum DebugCmd {
         connect: String,
         #[arg(long)]
         bytes: u64,
+        /// Pace the sending to this many megabits per second (unset: as fast as it goes).
+        #[arg(long)]
+        mbps: Option<f64>,
     },
 }
 
@@ -267,6 +270,11 @@ struct RouteAgentArgs {
     /// Namespace of the gateway Lease (with --kubernetes).
     #[arg(long, env = "CAUSEWAY_NAMESPACE", default_value = "causeway-system")]
     namespace: String,
+    /// UDP port of the gateway nodes' probe responders: every 100 ms this node asks each
+    /// gateway node whether it forwards, and moves its nexthop off one that stops answering
+    /// without waiting for the control plane (0: no probes; follow the control plane alone).
+    #[arg(long, env = "CAUSEWAY_NODE_PROBE_PORT", default_value_t = causeway_gateway::node_probe::DEFAULT_PORT)]
+    node_probe_port: u16,
 }
 
 #[derive(clap::Args)]
@@ -362,6 +370,11 @@ struct GatewayArgs {
     /// kernel routes them into the tunnel.
     #[arg(long = "cluster-interface", env = "CAUSEWAY_CLUSTER_INTERFACES", value_delimiter = ',')]
     cluster_interfaces: Vec<String>,
+    /// Where this gateway tells its cluster's nodes (route agents) whether it forwards: UDP
+    /// ADDR:PORT, or off. Best on the node's address inside the cluster (the uplink faces the
+    /// underlay); the route agents' --node-probe-port must match.
+    #[arg(long, env = "CAUSEWAY_NODE_PROBE_LISTEN", default_value = "0.0.0.0:51821")]
+    node_probe_listen: String,
     /// I/O threads of the tunnel, each with its own device queue and UDP socket; the kernel
     /// keeps every flow on one of them (0: one per CPU, up to 64).
     #[arg(long, env = "CAUSEWAY_TUNNEL_LANES", default_value_t = 0)]
@@ -500,7 +513,7 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Debug { command } => match command {
             DebugCmd::TcpSink { listen } => tools::tcp_sink(&listen),
-            DebugCmd::TcpSource { connect, bytes } => tools::tcp_source(&connect, bytes),
+            DebugCmd::TcpSource { connect, bytes, mbps } => tools::tcp_source(&connect, bytes, mbps),
             DebugCmd::UdpEcho { listen } => tools::udp_echo(&listen),
             DebugCmd::UdpStream { connect, rate, secs, size } => {
                 tools::udp_stream(&connect, rate, secs, size)
@@ -639,7 +652,8 @@ async fn route_agent(a: RouteAgentArgs) -> anyhow::Result<()> {
     } else {
         None
     };
-    causeway_gateway::agent::run(client, cluster_id, gateways, shutdown_signal())
+    let probe_port = (a.node_probe_port != 0).then_some(a.node_probe_port);
+    causeway_gateway::agent::run(client, cluster_id, gateways, probe_port, shutdown_signal())
         .await
         .context("route agent failed")
 }
@@ -727,6 +741,14 @@ fn gateway_config(
         bpf_dir: (!a.ephemeral).then(|| a.bpf_dir.clone()),
         cluster_interfaces: a.cluster_interfaces.clone(),
         lanes: a.tunnel_lanes,
+        node_probe_listen: match a.node_probe_listen.as_str() {
+            "off" | "" => None,
+            addr => Some(listen_address(addr).with_context(|| {
+                format!(
+                    "--node-probe-listen {addr:?} is not ADDR:PORT (IPv6: [ADDR]:PORT or ADDR:PORT) or off"
+                )
+            })?),
+        },
         #[cfg(feature = "sandbox")]
         debug_hooks: a.debug_hooks,
         #[cfg(not(feature = "sandbox"))]

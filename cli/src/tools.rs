@@ -44,8 +44,13 @@ pub fn tcp_sink(listen: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Connects, sends `bytes` bytes of marker-laden data, prints `{"bytes":…,"sha256":…}`.
-pub fn tcp_source(connect: &str, bytes: u64) -> anyhow::Result<()> {
+/// Connects, sends `bytes` bytes of marker-laden data (paced to `mbps` megabits per second
+/// when given), prints `{"bytes":…,"sha256":…}`.
+pub fn tcp_source(connect: &str, bytes: u64, mbps: Option<f64>) -> anyhow::Result<()> {
+    if let Some(m) = mbps {
+        anyhow::ensure!(m.is_finite() && m > 0.0, "--mbps must be a positive number");
+    }
+    let start = std::time::Instant::now();
     let addr: std::net::SocketAddr =
         connect.parse().with_context(|| format!("{connect} is not ADDR:PORT"))?;
     let mut s =
@@ -66,6 +71,13 @@ pub fn tcp_source(connect: &str, bytes: u64) -> anyhow::Result<()> {
         s.write_all(&block[..take])?;
         hash.update(&block[..take]);
         sent += take as u64;
+        if let Some(m) = mbps {
+            #[expect(clippy::cast_precision_loss, reason = "a pace, not an exact figure")]
+            let due = start + std::time::Duration::from_secs_f64(sent as f64 * 8.0 / (m * 1e6));
+            if let Some(wait) = due.checked_duration_since(std::time::Instant::now()) {
+                std::thread::sleep(wait);
+            }
+        }
     }
     s.shutdown(std::net::Shutdown::Write)?;
     println!("{}", report(sent, hash));

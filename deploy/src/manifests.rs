@@ -64,6 +64,8 @@ pub struct Settings {
     pub broker_storage: String,
     pub wireguard_port: u16,
     pub metrics_port: u16,
+    /// Where gateways answer their nodes' route agents (UDP).
+    pub node_probe_port: u16,
 }
 
 impl Default for Settings {
@@ -76,6 +78,7 @@ impl Default for Settings {
             broker_storage: "1Gi".into(),
             wireguard_port: 51820,
             metrics_port: 9464,
+            node_probe_port: 51821,
         }
     }
 }
@@ -430,6 +433,8 @@ fn member(s: &Settings) -> Result<Vec<Manifest>, ManifestError> {
             // uplink faces the underlay). Kubernetes expands $(…) from the entry above.
             env_field("CAUSEWAY_NODE_IP", "status.hostIP"),
             env("CAUSEWAY_METRICS_LISTEN", &format!("$(CAUSEWAY_NODE_IP):{}", s.metrics_port)),
+            // The route agents of the cluster's nodes ask here whether this gateway forwards.
+            env("CAUSEWAY_NODE_PROBE_LISTEN", &format!("$(CAUSEWAY_NODE_IP):{}", s.node_probe_port)),
             env("CAUSEWAY_STATE_DIR", "/var/lib/causeway"),
             env("CAUSEWAY_STATUS_SOCKET", "/run/causeway/gateway.sock"),
         ]),
@@ -445,6 +450,12 @@ fn member(s: &Settings) -> Result<Vec<Manifest>, ManifestError> {
                 name: Some("metrics".into()),
                 container_port: s.metrics_port.into(),
                 protocol: Some("TCP".into()),
+                ..ContainerPort::default()
+            },
+            ContainerPort {
+                name: Some("node-probe".into()),
+                container_port: s.node_probe_port.into(),
+                protocol: Some("UDP".into()),
                 ..ContainerPort::default()
             },
         ]),
@@ -526,6 +537,7 @@ fn member(s: &Settings) -> Result<Vec<Manifest>, ManifestError> {
         env: Some(vec![
             env_field("CAUSEWAY_NAMESPACE", "metadata.namespace"),
             env("CAUSEWAY_BROKER_CREDENTIALS", &format!("/etc/causeway/broker/{CREDENTIALS_KEY}")),
+            env("CAUSEWAY_NODE_PROBE_PORT", &s.node_probe_port.to_string()),
         ]),
         // NET_ADMIN: the nexthop and the routes through it.
         security_context: Some(capabilities(&["NET_ADMIN"])),

@@ -1,20 +1,32 @@
 //! The route agent, for the nodes of a cluster that are not gateways: it routes every remote
-//! cluster's prefixes through one nexthop that points at the cluster's active gateway node.
+//! cluster's prefixes through one nexthop that points at a gateway node of the cluster.
 //!
 //! What to route comes from the broker (the same [`desired`] the gateways compute, so a node
-//! routes exactly the prefixes its gateway tunnels). Which gateway is active comes from the
-//! broker's endpoint records of this cluster, or from a caller-supplied source (the
-//! Kubernetes Lease). A failover is one nexthop replace; the routes do not change.
+//! routes exactly the prefixes its gateway tunnels). Which gateway the control plane names
+//! comes from the broker's endpoint records of this cluster, or from a caller-supplied source
+//! (the Kubernetes Lease). The node does not wait for it when that gateway fails: it probes
+//! every gateway node of its cluster ([`node_probe`]) and runs the same
+//! [`Switch`](crate::failover::Switch) as the gateways, so it leaves a gateway that stops
+//! answering (or says it no longer forwards) within the detection time, and comes back to the
+//! named one once it has answered for the hold-down. A failover is one nexthop replace; the
+//! routes do not change.
 
-use std::{collections::BTreeSet, future::Future, net::IpAddr, time::Duration};
+use std::{
+    collections::BTreeSet,
+    future::Future,
+    net::IpAddr,
+    time::{Duration, Instant},
+};
 
 use causeway_broker_api::{BrokerClient, GatewayRole, Object, Record, Reflector};
 use ipnetwork::IpNetwork;
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     desired::{LocalFacts, desired},
+    failover::{Candidate, Liveness, Reason, Switch, Timers},
+    node_probe::Prober,
     route::{Netlink, RouteError, node::NodeRoutes},
 };
 
@@ -24,23 +36,97 @@ pub struct NodeView {
     pub remote_prefixes: BTreeSet<IpNetwork>,
     /// The node address of this cluster's active gateway, as its endpoint record says.
     pub active_gateway: Option<IpAddr>,
+    /// Every gateway node of this cluster (its first node address) with its priority.
+    pub gateways: Vec<(IpAddr, u32)>,
 }
 
 /// The node's view of the records. Among several endpoints marked active (a failover in
 /// progress), the most recently written wins.
 #[must_use]
 pub fn node_view(objects: &[Object], local_cluster: &str, facts: &LocalFacts) -> NodeView {
-    let active_gateway = objects
-        .iter()
-        .filter_map(|o| match &o.record {
-            Record::Endpoint(e) if e.cluster_id == local_cluster && e.role == GatewayRole::Active => {
-                e.private_ips.first().map(|ip| (o.resource_version, *ip))
+    let ours = || {
+        objects.iter().filter_map(|o| match &o.record {
+            Record::Endpoint(e) if e.cluster_id == local_cluster => {
+                e.private_ips.first().map(|ip| (o.resource_version, e, *ip))
             }
             _ => None,
         })
-        .max_by_key(|(rv, _)| *rv)
-        .map(|(_, ip)| ip);
-    NodeView { remote_prefixes: desired(objects, local_cluster, facts).routes(), active_gateway }
+    };
+    let active_gateway = ours()
+        .filter(|(_, e, _)| e.role == GatewayRole::Active)
+        .max_by_key(|(rv, _, _)| *rv)
+        .map(|(_, _, ip)| ip);
+    let mut gateways: Vec<(IpAddr, u32)> = ours().map(|(_, e, ip)| (ip, e.priority)).collect();
+    gateways.sort_unstable();
+    gateways.dedup_by_key(|(ip, _)| *ip);
+    NodeView { remote_prefixes: desired(objects, local_cluster, facts).routes(), active_gateway, gateways }
+}
+
+/// Which gateway node this node routes through (sans IO: the probes' answers and the clock are
+/// passed in).
+#[derive(Debug, Default)]
+pub struct NodeFailover {
+    pub prober: Prober,
+    switch: Switch<IpAddr>,
+}
+
+impl NodeFailover {
+    /// The gateway to route through at `now`: the control plane's pick (`authority`; without
+    /// one, the gateway with the highest priority) unless the switch has moved off it. When no
+    /// gateway answers at all (gateways without a probe responder, a firewall in between,
+    /// every gateway cut off) the control plane's pick, as if there were no probes.
+    pub fn choose(
+        &mut self,
+        authority: Option<IpAddr>,
+        gateways: &[(IpAddr, u32)],
+        now: Instant,
+    ) -> Option<IpAddr> {
+        let authority = authority.or_else(|| gateways.iter().max_by_key(|(_, p)| *p).map(|(ip, _)| *ip))?;
+        let mut candidates: Vec<Candidate<IpAddr>> = gateways
+            .iter()
+            .map(|(ip, priority)| {
+                let e = self.prober.evidence(*ip);
+                Candidate {
+                    key: *ip,
+                    priority: *priority,
+                    probing_since: e.probing_since,
+                    last_answer: e.last_answer,
+                }
+            })
+            .collect();
+        if !candidates.iter().any(|c| c.key == authority) {
+            let e = self.prober.evidence(authority);
+            candidates.push(Candidate {
+                key: authority,
+                priority: 0,
+                probing_since: e.probing_since,
+                last_answer: e.last_answer,
+            });
+        }
+        let t = Timers::DEFAULT;
+        if let Some(c) = self.switch.decide(authority, &candidates, now, &t) {
+            if c.reason == Reason::Initial {
+                debug!(gateway = %c.to, "first gateway");
+            } else {
+                info!(from = ?c.from, to = %c.to, reason = c.reason.as_str(), provisional = c.to != authority,
+                    "this node's gateway changed");
+            }
+        }
+        if !candidates.iter().any(|c| c.liveness(now, &t) == Liveness::Alive) {
+            return Some(authority);
+        }
+        self.switch.carrier()
+    }
+
+    /// The gateways to probe now: every gateway node of the cluster and the control plane's
+    /// pick.
+    #[must_use]
+    pub fn targets(authority: Option<IpAddr>, gateways: &[(IpAddr, u32)]) -> Vec<IpAddr> {
+        let mut v: Vec<IpAddr> = gateways.iter().map(|(ip, _)| *ip).chain(authority).collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +135,8 @@ pub enum AgentError {
     Route(#[from] RouteError),
     #[error("broker: {0}")]
     Broker(String),
+    #[error("opening the node probe socket: {0}")]
+    Probe(#[source] std::io::Error),
 }
 
 struct Agent {
@@ -57,19 +145,28 @@ struct Agent {
 }
 
 impl Agent {
-    async fn apply(&mut self, view: &NodeView, gateway: Option<IpAddr>) {
+    /// Points the nexthop at `gateway` if it moved; syncs the routes when `sync` (the records
+    /// changed) or when the first nexthop was just made.
+    async fn apply(&mut self, view: &NodeView, gateway: Option<IpAddr>, sync: bool) {
+        let first = self.applied.active_gateway.is_none();
         if let Some(gw) = gateway
             && (self.applied.active_gateway != Some(gw))
         {
             match self.routes.set_gateway(gw).await {
-                Ok(()) => self.applied.active_gateway = Some(gw),
+                Ok(()) => {
+                    info!(gateway = %gw, "nexthop points at this gateway node");
+                    self.applied.active_gateway = Some(gw);
+                }
                 Err(e) => {
-                    warn!(error = %e, gateway = %gw, "pointing the nexthop at the active gateway failed")
+                    warn!(error = %e, gateway = %gw, "pointing the nexthop at the gateway failed")
                 }
             }
         }
         if self.applied.active_gateway.is_none() {
             // Nothing to route through yet; keep whatever a previous run left until we know.
+            return;
+        }
+        if !(sync || first) {
             return;
         }
         match self.routes.sync(&view.remote_prefixes).await {
@@ -85,12 +182,14 @@ impl Agent {
 }
 
 /// Runs the route agent until `shutdown`, then removes its nexthop and routes. `gateways`, when
-/// given, says which node is the active gateway (e.g. the Lease holder's address) and
-/// overrides the endpoint records.
+/// given, says which node the control plane names (e.g. the Lease holder's address) and
+/// overrides the endpoint records. `probe_port`, when given, is where the gateway nodes answer
+/// probes (see the module docs); without it the node follows the control plane alone.
 pub async fn run(
     client: BrokerClient,
     local_cluster: String,
     mut gateways: Option<watch::Receiver<Option<IpAddr>>>,
+    probe_port: Option<u16>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), AgentError> {
     let netlink = Netlink::open()?;
@@ -99,23 +198,48 @@ pub async fn run(
     // The shared reflector: list once, then watch; after broker trouble it backs off (with
     // jitter) and resumes from the last revision. Routes stay as they are meanwhile.
     let mut reflector = Reflector::new(client, Duration::from_secs(20));
-    let mut synced = false;
-    info!(cluster = %local_cluster, "route agent started");
+    let socket = match probe_port {
+        Some(_) => Some(
+            tokio::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0))
+                .await
+                .map_err(AgentError::Probe)?,
+        ),
+        None => None,
+    };
+    let mut failover = NodeFailover::default();
+    let probe_interval = crate::cable::wireguard::probe::PROBE_INTERVAL;
+    let mut tick = tokio::time::interval(probe_interval / 2);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_probe: Option<Instant> = None;
+    let mut buf = [0u8; 64];
+    // `dirty`: the records changed since the view was computed; `stale`: since the routes
+    // were synced.
+    let (mut view, mut dirty, mut stale, mut synced) = (NodeView::default(), true, true, false);
+    info!(cluster = %local_cluster, probes = probe_port.is_some(), "route agent started");
     loop {
-        let facts = match netlink.local_addresses().await {
-            Ok(addresses) => LocalFacts { addresses, public_key: None },
-            Err(e) => {
-                warn!(error = %e, "listing this node's addresses failed; remote prefixes are checked without them");
-                LocalFacts::default()
-            }
-        };
-        let view = node_view(&reflector.snapshot().objects(), &local_cluster, &facts);
-        let gateway = match &gateways {
+        if dirty {
+            let facts = match netlink.local_addresses().await {
+                Ok(addresses) => LocalFacts { addresses, public_key: None },
+                Err(e) => {
+                    warn!(error = %e, "listing this node's addresses failed; remote prefixes are checked without them");
+                    LocalFacts::default()
+                }
+            };
+            view = node_view(&reflector.snapshot().objects(), &local_cluster, &facts);
+            dirty = false;
+            stale = true;
+        }
+        let authority = match &gateways {
             Some(rx) => *rx.borrow(),
             None => view.active_gateway,
         };
+        let gateway = match socket {
+            Some(_) => failover.choose(authority, &view.gateways, Instant::now()),
+            None => authority,
+        };
         if synced {
-            agent.apply(&view, gateway).await;
+            agent.apply(&view, gateway, stale).await;
+            stale = false;
         }
         let gateway_changed = async {
             match &mut gateways {
@@ -127,13 +251,41 @@ pub async fn run(
                 None => std::future::pending().await,
             }
         };
+        let reply = async {
+            match &socket {
+                Some(s) => s.recv_from(&mut buf).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             () = &mut shutdown => break,
             () = gateway_changed => {}
             result = reflector.next() => match result {
-                Ok(_) => synced = true,
+                Ok(_) => {
+                    synced = true;
+                    dirty = true;
+                }
                 Err(e) => warn!(error = %e, "broker unavailable; resuming from the last revision"),
             },
+            received = reply => match received {
+                Ok((n, from)) => failover.prober.on_reply(from.ip(), &buf[..n], Instant::now()),
+                Err(e) => debug!(error = %e, "node probe socket"),
+            },
+            _ = tick.tick(), if socket.is_some() => {
+                let now = Instant::now();
+                let due = last_probe.is_none_or(|t| now.duration_since(t) + probe_interval / 5 >= probe_interval);
+                if let (Some(s), Some(port), true) = (&socket, probe_port, due) {
+                    last_probe = Some(now);
+                    let targets = NodeFailover::targets(authority, &view.gateways);
+                    failover.prober.retain(&targets);
+                    for ip in targets {
+                        let request = failover.prober.probe(ip, now);
+                        if let Err(e) = s.send_to(&request, (ip, port)).await {
+                            debug!(gateway = %ip, error = %e, "sending a node probe failed");
+                        }
+                    }
+                }
+            }
         }
     }
     info!("route agent stopping; removing its routes");
@@ -198,5 +350,81 @@ mod tests {
         );
         // No active gateway: nothing to point at.
         assert_eq!(node_view(&objects[..3], "east", &LocalFacts::default()).active_gateway, None);
+        // Every gateway node of the cluster is a candidate, other clusters' are not.
+        let ips: Vec<String> = node_view(&objects, "east", &LocalFacts::default())
+            .gateways
+            .iter()
+            .map(|(ip, _)| ip.to_string())
+            .collect();
+        assert_eq!(ips, ["192.168.50.11", "192.168.50.12"]);
+    }
+
+    /// Runs the node's failover from `from` to `to` ms, every 50 ms: the gateways in `answer`
+    /// answer every probe (saying they forward); returns the gateway chosen at each step.
+    fn drive(
+        f: &mut NodeFailover,
+        t0: Instant,
+        authority: IpAddr,
+        gateways: &[(IpAddr, u32)],
+        answer: &[IpAddr],
+        (from, to): (u64, u64),
+    ) -> Vec<(u64, IpAddr)> {
+        let mut out = Vec::new();
+        for ms in (from..=to).step_by(50) {
+            let now = t0 + Duration::from_millis(ms);
+            if ms % 100 == 0 {
+                for ip in NodeFailover::targets(Some(authority), gateways) {
+                    let q = f.prober.probe(ip, now);
+                    if answer.contains(&ip) {
+                        let nonce = crate::node_probe::parse_request(&q).unwrap();
+                        f.prober.on_reply(ip, &crate::node_probe::reply(nonce, true), now);
+                    }
+                }
+            }
+            out.push((ms, f.choose(Some(authority), gateways, now).unwrap()));
+        }
+        out
+    }
+
+    #[test]
+    fn a_node_leaves_a_silent_gateway_for_a_live_one_and_comes_back_after_the_hold_down() {
+        let (gw1, gw2): (IpAddr, IpAddr) =
+            ("192.168.50.11".parse().unwrap(), "192.168.50.12".parse().unwrap());
+        let gateways = [(gw1, 0), (gw2, 0)];
+        let t0 = Instant::now();
+        let mut f = NodeFailover::default();
+        let steps = drive(&mut f, t0, gw1, &gateways, &[gw1, gw2], (0, 1_000));
+        assert!(steps.iter().all(|(_, gw)| *gw == gw1), "{steps:?}");
+        // gw1 stops answering after 1,000 ms: the node moves to gw2 once 300 ms have passed.
+        let steps = drive(&mut f, t0, gw1, &gateways, &[gw2], (1_050, 2_000));
+        let moved = steps.iter().find(|(_, gw)| *gw == gw2).map(|(ms, _)| *ms);
+        assert_eq!(moved, Some(1_300), "{steps:?}");
+        assert!(steps.iter().skip_while(|(ms, _)| *ms < 1_300).all(|(_, gw)| *gw == gw2));
+        // gw1 is back: the node returns to it (the control plane's pick) after 5 s of answers.
+        let steps = drive(&mut f, t0, gw1, &gateways, &[gw1, gw2], (2_100, 8_000));
+        let back = steps.iter().find(|(_, gw)| *gw == gw1).map(|(ms, _)| *ms);
+        assert_eq!(back, Some(7_100), "{steps:?}");
+    }
+
+    #[test]
+    fn a_node_whose_probes_nobody_answers_follows_the_control_plane() {
+        let (gw1, gw2): (IpAddr, IpAddr) =
+            ("192.168.50.11".parse().unwrap(), "192.168.50.12".parse().unwrap());
+        let gateways = [(gw1, 0), (gw2, 0)];
+        let t0 = Instant::now();
+        let mut f = NodeFailover::default();
+        // No responder anywhere (an older gateway, a firewall): the Lease moves, the node follows.
+        assert!(drive(&mut f, t0, gw1, &gateways, &[], (0, 1_000)).iter().all(|(_, gw)| *gw == gw1));
+        let steps = drive(&mut f, t0, gw2, &gateways, &[], (1_050, 1_100));
+        assert!(steps.iter().all(|(_, gw)| *gw == gw2), "{steps:?}");
+        // Gateways that answer but say they do not forward count as silent.
+        let now = t0 + Duration::from_millis(1_200);
+        let q = f.prober.probe(gw1, now);
+        let nonce = crate::node_probe::parse_request(&q).unwrap();
+        f.prober.on_reply(gw1, &crate::node_probe::reply(nonce, false), now);
+        assert_eq!(f.choose(Some(gw2), &gateways, now), Some(gw2));
+        // Without any record or Lease naming one: the highest priority.
+        assert_eq!(NodeFailover::default().choose(None, &[(gw1, 1), (gw2, 5)], now), Some(gw2));
+        assert_eq!(NodeFailover::default().choose(None, &[], now), None);
     }
 }

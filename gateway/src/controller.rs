@@ -127,6 +127,8 @@ pub struct Controller<C, T, R> {
     authority: Desired,
     /// Which gateway of each remote cluster carries it, decided on the probes' evidence.
     carriers: Carriers,
+    /// See [`Self::forwarding`].
+    forwarding: bool,
     /// The policy in force and its rules' names by index (the kernel counts drops per index).
     policy: Option<(PolicyInput, Vec<String>)>,
     /// Remote prefixes left out because a route Causeway did not create holds them.
@@ -147,6 +149,7 @@ impl<C: CableDriver, T: Tables, R: Routes> Controller<C, T, R> {
             applied: Desired::default(),
             authority: Desired::default(),
             carriers: Carriers::default(),
+            forwarding: true,
             policy: None,
             route_conflicts: Vec::new(),
             failures: BTreeMap::new(),
@@ -353,17 +356,23 @@ impl<C: CableDriver, T: Tables, R: Routes> Controller<C, T, R> {
     /// probe interval. Returns the changes.
     pub async fn failover(&mut self, now: Instant) -> Vec<(String, Change)> {
         if self.authority.remotes.is_empty() {
+            self.forwarding = true;
             return Vec::new();
         }
-        let evidence: BTreeMap<_, Evidence> = match self.cable.connections().await {
-            Ok(conns) => {
-                conns.iter().filter_map(|c| Some((c.public_key.parse().ok()?, c.evidence))).collect()
-            }
+        let conns = match self.cable.connections().await {
+            Ok(conns) => conns,
             Err(e) => {
                 warn!(error = %e, "reading the probes' evidence failed; no failover decision this time");
                 return Vec::new();
             }
         };
+        let evidence: BTreeMap<_, Evidence> =
+            conns.iter().filter_map(|c| Some((c.public_key.parse().ok()?, c.evidence))).collect();
+        // This gateway forwards if a tunnel it probes answers (or it probes none: nothing to
+        // judge by). What it tells its own cluster's nodes; a gateway whose sessions are not
+        // up yet probes, and is not forwarding until an answer comes.
+        self.forwarding = !conns.iter().any(|c| c.probed)
+            || evidence.values().any(|e| e.alive(now, &crate::failover::Timers::DEFAULT));
         let changes = self.carriers.decide(self.authority.remotes.values(), &evidence, now);
         for (id, change) in &changes {
             let Some(authority) = self.authority.remotes.get(id) else { continue };
@@ -391,6 +400,12 @@ impl<C: CableDriver, T: Tables, R: Routes> Controller<C, T, R> {
             }
         }
         changes
+    }
+
+    /// Whether this gateway can carry its cluster's traffic, as of the last
+    /// [`failover`](Self::failover) pass: a tunnel it probes answers, or it has none to probe.
+    pub fn forwarding(&self) -> bool {
+        self.forwarding
     }
 
     /// Which gateway carries each remote cluster, and the failovers so far.

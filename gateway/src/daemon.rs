@@ -67,6 +67,9 @@ pub struct GatewayConfig {
     pub cluster_interfaces: Vec<String>,
     /// The cable's I/O threads (0: one per CPU, up to 64).
     pub lanes: usize,
+    /// Where this gateway answers its cluster's nodes' probes (UDP; none: it does not, and its
+    /// nodes follow the control plane alone).
+    pub node_probe_listen: Option<std::net::SocketAddr>,
     /// Serve `/debug/hold-daemon?secs=N` on the status socket (tests: it takes the daemon's
     /// lock for N seconds, as a stuck reconcile would).
     pub debug_hooks: bool,
@@ -98,6 +101,12 @@ pub enum GatewayError {
     #[error("status socket {path}: {source}")]
     Status {
         path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("node probe listener {addr}: {source}")]
+    NodeProbe {
+        addr: std::net::SocketAddr,
         #[source]
         source: std::io::Error,
     },
@@ -378,6 +387,17 @@ pub async fn run(
             }
         })
     });
+    // What this gateway tells its cluster's nodes: whether its tunnels answer.
+    let forwarding = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let node_probe_task = match config.node_probe_listen {
+        Some(addr) => {
+            let socket = tokio::net::UdpSocket::bind(addr)
+                .await
+                .map_err(|source| GatewayError::NodeProbe { addr, source })?;
+            Some(tokio::spawn(crate::node_probe::serve(socket, forwarding.clone())))
+        }
+        None => None,
+    };
     // The failover switch: twice per probe interval, so a dead gateway is left within a
     // tick of the detection time.
     let failover_task = {
@@ -387,7 +407,9 @@ pub async fn run(
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                shared.lock().await.ctl.failover(std::time::Instant::now()).await;
+                let mut s = shared.lock().await;
+                s.ctl.failover(std::time::Instant::now()).await;
+                forwarding.store(s.ctl.forwarding(), std::sync::atomic::Ordering::Relaxed);
             }
         })
     };
@@ -415,6 +437,9 @@ pub async fn run(
         }
     }
     failover_task.abort();
+    if let Some(t) = node_probe_task {
+        t.abort();
+    }
     status_task.abort();
     snapshot_task.abort();
     heartbeat_task.abort();

@@ -63,10 +63,11 @@ impl Timers {
     }
 }
 
-/// One gateway of the remote cluster as the switch sees it.
+/// One gateway of the remote cluster as the switch sees it. `K` names a gateway: its
+/// WireGuard key for a remote gateway, its node address for a node's route agent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Candidate {
-    pub key: WireGuardKey,
+pub struct Candidate<K = WireGuardKey> {
+    pub key: K,
     /// The authority's order among standbys (higher first).
     pub priority: u32,
     /// When probing this gateway began (`None`: not probed yet).
@@ -84,7 +85,7 @@ pub enum Liveness {
     Unknown,
 }
 
-impl Candidate {
+impl<K> Candidate<K> {
     #[must_use]
     pub fn liveness(&self, now: Instant, t: &Timers) -> Liveness {
         match (self.probing_since, self.last_answer) {
@@ -123,30 +124,43 @@ impl Reason {
 
 /// A change of carrier.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Change {
-    pub from: Option<WireGuardKey>,
-    pub to: WireGuardKey,
+pub struct Change<K = WireGuardKey> {
+    pub from: Option<K>,
+    pub to: K,
     pub reason: Reason,
 }
 
 /// The carrier of one remote cluster and what the switch remembers to decide the next one.
-#[derive(Debug, Default)]
-pub struct Switch {
-    carrier: Option<WireGuardKey>,
+#[derive(Debug)]
+pub struct Switch<K = WireGuardKey> {
+    carrier: Option<K>,
     since: Option<Instant>,
     reason: Option<Reason>,
     /// The carrier before this one.
-    previous: Option<WireGuardKey>,
+    previous: Option<K>,
     /// Since when each gateway has answered without a break (as sampled by `decide`).
-    alive_since: BTreeMap<WireGuardKey, Instant>,
+    alive_since: BTreeMap<K, Instant>,
     /// Carrier changes by reason.
     counts: BTreeMap<Reason, u64>,
 }
 
-impl Switch {
+impl<K> Default for Switch<K> {
+    fn default() -> Self {
+        Self {
+            carrier: None,
+            since: None,
+            reason: None,
+            previous: None,
+            alive_since: BTreeMap::new(),
+            counts: BTreeMap::new(),
+        }
+    }
+}
+
+impl<K: Copy + Ord> Switch<K> {
     /// The gateway carrying the cluster now.
     #[must_use]
-    pub fn carrier(&self) -> Option<WireGuardKey> {
+    pub fn carrier(&self) -> Option<K> {
         self.carrier
     }
 
@@ -159,7 +173,7 @@ impl Switch {
     /// True while the carrier is not the authority's pick (a switch the control plane has not
     /// confirmed, or a pick of the control plane this side cannot reach).
     #[must_use]
-    pub fn provisional(&self, authority: WireGuardKey) -> bool {
+    pub fn provisional(&self, authority: K) -> bool {
         self.carrier.is_some_and(|c| c != authority)
     }
 
@@ -174,12 +188,12 @@ impl Switch {
     /// every change of the records.
     pub fn decide(
         &mut self,
-        authority: WireGuardKey,
-        candidates: &[Candidate],
+        authority: K,
+        candidates: &[Candidate<K>],
         now: Instant,
         t: &Timers,
-    ) -> Option<Change> {
-        let live = |key: WireGuardKey| {
+    ) -> Option<Change<K>> {
+        let live = |key: K| {
             candidates.iter().find(|c| c.key == key).map_or(Liveness::Unknown, |c| c.liveness(now, t))
         };
         // Continuous liveness, as sampled.
@@ -227,13 +241,7 @@ impl Switch {
 
     /// The best live gateway: the authority's pick if it answers, else the highest priority
     /// (then the lowest key) among those that answer.
-    fn best_alive(
-        &self,
-        authority: WireGuardKey,
-        candidates: &[Candidate],
-        now: Instant,
-        t: &Timers,
-    ) -> Option<WireGuardKey> {
+    fn best_alive(&self, authority: K, candidates: &[Candidate<K>], now: Instant, t: &Timers) -> Option<K> {
         let alive = candidates.iter().filter(|c| c.liveness(now, t) == Liveness::Alive);
         if alive.clone().any(|c| c.key == authority) {
             return Some(authority);
@@ -242,11 +250,11 @@ impl Switch {
     }
 
     /// Whether `authority` carried the cluster before the last (unreachable) switch.
-    fn was_authority_before(&self, authority: WireGuardKey) -> bool {
+    fn was_authority_before(&self, authority: K) -> bool {
         self.previous == Some(authority)
     }
 
-    fn switch(&mut self, to: WireGuardKey, reason: Reason, now: Instant) -> Change {
+    fn switch(&mut self, to: K, reason: Reason, now: Instant) -> Change<K> {
         let from = self.carrier;
         self.previous = from;
         self.carrier = Some(to);
@@ -264,6 +272,14 @@ pub struct Evidence {
     pub probing_since: Option<Instant>,
     /// When it last answered.
     pub last_answer: Option<Instant>,
+}
+
+impl Evidence {
+    /// Answered within the detection time.
+    #[must_use]
+    pub fn alive(&self, now: Instant, t: &Timers) -> bool {
+        self.last_answer.is_some_and(|a| now.saturating_duration_since(a) < t.detect())
+    }
 }
 
 /// Where a remote cluster's traffic goes, for the status.

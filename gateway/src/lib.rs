@@ -6,10 +6,12 @@
 //! - [`cable`]: cable drivers behind one trait (userspace WireGuard on `boringtun::noise`);
 //! - [`desired`]: the desired state computed from broker records (pure);
 //! - [`failover`]: which gateway of a remote cluster carries it, on probe evidence (pure);
+//! - [`node_probe`]: how a cluster's nodes probe their gateway nodes (codec, responder);
 //! - [`route`]: kernel routes via rtnetlink;
 //! - [`daemon`]: the reconcile loop that ties them to the broker and the eBPF datapath;
 //! - [`status`]: the local status/metrics endpoint;
-//! - [`agent`]: the route agent of the other nodes (remote prefixes via the active gateway).
+//! - [`agent`]: the route agent of the other nodes (remote prefixes via the gateway node that
+//!   forwards: the control plane's pick, or a live one when it stops answering).
 //!
 //! Each outside dependency has one owner: boringtun and tun-rs `cable::wireguard`, rtnetlink
 //! `route`, aya the `causeway-datapath` crate.
@@ -23,6 +25,7 @@ pub mod desired;
 pub mod failover;
 pub mod keys;
 pub mod model;
+pub mod node_probe;
 pub mod policy;
 pub mod route;
 pub mod status;

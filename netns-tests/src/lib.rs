@@ -6,9 +6,12 @@
 //! (`172.20.i.0/24`), one pod on the worker created by the real CNI `bridge` + `host-local`
 //! plugins (pod CIDR `10.i.0.0/16`, the worker's pods in `10.i.2.0/24`, service CIDR
 //! `10.(100+i).0.0/16`). The gateways' uplinks and the broker meet on a bridge in an
-//! `underlay` namespace (`172.31.0.0/24`: broker `.2`, gateway `i` at `.(10+i)`). No namespace
-//! has a default route and nothing leaves the topology, except that the sandbox gives the
-//! root namespace a veth with one /32 route to the broker.
+//! `underlay` namespace (`172.31.0.0/24`: broker `.2`, gateway `i` at `.(10+i)`; a second
+//! gateway node of cluster `i`, when asked for, at `.(40+i)` with its own link to the worker,
+//! `172.21.i.0/24`; a worker that runs a real route agent at `.(60+i)`). A gateway's node
+//! address is its LAN address (`172.20.i.1`), its public address the underlay one. No
+//! namespace has a default route and nothing leaves the topology, except that the sandbox gives
+//! the root namespace a veth with one /32 route to the broker.
 
 pub mod exec;
 pub mod pcap;

@@ -400,7 +400,8 @@ impl Topology {
         let c = &self.clusters[index - 1];
         let run = GatewayRun {
             hostname: format!("gw-{}", c.index),
-            node_ip: c.gw_ip.clone(),
+            node_ip: format!("172.20.{}.1", c.index),
+            public_ip: c.gw_ip.clone(),
             state: self.spec.run_dir.join(format!("c{}-gw", c.index)),
             socket: c.status_socket.clone(),
             device: c.device.clone(),
@@ -427,8 +428,12 @@ impl Topology {
             &c.service_cidr,
             "--hostname",
             &run.hostname,
+            // The node's address inside the cluster (what its route agents point at) and the
+            // one other clusters reach it at, as on a real node.
             "--node-ip",
             &run.node_ip,
+            "--public-ip",
+            &run.public_ip,
             "--listen-port",
             &WG_PORT.to_string(),
             "--underlay-mtu",
@@ -483,7 +488,8 @@ impl Topology {
         device.truncate(15);
         let run = GatewayRun {
             hostname: format!("gw-{index}-b"),
-            node_ip: addr.clone(),
+            node_ip: format!("172.21.{index}.1"),
+            public_ip: addr.clone(),
             state: dir(""),
             socket: dir(".sock"),
             device,
@@ -497,6 +503,35 @@ impl Topology {
         let log = dir(".log");
         self.spawn(&ns, &log, &args)?;
         Ok(StandbyNode { ns, ip: addr, socket: run.socket, log })
+    }
+
+    /// Replaces cluster `index`'s stand-in routes on its worker with a real route agent: the
+    /// worker gets a link to the underlay (172.31.0.(60+index)) to reach the broker, and
+    /// `causeway route-agent` points the remote prefixes at a gateway node of the cluster (the
+    /// records' active one, or a live one when it stops answering). Returns the agent's log.
+    pub fn start_route_agent(&mut self, index: usize) -> anyhow::Result<PathBuf> {
+        let c = self.clusters[index - 1].clone();
+        let mtu = self.spec.underlay_mtu.to_string();
+        let u = self.underlay_ns.clone();
+        let port = format!("n{index}");
+        veth(&c.node_ns, "uplink", &u, &port)?;
+        ip(&u, &["link", "set", &port, "master", "br0", "mtu", &mtu, "up"])?;
+        ip(&c.node_ns, &["link", "set", "uplink", "mtu", &mtu])?;
+        ip(&c.node_ns, &["addr", "add", &format!("172.31.0.{}/24", 60 + index), "dev", "uplink"])?;
+        ip(&c.node_ns, &["link", "set", "uplink", "up"])?;
+        for r in self.clusters.iter().filter(|r| r.index != index) {
+            for cidr in [&r.pod_cidr, &r.service_cidr] {
+                ip(&c.node_ns, &["route", "del", cidr, "via", &format!("172.20.{index}.1")])?;
+            }
+        }
+        let log = self.spec.run_dir.join(format!("c{index}-agent.log"));
+        let args = [
+            "route-agent".to_owned(),
+            "--broker-credentials".to_owned(),
+            self.cluster_credentials(index).display().to_string(),
+        ];
+        self.spawn(&c.node_ns, &log, &args)?;
+        Ok(log)
     }
 
     /// Kills every process in namespace `ns` with SIGKILL (no cleanup), as a crash would.
@@ -647,7 +682,10 @@ pub struct StandbyNode {
 /// What differs between the gateway processes of one cluster.
 struct GatewayRun {
     hostname: String,
+    /// In the cluster (its LAN address).
     node_ip: String,
+    /// On the underlay.
+    public_ip: String,
     state: PathBuf,
     socket: PathBuf,
     device: String,

@@ -4,10 +4,13 @@
 //! 2's prefixes to the standby on its own evidence (the records still name the old one), and
 //! back once the old one has answered again for the hold-down.
 //!
-//! What is measured: a one-way UDP sequence stream from cluster 1's pod to cluster 2's, its
-//! longest gap and its losses. One way, because the way back inside cluster 2 (the worker's
-//! nexthop toward its gateway) does not fail over yet. The bound on the gap is generous (the
-//! full suite loads two cores); `causeway benchmark` is where the figure is measured.
+//! Cluster 2's worker runs a real route agent, which probes both gateway nodes and moves its
+//! nexthop off the failed one on its own evidence too, so the way back fails over as well.
+//!
+//! What is measured: a UDP sequence stream from cluster 1's pod to cluster 2's (its longest
+//! gap and its losses) and a paced TCP transfer across the failure (its SHA-256 at both ends).
+//! The bound on the gap is generous (the full suite loads two cores); the benchmark is where
+//! the figure is measured.
 //! Privileged: `#[ignore]`d unless run with `--run-ignored all`, as `scripts/test.sh` does.
 
 use std::{
@@ -37,6 +40,13 @@ fn two_clusters_with_a_standby() -> (Topology, StandbyNode) {
     t.start_gateway(2).expect("gateway 2");
     t.wait_connected(Duration::from_secs(30)).expect("tunnels up");
     let sb = t.start_standby_gateway(2).expect("cluster 2's standby");
+    let agent_log = t.start_route_agent(2).expect("cluster 2's route agent");
+    let node = t.clusters[1].node_ns.clone();
+    wait_for(Duration::from_secs(30), "cluster 2's worker routing cluster 1 through gateway 2", || {
+        nexthop(&node).contains("via 172.20.2.1 ")
+            && exec::ping(&t.clusters[0].pod_ns, &t.clusters[1].pod_ip, 1)
+    })
+    .unwrap_or_else(|e| panic!("{e:#}; agent log: {}", agent_log.display()));
     let endpoint = format!("{}:51820", sb.ip);
     wait_for(Duration::from_secs(30), "gateway 1's probes of cluster-2's standby answered", || {
         t.gateway_status(1).is_ok_and(|s| {
@@ -47,6 +57,30 @@ fn two_clusters_with_a_standby() -> (Topology, StandbyNode) {
     })
     .unwrap_or_else(|e| panic!("{e:#}; standby log: {}", sb.log.display()));
     (t, sb)
+}
+
+/// The worker's nexthop toward its gateway.
+fn nexthop(node_ns: &str) -> String {
+    exec::in_ns(node_ns, &["ip", "nexthop", "show", "id", "202001"])
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+/// A paced TCP transfer from cluster 1's pod to cluster 2's: `(sink, source)`, each printing
+/// `{"bytes":…,"sha256":…}` when done.
+fn tcp_transfer(clusters: &[ClusterInfo], bytes: u64, mbps: u32) -> (Bg, Bg) {
+    let (a, b) = (&clusters[0], &clusters[1]);
+    let bin = causeway_bin().display().to_string();
+    let addr = format!("{}:9200", b.pod_ip);
+    let sink = Bg::start(&b.pod_ns, &[&bin, "debug", "tcp-sink", "--listen", &addr], Stdio::piped());
+    ready::wait_listening(&b.pod_ns, &addr, Proto::Tcp).unwrap();
+    let (bytes, mbps) = (bytes.to_string(), mbps.to_string());
+    let source = Bg::start(
+        &a.pod_ns,
+        &[&bin, "debug", "tcp-source", "--connect", &addr, "--bytes", &bytes, "--mbps", &mbps],
+        Stdio::piped(),
+    );
+    (sink, source)
 }
 
 /// What the sequence sink printed.
@@ -112,8 +146,15 @@ fn fail_over(how: &str) -> (Topology, StandbyNode) {
         }
         other => panic!("no way to fail called {other}"),
     };
+    // 6 MB at 8 Mbit/s: the transfer spans the failure.
+    let (sink, source) = tcp_transfer(&clusters, 6_000_000, 8);
     let s = stream(&clusters, 200, 8, Duration::from_secs(2), &mut fail);
     eprintln!("{how}: {s:?}");
+    let (sent, received) = (source.output(), sink.output());
+    assert!(sent.contains("\"bytes\":6000000"), "{how}: the TCP transfer broke: {sent:?}");
+    assert_eq!(received, sent, "{how}: the TCP transfer arrived damaged");
+    // Cluster 2's worker moved its nexthop to the standby's node on its own evidence.
+    assert!(nexthop(&b.node_ns).contains("via 172.21.2.1 "), "{how}: {}", nexthop(&b.node_ns));
     // The stream went on to its end through the standby.
     assert_eq!(s.last_seq, Some(200 * 8 - 1), "{how}: the stream did not get through to the end: {s:?}");
     assert!(s.max_gap_ms < 3_000.0, "{how}: a gap of {} ms", s.max_gap_ms);
@@ -181,6 +222,11 @@ fn a_killed_active_gateway_is_left_for_the_standby_and_traffic_fails_back_once_i
     assert_eq!(endpoint, format!("{}:51820", b.gw_ip));
     let view = view.expect("carrier view");
     assert_eq!((view.reason.as_str(), view.provisional), ("fail_back", false));
+    assert!(
+        nexthop(&b.node_ns).contains("via 172.20.2.1 "),
+        "the worker is back too: {}",
+        nexthop(&b.node_ns)
+    );
     assert_eq!(
         failovers(&t),
         [("fail_back".to_owned(), 1), ("unreachable".to_owned(), 1)].into(),

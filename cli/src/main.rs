@@ -2,7 +2,7 @@
 //! local sandbox. Every flag can also be set through its `CAUSEWAY_…` environment variable.
 
 #[cfg(feature = "sandbox")]
-use causeway_lab::{bench, bench_attack, bench_dataplane, bench_policy, sandbox};
+use causeway_lab::{bench, bench_attack, bench_dataplane, bench_failover, bench_policy, sandbox};
 mod kubernetes;
 mod policy;
 mod services;
@@ -117,6 +117,9 @@ enum BenchCmd {
     Attack(bench_attack::AttackBenchArgs),
     /// Forwarding cost of 10 … 100,000 policy rules: Causeway's eBPF tables vs iptables.
     Policy(bench_policy::PolicyBenchArgs),
+    /// Traffic lost when a cluster's active gateway is killed, cut off or has its WireGuard
+    /// dropped, and when it comes back.
+    Failover(bench_failover::FailoverBenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -466,6 +469,11 @@ fn main() -> anyhow::Result<()> {
         Cmd::Benchmark { what: BenchCmd::Policy(a) } => {
             telemetry::init("warn", log);
             bench_policy::run(a)
+        }
+        #[cfg(feature = "sandbox")]
+        Cmd::Benchmark { what: BenchCmd::Failover(a) } => {
+            telemetry::init("warn", log);
+            bench_failover::run(a)
         }
         #[cfg(feature = "sandbox")]
         Cmd::Benchmark { what: BenchCmd::Broker(a) } => {

@@ -163,11 +163,21 @@ pub async fn run(a: ShowArgs) -> anyhow::Result<()> {
         What::Connections { sockets } => {
             let sockets = if sockets.is_empty() { default_status_sockets() } else { sockets };
             let mut statuses = Vec::new();
+            let mut failed = Vec::new();
             for s in &sockets {
-                statuses.push(
-                    causeway_gateway::status::fetch(s)
-                        .with_context(|| format!("reading gateway status from {}", s.display()))?,
-                );
+                match causeway_gateway::status::fetch(s) {
+                    Ok(status) => statuses.push(status),
+                    Err(e) => failed.push((s, e)),
+                }
+            }
+            // Several gateways (the sandbox): one that is down is reported and the others shown.
+            if statuses.is_empty()
+                && let Some((s, e)) = failed.pop()
+            {
+                return Err(e).with_context(|| format!("reading gateway status from {}", s.display()));
+            }
+            for (s, e) in &failed {
+                eprintln!("{}: {e}", s.display());
             }
             match a.output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&statuses)?),

@@ -41,7 +41,9 @@ pub struct NodeView {
 }
 
 /// The node's view of the records. Among several endpoints marked active (a failover in
-/// progress), the most recently written wins.
+/// progress), the most recently written wins; with none (the active gateway died and its
+/// endpoint lease at the broker lapsed), the standby the gateways of other clusters pick too:
+/// the highest priority, then the lowest host name.
 #[must_use]
 pub fn node_view(objects: &[Object], local_cluster: &str, facts: &LocalFacts) -> NodeView {
     let ours = || {
@@ -55,6 +57,11 @@ pub fn node_view(objects: &[Object], local_cluster: &str, facts: &LocalFacts) ->
     let active_gateway = ours()
         .filter(|(_, e, _)| e.role == GatewayRole::Active)
         .max_by_key(|(rv, _, _)| *rv)
+        .or_else(|| {
+            ours().filter(|(_, e, _)| e.role == GatewayRole::Standby).max_by(|(_, a, _), (_, b, _)| {
+                a.priority.cmp(&b.priority).then_with(|| b.hostname.cmp(&a.hostname))
+            })
+        })
         .map(|(_, _, ip)| ip);
     let mut gateways: Vec<(IpAddr, u32)> = ours().map(|(_, e, ip)| (ip, e.priority)).collect();
     gateways.sort_unstable();
@@ -348,8 +355,16 @@ mod tests {
             node_view(&objects, "east", &LocalFacts::default()).active_gateway,
             Some("192.168.50.12".parse().unwrap())
         );
-        // No active gateway: nothing to point at.
+        // No gateway at all: nothing to point at.
         assert_eq!(node_view(&objects[..3], "east", &LocalFacts::default()).active_gateway, None);
+        // Only a standby left (the active one's record lapsed): the standby.
+        let only_standby =
+            [&objects[..3], &[obj(7, endpoint("east", "gw-3", "192.168.50.13", GatewayRole::Standby))]]
+                .concat();
+        assert_eq!(
+            node_view(&only_standby, "east", &LocalFacts::default()).active_gateway,
+            Some("192.168.50.13".parse().unwrap())
+        );
         // Every gateway node of the cluster is a candidate, other clusters' are not.
         let ips: Vec<String> = node_view(&objects, "east", &LocalFacts::default())
             .gateways

@@ -5,10 +5,12 @@
 //! - [`sandbox`]: `causeway sandbox up|status|down`, the local cluster set;
 //! - [`bench`]: the broker's propagation benchmark; [`bench_dataplane`], [`bench_policy`] and
 //!   [`bench_attack`]: the data plane, its policy and its rate under attack, each against
-//!   the peers on the same topology.
+//!   the peers on the same topology; [`bench_failover`]: losing a cluster's active gateway,
+//!   three ways, and failing back.
 
 pub mod bench;
 pub mod bench_attack;
 pub mod bench_dataplane;
+pub mod bench_failover;
 pub mod bench_policy;
 pub mod sandbox;

@@ -4,7 +4,10 @@
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, bail};
-use causeway_netns::{Topology, TopologySpec, topology::teardown_by_prefix};
+use causeway_netns::{
+    Topology, TopologySpec,
+    topology::{Failure, teardown_by_prefix, wait_for},
+};
 use clap::Subcommand;
 
 /// Namespace prefix of the sandbox.
@@ -17,11 +20,45 @@ pub enum SandboxCmd {
     Up {
         #[arg(long, default_value_t = 3)]
         clusters: usize,
+        /// Gateway nodes per cluster: 2 adds a standby gateway node to each cluster and runs a
+        /// real route agent on its worker, so that a cluster survives losing its active
+        /// gateway (`sandbox fail`).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+        gateways: u8,
     },
     /// Show the sandbox's gateways and tunnels.
     Status,
+    /// Fail a cluster's active gateway: SIGKILL it, take its uplink down, or drop its
+    /// WireGuard traffic with nftables.
+    Fail {
+        /// The cluster (`cluster-2`).
+        cluster: String,
+        #[arg(long, value_enum)]
+        how: How,
+    },
+    /// Undo every `sandbox fail` of a cluster: the drop goes, the uplink comes up, a killed
+    /// gateway starts again.
+    Heal { cluster: String },
     /// Stop everything and delete every namespace, link and file of the sandbox.
     Down,
+}
+
+/// How `sandbox fail` fails a gateway.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum How {
+    Kill,
+    Link,
+    Drop,
+}
+
+impl From<How> for Failure {
+    fn from(h: How) -> Self {
+        match h {
+            How::Kill => Failure::Kill,
+            How::Link => Failure::Link,
+            How::Drop => Failure::Drop,
+        }
+    }
 }
 
 fn run_dir() -> PathBuf {
@@ -54,13 +91,41 @@ fn step(msg: &str) {
 
 pub fn run(cmd: SandboxCmd) -> anyhow::Result<()> {
     match cmd {
-        SandboxCmd::Up { clusters } => up(clusters),
+        SandboxCmd::Up { clusters, gateways } => up(clusters, gateways),
         SandboxCmd::Status => status(),
         SandboxCmd::Down => down(),
+        SandboxCmd::Fail { cluster, how } => fail_or_heal(&cluster, Some(how.into())),
+        SandboxCmd::Heal { cluster } => fail_or_heal(&cluster, None),
     }
 }
 
-fn up(clusters: usize) -> anyhow::Result<()> {
+fn fail_or_heal(cluster: &str, how: Option<Failure>) -> anyhow::Result<()> {
+    let Some(mut topo) = load() else { bail!("no sandbox is up (start one with `causeway sandbox up`)") };
+    let Some(index) = topo.clusters.iter().position(|c| c.cluster_id == cluster).map(|i| i + 1) else {
+        let ids: Vec<&str> = topo.clusters.iter().map(|c| c.cluster_id.as_str()).collect();
+        bail!("the sandbox has no cluster {cluster:?} (it has {})", ids.join(", "));
+    };
+    match how {
+        Some(how) => {
+            if !topo.standbys.iter().any(|s| s.index == index) {
+                eprintln!(
+                    "note: {cluster} has no standby gateway (`sandbox up --gateways 2`): it stays unreachable until healed"
+                );
+            }
+            step(&format!("failing {cluster}'s active gateway ({})", how.as_str()));
+            topo.fail_gateway(index, how)
+        }
+        None => {
+            step(&format!("healing {cluster}'s active gateway"));
+            topo.heal_gateway(index)?;
+            // A restarted gateway is a new child of this process: leave it running.
+            topo.detach();
+            Ok(())
+        }
+    }
+}
+
+fn up(clusters: usize, gateways: u8) -> anyhow::Result<()> {
     if load().is_some() {
         bail!("a sandbox is already up (see `causeway sandbox status`); run `causeway sandbox down` first");
     }
@@ -78,7 +143,23 @@ fn up(clusters: usize) -> anyhow::Result<()> {
             topo.start_gateway(i)?;
         }
         step("waiting for every tunnel to come up");
-        topo.wait_connected(Duration::from_secs(60))
+        topo.wait_connected(Duration::from_secs(60))?;
+        if gateways < 2 {
+            return Ok(());
+        }
+        for i in 1..=clusters {
+            step(&format!("starting cluster-{i}'s standby gateway and its worker's route agent"));
+            topo.start_standby_gateway(i)?;
+            topo.start_route_agent(i)?;
+        }
+        step("waiting for every standby to be warm (probed and answering)");
+        wait_for(Duration::from_secs(60), "every gateway to see every other cluster's standby", || {
+            (1..=clusters).all(|i| {
+                topo.gateway_status(i).is_ok_and(|s| {
+                    s.standbys.len() == clusters - 1 && s.standbys.iter().all(|x| x.status == "connected")
+                })
+            })
+        })
     })();
     if let Err(e) = started {
         // The teardown below removes the logs: show their ends first.
@@ -114,17 +195,35 @@ fn status() -> anyhow::Result<()> {
     };
     println!("broker: {}", topo.broker_url());
     let mut rows = Vec::new();
-    for (i, c) in topo.clusters.iter().enumerate() {
-        let (state, conns) = match topo.gateway_status(i + 1) {
-            Ok(s) => {
-                let up = s.connections.iter().filter(|c| c.status == "connected").count();
-                ("running".to_owned(), format!("{up}/{} connected", topo.clusters.len() - 1))
-            }
-            Err(e) => (format!("unreachable: {e:#}"), "-".to_owned()),
-        };
-        rows.push(vec![c.cluster_id.clone(), c.pod_cidr.clone(), c.pod_ip.clone(), state, conns]);
+    let others = topo.clusters.len() - 1;
+    let describe = |socket: &std::path::Path| match causeway_broker_api::status::fetch(socket) {
+        Ok(s) => {
+            let up = s.connections.iter().filter(|c| c.status == "connected").count();
+            ("running".to_owned(), format!("{up}/{others} connected"))
+        }
+        Err(causeway_broker_api::status::FetchError::Connect { .. }) => {
+            ("not running".to_owned(), "-".to_owned())
+        }
+        Err(e) => (format!("unreadable: {e}"), "-".to_owned()),
+    };
+    for c in &topo.clusters {
+        let (state, conns) = describe(&c.status_socket);
+        rows.push(vec![c.cluster_id.clone(), c.gw_ip.clone(), c.pod_ip.clone(), state, conns]);
+        for sb in topo.standbys.iter().filter(|s| s.index == c.index) {
+            let (state, conns) = describe(&sb.socket);
+            rows.push(vec![
+                format!("{} (standby)", c.cluster_id),
+                sb.ip.clone(),
+                c.pod_ip.clone(),
+                state,
+                conns,
+            ]);
+        }
     }
-    print!("{}", causeway_cli_format::table(&["CLUSTER", "POD CIDR", "POD IP", "GATEWAY", "TUNNELS"], &rows));
+    print!(
+        "{}",
+        causeway_cli_format::table(&["CLUSTER", "GATEWAY NODE", "POD IP", "GATEWAY", "TUNNELS"], &rows)
+    );
     Ok(())
 }
 

@@ -88,6 +88,9 @@ pub struct Topology {
     pub underlay_ns: String,
     /// Every namespace created, in creation order.
     pub namespaces: Vec<String>,
+    /// Second gateway nodes ([`Topology::start_standby_gateway`]).
+    #[serde(default)]
+    pub standbys: Vec<StandbyNode>,
     #[serde(skip)]
     children: Vec<(String, Child)>,
     #[serde(skip)]
@@ -127,6 +130,7 @@ impl Topology {
                 })
                 .collect(),
             namespaces: Vec::new(),
+            standbys: Vec::new(),
             children: Vec::new(),
             detached: false,
             spec,
@@ -502,7 +506,40 @@ impl Topology {
         args.extend(self.spec.gateway_args.iter().cloned());
         let log = dir(".log");
         self.spawn(&ns, &log, &args)?;
-        Ok(StandbyNode { ns, ip: addr, socket: run.socket, log })
+        let node = StandbyNode { index, ns, ip: addr, socket: run.socket, log };
+        self.standbys.push(node.clone());
+        Ok(node)
+    }
+
+    /// Fails cluster `index`'s first gateway (the one its records name active) `how`.
+    pub fn fail_gateway(&mut self, index: usize, how: Failure) -> anyhow::Result<()> {
+        let ns = self.clusters[index - 1].gw_ns.clone();
+        match how {
+            Failure::Kill => self.kill_in(&ns),
+            Failure::Link => ip(&ns, &["link", "set", "uplink", "down"]),
+            Failure::Drop => {
+                let rules = format!(
+                    "table inet {FAIL_TABLE} {{\n  chain in {{ type filter hook input priority 0; udp dport {WG_PORT} drop; }}\n  \
+                     chain out {{ type filter hook output priority 0; udp sport {WG_PORT} drop; }}\n}}\n"
+                );
+                in_ns_with_input(&ns, &["nft", "-f", "-"], &[], rules.as_bytes()).map(drop)
+            }
+        }
+    }
+
+    /// Undoes every [`Failure`] of cluster `index`'s first gateway: the nftables drop goes, the
+    /// uplink comes up, and a gateway that is not running is started again (same key, same
+    /// state).
+    pub fn heal_gateway(&mut self, index: usize) -> anyhow::Result<()> {
+        let ns = self.clusters[index - 1].gw_ns.clone();
+        if in_ns(&ns, &["nft", "list", "table", "inet", FAIL_TABLE]).is_ok() {
+            in_ns(&ns, &["nft", "delete", "table", "inet", FAIL_TABLE])?;
+        }
+        ip(&ns, &["link", "set", "uplink", "up"])?;
+        if exec::ns_pids(&ns).is_empty() {
+            self.start_gateway(index)?;
+        }
+        Ok(())
     }
 
     /// Replaces cluster `index`'s stand-in routes on its worker with a real route agent: the
@@ -669,9 +706,48 @@ impl Drop for Topology {
     }
 }
 
+/// How [`Topology::fail_gateway`] fails a gateway.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// SIGKILL the gateway process.
+    Kill,
+    /// Take its uplink down.
+    Link,
+    /// Drop its WireGuard traffic with nftables.
+    Drop,
+}
+
+impl Failure {
+    pub const ALL: [Failure; 3] = [Failure::Kill, Failure::Link, Failure::Drop];
+
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Failure::Kill => "kill",
+            Failure::Link => "link",
+            Failure::Drop => "drop",
+        }
+    }
+}
+
+impl std::str::FromStr for Failure {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        Failure::ALL
+            .into_iter()
+            .find(|f| f.as_str() == s)
+            .ok_or_else(|| anyhow::anyhow!("{s:?} is no way to fail a gateway: kill, link or drop"))
+    }
+}
+
+/// The nftables table [`Failure::Drop`] adds.
+const FAIL_TABLE: &str = "cwfail";
+
 /// A cluster's second gateway node (see [`Topology::start_standby_gateway`]).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StandbyNode {
+    /// Its cluster (1-based).
+    pub index: usize,
     pub ns: String,
     /// Its address on the underlay (its endpoint).
     pub ip: String,

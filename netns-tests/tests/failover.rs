@@ -24,7 +24,7 @@ use causeway_netns::{
     exec::{self, Bg},
     ready::{self, Proto},
     require_privileges,
-    topology::{StandbyNode, wait_for},
+    topology::{Failure, StandbyNode, wait_for},
 };
 
 static N: AtomicUsize = AtomicUsize::new(0);
@@ -130,22 +130,18 @@ fn failovers(t: &Topology) -> std::collections::BTreeMap<String, u64> {
 
 /// Fails cluster 2's active gateway `how`, while the stream runs; checks where the traffic went.
 fn fail_over(how: &str) -> (Topology, StandbyNode) {
-    let (mut t, sb) = two_clusters_with_a_standby();
+    let (t, sb) = two_clusters_with_a_standby();
+    fail_over_in(t, sb, how)
+}
+
+fn fail_over_in(mut t: Topology, sb: StandbyNode, how: &str) -> (Topology, StandbyNode) {
     let b = t.clusters[1].clone();
     let (endpoint, view) = carrier(&t);
     assert_eq!(endpoint, format!("{}:51820", b.gw_ip), "the records' pick carries at first");
     assert_eq!(view.map(|v| (v.reason, v.provisional)), Some(("initial".into(), false)));
     let clusters = t.clusters.clone();
-    let mut fail = || match how {
-        "kill" => t.kill_gateway(2).unwrap(),
-        "link" => exec::ip(&b.gw_ns, &["link", "set", "uplink", "down"]).unwrap(),
-        "drop" => {
-            let rules = "table inet cwcut {\n  chain in { type filter hook input priority 0; udp dport 51820 drop; }\n  \
-                         chain out { type filter hook output priority 0; udp sport 51820 drop; }\n}\n";
-            exec::in_ns_with_input(&b.gw_ns, &["nft", "-f", "-"], &[], rules.as_bytes()).unwrap();
-        }
-        other => panic!("no way to fail called {other}"),
-    };
+    let failure: Failure = how.parse().unwrap();
+    let mut fail = || t.fail_gateway(2, failure).unwrap();
     // 6 MB at 8 Mbit/s: the transfer spans the failure.
     let (sink, source) = tcp_transfer(&clusters, 6_000_000, 8);
     let s = stream(&clusters, 200, 8, Duration::from_secs(2), &mut fail);
@@ -214,7 +210,7 @@ fn a_killed_active_gateway_is_left_for_the_standby_and_traffic_fails_back_once_i
     // Gateway 2 comes back (same key, restart-safe state): once it has answered for the
     // hold-down (5 s), traffic goes back to it, once, losing nothing measurable.
     let clusters = t.clusters.clone();
-    let s = stream(&clusters, 200, 10, Duration::from_secs(1), || t.start_gateway(2).unwrap());
+    let s = stream(&clusters, 200, 10, Duration::from_secs(1), || t.heal_gateway(2).unwrap());
     eprintln!("fail back: {s:?}");
     assert_eq!(s.last_seq, Some(200 * 10 - 1), "{s:?}");
     assert!(s.max_gap_ms < 1_000.0, "failing back left a gap of {} ms", s.max_gap_ms);
@@ -232,6 +228,16 @@ fn a_killed_active_gateway_is_left_for_the_standby_and_traffic_fails_back_once_i
         [("fail_back".to_owned(), 1), ("unreachable".to_owned(), 1)].into(),
         "no flapping"
     );
+}
+
+#[test]
+#[ignore = "privileged: needs root (BPF, namespaces); scripts/test.sh runs it"]
+fn a_failover_needs_no_broker() {
+    require_privileges!();
+    let (mut t, sb) = two_clusters_with_a_standby();
+    // The broker goes first: every gateway and route agent keeps its last records.
+    t.kill_broker().unwrap();
+    fail_over_in(t, sb, "kill");
 }
 
 #[test]

@@ -273,10 +273,35 @@ fn sandbox_up_then_down_leaves_nothing_behind() {
         !exec::namespaces().iter().any(|n| n.starts_with("cw-")),
         "a sandbox is already up on this machine; run `causeway sandbox down` first"
     );
-    let up = Command::new(&bin).args(["sandbox", "up", "--clusters", "3"]).output().unwrap();
+    let up =
+        Command::new(&bin).args(["sandbox", "up", "--clusters", "3", "--gateways", "2"]).output().unwrap();
     let stdout = String::from_utf8_lossy(&up.stdout);
+    // With two gateway nodes per cluster, a cluster outlives its active gateway: fail it from
+    // the CLI, ping across, heal it.
+    let cli = |args: &[&str]| {
+        let out = Command::new(&bin).args(args).output().unwrap();
+        (
+            out.status.success(),
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        )
+    };
+    let failed = up.status.success().then(|| cli(&["sandbox", "fail", "cluster-2", "--how", "kill"]));
+    let reachable = failed.as_ref().is_some_and(|(ok, _)| *ok) && exec::ping("cw-c1-pod", "10.2.2.2", 5);
+    let status_failed = cli(&["sandbox", "status"]);
+    let healed = cli(&["sandbox", "heal", "cluster-2"]);
+    let unknown = cli(&["sandbox", "fail", "cluster-9", "--how", "kill"]);
     let down = Command::new(&bin).args(["sandbox", "down"]).output().unwrap();
     assert!(up.status.success(), "sandbox up failed:\n{stdout}\n{}", String::from_utf8_lossy(&up.stderr));
+    assert!(failed.as_ref().is_some_and(|(ok, _)| *ok), "sandbox fail: {failed:?}");
+    assert!(reachable, "cluster-2's pod unreachable with its active gateway killed");
+    assert!(
+        status_failed.1.lines().any(|l| l.starts_with("cluster-2 ") && l.contains("not running"))
+            && status_failed.1.lines().any(|l| l.starts_with("cluster-2 (standby)") && l.contains("running")),
+        "{}",
+        status_failed.1
+    );
+    assert!(healed.0, "sandbox heal: {}", healed.1);
+    assert!(!unknown.0 && unknown.1.contains("no cluster \"cluster-9\""), "{}", unknown.1);
     // A 3×3 matrix, every cell OK.
     assert_eq!(stdout.matches("OK").count(), 9, "{stdout}");
     assert!(!stdout.contains("FAIL"), "{stdout}");

@@ -373,6 +373,10 @@ struct GatewayArgs {
     /// kernel routes them into the tunnel.
     #[arg(long = "cluster-interface", env = "CAUSEWAY_CLUSTER_INTERFACES", value_delimiter = ',')]
     cluster_interfaces: Vec<String>,
+    /// This gateway's rank among its cluster's gateways, published in its endpoint record
+    /// (higher first): the standby that takes over when the active one is gone.
+    #[arg(long, env = "CAUSEWAY_PRIORITY", default_value_t = 0)]
+    priority: u32,
     /// Where this gateway tells its cluster's nodes (route agents) whether it forwards: UDP
     /// ADDR:PORT, or off. Best on the node's address inside the cluster (the uplink faces the
     /// underlay); the route agents' --node-probe-port must match.
@@ -749,6 +753,7 @@ fn gateway_config(
         bpf_dir: (!a.ephemeral).then(|| a.bpf_dir.clone()),
         cluster_interfaces: a.cluster_interfaces.clone(),
         lanes: a.tunnel_lanes,
+        priority: a.priority,
         node_probe_listen: match a.node_probe_listen.as_str() {
             "off" | "" => None,
             addr => Some(listen_address(addr).with_context(|| {

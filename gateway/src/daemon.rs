@@ -67,6 +67,9 @@ pub struct GatewayConfig {
     pub cluster_interfaces: Vec<String>,
     /// The cable's I/O threads (0: one per CPU, up to 64).
     pub lanes: usize,
+    /// This gateway's rank among its cluster's gateways (higher first): which standby takes
+    /// over, and which of several active ones carries.
+    pub priority: u32,
     /// Where this gateway answers its cluster's nodes' probes (UDP; none: it does not, and its
     /// nodes follow the control plane alone).
     pub node_probe_listen: Option<std::net::SocketAddr>,
@@ -258,17 +261,22 @@ fn load_snapshot(dir: &std::path::Path) -> Option<Snapshot> {
 }
 
 /// This gateway's endpoint record; `backend` is the running cable driver's name.
-fn endpoint_record(local: &LocalCluster, key: &KeyPair, port: u16, backend: &str) -> EndpointRecord {
+fn endpoint_record(
+    local: &LocalCluster,
+    key: &KeyPair,
+    config: &GatewayConfig,
+    backend: &str,
+) -> EndpointRecord {
     EndpointRecord {
         cluster_id: local.cluster_id.clone(),
         hostname: local.hostname.clone(),
         private_ips: local.private_ips.clone(),
         public_ips: local.public_ips.clone(),
-        port,
+        port: config.listen_port,
         public_key: key.public,
         backend: backend.to_owned(),
         role: if local.active { GatewayRole::Active } else { GatewayRole::Standby },
-        priority: 0,
+        priority: config.priority,
         health_check_ip: local.health_ip().map(std::net::IpAddr::V4),
         generation: 1,
     }
@@ -373,7 +381,7 @@ pub async fn run(
     let client =
         BrokerClient::from_credentials(&config.broker).map_err(|e| GatewayError::Broker(e.to_string()))?;
     let mut local = local;
-    let mut ep = endpoint_record(&local, &key, config.listen_port, backend);
+    let mut ep = endpoint_record(&local, &key, &config, backend);
     let mut heartbeat_task = tokio::spawn(heartbeat(client.clone(), ep.clone(), config.heartbeat));
     let peers_task = config.uplink.is_some().then(|| {
         let shared = shared.clone();
@@ -426,7 +434,7 @@ pub async fn run(
                 Ok(next) if next != local => {
                     info!(active = next.active, "this gateway's facts changed; re-registering");
                     local = next;
-                    ep = endpoint_record(&local, &key, config.listen_port, backend);
+                    ep = endpoint_record(&local, &key, &config, backend);
                     shared.lock().await.local = local.clone();
                     heartbeat_task.abort();
                     heartbeat_task = tokio::spawn(heartbeat(client.clone(), ep.clone(), config.heartbeat));

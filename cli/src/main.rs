@@ -278,6 +278,9 @@ struct RouteAgentArgs {
     /// without waiting for the control plane (0: no probes; follow the control plane alone).
     #[arg(long, env = "CAUSEWAY_NODE_PROBE_PORT", default_value_t = causeway_gateway::node_probe::DEFAULT_PORT)]
     node_probe_port: u16,
+    /// Serve `/metrics` and `/healthz` here (TCP ADDR:PORT, or off).
+    #[arg(long, env = "CAUSEWAY_METRICS_LISTEN", default_value = "127.0.0.1:9465")]
+    metrics_listen: String,
 }
 
 #[derive(clap::Args)]
@@ -665,7 +668,20 @@ async fn route_agent(a: RouteAgentArgs) -> anyhow::Result<()> {
         None
     };
     let probe_port = (a.node_probe_port != 0).then_some(a.node_probe_port);
-    causeway_gateway::agent::run(client, cluster_id, gateways, probe_port, shutdown_signal())
+    let report = match a.metrics_listen.as_str() {
+        "off" | "" => None,
+        addr => {
+            let addr = listen_address(addr).with_context(|| {
+                format!("--metrics-listen {addr:?} is not ADDR:PORT (IPv6: [ADDR]:PORT or ADDR:PORT) or off")
+            })?;
+            let (tx, rx) = tokio::sync::watch::channel((std::time::Instant::now(), Default::default()));
+            causeway_gateway::agent::serve_agent_metrics(addr, rx)
+                .await
+                .with_context(|| format!("serving the route agent's metrics on {addr}"))?;
+            Some(tx)
+        }
+    };
+    causeway_gateway::agent::run(client, cluster_id, gateways, probe_port, report, shutdown_signal())
         .await
         .context("route agent failed")
 }

@@ -66,6 +66,8 @@ pub struct Settings {
     pub metrics_port: u16,
     /// Where gateways answer their nodes' route agents (UDP).
     pub node_probe_port: u16,
+    /// The route agents' `/metrics` and `/healthz` (TCP, on each node's address).
+    pub agent_metrics_port: u16,
 }
 
 impl Default for Settings {
@@ -79,6 +81,7 @@ impl Default for Settings {
             wireguard_port: 51820,
             metrics_port: 9464,
             node_probe_port: 51821,
+            agent_metrics_port: 9465,
         }
     }
 }
@@ -538,7 +541,16 @@ fn member(s: &Settings) -> Result<Vec<Manifest>, ManifestError> {
             env_field("CAUSEWAY_NAMESPACE", "metadata.namespace"),
             env("CAUSEWAY_BROKER_CREDENTIALS", &format!("/etc/causeway/broker/{CREDENTIALS_KEY}")),
             env("CAUSEWAY_NODE_PROBE_PORT", &s.node_probe_port.to_string()),
+            env_field("CAUSEWAY_NODE_IP", "status.hostIP"),
+            env("CAUSEWAY_METRICS_LISTEN", &format!("$(CAUSEWAY_NODE_IP):{}", s.agent_metrics_port)),
         ]),
+        ports: Some(vec![ContainerPort {
+            name: Some("metrics".into()),
+            container_port: s.agent_metrics_port.into(),
+            protocol: Some("TCP".into()),
+            ..ContainerPort::default()
+        }]),
+        liveness_probe: Some(http_probe("/healthz", s.agent_metrics_port, 10, 3)),
         // NET_ADMIN: the nexthop and the routes through it.
         security_context: Some(capabilities(&["NET_ADMIN"])),
         resources: Some(resources("10m", "16Mi", "128Mi")),

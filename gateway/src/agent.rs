@@ -149,6 +149,115 @@ pub enum AgentError {
 struct Agent {
     routes: NodeRoutes,
     applied: NodeView,
+    /// Nexthop replacements after the first.
+    nexthop_changes: u64,
+}
+
+/// What the route agent reports on `/metrics` and `/healthz`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AgentReport {
+    /// The gateway node the nexthop points at.
+    pub gateway: Option<IpAddr>,
+    /// The gateway node the control plane names.
+    pub authority: Option<IpAddr>,
+    /// Each gateway node of the cluster, and whether it answers the node's probes.
+    pub gateways: Vec<(IpAddr, bool)>,
+    /// Nexthop replacements after the first (failovers and moves of the authority).
+    pub nexthop_changes: u64,
+    /// Remote prefixes routed through the nexthop.
+    pub routes: usize,
+    /// Whether the records have been read from the broker at least once.
+    pub synced: bool,
+}
+
+/// Prometheus text exposition of the agent's report.
+#[must_use]
+pub fn render_agent_metrics(r: &AgentReport) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let mut family = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, v) in samples {
+            let _ = writeln!(out, "{name}{{{labels}}} {v}");
+        }
+    };
+    let gateway = |ip: &IpAddr| format!("gateway=\"{ip}\"");
+    family(
+        "causeway_node_nexthop",
+        "gauge",
+        "1 for the gateway node this node's remote-cluster routes go through",
+        &r.gateway.iter().map(|ip| (gateway(ip), 1.0)).collect::<Vec<_>>(),
+    );
+    family(
+        "causeway_node_gateway_answering",
+        "gauge",
+        "1 while a gateway node of this cluster answers this node's probes saying it forwards",
+        &r.gateways.iter().map(|(ip, up)| (gateway(ip), if *up { 1.0 } else { 0.0 })).collect::<Vec<_>>(),
+    );
+    #[expect(clippy::cast_precision_loss, reason = "metrics are floats by definition")]
+    {
+        family(
+            "causeway_node_nexthop_changes_total",
+            "counter",
+            "Times the nexthop moved to another gateway node (failovers and moves of the active gateway)",
+            &[(String::new(), r.nexthop_changes as f64)],
+        );
+        family(
+            "causeway_node_routes",
+            "gauge",
+            "Remote-cluster prefixes routed through the nexthop",
+            &[(String::new(), r.routes as f64)],
+        );
+    }
+    family(
+        "causeway_node_synced",
+        "gauge",
+        "1 once the records have been read from the broker",
+        &[(String::new(), if r.synced { 1.0 } else { 0.0 })],
+    );
+    out
+}
+
+/// How long the agent's loop may go without a turn before `/healthz` fails (it turns every
+/// 50 ms).
+pub const AGENT_STALL: Duration = Duration::from_secs(5);
+
+/// Serves `/metrics` and `/healthz` for the route agent on `addr`. `/healthz` fails once the
+/// loop has not turned for [`AGENT_STALL`].
+pub async fn serve_agent_metrics(
+    addr: std::net::SocketAddr,
+    report: watch::Receiver<(Instant, AgentReport)>,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    use axum::{Router, extract::State, http::StatusCode, routing::get};
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    info!(%addr, "route agent metrics listening");
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(|State(r): State<watch::Receiver<(Instant, AgentReport)>>| async move {
+                render_agent_metrics(&r.borrow().1)
+            }),
+        )
+        .route(
+            "/healthz",
+            get(|State(r): State<watch::Receiver<(Instant, AgentReport)>>| async move {
+                let since = r.borrow().0.elapsed();
+                if since < AGENT_STALL {
+                    (StatusCode::OK, "ok\n".to_owned())
+                } else {
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("the agent's loop has not turned for {since:?}\n"),
+                    )
+                }
+            }),
+        )
+        .with_state(report);
+    Ok(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            warn!(error = %e, "route agent metrics server stopped");
+        }
+    }))
 }
 
 impl Agent {
@@ -162,6 +271,9 @@ impl Agent {
             match self.routes.set_gateway(gw).await {
                 Ok(()) => {
                     info!(gateway = %gw, "nexthop points at this gateway node");
+                    if self.applied.active_gateway.is_some() {
+                        self.nexthop_changes += 1;
+                    }
                     self.applied.active_gateway = Some(gw);
                 }
                 Err(e) => {
@@ -197,10 +309,12 @@ pub async fn run(
     local_cluster: String,
     mut gateways: Option<watch::Receiver<Option<IpAddr>>>,
     probe_port: Option<u16>,
+    report: Option<watch::Sender<(Instant, AgentReport)>>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), AgentError> {
     let netlink = Netlink::open()?;
-    let mut agent = Agent { routes: NodeRoutes::new(&netlink), applied: NodeView::default() };
+    let mut agent =
+        Agent { routes: NodeRoutes::new(&netlink), applied: NodeView::default(), nexthop_changes: 0 };
     let mut shutdown = std::pin::pin!(shutdown);
     // The shared reflector: list once, then watch; after broker trouble it backs off (with
     // jitter) and resumes from the last revision. Routes stay as they are meanwhile.
@@ -248,6 +362,25 @@ pub async fn run(
             agent.apply(&view, gateway, stale).await;
             stale = false;
         }
+        if let Some(tx) = &report {
+            let now = Instant::now();
+            let t = Timers::DEFAULT;
+            tx.send_replace((
+                now,
+                AgentReport {
+                    gateway: agent.applied.active_gateway,
+                    authority,
+                    gateways: view
+                        .gateways
+                        .iter()
+                        .map(|(ip, _)| (*ip, failover.prober.evidence(*ip).alive(now, &t)))
+                        .collect(),
+                    nexthop_changes: agent.nexthop_changes,
+                    routes: agent.applied.remote_prefixes.len(),
+                    synced,
+                },
+            ));
+        }
         let gateway_changed = async {
             match &mut gateways {
                 Some(rx) => {
@@ -278,7 +411,8 @@ pub async fn run(
                 Ok((n, from)) => failover.prober.on_reply(from.ip(), &buf[..n], Instant::now()),
                 Err(e) => debug!(error = %e, "node probe socket"),
             },
-            _ = tick.tick(), if socket.is_some() => {
+            // Every 50 ms, probes or not: the loop's turns are its liveness.
+            _ = tick.tick() => {
                 let now = Instant::now();
                 let due = last_probe.is_none_or(|t| now.duration_since(t) + probe_interval / 5 >= probe_interval);
                 if let (Some(s), Some(port), true) = (&socket, probe_port, due) {
@@ -419,6 +553,58 @@ mod tests {
         let steps = drive(&mut f, t0, gw1, &gateways, &[gw1, gw2], (2_100, 8_000));
         let back = steps.iter().find(|(_, gw)| *gw == gw1).map(|(ms, _)| *ms);
         assert_eq!(back, Some(7_100), "{steps:?}");
+    }
+
+    #[test]
+    fn the_agents_metrics_name_its_nexthop_and_what_answers() {
+        let r = AgentReport {
+            gateway: Some("192.168.50.12".parse().unwrap()),
+            authority: Some("192.168.50.11".parse().unwrap()),
+            gateways: vec![
+                ("192.168.50.11".parse().unwrap(), false),
+                ("192.168.50.12".parse().unwrap(), true),
+            ],
+            nexthop_changes: 2,
+            routes: 3,
+            synced: true,
+        };
+        let text = render_agent_metrics(&r);
+        for line in [
+            "causeway_node_nexthop{gateway=\"192.168.50.12\"} 1\n",
+            "causeway_node_gateway_answering{gateway=\"192.168.50.11\"} 0\n",
+            "causeway_node_gateway_answering{gateway=\"192.168.50.12\"} 1\n",
+            "causeway_node_nexthop_changes_total{} 2\n",
+            "causeway_node_routes{} 3\n",
+            "causeway_node_synced{} 1\n",
+            "# TYPE causeway_node_nexthop_changes_total counter\n",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
+        assert!(!render_agent_metrics(&AgentReport::default()).contains("causeway_node_nexthop{"));
+    }
+
+    #[tokio::test]
+    async fn the_agents_health_fails_once_its_loop_stops_turning() {
+        let (tx, rx) = watch::channel((Instant::now(), AgentReport::default()));
+        // A port that was free a moment ago (the server takes an address, not a listener).
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = probe.local_addr().unwrap();
+        drop(probe);
+        let task = serve_agent_metrics(addr, rx).await.unwrap();
+        let get = |path: &'static str| async move {
+            use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.unwrap();
+            out
+        };
+        assert!(get("/healthz").await.starts_with("HTTP/1.0 200"), "a loop that just turned is healthy");
+        assert!(get("/metrics").await.contains("causeway_node_synced{} 0"));
+        tx.send_replace((Instant::now() - AGENT_STALL - Duration::from_secs(1), AgentReport::default()));
+        let stuck = get("/healthz").await;
+        assert!(stuck.starts_with("HTTP/1.0 503") && stuck.contains("has not turned"), "{stuck}");
+        task.abort();
     }
 
     #[test]

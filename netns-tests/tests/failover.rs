@@ -59,6 +59,14 @@ fn two_clusters_with_a_standby() -> (Topology, StandbyNode) {
     (t, sb)
 }
 
+/// The route agent's `/metrics` on the worker (its default listener, 127.0.0.1:9465).
+fn agent_metrics(node_ns: &str) -> String {
+    let get = "exec 3<>/dev/tcp/127.0.0.1/9465 && printf 'GET /metrics HTTP/1.0\\r\\n\\r\\n' >&3 && cat <&3";
+    exec::in_ns(node_ns, &["bash", "-c", get])
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
 /// The worker's nexthop toward its gateway.
 fn nexthop(node_ns: &str) -> String {
     exec::in_ns(node_ns, &["ip", "nexthop", "show", "id", "202001"])
@@ -149,8 +157,18 @@ fn fail_over_in(mut t: Topology, sb: StandbyNode, how: &str) -> (Topology, Stand
     let (sent, received) = (source.output(), sink.output());
     assert!(sent.contains("\"bytes\":6000000"), "{how}: the TCP transfer broke: {sent:?}");
     assert_eq!(received, sent, "{how}: the TCP transfer arrived damaged");
-    // Cluster 2's worker moved its nexthop to the standby's node on its own evidence.
+    // Cluster 2's worker moved its nexthop to the standby's node on its own evidence, and its
+    // route agent's metrics say so.
     assert!(nexthop(&b.node_ns).contains("via 172.21.2.1 "), "{how}: {}", nexthop(&b.node_ns));
+    let agent = agent_metrics(&b.node_ns);
+    for line in [
+        "causeway_node_nexthop{gateway=\"172.21.2.1\"} 1\n",
+        "causeway_node_gateway_answering{gateway=\"172.21.2.1\"} 1\n",
+        "causeway_node_gateway_answering{gateway=\"172.20.2.1\"} 0\n",
+        "causeway_node_nexthop_changes_total{} 1\n",
+    ] {
+        assert!(agent.contains(line), "{how}: {line} missing from the agent's metrics:\n{agent}");
+    }
     // The stream went on to its end through the standby.
     assert_eq!(s.last_seq, Some(200 * 8 - 1), "{how}: the stream did not get through to the end: {s:?}");
     assert!(s.max_gap_ms < 3_000.0, "{how}: a gap of {} ms", s.max_gap_ms);

@@ -22,7 +22,7 @@ use causeway_netns::{
     Topology, TopologySpec,
     exec::{self, Bg},
     ready::{self, Proto},
-    topology::{Failure, StandbyNode, wait_for},
+    topology::{Failure, StandbyNode, StreamStats, wait_for},
 };
 use serde::{Deserialize, Serialize};
 
@@ -48,14 +48,6 @@ pub struct FailoverBenchArgs {
     /// Render a saved `--output json` run instead of measuring.
     #[arg(long)]
     from_json: Option<std::path::PathBuf>,
-}
-
-/// What the sequence sink printed (`causeway debug udp-sequence-sink`).
-#[derive(Debug, Deserialize)]
-struct Stream {
-    lost: u64,
-    max_gap_ms: f64,
-    last_seq: Option<u64>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -86,8 +78,8 @@ struct Way {
 }
 
 /// Seconds of stream before the failure, and after it.
-const BEFORE: u64 = 2;
-const AFTER: u64 = 6;
+const BEFORE: u32 = 2;
+const AFTER: u32 = 6;
 
 pub fn run(a: FailoverBenchArgs) -> anyhow::Result<()> {
     if let Some(path) = &a.from_json {
@@ -241,14 +233,8 @@ fn settled(t: &Topology, standby: &StandbyNode, timeout: Duration) -> anyhow::Re
                     && c.status == "connected"
                     && c.carrier.as_ref().is_some_and(|v| !v.provisional)
             }) && s.standbys.iter().any(|x| x.endpoint == sb && x.status == "connected")
-        }) && nexthop(&b.node_ns).contains("via 172.20.2.1 ")
+        }) && t.worker_nexthop(2).contains("via 172.20.2.1 ")
     })
-}
-
-fn nexthop(node_ns: &str) -> String {
-    exec::in_ns(node_ns, &["ip", "nexthop", "show", "id", "202001"])
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default()
 }
 
 /// A sequence stream of `secs` seconds from cluster 1's pod to cluster 2's; `during` runs
@@ -256,31 +242,12 @@ fn nexthop(node_ns: &str) -> String {
 fn stream(
     t: &mut Topology,
     rate: u32,
-    secs: u64,
+    secs: u32,
     after: Duration,
     during: impl FnOnce(&mut Topology),
-) -> anyhow::Result<Stream> {
-    let (a, b) = (t.clusters[0].clone(), t.clusters[1].clone());
-    let bin = t.spec.causeway_bin.display().to_string();
-    let addr = format!("{}:9100", b.pod_ip);
-    let listen = (secs + 2).to_string();
-    let sink = Bg::start(
-        &b.pod_ns,
-        &[&bin, "debug", "udp-sequence-sink", "--listen", &addr, "--secs", &listen],
-        Stdio::piped(),
-    );
-    ready::wait_listening(&b.pod_ns, &addr, Proto::Udp)?;
-    let (rate_s, secs_s) = (rate.to_string(), secs.to_string());
-    let _source = Bg::start(
-        &a.pod_ns,
-        &[&bin, "debug", "udp-stream", "--connect", &addr, "--rate", &rate_s, "--secs", &secs_s],
-        Stdio::null(),
-    );
-    std::thread::sleep(after);
-    during(t);
-    let out = sink.output();
-    let s: Stream = serde_json::from_str(&out).with_context(|| format!("the sink printed {out:?}"))?;
-    let last = u64::from(rate) * secs - 1;
+) -> anyhow::Result<StreamStats> {
+    let s = t.sequence_stream((1, 2), (rate, secs), after, during)?;
+    let last = u64::from(rate) * u64::from(secs) - 1;
     if s.last_seq.is_none_or(|l| l + u64::from(rate) < last) {
         bail!("the stream stopped at {:?} of {last}: the traffic did not come back", s.last_seq);
     }
@@ -298,7 +265,7 @@ fn measure(t: &mut Topology, standby: &StandbyNode, how: Failure, rate: u32) -> 
     let socket = t.clusters[0].status_socket.clone();
     let want = format!("{}:51820", standby.ip);
     let mut watcher = None;
-    let s = stream(t, rate, BEFORE + AFTER, Duration::from_secs(BEFORE), |t| {
+    let s = stream(t, rate, BEFORE + AFTER, Duration::from_secs(BEFORE.into()), |t| {
         let failed_at = Instant::now();
         if let Err(e) = t.fail_gateway(2, how) {
             eprintln!("failing the gateway: {e:#}");

@@ -571,6 +571,46 @@ impl Topology {
         Ok(log)
     }
 
+    /// Streams `rate` sequence-numbered datagrams per second for `secs` seconds from cluster
+    /// `from`'s pod to cluster `to`'s (`causeway debug udp-stream` → `udp-sequence-sink`);
+    /// runs `during` `after` into it; returns what the sink saw.
+    pub fn sequence_stream(
+        &mut self,
+        (from, to): (usize, usize),
+        (rate, secs): (u32, u32),
+        after: Duration,
+        during: impl FnOnce(&mut Topology),
+    ) -> anyhow::Result<StreamStats> {
+        let (a, b) = (self.clusters[from - 1].clone(), self.clusters[to - 1].clone());
+        let bin = self.bin();
+        let addr = format!("{}:9100", b.pod_ip);
+        let listen = (secs + 2).to_string();
+        let sink = exec::Bg::start(
+            &b.pod_ns,
+            &[&bin, "debug", "udp-sequence-sink", "--listen", &addr, "--secs", &listen],
+            Stdio::piped(),
+        );
+        crate::ready::wait_listening(&b.pod_ns, &addr, crate::ready::Proto::Udp)?;
+        let (rate, secs) = (rate.to_string(), secs.to_string());
+        let _source = exec::Bg::start(
+            &a.pod_ns,
+            &[&bin, "debug", "udp-stream", "--connect", &addr, "--rate", &rate, "--secs", &secs],
+            Stdio::null(),
+        );
+        std::thread::sleep(after);
+        during(self);
+        let out = sink.output();
+        serde_json::from_str(&out).with_context(|| format!("the sequence sink printed {out:?}"))
+    }
+
+    /// Cluster `index`'s worker's nexthop toward its gateway (`ip nexthop show id 202001`).
+    #[must_use]
+    pub fn worker_nexthop(&self, index: usize) -> String {
+        in_ns(&self.clusters[index - 1].node_ns, &["ip", "nexthop", "show", "id", "202001"])
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    }
+
     /// Kills every process in namespace `ns` with SIGKILL (no cleanup), as a crash would.
     pub fn kill_namespace(&mut self, ns: &str) {
         let _ = self.kill_in(ns);
@@ -704,6 +744,17 @@ impl Drop for Topology {
             eprintln!("teardown of {}: {e:#}", self.spec.prefix);
         }
     }
+}
+
+/// What a sequence stream's sink saw ([`Topology::sequence_stream`]).
+#[derive(Clone, Debug, Deserialize)]
+pub struct StreamStats {
+    pub received: u64,
+    /// Sequence numbers between the first and the last received that never arrived.
+    pub lost: u64,
+    /// The longest time between two consecutive arrivals.
+    pub max_gap_ms: f64,
+    pub last_seq: Option<u64>,
 }
 
 /// How [`Topology::fail_gateway`] fails a gateway.

@@ -41,9 +41,8 @@ fn two_clusters_with_a_standby() -> (Topology, StandbyNode) {
     t.wait_connected(Duration::from_secs(30)).expect("tunnels up");
     let sb = t.start_standby_gateway(2).expect("cluster 2's standby");
     let agent_log = t.start_route_agent(2).expect("cluster 2's route agent");
-    let node = t.clusters[1].node_ns.clone();
     wait_for(Duration::from_secs(30), "cluster 2's worker routing cluster 1 through gateway 2", || {
-        nexthop(&node).contains("via 172.20.2.1 ")
+        t.worker_nexthop(2).contains("via 172.20.2.1 ")
             && exec::ping(&t.clusters[0].pod_ns, &t.clusters[1].pod_ip, 1)
     })
     .unwrap_or_else(|e| panic!("{e:#}; agent log: {}", agent_log.display()));
@@ -67,13 +66,6 @@ fn agent_metrics(node_ns: &str) -> String {
         .unwrap_or_default()
 }
 
-/// The worker's nexthop toward its gateway.
-fn nexthop(node_ns: &str) -> String {
-    exec::in_ns(node_ns, &["ip", "nexthop", "show", "id", "202001"])
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default()
-}
-
 /// A paced TCP transfer from cluster 1's pod to cluster 2's: `(sink, source)`, each printing
 /// `{"bytes":…,"sha256":…}` when done.
 fn tcp_transfer(clusters: &[ClusterInfo], bytes: u64, mbps: u32) -> (Bg, Bg) {
@@ -89,40 +81,6 @@ fn tcp_transfer(clusters: &[ClusterInfo], bytes: u64, mbps: u32) -> (Bg, Bg) {
         Stdio::piped(),
     );
     (sink, source)
-}
-
-/// What the sequence sink printed.
-#[derive(Debug, serde::Deserialize)]
-struct Stream {
-    received: u64,
-    lost: u64,
-    max_gap_ms: f64,
-    last_seq: Option<u64>,
-}
-
-/// Streams `rate` datagrams per second for `secs` from cluster 1's pod to cluster 2's; runs
-/// `during` after `after` seconds; returns what arrived.
-fn stream(clusters: &[ClusterInfo], rate: u32, secs: u32, after: Duration, during: impl FnOnce()) -> Stream {
-    let (a, b) = (&clusters[0], &clusters[1]);
-    let bin = causeway_bin().display().to_string();
-    let addr = format!("{}:9100", b.pod_ip);
-    let listen_secs = (secs + 2).to_string();
-    let sink = Bg::start(
-        &b.pod_ns,
-        &[&bin, "debug", "udp-sequence-sink", "--listen", &addr, "--secs", &listen_secs],
-        Stdio::piped(),
-    );
-    ready::wait_listening(&b.pod_ns, &addr, Proto::Udp).unwrap();
-    let (rate, secs) = (rate.to_string(), secs.to_string());
-    let _source = Bg::start(
-        &a.pod_ns,
-        &[&bin, "debug", "udp-stream", "--connect", &addr, "--rate", &rate, "--secs", &secs],
-        Stdio::null(),
-    );
-    std::thread::sleep(after);
-    during();
-    let out = sink.output();
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("sink output {out:?}: {e}"))
 }
 
 /// Gateway 1's view of cluster 2: the endpoint carrying it, and why.
@@ -147,19 +105,19 @@ fn fail_over_in(mut t: Topology, sb: StandbyNode, how: &str) -> (Topology, Stand
     let (endpoint, view) = carrier(&t);
     assert_eq!(endpoint, format!("{}:51820", b.gw_ip), "the records' pick carries at first");
     assert_eq!(view.map(|v| (v.reason, v.provisional)), Some(("initial".into(), false)));
-    let clusters = t.clusters.clone();
     let failure: Failure = how.parse().unwrap();
-    let mut fail = || t.fail_gateway(2, failure).unwrap();
     // 6 MB at 8 Mbit/s: the transfer spans the failure.
-    let (sink, source) = tcp_transfer(&clusters, 6_000_000, 8);
-    let s = stream(&clusters, 200, 8, Duration::from_secs(2), &mut fail);
+    let (sink, source) = tcp_transfer(&t.clusters, 6_000_000, 8);
+    let s = t
+        .sequence_stream((1, 2), (200, 8), Duration::from_secs(2), |t| t.fail_gateway(2, failure).unwrap())
+        .unwrap();
     eprintln!("{how}: {s:?}");
     let (sent, received) = (source.output(), sink.output());
     assert!(sent.contains("\"bytes\":6000000"), "{how}: the TCP transfer broke: {sent:?}");
     assert_eq!(received, sent, "{how}: the TCP transfer arrived damaged");
     // Cluster 2's worker moved its nexthop to the standby's node on its own evidence, and its
     // route agent's metrics say so.
-    assert!(nexthop(&b.node_ns).contains("via 172.21.2.1 "), "{how}: {}", nexthop(&b.node_ns));
+    assert!(t.worker_nexthop(2).contains("via 172.21.2.1 "), "{how}: {}", t.worker_nexthop(2));
     let agent = agent_metrics(&b.node_ns);
     for line in [
         "causeway_node_nexthop{gateway=\"172.21.2.1\"} 1\n",
@@ -227,8 +185,8 @@ fn a_killed_active_gateway_is_left_for_the_standby_and_traffic_fails_back_once_i
     let b = t.clusters[1].clone();
     // Gateway 2 comes back (same key, restart-safe state): once it has answered for the
     // hold-down (5 s), traffic goes back to it, once, losing nothing measurable.
-    let clusters = t.clusters.clone();
-    let s = stream(&clusters, 200, 10, Duration::from_secs(1), || t.heal_gateway(2).unwrap());
+    let s =
+        t.sequence_stream((1, 2), (200, 10), Duration::from_secs(1), |t| t.heal_gateway(2).unwrap()).unwrap();
     eprintln!("fail back: {s:?}");
     assert_eq!(s.last_seq, Some(200 * 10 - 1), "{s:?}");
     assert!(s.max_gap_ms < 1_000.0, "failing back left a gap of {} ms", s.max_gap_ms);
@@ -237,9 +195,9 @@ fn a_killed_active_gateway_is_left_for_the_standby_and_traffic_fails_back_once_i
     let view = view.expect("carrier view");
     assert_eq!((view.reason.as_str(), view.provisional), ("fail_back", false));
     assert!(
-        nexthop(&b.node_ns).contains("via 172.20.2.1 "),
+        t.worker_nexthop(2).contains("via 172.20.2.1 "),
         "the worker is back too: {}",
-        nexthop(&b.node_ns)
+        t.worker_nexthop(2)
     );
     assert_eq!(
         failovers(&t),

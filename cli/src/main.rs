@@ -565,6 +565,9 @@ fn main() -> anyhow::Result<()> {
                         causeway_broker_api::Record::PolicyDefault(d) => client.put_policy_default(d).await?,
                         causeway_broker_api::Record::ServiceExport(s) => client.put_service(s).await?,
                         causeway_broker_api::Record::ClusterSet(c) => client.put_cluster_set(c).await?,
+                        causeway_broker_api::Record::ServiceImport(_) => anyhow::bail!(
+                            "service imports are written by the broker alone (it merges the clusters' exports)"
+                        ),
                     };
                     println!("{}", serde_json::to_string(&obj)?);
                     Ok(())

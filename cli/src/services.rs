@@ -14,12 +14,32 @@ pub struct ExportArgs {
     #[arg(long, short)]
     namespace: String,
     name: String,
-    /// The service's virtual IPs (ClusterIPs; repeatable).
-    #[arg(long = "ip", value_delimiter = ',', required = true)]
+    /// The service's virtual IPs (ClusterIPs; repeatable). Not for a headless service.
+    #[arg(
+        long = "ip",
+        value_delimiter = ',',
+        required_unless_present = "headless",
+        conflicts_with = "headless"
+    )]
     ips: Vec<std::net::IpAddr>,
+    /// A headless service: DNS answers with its endpoints instead of a ClusterSetIP.
+    #[arg(long, requires = "endpoints")]
+    headless: bool,
+    /// A headless service's ready endpoint as IP[=HOSTNAME] (repeatable).
+    #[arg(long = "endpoint", value_delimiter = ',', value_parser = parse_endpoint)]
+    endpoints: Vec<causeway_broker_api::ServiceEndpoint>,
     /// Ports as PORT[/PROTOCOL][:NAME], e.g. 80/TCP:http (repeatable).
     #[arg(long = "port", value_delimiter = ',', value_parser = parse_port)]
     ports: Vec<ServicePort>,
+}
+
+fn parse_endpoint(s: &str) -> Result<causeway_broker_api::ServiceEndpoint, String> {
+    let (ip, hostname) = match s.split_once('=') {
+        Some((ip, h)) => (ip, Some(h.to_owned())),
+        None => (s, None),
+    };
+    let ip = ip.parse().map_err(|_| format!("{s:?}: expected IP[=HOSTNAME], e.g. 10.1.0.5=db-0"))?;
+    Ok(causeway_broker_api::ServiceEndpoint { ip, hostname })
 }
 
 fn parse_port(s: &str) -> Result<ServicePort, String> {
@@ -65,6 +85,10 @@ pub struct ClusterSetArgs {
     /// Where global CIDRs (overlap mode) may lie (repeatable; replaces the list).
     #[arg(long = "global-pool", value_name = "CIDR")]
     global_pools: Vec<ipnetwork::IpNetwork>,
+    /// Where ClusterSetIPs come from (IPv4, /8 to /28; default 241.0.0.0/16). It cannot move
+    /// away from a ClusterSetIP a service holds.
+    #[arg(long, value_name = "CIDR")]
+    cluster_set_ip_pool: Option<ipnetwork::IpNetwork>,
     /// Gateway endpoints one cluster may publish.
     #[arg(long)]
     max_endpoints: Option<u32>,
@@ -106,6 +130,13 @@ pub async fn export(a: ExportArgs) -> anyhow::Result<()> {
         name: a.name,
         ips: a.ips,
         ports: a.ports,
+        service_type: if a.headless {
+            causeway_broker_api::ServiceType::Headless
+        } else {
+            causeway_broker_api::ServiceType::ClusterSetIP
+        },
+        endpoints: a.endpoints,
+        ready_endpoints: None,
         source: causeway_broker_api::ExportSource::Cli,
         generation,
     };
@@ -114,6 +145,22 @@ pub async fn export(a: ExportArgs) -> anyhow::Result<()> {
         "exported {}.{}.svc.clusterset.local (revision {})",
         svc.name, svc.namespace, obj.resource_version
     );
+    // The broker merged the import in the same revision: say what the set sees.
+    let list = client.list().await?;
+    let import = list.items.iter().find_map(|o| match &o.record {
+        Record::ServiceImport(i) if i.namespace == svc.namespace && i.name == svc.name => Some(i),
+        _ => None,
+    });
+    if let Some(i) = import {
+        if let Some(ip) = i.ips.first() {
+            println!("ClusterSetIP {ip}");
+        }
+        if let Some(why) =
+            i.clusters.iter().find(|c| c.cluster_id == svc.cluster_id).and_then(|c| c.conflict.as_ref())
+        {
+            println!("Conflict: {why}");
+        }
+    }
     Ok(())
 }
 
@@ -155,6 +202,9 @@ pub async fn cluster_set(a: ClusterSetArgs) -> anyhow::Result<()> {
             pool.clone_from(given);
         }
     }
+    if let Some(pool) = a.cluster_set_ip_pool {
+        settings.cluster_set_ip_pool = pool;
+    }
     if let Some(n) = a.max_endpoints {
         settings.quotas.max_endpoints = n;
     }
@@ -178,25 +228,103 @@ pub async fn cluster_set(a: ClusterSetArgs) -> anyhow::Result<()> {
     println!("pod pools:      {}", list(&settings.pools.pod_cidrs));
     println!("service pools:  {}", list(&settings.pools.service_cidrs));
     println!("global pools:   {}", list(&settings.pools.global_cidrs));
+    println!("ClusterSetIPs:  {}", settings.cluster_set_ip_pool);
     println!("max endpoints:  {} per cluster", settings.quotas.max_endpoints);
     println!("max services:   {} per cluster", settings.quotas.max_services);
     Ok(())
 }
 
-/// `show services`.
+/// `show services`: the imports, then the exports with their condition (`Valid`, or
+/// `Conflict` and why, as the broker merged them).
 pub fn table(records: &[&causeway_broker_api::Object]) -> String {
-    let rows: Vec<Vec<String>> = records
+    let ports = |ports: &[ServicePort]| {
+        if ports.is_empty() {
+            "-".to_owned()
+        } else {
+            ports
+                .iter()
+                .map(|p| match &p.name {
+                    Some(n) => format!("{}/{}({n})", p.port, p.protocol),
+                    None => format!("{}/{}", p.port, p.protocol),
+                })
+                .collect::<Vec<_>>()
+                .join(",")
+        }
+    };
+    let imports: Vec<&causeway_broker_api::ServiceImportRecord> = records
         .iter()
         .filter_map(|o| match &o.record {
-            Record::ServiceExport(s) => Some(vec![
-                s.cluster_id.clone(),
-                s.namespace.clone(),
-                s.name.clone(),
-                s.ips.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
-                s.ports.iter().map(|p| format!("{}/{}", p.port, p.protocol)).collect::<Vec<_>>().join(","),
-            ]),
+            Record::ServiceImport(i) => Some(i),
             _ => None,
         })
         .collect();
-    crate::show::table(&["CLUSTER", "NAMESPACE", "NAME", "IPS", "PORTS"], &rows)
+    let import_rows: Vec<Vec<String>> = imports
+        .iter()
+        .map(|i| {
+            vec![
+                i.namespace.clone(),
+                i.name.clone(),
+                i.service_type.to_string(),
+                if i.ips.is_empty() {
+                    "-".into()
+                } else {
+                    i.ips.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+                },
+                ports(&i.ports),
+                i.clusters
+                    .iter()
+                    .map(|c| match (&c.conflict, c.excluded) {
+                        (_, true) => format!("{}(excluded)", c.cluster_id),
+                        (Some(_), false) => format!("{}(conflict)", c.cluster_id),
+                        (None, false) => c.cluster_id.clone(),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ]
+        })
+        .collect();
+    let export_rows: Vec<Vec<String>> = records
+        .iter()
+        .filter_map(|o| match &o.record {
+            Record::ServiceExport(s) => {
+                let merged = imports
+                    .iter()
+                    .find(|i| i.namespace == s.namespace && i.name == s.name)
+                    .and_then(|i| i.clusters.iter().find(|c| c.cluster_id == s.cluster_id));
+                let condition = match merged.and_then(|c| c.conflict.as_deref()) {
+                    Some(why) => format!("Conflict: {why}"),
+                    None if merged.is_some() => "Valid".into(),
+                    None => "Pending".into(),
+                };
+                Some(vec![
+                    s.cluster_id.clone(),
+                    s.namespace.clone(),
+                    s.name.clone(),
+                    match s.service_type {
+                        causeway_broker_api::ServiceType::ClusterSetIP => {
+                            s.ips.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+                        }
+                        causeway_broker_api::ServiceType::Headless => {
+                            format!("{} endpoints", s.endpoints.len())
+                        }
+                    },
+                    ports(&s.ports),
+                    s.ready_endpoints.map_or_else(|| "-".into(), |n| n.to_string()),
+                    condition,
+                ])
+            }
+            _ => None,
+        })
+        .collect();
+    format!(
+        "{}\n{}",
+        crate::show::table(
+            &["NAMESPACE", "NAME", "TYPE", "CLUSTERSET IP", "PORTS", "CLUSTERS"],
+            &import_rows
+        ),
+        crate::show::table(
+            &["CLUSTER", "NAMESPACE", "NAME", "EXPORTS", "PORTS", "READY", "CONDITION"],
+            &export_rows
+        )
+    )
 }

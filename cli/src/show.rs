@@ -29,7 +29,8 @@ enum What {
         #[arg(long, env = "CAUSEWAY_CREDENTIALS")]
         credentials: Option<PathBuf>,
     },
-    /// Services exported to the cluster set.
+    /// The cluster set's services (each name's merged import: type, ClusterSetIP, ports,
+    /// clusters), then every cluster's export with its KEP-1645 condition.
     Services {
         #[arg(long, env = "CAUSEWAY_CREDENTIALS")]
         credentials: Option<PathBuf>,
@@ -92,8 +93,11 @@ pub async fn run(a: ShowArgs) -> anyhow::Result<()> {
         What::Services { credentials } => {
             let creds = crate::setup::operator_credentials(credentials)?;
             let list = BrokerClient::from_credentials(&creds)?.list().await?;
-            let services: Vec<_> =
-                list.items.iter().filter(|o| matches!(o.record, Record::ServiceExport(_))).collect();
+            let services: Vec<_> = list
+                .items
+                .iter()
+                .filter(|o| matches!(o.record, Record::ServiceImport(_) | Record::ServiceExport(_)))
+                .collect();
             match a.output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&services)?),
                 Output::Table => print!("{}", crate::services::table(&services)),

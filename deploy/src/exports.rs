@@ -68,6 +68,9 @@ pub fn record_for(cluster_id: &str, service: &Service) -> Result<ServiceExportRe
         name,
         ips,
         ports,
+        service_type: Default::default(),
+        endpoints: Vec::new(),
+        ready_endpoints: None,
         source: ExportSource::Kubernetes,
         generation: 0,
     })
@@ -234,6 +237,9 @@ mod tests {
             name: name.into(),
             ips: vec![ip.parse().unwrap()],
             ports: vec![],
+            service_type: Default::default(),
+            endpoints: Vec::new(),
+            ready_endpoints: None,
             source: ExportSource::Kubernetes,
             generation,
         };

@@ -379,6 +379,9 @@ async fn service_exports_are_published_to_the_broker_and_withdrawn() {
                 name: name.into(),
                 ips: vec![ip.parse().unwrap()],
                 ports: vec![],
+                service_type: Default::default(),
+                endpoints: Vec::new(),
+                ready_endpoints: None,
                 source,
                 generation: 1,
             })

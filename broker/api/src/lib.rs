@@ -15,5 +15,5 @@ pub use records::*;
 pub use reflector::{Reflector, Snapshot, Step};
 pub use validate::{
     GlobalOverlap, OutsidePools, ValidationError, check_global_overlaps, check_overlaps, check_pools,
-    validate_cluster, validate_endpoint, validate_policy, validate_service,
+    validate_cluster, validate_cluster_set_ip_pool, validate_endpoint, validate_policy, validate_service,
 };

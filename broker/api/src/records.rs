@@ -287,7 +287,7 @@ pub struct PolicyDefaultRecord {
 }
 
 /// One port of an exported service.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ServicePort {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -315,6 +315,18 @@ pub struct ServiceExportRecord {
     pub ips: Vec<IpAddr>,
     #[serde(default)]
     pub ports: Vec<ServicePort>,
+    /// `ClusterSetIP` (the default: `ips` are the ClusterIPs, and the cluster set reaches
+    /// them through one ClusterSetIP) or `Headless` (no `ips`; DNS answers with `endpoints`).
+    #[serde(rename = "type", default, skip_serializing_if = "ServiceType::is_cluster_set_ip")]
+    pub service_type: ServiceType,
+    /// A headless service's ready endpoints (pod addresses in the cluster's pod CIDRs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<ServiceEndpoint>,
+    /// How many of the service's endpoints are ready, when the exporter knows (the
+    /// Kubernetes publisher does; `causeway export` does not). `Some(0)`: the cluster is left
+    /// out of the service's backends until one is ready; absent: counted as ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_endpoints: Option<u32>,
     /// Who made the export: the cluster's Kubernetes publisher (from ServiceExport objects;
     /// it withdraws what it made when the object goes) or an operator with `causeway export`
     /// (the publisher never touches those). Absent means `cli`.
@@ -322,6 +334,84 @@ pub struct ServiceExportRecord {
     pub source: ExportSource,
     #[serde(default)]
     pub generation: u64,
+}
+
+/// What a multi-cluster service is (KEP-1645's ServiceImport type).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum ServiceType {
+    /// Reached through one virtual IP for the whole set.
+    #[default]
+    ClusterSetIP,
+    /// DNS answers with the ready endpoints themselves.
+    Headless,
+}
+
+impl ServiceType {
+    #[must_use]
+    pub fn is_cluster_set_ip(&self) -> bool {
+        *self == Self::ClusterSetIP
+    }
+}
+
+impl std::fmt::Display for ServiceType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::ClusterSetIP => "ClusterSetIP",
+            Self::Headless => "Headless",
+        })
+    }
+}
+
+/// One ready endpoint of a headless export.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceEndpoint {
+    pub ip: IpAddr,
+    /// The endpoint's hostname (its pod's `hostname`, else the pod name): DNS answers
+    /// `<hostname>.<cluster>.<name>.<namespace>.svc.clusterset.local` with its address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+}
+
+/// The cluster set's view of one multi-cluster service: every cluster's export of
+/// `<namespace>/<name>` merged by KEP-1645's rules. Written only by the broker, whenever an
+/// export of that name changes; read by gateways, route agents and cluster-set DNS.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceImportRecord {
+    pub namespace: String,
+    pub name: String,
+    /// The oldest export's type; exports of the other type are in conflict.
+    #[serde(rename = "type")]
+    pub service_type: ServiceType,
+    /// The ClusterSetIPs (one, from the cluster set's pool; none for a headless service).
+    /// Held for as long as the import exists.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ips: Vec<IpAddr>,
+    /// The union of the exports' ports, minus those that lost a conflict.
+    #[serde(default)]
+    pub ports: Vec<ServicePort>,
+    /// The exporting clusters, oldest export first (that order settles conflicts).
+    pub clusters: Vec<ImportedCluster>,
+    #[serde(default)]
+    pub generation: u64,
+}
+
+/// One cluster's part in a [`ServiceImportRecord`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ImportedCluster {
+    pub cluster_id: String,
+    /// The ports of the import this cluster serves.
+    #[serde(default)]
+    pub ports: Vec<ServicePort>,
+    /// Its export is of the other type than the oldest: it takes no part in the service.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub excluded: bool,
+    /// KEP-1645's `Conflict` condition: what in this cluster's export an older export
+    /// overrules, and whose.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conflict: Option<String>,
 }
 
 /// Who made a [`ServiceExportRecord`].
@@ -343,7 +433,7 @@ impl ExportSource {
 }
 
 /// Settings of the whole cluster set (written with the admin credential).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ClusterSetRecord {
     /// Overlap mode: clusters may share pod and service CIDRs; each must then carry a
@@ -357,8 +447,34 @@ pub struct ClusterSetRecord {
     /// Per-cluster caps on what one member may publish.
     #[serde(default)]
     pub quotas: Quotas,
+    /// Where the broker takes ClusterSetIPs from. No cluster's prefixes may overlap it.
+    #[serde(default = "default_cluster_set_ip_pool")]
+    pub cluster_set_ip_pool: IpNetwork,
     #[serde(default)]
     pub generation: u64,
+}
+
+/// The default ClusterSetIP pool: part of 240.0.0.0/4, which is reserved and never assigned,
+/// so it collides with no pod, service or underlay network (Submariner Globalnet takes
+/// 242.0.0.0/8 for the same reason). ClusterSetIPs never reach the wire: the nodes' socket
+/// programs translate them at `connect()`.
+pub const DEFAULT_CLUSTER_SET_IP_POOL: &str = "241.0.0.0/16";
+
+#[must_use]
+pub fn default_cluster_set_ip_pool() -> IpNetwork {
+    DEFAULT_CLUSTER_SET_IP_POOL.parse().expect("valid constant prefix")
+}
+
+impl Default for ClusterSetRecord {
+    fn default() -> Self {
+        Self {
+            overlap_mode: false,
+            pools: AddressPools::default(),
+            quotas: Quotas::default(),
+            cluster_set_ip_pool: default_cluster_set_ip_pool(),
+            generation: 0,
+        }
+    }
 }
 
 /// Address pools granted by the cluster set's admin (SPEC §12, trust model). A member cluster
@@ -435,12 +551,13 @@ pub enum Record {
     PolicyDefault(PolicyDefaultRecord),
     ServiceExport(ServiceExportRecord),
     ClusterSet(ClusterSetRecord),
+    ServiceImport(ServiceImportRecord),
 }
 
 impl Record {
     /// The storage key: `clusters/<id>`, `endpoints/<cluster>/<hostname>`,
-    /// `services/<cluster>/<namespace>/<name>`, `policies/<name>`, `settings/policy-default`
-    /// or `settings/cluster-set`.
+    /// `services/<cluster>/<namespace>/<name>`, `imports/<namespace>/<name>`,
+    /// `policies/<name>`, `settings/policy-default` or `settings/cluster-set`.
     #[must_use]
     pub fn key(&self) -> String {
         match self {
@@ -450,18 +567,22 @@ impl Record {
             Record::PolicyDefault(_) => POLICY_DEFAULT_KEY.to_owned(),
             Record::ServiceExport(s) => service_key(&s.cluster_id, &s.namespace, &s.name),
             Record::ClusterSet(_) => CLUSTER_SET_KEY.to_owned(),
+            Record::ServiceImport(i) => import_key(&i.namespace, &i.name),
         }
     }
 
-    /// The cluster that owns the record; empty for the set-wide records (policy), which
-    /// only the admin writes.
+    /// The cluster that owns the record; empty for the set-wide records (policy, settings),
+    /// which only the admin writes, and for service imports, which only the broker writes.
     #[must_use]
     pub fn cluster_id(&self) -> &str {
         match self {
             Record::Cluster(c) => &c.cluster_id,
             Record::Endpoint(e) => &e.cluster_id,
             Record::ServiceExport(s) => &s.cluster_id,
-            Record::Policy(_) | Record::PolicyDefault(_) | Record::ClusterSet(_) => "",
+            Record::Policy(_)
+            | Record::PolicyDefault(_)
+            | Record::ClusterSet(_)
+            | Record::ServiceImport(_) => "",
         }
     }
 
@@ -474,6 +595,7 @@ impl Record {
             Record::PolicyDefault(d) => d.generation,
             Record::ServiceExport(s) => s.generation,
             Record::ClusterSet(c) => c.generation,
+            Record::ServiceImport(i) => i.generation,
         }
     }
 }
@@ -481,6 +603,12 @@ impl Record {
 #[must_use]
 pub fn service_key(cluster_id: &str, namespace: &str, name: &str) -> String {
     format!("services/{cluster_id}/{namespace}/{name}")
+}
+
+/// Key of the [`ServiceImportRecord`] of `<namespace>/<name>`.
+#[must_use]
+pub fn import_key(namespace: &str, name: &str) -> String {
+    format!("imports/{namespace}/{name}")
 }
 
 /// Key of the [`ClusterSetRecord`].

@@ -7,6 +7,7 @@ use ipnetwork::IpNetwork;
 
 use crate::records::{
     CABLE_BACKENDS, ClusterRecord, EndpointRecord, PolicyProtocol, PolicyRecord, ServiceExportRecord,
+    ServiceType,
 };
 
 /// Largest number of CIDRs of one kind a cluster may declare.
@@ -56,6 +57,10 @@ pub enum ValidationError {
     BadServicePort(String),
     #[error("ips: an exported service needs at least one virtual IP")]
     NoServiceIps,
+    #[error("{0}")]
+    BadServiceShape(&'static str),
+    #[error("clusterSetIpPool: {0}")]
+    BadClusterSetIpPool(String),
     #[error("{field}: {cidr} overlaps {range} ({why}); such addresses are never routed between clusters")]
     Reserved { field: &'static str, cidr: IpNetwork, range: IpNetwork, why: &'static str },
     #[error(
@@ -172,13 +177,35 @@ pub fn covered<'a>(
     addrs.into_iter().find_map(|a| cidrs.iter().find(|n| n.contains(*a)).map(|n| (**n, *a)))
 }
 
-/// Checks an exported service on its own (its IPs against the cluster: the broker).
+/// Largest number of endpoints one headless export may list.
+pub const MAX_SERVICE_ENDPOINTS: usize = 256;
+
+/// Checks an exported service on its own (its addresses against the cluster: the broker).
+/// A ClusterSetIP export names its ClusterIPs; a headless one its ready endpoints. Two ports
+/// with the same number and protocol, or the same name, are refused: the service would be
+/// ambiguous before any other cluster is involved.
 pub fn validate_service(s: &ServiceExportRecord) -> Result<(), ValidationError> {
     dns_label("clusterId", &s.cluster_id)?;
     dns_label("namespace", &s.namespace)?;
     dns_label("name", &s.name)?;
-    if s.ips.is_empty() {
-        return Err(ValidationError::NoServiceIps);
+    match s.service_type {
+        ServiceType::ClusterSetIP => {
+            if s.ips.is_empty() {
+                return Err(ValidationError::NoServiceIps);
+            }
+            if !s.endpoints.is_empty() {
+                return Err(ValidationError::BadServiceShape(
+                    "endpoints: only a headless export lists endpoints; a ClusterSetIP export names its ClusterIPs in ips",
+                ));
+            }
+        }
+        ServiceType::Headless => {
+            if !s.ips.is_empty() {
+                return Err(ValidationError::BadServiceShape(
+                    "ips: a headless export has no virtual IP; list its ready endpoints in endpoints",
+                ));
+            }
+        }
     }
     if s.ips.len() > MAX_IPS {
         return Err(ValidationError::TooMany { field: "ips", count: s.ips.len(), max: MAX_IPS });
@@ -188,10 +215,25 @@ pub fn validate_service(s: &ServiceExportRecord) -> Result<(), ValidationError> 
             return Err(ValidationError::BadAddress { field: "ips", addr: *addr });
         }
     }
+    if s.endpoints.len() > MAX_SERVICE_ENDPOINTS {
+        return Err(ValidationError::TooMany {
+            field: "endpoints",
+            count: s.endpoints.len(),
+            max: MAX_SERVICE_ENDPOINTS,
+        });
+    }
+    for e in &s.endpoints {
+        if is_special_address(e.ip) {
+            return Err(ValidationError::BadAddress { field: "endpoints.ip", addr: e.ip });
+        }
+        if let Some(h) = &e.hostname {
+            dns_label("endpoints.hostname", h)?;
+        }
+    }
     if s.ports.len() > MAX_PORT_RANGES {
         return Err(ValidationError::TooMany { field: "ports", count: s.ports.len(), max: MAX_PORT_RANGES });
     }
-    for p in &s.ports {
+    for (i, p) in s.ports.iter().enumerate() {
         if p.port == 0 {
             return Err(ValidationError::BadServicePort("0 is not a port".into()));
         }
@@ -204,6 +246,44 @@ pub fn validate_service(s: &ServiceExportRecord) -> Result<(), ValidationError> 
         if let Some(n) = &p.name {
             dns_label("ports.name", n)?;
         }
+        let earlier = &s.ports[..i];
+        if earlier.iter().any(|q| q.port == p.port && q.protocol == p.protocol) {
+            return Err(ValidationError::BadServicePort(format!(
+                "{}/{} is listed twice",
+                p.port, p.protocol
+            )));
+        }
+        if let Some(n) = &p.name
+            && earlier.iter().any(|q| q.name.as_ref() == Some(n))
+        {
+            return Err(ValidationError::BadServicePort(format!("the name {n:?} is given to two ports")));
+        }
+    }
+    Ok(())
+}
+
+/// Checks the cluster set's ClusterSetIP pool: IPv4, canonical, between /8 and /28, and
+/// nothing a host treats specially (loopback, link-local, multicast, the broadcast address).
+/// The reserved 240.0.0.0/4 is allowed: that is where the default pool lies.
+pub fn validate_cluster_set_ip_pool(pool: &IpNetwork) -> Result<(), ValidationError> {
+    let IpNetwork::V4(v4) = pool else {
+        return Err(ValidationError::BadClusterSetIpPool(format!(
+            "{pool} is IPv6; ClusterSetIPs are IPv4 today"
+        )));
+    };
+    canonical("clusterSetIpPool", pool)?;
+    if !(8..=28).contains(&v4.prefix()) {
+        return Err(ValidationError::BadClusterSetIpPool(format!(
+            "{pool}: the pool must be between /8 and /28"
+        )));
+    }
+    if let Some((range, why)) = special_range(pool)
+        && range != "240.0.0.0/4".parse::<IpNetwork>().expect("valid constant prefix")
+    {
+        return Err(ValidationError::BadClusterSetIpPool(format!("{pool} overlaps {range} ({why})")));
+    }
+    if pool.contains(std::net::Ipv4Addr::BROADCAST.into()) {
+        return Err(ValidationError::BadClusterSetIpPool(format!("{pool} holds the broadcast address")));
     }
     Ok(())
 }

@@ -421,9 +421,8 @@ impl Broker {
         name: &str,
     ) -> Result<Vec<Object>, BrokerError> {
         require_write(who, cluster_id, "unexport a service")?;
-        let key = causeway_broker_api::service_key(cluster_id, namespace, name);
         let w = self.writer().await;
-        self.delete(&w, |state| rules::delete(state, &key)).await
+        self.delete(&w, |state| rules::delete_service(state, cluster_id, namespace, name)).await
     }
 
     /// Sets the cluster set's settings (admin only). Turning overlap mode on needs every

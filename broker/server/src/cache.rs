@@ -10,13 +10,15 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use causeway_broker_api::{
-    ClusterRecord, ClusterSetRecord, EndpointRecord, EventType, Object, Record, WatchEvent,
+    ClusterRecord, ClusterSetRecord, EndpointRecord, EventType, Object, Record, ServiceExportRecord,
+    ServiceImportRecord, WatchEvent,
 };
 
 /// Key prefixes of the record kinds the rules look up by range.
 const CLUSTERS: &str = "clusters/";
 const ENDPOINTS: &str = "endpoints/";
 const SERVICES: &str = "services/";
+const IMPORTS: &str = "imports/";
 
 /// The current records by key.
 #[derive(Clone, Debug, Default)]
@@ -83,6 +85,31 @@ impl Records {
     /// The cluster's exported services.
     pub fn services_of(&self, cluster_id: &str) -> impl Iterator<Item = &Object> + Clone {
         self.prefixed(format!("{SERVICES}{cluster_id}/"))
+    }
+
+    /// Every service import, with its key.
+    pub fn imports(&self) -> impl Iterator<Item = &ServiceImportRecord> + Clone {
+        self.prefixed(IMPORTS.to_owned()).filter_map(|o| match &o.record {
+            Record::ServiceImport(i) => Some(i),
+            _ => None,
+        })
+    }
+
+    #[must_use]
+    pub fn import(&self, namespace: &str, name: &str) -> Option<&ServiceImportRecord> {
+        match self.get(&causeway_broker_api::import_key(namespace, name)).map(|o| &o.record) {
+            Some(Record::ServiceImport(i)) => Some(i),
+            _ => None,
+        }
+    }
+
+    /// A cluster's export of `<namespace>/<name>`.
+    #[must_use]
+    pub fn export(&self, cluster_id: &str, namespace: &str, name: &str) -> Option<&ServiceExportRecord> {
+        match self.get(&causeway_broker_api::service_key(cluster_id, namespace, name)).map(|o| &o.record) {
+            Some(Record::ServiceExport(s)) => Some(s),
+            _ => None,
+        }
     }
 
     /// The cluster set's settings (the defaults until the admin writes some).
@@ -195,6 +222,9 @@ mod tests {
             name: name.into(),
             ips: vec![],
             ports: vec![],
+            service_type: Default::default(),
+            endpoints: Vec::new(),
+            ready_endpoints: None,
             source: causeway_broker_api::ExportSource::Cli,
             generation: 1,
         })

@@ -50,6 +50,8 @@ pub enum BrokerError {
         "cluster {cluster:?} already has {max} {what}, the most the cluster set allows (quota set by its admin with `causeway cluster-set`)"
     )]
     QuotaExceeded { cluster: String, what: &'static str, max: u32 },
+    #[error("{0}")]
+    PoolExhausted(#[from] crate::imports::PoolExhausted),
     #[error("{who} writes faster than {per_second}/s (burst {burst}); retry in {retry_ms} ms")]
     TooManyRequests { who: String, per_second: u32, burst: u32, retry_ms: u64 },
 }
@@ -76,6 +78,7 @@ impl BrokerError {
             Self::DuplicateKey { .. } => (409, "DuplicateKey"),
             Self::QuotaExceeded { .. } => (409, "QuotaExceeded"),
             Self::TooManyRequests { .. } => (429, "TooManyRequests"),
+            Self::PoolExhausted(_) => (409, "PoolExhausted"),
         }
     }
 }

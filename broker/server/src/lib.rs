@@ -16,6 +16,7 @@ pub mod cache;
 mod credentials;
 pub mod error;
 pub mod etcd;
+pub mod imports;
 pub mod leases;
 pub mod rate;
 pub mod rules;

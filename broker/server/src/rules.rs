@@ -6,12 +6,14 @@
 
 use std::net::IpAddr;
 
+use std::collections::BTreeSet;
+
 use causeway_broker_api::{
     ClusterRecord, ClusterSetRecord, EndpointRecord, Object, Record, ServiceExportRecord, cluster_key,
-    service_key,
+    import_key, service_key,
 };
 
-use crate::{broker::BrokerError, cache::Records, store::Change};
+use crate::{broker::BrokerError, cache::Records, imports, store::Change};
 
 /// What a planner decided.
 #[derive(Debug, PartialEq, Eq)]
@@ -83,6 +85,7 @@ pub fn put_cluster(state: State<'_>, c: &ClusterRecord, new: bool) -> Result<Pla
         || {
             let set = state.settings();
             causeway_broker_api::check_pools(c, &set.pools).map_err(BrokerError::OutsidePools)?;
+            clear_of_cluster_set_ips(c, &set)?;
             covers_nothing(state, c)?;
             if set.overlap_mode {
                 causeway_broker_api::check_global_overlaps(c, state.records.clusters())
@@ -92,6 +95,20 @@ pub fn put_cluster(state: State<'_>, c: &ClusterRecord, new: bool) -> Result<Pla
             }
         },
     )
+}
+
+/// No prefix of a cluster may overlap the ClusterSetIP pool: a connection to a ClusterSetIP
+/// is translated at `connect()`, so a pod with such an address would be unreachable.
+fn clear_of_cluster_set_ips(c: &ClusterRecord, set: &ClusterSetRecord) -> Result<(), BrokerError> {
+    let pool = set.cluster_set_ip_pool;
+    let theirs = c.pod_cidrs.iter().chain(&c.service_cidrs).chain(c.global_cidr.iter());
+    if let Some(cidr) = theirs.into_iter().find(|n| causeway_broker_api::validate::overlaps(n, &pool)) {
+        return Err(BrokerError::AddressConflict(format!(
+            "{cidr} of cluster {:?} overlaps the ClusterSetIP pool {pool}; choose CIDRs outside it (or move the pool with `causeway cluster-set --cluster-set-ip-pool`)",
+            c.cluster_id
+        )));
+    }
+    Ok(())
 }
 
 /// A cluster's prefixes may not cover the broker or any gateway endpoint (its own included):
@@ -181,10 +198,11 @@ fn check_endpoint(
     Ok(())
 }
 
-/// One of a registered cluster's exported services: its IPs in the cluster's service CIDRs
-/// (its global CIDR in overlap mode), its cluster within its quota.
+/// One of a registered cluster's exported services: its ClusterIPs in the cluster's service
+/// CIDRs (its global CIDR in overlap mode), a headless export's endpoints in its pod CIDRs,
+/// its cluster within its quota. The service's import is merged again in the same revision.
 pub fn put_service(state: State<'_>, svc: &ServiceExportRecord) -> Result<Plan, BrokerError> {
-    put(
+    let plan = put(
         state,
         &Record::ServiceExport(svc.clone()),
         |_| {
@@ -193,8 +211,6 @@ pub fn put_service(state: State<'_>, svc: &ServiceExportRecord) -> Result<Plan, 
                 .cluster(&svc.cluster_id)
                 .ok_or_else(|| BrokerError::ClusterNotRegistered(svc.cluster_id.clone()))?;
             let set = state.settings();
-            let ranges: Vec<ipnetwork::IpNetwork> =
-                if set.overlap_mode { c.global_cidr.into_iter().collect() } else { c.service_cidrs.clone() };
             let max = set.quotas.max_services;
             if state.stored(&service_key(&svc.cluster_id, &svc.namespace, &svc.name)).is_none()
                 && state.records.services_of(&svc.cluster_id).count() >= max as usize
@@ -205,18 +221,92 @@ pub fn put_service(state: State<'_>, svc: &ServiceExportRecord) -> Result<Plan, 
                     max,
                 });
             }
-            if let Some(ip) = svc.ips.iter().find(|ip| !ranges.iter().any(|r| r.contains(**ip))) {
+            let (services, pods): (Vec<ipnetwork::IpNetwork>, Vec<ipnetwork::IpNetwork>) = if set.overlap_mode
+            {
+                (c.global_cidr.into_iter().collect(), c.global_cidr.into_iter().collect())
+            } else {
+                (c.service_cidrs.clone(), c.pod_cidrs.clone())
+            };
+            let list =
+                |r: &[ipnetwork::IpNetwork]| r.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+            let kind = |what| if set.overlap_mode { "global CIDR" } else { what };
+            if let Some(ip) = svc.ips.iter().find(|ip| !services.iter().any(|r| r.contains(**ip))) {
                 return Err(BrokerError::BadRequest(format!(
                     "ips: {ip} is outside cluster {:?}'s {} ({}); export the service's ClusterIP",
                     svc.cluster_id,
-                    if set.overlap_mode { "global CIDR" } else { "service CIDRs" },
-                    ranges.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+                    kind("service CIDRs"),
+                    list(&services)
+                )));
+            }
+            if let Some(e) = svc.endpoints.iter().find(|e| !pods.iter().any(|r| r.contains(e.ip))) {
+                return Err(BrokerError::BadRequest(format!(
+                    "endpoints: {} is outside cluster {:?}'s {} ({}); a headless export lists its pods' addresses",
+                    e.ip,
+                    svc.cluster_id,
+                    kind("pod CIDRs"),
+                    list(&pods)
                 )));
             }
             Ok(())
         },
         || Ok(()),
-    )
+    )?;
+    match plan {
+        Plan::Commit(mut changes) => {
+            changes.extend(import_changes(state, &svc.namespace, &svc.name, Some(svc), None)?);
+            Ok(Plan::Commit(changes))
+        }
+        unchanged @ Plan::Unchanged(_) => Ok(unchanged),
+    }
+}
+
+/// One cluster's export of `<namespace>/<name>`, and the import merged again without it.
+pub fn delete_service(
+    state: State<'_>,
+    cluster_id: &str,
+    namespace: &str,
+    name: &str,
+) -> Result<Plan, BrokerError> {
+    let key = service_key(cluster_id, namespace, name);
+    if state.stored(&key).is_none() {
+        return Err(BrokerError::NotFound(key));
+    }
+    let mut changes = vec![Change::Delete(key)];
+    changes.extend(import_changes(state, namespace, name, None, Some(cluster_id))?);
+    Ok(Plan::Commit(changes))
+}
+
+/// The change to `<namespace>/<name>`'s import once `put` is stored and `gone`'s export is
+/// deleted (nothing when the import comes out the same).
+fn import_changes(
+    state: State<'_>,
+    namespace: &str,
+    name: &str,
+    put: Option<&ServiceExportRecord>,
+    gone: Option<&str>,
+) -> Result<Option<Change>, BrokerError> {
+    let exports: Vec<&ServiceExportRecord> = state
+        .records
+        .clusters()
+        .filter(|c| Some(c.cluster_id.as_str()) != gone)
+        .filter_map(|c| match put {
+            Some(p) if p.cluster_id == c.cluster_id => Some(p),
+            _ => state.records.export(&c.cluster_id, namespace, name),
+        })
+        .collect();
+    let previous = state.records.import(namespace, name);
+    let held: BTreeSet<std::net::IpAddr> = state
+        .records
+        .imports()
+        .filter(|i| (i.namespace.as_str(), i.name.as_str()) != (namespace, name))
+        .flat_map(|i| i.ips.iter().copied())
+        .collect();
+    let merged = imports::merge(previous, &exports, state.settings().cluster_set_ip_pool, &held)?;
+    Ok(match (previous, merged) {
+        (Some(_), None) => Some(Change::Delete(import_key(namespace, name))),
+        (previous, Some(m)) if previous != Some(&m) => Some(Change::Put(Record::ServiceImport(m))),
+        _ => None,
+    })
 }
 
 /// The cluster set's settings: every cluster stays inside the new pools, and the clusters'
@@ -227,7 +317,22 @@ pub fn put_cluster_set(state: State<'_>, settings: &ClusterSetRecord) -> Result<
         &Record::ClusterSet(settings.clone()),
         |_| Ok(()),
         || {
+            causeway_broker_api::validate_cluster_set_ip_pool(&settings.cluster_set_ip_pool)?;
+            if let Some(i) = state
+                .records
+                .imports()
+                .find(|i| i.ips.iter().any(|ip| !settings.cluster_set_ip_pool.contains(*ip)))
+            {
+                return Err(BrokerError::AddressConflict(format!(
+                    "the new ClusterSetIP pool {} leaves out {}, the ClusterSetIP of {}/{}; a ClusterSetIP is kept for the life of its service (unexport it first, or keep it in the pool)",
+                    settings.cluster_set_ip_pool,
+                    i.ips.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
+                    i.namespace,
+                    i.name
+                )));
+            }
             for c in state.records.clusters() {
+                clear_of_cluster_set_ips(c, settings)?;
                 causeway_broker_api::check_pools(c, &settings.pools).map_err(|e| {
                     BrokerError::AddressConflict(format!(
                         "the new pools leave out cluster {:?}: {e}; remove that cluster first, or keep its CIDRs in the pools",
@@ -265,6 +370,11 @@ pub fn delete_cluster(state: State<'_>, cluster_id: &str) -> Result<Plan, Broker
         .chain(state.records.services_of(cluster_id))
         .map(|o| Change::Delete(o.record.key()))
         .collect();
+    for o in state.records.services_of(cluster_id) {
+        if let Record::ServiceExport(s) = &o.record {
+            changes.extend(import_changes(state, &s.namespace, &s.name, None, Some(cluster_id))?);
+        }
+    }
     changes.push(Change::Delete(key));
     Ok(Plan::Commit(changes))
 }
@@ -394,6 +504,9 @@ mod tests {
             name: "web".into(),
             ips: vec!["10.101.0.10".parse().unwrap()],
             ports: vec![],
+            service_type: Default::default(),
+            endpoints: Vec::new(),
+            ready_endpoints: None,
             source: causeway_broker_api::ExportSource::Cli,
             generation: 1,
         };

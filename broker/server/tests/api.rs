@@ -127,6 +127,7 @@ on_every_store!(hostile_claims_are_refused_and_lose_nothing);
 on_every_store!(pools_and_quotas_are_the_admins);
 on_every_store!(credentials_expire_are_spent_revoked_rotated_and_read_only);
 on_every_store!(a_watcher_far_behind_gets_pages_and_misses_nothing);
+on_every_store!(exports_merge_into_imports_with_a_clusterset_ip);
 
 fn cluster(id: &str, pod: &str, svc: &str) -> ClusterRecord {
     ClusterRecord::new(id, vec![pod.parse().unwrap()], vec![svc.parse().unwrap()])
@@ -533,6 +534,9 @@ fn service(cluster: &str, ip: &str) -> causeway_broker_api::ServiceExportRecord 
             port: 80,
             protocol: "TCP".into(),
         }],
+        service_type: Default::default(),
+        endpoints: Vec::new(),
+        ready_endpoints: None,
         source: causeway_broker_api::ExportSource::Cli,
         generation: 1,
     }
@@ -718,7 +722,8 @@ async fn pools_and_quotas_are_the_admins(mut f: Fixture) {
     assert_eq!(err.status(), Some(409), "{err}");
     assert!(err.to_string().contains("already has 1 exported services"), "{err}");
     let after = admin.list().await.unwrap();
-    assert_eq!(after.items.len(), before.items.len() + 1, "only the update and the first service landed");
+    // The first service landed with its import (the update replaced a record).
+    assert_eq!(after.items.len(), before.items.len() + 2, "only the update and the first service landed");
 
     // Narrower pools: new clusters must fit; a change that leaves out a stored cluster is refused.
     settings.generation = 2;
@@ -925,4 +930,136 @@ async fn a_member_writing_too_fast_gets_429_and_the_others_do_not() {
     // A second later the bucket has refilled by one.
     tokio::time::sleep(Duration::from_millis(1_100)).await;
     east.put_endpoint(&endpoint("east", "gw-1")).await.unwrap();
+}
+
+fn import_of(
+    list: &causeway_broker_api::ListResponse,
+    ns: &str,
+    name: &str,
+) -> Option<causeway_broker_api::ServiceImportRecord> {
+    list.items.iter().find_map(|o| match &o.record {
+        causeway_broker_api::Record::ServiceImport(i) if i.namespace == ns && i.name == name => {
+            Some(i.clone())
+        }
+        _ => None,
+    })
+}
+
+/// Exports of one name merge into one import, in the same revision as the export that
+/// changed it: a ClusterSetIP from the pool, the union of ports, the younger export's clashing
+/// port in conflict. Clients cannot write imports; hostile exports are refused and lose
+/// nothing; the pool cannot be moved from under a held ClusterSetIP.
+async fn exports_merge_into_imports_with_a_clusterset_ip(mut f: Fixture) {
+    use causeway_broker_api::{Record, ServiceEndpoint, ServicePort, ServiceType};
+    let (admin, broker, _stop) = start_with(f.take()).await;
+    let joiner = admin.with_token(broker.issue(&Identity::Join).await.unwrap());
+    let east =
+        admin.with_token(joiner.join(&cluster("east", "10.1.0.0/16", "10.101.0.0/16")).await.unwrap().token);
+    let west =
+        admin.with_token(joiner.join(&cluster("west", "10.2.0.0/16", "10.102.0.0/16")).await.unwrap().token);
+
+    let put = east.put_service(&service("east", "10.101.0.10")).await.unwrap();
+    let list = admin.list().await.unwrap();
+    let import = import_of(&list, "shop", "cart").expect("an import for shop/cart");
+    let stored = list.items.iter().find(|o| matches!(&o.record, Record::ServiceImport(_))).unwrap();
+    assert_eq!(stored.resource_version, put.resource_version, "the import lands with the export");
+    assert_eq!(import.service_type, ServiceType::ClusterSetIP);
+    assert_eq!(import.ips.len(), 1);
+    let vip = import.ips[0];
+    assert!(causeway_broker_api::default_cluster_set_ip_pool().contains(vip), "{vip}");
+    assert_eq!(import.clusters.len(), 1);
+
+    // West exports the same name with another port and a clashing one: union, conflict on
+    // west, the ClusterSetIP unchanged.
+    let mut w = service("west", "10.102.0.10");
+    w.ports = vec![
+        ServicePort { name: Some("http".into()), port: 8080, protocol: "TCP".into() },
+        ServicePort { name: Some("admin".into()), port: 9090, protocol: "TCP".into() },
+    ];
+    west.put_service(&w).await.unwrap();
+    let import = import_of(&admin.list().await.unwrap(), "shop", "cart").unwrap();
+    assert_eq!(import.ips, vec![vip]);
+    assert_eq!(import.ports.iter().map(|p| p.port).collect::<Vec<_>>(), vec![80, 9090]);
+    assert_eq!(import.clusters[0].cluster_id, "east");
+    assert_eq!(import.clusters[1].cluster_id, "west");
+    assert_eq!(
+        import.clusters[1].conflict.as_deref(),
+        Some(
+            r#"port 8080/TCP ("http") conflicts with 80/TCP ("http") of the older export of cluster "east""#
+        )
+    );
+    assert_eq!(import.clusters[1].ports.iter().map(|p| p.port).collect::<Vec<_>>(), vec![9090]);
+
+    // Hostile or malformed exports: refused, nothing stored changes.
+    let before = admin.list().await.unwrap().items;
+    let mut twice = service("west", "10.102.0.10");
+    twice.ports.push(ServicePort { name: Some("other".into()), port: 80, protocol: "TCP".into() });
+    let mut same_name = service("west", "10.102.0.10");
+    same_name.ports.push(ServicePort { name: Some("http".into()), port: 81, protocol: "TCP".into() });
+    let mut not_label = service("west", "10.102.0.10");
+    not_label.name = "Cart.v2".into();
+    let mut headless_with_vip = service("west", "10.102.0.10");
+    headless_with_vip.service_type = ServiceType::Headless;
+    let mut foreign_pod = service("west", "10.102.0.10");
+    foreign_pod.service_type = ServiceType::Headless;
+    foreign_pod.ips.clear();
+    foreign_pod.endpoints = vec![ServiceEndpoint { ip: "10.1.0.5".parse().unwrap(), hostname: None }];
+    for (bad, why) in [
+        (&twice, "80/TCP is listed twice"),
+        (&same_name, r#"the name "http" is given to two ports"#),
+        (&not_label, "is not a DNS-1123 label"),
+        (&headless_with_vip, "a headless export has no virtual IP"),
+        (&foreign_pod, "10.1.0.5 is outside cluster \"west\"'s pod CIDRs"),
+    ] {
+        let err = west.put_service(bad).await.unwrap_err();
+        assert_eq!(err.status(), Some(400), "{err}");
+        assert!(err.to_string().contains(why), "{why}: {err}");
+    }
+    assert_eq!(admin.list().await.unwrap().items, before, "nothing stored changed");
+    // No route writes an import: the broker alone does.
+    for path in ["/v1/imports/shop/cart", "/v1/clusters/east/imports/shop/cart"] {
+        let resp = reqwest::Client::new()
+            .put(format!("{}{path}", admin.base_url()))
+            .json(&Record::ServiceImport(import.clone()))
+            .send()
+            .await
+            .unwrap();
+        assert!(matches!(resp.status().as_u16(), 404 | 405), "{path}: {}", resp.status());
+    }
+
+    // The pool cannot move from under the held ClusterSetIP; a bad pool is refused.
+    let mut settings = causeway_broker_api::ClusterSetRecord { generation: 1, ..Default::default() };
+    settings.cluster_set_ip_pool = "241.1.0.0/16".parse().unwrap();
+    let err = admin.put_cluster_set(&settings).await.unwrap_err();
+    assert_eq!(err.status(), Some(409), "{err}");
+    assert!(err.to_string().contains(&format!("leaves out {vip}, the ClusterSetIP of shop/cart")), "{err}");
+    for (pool, why) in
+        [("127.0.0.0/16", "loopback"), ("2001:db8::/64", "IPv6"), ("241.0.0.0/30", "between /8 and /28")]
+    {
+        settings.cluster_set_ip_pool = pool.parse().unwrap();
+        let err = admin.put_cluster_set(&settings).await.unwrap_err();
+        assert_eq!(err.status(), Some(400), "{pool}: {err}");
+        assert!(err.to_string().contains(why), "{pool}: {err}");
+    }
+
+    // Unexport east: west is the oldest now, its port wins, the ClusterSetIP stays.
+    east.delete_service("east", "shop", "cart").await.unwrap();
+    let import = import_of(&admin.list().await.unwrap(), "shop", "cart").unwrap();
+    assert_eq!(import.ips, vec![vip]);
+    assert_eq!(import.clusters.len(), 1);
+    assert_eq!(import.clusters[0].conflict, None);
+    assert_eq!(import.ports.iter().map(|p| p.port).collect::<Vec<_>>(), vec![8080, 9090]);
+    // Deleting west's cluster takes its export and the import with it.
+    admin.delete_cluster("west").await.unwrap();
+    assert_eq!(import_of(&admin.list().await.unwrap(), "shop", "cart"), None);
+    // No ClusterSetIP is held now; a pool over a member's prefixes is still refused.
+    settings.cluster_set_ip_pool = "10.0.0.0/8".parse().unwrap();
+    let err = admin.put_cluster_set(&settings).await.unwrap_err();
+    assert_eq!(err.status(), Some(409), "{err}");
+    assert!(err.to_string().contains("overlaps the ClusterSetIP pool"), "{err}");
+    // Exported again, the name gets its old ClusterSetIP back (nobody took it meanwhile).
+    let mut again = service("east", "10.101.0.10");
+    again.generation = 2;
+    east.put_service(&again).await.unwrap();
+    assert_eq!(import_of(&admin.list().await.unwrap(), "shop", "cart").unwrap().ips, vec![vip]);
 }

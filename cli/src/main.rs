@@ -3,6 +3,7 @@
 
 #[cfg(feature = "sandbox")]
 use causeway_lab::{bench, bench_attack, bench_dataplane, bench_failover, bench_policy, sandbox};
+mod dns;
 mod kubernetes;
 mod policy;
 mod services;
@@ -59,6 +60,9 @@ enum Cmd {
     },
     /// Show the cluster set's state.
     Show(show::ShowArgs),
+    /// Cluster-set DNS: answers `clusterset.local` (MCS DNS specification) for this cluster
+    /// from the broker's service imports, leaving out clusters its gateways cannot reach.
+    Dns(dns::DnsArgs),
     /// Export a service of this cluster to the cluster set (`<name>.<namespace>.svc.clusterset.local`).
     Export(services::ExportArgs),
     /// Withdraw an exported service.
@@ -186,6 +190,22 @@ enum DebugCmd {
         size: usize,
         #[arg(long, default_value_t = 10)]
         count: u32,
+    },
+    /// Query a DNS server for one name at a rate (0: as fast as answers come back, with
+    /// `--window` queries in flight); print how many were answered and the latency (JSON).
+    DnsLoad {
+        #[arg(long)]
+        server: String,
+        #[arg(long)]
+        name: String,
+        /// Queries per second (0: closed loop).
+        #[arg(long, default_value_t = 0)]
+        rate: u32,
+        #[arg(long, default_value_t = 5.0)]
+        secs: f64,
+        /// Queries in flight in closed-loop mode.
+        #[arg(long, default_value_t = 64)]
+        window: u32,
     },
     /// Send sequence-numbered datagrams at a steady rate (the other end: udp-sequence-sink).
     UdpStream {
@@ -446,6 +466,11 @@ fn main() -> anyhow::Result<()> {
             telemetry::init("warn", log);
             runtime()?.block_on(show::run(a))
         }
+        Cmd::Dns(a) => {
+            // hickory-server logs every query at info.
+            telemetry::init("info,hickory_server=warn,hickory_net=warn,hickory_proto=warn", log);
+            runtime()?.block_on(dns::run(a, shutdown_signal()))
+        }
         Cmd::Export(a) => {
             telemetry::init("warn", log);
             runtime()?.block_on(services::export(a))
@@ -551,6 +576,11 @@ fn main() -> anyhow::Result<()> {
                 tools::udp_flood(&target, &kind, count, gso, spoof_source, rate, replay.as_deref())
             }
             DebugCmd::UdpPing { connect, size, count } => tools::udp_ping(&connect, size, count),
+            DebugCmd::DnsLoad { server, name, rate, secs, window } => {
+                let stats = tools::dns_load(&server, &name, rate, secs, window)?;
+                println!("{}", serde_json::to_string(&stats)?);
+                Ok(())
+            }
             DebugCmd::Put { credentials } => {
                 telemetry::init("warn", log);
                 let creds = setup::operator_credentials(credentials)?;

@@ -431,3 +431,105 @@ mod tests {
         assert!(took < std::time::Duration::from_secs(3), "{took:?}");
     }
 }
+
+/// What [`dns_load`] saw.
+#[derive(Debug, serde::Serialize)]
+pub struct DnsLoadStats {
+    pub sent: u64,
+    pub answered: u64,
+    /// Answers whose code was not NOERROR (NXDOMAIN, REFUSED…).
+    pub negative: u64,
+    pub answers_per_sec: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+}
+
+/// A standard query for `name` IN A with id `id`, encoded by hand (no resolver library: the
+/// load tool must not cache, retry or pace).
+fn dns_query(id: u16, name: &str) -> Vec<u8> {
+    let mut m = Vec::with_capacity(64);
+    m.extend_from_slice(&id.to_be_bytes());
+    m.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]); // RD, one question
+    for label in name.trim_end_matches('.').split('.') {
+        m.push(u8::try_from(label.len()).unwrap_or(63).min(63));
+        m.extend_from_slice(&label.as_bytes()[..label.len().min(63)]);
+    }
+    m.extend_from_slice(&[0, 0, 1, 0, 1]); // root, type A, class IN
+    m
+}
+
+/// Queries `server` for `name` for `secs` seconds: at `rate` per second, or closed-loop with
+/// `window` queries in flight. Latency is from send to answer, per query id.
+pub fn dns_load(server: &str, name: &str, rate: u32, secs: f64, window: u32) -> anyhow::Result<DnsLoadStats> {
+    use std::time::{Duration, Instant};
+    anyhow::ensure!(secs > 0.0 && secs <= 600.0, "--secs must be in (0, 600]");
+    let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    s.connect(server).with_context(|| format!("connecting to {server}"))?;
+    s.set_read_timeout(Some(Duration::from_millis(if rate == 0 { 200 } else { 1 })))?;
+    let mut sent_at: Vec<Option<Instant>> = vec![None; 65_536];
+    let (mut sent, mut answered, mut negative) = (0u64, 0u64, 0u64);
+    let mut latencies = Vec::new();
+    let mut buf = [0u8; 4096];
+    let start = Instant::now();
+    let end = start + Duration::from_secs_f64(secs);
+    let mut next_id: u16 = 0;
+    let mut in_flight = 0u32;
+    let send = |sent: &mut u64, next_id: &mut u16, sent_at: &mut Vec<Option<Instant>>| {
+        let id = *next_id;
+        *next_id = next_id.wrapping_add(1);
+        sent_at[usize::from(id)] = Some(Instant::now());
+        let _ = s.send(&dns_query(id, name));
+        *sent += 1;
+    };
+    while Instant::now() < end {
+        if rate == 0 {
+            while in_flight < window {
+                send(&mut sent, &mut next_id, &mut sent_at);
+                in_flight += 1;
+            }
+        } else {
+            #[expect(
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss,
+                reason = "bounded by secs × rate"
+            )]
+            let due = (start.elapsed().as_secs_f64() * f64::from(rate)) as u64;
+            while sent < due {
+                send(&mut sent, &mut next_id, &mut sent_at);
+            }
+        }
+        match s.recv(&mut buf) {
+            Ok(n) if n >= 12 => {
+                let id = u16::from_be_bytes([buf[0], buf[1]]);
+                if let Some(t) = sent_at[usize::from(id)].take() {
+                    answered += 1;
+                    in_flight = in_flight.saturating_sub(1);
+                    latencies.push(t.elapsed().as_secs_f64() * 1000.0);
+                    if buf[3] & 0x0f != 0 {
+                        negative += 1;
+                    }
+                }
+            }
+            Ok(_) => {}
+            // Closed loop: a lost query (dropped over budget) frees its slot after the timeout.
+            Err(_) => in_flight = 0,
+        }
+    }
+    latencies.sort_by(f64::total_cmp);
+    let pct = |p: f64| {
+        if latencies.is_empty() {
+            0.0
+        } else {
+            #[expect(
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss,
+                reason = "an index into latencies"
+            )]
+            let i = ((latencies.len() - 1) as f64 * p).round() as usize;
+            latencies[i]
+        }
+    };
+    #[expect(clippy::cast_precision_loss, reason = "a count of queries")]
+    let answers_per_sec = answered as f64 / secs;
+    Ok(DnsLoadStats { sent, answered, negative, answers_per_sec, p50_ms: pct(0.5), p99_ms: pct(0.99) })
+}

@@ -129,6 +129,7 @@ pub struct Controller<C, T, R> {
     carriers: Carriers,
     /// See [`Self::forwarding`].
     forwarding: bool,
+    reachable: BTreeSet<String>,
     /// The policy in force and its rules' names by index (the kernel counts drops per index).
     policy: Option<(PolicyInput, Vec<String>)>,
     /// Remote prefixes left out because a route Causeway did not create holds them.
@@ -150,6 +151,7 @@ impl<C: CableDriver, T: Tables, R: Routes> Controller<C, T, R> {
             authority: Desired::default(),
             carriers: Carriers::default(),
             forwarding: true,
+            reachable: BTreeSet::new(),
             policy: None,
             route_conflicts: Vec::new(),
             failures: BTreeMap::new(),
@@ -357,6 +359,7 @@ impl<C: CableDriver, T: Tables, R: Routes> Controller<C, T, R> {
     pub async fn failover(&mut self, now: Instant) -> Vec<(String, Change)> {
         if self.authority.remotes.is_empty() {
             self.forwarding = true;
+            self.reachable.clear();
             return Vec::new();
         }
         let conns = match self.cable.connections().await {
@@ -373,6 +376,21 @@ impl<C: CableDriver, T: Tables, R: Routes> Controller<C, T, R> {
         // up yet probes, and is not forwarding until an answer comes.
         self.forwarding = !conns.iter().any(|c| c.probed)
             || evidence.values().any(|e| e.alive(now, &crate::failover::Timers::DEFAULT));
+        // A remote cluster is reachable when one of its gateways answers its probes (or, with
+        // nothing to probe, has a session): what cluster-set DNS and the nodes' service
+        // programs read, the same evidence the carriers are chosen by.
+        self.reachable = conns
+            .iter()
+            .filter(|c| self.authority.remotes.contains_key(&c.cluster_id))
+            .filter(|c| {
+                if c.probed {
+                    c.evidence.alive(now, &crate::failover::Timers::DEFAULT)
+                } else {
+                    c.status == crate::cable::ConnectionStatus::Connected
+                }
+            })
+            .map(|c| c.cluster_id.clone())
+            .collect();
         let changes = self.carriers.decide(self.authority.remotes.values(), &evidence, now);
         for (id, change) in &changes {
             let Some(authority) = self.authority.remotes.get(id) else { continue };
@@ -406,6 +424,12 @@ impl<C: CableDriver, T: Tables, R: Routes> Controller<C, T, R> {
     /// [`failover`](Self::failover) pass: a tunnel it probes answers, or it has none to probe.
     pub fn forwarding(&self) -> bool {
         self.forwarding
+    }
+
+    /// The remote clusters a working tunnel reaches, as of the last
+    /// [`failover`](Self::failover) pass.
+    pub fn reachable(&self) -> &BTreeSet<String> {
+        &self.reachable
     }
 
     /// Which gateway carries each remote cluster, and the failovers so far.

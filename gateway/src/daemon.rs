@@ -397,12 +397,14 @@ pub async fn run(
     });
     // What this gateway tells its cluster's nodes: whether its tunnels answer.
     let forwarding = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // And which remote clusters they reach (cluster-set DNS and the nodes read it).
+    let reachable = Arc::new(std::sync::RwLock::new(crate::node_probe::Reachable::default()));
     let node_probe_task = match config.node_probe_listen {
         Some(addr) => {
             let socket = tokio::net::UdpSocket::bind(addr)
                 .await
                 .map_err(|source| GatewayError::NodeProbe { addr, source })?;
-            Some(tokio::spawn(crate::node_probe::serve(socket, forwarding.clone())))
+            Some(tokio::spawn(crate::node_probe::serve(socket, forwarding.clone(), reachable.clone())))
         }
         None => None,
     };
@@ -418,6 +420,8 @@ pub async fn run(
                 let mut s = shared.lock().await;
                 s.ctl.failover(std::time::Instant::now()).await;
                 forwarding.store(s.ctl.forwarding(), std::sync::atomic::Ordering::Relaxed);
+                let now_reachable = s.ctl.reachable().iter().cloned().collect::<Vec<_>>();
+                reachable.write().expect("reachable lock").set(now_reachable);
             }
         })
     };

@@ -77,6 +77,265 @@ pub fn parse_reply(b: &[u8]) -> Option<(u64, bool)> {
     }
 }
 
+// Reachability: which remote clusters a gateway's tunnels reach, for cluster-set DNS and the
+// nodes' service programs. The list can be longer than one datagram, so it comes in pages,
+// each the answer to a request of the same size (the request is padded: still nothing to
+// amplify). A gateway numbers each version of its list (the epoch); a reader that has the
+// current one gets a short "unchanged" answer.
+
+/// Length of a reachability request, and the most a reply may take.
+pub const HEALTH_LEN: usize = 1200;
+const HEALTH_REQUEST: [u8; 4] = *b"CWNH";
+const HEALTH_REPLY: [u8; 4] = *b"CWNR";
+const HEALTH_HEADER: usize = 32;
+const UNCHANGED: u8 = 1;
+
+/// The remote clusters a gateway reaches, numbered by version.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Reachable {
+    pub epoch: u64,
+    /// Sorted cluster ids.
+    pub clusters: Vec<String>,
+}
+
+impl Reachable {
+    /// Replaces the list, moving to a new epoch when it changed.
+    pub fn set(&mut self, clusters: impl IntoIterator<Item = String>) {
+        let mut clusters: Vec<String> = clusters.into_iter().collect();
+        clusters.sort();
+        clusters.dedup();
+        if clusters != self.clusters || self.epoch == 0 {
+            self.clusters = clusters;
+            self.epoch += 1;
+        }
+    }
+
+    /// The list cut into pages that fit a reply.
+    fn pages(&self) -> Vec<&[String]> {
+        let mut pages = Vec::new();
+        let (mut start, mut used) = (0, HEALTH_HEADER);
+        for (i, c) in self.clusters.iter().enumerate() {
+            let need = 1 + c.len().min(255);
+            if used + need > HEALTH_LEN {
+                pages.push(&self.clusters[start..i]);
+                (start, used) = (i, HEALTH_HEADER);
+            }
+            used += need;
+        }
+        pages.push(&self.clusters[start..]);
+        pages
+    }
+}
+
+/// A request for `page` of the list, from a reader that has `known_epoch` (0: none).
+#[must_use]
+pub fn health_request(nonce: u64, known_epoch: u64, page: u16) -> [u8; HEALTH_LEN] {
+    let mut m = [0u8; HEALTH_LEN];
+    m[..4].copy_from_slice(&HEALTH_REQUEST);
+    m[4] = VERSION;
+    m[8..16].copy_from_slice(&nonce.to_be_bytes());
+    m[16..24].copy_from_slice(&known_epoch.to_be_bytes());
+    m[24..26].copy_from_slice(&page.to_be_bytes());
+    m
+}
+
+/// `(nonce, known_epoch, page)` of a well-formed request (full length, zero padding).
+#[must_use]
+pub fn parse_health_request(b: &[u8]) -> Option<(u64, u64, u16)> {
+    if b.len() != HEALTH_LEN || b[..4] != HEALTH_REQUEST || b[4] != VERSION || b[5..8] != [0, 0, 0] {
+        return None;
+    }
+    if b[26..].iter().any(|x| *x != 0) {
+        return None;
+    }
+    Some((
+        u64::from_be_bytes(b[8..16].try_into().ok()?),
+        u64::from_be_bytes(b[16..24].try_into().ok()?),
+        u16::from_be_bytes(b[24..26].try_into().ok()?),
+    ))
+}
+
+/// One page of a gateway's list, as a reader gets it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthPage {
+    pub nonce: u64,
+    pub epoch: u64,
+    pub page: u16,
+    pub pages: u16,
+    /// The reader's epoch is current: no clusters sent.
+    pub unchanged: bool,
+    pub clusters: Vec<String>,
+}
+
+/// The answer to a request: "unchanged" when the reader has the current epoch, else the page
+/// asked for (an empty last page past the end).
+#[must_use]
+pub fn health_reply(nonce: u64, known_epoch: u64, page: u16, r: &Reachable) -> Vec<u8> {
+    let pages = r.pages();
+    let unchanged = known_epoch == r.epoch;
+    let mut m = vec![0u8; HEALTH_HEADER];
+    m[..4].copy_from_slice(&HEALTH_REPLY);
+    m[4] = VERSION;
+    m[5] = if unchanged { UNCHANGED } else { 0 };
+    m[8..16].copy_from_slice(&nonce.to_be_bytes());
+    m[16..24].copy_from_slice(&r.epoch.to_be_bytes());
+    m[24..26].copy_from_slice(&page.to_be_bytes());
+    m[26..28].copy_from_slice(&u16::try_from(pages.len()).unwrap_or(u16::MAX).to_be_bytes());
+    let body: &[String] = if unchanged { &[] } else { pages.get(usize::from(page)).copied().unwrap_or(&[]) };
+    m[28..30].copy_from_slice(&u16::try_from(body.len()).unwrap_or(u16::MAX).to_be_bytes());
+    for c in body {
+        let bytes = &c.as_bytes()[..c.len().min(255)];
+        m.push(u8::try_from(bytes.len()).unwrap_or(u8::MAX));
+        m.extend_from_slice(bytes);
+    }
+    m
+}
+
+/// A well-formed reply: cluster ids are DNS labels, the count matches, nothing trails.
+#[must_use]
+pub fn parse_health_reply(b: &[u8]) -> Option<HealthPage> {
+    if b.len() < HEALTH_HEADER || b.len() > HEALTH_LEN || b[..4] != HEALTH_REPLY || b[4] != VERSION {
+        return None;
+    }
+    let unchanged = match b[5] {
+        0 => false,
+        UNCHANGED => true,
+        _ => return None,
+    };
+    let nonce = u64::from_be_bytes(b[8..16].try_into().ok()?);
+    let epoch = u64::from_be_bytes(b[16..24].try_into().ok()?);
+    let page = u16::from_be_bytes(b[24..26].try_into().ok()?);
+    let pages = u16::from_be_bytes(b[26..28].try_into().ok()?);
+    let count = usize::from(u16::from_be_bytes(b[28..30].try_into().ok()?));
+    let mut rest = &b[HEALTH_HEADER..];
+    let mut clusters = Vec::with_capacity(count.min(HEALTH_LEN));
+    for _ in 0..count {
+        let (&len, tail) = rest.split_first()?;
+        let (id, tail) = tail.split_at_checked(usize::from(len))?;
+        let id = std::str::from_utf8(id).ok()?;
+        let label = !id.is_empty()
+            && id.len() <= 63
+            && id.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
+            && !id.starts_with('-')
+            && !id.ends_with('-');
+        if !label {
+            return None;
+        }
+        clusters.push(id.to_owned());
+        rest = tail;
+    }
+    if !rest.is_empty() || (unchanged && count != 0) || page >= pages.max(1) {
+        return None;
+    }
+    Some(HealthPage { nonce, epoch, page, pages, unchanged, clusters })
+}
+
+/// A reader's view of its cluster's gateways' lists (sans IO): ask each gateway every probe
+/// interval; a remote cluster is reachable when a gateway that answered within the detection
+/// time lists it.
+#[derive(Debug, Default)]
+pub struct HealthReader {
+    outstanding: BTreeMap<u64, (IpAddr, u16, Instant)>,
+    gateways: BTreeMap<IpAddr, GatewayList>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct GatewayList {
+    /// The complete list at `epoch`.
+    epoch: u64,
+    clusters: Vec<String>,
+    /// Pages of a newer epoch being gathered.
+    gathering: Option<(u64, u16, BTreeMap<u16, Vec<String>>)>,
+    last_answer: Option<Instant>,
+}
+
+impl HealthReader {
+    /// The next request to `gateway`: page 0 with the epoch held, or the next missing page of
+    /// a newer list being gathered.
+    pub fn request(&mut self, gateway: IpAddr, now: Instant) -> [u8; HEALTH_LEN] {
+        self.outstanding.retain(|_, (_, _, at)| now.saturating_duration_since(*at) < ANSWER_WITHIN);
+        let g = self.gateways.entry(gateway).or_default();
+        let (known, page) = match &g.gathering {
+            Some((_, pages, got)) => (g.epoch, (0..*pages).find(|p| !got.contains_key(p)).unwrap_or(0)),
+            None => (g.epoch, 0),
+        };
+        let nonce = rand_core::RngCore::next_u64(&mut rand_core::OsRng);
+        self.outstanding.insert(nonce, (gateway, page, now));
+        health_request(nonce, known, page)
+    }
+
+    /// A datagram from `from`: counts only as the answer to one of our requests to it.
+    /// Returns whether a gateway's complete list changed.
+    pub fn on_reply(&mut self, from: IpAddr, b: &[u8], now: Instant) -> bool {
+        let Some(p) = parse_health_reply(b) else {
+            debug!(%from, len = b.len(), "ignoring a datagram that is no reachability reply");
+            return false;
+        };
+        match self.outstanding.get(&p.nonce) {
+            Some((to, page, _)) if *to == from && *page == p.page => {}
+            _ => return false,
+        }
+        self.outstanding.remove(&p.nonce);
+        let Some(g) = self.gateways.get_mut(&from) else { return false };
+        g.last_answer = Some(now);
+        if p.unchanged && p.epoch == g.epoch {
+            return false;
+        }
+        if p.unchanged {
+            // "Unchanged" against an epoch we do not hold: a confused or lying gateway; ask
+            // afresh.
+            g.epoch = 0;
+            return false;
+        }
+        let gathering = match &mut g.gathering {
+            Some((epoch, pages, got)) if *epoch == p.epoch && *pages == p.pages => got,
+            _ => {
+                g.gathering = Some((p.epoch, p.pages.max(1), BTreeMap::new()));
+                &mut g.gathering.as_mut().expect("just set").2
+            }
+        };
+        gathering.insert(p.page, p.clusters);
+        let pages = p.pages.max(1);
+        if gathering.len() < usize::from(pages) {
+            return false;
+        }
+        let clusters: Vec<String> = gathering.values().flatten().cloned().collect();
+        g.gathering = None;
+        g.epoch = p.epoch;
+        let changed = clusters != g.clusters;
+        g.clusters = clusters;
+        changed
+    }
+
+    /// The remote clusters reachable at `now` through any gateway that answered within
+    /// `within`; `None` while no gateway has ever answered (nothing to judge by).
+    #[must_use]
+    pub fn reachable(&self, now: Instant, within: Duration) -> Option<std::collections::BTreeSet<String>> {
+        if self.gateways.values().all(|g| g.last_answer.is_none()) {
+            return None;
+        }
+        Some(
+            self.gateways
+                .values()
+                .filter(|g| g.last_answer.is_some_and(|t| now.saturating_duration_since(t) <= within))
+                .flat_map(|g| g.clusters.iter().cloned())
+                .collect(),
+        )
+    }
+
+    /// Whether pages of a newer list from `gateway` are still missing (ask again at once).
+    #[must_use]
+    pub fn gathering(&self, gateway: IpAddr) -> bool {
+        self.gateways.get(&gateway).is_some_and(|g| g.gathering.is_some())
+    }
+
+    /// Forgets gateways not in `keep`.
+    pub fn retain(&mut self, keep: &[IpAddr]) {
+        self.gateways.retain(|ip, _| keep.contains(ip));
+        self.outstanding.retain(|_, (ip, _, _)| keep.contains(ip));
+    }
+}
+
 /// The agent's probes and what they found, per gateway node address.
 #[derive(Debug, Default)]
 pub struct Prober {
@@ -138,9 +397,14 @@ impl Prober {
     }
 }
 
-/// Answers node probes on `socket` until the task is dropped: `forwarding` says what to answer.
-pub async fn serve(socket: tokio::net::UdpSocket, forwarding: Arc<AtomicBool>) {
-    let mut buf = [0u8; 64];
+/// Answers node probes and reachability requests on `socket` until the task is dropped:
+/// `forwarding` and `reachable` say what to answer.
+pub async fn serve(
+    socket: tokio::net::UdpSocket,
+    forwarding: Arc<AtomicBool>,
+    reachable: Arc<std::sync::RwLock<Reachable>>,
+) {
+    let mut buf = [0u8; HEALTH_LEN + 1];
     loop {
         let (n, from): (usize, SocketAddr) = match socket.recv_from(&mut buf).await {
             Ok(x) => x,
@@ -150,8 +414,14 @@ pub async fn serve(socket: tokio::net::UdpSocket, forwarding: Arc<AtomicBool>) {
                 continue;
             }
         };
-        let Some(nonce) = parse_request(&buf[..n]) else { continue };
-        if let Err(e) = socket.send_to(&reply(nonce, forwarding.load(Ordering::Relaxed)), from).await {
+        let answer = if let Some(nonce) = parse_request(&buf[..n]) {
+            reply(nonce, forwarding.load(Ordering::Relaxed)).to_vec()
+        } else if let Some((nonce, known, page)) = parse_health_request(&buf[..n]) {
+            health_reply(nonce, known, page, &reachable.read().expect("reachable lock"))
+        } else {
+            continue;
+        };
+        if let Err(e) = socket.send_to(&answer, from).await {
             debug!(%from, error = %e, "answering a node probe failed");
         }
     }
@@ -235,12 +505,130 @@ mod tests {
         assert_eq!(p.evidence(gw), Evidence::default());
     }
 
+    fn ids(n: usize, len: usize) -> Vec<String> {
+        (0..n).map(|i| format!("{i:0>len$}")).collect()
+    }
+
+    #[test]
+    fn reachability_pages_round_trip_and_never_outgrow_the_request() {
+        let mut r = Reachable::default();
+        r.set(ids(300, 40));
+        assert_eq!(r.epoch, 1);
+        r.set(ids(300, 40));
+        assert_eq!(r.epoch, 1, "the same list keeps its epoch");
+        let pages = r.pages().len();
+        assert!(pages > 1, "300 ids of 40 bytes take several pages");
+        let mut got = Vec::new();
+        for page in 0..pages {
+            let req = health_request(9, 0, u16::try_from(page).unwrap());
+            assert_eq!(parse_health_request(&req), Some((9, 0, u16::try_from(page).unwrap())));
+            let reply = health_reply(9, 0, u16::try_from(page).unwrap(), &r);
+            assert!(reply.len() <= req.len(), "a reply is never larger than its request");
+            let p = parse_health_reply(&reply).unwrap();
+            assert_eq!((p.epoch, p.pages, p.unchanged), (1, u16::try_from(pages).unwrap(), false));
+            got.extend(p.clusters);
+        }
+        assert_eq!(got, r.clusters);
+        // A reader with the current epoch gets "unchanged" and no ids.
+        let p = parse_health_reply(&health_reply(9, 1, 0, &r)).unwrap();
+        assert!(p.unchanged && p.clusters.is_empty());
+        // An empty list is one empty page.
+        let empty = Reachable { epoch: 3, clusters: vec![] };
+        let p = parse_health_reply(&health_reply(1, 0, 0, &empty)).unwrap();
+        assert_eq!((p.pages, p.clusters.len()), (1, 0));
+    }
+
+    #[test]
+    fn malformed_reachability_messages_are_refused() {
+        let req = health_request(1, 2, 3);
+        assert_eq!(parse_health_request(&req[..HEALTH_LEN - 1]), None, "short");
+        let mut bad = req;
+        bad[HEALTH_LEN - 1] = 1;
+        assert_eq!(parse_health_request(&bad), None, "padding must be zero");
+        assert_eq!(parse_health_request(&request(1)), None, "a node probe is no health request");
+        let r = Reachable { epoch: 1, clusters: vec!["east".into(), "west".into()] };
+        let good = health_reply(5, 0, 0, &r);
+        assert!(parse_health_reply(&good).is_some());
+        for (what, bytes) in [
+            ("trailing", [good.as_slice(), b"x"].concat()),
+            ("count too high", {
+                let mut b = good.clone();
+                b[29] = 3;
+                b
+            }),
+            ("an id that is no DNS label", {
+                let mut b = good.clone();
+                b[HEALTH_HEADER + 1] = b'E';
+                b
+            }),
+            ("length past the end", {
+                let mut b = good.clone();
+                b[HEALTH_HEADER] = 200;
+                b
+            }),
+            ("unknown flags", {
+                let mut b = good.clone();
+                b[5] = 7;
+                b
+            }),
+            ("page past the pages", {
+                let mut b = good.clone();
+                b[25] = 4;
+                b
+            }),
+            ("too long", vec![0u8; HEALTH_LEN + 1]),
+        ] {
+            assert_eq!(parse_health_reply(&bytes), None, "{what}");
+        }
+    }
+
+    #[test]
+    fn a_reader_gathers_pages_trusts_only_its_own_requests_and_forgets_silent_gateways() {
+        let t0 = Instant::now();
+        let (gw1, gw2): (IpAddr, IpAddr) = ("172.20.1.1".parse().unwrap(), "172.21.1.1".parse().unwrap());
+        let mut r1 = Reachable::default();
+        r1.set(ids(300, 40));
+        let mut reader = HealthReader::default();
+        assert_eq!(reader.reachable(t0, Duration::from_millis(300)), None, "nothing heard yet");
+        // gw1's list takes several requests, each for the next missing page.
+        let mut rounds = 0;
+        loop {
+            let req = reader.request(gw1, t0);
+            let (nonce, known, page) = parse_health_request(&req).unwrap();
+            // A spoofed answer from gw2 to gw1's request, and a reply to no request: ignored.
+            assert!(!reader.on_reply(gw2, &health_reply(nonce, known, page, &r1), t0));
+            assert!(!reader.on_reply(gw1, &health_reply(nonce ^ 1, known, page, &r1), t0));
+            let complete = reader.on_reply(gw1, &health_reply(nonce, known, page, &r1), t0);
+            rounds += 1;
+            if complete {
+                break;
+            }
+            assert!(rounds < 20);
+        }
+        assert_eq!(rounds, r1.pages().len());
+        assert_eq!(reader.reachable(t0, Duration::from_millis(300)).unwrap().len(), 300);
+        // The next request carries the epoch and gets "unchanged".
+        let req = reader.request(gw1, t0);
+        let (nonce, known, page) = parse_health_request(&req).unwrap();
+        assert_eq!((known, page), (1, 0));
+        assert!(!reader.on_reply(gw1, &health_reply(nonce, known, page, &r1), t0));
+        // A list that shrinks is taken in one page.
+        r1.set(vec!["west".to_owned()]);
+        let req = reader.request(gw1, t0);
+        let (nonce, known, page) = parse_health_request(&req).unwrap();
+        assert!(reader.on_reply(gw1, &health_reply(nonce, known, page, &r1), t0));
+        assert_eq!(reader.reachable(t0, Duration::from_millis(300)), Some(["west".to_owned()].into()));
+        // gw1 goes silent: past the detection time nothing is reachable through it.
+        let later = t0 + Duration::from_millis(301);
+        assert_eq!(reader.reachable(later, Duration::from_millis(300)), Some(Default::default()));
+    }
+
     #[tokio::test]
     async fn the_responder_answers_requests_with_what_the_gateway_says_and_ignores_the_rest() {
         let server = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let addr = server.local_addr().unwrap();
         let forwarding = Arc::new(AtomicBool::new(true));
-        let task = tokio::spawn(serve(server, forwarding.clone()));
+        let task = tokio::spawn(serve(server, forwarding.clone(), Arc::default()));
         let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let mut buf = [0u8; 64];
         let ask = |nonce: u64| request(nonce);

@@ -548,14 +548,7 @@ impl Topology {
     /// records' active one, or a live one when it stops answering). Returns the agent's log.
     pub fn start_route_agent(&mut self, index: usize) -> anyhow::Result<PathBuf> {
         let c = self.clusters[index - 1].clone();
-        let mtu = self.spec.underlay_mtu.to_string();
-        let u = self.underlay_ns.clone();
-        let port = format!("n{index}");
-        veth(&c.node_ns, "uplink", &u, &port)?;
-        ip(&u, &["link", "set", &port, "master", "br0", "mtu", &mtu, "up"])?;
-        ip(&c.node_ns, &["link", "set", "uplink", "mtu", &mtu])?;
-        ip(&c.node_ns, &["addr", "add", &format!("172.31.0.{}/24", 60 + index), "dev", "uplink"])?;
-        ip(&c.node_ns, &["link", "set", "uplink", "up"])?;
+        self.node_uplink(index)?;
         for r in self.clusters.iter().filter(|r| r.index != index) {
             for cidr in [&r.pod_cidr, &r.service_cidr] {
                 ip(&c.node_ns, &["route", "del", cidr, "via", &format!("172.20.{index}.1")])?;
@@ -569,6 +562,62 @@ impl Topology {
         ];
         self.spawn(&c.node_ns, &log, &args)?;
         Ok(log)
+    }
+
+    /// Gives cluster `index`'s worker a link to the underlay (172.31.0.(60+index)), so that
+    /// what runs there (route agent, cluster-set DNS) reaches the broker. Idempotent.
+    fn node_uplink(&mut self, index: usize) -> anyhow::Result<()> {
+        let c = self.clusters[index - 1].clone();
+        if ip(&c.node_ns, &["link", "show", "uplink"]).is_ok() {
+            return Ok(());
+        }
+        let mtu = self.spec.underlay_mtu.to_string();
+        let u = self.underlay_ns.clone();
+        let port = format!("n{index}");
+        veth(&c.node_ns, "uplink", &u, &port)?;
+        ip(&u, &["link", "set", &port, "master", "br0", "mtu", &mtu, "up"])?;
+        ip(&c.node_ns, &["link", "set", "uplink", "mtu", &mtu])?;
+        ip(&c.node_ns, &["addr", "add", &format!("172.31.0.{}/24", 60 + index), "dev", "uplink"])?;
+        ip(&c.node_ns, &["link", "set", "uplink", "up"])
+    }
+
+    /// Where cluster `index`'s cluster-set DNS answers: its worker's LAN address.
+    #[must_use]
+    pub fn dns_address(&self, index: usize) -> String {
+        format!("172.20.{index}.2")
+    }
+
+    /// Starts cluster `index`'s cluster-set DNS (`causeway dns`) on its worker, makes the
+    /// cluster's pod resolve through it (`/etc/netns/<pod>/resolv.conf`, which `ip netns exec`
+    /// mounts over `/etc/resolv.conf`), and waits until it answers. Returns its log.
+    pub fn start_dns(&mut self, index: usize) -> anyhow::Result<PathBuf> {
+        self.node_uplink(index)?;
+        let c = self.clusters[index - 1].clone();
+        let addr = self.dns_address(index);
+        let log = self.spec.run_dir.join(format!("c{index}-dns.log"));
+        let args = [
+            "dns".to_owned(),
+            "--broker-credentials".to_owned(),
+            self.cluster_credentials(index).display().to_string(),
+            "--listen".to_owned(),
+            format!("{addr}:53"),
+        ];
+        self.spawn(&c.node_ns, &log, &args)?;
+        let etc = Path::new("/etc/netns").join(&c.pod_ns);
+        std::fs::create_dir_all(&etc).with_context(|| format!("creating {}", etc.display()))?;
+        std::fs::write(etc.join("resolv.conf"), format!("nameserver {addr}\noptions timeout:1 attempts:2\n"))
+            .with_context(|| format!("writing {}/resolv.conf", etc.display()))?;
+        let pod = c.pod_ns.clone();
+        wait_for(Duration::from_secs(20), "cluster-set DNS to answer", || {
+            in_ns(&pod, &["dig", "+short", "+time=1", "+tries=1", "dns-version.clusterset.local", "TXT"])
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("1.0.0"))
+        })?;
+        Ok(log)
+    }
+
+    /// Runs `args` in cluster `index`'s pod.
+    pub fn pod_exec(&self, index: usize, args: &[&str]) -> anyhow::Result<std::process::Output> {
+        in_ns(&self.clusters[index - 1].pod_ns, args)
     }
 
     /// Streams `rate` sequence-numbered datagrams per second for `secs` seconds from cluster
@@ -886,6 +935,16 @@ pub fn teardown_by_prefix(prefix: &str, run_dir: &Path, host_if: Option<String>)
             if name.starts_with(&device_prefix)
                 && name.ends_with(".sock")
                 && let Err(err) = std::fs::remove_file(e.path())
+            {
+                errors.push(format!("removing {}: {err}", e.path().display()));
+            }
+        }
+    }
+    // The pods' resolver files (`ip netns exec` mounts them).
+    if let Ok(entries) = std::fs::read_dir("/etc/netns") {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&format!("{prefix}-"))
+                && let Err(err) = std::fs::remove_dir_all(e.path())
             {
                 errors.push(format!("removing {}: {err}", e.path().display()));
             }

@@ -307,8 +307,100 @@ pub const NUM_CONFIG: u32 = 6;
 /// Number of entries of the `STATS` array.
 pub const NUM_STATS: u32 = Stat::ALL.len() as u32;
 
+/// Map names of the socket programs (`causeway-sockets`, loaded by the route agent and
+/// attached to a cgroup): ClusterSetIPs translated at `connect()`/`sendmsg()`.
+pub mod service_maps {
+    /// `HashMap<ServiceKey, ServiceBackends>`: a ClusterSetIP port and its backends.
+    pub const SERVICES_V4: &str = "SERVICES_V4";
+    /// `LruHashMap<ReverseKey, ServiceAddr>`: (socket, backend) → the ClusterSetIP it was
+    /// asked for, so replies and `getpeername()` show the address the application used.
+    pub const SERVICE_REVERSE_V4: &str = "SERVICE_REVERSE_V4";
+    /// `PerCpuArray<u64>` indexed by [`super::ServiceStat`].
+    pub const SERVICE_STATS: &str = "SERVICE_STATS";
+}
+
+/// Most backends one ClusterSetIP port may have (one per cluster serving it, usually). A power
+/// of two: the program masks its index with it.
+pub const MAX_SERVICE_BACKENDS: usize = 32;
+const _: () = assert!(MAX_SERVICE_BACKENDS.is_power_of_two());
+/// ClusterSetIP ports the map holds.
+pub const MAX_SERVICE_PORTS: u32 = 65_536;
+/// (socket, backend) pairs remembered for reverse translation.
+pub const MAX_SERVICE_REVERSE: u32 = 262_144;
+
+/// A ClusterSetIP port: the key of `SERVICES_V4`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct ServiceKey {
+    /// IPv4, network order.
+    pub addr: u32,
+    /// Network order.
+    pub port: u16,
+    /// IPPROTO_TCP (6) or IPPROTO_UDP (17).
+    pub proto: u8,
+    pub pad: u8,
+}
+
+/// An address and port (both network order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ServiceAddr {
+    pub addr: u32,
+    pub port: u16,
+    pub pad: u16,
+}
+
+/// The backends of a ClusterSetIP port, as the node should use them now (reachable clusters
+/// only, the local cluster alone when preferred). `count == 0`: refuse the connection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceBackends {
+    pub count: u32,
+    pub pad: u32,
+    pub backends: [ServiceAddr; MAX_SERVICE_BACKENDS],
+}
+
+impl Default for ServiceBackends {
+    fn default() -> Self {
+        Self { count: 0, pad: 0, backends: [ServiceAddr::default(); MAX_SERVICE_BACKENDS] }
+    }
+}
+
+/// The key of `SERVICE_REVERSE_V4`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ReverseKey {
+    pub cookie: u64,
+    pub backend: ServiceAddr,
+}
+
+/// Counters of the socket programs.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServiceStat {
+    /// Connections (and unconnected datagrams) sent to a backend.
+    Translated = 0,
+    /// Refused: the ClusterSetIP port had no backend (every serving cluster unreachable).
+    NoBackend = 1,
+    /// Replies and `getpeername()` answers given the ClusterSetIP back.
+    Reversed = 2,
+}
+
+impl ServiceStat {
+    pub const ALL: [ServiceStat; 3] =
+        [ServiceStat::Translated, ServiceStat::NoBackend, ServiceStat::Reversed];
+}
+
 #[cfg(feature = "user")]
 mod pod {
+    // SAFETY: as below.
+    unsafe impl aya::Pod for super::ServiceKey {}
+    // SAFETY: as below.
+    unsafe impl aya::Pod for super::ServiceAddr {}
+    // SAFETY: as below.
+    unsafe impl aya::Pod for super::ServiceBackends {}
+    // SAFETY: as below.
+    unsafe impl aya::Pod for super::ReverseKey {}
     // SAFETY: #[repr(C)], only integer fields, no padding (asserted in the tests below).
     unsafe impl aya::Pod for super::RemoteCidr {}
     // SAFETY: as above.
@@ -355,6 +447,14 @@ mod tests {
         assert_eq!(size_of::<PolicyAddr>(), 8);
         assert_eq!(offset_of!(PolicyAddr, addr), 4);
         assert_eq!(offset_of!(PeerSession, index), 4);
+        assert_eq!(size_of::<ServiceKey>(), 8);
+        assert_eq!(offset_of!(ServiceKey, port), 4);
+        assert_eq!(offset_of!(ServiceKey, proto), 6);
+        assert_eq!(size_of::<ServiceAddr>(), 8);
+        assert_eq!(size_of::<ServiceBackends>(), 8 + 8 * MAX_SERVICE_BACKENDS);
+        assert_eq!(offset_of!(ServiceBackends, backends), 8);
+        assert_eq!(size_of::<ReverseKey>(), 16);
+        assert_eq!(offset_of!(ReverseKey, backend), 8);
     }
 
     #[test]

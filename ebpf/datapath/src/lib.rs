@@ -32,6 +32,7 @@ mod guard;
 pub mod pin;
 mod policy;
 mod redirect;
+pub mod sockets;
 mod tunnel;
 pub use guard::{GuardVerdict, UplinkHook};
 pub use pin::{PinDir, PinError};
@@ -64,6 +65,8 @@ pub enum DatapathError {
     Cpus(String),
     #[error(transparent)]
     Pin(#[from] PinError),
+    #[error("opening the cgroup {path}: {reason} (a cgroup v2 directory, e.g. /sys/fs/cgroup)")]
+    Cgroup { path: String, reason: String },
     #[error("pinning the link of {name} at {path}: {reason}")]
     Link { name: &'static str, path: String, reason: String },
 }

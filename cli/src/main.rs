@@ -141,6 +141,15 @@ enum DebugCmd {
         #[arg(long)]
         to_cidr: ipnetwork::Ipv4Network,
     },
+    /// A TCP service: every connection gets `--banner` as its first line, then an echo of
+    /// what it sends (the sandbox's `serve`, and the ClusterSetIP tests: the banner says which
+    /// backend answered).
+    TcpEcho {
+        #[arg(long)]
+        listen: String,
+        #[arg(long)]
+        banner: String,
+    },
     /// Receive one TCP stream; print its length and SHA-256.
     TcpSink {
         #[arg(long)]
@@ -301,6 +310,15 @@ struct RouteAgentArgs {
     /// Serve `/metrics` and `/healthz` here (TCP ADDR:PORT, or off).
     #[arg(long, env = "CAUSEWAY_METRICS_LISTEN", default_value = "127.0.0.1:9465")]
     metrics_listen: String,
+    /// Translate ClusterSetIPs for the processes of this cgroup (v2) directory, e.g.
+    /// /sys/fs/cgroup for every pod of the node: connections to a ClusterSetIP port go to a
+    /// backend in a cluster the gateways reach, chosen at connect(). `off`: no translation.
+    #[arg(long, env = "CAUSEWAY_SERVICE_CGROUP", default_value = "off")]
+    service_cgroup: String,
+    /// `local`: a ClusterSetIP served by this cluster stays in it; `none`: every serving
+    /// cluster gets connections.
+    #[arg(long, env = "CAUSEWAY_SERVICE_AFFINITY", default_value = "local")]
+    service_affinity: causeway_gateway::services::Affinity,
 }
 
 #[derive(clap::Args)]
@@ -553,6 +571,7 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Debug { command } => match command {
             DebugCmd::TcpSink { listen } => tools::tcp_sink(&listen),
+            DebugCmd::TcpEcho { listen, banner } => tools::tcp_echo(&listen, &banner),
             DebugCmd::TcpSource { connect, bytes, mbps } => tools::tcp_source(&connect, bytes, mbps),
             DebugCmd::UdpEcho { listen } => tools::udp_echo(&listen),
             DebugCmd::UdpStream { connect, rate, secs, size } => {
@@ -714,9 +733,28 @@ async fn route_agent(a: RouteAgentArgs) -> anyhow::Result<()> {
             Some(tx)
         }
     };
-    causeway_gateway::agent::run(client, cluster_id, gateways, probe_port, report, shutdown_signal())
-        .await
-        .context("route agent failed")
+    let services = match a.service_cgroup.as_str() {
+        "off" | "" => None,
+        path => Some(causeway_gateway::agent::ServiceConfig {
+            cgroup: PathBuf::from(path),
+            affinity: a.service_affinity,
+        }),
+    };
+    anyhow::ensure!(
+        services.is_none() || probe_port.is_some(),
+        "--service-cgroup needs the gateways' probe port (--node-probe-port) for their reachability"
+    );
+    causeway_gateway::agent::run(
+        client,
+        cluster_id,
+        gateways,
+        probe_port,
+        services,
+        report,
+        shutdown_signal(),
+    )
+    .await
+    .context("route agent failed")
 }
 
 async fn gateway(a: GatewayArgs) -> anyhow::Result<()> {

@@ -21,6 +21,28 @@ fn report(bytes: u64, hash: Sha256) -> String {
     serde_json::json!({ "bytes": bytes, "sha256": digest }).to_string()
 }
 
+/// Serves until killed: each connection gets `banner` and a newline, then its own bytes back.
+pub fn tcp_echo(listen: &str, banner: &str) -> anyhow::Result<()> {
+    let l = TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
+    eprintln!("listening on {listen}");
+    for s in l.incoming() {
+        let Ok(mut s) = s else { continue };
+        let banner = format!("{banner}\n");
+        std::thread::spawn(move || {
+            if s.write_all(banner.as_bytes()).is_err() {
+                return;
+            }
+            let mut buf = [0u8; 16 * 1024];
+            while let Ok(n) = s.read(&mut buf) {
+                if n == 0 || s.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    Ok(())
+}
+
 /// Accepts one connection, reads it to the end, prints `{"bytes":…,"sha256":…}`.
 pub fn tcp_sink(listen: &str) -> anyhow::Result<()> {
     let l = TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;

@@ -144,7 +144,21 @@ pub enum AgentError {
     Broker(String),
     #[error("opening the node probe socket: {0}")]
     Probe(#[source] std::io::Error),
+    #[error("ClusterSetIP socket programs: {0}")]
+    Services(#[source] causeway_datapath::DatapathError),
 }
+
+/// Where the route agent translates ClusterSetIPs: the cgroup (v2) its socket programs are
+/// attached to (every pod's processes, e.g. `/sys/fs/cgroup`), and the affinity.
+#[derive(Clone, Debug)]
+pub struct ServiceConfig {
+    pub cgroup: std::path::PathBuf,
+    pub affinity: crate::services::Affinity,
+}
+
+/// How long a gateway's reachability list counts after its last answer: the probes'
+/// detection time plus slack for one late answer.
+pub const HEALTH_WITHIN: Duration = Duration::from_millis(350);
 
 struct Agent {
     routes: NodeRoutes,
@@ -304,15 +318,32 @@ impl Agent {
 /// given, says which node the control plane names (e.g. the Lease holder's address) and
 /// overrides the endpoint records. `probe_port`, when given, is where the gateway nodes answer
 /// probes (see the module docs); without it the node follows the control plane alone.
+///
+/// With `services`, it also attaches the ClusterSetIP socket programs to that cgroup and keeps
+/// their backends what [`crate::services::backends`] says: the records, and which remote
+/// clusters the cluster's gateways reach (asked on the probe port with every probe).
 pub async fn run(
     client: BrokerClient,
     local_cluster: String,
     mut gateways: Option<watch::Receiver<Option<IpAddr>>>,
     probe_port: Option<u16>,
+    services: Option<ServiceConfig>,
     report: Option<watch::Sender<(Instant, AgentReport)>>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), AgentError> {
     let netlink = Netlink::open()?;
+    let mut sockets = match &services {
+        Some(cfg) => {
+            let s = causeway_datapath::sockets::ServiceSockets::attach(&cfg.cgroup)
+                .map_err(AgentError::Services)?;
+            info!(cgroup = %cfg.cgroup.display(), affinity = ?cfg.affinity, "ClusterSetIP socket programs attached");
+            Some(s)
+        }
+        None => None,
+    };
+    let mut health = crate::node_probe::HealthReader::default();
+    let mut reachable: Option<BTreeSet<String>> = None;
+    let mut services_stale = true;
     let mut agent =
         Agent { routes: NodeRoutes::new(&netlink), applied: NodeView::default(), nexthop_changes: 0 };
     let mut shutdown = std::pin::pin!(shutdown);
@@ -332,7 +363,7 @@ pub async fn run(
     let mut tick = tokio::time::interval(probe_interval / 2);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_probe: Option<Instant> = None;
-    let mut buf = [0u8; 64];
+    let mut buf = vec![0u8; crate::node_probe::HEALTH_LEN + 1];
     // `dirty`: the records changed since the view was computed; `stale`: since the routes
     // were synced.
     let (mut view, mut dirty, mut stale, mut synced) = (NodeView::default(), true, true, false);
@@ -361,6 +392,21 @@ pub async fn run(
         if synced {
             agent.apply(&view, gateway, stale).await;
             stale = false;
+        }
+        if let (Some(s), Some(cfg), true) = (&mut sockets, &services, synced && services_stale) {
+            let want = crate::services::backends(
+                &reflector.snapshot().objects(),
+                &local_cluster,
+                reachable.as_ref(),
+                cfg.affinity,
+            );
+            match s.sync(&want) {
+                Ok(()) => {
+                    debug!(ports = want.len(), "ClusterSetIP backends synced");
+                    services_stale = false;
+                }
+                Err(e) => warn!(error = %e, "writing the ClusterSetIP backends failed; retrying"),
+            }
         }
         if let Some(tx) = &report {
             let now = Instant::now();
@@ -404,11 +450,24 @@ pub async fn run(
                 Ok(_) => {
                     synced = true;
                     dirty = true;
+                    services_stale = true;
                 }
                 Err(e) => warn!(error = %e, "broker unavailable; resuming from the last revision"),
             },
             received = reply => match received {
-                Ok((n, from)) => failover.prober.on_reply(from.ip(), &buf[..n], Instant::now()),
+                Ok((n, from)) if n == crate::node_probe::LEN => {
+                    failover.prober.on_reply(from.ip(), &buf[..n], Instant::now());
+                }
+                Ok((n, from)) => {
+                    let now = Instant::now();
+                    health.on_reply(from.ip(), &buf[..n], now);
+                    if health.gathering(from.ip())
+                        && let (Some(s), Some(port)) = (&socket, probe_port)
+                    {
+                        let request = health.request(from.ip(), now);
+                        let _ = s.send_to(&request, (from.ip(), port)).await;
+                    }
+                }
                 Err(e) => debug!(error = %e, "node probe socket"),
             },
             // Every 50 ms, probes or not: the loop's turns are its liveness.
@@ -419,11 +478,28 @@ pub async fn run(
                     last_probe = Some(now);
                     let targets = NodeFailover::targets(authority, &view.gateways);
                     failover.prober.retain(&targets);
-                    for ip in targets {
-                        let request = failover.prober.probe(ip, now);
-                        if let Err(e) = s.send_to(&request, (ip, port)).await {
+                    for ip in &targets {
+                        let request = failover.prober.probe(*ip, now);
+                        if let Err(e) = s.send_to(&request, (*ip, port)).await {
                             debug!(gateway = %ip, error = %e, "sending a node probe failed");
                         }
+                    }
+                    // Which clusters the gateways reach, for the ClusterSetIP backends.
+                    if sockets.is_some() {
+                        let all: Vec<IpAddr> = view.gateways.iter().map(|(ip, _)| *ip).collect();
+                        health.retain(&all);
+                        for ip in all {
+                            let request = health.request(ip, now);
+                            let _ = s.send_to(&request, (ip, port)).await;
+                        }
+                    }
+                }
+                if sockets.is_some() {
+                    let now_reachable = health.reachable(now, HEALTH_WITHIN);
+                    if now_reachable != reachable {
+                        info!(reachable = ?now_reachable, "reachable clusters changed");
+                        reachable = now_reachable;
+                        services_stale = true;
                     }
                 }
             }

@@ -11,7 +11,8 @@
 //! - [`daemon`]: the reconcile loop that ties them to the broker and the eBPF datapath;
 //! - [`status`]: the local status/metrics endpoint;
 //! - [`agent`]: the route agent of the other nodes (remote prefixes via the gateway node that
-//!   forwards: the control plane's pick, or a live one when it stops answering).
+//!   forwards: the control plane's pick, or a live one when it stops answering), and the
+//!   ClusterSetIP backends of [`services`] in the nodes' socket programs.
 //!
 //! Each outside dependency has one owner: boringtun and tun-rs `cable::wireguard`, rtnetlink
 //! `route`, aya the `causeway-datapath` crate.
@@ -28,6 +29,7 @@ pub mod model;
 pub mod node_probe;
 pub mod policy;
 pub mod route;
+pub mod services;
 pub mod status;
 
 pub use causeway_datapath::UplinkHook;

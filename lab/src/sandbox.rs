@@ -39,9 +39,32 @@ pub enum SandboxCmd {
     /// Undo every `sandbox fail` of a cluster: the drop goes, the uplink comes up, a killed
     /// gateway starts again.
     Heal { cluster: String },
+    /// Run a command in a cluster's pod (its network namespace and cgroup, so names resolve
+    /// through the cluster's DNS and ClusterSetIPs are translated): `sandbox exec cluster-1 --
+    /// dig echo.demo.svc.clusterset.local`.
+    Exec {
+        cluster: String,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Start a small TCP service in a cluster's pod (first line: the cluster's id, then an
+    /// echo) and export it as `<name>.<namespace>.svc.clusterset.local`.
+    Serve {
+        cluster: String,
+        name: String,
+        #[arg(long, default_value_t = 7)]
+        port: u16,
+        #[arg(long, short, default_value = "demo")]
+        namespace: String,
+    },
     /// Stop everything and delete every namespace, link and file of the sandbox.
     Down,
 }
+
+/// The service every sandbox cluster serves and exports (`up`).
+const DEMO_SERVICE: &str = "echo";
+const DEMO_NAMESPACE: &str = "demo";
+const DEMO_PORT: u16 = 7;
 
 /// How `sandbox fail` fails a gateway.
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -96,7 +119,108 @@ pub fn run(cmd: SandboxCmd) -> anyhow::Result<()> {
         SandboxCmd::Down => down(),
         SandboxCmd::Fail { cluster, how } => fail_or_heal(&cluster, Some(how.into())),
         SandboxCmd::Heal { cluster } => fail_or_heal(&cluster, None),
+        SandboxCmd::Exec { cluster, command } => exec_in_pod(&cluster, &command),
+        SandboxCmd::Serve { cluster, name, port, namespace } => serve(&cluster, &name, port, &namespace),
     }
+}
+
+fn cluster_index(topo: &Topology, cluster: &str) -> anyhow::Result<usize> {
+    topo.clusters.iter().position(|c| c.cluster_id == cluster).map(|i| i + 1).ok_or_else(|| {
+        let ids: Vec<&str> = topo.clusters.iter().map(|c| c.cluster_id.as_str()).collect();
+        anyhow::anyhow!("the sandbox has no cluster {cluster:?} (it has {})", ids.join(", "))
+    })
+}
+
+fn exec_in_pod(cluster: &str, command: &[String]) -> anyhow::Result<()> {
+    let Some(topo) = load() else { bail!("no sandbox is up (start one with `causeway sandbox up`)") };
+    let index = cluster_index(&topo, cluster)?;
+    let args: Vec<&str> = command.iter().map(String::as_str).collect();
+    let cmd = topo.pod_command(index, &args)?;
+    let status = std::process::Command::new("ip")
+        .args(["netns", "exec", &topo.clusters[index - 1].pod_ns])
+        .args(&cmd)
+        .status()
+        .with_context(|| format!("running {command:?} in {cluster}'s pod"))?;
+    match status.code() {
+        Some(0) => Ok(()),
+        Some(code) => std::process::exit(code),
+        None => bail!("{command:?} was killed by a signal"),
+    }
+}
+
+/// Serves `name` in `cluster`'s pod and exports it with the cluster's credentials.
+fn serve_and_export(
+    topo: &mut Topology,
+    index: usize,
+    name: &str,
+    port: u16,
+    namespace: &str,
+) -> anyhow::Result<String> {
+    let svc = topo.serve(index, name, port)?;
+    let bin = std::env::current_exe().context("locating the causeway binary")?;
+    let creds = topo.cluster_credentials(index);
+    let out = std::process::Command::new(bin)
+        .arg("export")
+        .arg("--credentials")
+        .arg(&creds)
+        .args([
+            "--namespace",
+            namespace,
+            name,
+            "--ip",
+            &svc.cluster_ip,
+            "--port",
+            &format!("{port}/TCP:{name}"),
+        ])
+        .output()
+        .context("running causeway export")?;
+    if !out.status.success() {
+        bail!("exporting {namespace}/{name}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(svc.cluster_ip)
+}
+
+fn serve(cluster: &str, name: &str, port: u16, namespace: &str) -> anyhow::Result<()> {
+    let Some(mut topo) = load() else { bail!("no sandbox is up (start one with `causeway sandbox up`)") };
+    let index = cluster_index(&topo, cluster)?;
+    step(&format!("serving {namespace}/{name} in {cluster}'s pod on port {port} and exporting it"));
+    let ip = serve_and_export(&mut topo, index, name, port, namespace)?;
+    std::fs::write(STATE_FILE, serde_json::to_vec_pretty(&topo)?).context("saving the sandbox state")?;
+    topo.detach();
+    println!("{name}.{namespace}.svc.clusterset.local: {cluster} serves it at {ip}:{port}");
+    println!("try `causeway sandbox exec cluster-1 -- dig +short {name}.{namespace}.svc.clusterset.local`");
+    Ok(())
+}
+
+/// From every cluster's pod: resolve the demo service through the cluster's DNS and connect
+/// to its ClusterSetIP. One cell per cluster: `OK (who answered)` or what failed.
+fn service_row(topo: &Topology) -> (String, bool) {
+    let name = format!("{DEMO_SERVICE}.{DEMO_NAMESPACE}.svc.clusterset.local");
+    let mut cells = Vec::new();
+    let mut all = true;
+    for c in &topo.clusters {
+        let run = |args: &[&str]| {
+            topo.pod_command(c.index, args)
+                .and_then(|cmd| {
+                    let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
+                    causeway_netns::exec::in_ns(&c.pod_ns, &cmd)
+                })
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        };
+        let vip = run(&["dig", "+short", "+time=1", "+tries=2", &name, "A"]).unwrap_or_default();
+        let cell = if vip.is_empty() {
+            "FAIL (no answer)".to_owned()
+        } else {
+            let script = format!("exec 3<>/dev/tcp/{vip}/{DEMO_PORT} && read -r -t 2 line <&3 && echo $line");
+            match run(&["timeout", "3", "bash", "-c", &script]) {
+                Ok(who) if !who.is_empty() => format!("OK ({who})"),
+                _ => "FAIL (no connection)".to_owned(),
+            }
+        };
+        all &= cell.starts_with("OK");
+        cells.push(vec![c.cluster_id.clone(), name.clone(), vip, cell]);
+    }
+    (causeway_cli_format::table(&["FROM", "NAME", "CLUSTERSET IP", "CONNECT"], &cells), all)
 }
 
 fn fail_or_heal(cluster: &str, how: Option<Failure>) -> anyhow::Result<()> {
@@ -144,22 +268,30 @@ fn up(clusters: usize, gateways: u8) -> anyhow::Result<()> {
         }
         step("waiting for every tunnel to come up");
         topo.wait_connected(Duration::from_secs(60))?;
-        if gateways < 2 {
-            return Ok(());
+        for i in 1..=clusters {
+            if gateways >= 2 {
+                step(&format!("starting cluster-{i}'s standby gateway"));
+                topo.start_standby_gateway(i)?;
+            }
+            step(&format!("starting cluster-{i}'s route agent and cluster-set DNS on its worker"));
+            topo.start_route_agent(i)?;
+            topo.start_dns(i)?;
+        }
+        if gateways >= 2 {
+            step("waiting for every standby to be warm (probed and answering)");
+            wait_for(Duration::from_secs(60), "every gateway to see every other cluster's standby", || {
+                (1..=clusters).all(|i| {
+                    topo.gateway_status(i).is_ok_and(|s| {
+                        s.standbys.len() == clusters - 1 && s.standbys.iter().all(|x| x.status == "connected")
+                    })
+                })
+            })?;
         }
         for i in 1..=clusters {
-            step(&format!("starting cluster-{i}'s standby gateway and its worker's route agent"));
-            topo.start_standby_gateway(i)?;
-            topo.start_route_agent(i)?;
+            step(&format!("serving and exporting {DEMO_NAMESPACE}/{DEMO_SERVICE} in cluster-{i}"));
+            serve_and_export(&mut topo, i, DEMO_SERVICE, DEMO_PORT, DEMO_NAMESPACE)?;
         }
-        step("waiting for every standby to be warm (probed and answering)");
-        wait_for(Duration::from_secs(60), "every gateway to see every other cluster's standby", || {
-            (1..=clusters).all(|i| {
-                topo.gateway_status(i).is_ok_and(|s| {
-                    s.standbys.len() == clusters - 1 && s.standbys.iter().all(|x| x.status == "connected")
-                })
-            })
-        })
+        Ok(())
     })();
     if let Err(e) = started {
         // The teardown below removes the logs: show their ends first.
@@ -178,12 +310,26 @@ fn up(clusters: usize, gateways: u8) -> anyhow::Result<()> {
     step("pinging every pod from every pod");
     let m = topo.connectivity_matrix();
     let (table, all_ok) = topo.render_matrix(&m);
+    step("resolving and connecting to the service every cluster exports, from every pod");
+    let mut service = (String::new(), false);
+    // The route agents pick the imports up within a watch round trip; give them a moment.
+    let _ = wait_for(Duration::from_secs(10), "the demo service answered from every pod", || {
+        service = service_row(&topo);
+        service.1
+    });
     topo.detach();
     println!("\npod-to-pod connectivity:\n{table}");
+    println!(
+        "cluster-set service (every cluster exports it; each pod's own cluster answers first):\n{}",
+        service.0
+    );
     println!("broker: {} (try `causeway show clusters`, `causeway show connections`)", topo.broker_url());
     println!("tear down with `causeway sandbox down`");
     if !all_ok {
         bail!("some pods cannot reach each other; gateway logs are in {}", run_dir().display());
+    }
+    if !service.1 {
+        bail!("some pods cannot reach the cluster-set service; logs are in {}", run_dir().display());
     }
     Ok(())
 }

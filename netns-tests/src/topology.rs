@@ -91,6 +91,9 @@ pub struct Topology {
     /// Second gateway nodes ([`Topology::start_standby_gateway`]).
     #[serde(default)]
     pub standbys: Vec<StandbyNode>,
+    /// Services started in pods ([`Topology::serve`]).
+    #[serde(default)]
+    pub services: Vec<PodService>,
     #[serde(skip)]
     children: Vec<(String, Child)>,
     #[serde(skip)]
@@ -131,6 +134,7 @@ impl Topology {
                 .collect(),
             namespaces: Vec::new(),
             standbys: Vec::new(),
+            services: Vec::new(),
             children: Vec::new(),
             detached: false,
             spec,
@@ -555,13 +559,68 @@ impl Topology {
             }
         }
         let log = self.spec.run_dir.join(format!("c{index}-agent.log"));
+        let cgroup = self.pod_cgroup(index)?;
         let args = [
             "route-agent".to_owned(),
             "--broker-credentials".to_owned(),
             self.cluster_credentials(index).display().to_string(),
+            "--service-cgroup".to_owned(),
+            cgroup.display().to_string(),
         ];
         self.spawn(&c.node_ns, &log, &args)?;
         Ok(log)
+    }
+
+    /// Cluster `index`'s pod cgroup (v2), created on first use: all namespaces share one
+    /// kernel, so each cluster's pod processes live in their own cgroup, which its route
+    /// agent's ClusterSetIP socket programs are attached to. [`Self::pod_command`] puts a
+    /// command in it.
+    pub fn pod_cgroup(&self, index: usize) -> anyhow::Result<PathBuf> {
+        ensure_cgroup2_mount()?;
+        let dir = cgroup_dir(&self.spec.prefix).join(format!("c{index}"));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating the cgroup {}", dir.display()))?;
+        Ok(dir)
+    }
+
+    /// `args` as run in cluster `index`'s pod: inside its cgroup (so ClusterSetIPs are
+    /// translated), to be run in the pod's namespace (`in_ns(&pod_ns, …)`, `Bg::start`).
+    pub fn pod_command(&self, index: usize, args: &[&str]) -> anyhow::Result<Vec<String>> {
+        let procs = self.pod_cgroup(index)?.join("cgroup.procs");
+        let mut cmd = vec![
+            "bash".to_owned(),
+            "-c".to_owned(),
+            format!("echo $$ > {} && exec \"$@\"", procs.display()),
+            "pod".to_owned(),
+        ];
+        cmd.extend(args.iter().map(|a| (*a).to_owned()));
+        Ok(cmd)
+    }
+
+    /// Starts a TCP service `name` in cluster `index`'s pod on `port` (`causeway debug
+    /// tcp-echo`: the cluster's id as the first line, then an echo), reachable at a ClusterIP of
+    /// the cluster's service CIDR (`10.(100+index).0.(10+n)`), as kube-proxy would make it: the
+    /// pod holds the address, the worker and the gateway node route it to the pod. Returns the
+    /// service; the server runs until teardown.
+    pub fn serve(&mut self, index: usize, name: &str, port: u16) -> anyhow::Result<PodService> {
+        if let Some(s) = self.services.iter().find(|s| s.index == index && s.name == name) {
+            bail!("{} already serves {name} (port {})", s.cluster_ip, s.port);
+        }
+        let c = self.clusters[index - 1].clone();
+        let n = self.services.iter().filter(|s| s.index == index).count();
+        anyhow::ensure!(n < 200, "cluster-{index} serves 200 services already");
+        let cluster_ip = format!("10.{}.0.{}", 100 + index, 10 + n);
+        let host = format!("{cluster_ip}/32");
+        ip(&c.pod_ns, &["addr", "replace", &host, "dev", "lo"])?;
+        ip(&c.node_ns, &["route", "replace", &host, "via", &c.pod_ip])?;
+        ip(&c.gw_ns, &["route", "replace", &host, "via", &format!("172.20.{index}.2")])?;
+        let listen = format!("{cluster_ip}:{port}");
+        let log = self.spec.run_dir.join(format!("c{index}-svc-{name}.log"));
+        let args = ["debug", "tcp-echo", "--listen", &listen, "--banner", &c.cluster_id].map(str::to_owned);
+        self.spawn(&c.pod_ns, &log, &args)?;
+        crate::ready::wait_listening(&c.pod_ns, &listen, crate::ready::Proto::Tcp)?;
+        let svc = PodService { index, name: name.to_owned(), cluster_ip, port };
+        self.services.push(svc.clone());
+        Ok(svc)
     }
 
     /// Gives cluster `index`'s worker a link to the underlay (172.31.0.(60+index)), so that
@@ -615,9 +674,11 @@ impl Topology {
         Ok(log)
     }
 
-    /// Runs `args` in cluster `index`'s pod.
+    /// Runs `args` in cluster `index`'s pod (its namespace and its cgroup).
     pub fn pod_exec(&self, index: usize, args: &[&str]) -> anyhow::Result<std::process::Output> {
-        in_ns(&self.clusters[index - 1].pod_ns, args)
+        let cmd = self.pod_command(index, args)?;
+        let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
+        in_ns(&self.clusters[index - 1].pod_ns, &cmd)
     }
 
     /// Streams `rate` sequence-numbered datagrams per second for `secs` seconds from cluster
@@ -795,6 +856,15 @@ impl Drop for Topology {
     }
 }
 
+/// A TCP service in a pod ([`Topology::serve`]).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PodService {
+    pub index: usize,
+    pub name: String,
+    pub cluster_ip: String,
+    pub port: u16,
+}
+
 /// What a sequence stream's sink saw ([`Topology::sequence_stream`]).
 #[derive(Clone, Debug, Deserialize)]
 pub struct StreamStats {
@@ -940,6 +1010,35 @@ pub fn teardown_by_prefix(prefix: &str, run_dir: &Path, host_if: Option<String>)
             }
         }
     }
+    // The pods' cgroups: their processes are gone with the namespaces' (a straggler is
+    // killed), then the directories go, children first.
+    let cgroups = cgroup_dir(prefix);
+    if cgroups.exists() {
+        let children: Vec<PathBuf> = std::fs::read_dir(&cgroups)
+            .map(|d| d.flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect())
+            .unwrap_or_default();
+        for dir in children.iter().chain(std::iter::once(&cgroups)) {
+            if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+                for pid in procs.split_whitespace() {
+                    let _ = exec::run(&["kill", "-KILL", pid]);
+                }
+            }
+        }
+        for dir in children.iter().chain(std::iter::once(&cgroups)) {
+            let deadline = Instant::now() + Duration::from_secs(3);
+            loop {
+                match std::fs::remove_dir(dir) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                    Err(e) if Instant::now() >= deadline => {
+                        errors.push(format!("removing the cgroup {}: {e}", dir.display()));
+                        break;
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                }
+            }
+        }
+    }
     // The pods' resolver files (`ip netns exec` mounts them).
     if let Ok(entries) = std::fs::read_dir("/etc/netns") {
         for e in entries.flatten() {
@@ -970,6 +1069,39 @@ pub fn teardown_by_prefix(prefix: &str, run_dir: &Path, host_if: Option<String>)
         warn!(prefix, errors = errors.len(), "teardown incomplete");
         bail!("teardown incomplete: {}", errors.join("; "))
     }
+}
+
+/// Where the harness mounts the cgroup v2 hierarchy (again) for itself: `ip netns exec`
+/// mounts a fresh `/sys`, so inside a namespace `/sys/fs/cgroup` is not there; `/run` stays.
+const CGROUP2_MOUNT: &str = "/run/causeway/cgroup2";
+
+/// Mounts the cgroup v2 hierarchy at [`CGROUP2_MOUNT`] unless it is there already. Shared by
+/// every topology on the host and never unmounted (a second mount of the same hierarchy
+/// costs nothing); two topologies mounting at once is fine (one gets EBUSY and finds it).
+fn ensure_cgroup2_mount() -> anyhow::Result<PathBuf> {
+    let path = PathBuf::from(CGROUP2_MOUNT);
+    let mounted = |p: &Path| {
+        std::fs::read_to_string("/proc/mounts").is_ok_and(|m| {
+            m.lines().any(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.get(1) == Some(&p.to_str().unwrap_or_default()) && f.get(2) == Some(&"cgroup2")
+            })
+        })
+    };
+    if !mounted(&path) {
+        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        if let Err(e) = exec::run(&["mount", "-t", "cgroup2", "none", CGROUP2_MOUNT])
+            && !mounted(&path)
+        {
+            return Err(e.context("mounting cgroup2 (is cgroup v2 available on this kernel?)"));
+        }
+    }
+    Ok(path)
+}
+
+/// Where a topology's pod cgroups live.
+fn cgroup_dir(prefix: &str) -> PathBuf {
+    PathBuf::from(CGROUP2_MOUNT).join(format!("causeway-{prefix}"))
 }
 
 fn preflight(spec: &TopologySpec) -> anyhow::Result<()> {

@@ -290,6 +290,19 @@ fn sandbox_up_then_down_leaves_nothing_behind() {
     let status_failed = cli(&["sandbox", "status"]);
     let healed = cli(&["sandbox", "heal", "cluster-2"]);
     let unknown = cli(&["sandbox", "fail", "cluster-9", "--how", "kill"]);
+    // A service of cluster 3 only, resolved and reached from cluster 1's pod by name.
+    let served = cli(&["sandbox", "serve", "cluster-3", "hello", "--port", "8080"]);
+    let reached = cli(&[
+        "sandbox",
+        "exec",
+        "cluster-1",
+        "--",
+        "bash",
+        "-c",
+        "exec 3<>/dev/tcp/$(dig +short hello.demo.svc.clusterset.local)/8080 && read -r -t 3 l <&3 && echo $l",
+    ]);
+    let exit_code =
+        Command::new(&bin).args(["sandbox", "exec", "cluster-1", "--", "false"]).status().unwrap().code();
     let down = Command::new(&bin).args(["sandbox", "down"]).output().unwrap();
     assert!(up.status.success(), "sandbox up failed:\n{stdout}\n{}", String::from_utf8_lossy(&up.stderr));
     assert!(failed.as_ref().is_some_and(|(ok, _)| *ok), "sandbox fail: {failed:?}");
@@ -302,13 +315,22 @@ fn sandbox_up_then_down_leaves_nothing_behind() {
     );
     assert!(healed.0, "sandbox heal: {}", healed.1);
     assert!(!unknown.0 && unknown.1.contains("no cluster \"cluster-9\""), "{}", unknown.1);
-    // A 3×3 matrix, every cell OK.
-    assert_eq!(stdout.matches("OK").count(), 9, "{stdout}");
+    // A 3×3 matrix, every cell OK, and the service every cluster exports reached from every
+    // pod (its own cluster answering: local affinity).
+    assert_eq!(stdout.matches("OK").count(), 12, "{stdout}");
+    for i in 1..=3 {
+        assert!(stdout.contains(&format!("OK (cluster-{i})")), "{stdout}");
+    }
     assert!(!stdout.contains("FAIL"), "{stdout}");
+    assert!(served.0, "sandbox serve: {}", served.1);
+    assert!(reached.0 && reached.1.trim() == "cluster-3", "sandbox exec: {}", reached.1);
+    assert_eq!(exit_code, Some(1), "sandbox exec passes the command's exit code on");
     assert!(down.status.success(), "{}", String::from_utf8_lossy(&down.stderr));
     assert!(!exec::namespaces().iter().any(|n| n.starts_with("cw-")), "namespaces left behind");
     assert!(exec::run(&["ip", "link", "show", "cw-host"]).is_err(), "host veth left behind");
     assert!(!std::path::Path::new("/run/causeway/cw").exists(), "run dir left behind");
+    assert!(!std::path::Path::new("/run/causeway/cgroup2/causeway-cw").exists(), "pod cgroups left behind");
+    assert!(!std::path::Path::new("/etc/netns/cw-c1-pod").exists(), "resolver files left behind");
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
     assert!(!mounts.contains("/run/causeway/cw/"), "the gateways' bpffs left mounted:\n{mounts}");
     assert!(!std::path::Path::new("/sys/fs/bpf/causeway").exists(), "bpffs pins left behind");

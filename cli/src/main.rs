@@ -2,7 +2,9 @@
 //! local sandbox. Every flag can also be set through its `CAUSEWAY_…` environment variable.
 
 #[cfg(feature = "sandbox")]
-use causeway_lab::{bench, bench_attack, bench_dataplane, bench_failover, bench_policy, sandbox};
+use causeway_lab::{
+    bench, bench_attack, bench_dataplane, bench_failover, bench_policy, bench_services, sandbox,
+};
 mod dns;
 mod kubernetes;
 mod policy;
@@ -124,6 +126,9 @@ enum BenchCmd {
     /// Traffic lost when a cluster's active gateway is killed, cut off or has its WireGuard
     /// dropped, and when it comes back.
     Failover(bench_failover::FailoverBenchArgs),
+    /// Cluster-set DNS answers per second and latency against dnsmasq with a static zone, and
+    /// the connection rate to a ClusterSetIP against the same backend's own address.
+    Services(bench_services::ServicesBenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -215,6 +220,14 @@ enum DebugCmd {
         /// Queries in flight in closed-loop mode.
         #[arg(long, default_value_t = 64)]
         window: u32,
+    },
+    /// Connect to a TCP server over and over (connect, read its first line, close) for a
+    /// while; print the rate and the time per connection (JSON).
+    TcpConnectRate {
+        #[arg(long)]
+        connect: String,
+        #[arg(long, default_value_t = 5.0)]
+        secs: f64,
     },
     /// Send sequence-numbered datagrams at a steady rate (the other end: udp-sequence-sink).
     UdpStream {
@@ -526,6 +539,11 @@ fn main() -> anyhow::Result<()> {
             bench_failover::run(a)
         }
         #[cfg(feature = "sandbox")]
+        Cmd::Benchmark { what: BenchCmd::Services(a) } => {
+            telemetry::init("warn", log);
+            bench_services::run(a)
+        }
+        #[cfg(feature = "sandbox")]
         Cmd::Benchmark { what: BenchCmd::Broker(a) } => {
             telemetry::init("warn", log);
             runtime()?.block_on(bench::broker(a))
@@ -595,6 +613,11 @@ fn main() -> anyhow::Result<()> {
                 tools::udp_flood(&target, &kind, count, gso, spoof_source, rate, replay.as_deref())
             }
             DebugCmd::UdpPing { connect, size, count } => tools::udp_ping(&connect, size, count),
+            DebugCmd::TcpConnectRate { connect, secs } => {
+                let stats = tools::tcp_connect_rate(&connect, secs)?;
+                println!("{}", serde_json::to_string(&stats)?);
+                Ok(())
+            }
             DebugCmd::DnsLoad { server, name, rate, secs, window } => {
                 let stats = tools::dns_load(&server, &name, rate, secs, window)?;
                 println!("{}", serde_json::to_string(&stats)?);

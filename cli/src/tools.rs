@@ -537,6 +537,14 @@ pub fn dns_load(server: &str, name: &str, rate: u32, secs: f64, window: u32) -> 
             Err(_) => in_flight = 0,
         }
     }
+    // The answers to the last queries still on their way count (not as throughput).
+    s.set_read_timeout(Some(Duration::from_millis(200)))?;
+    while sent_at.iter().any(Option::is_some) {
+        let Ok(n) = s.recv(&mut buf) else { break };
+        if n >= 12 && sent_at[usize::from(u16::from_be_bytes([buf[0], buf[1]]))].take().is_some() {
+            answered += 1;
+        }
+    }
     latencies.sort_by(f64::total_cmp);
     let pct = |p: f64| {
         if latencies.is_empty() {
@@ -554,4 +562,68 @@ pub fn dns_load(server: &str, name: &str, rate: u32, secs: f64, window: u32) -> 
     #[expect(clippy::cast_precision_loss, reason = "a count of queries")]
     let answers_per_sec = answered as f64 / secs;
     Ok(DnsLoadStats { sent, answered, negative, answers_per_sec, p50_ms: pct(0.5), p99_ms: pct(0.99) })
+}
+
+/// What [`tcp_connect_rate`] saw.
+#[derive(Debug, serde::Serialize)]
+pub struct ConnectRateStats {
+    pub connections: u64,
+    pub failed: u64,
+    pub per_sec: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+}
+
+/// Connects to `connect` over and over for `secs` seconds (closed loop: connect, read the
+/// server's first line, close with a reset), timing each connection from `connect()` to that
+/// line.
+pub fn tcp_connect_rate(connect: &str, secs: f64) -> anyhow::Result<ConnectRateStats> {
+    use std::{
+        io::{BufRead as _, BufReader},
+        time::{Duration, Instant},
+    };
+    anyhow::ensure!(secs > 0.0 && secs <= 600.0, "--secs must be in (0, 600]");
+    let addr: std::net::SocketAddr =
+        connect.parse().with_context(|| format!("{connect} is not ADDR:PORT"))?;
+    let end = Instant::now() + Duration::from_secs_f64(secs);
+    let (mut ok, mut failed) = (0u64, 0u64);
+    let mut times = Vec::new();
+    while Instant::now() < end {
+        let t = Instant::now();
+        let got = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).and_then(|s| {
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            // Close with a reset: thousands of connections a second in TIME_WAIT would use up
+            // the ephemeral ports, and the port search, not the path, would be measured.
+            let abort = nix::libc::linger { l_onoff: 1, l_linger: 0 };
+            nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::Linger, &abort)
+                .map_err(std::io::Error::from)?;
+            let mut line = String::new();
+            BufReader::new(s).read_line(&mut line)?;
+            Ok(line)
+        });
+        match got {
+            Ok(l) if !l.is_empty() => {
+                ok += 1;
+                times.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+            _ => failed += 1,
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let pct = |p: f64| {
+        if times.is_empty() {
+            0.0
+        } else {
+            #[expect(
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss,
+                reason = "an index into times"
+            )]
+            let i = ((times.len() - 1) as f64 * p).round() as usize;
+            times[i]
+        }
+    };
+    #[expect(clippy::cast_precision_loss, reason = "a count of connections")]
+    let per_sec = ok as f64 / secs;
+    Ok(ConnectRateStats { connections: ok, failed, per_sec, p50_us: pct(0.5), p99_us: pct(0.99) })
 }

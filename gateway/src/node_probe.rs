@@ -644,4 +644,32 @@ mod tests {
         assert_eq!(parse_reply(&buf[..n]), Some((6, false)));
         task.abort();
     }
+
+    #[tokio::test]
+    async fn the_responder_serves_reachability_pages_and_ignores_short_requests() {
+        let server = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = server.local_addr().unwrap();
+        let reachable = Arc::new(std::sync::RwLock::new(Reachable::default()));
+        reachable.write().unwrap().set(["west".to_owned(), "east".to_owned()]);
+        let task = tokio::spawn(serve(server, Arc::default(), reachable.clone()));
+        let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let mut buf = vec![0u8; HEALTH_LEN + 1];
+        // A short (unpadded) request would be an amplifier: no answer. Then a real one: the
+        // next datagram is its answer.
+        client.send_to(&health_request(1, 0, 0)[..64], addr).await.unwrap();
+        client.send_to(&health_request(2, 0, 0), addr).await.unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(5), client.recv(&mut buf)).await.unwrap().unwrap();
+        let page = parse_health_reply(&buf[..n]).unwrap();
+        assert_eq!(
+            (page.nonce, page.epoch, page.clusters.clone()),
+            (2, 1, vec!["east".to_owned(), "west".to_owned()])
+        );
+        // The list changes: a new epoch, and a reader with the old one gets it whole.
+        reachable.write().unwrap().set(["east".to_owned()]);
+        client.send_to(&health_request(3, 1, 0), addr).await.unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(5), client.recv(&mut buf)).await.unwrap().unwrap();
+        let page = parse_health_reply(&buf[..n]).unwrap();
+        assert_eq!((page.epoch, page.unchanged, page.clusters), (2, false, vec!["east".to_owned()]));
+        task.abort();
+    }
 }

@@ -650,6 +650,11 @@ impl Topology {
     /// cluster's pod resolve through it (`/etc/netns/<pod>/resolv.conf`, which `ip netns exec`
     /// mounts over `/etc/resolv.conf`), and waits until it answers. Returns its log.
     pub fn start_dns(&mut self, index: usize) -> anyhow::Result<PathBuf> {
+        self.start_dns_with(index, &[])
+    }
+
+    /// [`Self::start_dns`] with extra arguments for `causeway dns`.
+    pub fn start_dns_with(&mut self, index: usize, extra: &[&str]) -> anyhow::Result<PathBuf> {
         self.node_uplink(index)?;
         let c = self.clusters[index - 1].clone();
         let addr = self.dns_address(index);
@@ -661,6 +666,7 @@ impl Topology {
             "--listen".to_owned(),
             format!("{addr}:53"),
         ];
+        let args: Vec<String> = args.into_iter().chain(extra.iter().map(|a| (*a).to_owned())).collect();
         self.spawn(&c.node_ns, &log, &args)?;
         let etc = Path::new("/etc/netns").join(&c.pod_ns);
         std::fs::create_dir_all(&etc).with_context(|| format!("creating {}", etc.display()))?;

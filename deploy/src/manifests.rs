@@ -364,6 +364,7 @@ fn member(s: &Settings) -> Result<Vec<Manifest>, ManifestError> {
             rule(&["networking.k8s.io"], &["servicecidrs"], &["get", "list"]),
             rule(&[""], &["services"], &["get", "list", "watch"]),
             rule(&["multicluster.x-k8s.io"], &["serviceexports"], &["get", "list", "watch"]),
+            rule(&["discovery.k8s.io"], &["endpointslices"], &["get", "list", "watch"]),
         ]),
         ..ClusterRole::default()
     };

@@ -413,6 +413,27 @@ async fn service_exports_are_published_to_the_broker_and_withdrawn() {
         "/api/v1/namespaces/shop/services/web" => Reply::Json(200, service("shop", "web", "10.96.0.10")),
         "/api/v1/namespaces/shop/services/cart" => Reply::Json(200, service("shop", "cart", "10.96.0.11")),
         "/api/v1/namespaces/shop/services/nosvc" => not_found("services \"nosvc\""),
+        // The cluster-wide EndpointSlice watch (changes trigger a reconcile): nothing happens.
+        "/apis/discovery.k8s.io/v1/endpointslices" if r.uri.contains("watch=true") => Reply::Hang,
+        "/apis/discovery.k8s.io/v1/endpointslices" => {
+            Reply::Json(200, list("EndpointSliceList", "discovery.k8s.io/v1", vec![]))
+        }
+        // cart's slice: two ready endpoints and one that is not.
+        "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices" => {
+            assert!(r.uri.contains("labelSelector=kubernetes.io%2Fservice-name%3D"), "{}", r.uri);
+            let items = if r.uri.contains("%3Dcart") {
+                vec![json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                    "metadata": {"name": "cart-1", "namespace": "shop", "labels": {"kubernetes.io/service-name": "cart"}},
+                    "addressType": "IPv4",
+                    "endpoints": [
+                        {"addresses": ["10.244.1.5"], "conditions": {"ready": true}},
+                        {"addresses": ["10.244.1.6"], "conditions": {"ready": true}},
+                        {"addresses": ["10.244.1.7"], "conditions": {"ready": false}}]})]
+            } else {
+                vec![]
+            };
+            Reply::Json(200, list("EndpointSliceList", "discovery.k8s.io/v1", items))
+        }
         other => panic!("unexpected request {other}"),
     });
     let mut sync = ExportSync::new(client, cluster.clone(), "east".into());
@@ -420,14 +441,14 @@ async fn service_exports_are_published_to_the_broker_and_withdrawn() {
     let task = tokio::spawn(async move { sync.run().await });
 
     let services = |cluster: BrokerClient| async move {
-        let mut v: Vec<(String, String, Vec<std::net::IpAddr>)> = cluster
+        let mut v: Vec<(String, String, Vec<std::net::IpAddr>, Option<u32>)> = cluster
             .list()
             .await
             .unwrap()
             .items
             .into_iter()
             .filter_map(|o| match o.record {
-                Record::ServiceExport(s) => Some((s.namespace, s.name, s.ips)),
+                Record::ServiceExport(s) => Some((s.namespace, s.name, s.ips, s.ready_endpoints)),
                 _ => None,
             })
             .collect();
@@ -437,9 +458,10 @@ async fn service_exports_are_published_to_the_broker_and_withdrawn() {
     // After the initial list: web is published, the export without a Service is not, and the
     // stale record is withdrawn. After the watch events: cart is added and web withdrawn. The
     // operator's export stays throughout.
+    // cart's record says how many of its endpoints are ready (from its EndpointSlice).
     let want = vec![
-        ("old".to_owned(), "by-hand".to_owned(), vec!["10.96.0.98".parse().unwrap()]),
-        ("shop".to_owned(), "cart".to_owned(), vec!["10.96.0.11".parse().unwrap()]),
+        ("old".to_owned(), "by-hand".to_owned(), vec!["10.96.0.98".parse().unwrap()], None),
+        ("shop".to_owned(), "cart".to_owned(), vec!["10.96.0.11".parse().unwrap()], Some(2)),
     ];
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while services(cluster.clone()).await != want {

@@ -8,6 +8,7 @@ pub mod apply;
 pub mod crds;
 pub mod election;
 pub mod exports;
+pub mod imports;
 pub mod manifests;
 pub mod policies;
 pub mod source;
@@ -63,7 +64,7 @@ pub async fn connect(kubeconfig: Option<&Path>, context: Option<&str>) -> Result
 }
 
 /// What a gateway on Kubernetes runs beside the daemon: the Lease election and, while active,
-/// the ServiceExport publisher.
+/// the ServiceExport publisher and the ServiceImport writer.
 pub struct GatewayServices {
     stop: tokio::sync::watch::Sender<bool>,
     election: tokio::task::JoinHandle<()>,
@@ -82,7 +83,8 @@ pub fn start_gateway_services(
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let elector = election::Elector::new(client.clone(), election::ElectionConfig::new(namespace, node));
     let (roles, election) = elector.spawn(stop_rx);
-    let sync = exports::ExportSync::new(client.clone(), broker, overrides.cluster_id.clone());
+    let sync = exports::ExportSync::new(client.clone(), broker.clone(), overrides.cluster_id.clone());
+    let imports = imports::ImportSync::new(client.clone(), overrides.cluster_id.clone());
     let mut export_roles = roles.clone();
     let exports = tokio::spawn(async move {
         use election::Role;
@@ -90,9 +92,11 @@ pub fn start_gateway_services(
             if export_roles.wait_for(|r| *r == Role::Active).await.is_err() {
                 return;
             }
-            // Only the active gateway publishes, so two gateways never race on the records.
+            // Only the active gateway publishes and writes the ServiceImports, so two gateways
+            // never race on the records or the objects.
             tokio::select! {
                 () = sync.run() => return,
+                () = imports.run(broker.clone()) => return,
                 _ = export_roles.wait_for(|r| *r == Role::Standby) => {}
             }
         }

@@ -365,6 +365,13 @@ fn member(s: &Settings) -> Result<Vec<Manifest>, ManifestError> {
             rule(&[""], &["services"], &["get", "list", "watch"]),
             rule(&["multicluster.x-k8s.io"], &["serviceexports"], &["get", "list", "watch"]),
             rule(&["discovery.k8s.io"], &["endpointslices"], &["get", "list", "watch"]),
+            // The cluster set's services as ServiceImports, and the exports' conditions.
+            rule(
+                &["multicluster.x-k8s.io"],
+                &["serviceimports"],
+                &["get", "list", "create", "patch", "delete"],
+            ),
+            rule(&["multicluster.x-k8s.io"], &["serviceimports/status", "serviceexports/status"], &["patch"]),
         ]),
         ..ClusterRole::default()
     };

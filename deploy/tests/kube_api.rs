@@ -1,6 +1,7 @@
 //! The Kubernetes code against kube's mock service: node discovery, the gateway Lease
-//! (acquire, renew, follow, take over, lose a race, step down, release) and the ServiceExport
-//! watch publishing to a real in-process broker.
+//! (acquire, renew, follow, take over, lose a race, step down, release), the ServiceExport
+//! watch publishing to a real in-process broker (readiness from EndpointSlices), and the
+//! cluster set's imports written as ServiceImports with the exports' conditions.
 
 use std::{
     sync::atomic::{AtomicUsize, Ordering},
@@ -593,4 +594,129 @@ async fn cluster_set_policy_objects_are_mirrored_to_the_broker() {
     assert!(!r.contains_key("broken"), "an invalid object is never written");
     let log = log.lock().unwrap();
     assert!(log.iter().all(|r| r.method == "GET"), "the mirror only reads the cluster: {log:?}");
+}
+
+/// The cluster set's imports become ServiceImport objects (server-side apply, status too); an
+/// import of a namespace this cluster lacks is skipped; a ServiceImport Causeway made that the
+/// set no longer has is deleted; this cluster's ServiceExport gets its conditions, keeping the
+/// transition time of a condition that did not change.
+#[tokio::test]
+async fn imports_become_service_imports_and_exports_get_their_conditions() {
+    use causeway_broker_api::{
+        ExportSource, ImportedCluster, Object, Record, ServiceExportRecord, ServiceImportRecord, ServicePort,
+        ServiceType,
+    };
+    let import = |ns: &str, name: &str| ServiceImportRecord {
+        namespace: ns.into(),
+        name: name.into(),
+        service_type: ServiceType::ClusterSetIP,
+        ips: vec!["241.0.0.7".parse().unwrap()],
+        ports: vec![ServicePort { name: Some("http".into()), port: 80, protocol: "TCP".into() }],
+        clusters: vec![
+            ImportedCluster { cluster_id: "east".into(), ports: vec![], excluded: false, conflict: None },
+            ImportedCluster { cluster_id: "west".into(), ports: vec![], excluded: false, conflict: None },
+        ],
+        generation: 1,
+    };
+    let objects = vec![
+        Object::new(1, Record::ServiceImport(import("shop", "cart"))),
+        Object::new(2, Record::ServiceImport(import("ghost", "x"))),
+        Object::new(
+            3,
+            Record::ServiceExport(ServiceExportRecord {
+                cluster_id: "east".into(),
+                namespace: "shop".into(),
+                name: "cart".into(),
+                ips: vec!["10.96.0.11".parse().unwrap()],
+                ports: vec![],
+                service_type: ServiceType::ClusterSetIP,
+                endpoints: vec![],
+                ready_endpoints: Some(2),
+                source: ExportSource::Kubernetes,
+                generation: 1,
+            }),
+        ),
+    ];
+    const BASE: &str = "/apis/multicluster.x-k8s.io/v1alpha1";
+    let (client, log) = causeway_deploy::testing::client(move |r: &Seen| {
+        match (r.method.as_str(), r.path()) {
+            ("PATCH", p) if p == format!("{BASE}/namespaces/shop/serviceimports/cart") => {
+                Reply::Json(200, r.body.clone())
+            }
+            ("PATCH", p) if p == format!("{BASE}/namespaces/shop/serviceimports/cart/status") => {
+                Reply::Json(200, r.body.clone())
+            }
+            ("PATCH", p) if p == format!("{BASE}/namespaces/ghost/serviceimports/x") => {
+                not_found("namespaces \"ghost\"")
+            }
+            ("GET", p) if p == format!("{BASE}/serviceimports") => Reply::Json(
+                200,
+                list(
+                    "ServiceImportList",
+                    "multicluster.x-k8s.io/v1alpha1",
+                    vec![
+                        json!({"apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceImport",
+                           "metadata": {"name": "cart", "namespace": "shop", "labels": {"app.kubernetes.io/managed-by": "causeway"}}}),
+                        json!({"apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceImport",
+                           "metadata": {"name": "gone", "namespace": "old", "labels": {"app.kubernetes.io/managed-by": "causeway"}}}),
+                    ],
+                ),
+            ),
+            ("DELETE", p) if p == format!("{BASE}/namespaces/old/serviceimports/gone") => {
+                Reply::Json(200, status(200, "Success", ""))
+            }
+            ("GET", p) if p == format!("{BASE}/namespaces/shop/serviceexports/cart") => Reply::Json(
+                200,
+                json!({"apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceExport",
+                   "metadata": {"name": "cart", "namespace": "shop"},
+                   "status": {"conditions": [{"type": "Valid", "status": "True", "reason": "Exported", "message": "",
+                                               "lastTransitionTime": "2026-01-01T00:00:00Z"}]}}),
+            ),
+            ("PATCH", p) if p == format!("{BASE}/namespaces/shop/serviceexports/cart/status") => {
+                Reply::Json(200, r.body.clone())
+            }
+            (m, other) => panic!("unexpected {m} {other}"),
+        }
+    });
+    let sync = causeway_deploy::imports::ImportSync::new(client, "east".into());
+    assert_eq!(
+        sync.reconcile(&objects).await.unwrap(),
+        (1, 1),
+        "one applied (ghost has no namespace), one deleted"
+    );
+    let log = log.lock().unwrap();
+    let applied =
+        log.iter().find(|r| r.is("PATCH", &format!("{BASE}/namespaces/shop/serviceimports/cart"))).unwrap();
+    assert!(
+        applied.uri.contains("fieldManager=causeway-imports") && applied.uri.contains("force=true"),
+        "{}",
+        applied.uri
+    );
+    assert_eq!(applied.content_type.as_deref(), Some("application/apply-patch+yaml"));
+    assert_eq!(
+        applied.body["spec"],
+        json!({"type": "ClusterSetIP", "ips": ["241.0.0.7"], "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]})
+    );
+    let status = log
+        .iter()
+        .find(|r| r.is("PATCH", &format!("{BASE}/namespaces/shop/serviceimports/cart/status")))
+        .unwrap();
+    assert_eq!(status.body["status"]["clusters"], json!([{"cluster": "east"}, {"cluster": "west"}]));
+    assert!(log.iter().any(|r| r.is("DELETE", &format!("{BASE}/namespaces/old/serviceimports/gone"))));
+    assert!(
+        log.iter().any(|r| r.is("GET", &format!("{BASE}/serviceimports"))
+            && r.uri.contains("labelSelector=app.kubernetes.io%2Fmanaged-by%3Dcauseway")),
+        "only Causeway's own ServiceImports are candidates for deletion"
+    );
+    let conditions = &log
+        .iter()
+        .find(|r| r.is("PATCH", &format!("{BASE}/namespaces/shop/serviceexports/cart/status")))
+        .unwrap()
+        .body["status"]["conditions"];
+    let by_type = |t: &str| conditions.as_array().unwrap().iter().find(|c| c["type"] == t).unwrap().clone();
+    assert_eq!(by_type("Valid")["status"], "True");
+    assert_eq!(by_type("Valid")["lastTransitionTime"], "2026-01-01T00:00:00Z", "unchanged: time kept");
+    assert_eq!(by_type("Conflict")["status"], "False");
+    assert_eq!(by_type("Ready")["status"], "True");
+    assert_ne!(by_type("Ready")["lastTransitionTime"], "2026-01-01T00:00:00Z");
 }

@@ -551,6 +551,8 @@ fn member(s: &Settings) -> Result<Vec<Manifest>, ManifestError> {
             env("CAUSEWAY_NODE_PROBE_PORT", &s.node_probe_port.to_string()),
             env_field("CAUSEWAY_NODE_IP", "status.hostIP"),
             env("CAUSEWAY_METRICS_LISTEN", &format!("$(CAUSEWAY_NODE_IP):{}", s.agent_metrics_port)),
+            // ClusterSetIPs, for every process of the node (pods and host).
+            env("CAUSEWAY_SERVICE_CGROUP", "/host/sys/fs/cgroup"),
         ]),
         ports: Some(vec![ContainerPort {
             name: Some("metrics".into()),
@@ -559,10 +561,14 @@ fn member(s: &Settings) -> Result<Vec<Manifest>, ManifestError> {
             ..ContainerPort::default()
         }]),
         liveness_probe: Some(http_probe("/healthz", s.agent_metrics_port, 10, 3)),
-        // NET_ADMIN: the nexthop and the routes through it.
-        security_context: Some(capabilities(&["NET_ADMIN"])),
+        // NET_ADMIN: the nexthop and the routes through it, and attaching the ClusterSetIP
+        // socket programs to the node's cgroup; BPF: loading them.
+        security_context: Some(capabilities(&["NET_ADMIN", "BPF"])),
         resources: Some(resources("10m", "16Mi", "128Mi")),
-        volume_mounts: Some(vec![mount("broker-credentials", "/etc/causeway/broker", true)]),
+        volume_mounts: Some(vec![
+            mount("broker-credentials", "/etc/causeway/broker", true),
+            mount("cgroup", "/host/sys/fs/cgroup", true),
+        ]),
         ..Container::default()
     };
     let not_a_gateway = NodeAffinity {
@@ -597,13 +603,100 @@ fn member(s: &Settings) -> Result<Vec<Manifest>, ManifestError> {
                     tolerations: Some(tolerate_everything()),
                     security_context: Some(node_agent_security()),
                     containers: vec![agent_container],
-                    volumes: Some(vec![secret_volume("broker-credentials", READER_SECRET)]),
+                    volumes: Some(vec![
+                        secret_volume("broker-credentials", READER_SECRET),
+                        host_path("cgroup", "/sys/fs/cgroup", "Directory"),
+                    ]),
                     ..PodSpec::default()
                 }),
             },
             ..DaemonSetSpec::default()
         }),
         ..DaemonSet::default()
+    };
+
+    // Cluster-set DNS: `clusterset.local` for the cluster's pods (CoreDNS forwards the zone to
+    // this Service). Unprivileged: it listens on 5353 and the Service maps 53 to it.
+    let dns = "causeway-dns";
+    let dns_container = Container {
+        name: "dns".into(),
+        image: Some(s.image.clone()),
+        command: Some(vec!["causeway".into(), "dns".into()]),
+        env: Some(vec![
+            env("CAUSEWAY_BROKER_CREDENTIALS", &format!("/etc/causeway/broker/{CREDENTIALS_KEY}")),
+            env("CAUSEWAY_DNS_LISTEN", "0.0.0.0:5353"),
+            env("CAUSEWAY_NODE_PROBE_PORT", &s.node_probe_port.to_string()),
+        ]),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some("dns".into()),
+                container_port: 5353,
+                protocol: Some("UDP".into()),
+                ..ContainerPort::default()
+            },
+            ContainerPort {
+                name: Some("dns-tcp".into()),
+                container_port: 5353,
+                protocol: Some("TCP".into()),
+                ..ContainerPort::default()
+            },
+        ]),
+        liveness_probe: Some(Probe {
+            tcp_socket: Some(k8s_openapi::api::core::v1::TCPSocketAction {
+                port: IntOrString::Int(5353),
+                ..k8s_openapi::api::core::v1::TCPSocketAction::default()
+            }),
+            period_seconds: Some(10),
+            ..Probe::default()
+        }),
+        security_context: Some(capabilities(&[])),
+        resources: Some(resources("20m", "32Mi", "256Mi")),
+        volume_mounts: Some(vec![mount("broker-credentials", "/etc/causeway/broker", true)]),
+        ..Container::default()
+    };
+    let dns_deployment = Deployment {
+        metadata: meta(dns, Some(ns), "dns"),
+        spec: Some(DeploymentSpec {
+            replicas: Some(2),
+            selector: LabelSelector { match_labels: Some(selector("dns")), ..LabelSelector::default() },
+            template: PodTemplateSpec {
+                metadata: Some(meta_template("dns")),
+                spec: Some(PodSpec {
+                    automount_service_account_token: Some(false),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(65532),
+                        run_as_group: Some(65532),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".into(),
+                            ..SeccompProfile::default()
+                        }),
+                        ..PodSecurityContext::default()
+                    }),
+                    containers: vec![dns_container],
+                    volumes: Some(vec![secret_volume("broker-credentials", READER_SECRET)]),
+                    ..PodSpec::default()
+                }),
+            },
+            ..DeploymentSpec::default()
+        }),
+        ..Deployment::default()
+    };
+    let dns_port = |name: &str, proto: &str| ServicePort {
+        name: Some(name.into()),
+        port: 53,
+        target_port: Some(IntOrString::Int(5353)),
+        protocol: Some(proto.into()),
+        ..ServicePort::default()
+    };
+    let dns_service = Service {
+        metadata: meta(dns, Some(ns), "dns"),
+        spec: Some(ServiceSpec {
+            selector: Some(selector("dns")),
+            ports: Some(vec![dns_port("dns", "UDP"), dns_port("dns-tcp", "TCP")]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
     };
 
     Ok(vec![
@@ -625,6 +718,8 @@ fn member(s: &Settings) -> Result<Vec<Manifest>, ManifestError> {
         manifest(&agent_binding)?,
         manifest(&agent_ns_role)?,
         manifest(&agent_ns_binding)?,
+        manifest(&dns_deployment)?,
+        manifest(&dns_service)?,
         manifest(&agent_ds)?,
     ])
 }

@@ -90,20 +90,46 @@ fn the_gateway_runs_on_gateway_nodes_with_only_the_capabilities_it_needs() {
     assert!(ds["spec"]["minReadySeconds"].as_i64().unwrap() > 0);
     assert_eq!(find(&member, "PodDisruptionBudget", "causeway-gateway")["spec"]["maxUnavailable"], 1);
 
-    // The route agent runs everywhere else, with NET_ADMIN only.
+    // The route agent runs everywhere else, with NET_ADMIN (routes, cgroup attach) and BPF
+    // (the ClusterSetIP socket programs) only.
     let agent = find(&member, "DaemonSet", "causeway-route-agent");
     let term = &agent["spec"]["template"]["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
         ["nodeSelectorTerms"][0]["matchExpressions"][0];
     assert_eq!(term["key"], GATEWAY_LABEL);
     assert_eq!(term["operator"], "NotIn");
     let c = &agent["spec"]["template"]["spec"]["containers"][0];
-    assert_eq!(c["securityContext"]["capabilities"]["add"], serde_json::json!(["NET_ADMIN"]));
+    assert_eq!(c["securityContext"]["capabilities"]["add"], serde_json::json!(["NET_ADMIN", "BPF"]));
     assert_eq!(c["command"], serde_json::json!(["causeway", "route-agent", "--kubernetes"]));
     // Route agents run on every node: they mount the read-only credential, never the one
-    // that writes the cluster's records.
+    // that writes the cluster's records, and the node's cgroup v2 root, read-only.
     let volumes = agent["spec"]["template"]["spec"]["volumes"].as_array().unwrap();
-    assert_eq!(volumes.len(), 1);
+    assert_eq!(volumes.len(), 2);
     assert_eq!(volumes[0]["secret"]["secretName"], "causeway-route-agent-credentials");
+    assert_eq!(volumes[1]["hostPath"]["path"], "/sys/fs/cgroup");
+    let cgroup_mount = c["volumeMounts"].as_array().unwrap().iter().find(|m| m["name"] == "cgroup").unwrap();
+    assert_eq!(cgroup_mount["readOnly"], true);
+    let env = c["env"].as_array().unwrap();
+    assert!(
+        env.iter().any(|e| e["name"] == "CAUSEWAY_SERVICE_CGROUP" && e["value"] == "/host/sys/fs/cgroup")
+    );
+
+    // Cluster-set DNS: unprivileged, the read-only credential, 53 → 5353 on UDP and TCP.
+    let dns = find(&member, "Deployment", "causeway-dns");
+    let pod = &dns["spec"]["template"]["spec"];
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(pod["automountServiceAccountToken"], false);
+    assert_eq!(pod["containers"][0]["securityContext"]["capabilities"]["add"], serde_json::json!([]));
+    assert_eq!(pod["volumes"][0]["secret"]["secretName"], "causeway-route-agent-credentials");
+    let svc = find(&member, "Service", "causeway-dns");
+    let ports: Vec<(i64, i64, &str)> = svc["spec"]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (p["port"].as_i64().unwrap(), p["targetPort"].as_i64().unwrap(), p["protocol"].as_str().unwrap())
+        })
+        .collect();
+    assert_eq!(ports, [(53, 5353, "UDP"), (53, 5353, "TCP")]);
 }
 
 #[test]

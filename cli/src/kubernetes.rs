@@ -279,6 +279,7 @@ pub async fn join(
         }
         println!("# would register cluster {} with {}", p.cluster_id, info.broker_url);
         print_dry_run(&all);
+        println!("# would forward clusterset.local in kube-system/coredns to Service {ns}/causeway-dns");
         return Ok(());
     }
 
@@ -347,6 +348,22 @@ pub async fn join(
         progress(&format!("labelled node {node} {}=true", causeway_deploy::manifests::GATEWAY_LABEL));
     }
     causeway_deploy::apply::apply(&client, &all, progress).await?;
+    // Pods resolve clusterset.local through the cluster's CoreDNS, which forwards the zone to
+    // causeway-dns.
+    match causeway_deploy::coredns::dns_service_ip(&client, &ns).await? {
+        Some(ip) => {
+            if causeway_deploy::coredns::set_forward(&client, Some(&ip)).await? {
+                progress(&format!("CoreDNS forwards clusterset.local to {ip} (Service {ns}/causeway-dns)"));
+            } else {
+                progress(&format!(
+                    "no kube-system/coredns ConfigMap: make the cluster's DNS forward clusterset.local to {ip}"
+                ));
+            }
+        }
+        None => progress(&format!(
+            "Service {ns}/causeway-dns has no cluster IP yet: run join again to point CoreDNS at it"
+        )),
+    }
     println!("cluster {} joined; its gateways start on {}", p.cluster_id, gateways.join(", "));
     println!("  check: causeway show clusters --credentials {}", p.output.display());
     println!("         kubectl -n {ns} exec ds/causeway-gateway -- causeway show connections");
@@ -408,6 +425,7 @@ async fn uninstall_with(
     }
     if a.dry_run {
         println!("# would remove the {} label from every node", causeway_deploy::manifests::GATEWAY_LABEL);
+        println!("# would remove the clusterset.local block join added to kube-system/coredns");
         for m in all.iter().rev() {
             println!("# would delete {}", m.describe());
         }
@@ -416,6 +434,11 @@ async fn uninstall_with(
     let client = connect().await?;
     eprintln!("removing Causeway from namespace {ns}:");
     let mut failed = Vec::new();
+    match causeway_deploy::coredns::set_forward(&client, None).await {
+        Ok(true) => progress("removed the clusterset.local block from kube-system/coredns"),
+        Ok(false) => {}
+        Err(e) => failed.push(e.to_string()),
+    }
     if let Err(e) = causeway_deploy::apply::remove(&client, &all, progress).await {
         failed.push(e.to_string());
     }
@@ -558,6 +581,16 @@ mod tests {
                     "data": {"ClusterConfiguration": "networking:\n  podSubnet: 10.244.0.0/16\n  serviceSubnet: 10.96.0.0/12\n"}
                 }),
             ),
+            ("GET", "/api/v1/namespaces/kube-system/configmaps/coredns") => Reply::Json(
+                200,
+                json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "coredns", "namespace": "kube-system"},
+                       "data": {"Corefile": ".:53 {\n    errors\n    forward . /etc/resolv.conf\n    reload\n}\n"}}),
+            ),
+            ("GET", "/api/v1/namespaces/causeway-system/services/causeway-dns") => Reply::Json(
+                200,
+                json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "causeway-dns", "namespace": "causeway-system"},
+                       "spec": {"clusterIP": "10.96.0.53"}}),
+            ),
             ("GET", _) => not_found("it"),
             ("PATCH", "/api/v1/nodes/gw-1") => Reply::Json(200, node("gw-1", true)),
             ("PATCH", _) => Reply::Json(200, r.body.clone()),
@@ -643,6 +676,17 @@ mod tests {
                     .filter(|r| r.method == "PATCH")
                     .all(|r| r.uri.contains("fieldManager") || r.path().starts_with("/api/v1/nodes/"))
             );
+            // CoreDNS forwards clusterset.local to the causeway-dns Service; its own zone stays.
+            let coredns = log
+                .iter()
+                .find(|r| r.is("PATCH", "/api/v1/namespaces/kube-system/configmaps/coredns"))
+                .expect("CoreDNS told about clusterset.local");
+            let corefile = coredns.body["data"]["Corefile"].as_str().unwrap();
+            assert!(corefile.starts_with(".:53 {\n    errors\n    forward . /etc/resolv.conf"), "{corefile}");
+            assert!(
+                corefile.contains("clusterset.local:53 {\n    errors\n    forward . 10.96.0.53\n}"),
+                "{corefile}"
+            );
         }
 
         let reader = causeway_broker_api::BrokerClient::from_credentials(&readers[0]).unwrap();
@@ -678,6 +722,15 @@ mod tests {
                 Reply::Json(200, list("Node", "v1", vec![node("gw-1", true), node("w-1", false)]))
             }
             ("PATCH", "/api/v1/nodes/gw-1") => Reply::Json(200, node("gw-1", false)),
+            // The Corefile join left: CoreDNS's own zone and Causeway's block.
+            ("GET", "/api/v1/namespaces/kube-system/configmaps/coredns") => Reply::Json(
+                200,
+                json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "coredns", "namespace": "kube-system"},
+                       "data": {"Corefile": causeway_deploy::coredns::with_zone(".:53 {\n    reload\n}\n", "10.96.0.53")}}),
+            ),
+            ("PATCH", "/api/v1/namespaces/kube-system/configmaps/coredns") => {
+                Reply::Json(200, r.body.clone())
+            }
             ("DELETE", p) if p.ends_with("/daemonsets/causeway-gateway") => Reply::Json(
                 500,
                 causeway_deploy::testing::status(500, "InternalError", "etcdserver: request timed out"),
@@ -711,6 +764,12 @@ mod tests {
         // The failed step did not stop the label removal.
         let unlabel = log.iter().find(|r| r.is("PATCH", "/api/v1/nodes/gw-1")).expect("label removed");
         assert_eq!(unlabel.body["metadata"]["labels"]["causeway.io/gateway"], Value::Null);
+        // CoreDNS is back to its own Corefile.
+        let coredns = log
+            .iter()
+            .find(|r| r.is("PATCH", "/api/v1/namespaces/kube-system/configmaps/coredns"))
+            .expect("Causeway's block removed");
+        assert_eq!(coredns.body["data"]["Corefile"], ".:53 {\n    reload\n}\n");
     }
 
     #[tokio::test]

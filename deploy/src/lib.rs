@@ -5,6 +5,7 @@
 //! plain values and the gateway's `ClusterSource` trait.
 
 pub mod apply;
+pub mod coredns;
 pub mod crds;
 pub mod election;
 pub mod exports;

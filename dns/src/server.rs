@@ -192,6 +192,18 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let udp = tokio::net::UdpSocket::bind(listen).await?;
     let tcp = tokio::net::TcpListener::bind(listen).await?;
+    serve_on(udp, tcp, snapshot, budget, stats, shutdown).await
+}
+
+/// [`serve`] on sockets the caller bound.
+pub async fn serve_on(
+    udp: tokio::net::UdpSocket,
+    tcp: tokio::net::TcpListener,
+    snapshot: watch::Receiver<Snapshot>,
+    budget: Budget,
+    stats: Arc<Stats>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
     let mut server = hickory_server::Server::new(Handler::new(snapshot, budget, stats));
     server.register_socket(udp);
     server.register_listener(tcp, Duration::from_secs(5), 64);
@@ -210,7 +222,68 @@ pub async fn serve(
 
 #[cfg(test)]
 mod tests {
+    use hickory_proto::{
+        op::{Message, Query},
+        rr::{Name, RecordType},
+    };
+
     use super::*;
+
+    /// Garbage on the DNS port (random bytes, a bare header, a response, an update, two
+    /// questions) gets no answer or a clear error, and the server keeps answering queries.
+    #[tokio::test]
+    async fn garbage_on_the_port_does_not_stop_the_answers() {
+        let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = udp.local_addr().unwrap();
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (_tx, rx) = watch::channel(Snapshot {
+            catalog: Arc::new(Catalog::new(&[], "east", 5, 1)),
+            health: Health::Unknown,
+        });
+        let stats = Arc::new(Stats::default());
+        tokio::spawn(serve_on(udp, tcp, rx, Budget::default(), stats.clone(), std::future::pending()));
+        let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        client.connect(addr).await.unwrap();
+        let query = |id: u16, name: &str| {
+            let mut m = Message::new(id, hickory_proto::op::MessageType::Query, OpCode::Query);
+            m.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::TXT));
+            m.to_vec().unwrap()
+        };
+        let mut two = Message::new(9, hickory_proto::op::MessageType::Query, OpCode::Query);
+        two.add_query(Query::query(Name::from_ascii("a.clusterset.local.").unwrap(), RecordType::A));
+        two.add_query(Query::query(Name::from_ascii("b.clusterset.local.").unwrap(), RecordType::A));
+        let mut response = Message::new(8, hickory_proto::op::MessageType::Response, OpCode::Query);
+        response.add_query(Query::query(Name::from_ascii("x.clusterset.local.").unwrap(), RecordType::A));
+        let mut update = Message::new(7, hickory_proto::op::MessageType::Query, OpCode::Update);
+        update.add_query(Query::query(Name::from_ascii("clusterset.local.").unwrap(), RecordType::SOA));
+        let junk: Vec<Vec<u8>> = vec![
+            (0..200u8).map(|i| i.wrapping_mul(37)).collect(),
+            vec![0; 12],
+            vec![0xff; 5],
+            response.to_vec().unwrap(),
+            update.to_vec().unwrap(),
+            two.to_vec().unwrap(),
+        ];
+        for j in &junk {
+            client.send(j).await.unwrap();
+        }
+        client.send(&query(4242, "dns-version.clusterset.local.")).await.unwrap();
+        // Whatever came back for the junk is an error; the last answer is the real one.
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = tokio::time::timeout(std::time::Duration::from_secs(5), client.recv(&mut buf))
+                .await
+                .expect("the server still answers")
+                .unwrap();
+            let m = Message::from_vec(&buf[..n]).unwrap();
+            if m.metadata.id == 4242 {
+                assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+                assert_eq!(m.answers[0].data.to_string(), "1.0.0");
+                break;
+            }
+            assert_ne!(m.metadata.response_code, ResponseCode::NoError, "junk answered as if valid: {m:?}");
+        }
+    }
 
     #[test]
     fn a_flooding_source_is_held_to_its_budget_and_others_keep_theirs() {

@@ -17,7 +17,7 @@ use causeway_dns::{
     server::{Budget, Snapshot, Stats},
     zone::{Catalog, Health},
 };
-use causeway_gateway::node_probe::{HEALTH_LEN, HealthReader};
+use causeway_gateway::node_probe::{HEALTH_LEN, HEALTH_WITHIN, HealthReader};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -41,9 +41,6 @@ pub struct DnsArgs {
     #[arg(long, env = "CAUSEWAY_DNS_CLIENT_QPS", default_value_t = Budget::default().per_second)]
     client_qps: f64,
 }
-
-/// How long a gateway's list counts after its last answer: the probes' detection time.
-const HEALTH_WITHIN: Duration = Duration::from_millis(350);
 
 pub async fn run(a: DnsArgs, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
     anyhow::ensure!(a.client_qps > 0.0, "--client-qps must be above 0");

@@ -546,22 +546,16 @@ pub fn dns_load(server: &str, name: &str, rate: u32, secs: f64, window: u32) -> 
         }
     }
     latencies.sort_by(f64::total_cmp);
-    let pct = |p: f64| {
-        if latencies.is_empty() {
-            0.0
-        } else {
-            #[expect(
-                clippy::cast_possible_truncation,
-                clippy::cast_sign_loss,
-                reason = "an index into latencies"
-            )]
-            let i = ((latencies.len() - 1) as f64 * p).round() as usize;
-            latencies[i]
-        }
-    };
     #[expect(clippy::cast_precision_loss, reason = "a count of queries")]
     let answers_per_sec = answered as f64 / secs;
-    Ok(DnsLoadStats { sent, answered, negative, answers_per_sec, p50_ms: pct(0.5), p99_ms: pct(0.99) })
+    Ok(DnsLoadStats {
+        sent,
+        answered,
+        negative,
+        answers_per_sec,
+        p50_ms: percentile(&latencies, 0.5),
+        p99_ms: percentile(&latencies, 0.99),
+    })
 }
 
 /// What [`tcp_connect_rate`] saw.
@@ -610,20 +604,23 @@ pub fn tcp_connect_rate(connect: &str, secs: f64) -> anyhow::Result<ConnectRateS
         }
     }
     times.sort_by(f64::total_cmp);
-    let pct = |p: f64| {
-        if times.is_empty() {
-            0.0
-        } else {
-            #[expect(
-                clippy::cast_possible_truncation,
-                clippy::cast_sign_loss,
-                reason = "an index into times"
-            )]
-            let i = ((times.len() - 1) as f64 * p).round() as usize;
-            times[i]
-        }
-    };
     #[expect(clippy::cast_precision_loss, reason = "a count of connections")]
     let per_sec = ok as f64 / secs;
-    Ok(ConnectRateStats { connections: ok, failed, per_sec, p50_us: pct(0.5), p99_us: pct(0.99) })
+    Ok(ConnectRateStats {
+        connections: ok,
+        failed,
+        per_sec,
+        p50_us: percentile(&times, 0.5),
+        p99_us: percentile(&times, 0.99),
+    })
+}
+
+/// The `p` quantile (0..=1) of `sorted`, nearest rank; 0 for no samples.
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "an index into sorted")]
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i]
 }

@@ -306,13 +306,7 @@ impl Catalog {
                 Some(s) if s.service_type == ServiceType::Headless => {
                     let ips: Vec<IpAddr> =
                         self.endpoints(s, health).filter(|(c, _)| c == cluster).map(|(_, e)| e.ip).collect();
-                    if ips.is_empty() {
-                        self.nxdomain()
-                    } else if matches!(qtype, RecordType::A | RecordType::AAAA) {
-                        self.addresses(&qname, qtype, &ips)
-                    } else {
-                        nodata()
-                    }
+                    self.endpoint_name(&qname, qtype, &ips)
                 }
                 // Spec §2.3.4: no per-cluster name for a ClusterSetIP service.
                 _ => self.nxdomain(),
@@ -325,18 +319,24 @@ impl Catalog {
                             .filter(|(c, e)| c == cluster && e.hostname.as_deref() == Some(*host))
                             .map(|(_, e)| e.ip)
                             .collect();
-                        if ips.is_empty() {
-                            self.nxdomain()
-                        } else if matches!(qtype, RecordType::A | RecordType::AAAA) {
-                            self.addresses(&qname, qtype, &ips)
-                        } else {
-                            nodata()
-                        }
+                        self.endpoint_name(&qname, qtype, &ips)
                     }
                     _ => self.nxdomain(),
                 }
             }
             _ => self.nxdomain(),
+        }
+    }
+
+    /// A headless service's per-cluster or per-host name: it exists while it has endpoints
+    /// (NXDOMAIN otherwise); A/AAAA answer them, any other type is NODATA.
+    fn endpoint_name(&self, qname: &Name, qtype: RecordType, ips: &[IpAddr]) -> Answer {
+        if ips.is_empty() {
+            self.nxdomain()
+        } else if matches!(qtype, RecordType::A | RecordType::AAAA) {
+            self.addresses(qname, qtype, ips)
+        } else {
+            self.records(ResponseCode::NoError, vec![], vec![])
         }
     }
 

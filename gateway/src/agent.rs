@@ -156,10 +156,6 @@ pub struct ServiceConfig {
     pub affinity: crate::services::Affinity,
 }
 
-/// How long a gateway's reachability list counts after its last answer: the probes'
-/// detection time plus slack for one late answer.
-pub const HEALTH_WITHIN: Duration = Duration::from_millis(350);
-
 struct Agent {
     routes: NodeRoutes,
     applied: NodeView,
@@ -495,7 +491,7 @@ pub async fn run(
                     }
                 }
                 if sockets.is_some() {
-                    let now_reachable = health.reachable(now, HEALTH_WITHIN);
+                    let now_reachable = health.reachable(now, crate::node_probe::HEALTH_WITHIN);
                     if now_reachable != reachable {
                         info!(reachable = ?now_reachable, "reachable clusters changed");
                         reachable = now_reachable;

@@ -230,6 +230,11 @@ pub fn parse_health_reply(b: &[u8]) -> Option<HealthPage> {
     Some(HealthPage { nonce, epoch, page, pages, unchanged, clusters })
 }
 
+/// How long a gateway's list counts after its last answer: the probes' detection time plus
+/// slack for one late answer. Readers (route agents, cluster-set DNS) pass it to
+/// [`HealthReader::reachable`].
+pub const HEALTH_WITHIN: Duration = Duration::from_millis(350);
+
 /// A reader's view of its cluster's gateways' lists (sans IO): ask each gateway every probe
 /// interval; a remote cluster is reachable when a gateway that answered within the detection
 /// time lists it.

@@ -71,24 +71,7 @@ pub fn run(a: ServicesBenchArgs) -> anyhow::Result<()> {
     let mut cluster_ip = String::new();
     for i in 1..=2 {
         let svc = t.serve(i, "echo", 7)?;
-        let creds = t.cluster_credentials(i).display().to_string();
-        let bin_s = bin.display().to_string();
-        exec::in_ns(
-            &t.clusters[i - 1].gw_ns,
-            &[
-                &bin_s,
-                "export",
-                "--credentials",
-                &creds,
-                "--namespace",
-                "demo",
-                "echo",
-                "--ip",
-                &svc.cluster_ip,
-                "--port",
-                "7/TCP:echo",
-            ],
-        )?;
+        t.export(&svc, "demo")?;
         if i == 1 {
             cluster_ip = svc.cluster_ip;
         }

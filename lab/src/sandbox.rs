@@ -157,26 +157,7 @@ fn serve_and_export(
     namespace: &str,
 ) -> anyhow::Result<String> {
     let svc = topo.serve(index, name, port)?;
-    let bin = std::env::current_exe().context("locating the causeway binary")?;
-    let creds = topo.cluster_credentials(index);
-    let out = std::process::Command::new(bin)
-        .arg("export")
-        .arg("--credentials")
-        .arg(&creds)
-        .args([
-            "--namespace",
-            namespace,
-            name,
-            "--ip",
-            &svc.cluster_ip,
-            "--port",
-            &format!("{port}/TCP:{name}"),
-        ])
-        .output()
-        .context("running causeway export")?;
-    if !out.status.success() {
-        bail!("exporting {namespace}/{name}: {}", String::from_utf8_lossy(&out.stderr).trim());
-    }
+    topo.export(&svc, namespace)?;
     Ok(svc.cluster_ip)
 }
 

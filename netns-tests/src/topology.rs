@@ -680,6 +680,41 @@ impl Topology {
         Ok(log)
     }
 
+    /// Runs `causeway ARGS` from cluster `index`'s gateway node (it reaches the broker);
+    /// returns its stdout, or its stderr as the error.
+    pub fn causeway(&self, index: usize, args: &[&str]) -> anyhow::Result<String> {
+        let bin = self.spec.causeway_bin.display().to_string();
+        let mut full = vec![bin.as_str()];
+        full.extend_from_slice(args);
+        let out = in_ns(&self.clusters[index - 1].gw_ns, &full)?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Exports a service [`Self::serve`] started, as `<name>.<namespace>.svc.clusterset.local`
+    /// with its ClusterIP and its port (named after the service), with its cluster's
+    /// credentials.
+    pub fn export(&self, svc: &PodService, namespace: &str) -> anyhow::Result<()> {
+        let creds = self.cluster_credentials(svc.index).display().to_string();
+        let port = format!("{}/TCP:{}", svc.port, svc.name);
+        self.causeway(
+            svc.index,
+            &[
+                "export",
+                "--credentials",
+                &creds,
+                "--namespace",
+                namespace,
+                &svc.name,
+                "--ip",
+                &svc.cluster_ip,
+                "--port",
+                &port,
+            ],
+        )
+        .map(drop)
+        .with_context(|| format!("exporting {namespace}/{} from cluster-{}", svc.name, svc.index))
+    }
+
     /// Runs `args` in cluster `index`'s pod (its namespace and its cgroup).
     pub fn pod_exec(&self, index: usize, args: &[&str]) -> anyhow::Result<std::process::Output> {
         let cmd = self.pod_command(index, args)?;

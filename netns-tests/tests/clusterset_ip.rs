@@ -18,34 +18,6 @@ use causeway_netns::{
     topology::{Failure, wait_for},
 };
 
-fn cli(t: &Topology, index: usize, args: &[&str]) -> String {
-    let bin = causeway_bin().display().to_string();
-    let mut full = vec![bin.as_str()];
-    full.extend_from_slice(args);
-    let out = exec::in_ns(&t.clusters[index - 1].gw_ns, &full).unwrap_or_else(|e| panic!("{args:?}: {e:#}"));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn export_echo(t: &Topology, index: usize, cluster_ip: &str) {
-    let creds = t.cluster_credentials(index).display().to_string();
-    cli(
-        t,
-        index,
-        &[
-            "export",
-            "--credentials",
-            &creds,
-            "--namespace",
-            "demo",
-            "echo",
-            "--ip",
-            cluster_ip,
-            "--port",
-            "7/TCP:echo",
-        ],
-    );
-}
-
 /// `n` connections from cluster 1's pod to `addr`, each reading the banner within 2 s:
 /// banner → count ("failed" for a connection that got none). A connection made while a dead
 /// cluster was still a backend (inside the detection time) fails by the timeout instead of
@@ -90,8 +62,8 @@ fn connections_to_a_clusterset_ip_reach_healthy_clusters_and_stay_on_their_backe
     t.start_dns(1).expect("cluster 1's DNS");
 
     // Cluster 3 serves demo/echo first.
-    t.serve(3, "echo", 7).unwrap();
-    export_echo(&t, 3, "10.103.0.10");
+    let svc = t.serve(3, "echo", 7).unwrap();
+    t.export(&svc, "demo").unwrap();
     let mut vip = String::new();
     wait_for(Duration::from_secs(10), "echo.demo resolving to its ClusterSetIP", || {
         vip = t
@@ -120,8 +92,8 @@ fn connections_to_a_clusterset_ip_reach_healthy_clusters_and_stay_on_their_backe
     let long = exec::Bg::start(&t.clusters[0].pod_ns, &long_cmd, Stdio::piped());
 
     // Cluster 2 serves it too: 100 connections, every one answered, by both.
-    t.serve(2, "echo", 7).unwrap();
-    export_echo(&t, 2, "10.102.0.10");
+    let svc = t.serve(2, "echo", 7).unwrap();
+    t.export(&svc, "demo").unwrap();
     wait_for(Duration::from_secs(10), "cluster 2 among the backends", || {
         connect_many(&t, &addr, 6).contains_key("cluster-2")
     })
@@ -167,8 +139,8 @@ fn connections_to_a_clusterset_ip_reach_healthy_clusters_and_stay_on_their_backe
     .unwrap();
 
     // Cluster 1 serves the name too: its own connections stay in the cluster.
-    t.serve(1, "echo", 7).unwrap();
-    export_echo(&t, 1, "10.101.0.10");
+    let svc = t.serve(1, "echo", 7).unwrap();
+    t.export(&svc, "demo").unwrap();
     wait_for(Duration::from_secs(10), "local preference", || {
         connect_many(&t, &addr, 20) == BTreeMap::from([("cluster-1".to_owned(), 20)])
     })

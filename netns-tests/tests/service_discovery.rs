@@ -26,13 +26,8 @@ fn three_clusters() -> Topology {
     t
 }
 
-/// `causeway ARGS` run from cluster `index`'s gateway node (it reaches the broker).
 fn cli(t: &Topology, index: usize, args: &[&str]) -> String {
-    let bin = causeway_bin().display().to_string();
-    let mut full = vec![bin.as_str()];
-    full.extend_from_slice(args);
-    let out = exec::in_ns(&t.clusters[index - 1].gw_ns, &full).unwrap_or_else(|e| panic!("{args:?}: {e:#}"));
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    t.causeway(index, args).unwrap_or_else(|e| panic!("{args:?}: {e:#}"))
 }
 
 fn export(t: &Topology, index: usize, args: &[&str]) {

@@ -323,6 +323,14 @@ struct RouteAgentArgs {
     /// Serve `/metrics` and `/healthz` here (TCP ADDR:PORT, or off).
     #[arg(long, env = "CAUSEWAY_METRICS_LISTEN", default_value = "127.0.0.1:9465")]
     metrics_listen: String,
+    #[command(flatten)]
+    services: ServiceArgs,
+}
+
+/// ClusterSetIP translation on this node: the route agent's on worker nodes, the gateway's on
+/// gateway nodes.
+#[derive(clap::Args)]
+struct ServiceArgs {
     /// Translate ClusterSetIPs for the processes of this cgroup (v2) directory, e.g.
     /// /sys/fs/cgroup for every pod of the node: connections to a ClusterSetIP port go to a
     /// backend in a cluster the gateways reach, chosen at connect(). `off`: no translation.
@@ -332,7 +340,31 @@ struct RouteAgentArgs {
     /// cluster gets connections.
     #[arg(long, env = "CAUSEWAY_SERVICE_AFFINITY", default_value = "local")]
     service_affinity: causeway_gateway::services::Affinity,
+    /// Where the socket programs' maps and links are pinned (a bpffs; mounted if missing), so
+    /// that they keep translating while the process restarts (`causeway cleanup` removes
+    /// them). `off`: they are detached when the process exits.
+    #[arg(long, env = "CAUSEWAY_SERVICE_BPF_DIR", default_value = DEFAULT_SERVICE_BPF_DIR)]
+    service_bpf_dir: String,
 }
+
+impl ServiceArgs {
+    fn config(&self) -> Option<causeway_gateway::services::ServiceConfig> {
+        match self.service_cgroup.as_str() {
+            "off" | "" => None,
+            path => Some(causeway_gateway::services::ServiceConfig {
+                cgroup: PathBuf::from(path),
+                affinity: self.service_affinity,
+                pins: match self.service_bpf_dir.as_str() {
+                    "off" | "" => None,
+                    dir => Some(PathBuf::from(dir)),
+                },
+            }),
+        }
+    }
+}
+
+/// Where the socket programs pin their state by default.
+const DEFAULT_SERVICE_BPF_DIR: &str = "/sys/fs/bpf/causeway-services";
 
 #[derive(clap::Args)]
 struct GatewayArgs {
@@ -448,6 +480,10 @@ struct GatewayArgs {
     /// lives exactly as long as the process).
     #[arg(long, env = "CAUSEWAY_EPHEMERAL", conflicts_with = "bpf_dir")]
     ephemeral: bool,
+    /// The gateway node's pods reach ClusterSetIPs through the gateway's socket programs (no
+    /// route agent runs there).
+    #[command(flatten)]
+    services: ServiceArgs,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -467,6 +503,9 @@ struct CleanupArgs {
     /// The gateway's pin directory.
     #[arg(long, env = "CAUSEWAY_BPF_DIR", default_value = DEFAULT_BPF_DIR)]
     bpf_dir: PathBuf,
+    /// The socket programs' pin directory (ClusterSetIP translation, on any node).
+    #[arg(long, env = "CAUSEWAY_SERVICE_BPF_DIR", default_value = DEFAULT_SERVICE_BPF_DIR)]
+    service_bpf_dir: PathBuf,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -484,9 +523,16 @@ fn main() -> anyhow::Result<()> {
         Cmd::Cleanup(a) => {
             telemetry::init("info", log);
             runtime()?.block_on(async {
-                causeway_gateway::daemon::cleanup(&a.device, &a.bpf_dir).await.context("cleanup failed")
+                causeway_gateway::daemon::cleanup(&a.device, &[&a.bpf_dir, &a.service_bpf_dir])
+                    .await
+                    .context("cleanup failed")
             })?;
-            eprintln!("removed {}, its routes and the pins under {}", a.device, a.bpf_dir.display());
+            eprintln!(
+                "removed {}, its routes and the pins under {} and {}",
+                a.device,
+                a.bpf_dir.display(),
+                a.service_bpf_dir.display()
+            );
             Ok(())
         }
         Cmd::RouteAgent(a) => {
@@ -756,13 +802,7 @@ async fn route_agent(a: RouteAgentArgs) -> anyhow::Result<()> {
             Some(tx)
         }
     };
-    let services = match a.service_cgroup.as_str() {
-        "off" | "" => None,
-        path => Some(causeway_gateway::agent::ServiceConfig {
-            cgroup: PathBuf::from(path),
-            affinity: a.service_affinity,
-        }),
-    };
+    let services = a.services.config();
     anyhow::ensure!(
         services.is_none() || probe_port.is_some(),
         "--service-cgroup needs the gateways' probe port (--node-probe-port) for their reachability"
@@ -876,6 +916,12 @@ fn gateway_config(
         debug_hooks: a.debug_hooks,
         #[cfg(not(feature = "sandbox"))]
         debug_hooks: false,
+        services: a.services.config().map(|mut c| {
+            if a.ephemeral {
+                c.pins = None;
+            }
+            c
+        }),
         metrics_listen: match a.metrics_listen.as_str() {
             "off" | "" => None,
             addr => Some(listen_address(addr).with_context(|| {

@@ -236,6 +236,26 @@ pub async fn cluster_set(a: ClusterSetArgs) -> anyhow::Result<()> {
 
 /// `show services`: the imports, then the exports with their condition (`Valid`, or
 /// `Conflict` and why, as the broker merged them).
+/// Of the other member clusters whose active gateway reports what it reaches, how many reach
+/// `cluster` (their probes through the tunnel answer): `(reached, reporting)`, or `None` when
+/// none reports.
+#[must_use]
+pub fn reached_by(records: &[&causeway_broker_api::Object], cluster: &str) -> Option<(usize, usize)> {
+    let mut reports: std::collections::BTreeMap<&str, bool> = std::collections::BTreeMap::new();
+    for o in records {
+        if let Record::Endpoint(e) = &o.record
+            && e.cluster_id != cluster
+            && e.role == causeway_broker_api::GatewayRole::Active
+            && let Some(list) = &e.reachable
+        {
+            *reports.entry(&e.cluster_id).or_default() |= list.iter().any(|c| c == cluster);
+        }
+    }
+    (!reports.is_empty()).then(|| (reports.values().filter(|r| **r).count(), reports.len()))
+}
+
+/// The imports (with each serving cluster's health, from the endpoints among `records`) and
+/// the exports.
 pub fn table(records: &[&causeway_broker_api::Object]) -> String {
     let ports = |ports: &[ServicePort]| {
         if ports.is_empty() {
@@ -280,6 +300,15 @@ pub fn table(records: &[&causeway_broker_api::Object]) -> String {
                     })
                     .collect::<Vec<_>>()
                     .join(","),
+                i.clusters
+                    .iter()
+                    .filter(|c| !c.excluded)
+                    .map(|c| match reached_by(records, &c.cluster_id) {
+                        Some((k, n)) => format!("{} {k}/{n}", c.cluster_id),
+                        None => format!("{} ?", c.cluster_id),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", "),
             ]
         })
         .collect();
@@ -319,7 +348,7 @@ pub fn table(records: &[&causeway_broker_api::Object]) -> String {
     format!(
         "{}\n{}",
         crate::show::table(
-            &["NAMESPACE", "NAME", "TYPE", "CLUSTERSET IP", "PORTS", "CLUSTERS"],
+            &["NAMESPACE", "NAME", "TYPE", "CLUSTERSET IP", "PORTS", "CLUSTERS", "REACHED BY"],
             &import_rows
         ),
         crate::show::table(
@@ -327,4 +356,38 @@ pub fn table(records: &[&causeway_broker_api::Object]) -> String {
             &export_rows
         )
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use causeway_broker_api::{EndpointRecord, GatewayRole, Object, WireGuardKey};
+
+    use super::*;
+
+    fn endpoint(cluster: &str, host: &str, role: GatewayRole, reachable: Option<&[&str]>) -> Object {
+        let mut e = EndpointRecord::new(cluster, host, "192.0.2.1".parse().unwrap(), WireGuardKey([1; 32]));
+        e.role = role;
+        e.reachable = reachable.map(|r| r.iter().map(|s| (*s).to_owned()).collect());
+        Object { api_version: "causeway.io/v1".into(), resource_version: 1, record: Record::Endpoint(e) }
+    }
+
+    #[test]
+    fn a_cluster_is_reached_by_the_active_gateways_that_say_so() {
+        let objects = [
+            endpoint("a", "gw-a", GatewayRole::Active, Some(&["b", "c"])),
+            endpoint("b", "gw-b", GatewayRole::Active, Some(&["a"])),
+            // A standby's view does not count: traffic goes through the active one.
+            endpoint("b", "gw-b2", GatewayRole::Standby, Some(&["a", "c"])),
+            // Two active gateways of one cluster (a handover) count once, reached if either says so.
+            endpoint("d", "gw-d1", GatewayRole::Active, Some(&[])),
+            endpoint("d", "gw-d2", GatewayRole::Active, Some(&["c"])),
+            // Not reporting: left out of the count.
+            endpoint("e", "gw-e", GatewayRole::Active, None),
+        ];
+        let refs: Vec<&Object> = objects.iter().collect();
+        assert_eq!(reached_by(&refs, "c"), Some((2, 3)), "a and d reach c; b does not");
+        assert_eq!(reached_by(&refs, "a"), Some((1, 2)), "b reaches a; d does not");
+        assert_eq!(reached_by(&refs, "b"), Some((1, 2)));
+        assert_eq!(reached_by(&[&objects[5]], "a"), None, "nobody reports");
+    }
 }

@@ -100,7 +100,20 @@ pub async fn run(a: ShowArgs) -> anyhow::Result<()> {
                 .collect();
             match a.output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&services)?),
-                Output::Table => print!("{}", crate::services::table(&services)),
+                // With the endpoints: which clusters reach each serving cluster.
+                Output::Table => print!(
+                    "{}",
+                    crate::services::table(
+                        &list
+                            .items
+                            .iter()
+                            .filter(|o| matches!(
+                                o.record,
+                                Record::ServiceImport(_) | Record::ServiceExport(_) | Record::Endpoint(_)
+                            ))
+                            .collect::<Vec<_>>()
+                    )
+                ),
             }
         }
         What::Policies { credentials } => {
@@ -146,6 +159,7 @@ pub async fn run(a: ShowArgs) -> anyhow::Result<()> {
                             "PORT",
                             "BACKEND",
                             "ROLE",
+                            "REACHES",
                             "PUBLIC KEY"
                         ],
                         &eps.iter()
@@ -157,6 +171,10 @@ pub async fn run(a: ShowArgs) -> anyhow::Result<()> {
                                 e.port.to_string(),
                                 e.backend.clone(),
                                 format!("{:?}", e.role).to_lowercase(),
+                                e.reachable.as_ref().map_or_else(
+                                    || "?".to_owned(),
+                                    |r| if r.is_empty() { "-".to_owned() } else { r.join(",") }
+                                ),
                                 e.public_key.to_string(),
                             ])
                             .collect::<Vec<_>>()

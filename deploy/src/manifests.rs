@@ -448,6 +448,8 @@ fn member(s: &Settings) -> Result<Vec<Manifest>, ManifestError> {
             env("CAUSEWAY_NODE_PROBE_LISTEN", &format!("$(CAUSEWAY_NODE_IP):{}", s.node_probe_port)),
             env("CAUSEWAY_STATE_DIR", "/var/lib/causeway"),
             env("CAUSEWAY_STATUS_SOCKET", "/run/causeway/gateway.sock"),
+            // ClusterSetIPs for the gateway node's processes: no route agent runs there.
+            env("CAUSEWAY_SERVICE_CGROUP", "/host/sys/fs/cgroup"),
         ]),
         env_from: Some(vec![config_env]),
         ports: Some(vec![
@@ -483,6 +485,7 @@ fn member(s: &Settings) -> Result<Vec<Manifest>, ManifestError> {
             mount("run", "/run/causeway", false),
             mount("wireguard-uapi", "/var/run/wireguard", false),
             mount("broker-credentials", "/etc/causeway/broker", true),
+            mount("cgroup", "/host/sys/fs/cgroup", true),
         ]),
         ..Container::default()
     };
@@ -504,6 +507,7 @@ fn member(s: &Settings) -> Result<Vec<Manifest>, ManifestError> {
             host_path("run", "/run/causeway", "DirectoryOrCreate"),
             host_path("wireguard-uapi", "/var/run/wireguard", "DirectoryOrCreate"),
             secret_volume("broker-credentials", CREDENTIALS_SECRET),
+            host_path("cgroup", "/sys/fs/cgroup", "Directory"),
         ]),
         ..PodSpec::default()
     };
@@ -562,12 +566,14 @@ fn member(s: &Settings) -> Result<Vec<Manifest>, ManifestError> {
         }]),
         liveness_probe: Some(http_probe("/healthz", s.agent_metrics_port, 10, 3)),
         // NET_ADMIN: the nexthop and the routes through it, and attaching the ClusterSetIP
-        // socket programs to the node's cgroup; BPF: loading them.
+        // socket programs to the node's cgroup; BPF: loading and pinning them (the host's
+        // bpffs, so that they keep translating while the agent restarts).
         security_context: Some(capabilities(&["NET_ADMIN", "BPF"])),
         resources: Some(resources("10m", "16Mi", "128Mi")),
         volume_mounts: Some(vec![
             mount("broker-credentials", "/etc/causeway/broker", true),
             mount("cgroup", "/host/sys/fs/cgroup", true),
+            mount("bpffs", "/sys/fs/bpf", false),
         ]),
         ..Container::default()
     };
@@ -606,6 +612,7 @@ fn member(s: &Settings) -> Result<Vec<Manifest>, ManifestError> {
                     volumes: Some(vec![
                         secret_volume("broker-credentials", READER_SECRET),
                         host_path("cgroup", "/sys/fs/cgroup", "Directory"),
+                        host_path("bpffs", "/sys/fs/bpf", "DirectoryOrCreate"),
                     ]),
                     ..PodSpec::default()
                 }),

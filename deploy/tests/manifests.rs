@@ -101,17 +101,30 @@ fn the_gateway_runs_on_gateway_nodes_with_only_the_capabilities_it_needs() {
     assert_eq!(c["securityContext"]["capabilities"]["add"], serde_json::json!(["NET_ADMIN", "BPF"]));
     assert_eq!(c["command"], serde_json::json!(["causeway", "route-agent", "--kubernetes"]));
     // Route agents run on every node: they mount the read-only credential, never the one
-    // that writes the cluster's records, and the node's cgroup v2 root, read-only.
+    // that writes the cluster's records, the node's cgroup v2 root, read-only, and the host's
+    // bpffs (the socket programs' pins outlive the pod).
     let volumes = agent["spec"]["template"]["spec"]["volumes"].as_array().unwrap();
-    assert_eq!(volumes.len(), 2);
+    assert_eq!(volumes.len(), 3);
     assert_eq!(volumes[0]["secret"]["secretName"], "causeway-route-agent-credentials");
     assert_eq!(volumes[1]["hostPath"]["path"], "/sys/fs/cgroup");
-    let cgroup_mount = c["volumeMounts"].as_array().unwrap().iter().find(|m| m["name"] == "cgroup").unwrap();
-    assert_eq!(cgroup_mount["readOnly"], true);
-    let env = c["env"].as_array().unwrap();
-    assert!(
-        env.iter().any(|e| e["name"] == "CAUSEWAY_SERVICE_CGROUP" && e["value"] == "/host/sys/fs/cgroup")
-    );
+    assert_eq!(volumes[2]["hostPath"]["path"], "/sys/fs/bpf");
+    let mount = |c: &serde_json::Value, name: &str| {
+        c["volumeMounts"].as_array().unwrap().iter().find(|m| m["name"] == name).cloned().unwrap()
+    };
+    assert_eq!(mount(c, "cgroup")["readOnly"], true);
+    assert_eq!(mount(c, "bpffs")["mountPath"], "/sys/fs/bpf");
+    let service_cgroup = |c: &serde_json::Value| {
+        c["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["name"] == "CAUSEWAY_SERVICE_CGROUP" && e["value"] == "/host/sys/fs/cgroup")
+    };
+    assert!(service_cgroup(c));
+    // No route agent on gateway nodes: the gateway translates for their pods itself.
+    let gw = &find(&member, "DaemonSet", "causeway-gateway")["spec"]["template"]["spec"]["containers"][0];
+    assert!(service_cgroup(gw));
+    assert_eq!(mount(gw, "cgroup")["readOnly"], true);
 
     // Cluster-set DNS: unprivileged, the read-only credential, 53 → 5353 on UDP and TCP.
     let dns = find(&member, "Deployment", "causeway-dns");

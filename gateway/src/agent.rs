@@ -28,6 +28,7 @@ use crate::{
     failover::{Candidate, Liveness, Reason, Switch, Timers},
     node_probe::Prober,
     route::{Netlink, RouteError, node::NodeRoutes},
+    services::{ServiceConfig, Translator},
 };
 
 /// What a node should have.
@@ -146,14 +147,6 @@ pub enum AgentError {
     Probe(#[source] std::io::Error),
     #[error("ClusterSetIP socket programs: {0}")]
     Services(#[source] causeway_datapath::DatapathError),
-}
-
-/// Where the route agent translates ClusterSetIPs: the cgroup (v2) its socket programs are
-/// attached to (every pod's processes, e.g. `/sys/fs/cgroup`), and the affinity.
-#[derive(Clone, Debug)]
-pub struct ServiceConfig {
-    pub cgroup: std::path::PathBuf,
-    pub affinity: crate::services::Affinity,
 }
 
 struct Agent {
@@ -328,18 +321,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), AgentError> {
     let netlink = Netlink::open()?;
-    let mut sockets = match &services {
-        Some(cfg) => {
-            let s = causeway_datapath::sockets::ServiceSockets::attach(&cfg.cgroup)
-                .map_err(AgentError::Services)?;
-            info!(cgroup = %cfg.cgroup.display(), affinity = ?cfg.affinity, "ClusterSetIP socket programs attached");
-            Some(s)
-        }
-        None => None,
-    };
+    let mut sockets = services.map(Translator::attach).transpose().map_err(AgentError::Services)?;
     let mut health = crate::node_probe::HealthReader::default();
-    let mut reachable: Option<BTreeSet<String>> = None;
-    let mut services_stale = true;
     let mut agent =
         Agent { routes: NodeRoutes::new(&netlink), applied: NodeView::default(), nexthop_changes: 0 };
     let mut shutdown = std::pin::pin!(shutdown);
@@ -389,20 +372,8 @@ pub async fn run(
             agent.apply(&view, gateway, stale).await;
             stale = false;
         }
-        if let (Some(s), Some(cfg), true) = (&mut sockets, &services, synced && services_stale) {
-            let want = crate::services::backends(
-                &reflector.snapshot().objects(),
-                &local_cluster,
-                reachable.as_ref(),
-                cfg.affinity,
-            );
-            match s.sync(&want) {
-                Ok(()) => {
-                    debug!(ports = want.len(), "ClusterSetIP backends synced");
-                    services_stale = false;
-                }
-                Err(e) => warn!(error = %e, "writing the ClusterSetIP backends failed; retrying"),
-            }
+        if let (Some(s), true) = (&mut sockets, synced) {
+            s.sync(&reflector.snapshot().objects(), &local_cluster);
         }
         if let Some(tx) = &report {
             let now = Instant::now();
@@ -446,7 +417,9 @@ pub async fn run(
                 Ok(_) => {
                     synced = true;
                     dirty = true;
-                    services_stale = true;
+                    if let Some(s) = &mut sockets {
+                        s.records_changed();
+                    }
                 }
                 Err(e) => warn!(error = %e, "broker unavailable; resuming from the last revision"),
             },
@@ -490,18 +463,18 @@ pub async fn run(
                         }
                     }
                 }
-                if sockets.is_some() {
-                    let now_reachable = health.reachable(now, crate::node_probe::HEALTH_WITHIN);
-                    if now_reachable != reachable {
-                        info!(reachable = ?now_reachable, "reachable clusters changed");
-                        reachable = now_reachable;
-                        services_stale = true;
-                    }
+                if let Some(s) = &mut sockets {
+                    s.set_reachable(health.reachable(now, crate::node_probe::HEALTH_WITHIN));
                 }
             }
         }
     }
     info!("route agent stopping; removing its routes");
+    if sockets.as_ref().is_some_and(Translator::pinned) {
+        info!(
+            "leaving the pinned ClusterSetIP socket programs in place for the next start (`causeway cleanup` removes them)"
+        );
+    }
     agent.routes.clear()?;
     Ok(())
 }
@@ -538,6 +511,7 @@ mod tests {
             role,
             priority: 0,
             health_check_ip: None,
+            reachable: None,
             generation: 1,
         })
     }

@@ -73,6 +73,8 @@ pub struct GatewayConfig {
     /// Where this gateway answers its cluster's nodes' probes (UDP; none: it does not, and its
     /// nodes follow the control plane alone).
     pub node_probe_listen: Option<std::net::SocketAddr>,
+    /// ClusterSetIP translation for the gateway node's own pods (no route agent runs there).
+    pub services: Option<crate::services::ServiceConfig>,
     /// Serve `/debug/hold-daemon?secs=N` on the status socket (tests: it takes the daemon's
     /// lock for N seconds, as a stuck reconcile would).
     pub debug_hooks: bool,
@@ -278,6 +280,7 @@ fn endpoint_record(
         role: if local.active { GatewayRole::Active } else { GatewayRole::Standby },
         priority: config.priority,
         health_check_ip: local.health_ip().map(std::net::IpAddr::V4),
+        reachable: None,
         generation: 1,
     }
 }
@@ -382,7 +385,11 @@ pub async fn run(
         BrokerClient::from_credentials(&config.broker).map_err(|e| GatewayError::Broker(e.to_string()))?;
     let mut local = local;
     let mut ep = endpoint_record(&local, &key, &config, backend);
-    let mut heartbeat_task = tokio::spawn(heartbeat(client.clone(), ep.clone(), config.heartbeat));
+    // Which remote clusters this gateway reaches, by its last failover pass: served to its
+    // cluster's nodes and DNS, and published in its endpoint record.
+    let reachable = Arc::new(std::sync::RwLock::new(crate::node_probe::Reachable::default()));
+    let mut heartbeat_task =
+        tokio::spawn(heartbeat(client.clone(), ep.clone(), config.heartbeat, reachable.clone()));
     let peers_task = config.uplink.is_some().then(|| {
         let shared = shared.clone();
         tokio::spawn(async move {
@@ -397,8 +404,6 @@ pub async fn run(
     });
     // What this gateway tells its cluster's nodes: whether its tunnels answer.
     let forwarding = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    // And which remote clusters they reach (cluster-set DNS and the nodes read it).
-    let reachable = Arc::new(std::sync::RwLock::new(crate::node_probe::Reachable::default()));
     let node_probe_task = match config.node_probe_listen {
         Some(addr) => {
             let socket = tokio::net::UdpSocket::bind(addr)
@@ -412,6 +417,7 @@ pub async fn run(
     // tick of the detection time.
     let failover_task = {
         let shared = shared.clone();
+        let reachable = reachable.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(crate::cable::wireguard::probe::PROBE_INTERVAL / 2);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -425,10 +431,22 @@ pub async fn run(
             }
         })
     };
+    let services_task = match &config.services {
+        Some(cfg) => {
+            let translator = crate::services::Translator::attach(cfg.clone())?;
+            Some(tokio::spawn(translate_services(
+                client.clone(),
+                local.cluster_id.clone(),
+                translator,
+                reachable.clone(),
+            )))
+        }
+        None => None,
+    };
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         tokio::select! {
-            () = sync_loop(&client, &local, &ep, &config, &shared) => break,
+            () = sync_loop(&client, &local, (&ep, &reachable), &config, &shared) => break,
             () = &mut shutdown => {
                 info!("shutting down");
                 break;
@@ -441,7 +459,12 @@ pub async fn run(
                     ep = endpoint_record(&local, &key, &config, backend);
                     shared.lock().await.local = local.clone();
                     heartbeat_task.abort();
-                    heartbeat_task = tokio::spawn(heartbeat(client.clone(), ep.clone(), config.heartbeat));
+                    heartbeat_task = tokio::spawn(heartbeat(
+                        client.clone(),
+                        ep.clone(),
+                        config.heartbeat,
+                        reachable.clone(),
+                    ));
                 }
                 Ok(_) => {}
                 Err(e) => warn!(error = %e, "the cluster source failed; keeping the current facts"),
@@ -450,6 +473,10 @@ pub async fn run(
     }
     failover_task.abort();
     if let Some(t) = node_probe_task {
+        t.abort();
+    }
+    if let Some(t) = services_task {
+        // Pinned programs stay and keep translating; unpinned ones go with the translator.
         t.abort();
     }
     status_task.abort();
@@ -477,7 +504,7 @@ pub async fn run(
 
 /// Removes what a restart-safe gateway leaves behind when it stops: its routes, its tunnel
 /// device and its pinned maps and links. Runs every step and reports all failures.
-pub async fn cleanup(device: &str, bpf_dir: &std::path::Path) -> Result<(), GatewayError> {
+pub async fn cleanup(device: &str, bpf_dirs: &[&std::path::Path]) -> Result<(), GatewayError> {
     let mut errors = Vec::new();
     let netlink = Netlink::open()?;
     match RouteManager::new(&netlink, device).await {
@@ -492,8 +519,10 @@ pub async fn cleanup(device: &str, bpf_dir: &std::path::Path) -> Result<(), Gate
     if let Err(e) = netlink.delete_link(device).await {
         errors.push(e.into());
     }
-    if let Err(e) = causeway_datapath::PinDir::at(bpf_dir).remove() {
-        errors.push(GatewayError::Datapath(e.into()));
+    for dir in bpf_dirs {
+        if let Err(e) = causeway_datapath::PinDir::at(dir).remove() {
+            errors.push(GatewayError::Datapath(e.into()));
+        }
     }
     if errors.is_empty() { Ok(()) } else { Err(GatewayError::Teardown(errors)) }
 }
@@ -511,12 +540,60 @@ async fn teardown(shared: &Arc<Mutex<Shared>>) -> Result<(), GatewayError> {
     if errors.is_empty() { Ok(()) } else { Err(GatewayError::Teardown(errors)) }
 }
 
-/// Renews the endpoint's lease at the broker every `every` (an unchanged PUT: no event).
-async fn heartbeat(client: BrokerClient, ep: EndpointRecord, every: Duration) {
-    let mut tick = tokio::time::interval(every);
+/// Keeps the gateway node's socket programs on what the records say and on which remote
+/// clusters this gateway reaches (its own failover pass's verdict, read every 50 ms).
+async fn translate_services(
+    client: BrokerClient,
+    cluster: String,
+    mut translator: crate::services::Translator,
+    reachable: Arc<std::sync::RwLock<crate::node_probe::Reachable>>,
+) {
+    let mut reflector = Reflector::new(client, Duration::from_secs(20));
+    let mut tick = tokio::time::interval(crate::cable::wireguard::probe::PROBE_INTERVAL / 2);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut synced = false;
+    loop {
+        tokio::select! {
+            next = reflector.next() => match next {
+                Ok(_) => {
+                    synced = true;
+                    translator.records_changed();
+                }
+                Err(e) => warn!(error = %e, "broker unavailable; ClusterSetIP backends stay as they are"),
+            },
+            _ = tick.tick() => {
+                let now = reachable.read().expect("reachable lock").clone();
+                // Epoch 0: no failover pass yet, so no verdict either way.
+                translator.set_reachable((now.epoch > 0).then(|| now.clusters.into_iter().collect()));
+            }
+        }
+        if synced {
+            translator.sync(&reflector.snapshot().objects(), &cluster);
+        }
+    }
+}
+
+/// Renews the endpoint's lease at the broker every `every` (an unchanged PUT: no event), with
+/// what the gateway reaches now; a change of that is published within a second (at most one
+/// PUT a second, however often the verdict flaps).
+async fn heartbeat(
+    client: BrokerClient,
+    ep: EndpointRecord,
+    every: Duration,
+    reachable: Arc<std::sync::RwLock<crate::node_probe::Reachable>>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1).min(every));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last: Option<(std::time::Instant, Option<Vec<String>>)> = None;
     loop {
         tick.tick().await;
+        let ep = reporting(&ep, &reachable);
+        let due = last.as_ref().is_none_or(|(at, sent)| at.elapsed() >= every || *sent != ep.reachable);
+        if !due {
+            continue;
+        }
+        // A failed PUT counts as an attempt: the next one waits its turn like any other.
+        last = Some((std::time::Instant::now(), ep.reachable.clone()));
         if let Err(e) = client.put_endpoint(&ep).await {
             tracing::debug!(error = %e, "heartbeat failed; the sync loop re-registers when the broker is back");
         }
@@ -546,10 +623,20 @@ async fn apply(shared: &Arc<Mutex<Shared>>, snapshot: &Snapshot, local: &LocalCl
 /// Register, then follow the records (the shared reflector: list once, watch from the last
 /// revision, back off with jitter and resume after broker trouble); apply every change.
 /// Never returns.
+/// `ep` with what the gateway reaches now (`None` before its first failover pass).
+fn reporting(
+    ep: &EndpointRecord,
+    reachable: &std::sync::RwLock<crate::node_probe::Reachable>,
+) -> EndpointRecord {
+    let now = reachable.read().expect("reachable lock");
+    EndpointRecord { reachable: (now.epoch > 0).then(|| now.clusters.clone()), ..ep.clone() }
+}
+
+/// `ep` is registered with what the gateway reaches at that moment (see [`reporting`]).
 async fn sync_loop(
     client: &BrokerClient,
     local: &LocalCluster,
-    ep: &EndpointRecord,
+    (ep, reachable): (&EndpointRecord, &std::sync::RwLock<crate::node_probe::Reachable>),
     config: &GatewayConfig,
     shared: &Arc<Mutex<Shared>>,
 ) {
@@ -562,7 +649,7 @@ async fn sync_loop(
     let mut registered = false;
     loop {
         if !registered {
-            if let Err(e) = register(client, local, ep).await {
+            if let Err(e) = register(client, local, &reporting(ep, reachable)).await {
                 let retry_in = backoff.next_delay();
                 warn!(error = %e, ?retry_in, "registering with the broker failed");
                 tokio::time::sleep(retry_in).await;
@@ -579,7 +666,7 @@ async fn sync_loop(
             // A quiet broker: renew the registration, and retry a pass that left failed steps
             // now rather than on the next change.
             Ok(Step::Quiet) => {
-                if let Err(e) = register(client, local, ep).await {
+                if let Err(e) = register(client, local, &reporting(ep, reachable)).await {
                     warn!(error = %e, "re-registering failed");
                     registered = false;
                     continue;

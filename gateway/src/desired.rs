@@ -268,6 +268,7 @@ mod tests {
                 role,
                 priority,
                 health_check_ip: None,
+                reachable: None,
                 generation: 1,
             }),
         )

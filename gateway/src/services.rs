@@ -1,7 +1,8 @@
 //! Which backends each ClusterSetIP port has on this node, now (sans IO): from the broker's
 //! imports and exports, the local cluster, and which remote clusters the cluster's gateways
-//! reach. The route agent writes the result into the socket programs' map
-//! ([`causeway_datapath::sockets`]) whenever either input changes.
+//! reach. A [`Translator`] writes the result into the socket programs' map
+//! ([`causeway_datapath::sockets`]) whenever either input changes: the route agent's on
+//! worker nodes, the gateway's own on gateway nodes.
 //!
 //! - A cluster serves a port of an import when it is not excluded by a type conflict, its
 //!   export says it has ready endpoints (or does not say), and the port is among the ports
@@ -17,10 +18,15 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddrV4},
+    path::PathBuf,
 };
 
 use causeway_broker_api::{Object, Record, ServiceExportRecord, ServiceType};
-use causeway_datapath::sockets::{Proto, ServicePort};
+use causeway_datapath::{
+    DatapathError,
+    sockets::{Proto, ServicePort, ServiceSockets},
+};
+use tracing::{debug, info, warn};
 
 /// Where a ClusterSetIP's connections go when the local cluster serves it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -98,6 +104,79 @@ pub fn backends(
         }
     }
     out
+}
+
+/// Where this node translates ClusterSetIPs: the cgroup (v2) its socket programs are attached
+/// to (every pod's processes, e.g. `/sys/fs/cgroup`), the affinity, and where the programs'
+/// maps and links are pinned (`None`: they go with the process).
+#[derive(Clone, Debug)]
+pub struct ServiceConfig {
+    pub cgroup: PathBuf,
+    pub affinity: Affinity,
+    pub pins: Option<PathBuf>,
+}
+
+/// The node's socket programs, kept saying what [`backends`] says. The route agent and the
+/// gateway drive it alike: they tell it when the records or the reachable clusters change,
+/// and it rewrites the map on the next [`Self::sync`].
+#[derive(Debug)]
+pub struct Translator {
+    sockets: ServiceSockets,
+    config: ServiceConfig,
+    reachable: Option<BTreeSet<String>>,
+    stale: bool,
+}
+
+impl Translator {
+    /// Attaches the programs (taking over pinned ones an earlier run left).
+    pub fn attach(config: ServiceConfig) -> Result<Self, DatapathError> {
+        let sockets = match &config.pins {
+            Some(dir) => ServiceSockets::attach_pinned(&config.cgroup, dir)?,
+            None => ServiceSockets::attach(&config.cgroup)?,
+        };
+        info!(
+            cgroup = %config.cgroup.display(),
+            affinity = ?config.affinity,
+            pinned = config.pins.is_some(),
+            "ClusterSetIP socket programs attached"
+        );
+        Ok(Self { sockets, config, reachable: None, stale: true })
+    }
+
+    /// The records changed.
+    pub fn records_changed(&mut self) {
+        self.stale = true;
+    }
+
+    /// Which remote clusters the gateways reach now (`None`: no health source).
+    pub fn set_reachable(&mut self, reachable: Option<BTreeSet<String>>) {
+        if reachable != self.reachable {
+            info!(reachable = ?reachable, "reachable clusters changed");
+            self.reachable = reachable;
+            self.stale = true;
+        }
+    }
+
+    /// Rewrites the backends from `objects` if anything changed since the last success.
+    pub fn sync(&mut self, objects: &[Object], local: &str) {
+        if !self.stale {
+            return;
+        }
+        let want = backends(objects, local, self.reachable.as_ref(), self.config.affinity);
+        match self.sockets.sync(&want) {
+            Ok(()) => {
+                debug!(ports = want.len(), "ClusterSetIP backends synced");
+                self.stale = false;
+            }
+            Err(e) => warn!(error = %e, "writing the ClusterSetIP backends failed; retrying"),
+        }
+    }
+
+    /// Whether the programs outlive this process.
+    #[must_use]
+    pub fn pinned(&self) -> bool {
+        self.config.pins.is_some()
+    }
 }
 
 #[cfg(test)]

@@ -119,6 +119,7 @@ fn endpoint(cluster: &str, port: u16) -> EndpointRecord {
         role: GatewayRole::Active,
         priority: 0,
         health_check_ip: None,
+        reachable: None,
         generation: 1,
     }
 }

@@ -404,7 +404,9 @@ impl Topology {
         self.bpf_root().join(format!("c{index}-gw"))
     }
 
-    pub fn gateway_args(&self, index: usize) -> Vec<String> {
+    /// Gateway `index`'s arguments. The gateway translates ClusterSetIPs for its node's own
+    /// processes (its cgroup, [`Self::gateway_cgroup`]), as on a real gateway node.
+    pub fn gateway_args(&self, index: usize) -> anyhow::Result<Vec<String>> {
         let c = &self.clusters[index - 1];
         let run = GatewayRun {
             hostname: format!("gw-{}", c.index),
@@ -417,8 +419,14 @@ impl Topology {
         };
         let mut args = self.gateway_command(index, &run);
         args.extend(["--cluster-interface".into(), "lan0".into()]);
+        args.extend([
+            "--service-cgroup".into(),
+            self.gateway_cgroup(index)?.display().to_string(),
+            "--service-bpf-dir".into(),
+            self.bpf_root().join(format!("c{index}-gw-services")).display().to_string(),
+        ]);
         args.extend(self.spec.gateway_args.iter().cloned());
-        args
+        Ok(args)
     }
 
     /// The `causeway gateway` arguments every gateway of cluster `index` shares, for one run.
@@ -559,15 +567,58 @@ impl Topology {
             }
         }
         let log = self.spec.run_dir.join(format!("c{index}-agent.log"));
-        let cgroup = self.pod_cgroup(index)?;
+        self.spawn_route_agent(index, &log)?;
+        Ok(log)
+    }
+
+    fn spawn_route_agent(&mut self, index: usize, log: &Path) -> anyhow::Result<()> {
+        let ns = self.clusters[index - 1].node_ns.clone();
         let args = [
             "route-agent".to_owned(),
             "--broker-credentials".to_owned(),
             self.cluster_credentials(index).display().to_string(),
             "--service-cgroup".to_owned(),
-            cgroup.display().to_string(),
+            self.pod_cgroup(index)?.display().to_string(),
+            // On the shared bpffs: the pins outlive the agent (`ip netns exec` gives it a /sys
+            // of its own, whose bpffs would die with it).
+            "--service-bpf-dir".to_owned(),
+            self.bpf_root().join(format!("c{index}-agent-services")).display().to_string(),
         ];
-        self.spawn(&c.node_ns, &log, &args)?;
+        self.spawn(&ns, log, &args)
+    }
+
+    /// Kills cluster `index`'s route agent with SIGKILL, as a crash or an OOM kill would: its
+    /// routes and its pinned socket programs stay. The node's other processes (its DNS server)
+    /// keep running.
+    pub fn kill_route_agent(&mut self, index: usize) -> anyhow::Result<()> {
+        let ns = self.clusters[index - 1].node_ns.clone();
+        let is_agent = |pid: u32| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == b"route-agent"))
+        };
+        let before = self.children.len();
+        self.children.retain_mut(|(n, child)| {
+            if *n == ns && is_agent(child.id()) {
+                let _ = child.kill();
+                let _ = child.wait();
+                false
+            } else {
+                true
+            }
+        });
+        anyhow::ensure!(self.children.len() < before, "cluster {index} runs no route agent");
+        Ok(())
+    }
+
+    /// Starts cluster `index`'s route agent again (after [`Self::kill_route_agent`]); returns
+    /// the new run's log.
+    pub fn restart_route_agent(&mut self, index: usize) -> anyhow::Result<PathBuf> {
+        let runs = std::fs::read_dir(&self.spec.run_dir)?
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&format!("c{index}-agent")))
+            .count();
+        let log = self.spec.run_dir.join(format!("c{index}-agent-{}.log", runs + 1));
+        self.spawn_route_agent(index, &log)?;
         Ok(log)
     }
 
@@ -576,8 +627,18 @@ impl Topology {
     /// agent's ClusterSetIP socket programs are attached to. [`Self::pod_command`] puts a
     /// command in it.
     pub fn pod_cgroup(&self, index: usize) -> anyhow::Result<PathBuf> {
+        self.cgroup(&format!("c{index}"))
+    }
+
+    /// The cgroup of the pods of cluster `index`'s gateway node, which the gateway's socket
+    /// programs are attached to.
+    pub fn gateway_cgroup(&self, index: usize) -> anyhow::Result<PathBuf> {
+        self.cgroup(&format!("c{index}-gw"))
+    }
+
+    fn cgroup(&self, name: &str) -> anyhow::Result<PathBuf> {
         ensure_cgroup2_mount()?;
-        let dir = cgroup_dir(&self.spec.prefix).join(format!("c{index}"));
+        let dir = cgroup_dir(&self.spec.prefix).join(name);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating the cgroup {}", dir.display()))?;
         Ok(dir)
     }
@@ -585,15 +646,38 @@ impl Topology {
     /// `args` as run in cluster `index`'s pod: inside its cgroup (so ClusterSetIPs are
     /// translated), to be run in the pod's namespace (`in_ns(&pod_ns, …)`, `Bg::start`).
     pub fn pod_command(&self, index: usize, args: &[&str]) -> anyhow::Result<Vec<String>> {
-        let procs = self.pod_cgroup(index)?.join("cgroup.procs");
-        let mut cmd = vec![
-            "bash".to_owned(),
-            "-c".to_owned(),
-            format!("echo $$ > {} && exec \"$@\"", procs.display()),
-            "pod".to_owned(),
-        ];
-        cmd.extend(args.iter().map(|a| (*a).to_owned()));
-        Ok(cmd)
+        Ok(in_cgroup(&self.pod_cgroup(index)?, args))
+    }
+
+    /// A pod on cluster `index`'s gateway node, made on first use: a namespace
+    /// `<prefix>-c<index>-gwpod` at `10.<index>.1.2` (the gateway node's pod subnet,
+    /// `10.<index>.1.0/24`, which the worker routes via the gateway node). Returns the
+    /// namespace; [`Self::gateway_pod_command`] runs a command in its cgroup.
+    pub fn gateway_pod(&mut self, index: usize) -> anyhow::Result<String> {
+        let ns = format!("{}-c{index}-gwpod", self.spec.prefix);
+        if self.namespaces.contains(&ns) {
+            return Ok(ns);
+        }
+        let c = self.clusters[index - 1].clone();
+        self.add_ns(&ns)?;
+        veth(&c.gw_ns, "pod0", &ns, "eth0")?;
+        ip(&c.gw_ns, &["addr", "add", &format!("10.{index}.1.1/24"), "dev", "pod0"])?;
+        ip(&c.gw_ns, &["link", "set", "pod0", "up"])?;
+        ip(&ns, &["addr", "add", &format!("10.{index}.1.2/24"), "dev", "eth0"])?;
+        ip(&ns, &["link", "set", "eth0", "up"])?;
+        ip(&ns, &["route", "add", "default", "via", &format!("10.{index}.1.1")])?;
+        ip(
+            &c.node_ns,
+            &["route", "add", &format!("10.{index}.1.0/24"), "via", &format!("172.20.{index}.1")],
+        )?;
+        Ok(ns)
+    }
+
+    /// `args` as run in cluster `index`'s gateway-node pod: inside the gateway node's cgroup,
+    /// where the gateway's own socket programs translate (no route agent runs on a gateway
+    /// node), to be run in [`Self::gateway_pod`]'s namespace.
+    pub fn gateway_pod_command(&self, index: usize, args: &[&str]) -> anyhow::Result<Vec<String>> {
+        Ok(in_cgroup(&self.gateway_cgroup(index)?, args))
     }
 
     /// Starts a TCP service `name` in cluster `index`'s pod on `port` (`causeway debug
@@ -771,7 +855,7 @@ impl Topology {
     pub fn start_gateway(&mut self, index: usize) -> anyhow::Result<()> {
         self.join(index)?;
         let c = self.clusters[index - 1].clone();
-        let args = self.gateway_args(index);
+        let args = self.gateway_args(index)?;
         self.spawn(&c.gw_ns, &c.gw_log, &args)
     }
 
@@ -1141,6 +1225,18 @@ fn ensure_cgroup2_mount() -> anyhow::Result<PathBuf> {
 }
 
 /// Where a topology's pod cgroups live.
+/// `args` run by a shell that first moves itself into the cgroup `dir`.
+fn in_cgroup(dir: &Path, args: &[&str]) -> Vec<String> {
+    let mut cmd = vec![
+        "bash".to_owned(),
+        "-c".to_owned(),
+        format!("echo $$ > {} && exec \"$@\"", dir.join("cgroup.procs").display()),
+        "pod".to_owned(),
+    ];
+    cmd.extend(args.iter().map(|a| (*a).to_owned()));
+    cmd
+}
+
 fn cgroup_dir(prefix: &str) -> PathBuf {
     PathBuf::from(CGROUP2_MOUNT).join(format!("causeway-{prefix}"))
 }

@@ -131,6 +131,7 @@ fn endpoint(host: &str, ip: &str, role: GatewayRole, generation: u64) -> Record 
         role,
         priority: 0,
         health_check_ip: None,
+        reachable: None,
         generation,
     })
 }

@@ -86,6 +86,12 @@ pub struct EndpointRecord {
     pub priority: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_check_ip: Option<IpAddr>,
+    /// The remote clusters this gateway's in-band probes reach now, as it reports them (its
+    /// connection summary: the same verdict its failover, its nodes' ClusterSetIP backends and
+    /// cluster-set DNS go by). Refreshed with the heartbeat, and within a second of a change.
+    /// `None`: not reported (a gateway before its first probe round, or an older one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reachable: Option<Vec<String>>,
     #[serde(default)]
     pub generation: u64,
 }
@@ -106,6 +112,7 @@ impl EndpointRecord {
             role: GatewayRole::Active,
             priority: 0,
             health_check_ip: None,
+            reachable: None,
             generation: 1,
         }
     }

@@ -37,6 +37,8 @@ pub enum ValidationError {
     SelfOverlap { field: &'static str, a: IpNetwork, b: IpNetwork },
     #[error("{field}: {addr} is not a usable unicast address")]
     BadAddress { field: &'static str, addr: std::net::IpAddr },
+    #[error("reachable: {0:?} is listed twice or is the gateway's own cluster")]
+    BadReachable(String),
     #[error("an endpoint needs at least one of privateIps and publicIps")]
     NoAddresses,
     #[error("port: 0 is not a valid UDP port")]
@@ -389,8 +391,27 @@ pub fn validate_endpoint(e: &EndpointRecord) -> Result<(), ValidationError> {
     if !CABLE_BACKENDS.contains(&e.backend.as_str()) {
         return Err(ValidationError::UnknownBackend { backend: e.backend.clone() });
     }
+    if let Some(list) = &e.reachable {
+        if list.len() > MAX_REACHABLE {
+            return Err(ValidationError::TooMany {
+                field: "reachable",
+                count: list.len(),
+                max: MAX_REACHABLE,
+            });
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for id in list {
+            dns_label("reachable", id)?;
+            if id == &e.cluster_id || !seen.insert(id) {
+                return Err(ValidationError::BadReachable(id.clone()));
+            }
+        }
+    }
     Ok(())
 }
+
+/// Most remote clusters one endpoint may report reaching.
+pub const MAX_REACHABLE: usize = 1024;
 
 /// A clash between a new cluster record and one already in the set.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -573,6 +594,23 @@ mod tests {
         let mut e = endpoint();
         e.hostname = "Bad_Host".into();
         assert!(matches!(validate_endpoint(&e), Err(ValidationError::NotDnsSubdomain { .. })));
+        // The connection summary: cluster ids, each once, never the gateway's own.
+        let mut e = endpoint();
+        e.reachable = Some(vec!["west".into(), "north".into()]);
+        validate_endpoint(&e).unwrap();
+        e.reachable = Some(vec![]);
+        validate_endpoint(&e).unwrap();
+        e.reachable = Some(vec![e.cluster_id.clone()]);
+        assert_eq!(validate_endpoint(&e), Err(ValidationError::BadReachable(e.cluster_id.clone())));
+        e.reachable = Some(vec!["west".into(), "west".into()]);
+        assert_eq!(validate_endpoint(&e), Err(ValidationError::BadReachable("west".into())));
+        e.reachable = Some(vec!["a b".into()]);
+        assert!(matches!(
+            validate_endpoint(&e),
+            Err(ValidationError::NotDnsLabel { field: "reachable", .. })
+        ));
+        e.reachable = Some((0..=MAX_REACHABLE).map(|i| format!("c{i}")).collect());
+        assert!(matches!(validate_endpoint(&e), Err(ValidationError::TooMany { field: "reachable", .. })));
     }
 
     #[test]

@@ -35,7 +35,7 @@ enum Applied {
     /// Committed as one revision: its events (none when the plan had nothing to change).
     Committed(Vec<WatchEvent>),
     /// The record was stored exactly so already.
-    Unchanged(Object),
+    Unchanged(Box<Object>),
 }
 
 /// Held by whoever plans and commits (records or credentials): writers take turns.
@@ -294,7 +294,7 @@ impl Broker {
         plan: impl FnMut(rules::State<'_>) -> Result<Plan, BrokerError> + Send,
     ) -> Result<Object, BrokerError> {
         match self.transact(turn, plan).await? {
-            Applied::Unchanged(obj) => Ok(obj),
+            Applied::Unchanged(obj) => Ok(*obj),
             Applied::Committed(events) => {
                 // A put plans one change, and a committed change is one event.
                 let obj = events.into_iter().next().map(|e| e.object).expect("a committed put has its event");

@@ -21,7 +21,7 @@ pub enum Plan {
     /// Commit these, as one revision.
     Commit(Vec<Change>),
     /// The record is stored exactly so already: nothing to commit.
-    Unchanged(Object),
+    Unchanged(Box<Object>),
 }
 
 /// The records a planner judges against.
@@ -62,7 +62,7 @@ fn put(
             return Err(BrokerError::StaleGeneration { key, stored, offered });
         }
         if old.record == *record {
-            return Ok(Plan::Unchanged(old.clone()));
+            return Ok(Plan::Unchanged(Box::new(old.clone())));
         }
     }
     on_change()?;
@@ -455,7 +455,10 @@ mod tests {
             put_cluster(state(&index(&items)), &a, true),
             Err(BrokerError::AlreadyRegistered(_))
         ));
-        assert_eq!(put_cluster(state(&index(&items)), &a, false).unwrap(), Plan::Unchanged(items[0].clone()));
+        assert_eq!(
+            put_cluster(state(&index(&items)), &a, false).unwrap(),
+            Plan::Unchanged(Box::new(items[0].clone()))
+        );
     }
 
     #[test]

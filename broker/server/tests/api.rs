@@ -145,6 +145,7 @@ fn endpoint(id: &str, host: &str) -> EndpointRecord {
         role: GatewayRole::Active,
         priority: 0,
         health_check_ip: None,
+        reachable: None,
         generation: 1,
     }
 }
@@ -682,12 +683,32 @@ async fn hostile_claims_are_refused_and_lose_nothing(mut f: Fixture) {
     let mut e = endpoint("x", "gw-x");
     e.public_ips = vec!["169.254.169.254".parse().unwrap()];
     assert_eq!(x.put_endpoint(&e).await.unwrap_err().status(), Some(400));
+    // Its connection summary: a name that is no cluster id, its own cluster, a repeat, a list
+    // longer than any cluster set.
+    for (reachable, why) in [
+        (vec!["East!".to_owned()], "reachable: \"East!\" is not a DNS-1123 label"),
+        (vec!["x".to_owned()], "reachable: \"x\" is listed twice or is the gateway's own cluster"),
+        (vec!["east".to_owned(), "east".to_owned()], "listed twice"),
+        ((0..1025).map(|i| format!("c{i}")).collect(), "reachable: 1025 entries, at most 1024"),
+    ] {
+        let mut e = endpoint("x", "gw-x");
+        e.reachable = Some(reachable);
+        let err = x.put_endpoint(&e).await.unwrap_err();
+        assert_eq!(err.status(), Some(400), "{err}");
+        assert!(err.to_string().contains(why), "{why}: {err}");
+    }
 
     assert_eq!(admin.list().await.unwrap(), before, "no refused claim changed anything");
     // The honest versions go through.
     let mut e = endpoint("x", "gw-x");
     e.health_check_ip = Some("10.5.0.0".parse().unwrap());
+    e.reachable = Some(vec!["east".into()]);
     x.put_endpoint(&e).await.unwrap();
+    let stored = admin.list().await.unwrap().items.into_iter().find_map(|o| match o.record {
+        Record::Endpoint(e) if e.hostname == "gw-x" => Some(e),
+        _ => None,
+    });
+    assert_eq!(stored.unwrap().reachable, Some(vec!["east".to_owned()]));
 }
 
 /// Pools and quotas are the admin's to set; members are held to them, and a change that

@@ -42,6 +42,7 @@ fn endpoint(id: &str, host: &str) -> EndpointRecord {
         role: GatewayRole::Active,
         priority: 0,
         health_check_ip: None,
+        reachable: None,
         generation: 1,
     }
 }

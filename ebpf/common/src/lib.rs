@@ -317,6 +317,9 @@ pub mod service_maps {
     pub const SERVICE_REVERSE_V4: &str = "SERVICE_REVERSE_V4";
     /// `PerCpuArray<u64>` indexed by [`super::ServiceStat`].
     pub const SERVICE_STATS: &str = "SERVICE_STATS";
+
+    /// Every map above: what the socket programs pin and a restart finds again.
+    pub const ALL: [&str; 3] = [SERVICES_V4, SERVICE_REVERSE_V4, SERVICE_STATS];
 }
 
 /// Most backends one ClusterSetIP port may have (one per cluster serving it, usually). A power

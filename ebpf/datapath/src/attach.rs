@@ -1,7 +1,7 @@
 //! Attaching programs: through links this value owns, or, with a pin directory, through
 //! pinned links into which a restart swaps its programs atomically.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use aya::programs::{
     SchedClassifier, TcAttachType,
@@ -10,26 +10,14 @@ use aya::programs::{
 };
 use tracing::{info, warn};
 
-use crate::{Datapath, DatapathError, PinError};
+use crate::{Datapath, DatapathError, PinDir, PinError};
 
 impl Datapath {
     /// Unpins every pinned link this value did not attach (or re-attach): what an earlier run
     /// attached to an interface this one no longer serves is detached.
     pub fn prune_links(&mut self) -> Result<Vec<String>, DatapathError> {
         let Some(pins) = &self.pins else { return Ok(Vec::new()) };
-        let dir = pins.root().join("links");
-        let mut removed = Vec::new();
-        let entries = std::fs::read_dir(&dir).map_err(|e| PinError::Io { path: dir.clone(), source: e })?;
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if !self.attached.contains(&path) {
-                std::fs::remove_file(&path).map_err(|e| PinError::Io { path: path.clone(), source: e })?;
-                let name = entry.file_name().to_string_lossy().into_owned();
-                info!(link = %name, "detached a program an earlier run attached");
-                removed.push(name);
-            }
-        }
-        Ok(removed)
+        prune_pinned_links(pins, &self.attached)
     }
 
     /// Attaches TC program `name` to `ifname`: through a link this value owns, or with a pin
@@ -92,6 +80,24 @@ impl Datapath {
         }
         Ok(prog)
     }
+}
+
+/// Unpins every link under `pins` but `keep` (what an earlier run attached and this one no
+/// longer does); returns their names.
+pub(crate) fn prune_pinned_links(pins: &PinDir, keep: &[PathBuf]) -> Result<Vec<String>, DatapathError> {
+    let dir = pins.root().join("links");
+    let mut removed = Vec::new();
+    let entries = std::fs::read_dir(&dir).map_err(|e| PinError::Io { path: dir.clone(), source: e })?;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if !keep.contains(&path) {
+            std::fs::remove_file(&path).map_err(|e| PinError::Io { path: path.clone(), source: e })?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            info!(link = %name, "detached a program an earlier run attached");
+            removed.push(name);
+        }
+    }
+    Ok(removed)
 }
 
 /// The link pinned at `path`, if there is one.

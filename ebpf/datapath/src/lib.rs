@@ -116,7 +116,7 @@ impl Datapath {
     /// programs' links are pinned by the attach calls.
     pub fn load_pinned(dir: &Path) -> Result<Self, DatapathError> {
         let pins = PinDir::prepare(dir)?;
-        pins.drop_incompatible_maps(OBJECT)?;
+        pins.drop_incompatible_maps(OBJECT, &maps::ALL)?;
         Self::load_with(Some(pins))
     }
 

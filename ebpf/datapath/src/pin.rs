@@ -1,11 +1,14 @@
 //! State that outlives the gateway process: maps and program links pinned in a bpffs
 //! directory.
 //!
-//! Layout under the pin directory (`/sys/fs/bpf/causeway` on a node):
-//! - `maps/<MAP>`: every map in [`maps::ALL`], found again and reused by the next load;
-//! - `links/<program>@<interface>`: the TCX/XDP links that keep the programs attached while
-//!   no process holds them. A new process swaps its program into the same link
-//!   (`BPF_LINK_UPDATE`), so the interface is never without one.
+//! Layout under the pin directory (`/sys/fs/bpf/causeway` on a gateway node,
+//! `/sys/fs/bpf/causeway-services` for the socket programs on any node):
+//! - `maps/<MAP>`: every map the object pins (the gateway's `maps::ALL`, the socket
+//!   programs' `service_maps::ALL`), found again and reused by the next load;
+//! - `links/<program>@<interface>` (`@cgroup<inode>` for the socket programs): the links that
+//!   keep the programs attached while no process holds them. A new process swaps its program
+//!   into the same TCX/XDP link (`BPF_LINK_UPDATE`), so the interface is never without one; a
+//!   cgroup link is replaced by attaching the new one before unpinning the old.
 //!
 //! A pinned map whose kernel definition no longer matches this build's (an upgrade changed
 //! its layout) is unpinned and recreated empty rather than reused: the gateway refills it
@@ -17,7 +20,6 @@ use std::{
 };
 
 use aya::maps::MapInfo;
-use causeway_datapath_common::maps;
 use tracing::{info, warn};
 
 #[derive(Debug, thiserror::Error)]
@@ -101,12 +103,17 @@ impl PinDir {
         self.root.join("links").join(format!("{program}@{interface}"))
     }
 
-    /// Unpins every map whose pinned definition differs from `object`'s (type, key and value
-    /// size, capacity, flags), so that the loader creates it afresh. Returns the names kept.
-    pub fn drop_incompatible_maps(&self, object: &[u8]) -> Result<Vec<&'static str>, PinError> {
+    /// Unpins every map of `names` whose pinned definition differs from `object`'s (type, key
+    /// and value size, capacity, flags), so that the loader creates it afresh. Returns the
+    /// names kept.
+    pub fn drop_incompatible_maps(
+        &self,
+        object: &[u8],
+        names: &[&'static str],
+    ) -> Result<Vec<&'static str>, PinError> {
         let obj = aya_obj::Object::parse(object).map_err(|e| PinError::Object(e.to_string()))?;
         let mut kept = Vec::new();
-        for name in maps::ALL {
+        for &name in names {
             let path = self.map(name);
             if !path.exists() {
                 continue;

@@ -167,3 +167,72 @@ fn connections_to_a_clusterset_ip_reach_its_backends_and_only_inside_the_cgroup(
     assert_eq!(stats[&(ServiceStat::NoBackend as u32)], 1, "{stats:?}");
     drop(sockets);
 }
+
+/// How many programs `bpftool` sees attached to the cgroup.
+fn attached_programs(cg: &Cgroup) -> usize {
+    let out = Command::new("bpftool").args(["cgroup", "show"]).arg(&cg.0).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // A header line, then one line per attached program (names cut at 15 characters).
+    String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains("service_")).count()
+}
+
+/// The first line the ClusterSetIP port 127.77.0.11:80 answers inside the cgroup, or the error.
+fn first_line(cg: &Cgroup) -> Result<String, String> {
+    let (ok, out, err) = in_cgroup(cg, "exec 3<>/dev/tcp/127.77.0.11/80 && read -r line <&3 && echo $line");
+    if ok { Ok(out.trim().to_owned()) } else { Err(err) }
+}
+
+#[test]
+#[ignore = "needs root and BPF; run with --run-ignored all"]
+fn pinned_socket_programs_outlive_their_process_and_a_restart_takes_them_over() {
+    causeway_datapath::testing::require_root();
+    let cg = Cgroup(cgroup2_root().join(format!("causeway-sockets-pin-{}", std::process::id())));
+    std::fs::create_dir_all(&cg.0).unwrap();
+    // On /run (a tmpfs): attach_pinned mounts its own bpffs there.
+    let dir = PathBuf::from(format!("/run/causeway-sockets-pin-{}", std::process::id()));
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = causeway_datapath::PinDir::at(&self.0).remove();
+            let _ = Command::new("umount").arg(&self.0).status();
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _unmount = Unmount(dir.clone());
+    let (a, b) = (labelled_server("A"), labelled_server("B"));
+    let vip = Ipv4Addr::new(127, 77, 0, 11);
+    let lo = |p| SocketAddrV4::new(Ipv4Addr::LOCALHOST, p);
+    let port = (vip, 80, Proto::Tcp);
+
+    let mut first = ServiceSockets::attach_pinned(&cg.0, &dir).expect("first attach");
+    first.sync(&BTreeMap::from([(port, vec![lo(a)])])).unwrap();
+    assert_eq!(first_line(&cg), Ok("A".into()));
+    drop(first);
+    // No process holds them now: the pins keep the programs translating with their map.
+    assert_eq!(first_line(&cg), Ok("A".into()), "the programs left with their process");
+    assert_eq!(attached_programs(&cg), 4);
+
+    // The next run reuses the map (its counters and backends are there before any sync) and
+    // takes the links over: still four programs attached, not eight.
+    let mut second = ServiceSockets::attach_pinned(&cg.0, &dir).expect("second attach");
+    assert_eq!(attached_programs(&cg), 4, "the first run's programs were not replaced");
+    let translated = |s: &ServiceSockets| {
+        s.stats().unwrap().into_iter().find(|(k, _)| *k == ServiceStat::Translated).unwrap().1
+    };
+    assert!(translated(&second) >= 2, "the pinned counters were not reused");
+    assert_eq!(first_line(&cg), Ok("A".into()), "the reused map lost its backends");
+    second.sync(&BTreeMap::from([(port, vec![lo(b)])])).unwrap();
+    assert_eq!(first_line(&cg), Ok("B".into()));
+    // What the first run installed is the second's to withdraw.
+    second.sync(&BTreeMap::new()).unwrap();
+    let refused = first_line(&cg).unwrap_err();
+    assert!(refused.contains("Connection refused"), "{refused}");
+
+    // Removing the pins (`causeway cleanup`) detaches them once no process holds them.
+    second.sync(&BTreeMap::from([(port, vec![lo(a)])])).unwrap();
+    drop(second);
+    causeway_datapath::PinDir::at(&dir).remove().unwrap();
+    assert_eq!(attached_programs(&cg), 0, "programs stayed attached without pins");
+    let refused = first_line(&cg).unwrap_err();
+    assert!(refused.contains("Connection refused"), "{refused}");
+}

@@ -251,7 +251,7 @@ pub async fn join(
         cluster_id: p.cluster_id.into(),
         pod_cidrs: found.pod_cidrs.clone(),
         service_cidrs: found.service_cidrs.clone(),
-        global_cidr: None,
+        global_cidrs: Vec::new(),
         labels: Default::default(),
         generation: 1,
     };

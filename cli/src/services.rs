@@ -67,9 +67,10 @@ pub struct UnexportArgs {
 
 #[derive(clap::Args)]
 pub struct ClusterSetArgs {
-    /// Overlap mode on: clusters may share pod/service CIDRs and each carries a unique global
-    /// CIDR. (The broker enforces the rules; the gateways' address translation is not there
-    /// yet, so clusters that really overlap are not routed to each other.)
+    /// Overlap mode on: clusters may share pod/service CIDRs, and the broker gives each of them
+    /// a unique global prefix of the same length (kept in the cluster's record). (The
+    /// gateways' address translation is not there yet, so clusters that really overlap are
+    /// not routed to each other.)
     #[arg(long, conflicts_with = "no_overlap_mode")]
     overlap_mode: bool,
     /// Overlap mode off (needs every cluster's CIDRs to be disjoint).
@@ -82,7 +83,9 @@ pub struct ClusterSetArgs {
     /// Where service CIDRs may lie (repeatable; replaces the list).
     #[arg(long = "service-pool", value_name = "CIDR")]
     service_pools: Vec<ipnetwork::IpNetwork>,
-    /// Where global CIDRs (overlap mode) may lie (repeatable; replaces the list).
+    /// Where global prefixes (overlap mode) may lie, and where the broker allocates the ones a
+    /// cluster leaves out, in order (repeatable; replaces the list; default 242.0.0.0/8, then
+    /// the private ranges).
     #[arg(long = "global-pool", value_name = "CIDR")]
     global_pools: Vec<ipnetwork::IpNetwork>,
     /// Where ClusterSetIPs come from (IPv4, /8 to /28; default 241.0.0.0/16). It cannot move

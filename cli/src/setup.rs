@@ -338,7 +338,7 @@ pub async fn join(a: JoinArgs) -> anyhow::Result<()> {
         cluster_id: a.cluster_id.clone(),
         pod_cidrs: a.pod_cidrs,
         service_cidrs: a.service_cidrs,
-        global_cidr: None,
+        global_cidrs: Vec::new(),
         labels: Default::default(),
         generation: 1,
     };

@@ -75,13 +75,23 @@ pub async fn run(a: ShowArgs) -> anyhow::Result<()> {
                 Output::Table => print!(
                     "{}",
                     table(
-                        &["CLUSTER", "POD CIDRS", "SERVICE CIDRS", "GENERATION", "REVISION"],
+                        &["CLUSTER", "POD CIDRS", "SERVICE CIDRS", "GLOBAL", "GENERATION", "REVISION"],
                         &clusters
                             .iter()
                             .map(|(o, c)| vec![
                                 c.cluster_id.clone(),
                                 join(&c.pod_cidrs),
                                 join(&c.service_cidrs),
+                                // Overlap mode: each CIDR's global prefix.
+                                if c.global_cidrs.is_empty() {
+                                    "-".to_owned()
+                                } else {
+                                    c.global_cidrs
+                                        .iter()
+                                        .map(|g| format!("{}→{}", g.cidr, g.global))
+                                        .collect::<Vec<_>>()
+                                        .join(",")
+                                },
                                 c.generation.to_string(),
                                 o.resource_version.to_string(),
                             ])

@@ -361,7 +361,7 @@ async fn service_exports_are_published_to_the_broker_and_withdrawn() {
         cluster_id: "east".into(),
         pod_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
         service_cidrs: vec!["10.96.0.0/12".parse().unwrap()],
-        global_cidr: None,
+        global_cidrs: Vec::new(),
         labels: Default::default(),
         generation: 1,
     };

@@ -493,7 +493,7 @@ mod tests {
             cluster_id: id.into(),
             pod_cidrs: vec![pods.parse().unwrap()],
             service_cidrs: vec![],
-            global_cidr: None,
+            global_cidrs: Vec::new(),
             labels: Default::default(),
             generation: 1,
         })

@@ -29,7 +29,7 @@ impl LocalCluster {
             cluster_id: self.cluster_id.clone(),
             pod_cidrs: self.pod_cidrs.clone(),
             service_cidrs: self.service_cidrs.clone(),
-            global_cidr: None,
+            global_cidrs: Vec::new(),
             labels: Default::default(),
             generation,
         }

@@ -188,7 +188,7 @@ async fn measure(n: u32, rounds: u32, etcd: Option<&[String]>, replicas: u16) ->
             cluster_id: id.clone(),
             pod_cidrs: vec![format!("10.{}.{}.0/24", i / 256, i % 256).parse()?],
             service_cidrs: vec![format!("100.{}.{}.0/24", 64 + i / 256, i % 256).parse()?],
-            global_cidr: None,
+            global_cidrs: Vec::new(),
             labels: Default::default(),
             generation: 1,
         };

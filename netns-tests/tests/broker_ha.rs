@@ -56,7 +56,7 @@ fn cluster(i: u32) -> ClusterRecord {
         cluster_id: format!("c{i}"),
         pod_cidrs: vec![format!("10.{}.{}.0/24", i / 256, i % 256).parse().unwrap()],
         service_cidrs: vec![],
-        global_cidr: None,
+        global_cidrs: Vec::new(),
         labels: Default::default(),
         generation: 1,
     }

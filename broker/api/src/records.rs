@@ -23,9 +23,11 @@ pub struct ClusterRecord {
     pub cluster_id: String,
     pub pod_cidrs: Vec<IpNetwork>,
     pub service_cidrs: Vec<IpNetwork>,
-    /// Overlap mode only: the cluster's non-overlapping global CIDR.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub global_cidr: Option<IpNetwork>,
+    /// Overlap mode only: for each pod and service CIDR, the global prefix of the same length
+    /// at which the cluster set reaches it. The broker allocates the ones a record leaves out
+    /// (from the cluster set's global pools) and keeps them across later writes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub global_cidrs: Vec<GlobalCidr>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
     /// Bumped by the writer on every change; the broker refuses to go backwards.
@@ -42,7 +44,7 @@ impl ClusterRecord {
             cluster_id: cluster_id.to_owned(),
             pod_cidrs,
             service_cidrs,
-            global_cidr: None,
+            global_cidrs: Vec::new(),
             labels: BTreeMap::new(),
             generation: 1,
         }
@@ -51,6 +53,60 @@ impl ClusterRecord {
     /// Pod and service CIDRs together: everything routed to this cluster.
     pub fn all_cidrs(&self) -> impl Iterator<Item = &IpNetwork> {
         self.pod_cidrs.iter().chain(self.service_cidrs.iter())
+    }
+
+    /// The global prefixes (overlap mode).
+    pub fn globals(&self) -> impl Iterator<Item = &IpNetwork> {
+        self.global_cidrs.iter().map(|g| &g.global)
+    }
+
+    /// The global prefix of `cidr`, one of the cluster's own.
+    #[must_use]
+    pub fn global_of(&self, cidr: &IpNetwork) -> Option<IpNetwork> {
+        self.global_cidrs.iter().find(|g| g.cidr == *cidr).map(|g| g.global)
+    }
+
+    /// The global prefixes of the pod CIDRs.
+    pub fn global_pod_cidrs(&self) -> impl Iterator<Item = IpNetwork> + '_ {
+        self.pod_cidrs.iter().filter_map(|c| self.global_of(c))
+    }
+
+    /// The global prefixes of the service CIDRs.
+    pub fn global_service_cidrs(&self) -> impl Iterator<Item = IpNetwork> + '_ {
+        self.service_cidrs.iter().filter_map(|c| self.global_of(c))
+    }
+}
+
+/// Overlap mode: a pod or service CIDR of a cluster and the global prefix of the same length
+/// that stands for it in the cluster set, address for address (host bits kept), both ways.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GlobalCidr {
+    /// The cluster's own CIDR (one of its pod or service CIDRs).
+    pub cidr: IpNetwork,
+    /// Where the other clusters reach it.
+    pub global: IpNetwork,
+}
+
+impl GlobalCidr {
+    /// `addr` of the real CIDR moved to the global prefix (or back, with the fields swapped):
+    /// the prefix bits replaced, the host bits kept.
+    #[must_use]
+    pub fn map(from: &IpNetwork, to: &IpNetwork, addr: IpAddr) -> Option<IpAddr> {
+        if !from.contains(addr) || from.prefix() != to.prefix() {
+            return None;
+        }
+        match (addr, from, to) {
+            (IpAddr::V4(a), IpNetwork::V4(f), IpNetwork::V4(t)) => {
+                let mask = u32::from(f.mask());
+                Some(IpAddr::V4((u32::from(t.network()) | (u32::from(a) & !mask)).into()))
+            }
+            (IpAddr::V6(a), IpNetwork::V6(f), IpNetwork::V6(t)) => {
+                let mask = u128::from(f.mask());
+                Some(IpAddr::V6((u128::from(t.network()) | (u128::from(a) & !mask)).into()))
+            }
+            _ => None,
+        }
     }
 }
 
@@ -496,16 +552,30 @@ pub struct AddressPools {
     /// Where service CIDRs may lie.
     #[serde(default = "private_ranges")]
     pub service_cidrs: Vec<IpNetwork>,
-    /// Where global CIDRs (overlap mode) may lie.
-    #[serde(default = "private_ranges")]
+    /// Where global prefixes (overlap mode) may lie; the broker allocates the ones a cluster
+    /// leaves out from these, in order.
+    #[serde(default = "global_ranges")]
     pub global_cidrs: Vec<IpNetwork>,
 }
 
 impl Default for AddressPools {
     fn default() -> Self {
-        Self { pod_cidrs: private_ranges(), service_cidrs: private_ranges(), global_cidrs: private_ranges() }
+        Self { pod_cidrs: private_ranges(), service_cidrs: private_ranges(), global_cidrs: global_ranges() }
     }
 }
+
+/// The default global pools: 242.0.0.0/8 first (reserved space, like Submariner Globalnet's,
+/// so that no cluster's real CIDR can ever collide with an allocated prefix), then the
+/// private ranges for prefixes a cluster names itself.
+#[must_use]
+pub fn global_ranges() -> Vec<IpNetwork> {
+    std::iter::once(DEFAULT_GLOBAL_POOL.parse().expect("valid constant prefix"))
+        .chain(private_ranges())
+        .collect()
+}
+
+/// Where the broker allocates global prefixes first.
+pub const DEFAULT_GLOBAL_POOL: &str = "242.0.0.0/8";
 
 /// The default pools: RFC 1918, RFC 6598 (shared address space) and IPv6 unique local
 /// addresses (RFC 4193). An admin narrows them to what the organisations agreed on.
@@ -836,7 +906,7 @@ mod tests {
                 cluster_id: "east".into(),
                 pod_cidrs: vec!["10.1.0.0/16".parse().unwrap()],
                 service_cidrs: vec!["10.101.0.0/16".parse().unwrap()],
-                global_cidr: None,
+                global_cidrs: Vec::new(),
                 labels: BTreeMap::new(),
                 generation: 2,
             }),

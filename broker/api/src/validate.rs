@@ -39,6 +39,8 @@ pub enum ValidationError {
     BadAddress { field: &'static str, addr: std::net::IpAddr },
     #[error("reachable: {0:?} is listed twice or is the gateway's own cluster")]
     BadReachable(String),
+    #[error("globalCidrs: {0}")]
+    BadGlobalCidr(String),
     #[error("an endpoint needs at least one of privateIps and publicIps")]
     NoAddresses,
     #[error("port: 0 is not a valid UDP port")]
@@ -125,6 +127,33 @@ pub fn claimable(field: &'static str, cidr: &IpNetwork) -> Result<(), Validation
     Ok(())
 }
 
+/// An address that may be a service's or an endpoint's: no special address, except that
+/// reserved 240.0.0.0/4 may hold global prefixes (not its broadcast address).
+#[must_use]
+pub fn is_global_usable(addr: std::net::IpAddr) -> bool {
+    claimable_global("address", &IpNetwork::from(addr)).is_ok()
+}
+
+/// A global prefix (overlap mode): like [`claimable`], except that the reserved 240.0.0.0/4
+/// is allowed (never assigned to any network, so no real CIDR can collide with it: the
+/// default global pool 242.0.0.0/8 lies there) but not its broadcast address.
+pub fn claimable_global(field: &'static str, cidr: &IpNetwork) -> Result<(), ValidationError> {
+    let reserved: IpNetwork = "240.0.0.0/4".parse().expect("valid constant prefix");
+    match special_range(cidr) {
+        Some((range, _)) if range == reserved && reserved.prefix() <= cidr.prefix() => {
+            canonical(field, cidr)?;
+            if cidr.prefix() < min_prefix(false) {
+                return Err(ValidationError::TooBroad { field, cidr: *cidr, min: min_prefix(false) });
+            }
+            if cidr.contains(std::net::Ipv4Addr::BROADCAST.into()) {
+                return Err(ValidationError::BadGlobalCidr(format!("{cidr} holds the broadcast address")));
+            }
+            Ok(())
+        }
+        _ => claimable(field, cidr),
+    }
+}
+
 /// A CIDR of a cluster that lies outside the pools the admin granted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutsidePools {
@@ -160,8 +189,9 @@ pub fn check_pools(c: &ClusterRecord, pools: &crate::records::AddressPools) -> R
     let kinds = [
         ("podCidrs", c.pod_cidrs.as_slice(), &pools.pod_cidrs),
         ("serviceCidrs", c.service_cidrs.as_slice(), &pools.service_cidrs),
-        ("globalCidr", c.global_cidr.as_slice(), &pools.global_cidrs),
     ];
+    let globals: Vec<IpNetwork> = c.globals().copied().collect();
+    let kinds = kinds.into_iter().chain([("globalCidrs", globals.as_slice(), &pools.global_cidrs)]);
     for (field, cidrs, pool) in kinds {
         if let Some(cidr) = cidrs.iter().find(|n| !inside(n, pool)) {
             return Err(OutsidePools { field, cidr: *cidr, pools: pool.clone() });
@@ -175,7 +205,7 @@ pub fn covered<'a>(
     c: &ClusterRecord,
     addrs: impl IntoIterator<Item = &'a std::net::IpAddr>,
 ) -> Option<(IpNetwork, std::net::IpAddr)> {
-    let cidrs: Vec<&IpNetwork> = c.all_cidrs().chain(c.global_cidr.iter()).collect();
+    let cidrs: Vec<&IpNetwork> = c.all_cidrs().chain(c.globals()).collect();
     addrs.into_iter().find_map(|a| cidrs.iter().find(|n| n.contains(*a)).map(|n| (**n, *a)))
 }
 
@@ -212,8 +242,10 @@ pub fn validate_service(s: &ServiceExportRecord) -> Result<(), ValidationError> 
     if s.ips.len() > MAX_IPS {
         return Err(ValidationError::TooMany { field: "ips", count: s.ips.len(), max: MAX_IPS });
     }
+    // Overlap mode exports global addresses, which may lie in 240.0.0.0/4 (the broker then
+    // checks that they lie in the cluster's own global prefixes).
     for addr in &s.ips {
-        if is_special_address(*addr) {
+        if !is_global_usable(*addr) {
             return Err(ValidationError::BadAddress { field: "ips", addr: *addr });
         }
     }
@@ -225,7 +257,7 @@ pub fn validate_service(s: &ServiceExportRecord) -> Result<(), ValidationError> 
         });
     }
     for e in &s.endpoints {
-        if is_special_address(e.ip) {
+        if !is_global_usable(e.ip) {
             return Err(ValidationError::BadAddress { field: "endpoints.ip", addr: e.ip });
         }
         if let Some(h) = &e.hostname {
@@ -339,8 +371,30 @@ pub fn validate_cluster(c: &ClusterRecord) -> Result<(), ValidationError> {
             claimable(field, cidr)?;
         }
     }
-    if let Some(g) = &c.global_cidr {
-        claimable("globalCidr", g)?;
+    for g in &c.global_cidrs {
+        if !c.all_cidrs().any(|n| *n == g.cidr) {
+            return Err(ValidationError::BadGlobalCidr(format!(
+                "{} is none of the cluster's pod or service CIDRs",
+                g.cidr
+            )));
+        }
+        if g.global.is_ipv4() != g.cidr.is_ipv4() || g.global.prefix() != g.cidr.prefix() {
+            return Err(ValidationError::BadGlobalCidr(format!(
+                "{} for {}: a global prefix has the family and the length of the CIDR it stands for (the map is address for address)",
+                g.global, g.cidr
+            )));
+        }
+        claimable_global("globalCidrs", &g.global)?;
+    }
+    for (i, a) in c.global_cidrs.iter().enumerate() {
+        for b in &c.global_cidrs[i + 1..] {
+            if a.cidr == b.cidr {
+                return Err(ValidationError::BadGlobalCidr(format!("{} has two global prefixes", a.cidr)));
+            }
+            if overlaps(&a.global, &b.global) {
+                return Err(ValidationError::SelfOverlap { field: "globalCidrs", a: a.global, b: b.global });
+            }
+        }
     }
     let all: Vec<&IpNetwork> = c.all_cidrs().collect();
     for (i, a) in all.iter().enumerate() {
@@ -452,24 +506,38 @@ pub fn check_overlaps<'a>(
     Ok(())
 }
 
-/// Overlap mode: the candidate must carry a global CIDR that overlaps no other cluster's
-/// global CIDR (pod and service CIDRs may overlap freely).
+/// Overlap mode: every pod and service CIDR of the candidate has a global prefix, and no
+/// global prefix (its own or another cluster's) overlaps another cluster's global prefix or
+/// any cluster's pod or service CIDRs (which may overlap each other freely).
 pub fn check_global_overlaps<'a>(
     candidate: &ClusterRecord,
     existing: impl IntoIterator<Item = &'a ClusterRecord>,
 ) -> Result<(), GlobalOverlap> {
-    let Some(ours) = candidate.global_cidr else {
-        return Err(GlobalOverlap::Missing(candidate.cluster_id.clone()));
+    if let Some(real) = candidate.all_cidrs().find(|n| candidate.global_of(n).is_none()) {
+        return Err(GlobalOverlap::Missing { cluster: candidate.cluster_id.clone(), cidr: *real });
+    }
+    let clash = |other: &ClusterRecord, ours: &IpNetwork, theirs: &IpNetwork, what| GlobalOverlap::Clash {
+        overlap: Overlap { other_cluster: other.cluster_id.clone(), ours: *ours, theirs: *theirs },
+        what,
     };
+    if let Some((g, n)) =
+        candidate.globals().find_map(|g| candidate.all_cidrs().find(|n| overlaps(g, n)).map(|n| (g, n)))
+    {
+        return Err(clash(candidate, g, n, "its own CIDR"));
+    }
     for other in existing.into_iter().filter(|c| c.cluster_id != candidate.cluster_id) {
-        if let Some(theirs) = other.global_cidr
-            && overlaps(&ours, &theirs)
-        {
-            return Err(GlobalOverlap::Clash(Overlap {
-                other_cluster: other.cluster_id.clone(),
-                ours,
-                theirs,
-            }));
+        for ours in candidate.globals() {
+            if let Some(theirs) = other.globals().find(|t| overlaps(ours, t)) {
+                return Err(clash(other, ours, theirs, "global prefix"));
+            }
+            if let Some(theirs) = other.all_cidrs().find(|t| overlaps(ours, t)) {
+                return Err(clash(other, ours, theirs, "CIDR"));
+            }
+        }
+        for ours in candidate.all_cidrs() {
+            if let Some(theirs) = other.globals().find(|t| overlaps(ours, t)) {
+                return Err(clash(other, ours, theirs, "global prefix"));
+            }
         }
     }
     Ok(())
@@ -478,20 +546,23 @@ pub fn check_global_overlaps<'a>(
 /// Why a cluster does not fit a cluster set in overlap mode.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GlobalOverlap {
-    Missing(String),
-    Clash(Overlap),
+    /// A CIDR with no global prefix (the broker allocates them; this is a record it could not
+    /// complete).
+    Missing { cluster: String, cidr: IpNetwork },
+    /// `ours` overlaps `what` `theirs` of another cluster (or of its own).
+    Clash { overlap: Overlap, what: &'static str },
 }
 
 impl std::fmt::Display for GlobalOverlap {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::Missing(id) => write!(
+            Self::Missing { cluster, cidr } => write!(
                 f,
-                "cluster {id:?} has no globalCidr; the cluster set runs in overlap mode, where every cluster needs one"
+                "cluster {cluster:?} has no global prefix for {cidr}; the cluster set runs in overlap mode, where every pod and service CIDR needs one"
             ),
-            Self::Clash(o) => write!(
+            Self::Clash { overlap: o, what } => write!(
                 f,
-                "global CIDR {} overlaps global CIDR {} of cluster {:?}; global CIDRs must be unique in overlap mode",
+                "{} overlaps {what} {} of cluster {:?}; in overlap mode global prefixes are unique and clear of every cluster's CIDRs",
                 o.ours, o.theirs, o.other_cluster
             ),
         }
@@ -540,7 +611,7 @@ fn dns_subdomain(field: &'static str, s: &str) -> Result<(), ValidationError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::records::WireGuardKey;
+    use crate::records::{GlobalCidr, WireGuardKey};
 
     fn cluster(id: &str, pod: &str, svc: &str) -> ClusterRecord {
         ClusterRecord::new(id, vec![pod.parse().unwrap()], vec![svc.parse().unwrap()])
@@ -672,9 +743,15 @@ mod tests {
             // The same as a service CIDR and as a global CIDR.
             let err = validate_cluster(&cluster("x", "10.1.0.0/16", cidr)).unwrap_err();
             assert!(err.to_string().starts_with("serviceCidrs: "), "{cidr}: {err}");
-            let mut c = cluster("x", "10.1.0.0/16", "10.150.0.0/16");
-            c.global_cidr = Some(cidr.parse().unwrap());
-            assert!(validate_cluster(&c).unwrap_err().to_string().starts_with("globalCidr: "), "{cidr}");
+            // As a global prefix (for a real CIDR of its length), unless it is reserved space
+            // that global prefixes may use (240.0.0.0/4 less the broadcast address).
+            let global: IpNetwork = cidr.parse().unwrap();
+            if global.is_ipv4() && global.prefix() >= 8 {
+                let mut c = cluster("x", &format!("10.0.0.0/{}", global.prefix()), "172.16.0.0/16");
+                c.global_cidrs = vec![GlobalCidr { cidr: c.pod_cidrs[0], global }];
+                let err = validate_cluster(&c).unwrap_err().to_string();
+                assert!(err.starts_with("globalCidrs: "), "{cidr}: {err}");
+            }
         }
         // The shortest allowed prefixes, and ordinary ones, pass.
         for ok in ["10.0.0.0/8", "100.64.0.0/10", "fd00:1::/64", "2001:db8::/32", "192.168.0.0/16"] {
@@ -732,8 +809,8 @@ mod tests {
             "serviceCidrs"
         );
         let mut g = cluster("x", "10.1.0.0/16", "10.101.0.0/16");
-        g.global_cidr = Some("10.99.0.0/16".parse().unwrap());
-        assert_eq!(check_pools(&g, &narrow).unwrap_err().field, "globalCidr");
+        g.global_cidrs = vec![GlobalCidr { cidr: g.pod_cidrs[0], global: "10.99.0.0/16".parse().unwrap() }];
+        assert_eq!(check_pools(&g, &narrow).unwrap_err().field, "globalCidrs");
         // Families never mix: an IPv6 CIDR needs an IPv6 pool.
         assert!(check_pools(&cluster("x", "fd00:1::/64", "10.101.0.0/16"), &narrow).is_err());
         check_pools(&cluster("x", "fd00:1::/64", "10.150.0.0/16"), &pools).unwrap();

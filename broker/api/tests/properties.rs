@@ -66,7 +66,7 @@ fn record(id: &str, cidrs: Vec<IpNetwork>) -> ClusterRecord {
         cluster_id: id.into(),
         pod_cidrs: cidrs,
         service_cidrs: vec![],
-        global_cidr: None,
+        global_cidrs: Vec::new(),
         labels: Default::default(),
         generation: 1,
     }
@@ -87,7 +87,7 @@ fn cluster() -> impl Strategy<Value = ClusterRecord> {
             cluster_id,
             pod_cidrs,
             service_cidrs,
-            global_cidr: None,
+            global_cidrs: Vec::new(),
             labels: Default::default(),
             generation,
         })
@@ -168,7 +168,7 @@ proptest! {
     #[test]
     fn overlap_detection_is_symmetric(a in v4_cidr(), b in v4_cidr()) {
         prop_assert_eq!(overlaps(&a, &b), overlaps(&b, &a));
-        let ca = ClusterRecord { cluster_id: "a".into(), pod_cidrs: vec![a], service_cidrs: vec![], global_cidr: None, labels: Default::default(), generation: 1 };
+        let ca = ClusterRecord { cluster_id: "a".into(), pod_cidrs: vec![a], service_cidrs: vec![], global_cidrs: Vec::new(), labels: Default::default(), generation: 1 };
         let cb = ClusterRecord { cluster_id: "b".into(), pod_cidrs: vec![b], ..ca.clone() };
         prop_assert_eq!(check_overlaps(&ca, [&cb]).is_err(), check_overlaps(&cb, [&ca]).is_err());
         // Any prefix overlaps itself and everything inside it.

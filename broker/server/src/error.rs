@@ -52,6 +52,8 @@ pub enum BrokerError {
     QuotaExceeded { cluster: String, what: &'static str, max: u32 },
     #[error("{0}")]
     PoolExhausted(#[from] crate::imports::PoolExhausted),
+    #[error("{0}")]
+    GlobalPoolExhausted(#[from] crate::globals::GlobalPoolExhausted),
     #[error("{who} writes faster than {per_second}/s (burst {burst}); retry in {retry_ms} ms")]
     TooManyRequests { who: String, per_second: u32, burst: u32, retry_ms: u64 },
 }
@@ -63,8 +65,8 @@ impl BrokerError {
         match self {
             Self::Invalid(_) | Self::BadRequest(_) => (400, "Invalid"),
             Self::Overlap(_) => (409, "CidrOverlap"),
-            Self::GlobalOverlap(causeway_broker_api::GlobalOverlap::Clash(_)) => (409, "CidrOverlap"),
-            Self::GlobalOverlap(causeway_broker_api::GlobalOverlap::Missing(_)) => (400, "Invalid"),
+            Self::GlobalOverlap(causeway_broker_api::GlobalOverlap::Clash { .. }) => (409, "CidrOverlap"),
+            Self::GlobalOverlap(causeway_broker_api::GlobalOverlap::Missing { .. }) => (400, "Invalid"),
             Self::StaleGeneration { .. } => (409, "StaleGeneration"),
             Self::ClusterNotRegistered(_) => (409, "ClusterNotRegistered"),
             Self::NotFound(_) => (404, "NotFound"),
@@ -78,7 +80,7 @@ impl BrokerError {
             Self::DuplicateKey { .. } => (409, "DuplicateKey"),
             Self::QuotaExceeded { .. } => (409, "QuotaExceeded"),
             Self::TooManyRequests { .. } => (429, "TooManyRequests"),
-            Self::PoolExhausted(_) => (409, "PoolExhausted"),
+            Self::PoolExhausted(_) | Self::GlobalPoolExhausted(_) => (409, "PoolExhausted"),
         }
     }
 }

@@ -16,6 +16,7 @@ pub mod cache;
 mod credentials;
 pub mod error;
 pub mod etcd;
+pub mod globals;
 pub mod imports;
 pub mod leases;
 pub mod rate;

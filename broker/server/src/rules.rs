@@ -72,6 +72,11 @@ fn put(
 /// A cluster record (`new`: it must not exist yet): inside the pools, covering neither the
 /// broker nor any gateway endpoint, overlapping no other cluster (global CIDRs in overlap mode).
 pub fn put_cluster(state: State<'_>, c: &ClusterRecord, new: bool) -> Result<Plan, BrokerError> {
+    // Overlap mode: the global prefixes the record leaves out are the stored ones, or new.
+    let set = state.settings();
+    let others: Vec<&ClusterRecord> =
+        state.records.clusters().filter(|o| o.cluster_id != c.cluster_id).collect();
+    let c = &crate::globals::complete(c, state.records.cluster(&c.cluster_id), &set, &taken(state, others))?;
     put(
         state,
         &Record::Cluster(c.clone()),
@@ -97,11 +102,23 @@ pub fn put_cluster(state: State<'_>, c: &ClusterRecord, new: bool) -> Result<Pla
     )
 }
 
+/// What a new global prefix must stay clear of besides `others`: the broker's and every
+/// gateway's addresses.
+fn taken<'a>(state: State<'a>, others: Vec<&'a ClusterRecord>) -> crate::globals::Taken<'a> {
+    let addresses = state
+        .broker_addresses
+        .iter()
+        .copied()
+        .chain(state.records.endpoints().flat_map(|e| e.private_ips.iter().chain(&e.public_ips).copied()))
+        .collect();
+    crate::globals::Taken { others, addresses }
+}
+
 /// No prefix of a cluster may overlap the ClusterSetIP pool: a connection to a ClusterSetIP
 /// is translated at `connect()`, so a pod with such an address would be unreachable.
 fn clear_of_cluster_set_ips(c: &ClusterRecord, set: &ClusterSetRecord) -> Result<(), BrokerError> {
     let pool = set.cluster_set_ip_pool;
-    let theirs = c.pod_cidrs.iter().chain(&c.service_cidrs).chain(c.global_cidr.iter());
+    let theirs = c.pod_cidrs.iter().chain(&c.service_cidrs).chain(c.globals());
     if let Some(cidr) = theirs.into_iter().find(|n| causeway_broker_api::validate::overlaps(n, &pool)) {
         return Err(BrokerError::AddressConflict(format!(
             "{cidr} of cluster {:?} overlaps the ClusterSetIP pool {pool}; choose CIDRs outside it (or move the pool with `causeway cluster-set --cluster-set-ip-pool`)",
@@ -178,7 +195,7 @@ fn check_endpoint(
         });
     }
     if let Some(ip) = e.health_check_ip {
-        let inside = own.pod_cidrs.iter().chain(own.global_cidr.iter()).any(|n| n.contains(ip));
+        let inside = own.pod_cidrs.iter().copied().chain(own.global_pod_cidrs()).any(|n| n.contains(ip));
         if !inside {
             return Err(BrokerError::BadRequest(format!(
                 "healthCheckIp: {ip} is outside cluster {:?}'s pod CIDRs ({}); probes must be answered inside the cluster's own prefixes",
@@ -223,13 +240,15 @@ pub fn put_service(state: State<'_>, svc: &ServiceExportRecord) -> Result<Plan, 
             }
             let (services, pods): (Vec<ipnetwork::IpNetwork>, Vec<ipnetwork::IpNetwork>) = if set.overlap_mode
             {
-                (c.global_cidr.into_iter().collect(), c.global_cidr.into_iter().collect())
+                (c.global_service_cidrs().collect(), c.global_pod_cidrs().collect())
             } else {
                 (c.service_cidrs.clone(), c.pod_cidrs.clone())
             };
             let list =
                 |r: &[ipnetwork::IpNetwork]| r.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
-            let kind = |what| if set.overlap_mode { "global CIDR" } else { what };
+            let kind = |what: &'static str| {
+                if set.overlap_mode { what.replacen("CIDRs", "global prefixes", 1) } else { what.to_owned() }
+            };
             if let Some(ip) = svc.ips.iter().find(|ip| !services.iter().any(|r| r.contains(**ip))) {
                 return Err(BrokerError::BadRequest(format!(
                     "ips: {ip} is outside cluster {:?}'s {} ({}); export the service's ClusterIP",
@@ -312,7 +331,16 @@ fn import_changes(
 /// The cluster set's settings: every cluster stays inside the new pools, and the clusters'
 /// prefixes may not overlap under the new mode (global CIDRs in overlap mode).
 pub fn put_cluster_set(state: State<'_>, settings: &ClusterSetRecord) -> Result<Plan, BrokerError> {
-    put(
+    // Overlap mode on: every cluster gets the global prefixes it lacks, in the same revision
+    // (each allocation sees the ones before it).
+    let stored: Vec<&ClusterRecord> = state.records.clusters().collect();
+    let mut clusters: Vec<ClusterRecord> = Vec::with_capacity(stored.len());
+    for (i, c) in stored.iter().enumerate() {
+        let others = clusters.iter().chain(stored[i + 1..].iter().copied()).collect();
+        let done = crate::globals::complete(c, Some(c), settings, &taken(state, others))?;
+        clusters.push(done);
+    }
+    let plan = put(
         state,
         &Record::ClusterSet(settings.clone()),
         |_| Ok(()),
@@ -331,7 +359,7 @@ pub fn put_cluster_set(state: State<'_>, settings: &ClusterSetRecord) -> Result<
                     i.name
                 )));
             }
-            for c in state.records.clusters() {
+            for c in &clusters {
                 clear_of_cluster_set_ips(c, settings)?;
                 causeway_broker_api::check_pools(c, &settings.pools).map_err(|e| {
                     BrokerError::AddressConflict(format!(
@@ -340,16 +368,26 @@ pub fn put_cluster_set(state: State<'_>, settings: &ClusterSetRecord) -> Result<
                     ))
                 })?;
                 if settings.overlap_mode {
-                    causeway_broker_api::check_global_overlaps(c, state.records.clusters())
+                    causeway_broker_api::check_global_overlaps(c, &clusters)
                         .map_err(BrokerError::GlobalOverlap)?;
                 } else {
-                    causeway_broker_api::check_overlaps(c, state.records.clusters())
-                        .map_err(BrokerError::Overlap)?;
+                    causeway_broker_api::check_overlaps(c, &clusters).map_err(BrokerError::Overlap)?;
                 }
             }
             Ok(())
         },
-    )
+    )?;
+    Ok(match plan {
+        Plan::Commit(mut changes) => {
+            for (before, after) in stored.iter().zip(clusters) {
+                if **before != after {
+                    changes.push(Change::Put(Record::Cluster(after)));
+                }
+            }
+            Plan::Commit(changes)
+        }
+        unchanged @ Plan::Unchanged(_) => unchanged,
+    })
 }
 
 /// A record of the whole set with no rule of its own beyond generations (policy rules, the

@@ -543,7 +543,7 @@ pub(crate) mod tests {
             cluster_id: id.into(),
             pod_cidrs: vec!["10.1.0.0/16".parse().unwrap()],
             service_cidrs: vec![],
-            global_cidr: None,
+            global_cidrs: Vec::new(),
             labels: Default::default(),
             generation: gen_,
         })

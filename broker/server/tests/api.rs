@@ -9,8 +9,8 @@ use causeway_broker::{
     testing::{EtcdCluster, require_etcd},
 };
 use causeway_broker_api::{
-    BrokerClient, ClusterRecord, EndpointRecord, EventType, GatewayRole, ListResponse, Record, Token,
-    WireGuardKey,
+    BrokerClient, ClusterRecord, EndpointRecord, EventType, GatewayRole, GlobalCidr, ListResponse, Record,
+    Token, WireGuardKey, validate::overlaps,
 };
 
 /// Starts a broker on loopback; returns a client holding a fresh admin credential.
@@ -117,6 +117,7 @@ macro_rules! on_every_store {
 
 on_every_store!(refusals_are_clear_and_lose_nothing);
 on_every_store!(racing_overlapping_clusters_exactly_one_wins);
+on_every_store!(racing_joins_in_overlap_mode_never_share_a_global_prefix);
 on_every_store!(watcher_resumes_with_exactly_the_missed_events_in_order);
 on_every_store!(credentials_decide_who_may_write_what);
 on_every_store!(endpoints_expire_without_heartbeats);
@@ -240,6 +241,43 @@ async fn refusals_are_clear_and_lose_nothing(mut f: Fixture) {
     let mut expected = records(&before);
     expected[0] = Record::Cluster(newer);
     assert_eq!(records(&after), expected, "refused requests changed nothing");
+}
+
+/// Overlap mode: eight clusters with the same CIDRs join at the same instant; every one gets
+/// global prefixes, and no prefix is handed out twice.
+async fn racing_joins_in_overlap_mode_never_share_a_global_prefix(mut f: Fixture) {
+    let (client, _stop) = start(f.take()).await;
+    let on =
+        causeway_broker_api::ClusterSetRecord { overlap_mode: true, generation: 1, ..Default::default() };
+    client.put_cluster_set(&on).await.unwrap();
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            let c = client.clone();
+            tokio::spawn(async move {
+                c.put_cluster(&cluster(&format!("c{i}"), "10.244.0.0/16", "10.96.0.0/12")).await
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let globals: Vec<ipnetwork::IpNetwork> = client
+        .list()
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .flat_map(|o| match &o.record {
+            Record::Cluster(c) => c.globals().copied().collect(),
+            _ => Vec::new(),
+        })
+        .collect();
+    assert_eq!(globals.len(), 16);
+    for (i, a) in globals.iter().enumerate() {
+        for b in &globals[i + 1..] {
+            assert!(!overlaps(a, b), "{a} and {b} handed out twice");
+        }
+    }
 }
 
 async fn racing_overlapping_clusters_exactly_one_wins(mut f: Fixture) {
@@ -565,35 +603,79 @@ async fn services_and_overlap_mode(mut f: Fixture) {
     // Overlap mode off: an overlapping cluster is refused.
     let clash = joiner.join(&cluster("south", "10.1.0.0/16", "10.104.0.0/16")).await.unwrap_err();
     assert_eq!(clash.status(), Some(409));
-    // Turning it on needs every cluster to carry a global CIDR.
+    // Turning it on gives every cluster a global prefix per CIDR, in the same revision: from
+    // 242.0.0.0/8, of the CIDR's length.
     let on =
         causeway_broker_api::ClusterSetRecord { overlap_mode: true, generation: 1, ..Default::default() };
-    let err = admin.put_cluster_set(&on).await.unwrap_err();
-    assert_eq!(err.status(), Some(400));
-    assert!(err.to_string().contains("has no globalCidr"), "{err}");
     assert_eq!(east.put_cluster_set(&on).await.unwrap_err().status(), Some(403), "admin only");
-    for (c, id, pod, svc, global) in [
-        (&east, "east", "10.1.0.0/16", "10.101.0.0/16", "100.64.1.0/24"),
-        (&west, "west", "10.2.0.0/16", "10.102.0.0/16", "100.64.2.0/24"),
-    ] {
-        let mut rec = cluster(id, pod, svc);
-        rec.global_cidr = Some(global.parse().unwrap());
-        rec.generation = 2;
-        c.put_cluster(&rec).await.unwrap();
-    }
     admin.put_cluster_set(&on).await.unwrap();
-    // Now pod CIDRs may overlap, global CIDRs may not, and every cluster needs one.
-    let mut south = cluster("south", "10.1.0.0/16", "10.101.0.0/16");
-    let err = joiner.join(&south).await.unwrap_err();
+    let stored = |id: &'static str| {
+        let admin = admin.clone();
+        async move {
+            admin
+                .list()
+                .await
+                .unwrap()
+                .items
+                .into_iter()
+                .find_map(|o| match o.record {
+                    Record::Cluster(c) if c.cluster_id == id => Some(c),
+                    _ => None,
+                })
+                .unwrap()
+        }
+    };
+    let east_rec = stored("east").await;
+    assert_eq!(east_rec.global_cidrs.len(), 2, "{east_rec:?}");
+    let pool: ipnetwork::IpNetwork = "242.0.0.0/8".parse().unwrap();
+    for g in &east_rec.global_cidrs {
+        assert_eq!(g.global.prefix(), g.cidr.prefix(), "{g:?}");
+        assert!(pool.contains(g.global.network()), "{g:?}");
+    }
+    // Now pod CIDRs may overlap: south, with east's very CIDRs, joins and gets its own.
+    joiner.join(&cluster("south", "10.1.0.0/16", "10.101.0.0/16")).await.unwrap();
+    let (south, west_rec) = (stored("south").await, stored("west").await);
+    for g in south.globals() {
+        assert!(east_rec.globals().chain(west_rec.globals()).all(|e| !overlaps(g, e)), "{g}");
+    }
+    // Naming a global prefix another cluster holds: 409 naming the owner. One of another
+    // length than its CIDR: 400.
+    let east_pods = east_rec.global_of(&"10.1.0.0/16".parse().unwrap()).unwrap();
+    let mut north = cluster("north", "10.1.0.0/16", "10.101.0.0/16");
+    north.global_cidrs = vec![GlobalCidr { cidr: north.pod_cidrs[0], global: east_pods }];
+    let err = joiner.join(&north).await.unwrap_err();
+    assert_eq!(err.status(), Some(409), "{err}");
+    assert!(
+        err.to_string().contains(&format!("overlaps global prefix {east_pods} of cluster \"east\"")),
+        "{err}"
+    );
+    north.global_cidrs =
+        vec![GlobalCidr { cidr: north.pod_cidrs[0], global: "242.99.0.0/24".parse().unwrap() }];
+    let err = joiner.join(&north).await.unwrap_err();
     assert_eq!(err.status(), Some(400), "{err}");
-    south.global_cidr = Some("100.64.1.128/25".parse().unwrap());
-    let err = joiner.join(&south).await.unwrap_err();
-    assert_eq!(err.status(), Some(409));
-    assert!(err.to_string().contains("global CIDR"), "{err}");
-    south.global_cidr = Some("100.64.3.0/24".parse().unwrap());
-    joiner.join(&south).await.unwrap();
+    assert!(err.to_string().contains("the length of the CIDR it stands for"), "{err}");
+    // A named one in the private pools, then a cluster whose real CIDR lies on it: 409.
+    north.global_cidrs =
+        vec![GlobalCidr { cidr: north.pod_cidrs[0], global: "10.60.0.0/16".parse().unwrap() }];
+    joiner.join(&north).await.unwrap();
+    let err = joiner.join(&cluster("late", "10.60.0.0/16", "10.160.0.0/16")).await.unwrap_err();
+    assert_eq!(err.status(), Some(409), "{err}");
+    assert!(err.to_string().contains("overlaps global prefix 10.60.0.0/16 of cluster \"north\""), "{err}");
+    // A later write that leaves the prefixes out (a gateway registering again) keeps them.
+    let mut again = cluster("east", "10.1.0.0/16", "10.101.0.0/16");
+    again.generation = 2;
+    let back = east.put_cluster(&again).await.unwrap();
+    assert!(
+        matches!(&back.record, Record::Cluster(c) if c.global_cidrs == east_rec.global_cidrs),
+        "{back:?}"
+    );
+    assert_eq!(stored("east").await.global_cidrs, east_rec.global_cidrs);
     // In overlap mode services are exported with global IPs.
-    let mut svc = service("east", "100.64.1.10");
+    let east_services = east_rec.global_of(&"10.101.0.0/16".parse().unwrap()).unwrap();
+    let global_ip =
+        GlobalCidr::map(&"10.101.0.0/16".parse().unwrap(), &east_services, "10.101.0.10".parse().unwrap())
+            .unwrap();
+    let mut svc = service("east", &global_ip.to_string());
     svc.generation = 2;
     east.put_service(&svc).await.unwrap();
     // Overlap mode cannot be switched off while clusters overlap.

@@ -574,7 +574,7 @@ async fn translate_services(
 }
 
 /// Renews the endpoint's lease at the broker every `every` (an unchanged PUT: no event), with
-/// what the gateway reaches now; a change of that is published within a second (at most one
+/// what the gateway reaches now; a change of that is published within two seconds (at most one
 /// PUT a second, however often the verdict flaps).
 async fn heartbeat(
     client: BrokerClient,
@@ -582,18 +582,27 @@ async fn heartbeat(
     every: Duration,
     reachable: Arc<std::sync::RwLock<crate::node_probe::Reachable>>,
 ) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1).min(every));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last: Option<(std::time::Instant, Option<Vec<String>>)> = None;
+    // Heartbeats on their own clock (a lease counts on them); changes checked every second.
+    let mut beat = tokio::time::interval(every);
+    let mut check = tokio::time::interval(Duration::from_secs(1));
+    for t in [&mut beat, &mut check] {
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    }
+    let mut sent: Option<(std::time::Instant, Option<Vec<String>>)> = None;
     loop {
-        tick.tick().await;
+        let heartbeat = tokio::select! {
+            _ = beat.tick() => true,
+            _ = check.tick() => false,
+        };
         let ep = reporting(&ep, &reachable);
-        let due = last.as_ref().is_none_or(|(at, sent)| at.elapsed() >= every || *sent != ep.reachable);
-        if !due {
+        let changed = sent
+            .as_ref()
+            .is_none_or(|(at, last)| *last != ep.reachable && at.elapsed() >= Duration::from_secs(1));
+        if !heartbeat && !changed {
             continue;
         }
-        // A failed PUT counts as an attempt: the next one waits its turn like any other.
-        last = Some((std::time::Instant::now(), ep.reachable.clone()));
+        // A failed PUT counts as sent: the next try waits its turn like any other.
+        sent = Some((std::time::Instant::now(), ep.reachable.clone()));
         if let Err(e) = client.put_endpoint(&ep).await {
             tracing::debug!(error = %e, "heartbeat failed; the sync loop re-registers when the broker is back");
         }
@@ -620,9 +629,6 @@ async fn apply(shared: &Arc<Mutex<Shared>>, snapshot: &Snapshot, local: &LocalCl
     }
 }
 
-/// Register, then follow the records (the shared reflector: list once, watch from the last
-/// revision, back off with jitter and resume after broker trouble); apply every change.
-/// Never returns.
 /// `ep` with what the gateway reaches now (`None` before its first failover pass).
 fn reporting(
     ep: &EndpointRecord,
@@ -632,7 +638,10 @@ fn reporting(
     EndpointRecord { reachable: (now.epoch > 0).then(|| now.clusters.clone()), ..ep.clone() }
 }
 
-/// `ep` is registered with what the gateway reaches at that moment (see [`reporting`]).
+/// Register, then follow the records (the shared reflector: list once, watch from the last
+/// revision, back off with jitter and resume after broker trouble); apply every change.
+/// Never returns. `ep` is registered with what the gateway reaches at that moment (see
+/// [`reporting`]).
 async fn sync_loop(
     client: &BrokerClient,
     local: &LocalCluster,

@@ -144,7 +144,7 @@ pub struct EndpointRecord {
     pub health_check_ip: Option<IpAddr>,
     /// The remote clusters this gateway's in-band probes reach now, as it reports them (its
     /// connection summary: the same verdict its failover, its nodes' ClusterSetIP backends and
-    /// cluster-set DNS go by). Refreshed with the heartbeat, and within a second of a change.
+    /// cluster-set DNS go by). Refreshed with the heartbeat, and within two seconds of a change.
     /// `None`: not reported (a gateway before its first probe round, or an older one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reachable: Option<Vec<String>>,

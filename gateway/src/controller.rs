@@ -37,6 +37,7 @@ pub trait Tables {
     fn counter_slots(&self) -> Result<Vec<u32>, DatapathError>;
     fn remove_counters(&mut self, slot: u32) -> Result<(), DatapathError>;
     fn set_policy(&mut self, t: &PolicyTables) -> Result<(), DatapathError>;
+    fn set_translation(&mut self, pairs: &[(IpNetwork, IpNetwork)]) -> Result<(), DatapathError>;
     fn set_known_peers(&mut self, ips: &BTreeSet<std::net::Ipv4Addr>) -> Result<(), DatapathError>;
     fn set_peer_sessions(
         &mut self,
@@ -65,6 +66,9 @@ impl Tables for Datapath {
     }
     fn set_policy(&mut self, t: &PolicyTables) -> Result<(), DatapathError> {
         Datapath::set_policy(self, t)
+    }
+    fn set_translation(&mut self, pairs: &[(IpNetwork, IpNetwork)]) -> Result<(), DatapathError> {
+        Datapath::set_translation(self, pairs)
     }
     fn set_known_peers(&mut self, ips: &BTreeSet<std::net::Ipv4Addr>) -> Result<(), DatapathError> {
         Datapath::set_known_peers(self, ips)
@@ -107,7 +111,7 @@ pub enum StepError {
 }
 
 /// The step names a failure is reported under (a peer's under `peer/<cluster>`).
-pub const STEPS: [&str; 4] = ["datapath", "policy", "guard", "routes"];
+pub const STEPS: [&str; 5] = ["translation", "datapath", "policy", "guard", "routes"];
 
 /// Reconciles a gateway's resources with the desired state. See the module docs.
 pub struct Controller<C, T, R> {
@@ -127,6 +131,8 @@ pub struct Controller<C, T, R> {
     authority: Desired,
     /// Which gateway of each remote cluster carries it, decided on the probes' evidence.
     carriers: Carriers,
+    /// The translation pairs in the datapath (`None`: not written yet by this process).
+    applied_translation: Option<Vec<(IpNetwork, IpNetwork)>>,
     /// See [`Self::forwarding`].
     forwarding: bool,
     reachable: BTreeSet<String>,
@@ -150,6 +156,7 @@ impl<C: CableDriver, T: Tables, R: Routes> Controller<C, T, R> {
             applied: Desired::default(),
             authority: Desired::default(),
             carriers: Carriers::default(),
+            applied_translation: None,
             forwarding: true,
             reachable: BTreeSet::new(),
             policy: None,
@@ -173,6 +180,25 @@ impl<C: CableDriver, T: Tables, R: Routes> Controller<C, T, R> {
         for (id, why) in &desired.refused {
             if self.applied.refused.get(id) != Some(why) {
                 warn!(cluster = %id, reason = %why, "remote cluster refused: not routed");
+            }
+        }
+        // Translation before anything can carry global addresses: a packet for this cluster's
+        // global prefix must never arrive untranslated (or leave with a real source).
+        if self.applied_translation.as_ref() != Some(&desired.translation) {
+            match self.tables.set_translation(&desired.translation) {
+                Ok(()) => {
+                    if !desired.translation.is_empty() {
+                        info!(
+                            pairs = desired.translation.len(),
+                            "overlap mode: prefix translation installed"
+                        );
+                    }
+                    self.applied_translation = Some(desired.translation.clone());
+                }
+                Err(e) => {
+                    warn!(step = "translation", error = %e, "reconcile step failed; retried on the next pass");
+                    failures.insert("translation".to_owned(), e.to_string());
+                }
             }
         }
         // Peers first: what the other steps steer traffic to must be able to carry it.
@@ -633,6 +659,7 @@ mod tests {
         policy: Option<PolicyTables>,
         refuse_policy: bool,
         known: BTreeSet<std::net::Ipv4Addr>,
+        translation: Vec<(IpNetwork, IpNetwork)>,
     }
 
     impl FakeTables {
@@ -644,6 +671,7 @@ mod tests {
                 policy: None,
                 refuse_policy: false,
                 known: BTreeSet::new(),
+                translation: Vec::new(),
             }
         }
     }
@@ -690,6 +718,10 @@ mod tests {
                 return Err(map_full("POLICY_VERDICTS"));
             }
             self.policy = Some(t.clone());
+            Ok(())
+        }
+        fn set_translation(&mut self, pairs: &[(IpNetwork, IpNetwork)]) -> Result<(), DatapathError> {
+            self.translation = pairs.to_vec();
             Ok(())
         }
         fn set_known_peers(&mut self, ips: &BTreeSet<std::net::Ipv4Addr>) -> Result<(), DatapathError> {

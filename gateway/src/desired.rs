@@ -24,6 +24,9 @@ pub struct Desired {
     /// Remote clusters this node refuses to route, and why (their records would capture
     /// traffic that is not theirs, or clash with another cluster's).
     pub refused: BTreeMap<String, String>,
+    /// Overlap mode: the local cluster's real prefix → global prefix pairs the tunnel programs
+    /// translate between (empty otherwise).
+    pub translation: Vec<(IpNetwork, IpNetwork)>,
 }
 
 impl Desired {
@@ -44,14 +47,30 @@ pub struct LocalFacts {
     pub public_key: Option<WireGuardKey>,
 }
 
+/// The prefixes a cluster is reached at: its pod and service CIDRs, or in overlap mode their
+/// global prefixes.
+fn reached_at(c: &ClusterRecord, overlap_mode: bool) -> Vec<IpNetwork> {
+    if overlap_mode { c.globals().copied().collect() } else { c.all_cidrs().copied().collect() }
+}
+
 /// Why a remote cluster's own record makes it unroutable from this node, if it does.
 fn hostile_prefix<'a>(
     c: &ClusterRecord,
+    overlap_mode: bool,
     facts: &LocalFacts,
     endpoints: impl Iterator<Item = &'a EndpointRecord> + Clone,
 ) -> Option<String> {
-    for cidr in c.all_cidrs() {
-        if let Err(e) = causeway_broker_api::validate::claimable("cidrs", cidr) {
+    let routed = reached_at(c, overlap_mode);
+    if overlap_mode && let Some(real) = c.all_cidrs().find(|n| c.global_of(n).is_none()) {
+        return Some(format!("{real} has no global prefix yet (overlap mode)"));
+    }
+    for cidr in &routed {
+        let claimable = if overlap_mode {
+            causeway_broker_api::validate::claimable_global("globalCidrs", cidr)
+        } else {
+            causeway_broker_api::validate::claimable("cidrs", cidr)
+        };
+        if let Err(e) = claimable {
             return Some(e.to_string());
         }
         if let Some(addr) = facts.addresses.iter().find(|a| cidr.contains(**a)) {
@@ -79,9 +98,16 @@ pub fn desired(objects: &[Object], local_cluster: &str, facts: &LocalFacts) -> D
     let mut endpoints: BTreeMap<&str, Vec<&EndpointRecord>> = BTreeMap::new();
     let mut all_endpoints: Vec<(u64, &EndpointRecord)> = Vec::new();
     let mut policy = crate::policy::PolicyInput::default();
+    // Overlap mode: clusters are reached at their global prefixes, and the policy (which
+    // sees the packets on the tunnel, translated) speaks those.
+    let overlap_mode = objects.iter().any(|o| matches!(&o.record, Record::ClusterSet(s) if s.overlap_mode));
+    let mut local: Option<&ClusterRecord> = None;
     for o in objects {
         if let Record::Cluster(c) = &o.record {
-            policy.clusters.insert(c.cluster_id.clone(), c.all_cidrs().copied().collect());
+            policy.clusters.insert(c.cluster_id.clone(), reached_at(c, overlap_mode));
+            if c.cluster_id == local_cluster {
+                local = Some(c);
+            }
         }
         if let Record::Endpoint(e) = &o.record {
             all_endpoints.push((o.resource_version, e));
@@ -103,27 +129,30 @@ pub fn desired(objects: &[Object], local_cluster: &str, facts: &LocalFacts) -> D
     }
     let mut refused: BTreeMap<String, String> = BTreeMap::new();
     for (id, c) in &clusters {
-        if let Some(why) = hostile_prefix(c, facts, all_endpoints.iter().map(|(_, e)| *e)) {
+        if let Some(why) = hostile_prefix(c, overlap_mode, facts, all_endpoints.iter().map(|(_, e)| *e)) {
             refused.insert((*id).to_owned(), why);
         }
     }
-    // Clashes: with the local cluster, the remote is out; between remotes, both are (routing
-    // to whichever id sorts first would hand one cluster's traffic to the other). Overlap
-    // mode allows such records; without address translation they are unroutable.
-    let local_cidrs: Vec<IpNetwork> = policy.clusters.get(local_cluster).cloned().unwrap_or_default();
+    // Clashes: with the local cluster (its own CIDRs and, in overlap mode, its global
+    // prefixes too), the remote is out; between remotes, both are (routing to whichever id
+    // sorts first would hand one cluster's traffic to the other).
+    let local_cidrs: Vec<IpNetwork> =
+        local.map(|l| l.all_cidrs().chain(l.globals()).copied().collect()).unwrap_or_default();
     let candidates: Vec<(&str, &ClusterRecord)> =
         clusters.iter().filter(|(id, _)| !refused.contains_key(**id)).map(|(id, c)| (*id, *c)).collect();
     for (i, (id, c)) in candidates.iter().enumerate() {
         let overlaps = |a: &IpNetwork, b: &IpNetwork| causeway_broker_api::validate::overlaps(a, b);
+        let routed = reached_at(c, overlap_mode);
         if let Some((ours, theirs)) =
-            c.all_cidrs().find_map(|n| local_cidrs.iter().find(|l| overlaps(n, l)).map(|l| (*l, *n)))
+            routed.iter().find_map(|n| local_cidrs.iter().find(|l| overlaps(n, l)).map(|l| (*l, *n)))
         {
             refused.insert((*id).to_owned(), format!("{theirs} overlaps {ours} of the local cluster"));
             continue;
         }
         for (other, oc) in candidates.iter().skip(i + 1) {
+            let theirs = reached_at(oc, overlap_mode);
             if let Some((a, b)) =
-                c.all_cidrs().find_map(|n| oc.all_cidrs().find(|m| overlaps(n, m)).map(|m| (*n, *m)))
+                routed.iter().find_map(|n| theirs.iter().find(|m| overlaps(n, m)).map(|m| (*n, *m)))
             {
                 let why = |x: &IpNetwork, y: &IpNetwork, o: &str| {
                     format!("{x} overlaps {y} of cluster {o:?}: neither is routed until one of them changes")
@@ -198,14 +227,18 @@ pub fn desired(objects: &[Object], local_cluster: &str, facts: &LocalFacts) -> D
                 cluster_id: id.to_owned(),
                 public_key: ep.public_key,
                 endpoint: SocketAddr::new(ip, ep.port),
-                cidrs: c.all_cidrs().copied().collect(),
+                cidrs: reached_at(c, overlap_mode),
                 health_ip: v4(ep.health_check_ip),
                 priority: ep.priority,
                 standbys,
             },
         );
     }
-    Desired { remotes, policy, refused }
+    let translation = match (overlap_mode, local) {
+        (true, Some(l)) => l.global_cidrs.iter().map(|g| (g.cidr, g.global)).collect(),
+        _ => Vec::new(),
+    };
+    Desired { remotes, policy, refused, translation }
 }
 
 /// The active endpoint with the highest priority (ties: lowest hostname); without an active
@@ -296,6 +329,62 @@ mod tests {
             d.routes().into_iter().collect::<Vec<_>>(),
             vec!["10.2.0.0/16".parse().unwrap(), "10.4.0.0/16".parse().unwrap()]
         );
+    }
+
+    /// A cluster of the same CIDRs as every other one, with its global prefix (overlap mode).
+    fn twin(id: &str, global: Option<&str>) -> Object {
+        let pods: IpNetwork = "10.244.0.0/16".parse().unwrap();
+        let global_cidrs = global
+            .map(|g| vec![causeway_broker_api::GlobalCidr { cidr: pods, global: g.parse().unwrap() }])
+            .unwrap_or_default();
+        Object::new(
+            1,
+            Record::Cluster(ClusterRecord {
+                cluster_id: id.into(),
+                pod_cidrs: vec![pods],
+                service_cidrs: vec![],
+                global_cidrs,
+                labels: Default::default(),
+                generation: 1,
+            }),
+        )
+    }
+
+    fn overlap_mode() -> Object {
+        Object::new(
+            1,
+            Record::ClusterSet(causeway_broker_api::ClusterSetRecord {
+                overlap_mode: true,
+                ..Default::default()
+            }),
+        )
+    }
+
+    #[test]
+    fn in_overlap_mode_remotes_are_routed_at_their_global_prefixes_and_the_local_one_translated() {
+        let mut objs = vec![
+            twin("a", Some("242.1.0.0/16")),
+            twin("b", Some("242.2.0.0/16")),
+            endpoint("b", "gw-b", "172.31.0.12", GatewayRole::Active, 0),
+            twin("c", None), // no global prefix yet
+            endpoint("c", "gw-c", "172.31.0.13", GatewayRole::Active, 0),
+            twin("d", Some("242.1.128.0/17")),
+            endpoint("d", "gw-d", "172.31.0.14", GatewayRole::Active, 0),
+        ];
+        // Without overlap mode the same records clash everywhere: nothing is routed.
+        let d = desired(&objs, "a", &LocalFacts::default());
+        assert!(d.remotes.is_empty(), "{:?}", d.remotes);
+        assert!(d.translation.is_empty());
+        objs.push(overlap_mode());
+        let d = desired(&objs, "a", &LocalFacts::default());
+        assert_eq!(d.remotes.keys().collect::<Vec<_>>(), vec!["b"]);
+        assert_eq!(d.routes(), ["242.2.0.0/16".parse().unwrap()].into());
+        assert_eq!(d.translation, vec![("10.244.0.0/16".parse().unwrap(), "242.1.0.0/16".parse().unwrap())]);
+        assert_eq!(d.refused["c"], "10.244.0.0/16 has no global prefix yet (overlap mode)");
+        assert!(d.refused["d"].contains("overlaps 242.1.0.0/16 of the local cluster"), "{}", d.refused["d"]);
+        // The policy sees the tunnel's (global) addresses.
+        assert_eq!(d.policy.clusters["a"], vec!["242.1.0.0/16".parse::<IpNetwork>().unwrap()]);
+        assert_eq!(d.policy.clusters["b"], vec!["242.2.0.0/16".parse::<IpNetwork>().unwrap()]);
     }
 
     #[test]

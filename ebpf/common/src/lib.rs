@@ -35,9 +35,15 @@ pub mod maps {
     pub const POLICY_FLOWS: &str = "POLICY_FLOWS";
     /// `PerCpuArray<u64>`: drops per policy rule index; the last slot counts the default.
     pub const POLICY_DROPS: &str = "POLICY_DROPS";
+    /// `LpmTrie<u32 (IPv4, network order), NatPrefix>`: overlap mode, the local cluster's real
+    /// prefixes → their global prefixes (sources leaving through the tunnel).
+    pub const NAT_OUT_V4: &str = "NAT_OUT_V4";
+    /// `LpmTrie<u32 (IPv4, network order), NatPrefix>`: overlap mode, the local cluster's
+    /// global prefixes → its real ones (destinations arriving from the tunnel).
+    pub const NAT_IN_V4: &str = "NAT_IN_V4";
 
     /// Every map above: the state a restart-safe gateway pins and finds again.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 15] = [
         REMOTE_CIDRS_V4,
         REMOTE_CIDRS_V6,
         CLUSTER_COUNTERS,
@@ -51,7 +57,22 @@ pub mod maps {
         POLICY_VERDICTS,
         POLICY_FLOWS,
         POLICY_DROPS,
+        NAT_OUT_V4,
+        NAT_IN_V4,
     ];
+}
+
+/// Prefixes one translation map may hold (one per pod or service CIDR of the local cluster).
+pub const MAX_NAT_PREFIXES: u32 = 1_024;
+
+/// The value of the translation tries: where a matched prefix goes, address for address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatPrefix {
+    /// The other side's network address (IPv4, network order).
+    pub to: u32,
+    /// The prefix length both sides share.
+    pub prefix: u32,
 }
 
 /// Classes one compiled policy may hold per side. The tries hold twice as many: the policy
@@ -238,10 +259,16 @@ pub enum Stat {
     /// XDP: a data message from a known peer's address for a session index that is not that
     /// peer's (spoofed, or a session long gone).
     XdpUnknownSession = 13,
+    /// Overlap mode: a packet leaving through the tunnel whose source (or, in an ICMP error,
+    /// the embedded destination) was moved to its global prefix.
+    TranslatedTx = 14,
+    /// Overlap mode: a packet from the tunnel whose destination (or, in an ICMP error, the
+    /// embedded source) was moved back to its real prefix.
+    TranslatedRx = 15,
 }
 
 impl Stat {
-    pub const ALL: [Stat; 14] = [
+    pub const ALL: [Stat; 16] = [
         Self::TxNoRemote,
         Self::RxNoRemote,
         Self::NoCounterSlot,
@@ -256,6 +283,8 @@ impl Stat {
         Self::PolicyReplyAllowed,
         Self::Redirected,
         Self::XdpUnknownSession,
+        Self::TranslatedTx,
+        Self::TranslatedRx,
     ];
 
     /// Name used in metrics and `show` output.
@@ -276,6 +305,8 @@ impl Stat {
             Self::PolicyReplyAllowed => "policy_reply_allowed",
             Self::Redirected => "redirected",
             Self::XdpUnknownSession => "xdp_unknown_session",
+            Self::TranslatedTx => "translated_tx",
+            Self::TranslatedRx => "translated_rx",
         }
     }
 }
@@ -420,6 +451,8 @@ mod pod {
     unsafe impl aya::Pod for super::FlowKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::PeerSession {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::NatPrefix {}
 }
 
 #[cfg(test)]
@@ -431,6 +464,7 @@ mod tests {
     #[test]
     fn layouts_have_no_padding() {
         assert_eq!(size_of::<RemoteCidr>(), 8);
+        assert_eq!(size_of::<NatPrefix>(), 8);
         assert_eq!(offset_of!(RemoteCidr, tunnel), 4);
         assert_eq!(size_of::<TrafficCounters>(), 32);
         assert_eq!(offset_of!(TrafficCounters, tx_bytes), 8);
@@ -465,7 +499,7 @@ mod tests {
         for (i, s) in Stat::ALL.iter().enumerate() {
             assert_eq!(*s as usize, i);
         }
-        assert_eq!(NUM_STATS, 14);
+        assert_eq!(NUM_STATS, 16);
         assert_eq!(Config::PolicyState as u32 + 1, NUM_CONFIG);
     }
 

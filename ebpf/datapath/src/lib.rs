@@ -19,7 +19,7 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuHashMap},
     programs::ProgramError,
 };
-use causeway_datapath_common::{FlowKey, PeerSession, PolicyAddr, maps};
+use causeway_datapath_common::{FlowKey, NatPrefix, PeerSession, PolicyAddr, maps};
 pub use causeway_datapath_common::{
     MAX_POLICY_RULES, MAX_POLICY_VERDICTS, POLICY_ALLOW, POLICY_ANY, POLICY_DENY, PolicyKey, PolicyVerdict,
     RemoteCidr, Stat, TrafficCounters,
@@ -33,10 +33,12 @@ pub mod pin;
 mod policy;
 mod redirect;
 pub mod sockets;
+mod translate;
 mod tunnel;
 pub use guard::{GuardVerdict, UplinkHook};
 pub use pin::{PinDir, PinError};
 pub use policy::{PolicyTables, StagedPolicy};
+pub use translate::TranslationError;
 
 pub mod testing;
 
@@ -69,6 +71,8 @@ pub enum DatapathError {
     Cgroup { path: String, reason: String },
     #[error("pinning the link of {name} at {path}: {reason}")]
     Link { name: &'static str, path: String, reason: String },
+    #[error(transparent)]
+    Translation(#[from] TranslationError),
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DatapathError {
@@ -90,6 +94,8 @@ pub struct Datapath {
     policy_verdicts: HashMap<MapData, PolicyKey, PolicyVerdict>,
     policy_flows: HashMap<MapData, FlowKey, u32>,
     policy_drops: PerCpuArray<MapData, u64>,
+    nat_out: LpmTrie<MapData, u32, NatPrefix>,
+    nat_in: LpmTrie<MapData, u32, NatPrefix>,
     ncpus: usize,
     pins: Option<PinDir>,
     /// Pinned links attached (or re-attached) by this value.
@@ -152,6 +158,10 @@ impl Datapath {
             HashMap::try_from(take(&mut ebpf, maps::POLICY_FLOWS)?).map_err(map_err(maps::POLICY_FLOWS))?;
         let policy_drops = PerCpuArray::try_from(take(&mut ebpf, maps::POLICY_DROPS)?)
             .map_err(map_err(maps::POLICY_DROPS))?;
+        let nat_out =
+            LpmTrie::try_from(take(&mut ebpf, maps::NAT_OUT_V4)?).map_err(map_err(maps::NAT_OUT_V4))?;
+        let nat_in =
+            LpmTrie::try_from(take(&mut ebpf, maps::NAT_IN_V4)?).map_err(map_err(maps::NAT_IN_V4))?;
         Ok(Self {
             ebpf,
             remote_v4,
@@ -166,6 +176,8 @@ impl Datapath {
             policy_verdicts,
             policy_flows,
             policy_drops,
+            nat_out,
+            nat_in,
             ncpus,
             pins,
             attached: Vec::new(),

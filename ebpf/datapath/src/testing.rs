@@ -44,6 +44,28 @@ impl Datapath {
         self.test_tc(name, packet)
     }
 
+    /// Like [`Self::test_tunnel`], and the packet as the program left it.
+    pub fn test_tunnel_packet(
+        &mut self,
+        egress: bool,
+        packet: &[u8],
+    ) -> Result<(i32, Vec<u8>), DatapathError> {
+        use aya::programs::{TestRun as _, TestRunOptions};
+        let name = if egress { programs::TUNNEL_EGRESS } else { programs::TUNNEL_INGRESS };
+        let prog = self.tunnel_program(name)?;
+        let mut data = packet.to_vec();
+        if data.len() < 14 {
+            data.resize(14, 0);
+        }
+        let mut out = vec![0u8; data.len() + 64];
+        let opts =
+            TestRunOptions { data_in: Some(&data), data_out: Some(&mut out), ..TestRunOptions::default() };
+        let r = prog.test_run(opts).map_err(|source| DatapathError::Program { name, source })?;
+        let len = usize::try_from(r.data_size_out).unwrap_or(0).min(out.len());
+        out.truncate(len);
+        Ok((i32::try_from(r.return_value).unwrap_or(i32::MAX), out))
+    }
+
     /// Runs one Ethernet frame through the Ethernet policy program (see
     /// [`Self::attach_policy_eth`]); returns its verdict.
     pub fn test_policy_eth(&mut self, frame: &[u8]) -> Result<i32, DatapathError> {

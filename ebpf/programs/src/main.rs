@@ -23,7 +23,11 @@
 //! No logging on the fast path: only the rare "no remote prefix matched" event is logged
 //! (aya-log), and counted.
 //!
-//! One program family per module: `guard`, `tunnel`, `redirect`, `policy`; the maps they
+//! In overlap mode `translate` rewrites the local cluster's real prefixes to their global ones
+//! (and back) on the tunnel device, statelessly, before the policy on the way out and after
+//! it on the way in.
+//!
+//! One program family per module: `guard`, `tunnel`, `redirect`, `policy`, `translate`; the maps they
 //! share in `maps`, frame access in `frame`.
 #![no_std]
 #![no_main]
@@ -33,6 +37,7 @@ mod guard;
 mod maps;
 mod policy;
 mod redirect;
+mod translate;
 mod tunnel;
 
 #[cfg(not(test))]

@@ -6,9 +6,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use causeway_datapath_common::{
-    Config, FlowKey, HandshakeBucket, MAX_CLUSTERS, MAX_HANDSHAKE_SOURCES, MAX_PEERS, MAX_POLICY_CLASSES,
-    MAX_POLICY_FLOWS, MAX_POLICY_RULES, MAX_POLICY_VERDICTS, MAX_REMOTE_CIDRS, NUM_CONFIG, NUM_STATS,
-    PeerSession, PolicyAddr, PolicyKey, PolicyVerdict, RemoteCidr, Stat, TrafficCounters,
+    Config, FlowKey, HandshakeBucket, MAX_CLUSTERS, MAX_HANDSHAKE_SOURCES, MAX_NAT_PREFIXES, MAX_PEERS,
+    MAX_POLICY_CLASSES, MAX_POLICY_FLOWS, MAX_POLICY_RULES, MAX_POLICY_VERDICTS, MAX_REMOTE_CIDRS,
+    NUM_CONFIG, NUM_STATS, NatPrefix, PeerSession, PolicyAddr, PolicyKey, PolicyVerdict, RemoteCidr, Stat,
+    TrafficCounters,
 };
 
 #[map]
@@ -58,6 +59,14 @@ pub(crate) static POLICY_FLOWS: LruHashMap<FlowKey, u32> = LruHashMap::with_max_
 
 #[map]
 pub(crate) static POLICY_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_POLICY_RULES + 1, 0);
+
+#[map]
+pub(crate) static NAT_OUT_V4: LpmTrie<u32, NatPrefix> =
+    LpmTrie::with_max_entries(MAX_NAT_PREFIXES, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+
+#[map]
+pub(crate) static NAT_IN_V4: LpmTrie<u32, NatPrefix> =
+    LpmTrie::with_max_entries(MAX_NAT_PREFIXES, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
 
 #[inline(always)]
 pub(crate) fn config(c: Config) -> u32 {

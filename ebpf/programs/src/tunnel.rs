@@ -13,6 +13,7 @@ use crate::{
     frame::IPPROTO_TCP,
     maps::{CLUSTER_COUNTERS, REMOTE_CIDRS_V4, REMOTE_CIDRS_V6, bump, config},
     policy::policy_allows,
+    translate::{translate_egress, translate_ingress},
 };
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -25,6 +26,9 @@ pub(crate) enum Direction {
 
 #[classifier]
 pub fn tunnel_egress(ctx: TcContext) -> i32 {
+    // Overlap mode: from here on the packet carries global addresses only, which is what the
+    // policy, the counters and the other clusters speak.
+    translate_egress(&ctx);
     if !policy_allows(&ctx, 0) {
         bump(Stat::PolicyDeniedTx);
         return TC_ACT_SHOT;
@@ -42,6 +46,9 @@ pub fn tunnel_ingress(ctx: TcContext) -> i32 {
     }
     count(&ctx, Direction::Rx);
     clamp_mss(&ctx);
+    // Overlap mode: the policy and the counters saw global addresses; the cluster gets its
+    // real ones.
+    translate_ingress(&ctx);
     TC_ACT_OK
 }
 

@@ -132,6 +132,17 @@ pub struct Shared {
     /// The reconcilers and the resources they own (cable, datapath tables, routes).
     ctl: Controller<AnyCable, Datapath, RouteManager>,
     revision: u64,
+    /// What the endpoint record publishes (see [`Published`]).
+    published: Published,
+}
+
+/// What the gateway publishes in its endpoint record beyond its flags, as it learns it: the
+/// remote clusters it reaches (by its last failover pass) and where it answers probes (in
+/// overlap mode, its pod prefix's global address, known once the broker has allocated it).
+#[derive(Clone, Debug)]
+struct Published {
+    reachable: Arc<std::sync::RwLock<crate::node_probe::Reachable>>,
+    health_ip: Arc<std::sync::RwLock<Option<std::net::Ipv4Addr>>>,
 }
 
 impl Shared {
@@ -355,6 +366,10 @@ pub async fn run(
     let routes = RouteManager::new(&netlink, &info.device).await?;
     let tunnel_ifindex = routes.ifindex();
     let backend = info.name;
+    let published = Published {
+        reachable: Arc::new(std::sync::RwLock::new(crate::node_probe::Reachable::default())),
+        health_ip: Arc::new(std::sync::RwLock::new(local.health_ip())),
+    };
     let shared = Arc::new(Mutex::new(Shared {
         local: local.clone(),
         config: config.clone(),
@@ -362,6 +377,7 @@ pub async fn run(
         netlink,
         ctl: Controller::new(cable, datapath, routes, tunnel_ifindex),
         revision: 0,
+        published: published.clone(),
     }));
     let (snapshot, snapshot_task) = crate::status::start_snapshots(shared.clone(), Duration::from_secs(1));
     let status_task = crate::status::serve(
@@ -387,9 +403,9 @@ pub async fn run(
     let mut ep = endpoint_record(&local, &key, &config, backend);
     // Which remote clusters this gateway reaches, by its last failover pass: served to its
     // cluster's nodes and DNS, and published in its endpoint record.
-    let reachable = Arc::new(std::sync::RwLock::new(crate::node_probe::Reachable::default()));
+    let reachable = published.reachable.clone();
     let mut heartbeat_task =
-        tokio::spawn(heartbeat(client.clone(), ep.clone(), config.heartbeat, reachable.clone()));
+        tokio::spawn(heartbeat(client.clone(), ep.clone(), config.heartbeat, published.clone()));
     let peers_task = config.uplink.is_some().then(|| {
         let shared = shared.clone();
         tokio::spawn(async move {
@@ -446,7 +462,7 @@ pub async fn run(
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         tokio::select! {
-            () = sync_loop(&client, &local, (&ep, &reachable), &config, &shared) => break,
+            () = sync_loop(&client, &local, (&ep, &published), &config, &shared) => break,
             () = &mut shutdown => {
                 info!("shutting down");
                 break;
@@ -463,7 +479,7 @@ pub async fn run(
                         client.clone(),
                         ep.clone(),
                         config.heartbeat,
-                        reachable.clone(),
+                        published.clone(),
                     ));
                 }
                 Ok(_) => {}
@@ -576,33 +592,27 @@ async fn translate_services(
 /// Renews the endpoint's lease at the broker every `every` (an unchanged PUT: no event), with
 /// what the gateway reaches now; a change of that is published within two seconds (at most one
 /// PUT a second, however often the verdict flaps).
-async fn heartbeat(
-    client: BrokerClient,
-    ep: EndpointRecord,
-    every: Duration,
-    reachable: Arc<std::sync::RwLock<crate::node_probe::Reachable>>,
-) {
+async fn heartbeat(client: BrokerClient, ep: EndpointRecord, every: Duration, published: Published) {
     // Heartbeats on their own clock (a lease counts on them); changes checked every second.
     let mut beat = tokio::time::interval(every);
     let mut check = tokio::time::interval(Duration::from_secs(1));
     for t in [&mut beat, &mut check] {
         t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     }
-    let mut sent: Option<(std::time::Instant, Option<Vec<String>>)> = None;
+    let mut sent: Option<(std::time::Instant, EndpointRecord)> = None;
     loop {
         let heartbeat = tokio::select! {
             _ = beat.tick() => true,
             _ = check.tick() => false,
         };
-        let ep = reporting(&ep, &reachable);
-        let changed = sent
-            .as_ref()
-            .is_none_or(|(at, last)| *last != ep.reachable && at.elapsed() >= Duration::from_secs(1));
+        let ep = reporting(&ep, &published);
+        let changed =
+            sent.as_ref().is_none_or(|(at, last)| *last != ep && at.elapsed() >= Duration::from_secs(1));
         if !heartbeat && !changed {
             continue;
         }
         // A failed PUT counts as sent: the next try waits its turn like any other.
-        sent = Some((std::time::Instant::now(), ep.reachable.clone()));
+        sent = Some((std::time::Instant::now(), ep.clone()));
         if let Err(e) = client.put_endpoint(&ep).await {
             tracing::debug!(error = %e, "heartbeat failed; the sync loop re-registers when the broker is back");
         }
@@ -624,18 +634,45 @@ async fn apply(shared: &Arc<Mutex<Shared>>, snapshot: &Snapshot, local: &LocalCl
     let d = desired(&snapshot.objects(), &local.cluster_id, &LocalFacts { addresses, public_key });
     let mut s = shared.lock().await;
     s.revision = snapshot.revision;
+    // In overlap mode probes cross the tunnel at global addresses, and the cable answers
+    // them itself (they never meet the translation): its probe address moves with the map.
+    let health = local.health_ip().map(|ip| global_address(ip, &d.translation));
+    let published = s.published.health_ip.clone();
+    if *published.read().expect("health lock") != health {
+        info!(health_ip = ?health, "probe address changed");
+        *published.write().expect("health lock") = health;
+        s.ctl.cable.set_health_ip(health);
+    }
     if let Err(e) = s.reconcile(d).await {
         warn!(error = %e, "reconcile failed; will retry on the next change or resync");
     }
 }
 
-/// `ep` with what the gateway reaches now (`None` before its first failover pass).
-fn reporting(
-    ep: &EndpointRecord,
-    reachable: &std::sync::RwLock<crate::node_probe::Reachable>,
-) -> EndpointRecord {
-    let now = reachable.read().expect("reachable lock");
-    EndpointRecord { reachable: (now.epoch > 0).then(|| now.clusters.clone()), ..ep.clone() }
+/// `ip` moved to its global prefix by `pairs` (real → global), or as it is.
+fn global_address(
+    ip: std::net::Ipv4Addr,
+    pairs: &[(ipnetwork::IpNetwork, ipnetwork::IpNetwork)],
+) -> std::net::Ipv4Addr {
+    pairs
+        .iter()
+        .find_map(|(real, global)| causeway_broker_api::GlobalCidr::map(real, global, ip.into()))
+        .and_then(|a| match a {
+            std::net::IpAddr::V4(v4) => Some(v4),
+            std::net::IpAddr::V6(_) => None,
+        })
+        .unwrap_or(ip)
+}
+
+/// `ep` with what the gateway reaches now (`None` before its first failover pass) and where
+/// it answers probes now.
+fn reporting(ep: &EndpointRecord, published: &Published) -> EndpointRecord {
+    let now = published.reachable.read().expect("reachable lock");
+    let health = *published.health_ip.read().expect("health lock");
+    EndpointRecord {
+        reachable: (now.epoch > 0).then(|| now.clusters.clone()),
+        health_check_ip: health.map(std::net::IpAddr::V4),
+        ..ep.clone()
+    }
 }
 
 /// Register, then follow the records (the shared reflector: list once, watch from the last
@@ -645,7 +682,7 @@ fn reporting(
 async fn sync_loop(
     client: &BrokerClient,
     local: &LocalCluster,
-    (ep, reachable): (&EndpointRecord, &std::sync::RwLock<crate::node_probe::Reachable>),
+    (ep, published): (&EndpointRecord, &Published),
     config: &GatewayConfig,
     shared: &Arc<Mutex<Shared>>,
 ) {
@@ -658,7 +695,7 @@ async fn sync_loop(
     let mut registered = false;
     loop {
         if !registered {
-            if let Err(e) = register(client, local, &reporting(ep, reachable)).await {
+            if let Err(e) = register(client, local, &reporting(ep, published)).await {
                 let retry_in = backoff.next_delay();
                 warn!(error = %e, ?retry_in, "registering with the broker failed");
                 tokio::time::sleep(retry_in).await;
@@ -675,7 +712,7 @@ async fn sync_loop(
             // A quiet broker: renew the registration, and retry a pass that left failed steps
             // now rather than on the next change.
             Ok(Step::Quiet) => {
-                if let Err(e) = register(client, local, &reporting(ep, reachable)).await {
+                if let Err(e) = register(client, local, &reporting(ep, published)).await {
                     warn!(error = %e, "re-registering failed");
                     registered = false;
                     continue;

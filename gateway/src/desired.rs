@@ -235,7 +235,11 @@ pub fn desired(objects: &[Object], local_cluster: &str, facts: &LocalFacts) -> D
         );
     }
     let translation = match (overlap_mode, local) {
-        (true, Some(l)) => l.global_cidrs.iter().map(|g| (g.cidr, g.global)).collect(),
+        // The programs translate IPv4; an IPv6 CIDR's global prefix is routed but not
+        // translated (documented: overlap mode is for IPv4).
+        (true, Some(l)) => {
+            l.global_cidrs.iter().filter(|g| g.cidr.is_ipv4()).map(|g| (g.cidr, g.global)).collect()
+        }
         _ => Vec::new(),
     };
     Desired { remotes, policy, refused, translation }

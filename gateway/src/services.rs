@@ -8,6 +8,8 @@
 //!   export says it has ready endpoints (or does not say), and the port is among the ports
 //!   the import gives it. Its backend for the port is its export's first IPv4 ClusterIP at
 //!   the same port number (as the MCS API has it: a service's port is the same everywhere).
+//! - Overlap mode: exports carry global addresses; the local cluster's own backend is its
+//!   real address (the global one is only reachable from other clusters).
 //! - A remote cluster the gateways cannot reach is left out; with no health source at all
 //!   (`reachable` is `None`) every cluster counts.
 //! - [`Affinity::Local`]: when the local cluster serves a port, only it does, so traffic stays
@@ -68,6 +70,27 @@ pub fn backends(
         })
         .collect();
     let up = |cluster: &str| cluster == local || reachable.is_none_or(|r| r.contains(cluster));
+    // Overlap mode: exports carry global addresses; the local cluster's own are reached at the
+    // real address they stand for (nothing routes a cluster's own global prefix back to it).
+    let own: Vec<causeway_broker_api::GlobalCidr> = objects
+        .iter()
+        .find_map(|o| match &o.record {
+            Record::Cluster(c) if c.cluster_id == local => Some(c.global_cidrs.clone()),
+            _ => None,
+        })
+        .unwrap_or_default();
+    let reach = |cluster: &str, ip: std::net::Ipv4Addr| {
+        if cluster != local {
+            return ip;
+        }
+        own.iter()
+            .find_map(|g| causeway_broker_api::GlobalCidr::map(&g.global, &g.cidr, ip.into()))
+            .and_then(|a| match a {
+                IpAddr::V4(v4) => Some(v4),
+                IpAddr::V6(_) => None,
+            })
+            .unwrap_or(ip)
+    };
     let mut out = BTreeMap::new();
     for o in objects {
         let Record::ServiceImport(i) = &o.record else { continue };
@@ -94,7 +117,7 @@ pub fn backends(
                         IpAddr::V4(v4) => Some(*v4),
                         IpAddr::V6(_) => None,
                     })?;
-                    Some((c.cluster_id.as_str(), SocketAddrV4::new(ip, port.port)))
+                    Some((c.cluster_id.as_str(), SocketAddrV4::new(reach(&c.cluster_id, ip), port.port)))
                 })
                 .collect();
             let local_only = affinity == Affinity::Local && serving.iter().any(|(c, _)| *c == local);
@@ -280,5 +303,31 @@ mod tests {
         assert_eq!(b[&key(53, Proto::Udp)], addrs(&["10.102.0.10:53"]));
         let b = backends(&objects(true), "c1", Some(&all), Affinity::None);
         assert_eq!(b[&key(7, Proto::Tcp)], addrs(&["10.102.0.10:7", "10.103.0.10:7", "10.101.0.10:7"]));
+    }
+
+    #[test]
+    fn in_overlap_mode_the_local_backend_is_its_real_address_and_remote_ones_global() {
+        // c1's services 10.101.0.0/16 are 242.101.0.0/16 to the set; its export says so.
+        let mut objs = objects(false);
+        objs.push(export("c1", "242.101.0.10", None));
+        if let Record::ServiceImport(i) = &mut objs[3].record {
+            i.clusters.push(part("c1", vec![port(7, "TCP")]));
+        }
+        let mut c1 = causeway_broker_api::ClusterRecord::new(
+            "c1",
+            vec!["10.1.0.0/16".parse().unwrap()],
+            vec!["10.101.0.0/16".parse().unwrap()],
+        );
+        c1.global_cidrs = vec![causeway_broker_api::GlobalCidr {
+            cidr: "10.101.0.0/16".parse().unwrap(),
+            global: "242.101.0.0/16".parse().unwrap(),
+        }];
+        objs.push(Object::new(1, Record::Cluster(c1)));
+        let all: BTreeSet<String> = ["c2", "c3"].map(str::to_owned).into();
+        let b = backends(&objs, "c1", Some(&all), Affinity::None);
+        assert_eq!(b[&key(7, Proto::Tcp)], addrs(&["10.102.0.10:7", "10.103.0.10:7", "10.101.0.10:7"]));
+        // Seen from c2, c1's backend is the global address.
+        let b = backends(&objs, "c2", Some(&["c1".to_owned(), "c3".to_owned()].into()), Affinity::None);
+        assert!(b[&key(7, Proto::Tcp)].contains(&"242.101.0.10:7".parse().unwrap()), "{b:?}");
     }
 }

@@ -25,6 +25,11 @@ pub enum SandboxCmd {
         /// gateway (`sandbox fail`).
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
         gateways: u8,
+        /// Make every cluster from one template: the same pod and service CIDRs (and the same
+        /// pod address). The cluster set runs in overlap mode, and pods reach each other at
+        /// the global addresses the broker allocated and the gateways translate to.
+        #[arg(long)]
+        overlapping: bool,
     },
     /// Show the sandbox's gateways and tunnels.
     Status,
@@ -114,7 +119,7 @@ fn step(msg: &str) {
 
 pub fn run(cmd: SandboxCmd) -> anyhow::Result<()> {
     match cmd {
-        SandboxCmd::Up { clusters, gateways } => up(clusters, gateways),
+        SandboxCmd::Up { clusters, gateways, overlapping } => up(clusters, gateways, overlapping),
         SandboxCmd::Status => status(),
         SandboxCmd::Down => down(),
         SandboxCmd::Fail { cluster, how } => fail_or_heal(&cluster, Some(how.into())),
@@ -230,7 +235,7 @@ fn fail_or_heal(cluster: &str, how: Option<Failure>) -> anyhow::Result<()> {
     }
 }
 
-fn up(clusters: usize, gateways: u8) -> anyhow::Result<()> {
+fn up(clusters: usize, gateways: u8, overlapping: bool) -> anyhow::Result<()> {
     if load().is_some() {
         bail!("a sandbox is already up (see `causeway sandbox status`); run `causeway sandbox down` first");
     }
@@ -238,7 +243,11 @@ fn up(clusters: usize, gateways: u8) -> anyhow::Result<()> {
     let mut spec = TopologySpec::new(PREFIX, clusters, bin);
     spec.run_dir = run_dir();
     spec.host_link = true;
-    step(&format!("building {clusters} clusters from network namespaces (CNI bridge + host-local pods)"));
+    spec.overlapping = overlapping;
+    step(&format!(
+        "building {clusters} clusters from network namespaces (CNI bridge + host-local pods){}",
+        if overlapping { ", all with the same CIDRs (overlap mode)" } else { "" }
+    ));
     let mut topo = Topology::build(spec)?;
     let started = (|| {
         step(&format!("starting the broker at {}", topo.broker_url()));
@@ -298,8 +307,17 @@ fn up(clusters: usize, gateways: u8) -> anyhow::Result<()> {
         service = service_row(&topo);
         service.1
     });
+    let addresses: Vec<String> = topo
+        .clusters
+        .iter()
+        .map(|c| match topo.reach_ip(c.index) {
+            Ok(at) if at != c.pod_ip => format!("{}: {} (reached at {at})", c.cluster_id, c.pod_ip),
+            _ => format!("{}: {}", c.cluster_id, c.pod_ip),
+        })
+        .collect();
     topo.detach();
-    println!("\npod-to-pod connectivity:\n{table}");
+    println!("\npods: {}", addresses.join(", "));
+    println!("pod-to-pod connectivity:\n{table}");
     println!(
         "cluster-set service (every cluster exports it; each pod's own cluster answers first):\n{}",
         service.0

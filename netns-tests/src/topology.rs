@@ -41,6 +41,10 @@ pub struct TopologySpec {
     pub broker_args: Vec<String>,
     #[serde(default)]
     pub gateway_args: Vec<String>,
+    /// Overlap mode: every cluster gets the same pod and service CIDRs (cluster 1's), the
+    /// broker gives them global prefixes, and pods reach each other at those.
+    #[serde(default)]
+    pub overlapping: bool,
 }
 
 impl TopologySpec {
@@ -56,6 +60,7 @@ impl TopologySpec {
             underlay_mtu: 1500,
             broker_args: Vec::new(),
             gateway_args: Vec::new(),
+            overlapping: false,
         }
     }
 }
@@ -77,6 +82,15 @@ pub struct ClusterInfo {
     pub gw_log: PathBuf,
     /// Tunnel device name, unique on the host (the UAPI socket path is host-wide).
     pub device: String,
+}
+
+impl ClusterInfo {
+    /// The number in this cluster's own addresses (`10.<net>.2.0/24` for the worker's pods):
+    /// its index, or 1 for every cluster when they overlap.
+    #[must_use]
+    pub fn net(&self) -> usize {
+        self.pod_cidr.split('.').nth(1).and_then(|n| n.parse().ok()).unwrap_or(self.index)
+    }
 }
 
 /// A built topology. Dropping it tears everything down unless [`Topology::detach`] was called.
@@ -109,6 +123,8 @@ impl Topology {
             bail!("--clusters must be between 1 and 50 (got {})", spec.clusters);
         }
         let p = &spec.prefix;
+        // The number in a cluster's own addresses: its index, or 1 for all when they overlap.
+        let net = |i: usize| if spec.overlapping { 1 } else { i };
         let mut topo = Topology {
             broker_ns: format!("{p}-broker"),
             underlay_ns: format!("{p}-underlay"),
@@ -120,8 +136,8 @@ impl Topology {
                     node_ns: format!("{p}-c{i}-node"),
                     pod_ns: format!("{p}-c{i}-pod"),
                     pod_ip: String::new(),
-                    pod_cidr: format!("10.{i}.0.0/16"),
-                    service_cidr: format!("10.{}.0.0/16", 100 + i),
+                    pod_cidr: format!("10.{}.0.0/16", net(i)),
+                    service_cidr: format!("10.{}.0.0/16", 100 + net(i)),
                     gw_ip: format!("172.31.0.{}", 10 + i),
                     status_socket: spec.run_dir.join(format!("c{i}-gw.sock")),
                     gw_log: spec.run_dir.join(format!("c{i}-gw.log")),
@@ -195,12 +211,13 @@ impl Topology {
             }
             // The gateway node reaches the worker's pods via the worker (what the CNI's
             // host routes do in a real cluster).
-            ip(&c.gw_ns, &["route", "add", &format!("10.{i}.2.0/24"), "via", &format!("172.20.{i}.2")])?;
+            ip(
+                &c.gw_ns,
+                &["route", "add", &format!("10.{}.2.0/24", c.net()), "via", &format!("172.20.{i}.2")],
+            )?;
             // Route-agent stand-in: the worker sends remote clusters' prefixes to its gateway.
-            for r in all.iter().filter(|r| r.index != i) {
-                for cidr in [&r.pod_cidr, &r.service_cidr] {
-                    ip(&c.node_ns, &["route", "add", cidr, "via", &format!("172.20.{i}.1")])?;
-                }
+            for cidr in self.stand_in_routes(c) {
+                ip(&c.node_ns, &["route", "add", &cidr, "via", &format!("172.20.{i}.1")])?;
             }
             // A pod on the worker, wired by the real CNI bridge + host-local plugins.
             let pod_ip = self.cni_add(c)?;
@@ -244,7 +261,7 @@ impl Topology {
         causeway_cni_config::bridge_config(
             "causeway-sandbox",
             "cni0",
-            format!("10.{}.2.0/24", c.index).parse().expect("valid subnet"),
+            format!("10.{}.2.0/24", c.net()).parse().expect("valid subnet"),
             &self.spec.run_dir.join("cni").join(&c.node_ns),
             1500,
         )
@@ -351,7 +368,13 @@ impl Topology {
         wait_for(Duration::from_secs(15), "the broker to answer", || {
             in_ns(&ns, &[&self.bin(), "show", "clusters", "--credentials", &admin]).is_ok()
         })
-        .with_context(|| format!("see {}", log.display()))
+        .with_context(|| format!("see {}", log.display()))?;
+        if self.spec.overlapping {
+            // Before any cluster joins: every one then gets its global prefixes as it does.
+            in_ns(&ns, &[&self.bin(), "cluster-set", "--overlap-mode", "--credentials", &admin])
+                .context("switching the cluster set to overlap mode")?;
+        }
+        Ok(())
     }
 
     /// Registers cluster `index` with `causeway join` (once), from inside the topology.
@@ -497,7 +520,7 @@ impl Topology {
         ip(&ns, &["link", "set", "lan0", "up"])?;
         ip(&c.node_ns, &["link", "set", "lan1", "up"])?;
         sysctl(&ns, "net.ipv4.ip_forward", "1")?;
-        ip(&ns, &["route", "add", &format!("10.{index}.2.0/24"), "via", &format!("172.21.{index}.2")])?;
+        ip(&ns, &["route", "add", &format!("10.{}.2.0/24", c.net()), "via", &format!("172.21.{index}.2")])?;
 
         let dir = |what: &str| self.spec.run_dir.join(format!("c{index}-gwb{what}"));
         let mut device = format!("{}b", c.device);
@@ -554,6 +577,51 @@ impl Topology {
         Ok(())
     }
 
+    /// The prefixes a worker's stand-in routes send to its gateway: the other clusters' CIDRs,
+    /// or, when they overlap, the global pool they are all reached in.
+    fn stand_in_routes(&self, c: &ClusterInfo) -> Vec<String> {
+        if self.spec.overlapping {
+            return vec![causeway_broker_api::DEFAULT_GLOBAL_POOL.to_owned()];
+        }
+        self.clusters
+            .iter()
+            .filter(|r| r.index != c.index)
+            .flat_map(|r| [r.pod_cidr.clone(), r.service_cidr.clone()])
+            .collect()
+    }
+
+    /// Where other clusters reach cluster `index`'s pod: its own address, or when clusters
+    /// overlap, the address in its global prefix (from its record at the broker).
+    pub fn reach_ip(&self, index: usize) -> anyhow::Result<String> {
+        let c = &self.clusters[index - 1];
+        self.reached_at(index, &c.pod_cidr, &c.pod_ip)
+    }
+
+    /// `ip` of cluster `index`'s `cidr` as the other clusters reach it: itself, or when
+    /// clusters overlap, moved to the CIDR's global prefix (from the record at the broker).
+    fn reached_at(&self, index: usize, cidr: &str, ip: &str) -> anyhow::Result<String> {
+        if !self.spec.overlapping {
+            return Ok(ip.to_owned());
+        }
+        let c = &self.clusters[index - 1];
+        let admin = self.admin_credentials().display().to_string();
+        let bin = self.spec.causeway_bin.display().to_string();
+        let out = in_ns(&self.broker_ns, &[&bin, "show", "clusters", "-o", "json", "--credentials", &admin])?;
+        let objects: Vec<causeway_broker_api::Object> = serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("reading `show clusters`: {}", String::from_utf8_lossy(&out.stdout)))?;
+        let record = objects.iter().find_map(|o| match &o.record {
+            causeway_broker_api::Record::Cluster(r) if r.cluster_id == c.cluster_id => Some(r),
+            _ => None,
+        });
+        let real: ipnetwork::IpNetwork = cidr.parse()?;
+        let global = record
+            .and_then(|r| r.global_of(&real))
+            .with_context(|| format!("{} has no global prefix for {real} yet", c.cluster_id))?;
+        causeway_broker_api::GlobalCidr::map(&real, &global, ip.parse()?)
+            .map(|a| a.to_string())
+            .with_context(|| format!("{ip} is outside {real}"))
+    }
+
     /// Replaces cluster `index`'s stand-in routes on its worker with a real route agent: the
     /// worker gets a link to the underlay (172.31.0.(60+index)) to reach the broker, and
     /// `causeway route-agent` points the remote prefixes at a gateway node of the cluster (the
@@ -561,10 +629,8 @@ impl Topology {
     pub fn start_route_agent(&mut self, index: usize) -> anyhow::Result<PathBuf> {
         let c = self.clusters[index - 1].clone();
         self.node_uplink(index)?;
-        for r in self.clusters.iter().filter(|r| r.index != index) {
-            for cidr in [&r.pod_cidr, &r.service_cidr] {
-                ip(&c.node_ns, &["route", "del", cidr, "via", &format!("172.20.{index}.1")])?;
-            }
+        for cidr in self.stand_in_routes(&c) {
+            ip(&c.node_ns, &["route", "del", &cidr, "via", &format!("172.20.{index}.1")])?;
         }
         let log = self.spec.run_dir.join(format!("c{index}-agent.log"));
         self.spawn_route_agent(index, &log)?;
@@ -661,14 +727,14 @@ impl Topology {
         let c = self.clusters[index - 1].clone();
         self.add_ns(&ns)?;
         veth(&c.gw_ns, "pod0", &ns, "eth0")?;
-        ip(&c.gw_ns, &["addr", "add", &format!("10.{index}.1.1/24"), "dev", "pod0"])?;
+        ip(&c.gw_ns, &["addr", "add", &format!("10.{}.1.1/24", c.net()), "dev", "pod0"])?;
         ip(&c.gw_ns, &["link", "set", "pod0", "up"])?;
-        ip(&ns, &["addr", "add", &format!("10.{index}.1.2/24"), "dev", "eth0"])?;
+        ip(&ns, &["addr", "add", &format!("10.{}.1.2/24", c.net()), "dev", "eth0"])?;
         ip(&ns, &["link", "set", "eth0", "up"])?;
-        ip(&ns, &["route", "add", "default", "via", &format!("10.{index}.1.1")])?;
+        ip(&ns, &["route", "add", "default", "via", &format!("10.{}.1.1", c.net())])?;
         ip(
             &c.node_ns,
-            &["route", "add", &format!("10.{index}.1.0/24"), "via", &format!("172.20.{index}.1")],
+            &["route", "add", &format!("10.{}.1.0/24", c.net()), "via", &format!("172.20.{index}.1")],
         )?;
         Ok(ns)
     }
@@ -692,7 +758,7 @@ impl Topology {
         let c = self.clusters[index - 1].clone();
         let n = self.services.iter().filter(|s| s.index == index).count();
         anyhow::ensure!(n < 200, "cluster-{index} serves 200 services already");
-        let cluster_ip = format!("10.{}.0.{}", 100 + index, 10 + n);
+        let cluster_ip = format!("10.{}.0.{}", 100 + c.net(), 10 + n);
         let host = format!("{cluster_ip}/32");
         ip(&c.pod_ns, &["addr", "replace", &host, "dev", "lo"])?;
         ip(&c.node_ns, &["route", "replace", &host, "via", &c.pod_ip])?;
@@ -780,6 +846,9 @@ impl Topology {
     pub fn export(&self, svc: &PodService, namespace: &str) -> anyhow::Result<()> {
         let creds = self.cluster_credentials(svc.index).display().to_string();
         let port = format!("{}/TCP:{}", svc.port, svc.name);
+        // Overlapping clusters export the global address of their ClusterIP.
+        let service_cidr = self.clusters[svc.index - 1].service_cidr.clone();
+        let ip = self.reached_at(svc.index, &service_cidr, &svc.cluster_ip)?;
         self.causeway(
             svc.index,
             &[
@@ -790,7 +859,7 @@ impl Topology {
                 namespace,
                 &svc.name,
                 "--ip",
-                &svc.cluster_ip,
+                &ip,
                 "--port",
                 &port,
             ],
@@ -920,9 +989,26 @@ impl Topology {
     /// Pod-to-pod reachability for every ordered pair: `result[i][j]` is i → j.
     #[must_use]
     pub fn connectivity_matrix(&self) -> Vec<Vec<bool>> {
+        let targets: Vec<Option<String>> = self
+            .clusters
+            .iter()
+            .map(|to| {
+                // A pod reaches its own cluster at its own address.
+                self.reach_ip(to.index).ok()
+            })
+            .collect();
         self.clusters
             .iter()
-            .map(|from| self.clusters.iter().map(|to| exec::ping(&from.pod_ns, &to.pod_ip, 2)).collect())
+            .map(|from| {
+                self.clusters
+                    .iter()
+                    .zip(&targets)
+                    .map(|(to, at)| {
+                        let at = if to.index == from.index { Some(&to.pod_ip) } else { at.as_ref() };
+                        at.is_some_and(|a| exec::ping(&from.pod_ns, a, 2))
+                    })
+                    .collect()
+            })
             .collect()
     }
 

@@ -434,8 +434,10 @@ pub fn validate_endpoint(e: &EndpointRecord) -> Result<(), ValidationError> {
             }
         }
     }
+    // In overlap mode the probe address lies in a global prefix, possibly in 240.0.0.0/4 (the
+    // broker then checks that it is the cluster's own).
     if let Some(addr) = e.health_check_ip
-        && is_special_address(addr)
+        && !is_global_usable(addr)
     {
         return Err(ValidationError::BadAddress { field: "healthCheckIp", addr });
     }

@@ -128,6 +128,10 @@ pub trait CableDriver: Send + 'static {
     fn drops(&self) -> impl Future<Output = Result<Vec<(&'static str, u64)>, CableError>> + Send;
     /// Tears the cable down (device, sockets).
     fn cleanup(&mut self) -> impl Future<Output = Result<(), CableError>> + Send;
+    /// Where this gateway answers its peers' probes (the address its endpoint record
+    /// publishes): it moves to the global prefix in overlap mode. Drivers without probes
+    /// ignore it.
+    fn set_health_ip(&mut self, _ip: Option<std::net::Ipv4Addr>) {}
 }
 
 /// What the daemon gives every cable driver: nothing driver-specific. Each driver reads it
@@ -211,6 +215,11 @@ impl CableDriver for AnyCable {
     async fn cleanup(&mut self) -> Result<(), CableError> {
         match self {
             Self::WireGuard(c) => c.cleanup().await,
+        }
+    }
+    fn set_health_ip(&mut self, ip: Option<std::net::Ipv4Addr>) {
+        match self {
+            Self::WireGuard(c) => c.set_health_ip(ip),
         }
     }
 }

@@ -342,6 +342,7 @@ fn control(
                 let drops = core.drops().into_iter().map(|(r, n)| (r.name(), n)).collect();
                 let _ = reply.send((core.peers(Instant::now()), drops));
             }
+            Ok(Command::SetHealthIp(ip)) => core.set_health_ip(ip),
             Ok(Command::Stop(done)) => break Some(done),
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 let now = Instant::now();

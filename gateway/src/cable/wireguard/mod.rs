@@ -98,6 +98,7 @@ pub(super) enum Command {
     Upsert(PeerConfig, oneshot::Sender<Result<(), core::PeerRefused>>),
     Remove(WireGuardKey, oneshot::Sender<bool>),
     Stats(oneshot::Sender<Snapshot>),
+    SetHealthIp(Option<std::net::Ipv4Addr>),
     Stop(oneshot::Sender<()>),
 }
 
@@ -226,6 +227,12 @@ impl WireGuardCable {
 }
 
 impl CableDriver for WireGuardCable {
+    fn set_health_ip(&mut self, ip: Option<std::net::Ipv4Addr>) {
+        // Applied by the control lane between its other commands; a cable that stopped has
+        // no probes to answer.
+        let _ = self.tx.send(Command::SetHealthIp(ip));
+    }
+
     fn info(&self) -> super::CableInfo {
         super::CableInfo {
             name: "wireguard",

@@ -3,7 +3,8 @@
 
 #[cfg(feature = "sandbox")]
 use causeway_lab::{
-    bench, bench_attack, bench_dataplane, bench_failover, bench_policy, bench_services, sandbox,
+    bench, bench_attack, bench_dataplane, bench_failover, bench_policy, bench_services, bench_translation,
+    sandbox,
 };
 mod dns;
 mod kubernetes;
@@ -129,6 +130,9 @@ enum BenchCmd {
     /// Cluster-set DNS answers per second and latency against dnsmasq with a static zone, and
     /// the connection rate to a ClusterSetIP against the same backend's own address.
     Services(bench_services::ServicesBenchArgs),
+    /// Overlap mode's prefix translation on vs off on one topology: throughput, packet rate
+    /// and latency at the real and at the global addresses, rounds interleaved.
+    Translation(bench_translation::TranslationBenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -588,6 +592,11 @@ fn main() -> anyhow::Result<()> {
         Cmd::Benchmark { what: BenchCmd::Services(a) } => {
             telemetry::init("warn", log);
             bench_services::run(a)
+        }
+        #[cfg(feature = "sandbox")]
+        Cmd::Benchmark { what: BenchCmd::Translation(a) } => {
+            telemetry::init("warn", log);
+            bench_translation::run(a)
         }
         #[cfg(feature = "sandbox")]
         Cmd::Benchmark { what: BenchCmd::Broker(a) } => {

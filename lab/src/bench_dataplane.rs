@@ -97,7 +97,7 @@ impl Metric {
         Metric::PingP99Us,
         Metric::CpuSecsPerGb,
     ];
-    fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Metric::Tcp1Gbps => "TCP 1 stream (Gb/s)",
             Metric::Tcp4Gbps => "TCP 4 streams (Gb/s)",
@@ -247,7 +247,7 @@ fn userspace_wireguard(t: &Topology, config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn iperf(t: &Topology, extra: &[&str], seconds: u32) -> anyhow::Result<serde_json::Value> {
+fn iperf(t: &Topology, extra: &[&str], seconds: u32, to: &str) -> anyhow::Result<serde_json::Value> {
     let (a, b) = (&t.clusters[0], &t.clusters[1]);
     let mut server = Command::new("ip")
         .args(["netns", "exec", &b.pod_ns, "iperf3", "-s", "-1", "-B", &b.pod_ip])
@@ -257,7 +257,7 @@ fn iperf(t: &Topology, extra: &[&str], seconds: u32) -> anyhow::Result<serde_jso
         .context("starting iperf3 -s")?;
     std::thread::sleep(Duration::from_millis(300));
     let secs = seconds.to_string();
-    let mut args = vec!["iperf3", "-c", &b.pod_ip, "-t", &secs, "-J"];
+    let mut args = vec!["iperf3", "-c", to, "-t", &secs, "-J"];
     args.extend_from_slice(extra);
     let out = exec::in_ns(&a.pod_ns, &args);
     let _ = server.kill();
@@ -266,16 +266,21 @@ fn iperf(t: &Topology, extra: &[&str], seconds: u32) -> anyhow::Result<serde_jso
 }
 
 pub(crate) fn measure(t: &Topology, metric: Metric, seconds: u32) -> anyhow::Result<f64> {
+    measure_to(t, metric, seconds, &t.clusters[1].pod_ip)
+}
+
+/// [`measure`] with cluster 2's pod addressed as `to` (its global address in overlap mode).
+pub(crate) fn measure_to(t: &Topology, metric: Metric, seconds: u32, to: &str) -> anyhow::Result<f64> {
     match metric {
         Metric::Tcp1Gbps | Metric::Tcp4Gbps => {
             let streams = if metric == Metric::Tcp1Gbps { "1" } else { "4" };
-            let j = iperf(t, &["-P", streams], seconds)?;
+            let j = iperf(t, &["-P", streams], seconds, to)?;
             Ok(j["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9)
         }
         Metric::Udp64Kpps | Metric::Udp1400Kpps => {
             // 1,400-byte IP packets: 1,372 bytes of payload (fits every tunnel's 1,420 MTU).
             let len = if metric == Metric::Udp64Kpps { "64" } else { "1372" };
-            let j = iperf(t, &["-u", "-b", "0", "-l", len], seconds)?;
+            let j = iperf(t, &["-u", "-b", "0", "-l", len], seconds, to)?;
             let sum = &j["end"]["sum"];
             let packets = sum["packets"].as_f64().unwrap_or(0.0);
             let lost = sum["lost_packets"].as_f64().unwrap_or(0.0);
@@ -286,7 +291,7 @@ pub(crate) fn measure(t: &Topology, metric: Metric, seconds: u32) -> anyhow::Res
             // The whole machine's busy time while one stream runs: both gateways, both pods'
             // stacks, iperf3 itself — the same overheads for every configuration.
             let before = cpu_busy_secs()?;
-            let j = iperf(t, &["-P", "1"], seconds)?;
+            let j = iperf(t, &["-P", "1"], seconds, to)?;
             let busy = cpu_busy_secs()? - before;
             let gigabits = j["end"]["sum_received"]["bytes"].as_f64().unwrap_or(0.0) * 8.0 / 1e9;
             if gigabits <= 0.0 {
@@ -295,8 +300,8 @@ pub(crate) fn measure(t: &Topology, metric: Metric, seconds: u32) -> anyhow::Res
             Ok(busy / gigabits)
         }
         Metric::PingP50Us | Metric::PingP99Us => {
-            let (a, b) = (&t.clusters[0], &t.clusters[1]);
-            let out = exec::in_ns(&a.pod_ns, &["ping", "-n", "-c", "200", "-i", "0.005", &b.pod_ip])?;
+            let a = &t.clusters[0];
+            let out = exec::in_ns(&a.pod_ns, &["ping", "-n", "-c", "200", "-i", "0.005", to])?;
             let mut rtts: Vec<f64> = String::from_utf8_lossy(&out.stdout)
                 .lines()
                 .filter_map(|l| l.split("time=").nth(1)?.split(' ').next()?.parse::<f64>().ok())

@@ -15,4 +15,5 @@ pub mod bench_dataplane;
 pub mod bench_failover;
 pub mod bench_policy;
 pub mod bench_services;
+pub mod bench_translation;
 pub mod sandbox;

@@ -102,6 +102,25 @@ pub fn put_cluster(state: State<'_>, c: &ClusterRecord, new: bool) -> Result<Pla
     )
 }
 
+/// `svc` with every address in one of `c`'s CIDRs moved to its global prefix (host bits kept);
+/// addresses that are global already, or in no CIDR of `c`, are left for the checks.
+fn to_global(c: &ClusterRecord, svc: &ServiceExportRecord) -> ServiceExportRecord {
+    let map = |ip: IpAddr| {
+        c.global_cidrs
+            .iter()
+            .find_map(|g| causeway_broker_api::GlobalCidr::map(&g.cidr, &g.global, ip))
+            .unwrap_or(ip)
+    };
+    let mut out = svc.clone();
+    for ip in &mut out.ips {
+        *ip = map(*ip);
+    }
+    for e in &mut out.endpoints {
+        e.ip = map(e.ip);
+    }
+    out
+}
+
 /// What a new global prefix must stay clear of besides `others`: the broker's and every
 /// gateway's addresses.
 fn taken<'a>(state: State<'a>, others: Vec<&'a ClusterRecord>) -> crate::globals::Taken<'a> {
@@ -219,6 +238,14 @@ fn check_endpoint(
 /// CIDRs (its global CIDR in overlap mode), a headless export's endpoints in its pod CIDRs,
 /// its cluster within its quota. The service's import is merged again in the same revision.
 pub fn put_service(state: State<'_>, svc: &ServiceExportRecord) -> Result<Plan, BrokerError> {
+    // Overlap mode: an exporter that knows only the real ClusterIP (and pod addresses) has
+    // them stored at their global addresses, which is what the rest of the set reaches.
+    let globalized = state
+        .records
+        .cluster(&svc.cluster_id)
+        .filter(|_| state.settings().overlap_mode)
+        .map(|c| to_global(c, svc));
+    let svc = globalized.as_ref().unwrap_or(svc);
     let plan = put(
         state,
         &Record::ServiceExport(svc.clone()),

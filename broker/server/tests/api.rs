@@ -678,6 +678,15 @@ async fn services_and_overlap_mode(mut f: Fixture) {
     let mut svc = service("east", &global_ip.to_string());
     svc.generation = 2;
     east.put_service(&svc).await.unwrap();
+    // An exporter that knows only the real ClusterIP (Kubernetes' does) has it stored at the
+    // global address: what the other clusters reach.
+    let mut real = service("east", "10.101.0.10");
+    real.generation = 3;
+    let stored_svc = east.put_service(&real).await.unwrap();
+    assert!(
+        matches!(&stored_svc.record, Record::ServiceExport(s) if s.ips == vec![global_ip]),
+        "{stored_svc:?}"
+    );
     // Overlap mode cannot be switched off while clusters overlap.
     let off =
         causeway_broker_api::ClusterSetRecord { overlap_mode: false, generation: 2, ..Default::default() };

@@ -2,7 +2,8 @@
 //! service CIDR, the same pod address in each), their gateways translating to the global
 //! prefixes the broker allocated. Pods ping each other both ways at the global addresses; a
 //! 12 MB TCP stream arrives with the sender's SHA-256 while the receiving cluster's gateway
-//! is restarted under it; a capture on the tunnel device shows only global addresses; with
+//! is restarted under it; a capture on the tunnel device shows only global addresses; a port
+//! unreachable error crosses the translation and reaches the sending socket; with
 //! a smaller underlay, a pod learns the tunnel's path MTU from ICMP and the largest packet
 //! that fits goes through the translation; a real route agent routes the global prefixes,
 //! and a ClusterSetIP served by cluster 2 (exported at its global ClusterIP) answers.
@@ -100,6 +101,19 @@ fn clusters_with_the_same_cidrs_reach_each_other_at_their_global_prefixes() {
     let leaked: Vec<&String> = lines.iter().filter(|l| l.contains(&format!(" {real}"))).collect();
     assert!(leaked.is_empty(), "real addresses on the tunnel: {:?}", &leaked[..leaked.len().min(5)]);
     assert!(lines.iter().any(|l| l.contains(&global[0]) && l.contains(&global[1])), "{:?}", &lines[..3]);
+
+    // An ICMP error crosses the translation both ways: cluster 2's pod answers a datagram to
+    // a closed port with "port unreachable", quoting it; cluster 2's gateway moves the error's
+    // source and the quoted destination to global, cluster 1's moves the error's destination
+    // and the quoted source back, and the sending socket, connected to the global address,
+    // recognises its datagram: the next write fails with "Connection refused".
+    let script = format!("exec 3<>/dev/udp/{}/9999 && echo a >&3 && sleep 0.5 && echo b >&3", global[1]);
+    let refused = std::process::Command::new("ip")
+        .args(["netns", "exec", &a.pod_ns, "bash", "-c", &script])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&refused.stderr).into_owned();
+    assert!(!refused.status.success() && said.contains("Connection refused"), "{said}");
 
     // Path MTU: the tunnel is smaller than the pod's link. A don't-fragment packet one byte
     // too big is answered with the tunnel's MTU; the largest that fits crosses the

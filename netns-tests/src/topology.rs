@@ -888,6 +888,8 @@ impl Topology {
         let (a, b) = (self.clusters[from - 1].clone(), self.clusters[to - 1].clone());
         let bin = self.bin();
         let addr = format!("{}:9100", b.pod_ip);
+        // The sender addresses the pod as its cluster is reached (globally, when they overlap).
+        let target = format!("{}:9100", self.reach_ip(to)?);
         let listen = (secs + 2).to_string();
         let sink = exec::Bg::start(
             &b.pod_ns,
@@ -898,7 +900,7 @@ impl Topology {
         let (rate, secs) = (rate.to_string(), secs.to_string());
         let _source = exec::Bg::start(
             &a.pod_ns,
-            &[&bin, "debug", "udp-stream", "--connect", &addr, "--rate", &rate, "--secs", &secs],
+            &[&bin, "debug", "udp-stream", "--connect", &target, "--rate", &rate, "--secs", &secs],
             Stdio::null(),
         );
         std::thread::sleep(after);

@@ -176,3 +176,64 @@ fn tunnel_mtu(t: &Topology, index: usize) -> u16 {
     let mtu = text.split_whitespace().skip_while(|w| *w != "mtu").nth(1).expect("an MTU");
     mtu.parse().unwrap()
 }
+
+/// A failover keeps every flow: cluster 2 (the same CIDRs as cluster 1) gets a standby gateway,
+/// which loads the same translation from the same record. Cluster 2's active gateway is
+/// killed while a datagram stream and a TCP transfer run to its pod's global address; the
+/// stream reaches its end through the standby and the transfer arrives whole.
+#[test]
+#[ignore = "needs root and network namespaces; run with --run-ignored all"]
+fn a_failover_keeps_translated_flows() {
+    require_privileges!();
+    let prefix = format!("cwovf{}", std::process::id());
+    let mut spec = TopologySpec::new(&prefix, 2, causeway_bin());
+    spec.overlapping = true;
+    let mut t = Topology::build(spec).expect("building the topology");
+    t.start_broker().expect("starting the broker");
+    t.start_gateway(1).expect("gateway 1");
+    t.start_gateway(2).expect("gateway 2");
+    t.wait_connected(Duration::from_secs(30)).expect("tunnels up");
+    let sb = t.start_standby_gateway(2).expect("cluster 2's standby");
+    t.start_route_agent(2).expect("cluster 2's route agent");
+    let (a, b) = (t.clusters[0].clone(), t.clusters[1].clone());
+    let to = t.reach_ip(2).unwrap();
+    wait_for(Duration::from_secs(30), "cluster 1's pod reaching cluster 2's through its agent", || {
+        t.worker_nexthop(2).contains("via 172.20.2.1 ") && exec::ping(&a.pod_ns, &to, 1)
+    })
+    .unwrap();
+    let endpoint = format!("{}:51820", sb.ip);
+    wait_for(Duration::from_secs(30), "gateway 1's probes of cluster-2's standby answered", || {
+        t.gateway_status(1).is_ok_and(|s| {
+            s.standbys
+                .iter()
+                .any(|x| x.cluster_id == "cluster-2" && x.endpoint == endpoint && x.status == "connected")
+        })
+    })
+    .unwrap_or_else(|e| panic!("{e:#}; standby log: {}", sb.log.display()));
+
+    let bin = causeway_bin().display().to_string();
+    let listen = format!("{}:9200", b.pod_ip);
+    let sink = Bg::start(&b.pod_ns, &[&bin, "debug", "tcp-sink", "--listen", &listen], Stdio::piped());
+    ready::wait_listening(&b.pod_ns, &listen, Proto::Tcp).unwrap();
+    let target = format!("{to}:9200");
+    let source = Bg::start(
+        &a.pod_ns,
+        &[&bin, "debug", "tcp-source", "--connect", &target, "--bytes", "6000000", "--mbps", "8"],
+        Stdio::piped(),
+    );
+    let s = t
+        .sequence_stream((1, 2), (200, 8), Duration::from_secs(2), |t| {
+            t.fail_gateway(2, causeway_netns::topology::Failure::Kill).unwrap()
+        })
+        .unwrap();
+    eprintln!("failover with translation: {s:?}");
+    let (sent, received) = (source.output(), sink.output());
+    assert!(sent.contains("\"bytes\":6000000"), "the TCP transfer broke: {sent:?}");
+    assert_eq!(received, sent, "the TCP transfer arrived damaged");
+    assert_eq!(s.last_seq, Some(200 * 8 - 1), "the stream did not get through to the end: {s:?}");
+    assert!(s.max_gap_ms < 3_000.0, "a gap of {} ms", s.max_gap_ms);
+    assert!(t.worker_nexthop(2).contains("via 172.21.2.1 "), "{}", t.worker_nexthop(2));
+    let carrier = t.gateway_status(1).unwrap();
+    let c = carrier.connections.iter().find(|c| c.cluster_id == "cluster-2").unwrap();
+    assert_eq!(c.endpoint, endpoint, "cluster 2 is carried by its standby");
+}

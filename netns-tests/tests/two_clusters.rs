@@ -998,6 +998,9 @@ fn uplink_guard_under_attack(hook: &str) {
         Stdio::piped(),
     );
     let target = format!("{}:51820", a.gw_ip);
+    // The guard lets one source's handshake messages through at 20/s after a burst of 40:
+    // what reaches the cable is bounded by how long the floods take.
+    let flooding = std::time::Instant::now();
     for (kind, count) in [("garbage", "3000"), ("data", "3000"), ("init", "3000")] {
         exec::in_ns(
             &attacker,
@@ -1103,7 +1106,8 @@ fn uplink_guard_under_attack(hook: &str) {
     let drops = t.gateway_status(1).unwrap().cable_drops;
     let reached =
         drops.get("invalid_packet").copied().unwrap_or(0) + drops.get("unknown_peer").copied().unwrap_or(0);
-    assert!(reached <= 100, "only rate-limited junk reached userspace: {reached}");
+    let budget = 40 + (20.0 * flooding.elapsed().as_secs_f64()).ceil() as u64;
+    assert!(reached <= budget, "only rate-limited junk reached userspace: {reached} (budget {budget})");
     assert_eq!(connection_status(&t, 1, "cluster-2"), "connected");
 }
 

@@ -110,12 +110,16 @@ pub(crate) fn guard(ctx: &impl Frame) -> Verdict {
     if udp + 8 + udp_len > ctx.len() {
         return Verdict::Drop(Stat::XdpMalformed);
     }
-    // A run's header counts all its datagrams; the first one is what the type must match.
-    let len = ctx.segment().unwrap_or(udp_len);
+    // A run's header counts all its datagrams; the first one is what the type must match, and
+    // each of them costs a handshake token (GRO hands a TC guard a whole run of initiations).
+    let (len, count) = match ctx.segment() {
+        Some(seg) => (seg, udp_len.div_ceil(seg) as u64),
+        None => (udp_len, 1),
+    };
     match (head, len) {
         // Every handshake message shares the source's budget: responses and cookie replies
         // (which move no peer but do cost the cable a MAC check and a wake-up) as well.
-        (1, 148) | (2, 92) | (3, 64) => handshake_allowed(src),
+        (1, 148) | (2, 92) | (3, 64) => handshake_allowed(src, count),
         // Header (16) + tag (16) at least. Padding to 16 bytes is a sender "should" that
         // boringtun does not follow, so no multiple-of-16 rule.
         (4, l) if l >= 32 => {
@@ -136,14 +140,16 @@ pub(crate) fn guard(ctx: &impl Frame) -> Verdict {
 }
 
 /// Token bucket per source address: `HandshakeRate` per second, bursts of `HandshakeBurst`.
+/// A run of `count` messages passes whole or not at all, paying one token per message.
 #[inline(always)]
-pub(crate) fn handshake_allowed(src: u32) -> Verdict {
+pub(crate) fn handshake_allowed(src: u32, count: u64) -> Verdict {
     let rate = u64::from(config(Config::HandshakeRate));
     let burst = u64::from(config(Config::HandshakeBurst));
     if rate == 0 || burst == 0 {
         return Verdict::Accept;
     }
     let cap = burst * 1000;
+    let cost = count * 1000;
     // SAFETY: reads the monotonic clock.
     let now = unsafe { bpf_ktime_get_ns() };
     match HANDSHAKE_BUCKETS.get_ptr_mut(&src) {
@@ -154,20 +160,18 @@ pub(crate) fn handshake_allowed(src: u32) -> Verdict {
             let refill = now.saturating_sub(b.last_ns) / 1_000 * rate / 1_000;
             b.tokens_milli = (b.tokens_milli + refill).min(cap);
             b.last_ns = now;
-            if b.tokens_milli >= 1000 {
-                b.tokens_milli -= 1000;
+            if b.tokens_milli >= cost {
+                b.tokens_milli -= cost;
                 Verdict::Accept
             } else {
                 Verdict::Drop(Stat::XdpHandshakeFlood)
             }
         }
         None => {
-            let _ = HANDSHAKE_BUCKETS.insert(
-                &src,
-                &HandshakeBucket { tokens_milli: cap - 1000, last_ns: now },
-                0,
-            );
-            Verdict::Accept
+            let allowed = cost <= cap;
+            let tokens_milli = if allowed { cap - cost } else { cap };
+            let _ = HANDSHAKE_BUCKETS.insert(&src, &HandshakeBucket { tokens_milli, last_ns: now }, 0);
+            if allowed { Verdict::Accept } else { Verdict::Drop(Stat::XdpHandshakeFlood) }
         }
     }
 }

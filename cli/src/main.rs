@@ -280,6 +280,12 @@ struct BrokerArgs {
     /// Serve plain HTTP (development only: tokens then cross the network in the clear).
     #[arg(long)]
     plain_http: bool,
+    /// UDP address of the STUN responder that tells gateways their address beyond a NAT (the
+    /// reflexive candidate they publish): `auto` (0.0.0.0:3478, skipped with a warning when
+    /// another process holds it, as a second broker on one host does), ADDR:PORT (an error if
+    /// it cannot be bound), or `off`.
+    #[arg(long, env = "CAUSEWAY_BROKER_STUN_LISTEN", default_value = "auto")]
+    stun_listen: String,
     /// Seconds an endpoint record lives without a heartbeat from its gateway.
     #[arg(long, env = "CAUSEWAY_ENDPOINT_LEASE_SECONDS", default_value_t = 30)]
     endpoint_lease_seconds: u64,
@@ -472,6 +478,11 @@ struct GatewayArgs {
     /// underlay); the route agents' --node-probe-port must match.
     #[arg(long, env = "CAUSEWAY_NODE_PROBE_LISTEN", default_value = "0.0.0.0:51821")]
     node_probe_listen: String,
+    /// The STUN responder that tells this gateway its address beyond a NAT (asked from the
+    /// WireGuard socket; published as its reflexive candidate): `auto` (the broker's host,
+    /// port 3478), `off`, or HOST:PORT.
+    #[arg(long, env = "CAUSEWAY_STUN_SERVER", default_value = "auto")]
+    stun_server: String,
     /// I/O threads of the tunnel, each with its own device queue and UDP socket; the kernel
     /// keeps every flow on one of them (0: one per CPU, up to 64).
     #[arg(long, env = "CAUSEWAY_TUNNEL_LANES", default_value_t = 0)]
@@ -752,6 +763,22 @@ async fn broker(a: BrokerArgs) -> anyhow::Result<()> {
         tracing::info!(count = file.credentials.len(), "bootstrap credentials registered");
     }
     tokio::spawn(broker.clone().run_expiry());
+    match a.stun_listen.as_str() {
+        "off" | "" => {}
+        "auto" => {
+            let addr = std::net::SocketAddr::from(([0, 0, 0, 0], causeway_broker_api::stun::DEFAULT_PORT));
+            if let Err(e) = causeway_broker::stun::start(addr, std::sync::Arc::default()).await {
+                tracing::warn!(%addr, error = %e, "no STUN responder: gateways behind NAT learn no reflexive address from this broker (set --stun-listen)");
+            }
+        }
+        other => {
+            let addr = listen_address(other)
+                .with_context(|| format!("--stun-listen {other:?} is not ADDR:PORT, auto or off"))?;
+            causeway_broker::stun::start(addr, std::sync::Arc::default())
+                .await
+                .with_context(|| format!("serving STUN on UDP {addr}"))?;
+        }
+    }
     if a.kubernetes_policies {
         let client = causeway_deploy::connect(None, None).await?;
         let store = std::sync::Arc::new(kubernetes::BrokerPolicies(broker.clone()));
@@ -893,7 +920,6 @@ fn gateway_config(
     broker: causeway_broker_api::Credentials,
 ) -> anyhow::Result<causeway_gateway::GatewayConfig> {
     Ok(causeway_gateway::GatewayConfig {
-        broker,
         cable: a.cable.clone(),
         device: a.device.clone(),
         listen_port: a.listen_port,
@@ -937,7 +963,32 @@ fn gateway_config(
                 format!("--metrics-listen {addr:?} is not ADDR:PORT (IPv6: [ADDR]:PORT or ADDR:PORT) or off")
             })?),
         },
+        stun_server: stun_server(&a.stun_server, &broker.broker_url)?,
+        broker,
     })
+}
+
+/// The STUN responder a gateway asks for its reflexive address: `auto` is the broker's host
+/// on the STUN port, `off` none, anything else `HOST:PORT` (a name is resolved once, here).
+fn stun_server(arg: &str, broker_url: &str) -> anyhow::Result<Option<std::net::SocketAddr>> {
+    let target = match arg {
+        "off" | "" => return Ok(None),
+        "auto" => {
+            let rest = broker_url.split_once("://").map_or(broker_url, |(_, r)| r);
+            let authority = rest.split('/').next().unwrap_or(rest);
+            let host = match authority.strip_prefix('[') {
+                Some(v6) => format!("[{}]", v6.split(']').next().unwrap_or(v6)),
+                None => authority.rsplit_once(':').map_or(authority, |(h, _)| h).to_owned(),
+            };
+            format!("{host}:{}", causeway_broker_api::stun::DEFAULT_PORT)
+        }
+        other => other.to_owned(),
+    };
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(&target)
+        .with_context(|| format!("--stun-server: {target:?} is not HOST:PORT, auto or off"))?
+        .next()
+        .with_context(|| format!("--stun-server: {target:?} resolves to no address"))?;
+    Ok(Some(addr))
 }
 
 /// Writes the completion script of every command and flag for `shell`.

@@ -224,6 +224,7 @@ pub async fn run(a: ShowArgs) -> anyhow::Result<()> {
                                         s.cluster_id.clone(),
                                         c.cluster_id.clone(),
                                         c.endpoint.clone(),
+                                        c.path.clone().unwrap_or_else(|| "-".into()),
                                         c.status.clone(),
                                         c.carrier.as_ref().map_or("-".into(), |k| {
                                             let provisional =
@@ -243,6 +244,7 @@ pub async fn run(a: ShowArgs) -> anyhow::Result<()> {
                                         s.cluster_id.clone(),
                                         format!("{} (standby)", c.cluster_id),
                                         c.endpoint.clone(),
+                                        "-".into(),
                                         c.status.clone(),
                                         "-".into(),
                                         "-".into(),
@@ -261,6 +263,7 @@ pub async fn run(a: ShowArgs) -> anyhow::Result<()> {
                                 "LOCAL",
                                 "REMOTE",
                                 "ENDPOINT",
+                                "PATH",
                                 "STATUS",
                                 "CARRIER SINCE",
                                 "RTT",

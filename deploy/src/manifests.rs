@@ -762,12 +762,22 @@ fn broker(s: &Settings) -> Result<Vec<Manifest>, ManifestError> {
             env("CAUSEWAY_BROKER_TLS_KEY_FILE", "/etc/causeway/tls/tls.key"),
             env("CAUSEWAY_BROKER_BOOTSTRAP_FILE", &format!("/etc/causeway/bootstrap/{BOOTSTRAP_KEY}")),
         ]),
-        ports: Some(vec![ContainerPort {
-            name: Some("https".into()),
-            container_port: s.broker_port.into(),
-            protocol: Some("TCP".into()),
-            ..ContainerPort::default()
-        }]),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some("https".into()),
+                container_port: s.broker_port.into(),
+                protocol: Some("TCP".into()),
+                ..ContainerPort::default()
+            },
+            // The STUN responder (`--stun-listen`, default 0.0.0.0:3478): gateways learn their
+            // addresses beyond a NAT from it.
+            ContainerPort {
+                name: Some("stun".into()),
+                container_port: causeway_broker_api::stun::DEFAULT_PORT.into(),
+                protocol: Some("UDP".into()),
+                ..ContainerPort::default()
+            },
+        ]),
         security_context: Some(capabilities(&[])),
         liveness_probe: Some(Probe {
             http_get: Some(HTTPGetAction {
@@ -849,13 +859,26 @@ fn broker(s: &Settings) -> Result<Vec<Manifest>, ManifestError> {
         spec: Some(ServiceSpec {
             type_: Some(s.broker_service_type.clone()),
             selector: Some(selector("broker")),
-            ports: Some(vec![ServicePort {
-                name: Some("https".into()),
-                port: s.broker_port.into(),
-                target_port: Some(IntOrString::String("https".into())),
-                protocol: Some("TCP".into()),
-                ..ServicePort::default()
-            }]),
+            ports: Some(vec![
+                ServicePort {
+                    name: Some("https".into()),
+                    port: s.broker_port.into(),
+                    target_port: Some(IntOrString::String("https".into())),
+                    protocol: Some("TCP".into()),
+                    ..ServicePort::default()
+                },
+                ServicePort {
+                    name: Some("stun".into()),
+                    port: causeway_broker_api::stun::DEFAULT_PORT.into(),
+                    target_port: Some(IntOrString::String("stun".into())),
+                    protocol: Some("UDP".into()),
+                    ..ServicePort::default()
+                },
+            ]),
+            // STUN answers with the address a request came from: traffic from outside must
+            // reach the pod with its source address, not the node's.
+            external_traffic_policy: matches!(s.broker_service_type.as_str(), "LoadBalancer" | "NodePort")
+                .then(|| "Local".into()),
             ..ServiceSpec::default()
         }),
         ..Service::default()

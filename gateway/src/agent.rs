@@ -512,6 +512,7 @@ mod tests {
             priority: 0,
             health_check_ip: None,
             reachable: None,
+            candidates: Vec::new(),
             generation: 1,
         })
     }

@@ -346,9 +346,10 @@ impl<C: CableDriver, T: Tables, R: Routes> Controller<C, T, R> {
         Ok(())
     }
 
-    /// The uplink guard accepts data messages from the peers we expect (records) and from where
-    /// they actually are (the cable follows roaming peers after an authenticated handshake),
-    /// and only for that peer's session index: spoofed data from a peer's address dies there.
+    /// The uplink guard accepts data messages from the peers we expect (every candidate address
+    /// their records give) and from where they actually are (the cable follows roaming peers
+    /// after authenticated traffic), and only for that peer's session index: spoofed data from
+    /// a peer's address dies there.
     pub async fn reconcile_guard(&mut self) -> Result<(), StepError> {
         let conns = self.cable.connections().await?;
         let index_of: BTreeMap<&str, u32> =
@@ -357,7 +358,11 @@ impl<C: CableDriver, T: Tables, R: Routes> Controller<C, T, R> {
         let mut sessions: BTreeSet<(std::net::Ipv4Addr, u32)> = BTreeSet::new();
         for r in self.applied.remotes.values() {
             let recorded = std::iter::once((r.public_key, r.endpoint))
-                .chain(r.standbys.iter().map(|s| (s.public_key, s.endpoint)));
+                .chain(r.candidates.iter().map(|c| (r.public_key, c.address)))
+                .chain(r.standbys.iter().map(|s| (s.public_key, s.endpoint)))
+                .chain(
+                    r.standbys.iter().flat_map(|s| s.candidates.iter().map(|c| (s.public_key, c.address))),
+                );
             for (key, endpoint) in recorded {
                 if let std::net::IpAddr::V4(v4) = endpoint.ip() {
                     ips.insert(v4);
@@ -533,6 +538,7 @@ mod tests {
             cluster_id: id.to_owned(),
             public_key: WireGuardKey(key),
             endpoint: "192.0.2.1:51820".parse().unwrap(),
+            candidates: Vec::new(),
             cidrs: vec![cidr.parse().unwrap()],
             health_ip: None,
             priority: 0,
@@ -631,6 +637,7 @@ mod tests {
                     rtt_secs: None,
                     loss: 0.0,
                     probed: true,
+                    path: None,
                     last_handshake_secs: None,
                     tx_bytes: 0,
                     rx_bytes: 0,
@@ -882,6 +889,7 @@ mod tests {
         b.standbys.push(crate::model::StandbyGateway {
             public_key: WireGuardKey([2; 32]),
             endpoint: "192.0.2.2:51820".parse().unwrap(),
+            candidates: Vec::new(),
             health_ip: None,
             priority: 0,
         });

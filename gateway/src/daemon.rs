@@ -16,6 +16,7 @@ use std::{
 
 use causeway_broker_api::{
     BrokerClient, ClientError, EndpointRecord, GatewayRole, ListResponse, Reflector, Snapshot, Step,
+    records::{Candidate, CandidateKind},
     reflector::Backoff,
 };
 use causeway_datapath::{Datapath, DatapathError, UplinkHook};
@@ -75,6 +76,8 @@ pub struct GatewayConfig {
     pub node_probe_listen: Option<std::net::SocketAddr>,
     /// ClusterSetIP translation for the gateway node's own pods (no route agent runs there).
     pub services: Option<crate::services::ServiceConfig>,
+    /// The STUN responder asked for this gateway's reflexive address (none: not asked).
+    pub stun_server: Option<std::net::SocketAddr>,
     /// Serve `/debug/hold-daemon?secs=N` on the status socket (tests: it takes the daemon's
     /// lock for N seconds, as a stuck reconcile would).
     pub debug_hooks: bool,
@@ -143,6 +146,9 @@ pub struct Shared {
 struct Published {
     reachable: Arc<std::sync::RwLock<crate::node_probe::Reachable>>,
     health_ip: Arc<std::sync::RwLock<Option<std::net::Ipv4Addr>>>,
+    /// Where a NAT maps the cable's socket (the cable's reflexive address, read by the
+    /// failover task).
+    reflexive: Arc<std::sync::RwLock<Option<std::net::SocketAddr>>>,
 }
 
 impl Shared {
@@ -206,6 +212,7 @@ impl Shared {
             connections.push(ConnectionView {
                 carrier,
                 status: status_name(c.status),
+                path: c.path.map(|p| p.name().to_owned()),
                 cluster_id: c.cluster_id,
                 endpoint: c.endpoint.to_string(),
                 public_key: c.public_key,
@@ -232,6 +239,7 @@ impl Shared {
             cable_lanes: cable.details.lanes.unwrap_or(0),
             cable_udp_segmentation: cable.details.udp_segmentation.unwrap_or(false),
             cable_stalled_lanes: cable.details.stalled_lanes.unwrap_or(0),
+            reflexive: cable.details.reflexive.map(|a| a.to_string()),
             device: cable.device,
             listen_port: self.config.listen_port,
             broker_url: self.config.broker.broker_url.clone(),
@@ -292,6 +300,7 @@ fn endpoint_record(
         priority: config.priority,
         health_check_ip: local.health_ip().map(std::net::IpAddr::V4),
         reachable: None,
+        candidates: Vec::new(),
         generation: 1,
     }
 }
@@ -341,6 +350,7 @@ pub async fn run(
             lanes: config.lanes,
             uapi: config.uapi,
             netlink: netlink.clone(),
+            stun_server: config.stun_server,
         },
     )
     .await?;
@@ -358,6 +368,12 @@ pub async fn run(
         };
         info!(interface = %uplink, ?hook, "uplink guard");
         datapath.attach_uplink_guard(uplink, hook, config.listen_port, HANDSHAKE_RATE, HANDSHAKE_BURST)?;
+        // The STUN responder's answers reach the WireGuard port too.
+        let stun = config.stun_server.and_then(|s| match s {
+            std::net::SocketAddr::V4(v4) => Some(v4),
+            std::net::SocketAddr::V6(_) => None,
+        });
+        datapath.set_stun_server(stun)?;
     }
     for ifname in &config.cluster_interfaces {
         datapath.attach_cluster_redirect(ifname)?;
@@ -369,6 +385,7 @@ pub async fn run(
     let published = Published {
         reachable: Arc::new(std::sync::RwLock::new(crate::node_probe::Reachable::default())),
         health_ip: Arc::new(std::sync::RwLock::new(local.health_ip())),
+        reflexive: Arc::new(std::sync::RwLock::new(None)),
     };
     let shared = Arc::new(Mutex::new(Shared {
         local: local.clone(),
@@ -434,6 +451,7 @@ pub async fn run(
     let failover_task = {
         let shared = shared.clone();
         let reachable = reachable.clone();
+        let reflexive = published.reflexive.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(crate::cable::wireguard::probe::PROBE_INTERVAL / 2);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -444,6 +462,7 @@ pub async fn run(
                 forwarding.store(s.ctl.forwarding(), std::sync::atomic::Ordering::Relaxed);
                 let now_reachable = s.ctl.reachable().iter().cloned().collect::<Vec<_>>();
                 reachable.write().expect("reachable lock").set(now_reachable);
+                *reflexive.write().expect("reflexive lock") = s.ctl.cable.info().details.reflexive;
             }
         })
     };
@@ -663,14 +682,19 @@ fn global_address(
         .unwrap_or(ip)
 }
 
-/// `ep` with what the gateway reaches now (`None` before its first failover pass) and where
-/// it answers probes now.
+/// `ep` with what the gateway reaches now (`None` before its first failover pass), where it
+/// answers probes now, and its reflexive address when the STUN responder confirms one.
 fn reporting(ep: &EndpointRecord, published: &Published) -> EndpointRecord {
     let now = published.reachable.read().expect("reachable lock");
     let health = *published.health_ip.read().expect("health lock");
+    let reflexive = *published.reflexive.read().expect("reflexive lock");
     EndpointRecord {
         reachable: (now.epoch > 0).then(|| now.clusters.clone()),
         health_check_ip: health.map(std::net::IpAddr::V4),
+        candidates: reflexive
+            .map(|address| Candidate { address, kind: CandidateKind::Reflexive })
+            .into_iter()
+            .collect(),
         ..ep.clone()
     }
 }

@@ -77,7 +77,7 @@ fn hostile_prefix<'a>(
             return Some(format!("{cidr} covers {addr}, an address of this node"));
         }
         for e in endpoints.clone() {
-            if let Some(addr) = e.private_ips.iter().chain(&e.public_ips).find(|a| cidr.contains(**a)) {
+            if let Some(addr) = e.addresses().find(|a| cidr.contains(*a)) {
                 return Some(format!(
                     "{cidr} covers {addr}, an address of gateway {:?} of cluster {:?}",
                     e.hostname, e.cluster_id
@@ -214,6 +214,7 @@ pub fn desired(objects: &[Object], local_cluster: &str, facts: &LocalFacts) -> D
                 Some(StandbyGateway {
                     public_key: e.public_key,
                     endpoint: SocketAddr::new(e.preferred_ip()?, e.port),
+                    candidates: e.paths(),
                     health_ip: v4(e.health_check_ip),
                     priority: e.priority,
                 })
@@ -227,6 +228,7 @@ pub fn desired(objects: &[Object], local_cluster: &str, facts: &LocalFacts) -> D
                 cluster_id: id.to_owned(),
                 public_key: ep.public_key,
                 endpoint: SocketAddr::new(ip, ep.port),
+                candidates: ep.paths(),
                 cidrs: reached_at(c, overlap_mode),
                 health_ip: v4(ep.health_check_ip),
                 priority: ep.priority,
@@ -306,6 +308,7 @@ mod tests {
                 priority,
                 health_check_ip: None,
                 reachable: None,
+                candidates: Vec::new(),
                 generation: 1,
             }),
         )
@@ -509,6 +512,11 @@ mod tests {
             vec![StandbyGateway {
                 public_key: key("gw-22"),
                 endpoint: "172.31.0.22:51820".parse().unwrap(),
+                // Every address of its record, as the cable tries them.
+                candidates: vec![causeway_broker_api::records::Candidate {
+                    address: "172.31.0.22:51820".parse().unwrap(),
+                    kind: causeway_broker_api::records::CandidateKind::Private,
+                }],
                 health_ip: None,
                 priority: 0,
             }]

@@ -329,6 +329,7 @@ impl Carriers {
         standbys.push(StandbyGateway {
             public_key: authority.public_key,
             endpoint: authority.endpoint,
+            candidates: authority.candidates.clone(),
             health_ip: authority.health_ip,
             priority: authority.priority,
         });
@@ -337,6 +338,7 @@ impl Carriers {
             cluster_id: authority.cluster_id.clone(),
             public_key: chosen.public_key,
             endpoint: chosen.endpoint,
+            candidates: chosen.candidates.clone(),
             cidrs: authority.cidrs.clone(),
             health_ip: chosen.health_ip,
             priority: chosen.priority,
@@ -642,6 +644,7 @@ mod tests {
             cluster_id: id.into(),
             public_key: key(active),
             endpoint: gw(active),
+            candidates: Vec::new(),
             cidrs: vec!["10.2.0.0/16".parse().unwrap()],
             health_ip: Some("10.2.0.0".parse().unwrap()),
             priority: 7,
@@ -650,6 +653,7 @@ mod tests {
                 .map(|n| StandbyGateway {
                     public_key: key(*n),
                     endpoint: gw(*n),
+                    candidates: Vec::new(),
                     health_ip: Some("10.2.0.0".parse().unwrap()),
                     priority: u32::from(*n),
                 })

@@ -5,7 +5,7 @@
 
 use std::{collections::BTreeSet, net::SocketAddr};
 
-use causeway_broker_api::WireGuardKey;
+use causeway_broker_api::{WireGuardKey, records::Candidate};
 use ipnetwork::IpNetwork;
 
 /// A remote gateway to connect to (from the broker's records).
@@ -13,7 +13,10 @@ use ipnetwork::IpNetwork;
 pub struct RemoteEndpoint {
     pub cluster_id: String,
     pub public_key: WireGuardKey,
+    /// Where traffic starts: the record's preferred address.
     pub endpoint: SocketAddr,
+    /// Every address the gateway may be reached at, in preference order.
+    pub candidates: Vec<Candidate>,
     /// Prefixes routed to (and accepted from) this cluster.
     pub cidrs: Vec<IpNetwork>,
     /// The remote gateway's health-check address (probes are off without one).
@@ -31,6 +34,7 @@ pub struct RemoteEndpoint {
 pub struct StandbyGateway {
     pub public_key: WireGuardKey,
     pub endpoint: SocketAddr,
+    pub candidates: Vec<Candidate>,
     /// Probed like the active gateway, so that a failover goes only to a standby that answers.
     pub health_ip: Option<std::net::Ipv4Addr>,
     pub priority: u32,

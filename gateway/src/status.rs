@@ -234,6 +234,17 @@ pub fn render_metrics(s: &GatewayStatus) -> String {
             .collect(),
     );
     family(
+        "causeway_connection_path",
+        "gauge",
+        "1 for the kind of path each tunnel takes (direct-private, direct-public)",
+        s.connections
+            .iter()
+            .filter_map(|c| {
+                c.path.as_ref().map(|p| (format!("cluster=\"{}\",path=\"{p}\"", c.cluster_id), 1.0))
+            })
+            .collect(),
+    );
+    family(
         "causeway_rtt_seconds",
         "gauge",
         "Round-trip time of the last in-band probe through the tunnel",
@@ -467,6 +478,7 @@ mod tests {
             cable_lanes: 2,
             cable_udp_segmentation: true,
             cable_stalled_lanes: 0,
+            reflexive: Some("203.0.113.9:40001".into()),
             device: "cw0".into(),
             listen_port: 51820,
             broker_url: "http://x".into(),
@@ -476,6 +488,7 @@ mod tests {
                 endpoint: "172.31.0.12:51820".into(),
                 public_key: "k2".into(),
                 status: "connected".into(),
+                path: Some("direct-public".into()),
                 rtt_secs: Some(0.0002),
                 loss: 0.25,
                 last_handshake_secs: Some(1.5),
@@ -647,6 +660,10 @@ mod tests {
         assert!(text.contains("causeway_policy_drops_total{rule=\"web\"} 2\n"));
         assert!(text.contains("causeway_last_handshake_seconds{cluster=\"b\"} 1.5\n"));
         assert!(text.contains("causeway_rtt_seconds{cluster=\"b\"} 0.0002\n"));
+        assert!(
+            text.contains("causeway_connection_path{cluster=\"b\",path=\"direct-public\"} 1\n"),
+            "{text}"
+        );
         assert!(
             text.contains("causeway_failovers_total{cluster=\"b\",reason=\"unreachable\"} 2\n"),
             "{text}"

@@ -120,6 +120,7 @@ fn endpoint(cluster: &str, port: u16) -> EndpointRecord {
         priority: 0,
         health_check_ip: None,
         reachable: None,
+        candidates: Vec::new(),
         generation: 1,
     }
 }
@@ -155,7 +156,16 @@ async fn measure(n: u32, rounds: u32, etcd: Option<&[String]>, replicas: u16) ->
     let mut brokers = Vec::new();
     for port in &ports {
         let child = Command::new(&bin)
-            .args(["broker", "--data-dir", &d, "--listen", &format!("127.0.0.1:{port}")])
+            // Several brokers share the namespace here, and nothing asks for STUN.
+            .args([
+                "broker",
+                "--data-dir",
+                &d,
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--stun-listen",
+                "off",
+            ])
             .args(&store_args)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())

@@ -30,6 +30,12 @@ pub enum SandboxCmd {
         /// the global addresses the broker allocated and the gateways translate to.
         #[arg(long)]
         overlapping: bool,
+        /// Put every cluster's gateway behind a NAT router of its own. `easy`: nftables
+        /// masquerade keeping ports (one mapping for every destination), new flows from outside
+        /// dropped. The gateways learn their reflexive addresses from the broker's STUN
+        /// responder and open direct paths by sending at once.
+        #[arg(long, value_enum)]
+        nat: Option<Nat>,
     },
     /// Show the sandbox's gateways and tunnels.
     Status,
@@ -119,7 +125,7 @@ fn step(msg: &str) {
 
 pub fn run(cmd: SandboxCmd) -> anyhow::Result<()> {
     match cmd {
-        SandboxCmd::Up { clusters, gateways, overlapping } => up(clusters, gateways, overlapping),
+        SandboxCmd::Up { clusters, gateways, overlapping, nat } => up(clusters, gateways, overlapping, nat),
         SandboxCmd::Status => status(),
         SandboxCmd::Down => down(),
         SandboxCmd::Fail { cluster, how } => fail_or_heal(&cluster, Some(how.into())),
@@ -235,7 +241,14 @@ fn fail_or_heal(cluster: &str, how: Option<Failure>) -> anyhow::Result<()> {
     }
 }
 
-fn up(clusters: usize, gateways: u8, overlapping: bool) -> anyhow::Result<()> {
+/// The NATs `sandbox up --nat` can put gateways behind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Nat {
+    /// Masquerade keeping ports (endpoint-independent mapping), new inbound flows dropped.
+    Easy,
+}
+
+fn up(clusters: usize, gateways: u8, overlapping: bool, nat: Option<Nat>) -> anyhow::Result<()> {
     if load().is_some() {
         bail!("a sandbox is already up (see `causeway sandbox status`); run `causeway sandbox down` first");
     }
@@ -244,9 +257,13 @@ fn up(clusters: usize, gateways: u8, overlapping: bool) -> anyhow::Result<()> {
     spec.run_dir = run_dir();
     spec.host_link = true;
     spec.overlapping = overlapping;
+    if nat == Some(Nat::Easy) {
+        spec.nat = (1..=clusters).collect();
+    }
     step(&format!(
-        "building {clusters} clusters from network namespaces (CNI bridge + host-local pods){}",
-        if overlapping { ", all with the same CIDRs (overlap mode)" } else { "" }
+        "building {clusters} clusters from network namespaces (CNI bridge + host-local pods){}{}",
+        if overlapping { ", all with the same CIDRs (overlap mode)" } else { "" },
+        if nat.is_some() { ", each gateway behind its own NAT" } else { "" }
     ));
     let mut topo = Topology::build(spec)?;
     let started = (|| {
@@ -353,7 +370,9 @@ fn status() -> anyhow::Result<()> {
     };
     for c in &topo.clusters {
         let (state, conns) = describe(&c.status_socket);
-        rows.push(vec![c.cluster_id.clone(), c.gw_ip.clone(), c.pod_ip.clone(), state, conns]);
+        let gateway =
+            c.nat_ip.as_ref().map_or_else(|| c.gw_ip.clone(), |nat| format!("{} (NAT {nat})", c.gw_ip));
+        rows.push(vec![c.cluster_id.clone(), gateway, c.pod_ip.clone(), state, conns]);
         for sb in topo.standbys.iter().filter(|s| s.index == c.index) {
             let (state, conns) = describe(&sb.socket);
             rows.push(vec![

@@ -45,7 +45,33 @@ pub struct TopologySpec {
     /// broker gives them global prefixes, and pods reach each other at those.
     #[serde(default)]
     pub overlapping: bool,
+    /// Clusters (1-based) whose gateway sits behind a NAT router of its own.
+    #[serde(default)]
+    pub nat: Vec<usize>,
 }
+
+/// A site NAT in front of a gateway: masquerade with the port kept where it is free (so the
+/// mapping is the same for every destination: "endpoint-independent"), and only replies let
+/// in (a new flow from outside is dropped silently, leaving no state behind that would make
+/// the next mapping take another port), as a home or cloud NAT gateway does. The router's
+/// namespace is `<prefix>-c<i>-nat`, its outside address `172.31.0.<100+i>`.
+const NAT_RULES: &str = r#"
+table ip causeway_nat {
+    chain outbound {
+        type nat hook postrouting priority srcnat;
+        oifname "wan" masquerade
+    }
+    chain forwarding {
+        type filter hook forward priority filter; policy drop;
+        ct state established,related accept
+        iifname "lan" oifname "wan" accept
+    }
+    chain inbound {
+        type filter hook input priority filter; policy accept;
+        iifname "wan" ct state new drop
+    }
+}
+"#;
 
 impl TopologySpec {
     /// A spec with defaults: no host link, underlay MTU 1500.
@@ -61,6 +87,7 @@ impl TopologySpec {
             broker_args: Vec::new(),
             gateway_args: Vec::new(),
             overlapping: false,
+            nat: Vec::new(),
         }
     }
 }
@@ -76,8 +103,11 @@ pub struct ClusterInfo {
     pub pod_ip: String,
     pub pod_cidr: String,
     pub service_cidr: String,
-    /// The gateway's address on the underlay.
+    /// The gateway's address on its uplink: on the underlay, or behind its NAT router.
     pub gw_ip: String,
+    /// The NAT router's outside address, when the gateway is behind one.
+    #[serde(default)]
+    pub nat_ip: Option<String>,
     pub status_socket: PathBuf,
     pub gw_log: PathBuf,
     /// Tunnel device name, unique on the host (the UAPI socket path is host-wide).
@@ -138,7 +168,12 @@ impl Topology {
                     pod_ip: String::new(),
                     pod_cidr: format!("10.{}.0.0/16", net(i)),
                     service_cidr: format!("10.{}.0.0/16", 100 + net(i)),
-                    gw_ip: format!("172.31.0.{}", 10 + i),
+                    gw_ip: if spec.nat.contains(&i) {
+                        format!("192.168.{i}.2")
+                    } else {
+                        format!("172.31.0.{}", 10 + i)
+                    },
+                    nat_ip: spec.nat.contains(&i).then(|| format!("172.31.0.{}", 100 + i)),
                     status_socket: spec.run_dir.join(format!("c{i}-gw.sock")),
                     gw_log: spec.run_dir.join(format!("c{i}-gw.log")),
                     device: {
@@ -193,13 +228,22 @@ impl Topology {
             for ns in [&c.gw_ns, &c.node_ns, &c.pod_ns] {
                 self.add_ns(ns)?;
             }
-            // Uplink of the gateway node to the underlay bridge.
-            let port = format!("gw{i}");
-            veth(&c.gw_ns, "uplink", &u, &port)?;
-            ip(&u, &["link", "set", &port, "master", "br0", "mtu", &mtu, "up"])?;
+            // Uplink of the gateway node to the underlay bridge, or to its NAT router.
+            match &c.nat_ip {
+                None => {
+                    let port = format!("gw{i}");
+                    veth(&c.gw_ns, "uplink", &u, &port)?;
+                    ip(&u, &["link", "set", &port, "master", "br0", "mtu", &mtu, "up"])?;
+                }
+                Some(outside) => self.add_nat_router(c, outside)?,
+            }
             ip(&c.gw_ns, &["link", "set", "uplink", "mtu", &mtu])?;
             ip(&c.gw_ns, &["addr", "add", &format!("{}/24", c.gw_ip), "dev", "uplink"])?;
             ip(&c.gw_ns, &["link", "set", "uplink", "up"])?;
+            if c.nat_ip.is_some() {
+                // Only the underlay is behind the router: nothing can follow a default route.
+                ip(&c.gw_ns, &["route", "add", "172.31.0.0/24", "via", &format!("192.168.{i}.1")])?;
+            }
             // The cluster's node LAN.
             veth(&c.gw_ns, "lan0", &c.node_ns, "lan0")?;
             ip(&c.gw_ns, &["addr", "add", &format!("172.20.{i}.1/24"), "dev", "lan0"])?;
@@ -232,6 +276,34 @@ impl Topology {
             exec::run(&["ip", "route", "add", &format!("{BROKER_IP}/32"), "dev", &host_if])?;
         }
         Ok(())
+    }
+
+    /// Cluster `c`'s NAT router: `lan` faces the gateway's uplink (192.168.<i>.1/24), `wan`
+    /// the underlay bridge at `outside`; the gateway's uplink veth is created here.
+    fn add_nat_router(&mut self, c: &ClusterInfo, outside: &str) -> anyhow::Result<()> {
+        let (i, u) = (c.index, self.underlay_ns.clone());
+        let mtu = self.spec.underlay_mtu.to_string();
+        let nat = self.nat_ns(i);
+        self.add_ns(&nat)?;
+        veth(&c.gw_ns, "uplink", &nat, "lan")?;
+        let port = format!("nat{i}");
+        veth(&nat, "wan", &u, &port)?;
+        ip(&u, &["link", "set", &port, "master", "br0", "mtu", &mtu, "up"])?;
+        ip(&nat, &["addr", "add", &format!("192.168.{i}.1/24"), "dev", "lan"])?;
+        ip(&nat, &["addr", "add", &format!("{outside}/24"), "dev", "wan"])?;
+        for dev in ["lan", "wan"] {
+            ip(&nat, &["link", "set", dev, "mtu", &mtu, "up"])?;
+        }
+        sysctl(&nat, "net.ipv4.ip_forward", "1")?;
+        in_ns_with_input(&nat, &["nft", "-f", "-"], &[], NAT_RULES.as_bytes())
+            .with_context(|| format!("installing the NAT rules in {nat}"))?;
+        Ok(())
+    }
+
+    /// The namespace of cluster `index`'s NAT router (when it has one).
+    #[must_use]
+    pub fn nat_ns(&self, index: usize) -> String {
+        format!("{}-c{index}-nat", self.spec.prefix)
     }
 
     /// Adds a namespace `<prefix>-<name>` on the underlay with address `ip/24` on its
@@ -434,7 +506,9 @@ impl Topology {
         let run = GatewayRun {
             hostname: format!("gw-{}", c.index),
             node_ip: format!("172.20.{}.1", c.index),
-            public_ip: c.gw_ip.clone(),
+            // Behind a NAT the gateway has no address of its own outside: it learns its
+            // reflexive one from the broker's STUN responder.
+            public_ip: c.nat_ip.is_none().then(|| c.gw_ip.clone()),
             state: self.spec.run_dir.join(format!("c{}-gw", c.index)),
             socket: c.status_socket.clone(),
             device: c.device.clone(),
@@ -471,8 +545,6 @@ impl Topology {
             // one other clusters reach it at, as on a real node.
             "--node-ip",
             &run.node_ip,
-            "--public-ip",
-            &run.public_ip,
             "--listen-port",
             &WG_PORT.to_string(),
             "--underlay-mtu",
@@ -493,6 +565,7 @@ impl Topology {
         ]
         .iter()
         .map(|s| (*s).to_owned())
+        .chain(run.public_ip.iter().flat_map(|ip| ["--public-ip".to_owned(), ip.clone()]))
         .collect()
     }
 
@@ -528,7 +601,7 @@ impl Topology {
         let run = GatewayRun {
             hostname: format!("gw-{index}-b"),
             node_ip: format!("172.21.{index}.1"),
-            public_ip: addr.clone(),
+            public_ip: Some(addr.clone()),
             state: dir(""),
             socket: dir(".sock"),
             device,
@@ -972,6 +1045,11 @@ impl Topology {
         Ok(causeway_broker_api::status::fetch(&self.clusters[index - 1].status_socket)?)
     }
 
+    /// Gateway `index`'s Prometheus metrics, from its status socket.
+    pub fn gateway_metrics(&self, index: usize) -> anyhow::Result<String> {
+        Ok(causeway_broker_api::status::fetch_raw(&self.clusters[index - 1].status_socket, "/metrics")?)
+    }
+
     /// Waits until every running gateway reports every other cluster connected.
     pub fn wait_connected(&self, timeout: Duration) -> anyhow::Result<()> {
         let n = self.clusters.len();
@@ -1144,7 +1222,7 @@ struct GatewayRun {
     /// In the cluster (its LAN address).
     node_ip: String,
     /// On the underlay.
-    public_ip: String,
+    public_ip: Option<String>,
     state: PathBuf,
     socket: PathBuf,
     device: String,

@@ -132,6 +132,7 @@ fn endpoint(host: &str, ip: &str, role: GatewayRole, generation: u64) -> Record 
         priority: 0,
         health_check_ip: None,
         reachable: None,
+        candidates: Vec::new(),
         generation,
     })
 }

@@ -8,6 +8,7 @@ pub mod client;
 pub mod records;
 pub mod reflector;
 pub mod status;
+pub mod stun;
 pub mod validate;
 
 pub use client::{BrokerClient, ClientError};

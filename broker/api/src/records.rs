@@ -119,6 +119,25 @@ pub enum GatewayRole {
     Standby,
 }
 
+/// How a gateway's WireGuard socket can be reached at an address, in the order peers prefer
+/// the paths: a private address (same site or a routed underlay), a public one (configured),
+/// the reflexive one (what a NAT maps the socket to, as the broker's STUN responder saw it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum CandidateKind {
+    Private,
+    Public,
+    Reflexive,
+}
+
+/// One address (and port) a gateway's WireGuard socket may be reached at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Candidate {
+    pub address: std::net::SocketAddr,
+    pub kind: CandidateKind,
+}
+
 /// A gateway node of a cluster (one per gateway node).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -148,6 +167,10 @@ pub struct EndpointRecord {
     /// `None`: not reported (a gateway before its first probe round, or an older one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reachable: Option<Vec<String>>,
+    /// Addresses the gateway found for itself besides `privateIps`/`publicIps` on `port`: its
+    /// reflexive address (a NAT's mapping of its WireGuard socket, with the NAT's port).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub candidates: Vec<Candidate>,
     #[serde(default)]
     pub generation: u64,
 }
@@ -169,8 +192,41 @@ impl EndpointRecord {
             priority: 0,
             health_check_ip: None,
             reachable: None,
+            candidates: Vec::new(),
             generation: 1,
         }
+    }
+
+    /// Every address peers may reach this gateway at, in preference order: the private
+    /// addresses, the public ones (both on `port`), then the published candidates; each
+    /// address once (the first kind it is listed with).
+    #[must_use]
+    pub fn paths(&self) -> Vec<Candidate> {
+        let configured = self
+            .private_ips
+            .iter()
+            .map(|ip| (ip, CandidateKind::Private))
+            .chain(self.public_ips.iter().map(|ip| (ip, CandidateKind::Public)))
+            .map(|(ip, kind)| Candidate { address: std::net::SocketAddr::new(*ip, self.port), kind });
+        let mut out: Vec<Candidate> = Vec::new();
+        for c in configured.chain(self.candidates.iter().copied()) {
+            if !out.iter().any(|o| o.address == c.address) {
+                out.push(c);
+            }
+        }
+        // Stable: within a kind, the order the record gives.
+        out.sort_by_key(|c| c.kind);
+        out
+    }
+
+    /// Every IP address of the gateway the record names (configured and discovered): none
+    /// may lie in a cluster's prefixes.
+    pub fn addresses(&self) -> impl Iterator<Item = IpAddr> + Clone + '_ {
+        self.private_ips
+            .iter()
+            .chain(&self.public_ips)
+            .copied()
+            .chain(self.candidates.iter().map(|c| c.address.ip()))
     }
 
     /// The address peers should send to: the first public IP, else the first private one.

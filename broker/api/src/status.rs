@@ -25,6 +25,10 @@ pub struct ConnectionView {
     pub public_key: String,
     /// `connected` (forwarding works), `connecting` or `down`.
     pub status: String,
+    /// The kind of path the tunnel takes: `direct-private` or `direct-public` (absent: the
+    /// cable does not say).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
     /// Round-trip time of the last in-band probe.
     pub rtt_secs: Option<f64>,
     /// Fraction of recent probes lost.
@@ -73,6 +77,10 @@ pub struct GatewayStatus {
     /// Cable I/O threads that have not turned for 5 s (stuck): `/healthz` fails while any is.
     #[serde(default)]
     pub cable_stalled_lanes: usize,
+    /// Where a NAT maps the cable's socket, as the broker's STUN responder last confirmed it
+    /// (published as the endpoint's reflexive candidate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reflexive: Option<String>,
     pub device: String,
     pub listen_port: u16,
     pub broker_url: String,

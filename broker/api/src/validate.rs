@@ -43,7 +43,7 @@ pub enum ValidationError {
     BadGlobalCidr(String),
     #[error("an endpoint needs at least one of privateIps and publicIps")]
     NoAddresses,
-    #[error("port: 0 is not a valid UDP port")]
+    #[error("port: 0 is not a valid UDP port (the endpoint's, or a candidate's)")]
     ZeroPort,
     #[error("backend: {backend:?} is not a cable backend; valid backends: {}", CABLE_BACKENDS.join(", "))]
     UnknownBackend { backend: String },
@@ -201,12 +201,12 @@ pub fn check_pools(c: &ClusterRecord, pools: &crate::records::AddressPools) -> R
 }
 
 /// The first of `addrs` that a CIDR of `c` covers, with that CIDR.
-pub fn covered<'a>(
+pub fn covered(
     c: &ClusterRecord,
-    addrs: impl IntoIterator<Item = &'a std::net::IpAddr>,
+    addrs: impl IntoIterator<Item = std::net::IpAddr>,
 ) -> Option<(IpNetwork, std::net::IpAddr)> {
     let cidrs: Vec<&IpNetwork> = c.all_cidrs().chain(c.globals()).collect();
-    addrs.into_iter().find_map(|a| cidrs.iter().find(|n| n.contains(*a)).map(|n| (**n, *a)))
+    addrs.into_iter().find_map(|a| cidrs.iter().find(|n| n.contains(a)).map(|n| (**n, a)))
 }
 
 /// Largest number of endpoints one headless export may list.
@@ -447,6 +447,21 @@ pub fn validate_endpoint(e: &EndpointRecord) -> Result<(), ValidationError> {
     if !CABLE_BACKENDS.contains(&e.backend.as_str()) {
         return Err(ValidationError::UnknownBackend { backend: e.backend.clone() });
     }
+    if e.candidates.len() > MAX_IPS {
+        return Err(ValidationError::TooMany {
+            field: "candidates",
+            count: e.candidates.len(),
+            max: MAX_IPS,
+        });
+    }
+    for c in &e.candidates {
+        if is_special_address(c.address.ip()) {
+            return Err(ValidationError::BadAddress { field: "candidates", addr: c.address.ip() });
+        }
+        if c.address.port() == 0 {
+            return Err(ValidationError::ZeroPort);
+        }
+    }
     if let Some(list) = &e.reachable {
         if list.len() > MAX_REACHABLE {
             return Err(ValidationError::TooMany {
@@ -684,6 +699,51 @@ mod tests {
         ));
         e.reachable = Some((0..=MAX_REACHABLE).map(|i| format!("c{i}")).collect());
         assert!(matches!(validate_endpoint(&e), Err(ValidationError::TooMany { field: "reachable", .. })));
+        // Candidates: usable unicast addresses, real ports, a bounded list.
+        let candidate = |a: &str| crate::records::Candidate {
+            address: a.parse().unwrap(),
+            kind: crate::records::CandidateKind::Reflexive,
+        };
+        let mut e = endpoint();
+        e.candidates = vec![candidate("203.0.113.9:40001")];
+        validate_endpoint(&e).unwrap();
+        for bad in ["169.254.169.254:1", "127.0.0.1:51820", "0.0.0.0:1", "[ff02::1]:1", "224.0.0.1:9"] {
+            e.candidates = vec![candidate(bad)];
+            assert!(
+                matches!(validate_endpoint(&e), Err(ValidationError::BadAddress { field: "candidates", .. })),
+                "{bad}"
+            );
+        }
+        e.candidates = vec![candidate("203.0.113.9:0")];
+        assert_eq!(validate_endpoint(&e), Err(ValidationError::ZeroPort));
+        e.candidates = (0..=MAX_IPS).map(|i| candidate(&format!("203.0.113.9:{}", 1000 + i))).collect();
+        assert!(matches!(validate_endpoint(&e), Err(ValidationError::TooMany { field: "candidates", .. })));
+    }
+
+    #[test]
+    fn paths_list_every_address_once_in_preference_order() {
+        use crate::records::{Candidate, CandidateKind::*};
+        let mut e = endpoint();
+        e.private_ips = vec!["172.31.0.5".parse().unwrap()];
+        e.public_ips = vec!["198.51.100.5".parse().unwrap()];
+        e.port = 51820;
+        e.candidates = vec![
+            Candidate { address: "203.0.113.9:40001".parse().unwrap(), kind: Reflexive },
+            // The configured public address, found again by STUN: listed once, as public.
+            Candidate { address: "198.51.100.5:51820".parse().unwrap(), kind: Reflexive },
+        ];
+        let got: Vec<(String, crate::records::CandidateKind)> =
+            e.paths().iter().map(|c| (c.address.to_string(), c.kind)).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("172.31.0.5:51820".to_owned(), Private),
+                ("198.51.100.5:51820".to_owned(), Public),
+                ("203.0.113.9:40001".to_owned(), Reflexive),
+            ]
+        );
+        let ips: Vec<String> = e.addresses().map(|a| a.to_string()).collect();
+        assert_eq!(ips, ["172.31.0.5", "198.51.100.5", "203.0.113.9", "198.51.100.5"]);
     }
 
     #[test]
@@ -822,7 +882,7 @@ mod tests {
     fn covered_addresses_are_found() {
         let c = cluster("x", "10.1.0.0/16", "10.150.0.0/16");
         let addrs: Vec<std::net::IpAddr> = vec!["172.31.0.2".parse().unwrap(), "10.150.3.4".parse().unwrap()];
-        assert_eq!(covered(&c, &addrs), Some(("10.150.0.0/16".parse().unwrap(), addrs[1])));
-        assert_eq!(covered(&c, &addrs[..1]), None);
+        assert_eq!(covered(&c, addrs.iter().copied()), Some(("10.150.0.0/16".parse().unwrap(), addrs[1])));
+        assert_eq!(covered(&c, addrs[..1].iter().copied()), None);
     }
 }

@@ -591,11 +591,11 @@ mod tests {
             }),
         );
         for g in 1..=20 {
-            a.commit(g - 1, vec![Change::Put(cluster("a", g))]).await.unwrap();
+            a.commit(g - 1, vec![Change::put(cluster("a", g))]).await.unwrap();
         }
         // b planned against revision 0: refused, nothing written.
         assert!(matches!(
-            b.commit(0, vec![Change::Put(cluster("b", 1))]).await,
+            b.commit(0, vec![Change::put(cluster("b", 1))]).await,
             Err(StoreError::Conflict { expected: 0, current: 20 })
         ));
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -603,7 +603,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert_eq!(*seen.lock().unwrap(), (1..=20).collect::<Vec<_>>());
-        b.commit(20, vec![Change::Put(cluster("b", 1))]).await.unwrap();
+        b.commit(20, vec![Change::put(cluster("b", 1))]).await.unwrap();
         assert_eq!(a.list().await.unwrap().0, 21);
     }
 

@@ -23,6 +23,7 @@ pub mod rate;
 pub mod rules;
 pub mod server;
 pub mod store;
+pub mod stun;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod tls;

@@ -66,7 +66,7 @@ fn put(
         }
     }
     on_change()?;
-    Ok(Plan::Commit(vec![Change::Put(record.clone())]))
+    Ok(Plan::Commit(vec![Change::put(record.clone())]))
 }
 
 /// A cluster record (`new`: it must not exist yet): inside the pools, covering neither the
@@ -128,7 +128,7 @@ fn taken<'a>(state: State<'a>, others: Vec<&'a ClusterRecord>) -> crate::globals
         .broker_addresses
         .iter()
         .copied()
-        .chain(state.records.endpoints().flat_map(|e| e.private_ips.iter().chain(&e.public_ips).copied()))
+        .chain(state.records.endpoints().flat_map(EndpointRecord::addresses))
         .collect();
     crate::globals::Taken { others, addresses }
 }
@@ -150,15 +150,15 @@ fn clear_of_cluster_set_ips(c: &ClusterRecord, set: &ClusterSetRecord) -> Result
 /// A cluster's prefixes may not cover the broker or any gateway endpoint (its own included):
 /// every gateway would route that address into the cluster's tunnel.
 fn covers_nothing(state: State<'_>, c: &ClusterRecord) -> Result<(), BrokerError> {
-    if let Some((cidr, addr)) = causeway_broker_api::validate::covered(c, state.broker_addresses) {
+    if let Some((cidr, addr)) =
+        causeway_broker_api::validate::covered(c, state.broker_addresses.iter().copied())
+    {
         return Err(BrokerError::AddressConflict(format!(
             "{cidr} covers the broker's address {addr}; choose CIDRs that leave the broker and the underlay out"
         )));
     }
     for e in state.records.endpoints() {
-        if let Some((cidr, addr)) =
-            causeway_broker_api::validate::covered(c, e.private_ips.iter().chain(&e.public_ips))
-        {
+        if let Some((cidr, addr)) = causeway_broker_api::validate::covered(c, e.addresses()) {
             return Err(BrokerError::AddressConflict(format!(
                 "{cidr} covers {addr}, an address of gateway {:?} of cluster {:?}; a cluster's CIDRs may not cover a gateway endpoint",
                 e.hostname, e.cluster_id
@@ -193,9 +193,7 @@ fn check_endpoint(
     exists: bool,
 ) -> Result<(), BrokerError> {
     for c in state.records.clusters() {
-        if let Some((cidr, addr)) =
-            causeway_broker_api::validate::covered(c, e.private_ips.iter().chain(&e.public_ips))
-        {
+        if let Some((cidr, addr)) = causeway_broker_api::validate::covered(c, e.addresses()) {
             return Err(BrokerError::AddressConflict(format!(
                 "{addr} lies in {cidr} of cluster {:?}; a gateway endpoint must be outside every cluster's CIDRs",
                 c.cluster_id
@@ -350,7 +348,7 @@ fn import_changes(
     let merged = imports::merge(previous, &exports, state.settings().cluster_set_ip_pool, &held)?;
     Ok(match (previous, merged) {
         (Some(_), None) => Some(Change::Delete(import_key(namespace, name))),
-        (previous, Some(m)) if previous != Some(&m) => Some(Change::Put(Record::ServiceImport(m))),
+        (previous, Some(m)) if previous != Some(&m) => Some(Change::put(Record::ServiceImport(m))),
         _ => None,
     })
 }
@@ -408,7 +406,7 @@ pub fn put_cluster_set(state: State<'_>, settings: &ClusterSetRecord) -> Result<
         Plan::Commit(mut changes) => {
             for (before, after) in stored.iter().zip(clusters) {
                 if **before != after {
-                    changes.push(Change::Put(Record::Cluster(after)));
+                    changes.push(Change::put(Record::Cluster(after)));
                 }
             }
             Plan::Commit(changes)
@@ -500,7 +498,7 @@ mod tests {
         let c = cluster("c", "10.3.0.0/16", "10.103.0.0/16");
         assert_eq!(
             put_cluster(state(&index(&items)), &c, true).unwrap(),
-            Plan::Commit(vec![Change::Put(Record::Cluster(c))])
+            Plan::Commit(vec![Change::put(Record::Cluster(c))])
         );
         let overlapping = cluster("c", "10.2.128.0/17", "10.103.0.0/16");
         assert!(matches!(
@@ -543,7 +541,7 @@ mod tests {
         let ok = endpoint("b", "gw", "172.31.0.12", 2);
         assert_eq!(
             put_endpoint(state(&index(&items)), &ok).unwrap(),
-            Plan::Commit(vec![Change::Put(Record::Endpoint(ok))])
+            Plan::Commit(vec![Change::put(Record::Endpoint(ok))])
         );
         assert!(matches!(
             put_endpoint(state(&index(&items)), &endpoint("z", "gw", "172.31.0.13", 3)),

@@ -53,8 +53,16 @@ pub type FollowSink = Box<dyn Fn(Followed) + Send + Sync>;
 /// One change of a commit: put (create or replace) or delete a record by key.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Change {
-    Put(causeway_broker_api::Record),
+    /// Boxed: records are large and most commits hold one or two.
+    Put(Box<causeway_broker_api::Record>),
     Delete(String),
+}
+
+impl Change {
+    #[must_use]
+    pub fn put(record: causeway_broker_api::Record) -> Self {
+        Self::Put(Box::new(record))
+    }
 }
 
 /// The result of `events_since`.
@@ -163,7 +171,7 @@ pub(crate) fn apply(
         match change {
             Change::Put(record) => {
                 let key = record.key();
-                let object = Object::new(rev, record);
+                let object = Object::new(rev, *record);
                 out.push((
                     key,
                     Some(object.clone()),
@@ -558,13 +566,13 @@ pub(crate) mod tests {
     /// The same behaviour from every store.
     pub(crate) async fn conformance(store: &dyn Store) {
         assert_eq!(store.list().await.unwrap().0, 0);
-        let ev = commit(store, vec![Change::Put(cluster("a", 1))]).await;
+        let ev = commit(store, vec![Change::put(cluster("a", 1))]).await;
         assert_eq!(ev.len(), 1);
         assert_eq!(ev[0].revision, 1);
-        commit(store, vec![Change::Put(cluster("b", 1))]).await;
-        commit(store, vec![Change::Put(cluster("a", 2))]).await;
+        commit(store, vec![Change::put(cluster("b", 1))]).await;
+        commit(store, vec![Change::put(cluster("a", 2))]).await;
         // A commit planned against an old revision is refused, and changes nothing.
-        match store.commit(1, vec![Change::Put(cluster("c", 1))]).await {
+        match store.commit(1, vec![Change::put(cluster("c", 1))]).await {
             Err(StoreError::Conflict { expected: 1, current: 3 }) => {}
             other => panic!("expected a conflict, got {other:?}"),
         }
@@ -583,7 +591,7 @@ pub(crate) mod tests {
         let Since::Events(evs) = store.events_since(4).await.unwrap() else { panic!("compacted") };
         assert!(evs.is_empty());
         // One commit, several changes: one revision, events in order.
-        let ev = commit(store, vec![Change::Put(cluster("x", 1)), Change::Put(cluster("y", 1))]).await;
+        let ev = commit(store, vec![Change::put(cluster("x", 1)), Change::put(cluster("y", 1))]).await;
         assert_eq!(
             ev.iter().map(|e| (e.revision, e.object.record.key())).collect::<Vec<_>>(),
             vec![(5, "clusters/x".to_owned()), (5, "clusters/y".to_owned())]
@@ -617,7 +625,7 @@ pub(crate) mod tests {
     /// Past the history window a watcher is told to re-list, never given a partial story.
     pub(crate) async fn compaction(store: &dyn Store) {
         for g in 1..=10 {
-            commit(store, vec![Change::Put(cluster("a", g))]).await;
+            commit(store, vec![Change::put(cluster("a", g))]).await;
         }
         assert_eq!(store.events_since(2).await.unwrap(), Since::Compacted { oldest: 8 });
         let Since::Events(evs) = store.events_since(7).await.unwrap() else {

@@ -147,6 +147,7 @@ fn endpoint(id: &str, host: &str) -> EndpointRecord {
         priority: 0,
         health_check_ip: None,
         reachable: None,
+        candidates: Vec::new(),
         generation: 1,
     }
 }
@@ -788,18 +789,48 @@ async fn hostile_claims_are_refused_and_lose_nothing(mut f: Fixture) {
         assert_eq!(err.status(), Some(400), "{err}");
         assert!(err.to_string().contains(why), "{why}: {err}");
     }
+    // Its candidates: an address inside another cluster's prefixes (which would pull that
+    // cluster's traffic to this gateway's peers' guard lists), a special address, port 0, too
+    // many of them.
+    let reflexive = |a: &str| causeway_broker_api::records::Candidate {
+        address: a.parse().unwrap(),
+        kind: causeway_broker_api::records::CandidateKind::Reflexive,
+    };
+    for (candidates, status, why) in [
+        (vec![reflexive("10.1.0.9:51820")], 409, "10.1.0.9 lies in 10.1.0.0/16 of cluster \"east\""),
+        (
+            vec![reflexive("169.254.169.254:80")],
+            400,
+            "candidates: 169.254.169.254 is not a usable unicast address",
+        ),
+        (vec![reflexive("203.0.113.9:0")], 400, "port: 0 is not a valid UDP port"),
+        (
+            (0..17).map(|i| reflexive(&format!("203.0.113.9:{}", 1000 + i))).collect(),
+            400,
+            "candidates: 17 entries, at most 16",
+        ),
+    ] {
+        let mut e = endpoint("x", "gw-x");
+        e.candidates = candidates;
+        let err = x.put_endpoint(&e).await.unwrap_err();
+        assert_eq!(err.status(), Some(status), "{err}");
+        assert!(err.to_string().contains(why), "{why}: {err}");
+    }
 
     assert_eq!(admin.list().await.unwrap(), before, "no refused claim changed anything");
     // The honest versions go through.
     let mut e = endpoint("x", "gw-x");
     e.health_check_ip = Some("10.5.0.0".parse().unwrap());
     e.reachable = Some(vec!["east".into()]);
+    e.candidates = vec![reflexive("203.0.113.9:40001")];
     x.put_endpoint(&e).await.unwrap();
     let stored = admin.list().await.unwrap().items.into_iter().find_map(|o| match o.record {
         Record::Endpoint(e) if e.hostname == "gw-x" => Some(e),
         _ => None,
     });
-    assert_eq!(stored.unwrap().reachable, Some(vec!["east".to_owned()]));
+    let stored = stored.unwrap();
+    assert_eq!(stored.reachable, Some(vec!["east".to_owned()]));
+    assert_eq!(stored.candidates, vec![reflexive("203.0.113.9:40001")]);
 }
 
 /// Pools and quotas are the admin's to set; members are held to them, and a change that

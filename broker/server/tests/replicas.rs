@@ -43,6 +43,7 @@ fn endpoint(id: &str, host: &str) -> EndpointRecord {
         priority: 0,
         health_check_ip: None,
         reachable: None,
+        candidates: Vec::new(),
         generation: 1,
     }
 }

@@ -330,10 +330,15 @@ pub enum Config {
     /// default verdict) and [`POLICY_STATE_GENERATION`] (which tables are live). Userspace
     /// fills the other generation's tables, then switches with one write of this word.
     PolicyState = 5,
+    /// The STUN responder's IPv4 address (network order; 0: none): its binding answers may
+    /// reach the WireGuard port.
+    StunServer = 6,
+    /// The STUN responder's UDP port (host order).
+    StunPort = 7,
 }
 
 /// Number of entries of the `CONFIG` array.
-pub const NUM_CONFIG: u32 = 6;
+pub const NUM_CONFIG: u32 = 8;
 
 /// Number of entries of the `STATS` array.
 pub const NUM_STATS: u32 = Stat::ALL.len() as u32;
@@ -500,7 +505,7 @@ mod tests {
             assert_eq!(*s as usize, i);
         }
         assert_eq!(NUM_STATS, 16);
-        assert_eq!(Config::PolicyState as u32 + 1, NUM_CONFIG);
+        assert_eq!(Config::StunPort as u32 + 1, NUM_CONFIG);
     }
 
     #[test]

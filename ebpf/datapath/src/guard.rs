@@ -125,6 +125,18 @@ impl Datapath {
         Ok(prog)
     }
 
+    /// Lets the STUN responder at `server` answer on the WireGuard port (binding success
+    /// responses from exactly that address and port; the cable checks the transaction).
+    /// `None`: no STUN message passes.
+    pub fn set_stun_server(&mut self, server: Option<std::net::SocketAddrV4>) -> Result<(), DatapathError> {
+        let (ip, port) =
+            server.map_or((0, 0), |s| (u32::from_ne_bytes(s.ip().octets()), u32::from(s.port())));
+        for (cfg, v) in [(Config::StunServer, ip), (Config::StunPort, port)] {
+            self.config.set(cfg as u32, v, 0).map_err(map_err(maps::CONFIG))?;
+        }
+        Ok(())
+    }
+
     /// Makes the known-peer set equal `peers` (the addresses data messages may come from).
     pub fn set_known_peers(
         &mut self,

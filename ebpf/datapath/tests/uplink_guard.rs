@@ -22,6 +22,7 @@ struct Frame {
     /// Overrides the UDP length field (to lie about it).
     udp_len: Option<u16>,
     ethertype: u16,
+    sport: u16,
 }
 
 impl Frame {
@@ -35,6 +36,7 @@ impl Frame {
             payload,
             udp_len: None,
             ethertype: 0x0800,
+            sport: 40000,
         }
     }
 
@@ -63,7 +65,7 @@ impl Frame {
         ip[12..16].copy_from_slice(&self.src.octets());
         ip[16..20].copy_from_slice(&[172, 31, 0, 11]);
         let udp = &mut ip[ihl..];
-        udp[0..2].copy_from_slice(&40000u16.to_be_bytes());
+        udp[0..2].copy_from_slice(&self.sport.to_be_bytes());
         udp[2..4].copy_from_slice(&self.dport.to_be_bytes());
         let len = self.udp_len.unwrap_or(u16::try_from(udp_len).unwrap());
         udp[4..6].copy_from_slice(&len.to_be_bytes());
@@ -201,6 +203,34 @@ fn verdicts(hook: UplinkHook) {
     }
     // Every handshake message the limiter cut is counted as a flood, and nothing else is.
     assert_eq!(stat(&dp, Stat::XdpHandshakeFlood), cut as u64);
+
+    // STUN binding answers pass from the configured responder's address and port only.
+    let server = [172, 31, 0, 2];
+    let answer = |class: [u8; 2]| {
+        let mut m = vec![class[0], class[1], 0x00, 0x0c, 0x21, 0x12, 0xa4, 0x42];
+        m.extend([7u8; 12]);
+        m.extend([0x00, 0x20, 0x00, 0x08, 0x00, 0x01, 0xa1, 0x47, 0xe1, 0x12, 0xa6, 0x43]);
+        m
+    };
+    let from_server = Frame { sport: 3478, ..Frame::wg(server, answer([0x01, 0x01])) };
+    let malformed = stat(&dp, Stat::XdpMalformed);
+    assert_eq!(run(&mut dp, &from_server), DROP, "no responder configured");
+    dp.set_stun_server(Some(std::net::SocketAddrV4::new(server.into(), 3478))).unwrap();
+    assert_eq!(run(&mut dp, &from_server), PASS, "the responder's answer");
+    assert_eq!(run(&mut dp, &Frame { sport: 3479, ..from_server.clone() }), DROP, "from another port");
+    assert_eq!(
+        run(&mut dp, &Frame { src: stranger.into(), ..from_server.clone() }),
+        DROP,
+        "from another address"
+    );
+    let request = Frame { sport: 3478, ..Frame::wg(server, answer([0x00, 0x01])) };
+    assert_eq!(run(&mut dp, &request), DROP, "a binding request is no answer");
+    let mut no_cookie = from_server.clone();
+    no_cookie.payload[4] = 0x22;
+    assert_eq!(run(&mut dp, &no_cookie), DROP, "no magic cookie");
+    dp.set_stun_server(None).unwrap();
+    assert_eq!(run(&mut dp, &from_server), DROP, "responder unset");
+    assert_eq!(stat(&dp, Stat::XdpMalformed) - malformed, 6, "each refused one counted as malformed");
 }
 
 /// The guard's parser against a reference parser written from the wire formats, on random
@@ -339,6 +369,7 @@ mod against_a_reference {
                         payload,
                         udp_len,
                         ethertype,
+                        sport: 40000,
                     }
                     .bytes_any_ihl();
                     if let Some(cut) = cut {

@@ -110,6 +110,19 @@ pub(crate) fn guard(ctx: &impl Frame) -> Verdict {
     if udp + 8 + udp_len > ctx.len() {
         return Verdict::Drop(Stat::XdpMalformed);
     }
+    // The STUN responder's binding answers (type 0x0101, the magic cookie), from its address
+    // and port exactly: the reflexive address is learnt on the WireGuard socket itself.
+    if head & STUN_BINDING_SUCCESS_MASK == STUN_BINDING_SUCCESS
+        && receiver == STUN_COOKIE
+        && src == config(Config::StunServer)
+        && src != 0
+    {
+        let Some(sport) = ptr_at::<u16>(ctx, udp) else { return Verdict::Drop(Stat::XdpMalformed) };
+        // SAFETY: bounds-checked.
+        if u32::from(u16::from_be(unsafe { core::ptr::read_unaligned(sport) })) == config(Config::StunPort) {
+            return Verdict::Accept;
+        }
+    }
     // A run's header counts all its datagrams; the first one is what the type must match, and
     // each of them costs a handshake token (GRO hands a TC guard a whole run of initiations).
     let (len, count) = match ctx.segment() {
@@ -138,6 +151,13 @@ pub(crate) fn guard(ctx: &impl Frame) -> Verdict {
         _ => Verdict::Drop(Stat::XdpMalformed),
     }
 }
+
+/// A STUN binding success response's first word (type 0x0101, big-endian, then the length's
+/// two bytes, masked out), read little-endian as `head` is.
+const STUN_BINDING_SUCCESS_MASK: u32 = 0x0000_ffff;
+const STUN_BINDING_SUCCESS: u32 = 0x0101;
+/// The magic cookie 0x2112A442 as the little-endian read of bytes 4..8 gives it.
+const STUN_COOKIE: u32 = 0x42A4_1221;
 
 /// Token bucket per source address: `HandshakeRate` per second, bursts of `HandshakeBurst`.
 /// A run of `count` messages passes whole or not at all, paying one token per message.

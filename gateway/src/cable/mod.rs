@@ -1,6 +1,7 @@
 //! Cable drivers: how a gateway reaches remote gateways. One trait (Submariner's
 //! `cable.Driver`, shortened), a closed enum of backends picked by name.
 
+pub mod paths;
 pub mod wireguard;
 
 use std::{future::Future, net::SocketAddr, time::Duration};
@@ -73,6 +74,8 @@ pub struct Connection {
     pub loss: f64,
     /// Whether in-band probes run on this connection.
     pub probed: bool,
+    /// The kind of path the tunnel takes (drivers that choose among candidates).
+    pub path: Option<paths::PathKind>,
     pub last_handshake_secs: Option<f64>,
     pub tx_bytes: u64,
     pub rx_bytes: u64,
@@ -113,6 +116,9 @@ pub struct CableDetails {
     pub udp_segmentation: Option<bool>,
     /// I/O threads that have stopped turning (userspace drivers): the gateway is not live.
     pub stalled_lanes: Option<usize>,
+    /// Where a NAT maps the cable's socket, as the STUN responder last confirmed it (drivers
+    /// that ask): the endpoint record's reflexive candidate.
+    pub reflexive: Option<SocketAddr>,
 }
 
 /// What every cable backend does.
@@ -155,6 +161,9 @@ pub struct CableSettings {
     pub uapi: bool,
     /// The process's netlink owner (a driver removes its persistent device through it).
     pub netlink: crate::route::Netlink,
+    /// The STUN responder that tells the cable its reflexive address (drivers with their own
+    /// UDP socket ask from it); `None`: not asked.
+    pub stun_server: Option<SocketAddr>,
 }
 
 impl std::fmt::Debug for CableSettings {
@@ -244,6 +253,7 @@ mod tests {
             lanes: 1,
             uapi: false,
             netlink: crate::route::Netlink::open().unwrap(),
+            stun_server: None,
         };
         let err = AnyCable::start("ipsec", &settings).await.unwrap_err();
         assert_eq!(err.to_string(), "unknown cable backend \"ipsec\"; valid backends: wireguard");

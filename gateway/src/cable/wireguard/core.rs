@@ -25,7 +25,15 @@ use causeway_broker_api::WireGuardKey;
 use ipnetwork::IpNetwork;
 use tracing::{debug, info, warn};
 
-use super::probe::{Echo, Health, PROBE_ID, ProbeState};
+use super::{
+    probe::{Echo, Health, PROBE_ID, ProbeState},
+    reflexive::Reflexive,
+};
+use crate::cable::paths::{PathChange, PathKind, Paths};
+
+/// ICMP identifier of path checks: probes sent through the session to a candidate address
+/// other than the current path (answered to where they came from, and moving nothing).
+pub const PATH_CHECK_ID: u16 = 0xca06;
 
 /// WireGuard's own overhead on top of the inner packet (IPv6 outer header, UDP, WG header+tag).
 pub const WG_OVERHEAD: u16 = 80;
@@ -68,6 +76,10 @@ enum Delivery {
     Tun,
     /// A probe for this gateway: this answer goes back through the tunnel.
     Answer(Vec<u8>),
+    /// A path check for this gateway: this answer goes back to where the check came from.
+    CheckAnswer(Vec<u8>),
+    /// The answer to one of our path checks (its sequence number).
+    CheckReply(u16),
     /// Consumed here (a keepalive, an answered probe of ours).
     Nothing,
 }
@@ -176,7 +188,11 @@ impl DropReason {
 pub struct PeerConfig {
     pub cluster_id: String,
     pub public_key: WireGuardKey,
+    /// Where traffic starts (the record's preferred address) until an answer says otherwise.
     pub endpoint: SocketAddr,
+    /// Every address the remote gateway may be reached at, in preference order (empty: just
+    /// `endpoint`).
+    pub candidates: Vec<causeway_broker_api::records::Candidate>,
     pub allowed: Vec<IpNetwork>,
     /// The remote gateway's health-check address; probes run only when it is known.
     pub health_ip: Option<Ipv4Addr>,
@@ -185,7 +201,10 @@ pub struct PeerConfig {
 /// A peer's state as reported to status and metrics.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PeerStats {
+    /// The peer's configuration, with `endpoint` where its traffic goes now.
     pub config: PeerConfig,
+    /// The kind of path its traffic takes.
+    pub path: PathKind,
     /// Our index for the peer: the receiver index of its data messages, less the low 8 bits
     /// (the uplink guard only lets data for a live index through).
     pub index: u32,
@@ -217,6 +236,7 @@ impl PeerStats {
 
 struct Peer {
     config: PeerConfig,
+    paths: Paths,
     tunn: Tunn,
     probe: ProbeState,
     tx_bytes: u64,
@@ -283,6 +303,10 @@ struct Shared {
     /// Diffie-Hellman computations started for handshake initiations (one per
     /// `parse_handshake_anon`): what an attacker can make us spend.
     handshake_dh: AtomicU64,
+    /// Our reflexive address (STUN from the WireGuard socket).
+    reflexive: Mutex<Reflexive>,
+    /// The reflexive address as last seen by a tick: what the endpoint record publishes.
+    reflexive_seen: Arc<Mutex<Option<SocketAddr>>>,
 }
 
 impl Shared {
@@ -343,6 +367,8 @@ impl WgCore {
                 limiter: Arc::new(RateLimiter::new(&public, HANDSHAKES_PER_SECOND)),
                 tunn_limiter: Arc::new(RateLimiter::new(&public, u64::MAX)),
                 handshake_dh: AtomicU64::new(0),
+                reflexive: Mutex::new(Reflexive::new(None)),
+                reflexive_seen: Arc::new(Mutex::new(None)),
             }),
             table,
             seen: 0,
@@ -382,6 +408,19 @@ impl WgCore {
     pub fn set_health_ip(&mut self, ip: Option<Ipv4Addr>) {
         let v = ip.map_or(0, |ip| (1u64 << 32) | u64::from(u32::from(ip)));
         self.shared.health_ip.store(v, Ordering::Relaxed);
+    }
+
+    /// Where to learn our reflexive address from (the broker's STUN responder); `None`: not
+    /// learnt.
+    pub fn set_stun_server(&mut self, server: Option<SocketAddr>) {
+        *self.shared.reflexive.lock().unwrap_or_else(PoisonError::into_inner) = Reflexive::new(server);
+    }
+
+    /// The reflexive address, as of the last tick, in a cell the cable's owner may read at any
+    /// time.
+    #[must_use]
+    pub fn reflexive(&self) -> Arc<Mutex<Option<SocketAddr>>> {
+        Arc::clone(&self.shared.reflexive_seen)
     }
 
     #[must_use]
@@ -434,7 +473,18 @@ impl WgCore {
             }
             info!(cluster = %config.cluster_id, endpoint = %config.endpoint, "peer updated");
             let reroute = p.config.allowed != config.allowed;
+            let new_paths = p.config.candidates != config.candidates || p.config.endpoint != config.endpoint;
+            p.paths.set_candidates(config.candidates.clone(), config.endpoint);
             p.config = config;
+            // New addresses for a peer we have no session with: try them now, not at the next
+            // retry (behind NATs, the other side is sending to ours at about this moment).
+            if new_paths
+                && p.tunn.stats().0.is_none_or(|age| age >= SESSION_LIFETIME)
+                && let TunnResult::WriteToNetwork(pkt) =
+                    p.tunn.format_handshake_initiation(&mut self.buf, true)
+            {
+                send_to_paths(&p.paths, pkt, out);
+            }
             drop(p);
             if reroute {
                 let mut table = (**current).clone();
@@ -462,8 +512,8 @@ impl WgCore {
         info!(cluster = %config.cluster_id, endpoint = %config.endpoint, key = %config.public_key, "peer added");
         let mut table = (**current).clone();
         table.by_key.insert(config.public_key.0, idx);
-        let endpoint = config.endpoint;
         let slot = Arc::new(Mutex::new(Peer {
+            paths: Paths::new(config.candidates.clone(), config.endpoint),
             config,
             tunn,
             probe: ProbeState::default(),
@@ -476,10 +526,9 @@ impl WgCore {
         table.rebuild_routes();
         self.publish(&mut current, table);
         drop(current);
-        if let TunnResult::WriteToNetwork(pkt) =
-            lock_peer(&slot).tunn.format_handshake_initiation(&mut self.buf, false)
-        {
-            out.udp(endpoint, pkt);
+        let mut peer = lock_peer(&slot);
+        if let TunnResult::WriteToNetwork(pkt) = peer.tunn.format_handshake_initiation(&mut self.buf, false) {
+            send_to_paths(&peer.paths, pkt, out);
         }
         Ok(())
     }
@@ -511,7 +560,8 @@ impl WgCore {
                 let p = lock_peer(slot);
                 PeerStats {
                     index: *idx,
-                    config: p.config.clone(),
+                    config: PeerConfig { endpoint: p.paths.current(), ..p.config.clone() },
+                    path: p.paths.kind(),
                     last_handshake: p.tunn.stats().0,
                     tx_bytes: p.tx_bytes,
                     rx_bytes: p.rx_bytes,
@@ -545,6 +595,12 @@ impl WgCore {
         let (buf, built) = workspace(out, &mut self.buf);
         let base = buf.as_ptr();
         let wire = match peer.tunn.encapsulate(packet, buf) {
+            // No session: this is the handshake initiation, for every candidate path.
+            TunnResult::WriteToNetwork(wire) if is_initiation(wire) => {
+                let wire = wire.to_vec();
+                send_to_paths(&peer.paths, &wire, out);
+                return;
+            }
             TunnResult::WriteToNetwork(wire) => span(base, wire),
             TunnResult::Err(e) => {
                 debug!(cluster = %peer.config.cluster_id, error = ?e, "encapsulate failed");
@@ -555,7 +611,7 @@ impl WgCore {
         };
         peer.tx_bytes += packet.len() as u64;
         peer.tx_packets += 1;
-        emit(out, &self.buf, built, Some(peer.config.endpoint), wire);
+        emit(out, &self.buf, built, Some(peer.paths.current()), wire);
     }
 
     /// A datagram received on the cable's UDP socket at `now`.
@@ -570,6 +626,18 @@ impl WgCore {
             Err(TunnResult::WriteToNetwork(cookie)) => {
                 out.udp(src, cookie);
                 shared.count(DropReason::UnderLoad, 1);
+                return;
+            }
+            Err(_) if causeway_broker_api::stun::is_stun(datagram) => {
+                let mut r = shared.reflexive.lock().unwrap_or_else(PoisonError::into_inner);
+                match r.on_datagram(src, datagram, now) {
+                    Ok(Some(addr)) => info!(reflexive = %addr, "reflexive address learnt"),
+                    Ok(None) => {}
+                    Err(why) => {
+                        debug!(%src, ?why, "STUN datagram refused");
+                        shared.count(DropReason::InvalidPacket, 1);
+                    }
+                }
                 return;
             }
             Err(_) => {
@@ -611,7 +679,10 @@ impl WgCore {
         // does a replayed data packet.
         let mut authenticated = false;
         let mut first = true;
-        let mut answer = None;
+        // The answer to a probe, and whether it goes back where the datagram came from (a
+        // path check) rather than along the current path.
+        let mut answer: Option<(Vec<u8>, bool)> = None;
+        let mut check_reply = None;
         let local_health = shared.health_ip();
         loop {
             let was_first = first;
@@ -650,21 +721,30 @@ impl WgCore {
                     let pkt = span(base, pkt);
                     emit(out, &self.buf, built, None, pkt);
                 }
-                Ok(Delivery::Answer(reply)) => answer = Some(reply),
+                Ok(Delivery::Answer(reply)) => answer = Some((reply, false)),
+                Ok(Delivery::CheckAnswer(reply)) => answer = Some((reply, true)),
+                Ok(Delivery::CheckReply(seq)) => check_reply = Some(seq),
                 Ok(Delivery::Nothing) => {}
                 Err(reason) => dropped = Some(reason),
             }
             break;
         }
-        if authenticated && peer.config.endpoint != src {
+        // Path checks and their answers prove a path, they do not choose it: only the checker
+        // decides, on the answer.
+        let path_check = check_reply.is_some() || answer.as_ref().is_some_and(|(_, back)| *back);
+        if authenticated && !path_check {
             // Roaming: an authenticated packet tells us where the peer is now.
-            info!(cluster = %peer.config.cluster_id, from = %peer.config.endpoint, to = %src, "peer endpoint moved");
-            peer.config.endpoint = src;
+            let change = peer.paths.on_authenticated(src, now);
+            log_change(&peer.config.cluster_id, change);
         }
-        if let Some(reply) = answer
+        if let Some(seq) = check_reply {
+            let change = peer.paths.on_check_reply(src, seq, now);
+            log_change(&peer.config.cluster_id, change);
+        }
+        if let Some((reply, back)) = answer
             && let TunnResult::WriteToNetwork(wire) = peer.tunn.encapsulate(&reply, &mut self.buf)
         {
-            out.udp(peer.config.endpoint, wire);
+            out.udp(if back { src } else { peer.paths.current() }, wire);
         }
         if let Some(r) = dropped {
             shared.count(r, 1);
@@ -692,8 +772,11 @@ impl WgCore {
                 && pkt[16..20] == ours.octets()
                 && let Some(echo) = Echo::parse(pkt)
             {
-                if !echo.reply {
-                    return Ok(Delivery::Answer(echo.answer().to_packet()));
+                match (echo.reply, echo.id) {
+                    (false, PATH_CHECK_ID) => return Ok(Delivery::CheckAnswer(echo.answer().to_packet())),
+                    (false, _) => return Ok(Delivery::Answer(echo.answer().to_packet())),
+                    (true, PATH_CHECK_ID) => return Ok(Delivery::CheckReply(echo.seq)),
+                    _ => {}
                 }
                 if echo.id == PROBE_ID {
                     peer.probe.on_reply(echo.seq, now);
@@ -717,21 +800,34 @@ impl WgCore {
         // Once a second at most (the limiter checks): the handshake budget starts again.
         self.shared.limiter.reset_count();
         self.refresh();
+        self.tick_reflexive(now, out);
         let local_health = self.shared.health_ip();
         for slot in self.table.peers.values() {
             let mut guard = lock_peer(slot);
             let peer = &mut *guard;
             // Probes only ride a live session: without one they would just queue.
+            let live = peer.tunn.stats().0.is_some_and(|age| age < SESSION_LIFETIME);
             if let (Some(src), Some(dst)) = (local_health, peer.config.health_ip)
-                && peer.tunn.stats().0.is_some_and(|age| age < SESSION_LIFETIME)
-                && let Some(probe) = peer.probe.next(now, src, dst)
-                && let TunnResult::WriteToNetwork(wire) =
-                    peer.tunn.encapsulate(&probe.to_packet(), &mut self.buf)
+                && live
             {
-                out.udp(peer.config.endpoint, wire);
+                if let Some(probe) = peer.probe.next(now, src, dst)
+                    && let TunnResult::WriteToNetwork(wire) =
+                        peer.tunn.encapsulate(&probe.to_packet(), &mut self.buf)
+                {
+                    out.udp(peer.paths.current(), wire);
+                }
+                // Better paths than the current one, checked through the session.
+                for (to, seq) in peer.paths.due_checks(now) {
+                    let check = Echo { src, dst, reply: false, id: PATH_CHECK_ID, seq, payload: Vec::new() };
+                    if let TunnResult::WriteToNetwork(wire) =
+                        peer.tunn.encapsulate(&check.to_packet(), &mut self.buf)
+                    {
+                        out.udp(to, wire);
+                    }
+                }
             }
             match peer.tunn.update_timers(&mut self.buf) {
-                TunnResult::WriteToNetwork(wire) => out.udp(peer.config.endpoint, wire),
+                TunnResult::WriteToNetwork(wire) => send_to_paths(&peer.paths, wire, out),
                 TunnResult::Err(WireGuardError::ConnectionExpired) => {
                     debug!(cluster = %peer.config.cluster_id, "session expired");
                 }
@@ -739,6 +835,54 @@ impl WgCore {
                 _ => {}
             }
         }
+    }
+}
+
+impl WgCore {
+    /// Asks for the reflexive address when due, and publishes what is known now.
+    fn tick_reflexive(&mut self, now: Instant, out: &mut impl Sink) {
+        let mut r = self.shared.reflexive.lock().unwrap_or_else(PoisonError::into_inner);
+        let id = || {
+            let mut id = [0u8; 12];
+            rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut id);
+            id
+        };
+        if let Some((server, request)) = r.poll(now, id) {
+            out.udp(server, &request);
+        }
+        let known = r.address(now);
+        drop(r);
+        let mut seen = self.shared.reflexive_seen.lock().unwrap_or_else(PoisonError::into_inner);
+        if *seen != known {
+            if known.is_none() {
+                info!("reflexive address no longer confirmed; not published");
+            }
+            *seen = known;
+        }
+    }
+}
+
+/// Whether `wire` is a handshake initiation (message type 1).
+fn is_initiation(wire: &[u8]) -> bool {
+    wire.first() == Some(&1)
+}
+
+/// Sends what a peer's timers produced: a handshake initiation to every candidate path (the
+/// first to answer wins, and both sides sending at once opens their NATs), anything else
+/// along the current path.
+fn send_to_paths(paths: &Paths, wire: &[u8], out: &mut impl Sink) {
+    if is_initiation(wire) {
+        for to in paths.handshake_targets() {
+            out.udp(to, wire);
+        }
+    } else {
+        out.udp(paths.current(), wire);
+    }
+}
+
+fn log_change(cluster: &str, change: Option<PathChange>) {
+    if let Some(c) = change {
+        info!(%cluster, from = %c.from, to = %c.to, path = c.kind.name(), reason = c.reason, "tunnel path changed");
     }
 }
 
@@ -780,6 +924,7 @@ mod tests {
                 cluster_id: "b".into(),
                 public_key: b.public_key(),
                 endpoint: b_addr,
+                candidates: Vec::new(),
                 allowed: vec!["10.2.0.0/16".parse().unwrap()],
                 health_ip: None,
             },
@@ -792,6 +937,7 @@ mod tests {
                 cluster_id: "a".into(),
                 public_key: a.public_key(),
                 endpoint: a_addr,
+                candidates: Vec::new(),
                 allowed: vec!["10.1.0.0/16".parse().unwrap()],
                 health_ip: None,
             },
@@ -854,6 +1000,7 @@ mod tests {
             cluster_id: id.into(),
             public_key: key,
             endpoint: ep,
+            candidates: Vec::new(),
             allowed: vec![net.parse().unwrap()],
             health_ip: Some(health.parse().unwrap()),
         };
@@ -896,6 +1043,7 @@ mod tests {
             cluster_id: "b".into(),
             public_key: p.b.public_key(),
             endpoint: p.b_addr,
+            candidates: Vec::new(),
             allowed,
             health_ip: None,
         };
@@ -911,6 +1059,7 @@ mod tests {
             cluster_id: "a".into(),
             public_key: p.a.public_key(),
             endpoint: p.a_addr,
+            candidates: Vec::new(),
             allowed: vec!["10.1.0.0/16".parse().unwrap()],
             health_ip: Some("10.1.0.0".parse().unwrap()),
         };
@@ -1060,6 +1209,7 @@ mod tests {
             cluster_id: id.into(),
             public_key: key,
             endpoint,
+            candidates: Vec::new(),
             allowed: vec![net.parse().unwrap()],
             health_ip: None,
         };
@@ -1162,6 +1312,7 @@ mod tests {
                     cluster_id: "a".into(),
                     public_key: p.a.public_key(),
                     endpoint: p.a_addr,
+                    candidates: Vec::new(),
                     allowed: vec!["10.1.0.0/16".parse().unwrap()],
                     health_ip: None,
                 },
@@ -1212,6 +1363,234 @@ mod tests {
         assert_eq!(p.a.peers(Instant::now())[0].config.endpoint, new_addr);
     }
 
+    /// Two cores on a network of several paths: `route(dst)` says whether a datagram to `dst`
+    /// arrives (at A or at B: `true` for B) and from which address the receiver sees it come.
+    fn deliver_on(
+        a: &mut WgCore,
+        b: &mut WgCore,
+        mut to_deliver: Vec<(bool, Output)>,
+        now: Instant,
+        route: &dyn Fn(bool, SocketAddr) -> Option<SocketAddr>,
+    ) -> Vec<SocketAddr> {
+        // Every destination a datagram was sent to, delivered or not.
+        let mut sent_to = Vec::new();
+        for _ in 0..50 {
+            if to_deliver.is_empty() {
+                return sent_to;
+            }
+            let mut next = Vec::new();
+            for (from_a, o) in to_deliver {
+                let Output::Udp(dst, d) = o else { continue };
+                sent_to.push(dst);
+                let Some(src) = route(from_a, dst) else { continue };
+                let mut out = Vec::new();
+                if from_a {
+                    b.on_datagram(src, &d, now, &mut out)
+                } else {
+                    a.on_datagram(src, &d, now, &mut out)
+                }
+                next.extend(out.into_iter().map(|o| (!from_a, o)));
+            }
+            to_deliver = next;
+        }
+        panic!("no quiescence");
+    }
+
+    fn candidate(
+        addr: &str,
+        kind: causeway_broker_api::records::CandidateKind,
+    ) -> causeway_broker_api::records::Candidate {
+        causeway_broker_api::records::Candidate { address: addr.parse().unwrap(), kind }
+    }
+
+    #[test]
+    fn initiations_go_to_every_candidate_and_the_answering_path_is_used() {
+        use causeway_broker_api::records::CandidateKind::{Private, Public};
+        let mut a = WgCore::new(StaticSecret::random_from_rng(OsRng));
+        let mut b = WgCore::new(StaticSecret::random_from_rng(OsRng));
+        let (a_addr, b_private, b_public): (SocketAddr, SocketAddr, SocketAddr) = (
+            "172.31.0.11:51820".parse().unwrap(),
+            "172.31.0.12:51820".parse().unwrap(),
+            "198.51.100.12:51820".parse().unwrap(),
+        );
+        let mut out = Vec::new();
+        a.upsert_peer(
+            PeerConfig {
+                cluster_id: "b".into(),
+                public_key: b.public_key(),
+                // The record prefers its public address, which is a black hole here.
+                endpoint: b_public,
+                candidates: vec![
+                    candidate("172.31.0.12:51820", Private),
+                    candidate("198.51.100.12:51820", Public),
+                ],
+                allowed: vec!["10.2.0.0/16".parse().unwrap()],
+                health_ip: None,
+            },
+            &mut out,
+        )
+        .unwrap();
+        let mut ignored = Vec::new();
+        b.upsert_peer(
+            PeerConfig {
+                cluster_id: "a".into(),
+                public_key: a.public_key(),
+                endpoint: a_addr,
+                candidates: Vec::new(),
+                allowed: vec!["10.1.0.0/16".parse().unwrap()],
+                health_ip: None,
+            },
+            &mut ignored,
+        )
+        .unwrap();
+        // One initiation, to both candidates, the preferred address first.
+        let targets: Vec<SocketAddr> = out
+            .iter()
+            .map(|o| match o {
+                Output::Udp(d, _) => *d,
+                Output::Tun(_) => unreachable!(),
+            })
+            .collect();
+        assert_eq!(targets, vec![b_public, b_private]);
+        assert!(matches!((&out[0], &out[1]), (Output::Udp(_, x), Output::Udp(_, y)) if x == y && x[0] == 1));
+        let route = |from_a: bool, dst: SocketAddr| match (from_a, dst) {
+            (true, d) if d == b_private => Some(a_addr),
+            (false, d) if d == a_addr => Some(b_private),
+            _ => None,
+        };
+        let now = Instant::now();
+        deliver_on(&mut a, &mut b, out.into_iter().map(|o| (true, o)).collect(), now, &route);
+        let s = &a.peers(now)[0];
+        assert!(s.has_session());
+        assert_eq!(
+            (s.config.endpoint, s.path),
+            (b_private, PathKind::DirectPrivate),
+            "the path that answered"
+        );
+        // Data follows it.
+        let mut out = Vec::new();
+        a.on_tun_packet(&ipv4_packet([10, 1, 0, 5], [10, 2, 0, 7], b"hello"), &mut out);
+        assert!(matches!(&out[..], [Output::Udp(d, _)] if *d == b_private));
+    }
+
+    #[test]
+    fn a_better_path_is_checked_through_the_session_and_taken_when_it_answers() {
+        use causeway_broker_api::records::CandidateKind::{Private, Reflexive};
+        let mut a = WgCore::new(StaticSecret::random_from_rng(OsRng));
+        let mut b = WgCore::new(StaticSecret::random_from_rng(OsRng));
+        a.set_health_ip(Some("10.1.0.0".parse().unwrap()));
+        b.set_health_ip(Some("10.2.0.0".parse().unwrap()));
+        let a_private: SocketAddr = "172.31.0.11:51820".parse().unwrap();
+        let a_nat: SocketAddr = "203.0.113.11:40002".parse().unwrap();
+        let b_private: SocketAddr = "172.31.0.12:51820".parse().unwrap();
+        let b_nat: SocketAddr = "203.0.113.12:40001".parse().unwrap();
+        let mut out = Vec::new();
+        a.upsert_peer(
+            PeerConfig {
+                cluster_id: "b".into(),
+                public_key: b.public_key(),
+                endpoint: b_nat,
+                candidates: vec![
+                    candidate("172.31.0.12:51820", Private),
+                    candidate("203.0.113.12:40001", Reflexive),
+                ],
+                allowed: vec!["10.2.0.0/16".parse().unwrap()],
+                health_ip: Some("10.2.0.0".parse().unwrap()),
+            },
+            &mut out,
+        )
+        .unwrap();
+        let mut ignored = Vec::new();
+        b.upsert_peer(
+            PeerConfig {
+                cluster_id: "a".into(),
+                public_key: a.public_key(),
+                endpoint: a_nat,
+                candidates: vec![
+                    candidate("172.31.0.11:51820", Private),
+                    candidate("203.0.113.11:40002", Reflexive),
+                ],
+                allowed: vec!["10.1.0.0/16".parse().unwrap()],
+                health_ip: Some("10.1.0.0".parse().unwrap()),
+            },
+            &mut ignored,
+        )
+        .unwrap();
+        // First only the NATs' public side carries anything: the private path is cut.
+        let private_open = std::cell::Cell::new(false);
+        let route = |from_a: bool, dst: SocketAddr| match (from_a, dst) {
+            (true, d) if d == b_nat => Some(a_nat),
+            (false, d) if d == a_nat => Some(b_nat),
+            (true, d) if d == b_private && private_open.get() => Some(a_private),
+            (false, d) if d == a_private && private_open.get() => Some(b_private),
+            _ => None,
+        };
+        let t0 = Instant::now();
+        deliver_on(&mut a, &mut b, out.into_iter().map(|o| (true, o)).collect(), t0, &route);
+        assert_eq!(a.peers(t0)[0].config.endpoint, b_nat);
+        // A check of the private path goes out, unanswered while it is cut: nothing moves.
+        let mut out = Vec::new();
+        a.tick(t0, &mut out);
+        let checks: Vec<SocketAddr> = out
+            .iter()
+            .filter_map(|o| match o {
+                Output::Udp(d, _) if *d == b_private => Some(*d),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(checks, vec![b_private], "{out:?}");
+        deliver_on(&mut a, &mut b, out.into_iter().map(|o| (true, o)).collect(), t0, &route);
+        assert_eq!((a.peers(t0)[0].config.endpoint, a.peers(t0)[0].path), (b_nat, PathKind::DirectPublic));
+        // The private path opens: the next check (an interval later) is answered and taken.
+        private_open.set(true);
+        let t1 = t0 + crate::cable::paths::CHECK_INTERVAL;
+        let mut out = Vec::new();
+        a.tick(t1, &mut out);
+        deliver_on(&mut a, &mut b, out.into_iter().map(|o| (true, o)).collect(), t1, &route);
+        let s = &a.peers(t1)[0];
+        assert_eq!((s.config.endpoint, s.path), (b_private, PathKind::DirectPrivate));
+        // The check itself moved nothing at B (only the checker decides) ...
+        assert_eq!(b.peers(t1)[0].config.endpoint, a_nat);
+        // ... A's next packet along the new path does (roaming).
+        let mut out = Vec::new();
+        a.on_tun_packet(&ipv4_packet([10, 1, 0, 5], [10, 2, 0, 7], b"direct"), &mut out);
+        let sent = deliver_on(&mut a, &mut b, out.into_iter().map(|o| (true, o)).collect(), t1, &route);
+        assert_eq!(sent, vec![b_private]);
+        assert_eq!(
+            (b.peers(t1)[0].config.endpoint, b.peers(t1)[0].path),
+            (a_private, PathKind::DirectPrivate)
+        );
+    }
+
+    #[test]
+    fn the_reflexive_address_is_asked_from_the_cable_and_forged_answers_are_counted() {
+        let mut core = WgCore::new(StaticSecret::random_from_rng(OsRng));
+        let server: SocketAddr = "172.31.0.2:3478".parse().unwrap();
+        core.set_stun_server(Some(server));
+        let t0 = Instant::now();
+        let mut out = Vec::new();
+        core.tick(t0, &mut out);
+        let [Output::Udp(to, request)] = &out[..] else { panic!("{out:?}") };
+        assert_eq!(*to, server);
+        let mapped: SocketAddr = "203.0.113.9:40001".parse().unwrap();
+        let answer = causeway_broker_api::stun::answer(request, mapped).unwrap();
+        // From elsewhere, or for another transaction: refused and counted, nothing learnt.
+        let forged =
+            causeway_broker_api::stun::answer(&causeway_broker_api::stun::binding_request([1; 12]), mapped)
+                .unwrap();
+        let mut none = Vec::new();
+        core.on_datagram("172.31.0.66:3478".parse().unwrap(), &answer, t0, &mut none);
+        core.on_datagram(server, &forged, t0, &mut none);
+        assert!(none.is_empty());
+        assert_eq!(core.drops().iter().find(|(r, _)| *r == DropReason::InvalidPacket).unwrap().1, 2);
+        core.tick(t0, &mut none);
+        assert_eq!(*core.reflexive().lock().unwrap(), None);
+        // The real answer: published at the next tick.
+        core.on_datagram(server, &answer, t0, &mut none);
+        core.tick(t0 + Duration::from_millis(50), &mut none);
+        assert_eq!(*core.reflexive().lock().unwrap(), Some(mapped));
+    }
+
     /// A core that knows one peer, and that peer's side as a bare `Tunn` (so a test can make
     /// as many genuine initiations as it wants).
     fn core_and_initiator() -> (WgCore, Tunn, SocketAddr) {
@@ -1224,6 +1603,7 @@ mod tests {
                 cluster_id: "b".into(),
                 public_key: WireGuardKey(PublicKey::from(&theirs).to_bytes()),
                 endpoint: peer_addr,
+                candidates: Vec::new(),
                 allowed: vec!["10.2.0.0/16".parse().unwrap()],
                 health_ip: None,
             },
@@ -1378,6 +1758,7 @@ mod tests {
             cluster_id: "evil".into(),
             public_key: key_b,
             endpoint: "172.31.0.66:51820".parse().unwrap(),
+            candidates: Vec::new(),
             allowed: vec!["10.66.0.0/16".parse().unwrap()],
             health_ip: None,
         };
@@ -1390,6 +1771,7 @@ mod tests {
             cluster_id: "mirror".into(),
             public_key: p.a.public_key(),
             endpoint: "172.31.0.66:51820".parse().unwrap(),
+            candidates: Vec::new(),
             allowed: vec!["10.67.0.0/16".parse().unwrap()],
             health_ip: None,
         };

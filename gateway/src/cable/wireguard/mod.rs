@@ -7,6 +7,7 @@ pub mod core;
 pub mod gso;
 mod lanes;
 pub mod probe;
+mod reflexive;
 pub mod uapi;
 
 use std::{
@@ -49,6 +50,8 @@ pub struct WireGuardConfig {
     pub lanes: usize,
     /// Removes the device when a persistent one is cleaned up.
     pub netlink: crate::route::Netlink,
+    /// The STUN responder asked for the reflexive address (from the WireGuard socket).
+    pub stun_server: Option<SocketAddr>,
 }
 
 /// Lanes started when none are asked for: one per CPU up to this many. Lanes lock only the
@@ -87,6 +90,7 @@ impl WireGuardConfig {
             persistent: s.persistent,
             lanes: s.lanes,
             netlink: s.netlink.clone(),
+            stun_server: s.stun_server,
         }
     }
 }
@@ -118,6 +122,8 @@ pub struct WireGuardCable {
     persistent: bool,
     netlink: crate::route::Netlink,
     beats: lanes::Beats,
+    /// The reflexive address as the core last saw it.
+    reflexive: Arc<std::sync::Mutex<Option<SocketAddr>>>,
 }
 
 impl WireGuardCable {
@@ -163,6 +169,8 @@ impl WireGuardCable {
         let private_bytes = cfg.private_key.to_bytes();
         let mut core = WgCore::new(cfg.private_key);
         core.set_health_ip(cfg.health_ip);
+        core.set_stun_server(cfg.stun_server);
+        let reflexive = core.reflexive();
         let public_key = core.public_key();
         let (tx, rx) = mpsc::channel();
         let lane_count = lanes.len();
@@ -206,6 +214,7 @@ impl WireGuardCable {
             persistent: cfg.persistent,
             netlink: cfg.netlink,
             beats,
+            reflexive,
         })
     }
 
@@ -244,6 +253,7 @@ impl CableDriver for WireGuardCable {
                 // costs its own trip through the stack.
                 udp_segmentation: Some(self.segmentation.load(Ordering::Relaxed)),
                 stalled_lanes: Some(self.beats.stalled(LANE_STALL)),
+                reflexive: *self.reflexive.lock().unwrap_or_else(std::sync::PoisonError::into_inner),
             },
         }
     }
@@ -263,6 +273,7 @@ impl CableDriver for WireGuardCable {
             cluster_id: ep.cluster_id.clone(),
             public_key: ep.public_key,
             endpoint: ep.endpoint,
+            candidates: ep.candidates.clone(),
             allowed: ep.cidrs.clone(),
             health_ip: ep.health_ip,
         };
@@ -272,6 +283,7 @@ impl CableDriver for WireGuardCable {
                 cluster_id: ep.cluster_id.clone(),
                 public_key: s.public_key,
                 endpoint: s.endpoint,
+                candidates: s.candidates.clone(),
                 allowed: Vec::new(),
                 // Probed like the carrier: the switch only moves traffic to one that answers.
                 health_ip: s.health_ip,
@@ -298,6 +310,7 @@ impl CableDriver for WireGuardCable {
                 rtt_secs: p.rtt.map(|d| d.as_secs_f64()),
                 loss: p.loss,
                 probed: p.probed,
+                path: Some(p.path),
                 // Every cluster has prefixes: a peer without any is one of its standbys.
                 standby: p.config.allowed.is_empty(),
                 cluster_id: p.config.cluster_id,

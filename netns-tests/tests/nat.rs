@@ -1,0 +1,167 @@
+//! Gateways behind NAT routers (nftables masquerade in a namespace of their own, new flows
+//! from outside dropped): each gateway learns its reflexive address from the broker's STUN
+//! responder through the WireGuard socket and publishes it; the peers send handshakes to every
+//! candidate and use the one that answers. One side behind a NAT: the other is reached
+//! directly and the NATed one at its reflexive address. Both behind NATs: both send at once
+//! and the NATs open (simultaneous open). The NAT's mappings flushed and moved to other ports
+//! in the middle of a transfer: the tunnel follows and the bytes arrive intact. Each test
+//! asserts the path kind and the time to the first packet.
+//! Privileged: `#[ignore]`d unless run with `--run-ignored all`, as `scripts/test.sh` does.
+
+use std::{
+    process::Stdio,
+    sync::atomic::{AtomicUsize, Ordering},
+    time::{Duration, Instant},
+};
+
+use causeway_netns::{
+    Topology, TopologySpec, causeway_bin,
+    exec::{self, Bg},
+    ready::{self, Proto},
+    require_privileges,
+    topology::wait_for,
+};
+
+static N: AtomicUsize = AtomicUsize::new(0);
+
+/// Two clusters, those in `nat` behind NAT routers; broker and gateways started. Returns the
+/// topology and the time from the gateways' start to the first pod-to-pod ping answered.
+fn nat_topology(nat: &[usize]) -> (Topology, Duration) {
+    let prefix = format!("cwn{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
+    let mut spec = TopologySpec::new(&prefix, 2, causeway_bin());
+    spec.nat = nat.to_vec();
+    let mut t = Topology::build(spec).expect("building the topology");
+    t.start_broker().expect("starting the broker");
+    let started = Instant::now();
+    for i in 1..=2 {
+        t.start_gateway(i).unwrap_or_else(|e| panic!("gateway {i}: {e:#}"));
+    }
+    let (a, b) = (t.clusters[0].clone(), t.clusters[1].clone());
+    wait_for(Duration::from_secs(30), "the first ping from pod 1 to pod 2 answered", || {
+        exec::in_ns(&a.pod_ns, &["ping", "-n", "-q", "-c", "1", "-W", "1", &b.pod_ip]).is_ok()
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", gateway_logs(&t)));
+    let first = started.elapsed();
+    t.wait_connected(Duration::from_secs(20)).unwrap_or_else(|e| panic!("{e:#}\n{}", gateway_logs(&t)));
+    (t, first)
+}
+
+fn gateway_logs(t: &Topology) -> String {
+    t.clusters
+        .iter()
+        .map(|c| {
+            let log = std::fs::read_to_string(&c.gw_log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(25).collect();
+            format!("--- {} ---\n{}", c.cluster_id, tail.into_iter().rev().collect::<Vec<_>>().join("\n"))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Gateway `i`'s view of its one connection: (endpoint, path).
+fn connection(t: &Topology, i: usize) -> (String, String) {
+    let s = t.gateway_status(i).unwrap();
+    let c = &s.connections[0];
+    (c.endpoint.clone(), c.path.clone().unwrap_or_default())
+}
+
+#[test]
+#[ignore = "needs root and network namespaces; run with --run-ignored all"]
+fn one_side_behind_an_easy_nat_is_reached_at_its_reflexive_address() {
+    require_privileges!();
+    let (t, first) = nat_topology(&[1]);
+    eprintln!("time to the first packet, one side behind a NAT: {first:?}");
+    assert!(first < Duration::from_secs(15), "first packet after {first:?}");
+    let nat = t.clusters[0].nat_ip.clone().unwrap();
+    // The STUN answer came through the NAT to the WireGuard socket: the masquerade kept the
+    // port.
+    wait_for(Duration::from_secs(10), "gateway 1 to know its reflexive address", || {
+        t.gateway_status(1).unwrap().reflexive == Some(format!("{nat}:51820"))
+    })
+    .unwrap();
+    assert_eq!(t.gateway_status(2).unwrap().reflexive, Some(format!("{}:51820", t.clusters[1].gw_ip)));
+    // Each reaches the other directly: cluster 2 at its public address, cluster 1 through its
+    // NAT's mapping.
+    assert_eq!(connection(&t, 1), (format!("{}:51820", t.clusters[1].gw_ip), "direct-public".into()));
+    assert_eq!(connection(&t, 2), (format!("{nat}:51820"), "direct-public".into()));
+    let (a, b) = (&t.clusters[0], &t.clusters[1]);
+    assert!(exec::ping(&b.pod_ns, &a.pod_ip, 3), "pod 2 → pod 1, into the NATed site");
+    // The metric says the same.
+    let metrics = t.gateway_metrics(2).unwrap();
+    assert!(
+        metrics.contains("causeway_connection_path{cluster=\"cluster-1\",path=\"direct-public\"} 1"),
+        "{metrics}"
+    );
+
+    // The NAT forgets its mappings in the middle of a transfer and maps to other ports from
+    // then on (a NAT that rebinds): cluster 2 follows the new mapping as soon as authenticated
+    // traffic arrives from it, and the bytes arrive intact.
+    let took = transfer_across(&t, |t| {
+        let ns = t.nat_ns(1);
+        exec::in_ns(&ns, &["nft", "flush", "chain", "ip", "causeway_nat", "outbound"]).unwrap();
+        // UDP (the tunnel and STUN) to other ports; the rest (the broker's TCP) as before.
+        for rule in [
+            "add rule ip causeway_nat outbound oifname wan meta l4proto udp masquerade to :40000-40099",
+            "add rule ip causeway_nat outbound oifname wan masquerade",
+        ] {
+            exec::in_ns(&ns, &["nft", rule]).unwrap();
+        }
+        exec::in_ns(&ns, &["conntrack", "-F"]).unwrap();
+    });
+    eprintln!("NAT rebound to other ports: the transfer finished {took:?} later");
+    assert!(took < Duration::from_secs(15), "recovered only after {took:?}");
+    let (endpoint, path) = connection(&t, 2);
+    let port: u16 = endpoint.rsplit(':').next().unwrap().parse().unwrap();
+    assert!(endpoint.starts_with(&format!("{nat}:")) && (40000..40100).contains(&port), "{endpoint}");
+    assert_eq!(path, "direct-public");
+}
+
+/// 10 MB from pod 1 to pod 2 at 40 Mb/s, with `disturb` run 0.7 s into it: asserts the
+/// bytes arrived intact and returns how long after the disturbance the transfer ended.
+fn transfer_across(t: &Topology, disturb: impl FnOnce(&Topology)) -> Duration {
+    let (a, b) = (&t.clusters[0], &t.clusters[1]);
+    let bin = causeway_bin().display().to_string();
+    let listen = format!("{}:9800", b.pod_ip);
+    let sink = Bg::start(&b.pod_ns, &[&bin, "debug", "tcp-sink", "--listen", &listen], Stdio::piped());
+    ready::wait_listening(&b.pod_ns, &listen, Proto::Tcp).unwrap();
+    let source = Bg::start(
+        &a.pod_ns,
+        &[&bin, "debug", "tcp-source", "--connect", &listen, "--bytes", "10000000", "--mbps", "40"],
+        Stdio::piped(),
+    );
+    std::thread::sleep(Duration::from_millis(700));
+    let at = Instant::now();
+    disturb(t);
+    let sent = source.output();
+    assert!(sent.contains("\"bytes\":10000000"), "{sent}");
+    assert_eq!(sink.output(), sent, "length and SHA-256 match");
+    at.elapsed()
+}
+
+#[test]
+#[ignore = "needs root and network namespaces; run with --run-ignored all"]
+fn both_sides_behind_easy_nats_open_a_direct_path_by_sending_at_once() {
+    require_privileges!();
+    let (t, first) = nat_topology(&[1, 2]);
+    eprintln!("time to the first packet, both sides behind NATs: {first:?}");
+    assert!(first < Duration::from_secs(20), "first packet after {first:?}");
+    let (nat1, nat2) = (t.clusters[0].nat_ip.clone().unwrap(), t.clusters[1].nat_ip.clone().unwrap());
+    // Neither gateway has an address the other could reach but its NAT's mapping: the
+    // tunnel runs between the two reflexive addresses.
+    assert_eq!(connection(&t, 1), (format!("{nat2}:51820"), "direct-public".into()));
+    assert_eq!(connection(&t, 2), (format!("{nat1}:51820"), "direct-public".into()));
+    let (a, b) = (t.clusters[0].clone(), t.clusters[1].clone());
+    assert!(exec::ping(&b.pod_ns, &a.pod_ip, 3));
+
+    // Both NATs forget every mapping in the middle of a transfer: both sides keep sending
+    // (traffic and probes), so both NATs open again, on the same ports.
+    let took = transfer_across(&t, |t| {
+        for i in 1..=2 {
+            exec::in_ns(&t.nat_ns(i), &["conntrack", "-F"]).unwrap();
+        }
+    });
+    eprintln!("both NATs flushed: the transfer finished {took:?} later");
+    assert!(took < Duration::from_secs(15), "recovered only after {took:?}");
+    assert_eq!(connection(&t, 1), (format!("{nat2}:51820"), "direct-public".into()));
+    assert_eq!(connection(&t, 2), (format!("{nat1}:51820"), "direct-public".into()));
+}

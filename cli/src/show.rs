@@ -166,6 +166,7 @@ pub async fn run(a: ShowArgs) -> anyhow::Result<()> {
                             "HOST",
                             "PRIVATE IPS",
                             "PUBLIC IPS",
+                            "REFLEXIVE",
                             "PORT",
                             "BACKEND",
                             "ROLE",
@@ -178,6 +179,8 @@ pub async fn run(a: ShowArgs) -> anyhow::Result<()> {
                                 e.hostname.clone(),
                                 join(&e.private_ips),
                                 join(&e.public_ips),
+                                // Found by STUN: where its NAT maps its WireGuard socket.
+                                join(&e.candidates.iter().map(|c| c.address).collect::<Vec<_>>()),
                                 e.port.to_string(),
                                 e.backend.clone(),
                                 format!("{:?}", e.role).to_lowercase(),

@@ -90,6 +90,16 @@ fn pod_to_pod_across_the_tunnel_encrypted_and_counted() {
 
     assert!(exec::ping(&a.pod_ns, &b.pod_ip, 3), "pod A cannot ping pod B");
     assert!(exec::ping(&b.pod_ns, &a.pod_ip, 3), "pod B cannot ping pod A");
+    // Each record lists the node's cluster-LAN address too (private, preferred), which the
+    // other site cannot reach: its checks go unanswered and the tunnel stays on the public one.
+    for (i, other) in [(1, &b), (2, &a)] {
+        let c = &t.gateway_status(i).unwrap().connections[0];
+        assert_eq!(
+            (c.endpoint.clone(), c.path.as_deref()),
+            (format!("{}:51820", other.gw_ip), Some("direct-public")),
+            "gateway {i}"
+        );
+    }
 
     // Independent counts of the same packets, by netfilter: what pod A sends to cluster B (its
     // output hook) and what gateway B forwards from cluster A (after the tunnel's ingress).

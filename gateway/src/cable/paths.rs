@@ -23,8 +23,8 @@ pub const CHECK_INTERVAL: Duration = Duration::from_secs(5);
 /// A check not answered within this long failed.
 pub const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 /// The current path counts as proven for this long after traffic from it authenticated (the
-/// in-band probes confirm it several times a second).
-pub const PROVEN_FOR: Duration = Duration::from_secs(2);
+/// in-band probes confirm it ten times a second).
+pub const PROVEN_FOR: Duration = Duration::from_secs(1);
 
 /// What kind of path a tunnel uses, as `show connections` and the metrics say it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -119,6 +119,12 @@ impl Paths {
             CandidateKind::Private => PathKind::DirectPrivate,
             CandidateKind::Public | CandidateKind::Reflexive => PathKind::DirectPublic,
         }
+    }
+
+    /// Whether there is any address to try besides the current path.
+    #[must_use]
+    pub fn has_alternatives(&self) -> bool {
+        self.candidates.iter().any(|c| c.address != self.current)
     }
 
     /// Where a handshake initiation goes: the current path first, then every other candidate.

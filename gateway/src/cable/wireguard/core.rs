@@ -31,6 +31,11 @@ use super::{
 };
 use crate::cable::paths::{PathChange, PathKind, Paths};
 
+/// While the current path goes unanswered (probes down), a new handshake goes to every
+/// candidate this often, so another path is found at once rather than at the session's own
+/// retry (15 s later).
+pub const RESCUE_EVERY: Duration = Duration::from_secs(2);
+
 /// ICMP identifier of path checks: probes sent through the session to a candidate address
 /// other than the current path (answered to where they came from, and moving nothing).
 pub const PATH_CHECK_ID: u16 = 0xca06;
@@ -237,6 +242,8 @@ impl PeerStats {
 struct Peer {
     config: PeerConfig,
     paths: Paths,
+    /// When the last handshake went to every candidate because the path stopped answering.
+    rescued: Option<Instant>,
     tunn: Tunn,
     probe: ProbeState,
     tx_bytes: u64,
@@ -514,6 +521,7 @@ impl WgCore {
         table.by_key.insert(config.public_key.0, idx);
         let slot = Arc::new(Mutex::new(Peer {
             paths: Paths::new(config.candidates.clone(), config.endpoint),
+            rescued: None,
             config,
             tunn,
             probe: ProbeState::default(),
@@ -815,6 +823,18 @@ impl WgCore {
                         peer.tunn.encapsulate(&probe.to_packet(), &mut self.buf)
                 {
                     out.udp(peer.paths.current(), wire);
+                }
+                // The path stopped answering: a new handshake to every candidate, the first
+                // to answer carries on.
+                if peer.probe.health(now) == Health::Down
+                    && peer.paths.has_alternatives()
+                    && peer.rescued.is_none_or(|t| now.saturating_duration_since(t) >= RESCUE_EVERY)
+                    && let TunnResult::WriteToNetwork(wire) =
+                        peer.tunn.format_handshake_initiation(&mut self.buf, true)
+                {
+                    peer.rescued = Some(now);
+                    info!(cluster = %peer.config.cluster_id, path = %peer.paths.current(), "path stopped answering; trying every candidate");
+                    send_to_paths(&peer.paths, wire, out);
                 }
                 // Better paths than the current one, checked through the session.
                 for (to, seq) in peer.paths.due_checks(now) {
@@ -1560,6 +1580,85 @@ mod tests {
             (b.peers(t1)[0].config.endpoint, b.peers(t1)[0].path),
             (a_private, PathKind::DirectPrivate)
         );
+    }
+
+    #[test]
+    fn a_path_that_stops_answering_is_left_for_another_candidate_within_seconds() {
+        use causeway_broker_api::records::CandidateKind::{Private, Public};
+        let mut a = WgCore::new(StaticSecret::random_from_rng(OsRng));
+        let mut b = WgCore::new(StaticSecret::random_from_rng(OsRng));
+        a.set_health_ip(Some("10.1.0.0".parse().unwrap()));
+        b.set_health_ip(Some("10.2.0.0".parse().unwrap()));
+        let (a_addr, b_private, b_public): (SocketAddr, SocketAddr, SocketAddr) = (
+            "172.31.0.11:51820".parse().unwrap(),
+            "172.31.0.12:51820".parse().unwrap(),
+            "198.51.100.12:51820".parse().unwrap(),
+        );
+        let mut out = Vec::new();
+        a.upsert_peer(
+            PeerConfig {
+                cluster_id: "b".into(),
+                public_key: b.public_key(),
+                endpoint: b_private,
+                candidates: vec![
+                    candidate("172.31.0.12:51820", Private),
+                    candidate("198.51.100.12:51820", Public),
+                ],
+                allowed: vec!["10.2.0.0/16".parse().unwrap()],
+                health_ip: Some("10.2.0.0".parse().unwrap()),
+            },
+            &mut out,
+        )
+        .unwrap();
+        let mut ignored = Vec::new();
+        b.upsert_peer(
+            PeerConfig {
+                cluster_id: "a".into(),
+                public_key: a.public_key(),
+                endpoint: a_addr,
+                candidates: Vec::new(),
+                allowed: vec!["10.1.0.0/16".parse().unwrap()],
+                health_ip: Some("10.1.0.0".parse().unwrap()),
+            },
+            &mut ignored,
+        )
+        .unwrap();
+        // B answers to wherever A is; A reaches B on both paths until the private one dies.
+        let private_up = std::cell::Cell::new(true);
+        let route = |from_a: bool, dst: SocketAddr| match (from_a, dst) {
+            (true, d) if d == b_private && private_up.get() => Some(a_addr),
+            (true, d) if d == b_public => Some(a_addr),
+            (false, d) if d == a_addr && private_up.get() => Some(b_private),
+            (false, d) if d == a_addr => Some(b_public),
+            _ => None,
+        };
+        let t0 = Instant::now();
+        deliver_on(&mut a, &mut b, out.into_iter().map(|o| (true, o)).collect(), t0, &route);
+        let mut out = Vec::new();
+        a.tick(t0, &mut out);
+        deliver_on(&mut a, &mut b, out.into_iter().map(|o| (true, o)).collect(), t0, &route);
+        assert_eq!((a.peers(t0)[0].config.endpoint, a.peers(t0)[0].health), (b_private, Health::Up));
+        // The private path dies; probes go unanswered; once they are called down, a fresh
+        // handshake goes to every candidate and the public path takes over.
+        private_up.set(false);
+        let t1 = t0 + super::super::probe::DOWN_AFTER + Duration::from_millis(100);
+        let mut out = Vec::new();
+        a.tick(t1, &mut out);
+        let initiations: Vec<SocketAddr> = out
+            .iter()
+            .filter_map(|o| match o {
+                Output::Udp(d, w) if w[0] == 1 => Some(*d),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(initiations, vec![b_private, b_public]);
+        deliver_on(&mut a, &mut b, out.into_iter().map(|o| (true, o)).collect(), t1, &route);
+        let s = &a.peers(t1)[0];
+        assert_eq!((s.config.endpoint, s.path), (b_public, PathKind::DirectPublic));
+        // Not again until RESCUE_EVERY has passed.
+        let mut out = Vec::new();
+        a.tick(t1 + Duration::from_millis(100), &mut out);
+        assert!(out.iter().all(|o| !matches!(o, Output::Udp(_, w) if w[0] == 1)), "{out:?}");
     }
 
     #[test]

@@ -1416,6 +1416,26 @@ mod tests {
         panic!("no quiescence");
     }
 
+    /// A peer called `id`: `key`'s core, at `endpoint` (and `candidates`), owning `net`, probed
+    /// at `health` when given.
+    fn peer(
+        id: &str,
+        key: &WgCore,
+        endpoint: SocketAddr,
+        candidates: Vec<causeway_broker_api::records::Candidate>,
+        net: &str,
+        health: Option<&str>,
+    ) -> PeerConfig {
+        PeerConfig {
+            cluster_id: id.into(),
+            public_key: key.public_key(),
+            endpoint,
+            candidates,
+            allowed: vec![net.parse().unwrap()],
+            health_ip: health.map(|h| h.parse().unwrap()),
+        }
+    }
+
     fn candidate(
         addr: &str,
         kind: causeway_broker_api::records::CandidateKind,
@@ -1434,35 +1454,21 @@ mod tests {
             "198.51.100.12:51820".parse().unwrap(),
         );
         let mut out = Vec::new();
+        // The record prefers its public address, which is a black hole here.
         a.upsert_peer(
-            PeerConfig {
-                cluster_id: "b".into(),
-                public_key: b.public_key(),
-                // The record prefers its public address, which is a black hole here.
-                endpoint: b_public,
-                candidates: vec![
-                    candidate("172.31.0.12:51820", Private),
-                    candidate("198.51.100.12:51820", Public),
-                ],
-                allowed: vec!["10.2.0.0/16".parse().unwrap()],
-                health_ip: None,
-            },
+            peer(
+                "b",
+                &b,
+                b_public,
+                vec![candidate("172.31.0.12:51820", Private), candidate("198.51.100.12:51820", Public)],
+                "10.2.0.0/16",
+                None,
+            ),
             &mut out,
         )
         .unwrap();
         let mut ignored = Vec::new();
-        b.upsert_peer(
-            PeerConfig {
-                cluster_id: "a".into(),
-                public_key: a.public_key(),
-                endpoint: a_addr,
-                candidates: Vec::new(),
-                allowed: vec!["10.1.0.0/16".parse().unwrap()],
-                health_ip: None,
-            },
-            &mut ignored,
-        )
-        .unwrap();
+        b.upsert_peer(peer("a", &a, a_addr, Vec::new(), "10.1.0.0/16", None), &mut ignored).unwrap();
         // One initiation, to both candidates, the preferred address first.
         let targets: Vec<SocketAddr> = out
             .iter()
@@ -1506,33 +1512,27 @@ mod tests {
         let b_nat: SocketAddr = "203.0.113.12:40001".parse().unwrap();
         let mut out = Vec::new();
         a.upsert_peer(
-            PeerConfig {
-                cluster_id: "b".into(),
-                public_key: b.public_key(),
-                endpoint: b_nat,
-                candidates: vec![
-                    candidate("172.31.0.12:51820", Private),
-                    candidate("203.0.113.12:40001", Reflexive),
-                ],
-                allowed: vec!["10.2.0.0/16".parse().unwrap()],
-                health_ip: Some("10.2.0.0".parse().unwrap()),
-            },
+            peer(
+                "b",
+                &b,
+                b_nat,
+                vec![candidate("172.31.0.12:51820", Private), candidate("203.0.113.12:40001", Reflexive)],
+                "10.2.0.0/16",
+                Some("10.2.0.0"),
+            ),
             &mut out,
         )
         .unwrap();
         let mut ignored = Vec::new();
         b.upsert_peer(
-            PeerConfig {
-                cluster_id: "a".into(),
-                public_key: a.public_key(),
-                endpoint: a_nat,
-                candidates: vec![
-                    candidate("172.31.0.11:51820", Private),
-                    candidate("203.0.113.11:40002", Reflexive),
-                ],
-                allowed: vec!["10.1.0.0/16".parse().unwrap()],
-                health_ip: Some("10.1.0.0".parse().unwrap()),
-            },
+            peer(
+                "a",
+                &a,
+                a_nat,
+                vec![candidate("172.31.0.11:51820", Private), candidate("203.0.113.11:40002", Reflexive)],
+                "10.1.0.0/16",
+                Some("10.1.0.0"),
+            ),
             &mut ignored,
         )
         .unwrap();
@@ -1596,33 +1596,20 @@ mod tests {
         );
         let mut out = Vec::new();
         a.upsert_peer(
-            PeerConfig {
-                cluster_id: "b".into(),
-                public_key: b.public_key(),
-                endpoint: b_private,
-                candidates: vec![
-                    candidate("172.31.0.12:51820", Private),
-                    candidate("198.51.100.12:51820", Public),
-                ],
-                allowed: vec!["10.2.0.0/16".parse().unwrap()],
-                health_ip: Some("10.2.0.0".parse().unwrap()),
-            },
+            peer(
+                "b",
+                &b,
+                b_private,
+                vec![candidate("172.31.0.12:51820", Private), candidate("198.51.100.12:51820", Public)],
+                "10.2.0.0/16",
+                Some("10.2.0.0"),
+            ),
             &mut out,
         )
         .unwrap();
         let mut ignored = Vec::new();
-        b.upsert_peer(
-            PeerConfig {
-                cluster_id: "a".into(),
-                public_key: a.public_key(),
-                endpoint: a_addr,
-                candidates: Vec::new(),
-                allowed: vec!["10.1.0.0/16".parse().unwrap()],
-                health_ip: Some("10.1.0.0".parse().unwrap()),
-            },
-            &mut ignored,
-        )
-        .unwrap();
+        b.upsert_peer(peer("a", &a, a_addr, Vec::new(), "10.1.0.0/16", Some("10.1.0.0")), &mut ignored)
+            .unwrap();
         // B answers to wherever A is; A reaches B on both paths until the private one dies.
         let private_up = std::cell::Cell::new(true);
         let route = |from_a: bool, dst: SocketAddr| match (from_a, dst) {

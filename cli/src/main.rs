@@ -483,6 +483,12 @@ struct GatewayArgs {
     /// port 3478), `off`, or HOST:PORT.
     #[arg(long, env = "CAUSEWAY_STUN_SERVER", default_value = "auto")]
     stun_server: String,
+    /// The relay this gateway registers with, so that peers no direct path reaches (both
+    /// behind NATs that map every destination anew, or UDP blocked between them) reach it
+    /// through it: `auto` (the STUN server, which the broker runs with its relay), `off`, or
+    /// HOST:PORT. The relay forwards WireGuard datagrams as they are: it never sees plaintext.
+    #[arg(long, env = "CAUSEWAY_RELAY", default_value = "auto")]
+    relay: String,
     /// I/O threads of the tunnel, each with its own device queue and UDP socket; the kernel
     /// keeps every flow on one of them (0: one per CPU, up to 64).
     #[arg(long, env = "CAUSEWAY_TUNNEL_LANES", default_value_t = 0)]
@@ -767,14 +773,16 @@ async fn broker(a: BrokerArgs) -> anyhow::Result<()> {
         "off" | "" => {}
         "auto" => {
             let addr = std::net::SocketAddr::from(([0, 0, 0, 0], causeway_broker_api::stun::DEFAULT_PORT));
-            if let Err(e) = causeway_broker::stun::start(addr, std::sync::Arc::default()).await {
+            if let Err(e) =
+                causeway_broker::stun::start(addr, std::sync::Arc::default(), Some(broker.relay_auth())).await
+            {
                 tracing::warn!(%addr, error = %e, "no STUN responder: gateways behind NAT learn no reflexive address from this broker (set --stun-listen)");
             }
         }
         other => {
             let addr = listen_address(other)
                 .with_context(|| format!("--stun-listen {other:?} is not ADDR:PORT, auto or off"))?;
-            causeway_broker::stun::start(addr, std::sync::Arc::default())
+            causeway_broker::stun::start(addr, std::sync::Arc::default(), Some(broker.relay_auth()))
                 .await
                 .with_context(|| format!("serving STUN on UDP {addr}"))?;
         }
@@ -964,6 +972,15 @@ fn gateway_config(
             })?),
         },
         stun_server: stun_server(&a.stun_server, &broker.broker_url)?,
+        relay: match a.relay.as_str() {
+            "off" | "" => None,
+            "auto" => stun_server(&a.stun_server, &broker.broker_url)?,
+            other => stun_server(other, &broker.broker_url)?,
+        }
+        .map(|server| causeway_gateway::cable::wireguard::relay_client::RelaySettings {
+            server,
+            token_sha256: causeway_broker_api::relay::token_sha256(&broker.token.0),
+        }),
         broker,
     })
 }

@@ -166,7 +166,7 @@ pub async fn run(a: ShowArgs) -> anyhow::Result<()> {
                             "HOST",
                             "PRIVATE IPS",
                             "PUBLIC IPS",
-                            "REFLEXIVE",
+                            "FOUND",
                             "PORT",
                             "BACKEND",
                             "ROLE",
@@ -179,8 +179,18 @@ pub async fn run(a: ShowArgs) -> anyhow::Result<()> {
                                 e.hostname.clone(),
                                 join(&e.private_ips),
                                 join(&e.public_ips),
-                                // Found by STUN: where its NAT maps its WireGuard socket.
-                                join(&e.candidates.iter().map(|c| c.address).collect::<Vec<_>>()),
+                                // Found by the gateway: where its NAT maps its WireGuard socket
+                                // (STUN), and the relay it is registered with.
+                                join(
+                                    &e.candidates
+                                        .iter()
+                                        .map(|c| format!(
+                                            "{} ({})",
+                                            c.address,
+                                            format!("{:?}", c.kind).to_lowercase()
+                                        ))
+                                        .collect::<Vec<_>>()
+                                ),
                                 e.port.to_string(),
                                 e.backend.clone(),
                                 format!("{:?}", e.role).to_lowercase(),

@@ -78,6 +78,8 @@ pub struct GatewayConfig {
     pub services: Option<crate::services::ServiceConfig>,
     /// The STUN responder asked for this gateway's reflexive address (none: not asked).
     pub stun_server: Option<std::net::SocketAddr>,
+    /// The relay this gateway registers with (none: it is reached directly only).
+    pub relay: Option<crate::cable::wireguard::relay_client::RelaySettings>,
     /// Serve `/debug/hold-daemon?secs=N` on the status socket (tests: it takes the daemon's
     /// lock for N seconds, as a stuck reconcile would).
     pub debug_hooks: bool,
@@ -149,6 +151,8 @@ struct Published {
     /// Where a NAT maps the cable's socket (the cable's reflexive address, read by the
     /// failover task).
     reflexive: Arc<std::sync::RwLock<Option<std::net::SocketAddr>>>,
+    /// The relay while it holds this gateway's registration.
+    relay: Arc<std::sync::RwLock<Option<std::net::SocketAddr>>>,
 }
 
 impl Shared {
@@ -351,6 +355,7 @@ pub async fn run(
             uapi: config.uapi,
             netlink: netlink.clone(),
             stun_server: config.stun_server,
+            relay: config.relay.clone(),
         },
     )
     .await?;
@@ -386,6 +391,7 @@ pub async fn run(
         reachable: Arc::new(std::sync::RwLock::new(crate::node_probe::Reachable::default())),
         health_ip: Arc::new(std::sync::RwLock::new(local.health_ip())),
         reflexive: Arc::new(std::sync::RwLock::new(None)),
+        relay: Arc::new(std::sync::RwLock::new(None)),
     };
     let shared = Arc::new(Mutex::new(Shared {
         local: local.clone(),
@@ -452,6 +458,7 @@ pub async fn run(
         let shared = shared.clone();
         let reachable = reachable.clone();
         let reflexive = published.reflexive.clone();
+        let relay = published.relay.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(crate::cable::wireguard::probe::PROBE_INTERVAL / 2);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -462,7 +469,9 @@ pub async fn run(
                 forwarding.store(s.ctl.forwarding(), std::sync::atomic::Ordering::Relaxed);
                 let now_reachable = s.ctl.reachable().iter().cloned().collect::<Vec<_>>();
                 reachable.write().expect("reachable lock").set(now_reachable);
-                *reflexive.write().expect("reflexive lock") = s.ctl.cable.info().details.reflexive;
+                let details = s.ctl.cable.info().details;
+                *reflexive.write().expect("reflexive lock") = details.reflexive;
+                *relay.write().expect("relay lock") = details.relay;
             }
         })
     };
@@ -688,12 +697,14 @@ fn reporting(ep: &EndpointRecord, published: &Published) -> EndpointRecord {
     let now = published.reachable.read().expect("reachable lock");
     let health = *published.health_ip.read().expect("health lock");
     let reflexive = *published.reflexive.read().expect("reflexive lock");
+    let relay = *published.relay.read().expect("relay lock");
     EndpointRecord {
         reachable: (now.epoch > 0).then(|| now.clusters.clone()),
         health_check_ip: health.map(std::net::IpAddr::V4),
         candidates: reflexive
             .map(|address| Candidate { address, kind: CandidateKind::Reflexive })
             .into_iter()
+            .chain(relay.map(|address| Candidate { address, kind: CandidateKind::Relay }))
             .collect(),
         ..ep.clone()
     }

@@ -32,8 +32,9 @@ pub enum SandboxCmd {
         overlapping: bool,
         /// Put every cluster's gateway behind a NAT router of its own. `easy`: nftables
         /// masquerade keeping ports (one mapping for every destination), new flows from outside
-        /// dropped. The gateways learn their reflexive addresses from the broker's STUN
-        /// responder and open direct paths by sending at once.
+        /// dropped; the gateways learn their reflexive addresses from the broker's STUN
+        /// responder and open direct paths by sending at once. `hard`: a new random port for
+        /// every destination; the tunnels go through the broker's relay.
         #[arg(long, value_enum)]
         nat: Option<Nat>,
     },
@@ -246,6 +247,8 @@ fn fail_or_heal(cluster: &str, how: Option<Failure>) -> anyhow::Result<()> {
 pub enum Nat {
     /// Masquerade keeping ports (endpoint-independent mapping), new inbound flows dropped.
     Easy,
+    /// `masquerade fully-random` (a new port per destination), new inbound flows dropped.
+    Hard,
 }
 
 fn up(clusters: usize, gateways: u8, overlapping: bool, nat: Option<Nat>) -> anyhow::Result<()> {
@@ -257,8 +260,12 @@ fn up(clusters: usize, gateways: u8, overlapping: bool, nat: Option<Nat>) -> any
     spec.run_dir = run_dir();
     spec.host_link = true;
     spec.overlapping = overlapping;
-    if nat == Some(Nat::Easy) {
+    if let Some(kind) = nat {
         spec.nat = (1..=clusters).collect();
+        spec.nat_kind = match kind {
+            Nat::Easy => causeway_netns::NatKind::Easy,
+            Nat::Hard => causeway_netns::NatKind::Hard,
+        };
     }
     step(&format!(
         "building {clusters} clusters from network namespaces (CNI bridge + host-local pods){}{}",

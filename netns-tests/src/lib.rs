@@ -18,7 +18,7 @@ pub mod pcap;
 pub mod ready;
 pub mod topology;
 
-pub use topology::{ClusterInfo, Topology, TopologySpec};
+pub use topology::{ClusterInfo, NatKind, Topology, TopologySpec};
 
 /// The `causeway` binary the tests run: `CAUSEWAY_BIN`, else `target/debug/causeway` of this
 /// workspace (build it first: `cargo build -p causeway`).

@@ -48,6 +48,21 @@ pub struct TopologySpec {
     /// Clusters (1-based) whose gateway sits behind a NAT router of its own.
     #[serde(default)]
     pub nat: Vec<usize>,
+    /// What kind of NAT those routers are.
+    #[serde(default)]
+    pub nat_kind: NatKind,
+}
+
+/// The NAT in front of a gateway.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NatKind {
+    /// One mapping per socket, kept port ([`NAT_RULES`]).
+    #[default]
+    Easy,
+    /// A new random port for every destination ("fully-random"): what STUN learns is no use
+    /// to a peer, so only the relay connects two of them.
+    Hard,
 }
 
 /// A site NAT in front of a gateway: masquerade with the port kept where it is free (so the
@@ -88,6 +103,7 @@ impl TopologySpec {
             gateway_args: Vec::new(),
             overlapping: false,
             nat: Vec::new(),
+            nat_kind: NatKind::Easy,
         }
     }
 }
@@ -295,7 +311,13 @@ impl Topology {
             ip(&nat, &["link", "set", dev, "mtu", &mtu, "up"])?;
         }
         sysctl(&nat, "net.ipv4.ip_forward", "1")?;
-        in_ns_with_input(&nat, &["nft", "-f", "-"], &[], NAT_RULES.as_bytes())
+        let rules = match self.spec.nat_kind {
+            NatKind::Easy => NAT_RULES.to_owned(),
+            NatKind::Hard => {
+                NAT_RULES.replace("oifname \"wan\" masquerade", "oifname \"wan\" masquerade fully-random")
+            }
+        };
+        in_ns_with_input(&nat, &["nft", "-f", "-"], &[], rules.as_bytes())
             .with_context(|| format!("installing the NAT rules in {nat}"))?;
         Ok(())
     }

@@ -15,7 +15,7 @@ use std::{
 };
 
 use causeway_netns::{
-    Topology, TopologySpec, causeway_bin,
+    NatKind, Topology, TopologySpec, causeway_bin,
     exec::{self, Bg},
     ready::{self, Proto},
     require_privileges,
@@ -26,10 +26,11 @@ static N: AtomicUsize = AtomicUsize::new(0);
 
 /// Two clusters, those in `nat` behind NAT routers; broker and gateways started. Returns the
 /// topology and the time from the gateways' start to the first pod-to-pod ping answered.
-fn nat_topology(nat: &[usize]) -> (Topology, Duration) {
+fn nat_topology(nat: &[usize], kind: NatKind) -> (Topology, Duration) {
     let prefix = format!("cwn{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
     let mut spec = TopologySpec::new(&prefix, 2, causeway_bin());
     spec.nat = nat.to_vec();
+    spec.nat_kind = kind;
     let mut t = Topology::build(spec).expect("building the topology");
     t.start_broker().expect("starting the broker");
     let started = Instant::now();
@@ -69,7 +70,7 @@ fn connection(t: &Topology, i: usize) -> (String, String) {
 #[ignore = "needs root and network namespaces; run with --run-ignored all"]
 fn one_side_behind_an_easy_nat_is_reached_at_its_reflexive_address() {
     require_privileges!();
-    let (t, first) = nat_topology(&[1]);
+    let (t, first) = nat_topology(&[1], NatKind::Easy);
     eprintln!("time to the first packet, one side behind a NAT: {first:?}");
     assert!(first < Duration::from_secs(10), "first packet after {first:?}");
     let nat = t.clusters[0].nat_ip.clone().unwrap();
@@ -142,7 +143,7 @@ fn transfer_across(t: &Topology, disturb: impl FnOnce(&Topology)) -> Duration {
 #[ignore = "needs root and network namespaces; run with --run-ignored all"]
 fn both_sides_behind_easy_nats_open_a_direct_path_by_sending_at_once() {
     require_privileges!();
-    let (t, first) = nat_topology(&[1, 2]);
+    let (t, first) = nat_topology(&[1, 2], NatKind::Easy);
     eprintln!("time to the first packet, both sides behind NATs: {first:?}");
     assert!(first < Duration::from_secs(10), "first packet after {first:?}");
     let (nat1, nat2) = (t.clusters[0].nat_ip.clone().unwrap(), t.clusters[1].nat_ip.clone().unwrap());
@@ -164,4 +165,75 @@ fn both_sides_behind_easy_nats_open_a_direct_path_by_sending_at_once() {
     assert!(took < Duration::from_secs(8), "recovered only after {took:?}");
     assert_eq!(connection(&t, 1), (format!("{nat2}:51820"), "direct-public".into()));
     assert_eq!(connection(&t, 2), (format!("{nat1}:51820"), "direct-public".into()));
+}
+
+#[test]
+#[ignore = "needs root and network namespaces; run with --run-ignored all"]
+fn both_sides_behind_hard_nats_talk_through_the_relay_then_go_direct_when_they_can() {
+    require_privileges!();
+    let (t, first) = nat_topology(&[1, 2], NatKind::Hard);
+    eprintln!("time to the first packet, both sides behind hard NATs: {first:?}");
+    assert!(first < Duration::from_secs(15), "first packet after {first:?}");
+    // Every destination gets a new port at a hard NAT: the reflexive addresses are no use, and
+    // both gateways use the broker's relay.
+    let relay = "172.31.0.2:3478".to_owned();
+    wait_for(Duration::from_secs(10), "both tunnels on the relay", || {
+        connection(&t, 1) == (relay.clone(), "relayed".into())
+            && connection(&t, 2) == (relay.clone(), "relayed".into())
+    })
+    .unwrap_or_else(|e| panic!("{e:#}: {:?} {:?}", connection(&t, 1), connection(&t, 2)));
+    let (a, b) = (t.clusters[0].clone(), t.clusters[1].clone());
+    assert!(exec::ping(&b.pod_ns, &a.pod_ip, 3));
+
+    // The relay sees ciphertext only: a pattern pinged through the tunnel shows in a capture of
+    // the tunnel device (plaintext), and nowhere in a capture at the broker.
+    let dir = t.spec.run_dir.clone();
+    let (at_broker, at_tunnel) = (dir.join("broker.pcap"), dir.join("tunnel.pcap"));
+    let pattern = "c0ffee15deadbeef";
+    let cap = |ns: &str, dev: &str, file: &std::path::Path| {
+        let c = Bg::start(
+            ns,
+            &["tcpdump", "-i", dev, "-U", "-n", "-s", "0", "-w", &file.display().to_string()],
+            Stdio::null(),
+        );
+        ready::wait_capturing(file).unwrap();
+        c
+    };
+    let broker_cap = cap(&t.broker_ns, "eth0", &at_broker);
+    let tunnel_cap = cap(&a.gw_ns, &a.device, &at_tunnel);
+    exec::in_ns(&b.pod_ns, &["ping", "-n", "-q", "-c", "5", "-i", "0.2", "-p", pattern, &a.pod_ip]).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    broker_cap.interrupt();
+    tunnel_cap.interrupt();
+    let bytes: Vec<u8> =
+        (0..pattern.len()).step_by(2).map(|i| u8::from_str_radix(&pattern[i..i + 2], 16).unwrap()).collect();
+    let has = |file: &std::path::Path| {
+        std::fs::read(file).unwrap().windows(bytes.len()).any(|w| w == bytes.as_slice())
+    };
+    assert!(has(&at_tunnel), "the pattern crossed the tunnel device (the capture works)");
+    assert!(std::fs::metadata(&at_broker).unwrap().len() > 24 + 5 * 100, "the relay carried the pings");
+    assert!(!has(&at_broker), "the relay saw the plaintext");
+    // A transfer through the relay, intact.
+    let took = transfer_across(&t, |_| {});
+    eprintln!("10 MB at 40 Mb/s through the relay: {took:?} after the start mark");
+
+    // The NATs become easy ones: the reflexive addresses (refreshed within 20 s) work now,
+    // both sides check them, and the tunnels leave the relay.
+    for i in 1..=2 {
+        let ns = t.nat_ns(i);
+        exec::in_ns(&ns, &["nft", "flush", "chain", "ip", "causeway_nat", "outbound"]).unwrap();
+        exec::in_ns(&ns, &["nft", "add rule ip causeway_nat outbound oifname wan masquerade"]).unwrap();
+        exec::in_ns(&ns, &["conntrack", "-F"]).unwrap();
+    }
+    let opened = Instant::now();
+    let (nat1, nat2) = (a.nat_ip.clone().unwrap(), b.nat_ip.clone().unwrap());
+    wait_for(Duration::from_secs(60), "both tunnels back on a direct path", || {
+        connection(&t, 1) == (format!("{nat2}:51820"), "direct-public".into())
+            && connection(&t, 2) == (format!("{nat1}:51820"), "direct-public".into())
+    })
+    .unwrap_or_else(|e| {
+        panic!("{e:#}: {:?} {:?}\n{}", connection(&t, 1), connection(&t, 2), gateway_logs(&t))
+    });
+    eprintln!("direct again {:?} after the NATs allowed it", opened.elapsed());
+    assert!(exec::ping(&b.pod_ns, &a.pod_ip, 3));
 }

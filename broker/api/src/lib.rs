@@ -7,6 +7,7 @@
 pub mod client;
 pub mod records;
 pub mod reflector;
+pub mod relay;
 pub mod status;
 pub mod stun;
 pub mod validate;

@@ -121,13 +121,16 @@ pub enum GatewayRole {
 
 /// How a gateway's WireGuard socket can be reached at an address, in the order peers prefer
 /// the paths: a private address (same site or a routed underlay), a public one (configured),
-/// the reflexive one (what a NAT maps the socket to, as the broker's STUN responder saw it).
+/// the reflexive one (what a NAT maps the socket to, as the broker's STUN responder saw it),
+/// and last the broker's relay, where the gateway is registered (frames for its key reach it
+/// through the relay).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum CandidateKind {
     Private,
     Public,
     Reflexive,
+    Relay,
 }
 
 /// One address (and port) a gateway's WireGuard socket may be reached at.

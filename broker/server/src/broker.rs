@@ -330,6 +330,11 @@ impl Broker {
         Ok(())
     }
 
+    /// Reads the cached records.
+    pub(crate) fn with_records<T>(&self, f: impl FnOnce(&crate::cache::Records) -> T) -> T {
+        f(&read(&self.cache).records)
+    }
+
     /// The stored record under `key` (from the cache).
     pub(crate) fn stored(&self, key: &str) -> Option<Object> {
         read(&self.cache).records.get(key).cloned()

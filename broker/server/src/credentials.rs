@@ -26,6 +26,30 @@ impl Broker {
         }
     }
 
+    /// The MAC key of a relay registration that names credential `id` (the first 6 bytes of a
+    /// token's SHA-256) for WireGuard key `key`: the token's SHA-256, if that is a valid
+    /// cluster credential and one of that cluster's gateways publishes `key`.
+    pub async fn relay_key(&self, id: &[u8; 6], key: &[u8; 32]) -> Result<Option<[u8; 32]>, BrokerError> {
+        let prefix: String = id.iter().map(|b| format!("{b:02x}")).collect();
+        let now = auth::now_unix();
+        for (hash, c) in self.store.credentials().await? {
+            let Identity::Cluster(cluster) = &c.identity else { continue };
+            if !hash.starts_with(&prefix) || !c.valid_at(now) {
+                continue;
+            }
+            let owns = self
+                .with_records(|r| r.endpoints().any(|e| e.cluster_id == *cluster && e.public_key.0 == *key));
+            let bytes: Option<Vec<u8>> = (0..hash.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(hash.get(i..i + 2)?, 16).ok())
+                .collect();
+            if owns && let Some(Ok(k)) = bytes.map(<[u8; 32]>::try_from) {
+                return Ok(Some(k));
+            }
+        }
+        Ok(None)
+    }
+
     /// Creates a credential for `identity` and returns its token (shown once, stored hashed).
     pub async fn issue(&self, identity: &Identity) -> Result<Token, BrokerError> {
         let token = auth::new_token();

@@ -20,6 +20,7 @@ pub mod globals;
 pub mod imports;
 pub mod leases;
 pub mod rate;
+pub mod relay;
 pub mod rules;
 pub mod server;
 pub mod store;

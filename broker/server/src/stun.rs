@@ -1,8 +1,9 @@
-//! The broker's STUN responder: tells a gateway which address and port its WireGuard socket
-//! has on the far side of any NAT (no third-party lookup service). It answers binding
-//! requests and nothing else, one response per request of about the request's size, and at
-//! most [`PER_SOURCE_PER_SECOND`] a second to one source address: a spoofed source gets it
-//! little to reflect at a victim.
+//! The broker's UDP service: its STUN responder and its relay ([`crate::relay`]), on one
+//! socket. STUN tells a gateway which address and port its WireGuard socket has on the far side
+//! of any NAT (no third-party lookup service): binding requests only, one response per request
+//! of about the request's size, at most [`PER_SOURCE_PER_SECOND`] a second to one source
+//! address (registrations with the relay share that budget), so a spoofed source gets little
+//! reflected at a victim.
 
 use std::{
     net::SocketAddr,
@@ -13,7 +14,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use causeway_broker_api::stun;
+use causeway_broker_api::{relay, stun};
+use futures::future::BoxFuture;
 use tokio::net::UdpSocket;
 use tracing::{debug, info, warn};
 
@@ -34,8 +36,32 @@ pub struct StunCounters {
     pub answered: AtomicU64,
     /// Not a binding request (garbage, responses, oversized datagrams).
     pub ignored: AtomicU64,
-    /// Binding requests past their source's budget.
+    /// Binding requests and relay registrations past their source's budget.
     pub limited: AtomicU64,
+    /// Relay registrations taken, and refused (bad MAC, unknown credential or key, replayed).
+    pub registered: AtomicU64,
+    pub refused: AtomicU64,
+    /// Datagrams relayed, and relay frames that had nowhere to go (sender or receiver not
+    /// registered).
+    pub relayed: AtomicU64,
+    pub unroutable: AtomicU64,
+}
+
+/// How the relay learns a registration's MAC key: from the credential id and the WireGuard
+/// key, the token's SHA-256 if that credential's cluster has a gateway with that key.
+pub type RelayAuth =
+    std::sync::Arc<dyn Fn([u8; 6], [u8; 32]) -> BoxFuture<'static, Option<[u8; 32]>> + Send + Sync>;
+
+impl crate::Broker {
+    /// This broker as the relay's authority (its credentials and endpoint records).
+    #[must_use]
+    pub fn relay_auth(self: &Arc<Self>) -> RelayAuth {
+        let b = Arc::clone(self);
+        std::sync::Arc::new(move |id, key| {
+            let b = b.clone();
+            Box::pin(async move { b.relay_key(&id, &key).await.ok().flatten() })
+        })
+    }
 }
 
 impl StunCounters {
@@ -49,14 +75,15 @@ impl StunCounters {
     }
 }
 
-/// Answers binding requests on `socket` until the task is dropped.
-pub async fn serve(socket: UdpSocket, counters: Arc<StunCounters>) {
+/// Answers binding requests (and relays, with `relay_auth`) on `socket` until the task is
+/// dropped.
+pub async fn serve(socket: UdpSocket, counters: Arc<StunCounters>, relay_auth: Option<RelayAuth>) {
     let local = socket.local_addr().ok();
-    info!(listen = ?local, "STUN responder up");
+    info!(listen = ?local, relay = relay_auth.is_some(), "STUN responder up");
     let mut budget = WriteRate::new(PER_SOURCE_PER_SECOND, PER_SOURCE_BURST);
     let mut fresh_since = Instant::now();
-    // One byte more than any message we answer: a longer datagram shows as too long.
-    let mut buf = vec![0u8; stun::MAX_MESSAGE + 1];
+    let mut table = crate::relay::RelayTable::default();
+    let mut buf = vec![0u8; 65_536];
     loop {
         let (n, from) = match socket.recv_from(&mut buf).await {
             Ok(r) => r,
@@ -70,6 +97,18 @@ pub async fn serve(socket: UdpSocket, counters: Arc<StunCounters>) {
         if now.duration_since(fresh_since) > FORGET_SOURCES {
             budget = WriteRate::new(PER_SOURCE_PER_SECOND, PER_SOURCE_BURST);
             fresh_since = now;
+            table.expire(now);
+        }
+        if let Some(auth) = &relay_auth
+            && relay::is_relay(&buf[..n])
+        {
+            let reply = relay_frame(&buf[..n], from, auth, &mut table, &mut budget, &counters).await;
+            if let Some((to, frame)) = reply
+                && let Err(e) = socket.send_to(&frame, to).await
+            {
+                debug!(%to, error = %e, "relay frame not sent");
+            }
+            continue;
         }
         let answer = match stun::answer(&buf[..n], from) {
             Ok(a) => a,
@@ -92,11 +131,68 @@ pub async fn serve(socket: UdpSocket, counters: Arc<StunCounters>) {
     }
 }
 
-/// Binds `listen` and starts the responder; returns the bound address.
-pub async fn start(listen: SocketAddr, counters: Arc<StunCounters>) -> std::io::Result<SocketAddr> {
+/// One relay frame from `from`: what to send where in return, if anything.
+async fn relay_frame(
+    frame: &[u8],
+    from: SocketAddr,
+    auth: &RelayAuth,
+    table: &mut crate::relay::RelayTable,
+    budget: &mut WriteRate,
+    counters: &StunCounters,
+) -> Option<(SocketAddr, Vec<u8>)> {
+    let count = |c: &AtomicU64| {
+        c.fetch_add(1, Ordering::Relaxed);
+    };
+    match relay::parse(frame) {
+        Ok(relay::Frame::Register(r)) => {
+            if budget.take(&from.ip().to_string(), Instant::now()).is_err() {
+                count(&counters.limited);
+                return None;
+            }
+            let key = auth(r.credential, r.key).await;
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+            let taken = key
+                .filter(|k| r.verify(k))
+                .map(|_| table.admit(relay::key_id(&r.key), from, r.timestamp_ms, Instant::now(), now_ms));
+            if let Some(Ok(())) = taken {
+                count(&counters.registered);
+                Some((from, relay::registered(r.key, r.nonce)))
+            } else {
+                count(&counters.refused);
+                debug!(%from, outcome = ?taken, "relay registration refused");
+                None
+            }
+        }
+        Ok(relay::Frame::Send { dst, datagram }) => match table.route(from, &dst, Instant::now()) {
+            Some((to, src)) => {
+                count(&counters.relayed);
+                Some((to, relay::deliver(&src, datagram)))
+            }
+            None => {
+                count(&counters.unroutable);
+                None
+            }
+        },
+        // What only the relay sends, or garbage.
+        _ => {
+            count(&counters.ignored);
+            None
+        }
+    }
+}
+
+/// Binds `listen` and starts the responder (and, with `relay_auth`, the relay); returns the
+/// bound address.
+pub async fn start(
+    listen: SocketAddr,
+    counters: Arc<StunCounters>,
+    relay_auth: Option<RelayAuth>,
+) -> std::io::Result<SocketAddr> {
     let socket = UdpSocket::bind(listen).await?;
     let bound = socket.local_addr()?;
-    tokio::spawn(serve(socket, counters));
+    tokio::spawn(serve(socket, counters, relay_auth));
     Ok(bound)
 }
 
@@ -119,7 +215,7 @@ mod tests {
     #[tokio::test]
     async fn answers_with_the_source_and_ignores_everything_else() {
         let counters = Arc::new(StunCounters::default());
-        let server = start("127.0.0.1:0".parse().unwrap(), counters.clone()).await.unwrap();
+        let server = start("127.0.0.1:0".parse().unwrap(), counters.clone(), None).await.unwrap();
         let c = client().await;
         assert_eq!(ask(&c, server, [1; 12]).await, Some(c.local_addr().unwrap()));
         // Garbage, a WireGuard initiation, a response, an oversized request: no answer, and
@@ -138,10 +234,64 @@ mod tests {
         assert_eq!(counters.get(), (2, 5, 0));
     }
 
+    async fn recv(s: &UdpSocket) -> Option<Vec<u8>> {
+        let mut buf = vec![0u8; 2048];
+        let (n, _) =
+            tokio::time::timeout(Duration::from_millis(300), s.recv_from(&mut buf)).await.ok()?.ok()?;
+        buf.truncate(n);
+        Some(buf)
+    }
+
+    #[tokio::test]
+    async fn the_relay_forwards_between_registered_gateways_only() {
+        let token = relay::token_sha256("cw1_east");
+        let (east, west) = ([1u8; 32], [2u8; 32]);
+        // The authority knows east's credential, for east's key only (west shares it here).
+        let auth: RelayAuth = Arc::new(move |id, key| {
+            Box::pin(async move {
+                (id == relay::credential_id(&token) && (key == east || key == west)).then_some(token)
+            })
+        });
+        let counters = Arc::new(StunCounters::default());
+        let server = start("127.0.0.1:0".parse().unwrap(), counters.clone(), Some(auth)).await.unwrap();
+        let (a, b, evil) = (client().await, client().await, client().await);
+        let ms = u64::try_from(
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis(),
+        )
+        .unwrap();
+        let reg_a = relay::register(&token, east, ms, [5; 8]);
+        a.send_to(&reg_a, server).await.unwrap();
+        assert_eq!(recv(&a).await, Some(relay::registered(east, [5; 8])));
+        b.send_to(&relay::register(&token, west, ms, [6; 8]), server).await.unwrap();
+        assert_eq!(recv(&b).await, Some(relay::registered(west, [6; 8])));
+        // a → b, delivered as from east's key.
+        a.send_to(&relay::send(&relay::key_id(&west), b"ciphertext"), server).await.unwrap();
+        assert_eq!(recv(&b).await, Some(relay::deliver(&relay::key_id(&east), b"ciphertext")));
+        // The attacker: replays east's registration from its own address, registers with a
+        // token it does not have, sends without registering, sends frames only the relay sends.
+        evil.send_to(&reg_a, server).await.unwrap();
+        evil.send_to(&relay::register(&relay::token_sha256("cw1_guess"), east, ms + 1, [7; 8]), server)
+            .await
+            .unwrap();
+        evil.send_to(&relay::send(&relay::key_id(&west), b"forged"), server).await.unwrap();
+        evil.send_to(&relay::deliver(&relay::key_id(&east), b"forged"), server).await.unwrap();
+        assert_eq!(recv(&evil).await, None);
+        assert_eq!(recv(&b).await, None, "nothing of the attacker's reached west");
+        // East's path is still east's.
+        b.send_to(&relay::send(&relay::key_id(&east), b"reply"), server).await.unwrap();
+        assert_eq!(recv(&a).await, Some(relay::deliver(&relay::key_id(&west), b"reply")));
+        let c = &counters;
+        let get = |x: &AtomicU64| x.load(Ordering::Relaxed);
+        assert_eq!(
+            (get(&c.registered), get(&c.refused), get(&c.relayed), get(&c.unroutable), get(&c.ignored)),
+            (2, 2, 2, 1, 1)
+        );
+    }
+
     #[tokio::test]
     async fn one_source_gets_its_burst_then_its_rate() {
         let counters = Arc::new(StunCounters::default());
-        let server = start("127.0.0.1:0".parse().unwrap(), counters.clone()).await.unwrap();
+        let server = start("127.0.0.1:0".parse().unwrap(), counters.clone(), None).await.unwrap();
         let c = client().await;
         let burst = PER_SOURCE_BURST as usize;
         for i in 0..burst + 10 {

@@ -228,9 +228,21 @@ fn verdicts(hook: UplinkHook) {
     let mut no_cookie = from_server.clone();
     no_cookie.payload[4] = 0x22;
     assert_eq!(run(&mut dp, &no_cookie), DROP, "no magic cookie");
+    // The relay's frames (same socket): from it only.
+    let mut frame = vec![0xCA, 0x5E, 0x72, 4];
+    frame.extend([1u8; 32]);
+    frame.extend(msg(4, 64));
+    let relayed = Frame { sport: 3478, ..Frame::wg(server, frame) };
+    assert_eq!(run(&mut dp, &relayed), PASS, "a relay frame from the relay");
+    assert_eq!(
+        run(&mut dp, &Frame { src: stranger.into(), ..relayed.clone() }),
+        DROP,
+        "a relay frame from elsewhere"
+    );
     dp.set_stun_server(None).unwrap();
     assert_eq!(run(&mut dp, &from_server), DROP, "responder unset");
-    assert_eq!(stat(&dp, Stat::XdpMalformed) - malformed, 6, "each refused one counted as malformed");
+    assert_eq!(run(&mut dp, &relayed), DROP, "relay unset");
+    assert_eq!(stat(&dp, Stat::XdpMalformed) - malformed, 8, "each refused one counted as malformed");
 }
 
 /// The guard's parser against a reference parser written from the wire formats, on random

@@ -111,9 +111,10 @@ pub(crate) fn guard(ctx: &impl Frame) -> Verdict {
         return Verdict::Drop(Stat::XdpMalformed);
     }
     // The STUN responder's binding answers (type 0x0101, the magic cookie), from its address
-    // and port exactly: the reflexive address is learnt on the WireGuard socket itself.
-    if head & STUN_BINDING_SUCCESS_MASK == STUN_BINDING_SUCCESS
-        && receiver == STUN_COOKIE
+    // and port exactly: the reflexive address is learnt on the WireGuard socket itself. And
+    // the relay's frames, on the same socket: datagrams of peers no direct path reaches.
+    let stun_answer = head & STUN_BINDING_SUCCESS_MASK == STUN_BINDING_SUCCESS && receiver == STUN_COOKIE;
+    if (stun_answer || head & RELAY_MAGIC_MASK == RELAY_MAGIC)
         && src == config(Config::StunServer)
         && src != 0
     {
@@ -158,6 +159,9 @@ const STUN_BINDING_SUCCESS_MASK: u32 = 0x0000_ffff;
 const STUN_BINDING_SUCCESS: u32 = 0x0101;
 /// The magic cookie 0x2112A442 as the little-endian read of bytes 4..8 gives it.
 const STUN_COOKIE: u32 = 0x42A4_1221;
+/// The relay frames' first three bytes (0xCA 0x5E 0x72), read little-endian as `head` is.
+const RELAY_MAGIC_MASK: u32 = 0x00ff_ffff;
+const RELAY_MAGIC: u32 = 0x0072_5eca;
 
 /// Token bucket per source address: `HandshakeRate` per second, bursts of `HandshakeBurst`.
 /// A run of `count` messages passes whole or not at all, paying one token per message.

@@ -119,6 +119,9 @@ pub struct CableDetails {
     /// Where a NAT maps the cable's socket, as the STUN responder last confirmed it (drivers
     /// that ask): the endpoint record's reflexive candidate.
     pub reflexive: Option<SocketAddr>,
+    /// The relay, while it holds a current registration of the cable's (drivers that
+    /// register): the endpoint record's relay candidate.
+    pub relay: Option<SocketAddr>,
 }
 
 /// What every cable backend does.
@@ -164,6 +167,9 @@ pub struct CableSettings {
     /// The STUN responder that tells the cable its reflexive address (drivers with their own
     /// UDP socket ask from it); `None`: not asked.
     pub stun_server: Option<SocketAddr>,
+    /// The relay to register with, for peers no direct path reaches (drivers with their own
+    /// UDP socket); `None`: none.
+    pub relay: Option<wireguard::relay_client::RelaySettings>,
 }
 
 impl std::fmt::Debug for CableSettings {
@@ -254,6 +260,7 @@ mod tests {
             uapi: false,
             netlink: crate::route::Netlink::open().unwrap(),
             stun_server: None,
+            relay: None,
         };
         let err = AnyCable::start("ipsec", &settings).await.unwrap_err();
         assert_eq!(err.to_string(), "unknown cable backend \"ipsec\"; valid backends: wireguard");

@@ -35,6 +35,8 @@ pub enum PathKind {
     /// To a public address: configured, reflexive (through the remote's NAT), or learnt from
     /// where its authenticated traffic comes from.
     DirectPublic,
+    /// Through the broker's relay (datagrams stay encrypted end to end).
+    Relayed,
 }
 
 impl PathKind {
@@ -43,6 +45,7 @@ impl PathKind {
         match self {
             Self::DirectPrivate => "direct-private",
             Self::DirectPublic => "direct-public",
+            Self::Relayed => "relayed",
         }
     }
 }
@@ -113,12 +116,24 @@ impl Paths {
         // candidate's NAT with a new mapping; otherwise its range says.
         let kind = self
             .candidate(self.current)
-            .or_else(|| self.candidates.iter().find(|c| c.address.ip() == self.current.ip()))
+            .or_else(|| {
+                self.candidates
+                    .iter()
+                    .find(|c| c.kind != CandidateKind::Relay && c.address.ip() == self.current.ip())
+            })
             .map_or_else(|| kind_of_address(self.current.ip()), |c| c.kind);
         match kind {
             CandidateKind::Private => PathKind::DirectPrivate,
             CandidateKind::Public | CandidateKind::Reflexive => PathKind::DirectPublic,
+            CandidateKind::Relay => PathKind::Relayed,
         }
+    }
+
+    /// Whether `addr` is the relay the remote gateway is registered with (what goes there is
+    /// framed for the relay).
+    #[must_use]
+    pub fn is_relay(&self, addr: SocketAddr) -> bool {
+        self.candidate(addr).is_some_and(|c| c.kind == CandidateKind::Relay)
     }
 
     /// Whether there is any address to try besides the current path.

@@ -28,8 +28,10 @@ use tracing::{debug, info, warn};
 use super::{
     probe::{Echo, Health, PROBE_ID, ProbeState},
     reflexive::Reflexive,
+    relay_client::{RelayClient, RelaySettings},
 };
 use crate::cable::paths::{PathChange, PathKind, Paths};
+use causeway_broker_api::relay;
 
 /// While the current path goes unanswered (probes down), a new handshake goes to every
 /// candidate this often, so another path is found at once rather than at the session's own
@@ -314,6 +316,12 @@ struct Shared {
     reflexive: Mutex<Reflexive>,
     /// The reflexive address as last seen by a tick: what the endpoint record publishes.
     reflexive_seen: Arc<Mutex<Option<SocketAddr>>>,
+    /// Our registration with the broker's relay.
+    relay: Mutex<RelayClient>,
+    /// The relay's address (set once, before any lane runs): every datagram to it is framed.
+    relay_server: std::sync::OnceLock<SocketAddr>,
+    /// The relay while our registration is current, as last seen by a tick.
+    relay_seen: Arc<Mutex<Option<SocketAddr>>>,
 }
 
 impl Shared {
@@ -376,6 +384,9 @@ impl WgCore {
                 handshake_dh: AtomicU64::new(0),
                 reflexive: Mutex::new(Reflexive::new(None)),
                 reflexive_seen: Arc::new(Mutex::new(None)),
+                relay: Mutex::new(RelayClient::default()),
+                relay_server: std::sync::OnceLock::new(),
+                relay_seen: Arc::new(Mutex::new(None)),
             }),
             table,
             seen: 0,
@@ -421,6 +432,22 @@ impl WgCore {
     /// learnt.
     pub fn set_stun_server(&mut self, server: Option<SocketAddr>) {
         *self.shared.reflexive.lock().unwrap_or_else(PoisonError::into_inner) = Reflexive::new(server);
+    }
+
+    /// Registers with the broker's relay (from the WireGuard socket), so that peers no direct
+    /// path reaches can still be reached through it. Set once, before the lanes start.
+    pub fn set_relay(&mut self, settings: Option<RelaySettings>) {
+        if let Some(s) = &settings {
+            let _ = self.shared.relay_server.set(s.server);
+        }
+        *self.shared.relay.lock().unwrap_or_else(PoisonError::into_inner) =
+            RelayClient::new(settings, self.shared.public.to_bytes());
+    }
+
+    /// The relay while our registration is current, as of the last tick.
+    #[must_use]
+    pub fn relay(&self) -> Arc<Mutex<Option<SocketAddr>>> {
+        Arc::clone(&self.shared.relay_seen)
     }
 
     /// The reflexive address, as of the last tick, in a cell the cable's owner may read at any
@@ -490,7 +517,7 @@ impl WgCore {
                 && let TunnResult::WriteToNetwork(pkt) =
                     p.tunn.format_handshake_initiation(&mut self.buf, true)
             {
-                send_to_paths(&p.paths, pkt, out);
+                send_to_paths(&self.shared, &p.config.public_key.0, &p.paths, pkt, out);
             }
             drop(p);
             if reroute {
@@ -536,7 +563,7 @@ impl WgCore {
         drop(current);
         let mut peer = lock_peer(&slot);
         if let TunnResult::WriteToNetwork(pkt) = peer.tunn.format_handshake_initiation(&mut self.buf, false) {
-            send_to_paths(&peer.paths, pkt, out);
+            send_to_paths(&self.shared, &peer.config.public_key.0, &peer.paths, pkt, out);
         }
         Ok(())
     }
@@ -606,7 +633,17 @@ impl WgCore {
             // No session: this is the handshake initiation, for every candidate path.
             TunnResult::WriteToNetwork(wire) if is_initiation(wire) => {
                 let wire = wire.to_vec();
-                send_to_paths(&peer.paths, &wire, out);
+                send_to_paths(&self.shared, &peer.config.public_key.0, &peer.paths, &wire, out);
+                return;
+            }
+            // Through the relay: framed, so not built in place.
+            TunnResult::WriteToNetwork(wire)
+                if self.shared.relay_server.get() == Some(&peer.paths.current()) =>
+            {
+                let wire = wire.to_vec();
+                peer.tx_bytes += packet.len() as u64;
+                peer.tx_packets += 1;
+                send_via(&self.shared, &peer.config.public_key.0, peer.paths.current(), &wire, out);
                 return;
             }
             TunnResult::WriteToNetwork(wire) => span(base, wire),
@@ -624,6 +661,36 @@ impl WgCore {
 
     /// A datagram received on the cable's UDP socket at `now`.
     pub fn on_datagram(&mut self, src: SocketAddr, datagram: &[u8], now: Instant, out: &mut impl Sink) {
+        if self.shared.relay_server.get() == Some(&src) && relay::is_relay(datagram) {
+            match relay::parse(datagram) {
+                Ok(relay::Frame::Deliver { datagram: inner, .. }) if !relay::is_relay(inner) => {
+                    // The WireGuard datagram authenticates itself; the relay's word on who sent
+                    // it is not needed.
+                    self.on_wireguard(src, inner, now, out, true);
+                }
+                Ok(relay::Frame::Registered { key, nonce }) => {
+                    let mut r = self.shared.relay.lock().unwrap_or_else(PoisonError::into_inner);
+                    if !r.on_registered(src, &key, &nonce, now) {
+                        self.shared.count(DropReason::InvalidPacket, 1);
+                    }
+                }
+                _ => self.shared.count(DropReason::InvalidPacket, 1),
+            }
+            return;
+        }
+        self.on_wireguard(src, datagram, now, out, false);
+    }
+
+    /// A WireGuard datagram from `src` (the relay's address when `relayed`: answers then go
+    /// back through it, framed).
+    fn on_wireguard(
+        &mut self,
+        src: SocketAddr,
+        datagram: &[u8],
+        now: Instant,
+        out: &mut impl Sink,
+        relayed: bool,
+    ) {
         self.refresh();
         let shared = &*self.shared;
         // mac1 first (a keyed hash, no Diffie-Hellman), and past the rate limit a cookie
@@ -632,11 +699,14 @@ impl WgCore {
         let packet = match shared.limiter.verify_packet(Some(src.ip()), datagram, &mut self.buf) {
             Ok(packet) => packet,
             Err(TunnResult::WriteToNetwork(cookie)) => {
-                out.udp(src, cookie);
+                // A cookie is for the sender's own address; a relayed one has none to prove.
+                if !relayed {
+                    out.udp(src, cookie);
+                }
                 shared.count(DropReason::UnderLoad, 1);
                 return;
             }
-            Err(_) if causeway_broker_api::stun::is_stun(datagram) => {
+            Err(_) if !relayed && causeway_broker_api::stun::is_stun(datagram) => {
                 let mut r = shared.reflexive.lock().unwrap_or_else(PoisonError::into_inner);
                 match r.on_datagram(src, datagram, now) {
                     Ok(Some(addr)) => info!(reflexive = %addr, "reflexive address learnt"),
@@ -714,6 +784,11 @@ impl WgCore {
                     // On the first call: a handshake response to an initiation, or the
                     // keepalive that completes ours (the Tunn's limiter never sends cookies).
                     authenticated |= was_first && !cookie_reply;
+                    if relayed {
+                        let wire = relay::send(&relay::key_id(&peer.config.public_key.0), wire);
+                        out.udp(src, &wire);
+                        continue;
+                    }
                     let wire = span(base, wire);
                     emit(out, &self.buf, built, Some(src), wire);
                     // Flush whatever was queued behind the handshake.
@@ -752,7 +827,13 @@ impl WgCore {
         if let Some((reply, back)) = answer
             && let TunnResult::WriteToNetwork(wire) = peer.tunn.encapsulate(&reply, &mut self.buf)
         {
-            out.udp(if back { src } else { peer.paths.current() }, wire);
+            send_via(
+                shared,
+                &peer.config.public_key.0,
+                if back { src } else { peer.paths.current() },
+                wire,
+                out,
+            );
         }
         if let Some(r) = dropped {
             shared.count(r, 1);
@@ -822,7 +903,7 @@ impl WgCore {
                     && let TunnResult::WriteToNetwork(wire) =
                         peer.tunn.encapsulate(&probe.to_packet(), &mut self.buf)
                 {
-                    out.udp(peer.paths.current(), wire);
+                    send_via(&self.shared, &peer.config.public_key.0, peer.paths.current(), wire, out);
                 }
                 // The path stopped answering: a new handshake to every candidate, the first
                 // to answer carries on.
@@ -834,7 +915,7 @@ impl WgCore {
                 {
                     peer.rescued = Some(now);
                     info!(cluster = %peer.config.cluster_id, path = %peer.paths.current(), "path stopped answering; trying every candidate");
-                    send_to_paths(&peer.paths, wire, out);
+                    send_to_paths(&self.shared, &peer.config.public_key.0, &peer.paths, wire, out);
                 }
                 // Better paths than the current one, checked through the session.
                 for (to, seq) in peer.paths.due_checks(now) {
@@ -842,12 +923,14 @@ impl WgCore {
                     if let TunnResult::WriteToNetwork(wire) =
                         peer.tunn.encapsulate(&check.to_packet(), &mut self.buf)
                     {
-                        out.udp(to, wire);
+                        send_via(&self.shared, &peer.config.public_key.0, to, wire, out);
                     }
                 }
             }
             match peer.tunn.update_timers(&mut self.buf) {
-                TunnResult::WriteToNetwork(wire) => send_to_paths(&peer.paths, wire, out),
+                TunnResult::WriteToNetwork(wire) => {
+                    send_to_paths(&self.shared, &peer.config.public_key.0, &peer.paths, wire, out);
+                }
                 TunnResult::Err(WireGuardError::ConnectionExpired) => {
                     debug!(cluster = %peer.config.cluster_id, "session expired");
                 }
@@ -859,7 +942,8 @@ impl WgCore {
 }
 
 impl WgCore {
-    /// Asks for the reflexive address when due, and publishes what is known now.
+    /// Asks for the reflexive address and renews the relay registration when due, and
+    /// publishes what is known now.
     fn tick_reflexive(&mut self, now: Instant, out: &mut impl Sink) {
         let mut r = self.shared.reflexive.lock().unwrap_or_else(PoisonError::into_inner);
         let id = || {
@@ -872,6 +956,27 @@ impl WgCore {
         }
         let known = r.address(now);
         drop(r);
+        let mut relay = self.shared.relay.lock().unwrap_or_else(PoisonError::into_inner);
+        let unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let nonce = || {
+            let mut n = [0u8; 8];
+            rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut n);
+            n
+        };
+        if let Some((server, frame)) = relay.poll(now, unix_ms, nonce) {
+            out.udp(server, &frame);
+        }
+        let registered = relay.registered(now);
+        drop(relay);
+        {
+            let mut seen = self.shared.relay_seen.lock().unwrap_or_else(PoisonError::into_inner);
+            if *seen != registered {
+                info!(relay = ?registered, "relay registration changed");
+                *seen = registered;
+            }
+        }
         let mut seen = self.shared.reflexive_seen.lock().unwrap_or_else(PoisonError::into_inner);
         if *seen != known {
             if known.is_none() {
@@ -890,13 +995,22 @@ fn is_initiation(wire: &[u8]) -> bool {
 /// Sends what a peer's timers produced: a handshake initiation to every candidate path (the
 /// first to answer wins, and both sides sending at once opens their NATs), anything else
 /// along the current path.
-fn send_to_paths(paths: &Paths, wire: &[u8], out: &mut impl Sink) {
+fn send_to_paths(shared: &Shared, key: &[u8; 32], paths: &Paths, wire: &[u8], out: &mut impl Sink) {
     if is_initiation(wire) {
         for to in paths.handshake_targets() {
-            out.udp(to, wire);
+            send_via(shared, key, to, wire, out);
         }
     } else {
-        out.udp(paths.current(), wire);
+        send_via(shared, key, paths.current(), wire, out);
+    }
+}
+
+/// Sends `wire` for the peer with `key` to `to`: framed for the relay when `to` is the relay.
+fn send_via(shared: &Shared, key: &[u8; 32], to: SocketAddr, wire: &[u8], out: &mut impl Sink) {
+    if shared.relay_server.get() == Some(&to) {
+        out.udp(to, &relay::send(&relay::key_id(key), wire));
+    } else {
+        out.udp(to, wire);
     }
 }
 
@@ -1646,6 +1760,112 @@ mod tests {
         let mut out = Vec::new();
         a.tick(t1 + Duration::from_millis(100), &mut out);
         assert!(out.iter().all(|o| !matches!(o, Output::Udp(_, w) if w[0] == 1)), "{out:?}");
+    }
+
+    #[test]
+    fn peers_no_direct_path_reaches_talk_through_the_relay_which_sees_only_ciphertext() {
+        use causeway_broker_api::records::CandidateKind::{Public, Relay};
+        let relay_addr: SocketAddr = "172.31.0.2:3478".parse().unwrap();
+        let settings = RelaySettings { server: relay_addr, token_sha256: relay::token_sha256("cw1_t") };
+        let mut a = WgCore::new(StaticSecret::random_from_rng(OsRng));
+        let mut b = WgCore::new(StaticSecret::random_from_rng(OsRng));
+        a.set_relay(Some(settings.clone()));
+        b.set_relay(Some(settings));
+        let (a_pub, b_pub): (SocketAddr, SocketAddr) =
+            ("198.51.100.11:51820".parse().unwrap(), "198.51.100.12:51820".parse().unwrap());
+        let via = |addr: SocketAddr| {
+            vec![candidate(&addr.to_string(), Public), candidate("172.31.0.2:3478", Relay)]
+        };
+        let mut out = Vec::new();
+        a.upsert_peer(peer("b", &b, b_pub, via(b_pub), "10.2.0.0/16", None), &mut out).unwrap();
+        let mut ignored = Vec::new();
+        b.upsert_peer(peer("a", &a, a_pub, via(a_pub), "10.1.0.0/16", None), &mut ignored).unwrap();
+        // Direct datagrams are lost (hard NATs); the relay forwards Send frames as Deliver
+        // frames, and remembers every payload it saw.
+        let (key_a, key_b) = (a.public_key().0, b.public_key().0);
+        let mut seen_by_relay: Vec<Vec<u8>> = Vec::new();
+        let mut tun = Vec::new();
+        let mut pump =
+            |a: &mut WgCore, b: &mut WgCore, outs: Vec<(bool, Output)>, seen: &mut Vec<Vec<u8>>| {
+                let mut queue = outs;
+                for _ in 0..50 {
+                    let mut next = Vec::new();
+                    for (from_a, o) in queue {
+                        let Output::Udp(dst, d) = o else {
+                            tun.push(o);
+                            continue;
+                        };
+                        if dst != relay_addr {
+                            continue;
+                        }
+                        let Ok(relay::Frame::Send { dst: to, datagram }) = relay::parse(&d) else {
+                            panic!("{d:02x?}")
+                        };
+                        seen.push(datagram.to_vec());
+                        let from_key = if from_a { key_a } else { key_b };
+                        let frame = relay::deliver(&relay::key_id(&from_key), datagram);
+                        let mut o = Vec::new();
+                        if to == relay::key_id(&key_b) {
+                            b.on_datagram(relay_addr, &frame, Instant::now(), &mut o)
+                        } else {
+                            a.on_datagram(relay_addr, &frame, Instant::now(), &mut o)
+                        }
+                        next.extend(o.into_iter().map(|x| (to == relay::key_id(&key_a), x)));
+                    }
+                    if next.is_empty() {
+                        return;
+                    }
+                    queue = next;
+                }
+                panic!("no quiescence");
+            };
+        pump(&mut a, &mut b, out.into_iter().map(|o| (true, o)).collect(), &mut seen_by_relay);
+        let s = &a.peers(Instant::now())[0];
+        assert!(s.has_session());
+        assert_eq!((s.config.endpoint, s.path), (relay_addr, PathKind::Relayed));
+        // A packet through the relay arrives; the relay saw none of its plaintext.
+        let secret = b"the plaintext the relay must not see";
+        let pkt = ipv4_packet([10, 1, 0, 5], [10, 2, 0, 7], secret);
+        let mut out = Vec::new();
+        a.on_tun_packet(&pkt, &mut out);
+        pump(&mut a, &mut b, out.into_iter().map(|o| (true, o)).collect(), &mut seen_by_relay);
+        assert_eq!(tun, vec![Output::Tun(pkt)]);
+        assert!(!seen_by_relay.is_empty());
+        assert!(seen_by_relay.iter().all(|d| !d.windows(secret.len()).any(|w| w == secret)));
+        assert_eq!(b.peers(Instant::now())[0].path, PathKind::Relayed);
+        // Spoofed relay frames: from elsewhere, or from the relay with a datagram that is not
+        // the peer's: counted, nothing moves.
+        let invalid = |c: &WgCore| {
+            c.drops()
+                .iter()
+                .filter(|(r, _)| matches!(r, DropReason::InvalidPacket | DropReason::UnknownPeer))
+                .map(|(_, n)| n)
+                .sum::<u64>()
+        };
+        let before = invalid(&b);
+        let mut none = Vec::new();
+        b.on_datagram(
+            "198.51.100.66:3478".parse().unwrap(),
+            &relay::deliver(&relay::key_id(&key_a), &seen_by_relay[0]),
+            Instant::now(),
+            &mut none,
+        );
+        b.on_datagram(
+            relay_addr,
+            &relay::deliver(
+                &relay::key_id(&key_a),
+                &[
+                    4, 0, 0, 0, 9, 9, 9, 9, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                    0, 0,
+                ],
+            ),
+            Instant::now(),
+            &mut none,
+        );
+        b.on_datagram(relay_addr, &relay::registered(key_b, [0; 8]), Instant::now(), &mut none);
+        assert!(none.iter().all(|o| !matches!(o, Output::Tun(_))));
+        assert_eq!(invalid(&b) - before, 3);
+        assert_eq!(b.peers(Instant::now())[0].config.endpoint, relay_addr);
     }
 
     #[test]

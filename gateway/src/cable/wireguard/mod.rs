@@ -8,6 +8,7 @@ pub mod gso;
 mod lanes;
 pub mod probe;
 mod reflexive;
+pub mod relay_client;
 pub mod uapi;
 
 use std::{
@@ -52,6 +53,8 @@ pub struct WireGuardConfig {
     pub netlink: crate::route::Netlink,
     /// The STUN responder asked for the reflexive address (from the WireGuard socket).
     pub stun_server: Option<SocketAddr>,
+    /// The relay to register with (from the WireGuard socket).
+    pub relay: Option<relay_client::RelaySettings>,
 }
 
 /// Lanes started when none are asked for: one per CPU up to this many. Lanes lock only the
@@ -91,6 +94,7 @@ impl WireGuardConfig {
             lanes: s.lanes,
             netlink: s.netlink.clone(),
             stun_server: s.stun_server,
+            relay: s.relay.clone(),
         }
     }
 }
@@ -124,6 +128,8 @@ pub struct WireGuardCable {
     beats: lanes::Beats,
     /// The reflexive address as the core last saw it.
     reflexive: Arc<std::sync::Mutex<Option<SocketAddr>>>,
+    /// The relay while registered, as the core last saw it.
+    relay: Arc<std::sync::Mutex<Option<SocketAddr>>>,
 }
 
 impl WireGuardCable {
@@ -170,7 +176,9 @@ impl WireGuardCable {
         let mut core = WgCore::new(cfg.private_key);
         core.set_health_ip(cfg.health_ip);
         core.set_stun_server(cfg.stun_server);
+        core.set_relay(cfg.relay.clone());
         let reflexive = core.reflexive();
+        let relay = core.relay();
         let public_key = core.public_key();
         let (tx, rx) = mpsc::channel();
         let lane_count = lanes.len();
@@ -215,6 +223,7 @@ impl WireGuardCable {
             netlink: cfg.netlink,
             beats,
             reflexive,
+            relay,
         })
     }
 
@@ -254,6 +263,7 @@ impl CableDriver for WireGuardCable {
                 udp_segmentation: Some(self.segmentation.load(Ordering::Relaxed)),
                 stalled_lanes: Some(self.beats.stalled(LANE_STALL)),
                 reflexive: *self.reflexive.lock().unwrap_or_else(std::sync::PoisonError::into_inner),
+                relay: *self.relay.lock().unwrap_or_else(std::sync::PoisonError::into_inner),
             },
         }
     }

@@ -138,7 +138,8 @@ impl Run {
 /// holds that datagram, for the replay flood.
 fn capture_initiation(t: &mut Topology) -> anyhow::Result<std::path::PathBuf> {
     let pcap = t.spec.run_dir.join("initiation.pcap");
-    let filter = "udp dst port 51820 and udp[8] = 1";
+    // Type 1 and three zero bytes: not the STUN answer (0x0101…) that also reaches the port.
+    let filter = "udp dst port 51820 and udp[8:4] = 0x01000000";
     let mut tcpdump = Command::new("ip")
         .args(["netns", "exec", &t.clusters[1].gw_ns, "tcpdump", "-i", "uplink", "-U", "-c", "1", "-w"])
         .arg(&pcap)

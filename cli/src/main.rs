@@ -1021,6 +1021,23 @@ mod tests {
     use super::{Cli, telemetry::LogFormat};
 
     #[test]
+    fn the_stun_server_follows_the_broker_or_says_what_is_wrong() {
+        let auto = |url: &str| super::stun_server("auto", url).unwrap();
+        assert_eq!(auto("https://172.31.0.2:7780"), Some("172.31.0.2:3478".parse().unwrap()));
+        assert_eq!(auto("https://[::1]:7780/"), Some("[::1]:3478".parse().unwrap()));
+        assert_eq!(auto("http://127.0.0.1"), Some("127.0.0.1:3478".parse().unwrap()));
+        assert_eq!(super::stun_server("off", "https://x:1").unwrap(), None);
+        assert_eq!(
+            super::stun_server("10.0.0.1:9", "https://x:1").unwrap(),
+            Some("10.0.0.1:9".parse().unwrap())
+        );
+        for bad in ["nonsense", "10.0.0.1", "10.0.0.1:99999"] {
+            let err = super::stun_server(bad, "https://x:1").unwrap_err().to_string();
+            assert!(err.starts_with("--stun-server: "), "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn completion_scripts_know_the_commands_and_flags() {
         for shell in [clap_complete::Shell::Bash, clap_complete::Shell::Zsh, clap_complete::Shell::Fish] {
             let mut out = Vec::new();

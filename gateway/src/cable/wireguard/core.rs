@@ -1550,6 +1550,18 @@ mod tests {
         }
     }
 
+    /// Two fresh cores, A (10.1/16) and B (10.2/16), with health addresses (probes on) when
+    /// `probed`.
+    fn cores(probed: bool) -> (WgCore, WgCore) {
+        let mut a = WgCore::new(StaticSecret::random_from_rng(OsRng));
+        let mut b = WgCore::new(StaticSecret::random_from_rng(OsRng));
+        if probed {
+            a.set_health_ip(Some("10.1.0.0".parse().unwrap()));
+            b.set_health_ip(Some("10.2.0.0".parse().unwrap()));
+        }
+        (a, b)
+    }
+
     fn candidate(
         addr: &str,
         kind: causeway_broker_api::records::CandidateKind,
@@ -1560,8 +1572,7 @@ mod tests {
     #[test]
     fn initiations_go_to_every_candidate_and_the_answering_path_is_used() {
         use causeway_broker_api::records::CandidateKind::{Private, Public};
-        let mut a = WgCore::new(StaticSecret::random_from_rng(OsRng));
-        let mut b = WgCore::new(StaticSecret::random_from_rng(OsRng));
+        let (mut a, mut b) = cores(false);
         let (a_addr, b_private, b_public): (SocketAddr, SocketAddr, SocketAddr) = (
             "172.31.0.11:51820".parse().unwrap(),
             "172.31.0.12:51820".parse().unwrap(),
@@ -1616,10 +1627,7 @@ mod tests {
     #[test]
     fn a_better_path_is_checked_through_the_session_and_taken_when_it_answers() {
         use causeway_broker_api::records::CandidateKind::{Private, Reflexive};
-        let mut a = WgCore::new(StaticSecret::random_from_rng(OsRng));
-        let mut b = WgCore::new(StaticSecret::random_from_rng(OsRng));
-        a.set_health_ip(Some("10.1.0.0".parse().unwrap()));
-        b.set_health_ip(Some("10.2.0.0".parse().unwrap()));
+        let (mut a, mut b) = cores(true);
         let a_private: SocketAddr = "172.31.0.11:51820".parse().unwrap();
         let a_nat: SocketAddr = "203.0.113.11:40002".parse().unwrap();
         let b_private: SocketAddr = "172.31.0.12:51820".parse().unwrap();
@@ -1699,10 +1707,7 @@ mod tests {
     #[test]
     fn a_path_that_stops_answering_is_left_for_another_candidate_within_seconds() {
         use causeway_broker_api::records::CandidateKind::{Private, Public};
-        let mut a = WgCore::new(StaticSecret::random_from_rng(OsRng));
-        let mut b = WgCore::new(StaticSecret::random_from_rng(OsRng));
-        a.set_health_ip(Some("10.1.0.0".parse().unwrap()));
-        b.set_health_ip(Some("10.2.0.0".parse().unwrap()));
+        let (mut a, mut b) = cores(true);
         let (a_addr, b_private, b_public): (SocketAddr, SocketAddr, SocketAddr) = (
             "172.31.0.11:51820".parse().unwrap(),
             "172.31.0.12:51820".parse().unwrap(),
@@ -1767,8 +1772,7 @@ mod tests {
         use causeway_broker_api::records::CandidateKind::{Public, Relay};
         let relay_addr: SocketAddr = "172.31.0.2:3478".parse().unwrap();
         let settings = RelaySettings { server: relay_addr, token_sha256: relay::token_sha256("cw1_t") };
-        let mut a = WgCore::new(StaticSecret::random_from_rng(OsRng));
-        let mut b = WgCore::new(StaticSecret::random_from_rng(OsRng));
+        let (mut a, mut b) = cores(false);
         a.set_relay(Some(settings.clone()));
         b.set_relay(Some(settings));
         let (a_pub, b_pub): (SocketAddr, SocketAddr) =

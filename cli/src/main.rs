@@ -489,6 +489,11 @@ struct GatewayArgs {
     /// HOST:PORT. The relay forwards WireGuard datagrams as they are: it never sees plaintext.
     #[arg(long, env = "CAUSEWAY_RELAY", default_value = "auto")]
     relay: String,
+    /// Where UDP to the relay gets no answer (a site that blocks it), carry the relay's frames
+    /// on a stream over the broker's HTTPS port instead, and try UDP again every 2 minutes:
+    /// `auto` or `off`.
+    #[arg(long, env = "CAUSEWAY_RELAY_OVER_HTTPS", default_value = "auto", value_parser = ["auto", "off"])]
+    relay_over_https: String,
     /// I/O threads of the tunnel, each with its own device queue and UDP socket; the kernel
     /// keeps every flow on one of them (0: one per CPU, up to 64).
     #[arg(long, env = "CAUSEWAY_TUNNEL_LANES", default_value_t = 0)]
@@ -774,7 +779,8 @@ async fn broker(a: BrokerArgs) -> anyhow::Result<()> {
         "auto" => {
             let addr = std::net::SocketAddr::from(([0, 0, 0, 0], causeway_broker_api::stun::DEFAULT_PORT));
             if let Err(e) =
-                causeway_broker::stun::start(addr, std::sync::Arc::default(), Some(broker.relay_auth())).await
+                causeway_broker::stun::start(addr, broker.relay().counters().clone(), Some(broker.relay()))
+                    .await
             {
                 tracing::warn!(%addr, error = %e, "no STUN responder: gateways behind NAT learn no reflexive address from this broker (set --stun-listen)");
             }
@@ -782,7 +788,7 @@ async fn broker(a: BrokerArgs) -> anyhow::Result<()> {
         other => {
             let addr = listen_address(other)
                 .with_context(|| format!("--stun-listen {other:?} is not ADDR:PORT, auto or off"))?;
-            causeway_broker::stun::start(addr, std::sync::Arc::default(), Some(broker.relay_auth()))
+            causeway_broker::stun::start(addr, broker.relay().counters().clone(), Some(broker.relay()))
                 .await
                 .with_context(|| format!("serving STUN on UDP {addr}"))?;
         }
@@ -927,6 +933,20 @@ fn gateway_config(
     a: &GatewayArgs,
     broker: causeway_broker_api::Credentials,
 ) -> anyhow::Result<causeway_gateway::GatewayConfig> {
+    use causeway_gateway::cable::wireguard::relay_client::{RelayIo, StreamOpener};
+    // The relay's frames over the broker's HTTPS port, for when UDP to the relay is blocked.
+    let relay_stream: Option<StreamOpener> = if a.relay_over_https == "auto" {
+        let client = causeway_broker_api::BrokerClient::from_credentials(&broker)?;
+        Some(std::sync::Arc::new(move || {
+            let client = client.clone();
+            Box::pin(async move {
+                let io = client.relay_stream().await.map_err(std::io::Error::other)?;
+                Ok(Box::new(io) as Box<dyn RelayIo>)
+            })
+        }))
+    } else {
+        None
+    };
     Ok(causeway_gateway::GatewayConfig {
         cable: a.cable.clone(),
         device: a.device.clone(),
@@ -980,6 +1000,7 @@ fn gateway_config(
         .map(|server| causeway_gateway::cable::wireguard::relay_client::RelaySettings {
             server,
             token_sha256: causeway_broker_api::relay::token_sha256(&broker.token.0),
+            stream: relay_stream.clone(),
         }),
         broker,
     })

@@ -244,6 +244,8 @@ impl Shared {
             cable_udp_segmentation: cable.details.udp_segmentation.unwrap_or(false),
             cable_stalled_lanes: cable.details.stalled_lanes.unwrap_or(0),
             reflexive: cable.details.reflexive.map(|a| a.to_string()),
+            relay: cable.details.relay.map(|a| a.to_string()),
+            relay_transport: cable.details.relay_transport.map(str::to_owned),
             device: cable.device,
             listen_port: self.config.listen_port,
             broker_url: self.config.broker.broker_url.clone(),

@@ -479,6 +479,8 @@ mod tests {
             cable_udp_segmentation: true,
             cable_stalled_lanes: 0,
             reflexive: Some("203.0.113.9:40001".into()),
+            relay: Some("172.31.0.2:3478".into()),
+            relay_transport: Some("https".into()),
             device: "cw0".into(),
             listen_port: 51820,
             broker_url: "http://x".into(),

@@ -249,6 +249,9 @@ pub enum Nat {
     Easy,
     /// `masquerade fully-random` (a new port per destination), new inbound flows dropped.
     Hard,
+    /// Easy, and no UDP leaves or enters the site: tunnels run through the broker's relay
+    /// over its HTTPS port.
+    Blocked,
 }
 
 fn up(clusters: usize, gateways: u8, overlapping: bool, nat: Option<Nat>) -> anyhow::Result<()> {
@@ -265,6 +268,7 @@ fn up(clusters: usize, gateways: u8, overlapping: bool, nat: Option<Nat>) -> any
         spec.nat_kind = match kind {
             Nat::Easy => causeway_netns::NatKind::Easy,
             Nat::Hard => causeway_netns::NatKind::Hard,
+            Nat::Blocked => causeway_netns::NatKind::Blocked,
         };
     }
     step(&format!(

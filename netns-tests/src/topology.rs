@@ -63,6 +63,9 @@ pub enum NatKind {
     /// A new random port for every destination ("fully-random"): what STUN learns is no use
     /// to a peer, so only the relay connects two of them.
     Hard,
+    /// An easy NAT that lets no UDP through at all (to the other sites or the broker): only
+    /// the relay's stream on the broker's HTTPS port connects.
+    Blocked,
 }
 
 /// A site NAT in front of a gateway: masquerade with the port kept where it is free (so the
@@ -316,6 +319,10 @@ impl Topology {
             NatKind::Hard => {
                 NAT_RULES.replace("oifname \"wan\" masquerade", "oifname \"wan\" masquerade fully-random")
             }
+            NatKind::Blocked => NAT_RULES.replace(
+                "ct state established,related accept",
+                "meta l4proto udp counter drop\n        ct state established,related accept",
+            ),
         };
         in_ns_with_input(&nat, &["nft", "-f", "-"], &[], rules.as_bytes())
             .with_context(|| format!("installing the NAT rules in {nat}"))?;

@@ -4,8 +4,10 @@
 //! candidate and use the one that answers. One side behind a NAT: the other is reached
 //! directly and the NATed one at its reflexive address. Both behind NATs: both send at once
 //! and the NATs open (simultaneous open). The NAT's mappings flushed and moved to other ports
-//! in the middle of a transfer: the tunnel follows and the bytes arrive intact. Each test
-//! asserts the path kind and the time to the first packet.
+//! in the middle of a transfer: the tunnel follows and the bytes arrive intact. Both behind
+//! hard NATs: the broker's relay, which sees only ciphertext. Both in sites that block UDP:
+//! the relay again, over a stream on the broker's HTTPS port. Each test asserts the path kind
+//! and the time to the first packet.
 //! Privileged: `#[ignore]`d unless run with `--run-ignored all`, as `scripts/test.sh` does.
 
 use std::{
@@ -184,9 +186,39 @@ fn both_sides_behind_hard_nats_talk_through_the_relay_then_go_direct_when_they_c
     .unwrap_or_else(|e| panic!("{e:#}: {:?} {:?}", connection(&t, 1), connection(&t, 2)));
     let (a, b) = (t.clusters[0].clone(), t.clusters[1].clone());
     assert!(exec::ping(&b.pod_ns, &a.pod_ip, 3));
+    for i in 1..=2 {
+        assert_eq!(t.gateway_status(i).unwrap().relay_transport.as_deref(), Some("udp"));
+    }
+    relay_sees_only_ciphertext(&t);
+    // A transfer through the relay, intact.
+    let took = transfer_across(&t, |_| {});
+    eprintln!("10 MB at 40 Mb/s through the relay: {took:?} after the start mark");
 
-    // The relay sees ciphertext only: a pattern pinged through the tunnel shows in a capture of
-    // the tunnel device (plaintext), and nowhere in a capture at the broker.
+    // The NATs become easy ones: the reflexive addresses (refreshed within 20 s) work now,
+    // both sides check them, and the tunnels leave the relay.
+    for i in 1..=2 {
+        let ns = t.nat_ns(i);
+        exec::in_ns(&ns, &["nft", "flush", "chain", "ip", "causeway_nat", "outbound"]).unwrap();
+        exec::in_ns(&ns, &["nft", "add rule ip causeway_nat outbound oifname wan masquerade"]).unwrap();
+        exec::in_ns(&ns, &["conntrack", "-F"]).unwrap();
+    }
+    let opened = Instant::now();
+    let (nat1, nat2) = (a.nat_ip.clone().unwrap(), b.nat_ip.clone().unwrap());
+    wait_for(Duration::from_secs(60), "both tunnels back on a direct path", || {
+        connection(&t, 1) == (format!("{nat2}:51820"), "direct-public".into())
+            && connection(&t, 2) == (format!("{nat1}:51820"), "direct-public".into())
+    })
+    .unwrap_or_else(|e| {
+        panic!("{e:#}: {:?} {:?}\n{}", connection(&t, 1), connection(&t, 2), gateway_logs(&t))
+    });
+    eprintln!("direct again {:?} after the NATs allowed it", opened.elapsed());
+    assert!(exec::ping(&b.pod_ns, &a.pod_ip, 3));
+}
+
+/// A pattern pinged from pod 2 to pod 1 shows in a capture of gateway 1's tunnel device
+/// (plaintext), and nowhere in a capture at the broker, which relays it.
+fn relay_sees_only_ciphertext(t: &Topology) {
+    let (a, b) = (&t.clusters[0], &t.clusters[1]);
     let dir = t.spec.run_dir.clone();
     let (at_broker, at_tunnel) = (dir.join("broker.pcap"), dir.join("tunnel.pcap"));
     let pattern = "c0ffee15deadbeef";
@@ -213,27 +245,47 @@ fn both_sides_behind_hard_nats_talk_through_the_relay_then_go_direct_when_they_c
     assert!(has(&at_tunnel), "the pattern crossed the tunnel device (the capture works)");
     assert!(std::fs::metadata(&at_broker).unwrap().len() > 24 + 5 * 100, "the relay carried the pings");
     assert!(!has(&at_broker), "the relay saw the plaintext");
-    // A transfer through the relay, intact.
-    let took = transfer_across(&t, |_| {});
-    eprintln!("10 MB at 40 Mb/s through the relay: {took:?} after the start mark");
+}
 
-    // The NATs become easy ones: the reflexive addresses (refreshed within 20 s) work now,
-    // both sides check them, and the tunnels leave the relay.
-    for i in 1..=2 {
-        let ns = t.nat_ns(i);
-        exec::in_ns(&ns, &["nft", "flush", "chain", "ip", "causeway_nat", "outbound"]).unwrap();
-        exec::in_ns(&ns, &["nft", "add rule ip causeway_nat outbound oifname wan masquerade"]).unwrap();
-        exec::in_ns(&ns, &["conntrack", "-F"]).unwrap();
-    }
-    let opened = Instant::now();
-    let (nat1, nat2) = (a.nat_ip.clone().unwrap(), b.nat_ip.clone().unwrap());
-    wait_for(Duration::from_secs(60), "both tunnels back on a direct path", || {
-        connection(&t, 1) == (format!("{nat2}:51820"), "direct-public".into())
-            && connection(&t, 2) == (format!("{nat1}:51820"), "direct-public".into())
+#[test]
+#[ignore = "needs root and network namespaces; run with --run-ignored all"]
+fn sites_that_block_udp_talk_through_the_relay_over_the_brokers_https_port() {
+    require_privileges!();
+    let (t, first) = nat_topology(&[1, 2], NatKind::Blocked);
+    eprintln!("time to the first packet, both sites blocking UDP: {first:?}");
+    // Three seconds of unanswered UDP to the relay, then the stream.
+    assert!(first < Duration::from_secs(15), "first packet after {first:?}");
+    let relay = "172.31.0.2:3478".to_owned();
+    wait_for(Duration::from_secs(10), "both tunnels on the relay, over HTTPS", || {
+        (1..=2).all(|i| {
+            let s = t.gateway_status(i).unwrap();
+            connection(&t, i) == (relay.clone(), "relayed".into())
+                && s.relay.as_deref() == Some(relay.as_str())
+                && s.relay_transport.as_deref() == Some("https")
+        })
     })
     .unwrap_or_else(|e| {
         panic!("{e:#}: {:?} {:?}\n{}", connection(&t, 1), connection(&t, 2), gateway_logs(&t))
     });
-    eprintln!("direct again {:?} after the NATs allowed it", opened.elapsed());
+    // Nothing learnt by STUN (no UDP leaves the site): no reflexive address.
+    assert_eq!(t.gateway_status(1).unwrap().reflexive, None);
+    let (a, b) = (t.clusters[0].clone(), t.clusters[1].clone());
     assert!(exec::ping(&b.pod_ns, &a.pod_ip, 3));
+    relay_sees_only_ciphertext(&t);
+    // Each site's NAT dropped the UDP its gateway tried (STUN, the relay, handshakes): the
+    // tunnel really runs on the stream.
+    for i in 1..=2 {
+        let out =
+            exec::in_ns(&t.nat_ns(i), &["nft", "list", "chain", "ip", "causeway_nat", "forwarding"]).unwrap();
+        let out = String::from_utf8_lossy(&out.stdout).into_owned();
+        let dropped: u64 = out
+            .lines()
+            .find(|l| l.contains("meta l4proto udp counter"))
+            .and_then(|l| l.split_whitespace().skip_while(|w| *w != "packets").nth(1))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no UDP drop counter in {out}"));
+        assert!(dropped > 0, "site {i} dropped no UDP: {out}");
+    }
+    let took = transfer_across(&t, |_| {});
+    eprintln!("10 MB at 40 Mb/s through the relay over HTTPS: {took:?} after the start mark");
 }

@@ -118,6 +118,46 @@ impl BrokerClient {
 
     const TIMEOUT: Duration = Duration::from_secs(10);
 
+    /// Opens a relay stream on the broker's API port (for a gateway whose UDP to the relay is
+    /// blocked): relay frames, each preceded by its length, both ways
+    /// ([`crate::relay::StreamDecoder`]).
+    pub async fn relay_stream(&self) -> Result<reqwest::Upgraded, ClientError> {
+        use crate::relay::{STREAM_PATH, STREAM_PROTOCOL};
+        let url = format!("{}{STREAM_PATH}", self.base);
+        let req = self
+            .http
+            .get(url)
+            .header(reqwest::header::CONNECTION, "upgrade")
+            .header(reqwest::header::UPGRADE, STREAM_PROTOCOL);
+        let req = match &self.token {
+            Some(t) => req.bearer_auth(&t.0),
+            None => req,
+        };
+        // A timeout on the request itself would end the stream too: only the answer is timed.
+        let unreachable = |source| ClientError::Unreachable { url: self.base.clone(), source };
+        let resp = match tokio::time::timeout(Self::TIMEOUT, req.send()).await {
+            Ok(r) => r.map_err(unreachable)?,
+            Err(_) => {
+                return Err(ClientError::Api {
+                    status: 504,
+                    error: ApiError {
+                        code: "Timeout".into(),
+                        message: "no answer to the relay upgrade".into(),
+                    },
+                });
+            }
+        };
+        let status = resp.status();
+        if status != reqwest::StatusCode::SWITCHING_PROTOCOLS {
+            let error = resp.json::<ApiError>().await.unwrap_or_else(|e| ApiError {
+                code: "Unknown".into(),
+                message: format!("no upgrade ({status}), and an unreadable error body: {e}"),
+            });
+            return Err(ClientError::Api { status: status.as_u16(), error });
+        }
+        resp.upgrade().await.map_err(unreachable)
+    }
+
     pub async fn put_cluster(&self, c: &ClusterRecord) -> Result<Object, ClientError> {
         let url = format!("{}/v1/clusters/{}", self.base, c.cluster_id);
         self.send(self.http.put(url).json(c), Self::TIMEOUT).await

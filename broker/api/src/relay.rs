@@ -20,6 +20,12 @@
 //! A data frame adds [`DATA_OVERHEAD`] (12) bytes: within the 20 bytes an IPv4 underlay leaves
 //! spare of the tunnel's 80-byte allowance (sized for IPv6), so relayed datagrams of a full
 //! tunnel MTU still fit the underlay's.
+//!
+//! Where UDP to the relay is blocked, the same frames travel over the broker's HTTPS port: a
+//! `GET` of [`STREAM_PATH`] with `Upgrade: causeway-relay` (and the cluster's bearer token)
+//! turns the connection into a stream of frames, each preceded by its length (2 bytes,
+//! big-endian; [`stream_frame`], [`StreamDecoder`]). The relay treats a stream as one more
+//! address: a registration on it is checked exactly as one by UDP.
 
 use hmac::{Hmac, Mac as _};
 use sha2::{Digest as _, Sha256};
@@ -68,6 +74,73 @@ pub enum RelayError {
     UnknownType(u8),
     #[error("relay frame of type {kind} has {len} bytes")]
     BadLength { kind: u8, len: usize },
+    #[error("a relay stream announced a frame of {0} bytes")]
+    StreamLength(usize),
+}
+
+/// The path a gateway upgrades to a relay stream on the broker's API port.
+pub const STREAM_PATH: &str = "/v1/relay";
+/// The protocol named in the upgrade (`Upgrade:` header).
+pub const STREAM_PROTOCOL: &str = "causeway-relay";
+/// The longest frame (a data frame of [`MAX_PAYLOAD`]).
+pub const MAX_FRAME: usize = DATA_OVERHEAD + MAX_PAYLOAD;
+
+/// `frame` as it goes on a stream: its length (2 bytes, big-endian), then the frame. `None`
+/// for a frame longer than [`MAX_FRAME`].
+#[must_use]
+pub fn stream_frame(frame: &[u8]) -> Option<Vec<u8>> {
+    if frame.len() > MAX_FRAME {
+        return None;
+    }
+    let len = u16::try_from(frame.len()).ok()?;
+    let mut out = Vec::with_capacity(2 + frame.len());
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(frame);
+    Some(out)
+}
+
+/// Splits a relay stream back into frames, sans IO: feed it what was read, take the frames.
+/// A length shorter than a frame header or longer than [`MAX_FRAME`] is an error, after which
+/// the stream is useless (its framing is lost) and should be closed.
+#[derive(Debug, Default)]
+pub struct StreamDecoder {
+    buf: Vec<u8>,
+    /// Where the first unread byte is: frames are taken without moving what follows them.
+    start: usize,
+}
+
+impl StreamDecoder {
+    /// Appends bytes read from the stream.
+    pub fn push(&mut self, bytes: &[u8]) {
+        // Compact once the consumed part dominates, so the buffer stays about one read long.
+        if self.start > 0 && self.start >= self.buf.len() / 2 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next whole frame, if one has arrived.
+    pub fn next_frame(&mut self) -> Result<Option<&[u8]>, RelayError> {
+        let rest = &self.buf[self.start..];
+        let Some(head) = rest.get(..2) else { return Ok(None) };
+        let len = usize::from(u16::from_be_bytes([head[0], head[1]]));
+        if !(HEADER..=MAX_FRAME).contains(&len) {
+            return Err(RelayError::StreamLength(len));
+        }
+        if rest.len() < 2 + len {
+            return Ok(None);
+        }
+        let at = self.start + 2;
+        self.start = at + len;
+        Ok(Some(&self.buf[at..at + len]))
+    }
+
+    /// Bytes held that are not yet a whole frame.
+    #[must_use]
+    pub fn pending(&self) -> usize {
+        self.buf.len() - self.start
+    }
 }
 
 /// Whether a datagram starts like a relay frame.
@@ -253,7 +326,48 @@ mod tests {
         assert!(matches!(parse(&huge), Err(RelayError::BadLength { .. })));
     }
 
+    #[test]
+    fn streams_split_back_into_the_frames_sent_however_they_are_cut() {
+        let frames = [send(&[1; 8], &[7; 1400]), registered([3; 32], [4; 8]), deliver(&[2; 8], &[9])];
+        let wire: Vec<u8> = frames.iter().flat_map(|f| stream_frame(f).unwrap()).collect();
+        for cut in [1, 2, 3, 100, 1413, wire.len()] {
+            let mut d = StreamDecoder::default();
+            let mut got = Vec::new();
+            for chunk in wire.chunks(cut) {
+                d.push(chunk);
+                while let Some(f) = d.next_frame().unwrap() {
+                    got.push(f.to_vec());
+                }
+            }
+            assert_eq!(got, frames, "cut every {cut} bytes");
+            assert_eq!(d.pending(), 0);
+        }
+        assert!(stream_frame(&vec![0; MAX_FRAME + 1]).is_none());
+        assert_eq!(stream_frame(&vec![0; MAX_FRAME]).unwrap().len(), MAX_FRAME + 2);
+    }
+
+    #[test]
+    fn a_stream_announcing_an_impossible_length_is_refused() {
+        for bad in [[0u8, 0], [0, 3], [0xFF, 0xFF]] {
+            let mut d = StreamDecoder::default();
+            d.push(&bad);
+            assert!(matches!(d.next_frame(), Err(RelayError::StreamLength(_))), "{bad:?}");
+        }
+        // A length that is possible waits for its bytes.
+        let mut d = StreamDecoder::default();
+        d.push(&[0x10, 0x00, 0xCA]);
+        assert_eq!(d.next_frame(), Ok(None));
+        assert_eq!(d.pending(), 3);
+    }
+
     proptest::proptest! {
+        #[test]
+        fn garbage_streams_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
+            let mut d = StreamDecoder::default();
+            d.push(&bytes);
+            while let Ok(Some(_)) = d.next_frame() {}
+        }
+
         #[test]
         fn garbage_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..200)) {
             let mut b = bytes;

@@ -81,6 +81,12 @@ pub struct GatewayStatus {
     /// (published as the endpoint's reflexive candidate).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reflexive: Option<String>,
+    /// The relay that holds this gateway's registration (published as its relay candidate),
+    /// and how it is reached: `udp`, or `https` when UDP to it is blocked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay_transport: Option<String>,
     pub device: String,
     pub listen_port: u16,
     pub broker_url: String,

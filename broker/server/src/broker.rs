@@ -87,6 +87,10 @@ pub struct Broker {
     /// The broker's own addresses: no cluster may claim a prefix covering them.
     own_addresses: RwLock<Vec<IpAddr>>,
     write_rate: RwLock<Arc<WriteRate>>,
+    /// The relay, made on first use ([`Broker::relay`]).
+    relay: std::sync::OnceLock<Arc<crate::relay::Relay>>,
+    /// Cluster credentials by relay credential id. Never held across an await.
+    relay_ids: std::sync::Mutex<crate::credentials::RelayIds>,
 }
 
 impl std::fmt::Debug for Broker {
@@ -126,6 +130,8 @@ impl Broker {
             leases,
             own_addresses: RwLock::new(Vec::new()),
             write_rate: RwLock::new(Arc::new(WriteRate::new(DEFAULT_WRITES_PER_SECOND, DEFAULT_WRITE_BURST))),
+            relay: std::sync::OnceLock::new(),
+            relay_ids: std::sync::Mutex::default(),
         });
         // Commits by other replicas of a shared store reach this one's cache from here.
         let weak = Arc::downgrade(&broker);
@@ -141,6 +147,14 @@ impl Broker {
             }),
         );
         Ok(broker)
+    }
+
+    pub(crate) fn relay_ids(&self) -> std::sync::MutexGuard<'_, crate::credentials::RelayIds> {
+        self.relay_ids.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub(crate) fn relay_cell(&self) -> &std::sync::OnceLock<Arc<crate::relay::Relay>> {
+        &self.relay
     }
 
     /// Declares the addresses this broker is reached at (its listen and advertised

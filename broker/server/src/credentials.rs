@@ -16,6 +16,44 @@ use crate::{
     rules,
 };
 
+/// The index of cluster credentials by relay credential id ([`Broker::relay_key`]).
+#[derive(Debug, Default)]
+pub(crate) struct RelayIds {
+    by_id: std::collections::HashMap<[u8; 6], Vec<String>>,
+    built: Option<std::time::Instant>,
+}
+
+/// The relay's credential index is rebuilt at most this often: a gateway of a cluster that
+/// joined since waits about this long (it registers every second until answered); ids nobody
+/// has cost one scan of the credential set per interval, however many arrive.
+pub(crate) const RELAY_IDS_REFRESH: Duration = Duration::from_secs(1);
+
+impl RelayIds {
+    fn lookup(&self, id: &[u8; 6]) -> Option<Vec<String>> {
+        self.by_id.get(id).cloned()
+    }
+
+    /// Whether a rebuild is allowed now; if so, the next one is not for a while.
+    fn may_rebuild(&mut self, now: std::time::Instant) -> bool {
+        if self.built.is_some_and(|t| now.saturating_duration_since(t) < RELAY_IDS_REFRESH) {
+            return false;
+        }
+        self.built = Some(now);
+        true
+    }
+
+    fn rebuild<'a>(&mut self, hashes: impl Iterator<Item = &'a String>) {
+        self.by_id.clear();
+        for hash in hashes {
+            let id: Option<Vec<u8>> =
+                (0..12).step_by(2).map(|i| u8::from_str_radix(hash.get(i..i + 2)?, 16).ok()).collect();
+            if let Some(Ok(id)) = id.map(<[u8; 6]>::try_from) {
+                self.by_id.entry(id).or_default().push(hash.clone());
+            }
+        }
+    }
+}
+
 impl Broker {
     /// The identity behind a bearer token (unknown, revoked or expired: 401).
     pub async fn authenticate(&self, token: Option<&str>) -> Result<Identity, BrokerError> {
@@ -29,12 +67,33 @@ impl Broker {
     /// The MAC key of a relay registration that names credential `id` (the first 6 bytes of a
     /// token's SHA-256) for WireGuard key `key`: the token's SHA-256, if that is a valid
     /// cluster credential and one of that cluster's gateways publishes `key`.
+    ///
+    /// Every gateway registers every 20 s, so this must not scan the credential set each
+    /// time: the hashes are indexed by their id ([`RelayIds`]) and only the few an id names
+    /// are read, one by one, so a revoked or expired credential stops counting at once. An
+    /// id the index lacks (a credential issued since) rebuilds it, at most every
+    /// [`RELAY_IDS_REFRESH`], so made-up ids cannot make the broker scan on every datagram.
     pub async fn relay_key(&self, id: &[u8; 6], key: &[u8; 32]) -> Result<Option<[u8; 32]>, BrokerError> {
-        let prefix: String = id.iter().map(|b| format!("{b:02x}")).collect();
+        let known = self.relay_ids().lookup(id);
+        let hashes = match known {
+            Some(h) => h,
+            None => {
+                if !self.relay_ids().may_rebuild(std::time::Instant::now()) {
+                    return Ok(None);
+                }
+                let all = self.store.credentials().await?;
+                let mut ids = self.relay_ids();
+                ids.rebuild(
+                    all.iter().filter(|(_, c)| matches!(c.identity, Identity::Cluster(_))).map(|(h, _)| h),
+                );
+                ids.lookup(id).unwrap_or_default()
+            }
+        };
         let now = auth::now_unix();
-        for (hash, c) in self.store.credentials().await? {
+        for hash in hashes {
+            let Some(c) = self.store.credential(&hash).await? else { continue };
             let Identity::Cluster(cluster) = &c.identity else { continue };
-            if !hash.starts_with(&prefix) || !c.valid_at(now) {
+            if !c.valid_at(now) {
                 continue;
             }
             let owns = self

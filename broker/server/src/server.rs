@@ -16,6 +16,7 @@
 //! | PUT | `/v1/cluster-set` | the set's settings: overlap mode (admin) |
 //! | PUT/DELETE | `/v1/policies/{name}` | a cluster-set policy rule (admin) |
 //! | PUT | `/v1/policy-default` | the action when no rule matches (admin) |
+//! | GET | `/v1/relay` (`Upgrade: causeway-relay`) | 101, then the connection carries relay frames (any cluster's credential; see [`crate::relay`]) |
 //!
 //! Every route but `/healthz` needs `Authorization: Bearer <token>`: 401 without a known
 //! credential, 403 when the credential may not touch that cluster, 429 past the caller's write
@@ -372,6 +373,54 @@ async fn revoke(
     Ok(Json(serde_json::json!({ "revoked": revoked })).into_response())
 }
 
+/// Turns the connection into a relay stream for a gateway that cannot send UDP to the relay.
+/// Only a cluster's credential may open one: what it may then register is checked frame by
+/// frame, as on UDP.
+async fn relay_stream(
+    State(b): State<Arc<Broker>>,
+    mut req: axum::extract::Request,
+) -> Result<Response, Failure> {
+    use causeway_broker_api::relay::STREAM_PROTOCOL;
+    let id = who(&b, req.headers()).await?;
+    if !matches!(id, Identity::Cluster(_)) {
+        return Err(Failure(
+            StatusCode::FORBIDDEN,
+            ApiError {
+                code: "Forbidden".into(),
+                message: "only a cluster's credential opens a relay stream".into(),
+            },
+        ));
+    }
+    let wanted = req
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case(STREAM_PROTOCOL));
+    if !wanted {
+        return Err(invalid(format!("a relay stream needs `Upgrade: {STREAM_PROTOCOL}`")));
+    }
+    let relay = b.relay();
+    if !relay.has_room() {
+        return Err(Failure(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ApiError { code: "Unavailable".into(), message: "the relay holds all the streams it may".into() },
+        ));
+    }
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        match upgrade.await {
+            Ok(io) => relay.serve_stream(hyper_util::rt::TokioIo::new(io)).await,
+            Err(e) => tracing::debug!(error = %e, "relay stream upgrade failed"),
+        }
+    });
+    Ok(Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, STREAM_PROTOCOL)
+        .body(axum::body::Body::empty())
+        .unwrap_or_default())
+}
+
 /// The broker's routes.
 pub fn router(broker: Arc<Broker>) -> Router {
     Router::new()
@@ -389,6 +438,7 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .route("/v1/cluster-set", put(put_cluster_set))
         .route("/v1/policies/{name}", put(put_policy).delete(delete_policy))
         .route("/v1/policy-default", put(put_policy_default))
+        .route(causeway_broker_api::relay::STREAM_PATH, get(relay_stream))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(broker)
 }
@@ -502,7 +552,8 @@ where
             let _permit = permit;
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
-            let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(io), service);
+            // Upgrades: relay streams (`/v1/relay`) leave the HTTP connection here.
+            let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(io), service).with_upgrades();
             let mut conn = std::pin::pin!(conn);
             tokio::select! {
                 res = conn.as_mut() => {

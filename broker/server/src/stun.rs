@@ -11,7 +11,7 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use causeway_broker_api::{relay, stun};
@@ -19,16 +19,13 @@ use futures::future::BoxFuture;
 use tokio::net::UdpSocket;
 use tracing::{debug, info, warn};
 
-use crate::rate::WriteRate;
+use crate::relay::{Budget, Relay, Via};
 
 /// Requests answered per second to one source address (a gateway asks every 20 s, and at
 /// start every second until answered).
 pub const PER_SOURCE_PER_SECOND: u32 = 5;
 /// Requests answered at once to one source address.
 pub const PER_SOURCE_BURST: u32 = 20;
-/// The per-source budgets start afresh this often, so spoofed sources cannot grow them
-/// without bound.
-const FORGET_SOURCES: Duration = Duration::from_secs(60);
 
 /// What the responder did, for tests and logs.
 #[derive(Debug, Default)]
@@ -45,6 +42,8 @@ pub struct StunCounters {
     /// registered).
     pub relayed: AtomicU64,
     pub unroutable: AtomicU64,
+    /// Frames for a stream whose queue was full (or that had just closed): dropped.
+    pub overflow: AtomicU64,
 }
 
 /// How the relay learns a registration's MAC key: from the credential id and the WireGuard
@@ -53,14 +52,19 @@ pub type RelayAuth =
     std::sync::Arc<dyn Fn([u8; 6], [u8; 32]) -> BoxFuture<'static, Option<[u8; 32]>> + Send + Sync>;
 
 impl crate::Broker {
-    /// This broker as the relay's authority (its credentials and endpoint records).
+    /// This broker's relay, made on first use: registrations are checked against its
+    /// credentials and endpoint records (held weakly: the relay does not keep a dropped broker
+    /// alive). The STUN socket and the HTTPS port's relay streams share it.
     #[must_use]
-    pub fn relay_auth(self: &Arc<Self>) -> RelayAuth {
-        let b = Arc::clone(self);
-        std::sync::Arc::new(move |id, key| {
-            let b = b.clone();
-            Box::pin(async move { b.relay_key(&id, &key).await.ok().flatten() })
-        })
+    pub fn relay(self: &Arc<Self>) -> Arc<Relay> {
+        Arc::clone(self.relay_cell().get_or_init(|| {
+            let b = Arc::downgrade(self);
+            let auth: RelayAuth = Arc::new(move |id, key| {
+                let b = b.clone();
+                Box::pin(async move { b.upgrade()?.relay_key(&id, &key).await.ok().flatten() })
+            });
+            Relay::new(auth, Arc::default())
+        }))
     }
 }
 
@@ -75,14 +79,19 @@ impl StunCounters {
     }
 }
 
-/// Answers binding requests (and relays, with `relay_auth`) on `socket` until the task is
-/// dropped.
-pub async fn serve(socket: UdpSocket, counters: Arc<StunCounters>, relay_auth: Option<RelayAuth>) {
+/// Answers binding requests (and relays, with `relay`) on `socket` until the task is dropped.
+pub async fn serve(socket: UdpSocket, counters: Arc<StunCounters>, relay: Option<Arc<Relay>>) {
     let local = socket.local_addr().ok();
-    info!(listen = ?local, relay = relay_auth.is_some(), "STUN responder up");
-    let mut budget = WriteRate::new(PER_SOURCE_PER_SECOND, PER_SOURCE_BURST);
-    let mut fresh_since = Instant::now();
-    let mut table = crate::relay::RelayTable::default();
+    info!(listen = ?local, relay = relay.is_some(), "STUN responder up");
+    let socket = Arc::new(socket);
+    // Registrations with the relay and binding requests draw on one budget per source.
+    let budget = match &relay {
+        Some(r) => {
+            r.attach_udp(Arc::clone(&socket));
+            r.budget()
+        }
+        None => Arc::new(std::sync::Mutex::new(Budget::new())),
+    };
     let mut buf = vec![0u8; 65_536];
     loop {
         let (n, from) = match socket.recv_from(&mut buf).await {
@@ -93,21 +102,10 @@ pub async fn serve(socket: UdpSocket, counters: Arc<StunCounters>, relay_auth: O
                 continue;
             }
         };
-        let now = Instant::now();
-        if now.duration_since(fresh_since) > FORGET_SOURCES {
-            budget = WriteRate::new(PER_SOURCE_PER_SECOND, PER_SOURCE_BURST);
-            fresh_since = now;
-            table.expire(now);
-        }
-        if let Some(auth) = &relay_auth
+        if let Some(relay) = &relay
             && relay::is_relay(&buf[..n])
         {
-            let reply = relay_frame(&buf[..n], from, auth, &mut table, &mut budget, &counters).await;
-            if let Some((to, frame)) = reply
-                && let Err(e) = socket.send_to(&frame, to).await
-            {
-                debug!(%to, error = %e, "relay frame not sent");
-            }
+            relay.on_frame(&buf[..n], Via::Udp(from)).await;
             continue;
         }
         let answer = match stun::answer(&buf[..n], from) {
@@ -118,7 +116,11 @@ pub async fn serve(socket: UdpSocket, counters: Arc<StunCounters>, relay_auth: O
                 continue;
             }
         };
-        if budget.take(&from.ip().to_string(), now).is_err() {
+        let allowed = budget
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take(&from.ip().to_string(), Instant::now());
+        if !allowed {
             counters.limited.fetch_add(1, Ordering::Relaxed);
             continue;
         }
@@ -131,73 +133,23 @@ pub async fn serve(socket: UdpSocket, counters: Arc<StunCounters>, relay_auth: O
     }
 }
 
-/// One relay frame from `from`: what to send where in return, if anything.
-async fn relay_frame(
-    frame: &[u8],
-    from: SocketAddr,
-    auth: &RelayAuth,
-    table: &mut crate::relay::RelayTable,
-    budget: &mut WriteRate,
-    counters: &StunCounters,
-) -> Option<(SocketAddr, Vec<u8>)> {
-    let count = |c: &AtomicU64| {
-        c.fetch_add(1, Ordering::Relaxed);
-    };
-    match relay::parse(frame) {
-        Ok(relay::Frame::Register(r)) => {
-            if budget.take(&from.ip().to_string(), Instant::now()).is_err() {
-                count(&counters.limited);
-                return None;
-            }
-            let key = auth(r.credential, r.key).await;
-            let now_ms = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-            let taken = key
-                .filter(|k| r.verify(k))
-                .map(|_| table.admit(relay::key_id(&r.key), from, r.timestamp_ms, Instant::now(), now_ms));
-            if let Some(Ok(())) = taken {
-                count(&counters.registered);
-                Some((from, relay::registered(r.key, r.nonce)))
-            } else {
-                count(&counters.refused);
-                debug!(%from, outcome = ?taken, "relay registration refused");
-                None
-            }
-        }
-        Ok(relay::Frame::Send { dst, datagram }) => match table.route(from, &dst, Instant::now()) {
-            Some((to, src)) => {
-                count(&counters.relayed);
-                Some((to, relay::deliver(&src, datagram)))
-            }
-            None => {
-                count(&counters.unroutable);
-                None
-            }
-        },
-        // What only the relay sends, or garbage.
-        _ => {
-            count(&counters.ignored);
-            None
-        }
-    }
-}
-
-/// Binds `listen` and starts the responder (and, with `relay_auth`, the relay); returns the
-/// bound address.
+/// Binds `listen` and starts the responder (and, with `relay`, the relay on the same socket);
+/// returns the bound address.
 pub async fn start(
     listen: SocketAddr,
     counters: Arc<StunCounters>,
-    relay_auth: Option<RelayAuth>,
+    relay: Option<Arc<Relay>>,
 ) -> std::io::Result<SocketAddr> {
     let socket = UdpSocket::bind(listen).await?;
     let bound = socket.local_addr()?;
-    tokio::spawn(serve(socket, counters, relay_auth));
+    tokio::spawn(serve(socket, counters, relay));
     Ok(bound)
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     async fn client() -> UdpSocket {
@@ -253,7 +205,8 @@ mod tests {
             })
         });
         let counters = Arc::new(StunCounters::default());
-        let server = start("127.0.0.1:0".parse().unwrap(), counters.clone(), Some(auth)).await.unwrap();
+        let relay = Relay::new(auth, counters.clone());
+        let server = start("127.0.0.1:0".parse().unwrap(), counters.clone(), Some(relay)).await.unwrap();
         let (a, b, evil) = (client().await, client().await, client().await);
         let ms = u64::try_from(
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis(),

@@ -122,6 +122,8 @@ pub struct CableDetails {
     /// The relay, while it holds a current registration of the cable's (drivers that
     /// register): the endpoint record's relay candidate.
     pub relay: Option<SocketAddr>,
+    /// How the relay is reached: `udp`, or `https` (a stream on the broker's API port).
+    pub relay_transport: Option<&'static str>,
 }
 
 /// What every cable backend does.

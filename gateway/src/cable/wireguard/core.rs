@@ -9,7 +9,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::{
         Arc, Mutex, MutexGuard, PoisonError,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -28,7 +28,7 @@ use tracing::{debug, info, warn};
 use super::{
     probe::{Echo, Health, PROBE_ID, ProbeState},
     reflexive::Reflexive,
-    relay_client::{RelayClient, RelaySettings},
+    relay_client::{RelayClient, RelaySettings, Transport},
 };
 use crate::cable::paths::{PathChange, PathKind, Paths};
 use causeway_broker_api::relay;
@@ -320,13 +320,40 @@ struct Shared {
     relay: Mutex<RelayClient>,
     /// The relay's address (set once, before any lane runs): every datagram to it is framed.
     relay_server: std::sync::OnceLock<SocketAddr>,
-    /// The relay while our registration is current, as last seen by a tick.
-    relay_seen: Arc<Mutex<Option<SocketAddr>>>,
+    /// The cable's stream proxy on loopback (set once, with the relay): frames sent to it
+    /// travel on a stream to the broker's HTTPS port, and frames from the stream come from it.
+    relay_proxy: std::sync::OnceLock<SocketAddr>,
+    /// Whether relay frames go through the proxy now (the relay client's transport, as of
+    /// the last tick).
+    relay_over_stream: AtomicBool,
+    /// The relay and the transport, while our registration is current, as last seen by a tick.
+    relay_seen: Arc<Mutex<Option<(SocketAddr, Transport)>>>,
 }
 
 impl Shared {
     fn count(&self, reason: DropReason, n: u64) {
         self.drops[reason as usize].fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// How a datagram from `src` comes from the relay, if it does: by UDP from the relay's
+    /// address, or by the stream through the proxy.
+    fn relay_via(&self, src: SocketAddr) -> Option<Transport> {
+        if self.relay_server.get() == Some(&src) {
+            Some(Transport::Udp)
+        } else if self.relay_proxy.get() == Some(&src) {
+            Some(Transport::Stream)
+        } else {
+            None
+        }
+    }
+
+    /// Where frames for the relay go now.
+    fn relay_wire(&self) -> Option<SocketAddr> {
+        if self.relay_over_stream.load(Ordering::Relaxed) {
+            self.relay_proxy.get().copied()
+        } else {
+            self.relay_server.get().copied()
+        }
     }
 
     fn health_ip(&self) -> Option<Ipv4Addr> {
@@ -386,6 +413,8 @@ impl WgCore {
                 reflexive_seen: Arc::new(Mutex::new(None)),
                 relay: Mutex::new(RelayClient::default()),
                 relay_server: std::sync::OnceLock::new(),
+                relay_proxy: std::sync::OnceLock::new(),
+                relay_over_stream: AtomicBool::new(false),
                 relay_seen: Arc::new(Mutex::new(None)),
             }),
             table,
@@ -435,18 +464,23 @@ impl WgCore {
     }
 
     /// Registers with the broker's relay (from the WireGuard socket), so that peers no direct
-    /// path reaches can still be reached through it. Set once, before the lanes start.
-    pub fn set_relay(&mut self, settings: Option<RelaySettings>) {
-        if let Some(s) = &settings {
-            let _ = self.shared.relay_server.set(s.server);
+    /// path reaches can still be reached through it; with `proxy` (the cable's stream proxy on
+    /// loopback), over a stream when UDP to the relay gets no answer. Set once, before the
+    /// lanes start.
+    pub fn set_relay(&mut self, settings: Option<RelaySettings>, proxy: Option<SocketAddr>) {
+        let Some(s) = settings else { return };
+        let _ = self.shared.relay_server.set(s.server);
+        let mut client = RelayClient::new(Some(s), self.shared.public.to_bytes());
+        if let Some(p) = proxy {
+            let _ = self.shared.relay_proxy.set(p);
+            client = client.with_stream();
         }
-        *self.shared.relay.lock().unwrap_or_else(PoisonError::into_inner) =
-            RelayClient::new(settings, self.shared.public.to_bytes());
+        *self.shared.relay.lock().unwrap_or_else(PoisonError::into_inner) = client;
     }
 
-    /// The relay while our registration is current, as of the last tick.
+    /// The relay and how we reach it, while our registration is current, as of the last tick.
     #[must_use]
-    pub fn relay(&self) -> Arc<Mutex<Option<SocketAddr>>> {
+    pub fn relay(&self) -> Arc<Mutex<Option<(SocketAddr, Transport)>>> {
         Arc::clone(&self.shared.relay_seen)
     }
 
@@ -661,16 +695,21 @@ impl WgCore {
 
     /// A datagram received on the cable's UDP socket at `now`.
     pub fn on_datagram(&mut self, src: SocketAddr, datagram: &[u8], now: Instant, out: &mut impl Sink) {
-        if self.shared.relay_server.get() == Some(&src) && relay::is_relay(datagram) {
+        let via = self.shared.relay_via(src);
+        if let Some(via) = via
+            && (relay::is_relay(datagram) || via == Transport::Stream)
+        {
+            // The relay's own address names the path, whichever way the frame came.
+            let relay_addr = self.shared.relay_server.get().copied().unwrap_or(src);
             match relay::parse(datagram) {
                 Ok(relay::Frame::Deliver { datagram: inner, .. }) if !relay::is_relay(inner) => {
                     // The WireGuard datagram authenticates itself; the relay's word on who sent
                     // it is not needed.
-                    self.on_wireguard(src, inner, now, out, true);
+                    self.on_wireguard(relay_addr, inner, now, out, true);
                 }
                 Ok(relay::Frame::Registered { key, nonce }) => {
                     let mut r = self.shared.relay.lock().unwrap_or_else(PoisonError::into_inner);
-                    if !r.on_registered(src, &key, &nonce, now) {
+                    if !r.on_registered(via, &key, &nonce, now) {
                         self.shared.count(DropReason::InvalidPacket, 1);
                     }
                 }
@@ -786,7 +825,7 @@ impl WgCore {
                     authenticated |= was_first && !cookie_reply;
                     if relayed {
                         let wire = relay::send(&relay::key_id(&peer.config.public_key.0), wire);
-                        out.udp(src, &wire);
+                        out.udp(shared.relay_wire().unwrap_or(src), &wire);
                         continue;
                     }
                     let wire = span(base, wire);
@@ -965,10 +1004,18 @@ impl WgCore {
             rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut n);
             n
         };
-        if let Some((server, frame)) = relay.poll(now, unix_ms, nonce) {
-            out.udp(server, &frame);
+        for (via, frame) in relay.poll(now, unix_ms, nonce) {
+            let to = match via {
+                Transport::Udp => self.shared.relay_server.get(),
+                Transport::Stream => self.shared.relay_proxy.get(),
+            };
+            if let Some(to) = to {
+                out.udp(*to, &frame);
+            }
         }
-        let registered = relay.registered(now);
+        let transport = relay.transport();
+        self.shared.relay_over_stream.store(transport == Transport::Stream, Ordering::Relaxed);
+        let registered = relay.registered(now).map(|a| (a, transport));
         drop(relay);
         {
             let mut seen = self.shared.relay_seen.lock().unwrap_or_else(PoisonError::into_inner);
@@ -1008,7 +1055,7 @@ fn send_to_paths(shared: &Shared, key: &[u8; 32], paths: &Paths, wire: &[u8], ou
 /// Sends `wire` for the peer with `key` to `to`: framed for the relay when `to` is the relay.
 fn send_via(shared: &Shared, key: &[u8; 32], to: SocketAddr, wire: &[u8], out: &mut impl Sink) {
     if shared.relay_server.get() == Some(&to) {
-        out.udp(to, &relay::send(&relay::key_id(key), wire));
+        out.udp(shared.relay_wire().unwrap_or(to), &relay::send(&relay::key_id(key), wire));
     } else {
         out.udp(to, wire);
     }
@@ -1769,12 +1816,51 @@ mod tests {
 
     #[test]
     fn peers_no_direct_path_reaches_talk_through_the_relay_which_sees_only_ciphertext() {
+        relay_between(None);
+    }
+
+    #[test]
+    fn a_gateway_whose_udp_to_the_relay_is_blocked_talks_through_the_stream() {
+        relay_between(Some("127.0.0.1:40999".parse().unwrap()));
+    }
+
+    /// Two cores that reach each other only through the relay; with `b_proxy`, B's UDP to
+    /// the relay goes unanswered, so its frames take the stream (through the proxy at that
+    /// address) while A's stay on UDP.
+    fn relay_between(b_proxy: Option<SocketAddr>) {
         use causeway_broker_api::records::CandidateKind::{Public, Relay};
         let relay_addr: SocketAddr = "172.31.0.2:3478".parse().unwrap();
-        let settings = RelaySettings { server: relay_addr, token_sha256: relay::token_sha256("cw1_t") };
+        let settings =
+            RelaySettings { server: relay_addr, token_sha256: relay::token_sha256("cw1_t"), stream: None };
         let (mut a, mut b) = cores(false);
-        a.set_relay(Some(settings.clone()));
-        b.set_relay(Some(settings));
+        a.set_relay(Some(settings.clone()), None);
+        b.set_relay(Some(settings), b_proxy);
+        if let Some(proxy) = b_proxy {
+            // Unanswered for three seconds on UDP, then through the proxy; answered there.
+            let t0 = Instant::now();
+            let mut sent = Vec::new();
+            for ms in [0, 1000, 2000, 3000] {
+                let mut out = Vec::new();
+                b.tick(t0 + Duration::from_millis(ms), &mut out);
+                sent.extend(out.into_iter().filter_map(|o| match o {
+                    Output::Udp(to, d) if relay::is_relay(&d) => Some((to, d)),
+                    _ => None,
+                }));
+            }
+            let tos: Vec<SocketAddr> = sent.iter().map(|(to, _)| *to).collect();
+            assert_eq!(tos, [relay_addr, relay_addr, relay_addr, proxy]);
+            let Ok(relay::Frame::Register(r)) = relay::parse(&sent[3].1) else { panic!() };
+            let ack = relay::registered(r.key, r.nonce);
+            let mut none = Vec::new();
+            // The same acknowledgement by UDP is not the stream's: refused.
+            b.on_datagram(relay_addr, &ack, t0, &mut none);
+            b.on_datagram(proxy, &ack, t0, &mut none);
+            b.tick(t0 + Duration::from_millis(3100), &mut none);
+            assert_eq!(*b.relay().lock().unwrap(), Some((relay_addr, Transport::Stream)));
+            assert_eq!(b.drops().iter().find(|(r, _)| *r == DropReason::InvalidPacket).unwrap().1, 1);
+        }
+        // Where the relay takes B's frames from, and delivers B's.
+        let b_side = b_proxy.unwrap_or(relay_addr);
         let (a_pub, b_pub): (SocketAddr, SocketAddr) =
             ("198.51.100.11:51820".parse().unwrap(), "198.51.100.12:51820".parse().unwrap());
         let via = |addr: SocketAddr| {
@@ -1799,7 +1885,9 @@ mod tests {
                             tun.push(o);
                             continue;
                         };
-                        if dst != relay_addr {
+                        // A's frames go to the relay; B's to wherever B reaches it.
+                        if dst != if from_a { relay_addr } else { b_side } {
+                            assert_ne!(dst, relay_addr, "B sent by UDP while on the stream");
                             continue;
                         }
                         let Ok(relay::Frame::Send { dst: to, datagram }) = relay::parse(&d) else {
@@ -1810,7 +1898,7 @@ mod tests {
                         let frame = relay::deliver(&relay::key_id(&from_key), datagram);
                         let mut o = Vec::new();
                         if to == relay::key_id(&key_b) {
-                            b.on_datagram(relay_addr, &frame, Instant::now(), &mut o)
+                            b.on_datagram(b_side, &frame, Instant::now(), &mut o)
                         } else {
                             a.on_datagram(relay_addr, &frame, Instant::now(), &mut o)
                         }
@@ -1866,7 +1954,7 @@ mod tests {
             Instant::now(),
             &mut none,
         );
-        b.on_datagram(relay_addr, &relay::registered(key_b, [0; 8]), Instant::now(), &mut none);
+        b.on_datagram(b_side, &relay::registered(key_b, [0; 8]), Instant::now(), &mut none);
         assert!(none.iter().all(|o| !matches!(o, Output::Tun(_))));
         assert_eq!(invalid(&b) - before, 3);
         assert_eq!(b.peers(Instant::now())[0].config.endpoint, relay_addr);

@@ -9,6 +9,7 @@ mod lanes;
 pub mod probe;
 mod reflexive;
 pub mod relay_client;
+mod relay_stream;
 pub mod uapi;
 
 use std::{
@@ -128,8 +129,10 @@ pub struct WireGuardCable {
     beats: lanes::Beats,
     /// The reflexive address as the core last saw it.
     reflexive: Arc<std::sync::Mutex<Option<SocketAddr>>>,
-    /// The relay while registered, as the core last saw it.
-    relay: Arc<std::sync::Mutex<Option<SocketAddr>>>,
+    /// The relay while registered, and how it is reached, as the core last saw it.
+    relay: Arc<std::sync::Mutex<Option<(SocketAddr, relay_client::Transport)>>>,
+    /// The relay's stream proxy (when the relay may be reached over the broker's HTTPS port).
+    relay_proxy: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl WireGuardCable {
@@ -176,7 +179,20 @@ impl WireGuardCable {
         let mut core = WgCore::new(cfg.private_key);
         core.set_health_ip(cfg.health_ip);
         core.set_stun_server(cfg.stun_server);
-        core.set_relay(cfg.relay.clone());
+        // The stream proxy's socket is bound here, in the cable's namespace, beside the lanes'.
+        let proxy = match cfg.relay.as_ref().and_then(|r| r.stream.clone()) {
+            Some(open) => {
+                match relay_stream::bind(local_addr.port()).and_then(|u| Ok((u.local_addr()?, u))) {
+                    Ok((addr, udp)) => Some((addr, tokio::spawn(relay_stream::run(udp, open)))),
+                    Err(e) => {
+                        warn!(error = %e, "no relay stream proxy: the relay is reached by UDP only");
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
+        core.set_relay(cfg.relay.clone(), proxy.as_ref().map(|(addr, _)| *addr));
         let reflexive = core.reflexive();
         let relay = core.relay();
         let public_key = core.public_key();
@@ -224,6 +240,7 @@ impl WireGuardCable {
             beats,
             reflexive,
             relay,
+            relay_proxy: proxy.map(|(_, task)| task),
         })
     }
 
@@ -252,6 +269,7 @@ impl CableDriver for WireGuardCable {
     }
 
     fn info(&self) -> super::CableInfo {
+        let relay = *self.relay.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         super::CableInfo {
             name: "wireguard",
             device: self.device.clone(),
@@ -263,7 +281,8 @@ impl CableDriver for WireGuardCable {
                 udp_segmentation: Some(self.segmentation.load(Ordering::Relaxed)),
                 stalled_lanes: Some(self.beats.stalled(LANE_STALL)),
                 reflexive: *self.reflexive.lock().unwrap_or_else(std::sync::PoisonError::into_inner),
-                relay: *self.relay.lock().unwrap_or_else(std::sync::PoisonError::into_inner),
+                relay: relay.map(|(addr, _)| addr),
+                relay_transport: relay.map(|(_, via)| via.name()),
             },
         }
     }
@@ -343,6 +362,9 @@ impl CableDriver for WireGuardCable {
 
     async fn cleanup(&mut self) -> Result<(), CableError> {
         self.keys.clear();
+        if let Some(task) = self.relay_proxy.take() {
+            task.abort();
+        }
         if let Some((path, task)) = self.uapi.take() {
             task.abort();
             let _ = std::fs::remove_file(path);

@@ -98,6 +98,11 @@ enum Cmd {
         #[arg(long, env = "CAUSEWAY_CLUSTER_ID")]
         cluster_id: String,
     },
+    /// End-to-end check of a running cluster set: pings every pod from every pod and connects
+    /// to the exported demo service from every pod, prints the matrix, and fails naming every
+    /// pair that did not work. Verifies the local sandbox (Kubernetes cluster sets: not yet).
+    #[cfg(feature = "sandbox")]
+    Verify,
     /// A local cluster set built from network namespaces (needs root).
     #[cfg(feature = "sandbox")]
     Sandbox {
@@ -658,6 +663,11 @@ fn main() -> anyhow::Result<()> {
                 );
                 Ok(())
             })
+        }
+        #[cfg(feature = "sandbox")]
+        Cmd::Verify => {
+            telemetry::init("warn", log);
+            sandbox::verify()
         }
         #[cfg(feature = "sandbox")]
         Cmd::Sandbox { command } => {

@@ -34,7 +34,8 @@ pub enum SandboxCmd {
         /// masquerade keeping ports (one mapping for every destination), new flows from outside
         /// dropped; the gateways learn their reflexive addresses from the broker's STUN
         /// responder and open direct paths by sending at once. `hard`: a new random port for
-        /// every destination; the tunnels go through the broker's relay.
+        /// every destination; the tunnels go through the broker's relay. `blocked`: no UDP
+        /// through at all; the tunnels go through the relay over the broker's HTTPS port.
         #[arg(long, value_enum)]
         nat: Option<Nat>,
     },
@@ -186,11 +187,12 @@ fn serve(cluster: &str, name: &str, port: u16, namespace: &str) -> anyhow::Resul
 }
 
 /// From every cluster's pod: resolve the demo service through the cluster's DNS and connect
-/// to its ClusterSetIP. One cell per cluster: `OK (who answered)` or what failed.
-fn service_row(topo: &Topology) -> (String, bool) {
+/// to its ClusterSetIP. One cell per cluster: `OK (who answered)` or what failed; and the
+/// clusters whose pod failed.
+fn service_row(topo: &Topology) -> (String, Vec<String>) {
     let name = format!("{DEMO_SERVICE}.{DEMO_NAMESPACE}.svc.clusterset.local");
     let mut cells = Vec::new();
-    let mut all = true;
+    let mut failed = Vec::new();
     for c in &topo.clusters {
         let run = |args: &[&str]| {
             topo.pod_command(c.index, args)
@@ -210,10 +212,12 @@ fn service_row(topo: &Topology) -> (String, bool) {
                 _ => "FAIL (no connection)".to_owned(),
             }
         };
-        all &= cell.starts_with("OK");
+        if !cell.starts_with("OK") {
+            failed.push(c.cluster_id.clone());
+        }
         cells.push(vec![c.cluster_id.clone(), name.clone(), vip, cell]);
     }
-    (causeway_cli_format::table(&["FROM", "NAME", "CLUSTERSET IP", "CONNECT"], &cells), all)
+    (causeway_cli_format::table(&["FROM", "NAME", "CLUSTERSET IP", "CONNECT"], &cells), failed)
 }
 
 fn fail_or_heal(cluster: &str, how: Option<Failure>) -> anyhow::Result<()> {
@@ -325,16 +329,8 @@ fn up(clusters: usize, gateways: u8, overlapping: bool, nat: Option<Nat>) -> any
         return Err(e);
     }
     std::fs::write(STATE_FILE, serde_json::to_vec_pretty(&topo)?).context("saving the sandbox state")?;
-    step("pinging every pod from every pod");
-    let m = topo.connectivity_matrix();
-    let (table, all_ok) = topo.render_matrix(&m);
-    step("resolving and connecting to the service every cluster exports, from every pod");
-    let mut service = (String::new(), false);
-    // The route agents pick the imports up within a watch round trip; give them a moment.
-    let _ = wait_for(Duration::from_secs(10), "the demo service answered from every pod", || {
-        service = service_row(&topo);
-        service.1
-    });
+    // The route agents pick the imports up within a watch round trip: give the service a moment.
+    let report = check(&topo, Duration::from_secs(10));
     let addresses: Vec<String> = topo
         .clusters
         .iter()
@@ -345,19 +341,73 @@ fn up(clusters: usize, gateways: u8, overlapping: bool, nat: Option<Nat>) -> any
         .collect();
     topo.detach();
     println!("\npods: {}", addresses.join(", "));
-    println!("pod-to-pod connectivity:\n{table}");
-    println!(
-        "cluster-set service (every cluster exports it; each pod's own cluster answers first):\n{}",
-        service.0
-    );
+    report.print();
     println!("broker: {} (try `causeway show clusters`, `causeway show connections`)", topo.broker_url());
     println!("tear down with `causeway sandbox down`");
-    if !all_ok {
-        bail!("some pods cannot reach each other; gateway logs are in {}", run_dir().display());
+    report.result()
+}
+
+/// What [`check`] found.
+struct Report {
+    matrix: String,
+    service: String,
+    /// Each pair or pod that failed, named.
+    failures: Vec<String>,
+}
+
+impl Report {
+    fn print(&self) {
+        println!("pod-to-pod connectivity:\n{}", self.matrix);
+        println!(
+            "cluster-set service (every cluster exports it; each pod's own cluster answers first):\n{}",
+            self.service
+        );
     }
-    if !service.1 {
-        bail!("some pods cannot reach the cluster-set service; logs are in {}", run_dir().display());
+
+    fn result(&self) -> anyhow::Result<()> {
+        if self.failures.is_empty() {
+            return Ok(());
+        }
+        bail!("{}; gateway logs are in {}", self.failures.join("; "), run_dir().display())
     }
+}
+
+/// Pings every pod from every pod and connects to the demo service from every pod (retrying
+/// the service for up to `service_within`).
+fn check(topo: &Topology, service_within: Duration) -> Report {
+    step("pinging every pod from every pod");
+    let m = topo.connectivity_matrix();
+    let (matrix, _) = topo.render_matrix(&m);
+    let mut failures = Vec::new();
+    for (from, row) in topo.clusters.iter().zip(&m) {
+        for (to, ok) in topo.clusters.iter().zip(row) {
+            if !ok {
+                failures.push(format!("{} → {}: pod unreachable", from.cluster_id, to.cluster_id));
+            }
+        }
+    }
+    step("resolving and connecting to the service every cluster exports, from every pod");
+    let mut service = (String::new(), Vec::new());
+    let _ = wait_for(service_within, "the demo service answered from every pod", || {
+        service = service_row(topo);
+        service.1.is_empty()
+    });
+    failures.extend(
+        service.1.iter().map(|c| format!("{c} → {DEMO_SERVICE}.{DEMO_NAMESPACE}: service unreachable")),
+    );
+    Report { matrix, service: service.0, failures }
+}
+
+/// `causeway verify` on the sandbox: the matrix and the service row, and an error naming every
+/// pair that failed.
+pub fn verify() -> anyhow::Result<()> {
+    let Some(mut topo) = load() else { bail!("no sandbox is up (start one with `causeway sandbox up`)") };
+    topo.detach();
+    let report = check(&topo, Duration::from_secs(5));
+    report.print();
+    report.result()?;
+    let n = topo.clusters.len();
+    println!("verified: {} pod-to-pod pairs and the service from {n} pods", n * n);
     Ok(())
 }
 

@@ -295,6 +295,12 @@ fn sandbox_up_then_down_leaves_nothing_behind() {
             format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
         )
     };
+    // `verify` passes on the sandbox as it came up, and fails naming the pairs once cluster-1's
+    // pod is cut off from cluster-3's.
+    let verified = cli(&["verify"]);
+    exec::in_ns("cw-c1-pod", &["ip", "route", "add", "blackhole", "10.3.2.2/32"]).unwrap();
+    let cut = cli(&["verify"]);
+    exec::in_ns("cw-c1-pod", &["ip", "route", "del", "blackhole", "10.3.2.2/32"]).unwrap();
     let failed = up.status.success().then(|| cli(&["sandbox", "fail", "cluster-2", "--how", "kill"]));
     let reachable = failed.as_ref().is_some_and(|(ok, _)| *ok) && exec::ping("cw-c1-pod", "10.2.2.2", 5);
     let status_failed = cli(&["sandbox", "status"]);
@@ -324,6 +330,12 @@ fn sandbox_up_then_down_leaves_nothing_behind() {
         Command::new(&bin).args(["sandbox", "exec", "cluster-1", "--", "false"]).status().unwrap().code();
     let down = Command::new(&bin).args(["sandbox", "down"]).output().unwrap();
     assert!(up.status.success(), "sandbox up failed:\n{stdout}\n{}", String::from_utf8_lossy(&up.stderr));
+    assert!(verified.0 && verified.1.contains("verified: 9 pod-to-pod pairs"), "{}", verified.1);
+    assert!(!cut.0, "verify passed with a pair cut: {}", cut.1);
+    for pair in ["cluster-1 → cluster-3: pod unreachable", "cluster-3 → cluster-1: pod unreachable"] {
+        assert!(cut.1.contains(pair), "{pair} not named: {}", cut.1);
+    }
+    assert!(!cut.1.contains("cluster-1 → cluster-2"), "{}", cut.1);
     assert!(failed.as_ref().is_some_and(|(ok, _)| *ok), "sandbox fail: {failed:?}");
     assert!(reachable, "cluster-2's pod unreachable with its active gateway killed");
     assert!(

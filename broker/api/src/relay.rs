@@ -13,6 +13,9 @@
 //!   the timestamp is newer than the last one it took for the key (no replays); then frames
 //!   for the key go to the address the registration came from.
 //! - `Registered` (relay → gateway): the key and the nonce, so a forger must guess 64 bits.
+//! - `Refused` (relay → gateway): the same, for a registration the relay did not take (its
+//!   cluster has not published the key yet, a bad MAC, a replay): the gateway learns that the
+//!   relay is reachable by that transport and keeps trying there.
 //! - `Send` (gateway → relay): the destination's key id (the first 8 bytes of its key) and a
 //!   datagram; the sender is whoever registered from the frame's source address.
 //! - `Deliver` (relay → gateway): the sender's key id and the datagram.
@@ -44,12 +47,14 @@ const REGISTER: u8 = 1;
 const REGISTERED: u8 = 2;
 const SEND: u8 = 3;
 const DELIVER: u8 = 4;
+const REFUSED: u8 = 5;
 
 /// A parsed frame; datagrams are borrowed from the input.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Frame<'a> {
     Register(Register),
     Registered { key: [u8; 32], nonce: [u8; 8] },
+    Refused { key: [u8; 32], nonce: [u8; 8] },
     Send { dst: [u8; 8], datagram: &'a [u8] },
     Deliver { src: [u8; 8], datagram: &'a [u8] },
 }
@@ -172,13 +177,15 @@ pub fn parse(d: &[u8]) -> Result<Frame<'_>, RelayError> {
                 signed: d[..REGISTER_LEN - 16].to_vec(),
             }))
         }
-        REGISTERED => {
+        REGISTERED | REFUSED => {
             if d.len() != REGISTERED_LEN {
                 return Err(bad());
             }
-            Ok(Frame::Registered {
-                key: key_at(HEADER),
-                nonce: d[HEADER + 32..].try_into().unwrap_or_default(),
+            let (key, nonce) = (key_at(HEADER), d[HEADER + 32..].try_into().unwrap_or_default());
+            Ok(if kind == REGISTERED {
+                Frame::Registered { key, nonce }
+            } else {
+                Frame::Refused { key, nonce }
             })
         }
         SEND | DELIVER => {
@@ -248,9 +255,19 @@ impl Register {
 
 #[must_use]
 pub fn registered(key: [u8; 32], nonce: [u8; 8]) -> Vec<u8> {
+    answer(REGISTERED, key, nonce)
+}
+
+/// The answer to a registration the relay did not take.
+#[must_use]
+pub fn refused(key: [u8; 32], nonce: [u8; 8]) -> Vec<u8> {
+    answer(REFUSED, key, nonce)
+}
+
+fn answer(kind: u8, key: [u8; 32], nonce: [u8; 8]) -> Vec<u8> {
     let mut f = Vec::with_capacity(REGISTERED_LEN);
     f.extend_from_slice(&MAGIC);
-    f.push(REGISTERED);
+    f.push(kind);
     f.extend_from_slice(&key);
     f.extend_from_slice(&nonce);
     f
@@ -295,6 +312,8 @@ mod tests {
             parse(&registered([7; 32], [9; 8])),
             Ok(Frame::Registered { key: [7; 32], nonce: [9; 8] })
         );
+        assert_eq!(parse(&refused([7; 32], [9; 8])), Ok(Frame::Refused { key: [7; 32], nonce: [9; 8] }));
+        assert!(matches!(parse(&refused([0; 32], [0; 8])[..30]), Err(RelayError::BadLength { .. })));
         let wg = [4u8, 0, 0, 0, 1, 2, 3, 4];
         assert_eq!(parse(&send(&[1; 8], &wg)), Ok(Frame::Send { dst: [1; 8], datagram: &wg }));
         assert_eq!(parse(&deliver(&[2; 8], &wg)), Ok(Frame::Deliver { src: [2; 8], datagram: &wg }));
@@ -319,6 +338,7 @@ mod tests {
         assert!(matches!(parse(&registered([0; 32], [0; 8])[..30]), Err(RelayError::BadLength { .. })));
         assert!(matches!(parse(&send(&[1; 8], &[])), Err(RelayError::BadLength { .. })));
         assert_eq!(parse(&[0xCA, 0x5E, 0x72, 9, 0, 0]), Err(RelayError::UnknownType(9)));
+        assert_eq!(parse(&[0xCA, 0x5E, 0x72, 6, 0, 0]), Err(RelayError::UnknownType(6)));
         assert_eq!(parse(&[1, 0, 0, 0, 5, 5, 5, 5]), Err(RelayError::NotRelay));
         assert_eq!(parse(&crate::stun::binding_request([1; 12])), Err(RelayError::NotRelay));
         let mut huge = send(&[1; 8], &[0]);

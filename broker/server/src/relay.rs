@@ -290,6 +290,10 @@ impl Relay {
                 } else {
                     Self::count(&self.counters.refused);
                     debug!(?from, outcome = ?taken, "relay registration refused");
+                    // Said, so a gateway whose cluster has not published the key yet knows
+                    // the relay is reachable this way (no larger than the registration, and
+                    // within the same per-source budget).
+                    self.send(from, relay::refused(r.key, r.nonce)).await;
                     Outcome::Other
                 }
             }

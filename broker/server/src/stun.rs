@@ -228,6 +228,9 @@ mod tests {
             .unwrap();
         evil.send_to(&relay::send(&relay::key_id(&west), b"forged"), server).await.unwrap();
         evil.send_to(&relay::deliver(&relay::key_id(&east), b"forged"), server).await.unwrap();
+        // Told no twice (echoing only what it sent), and nothing else.
+        assert_eq!(recv(&evil).await, Some(relay::refused(east, [5; 8])));
+        assert_eq!(recv(&evil).await, Some(relay::refused(east, [7; 8])));
         assert_eq!(recv(&evil).await, None);
         assert_eq!(recv(&b).await, None, "nothing of the attacker's reached west");
         // East's path is still east's.

@@ -162,6 +162,7 @@ async fn a_gateway_on_a_stream_and_one_on_udp_talk_through_the_relay() {
     let mut evil = west.relay_stream().await.unwrap();
     write(&mut evil, &relay::register(&relay::token_sha256(&west_token.0), *east_key, now_ms() + 1, [7; 8]))
         .await;
+    assert_eq!(read(&mut evil, Duration::from_secs(2)).await, Some(relay::refused(*east_key, [7; 8])));
     // Nor can it send as anyone without registering.
     write(&mut evil, &relay::send(&relay::key_id(west_key), b"forged")).await;
     assert_eq!(read(&mut evil, Duration::from_millis(500)).await, None);

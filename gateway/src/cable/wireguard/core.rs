@@ -713,6 +713,12 @@ impl WgCore {
                         self.shared.count(DropReason::InvalidPacket, 1);
                     }
                 }
+                Ok(relay::Frame::Refused { key, nonce }) => {
+                    let mut r = self.shared.relay.lock().unwrap_or_else(PoisonError::into_inner);
+                    if !r.on_refused(via, &key, &nonce) {
+                        self.shared.count(DropReason::InvalidPacket, 1);
+                    }
+                }
                 _ => self.shared.count(DropReason::InvalidPacket, 1),
             }
             return;
@@ -1955,8 +1961,9 @@ mod tests {
             &mut none,
         );
         b.on_datagram(b_side, &relay::registered(key_b, [0; 8]), Instant::now(), &mut none);
+        b.on_datagram(b_side, &relay::refused(key_b, [0; 8]), Instant::now(), &mut none);
         assert!(none.iter().all(|o| !matches!(o, Output::Tun(_))));
-        assert_eq!(invalid(&b) - before, 3);
+        assert_eq!(invalid(&b) - before, 4);
         assert_eq!(b.peers(Instant::now())[0].config.endpoint, relay_addr);
     }
 

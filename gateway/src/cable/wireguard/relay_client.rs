@@ -11,7 +11,7 @@ use std::{
 };
 
 use causeway_broker_api::relay;
-use tracing::info;
+use tracing::{debug, info};
 
 /// How often a registration is renewed once acknowledged.
 pub const RENEW: Duration = Duration::from_secs(20);
@@ -205,6 +205,19 @@ impl RelayClient {
         out
     }
 
+    /// A refusal that came by `via` of the registration outstanding there (the relay does not
+    /// know our key yet, say): the relay is reachable that way, so no switch of transport;
+    /// the registration is retried every second. Returns whether it was ours.
+    pub fn on_refused(&mut self, via: Transport, key: &[u8; 32], nonce: &[u8; 8]) -> bool {
+        if self.settings.is_none() || *key != self.key || self.pending != Some((via, *nonce)) {
+            return false;
+        }
+        debug!(transport = via.name(), "relay refused our registration; retrying");
+        self.pending = None;
+        self.unanswered_since = None;
+        true
+    }
+
     /// An acknowledgement that came by `via`: taken only for our key and the nonce of a
     /// registration outstanding on that transport. One answering a UDP try moves us back to
     /// UDP. Returns whether it was taken.
@@ -336,6 +349,23 @@ mod tests {
         }
         assert!(moved);
         assert_eq!(c.transport(), Transport::Udp);
+    }
+
+    #[test]
+    fn a_relay_that_refuses_over_udp_is_not_left_for_the_stream() {
+        let t0 = Instant::now();
+        let mut c = RelayClient::new(Some(settings()), [1; 32]).with_stream();
+        // Our cluster has not published the key yet: every registration is refused, by UDP.
+        for s in 0..10 {
+            let (via, frame) = one(c.poll(t0 + RETRY * s, 0, || [s as u8; 8])).unwrap();
+            assert_eq!(via, Transport::Udp, "second {s}");
+            let r = parsed(&frame);
+            // A refusal for another nonce or by the other transport is not ours.
+            assert!(!c.on_refused(Transport::Stream, &[1; 32], &r.nonce));
+            assert!(!c.on_refused(Transport::Udp, &[1; 32], &[0xEE; 8]));
+            assert!(c.on_refused(Transport::Udp, &[1; 32], &r.nonce));
+        }
+        assert!(c.registered(t0 + RETRY * 10).is_none());
     }
 
     #[test]

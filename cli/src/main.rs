@@ -12,6 +12,7 @@ mod policy;
 mod services;
 mod setup;
 mod show;
+mod status;
 mod telemetry;
 mod tools;
 
@@ -44,6 +45,10 @@ enum Cmd {
     /// Remove what a restart-safe gateway leaves on its node when it stops: routes, tunnel
     /// device, pinned eBPF maps and links (run in the gateway's network namespace).
     Cleanup(CleanupArgs),
+    /// Run a relay (STUN and the relay on one UDP port) on a node with a public address, for
+    /// gateways that cannot reach each other directly; every registration is checked with the
+    /// broker. Gateways use it with `--relay ADDR:PORT` (all of a set's gateways the same one).
+    Relay(RelayArgs),
     /// Run the route agent (on the cluster's other nodes): remote clusters' prefixes through one
     /// nexthop that follows the active gateway.
     RouteAgent(RouteAgentArgs),
@@ -63,6 +68,9 @@ enum Cmd {
     },
     /// Show the cluster set's state.
     Show(show::ShowArgs),
+    /// The cluster set's tunnels, as every active gateway reports them through the broker
+    /// (from anywhere the broker is reachable); `--wait` until all are up.
+    Status(status::StatusArgs),
     /// Cluster-set DNS: answers `clusterset.local` (MCS DNS specification) for this cluster
     /// from the broker's service imports, leaving out clusters its gateways cannot reach.
     Dns(dns::DnsArgs),
@@ -491,7 +499,9 @@ struct GatewayArgs {
     /// The relay this gateway registers with, so that peers no direct path reaches (both
     /// behind NATs that map every destination anew, or UDP blocked between them) reach it
     /// through it: `auto` (the STUN server, which the broker runs with its relay), `off`, or
-    /// HOST:PORT. The relay forwards WireGuard datagrams as they are: it never sees plaintext.
+    /// HOST:PORT (a `causeway relay` on a node with a public address; `--stun-server auto`
+    /// then asks it too). The relay forwards WireGuard datagrams as they are: it never sees
+    /// plaintext.
     #[arg(long, env = "CAUSEWAY_RELAY", default_value = "auto")]
     relay: String,
     /// Where UDP to the relay gets no answer (a site that blocks it), carry the relay's frames
@@ -566,6 +576,10 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Cmd::Relay(a) => {
+            telemetry::init("info", log);
+            runtime()?.block_on(relay(a))
+        }
         Cmd::RouteAgent(a) => {
             telemetry::init("info", log);
             runtime()?.block_on(route_agent(a))
@@ -573,6 +587,10 @@ fn main() -> anyhow::Result<()> {
         Cmd::Show(a) => {
             telemetry::init("warn", log);
             runtime()?.block_on(show::run(a))
+        }
+        Cmd::Status(a) => {
+            telemetry::init("warn", log);
+            runtime()?.block_on(status::run(a))
         }
         Cmd::Dns(a) => {
             // hickory-server logs every query at info.
@@ -738,6 +756,49 @@ fn main() -> anyhow::Result<()> {
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the tokio runtime")
+}
+
+#[derive(clap::Args)]
+struct RelayArgs {
+    /// UDP address to serve STUN and the relay on.
+    #[arg(long, env = "CAUSEWAY_RELAY_LISTEN", default_value = "0.0.0.0:3478")]
+    listen: String,
+    /// A member cluster's credentials file: the relay asks the broker whether each
+    /// registration is genuine (it holds no tokens itself).
+    #[arg(long, env = "CAUSEWAY_BROKER_CREDENTIALS")]
+    broker_credentials: PathBuf,
+}
+
+async fn relay(a: RelayArgs) -> anyhow::Result<()> {
+    use causeway_broker::stun::{RelayAuth, StunCounters};
+    let creds = causeway_broker_api::Credentials::load(&a.broker_credentials).map_err(anyhow::Error::msg)?;
+    if creds.cluster_id.is_none() {
+        anyhow::bail!("{} is not a cluster's credentials file", a.broker_credentials.display());
+    }
+    let client = causeway_broker_api::BrokerClient::from_credentials(&creds)?;
+    let auth: RelayAuth = std::sync::Arc::new(move |r| {
+        let client = client.clone();
+        Box::pin(async move {
+            match client.relay_check(&r.to_bytes()).await {
+                Ok(genuine) => genuine,
+                Err(e) => {
+                    // Refused: the gateway retries every second until the broker answers.
+                    tracing::warn!(error = %e, "could not ask the broker about a relay registration");
+                    false
+                }
+            }
+        })
+    });
+    let addr =
+        listen_address(&a.listen).with_context(|| format!("--listen {:?} is not ADDR:PORT", a.listen))?;
+    let counters = std::sync::Arc::new(StunCounters::default());
+    let relay = causeway_broker::relay::Relay::new(auth, counters.clone());
+    let bound = causeway_broker::stun::start(addr, counters, Some(relay))
+        .await
+        .with_context(|| format!("serving the relay on UDP {addr}"))?;
+    tracing::info!(listen = %bound, broker = %creds.broker_url, "relay up");
+    shutdown_signal().await;
+    Ok(())
 }
 
 async fn shutdown_signal() {
@@ -944,8 +1005,11 @@ fn gateway_config(
     broker: causeway_broker_api::Credentials,
 ) -> anyhow::Result<causeway_gateway::GatewayConfig> {
     use causeway_gateway::cable::wireguard::relay_client::{RelayIo, StreamOpener};
-    // The relay's frames over the broker's HTTPS port, for when UDP to the relay is blocked.
-    let relay_stream: Option<StreamOpener> = if a.relay_over_https == "auto" {
+    // A relay of its own (`causeway relay`) also answers STUN: with `--stun-server auto` the
+    // gateway asks it, so the guard's one responder address passes both. The relay's frames
+    // take the broker's HTTPS port only when the relay is the broker's.
+    let own_relay = !matches!(a.relay.as_str(), "auto" | "off" | "");
+    let relay_stream: Option<StreamOpener> = if a.relay_over_https == "auto" && !own_relay {
         let client = causeway_broker_api::BrokerClient::from_credentials(&broker)?;
         Some(std::sync::Arc::new(move || {
             let client = client.clone();
@@ -1001,7 +1065,11 @@ fn gateway_config(
                 format!("--metrics-listen {addr:?} is not ADDR:PORT (IPv6: [ADDR]:PORT or ADDR:PORT) or off")
             })?),
         },
-        stun_server: stun_server(&a.stun_server, &broker.broker_url)?,
+        stun_server: if own_relay && a.stun_server == "auto" {
+            stun_server(&a.relay, &broker.broker_url)?
+        } else {
+            stun_server(&a.stun_server, &broker.broker_url)?
+        },
         relay: match a.relay.as_str() {
             "off" | "" => None,
             "auto" => stun_server(&a.stun_server, &broker.broker_url)?,

@@ -289,3 +289,54 @@ fn sites_that_block_udp_talk_through_the_relay_over_the_brokers_https_port() {
     let took = transfer_across(&t, |_| {});
     eprintln!("10 MB at 40 Mb/s through the relay over HTTPS: {took:?} after the start mark");
 }
+
+#[test]
+#[ignore = "needs root and network namespaces; run with --run-ignored all"]
+fn a_relay_run_on_a_node_with_a_public_address_carries_what_nothing_else_can() {
+    require_privileges!();
+    // Both gateways behind hard NATs, told to use a relay of the set's own on the underlay
+    // (`causeway relay`, which asks the broker about every registration).
+    let relay = "172.31.0.50:3478";
+    let prefix = format!("cwn{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
+    let mut spec = TopologySpec::new(&prefix, 2, causeway_bin());
+    spec.nat = vec![1, 2];
+    spec.nat_kind = NatKind::Hard;
+    spec.gateway_args = vec!["--relay".into(), relay.into()];
+    let mut t = Topology::build(spec).expect("building the topology");
+    t.start_broker().expect("starting the broker");
+    let ns = t.add_underlay_host("relay", "172.31.0.50").unwrap();
+    let started = Instant::now();
+    t.start_gateway(1).unwrap();
+    let bin = causeway_bin().display().to_string();
+    let creds = t.cluster_credentials(1).display().to_string();
+    let _relay =
+        Bg::start(&ns, &[&bin, "relay", "--listen", relay, "--broker-credentials", &creds], Stdio::null());
+    t.start_gateway(2).unwrap();
+    let (a, b) = (t.clusters[0].clone(), t.clusters[1].clone());
+    wait_for(Duration::from_secs(30), "the first ping from pod 1 to pod 2 answered", || {
+        exec::in_ns(&a.pod_ns, &["ping", "-n", "-q", "-c", "1", "-W", "1", &b.pod_ip]).is_ok()
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", gateway_logs(&t)));
+    let first = started.elapsed();
+    eprintln!("time to the first packet through a relay of the set's own: {first:?}");
+    assert!(first < Duration::from_secs(20), "first packet after {first:?}");
+    wait_for(Duration::from_secs(10), "both tunnels on the set's own relay", || {
+        (1..=2).all(|i| {
+            let s = t.gateway_status(i).unwrap();
+            connection(&t, i) == (relay.to_owned(), "relayed".into())
+                && s.relay.as_deref() == Some(relay)
+                && s.relay_transport.as_deref() == Some("udp")
+        })
+    })
+    .unwrap_or_else(|e| {
+        panic!("{e:#}: {:?} {:?}\n{}", connection(&t, 1), connection(&t, 2), gateway_logs(&t))
+    });
+    // The relay answered STUN too: each gateway knows its NAT's mapping from it.
+    for (i, c) in t.clusters.iter().enumerate() {
+        let reflexive = t.gateway_status(i + 1).unwrap().reflexive.unwrap_or_default();
+        assert!(reflexive.starts_with(&format!("{}:", c.nat_ip.clone().unwrap())), "{reflexive}");
+    }
+    assert!(exec::ping(&b.pod_ns, &a.pod_ip, 3));
+    let took = transfer_across(&t, |_| {});
+    eprintln!("10 MB at 40 Mb/s through the set's own relay: {took:?} after the start mark");
+}

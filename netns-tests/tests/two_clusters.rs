@@ -298,6 +298,9 @@ fn sandbox_up_then_down_leaves_nothing_behind() {
     // `verify` passes on the sandbox as it came up, and fails naming the pairs once cluster-1's
     // pod is cut off from cluster-3's.
     let verified = cli(&["verify"]);
+    // `status --wait` from the operator's side (the broker's records): every active gateway
+    // reports reaching the two other clusters.
+    let waited = cli(&["status", "--wait", "--timeout", "60"]);
     exec::in_ns("cw-c1-pod", &["ip", "route", "add", "blackhole", "10.3.2.2/32"]).unwrap();
     let cut = cli(&["verify"]);
     exec::in_ns("cw-c1-pod", &["ip", "route", "del", "blackhole", "10.3.2.2/32"]).unwrap();
@@ -331,6 +334,8 @@ fn sandbox_up_then_down_leaves_nothing_behind() {
     let down = Command::new(&bin).args(["sandbox", "down"]).output().unwrap();
     assert!(up.status.success(), "sandbox up failed:\n{stdout}\n{}", String::from_utf8_lossy(&up.stderr));
     assert!(verified.0 && verified.1.contains("verified: 9 pod-to-pod pairs"), "{}", verified.1);
+    assert!(waited.0 && waited.1.contains("every tunnel is up"), "{}", waited.1);
+    assert_eq!(waited.1.matches("2/2").count(), 3, "{}", waited.1);
     assert!(!cut.0, "verify passed with a pair cut: {}", cut.1);
     for pair in ["cluster-1 → cluster-3: pod unreachable", "cluster-3 → cluster-1: pod unreachable"] {
         assert!(cut.1.contains(pair), "{pair} not named: {}", cut.1);

@@ -118,6 +118,19 @@ impl BrokerClient {
 
     const TIMEOUT: Duration = Duration::from_secs(10);
 
+    /// Asks the broker whether a relay registration (the frame as received) is genuine: what a
+    /// relay run outside the broker checks every registration with.
+    pub async fn relay_check(&self, frame: &[u8]) -> Result<bool, ClientError> {
+        #[derive(serde::Deserialize)]
+        struct Answer {
+            genuine: bool,
+        }
+        let url = format!("{}{}", self.base, crate::relay::CHECK_PATH);
+        let req = self.http.post(url).header(reqwest::header::CONTENT_TYPE, "application/octet-stream");
+        let a: Answer = self.send(req.body(frame.to_vec()), Self::TIMEOUT).await?;
+        Ok(a.genuine)
+    }
+
     /// Opens a relay stream on the broker's API port (for a gateway whose UDP to the relay is
     /// blocked): relay frames, each preceded by its length, both ways
     /// ([`crate::relay::StreamDecoder`]).

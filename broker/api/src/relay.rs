@@ -85,6 +85,9 @@ pub enum RelayError {
 
 /// The path a gateway upgrades to a relay stream on the broker's API port.
 pub const STREAM_PATH: &str = "/v1/relay";
+/// The path a relay run outside the broker asks whether a registration is genuine on: the
+/// registration frame as the body, `{"genuine": bool}` back.
+pub const CHECK_PATH: &str = "/v1/relay/check";
 /// The protocol named in the upgrade (`Upgrade:` header).
 pub const STREAM_PROTOCOL: &str = "causeway-relay";
 /// The longest frame (a data frame of [`MAX_PAYLOAD`]).
@@ -244,6 +247,14 @@ pub fn register(token_sha256: &[u8; 32], key: [u8; 32], timestamp_ms: u64, nonce
 }
 
 impl Register {
+    /// The frame as it was sent.
+    #[must_use]
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut f = self.signed.clone();
+        f.extend_from_slice(&self.mac);
+        f
+    }
+
     /// Whether the MAC is right for the token whose SHA-256 is `token_sha256` (constant time).
     #[must_use]
     pub fn verify(&self, token_sha256: &[u8; 32]) -> bool {
@@ -308,6 +319,7 @@ mod tests {
             (credential_id(&token), [7; 32], 1_700_000_000_000, [9; 8])
         );
         assert!(r.verify(&token));
+        assert_eq!(r.to_bytes(), f);
         assert_eq!(
             parse(&registered([7; 32], [9; 8])),
             Ok(Frame::Registered { key: [7; 32], nonce: [9; 8] })

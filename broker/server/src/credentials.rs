@@ -109,6 +109,12 @@ impl Broker {
         Ok(None)
     }
 
+    /// Whether a relay registration is genuine: made with a valid cluster credential whose
+    /// cluster has a gateway with the key it names ([`Broker::relay_key`]).
+    pub async fn relay_check(&self, r: &causeway_broker_api::relay::Register) -> Result<bool, BrokerError> {
+        Ok(self.relay_key(&r.credential, &r.key).await?.is_some_and(|k| r.verify(&k)))
+    }
+
     /// Creates a credential for `identity` and returns its token (shown once, stored hashed).
     pub async fn issue(&self, identity: &Identity) -> Result<Token, BrokerError> {
         let token = auth::new_token();

@@ -274,8 +274,8 @@ impl Relay {
                     Self::count(&self.counters.limited);
                     return Outcome::Other;
                 }
-                let key = (self.auth)(r.credential, r.key).await;
-                let taken = key.filter(|k| r.verify(k)).map(|_| {
+                let genuine = (self.auth)(r.clone()).await;
+                let taken = genuine.then(|| {
                     let mut st = self.state();
                     if st.expired_at.is_none_or(|t| now.saturating_duration_since(t) > FORGET_SOURCES) {
                         st.table.expire(now);

@@ -16,6 +16,7 @@
 //! | PUT | `/v1/cluster-set` | the set's settings: overlap mode (admin) |
 //! | PUT/DELETE | `/v1/policies/{name}` | a cluster-set policy rule (admin) |
 //! | PUT | `/v1/policy-default` | the action when no rule matches (admin) |
+//! | POST | `/v1/relay/check` | `{"genuine": bool}` for a relay registration frame in the body (any cluster's credential: a relay run on a member's node asks) |
 //! | GET | `/v1/relay` (`Upgrade: causeway-relay`) | 101, then the connection carries relay frames (any cluster's credential; see [`crate::relay`]) |
 //!
 //! Every route but `/healthz` needs `Authorization: Bearer <token>`: 401 without a known
@@ -421,6 +422,32 @@ async fn relay_stream(
         .unwrap_or_default())
 }
 
+/// Whether a relay registration is genuine, for a relay run on a member's node (which has no
+/// tokens to check MACs with). Only a cluster's credential may ask; the answer says no more
+/// than the broker's own relay would (it acknowledges or refuses the same frame).
+async fn relay_check(
+    State(b): State<Arc<Broker>>,
+    headers: HeaderMap,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Response, Failure> {
+    let id = who(&b, &headers).await?;
+    if !matches!(id, Identity::Cluster(_)) {
+        return Err(Failure(
+            StatusCode::FORBIDDEN,
+            ApiError {
+                code: "Forbidden".into(),
+                message: "only a cluster's credential checks relay registrations".into(),
+            },
+        ));
+    }
+    let frame = raw.map_err(|r| invalid(format!("unreadable body: {r}")))?;
+    let Ok(causeway_broker_api::relay::Frame::Register(r)) = causeway_broker_api::relay::parse(&frame) else {
+        return Err(invalid("the body is not a relay registration frame".into()));
+    };
+    let genuine = b.relay_check(&r).await?;
+    Ok(Json(serde_json::json!({ "genuine": genuine })).into_response())
+}
+
 /// The broker's routes.
 pub fn router(broker: Arc<Broker>) -> Router {
     Router::new()
@@ -439,6 +466,7 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .route("/v1/policies/{name}", put(put_policy).delete(delete_policy))
         .route("/v1/policy-default", put(put_policy_default))
         .route(causeway_broker_api::relay::STREAM_PATH, get(relay_stream))
+        .route(causeway_broker_api::relay::CHECK_PATH, post(relay_check))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(broker)
 }

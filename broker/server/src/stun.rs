@@ -46,10 +46,10 @@ pub struct StunCounters {
     pub overflow: AtomicU64,
 }
 
-/// How the relay learns a registration's MAC key: from the credential id and the WireGuard
-/// key, the token's SHA-256 if that credential's cluster has a gateway with that key.
-pub type RelayAuth =
-    std::sync::Arc<dyn Fn([u8; 6], [u8; 32]) -> BoxFuture<'static, Option<[u8; 32]>> + Send + Sync>;
+/// Whether a registration is genuine: its MAC made with a valid cluster credential whose
+/// cluster has a gateway with the key it names. The broker answers from its own credentials
+/// ([`crate::Broker::relay_check`]); a relay run elsewhere asks the broker.
+pub type RelayAuth = std::sync::Arc<dyn Fn(relay::Register) -> BoxFuture<'static, bool> + Send + Sync>;
 
 impl crate::Broker {
     /// This broker's relay, made on first use: registrations are checked against its
@@ -59,9 +59,12 @@ impl crate::Broker {
     pub fn relay(self: &Arc<Self>) -> Arc<Relay> {
         Arc::clone(self.relay_cell().get_or_init(|| {
             let b = Arc::downgrade(self);
-            let auth: RelayAuth = Arc::new(move |id, key| {
+            let auth: RelayAuth = Arc::new(move |r| {
                 let b = b.clone();
-                Box::pin(async move { b.upgrade()?.relay_key(&id, &key).await.ok().flatten() })
+                Box::pin(async move {
+                    let Some(b) = b.upgrade() else { return false };
+                    b.relay_check(&r).await.unwrap_or(false)
+                })
             });
             Relay::new(auth, Arc::default())
         }))
@@ -199,9 +202,11 @@ mod tests {
         let token = relay::token_sha256("cw1_east");
         let (east, west) = ([1u8; 32], [2u8; 32]);
         // The authority knows east's credential, for east's key only (west shares it here).
-        let auth: RelayAuth = Arc::new(move |id, key| {
+        let auth: RelayAuth = Arc::new(move |r| {
             Box::pin(async move {
-                (id == relay::credential_id(&token) && (key == east || key == west)).then_some(token)
+                r.credential == relay::credential_id(&token)
+                    && (r.key == east || r.key == west)
+                    && r.verify(&token)
             })
         });
         let counters = Arc::new(StunCounters::default());

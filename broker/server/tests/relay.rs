@@ -274,3 +274,59 @@ async fn the_relay_knows_a_new_cluster_within_a_second_and_forgets_a_revoked_cre
     assert!(took < Duration::from_millis(50), "the revoked credential counted for {took:?}");
     authority_says(&s.broker, &rotated, east_key, true).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_relay_run_elsewhere_asks_the_broker_and_forwards_only_for_genuine_registrations() {
+    use causeway_broker::stun::{RelayAuth, StunCounters};
+    let s = set().await;
+    let (east, east_token, east_key) = &s.east;
+    let (_, west_token, west_key) = &s.west;
+    // The check itself: only a cluster's credential asks, and only a registration is asked
+    // about.
+    let frame = relay::register(&relay::token_sha256(&east_token.0), *east_key, now_ms(), [1; 8]);
+    assert!(east.relay_check(&frame).await.unwrap());
+    let forged = relay::register(&relay::token_sha256("cw1_guess"), *east_key, now_ms(), [1; 8]);
+    assert!(!east.relay_check(&forged).await.unwrap());
+    let anonymous = BrokerClient::new(s.admin.base_url());
+    assert_eq!(anonymous.relay_check(&frame).await.unwrap_err().status(), Some(401));
+    assert_eq!(s.admin.relay_check(&frame).await.unwrap_err().status(), Some(403));
+    assert_eq!(east.relay_check(&relay::send(&[1; 8], b"x")).await.unwrap_err().status(), Some(400));
+    assert_eq!(east.relay_check(&[0xFF; 70]).await.unwrap_err().status(), Some(400));
+
+    // A relay on another socket with east's credentials (what `causeway relay` runs).
+    let asker = east.clone();
+    let auth: RelayAuth = Arc::new(move |r| {
+        let c = asker.clone();
+        Box::pin(async move { c.relay_check(&r.to_bytes()).await.unwrap_or(false) })
+    });
+    let counters = Arc::new(StunCounters::default());
+    let own = causeway_broker::relay::Relay::new(auth, counters.clone());
+    let at = causeway_broker::stun::start("127.0.0.1:0".parse().unwrap(), counters.clone(), Some(own))
+        .await
+        .unwrap();
+    let (a, b, evil) = (
+        UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+        UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+        UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+    );
+    let reg_a = relay::register(&relay::token_sha256(&east_token.0), *east_key, now_ms(), [5; 8]);
+    a.send_to(&reg_a, at).await.unwrap();
+    assert_eq!(recv_udp(&a).await, Some(relay::registered(*east_key, [5; 8])));
+    b.send_to(&relay::register(&relay::token_sha256(&west_token.0), *west_key, now_ms(), [6; 8]), at)
+        .await
+        .unwrap();
+    assert_eq!(recv_udp(&b).await, Some(relay::registered(*west_key, [6; 8])));
+    a.send_to(&relay::send(&relay::key_id(west_key), b"ciphertext"), at).await.unwrap();
+    assert_eq!(recv_udp(&b).await, Some(relay::deliver(&relay::key_id(east_key), b"ciphertext")));
+    // The attacker: east's registration replayed, west's token for east's key, a send
+    // without registering: refused, and nothing reaches west.
+    evil.send_to(&reg_a, at).await.unwrap();
+    evil.send_to(&relay::register(&relay::token_sha256(&west_token.0), *east_key, now_ms() + 5, [7; 8]), at)
+        .await
+        .unwrap();
+    evil.send_to(&relay::send(&relay::key_id(west_key), b"forged"), at).await.unwrap();
+    assert_eq!(recv_udp(&evil).await, Some(relay::refused(*east_key, [5; 8])));
+    assert_eq!(recv_udp(&evil).await, Some(relay::refused(*east_key, [7; 8])));
+    assert_eq!(recv_udp(&evil).await, None);
+    assert_eq!(recv_udp(&b).await, None, "nothing of the attacker's reached west");
+}

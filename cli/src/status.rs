@@ -164,21 +164,14 @@ mod tests {
             let c = ClusterRecord::new(id, vec![format!("10.{n}.0.0/16").parse().unwrap()], Vec::new());
             items.push(Object::new(1, Record::Cluster(c)));
             if let Some(role) = role {
-                let e = EndpointRecord {
-                    cluster_id: (*id).into(),
-                    hostname: format!("{id}-gw"),
-                    private_ips: vec![format!("172.31.0.{n}").parse().unwrap()],
-                    public_ips: Vec::new(),
-                    port: 51820,
-                    public_key: WireGuardKey([n; 32]),
-                    backend: "wireguard".into(),
-                    role: *role,
-                    priority: 0,
-                    health_check_ip: None,
-                    reachable: reaches.map(|r| r.iter().map(|s| (*s).to_owned()).collect()),
-                    candidates: Vec::new(),
-                    generation: 1,
-                };
+                let mut e = EndpointRecord::new(
+                    id,
+                    &format!("{id}-gw"),
+                    format!("172.31.0.{n}").parse().unwrap(),
+                    WireGuardKey([n; 32]),
+                );
+                e.role = *role;
+                e.reachable = reaches.map(|r| r.iter().map(|s| (*s).to_owned()).collect());
                 items.push(Object::new(1, Record::Endpoint(e)));
             }
         }

@@ -7,9 +7,7 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use causeway_broker::{Broker, Identity, MemStore};
-use causeway_broker_api::{
-    BrokerClient, ClusterRecord, EndpointRecord, GatewayRole, Token, WireGuardKey, relay,
-};
+use causeway_broker_api::{BrokerClient, ClusterRecord, EndpointRecord, Token, WireGuardKey, relay};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::UdpSocket,
@@ -62,21 +60,7 @@ async fn set() -> Set {
 }
 
 fn endpoint(id: &str, key: [u8; 32]) -> EndpointRecord {
-    EndpointRecord {
-        cluster_id: id.into(),
-        hostname: "gw-1".into(),
-        private_ips: vec!["172.31.0.11".parse().unwrap()],
-        public_ips: vec![],
-        port: 51820,
-        public_key: WireGuardKey(key),
-        backend: "wireguard".into(),
-        role: GatewayRole::Active,
-        priority: 0,
-        health_check_ip: None,
-        reachable: None,
-        candidates: Vec::new(),
-        generation: 1,
-    }
+    EndpointRecord::new(id, "gw-1", "172.31.0.11".parse().unwrap(), WireGuardKey(key))
 }
 
 fn now_ms() -> u64 {

@@ -190,6 +190,8 @@ pub struct JoinPlan<'a> {
     pub gateway_nodes: &'a [String],
     pub output: PathBuf,
     pub dry_run: bool,
+    /// Wait this long for every tunnel of the set once applied (`status --wait`).
+    pub wait: Option<std::time::Duration>,
 }
 
 /// Picks the gateway nodes: the flag, else the nodes already labelled, else a prompt.
@@ -365,8 +367,24 @@ pub async fn join(
         )),
     }
     println!("cluster {} joined; its gateways start on {}", p.cluster_id, gateways.join(", "));
-    println!("  check: causeway show clusters --credentials {}", p.output.display());
-    println!("         kubectl -n {ns} exec ds/causeway-gateway -- causeway show connections");
+    let Some(timeout) = p.wait else {
+        println!("  check: causeway status --wait --credentials {}", p.output.display());
+        println!("         kubectl -n {ns} exec ds/causeway-gateway -- causeway diagnose --local");
+        return Ok(());
+    };
+    progress(&format!("waiting up to {}s for every tunnel of the cluster set", timeout.as_secs()));
+    let broker = BrokerClient::from_credentials(&creds)?;
+    let fetch = || async { Ok(broker.list().await?) };
+    let rows = crate::status::wait_until_connected(fetch, timeout, std::time::Duration::from_secs(2))
+        .await
+        .with_context(|| {
+            format!(
+                "the cluster joined, but its tunnels are not all up: see `causeway status --credentials {}` and `kubectl -n {ns} exec ds/causeway-gateway -- causeway diagnose --local`",
+                p.output.display()
+            )
+        })?;
+    print!("{}", crate::status::render(&rows));
+    println!("every tunnel is up");
     Ok(())
 }
 
@@ -626,6 +644,7 @@ mod tests {
             gateway_nodes: gateways,
             output: dir.join(out),
             dry_run: false,
+            wait: None,
         };
         let gateways: &'static [String] = Box::leak(Box::new(["gw-1".to_owned()]));
         let (kube, log) = member_cluster();
@@ -700,6 +719,27 @@ mod tests {
         join(async || Ok(kube), &args, plan("east.json", gateways)).await.unwrap();
         let again = causeway_broker_api::Credentials::load(&dir.join("east.reader.json")).unwrap();
         assert_eq!(again.token, readers[0].token);
+        // Join ends with `status --wait`: with no gateway reporting it fails naming what is
+        // missing; once east's active gateway reports (the only cluster: nothing to reach), it
+        // returns.
+        let waiting = |timeout_ms| JoinPlan {
+            wait: Some(std::time::Duration::from_millis(timeout_ms)),
+            ..plan("east.json", gateways)
+        };
+        let (kube, _log) = member_cluster();
+        let e = join(async || Ok(kube), &args, waiting(300)).await.unwrap_err();
+        let e = format!("{e:#}");
+        assert!(e.contains("its tunnels are not all up") && e.contains("east has no active gateway"), "{e}");
+        let mut gw = causeway_broker_api::EndpointRecord::new(
+            "east",
+            "gw-1",
+            "192.168.10.11".parse().unwrap(),
+            causeway_broker_api::WireGuardKey([7; 32]),
+        );
+        gw.reachable = Some(Vec::new());
+        causeway_broker_api::BrokerClient::from_credentials(&creds).unwrap().put_endpoint(&gw).await.unwrap();
+        let (kube, _log) = member_cluster();
+        join(async || Ok(kube), &args, waiting(5_000)).await.unwrap();
         // Another cluster (another join token) claiming the id gets the broker's refusal, and
         // nothing is applied. (The same token and record again is the same caller re-running:
         // it gets a fresh credential; give each organisation its own, single-use, token.)

@@ -6,7 +6,9 @@ use causeway_lab::{
     bench, bench_attack, bench_dataplane, bench_failover, bench_policy, bench_services, bench_translation,
     sandbox,
 };
+mod diagnose;
 mod dns;
+mod gather;
 mod kubernetes;
 mod policy;
 mod services;
@@ -71,6 +73,15 @@ enum Cmd {
     /// The cluster set's tunnels, as every active gateway reports them through the broker
     /// (from anywhere the broker is reachable); `--wait` until all are up.
     Status(status::StatusArgs),
+    /// Check gateway nodes for what breaks cross-cluster networking (kernel features,
+    /// forwarding, tunnels, firewall rules on the WireGuard port, MTU toward every peer, CIDR
+    /// overlaps and shadowing routes, clock skew against the broker) and say what to do. Every
+    /// gateway of the local sandbox, or with `--local` the node it runs on; fails on any FAIL.
+    Diagnose(diagnose::DiagnoseArgs),
+    /// Write a support bundle (.tar.gz): versions, the broker's records, every gateway's
+    /// status, metrics and log, eBPF map dumps, and each node's links, routes and firewall;
+    /// tokens and private keys redacted.
+    Gather(gather::GatherArgs),
     /// Cluster-set DNS: answers `clusterset.local` (MCS DNS specification) for this cluster
     /// from the broker's service imports, leaving out clusters its gateways cannot reach.
     Dns(dns::DnsArgs),
@@ -591,6 +602,14 @@ fn main() -> anyhow::Result<()> {
         Cmd::Status(a) => {
             telemetry::init("warn", log);
             runtime()?.block_on(status::run(a))
+        }
+        Cmd::Diagnose(a) => {
+            telemetry::init("warn", log);
+            runtime()?.block_on(diagnose::run(a))
+        }
+        Cmd::Gather(a) => {
+            telemetry::init("warn", log);
+            runtime()?.block_on(gather::run_gather(a))
         }
         Cmd::Dns(a) => {
             // hickory-server logs every query at info.

@@ -296,6 +296,10 @@ pub struct JoinArgs {
     /// With Kubernetes: print what would be applied and change nothing.
     #[arg(long)]
     dry_run: bool,
+    /// With Kubernetes: after applying, wait this many seconds for every tunnel of the cluster
+    /// set to come up (what `causeway status --wait` waits for); 0 does not wait.
+    #[arg(long, default_value_t = 300)]
+    wait_timeout: u64,
 }
 
 pub async fn join(a: JoinArgs) -> anyhow::Result<()> {
@@ -313,6 +317,7 @@ pub async fn join(a: JoinArgs) -> anyhow::Result<()> {
                 gateway_nodes: &a.gateway_nodes,
                 output,
                 dry_run: a.dry_run,
+                wait: (a.wait_timeout > 0).then(|| std::time::Duration::from_secs(a.wait_timeout)),
             },
         )
         .await;
@@ -356,6 +361,7 @@ pub async fn join(a: JoinArgs) -> anyhow::Result<()> {
     creds.save(&out).with_context(|| format!("writing {}", out.display()))?;
     println!("cluster {} joined; its credentials are in {}", a.cluster_id, out.display());
     println!("  run its gateway with --broker-credentials {}", out.display());
+    println!("  then wait for its tunnels: causeway status --wait --credentials {}", out.display());
     Ok(())
 }
 

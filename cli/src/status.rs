@@ -70,12 +70,14 @@ pub fn summarize(list: &ListResponse) -> Vec<Row> {
         .collect()
 }
 
-/// What is still missing, in words, or `None` when every tunnel is up.
+/// What is still missing, in words, or `None` when every tunnel is up. A cluster without an
+/// active gateway, or whose gateway has not reported, is missing even when it is the set's
+/// only one (`join` waits for its gateway).
 #[must_use]
 pub fn missing(rows: &[Row]) -> Option<String> {
     let gaps: Vec<String> = rows
         .iter()
-        .filter(|r| !r.missing.is_empty())
+        .filter(|r| !r.missing.is_empty() || r.reaches.is_none())
         .map(|r| match (&r.gateway, &r.reaches) {
             (None, _) => format!("{} has no active gateway", r.cluster),
             (Some(g), None) => format!("{}'s gateway {g} has not reported its tunnels yet", r.cluster),
@@ -85,7 +87,7 @@ pub fn missing(rows: &[Row]) -> Option<String> {
     (!gaps.is_empty()).then(|| gaps.join("; "))
 }
 
-fn render(rows: &[Row]) -> String {
+pub fn render(rows: &[Row]) -> String {
     let others = rows.len().saturating_sub(1);
     let cells: Vec<Vec<String>> = rows
         .iter()

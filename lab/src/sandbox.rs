@@ -113,6 +113,60 @@ pub fn admin_credentials() -> PathBuf {
     run_dir().join("broker").join(causeway_broker_api::ADMIN_FILE)
 }
 
+/// One gateway of the sandbox, as `diagnose` and `gather` look at it.
+pub struct GatewayNode {
+    /// `cluster-1`, or `cluster-1 (standby)`.
+    pub name: String,
+    /// Its network namespace.
+    pub ns: String,
+    pub status_socket: PathBuf,
+    pub log: PathBuf,
+}
+
+/// What `gather` collects from the sandbox beyond the gateways.
+pub struct Layout {
+    pub gateways: Vec<GatewayNode>,
+    /// Every namespace of the sandbox (routes, rules, firewall of each).
+    pub namespaces: Vec<String>,
+    /// Its run directory (logs, pinned eBPF maps under `bpf/`, credentials: never copied).
+    pub run_dir: PathBuf,
+    pub broker_log: PathBuf,
+}
+
+/// The running sandbox's gateways, active ones first.
+pub fn gateways() -> anyhow::Result<Vec<GatewayNode>> {
+    Ok(layout()?.gateways)
+}
+
+/// The running sandbox, for `gather`.
+pub fn layout() -> anyhow::Result<Layout> {
+    let Some(topo) = load() else { bail!("no sandbox is up (start one with `causeway sandbox up`)") };
+    let mut gateways: Vec<GatewayNode> = topo
+        .clusters
+        .iter()
+        .map(|c| GatewayNode {
+            name: c.cluster_id.clone(),
+            ns: c.gw_ns.clone(),
+            status_socket: c.status_socket.clone(),
+            log: c.gw_log.clone(),
+        })
+        .collect();
+    for sb in &topo.standbys {
+        gateways.push(GatewayNode {
+            name: format!("{} (standby)", topo.clusters[sb.index - 1].cluster_id),
+            ns: sb.ns.clone(),
+            status_socket: sb.socket.clone(),
+            log: sb.log.clone(),
+        });
+    }
+    Ok(Layout {
+        gateways,
+        namespaces: topo.namespaces.clone(),
+        run_dir: run_dir(),
+        broker_log: topo.spec.run_dir.join("broker.log"),
+    })
+}
+
 /// Status sockets of the sandbox's gateways (for `show connections`), or the default socket.
 pub fn status_sockets() -> Vec<PathBuf> {
     match load() {

@@ -304,6 +304,24 @@ fn sandbox_up_then_down_leaves_nothing_behind() {
     exec::in_ns("cw-c1-pod", &["ip", "route", "add", "blackhole", "10.3.2.2/32"]).unwrap();
     let cut = cli(&["verify"]);
     exec::in_ns("cw-c1-pod", &["ip", "route", "del", "blackhole", "10.3.2.2/32"]).unwrap();
+    // `diagnose` passes on the healthy sandbox, then names a firewalled WireGuard port
+    // (cluster-2's gateway) and an uplink MTU below the tunnel's (cluster-3's).
+    let diagnosed = cli(&["diagnose"]);
+    // `gather` bundles the healthy sandbox; no secret of it may appear in the bundle.
+    let bundle = std::env::temp_dir().join(format!("cw-gather-{}.tar.gz", std::process::id()));
+    let gathered = cli(&["gather", "--output", &bundle.display().to_string()]);
+    let secrets = sandbox_secrets(std::path::Path::new("/run/causeway/cw"));
+    for cmd in [
+        &["nft", "add", "table", "inet", "cwtest"][..],
+        &["nft", "add", "chain", "inet", "cwtest", "input", "{ type filter hook input priority 0 ; }"],
+        &["nft", "add", "rule", "inet", "cwtest", "input", "udp", "dport", "51820", "drop"],
+    ] {
+        exec::in_ns("cw-c2-gw", cmd).unwrap();
+    }
+    exec::in_ns("cw-c3-gw", &["ip", "link", "set", "uplink", "mtu", "1400"]).unwrap();
+    let broken = cli(&["diagnose"]);
+    exec::in_ns("cw-c2-gw", &["nft", "delete", "table", "inet", "cwtest"]).unwrap();
+    exec::in_ns("cw-c3-gw", &["ip", "link", "set", "uplink", "mtu", "1500"]).unwrap();
     let failed = up.status.success().then(|| cli(&["sandbox", "fail", "cluster-2", "--how", "kill"]));
     let reachable = failed.as_ref().is_some_and(|(ok, _)| *ok) && exec::ping("cw-c1-pod", "10.2.2.2", 5);
     let status_failed = cli(&["sandbox", "status"]);
@@ -341,6 +359,22 @@ fn sandbox_up_then_down_leaves_nothing_behind() {
         assert!(cut.1.contains(pair), "{pair} not named: {}", cut.1);
     }
     assert!(!cut.1.contains("cluster-1 → cluster-2"), "{}", cut.1);
+    assert!(diagnosed.0, "diagnose failed on a healthy sandbox:\n{}", diagnosed.1);
+    for node in ["cluster-1 ", "cluster-3 ", "cluster-2 (standby)"] {
+        assert!(diagnosed.1.contains(node), "{node} not checked:\n{}", diagnosed.1);
+    }
+    assert!(diagnosed.1.contains("no nftables rule drops UDP on port 51820"), "{}", diagnosed.1);
+    assert!(!broken.0, "diagnose passed a firewalled port and a short MTU:\n{}", broken.1);
+    assert!(broken.1.contains("cluster-2: firewall") && broken.1.contains("cluster-3: mtu"), "{}", broken.1);
+    assert!(
+        broken.1.contains("table inet cwtest, chain input (hook input): rule")
+            && broken.1.contains("drops all UDP to port 51820"),
+        "{}",
+        broken.1
+    );
+    assert!(broken.1.contains("= 1480 > 1400, the MTU of uplink toward"), "{}", broken.1);
+    assert!(!broken.1.contains("cluster-1: firewall"), "{}", broken.1);
+    check_bundle(&gathered, &bundle, &secrets);
     assert!(failed.as_ref().is_some_and(|(ok, _)| *ok), "sandbox fail: {failed:?}");
     assert!(reachable, "cluster-2's pod unreachable with its active gateway killed");
     assert!(
@@ -383,6 +417,81 @@ fn sandbox_up_then_down_leaves_nothing_behind() {
         !procs.lines().any(|l| l.contains("--status-socket /run/causeway/cw/")),
         "gateway processes left behind"
     );
+}
+
+/// Every token and private key under the sandbox's run directory: credentials files,
+/// WireGuard keys, the broker's TLS key.
+fn sandbox_secrets(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if entry.file_type().unwrap().is_dir() {
+            out.extend(sandbox_secrets(&path));
+            continue;
+        }
+        if let Ok(c) = causeway_broker_api::Credentials::load(&path) {
+            out.push(c.token.0);
+        } else if let Ok(text) = std::fs::read_to_string(&path) {
+            if path.extension().is_some_and(|e| e == "key") {
+                out.push(text.trim().to_owned());
+            } else if text.contains("PRIVATE KEY-----") {
+                // Each base64 line of the PEM body.
+                out.extend(
+                    text.lines().filter(|l| !l.starts_with("-----") && l.len() > 20).map(str::to_owned),
+                );
+            }
+        }
+    }
+    out
+}
+
+/// `gather` wrote a bundle with the pieces a bug report needs and none of `secrets`.
+fn check_bundle(gathered: &(bool, String), bundle: &std::path::Path, secrets: &[String]) {
+    assert!(gathered.0, "gather failed: {}", gathered.1);
+    assert!(
+        secrets.iter().filter(|s| s.starts_with("cw1_")).count() >= 4,
+        "too few tokens found to scan for"
+    );
+    assert!(secrets.iter().any(|s| s.len() == 44), "no WireGuard private key found to scan for");
+    let dir = std::env::temp_dir().join(format!("cw-gather-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    exec::run(&["tar", "-xzf", &bundle.display().to_string(), "-C", &dir.display().to_string()]).unwrap();
+    let root = dir.join("causeway-gather");
+    let read = |p: &str| std::fs::read_to_string(root.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
+    assert!(read("broker/records.json").contains("\"clusterId\": \"cluster-3\""), "records missing");
+    assert!(read("gateways/cluster-1/status.json").contains("\"publicKey\""));
+    assert!(read("gateways/cluster-2-standby/status.json").contains("cluster-2"));
+    assert!(read("gateways/cluster-1/metrics.txt").contains("causeway_"));
+    assert!(!read("gateways/cluster-3/gateway.log").is_empty());
+    assert!(read("namespaces/cw-c1-gw/routes.txt").contains("10.2.0.0/16"));
+    assert!(read("namespaces/cw-c3-gw/links.txt").contains("uplink"));
+    assert!(read("bpf/links.txt").contains("prog "), "{}", read("bpf/links.txt"));
+    for map in ["CONFIG", "PEER_SESSIONS_V4"] {
+        let dump = read(&format!("bpf/c1-gw/maps/{map}.txt"));
+        assert!(dump.contains("\"key\""), "{map}: {dump}");
+    }
+    let mut leaked = Vec::new();
+    let mut files = 0;
+    let mut stack = vec![root.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+                continue;
+            }
+            files += 1;
+            let text = String::from_utf8_lossy(&std::fs::read(e.path()).unwrap()).into_owned();
+            for s in secrets {
+                if text.contains(s.as_str()) {
+                    leaked.push(format!("{}: {}…", e.path().display(), &s[..8]));
+                }
+            }
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::remove_file(bundle).unwrap();
+    assert!(files > 50, "only {files} files in the bundle");
+    assert!(leaked.is_empty(), "secrets in the bundle: {leaked:?}");
 }
 
 #[test]

@@ -23,6 +23,8 @@ pub enum ClientError {
     BadCa(#[source] reqwest::Error),
     #[error("building the HTTPS client failed: {0}")]
     Build(#[source] reqwest::Error),
+    #[error("the broker's answer has no readable Date header")]
+    NoDate,
 }
 
 impl ClientError {
@@ -88,6 +90,21 @@ impl BrokerClient {
     #[must_use]
     pub fn base_url(&self) -> &str {
         &self.base
+    }
+
+    /// The broker's clock, from the `Date` header of its health answer (one-second
+    /// resolution): what `diagnose` compares a node's clock with.
+    pub async fn clock(&self) -> Result<std::time::SystemTime, ClientError> {
+        let resp = self
+            .http
+            .get(format!("{}/healthz", self.base))
+            .timeout(Self::TIMEOUT)
+            .send()
+            .await
+            .map_err(|source| ClientError::Unreachable { url: self.base.clone(), source })?;
+        let date = resp.headers().get(reqwest::header::DATE).ok_or(ClientError::NoDate)?;
+        let date = date.to_str().map_err(|_| ClientError::NoDate)?;
+        httpdate::parse_http_date(date).map_err(|_| ClientError::NoDate)
     }
 
     async fn send<T: serde::de::DeserializeOwned>(

@@ -11,6 +11,8 @@ mod dns;
 mod gather;
 mod kubernetes;
 mod policy;
+#[cfg(test)]
+mod reference;
 mod services;
 mod setup;
 mod show;
@@ -105,6 +107,7 @@ enum Cmd {
     /// Print a shell completion script, e.g. `causeway completion bash >
     /// /etc/bash_completion.d/causeway`.
     Completion {
+        /// The shell the script is for.
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
@@ -114,6 +117,7 @@ enum Cmd {
         /// The cluster's own credentials, or the admin's (default: the local sandbox's admin).
         #[arg(long, env = "CAUSEWAY_CREDENTIALS")]
         credentials: Option<PathBuf>,
+        /// The cluster that leaves.
         #[arg(long, env = "CAUSEWAY_CLUSTER_ID")]
         cluster_id: String,
     },
@@ -323,6 +327,7 @@ struct BrokerArgs {
     /// TLS certificate (PEM) to serve (default: server.pem in --data-dir).
     #[arg(long, env = "CAUSEWAY_BROKER_TLS_CERT_FILE", requires = "tls_key_file")]
     tls_cert_file: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert-file (default: server.key in --data-dir).
     #[arg(long, env = "CAUSEWAY_BROKER_TLS_KEY_FILE", requires = "tls_cert_file")]
     tls_key_file: Option<PathBuf>,
     /// Credentials to register at startup, by token hash (written by `deploy-broker
@@ -448,6 +453,7 @@ struct GatewayArgs {
     /// Tunnel device name.
     #[arg(long, env = "CAUSEWAY_DEVICE", default_value = "causeway0")]
     device: String,
+    /// UDP port of the tunnel (WireGuard), on every address of the node.
     #[arg(long, env = "CAUSEWAY_LISTEN_PORT", default_value_t = 51820)]
     listen_port: u16,
     /// MTU of the underlay; the tunnel gets this minus 80.
@@ -456,6 +462,8 @@ struct GatewayArgs {
     /// Keys and cached records.
     #[arg(long, env = "CAUSEWAY_STATE_DIR", default_value = "/var/lib/causeway")]
     state_dir: PathBuf,
+    /// Unix socket (0600) serving `/status`, `/metrics` and the health checks to `causeway
+    /// show connections`, `diagnose` and `gather` on this node.
     #[arg(long, env = "CAUSEWAY_STATUS_SOCKET", default_value = "/run/causeway/gateway.sock")]
     status_socket: PathBuf,
     /// Serve Prometheus metrics and `/healthz` on this TCP address ("off" to serve them only

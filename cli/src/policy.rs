@@ -43,6 +43,7 @@ pub enum PolicyCmd {
         /// The rule's name (DNS-1123 label).
         #[arg(required_unless_present = "file", conflicts_with = "file")]
         name: Option<String>,
+        /// What a matching packet gets.
         #[arg(long, value_enum, required_unless_present = "file")]
         action: Option<Action>,
         /// Apply the ClusterSetPolicy objects of this YAML file instead (the CRD's format, see
@@ -55,37 +56,52 @@ pub enum PolicyCmd {
         /// Source CIDRs (repeatable; inside --from-cluster if both are given).
         #[arg(long = "from-cidr", value_delimiter = ',')]
         from_cidrs: Vec<IpNetwork>,
+        /// Destination cluster (its pod and service CIDRs); omit for any.
         #[arg(long)]
         to_cluster: Option<String>,
+        /// Destination CIDRs (repeatable; inside --to-cluster if both are given).
         #[arg(long = "to-cidr", value_delimiter = ',')]
         to_cidrs: Vec<IpNetwork>,
+        /// The packets' protocol.
         #[arg(long, value_enum, default_value = "any")]
         protocol: Protocol,
         /// Destination ports or ranges, e.g. 80,8000-8080 (TCP/UDP only; omit for all).
         #[arg(long = "port", value_delimiter = ',', value_parser = parse_ports)]
         ports: Vec<PortRange>,
+        /// Lower runs first.
         #[arg(long, default_value_t = 1000)]
         priority: u32,
+        /// The admin credentials (default: the local sandbox's admin).
         #[arg(long, env = "CAUSEWAY_CREDENTIALS")]
         credentials: Option<PathBuf>,
     },
     /// Delete a rule.
     Delete {
+        /// The rule's name.
         name: String,
+        /// The admin credentials (default: the local sandbox's admin).
         #[arg(long, env = "CAUSEWAY_CREDENTIALS")]
         credentials: Option<PathBuf>,
     },
     /// Set what happens to traffic no rule matches (the set starts with allow).
     Default {
+        /// What a packet no rule matches gets.
         #[arg(value_enum)]
         action: Action,
+        /// The admin credentials (default: the local sandbox's admin).
         #[arg(long, env = "CAUSEWAY_CREDENTIALS")]
         credentials: Option<PathBuf>,
     },
 }
 
+/// A port or range, refused here when the broker would refuse it (port 0, a range that runs
+/// backwards), so the error names the flag.
 fn parse_ports(s: &str) -> Result<PortRange, String> {
-    s.parse()
+    let r: PortRange = s.parse()?;
+    if r.first == 0 || r.first > r.last {
+        return Err(format!("{s:?}: ports are 1-65535, and a range's first port is no larger than its last"));
+    }
+    Ok(r)
 }
 
 async fn admin(credentials: Option<PathBuf>) -> anyhow::Result<BrokerClient> {

@@ -11,8 +11,10 @@ pub struct ExportArgs {
     /// The cluster's own credentials (written by `causeway join`).
     #[arg(long, env = "CAUSEWAY_CREDENTIALS")]
     credentials: PathBuf,
+    /// The service's namespace.
     #[arg(long, short)]
     namespace: String,
+    /// The service's name.
     name: String,
     /// The service's virtual IPs (ClusterIPs; repeatable). Not for a headless service.
     #[arg(
@@ -58,10 +60,13 @@ fn parse_port(s: &str) -> Result<ServicePort, String> {
 
 #[derive(clap::Args)]
 pub struct UnexportArgs {
+    /// The cluster's own credentials (written by `causeway join`).
     #[arg(long, env = "CAUSEWAY_CREDENTIALS")]
     credentials: PathBuf,
+    /// The service's namespace.
     #[arg(long, short)]
     namespace: String,
+    /// The service's name.
     name: String,
 }
 

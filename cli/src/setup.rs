@@ -31,6 +31,7 @@ pub struct StoreArgs {
     /// Client certificate (PEM) when etcd requires one (with --etcd-key-file).
     #[arg(long, env = "CAUSEWAY_ETCD_CERT_FILE", requires = "etcd_key_file")]
     etcd_cert_file: Option<PathBuf>,
+    /// The private key (PEM) of --etcd-cert-file.
     #[arg(long, env = "CAUSEWAY_ETCD_KEY_FILE", requires = "etcd_cert_file")]
     etcd_key_file: Option<PathBuf>,
     /// Accept etcd without TLS or without a client certificate (testing only: whoever reaches
@@ -128,11 +129,13 @@ pub struct DeployBrokerArgs {
     /// first one goes into the broker-info file). Certificates are issued for all of them.
     #[arg(long = "address", required = true)]
     addresses: Vec<String>,
+    /// The broker's HTTPS port (what the broker-info file names).
     #[arg(long, default_value_t = 7780)]
     port: u16,
     /// Use the operator's certificate instead of generating a CA (needs --tls-key, --ca-cert).
     #[arg(long, requires_all = ["tls_key", "ca_cert"])]
     tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
     #[arg(long)]
     tls_key: Option<PathBuf>,
     /// The CA that signed --tls-cert (given to the gateways so they trust the broker).
@@ -271,11 +274,14 @@ fn host_for_url(addr: &str) -> String {
 pub struct JoinArgs {
     /// The broker-info file written by `deploy-broker`.
     broker_info: PathBuf,
+    /// The cluster's id in the set (DNS-1123 label, unique in the set).
     #[arg(long, env = "CAUSEWAY_CLUSTER_ID")]
     cluster_id: String,
     /// Pod CIDRs (repeatable). Required without Kubernetes; with it they override discovery.
     #[arg(long = "pod-cidr", value_delimiter = ',')]
     pod_cidrs: Vec<IpNetwork>,
+    /// Service CIDRs (repeatable). Without Kubernetes they are optional; with it they override
+    /// discovery.
     #[arg(long = "service-cidr", value_delimiter = ',')]
     service_cidrs: Vec<IpNetwork>,
     /// Where to write this cluster's credentials (0600); give it to the gateway with
@@ -379,13 +385,16 @@ pub enum CredentialsCmd {
     },
     /// Revoke every credential of a cluster, its readers' too (needs the admin credentials).
     Revoke {
+        /// The admin credentials.
         #[arg(long, env = "CAUSEWAY_CREDENTIALS")]
         credentials: PathBuf,
+        /// The cluster whose credentials go.
         #[arg(long)]
         cluster_id: String,
     },
     /// Issue a join or admin credential (needs the admin credentials).
     Issue {
+        /// The admin credentials.
         #[arg(long, env = "CAUSEWAY_CREDENTIALS")]
         credentials: PathBuf,
         /// join or admin.
@@ -404,23 +413,28 @@ pub enum CredentialsCmd {
     /// Issue a read-only credential for a cluster's route agents (with the cluster's or the
     /// admin credentials): it reads the cluster set and can write nothing.
     Reader {
+        /// The cluster's or the admin credentials.
         #[arg(long, env = "CAUSEWAY_CREDENTIALS")]
         credentials: PathBuf,
         /// The cluster (default: the one the credentials file belongs to).
         #[arg(long)]
         cluster_id: Option<String>,
+        /// Where to write the new credentials file (0600).
         #[arg(long)]
         output: PathBuf,
     },
     /// List every credential the broker holds: id, kind, cluster, expiry (never tokens).
     List {
+        /// The admin credentials.
         #[arg(long, env = "CAUSEWAY_CREDENTIALS")]
         credentials: PathBuf,
     },
     /// Revoke one credential by the id `list` shows (needs the admin credentials).
     RevokeId {
+        /// The admin credentials.
         #[arg(long, env = "CAUSEWAY_CREDENTIALS")]
         credentials: PathBuf,
+        /// The credential's id (`credentials list`).
         id: String,
     },
 }

@@ -12,6 +12,7 @@ pub use causeway_cli_format::{Output, table};
 pub struct ShowArgs {
     #[command(subcommand)]
     what: What,
+    /// `table` for people, `json` for scripts.
     #[arg(long, short, global = true, value_enum, default_value = "table")]
     output: Output,
 }
@@ -26,18 +27,21 @@ enum What {
     },
     /// Gateway endpoints registered with the broker.
     Endpoints {
+        /// Admin or cluster credentials (default: the local sandbox's admin).
         #[arg(long, env = "CAUSEWAY_CREDENTIALS")]
         credentials: Option<PathBuf>,
     },
     /// The cluster set's services (each name's merged import: type, ClusterSetIP, ports,
     /// clusters), then every cluster's export with its KEP-1645 condition.
     Services {
+        /// Admin or cluster credentials (default: the local sandbox's admin).
         #[arg(long, env = "CAUSEWAY_CREDENTIALS")]
         credentials: Option<PathBuf>,
     },
     /// Cluster-set policy rules in evaluation order, and the default action (drops per rule:
     /// the gateways' `causeway_policy_drops_total` metric).
     Policies {
+        /// Admin or cluster credentials (default: the local sandbox's admin).
         #[arg(long, env = "CAUSEWAY_CREDENTIALS")]
         credentials: Option<PathBuf>,
     },

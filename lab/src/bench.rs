@@ -25,6 +25,7 @@ pub struct BrokerBenchArgs {
     /// Changes timed per size.
     #[arg(long, default_value_t = 5)]
     rounds: u32,
+    /// `table` for people, `json` for scripts.
     #[arg(long, value_enum, default_value = "table")]
     output: causeway_cli_format::Output,
     /// Also write an SVG plot of the results here.

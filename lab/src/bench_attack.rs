@@ -32,6 +32,7 @@ pub struct AttackBenchArgs {
     /// budget is 20/s after a burst of 40). The default makes 15,000 datagrams/s in all.
     #[arg(long, default_value_t = 3_750)]
     rate: u32,
+    /// `table` for people, `json` for scripts.
     #[arg(long, value_enum, default_value = "table")]
     output: causeway_cli_format::Output,
     /// Fail (exit 1) when the stream under attack keeps less than this fraction of its

@@ -22,6 +22,7 @@ pub struct DataplaneBenchArgs {
     /// Seconds per iperf3 run.
     #[arg(long, default_value_t = 3)]
     seconds: u32,
+    /// `table` for people, `json` for scripts.
     #[arg(long, value_enum, default_value = "table")]
     output: causeway_cli_format::Output,
     /// Also write an SVG plot of Causeway's and boringtun-cli's figures relative to

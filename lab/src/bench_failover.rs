@@ -40,6 +40,7 @@ pub struct FailoverBenchArgs {
     /// Datagrams per second of the sequence stream.
     #[arg(long, default_value_t = 1000)]
     rate: u32,
+    /// `table` for people, `json` for scripts.
     #[arg(long, value_enum, default_value = "table")]
     output: causeway_cli_format::Output,
     /// Also write an SVG plot of every round's largest gap here.

@@ -30,11 +30,13 @@ pub struct PolicyBenchArgs {
     /// Rule counts to measure.
     #[arg(long, value_delimiter = ',', default_value = "10,1000,100000")]
     entries: Vec<u32>,
+    /// Rounds of every mode, interleaved (the medians are reported).
     #[arg(long, default_value_t = 3)]
     rounds: u32,
     /// Seconds per iperf3 run.
     #[arg(long, default_value_t = 3)]
     seconds: u32,
+    /// `table` for people, `json` for scripts.
     #[arg(long, value_enum, default_value = "table")]
     output: causeway_cli_format::Output,
     /// Also write an SVG plot of the results here.

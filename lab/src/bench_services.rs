@@ -29,6 +29,7 @@ pub struct ServicesBenchArgs {
     /// DNS queries in flight.
     #[arg(long, default_value_t = 64)]
     window: u32,
+    /// `table` for people, `json` for scripts.
     #[arg(long, value_enum, default_value = "table")]
     output: causeway_cli_format::Output,
 }

@@ -18,6 +18,7 @@ const STATE_FILE: &str = "/run/causeway/sandbox.json";
 pub enum SandboxCmd {
     /// Build N clusters, start the broker and gateways, print the connectivity matrix.
     Up {
+        /// How many clusters.
         #[arg(long, default_value_t = 3)]
         clusters: usize,
         /// Gateway nodes per cluster: 2 adds a standby gateway node to each cluster and runs a
@@ -46,27 +47,38 @@ pub enum SandboxCmd {
     Fail {
         /// The cluster (`cluster-2`).
         cluster: String,
+        /// `kill`: SIGKILL the gateway; `link`: take its uplink down; `drop`: drop its WireGuard
+        /// traffic with nftables.
         #[arg(long, value_enum)]
         how: How,
     },
     /// Undo every `sandbox fail` of a cluster: the drop goes, the uplink comes up, a killed
     /// gateway starts again.
-    Heal { cluster: String },
+    Heal {
+        /// The cluster (`cluster-2`).
+        cluster: String,
+    },
     /// Run a command in a cluster's pod (its network namespace and cgroup, so names resolve
     /// through the cluster's DNS and ClusterSetIPs are translated): `sandbox exec cluster-1 --
     /// dig echo.demo.svc.clusterset.local`.
     Exec {
+        /// The cluster (`cluster-1`).
         cluster: String,
+        /// The command and its arguments, after `--`.
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
     /// Start a small TCP service in a cluster's pod (first line: the cluster's id, then an
     /// echo) and export it as `<name>.<namespace>.svc.clusterset.local`.
     Serve {
+        /// The cluster whose pod serves it.
         cluster: String,
+        /// The service's name.
         name: String,
+        /// The TCP port it listens on.
         #[arg(long, default_value_t = 7)]
         port: u16,
+        /// The namespace it is exported from.
         #[arg(long, short, default_value = "demo")]
         namespace: String,
     },

@@ -145,6 +145,7 @@ pub async fn deploy_broker(
         return Ok(());
     }
     let client = connect().await?;
+    leave_foreign_crds(&client, &mut all).await?;
     eprintln!("deploying the broker into namespace {ns}:");
     causeway_deploy::apply::apply(&client, &all, progress).await?;
     {
@@ -262,6 +263,7 @@ pub async fn join(
     progress(&format!("gateway node(s): {}", gateways.join(", ")));
 
     let mut all = causeway_deploy::Bundle::Crds.manifests(&settings)?;
+    leave_foreign_crds(&client, &mut all).await?;
     all.extend(causeway_deploy::Bundle::Member.manifests(&settings)?);
     // Discovery ran here with the operator's rights; the gateway repeats it with its own, and
     // these values keep both in agreement when they were given explicitly.
@@ -388,6 +390,22 @@ pub async fn join(
     Ok(())
 }
 
+/// Takes the CRDs another implementation installed out of `all` (neither applied over nor
+/// removed), saying so.
+async fn leave_foreign_crds(
+    client: &causeway_deploy::Client,
+    all: &mut Vec<causeway_deploy::manifests::Manifest>,
+) -> anyhow::Result<()> {
+    let foreign = causeway_deploy::apply::foreign_crds(client, all).await?;
+    for (name, manager) in &foreign {
+        progress(&format!(
+            "CustomResourceDefinition {name} is not Causeway's (managed-by: {manager}): left as it is"
+        ));
+    }
+    all.retain(|m| m.kind != "CustomResourceDefinition" || !foreign.iter().any(|(n, _)| *n == m.name));
+    Ok(())
+}
+
 #[derive(clap::Args)]
 pub struct UninstallArgs {
     #[command(flatten)]
@@ -403,6 +421,9 @@ pub struct UninstallArgs {
     /// Print what would be removed.
     #[arg(long)]
     dry_run: bool,
+    /// Do not ask for confirmation (needed when stdin is not a terminal).
+    #[arg(long, short)]
+    yes: bool,
 }
 
 /// Removes what `join` (and with --broker, `deploy-broker`) created. Leaving the broker's
@@ -449,7 +470,16 @@ async fn uninstall_with(
         }
         return Ok(());
     }
+    let mut what = format!("remove Causeway from namespace {ns} of this Kubernetes cluster");
+    if a.broker {
+        what.push_str(", the broker with its records included");
+    }
+    if a.crds {
+        what.push_str(", and the CRDs with every ServiceExport and ClusterSetPolicy object in the cluster");
+    }
+    crate::confirm::confirm(a.yes, &what)?;
     let client = connect().await?;
+    leave_foreign_crds(&client, &mut all).await?;
     eprintln!("removing Causeway from namespace {ns}:");
     let mut failed = Vec::new();
     match causeway_deploy::coredns::set_forward(&client, None).await {
@@ -531,10 +561,14 @@ mod tests {
     #[tokio::test]
     async fn deploy_broker_puts_only_token_hashes_in_the_cluster_and_they_work() {
         let dir = temp_dir("deploy-broker");
-        let (kube, log) = client(|r: &Seen| Reply::Json(200, r.body.clone()));
+        let (kube, log) = client(|r: &Seen| match r.method.as_str() {
+            "GET" => not_found("it"),
+            _ => Reply::Json(200, r.body.clone()),
+        });
         let args = ManifestArgs { namespace: "causeway-system".into(), image: None };
         deploy_broker(async || Ok(kube), &args, &["broker.example.com".into()], &dir, false).await.unwrap();
-        let log = log.lock().unwrap().clone();
+        // The CRD reads (none is there) aside, every request writes an object.
+        let log: Vec<Seen> = log.lock().unwrap().iter().filter(|r| r.method != "GET").cloned().collect();
         let kinds: Vec<&str> = log.iter().map(|r| r.body["kind"].as_str().unwrap()).collect();
         let at = |k: &str| kinds.iter().position(|x| *x == k).unwrap();
         assert!(at("Namespace") < at("Secret") && at("Secret") < at("Deployment"), "{kinds:?}");
@@ -588,7 +622,25 @@ mod tests {
     }
 
     fn member_cluster() -> (causeway_deploy::Client, causeway_deploy::testing::Log) {
-        client(|r: &Seen| match (r.method.as_str(), r.path()) {
+        member_cluster_with(&[])
+    }
+
+    /// The CRD of another MCS implementation, as the API server would return it.
+    fn foreign_crd(name: &str) -> Value {
+        json!({"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+               "metadata": {"name": name, "labels": {"app.kubernetes.io/managed-by": "other-mcs"}}})
+    }
+
+    const CRDS: &str = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/";
+
+    /// A member cluster in which the CRDs named in `foreign` exist, installed by someone else.
+    fn member_cluster_with(
+        foreign: &'static [&'static str],
+    ) -> (causeway_deploy::Client, causeway_deploy::testing::Log) {
+        client(move |r: &Seen| match (r.method.as_str(), r.path()) {
+            ("GET", p) if p.strip_prefix(CRDS).is_some_and(|n| foreign.contains(&n)) => {
+                Reply::Json(200, foreign_crd(p.strip_prefix(CRDS).unwrap()))
+            }
             ("GET", "/api/v1/nodes") => {
                 Reply::Json(200, list("Node", "v1", vec![node("gw-1", false), node("w-1", false)]))
             }
@@ -740,6 +792,22 @@ mod tests {
         causeway_broker_api::BrokerClient::from_credentials(&creds).unwrap().put_endpoint(&gw).await.unwrap();
         let (kube, _log) = member_cluster();
         join(async || Ok(kube), &args, waiting(5_000)).await.unwrap();
+        // ServiceExport's CRD installed by another MCS implementation: join uses it as it is
+        // and applies only its own CRDs (a forced apply would take the other one over).
+        let (kube, log) = member_cluster_with(&["serviceexports.multicluster.x-k8s.io"]);
+        join(async || Ok(kube), &args, plan("east.json", gateways)).await.unwrap();
+        {
+            let log = log.lock().unwrap();
+            let patched: Vec<&str> = log.iter().filter(|r| r.method == "PATCH").map(Seen::path).collect();
+            assert!(
+                !patched.iter().any(|p| p.ends_with("serviceexports.multicluster.x-k8s.io")),
+                "{patched:?}"
+            );
+            assert!(
+                patched.contains(&format!("{CRDS}serviceimports.multicluster.x-k8s.io").as_str()),
+                "{patched:?}"
+            );
+        }
         // Another cluster (another join token) claiming the id gets the broker's refusal, and
         // nothing is applied. (The same token and record again is the same caller re-running:
         // it gets a fresh credential; give each organisation its own, single-use, token.)
@@ -755,9 +823,14 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
-    #[tokio::test]
-    async fn uninstall_removes_what_join_created_and_keeps_going_past_failures() {
-        let (kube, log) = client(|r: &Seen| match (r.method.as_str(), r.path()) {
+    /// A cluster join set up, as uninstall finds it; the CRD of ServiceExport is another
+    /// implementation's.
+    fn uninstalled_cluster() -> (causeway_deploy::Client, causeway_deploy::testing::Log) {
+        client(|r: &Seen| match (r.method.as_str(), r.path()) {
+            ("GET", p) if p == format!("{CRDS}serviceexports.multicluster.x-k8s.io") => {
+                Reply::Json(200, foreign_crd("serviceexports.multicluster.x-k8s.io"))
+            }
+            ("GET", p) if p.starts_with(CRDS) => not_found("crd"),
             ("GET", "/api/v1/nodes") => {
                 Reply::Json(200, list("Node", "v1", vec![node("gw-1", true), node("w-1", false)]))
             }
@@ -778,13 +851,19 @@ mod tests {
             ("DELETE", p) if p.ends_with("/leases/causeway-gateway") => not_found("lease"),
             ("DELETE", _) => Reply::Json(200, causeway_deploy::testing::status(200, "", "")),
             other => panic!("unexpected {other:?}"),
-        });
+        })
+    }
+
+    #[tokio::test]
+    async fn uninstall_removes_what_join_created_and_keeps_going_past_failures() {
+        let (kube, log) = uninstalled_cluster();
         let a = UninstallArgs {
             kube: KubeArgs::default(),
             manifests: ManifestArgs { namespace: "causeway-system".into(), image: None },
             broker: false,
             crds: false,
             dry_run: false,
+            yes: true,
         };
         let e = uninstall_with(async || Ok(kube), a).await.unwrap_err().to_string();
         assert!(e.contains("DaemonSet/causeway-gateway"), "{e}");
@@ -810,6 +889,28 @@ mod tests {
             .find(|r| r.is("PATCH", "/api/v1/namespaces/kube-system/configmaps/coredns"))
             .expect("Causeway's block removed");
         assert_eq!(coredns.body["data"]["Corefile"], ".:53 {\n    reload\n}\n");
+    }
+
+    #[tokio::test]
+    async fn uninstall_crds_removes_causeways_and_leaves_another_implementations() {
+        let (kube, log) = uninstalled_cluster();
+        let a = UninstallArgs {
+            kube: KubeArgs::default(),
+            manifests: ManifestArgs { namespace: "causeway-system".into(), image: None },
+            broker: false,
+            crds: true,
+            dry_run: false,
+            yes: true,
+        };
+        uninstall_with(async || Ok(kube), a).await.unwrap_err();
+        let log = log.lock().unwrap();
+        let deleted: Vec<&str> = log.iter().filter(|r| r.method == "DELETE").map(Seen::path).collect();
+        assert!(
+            deleted.contains(&format!("{CRDS}serviceimports.multicluster.x-k8s.io").as_str()),
+            "{deleted:?}"
+        );
+        assert!(deleted.contains(&format!("{CRDS}clustersetpolicies.causeway.io").as_str()), "{deleted:?}");
+        assert!(!deleted.iter().any(|p| p.ends_with("serviceexports.multicluster.x-k8s.io")), "{deleted:?}");
     }
 
     #[tokio::test]

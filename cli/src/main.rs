@@ -6,6 +6,7 @@ use causeway_lab::{
     bench, bench_attack, bench_dataplane, bench_failover, bench_policy, bench_services, bench_translation,
     sandbox,
 };
+mod confirm;
 mod diagnose;
 mod dns;
 mod gather;
@@ -120,6 +121,9 @@ enum Cmd {
         /// The cluster that leaves.
         #[arg(long, env = "CAUSEWAY_CLUSTER_ID")]
         cluster_id: String,
+        /// Do not ask for confirmation (needed when stdin is not a terminal).
+        #[arg(long, short)]
+        yes: bool,
     },
     /// End-to-end check of a running cluster set: pings every pod from every pod and connects
     /// to the exported demo service from every pod, prints the matrix, and fails naming every
@@ -696,8 +700,14 @@ fn main() -> anyhow::Result<()> {
             completion(shell, &mut std::io::stdout());
             Ok(())
         }
-        Cmd::Leave { credentials, cluster_id } => {
+        Cmd::Leave { credentials, cluster_id, yes } => {
             telemetry::init("warn", log);
+            confirm::confirm(
+                yes,
+                &format!(
+                    "remove cluster {cluster_id}'s records from the broker and revoke its credentials (every other cluster drops its tunnel and routes)"
+                ),
+            )?;
             let creds = setup::operator_credentials(credentials)?;
             runtime()?.block_on(async {
                 let client = causeway_broker_api::BrokerClient::from_credentials(&creds)?;

@@ -391,6 +391,9 @@ pub enum CredentialsCmd {
         /// The cluster whose credentials go.
         #[arg(long)]
         cluster_id: String,
+        /// Do not ask for confirmation (needed when stdin is not a terminal).
+        #[arg(long, short)]
+        yes: bool,
     },
     /// Issue a join or admin credential (needs the admin credentials).
     Issue {
@@ -436,6 +439,9 @@ pub enum CredentialsCmd {
         credentials: PathBuf,
         /// The credential's id (`credentials list`).
         id: String,
+        /// Do not ask for confirmation (needed when stdin is not a terminal).
+        #[arg(long, short)]
+        yes: bool,
     },
 }
 
@@ -464,7 +470,13 @@ pub async fn credentials(cmd: CredentialsCmd) -> anyhow::Result<()> {
                 println!("the old credential stops working {}", when(until));
             }
         }
-        CredentialsCmd::Revoke { credentials, cluster_id } => {
+        CredentialsCmd::Revoke { credentials, cluster_id, yes } => {
+            crate::confirm::confirm(
+                yes,
+                &format!(
+                    "revoke every credential of cluster {cluster_id} (its gateways and route agents lose the broker)"
+                ),
+            )?;
             let (_, client) = client(&credentials)?;
             let out = client.revoke(&cluster_id).await?;
             println!("revoked {} credential(s) of cluster {cluster_id}", out["revoked"]);
@@ -519,7 +531,8 @@ pub async fn credentials(cmd: CredentialsCmd) -> anyhow::Result<()> {
                 .collect();
             print!("{}", crate::show::table(&["ID", "KIND", "CLUSTER", "EXPIRES", ""], &rows));
         }
-        CredentialsCmd::RevokeId { credentials, id } => {
+        CredentialsCmd::RevokeId { credentials, id, yes } => {
+            crate::confirm::confirm(yes, &format!("revoke credential {id}"))?;
             let (_, client) = client(&credentials)?;
             let out = client.revoke_credential(&id).await?;
             println!("revoked {} credential(s) with id {id}", out["revoked"]);

@@ -48,6 +48,12 @@ const CASES: &[(&[&str], &str)] = &[
         "unreadable credentials (export)",
     ),
     (&["policy", "apply", "web", "--action", "allow", "--port", "0"], "port 0"),
+    (&["leave", "--cluster-id", "east"], "leave refuses without --yes off a terminal"),
+    (
+        &["credentials", "revoke-id", "--credentials", "/nonexistent/admin.json", "abc"],
+        "revoke-id refuses without --yes",
+    ),
+    (&["uninstall", "--crds"], "uninstall refuses without --yes"),
     (&["gather", "--local", "--output", "/nonexistent/bundle.tar.gz"], "a bundle that cannot be written"),
 ];
 

@@ -67,6 +67,31 @@ pub async fn apply(
     Ok(())
 }
 
+/// The CustomResourceDefinitions among `manifests` that exist in the cluster without
+/// Causeway's `app.kubernetes.io/managed-by` label, with the manager they name: another
+/// Multi-Cluster Services implementation (or the operator) installed them. Applying ours (a
+/// forced server-side apply) would take them over, and removing them would delete every object
+/// of theirs: callers leave them out of both.
+pub async fn foreign_crds(
+    client: &Client,
+    manifests: &[Manifest],
+) -> Result<Vec<(String, String)>, ApplyError> {
+    let mut out = Vec::new();
+    for m in manifests.iter().filter(|m| m.kind == "CustomResourceDefinition") {
+        let found = api(client, m)
+            .get_opt(&m.name)
+            .await
+            .map_err(|source| ApplyError::Api { what: format!("reading {}", m.describe()), source })?;
+        if let Some(obj) = found {
+            let manager = obj.metadata.labels.as_ref().and_then(|l| l.get("app.kubernetes.io/managed-by"));
+            if manager.map(String::as_str) != Some(MANAGER) {
+                out.push((m.name.clone(), manager.cloned().unwrap_or_else(|| "unlabelled".into())));
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Deletes `manifests` in reverse order. Objects already gone are fine; every other failure is
 /// collected and reported together, after every step has run.
 pub async fn remove(

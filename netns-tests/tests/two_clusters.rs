@@ -257,7 +257,7 @@ fn removing_a_clusters_records_removes_its_peer_and_routes() {
     let bin = causeway_bin().display().to_string();
     let broker_ns = t.broker_ns.clone();
     let admin = t.admin_credentials().display().to_string();
-    exec::in_ns(&broker_ns, &[&bin, "leave", "--credentials", &admin, "--cluster-id", "cluster-3"])
+    exec::in_ns(&broker_ns, &[&bin, "leave", "--credentials", &admin, "--cluster-id", "cluster-3", "--yes"])
         .expect("causeway leave");
     wait_for(Duration::from_secs(10), "gateway 1 to drop cluster-3", || {
         let s = t.gateway_status(1).unwrap();

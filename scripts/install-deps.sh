@@ -16,7 +16,7 @@ export DEBIAN_FRONTEND=noninteractive
 
 step() { echo "==> $*" >&2; }
 
-APT_PKGS=(iproute2 iputils-ping iperf3 tcpdump nftables conntrack bpftool dnsutils
+APT_PKGS=(iproute2 iputils-ping iperf3 tcpdump nftables conntrack bpftool dnsutils curl
     containernetworking-plugins wireguard-tools wireguard-go
     etcd-server protobuf-compiler libprotobuf-dev pkg-config)
 missing=()

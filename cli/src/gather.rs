@@ -360,6 +360,8 @@ async fn sandbox(a: GatherArgs, mut redactor: Redactor, maps: &mut usize) -> any
     broker_pieces(&mut b, &credentials).await?;
     let log = std::fs::read_to_string(&layout.broker_log).unwrap_or_else(|e| format!("{e}\n"));
     b.add("broker/broker.log", &log)?;
+    let metrics = ["curl", "-sS", "--max-time", "3", "http://127.0.0.1:9466/metrics"];
+    b.command("broker/metrics.txt", Some(&layout.broker_ns), &metrics)?;
     for g in &layout.gateways {
         let dir = format!("gateways/{}", slug(&g.name));
         gateway(&mut b, &dir, &g.status_socket, Some(&g.log))?;

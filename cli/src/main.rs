@@ -318,6 +318,12 @@ struct BrokerArgs {
     /// it cannot be bound), or `off`.
     #[arg(long, env = "CAUSEWAY_BROKER_STUN_LISTEN", default_value = "auto")]
     stun_listen: String,
+    /// Serve Prometheus metrics, `/healthz` and `/readyz` (the store answers) over plain HTTP
+    /// here: `auto` (127.0.0.1:9466, skipped with a warning when taken, as by a second broker
+    /// on one host), ADDR:PORT (an error if it cannot be bound; the broker Deployment uses
+    /// the pod's address), or `off`. `/healthz` and `/readyz` are on the API port too.
+    #[arg(long, env = "CAUSEWAY_BROKER_METRICS_LISTEN", default_value = "auto")]
+    metrics_listen: String,
     /// Seconds an endpoint record lives without a heartbeat from its gateway.
     #[arg(long, env = "CAUSEWAY_ENDPOINT_LEASE_SECONDS", default_value_t = 30)]
     endpoint_lease_seconds: u64,
@@ -899,6 +905,24 @@ async fn broker(a: BrokerArgs) -> anyhow::Result<()> {
             causeway_broker::stun::start(addr, broker.relay().counters().clone(), Some(broker.relay()))
                 .await
                 .with_context(|| format!("serving STUN on UDP {addr}"))?;
+        }
+    }
+    match a.metrics_listen.as_str() {
+        "off" | "" => {}
+        "auto" => {
+            let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 9466));
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => drop(causeway_broker::metrics::serve(l, broker.clone())),
+                Err(e) => tracing::warn!(%addr, error = %e, "no metrics server (set --metrics-listen)"),
+            }
+        }
+        other => {
+            let addr = listen_address(other)
+                .with_context(|| format!("--metrics-listen {other:?} is not ADDR:PORT, auto or off"))?;
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("serving the broker's metrics on {addr}"))?;
+            drop(causeway_broker::metrics::serve(l, broker.clone()));
         }
     }
     if a.kubernetes_policies {

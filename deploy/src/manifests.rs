@@ -50,6 +50,8 @@ pub const GATEWAY_LEASE: &str = "causeway-gateway";
 pub const CREDENTIALS_KEY: &str = "credentials.json";
 /// The key of the bootstrap token hashes inside [`BROKER_BOOTSTRAP_SECRET`].
 pub const BOOTSTRAP_KEY: &str = "bootstrap.json";
+/// The broker's `/metrics` (plain HTTP on the pod's address; the API port stays HTTPS).
+pub const BROKER_METRICS_PORT: u16 = 9466;
 
 /// What the generated objects depend on.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -761,6 +763,8 @@ fn broker(s: &Settings) -> Result<Vec<Manifest>, ManifestError> {
             env("CAUSEWAY_BROKER_TLS_CERT_FILE", "/etc/causeway/tls/tls.crt"),
             env("CAUSEWAY_BROKER_TLS_KEY_FILE", "/etc/causeway/tls/tls.key"),
             env("CAUSEWAY_BROKER_BOOTSTRAP_FILE", &format!("/etc/causeway/bootstrap/{BOOTSTRAP_KEY}")),
+            env_field("CAUSEWAY_POD_IP", "status.podIP"),
+            env("CAUSEWAY_BROKER_METRICS_LISTEN", &format!("$(CAUSEWAY_POD_IP):{BROKER_METRICS_PORT}")),
         ]),
         ports: Some(vec![
             ContainerPort {
@@ -771,6 +775,12 @@ fn broker(s: &Settings) -> Result<Vec<Manifest>, ManifestError> {
             },
             // The STUN responder (`--stun-listen`, default 0.0.0.0:3478): gateways learn their
             // addresses beyond a NAT from it.
+            ContainerPort {
+                name: Some("metrics".into()),
+                container_port: BROKER_METRICS_PORT.into(),
+                protocol: Some("TCP".into()),
+                ..ContainerPort::default()
+            },
             ContainerPort {
                 name: Some("stun".into()),
                 container_port: causeway_broker_api::stun::DEFAULT_PORT.into(),
@@ -789,9 +799,10 @@ fn broker(s: &Settings) -> Result<Vec<Manifest>, ManifestError> {
             period_seconds: Some(10),
             ..Probe::default()
         }),
+        // Ready while the store answers (etcd reachable, the embedded file readable).
         readiness_probe: Some(Probe {
             http_get: Some(HTTPGetAction {
-                path: Some("/healthz".into()),
+                path: Some("/readyz".into()),
                 port: IntOrString::String("https".into()),
                 scheme: Some("HTTPS".into()),
                 ..HTTPGetAction::default()

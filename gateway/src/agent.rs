@@ -173,52 +173,31 @@ pub struct AgentReport {
     pub synced: bool,
 }
 
-/// Prometheus text exposition of the agent's report.
+/// Prometheus exposition (OpenMetrics) of the agent's report.
 #[must_use]
 pub fn render_agent_metrics(r: &AgentReport) -> String {
-    use std::fmt::Write as _;
-    let mut out = String::new();
-    let mut family = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for (labels, v) in samples {
-            let _ = writeln!(out, "{name}{{{labels}}} {v}");
-        }
-    };
-    let gateway = |ip: &IpAddr| format!("gateway=\"{ip}\"");
-    family(
-        "causeway_node_nexthop",
-        "gauge",
-        "1 for the gateway node this node's remote-cluster routes go through",
-        &r.gateway.iter().map(|ip| (gateway(ip), 1.0)).collect::<Vec<_>>(),
-    );
-    family(
-        "causeway_node_gateway_answering",
-        "gauge",
-        "1 while a gateway node of this cluster answers this node's probes saying it forwards",
-        &r.gateways.iter().map(|(ip, up)| (gateway(ip), if *up { 1.0 } else { 0.0 })).collect::<Vec<_>>(),
-    );
-    #[expect(clippy::cast_precision_loss, reason = "metrics are floats by definition")]
-    {
-        family(
+    use causeway_metrics::Family;
+    causeway_metrics::render(vec![
+        Family::gauge(
+            "causeway_node_nexthop",
+            "1 for the gateway node this node's remote-cluster routes go through",
+        )
+        .each(r.gateway, |ip| Some((vec![("gateway", ip.to_string())], 1u64))),
+        Family::gauge(
+            "causeway_node_gateway_answering",
+            "1 while a gateway node of this cluster answers this node's probes saying it forwards",
+        )
+        .each(&r.gateways, |(ip, up)| Some((vec![("gateway", ip.to_string())], *up))),
+        Family::counter(
             "causeway_node_nexthop_changes_total",
-            "counter",
             "Times the nexthop moved to another gateway node (failovers and moves of the active gateway)",
-            &[(String::new(), r.nexthop_changes as f64)],
-        );
-        family(
-            "causeway_node_routes",
-            "gauge",
-            "Remote-cluster prefixes routed through the nexthop",
-            &[(String::new(), r.routes as f64)],
-        );
-    }
-    family(
-        "causeway_node_synced",
-        "gauge",
-        "1 once the records have been read from the broker",
-        &[(String::new(), if r.synced { 1.0 } else { 0.0 })],
-    );
-    out
+        )
+        .with(&[], r.nexthop_changes),
+        Family::gauge("causeway_node_routes", "Remote-cluster prefixes routed through the nexthop")
+            .with(&[], r.routes),
+        Family::gauge("causeway_node_synced", "1 once the records have been read from the broker")
+            .with(&[], r.synced),
+    ])
 }
 
 /// How long the agent's loop may go without a turn before `/healthz` fails (it turns every
@@ -238,7 +217,8 @@ pub async fn serve_agent_metrics(
         .route(
             "/metrics",
             get(|State(r): State<watch::Receiver<(Instant, AgentReport)>>| async move {
-                render_agent_metrics(&r.borrow().1)
+                let text = render_agent_metrics(&r.borrow().1);
+                ([(axum::http::header::CONTENT_TYPE, causeway_metrics::CONTENT_TYPE)], text)
             }),
         )
         .route(
@@ -623,7 +603,7 @@ mod tests {
             "causeway_node_nexthop_changes_total{} 2\n",
             "causeway_node_routes{} 3\n",
             "causeway_node_synced{} 1\n",
-            "# TYPE causeway_node_nexthop_changes_total counter\n",
+            "# TYPE causeway_node_nexthop_changes counter\n",
         ] {
             assert!(text.contains(line), "{line} missing from:\n{text}");
         }

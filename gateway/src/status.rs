@@ -2,7 +2,7 @@
 //! node, nothing exposed on the network): `GET /status` (JSON, what `causeway show
 //! connections` prints) and `GET /metrics` (Prometheus text).
 
-use std::{fmt::Write as _, path::Path, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, path::Path, sync::Arc, time::Duration};
 
 use axum::{Json, Router, extract::State, http::header, response::IntoResponse, routing::get};
 use tokio::{sync::Mutex, time::Instant};
@@ -123,219 +123,113 @@ pub fn start_snapshots(
 /// Metrics are rendered from the newest reading as it is: a scrape asks for nothing.
 async fn metrics(State(snapshot): State<Snapshot>) -> impl IntoResponse {
     match snapshot.latest() {
-        Some(r) => {
-            ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], render_metrics(&r.status)).into_response()
-        }
+        Some(r) => ([(header::CONTENT_TYPE, causeway_metrics::CONTENT_TYPE)], render_metrics(&r.status))
+            .into_response(),
         None => (axum::http::StatusCode::SERVICE_UNAVAILABLE, "no status yet\n").into_response(),
     }
 }
 
-/// Prometheus text exposition of a status snapshot.
+/// Prometheus exposition (OpenMetrics) of a status snapshot.
 #[must_use]
 pub fn render_metrics(s: &GatewayStatus) -> String {
-    let mut out = String::new();
-    let mut family = |name: &str, kind: &str, help: &str, samples: Vec<(String, f64)>| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for (labels, v) in samples {
-            let _ = writeln!(out, "{name}{{{labels}}} {v}");
-        }
+    use causeway_metrics::Family;
+    let by_cluster = |f: Family, v: &dyn Fn(&ConnectionView) -> Option<causeway_metrics::Value>| {
+        f.each(&s.connections, |c| v(c).map(|v| (vec![("cluster", c.cluster_id.clone())], v)))
     };
-    let per = |f: &dyn Fn(&ConnectionView) -> f64| -> Vec<(String, f64)> {
-        s.connections.iter().map(|c| (format!("cluster=\"{}\"", c.cluster_id), f(c))).collect()
+    let connected = |c: &ConnectionView| Some((c.status == "connected").into());
+    let labelled = |f: Family, key: &'static str, m: &BTreeMap<String, u64>| {
+        f.each(m, |(k, v)| Some((vec![(key, (*k).clone())], **v)))
     };
-    family(
-        "causeway_standby_up",
-        "gauge",
-        "1 when the session with a remote cluster's standby gateway is established (warm)",
-        s.standbys
-            .iter()
-            .map(|c| {
-                let up = if c.status == "connected" { 1.0 } else { 0.0 };
-                (format!("cluster=\"{}\",endpoint=\"{}\"", c.cluster_id, c.endpoint), up)
-            })
-            .collect(),
-    );
-    family(
-        "causeway_connection_up",
-        "gauge",
-        "1 when a session with the remote gateway is established",
-        per(&|c| {
-            if c.status == "connected" { 1.0 } else { 0.0 }
+    let cable = [("cable", s.cable.as_str())];
+    causeway_metrics::render(vec![
+        Family::gauge(
+            "causeway_standby_up",
+            "1 when the session with a remote cluster's standby gateway is established (warm)",
+        )
+        .each(&s.standbys, |c| {
+            Some((
+                vec![("cluster", c.cluster_id.clone()), ("endpoint", c.endpoint.clone())],
+                c.status == "connected",
+            ))
         }),
-    );
-    #[expect(clippy::cast_precision_loss, reason = "metrics are floats by definition")]
-    {
-        family(
-            "causeway_tx_bytes_total",
-            "counter",
-            "Bytes sent to the remote cluster (eBPF)",
-            per(&|c| c.datapath.tx_bytes as f64),
-        );
-        family(
-            "causeway_rx_bytes_total",
-            "counter",
-            "Bytes received from the remote cluster (eBPF)",
-            per(&|c| c.datapath.rx_bytes as f64),
-        );
-        family(
-            "causeway_tx_packets_total",
-            "counter",
-            "Packets sent to the remote cluster (eBPF)",
-            per(&|c| c.datapath.tx_packets as f64),
-        );
-        family(
-            "causeway_rx_packets_total",
-            "counter",
-            "Packets received from the remote cluster (eBPF)",
-            per(&|c| c.datapath.rx_packets as f64),
-        );
-        family(
-            "causeway_cable_drops_total",
-            "counter",
-            "Packets the cable dropped, by reason",
-            s.cable_drops.iter().map(|(k, v)| (format!("reason=\"{k}\""), *v as f64)).collect(),
-        );
-        family(
+        by_cluster(
+            Family::gauge("causeway_connection_up", "1 when a session with the remote gateway is established"),
+            &connected,
+        ),
+        by_cluster(Family::counter("causeway_tx_bytes_total", "Bytes sent to the remote cluster (eBPF)"), &|c| {
+            Some(c.datapath.tx_bytes.into())
+        }),
+        by_cluster(Family::counter("causeway_rx_bytes_total", "Bytes received from the remote cluster (eBPF)"), &|c| {
+            Some(c.datapath.rx_bytes.into())
+        }),
+        by_cluster(Family::counter("causeway_tx_packets_total", "Packets sent to the remote cluster (eBPF)"), &|c| {
+            Some(c.datapath.tx_packets.into())
+        }),
+        by_cluster(
+            Family::counter("causeway_rx_packets_total", "Packets received from the remote cluster (eBPF)"),
+            &|c| Some(c.datapath.rx_packets.into()),
+        ),
+        labelled(Family::counter("causeway_cable_drops_total", "Packets the cable dropped, by reason"), "reason", &s.cable_drops),
+        Family::gauge(
             "causeway_cable_udp_segmentation",
-            "gauge",
             "1 while encrypted runs leave as UDP segmentation offload messages; 0 once the kernel refused one",
-            vec![(format!("cable=\"{}\"", s.cable), if s.cable_udp_segmentation { 1.0 } else { 0.0 })],
-        );
-        family(
+        )
+        .with(&cable, s.cable_udp_segmentation),
+        Family::gauge(
             "causeway_cable_stalled_lanes",
-            "gauge",
             "Cable I/O lanes that have not turned for 5 s (stuck; /healthz fails while any is)",
-            vec![(format!("cable=\"{}\"", s.cable), s.cable_stalled_lanes as f64)],
-        );
-        family(
-            "causeway_datapath_events_total",
-            "counter",
-            "Datapath events counted in the kernel, by kind",
-            s.datapath_events.iter().map(|(k, v)| (format!("event=\"{k}\""), *v as f64)).collect(),
-        );
-        family(
-            "causeway_policy_drops_total",
-            "counter",
-            "Packets dropped by the cluster-set policy (both directions), by deciding rule",
-            s.policy_drops.iter().map(|(k, v)| (format!("rule=\"{k}\""), *v as f64)).collect(),
-        );
-    }
-    #[expect(clippy::cast_precision_loss, reason = "metrics are floats by definition")]
-    family(
-        "causeway_failovers_total",
-        "counter",
-        "Changes of the gateway that carries a remote cluster, by reason (unreachable: it stopped answering probes; authority: the control plane named another; fail_back: traffic went back after the hold-down)",
-        s.failovers
-            .iter()
-            .flat_map(|(cluster, by)| {
-                by.iter()
-                    .map(move |(reason, n)| (format!("cluster=\"{cluster}\",reason=\"{reason}\""), *n as f64))
-            })
-            .collect(),
-    );
-    family(
-        "causeway_connection_path",
-        "gauge",
-        "1 for the kind of path each tunnel takes (direct-private, direct-public)",
-        s.connections
-            .iter()
-            .filter_map(|c| {
-                c.path.as_ref().map(|p| (format!("cluster=\"{}\",path=\"{p}\"", c.cluster_id), 1.0))
-            })
-            .collect(),
-    );
-    family(
-        "causeway_rtt_seconds",
-        "gauge",
-        "Round-trip time of the last in-band probe through the tunnel",
-        s.connections
-            .iter()
-            .filter_map(|c| c.rtt_secs.map(|v| (format!("cluster=\"{}\"", c.cluster_id), v)))
-            .collect(),
-    );
-    family(
-        "causeway_probe_loss_ratio",
-        "gauge",
-        "Fraction of recent in-band probes that were lost",
-        s.connections.iter().map(|c| (format!("cluster=\"{}\"", c.cluster_id), c.loss)).collect(),
-    );
-    family(
-        "causeway_last_handshake_seconds",
-        "gauge",
-        "Seconds since the last handshake with the remote gateway",
-        s.connections
-            .iter()
-            .filter_map(|c| c.last_handshake_secs.map(|v| (format!("cluster=\"{}\"", c.cluster_id), v)))
-            .collect(),
-    );
-    family(
-        "causeway_remote_refused",
-        "gauge",
-        "Remote clusters this gateway refuses to route (see show connections for why)",
-        s.refused.keys().map(|c| (format!("cluster=\"{c}\""), 1.0)).collect(),
-    );
-    family(
-        "causeway_route_conflicts",
-        "gauge",
-        "Remote prefixes not routed because a route Causeway did not create holds them",
-        vec![(String::new(), s.route_conflicts.len() as f64)],
-    );
-    family(
-        "causeway_reconcile_failed",
-        "gauge",
-        "Reconcile steps that failed on the last pass (the others ran; retried on the next pass)",
-        s.reconcile_failures.keys().map(|step| (format!("step=\"{step}\""), 1.0)).collect(),
-    );
-    family(
-        "causeway_build_info",
-        "gauge",
-        "Build information",
-        vec![(format!("version=\"{}\"", env!("CARGO_PKG_VERSION")), 1.0)],
-    );
-    let p = process_stats();
-    for (name, kind, help, value) in [
-        ("process_cpu_seconds_total", "counter", "User and system CPU time spent", p.cpu_seconds),
-        ("process_resident_memory_bytes", "gauge", "Resident memory size", p.resident_bytes),
-        ("process_start_time_seconds", "gauge", "Start time since the Unix epoch", p.start_time),
-    ] {
-        if let Some(v) = value {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
-        }
-    }
-    out
-}
-
-struct ProcessStats {
-    cpu_seconds: Option<f64>,
-    resident_bytes: Option<f64>,
-    start_time: Option<f64>,
-}
-
-/// Reads this process's CPU time, RSS and start time from /proc. Clock ticks in /proc are
-/// USER_HZ, 100 on every Linux ABI; resident memory comes from `VmRSS` in kB, not from a page
-/// count (pages are 64 KiB on some arm64 kernels).
-fn process_stats() -> ProcessStats {
-    const TICKS: f64 = 100.0;
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the parenthesised command name; utime is field 14, stime 15, starttime 22.
-    let rest: Vec<&str> =
-        stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
-    let field = |n: usize| rest.get(n - 3).and_then(|v| v.parse::<f64>().ok());
-    let cpu_seconds = field(14).zip(field(15)).map(|(u, s)| (u + s) / TICKS);
-    let resident_bytes = std::fs::read_to_string("/proc/self/status").ok().and_then(|s| vm_rss_bytes(&s));
-    let boot = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
-        s.lines().find_map(|l| l.strip_prefix("btime ").and_then(|v| v.trim().parse::<f64>().ok()))
-    });
-    let start_time = boot.zip(field(22)).map(|(b, t)| b + t / TICKS);
-    ProcessStats { cpu_seconds, resident_bytes, start_time }
-}
-
-/// `VmRSS:  1234 kB` from a /proc/PID/status text, in bytes.
-fn vm_rss_bytes(status: &str) -> Option<f64> {
-    let line = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?;
-    let mut words = line.split_whitespace();
-    let kb = words.next()?.parse::<f64>().ok()?;
-    (words.next() == Some("kB")).then_some(kb * 1024.0)
+        )
+        .with(&cable, s.cable_stalled_lanes),
+        labelled(
+            Family::counter("causeway_datapath_events_total", "Datapath events counted in the kernel, by kind"),
+            "event",
+            &s.datapath_events,
+        ),
+        labelled(
+            Family::counter(
+                "causeway_policy_drops_total",
+                "Packets dropped by the cluster-set policy (both directions), by deciding rule",
+            ),
+            "rule",
+            &s.policy_drops,
+        ),
+        Family::counter(
+            "causeway_failovers_total",
+            "Changes of the gateway that carries a remote cluster, by reason (unreachable: it stopped answering probes; authority: the control plane named another; fail_back: traffic went back after the hold-down)",
+        )
+        .each(s.failovers.iter().flat_map(|(cluster, by)| by.iter().map(move |(r, n)| (cluster, r, *n))), |(c, r, n)| {
+            Some((vec![("cluster", (*c).clone()), ("reason", (*r).clone())], *n))
+        }),
+        Family::gauge("causeway_connection_path", "1 for the kind of path each tunnel takes (direct-private, direct-public, relayed)")
+            .each(&s.connections, |c| {
+                c.path.as_ref().map(|p| (vec![("cluster", c.cluster_id.clone()), ("path", p.clone())], 1u64))
+            }),
+        by_cluster(Family::gauge("causeway_rtt_seconds", "Round-trip time of the last in-band probe through the tunnel"), &|c| {
+            c.rtt_secs.map(Into::into)
+        }),
+        by_cluster(Family::gauge("causeway_probe_loss_ratio", "Fraction of recent in-band probes that were lost"), &|c| {
+            Some(c.loss.into())
+        }),
+        by_cluster(
+            Family::gauge("causeway_last_handshake_seconds", "Seconds since the last handshake with the remote gateway"),
+            &|c| c.last_handshake_secs.map(Into::into),
+        ),
+        Family::gauge(
+            "causeway_remote_refused",
+            "Remote clusters this gateway refuses to route (see show connections for why)",
+        )
+        .each(s.refused.keys(), |c| Some((vec![("cluster", (*c).clone())], 1u64))),
+        Family::gauge(
+            "causeway_route_conflicts",
+            "Remote prefixes not routed because a route Causeway did not create holds them",
+        )
+        .with(&[], s.route_conflicts.len()),
+        Family::gauge(
+            "causeway_reconcile_failed",
+            "Reconcile steps that failed on the last pass (the others ran; retried on the next pass)",
+        )
+        .each(s.reconcile_failures.keys(), |step| Some((vec![("step", (*step).clone())], 1u64))),
+    ])
 }
 
 /// The daemon publishes a status reading every second, taking its lock to do so: a newest
@@ -671,19 +565,9 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("causeway_probe_loss_ratio{cluster=\"b\"} 0.25\n"));
-        assert!(text.contains("# TYPE causeway_tx_bytes_total counter\n"));
-        assert!(text.contains("\nprocess_resident_memory_bytes "), "{text}");
-        assert!(text.contains("\nprocess_start_time_seconds "), "{text}");
-    }
-
-    #[test]
-    fn resident_memory_is_read_in_kb_whatever_the_page_size() {
-        let status = "Name:\tcauseway\nVmHWM:\t  9000 kB\nVmRSS:\t   12345 kB\nRssAnon:\t 100 kB\n";
-        assert_eq!(vm_rss_bytes(status), Some(12_345.0 * 1024.0));
-        assert_eq!(vm_rss_bytes("VmRSS:\t12 pages\n"), None, "a unit we do not know is no figure");
-        assert_eq!(vm_rss_bytes("Name:\tx\n"), None);
-        // This process: a few MiB at least.
-        let own = process_stats().resident_bytes.unwrap();
-        assert!(own > 1024.0 * 1024.0, "{own}");
+        assert!(text.contains("# TYPE causeway_tx_bytes counter\n"));
+        assert!(text.contains("\nprocess_resident_memory_bytes{} "), "{text}");
+        assert!(text.contains("\nprocess_start_time_seconds{} "), "{text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
     }
 }

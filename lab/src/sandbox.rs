@@ -143,6 +143,8 @@ pub struct Layout {
     /// Its run directory (logs, pinned eBPF maps under `bpf/`, credentials: never copied).
     pub run_dir: PathBuf,
     pub broker_log: PathBuf,
+    /// The broker's namespace (its metrics answer on 127.0.0.1:9466 there).
+    pub broker_ns: String,
 }
 
 /// The running sandbox's gateways, active ones first.
@@ -176,6 +178,7 @@ pub fn layout() -> anyhow::Result<Layout> {
         namespaces: topo.namespaces.clone(),
         run_dir: run_dir(),
         broker_log: topo.spec.run_dir.join("broker.log"),
+        broker_ns: topo.broker_ns.clone(),
     })
 }
 

@@ -462,6 +462,11 @@ fn check_bundle(gathered: &(bool, String), bundle: &std::path::Path, secrets: &[
     assert!(read("gateways/cluster-1/status.json").contains("\"publicKey\""));
     assert!(read("gateways/cluster-2-standby/status.json").contains("cluster-2"));
     assert!(read("gateways/cluster-1/metrics.txt").contains("causeway_"));
+    // The broker's own metrics, from its metrics port: three clusters, six gateways.
+    let broker = read("broker/metrics.txt");
+    assert!(broker.contains("causeway_broker_records{kind=\"cluster\"} 3\n"), "{broker}");
+    assert!(broker.contains("causeway_broker_records{kind=\"endpoint\"} 6\n"), "{broker}");
+    assert!(broker.contains("causeway_broker_ready{} 1\n"), "{broker}");
     assert!(!read("gateways/cluster-3/gateway.log").is_empty());
     assert!(read("namespaces/cw-c1-gw/routes.txt").contains("10.2.0.0/16"));
     assert!(read("namespaces/cw-c3-gw/links.txt").contains("uplink"));

@@ -101,7 +101,7 @@ impl std::fmt::Debug for Broker {
 
 /// A lock whose holder panicked still guards consistent data here (every change under these
 /// locks completes before they are released), so poisoning is ignored.
-fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+pub(crate) fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
     lock.read().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
@@ -482,6 +482,13 @@ impl Broker {
     }
 
     /// The changes after `since`; waits up to `wait` for the first one.
+    /// Watch requests waiting for a change now (gateways, route agents and DNS servers each
+    /// hold one most of the time).
+    #[must_use]
+    pub fn watchers(&self) -> usize {
+        self.revision.receiver_count()
+    }
+
     pub async fn watch(
         &self,
         who: &Identity,

@@ -19,6 +19,7 @@ pub mod etcd;
 pub mod globals;
 pub mod imports;
 pub mod leases;
+pub mod metrics;
 pub mod rate;
 pub mod relay;
 pub mod rules;

@@ -452,6 +452,7 @@ async fn relay_check(
 pub fn router(broker: Arc<Broker>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(crate::metrics::readyz))
         .route("/v1/records", get(list))
         .route("/v1/watch", get(watch))
         .route("/v1/join", post(join))

@@ -455,6 +455,44 @@ async fn https_with_the_brokers_own_ca() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// Sends one request on a fresh connection; returns the whole answer.
+async fn raw_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_metrics_and_the_clock_are_served() {
+    let (client, broker, _stop) = start_with(MemStore::default()).await;
+    client.put_cluster(&cluster("east", "10.1.0.0/16", "10.101.0.0/16")).await.unwrap();
+    // The API port: readiness (the store answers) and the clock `diagnose` compares with.
+    let api: std::net::SocketAddr = client.base_url().trim_start_matches("http://").parse().unwrap();
+    let ready = raw_get(api, "/readyz").await;
+    assert!(ready.starts_with("HTTP/1.1 200") && ready.ends_with("ok\n"), "{ready}");
+    let skew = match std::time::SystemTime::now().duration_since(client.clock().await.unwrap()) {
+        Ok(d) => d,
+        Err(e) => e.duration(),
+    };
+    assert!(skew < Duration::from_secs(3), "{skew:?}");
+    // The metrics port: OpenMetrics text with what the broker holds.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = causeway_broker::metrics::serve(listener, broker);
+    let metrics = raw_get(addr, "/metrics").await;
+    assert!(metrics.contains("content-type: application/openmetrics-text"), "{metrics}");
+    assert!(metrics.contains("causeway_broker_records{kind=\"cluster\"} 1\n"), "{metrics}");
+    assert!(metrics.contains("process_resident_memory_bytes{} "), "{metrics}");
+    assert!(raw_get(addr, "/readyz").await.starts_with("HTTP/1.1 200"));
+    assert!(raw_get(addr, "/nothing").await.starts_with("HTTP/1.1 404"));
+    task.abort();
+}
+
 async fn endpoints_expire_without_heartbeats(mut f: Fixture) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());

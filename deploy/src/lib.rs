@@ -11,6 +11,7 @@ pub mod election;
 pub mod exports;
 pub mod imports;
 pub mod manifests;
+pub mod monitoring;
 pub mod policies;
 pub mod source;
 #[cfg(feature = "testing")]

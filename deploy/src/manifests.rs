@@ -148,10 +148,13 @@ pub enum Bundle {
     Broker,
     /// What `join` applies to every member cluster: RBAC, the gateway and route-agent DaemonSets.
     Member,
+    /// For the Prometheus Operator and Grafana: metrics Services, a ServiceMonitor and the
+    /// dashboard (applied by hand where those run; neither `join` nor `deploy-broker` does).
+    Monitoring,
 }
 
 impl Bundle {
-    pub const ALL: [Bundle; 3] = [Bundle::Crds, Bundle::Broker, Bundle::Member];
+    pub const ALL: [Bundle; 4] = [Bundle::Crds, Bundle::Broker, Bundle::Member, Bundle::Monitoring];
 
     /// The file under `deploy/manifests/`.
     #[must_use]
@@ -160,6 +163,7 @@ impl Bundle {
             Bundle::Crds => "crds.yaml",
             Bundle::Broker => "broker.yaml",
             Bundle::Member => "member.yaml",
+            Bundle::Monitoring => "monitoring.yaml",
         }
     }
 
@@ -168,6 +172,7 @@ impl Bundle {
             Bundle::Crds => crate::crds::manifests(),
             Bundle::Broker => broker(s),
             Bundle::Member => member(s),
+            Bundle::Monitoring => crate::monitoring::manifests(s),
         }
     }
 }
@@ -949,6 +954,7 @@ pub fn check_typed(doc: &serde_json::Value) -> Result<(), String> {
         "Secret" => round::<k8s_openapi::api::core::v1::Secret>(doc),
         "ConfigMap" => round::<k8s_openapi::api::core::v1::ConfigMap>(doc),
         "CustomResourceDefinition" => round::<CustomResourceDefinition>(doc),
+        "ServiceMonitor" => round::<crate::monitoring::ServiceMonitor>(doc),
         other => return Err(format!("no typed struct known for kind {other:?}")),
     }?;
     if &back == doc {

@@ -22,6 +22,38 @@ fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
 }
 
 #[test]
+fn the_checked_in_dashboard_matches_the_generator_and_its_config_map() {
+    use causeway_deploy::monitoring::{DASHBOARD_FILE, dashboard_json};
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("manifests").join(DASHBOARD_FILE);
+    let have = std::fs::read_to_string(&path).unwrap_or_default();
+    let want = dashboard_json(&Settings::default()).unwrap();
+    assert!(
+        have == want,
+        "deploy/manifests/{DASHBOARD_FILE} differs from the generator: run `cargo run -p causeway -- manifests --output-dir deploy/manifests` and commit the result"
+    );
+    // The ConfigMap Grafana's sidecar loads carries the same JSON; the ServiceMonitor selects
+    // exactly the three metrics Services, on their named port.
+    let docs = docs(&checked_in(Bundle::Monitoring));
+    let cm = find(&docs, "ConfigMap", "causeway-grafana-dashboard");
+    assert_eq!(cm["metadata"]["labels"]["grafana_dashboard"], "1");
+    assert_eq!(cm["data"]["causeway.json"].as_str(), Some(want.as_str()));
+    let monitor = find(&docs, "ServiceMonitor", "causeway");
+    let wanted = &monitor["spec"]["selector"]["matchLabels"];
+    let selected: Vec<&Value> = docs
+        .iter()
+        .filter(|d| d["kind"] == "Service")
+        .filter(|d| wanted.as_object().unwrap().iter().all(|(k, v)| &d["metadata"]["labels"][k] == v))
+        .collect();
+    assert_eq!(selected.len(), 3);
+    for svc in selected {
+        assert_eq!(svc["spec"]["clusterIP"], "None");
+        assert_eq!(svc["spec"]["ports"][0]["name"], monitor["spec"]["endpoints"][0]["port"]);
+    }
+    let dashboard: Value = serde_json::from_str(&want).unwrap();
+    assert_eq!(dashboard["panels"].as_array().unwrap().len(), causeway_deploy::monitoring::PANELS.len());
+}
+
+#[test]
 fn checked_in_manifests_match_the_generator() {
     for bundle in Bundle::ALL {
         let want = render(bundle, &Settings::default()).unwrap();

@@ -44,6 +44,10 @@ fn kind(r: &Record) -> &'static str {
     }
 }
 
+/// Renders families with the process metrics (re-exported so callers need not depend on the
+/// metrics crate).
+pub use causeway_metrics::render;
+
 /// What one scrape reports.
 #[must_use]
 pub fn families(b: &Broker, stun: &StunCounters, ready: bool) -> Vec<Family> {

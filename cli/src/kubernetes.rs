@@ -431,6 +431,73 @@ pub struct UninstallArgs {
     /// Do not ask for confirmation (needed when stdin is not a terminal).
     #[arg(long, short)]
     yes: bool,
+    /// Leave the nodes' kernel state (routes, the tunnel device, pinned eBPF objects) instead
+    /// of running `causeway cleanup` on every node in a Job once the DaemonSets are gone.
+    #[arg(long)]
+    keep_node_state: bool,
+    /// How often the pods and Jobs are looked at (tests shorten it).
+    #[arg(skip = std::time::Duration::from_secs(2))]
+    poll: std::time::Duration,
+}
+
+/// How long uninstall waits for the DaemonSets' pods to go, and for the cleanup Jobs.
+const NODE_CLEANUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Deletes the gateway and route-agent DaemonSets, waits for their pods to go, then runs
+/// `causeway cleanup` on every node in a Job (so nothing races the process it cleans up after).
+/// Returns what went wrong; a node left as it was is named.
+async fn clean_nodes(
+    client: &causeway_deploy::Client,
+    settings: &causeway_deploy::Settings,
+    member: &[causeway_deploy::manifests::Manifest],
+    poll: std::time::Duration,
+) -> Vec<String> {
+    let daemonsets: Vec<_> = member.iter().filter(|m| m.kind == "DaemonSet").cloned().collect();
+    if let Err(e) = causeway_deploy::apply::remove(client, &daemonsets, progress).await {
+        return vec![format!("{e}; the nodes' kernel state was left (run `causeway cleanup` on each node)")];
+    }
+    let ns = &settings.namespace;
+    for component in ["gateway", "route-agent"] {
+        let selector = format!("app.kubernetes.io/name=causeway,app.kubernetes.io/component={component}");
+        match causeway_deploy::apply::wait_pods_gone(client, ns, &selector, NODE_CLEANUP_TIMEOUT, poll).await
+        {
+            Ok(true) => {}
+            Ok(false) => {
+                return vec![format!(
+                    "the {component} pods are still there after {NODE_CLEANUP_TIMEOUT:?}; the nodes' kernel state was left (run `causeway cleanup` on each node)"
+                )];
+            }
+            Err(e) => return vec![e.to_string()],
+        }
+    }
+    let nodes = match causeway_deploy::apply::nodes(client).await {
+        Ok(n) => n,
+        Err(e) => return vec![e.to_string()],
+    };
+    let mut jobs = Vec::new();
+    for (node, _) in &nodes {
+        match causeway_deploy::manifests::cleanup_job(settings, node) {
+            Ok(j) => jobs.push(j),
+            Err(e) => return vec![e.to_string()],
+        }
+    }
+    progress(&format!("running `causeway cleanup` on {} node(s)", jobs.len()));
+    match causeway_deploy::apply::run_jobs(client, &jobs, NODE_CLEANUP_TIMEOUT, poll, progress).await {
+        Ok(outcomes) => outcomes
+            .into_iter()
+            .zip(&nodes)
+            .filter_map(|((job, outcome), (node, _))| match outcome {
+                causeway_deploy::apply::JobOutcome::Succeeded => None,
+                causeway_deploy::apply::JobOutcome::Failed(why) => {
+                    Some(format!("cleanup on node {node} failed ({job}: {why})"))
+                }
+                causeway_deploy::apply::JobOutcome::TimedOut => Some(format!(
+                    "cleanup on node {node} did not finish within {NODE_CLEANUP_TIMEOUT:?} ({job})"
+                )),
+            })
+            .collect(),
+        Err(e) => vec![e.to_string()],
+    }
 }
 
 /// Removes what `join` (and with --broker, `deploy-broker`) created. Leaving the broker's
@@ -454,6 +521,7 @@ async fn uninstall_with(
         all.extend(causeway_deploy::Bundle::Crds.manifests(&settings)?);
     }
     let mut member = causeway_deploy::Bundle::Member.manifests(&settings)?;
+    let member_objects = member.clone();
     // The namespace goes last (removal runs in reverse), and only when nothing else stays in it.
     let namespace = member.remove(0);
     if a.broker {
@@ -475,6 +543,9 @@ async fn uninstall_with(
         for m in all.iter().rev() {
             println!("# would delete {}", m.describe());
         }
+        if !a.keep_node_state {
+            println!("# would run `causeway cleanup` on every node in a Job, once the DaemonSets are gone");
+        }
         return Ok(());
     }
     let mut what = format!("remove Causeway from namespace {ns} of this Kubernetes cluster");
@@ -493,6 +564,9 @@ async fn uninstall_with(
         Ok(true) => progress("removed the clusterset.local block from kube-system/coredns"),
         Ok(false) => {}
         Err(e) => failed.push(e.to_string()),
+    }
+    if !a.keep_node_state {
+        failed.extend(clean_nodes(&client, &settings, &member_objects, a.poll).await);
     }
     if let Err(e) = causeway_deploy::apply::remove(&client, &all, progress).await {
         failed.push(e.to_string());
@@ -833,7 +907,37 @@ mod tests {
     /// A cluster join set up, as uninstall finds it; the CRD of ServiceExport is another
     /// implementation's.
     fn uninstalled_cluster() -> (causeway_deploy::Client, causeway_deploy::testing::Log) {
-        client(|r: &Seen| match (r.method.as_str(), r.path()) {
+        uninstalled_cluster_with(true)
+    }
+
+    const JOBS: &str = "/apis/batch/v1/namespaces/causeway-system/jobs/";
+
+    /// As above; with `gateway_ds_fails` false the DaemonSets go, their pods are gone, and the
+    /// cleanup Job succeeds on gw-1 and fails on w-1.
+    fn uninstalled_cluster_with(
+        gateway_ds_fails: bool,
+    ) -> (causeway_deploy::Client, causeway_deploy::testing::Log) {
+        client(move |r: &Seen| match (r.method.as_str(), r.path()) {
+            ("GET", "/api/v1/namespaces/causeway-system/pods") => Reply::Json(200, list("Pod", "v1", vec![])),
+            ("PATCH", p) if p.starts_with(JOBS) => Reply::Json(200, r.body.clone()),
+            ("GET", p) if p.starts_with(JOBS) => {
+                let name = p.strip_prefix(JOBS).unwrap();
+                let status = if name.ends_with("gw-1") {
+                    json!({"succeeded": 1})
+                } else {
+                    json!({"failed": 3, "conditions": [{"type": "Failed", "status": "True",
+                        "reason": "BackoffLimitExceeded", "message": "Job has reached the specified backoff limit"}]})
+                };
+                Reply::Json(
+                    200,
+                    json!({"apiVersion": "batch/v1", "kind": "Job",
+                    "metadata": {"name": name, "namespace": "causeway-system"}, "status": status}),
+                )
+            }
+            ("DELETE", p) if gateway_ds_fails && p.ends_with("/daemonsets/causeway-gateway") => Reply::Json(
+                500,
+                causeway_deploy::testing::status(500, "InternalError", "etcdserver: request timed out"),
+            ),
             ("GET", p) if p == format!("{CRDS}serviceexports.multicluster.x-k8s.io") => {
                 Reply::Json(200, foreign_crd("serviceexports.multicluster.x-k8s.io"))
             }
@@ -851,14 +955,53 @@ mod tests {
             ("PATCH", "/api/v1/namespaces/kube-system/configmaps/coredns") => {
                 Reply::Json(200, r.body.clone())
             }
-            ("DELETE", p) if p.ends_with("/daemonsets/causeway-gateway") => Reply::Json(
-                500,
-                causeway_deploy::testing::status(500, "InternalError", "etcdserver: request timed out"),
-            ),
             ("DELETE", p) if p.ends_with("/leases/causeway-gateway") => not_found("lease"),
             ("DELETE", _) => Reply::Json(200, causeway_deploy::testing::status(200, "", "")),
             other => panic!("unexpected {other:?}"),
         })
+    }
+
+    #[tokio::test]
+    async fn uninstall_cleans_every_node_once_the_daemonsets_are_gone() {
+        let (kube, log) = uninstalled_cluster_with(false);
+        let a = UninstallArgs {
+            kube: KubeArgs::default(),
+            manifests: ManifestArgs {
+                namespace: "causeway-system".into(),
+                image: Some("reg/causeway:2".into()),
+            },
+            broker: false,
+            crds: false,
+            dry_run: false,
+            yes: true,
+            keep_node_state: false,
+            poll: std::time::Duration::from_millis(10),
+        };
+        let e = uninstall_with(async || Ok(kube), a).await.unwrap_err().to_string();
+        // The failed node is named with the Job's reason; the other one is clean.
+        assert!(e.contains("cleanup on node w-1 failed (causeway-cleanup-w-1: Job has reached"), "{e}");
+        assert!(!e.contains("gw-1"), "{e}");
+        let log = log.lock().unwrap();
+        let at = |method: &str, path: &str| log.iter().position(|r| r.is(method, path));
+        let ds =
+            at("DELETE", "/apis/apps/v1/namespaces/causeway-system/daemonsets/causeway-gateway").unwrap();
+        let job = at("PATCH", &format!("{JOBS}causeway-cleanup-gw-1")).expect("a Job on gw-1");
+        let pods = log.iter().position(|r| r.is("GET", "/api/v1/namespaces/causeway-system/pods")).unwrap();
+        assert!(ds < pods && pods < job, "DaemonSets deleted and their pods gone before the cleanup");
+        let spec = &log[job].body["spec"]["template"]["spec"];
+        assert_eq!(spec["nodeName"], "gw-1");
+        assert_eq!(spec["hostNetwork"], true);
+        assert_eq!(spec["containers"][0]["command"], json!(["causeway", "cleanup"]));
+        assert_eq!(spec["containers"][0]["image"], "reg/causeway:2");
+        assert!(
+            at("PATCH", &format!("{JOBS}causeway-cleanup-w-1")).is_some(),
+            "every node, route-agent nodes too"
+        );
+        // The Jobs are removed afterwards, and the rest of the uninstall still ran.
+        assert!(at("DELETE", &format!("{JOBS}causeway-cleanup-gw-1")).is_some());
+        assert!(
+            at("DELETE", "/api/v1/namespaces/causeway-system/secrets/causeway-broker-credentials").is_some()
+        );
     }
 
     #[tokio::test]
@@ -871,6 +1014,8 @@ mod tests {
             crds: false,
             dry_run: false,
             yes: true,
+            keep_node_state: false,
+            poll: std::time::Duration::from_millis(10),
         };
         let e = uninstall_with(async || Ok(kube), a).await.unwrap_err().to_string();
         assert!(e.contains("DaemonSet/causeway-gateway"), "{e}");
@@ -908,6 +1053,8 @@ mod tests {
             crds: true,
             dry_run: false,
             yes: true,
+            keep_node_state: false,
+            poll: std::time::Duration::from_millis(10),
         };
         uninstall_with(async || Ok(kube), a).await.unwrap_err();
         let log = log.lock().unwrap();

@@ -92,6 +92,88 @@ pub async fn foreign_crds(
     Ok(out)
 }
 
+/// How a node's cleanup Job ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum JobOutcome {
+    Succeeded,
+    Failed(String),
+    TimedOut,
+}
+
+/// Runs each Job (one per node) to its end: applies them all, then polls their status every
+/// `every` until each has succeeded or failed or `timeout` has passed; deletes them (and their
+/// pods) afterwards whatever happened. Returns each Job's name and outcome, in order.
+pub async fn run_jobs(
+    client: &Client,
+    jobs: &[Manifest],
+    timeout: std::time::Duration,
+    every: std::time::Duration,
+    mut progress: impl FnMut(&str),
+) -> Result<Vec<(String, JobOutcome)>, ApplyError> {
+    apply(client, jobs, &mut progress).await?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut outcomes: Vec<Option<JobOutcome>> = vec![None; jobs.len()];
+    while outcomes.iter().any(Option::is_none) && tokio::time::Instant::now() < deadline {
+        for (m, outcome) in jobs.iter().zip(outcomes.iter_mut()).filter(|(_, o)| o.is_none()) {
+            let job = api(client, m)
+                .get_opt(&m.name)
+                .await
+                .map_err(|source| ApplyError::Api { what: format!("reading {}", m.describe()), source })?;
+            let status = job.map(|j| j.data["status"].clone()).unwrap_or_default();
+            if status["succeeded"].as_u64().unwrap_or(0) > 0 {
+                progress(&format!("{} succeeded", m.describe()));
+                *outcome = Some(JobOutcome::Succeeded);
+            } else if let Some(failed) = status["conditions"]
+                .as_array()
+                .and_then(|c| c.iter().find(|c| c["type"] == "Failed" && c["status"] == "True"))
+            {
+                let why =
+                    failed["message"].as_str().or(failed["reason"].as_str()).unwrap_or("failed").to_owned();
+                progress(&format!("{} failed: {why}", m.describe()));
+                *outcome = Some(JobOutcome::Failed(why));
+            }
+        }
+        if outcomes.iter().any(Option::is_none) {
+            tokio::time::sleep(every).await;
+        }
+    }
+    let params = DeleteParams::background();
+    for m in jobs {
+        // The Jobs' TTL removes them later anyway: a failed delete is only reported.
+        if let Err(e) = api(client, m).delete(&m.name, &params).await {
+            progress(&format!("could not delete {}: {e}", m.describe()));
+        }
+    }
+    Ok(jobs.iter().zip(outcomes).map(|(m, o)| (m.name.clone(), o.unwrap_or(JobOutcome::TimedOut))).collect())
+}
+
+/// Waits until no pod of `namespace` carries `selector` (`key=value,…`), so that a node's
+/// cleanup does not race the process it cleans up after.
+pub async fn wait_pods_gone(
+    client: &Client,
+    namespace: &str,
+    selector: &str,
+    timeout: std::time::Duration,
+    every: std::time::Duration,
+) -> Result<bool, ApplyError> {
+    use k8s_openapi::api::core::v1::Pod;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let list = pods
+            .list(&kube::api::ListParams::default().labels(selector))
+            .await
+            .map_err(|source| ApplyError::Api { what: format!("listing pods {selector}"), source })?;
+        if list.items.is_empty() {
+            return Ok(true);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
 /// Deletes `manifests` in reverse order. Objects already gone are fine; every other failure is
 /// collected and reported together, after every step has run.
 pub async fn remove(

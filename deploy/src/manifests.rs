@@ -10,6 +10,7 @@ use k8s_openapi::{
             DaemonSet, DaemonSetSpec, DaemonSetUpdateStrategy, Deployment, DeploymentSpec,
             DeploymentStrategy, RollingUpdateDaemonSet,
         },
+        batch::v1::{Job, JobSpec},
         core::v1::{
             Affinity, Capabilities, ConfigMapEnvSource, Container, ContainerPort, EnvFromSource, EnvVar,
             EnvVarSource, HTTPGetAction, HostPathVolumeSource, Namespace, NodeAffinity, NodeSelector,
@@ -738,6 +739,63 @@ fn member(s: &Settings) -> Result<Vec<Manifest>, ManifestError> {
     ])
 }
 
+/// The Job `uninstall` runs on `node` once the DaemonSets are gone: `causeway cleanup` in the
+/// host's network namespace removes what a restart-safe gateway (or route agent) leaves there —
+/// the routes, the tunnel device and the pinned eBPF maps, programs and links.
+pub fn cleanup_job(s: &Settings, node: &str) -> Result<Manifest, ManifestError> {
+    let ns = s.namespace.as_str();
+    let container = Container {
+        name: "cleanup".into(),
+        image: Some(s.image.clone()),
+        command: Some(vec!["causeway".into(), "cleanup".into()]),
+        security_context: Some(capabilities(&["NET_ADMIN", "BPF", "SYS_ADMIN"])),
+        resources: Some(resources("10m", "32Mi", "128Mi")),
+        volume_mounts: Some(vec![mount("bpffs", "/sys/fs/bpf", false)]),
+        ..Container::default()
+    };
+    let pod = PodSpec {
+        node_name: Some(node.into()),
+        host_network: Some(true),
+        restart_policy: Some("Never".into()),
+        automount_service_account_token: Some(false),
+        tolerations: Some(tolerate_everything()),
+        security_context: Some(node_agent_security()),
+        containers: vec![container],
+        volumes: Some(vec![host_path("bpffs", "/sys/fs/bpf", "DirectoryOrCreate")]),
+        ..PodSpec::default()
+    };
+    let job = Job {
+        metadata: meta(&cleanup_job_name(node), Some(ns), "cleanup"),
+        spec: Some(JobSpec {
+            backoff_limit: Some(2),
+            active_deadline_seconds: Some(120),
+            ttl_seconds_after_finished: Some(600),
+            template: PodTemplateSpec { metadata: Some(meta_template("cleanup")), spec: Some(pod) },
+            ..JobSpec::default()
+        }),
+        ..Job::default()
+    };
+    manifest(&job)
+}
+
+/// `causeway-cleanup-<node>`, within the 63 characters of a label value (a long node name is
+/// cut and told apart by a hash of the whole).
+#[must_use]
+pub fn cleanup_job_name(node: &str) -> String {
+    let clean: String = node
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' })
+        .collect();
+    let name = format!("causeway-cleanup-{clean}");
+    if name.len() <= 63 {
+        return name;
+    }
+    let hash =
+        node.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    format!("{}-{:08x}", name[..54].trim_end_matches('-'), hash as u32)
+}
+
 fn meta_template(component: &str) -> ObjectMeta {
     ObjectMeta { labels: Some(labels(component)), ..ObjectMeta::default() }
 }
@@ -954,6 +1012,7 @@ pub fn check_typed(doc: &serde_json::Value) -> Result<(), String> {
         "Secret" => round::<k8s_openapi::api::core::v1::Secret>(doc),
         "ConfigMap" => round::<k8s_openapi::api::core::v1::ConfigMap>(doc),
         "CustomResourceDefinition" => round::<CustomResourceDefinition>(doc),
+        "Job" => round::<Job>(doc),
         "ServiceMonitor" => round::<crate::monitoring::ServiceMonitor>(doc),
         other => return Err(format!("no typed struct known for kind {other:?}")),
     }?;

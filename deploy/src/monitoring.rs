@@ -137,8 +137,11 @@ fn panel(id: u32, title: &str, unit: &str, targets: &[(&str, &str)]) -> Value {
     })
 }
 
-/// Every panel's (title, unit, [(expr, legend)]).
-pub const PANELS: &[(&str, &str, &[(&str, &str)])] = &[
+/// A panel: its title, its unit and its (PromQL expression, legend) pairs.
+pub type Panel = (&'static str, &'static str, &'static [(&'static str, &'static str)]);
+
+/// Every panel, in the dashboard's order.
+pub const PANELS: &[Panel] = &[
     (
         "Tunnels up, by remote cluster",
         "none",

@@ -296,3 +296,20 @@ fn cluster_set_policy_objects_become_broker_records() {
         assert!(e.contains(says), "{e}");
     }
 }
+
+#[test]
+fn the_cleanup_job_is_pinned_to_its_node_and_named_within_limits() {
+    use causeway_deploy::manifests::{cleanup_job, cleanup_job_name};
+    let job = cleanup_job(&Settings::default(), "gw-1.example.com").unwrap();
+    check_typed(&job.json).unwrap();
+    assert_eq!(job.name, "causeway-cleanup-gw-1-example-com");
+    let spec = &job.json["spec"]["template"]["spec"];
+    assert_eq!(spec["nodeName"], "gw-1.example.com");
+    assert_eq!(spec["restartPolicy"], "Never");
+    assert_eq!(spec["automountServiceAccountToken"], false);
+    assert_eq!(job.json["spec"]["backoffLimit"], 2);
+    let long = "n".repeat(200);
+    let name = cleanup_job_name(&long);
+    assert!(name.len() <= 63 && name.starts_with("causeway-cleanup-n"), "{name}");
+    assert_ne!(name, cleanup_job_name(&"n".repeat(199)), "long names stay apart");
+}

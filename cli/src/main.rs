@@ -20,6 +20,7 @@ mod show;
 mod status;
 mod telemetry;
 mod tools;
+mod verify;
 
 use std::{net::IpAddr, path::PathBuf};
 
@@ -125,11 +126,11 @@ enum Cmd {
         #[arg(long, short)]
         yes: bool,
     },
-    /// End-to-end check of a running cluster set: pings every pod from every pod and connects
-    /// to the exported demo service from every pod, prints the matrix, and fails naming every
-    /// pair that did not work. Verifies the local sandbox (Kubernetes cluster sets: not yet).
-    #[cfg(feature = "sandbox")]
-    Verify,
+    /// End-to-end check of a running cluster set: every pod reaches every other cluster's
+    /// pod, and an exported service from every cluster; prints the matrix and fails naming
+    /// every pair that did not work. Kubernetes (`--context` per member cluster: short-lived
+    /// test pods, a Service exported by each, a Job per check), or the local sandbox.
+    Verify(verify::VerifyArgs),
     /// A local cluster set built from network namespaces (needs root).
     #[cfg(feature = "sandbox")]
     Sandbox {
@@ -725,10 +726,9 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             })
         }
-        #[cfg(feature = "sandbox")]
-        Cmd::Verify => {
+        Cmd::Verify(a) => {
             telemetry::init("warn", log);
-            sandbox::verify()
+            runtime()?.block_on(verify::run(a))
         }
         #[cfg(feature = "sandbox")]
         Cmd::Sandbox { command } => {

@@ -48,6 +48,7 @@ const CASES: &[(&[&str], &str)] = &[
         "unreadable credentials (export)",
     ),
     (&["policy", "apply", "web", "--action", "allow", "--port", "0"], "port 0"),
+    (&["verify", "--context", "east"], "verify on Kubernetes needs two clusters"),
     (&["leave", "--cluster-id", "east"], "leave refuses without --yes off a terminal"),
     (
         &["credentials", "revoke-id", "--credentials", "/nonexistent/admin.json", "abc"],

@@ -16,6 +16,7 @@ pub mod policies;
 pub mod source;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod verify;
 
 pub use manifests::{Bundle, Manifest, ManifestError, Settings, render};
 

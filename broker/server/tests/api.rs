@@ -490,6 +490,24 @@ async fn readiness_metrics_and_the_clock_are_served() {
     assert!(metrics.contains("process_resident_memory_bytes{} "), "{metrics}");
     assert!(raw_get(addr, "/readyz").await.starts_with("HTTP/1.1 200"));
     assert!(raw_get(addr, "/nothing").await.starts_with("HTTP/1.1 404"));
+    // Garbage, an oversized head and a half request on the metrics port: each connection gets
+    // an error or is closed, and the port keeps answering.
+    {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        for junk in [
+            vec![0xffu8; 512],
+            format!("GET /{} HTTP/1.1\r\n", "a".repeat(70_000)).into_bytes(),
+            b"GET /me".to_vec(),
+        ] {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let _ = s.write_all(&junk).await;
+            let _ = s.shutdown().await;
+            let mut out = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+            assert!(!String::from_utf8_lossy(&out).contains("HTTP/1.1 200"), "junk answered 200");
+        }
+    }
+    assert!(raw_get(addr, "/metrics").await.contains("causeway_broker_ready{} 1\n"));
     task.abort();
 }
 

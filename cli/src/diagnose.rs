@@ -38,6 +38,19 @@ pub struct DiagnoseArgs {
     /// Print the findings as a JSON array instead of a table.
     #[arg(long)]
     json: bool,
+    /// A member cluster's context in the kubeconfig (repeatable): check its gateway nodes, each
+    /// in a short-lived Job running `causeway diagnose --local` there.
+    #[arg(long = "context", conflicts_with = "local")]
+    contexts: Vec<String>,
+    /// The kubeconfig holding the contexts (default: $KUBECONFIG or ~/.kube/config).
+    #[arg(long, requires = "contexts")]
+    kubeconfig: Option<PathBuf>,
+    /// The Causeway image the Jobs run (default: the one the manifests use).
+    #[arg(long, requires = "contexts")]
+    image: Option<String>,
+    /// Causeway's namespace in the member clusters.
+    #[arg(long, default_value = "causeway-system")]
+    namespace: String,
 }
 
 /// How bad a finding is: `Fail` breaks traffic, `Warn` may, `Ok` is a check that passed.
@@ -674,6 +687,16 @@ pub async fn run(a: DiagnoseArgs) -> anyhow::Result<()> {
             .map(|h| h.trim().to_owned())
             .unwrap_or_default();
         vec![(host, local(&a.status_socket, a.credentials.as_deref()).await)]
+    } else if !a.contexts.is_empty() {
+        let mut clusters = Vec::new();
+        for ctx in &a.contexts {
+            clusters.push((ctx.clone(), causeway_deploy::connect(a.kubeconfig.as_deref(), Some(ctx)).await?));
+        }
+        let mut settings = causeway_deploy::Settings { namespace: a.namespace.clone(), ..Default::default() };
+        if let Some(image) = &a.image {
+            settings.image.clone_from(image);
+        }
+        kubernetes_nodes(&clusters, &settings, Duration::from_secs(150), Duration::from_secs(2)).await?
     } else {
         sandbox_nodes().await?
     };
@@ -684,6 +707,75 @@ pub async fn run(a: DiagnoseArgs) -> anyhow::Result<()> {
         print!("{}", render(&nodes));
     }
     verdict(&nodes)
+}
+
+/// Runs `diagnose --local` on every gateway node of each cluster, each in a Job on that node
+/// (host network, the gateway's run directory and credentials), and reads the findings from the
+/// Jobs' logs; a node whose Job gave none gets a finding that says so.
+pub async fn kubernetes_nodes(
+    clusters: &[(String, causeway_deploy::Client)],
+    settings: &causeway_deploy::Settings,
+    timeout: Duration,
+    poll: Duration,
+) -> anyhow::Result<Vec<(String, Vec<Finding>)>> {
+    use causeway_deploy::{apply, manifests};
+    let command = [
+        "causeway",
+        "diagnose",
+        "--local",
+        "--json",
+        "--credentials",
+        "/etc/causeway/broker/credentials.json",
+    ];
+    let mut out = Vec::new();
+    for (ctx, client) in clusters {
+        let gateways: Vec<String> = apply::nodes(client)
+            .await?
+            .into_iter()
+            .filter(|(_, labelled)| *labelled)
+            .map(|(n, _)| n)
+            .collect();
+        if gateways.is_empty() {
+            out.push((
+                ctx.clone(),
+                vec![Finding::fail(
+                    "gateway",
+                    format!("no node carries {}=true", manifests::GATEWAY_LABEL),
+                    "join the cluster (`causeway join --gateway-node …`), which labels its gateway nodes",
+                )],
+            ));
+            continue;
+        }
+        let mut jobs = Vec::new();
+        for node in &gateways {
+            let name = manifests::node_job_name("causeway-diagnose", node);
+            jobs.push(manifests::node_job(settings, &name, node, &command, true)?);
+        }
+        eprintln!("  {ctx}: diagnosing {} gateway node(s) in Jobs", jobs.len());
+        let outcomes = apply::wait_jobs(client, &jobs, timeout, poll, |_| {}).await;
+        let mut found = Vec::new();
+        if let Ok(outcomes) = &outcomes {
+            for ((job, outcome), node) in outcomes.iter().zip(&gateways) {
+                let log =
+                    apply::job_log(client, &settings.namespace, job).await.ok().flatten().unwrap_or_default();
+                // The JSON array first; `diagnose` writes its verdict line after it.
+                let findings = serde_json::Deserializer::from_str(&log).into_iter::<Vec<Finding>>().next();
+                let findings = match findings {
+                    Some(Ok(f)) => f,
+                    _ => vec![Finding::fail(
+                        "diagnose",
+                        format!("the Job on {node} gave no findings ({outcome:?})"),
+                        format!("look at it: kubectl -n {} describe job {job}", settings.namespace),
+                    )],
+                };
+                found.push((format!("{ctx}/{node}"), findings));
+            }
+        }
+        apply::delete_jobs(client, &jobs, |l| eprintln!("  {ctx}: {l}")).await;
+        outcomes?;
+        out.extend(found);
+    }
+    Ok(out)
 }
 
 /// Runs `diagnose --local` in every sandbox gateway's namespace (the checks read that
@@ -725,6 +817,82 @@ async fn sandbox_nodes() -> anyhow::Result<Vec<(String, Vec<Finding>)>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn on_kubernetes_each_gateway_node_is_diagnosed_in_a_job_and_its_findings_read() {
+        use causeway_deploy::testing::{Reply, Seen, client, list, not_found};
+        use serde_json::json;
+        let findings = serde_json::to_string_pretty(&vec![
+            Finding::ok("kernel", "TUN: /dev/net/tun opens"),
+            Finding::fail(
+                "firewall",
+                "table inet f, chain input (hook input): rule 3 drops all UDP to port 51820",
+                "remove it",
+            ),
+        ])
+        .unwrap();
+        let log =
+            format!("{findings}\nError: diagnose found what breaks cross-cluster traffic: gw-1: firewall\n");
+        let node = |name: &str, gateway: bool| {
+            let labels = if gateway { json!({"causeway.io/gateway": "true"}) } else { json!({}) };
+            json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": labels}})
+        };
+        let (kube, seen) = client(move |r: &Seen| match (r.method.as_str(), r.path()) {
+            ("GET", "/api/v1/nodes") => {
+                Reply::Json(200, list("Node", "v1", vec![node("gw-1", true), node("w-1", false)]))
+            }
+            ("PATCH", p) if p.contains("/jobs/") => Reply::Json(200, r.body.clone()),
+            ("GET", p) if p.ends_with("/jobs/causeway-diagnose-gw-1") => Reply::Json(
+                200,
+                json!({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "causeway-diagnose-gw-1"},
+                       "status": {"failed": 1, "conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]}}),
+            ),
+            ("GET", "/api/v1/namespaces/causeway-system/pods") => Reply::Json(
+                200,
+                list(
+                    "Pod",
+                    "v1",
+                    vec![
+                        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "causeway-diagnose-gw-1-x7k2p"}}),
+                    ],
+                ),
+            ),
+            ("GET", "/api/v1/namespaces/causeway-system/pods/causeway-diagnose-gw-1-x7k2p/log") => {
+                Reply::Text(200, log.clone())
+            }
+            ("DELETE", _) => Reply::Json(200, causeway_deploy::testing::status(200, "", "")),
+            _ => not_found("it"),
+        });
+        let settings = causeway_deploy::Settings::default();
+        let clusters = vec![("east".to_owned(), kube)];
+        let nodes = kubernetes_nodes(&clusters, &settings, Duration::from_secs(5), Duration::from_millis(10))
+            .await
+            .unwrap();
+        assert_eq!(nodes.len(), 1, "only the gateway node");
+        assert_eq!(nodes[0].0, "east/gw-1");
+        assert_eq!(levels(&nodes[0].1), vec![Level::Ok, Level::Fail]);
+        assert_eq!(
+            verdict(&nodes).unwrap_err().to_string(),
+            "diagnose found what breaks cross-cluster traffic: east/gw-1: firewall"
+        );
+        let seen = seen.lock().unwrap();
+        let job = seen
+            .iter()
+            .find(|r| r.method == "PATCH" && r.path().ends_with("/jobs/causeway-diagnose-gw-1"))
+            .unwrap();
+        let spec = &job.body["spec"]["template"]["spec"];
+        assert_eq!(spec["nodeName"], "gw-1");
+        assert_eq!(spec["hostNetwork"], true);
+        assert_eq!(spec["containers"][0]["command"][1], "diagnose");
+        assert!(
+            seen.iter().any(|r| r.uri.contains("labelSelector=job-name%3Dcauseway-diagnose-gw-1")),
+            "pod looked up"
+        );
+        assert!(
+            seen.iter().any(|r| r.method == "DELETE" && r.path().ends_with("/jobs/causeway-diagnose-gw-1")),
+            "Job removed"
+        );
+    }
 
     fn nft(rules: Value) -> Value {
         serde_json::json!({ "nftables": rules })

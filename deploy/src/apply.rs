@@ -110,6 +110,19 @@ pub async fn run_jobs(
     every: std::time::Duration,
     mut progress: impl FnMut(&str),
 ) -> Result<Vec<(String, JobOutcome)>, ApplyError> {
+    let outcomes = wait_jobs(client, jobs, timeout, every, &mut progress).await;
+    delete_jobs(client, jobs, &mut progress).await;
+    outcomes
+}
+
+/// Applies the Jobs and polls them until each has ended or `timeout` has passed; leaves them.
+pub async fn wait_jobs(
+    client: &Client,
+    jobs: &[Manifest],
+    timeout: std::time::Duration,
+    every: std::time::Duration,
+    mut progress: impl FnMut(&str),
+) -> Result<Vec<(String, JobOutcome)>, ApplyError> {
     apply(client, jobs, &mut progress).await?;
     let deadline = tokio::time::Instant::now() + timeout;
     let mut outcomes: Vec<Option<JobOutcome>> = vec![None; jobs.len()];
@@ -137,14 +150,34 @@ pub async fn run_jobs(
             tokio::time::sleep(every).await;
         }
     }
+    Ok(jobs.iter().zip(outcomes).map(|(m, o)| (m.name.clone(), o.unwrap_or(JobOutcome::TimedOut))).collect())
+}
+
+/// Deletes the Jobs and their pods. The Jobs' TTL removes them later anyway: a failed delete
+/// is only reported.
+pub async fn delete_jobs(client: &Client, jobs: &[Manifest], mut progress: impl FnMut(&str)) {
     let params = DeleteParams::background();
     for m in jobs {
-        // The Jobs' TTL removes them later anyway: a failed delete is only reported.
         if let Err(e) = api(client, m).delete(&m.name, &params).await {
             progress(&format!("could not delete {}: {e}", m.describe()));
         }
     }
-    Ok(jobs.iter().zip(outcomes).map(|(m, o)| (m.name.clone(), o.unwrap_or(JobOutcome::TimedOut))).collect())
+}
+
+/// The log of a Job's (last) pod, or `None` when it has no pod.
+pub async fn job_log(client: &Client, namespace: &str, job: &str) -> Result<Option<String>, ApplyError> {
+    use k8s_openapi::api::core::v1::Pod;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let list = pods
+        .list(&ListParams::default().labels(&format!("job-name={job}")))
+        .await
+        .map_err(|source| ApplyError::Api { what: format!("listing the pods of Job/{job}"), source })?;
+    let Some(name) = list.items.last().and_then(|p| p.metadata.name.clone()) else { return Ok(None) };
+    let log = pods
+        .logs(&name, &kube::api::LogParams::default())
+        .await
+        .map_err(|source| ApplyError::Api { what: format!("reading the log of Pod/{name}"), source })?;
+    Ok(Some(log))
 }
 
 /// Waits until no pod of `namespace` carries `selector` (`key=value,…`), so that a node's

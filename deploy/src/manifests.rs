@@ -743,14 +743,38 @@ fn member(s: &Settings) -> Result<Vec<Manifest>, ManifestError> {
 /// host's network namespace removes what a restart-safe gateway (or route agent) leaves there —
 /// the routes, the tunnel device and the pinned eBPF maps, programs and links.
 pub fn cleanup_job(s: &Settings, node: &str) -> Result<Manifest, ManifestError> {
+    node_job(s, &cleanup_job_name(node), node, &["causeway", "cleanup"], false)
+}
+
+/// A Job that runs `command` once on `node`, in the host's network namespace, with what a
+/// gateway node's tools need: bpffs, the gateway's run directory (its status socket) and, with
+/// `credentials`, the cluster's broker credentials at `/etc/causeway/broker/credentials.json`.
+/// No service-account token; two retries at most; gone 10 minutes after it ends.
+pub fn node_job(
+    s: &Settings,
+    name: &str,
+    node: &str,
+    command: &[&str],
+    credentials: bool,
+) -> Result<Manifest, ManifestError> {
     let ns = s.namespace.as_str();
+    let mut mounts = vec![mount("bpffs", "/sys/fs/bpf", false), mount("run", "/run/causeway", false)];
+    let mut volumes = vec![
+        host_path("bpffs", "/sys/fs/bpf", "DirectoryOrCreate"),
+        host_path("run", "/run/causeway", "DirectoryOrCreate"),
+    ];
+    if credentials {
+        mounts.push(mount("broker-credentials", "/etc/causeway/broker", true));
+        volumes.push(secret_volume("broker-credentials", CREDENTIALS_SECRET));
+    }
     let container = Container {
-        name: "cleanup".into(),
+        name: "node".into(),
         image: Some(s.image.clone()),
-        command: Some(vec!["causeway".into(), "cleanup".into()]),
-        security_context: Some(capabilities(&["NET_ADMIN", "BPF", "SYS_ADMIN"])),
+        command: Some(command.iter().map(|c| (*c).to_owned()).collect()),
+        // NET_RAW: ping (diagnose's path probe); the rest as the gateway's.
+        security_context: Some(capabilities(&["NET_ADMIN", "NET_RAW", "BPF", "SYS_ADMIN"])),
         resources: Some(resources("10m", "32Mi", "128Mi")),
-        volume_mounts: Some(vec![mount("bpffs", "/sys/fs/bpf", false)]),
+        volume_mounts: Some(mounts),
         ..Container::default()
     };
     let pod = PodSpec {
@@ -761,16 +785,16 @@ pub fn cleanup_job(s: &Settings, node: &str) -> Result<Manifest, ManifestError> 
         tolerations: Some(tolerate_everything()),
         security_context: Some(node_agent_security()),
         containers: vec![container],
-        volumes: Some(vec![host_path("bpffs", "/sys/fs/bpf", "DirectoryOrCreate")]),
+        volumes: Some(volumes),
         ..PodSpec::default()
     };
     let job = Job {
-        metadata: meta(&cleanup_job_name(node), Some(ns), "cleanup"),
+        metadata: meta(name, Some(ns), "node-job"),
         spec: Some(JobSpec {
             backoff_limit: Some(2),
             active_deadline_seconds: Some(120),
             ttl_seconds_after_finished: Some(600),
-            template: PodTemplateSpec { metadata: Some(meta_template("cleanup")), spec: Some(pod) },
+            template: PodTemplateSpec { metadata: Some(meta_template("node-job")), spec: Some(pod) },
             ..JobSpec::default()
         }),
         ..Job::default()
@@ -778,16 +802,22 @@ pub fn cleanup_job(s: &Settings, node: &str) -> Result<Manifest, ManifestError> 
     manifest(&job)
 }
 
-/// `causeway-cleanup-<node>`, within the 63 characters of a label value (a long node name is
-/// cut and told apart by a hash of the whole).
+/// `causeway-cleanup-<node>`, within the 63 characters of a label value.
 #[must_use]
 pub fn cleanup_job_name(node: &str) -> String {
+    node_job_name("causeway-cleanup", node)
+}
+
+/// `<prefix>-<node>`, within the 63 characters of a label value (a long node name is cut and
+/// told apart by a hash of the whole).
+#[must_use]
+pub fn node_job_name(prefix: &str, node: &str) -> String {
     let clean: String = node
         .to_ascii_lowercase()
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' })
         .collect();
-    let name = format!("causeway-cleanup-{clean}");
+    let name = format!("{prefix}-{clean}");
     if name.len() <= 63 {
         return name;
     }

@@ -34,6 +34,8 @@ pub enum Reply {
     Events(Vec<Value>),
     /// Never answer (a watch with nothing to say).
     Hang,
+    /// A plain-text body (a pod's log).
+    Text(u16, String),
 }
 
 pub type Log = Arc<Mutex<Vec<Seen>>>;
@@ -73,6 +75,9 @@ pub fn client(mut respond: impl FnMut(&Seen) -> Reply + Send + 'static) -> (Clie
                     send.send_response(Response::builder().status(200).body(Body::from(out)).unwrap());
                 }
                 Reply::Hang => hanging.push(send),
+                Reply::Text(code, text) => {
+                    send.send_response(Response::builder().status(code).body(Body::from(text.into_bytes())).unwrap());
+                }
             }
         }
     });

@@ -17,7 +17,8 @@ use anyhow::Context as _;
 
 #[derive(clap::Args)]
 pub struct GatherArgs {
-    /// Where to write the bundle.
+    /// Where to write the bundle; `-` (with --local) writes its files to stdout as a text
+    /// stream instead (what `gather --context` reads from the Jobs it runs on gateway nodes).
     #[arg(long, short, default_value = "causeway-gather.tar.gz")]
     output: PathBuf,
     /// Gather this node only (a gateway node, e.g. in the gateway's pod); without it, the whole
@@ -38,6 +39,49 @@ pub struct GatherArgs {
     /// Their token is redacted from everything gathered.
     #[arg(long, env = "CAUSEWAY_CREDENTIALS")]
     credentials: Option<PathBuf>,
+    /// A member cluster's context in the kubeconfig (repeatable): gather its Causeway pods'
+    /// logs and state, and each gateway node's pieces from a Job running `gather --local`
+    /// there.
+    #[arg(long = "context", conflicts_with = "local")]
+    contexts: Vec<String>,
+    /// The kubeconfig holding the contexts (default: $KUBECONFIG or ~/.kube/config).
+    #[arg(long, requires = "contexts")]
+    kubeconfig: Option<PathBuf>,
+    /// The Causeway image the node Jobs run (default: the one the manifests use).
+    #[arg(long, requires = "contexts")]
+    image: Option<String>,
+    /// Causeway's namespace in the member clusters.
+    #[arg(long, default_value = "causeway-system")]
+    namespace: String,
+}
+
+/// How each file starts in the text stream of `gather --local --output -`: the marker, the
+/// file's name and its length in bytes, on one line.
+const STREAM_MARKER: &str = "=== causeway-gather";
+
+/// The files of a text stream, as `(name, content)`; a stream cut short yields what came whole.
+#[must_use]
+pub fn parse_stream(text: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some(at) = rest.find(STREAM_MARKER) {
+        let after = &rest[at + STREAM_MARKER.len()..];
+        let Some(eol) = after.find('\n') else { break };
+        let mut words = after[..eol].split_whitespace();
+        let (Some(name), Some(len)) = (words.next(), words.next().and_then(|l| l.parse::<usize>().ok()))
+        else {
+            rest = &after[eol..];
+            continue;
+        };
+        let body = &after[eol + 1..];
+        let Some(content) = body.get(..len) else { break };
+        // Names come from another machine: no way out of the node's directory.
+        if !name.split('/').any(|p| p.is_empty() || p == "." || p == "..") {
+            out.push((name.to_owned(), content.to_owned()));
+        }
+        rest = &body[len..];
+    }
+    out
 }
 
 const REDACTED: &str = "<redacted>";
@@ -144,7 +188,7 @@ fn redact_pem_keys(text: &str) -> String {
 
 /// The bundle being written: every file goes through the redactor.
 struct Bundle {
-    tar: tar::Builder<flate2::write::GzEncoder<std::fs::File>>,
+    sink: Sink,
     redactor: Redactor,
     root: String,
     files: Vec<String>,
@@ -161,20 +205,38 @@ impl Bundle {
             .open(path)
             .with_context(|| format!("creating {}", path.display()))?;
         let gz = flate2::write::GzEncoder::new(file, flate2::Compression::default());
-        Ok(Self { tar: tar::Builder::new(gz), redactor, root: "causeway-gather".into(), files: Vec::new() })
+        Ok(Self {
+            sink: Sink::Tar(tar::Builder::new(gz)),
+            redactor,
+            root: "causeway-gather".into(),
+            files: Vec::new(),
+        })
+    }
+
+    /// The text stream on stdout (see [`parse_stream`]).
+    fn stream(redactor: Redactor) -> Self {
+        Self { sink: Sink::Text(std::io::stdout()), redactor, root: String::new(), files: Vec::new() }
     }
 
     fn add(&mut self, name: &str, text: &str) -> anyhow::Result<()> {
         let body = self.redactor.redact(text);
-        let mut header = tar::Header::new_gnu();
-        header.set_size(body.len() as u64);
-        header.set_mode(0o600);
-        header.set_mtime(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0));
-        header.set_cksum();
-        let path = format!("{}/{name}", self.root);
-        self.tar
-            .append_data(&mut header, &path, body.as_bytes())
-            .with_context(|| format!("adding {path}"))?;
+        match &mut self.sink {
+            Sink::Tar(tar) => {
+                let mut header = tar::Header::new_gnu();
+                header.set_size(body.len() as u64);
+                header.set_mode(0o600);
+                header.set_mtime(
+                    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+                );
+                header.set_cksum();
+                let path = format!("{}/{name}", self.root);
+                tar.append_data(&mut header, &path, body.as_bytes())
+                    .with_context(|| format!("adding {path}"))?;
+            }
+            Sink::Text(out) => {
+                write!(out, "{STREAM_MARKER} {name} {}\n{body}", body.len())?;
+            }
+        }
         self.files.push(name.to_owned());
         Ok(())
     }
@@ -186,11 +248,22 @@ impl Bundle {
     }
 
     fn finish(self) -> anyhow::Result<Vec<String>> {
-        let gz = self.tar.into_inner().context("finishing the archive")?;
-        let mut file = gz.finish().context("finishing the compression")?;
-        file.flush()?;
+        match self.sink {
+            Sink::Tar(tar) => {
+                let gz = tar.into_inner().context("finishing the archive")?;
+                let mut file = gz.finish().context("finishing the compression")?;
+                file.flush()?;
+            }
+            Sink::Text(mut out) => out.flush()?,
+        }
         Ok(self.files)
     }
+}
+
+/// Where a bundle's files go.
+enum Sink {
+    Tar(tar::Builder<flate2::write::GzEncoder<std::fs::File>>),
+    Text(std::io::Stdout),
 }
 
 /// `args` (in namespace `ns`), stdout then stderr; a failure is written down, not fatal.
@@ -332,7 +405,12 @@ pub async fn run_gather(a: GatherArgs) -> anyhow::Result<()> {
         redactor.know_files_under(&a.state_dir);
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_else(|_| "node".into());
         let dir = format!("nodes/{}", slug(host.trim()));
-        let mut b = Bundle::create(&a.output, redactor)?;
+        let to_stdout = a.output.as_os_str() == "-";
+        let (mut b, dir) = if to_stdout {
+            (Bundle::stream(redactor), ".".to_owned())
+        } else {
+            (Bundle::create(&a.output, redactor)?, dir)
+        };
         b.add("versions.txt", &versions())?;
         if let Some(c) = &a.credentials {
             broker_pieces(&mut b, c).await?;
@@ -341,10 +419,93 @@ pub async fn run_gather(a: GatherArgs) -> anyhow::Result<()> {
         node_network(&mut b, &dir, None)?;
         maps += bpf_maps(&mut b, &a.bpf_dir)?;
         files = b.finish()?;
+        if to_stdout {
+            return Ok(());
+        }
+    } else if !a.contexts.is_empty() {
+        let mut clusters = Vec::new();
+        for ctx in &a.contexts {
+            clusters.push((ctx.clone(), causeway_deploy::connect(a.kubeconfig.as_deref(), Some(ctx)).await?));
+        }
+        let mut settings = causeway_deploy::Settings { namespace: a.namespace.clone(), ..Default::default() };
+        if let Some(image) = &a.image {
+            settings.image.clone_from(image);
+        }
+        let mut b = Bundle::create(&a.output, redactor)?;
+        b.add("versions.txt", &versions())?;
+        if let Some(c) = &a.credentials {
+            broker_pieces(&mut b, c).await?;
+        }
+        let timeout = std::time::Duration::from_secs(150);
+        kubernetes(&mut b, &clusters, &settings, timeout, std::time::Duration::from_secs(2)).await?;
+        files = b.finish()?;
     } else {
         files = sandbox(a, redactor, &mut maps).await?;
     }
     println!("wrote {} files ({maps} eBPF maps), secrets redacted", files.len());
+    Ok(())
+}
+
+/// Each cluster's Causeway pods (their list and logs) and events, and each gateway node's
+/// pieces from a Job running `gather --local --output -` on it, under `clusters/<context>/`.
+async fn kubernetes(
+    b: &mut Bundle,
+    clusters: &[(String, causeway_deploy::Client)],
+    settings: &causeway_deploy::Settings,
+    timeout: std::time::Duration,
+    poll: std::time::Duration,
+) -> anyhow::Result<()> {
+    use causeway_deploy::{apply, manifests};
+    let ns = settings.namespace.as_str();
+    for (ctx, client) in clusters {
+        let dir = format!("clusters/{}", slug(ctx));
+        match apply::pods_and_logs(client, ns, "app.kubernetes.io/name=causeway", 10_000).await {
+            Ok((pods, logs)) => {
+                b.add(&format!("{dir}/pods.json"), &pods)?;
+                for (pod, log) in logs {
+                    b.add(&format!("{dir}/logs/{}.log", slug(&pod)), &log)?;
+                }
+            }
+            Err(e) => b.add(&format!("{dir}/pods.json"), &format!("not listed: {e}\n"))?,
+        }
+        let events = apply::events(client, ns).await.unwrap_or_else(|e| format!("not listed: {e}\n"));
+        b.add(&format!("{dir}/events.json"), &events)?;
+        let gateways: Vec<String> = apply::nodes(client)
+            .await?
+            .into_iter()
+            .filter(|(_, labelled)| *labelled)
+            .map(|(n, _)| n)
+            .collect();
+        let mut jobs = Vec::new();
+        for node in &gateways {
+            let name = manifests::node_job_name("causeway-gather", node);
+            jobs.push(manifests::node_job(
+                settings,
+                &name,
+                node,
+                &["causeway", "gather", "--local", "--output", "-"],
+                false,
+            )?);
+        }
+        let outcomes = apply::wait_jobs(client, &jobs, timeout, poll, |_| {}).await;
+        if let Ok(outcomes) = &outcomes {
+            for ((job, outcome), node) in outcomes.iter().zip(&gateways) {
+                let log = apply::job_log(client, ns, job).await.ok().flatten().unwrap_or_default();
+                let files = parse_stream(&log);
+                if files.is_empty() {
+                    b.add(
+                        &format!("{dir}/nodes/{}/missing.txt", slug(node)),
+                        &format!("the Job {job} gave nothing ({outcome:?})\n{log}"),
+                    )?;
+                }
+                for (name, content) in files {
+                    b.add(&format!("{dir}/nodes/{}/{name}", slug(node)), &content)?;
+                }
+            }
+        }
+        apply::delete_jobs(client, &jobs, |_| {}).await;
+        outcomes?;
+    }
     Ok(())
 }
 
@@ -432,6 +593,107 @@ mod tests {
         );
         assert_eq!(out, "t=<redacted> k=<redacted>");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_text_stream_round_trips_and_hostile_names_or_lengths_are_dropped() {
+        let stream = format!(
+            "{m} versions.txt 4\nv1.0{m} node/routes.txt 12\n10.2.0.0/16\n{m} ../../etc/passwd 2\nxx{m} a//b 1\nx{m} bad len\n{m} cut.txt 99\nshort",
+            m = STREAM_MARKER
+        );
+        let files = parse_stream(&stream);
+        assert_eq!(
+            files,
+            vec![
+                ("versions.txt".to_owned(), "v1.0".to_owned()),
+                ("node/routes.txt".to_owned(), "10.2.0.0/16\n".to_owned())
+            ]
+        );
+        assert!(parse_stream("").is_empty());
+        assert!(parse_stream("garbage without a marker").is_empty());
+    }
+
+    #[tokio::test]
+    async fn on_kubernetes_pods_logs_events_and_each_gateway_nodes_pieces_are_gathered_redacted() {
+        use causeway_deploy::testing::{Reply, Seen, client, list, not_found};
+        use serde_json::json;
+        let entry = |name: &str, body: &str| format!("{STREAM_MARKER} {name} {}\n{body}", body.len());
+        let node_stream = entry("status.json", "{\"clusterId\":\"east\"}\n")
+            + &entry("routes.txt", &format!("10.2.0.0/16 dev causeway0 proto 202 {TOKEN}\n"));
+        let pod = |name: &str| json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}});
+        let (kube, seen) = client(move |r: &Seen| match (r.method.as_str(), r.path()) {
+            ("GET", "/api/v1/nodes") => Reply::Json(
+                200,
+                list(
+                    "Node",
+                    "v1",
+                    vec![json!({"apiVersion": "v1", "kind": "Node",
+                    "metadata": {"name": "gw-1", "labels": {"causeway.io/gateway": "true"}}})],
+                ),
+            ),
+            ("GET", "/api/v1/namespaces/causeway-system/pods") if r.uri.contains("job-name") => {
+                Reply::Json(200, list("Pod", "v1", vec![pod("causeway-gather-gw-1-abcde")]))
+            }
+            ("GET", "/api/v1/namespaces/causeway-system/pods") => {
+                Reply::Json(200, list("Pod", "v1", vec![pod("causeway-gateway-x1")]))
+            }
+            ("GET", "/api/v1/namespaces/causeway-system/pods/causeway-gateway-x1/log") => {
+                Reply::Text(200, format!("INFO gateway started with token {TOKEN}\n"))
+            }
+            ("GET", "/api/v1/namespaces/causeway-system/pods/causeway-gather-gw-1-abcde/log") => {
+                Reply::Text(200, node_stream.clone())
+            }
+            ("GET", "/api/v1/namespaces/causeway-system/events") => {
+                Reply::Json(200, list("Event", "v1", vec![]))
+            }
+            ("PATCH", p) if p.contains("/jobs/") => Reply::Json(200, r.body.clone()),
+            ("GET", p) if p.contains("/jobs/") => Reply::Json(
+                200,
+                json!({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "j"}, "status": {"succeeded": 1}}),
+            ),
+            ("DELETE", _) => Reply::Json(200, causeway_deploy::testing::status(200, "", "")),
+            _ => not_found("it"),
+        });
+        let out = std::env::temp_dir().join(format!("cw-gather-k8s-{}.tar.gz", std::process::id()));
+        let mut b = Bundle::create(&out, Redactor::default()).unwrap();
+        let settings = causeway_deploy::Settings::default();
+        let d = std::time::Duration::from_millis(10);
+        kubernetes(&mut b, &[("east".to_owned(), kube)], &settings, std::time::Duration::from_secs(5), d)
+            .await
+            .unwrap();
+        let files = b.finish().unwrap();
+        assert_eq!(
+            files,
+            [
+                "clusters/east/pods.json",
+                "clusters/east/logs/causeway-gateway-x1.log",
+                "clusters/east/events.json",
+                "clusters/east/nodes/gw-1/status.json",
+                "clusters/east/nodes/gw-1/routes.txt",
+            ]
+        );
+        let bytes = std::fs::read(&out).unwrap();
+        let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(&bytes[..]));
+        let mut all = String::new();
+        for entry in archive.entries().unwrap() {
+            let mut e = entry.unwrap();
+            std::io::Read::read_to_string(&mut e, &mut all).unwrap();
+        }
+        assert!(all.contains("proto 202") && all.contains("gateway started"), "{all}");
+        assert!(!all.contains(TOKEN), "a token went into the bundle");
+        let seen = seen.lock().unwrap();
+        let job = seen
+            .iter()
+            .find(|r| r.method == "PATCH" && r.path().ends_with("/jobs/causeway-gather-gw-1"))
+            .unwrap();
+        assert_eq!(
+            job.body["spec"]["template"]["spec"]["containers"][0]["command"],
+            json!(["causeway", "gather", "--local", "--output", "-"])
+        );
+        assert!(
+            seen.iter().any(|r| r.method == "DELETE" && r.path().ends_with("/jobs/causeway-gather-gw-1"))
+        );
+        std::fs::remove_file(&out).unwrap();
     }
 
     #[test]

@@ -164,6 +164,42 @@ pub async fn delete_jobs(client: &Client, jobs: &[Manifest], mut progress: impl 
     }
 }
 
+/// The pods of `namespace` carrying `selector` (as JSON) and each one's log (its last `lines`
+/// lines; a log that cannot be read says why).
+pub async fn pods_and_logs(
+    client: &Client,
+    namespace: &str,
+    selector: &str,
+    lines: i64,
+) -> Result<(String, Vec<(String, String)>), ApplyError> {
+    use k8s_openapi::api::core::v1::Pod;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let list = pods
+        .list(&ListParams::default().labels(selector))
+        .await
+        .map_err(|source| ApplyError::Api { what: format!("listing pods {selector}"), source })?;
+    let json = serde_json::to_string_pretty(&list.items).unwrap_or_default();
+    let mut logs = Vec::new();
+    for p in &list.items {
+        let Some(name) = p.metadata.name.clone() else { continue };
+        let params = kube::api::LogParams { tail_lines: Some(lines), ..Default::default() };
+        let log = pods.logs(&name, &params).await.unwrap_or_else(|e| format!("no log: {e}\n"));
+        logs.push((name, log));
+    }
+    Ok((json, logs))
+}
+
+/// The events of `namespace`, as JSON.
+pub async fn events(client: &Client, namespace: &str) -> Result<String, ApplyError> {
+    use k8s_openapi::api::core::v1::Event;
+    let events: Api<Event> = Api::namespaced(client.clone(), namespace);
+    let list = events
+        .list(&ListParams::default())
+        .await
+        .map_err(|source| ApplyError::Api { what: "listing events".into(), source })?;
+    Ok(serde_json::to_string_pretty(&list.items).unwrap_or_default())
+}
+
 /// The log of a Job's (last) pod, or `None` when it has no pod.
 pub async fn job_log(client: &Client, namespace: &str, job: &str) -> Result<Option<String>, ApplyError> {
     use k8s_openapi::api::core::v1::Pod;

@@ -76,7 +76,9 @@ pub fn client(mut respond: impl FnMut(&Seen) -> Reply + Send + 'static) -> (Clie
                 }
                 Reply::Hang => hanging.push(send),
                 Reply::Text(code, text) => {
-                    send.send_response(Response::builder().status(code).body(Body::from(text.into_bytes())).unwrap());
+                    send.send_response(
+                        Response::builder().status(code).body(Body::from(text.into_bytes())).unwrap(),
+                    );
                 }
             }
         }

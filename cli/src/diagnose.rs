@@ -676,8 +676,13 @@ pub fn verdict(nodes: &[(String, Vec<Finding>)]) -> anyhow::Result<()> {
     if failed.is_empty() {
         return Ok(());
     }
-    let mut unique = failed.clone();
-    unique.dedup();
+    // Each node's check once, in the order found.
+    let mut unique: Vec<String> = Vec::new();
+    for f in failed {
+        if !unique.contains(&f) {
+            unique.push(f);
+        }
+    }
     bail!("diagnose found what breaks cross-cluster traffic: {}", unique.join(", "))
 }
 
@@ -1068,13 +1073,17 @@ mod tests {
                 "cluster-2".to_owned(),
                 vec![
                     Finding::fail("firewall", "a", "b"),
+                    Finding::fail("mtu", "x", "y"),
                     Finding::fail("firewall", "c", "d"),
                     Finding::warn("clock", "e", "f"),
                 ],
             ),
         ];
         let e = verdict(&nodes).unwrap_err().to_string();
-        assert_eq!(e, "diagnose found what breaks cross-cluster traffic: cluster-2: firewall");
+        assert_eq!(
+            e,
+            "diagnose found what breaks cross-cluster traffic: cluster-2: firewall, cluster-2: mtu"
+        );
         let text = render(&nodes);
         assert!(text.contains("cluster-2 FAIL (firewall): b"), "{text}");
         assert!(text.contains("cluster-2 WARN (clock): f"), "{text}");

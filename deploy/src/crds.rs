@@ -13,6 +13,9 @@ use k8s_openapi::{
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::manifests::{Manifest, ManifestError, manifest};
@@ -196,57 +199,111 @@ fn service_import() -> Crd<'static> {
     }
 }
 
-/// The declarative form of `causeway policy apply` (the broker record `PolicyRecord`).
-fn cluster_set_policy() -> Crd<'static> {
-    let peer = json!({
-        "type": "object",
-        "properties": {
-            "cluster": {"type": "string", "maxLength": 63},
-            "cidrs": {"type": "array", "items": {"type": "string"}}
-        }
-    });
-    Crd {
-        group: CAUSEWAY_GROUP,
-        version: "v1alpha1",
-        kind: "ClusterSetPolicy",
-        plural: "clustersetpolicies",
-        short: &["csp"],
-        namespaced: false,
-        schema: json!({
-            "type": "object",
-            "description": "One cluster-set network policy rule: from a cluster/CIDR to a cluster/CIDR, protocol, ports, allow or deny. Rules are evaluated by ascending priority, then name.",
-            "properties": {
-                "apiVersion": {"type": "string"},
-                "kind": {"type": "string"},
-                "metadata": {"type": "object"},
-                "spec": {
-                    "type": "object",
-                    "required": ["action"],
-                    "properties": {
-                        "priority": {"type": "integer", "format": "int32", "minimum": 0, "default": 1000},
-                        "from": peer.clone(),
-                        "to": peer,
-                        "protocol": {"type": "string", "enum": ["any", "tcp", "udp", "icmp"]},
-                        "ports": {"type": "array", "items": {"type": "string", "pattern": "^[0-9]+(-[0-9]+)?$"}},
-                        "action": {"type": "string", "enum": ["allow", "deny"]}
-                    }
-                },
-                "status": {"type": "object", "properties": {"conditions": conditions()}}
-            }
-        }),
-        columns: vec![
-            ("Action", "string", ".spec.action"),
-            ("Priority", "integer", ".spec.priority"),
-            ("Age", "date", ".metadata.creationTimestamp"),
-        ],
-    }
+/// Where a rule's packets come from or go to: a cluster (its pod and service CIDRs), CIDRs
+/// (inside that cluster when both are given), or anything when empty.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyPeer {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 63))]
+    pub cluster: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cidrs: Vec<String>,
+}
+
+/// The packets' protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyProtocol {
+    Any,
+    Tcp,
+    Udp,
+    Icmp,
+}
+
+/// What a matching packet gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyAction {
+    Allow,
+    Deny,
+}
+
+/// A condition of the object (`type` is unique in the list).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyCondition {
+    #[serde(rename = "type")]
+    pub type_: String,
+    #[schemars(extend("enum" = ["True", "False", "Unknown"]))]
+    pub status: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("format" = "date-time"))]
+    pub last_transition_time: Option<String>,
+}
+
+/// Conditions the controller that reads the object reports.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterSetPolicyStatus {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<PolicyCondition>,
+}
+
+// The declarative form of `causeway policy apply` (the broker record `PolicyRecord`): the CRD
+// and its schema are derived from these types (kube's `CustomResource`, schemars); the doc
+// comments below become the schema's descriptions.
+/// What the rule matches, and what it decides.
+#[derive(CustomResource, Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "causeway.io",
+    version = "v1alpha1",
+    kind = "ClusterSetPolicy",
+    plural = "clustersetpolicies",
+    shortname = "csp",
+    status = "ClusterSetPolicyStatus",
+    doc = "One cluster-set network policy rule: from a cluster/CIDR to a cluster/CIDR, protocol, ports, allow or deny. Rules are evaluated by ascending priority, then name.",
+    label("app.kubernetes.io/name", "causeway"),
+    label("app.kubernetes.io/managed-by", "causeway"),
+    printcolumn(name = "Action", type_ = "string", json_path = ".spec.action"),
+    printcolumn(name = "Priority", type_ = "integer", json_path = ".spec.priority"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterSetPolicySpec {
+    #[serde(default = "default_priority")]
+    #[schemars(range(min = 0), extend("default" = 1000))]
+    pub priority: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<PolicyPeer>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<PolicyPeer>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<PolicyProtocol>,
+    /// Destination ports or ranges (`80`, `8000-8080`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(regex(pattern = r"^[0-9]+(-[0-9]+)?$")))]
+    pub ports: Vec<String>,
+    pub action: PolicyAction,
+}
+
+fn default_priority() -> i32 {
+    1000
 }
 
 pub(crate) fn manifests() -> Result<Vec<Manifest>, ManifestError> {
-    [service_export(), service_import(), cluster_set_policy()]
+    use kube::CustomResourceExt as _;
+    let mut out: Vec<Manifest> = [service_export(), service_import()]
         .into_iter()
         .map(|c| manifest(&build(c)?))
-        .collect()
+        .collect::<Result<_, _>>()?;
+    out.push(manifest(&ClusterSetPolicy::crd())?);
+    Ok(out)
 }
 
 /// The priority of a rule that names none (as `causeway policy apply`).
@@ -290,4 +347,48 @@ pub fn policy_from_object(doc: &serde_json::Value) -> Result<causeway_broker_api
         .map_err(|e| format!("ClusterSetPolicy {name}: {e}"))?;
     causeway_broker_api::validate_policy(&record).map_err(|e| format!("ClusterSetPolicy {name}: {e}"))?;
     Ok(record)
+}
+
+#[cfg(test)]
+mod derived_tests {
+    use super::*;
+
+    #[test]
+    fn a_typed_cluster_set_policy_is_what_the_policy_reader_takes() {
+        let spec = ClusterSetPolicySpec {
+            priority: 10,
+            from: Some(PolicyPeer { cluster: Some("east".into()), cidrs: vec![] }),
+            to: Some(PolicyPeer { cluster: None, cidrs: vec!["10.2.0.0/16".into()] }),
+            protocol: Some(PolicyProtocol::Tcp),
+            ports: vec!["80".into(), "8000-8080".into()],
+            action: PolicyAction::Allow,
+        };
+        let object = serde_json::to_value(ClusterSetPolicy::new("web", spec)).unwrap();
+        assert_eq!(object["apiVersion"], "causeway.io/v1alpha1");
+        let record = policy_from_object(&object).unwrap();
+        assert_eq!(record.name, "web");
+        assert_eq!(record.priority, 10);
+        assert_eq!(record.ports.len(), 2);
+        // The reader's default priority is the schema's.
+        let minimal = serde_json::json!({"apiVersion": "causeway.io/v1alpha1", "kind": "ClusterSetPolicy",
+            "metadata": {"name": "d"}, "spec": {"action": "deny"}});
+        let typed: ClusterSetPolicy = serde_json::from_value(minimal.clone()).unwrap();
+        assert_eq!(typed.spec.priority, 1000);
+        assert_eq!(i64::from(policy_from_object(&minimal).unwrap().priority), i64::from(typed.spec.priority));
+    }
+
+    #[test]
+    fn the_derived_crd_keeps_the_schema_rules() {
+        use kube::CustomResourceExt as _;
+        let crd = serde_json::to_value(ClusterSetPolicy::crd()).unwrap();
+        let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+        assert_eq!(schema["required"], serde_json::json!(["action"]));
+        assert_eq!(schema["properties"]["action"]["enum"], serde_json::json!(["allow", "deny"]));
+        assert_eq!(schema["properties"]["ports"]["items"]["pattern"], "^[0-9]+(-[0-9]+)?$");
+        assert_eq!(schema["properties"]["from"]["properties"]["cluster"]["maxLength"], 63);
+        assert_eq!(crd["spec"]["scope"], "Cluster");
+        assert_eq!(crd["metadata"]["labels"]["app.kubernetes.io/managed-by"], "causeway");
+        let status = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"];
+        assert_eq!(status["properties"]["conditions"]["x-kubernetes-list-type"], "map");
+    }
 }

@@ -38,19 +38,8 @@ pub struct DiagnoseArgs {
     /// Print the findings as a JSON array instead of a table.
     #[arg(long)]
     json: bool,
-    /// A member cluster's context in the kubeconfig (repeatable): check its gateway nodes, each
-    /// in a short-lived Job running `causeway diagnose --local` there.
-    #[arg(long = "context", conflicts_with = "local")]
-    contexts: Vec<String>,
-    /// The kubeconfig holding the contexts (default: $KUBECONFIG or ~/.kube/config).
-    #[arg(long, requires = "contexts")]
-    kubeconfig: Option<PathBuf>,
-    /// The Causeway image the Jobs run (default: the one the manifests use).
-    #[arg(long, requires = "contexts")]
-    image: Option<String>,
-    /// Causeway's namespace in the member clusters.
-    #[arg(long, default_value = "causeway-system")]
-    namespace: String,
+    #[command(flatten)]
+    members: crate::kubernetes::MemberArgs,
 }
 
 /// How bad a finding is: `Fail` breaks traffic, `Warn` may, `Ok` is a check that passed.
@@ -692,15 +681,9 @@ pub async fn run(a: DiagnoseArgs) -> anyhow::Result<()> {
             .map(|h| h.trim().to_owned())
             .unwrap_or_default();
         vec![(host, local(&a.status_socket, a.credentials.as_deref()).await)]
-    } else if !a.contexts.is_empty() {
-        let mut clusters = Vec::new();
-        for ctx in &a.contexts {
-            clusters.push((ctx.clone(), causeway_deploy::connect(a.kubeconfig.as_deref(), Some(ctx)).await?));
-        }
-        let mut settings = causeway_deploy::Settings { namespace: a.namespace.clone(), ..Default::default() };
-        if let Some(image) = &a.image {
-            settings.image.clone_from(image);
-        }
+    } else if !a.members.contexts.is_empty() {
+        let clusters = a.members.connect().await?;
+        let settings = a.members.settings();
         kubernetes_nodes(&clusters, &settings, Duration::from_secs(150), Duration::from_secs(2)).await?
     } else {
         sandbox_nodes().await?
@@ -734,13 +717,21 @@ pub async fn kubernetes_nodes(
     ];
     let mut out = Vec::new();
     for (ctx, client) in clusters {
-        let gateways: Vec<String> = apply::nodes(client)
-            .await?
-            .into_iter()
-            .filter(|(_, labelled)| *labelled)
-            .map(|(n, _)| n)
-            .collect();
-        if gateways.is_empty() {
+        eprintln!("  {ctx}: diagnosing its gateway nodes in Jobs");
+        let runs = apply::run_on_gateway_nodes(
+            client,
+            settings,
+            "causeway-diagnose",
+            &command,
+            true,
+            timeout,
+            poll,
+            |l| {
+                eprintln!("  {ctx}: {l}");
+            },
+        )
+        .await?;
+        if runs.is_empty() {
             out.push((
                 ctx.clone(),
                 vec![Finding::fail(
@@ -749,36 +740,20 @@ pub async fn kubernetes_nodes(
                     "join the cluster (`causeway join --gateway-node …`), which labels its gateway nodes",
                 )],
             ));
-            continue;
         }
-        let mut jobs = Vec::new();
-        for node in &gateways {
-            let name = manifests::node_job_name("causeway-diagnose", node);
-            jobs.push(manifests::node_job(settings, &name, node, &command, true)?);
-        }
-        eprintln!("  {ctx}: diagnosing {} gateway node(s) in Jobs", jobs.len());
-        let outcomes = apply::wait_jobs(client, &jobs, timeout, poll, |_| {}).await;
-        let mut found = Vec::new();
-        if let Ok(outcomes) = &outcomes {
-            for ((job, outcome), node) in outcomes.iter().zip(&gateways) {
-                let log =
-                    apply::job_log(client, &settings.namespace, job).await.ok().flatten().unwrap_or_default();
-                // The JSON array first; `diagnose` writes its verdict line after it.
-                let findings = serde_json::Deserializer::from_str(&log).into_iter::<Vec<Finding>>().next();
-                let findings = match findings {
+        for run in runs {
+            // The JSON array first; `diagnose` writes its verdict line after it.
+            let findings =
+                match serde_json::Deserializer::from_str(&run.log).into_iter::<Vec<Finding>>().next() {
                     Some(Ok(f)) => f,
                     _ => vec![Finding::fail(
                         "diagnose",
-                        format!("the Job on {node} gave no findings ({outcome:?})"),
-                        format!("look at it: kubectl -n {} describe job {job}", settings.namespace),
+                        format!("the Job on {} gave no findings ({:?})", run.node, run.outcome),
+                        format!("look at it: kubectl -n {} describe job {}", settings.namespace, run.job),
                     )],
                 };
-                found.push((format!("{ctx}/{node}"), findings));
-            }
+            out.push((format!("{ctx}/{}", run.node), findings));
         }
-        apply::delete_jobs(client, &jobs, |l| eprintln!("  {ctx}: {l}")).await;
-        outcomes?;
-        out.extend(found);
     }
     Ok(out)
 }

@@ -39,20 +39,8 @@ pub struct GatherArgs {
     /// Their token is redacted from everything gathered.
     #[arg(long, env = "CAUSEWAY_CREDENTIALS")]
     credentials: Option<PathBuf>,
-    /// A member cluster's context in the kubeconfig (repeatable): gather its Causeway pods'
-    /// logs and state, and each gateway node's pieces from a Job running `gather --local`
-    /// there.
-    #[arg(long = "context", conflicts_with = "local")]
-    contexts: Vec<String>,
-    /// The kubeconfig holding the contexts (default: $KUBECONFIG or ~/.kube/config).
-    #[arg(long, requires = "contexts")]
-    kubeconfig: Option<PathBuf>,
-    /// The Causeway image the node Jobs run (default: the one the manifests use).
-    #[arg(long, requires = "contexts")]
-    image: Option<String>,
-    /// Causeway's namespace in the member clusters.
-    #[arg(long, default_value = "causeway-system")]
-    namespace: String,
+    #[command(flatten)]
+    members: crate::kubernetes::MemberArgs,
 }
 
 /// How each file starts in the text stream of `gather --local --output -`: the marker, the
@@ -422,15 +410,9 @@ pub async fn run_gather(a: GatherArgs) -> anyhow::Result<()> {
         if to_stdout {
             return Ok(());
         }
-    } else if !a.contexts.is_empty() {
-        let mut clusters = Vec::new();
-        for ctx in &a.contexts {
-            clusters.push((ctx.clone(), causeway_deploy::connect(a.kubeconfig.as_deref(), Some(ctx)).await?));
-        }
-        let mut settings = causeway_deploy::Settings { namespace: a.namespace.clone(), ..Default::default() };
-        if let Some(image) = &a.image {
-            settings.image.clone_from(image);
-        }
+    } else if !a.members.contexts.is_empty() {
+        let clusters = a.members.connect().await?;
+        let settings = a.members.settings();
         let mut b = Bundle::create(&a.output, redactor)?;
         b.add("versions.txt", &versions())?;
         if let Some(c) = &a.credentials {
@@ -455,7 +437,7 @@ async fn kubernetes(
     timeout: std::time::Duration,
     poll: std::time::Duration,
 ) -> anyhow::Result<()> {
-    use causeway_deploy::{apply, manifests};
+    use causeway_deploy::apply;
     let ns = settings.namespace.as_str();
     for (ctx, client) in clusters {
         let dir = format!("clusters/{}", slug(ctx));
@@ -470,41 +452,29 @@ async fn kubernetes(
         }
         let events = apply::events(client, ns).await.unwrap_or_else(|e| format!("not listed: {e}\n"));
         b.add(&format!("{dir}/events.json"), &events)?;
-        let gateways: Vec<String> = apply::nodes(client)
-            .await?
-            .into_iter()
-            .filter(|(_, labelled)| *labelled)
-            .map(|(n, _)| n)
-            .collect();
-        let mut jobs = Vec::new();
-        for node in &gateways {
-            let name = manifests::node_job_name("causeway-gather", node);
-            jobs.push(manifests::node_job(
-                settings,
-                &name,
-                node,
-                &["causeway", "gather", "--local", "--output", "-"],
-                false,
-            )?);
-        }
-        let outcomes = apply::wait_jobs(client, &jobs, timeout, poll, |_| {}).await;
-        if let Ok(outcomes) = &outcomes {
-            for ((job, outcome), node) in outcomes.iter().zip(&gateways) {
-                let log = apply::job_log(client, ns, job).await.ok().flatten().unwrap_or_default();
-                let files = parse_stream(&log);
-                if files.is_empty() {
-                    b.add(
-                        &format!("{dir}/nodes/{}/missing.txt", slug(node)),
-                        &format!("the Job {job} gave nothing ({outcome:?})\n{log}"),
-                    )?;
-                }
-                for (name, content) in files {
-                    b.add(&format!("{dir}/nodes/{}/{name}", slug(node)), &content)?;
-                }
+        let command = ["causeway", "gather", "--local", "--output", "-"];
+        let runs = apply::run_on_gateway_nodes(
+            client,
+            settings,
+            "causeway-gather",
+            &command,
+            false,
+            timeout,
+            poll,
+            |_| {},
+        )
+        .await?;
+        for run in runs {
+            let node = slug(&run.node);
+            let files = parse_stream(&run.log);
+            if files.is_empty() {
+                let why = format!("the Job {} gave nothing ({:?})\n{}", run.job, run.outcome, run.log);
+                b.add(&format!("{dir}/nodes/{node}/missing.txt"), &why)?;
+            }
+            for (name, content) in files {
+                b.add(&format!("{dir}/nodes/{node}/{name}"), &content)?;
             }
         }
-        apply::delete_jobs(client, &jobs, |_| {}).await;
-        outcomes?;
     }
     Ok(())
 }

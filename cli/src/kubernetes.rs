@@ -77,6 +77,46 @@ impl KubeArgs {
     }
 }
 
+/// The member clusters a support verb (`diagnose`, `gather`) works on, and how its node Jobs run.
+#[derive(clap::Args, Clone, Debug)]
+pub struct MemberArgs {
+    /// A member cluster's context in the kubeconfig (repeatable): work on it from here, with a
+    /// short-lived Job on each of its gateway nodes running the verb's `--local` form.
+    #[arg(long = "context", conflicts_with = "local")]
+    pub contexts: Vec<String>,
+    /// The kubeconfig holding the contexts (default: $KUBECONFIG or ~/.kube/config).
+    #[arg(long, requires = "contexts")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The Causeway image the node Jobs run (default: the one the manifests use).
+    #[arg(long, requires = "contexts")]
+    pub image: Option<String>,
+    /// Causeway's namespace in the member clusters.
+    #[arg(long, default_value = "causeway-system")]
+    pub namespace: String,
+}
+
+impl MemberArgs {
+    /// One client per context, named by it.
+    pub async fn connect(&self) -> anyhow::Result<Vec<(String, causeway_deploy::Client)>> {
+        let mut clusters = Vec::new();
+        for ctx in &self.contexts {
+            clusters
+                .push((ctx.clone(), causeway_deploy::connect(self.kubeconfig.as_deref(), Some(ctx)).await?));
+        }
+        Ok(clusters)
+    }
+
+    /// The settings the node Jobs are built with.
+    pub fn settings(&self) -> causeway_deploy::Settings {
+        let mut settings =
+            causeway_deploy::Settings { namespace: self.namespace.clone(), ..Default::default() };
+        if let Some(image) = &self.image {
+            settings.image.clone_from(image);
+        }
+        settings
+    }
+}
+
 fn progress(line: &str) {
     eprintln!("  {line}");
 }
@@ -961,22 +1001,24 @@ mod tests {
         })
     }
 
-    #[tokio::test]
-    async fn uninstall_cleans_every_node_once_the_daemonsets_are_gone() {
-        let (kube, log) = uninstalled_cluster_with(false);
-        let a = UninstallArgs {
+    /// `uninstall --yes` (and `--crds`), as the tests run it: node Jobs polled every 10 ms.
+    fn uninstall_args(crds: bool, image: Option<&str>) -> UninstallArgs {
+        UninstallArgs {
             kube: KubeArgs::default(),
-            manifests: ManifestArgs {
-                namespace: "causeway-system".into(),
-                image: Some("reg/causeway:2".into()),
-            },
+            manifests: ManifestArgs { namespace: "causeway-system".into(), image: image.map(Into::into) },
             broker: false,
-            crds: false,
+            crds,
             dry_run: false,
             yes: true,
             keep_node_state: false,
             poll: std::time::Duration::from_millis(10),
-        };
+        }
+    }
+
+    #[tokio::test]
+    async fn uninstall_cleans_every_node_once_the_daemonsets_are_gone() {
+        let (kube, log) = uninstalled_cluster_with(false);
+        let a = uninstall_args(false, Some("reg/causeway:2"));
         let e = uninstall_with(async || Ok(kube), a).await.unwrap_err().to_string();
         // The failed node is named with the Job's reason; the other one is clean.
         assert!(e.contains("cleanup on node w-1 failed (causeway-cleanup-w-1: Job has reached"), "{e}");
@@ -1007,16 +1049,7 @@ mod tests {
     #[tokio::test]
     async fn uninstall_removes_what_join_created_and_keeps_going_past_failures() {
         let (kube, log) = uninstalled_cluster();
-        let a = UninstallArgs {
-            kube: KubeArgs::default(),
-            manifests: ManifestArgs { namespace: "causeway-system".into(), image: None },
-            broker: false,
-            crds: false,
-            dry_run: false,
-            yes: true,
-            keep_node_state: false,
-            poll: std::time::Duration::from_millis(10),
-        };
+        let a = uninstall_args(false, None);
         let e = uninstall_with(async || Ok(kube), a).await.unwrap_err().to_string();
         assert!(e.contains("DaemonSet/causeway-gateway"), "{e}");
         let log = log.lock().unwrap();
@@ -1046,16 +1079,7 @@ mod tests {
     #[tokio::test]
     async fn uninstall_crds_removes_causeways_and_leaves_another_implementations() {
         let (kube, log) = uninstalled_cluster();
-        let a = UninstallArgs {
-            kube: KubeArgs::default(),
-            manifests: ManifestArgs { namespace: "causeway-system".into(), image: None },
-            broker: false,
-            crds: true,
-            dry_run: false,
-            yes: true,
-            keep_node_state: false,
-            poll: std::time::Duration::from_millis(10),
-        };
+        let a = uninstall_args(true, None);
         uninstall_with(async || Ok(kube), a).await.unwrap_err();
         let log = log.lock().unwrap();
         let deleted: Vec<&str> = log.iter().filter(|r| r.method == "DELETE").map(Seen::path).collect();

@@ -200,6 +200,50 @@ pub async fn events(client: &Client, namespace: &str) -> Result<String, ApplyErr
     Ok(serde_json::to_string_pretty(&list.items).unwrap_or_default())
 }
 
+/// What a command run on one gateway node gave.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeRun {
+    pub node: String,
+    pub job: String,
+    pub outcome: JobOutcome,
+    /// The Job's log (empty when it had no pod or the log could not be read).
+    pub log: String,
+}
+
+/// Runs `command` once on every node labelled as a gateway, in a Job pinned to each
+/// (`<prefix>-<node>`, see [`crate::manifests::node_job`]), waits for them, reads their logs
+/// and deletes them whatever happened. No gateway node: nothing runs, an empty list.
+#[expect(clippy::too_many_arguments, reason = "one call per verb, each argument its own")]
+pub async fn run_on_gateway_nodes(
+    client: &Client,
+    settings: &crate::Settings,
+    prefix: &str,
+    command: &[&str],
+    credentials: bool,
+    timeout: std::time::Duration,
+    every: std::time::Duration,
+    mut progress: impl FnMut(&str),
+) -> Result<Vec<NodeRun>, ApplyError> {
+    let gateways: Vec<String> =
+        nodes(client).await?.into_iter().filter(|(_, labelled)| *labelled).map(|(n, _)| n).collect();
+    let mut jobs = Vec::new();
+    for node in &gateways {
+        let name = crate::manifests::node_job_name(prefix, node);
+        jobs.push(crate::manifests::node_job(settings, &name, node, command, credentials)?);
+    }
+    let outcomes = wait_jobs(client, &jobs, timeout, every, &mut progress).await;
+    let mut runs = Vec::new();
+    if let Ok(outcomes) = &outcomes {
+        for ((job, outcome), node) in outcomes.iter().zip(&gateways) {
+            let log = job_log(client, &settings.namespace, job).await.ok().flatten().unwrap_or_default();
+            runs.push(NodeRun { node: node.clone(), job: job.clone(), outcome: outcome.clone(), log });
+        }
+    }
+    delete_jobs(client, &jobs, &mut progress).await;
+    outcomes?;
+    Ok(runs)
+}
+
 /// The log of a Job's (last) pod, or `None` when it has no pod.
 pub async fn job_log(client: &Client, namespace: &str, job: &str) -> Result<Option<String>, ApplyError> {
     use k8s_openapi::api::core::v1::Pod;
